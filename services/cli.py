@@ -1,0 +1,83 @@
+"""The `pdserve` command line."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _sampling(args):
+    from pdserve.common.engine.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, seed=args.seed, stop=args.stop,
+    )
+
+
+def cmd_generate(args) -> int:
+    from pdserve.common.engine.config import EngineConfig
+    from pdserve.common.engine.engine import LLMEngine
+
+    params = _sampling(args)  # validate before loading the model
+    engine = LLMEngine(EngineConfig(model=args.model, kv_cache_gib=args.kv_cache_gib))
+    prompt = args.prompt if args.raw else engine.apply_chat_template([{"role": "user", "content": args.prompt}])
+    for out in engine.stream(prompt, params):
+        sys.stdout.write(out.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_bench_engine(args) -> int:
+    from pdserve.common.engine import bench
+
+    return bench.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="stream a completion for a prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", default=None, help="HF directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
+    gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    gen.add_argument("--kv-cache-gib", type=float, default=0.5)
+    _add_sampling_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    eng = bench_sub.add_parser("engine", help="engine speed against this machine's measured limits")
+    eng.add_argument("--model", default=None)
+    eng.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    eng.add_argument("--json", default=None, help="also write the results here")
+    eng.set_defaults(func=cmd_bench_engine)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pdserve.common.errors import InvalidRequestError
+
+    try:
+        return args.func(args)
+    except InvalidRequestError as e:
+        print(f"pdserve: invalid request: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Paged attention, plugged into transformers through its attention interface.
+
+The model runs with the tokens of every scheduled sequence packed into one
+row (batch size 1, positions per token), and no transformers cache. Each
+attention layer calls `paged_attention`, which writes the new keys/values
+into the pool slots the scheduler assigned and attends over each sequence's
+blocks read from the pool. Decode sequences (one query token each) are
+attended together in one padded call; prefill chunks one call each.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+ATTN_IMPLEMENTATION = "pdserve_paged"
+
+
+@dataclass
+class PrefillSlice:
+    """One sequence's prefill chunk: query rows [start, end) of the packed batch."""
+
+    start: int
+    end: int
+    context_len: int  # tokens of KV after this chunk (cached + earlier chunks + chunk)
+    block_ids: torch.Tensor  # [ceil(context_len / block_size)]
+
+
+@dataclass
+class AttentionMetadata:
+    kv_cache: torch.Tensor  # the pool, [num_blocks, layers, 2, block_size, kv_heads, head_dim]
+    slot_blocks: torch.Tensor  # [T] pool block of each new token
+    slot_offsets: torch.Tensor  # [T] offset inside that block
+    prefills: list[PrefillSlice]
+    # Decode sequences occupy the first `num_decode` rows of the packed batch.
+    num_decode: int
+    decode_block_tables: torch.Tensor | None  # [num_decode, max_blocks], padded with 0
+    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_blocks * block_size] additive
+
+
+def _gather(kv_cache: torch.Tensor, layer: int, kv: int, block_ids: torch.Tensor) -> torch.Tensor:
+    """[..., n_blocks] block ids -> [..., kv_heads, n_blocks * block_size, head_dim]."""
+    x = kv_cache[block_ids, layer, kv]  # [..., n_blocks, block_size, kv_heads, head_dim]
+    x = x.flatten(-4, -3)  # [..., tokens, kv_heads, head_dim]
+    return x.transpose(-3, -2)
+
+
+def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    meta: AttentionMetadata = kwargs["pdserve_attn"]
+    layer = module.layer_idx
+    cache = meta.kv_cache
+    # query [1, heads, T, d]; key/value [1, kv_heads, T, d] for the new tokens only.
+    cache[meta.slot_blocks, layer, 0, meta.slot_offsets] = key[0].transpose(0, 1)
+    cache[meta.slot_blocks, layer, 1, meta.slot_offsets] = value[0].transpose(0, 1)
+
+    q = query[0]  # [heads, T, d]
+    out = torch.empty_like(q)
+    if meta.num_decode:
+        n = meta.num_decode
+        k = _gather(cache, layer, 0, meta.decode_block_tables)  # [n, kv_heads, ctx, d]
+        v = _gather(cache, layer, 1, meta.decode_block_tables)
+        qd = q[:, :n].transpose(0, 1).unsqueeze(2)  # [n, heads, 1, d]
+        o = F.scaled_dot_product_attention(qd, k, v, attn_mask=meta.decode_mask, scale=scaling, enable_gqa=True)
+        out[:, :n] = o.squeeze(2).transpose(0, 1)
+    for p in meta.prefills:
+        k = _gather(cache, layer, 0, p.block_ids)[:, : p.context_len]  # [kv_heads, ctx, d]
+        v = _gather(cache, layer, 1, p.block_ids)[:, : p.context_len]
+        qp = q[:, p.start : p.end]
+        q_len = p.end - p.start
+        if q_len == p.context_len:
+            mask, causal = None, True
+        else:  # a later chunk: query i sees keys up to its own position
+            first = p.context_len - q_len
+            rows = torch.arange(first, p.context_len, device=q.device).unsqueeze(1)
+            mask, causal = torch.arange(p.context_len, device=q.device).unsqueeze(0) <= rows, False
+        out[:, p.start : p.end] = F.scaled_dot_product_attention(
+            qp.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
+            attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=True,
+        )[0]
+    # transformers expects [batch, T, heads, d].
+    return out.transpose(0, 1).unsqueeze(0), None
+
+
+def _no_mask(*args, **kwargs):
+    """Masks are built per sequence inside paged_attention; skip transformers' mask."""
+    return None
+
+
+def register() -> str:
+    AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, _no_mask)
+    return ATTN_IMPLEMENTATION

@@ -1,0 +1,218 @@
+"""The engine API the services call: add, step, stream, abort, KV export/import.
+
+`step()` is the whole loop: schedule -> run the model -> sample -> update
+sequences -> emit outputs. State flows one way through it; nothing else
+mutates sequences except `abort`, which finishes one and frees its blocks.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.common import model_loader
+from pdserve.common.engine import attention
+from pdserve.common.engine.config import EngineConfig
+from pdserve.common.engine.detokenizer import IncrementalDetokenizer
+from pdserve.common.engine.model_runner import ModelRunner
+from pdserve.common.engine.sampler import sample
+from pdserve.common.engine.sampling_params import SamplingParams
+from pdserve.common.engine.scheduler import Scheduler, SchedulerConfig
+from pdserve.common.engine.sequence import FinishReason, Sequence
+from pdserve.common.errors import InvalidRequestError, NotFoundError
+from pdserve.common.kv.block_manager import BlockManager
+from pdserve.common.kv.pool import KVPool, blocks_for_bytes
+from pdserve.common.kv.spec import KVSpec
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    text: str  # the new text since the previous output
+    finished: bool
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    free_blocks: int
+    total_blocks: int
+    prefix_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_hits: int  # of those, found
+    computed_tokens: int  # tokens run through the model since start
+    preemptions: int
+
+
+class _Request:
+    """What the engine keeps per request besides the sequence."""
+
+    def __init__(self, seq: Sequence, detok: IncrementalDetokenizer, generator: torch.Generator | None):
+        self.seq, self.detok, self.generator = seq, detok, generator
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model=None, tokenizer=None, ref: model_loader.ModelRef | None = None):
+        """Loads the model from config.model unless (model, tokenizer, ref) are given."""
+        impl = attention.register()
+        if model is None:
+            ref = model_loader.resolve(config.model)
+            model, tokenizer = model_loader.load(ref, impl, config.device, config.dtype)
+        else:
+            model.set_attn_implementation(impl)
+        self.config, self.model, self.tokenizer, self.ref = config, model, tokenizer, ref
+        mc = model.config
+        self.spec = KVSpec(
+            model_name=ref.name,
+            weights_digest=ref.weights_digest,
+            num_layers=mc.num_hidden_layers,
+            num_kv_heads=mc.num_key_value_heads,
+            head_dim=getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads,
+            block_size=config.block_size,
+            dtype=config.dtype,
+        )
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        num_blocks = config.num_kv_blocks or blocks_for_bytes(self.spec, config.kv_cache_gib * 2**30)
+        self.pool = KVPool(self.spec, num_blocks, config.device)
+        self.blocks = BlockManager(num_blocks, config.block_size, self.spec.fingerprint, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill),
+            self.blocks,
+        )
+        self.runner = ModelRunner(model, self.pool)
+        self.eos_token_ids = self._eos_ids()
+        self._requests: dict[str, _Request] = {}
+        self._ids = itertools.count()
+        self.computed_tokens = 0
+
+    def _eos_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        return {e for e in eos + [self.tokenizer.eos_token_id] if e is not None}
+
+    # -- requests ---------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already running")
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
+        self._check_prompt(ids)
+        seq = Sequence(request_id, ids, params, self.config.block_size)
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.config.device).manual_seed(params.seed)
+        self._requests[request_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer, ids, params.stop), gen)
+        self.scheduler.add(seq)
+        return request_id
+
+    def _check_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise InvalidRequestError("prompt", "must not be empty")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError("prompt", f"{len(ids)} tokens; the context window is {self.max_model_len}")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise InvalidRequestError("prompt", f"token ids must be in [0, {vocab})")
+        need = (len(ids) + self.config.block_size) // self.config.block_size
+        if need > self.blocks.num_blocks:
+            raise InvalidRequestError("prompt", f"needs {need} KV blocks; the pool has {self.blocks.num_blocks}")
+
+    def abort(self, request_id: str) -> None:
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            raise NotFoundError(f"request {request_id!r} is not running")
+        self.scheduler.finish(req.seq, FinishReason.ABORT)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the loop -----------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        seqs, logits = self.runner.run(batch)
+        self.computed_tokens += batch.num_tokens
+        tokens: list[int] = []
+        if seqs:
+            reqs = [self._requests[s.request_id] for s in seqs]
+            tokens = sample(logits, [s.params for s in seqs], [r.generator for r in reqs])
+        self.scheduler.postprocess(batch, dict(zip(seqs, tokens)))
+        return [self._emit(seq, tok) for seq, tok in zip(seqs, tokens)]
+
+    def _emit(self, seq: Sequence, token: int) -> RequestOutput:
+        req = self._requests[seq.request_id]
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        req.detok.add(token)
+        reason = self._finish_reason(seq, token, req.detok.stopped)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            del self._requests[seq.request_id]
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=[token],
+            text=req.detok.flush(final=reason is not None),
+            finished=reason is not None,
+            finish_reason=reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+            num_output_tokens=len(seq.output_token_ids),
+        )
+
+    def _finish_reason(self, seq: Sequence, token: int, stopped_by_string: bool) -> FinishReason | None:
+        p = seq.params
+        if stopped_by_string or token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            return FinishReason.STOP
+        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    # -- conveniences ---------------------------------------------------------
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Run the engine until one request finishes, yielding its outputs."""
+        rid = self.add_request(prompt, params)
+        try:
+            while True:
+                for out in self.step():
+                    if out.request_id == rid:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            if rid in self._requests:
+                self.abort(rid)
+
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | None = None) -> list[list[int]]:
+        """Run prompts to completion together; output token ids per prompt."""
+        rids = [self.add_request(p, params) for p in prompts]
+        outs: dict[str, list[int]] = {r: [] for r in rids}
+        while self.has_unfinished():
+            for o in self.step():
+                outs[o.request_id].extend(o.new_token_ids)
+        return [outs[r] for r in rids]
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        return list(enc["input_ids"])
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            free_blocks=self.blocks.num_free_blocks,
+            total_blocks=self.blocks.num_blocks,
+            prefix_queries=self.blocks.prefix_queries,
+            prefix_hits=self.blocks.prefix_hits,
+            computed_tokens=self.computed_tokens,
+            preemptions=self.scheduler.num_preemptions,
+        )

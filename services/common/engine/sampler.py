@@ -1,0 +1,38 @@
+"""Turn last-position logits into tokens, each row by its own parameters.
+
+Greedy rows take the argmax. Sampled rows apply temperature, top-k and top-p
+and draw from a per-request generator when a seed is given, so a seeded
+request gives the same tokens whatever else shares its batch.
+"""
+from __future__ import annotations
+
+import torch
+
+from pdserve.common.engine.sampling_params import SamplingParams
+
+
+def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if top_k and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop tokens once the mass before them already reaches top_p; the top token always stays.
+        drop = (cum - sorted_logits.softmax(-1)) >= top_p
+        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
+    """logits [n, vocab] -> one token id per row."""
+    greedy = logits.argmax(dim=-1).tolist()
+    out: list[int] = []
+    for i, p in enumerate(params):
+        if p.greedy:
+            out.append(greedy[i])
+            continue
+        row = _filter_top_k_top_p(logits[i].float() / p.temperature, p.top_k, p.top_p)
+        probs = row.softmax(-1)
+        out.append(int(torch.multinomial(probs, 1, generator=generators[i]).item()))
+    return out

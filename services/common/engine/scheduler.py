@@ -1,0 +1,131 @@
+"""Continuous batching with chunked prefill under a per-step token budget.
+
+Each step, in order: every running sequence that is decoding gets one token
+(decode first keeps inter-token latency flat); sequences part-way through
+their prompt get their next chunk; then waiting sequences are admitted while
+the budget, the sequence limit and free KV blocks allow. A sequence computes
+tokens [num_computed_tokens, num_tokens); it is sampled when it catches up.
+When decode runs out of blocks, the newest running sequence is preempted:
+its blocks are freed and it is recomputed later (its prefix cache blocks
+usually survive, so recomputation is cheap).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from pdserve.common.engine.sequence import FinishReason, Sequence, SequenceStatus
+from pdserve.common.kv.block_manager import BlockManager
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512  # also the prefill chunk size
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+
+
+@dataclass
+class ScheduledBatch:
+    decodes: list[Sequence] = field(default_factory=list)  # one new token each
+    prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, new tokens)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decodes) + sum(n for _, n in self.prefills)
+
+    def __bool__(self) -> bool:
+        return bool(self.decodes or self.prefills)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.blocks = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_computed_tokens = 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        preempted = self.num_preemptions
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted below to make room
+                continue
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            if remaining == 1:
+                while not self.blocks.can_append(seq):
+                    victim = self.running[-1]
+                    self._preempt(victim)
+                    if victim is seq:
+                        break
+                if seq.status is not SequenceStatus.RUNNING or budget < 1:
+                    continue
+                self.blocks.append_slot(seq)
+                batch.decodes.append(seq)
+                budget -= 1
+            elif budget > 0:
+                n = min(remaining, budget)
+                if n < remaining and not self.config.enable_chunked_prefill:
+                    continue
+                batch.prefills.append((seq, n))
+                budget -= n
+        # Admit nothing in a step that had to preempt: memory is short.
+        admit = self.num_preemptions == preempted
+        while admit and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.blocks.can_allocate(seq):
+                break
+            self.blocks.allocate(seq)
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            n = min(remaining, budget)
+            if n < remaining and not self.config.enable_chunked_prefill and batch:
+                self.blocks.free(seq)  # wait for a step with room for the whole prompt
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.prefills.append((seq, n))
+            budget -= n
+        return batch
+
+    def postprocess(self, batch: ScheduledBatch, sampled: dict[Sequence, int]) -> None:
+        """Advance progress; append each sampled token to its sequence."""
+        for seq in batch.decodes:
+            seq.num_computed_tokens += 1
+        for seq, n in batch.prefills:
+            seq.num_computed_tokens += n
+        for seq in [*batch.decodes, *(s for s, _ in batch.prefills)]:
+            self.blocks.commit_computed(seq)
+        for seq, token in sampled.items():
+            seq.output_token_ids.append(token)
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.is_finished:
+            return
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason

@@ -1,0 +1,42 @@
+"""The one exception hierarchy of pdserve.
+
+Engine, transfer and store code raise these; a single server interceptor
+(`pdserve.common.server`) maps them to gRPC status codes, and the HTTP layer to
+status codes, so no engine code ever touches a gRPC context.
+"""
+from __future__ import annotations
+
+
+class PdserveError(Exception):
+    """Base of every error pdserve raises on purpose."""
+
+
+class InvalidRequestError(PdserveError, ValueError):
+    """The request is malformed; `field` names the offending field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class CapacityExhaustedError(PdserveError):
+    """A bounded queue or pool is full; the client may retry later."""
+
+
+class NotReadyError(PdserveError):
+    """The service is starting, draining or missing a dependency."""
+
+
+class NotFoundError(PdserveError, KeyError):
+    """A named request, transfer or worker is unknown."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class TransferFailedError(PdserveError):
+    """A KV transfer failed (peer gone, bad ticket, size or checksum mismatch)."""
+
+
+class TransferTimeoutError(TransferFailedError):
+    """A KV transfer did not complete before its deadline."""

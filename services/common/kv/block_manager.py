@@ -1,0 +1,125 @@
+"""Block accounting: which pool block belongs to whom, and prefix reuse.
+
+Every block is either free or owned by one or more sequences (ref_count).
+A freed block keeps its hash and stays findable until it is reused, so the
+free list doubles as the prefix cache's LRU: blocks freed longest ago are
+handed out first, and a cache hit takes a block back off the free list.
+Hashes are registered only once a block's KV is fully computed, so a
+concurrent request can never reuse a half-written block.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pdserve.common.engine.sequence import Sequence
+from pdserve.common.errors import CapacityExhaustedError
+from pdserve.common.kv.hashing import ROOT, block_hash
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: bytes | None = None
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, fingerprint: bytes, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.fingerprint = fingerprint
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self._free: dict[int, None] = dict.fromkeys(range(num_blocks))  # insertion order = LRU order
+        self._hash_to_block: dict[bytes, int] = {}
+        self.prefix_queries = 0  # prompt tokens looked up
+        self.prefix_hits = 0  # of those, served from cache
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    def _take_free(self) -> Block:
+        block_id = next(iter(self._free))
+        del self._free[block_id]
+        block = self.blocks[block_id]
+        if block.hash is not None and self._hash_to_block.get(block.hash) == block_id:
+            del self._hash_to_block[block.hash]  # evicted from the prefix cache
+        block.hash = None
+        block.ref_count = 1
+        return block
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Pool blocks holding the longest cached prefix of the prompt.
+
+        The last prompt token is always recomputed (its logits are needed),
+        so only blocks ending before it may hit.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        hits: list[int] = []
+        parent = ROOT
+        for i in range((seq.num_prompt_tokens - 1) // self.block_size):
+            parent = block_hash(self.fingerprint, parent, seq.block_tokens(i))
+            block_id = self._hash_to_block.get(parent)
+            if block_id is None:
+                break
+            hits.append(block_id)
+        return hits
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        return self.num_free_blocks >= seq.num_blocks
+
+    def allocate(self, seq: Sequence) -> None:
+        """Give `seq` blocks for its whole prompt, reusing cached prefix blocks."""
+        assert not seq.block_table, "sequence already holds blocks"
+        if not self.can_allocate(seq):
+            raise CapacityExhaustedError(f"{seq.num_blocks} KV blocks needed, {self.num_free_blocks} free")
+        hits = self._cached_prefix(seq)
+        for block_id in hits:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self._free[block_id]
+            block.ref_count += 1
+            seq.block_table.append(block_id)
+        seq.block_hashes = [self.blocks[b].hash for b in hits]
+        while len(seq.block_table) < seq.num_blocks:
+            seq.block_table.append(self._take_free().block_id)
+        seq.num_cached_tokens = len(hits) * self.block_size
+        seq.num_computed_tokens = seq.num_cached_tokens
+        self.prefix_queries += seq.num_prompt_tokens
+        self.prefix_hits += seq.num_cached_tokens
+
+    def can_append(self, seq: Sequence) -> bool:
+        """Room for the token the next step will write (maybe a new block)."""
+        return len(seq.block_table) * self.block_size > seq.num_tokens or self.num_free_blocks > 0
+
+    def append_slot(self, seq: Sequence) -> None:
+        if len(seq.block_table) * self.block_size <= seq.num_tokens:
+            seq.block_table.append(self._take_free().block_id)
+
+    def commit_computed(self, seq: Sequence) -> None:
+        """Register hashes of blocks whose KV is now complete."""
+        if not self.enable_prefix_caching:
+            return
+        full = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size
+        for i in range(len(seq.block_hashes), full):
+            parent = seq.block_hashes[-1] if seq.block_hashes else ROOT
+            h = block_hash(self.fingerprint, parent, seq.block_tokens(i))
+            seq.block_hashes.append(h)
+            block = self.blocks[seq.block_table[i]]
+            block.hash = h
+            self._hash_to_block.setdefault(h, block.block_id)
+
+    def free(self, seq: Sequence) -> None:
+        # Tail blocks first, so the deepest (least shareable) blocks are evicted first.
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._free[block_id] = None
+        seq.block_table = []
+        seq.block_hashes = []

@@ -1,0 +1,15 @@
+"""Package mapping only; everything else is in pyproject.toml.
+
+The top-level layout is fixed by DESIGN.md (services/, protos/), while the
+import name is `pdserve`: services/ becomes `pdserve`, and the generated
+protobuf modules in protos/pdserve/v1 become `pdserve.v1`, which is the
+import path grpcio-tools writes into the generated code.
+"""
+from setuptools import find_packages, setup
+
+packages = ["pdserve"] + [f"pdserve.{p}" for p in find_packages("services")] + ["pdserve.v1"]
+package_dir = {"pdserve": "services", "pdserve.v1": "protos/pdserve/v1"}
+# Type stubs and the .proto sources travel with the generated modules.
+package_data = {"pdserve.v1": ["*.pyi", "*.proto"]}
+
+setup(packages=packages, package_dir=package_dir, package_data=package_data)

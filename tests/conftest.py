@@ -1,0 +1,49 @@
+"""Shared fixtures: the real SmolLM2 model, and a tiny random model of the same family."""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(ref, model, tokenizer) of the bundled SmolLM2-135M-Instruct, sdpa attention (the reference)."""
+    from pdserve.common import model_loader
+
+    ref = model_loader.resolve()
+    model, tokenizer = model_loader.load(ref)
+    return ref, model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2):
+    """A 2-layer randomly initialised Llama with SmolLM2's tokenizer: fast to run."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, _, tokenizer = smollm2
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+    )
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_engine(smollm2):
+    """Build an LLMEngine on SmolLM2 (its own copy of the weights, paged attention)."""
+    from pdserve.common import model_loader
+    from pdserve.common.engine.config import EngineConfig
+    from pdserve.common.engine.engine import LLMEngine
+
+    ref, _, tokenizer = smollm2
+
+    def make(**overrides) -> LLMEngine:
+        model, _ = model_loader.load(ref)
+        return LLMEngine(EngineConfig(**{"num_kv_blocks": 512, **overrides}), model, tokenizer, ref)
+
+    return make

@@ -1,0 +1,104 @@
+"""Requests come and go; blocks always return to the pool; bad input changes nothing."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pdserve.common import model_loader
+from pdserve.common.engine.config import EngineConfig
+from pdserve.common.engine.engine import LLMEngine
+from pdserve.common.engine.sampling_params import SamplingParams
+from pdserve.common.errors import InvalidRequestError, NotFoundError
+
+
+@pytest.fixture
+def tiny_engine(tiny_model_dir):
+    def make(**kw):
+        return LLMEngine(EngineConfig(model=str(tiny_model_dir), **kw))
+    return make
+
+
+def test_1000_requests_with_aborts_return_every_block(tiny_engine):
+    # A small pool forces preemption; a small budget forces chunking.
+    engine = tiny_engine(num_kv_blocks=96, max_num_batched_tokens=96, max_num_seqs=16)
+    rng = random.Random(7)
+    shared = [rng.randrange(100, 5000) for _ in range(48)]  # some prompts share a prefix
+    live: set[str] = set()
+    aborted = finished = 0
+    for i in range(1000):
+        n = rng.randrange(1, 200)
+        prompt = (shared[: rng.randrange(0, 48)] + [rng.randrange(100, 5000) for _ in range(n)])[:n]
+        live.add(engine.add_request(prompt, SamplingParams(max_tokens=rng.randrange(1, 24), ignore_eos=True)))
+        for out in engine.step():
+            if out.finished:
+                live.discard(out.request_id)
+                finished += 1
+        if live and rng.random() < 0.15:
+            victim = rng.choice(sorted(live))
+            engine.abort(victim)
+            live.discard(victim)
+            aborted += 1
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                live.discard(out.request_id)
+                finished += 1
+    stats = engine.stats()
+    assert not live and finished + aborted == 1000 and aborted > 50
+    assert stats.free_blocks == stats.total_blocks == 96
+    assert stats.running == stats.waiting == 0
+    assert stats.preemptions > 0 and stats.prefix_hits > 0
+
+
+def test_abort_frees_blocks_at_once(tiny_engine):
+    engine = tiny_engine(num_kv_blocks=64)
+    rid = engine.add_request(list(range(100, 200)), SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    assert engine.stats().free_blocks < 64
+    engine.abort(rid)
+    assert engine.stats().free_blocks == 64 and not engine.has_unfinished()
+    with pytest.raises(NotFoundError):
+        engine.abort(rid)
+
+
+@pytest.mark.parametrize(
+    "prompt, params, field",
+    [
+        ([], {}, "prompt"),
+        ("", {}, "prompt"),
+        (list(range(100, 2200)), {}, "prompt"),  # 2,100 tokens: past the 2,048-token context
+        ([1, 2, 10**9], {}, "prompt"),
+        ([1, 2, 3], {"max_tokens": 0}, "max_tokens"),
+        ([1, 2, 3], {"temperature": -1.0}, "temperature"),
+        ([1, 2, 3], {"top_p": 0.0}, "top_p"),
+        ([1, 2, 3], {"top_p": 1.01}, "top_p"),
+        ([1, 2, 3], {"top_k": -1}, "top_k"),
+    ],
+)
+def test_bad_input_is_rejected_by_field_and_changes_nothing(tiny_engine, prompt, params, field):
+    engine = tiny_engine(num_kv_blocks=256)
+    before = engine.stats()
+    with pytest.raises(InvalidRequestError) as err:
+        engine.add_request(prompt, SamplingParams(**params) if params else None)
+    assert err.value.field == field
+    assert engine.stats() == before and not engine.has_unfinished()
+
+
+def test_duplicate_request_id_is_rejected(tiny_engine):
+    engine = tiny_engine(num_kv_blocks=64)
+    engine.add_request([5, 6, 7], request_id="x")
+    with pytest.raises(InvalidRequestError) as err:
+        engine.add_request([5, 6, 7], request_id="x")
+    assert err.value.field == "request_id"
+
+
+def test_generation_stops_at_the_context_window(tiny_engine):
+    engine = tiny_engine(num_kv_blocks=256, max_model_len=40)
+    [out] = engine.generate([list(range(100, 130))], SamplingParams(max_tokens=100, ignore_eos=True))
+    assert len(out) == 10
+
+
+def test_model_loader_rejects_unknown_paths():
+    with pytest.raises(FileNotFoundError):
+        model_loader.resolve("/nonexistent/model.gguf")

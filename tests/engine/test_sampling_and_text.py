@@ -1,0 +1,79 @@
+"""Sampling, stop conditions and streamed text."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pdserve.common.engine.detokenizer import IncrementalDetokenizer
+from pdserve.common.engine.sampler import sample
+from pdserve.common.engine.sampling_params import SamplingParams
+from pdserve.common.engine.sequence import FinishReason
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy():
+    logits = torch.randn(4, 50)
+    for p in (SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=1.0, top_p=1e-6)):
+        assert sample(logits, [p] * 4, [None] * 4) == logits.argmax(-1).tolist()
+
+
+def test_top_k_never_samples_outside_the_k_best():
+    logits = torch.arange(20.0).unsqueeze(0)
+    p = SamplingParams(temperature=5.0, top_k=3)
+    gen = torch.Generator().manual_seed(0)
+    drawn = {sample(logits, [p], [gen])[0] for _ in range(200)}
+    assert drawn <= {17, 18, 19} and len(drawn) > 1
+
+
+def test_seeded_sampling_repeats_whatever_the_batch(make_engine):
+    engine = make_engine()
+    p = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, top_k=50, seed=1234)
+    [alone] = engine.generate(["Tell me a story."], p)
+    together = engine.generate(["Tell me a story.", "Other prompt", "Yet another one here"], p)
+    assert together[0] == alone
+
+
+def test_streamed_text_equals_decoded_tokens(make_engine, smollm2):
+    _, _, tokenizer = smollm2
+    engine = make_engine()
+    ids = engine.apply_chat_template([{"role": "user", "content": "Write a haiku about snow, with emoji ❄️."}])
+    outs = list(engine.stream(ids, SamplingParams(max_tokens=40)))
+    tokens = [t for o in outs for t in o.new_token_ids]
+    text = "".join(o.text for o in outs)
+    assert text == tokenizer.decode(tokens, skip_special_tokens=True)
+    assert outs[-1].finished and all(not o.finished for o in outs[:-1])
+    assert "\ufffd" not in text
+
+
+def test_detokenizer_holds_back_incomplete_utf8(smollm2):
+    _, _, tokenizer = smollm2
+    ids = tokenizer.encode("snow ❄️ and 日本語 text", add_special_tokens=False)
+    d = IncrementalDetokenizer(tokenizer, [])
+    pieces = []
+    for t in ids:
+        d.add(t)
+        pieces.append(d.flush(final=False))
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) + d.flush(final=True) == tokenizer.decode(ids)
+
+
+def test_stop_string_ends_the_request_and_is_not_streamed(make_engine):
+    engine = make_engine()
+    ids = engine.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    [full] = [t for t in [engine.generate([ids], SamplingParams(max_tokens=20))[0]]]
+    full_text = engine.tokenizer.decode(full, skip_special_tokens=True)
+    assert "Paris" in full_text
+    outs = list(engine.stream(ids, SamplingParams(max_tokens=20, stop=["Paris"])))
+    text = "".join(o.text for o in outs)
+    assert outs[-1].finish_reason is FinishReason.STOP
+    assert text == full_text[: full_text.index("Paris")]
+
+
+def test_stop_token_ids_and_max_tokens(make_engine):
+    engine = make_engine()
+    ids = engine.apply_chat_template([{"role": "user", "content": "Count from one to twenty."}])
+    [full] = engine.generate([ids], SamplingParams(max_tokens=10, ignore_eos=True))
+    outs = list(engine.stream(ids, SamplingParams(max_tokens=10, stop_token_ids=[full[3]])))
+    assert [t for o in outs for t in o.new_token_ids] == full[: full.index(full[3]) + 1]
+    assert outs[-1].finish_reason is FinishReason.STOP
+    outs = list(engine.stream(ids, SamplingParams(max_tokens=5, ignore_eos=True)))
+    assert len(outs) == 5 and outs[-1].finish_reason is FinishReason.LENGTH

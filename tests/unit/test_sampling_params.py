@@ -1,0 +1,39 @@
+"""Bad sampling parameters are rejected with an error naming the field."""
+import math
+
+import pytest
+
+from pdserve.common.engine.sampling_params import SamplingParams
+from pdserve.common.errors import InvalidRequestError
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -5}, "max_tokens"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": math.nan}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"stop": [""]}, "stop"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ],
+)
+def test_invalid_values_name_the_field(kwargs, field):
+    with pytest.raises(InvalidRequestError) as err:
+        SamplingParams(**kwargs)
+    assert err.value.field == field
+    assert field in str(err.value)
+
+
+def test_defaults_are_greedy_and_valid():
+    p = SamplingParams()
+    assert p.greedy and p.max_tokens >= 1
+
+
+def test_lists_become_tuples_so_params_stay_hashable():
+    p = SamplingParams(stop=["a"], stop_token_ids=[3])
+    assert p.stop == ("a",) and p.stop_token_ids == (3,)
+    hash(p)
