@@ -39,9 +39,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_bench_engine(args) -> int:
-    from pdserve.common.engine import bench
+    from pdserve.bench import engine_bench
 
-    return bench.main(args)
+    return engine_bench.main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,9 +42,13 @@ class AttentionMetadata:
 
 
 def _gather(kv_cache: torch.Tensor, layer: int, kv: int, block_ids: torch.Tensor) -> torch.Tensor:
-    """[..., n_blocks] block ids -> [..., kv_heads, n_blocks * block_size, head_dim]."""
-    x = kv_cache[block_ids, layer, kv]  # [..., n_blocks, block_size, kv_heads, head_dim]
-    x = x.flatten(-4, -3)  # [..., tokens, kv_heads, head_dim]
+    """[..., n_blocks] block ids -> [..., kv_heads, n_blocks * block_size, head_dim].
+
+    index_select copies whole blocks (contiguous rows of this layer's view);
+    it measured faster than advanced indexing on the block-major pool.
+    """
+    x = kv_cache[:, layer, kv].index_select(0, block_ids.reshape(-1))
+    x = x.view(*block_ids.shape[:-1], -1, *x.shape[-2:])  # [..., tokens, kv_heads, head_dim]
     return x.transpose(-3, -2)
 
 

@@ -46,6 +46,8 @@ class EngineStats:
     waiting: int
     free_blocks: int
     total_blocks: int
+    reserved: int  # requests holding blocks for KV not yet imported
+    held: int  # finished requests whose blocks are still being sent
     prefix_queries: int  # prompt tokens looked up in the prefix cache
     prefix_hits: int  # of those, found
     computed_tokens: int  # tokens run through the model since start
@@ -55,8 +57,9 @@ class EngineStats:
 class _Request:
     """What the engine keeps per request besides the sequence."""
 
-    def __init__(self, seq: Sequence, detok: IncrementalDetokenizer, generator: torch.Generator | None):
+    def __init__(self, seq: Sequence, detok: IncrementalDetokenizer, generator: torch.Generator | None, hold_blocks: bool):
         self.seq, self.detok, self.generator = seq, detok, generator
+        self.hold_blocks = hold_blocks  # keep KV blocks after finishing, until release()
 
 
 class LLMEngine:
@@ -89,7 +92,9 @@ class LLMEngine:
         )
         self.runner = ModelRunner(model, self.pool)
         self.eos_token_ids = self._eos_ids()
-        self._requests: dict[str, _Request] = {}
+        self._requests: dict[str, _Request] = {}  # in the scheduler
+        self._reserved: dict[str, _Request] = {}  # blocks reserved, KV arriving from a prefill worker
+        self._held: dict[str, Sequence] = {}  # finished, blocks kept until release()
         self._ids = itertools.count()
         self.computed_tokens = 0
 
@@ -99,20 +104,89 @@ class LLMEngine:
         return {e for e in eos + [self.tokenizer.eos_token_id] if e is not None}
 
     # -- requests ---------------------------------------------------------
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None) -> str:
+    def _new_request(self, prompt: str | list[int], params: SamplingParams | None, request_id: str | None, hold_blocks: bool) -> _Request:
         params = params or SamplingParams()
         request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self._requests:
-            raise InvalidRequestError("request_id", f"{request_id!r} is already running")
+        if request_id in self._requests or request_id in self._reserved or request_id in self._held:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
         ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
         self._check_prompt(ids)
         seq = Sequence(request_id, ids, params, self.config.block_size)
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=self.config.device).manual_seed(params.seed)
-        self._requests[request_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer, ids, params.stop), gen)
+        return _Request(seq, IncrementalDetokenizer(self.tokenizer, ids, params.stop), gen, hold_blocks)
+
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams | None = None,
+        request_id: str | None = None, hold_blocks: bool = False,
+    ) -> str:
+        """Queue a request. `hold_blocks`: keep its KV blocks when it finishes
+        (or is aborted) until `release()`, e.g. while a prefill worker sends them."""
+        req = self._new_request(prompt, params, request_id, hold_blocks)
+        self._requests[req.seq.request_id] = req
+        self.scheduler.add(req.seq)
+        return req.seq.request_id
+
+    # -- disaggregation: KV computed elsewhere ---------------------------------
+    def reserve(self, request_id: str, prompt: list[int], params: SamplingParams | None = None) -> Sequence:
+        """Reserve blocks for a prompt whose KV another worker computes.
+
+        Returns the sequence: its block_table is where the KV must land; the
+        first num_cached_tokens of it are already here (prefix cache) and need
+        not be sent. The blocks stay reserved until admit() or release().
+        """
+        req = self._new_request(prompt, params, request_id, hold_blocks=False)
+        self.blocks.allocate(req.seq)  # raises CapacityExhaustedError when full
+        self._reserved[request_id] = req
+        return req.seq
+
+    def admit(self, request_id: str, first_token: int) -> None:
+        """The reserved prompt's KV has landed and was verified; the prefill
+        worker sampled `first_token`. Join the running batch to decode the rest."""
+        req = self._reserved.pop(request_id, None)
+        if req is None:
+            raise NotFoundError(f"no reservation {request_id!r}")
+        seq = req.seq
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        self.blocks.commit_computed(seq)  # imported blocks become reusable prefix cache
+        seq.output_token_ids.append(first_token)
+        req.detok.add(first_token)
+        req.detok.flush(final=False)  # the first token's text went out with the prefill's answer
+        self._requests[request_id] = req
         self.scheduler.add(seq)
-        return request_id
+
+    def kv_blocks(self, request_id: str) -> tuple[int, list[int]]:
+        """(tokens whose KV is computed, block table) of a request, to export its KV."""
+        req = self._requests.get(request_id) or self._reserved.get(request_id)
+        seq = req.seq if req else self._held.get(request_id)
+        if seq is None:
+            raise NotFoundError(f"request {request_id!r} holds no blocks")
+        return seq.num_computed_tokens, list(seq.block_table)
+
+    def export_kv(self, request_id: str) -> list[memoryview]:
+        """Bytes-like views of the blocks holding a request's computed KV (no copy)."""
+        computed, table = self.kv_blocks(request_id)
+        return self.pool.export_blocks(table[: (computed + self.config.block_size - 1) // self.config.block_size])
+
+    def import_kv(self, request_id: str, buffers: list, first_block: int = 0) -> None:
+        """Copy KV blocks into a reservation, from block `first_block` on."""
+        req = self._reserved.get(request_id)
+        if req is None:
+            raise NotFoundError(f"no reservation {request_id!r}")
+        table = req.seq.block_table
+        if first_block + len(buffers) > len(table):
+            raise InvalidRequestError("buffers", f"{first_block + len(buffers)} blocks for a reservation of {len(table)}")
+        self.pool.import_blocks(table[first_block : first_block + len(buffers)], buffers)
+
+    def release(self, request_id: str) -> bool:
+        """Free the blocks of a reservation or of a finished, held request."""
+        req = self._reserved.pop(request_id, None)
+        seq = req.seq if req else self._held.pop(request_id, None)
+        if seq is None:
+            return False
+        self.blocks.free(seq)
+        return True
 
     def _check_prompt(self, ids: list[int]) -> None:
         if not ids:
@@ -127,10 +201,18 @@ class LLMEngine:
             raise InvalidRequestError("prompt", f"needs {need} KV blocks; the pool has {self.blocks.num_blocks}")
 
     def abort(self, request_id: str) -> None:
+        if request_id in self._reserved:
+            self.release(request_id)
+            return
         req = self._requests.pop(request_id, None)
         if req is None:
             raise NotFoundError(f"request {request_id!r} is not running")
-        self.scheduler.finish(req.seq, FinishReason.ABORT)
+        self._finish(req, FinishReason.ABORT)
+
+    def _finish(self, req: _Request, reason: FinishReason) -> None:
+        self.scheduler.finish(req.seq, reason, free_blocks=not req.hold_blocks)
+        if req.hold_blocks:
+            self._held[req.seq.request_id] = req.seq
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -156,7 +238,7 @@ class LLMEngine:
         req.detok.add(token)
         reason = self._finish_reason(seq, token, req.detok.stopped)
         if reason is not None:
-            self.scheduler.finish(seq, reason)
+            self._finish(req, reason)
             del self._requests[seq.request_id]
         return RequestOutput(
             request_id=seq.request_id,
@@ -209,6 +291,8 @@ class LLMEngine:
         return EngineStats(
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
+            reserved=len(self._reserved),
+            held=len(self._held),
             free_blocks=self.blocks.num_free_blocks,
             total_blocks=self.blocks.num_blocks,
             prefix_queries=self.blocks.prefix_queries,

@@ -80,7 +80,7 @@ class Scheduler:
                         break
                 if seq.status is not SequenceStatus.RUNNING or budget < 1:
                     continue
-                self.blocks.append_slot(seq)
+                self.blocks.append_slots(seq)
                 batch.decodes.append(seq)
                 budget -= 1
             elif budget > 0:
@@ -93,13 +93,19 @@ class Scheduler:
         admit = self.num_preemptions == preempted
         while admit and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if not self.blocks.can_allocate(seq):
+            # A sequence whose KV was imported from a prefill worker already holds its blocks.
+            fresh = not seq.block_table
+            if not (self.blocks.can_allocate(seq) if fresh else self.blocks.can_append(seq)):
                 break
-            self.blocks.allocate(seq)
+            if fresh:
+                self.blocks.allocate(seq)
+            else:
+                self.blocks.append_slots(seq)
             remaining = seq.num_tokens - seq.num_computed_tokens
             n = min(remaining, budget)
             if n < remaining and not self.config.enable_chunked_prefill and batch:
-                self.blocks.free(seq)  # wait for a step with room for the whole prompt
+                if fresh:
+                    self.blocks.free(seq)  # wait for a step with room for the whole prompt
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -119,13 +125,16 @@ class Scheduler:
         for seq, token in sampled.items():
             seq.output_token_ids.append(token)
 
-    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+    def finish(self, seq: Sequence, reason: FinishReason, free_blocks: bool = True) -> None:
+        """Take `seq` out of the batch; `free_blocks=False` leaves its blocks
+        owned (a prefill worker still sending them), to be freed by the owner."""
         if seq.is_finished:
             return
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.free(seq)
+        if free_blocks:
+            self.blocks.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

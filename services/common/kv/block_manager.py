@@ -93,12 +93,15 @@ class BlockManager:
         self.prefix_queries += seq.num_prompt_tokens
         self.prefix_hits += seq.num_cached_tokens
 
-    def can_append(self, seq: Sequence) -> bool:
-        """Room for the token the next step will write (maybe a new block)."""
-        return len(seq.block_table) * self.block_size > seq.num_tokens or self.num_free_blocks > 0
+    def slots_needed(self, seq: Sequence) -> int:
+        """New blocks `seq` needs so that every one of its tokens has a slot."""
+        return max(0, seq.num_blocks - len(seq.block_table))
 
-    def append_slot(self, seq: Sequence) -> None:
-        if len(seq.block_table) * self.block_size <= seq.num_tokens:
+    def can_append(self, seq: Sequence) -> bool:
+        return self.num_free_blocks >= self.slots_needed(seq)
+
+    def append_slots(self, seq: Sequence) -> None:
+        for _ in range(self.slots_needed(seq)):
             seq.block_table.append(self._take_free().block_id)
 
     def commit_computed(self, seq: Sequence) -> None:

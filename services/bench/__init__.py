@@ -1,0 +1,1 @@
+"""Benchmarks: each prints figures against limits measured in the same run."""

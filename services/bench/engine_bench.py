@@ -1,0 +1,158 @@
+"""`pdserve bench engine`: engine speed against the machine's measured limits.
+
+Figures (medians) and their goals (issue #2):
+  1. single-stream decode step at context 512 vs the floor
+     weight bytes / measured read bandwidth            goal <= 1.5x
+  2. prefill tokens/s at 1,024 tokens vs the ceiling
+     measured matmul peak / model FLOPs per token      goal >= 60%
+  3. decode tokens/s, 32 sequences at context 512, vs a
+     naive transformers loop (padded batch, own cache)  goal >= 4x
+  4. a mixed workload vs transformers' continuous
+     batching (generate_batch)                          goal >= 3x
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from pdserve.bench.limits import measure, median_time
+from pdserve.common import model_loader
+from pdserve.common.engine.config import EngineConfig
+from pdserve.common.engine.engine import LLMEngine
+from pdserve.common.engine.sampling_params import SamplingParams
+
+
+def _prompt(n: int, salt: int = 0) -> list[int]:
+    return [100 + (salt * 7919 + i * 31) % 40000 for i in range(n)]
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights once
+
+
+def flops_per_token(model, context: int) -> float:
+    """Matmul FLOPs of one token: every linear layer but the LM head, plus attention."""
+    cfg = model.config
+    linear = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    attention = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * context
+    return 2 * linear + attention
+
+
+def _prefill(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> None:
+    """Admit prompts and run until every one is decoding."""
+    for p in prompts:
+        engine.add_request(p, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running):
+        engine.step()
+
+
+def _drain(engine: LLMEngine) -> None:
+    while engine.has_unfinished():
+        engine.step()
+
+
+def decode_step_s(engine: LLMEngine, num_seqs: int, context: int, steps: int) -> float:
+    _prefill(engine, [_prompt(context - 1, s) for s in range(num_seqs)], steps + 2)
+    t = median_time(engine.step, reps=steps, warmup=1)
+    _drain(engine)
+    return t
+
+
+def prefill_s(engine: LLMEngine, n: int, reps: int) -> float:
+    def once():
+        engine.add_request(_prompt(n, int(time.time_ns())), SamplingParams(max_tokens=1))
+        engine.step()
+        _drain(engine)
+    return median_time(once, reps=reps)
+
+
+@torch.inference_mode()
+def hf_naive_decode_tps(model, num_seqs: int, context: int, steps: int) -> float:
+    ids = torch.tensor([_prompt(context - 1, s) for s in range(num_seqs)])
+    out = model(input_ids=ids, use_cache=True)
+    past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return num_seqs / times[len(times) // 2]
+
+
+def mixed_prompts() -> list[list[int]]:
+    lengths = [32, 128, 512, 1024, 64, 256]
+    return [_prompt(lengths[i % len(lengths)], 1000 + i) for i in range(24)]
+
+
+def engine_mixed_s(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> float:
+    t = time.perf_counter()
+    for p in prompts:
+        engine.add_request(p, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
+    _drain(engine)
+    return time.perf_counter() - t
+
+
+def hf_generate_batch_s(model, prompts: list[list[int]], new_tokens: int) -> float:
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    t = time.perf_counter()
+    out = model.generate_batch(inputs=prompts, generation_config=cfg, progress_bar=False)
+    elapsed = time.perf_counter() - t
+    assert len(out) == len(prompts)
+    return elapsed
+
+
+def main(args) -> int:
+    quick = getattr(args, "quick", False)
+    ref = model_loader.resolve(getattr(args, "model", None))
+    limits = measure(quick)
+    print(f"machine: {limits.cpu}, {limits.threads} threads; matmul {limits.matmul_gflops:.1f} GFLOP/s, "
+          f"read {limits.read_gbps:.2f} GB/s, memcpy {limits.memcpy_gbps:.2f} GB/s")
+    results: dict = {"machine": limits.as_dict(), "model": ref.name, "quick": quick}
+
+    def make(**kw) -> LLMEngine:
+        model, tok = model_loader.load(ref)
+        return LLMEngine(EngineConfig(**{"num_kv_blocks": 2400, **kw}), model, tok, ref)
+
+    engine = make(max_num_batched_tokens=1024, enable_prefix_caching=False)
+    wbytes = weight_bytes(engine.model)
+    step = decode_step_s(engine, 1, 512, 8 if quick else 32)
+    floor = wbytes / (limits.read_gbps * 1e9)
+    results["decode_single"] = {"step_ms": step * 1e3, "floor_ms": floor * 1e3, "ratio": step / floor, "goal": "<= 1.5"}
+    print(f"1. decode step @512, 1 seq: {step*1e3:.1f} ms; floor {floor*1e3:.1f} ms "
+          f"({wbytes/1e6:.0f} MB weights / read bw) -> {step/floor:.2f}x floor (goal <= 1.5x)")
+
+    pf = prefill_s(engine, 1024, 2 if quick else 5)
+    tps = 1024 / pf
+    ceiling = limits.matmul_gflops * 1e9 / flops_per_token(engine.model, 512)
+    results["prefill_1024"] = {"tokens_per_s": tps, "ceiling_tokens_per_s": ceiling, "fraction": tps / ceiling, "goal": ">= 0.6"}
+    print(f"2. prefill 1024 tokens: {pf*1e3:.0f} ms = {tps:.0f} tok/s; ceiling {ceiling:.0f} tok/s "
+          f"-> {100*tps/ceiling:.0f}% (goal >= 60%)")
+
+    steps = 4 if quick else 16
+    batch_step = decode_step_s(engine, 32, 512, steps)
+    ours = 32 / batch_step
+    hf_model, _ = model_loader.load(ref)
+    naive = hf_naive_decode_tps(hf_model, 32, 512, steps)
+    results["decode_batch32"] = {"tokens_per_s": ours, "hf_naive_tokens_per_s": naive, "speedup": ours / naive, "goal": ">= 4"}
+    print(f"3. decode 32 seqs @512: {ours:.0f} tok/s; naive transformers loop {naive:.0f} tok/s "
+          f"-> {ours/naive:.2f}x (goal >= 4x)")
+
+    prompts = mixed_prompts()[: 8 if quick else 24]
+    new = 16 if quick else 64
+    ours_s = engine_mixed_s(make(max_num_batched_tokens=512), prompts, new)
+    hf_s = hf_generate_batch_s(hf_model, prompts, new)
+    total = len(prompts) * new
+    results["mixed"] = {"requests": len(prompts), "new_tokens": new, "engine_tokens_per_s": total / ours_s,
+                        "hf_generate_batch_tokens_per_s": total / hf_s, "speedup": hf_s / ours_s, "goal": ">= 3"}
+    print(f"4. mixed workload ({len(prompts)} requests, prompts 32-1024, {new} new tokens each): "
+          f"{total/ours_s:.0f} tok/s; transformers generate_batch {total/hf_s:.0f} tok/s -> {hf_s/ours_s:.2f}x (goal >= 3x)")
+    if getattr(args, "json", None):
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0

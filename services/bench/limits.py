@@ -1,0 +1,65 @@
+"""This machine's own limits, measured in the run that quotes them.
+
+Benchmarks compare against these instead of datasheet numbers, so a ratio
+means the same on a laptop, a 2-core CI box or a server.
+"""
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+def median_time(fn, reps: int = 7, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+@dataclass(frozen=True)
+class MachineLimits:
+    matmul_gflops: float  # fp32 square matmul, the compute ceiling
+    read_gbps: float  # streaming read (sum of a large tensor), the decode floor
+    memcpy_gbps: float  # bytes copied per second (copy_ of a large tensor)
+    threads: int
+    cpu: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure(quick: bool = False, device: str = "cpu") -> MachineLimits:
+    reps = 3 if quick else 7
+    n = 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    mm = median_time(lambda: torch.mm(a, b), reps)
+    big = torch.randn((256 << 20) // 4, device=device)  # 256 MiB, far beyond cache
+    dst = torch.empty_like(big)
+    read = median_time(lambda: big.sum(), reps)
+    copy = median_time(lambda: dst.copy_(big), reps)
+    nbytes = big.numel() * 4
+    return MachineLimits(
+        matmul_gflops=2 * n**3 / mm / 1e9,
+        read_gbps=nbytes / read / 1e9,
+        memcpy_gbps=nbytes / copy / 1e9,
+        threads=torch.get_num_threads(),
+        cpu=_cpu_name(),
+    )

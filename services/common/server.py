@@ -1,0 +1,244 @@
+"""The grpc.aio server every pdserve service runs on.
+
+- `create_server()` installs the one interceptor that turns the exceptions of
+  `pdserve.common.errors` into gRPC status codes, so servicers and engine code
+  raise plain Python exceptions and never touch the gRPC context.
+- `add_health_service()` / `Health.set_serving()` expose the standard grpc.health.v1
+  service (what Kubernetes gRPC probes and load balancers ask).
+- `serve_until_stopped()` waits for SIGTERM/SIGINT, reports NOT_SERVING, and
+  stops with a grace period so in-flight streams can finish.
+
+Typical service main:
+
+    server = create_server()
+    decode_pb2_grpc.add_DecodeServicer_to_server(servicer, server)
+    health = await add_health_service(server, ["pdserve.v1.Decode"])
+    port = bind(server, config.host, config.port)
+    await server.start()
+    await health.set_serving(True)           # once the model is loaded
+    await serve_until_stopped(server, health=health, grace_s=config.grace_s)
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import signal
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import OVERALL_HEALTH
+from grpc_health.v1.health import aio as health_aio
+
+from pdserve.common import errors
+
+log = logging.getLogger(__name__)
+
+# Most specific first: TransferTimeoutError is a TransferFailedError.
+# A failed transfer is ABORTED, not UNAVAILABLE: retrying the same call cannot
+# help (the ticket is one-time, the reservation gone); the caller must redo
+# the whole exchange (reserve, prefill again) -- gRPC's "retry at a higher
+# level". UNAVAILABLE stays unambiguous ("this worker cannot serve now, try
+# another"), and channel retry policies, which replay UNAVAILABLE calls, never
+# replay a call whose ticket is spent.
+STATUS_CODES: tuple[tuple[type[errors.PdserveError], grpc.StatusCode], ...] = (
+    (errors.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.CapacityExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.NotReadyError, grpc.StatusCode.UNAVAILABLE),
+    (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (errors.TransferTimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (errors.TransferFailedError, grpc.StatusCode.ABORTED),
+)
+# Trailing metadata, so clients (SDK, router) can re-raise the same exception type.
+ERROR_TYPE_KEY = "pdserve-error-type"
+ERROR_FIELD_KEY = "pdserve-error-field"
+
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "grpc.max_send_message_length": 64 * 2**20,
+    "grpc.max_receive_message_length": 64 * 2**20,
+    # Fail fast when the port is taken instead of silently sharing it.
+    "grpc.so_reuseport": 0,
+    # Find clients that vanished without closing (dead router, cut network),
+    # so their streams are cancelled and the KV leases they hold freed.
+    "grpc.keepalive_time_ms": 20_000,
+    "grpc.keepalive_timeout_ms": 10_000,
+}
+
+
+def status_code_for(exc: BaseException) -> grpc.StatusCode:
+    """The status an exception maps to; INTERNAL for anything unexpected."""
+    for error_type, code in STATUS_CODES:
+        if isinstance(exc, error_type):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
+    code = status_code_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        # The client gets an incident id to quote, never our message or traceback.
+        incident = uuid.uuid4().hex[:12]
+        log.error("%s failed (incident %s)", method, incident, exc_info=exc)
+        await context.abort(code, f"internal error (incident {incident})")
+    else:
+        metadata: list[tuple[str, str]] = [(ERROR_TYPE_KEY, type(exc).__name__)]
+        if isinstance(exc, errors.InvalidRequestError):
+            metadata.append((ERROR_FIELD_KEY, exc.field))
+        log.debug("%s: %s: %s", method, code.name, exc)
+        await context.abort(code, str(exc), trailing_metadata=tuple(metadata))
+
+
+def _guard_call(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+    """Wrap a coroutine handler (unary, or streaming via context.write)."""
+    if not inspect.iscoroutinefunction(behavior):
+        return behavior  # sync handlers need a thread pool; pdserve has none
+
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise  # the handler aborted with a status of its own choosing
+        except Exception as exc:  # CancelledError is a BaseException: not caught
+            await _abort(context, exc, method)
+
+    return guarded
+
+
+def _guard_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+    """Wrap an async-generator handler; messages already sent stay sent."""
+    if not inspect.isasyncgenfunction(behavior):
+        return _guard_call(behavior, method)
+
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        responses = behavior(request, context)
+        try:
+            async for response in responses:
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc, method)
+        finally:
+            # Run the handler's own cleanup (lease release) now, not whenever
+            # the event loop finalizes an abandoned generator.
+            await responses.aclose()
+
+    return guarded
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Maps pdserve exceptions to status codes for every handler kind."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None  # unknown method: grpc answers UNIMPLEMENTED
+        method = handler_call_details.method
+        codec = {"request_deserializer": handler.request_deserializer,
+                 "response_serializer": handler.response_serializer}
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(_guard_call(handler.unary_unary, method), **codec)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(_guard_stream(handler.unary_stream, method), **codec)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(_guard_call(handler.stream_unary, method), **codec)
+        return grpc.stream_stream_rpc_method_handler(_guard_stream(handler.stream_stream, method), **codec)
+
+
+def create_server(
+    *,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    options: dict[str, Any] | None = None,
+    maximum_concurrent_rpcs: int | None = None,
+) -> grpc.aio.Server:
+    """A grpc.aio server with the error mapping outermost.
+
+    Extra interceptors (e.g. tracing) run inside it, so they still see the
+    original exception; `options` override DEFAULT_OPTIONS key by key.
+    """
+    merged = {**DEFAULT_OPTIONS, **(options or {})}
+    return grpc.aio.server(
+        interceptors=[ErrorMappingInterceptor(), *interceptors],
+        options=list(merged.items()),
+        maximum_concurrent_rpcs=maximum_concurrent_rpcs,
+    )
+
+
+def bind(server: grpc.aio.Server, host: str, port: int) -> int:
+    """Listen on host:port (0: any free port) and return the bound port."""
+    bare_ipv6 = ":" in host and not host.startswith("[")
+    address = f"[{host}]:{port}" if bare_ipv6 else f"{host}:{port}"
+    bound = server.add_insecure_port(address)
+    if bound == 0:  # older grpcio reports failure this way instead of raising
+        raise RuntimeError(f"cannot listen on {address}")
+    return bound
+
+
+class Health(health_aio.HealthServicer):
+    """grpc.health.v1.Health (asyncio) that remembers which names it reports."""
+
+    def __init__(self, services: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.services = (OVERALL_HEALTH, *services)
+
+    async def set_serving(self, serving: bool) -> None:
+        """Report the server ("") and every named service (NOT_)SERVING."""
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in self.services:
+            await self.set(name, status)
+
+
+async def add_health_service(server: grpc.aio.Server, services: Iterable[str] = ()) -> Health:
+    """Register the standard health service, NOT_SERVING until the service
+    calls `set_serving(True)` (e.g. once its model is loaded)."""
+    health = Health(services)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    await health.set_serving(False)
+    return health
+
+
+async def serve_until_stopped(
+    server: grpc.aio.Server,
+    *,
+    grace_s: float,
+    health: Health | None = None,
+    stop: asyncio.Event | None = None,
+    on_shutdown: Callable[[], Awaitable[None]] | None = None,
+    signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+) -> None:
+    """Serve until a signal (or `stop`), then shut down gracefully.
+
+    Order matters: health goes NOT_SERVING first so probes and balancers stop
+    sending work, then `on_shutdown` (e.g. deregister from the router), then
+    the server refuses new RPCs and gives running ones `grace_s` to finish
+    before cancelling them (cancellation frees their KV leases).
+    """
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        # Shielded: cancelling a wait_for_termination() cancels the server's
+        # own shutdown future, and stop() below would then fail.
+        waiters = {asyncio.ensure_future(stop.wait()),
+                   asyncio.shield(server.wait_for_termination())}
+        _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        log.info("shutting down (grace %.1fs)", grace_s)
+        if health is not None:
+            await health.enter_graceful_shutdown()
+        if on_shutdown is not None:
+            await on_shutdown()
+        await server.stop(grace_s)
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,64 @@
+"""KV computed by one engine, exported as bytes, imported by another, decodes identically."""
+from __future__ import annotations
+
+import torch
+
+from pdserve.common.engine.sampling_params import SamplingParams
+from tests.engine.prompts import prompts_by_length
+
+
+def _handoff(prefill, decode, rid, ids, params):
+    """The disaggregated flow at engine level: prefill -> KV bytes -> decode."""
+    seq = decode.reserve(rid, ids, params)
+    skip = seq.num_cached_tokens // decode.config.block_size  # decode already has these blocks
+    prefill.add_request(ids, SamplingParams(max_tokens=1), request_id=rid, hold_blocks=True)
+    [first] = [o for o in _run(prefill) if o.request_id == rid]
+    decode.import_kv(rid, prefill.export_kv(rid)[skip:], first_block=skip)
+    assert prefill.release(rid)
+    decode.admit(rid, first.new_token_ids[0])
+    return first.new_token_ids + [t for o in _run(decode) if o.request_id == rid for t in o.new_token_ids]
+
+
+def _run(engine):
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    return outs
+
+
+def test_prefill_here_decode_there_matches_transformers(make_engine, smollm2):
+    _, model, tokenizer = smollm2
+    prefill, decode = make_engine(max_num_batched_tokens=64), make_engine()
+    params = SamplingParams(max_tokens=16)
+    for i, ids in enumerate(prompts_by_length(tokenizer)[2:7]):
+        with torch.inference_mode():
+            expected = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+        assert _handoff(prefill, decode, f"r{i}", ids, params) == expected
+    for engine in (prefill, decode):
+        s = engine.stats()
+        assert s.free_blocks == s.total_blocks and s.held == s.reserved == 0
+
+
+def test_reservation_reuses_decode_side_prefix_cache(make_engine, smollm2):
+    _, _, tokenizer = smollm2
+    ids = prompts_by_length(tokenizer)[5]  # 600 tokens
+    prefill, decode = make_engine(), make_engine()
+    params = SamplingParams(max_tokens=8)
+    first_run = _handoff(prefill, decode, "a", ids, params)
+    seq = decode.reserve("b", ids, params)
+    assert seq.num_cached_tokens == (len(ids) - 1) // 16 * 16
+    decode.release("b")
+    assert _handoff(prefill, decode, "c", ids, params) == first_run
+
+
+def test_release_and_abort_free_reserved_and_held_blocks(make_engine):
+    engine = make_engine()
+    total = engine.stats().total_blocks
+    engine.reserve("r", list(range(100, 200)), SamplingParams())
+    assert engine.stats().reserved == 1 and engine.stats().free_blocks < total
+    engine.abort("r")
+    engine.add_request(list(range(100, 200)), SamplingParams(max_tokens=1), request_id="h", hold_blocks=True)
+    _run(engine)
+    assert engine.stats().held == 1 and engine.stats().free_blocks < total
+    assert engine.release("h") and not engine.release("h")
+    assert engine.stats().free_blocks == total
