@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 
@@ -38,6 +39,29 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import asyncio
+
+    if args.service == "router":
+        from pdserve.router.config import RouterConfig
+        from pdserve.router.serve import serve
+
+        config = RouterConfig.from_cli_args(args)
+    else:
+        import importlib
+
+        from pdserve.common.worker_config import WorkerConfig
+
+        config = WorkerConfig.from_cli_args(args)
+        if args.service == "prefill":
+            config = dataclasses.replace(config, role="prefill")
+        elif config.role == "prefill":
+            raise SystemExit("pdserve serve decode: --role must be decode or colocated")
+        serve = importlib.import_module(f"pdserve.{args.service}.serve").serve
+    asyncio.run(serve(config))
+    return 0
+
+
 def cmd_bench_engine(args) -> int:
     from pdserve.bench import engine_bench
 
@@ -56,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--kv-cache-gib", type=float, default=0.5)
     _add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    serve = sub.add_parser("serve", help="run one service (router, prefill or decode)")
+    serve_sub = serve.add_subparsers(dest="service", required=True)
+    from pdserve.common.worker_config import WorkerConfig
+    from pdserve.router.config import RouterConfig
+
+    RouterConfig.add_cli_args(serve_sub.add_parser("router", help="client-facing router"))
+    WorkerConfig.add_cli_args(serve_sub.add_parser("prefill", help="prefill worker"))
+    WorkerConfig.add_cli_args(serve_sub.add_parser("decode", help="decode worker (--role colocated: both phases)"))
+    serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

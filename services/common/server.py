@@ -242,3 +242,20 @@ async def serve_until_stopped(
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
+
+
+_ERROR_TYPES = {cls.__name__: cls for cls, _ in STATUS_CODES}
+_BY_CODE = {code: cls for cls, code in reversed(STATUS_CODES)}
+
+
+def error_from_rpc(exc: grpc.aio.AioRpcError) -> errors.PdserveError:
+    """The typed error a downstream call failed with, so a service that relays
+    it (the router) answers with the same status code and field."""
+    trailing = dict(exc.trailing_metadata() or ())
+    cls = _ERROR_TYPES.get(trailing.get(ERROR_TYPE_KEY, "")) or _BY_CODE.get(exc.code())
+    details = exc.details() or exc.code().name
+    if cls is errors.InvalidRequestError:
+        return errors.InvalidRequestError(trailing.get(ERROR_FIELD_KEY, "request"), details.split(": ", 1)[-1])
+    if cls is None:  # UNKNOWN, INTERNAL, CANCELLED...: the worker is not usable for this request
+        return errors.NotReadyError(f"downstream call failed: {exc.code().name}: {details}")
+    return cls(details)

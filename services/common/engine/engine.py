@@ -38,6 +38,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_cached_tokens: int
     num_output_tokens: int
+    queued_s: float = 0.0  # arrival to first scheduled
 
 
 @dataclass(frozen=True)
@@ -112,10 +113,10 @@ class LLMEngine:
         ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
         self._check_prompt(ids)
         seq = Sequence(request_id, ids, params, self.config.block_size)
-        gen = None
-        if params.seed is not None:
-            gen = torch.Generator(device=self.config.device).manual_seed(params.seed)
-        return _Request(seq, IncrementalDetokenizer(self.tokenizer, ids, params.stop), gen, hold_blocks)
+        return _Request(seq, IncrementalDetokenizer(self.tokenizer, ids, params.stop), self._generator(params), hold_blocks)
+
+    def _generator(self, params: SamplingParams) -> torch.Generator | None:
+        return None if params.seed is None else torch.Generator(device=self.config.device)
 
     def add_request(
         self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -141,13 +142,17 @@ class LLMEngine:
         self._reserved[request_id] = req
         return req.seq
 
-    def admit(self, request_id: str, first_token: int) -> None:
+    def admit(self, request_id: str, first_token: int, params: SamplingParams | None = None) -> None:
         """The reserved prompt's KV has landed and was verified; the prefill
         worker sampled `first_token`. Join the running batch to decode the rest."""
         req = self._reserved.pop(request_id, None)
         if req is None:
             raise NotFoundError(f"no reservation {request_id!r}")
         seq = req.seq
+        if params is not None:
+            seq.params = params
+            req.detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop)
+            req.generator = self._generator(params)
         seq.num_computed_tokens = seq.num_prompt_tokens
         self.blocks.commit_computed(seq)  # imported blocks become reusable prefix cache
         seq.output_token_ids.append(first_token)
@@ -226,10 +231,19 @@ class LLMEngine:
         self.computed_tokens += batch.num_tokens
         tokens: list[int] = []
         if seqs:
-            reqs = [self._requests[s.request_id] for s in seqs]
-            tokens = sample(logits, [s.params for s in seqs], [r.generator for r in reqs])
+            gens = [self._seeded(self._requests[s.request_id], s) for s in seqs]
+            tokens = sample(logits, [s.params for s in seqs], gens)
         self.scheduler.postprocess(batch, dict(zip(seqs, tokens)))
         return [self._emit(seq, tok) for seq, tok in zip(seqs, tokens)]
+
+    @staticmethod
+    def _seeded(req: _Request, seq: Sequence) -> torch.Generator | None:
+        """Seed per (request seed, output position): a seeded request draws the
+        same tokens whichever worker samples which position (prefill samples
+        the first, decode the rest; a migrated request resumes exactly)."""
+        if req.generator is None:
+            return None
+        return req.generator.manual_seed((seq.params.seed * 1_000_003 + len(seq.output_token_ids)) % (1 << 63))
 
     def _emit(self, seq: Sequence, token: int) -> RequestOutput:
         req = self._requests[seq.request_id]
@@ -249,6 +263,7 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens,
             num_output_tokens=len(seq.output_token_ids),
+            queued_s=(seq.first_scheduled_time or seq.arrival_time) - seq.arrival_time,
         )
 
     def _finish_reason(self, seq: Sequence, token: int, stopped_by_string: bool) -> FinishReason | None:

@@ -11,6 +11,7 @@ usually survive, so recomputation is cheap).
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -108,6 +109,8 @@ class Scheduler:
                     self.blocks.free(seq)  # wait for a step with room for the whole prompt
                 break
             self.waiting.popleft()
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.prefills.append((seq, n))

@@ -27,7 +27,7 @@ class FinishReason(str, enum.Enum):
 class Sequence:
     request_id: str
     prompt_token_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams  # replaced once, when a reserved sequence is admitted
     block_size: int
     arrival_time: float = field(default_factory=time.monotonic)
 
@@ -40,6 +40,7 @@ class Sequence:
     num_cached_tokens: int = 0  # of the prompt, served by the prefix cache
     block_hashes: list[bytes] = field(default_factory=list)  # of full, computed blocks
     finish_reason: FinishReason | None = None
+    first_scheduled_time: float | None = None
     first_token_time: float | None = None
 
     @property

@@ -1,0 +1,145 @@
+"""The engine inside an asyncio service: one step loop, many request streams.
+
+`LLMEngine` is single-threaded. Here one task owns it: it runs `step()` in a
+worker thread (torch releases the GIL, so gRPC keeps serving) and hands each
+output to its request's queue. Everything else that touches the engine
+(add, abort, reserve, admit, release, stats) goes through `call()`, which
+takes the same lock the loop holds during a step, so state only changes
+between steps. After every step, watchers are called (the prefill worker
+sends newly computed KV blocks from there while the next step computes).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from pdserve.common.engine.engine import LLMEngine, RequestOutput
+from pdserve.common.engine.sampling_params import SamplingParams
+from pdserve.common.errors import NotFoundError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._lock = asyncio.Lock()
+        self._work = asyncio.Event()
+        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._watchers: dict[str, Callable[[], None]] = {}
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine-step")
+        self._task: asyncio.Task | None = None
+        self.step_ms_ewma = 0.0  # measured step time, reported in worker load
+        self.prefill_tps_ewma = 0.0  # measured prefill tokens/s
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="engine-loop")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True)
+
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run fn(engine state) between steps."""
+        async with self._lock:
+            result = fn(*args, **kwargs)
+        self._work.set()
+        return result
+
+    def watch(self, request_id: str, callback: Callable[[], None]) -> None:
+        """Call `callback` after every step until unwatch (on the event loop)."""
+        self._watchers[request_id] = callback
+
+    def unwatch(self, request_id: str) -> None:
+        self._watchers.pop(request_id, None)
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.engine.has_unfinished():
+                self._work.clear()
+                await self._work.wait()
+                continue
+            async with self._lock:
+                try:
+                    outputs = await loop.run_in_executor(self._executor, self._timed_step)
+                except Exception as e:  # a broken step fails its requests, not the server
+                    log.exception("engine step failed")
+                    self._fail_all(e)
+                    continue
+            for out in outputs:
+                q = self._queues.get(out.request_id)
+                if q is not None:
+                    q.put_nowait(out)
+            for cb in list(self._watchers.values()):
+                cb()
+            await asyncio.sleep(0)  # let waiting callers take the lock between steps
+
+    def _timed_step(self) -> list[RequestOutput]:
+        before = self.engine.computed_tokens
+        t = time.perf_counter()
+        outputs = self.engine.step()
+        dt = time.perf_counter() - t
+        self.step_ms_ewma = 0.9 * self.step_ms_ewma + 0.1 * dt * 1e3 if self.step_ms_ewma else dt * 1e3
+        n = self.engine.computed_tokens - before
+        if n > 32:  # a prefill-heavy step
+            tps = n / dt
+            self.prefill_tps_ewma = 0.8 * self.prefill_tps_ewma + 0.2 * tps if self.prefill_tps_ewma else tps
+        return outputs
+
+    def _fail_all(self, error: BaseException) -> None:
+        for rid, q in list(self._queues.items()):
+            q.put_nowait(error)
+            try:
+                self.engine.abort(rid)
+            except NotFoundError:
+                pass
+
+    async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
+        """Outputs of a request already added (or admitted); aborts it if the consumer leaves."""
+        q = self._queues[request_id]
+        finished = False
+        try:
+            while not finished:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                await self.call(self._abort_quietly, request_id)
+
+    def _abort_quietly(self, request_id: str) -> None:
+        try:
+            self.engine.abort(request_id)
+        except NotFoundError:
+            pass
+
+    async def add(self, prompt: list[int], params: SamplingParams, request_id: str, hold_blocks: bool = False) -> None:
+        async with self._lock:
+            self.engine.add_request(prompt, params, request_id=request_id, hold_blocks=hold_blocks)
+            self._queues[request_id] = asyncio.Queue()
+        self._work.set()
+
+    async def admit(self, request_id: str, first_token: int, params: SamplingParams) -> None:
+        async with self._lock:
+            self.engine.admit(request_id, first_token, params)
+            self._queues[request_id] = asyncio.Queue()
+        self._work.set()
+
+    async def generate(self, prompt: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
+        await self.add(prompt, params, request_id)
+        async for out in self.stream(request_id):
+            yield out

@@ -1,0 +1,254 @@
+"""The KV data plane seam: what a receiver and a sender promise, and the wire contract.
+
+As in vLLM's v1 KV connector, the scheduler side decides which blocks move and
+when (reserve, delay freeing until sent, recompute on failure); this side only
+moves bytes between pool blocks. One block (`pool[i]`) is one contiguous buffer.
+
+    decode:   ticket = receiver.expect(tid, [pool[b] for b in block_ids])
+              ... ticket travels to prefill in the gRPC request ...
+              await receiver.wait(tid, timeout)      # or poll receiver.status(tid)
+              await receiver.cancel(tid)             # always, to forget the id
+    prefill:  await sender.send(ticket, first_block_index, [pool[b] for b in chunk_blocks])
+              (once per prefill chunk, so transfers overlap the next chunk's compute)
+
+Integrity: the receiver issues a one-time random secret per ticket. Message tags
+and a per-block header MAC are keyed with it, so a peer without the secret cannot
+even address the destination buffers, and every block carries a checksum the
+receiver verifies before it reports DONE. Any mismatch reports FAILED, and the
+engine recomputes; it never decodes from bad KV.
+"""
+from __future__ import annotations
+
+import abc
+import asyncio
+import enum
+import functools
+import hashlib
+import hmac
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pdserve.common.errors import (
+    InvalidRequestError,
+    NotFoundError,
+    TransferFailedError,
+    TransferTimeoutError,
+)
+
+
+class TransferStatus(enum.Enum):
+    PENDING = "pending"  # expected, nothing arrived yet
+    TRANSFERRING = "transferring"  # some blocks arrived
+    DONE = "done"  # every block arrived and verified
+    FAILED = "failed"  # bad header or checksum, transport error, or cancelled
+
+
+@dataclass(frozen=True)
+class TransferTicket:
+    """Issued by the receiver; everything a sender needs, passed out of band (gRPC)."""
+
+    transfer_id: str
+    secret: bytes = field(repr=False)  # one-time, never logged
+    address: bytes  # receiver's transport address (UCX worker address)
+    num_blocks: int
+    block_bytes: int
+
+
+# ---- wire contract ------------------------------------------------------------
+HEADER = struct.Struct("<4sHHIIQ16s")  # magic, version, 0, index, num_blocks, nbytes, checksum
+HEADER_BYTES = 64  # HEADER + 16-byte MAC, padded
+_MAGIC, _VERSION = b"PDKV", 1
+_MASK64 = (1 << 64) - 1
+_ROW = 4096  # checksum row: one page
+
+
+def _keyed(secret: bytes, data: bytes, size: int) -> bytes:
+    return hashlib.blake2b(data, key=secret, digest_size=size, person=b"pdserve-kv").digest()
+
+
+def block_tag(ticket: TransferTicket, kind: bytes, index: int) -> int:
+    """64-bit transport tag of block `index` (kind b"H" header, b"D" data).
+
+    Keyed with the secret: without it nobody can compute a tag that matches a
+    posted receive, so nothing they send can land in the destination blocks.
+    """
+    msg = kind + index.to_bytes(4, "little") + ticket.transfer_id.encode()
+    return int.from_bytes(_keyed(ticket.secret, msg, 8), "little")
+
+
+@functools.lru_cache(maxsize=8)
+def _row_weights(rows: int) -> np.ndarray:
+    return np.arange(1, rows + 1, dtype=np.int64)
+
+
+def block_checksum(buf) -> bytes:
+    """16-byte Fletcher-style checksum of one block (a CPU tensor or ndarray).
+
+    The wrapping sum of the 64-bit words (plus the length), and a position-weighted
+    sum of 4 KiB row sums: missing, stale, truncated or flipped data changes the
+    first, data landing at the wrong page (the unit CMA and DMA copy in) changes
+    the second. Measured on a 737,280-byte block here: ~16 us (45 GB/s) vs
+    zlib.crc32 ~200 us (3.7 GB/s), adler32 ~240 us, blake2b ~900 us, 512-byte
+    rows ~39 us. The receiver verifies on the transfer's critical path, so crc32
+    would cost more than the copy itself. Forgery is the keyed tags' and MAC's job.
+    """
+    a = _as_bytes(buf)
+    head = a.size - a.size % _ROW
+    rows = a[:head].view(np.int64).reshape(-1, _ROW // 8).sum(axis=1)
+    tail = int(a[head:].sum(dtype=np.int64))
+    s1 = int(rows.sum()) + tail + a.size
+    s2 = int(rows @ _row_weights(rows.size)) + (rows.size + 1) * tail
+    return (s1 & _MASK64).to_bytes(8, "little") + (s2 & _MASK64).to_bytes(8, "little")
+
+
+def make_header(ticket: TransferTicket, index: int, nbytes: int, checksum: bytes) -> bytearray:
+    body = HEADER.pack(_MAGIC, _VERSION, 0, index, ticket.num_blocks, nbytes, checksum)
+    out = bytearray(HEADER_BYTES)
+    out[: HEADER.size] = body
+    out[HEADER.size : HEADER.size + 16] = _keyed(ticket.secret, body + ticket.transfer_id.encode(), 16)
+    return out
+
+
+def verify_block(ticket: TransferTicket, index: int, header, dest) -> str | None:
+    """None if block `index` landed intact in `dest`, else why not."""
+    header = bytes(header)
+    body, mac = header[: HEADER.size], header[HEADER.size : HEADER.size + 16]
+    if not hmac.compare_digest(mac, _keyed(ticket.secret, body + ticket.transfer_id.encode(), 16)):
+        return f"block {index}: bad header MAC"
+    magic, version, _, idx, num_blocks, nbytes, checksum = HEADER.unpack(body)
+    if (magic, version, idx, num_blocks, nbytes) != (_MAGIC, _VERSION, index, ticket.num_blocks, ticket.block_bytes):
+        return f"block {index}: header does not match the ticket"
+    if not hmac.compare_digest(checksum, block_checksum(dest)):
+        return f"block {index}: checksum mismatch"
+    return None
+
+
+def _as_bytes(buf) -> np.ndarray:
+    """A zero-copy uint8 ndarray view of a contiguous CPU tensor or ndarray."""
+    if isinstance(buf, np.ndarray):
+        return buf.reshape(-1).view(np.uint8)
+    import torch  # lazily: importing the package must stay light
+
+    return buf.detach().reshape(-1).view(torch.uint8).numpy()
+
+
+def check_blocks(buffers, block_bytes: int | None = None) -> int:
+    """Validate block buffers (contiguous, CPU, equal size); return the block size."""
+    if not buffers:
+        raise InvalidRequestError("buffers", "at least one block is required")
+    sizes = {b.nbytes for b in buffers}
+    for b in buffers:
+        if getattr(b, "device", None) is not None and b.device.type != "cpu":
+            raise InvalidRequestError("buffers", "only CPU blocks are supported")
+        if not b.is_contiguous():
+            raise InvalidRequestError("buffers", "blocks must be contiguous")
+    if len(sizes) != 1 or (block_bytes is not None and sizes != {block_bytes}):
+        raise InvalidRequestError("buffers", f"block sizes {sorted(sizes)} != {block_bytes}")
+    return sizes.pop()
+
+
+# ---- the interface -------------------------------------------------------------
+class Inbound:
+    """Receiver-side state of one transfer (shared by the implementations)."""
+
+    def __init__(self, ticket: TransferTicket, dest: list) -> None:
+        self.ticket, self.dest = ticket, dest
+        self.status = TransferStatus.PENDING
+        self.error: str | None = None
+        self.verified = 0
+        self.finished = asyncio.Event()  # set on DONE or FAILED
+
+    def block_ok(self) -> None:
+        if self.status in (TransferStatus.PENDING, TransferStatus.TRANSFERRING):
+            self.status = TransferStatus.TRANSFERRING
+            self.verified += 1
+            if self.verified == self.ticket.num_blocks:
+                self.status = TransferStatus.DONE
+                self.finished.set()
+
+    def fail(self, reason: str) -> None:
+        if self.status is not TransferStatus.FAILED:  # first reason wins
+            self.status, self.error = TransferStatus.FAILED, reason
+            self.finished.set()
+
+
+class KVReceiver(abc.ABC):
+    """Decode side: posts receives into pool blocks and verifies what lands."""
+
+    def __init__(self) -> None:
+        self._transfers: dict[str, Inbound] = {}
+
+    @property
+    @abc.abstractmethod
+    def address(self) -> bytes:
+        """Where senders reach this receiver (goes into every ticket)."""
+
+    @abc.abstractmethod
+    def expect(self, transfer_id: str, dest_buffers: list) -> TransferTicket:
+        """Accept `len(dest_buffers)` blocks into these buffers (zero copy); block i
+        of the transfer lands in dest_buffers[i]. Returns the ticket for the sender."""
+
+    @abc.abstractmethod
+    async def cancel(self, transfer_id: str) -> bool:
+        """End and forget the transfer in any state (also the way to forget a DONE
+        one). Returns True once no data can land in its buffers any more; False if
+        that could not be ensured (a peer died mid-message): the caller must then
+        never reuse those blocks. Unknown ids return True."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Cancel every transfer and release the transport."""
+
+    def status(self, transfer_id: str) -> TransferStatus:
+        return self._get(transfer_id).status
+
+    async def wait(self, transfer_id: str, timeout: float | None) -> None:
+        """Return when DONE; raise TransferFailedError on FAILED, TransferTimeoutError
+        after `timeout` s (state unchanged: the caller decides, usually cancel())."""
+        t = self._get(transfer_id)
+        try:
+            await asyncio.wait_for(t.finished.wait(), timeout)
+        except TimeoutError:
+            raise TransferTimeoutError(f"transfer {transfer_id}: not done after {timeout}s") from None
+        if t.status is not TransferStatus.DONE:
+            raise TransferFailedError(f"transfer {transfer_id}: {t.error}")
+
+    def _new(self, transfer_id: str, dest_buffers: list, secret: bytes) -> Inbound:
+        if transfer_id in self._transfers:
+            raise InvalidRequestError("transfer_id", f"{transfer_id!r} is already expected")
+        block_bytes = check_blocks(dest_buffers)
+        ticket = TransferTicket(transfer_id, secret, self.address, len(dest_buffers), block_bytes)
+        self._transfers[transfer_id] = t = Inbound(ticket, list(dest_buffers))
+        return t
+
+    def _get(self, transfer_id: str) -> Inbound:
+        try:
+            return self._transfers[transfer_id]
+        except KeyError:
+            raise NotFoundError(f"unknown transfer {transfer_id!r}") from None
+
+
+class KVSender(abc.ABC):
+    """Prefill side: pushes finished blocks to the receiver named in a ticket."""
+
+    @abc.abstractmethod
+    async def send(self, ticket: TransferTicket, first_block_index: int, src_buffers: list,
+                   timeout: float = 30.0) -> None:
+        """Send blocks first_block_index .. +len(src_buffers)-1 of the transfer; each
+        index exactly once. Returns when the receiver has the bytes, so the caller may
+        reuse the source blocks; raises TransferFailedError or TransferTimeoutError."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release the transport (endpoints, worker)."""
+
+    @staticmethod
+    def _check(ticket: TransferTicket, first_block_index: int, src_buffers: list) -> None:
+        check_blocks(src_buffers, ticket.block_bytes)
+        if first_block_index < 0 or first_block_index + len(src_buffers) > ticket.num_blocks:
+            raise InvalidRequestError(
+                "first_block_index",
+                f"blocks {first_block_index}..+{len(src_buffers)} outside 0..{ticket.num_blocks}",
+            )

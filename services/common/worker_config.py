@@ -1,0 +1,49 @@
+"""Configuration shared by the model workers (prefill, decode, colocated)."""
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from typing import Literal
+
+from pdserve.common.config import ServiceConfig, option
+from pdserve.common.engine.config import EngineConfig
+
+
+@dataclass(frozen=True)
+class WorkerConfig(ServiceConfig):
+    host: str = option("127.0.0.1", help="address the gRPC server listens on")
+    port: int = option(50061, help="gRPC port (0: any free port)")
+    worker_id: str = option("", help="unique id in logs and routing (default: hostname:port)")
+    role: Literal["prefill", "decode", "colocated"] = option("decode", help="what this worker does")
+    model: str = option("", help="HF directory or .gguf file (default: the bundled SmolLM2-135M-Instruct)")
+    device: str = option("cpu", help="torch device")
+    dtype: Literal["float32", "float16", "bfloat16"] = option("float32")
+    block_size: int = option(16, help="tokens per KV block")
+    kv_cache_gib: float = option(1.0, help="KV pool size in GiB (unless --num-kv-blocks)")
+    num_kv_blocks: int = option(0, help="KV pool size in blocks (0: from --kv-cache-gib)")
+    max_num_seqs: int = option(64, help="running sequences at most")
+    max_num_batched_tokens: int = option(512, help="tokens per step; the prefill chunk size")
+    enable_prefix_caching: bool = option(True)
+    max_queue: int = option(256, help="requests waiting at most; more get RESOURCE_EXHAUSTED")
+    lease_ms: int = option(30_000, help="a KV reservation expires if unused this long")
+    transfer_timeout_s: float = option(30.0, help="a KV transfer fails if not done this long after decode asks")
+    transport: Literal["ucx", "loopback"] = option("ucx", help="KV data plane (loopback: one process only, for tests)")
+    grace_s: float = option(10.0, help="on SIGTERM, seconds in-flight requests get to finish")
+
+    def validate(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError("port must be in [0, 65535]")
+        if self.max_queue < 1 or self.lease_ms < 1 or self.transfer_timeout_s <= 0:
+            raise ValueError("max_queue, lease_ms and transfer_timeout_s must be positive")
+        self.engine_config()  # validates the engine fields
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=self.model or None, device=self.device, dtype=self.dtype, block_size=self.block_size,
+            kv_cache_gib=self.kv_cache_gib, num_kv_blocks=self.num_kv_blocks or None,
+            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+            enable_prefix_caching=self.enable_prefix_caching,
+        )
+
+    def resolved_worker_id(self, bound_port: int) -> str:
+        return self.worker_id or f"{self.role}@{socket.gethostname()}:{bound_port}"

@@ -1,0 +1,74 @@
+"""What every model worker process does around its servicer.
+
+Load the model and the engine, open the gRPC server with health, choose the
+KV transport, serve until SIGTERM, drain. Prefill and decode differ only in
+the worker object and servicer they add (see their serve.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from pdserve.common import convert
+from pdserve.common.engine.async_engine import AsyncEngine
+from pdserve.common.engine.engine import LLMEngine
+from pdserve.common.server import add_health_service, bind, create_server, serve_until_stopped
+from pdserve.common.worker_config import WorkerConfig
+from pdserve.v1 import common_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+def make_receiver(transport: str):
+    from pdserve.common import transfer
+
+    return transfer.UcxKVReceiver() if transport == "ucx" else transfer.LoopbackKVReceiver()
+
+
+def make_sender(transport: str):
+    from pdserve.common import transfer
+
+    return transfer.UcxKVSender() if transport == "ucx" else transfer.LoopbackKVSender()
+
+
+class WorkerRuntime:
+    def __init__(self, config: WorkerConfig, engine: LLMEngine | None = None):
+        self.config = config
+        self.engine = AsyncEngine(engine or LLMEngine(config.engine_config()))
+        self.server = create_server()
+        self.port = bind(self.server, config.host, config.port)
+        self.worker_id = config.resolved_worker_id(self.port)
+        spec = self.engine.engine.spec
+        self.info = pb.WorkerInfo(
+            worker_id=self.worker_id, role=convert.ROLES[config.role], address=f"{config.host}:{self.port}",
+            model=spec.model_name, kv_spec=convert.kv_spec_to_pb(spec),
+        )
+        self.health = None
+
+    def load_response(self) -> pb.GetLoadResponse:
+        eng = self.engine
+        stats = eng.engine.stats()
+        waiting_tokens = sum(s.num_tokens - s.num_computed_tokens for s in eng.engine.scheduler.waiting)
+        load = convert.load_to_pb(self.worker_id, self.config.role, stats, waiting_tokens,
+                                  eng.step_ms_ewma, eng.prefill_tps_ewma)
+        return pb.GetLoadResponse(info=self.info, load=load)
+
+    async def start(self) -> None:
+        self.health = await add_health_service(self.server)
+        await self.engine.start()
+        await self.server.start()
+        await self.health.set_serving(True)
+        log.info("%s serving %s on %s:%d", self.worker_id, self.info.model, self.config.host, self.port)
+
+    async def run(self, stop: asyncio.Event | None = None,
+                  on_shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Start, serve until SIGTERM/SIGINT (or `stop`), then shut down in order."""
+        await self.start()
+        print(f"{self.worker_id} ({self.config.role}) listening on {self.config.host}:{self.port}", flush=True)
+        try:
+            await serve_until_stopped(self.server, grace_s=self.config.grace_s, health=self.health, stop=stop)
+        finally:
+            if on_shutdown:
+                await on_shutdown()
+            await self.engine.stop()

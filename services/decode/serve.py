@@ -1,0 +1,27 @@
+"""`pdserve serve decode`: a decode (or colocated) worker process."""
+from __future__ import annotations
+
+from pdserve.common.worker_config import WorkerConfig
+from pdserve.common.worker_runtime import WorkerRuntime, make_receiver
+from pdserve.decode.servicer import DecodeServicer
+from pdserve.decode.worker import DecodeWorker
+from pdserve.v1 import decode_pb2_grpc
+
+
+def build(config: WorkerConfig, engine=None) -> tuple[WorkerRuntime, DecodeWorker]:
+    rt = WorkerRuntime(config, engine)
+    worker = DecodeWorker(rt.engine, make_receiver(config.transport), lease_s=config.lease_ms / 1000,
+                          transfer_timeout_s=config.transfer_timeout_s, max_queue=config.max_queue)
+    decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(worker, rt.load_response), rt.server)
+    return rt, worker
+
+
+async def serve(config: WorkerConfig) -> None:
+    rt, worker = build(config)
+    await worker.start()
+
+    async def shutdown() -> None:
+        await worker.stop()
+        await worker.receiver.close()
+
+    await rt.run(on_shutdown=shutdown)

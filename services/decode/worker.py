@@ -1,0 +1,175 @@
+"""The decode worker: reservations (leases), KV arrival, continuous-batch decoding.
+
+Flow for one disaggregated request:
+  reserve()  blocks for the prompt (minus what this worker's prefix cache
+             already holds) and a ticket for the prefill worker; a lease.
+  decode()   waits for the KV to land and verify, then joins the request to
+             the running batch and streams tokens 2..N.
+Any failure, cancellation or expiry frees the blocks: a lease that is not
+claimed by decode() in time is swept. generate() is the colocated path.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from pdserve.common.engine.async_engine import AsyncEngine
+from pdserve.common.engine.engine import RequestOutput
+from pdserve.common.engine.sampling_params import SamplingParams
+from pdserve.common.errors import (
+    CapacityExhaustedError,
+    InvalidRequestError,
+    NotFoundError,
+    TransferFailedError,
+    TransferTimeoutError,
+)
+from pdserve.common.transfer.base import KVReceiver, TransferTicket
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    ticket: TransferTicket
+    dest_block_ids: list[int]
+    first_block_index: int  # leading prompt blocks already cached here
+    num_cached_tokens: int
+    expires_at: float  # unix time
+
+
+@dataclass
+class DecodeCounters:
+    requests_completed: int = 0
+    requests_aborted: int = 0
+    tokens_generated: int = 0
+    transfers_completed: int = 0
+    transfers_failed: int = 0
+    transfers_timed_out: int = 0
+    kv_bytes_received: int = 0
+    reservations_expired: int = 0
+
+
+class DecodeWorker:
+    def __init__(self, engine: AsyncEngine, receiver: KVReceiver, *, lease_s: float = 30.0,
+                 transfer_timeout_s: float = 30.0, max_queue: int = 256):
+        self.engine = engine
+        self.receiver = receiver
+        self.lease_s = lease_s
+        self.transfer_timeout_s = transfer_timeout_s
+        self.max_queue = max_queue
+        self.counters = DecodeCounters()
+        self._leases: dict[str, Reservation] = {}
+        self._sweeper: asyncio.Task | None = None
+
+    @property
+    def spec(self):
+        return self.engine.engine.spec
+
+    async def start(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep(), name="lease-sweeper")
+
+    async def stop(self) -> None:
+        if self._sweeper:
+            self._sweeper.cancel()
+        for rid in list(self._leases):
+            await self.release(rid)
+
+    def _admission(self) -> None:
+        if len(self.engine.engine.scheduler.waiting) + len(self._leases) >= self.max_queue:
+            raise CapacityExhaustedError(f"decode queue full ({self.max_queue} requests waiting)")
+
+    async def reserve(self, request_id: str, prompt: list[int], fingerprint: bytes, lease_ms: int = 0) -> Reservation:
+        if fingerprint and fingerprint != self.spec.fingerprint:
+            raise InvalidRequestError("kv_fingerprint", "the prefill worker's KV layout or model differs from this worker's")
+        self._admission()
+        seq = await self.engine.call(self.engine.engine.reserve, request_id, prompt)
+        first = seq.num_cached_tokens // self.spec.block_size
+        dest = seq.block_table[first:]
+        pool = self.engine.engine.pool
+        try:
+            ticket = self.receiver.expect(request_id, [pool.block(b) for b in dest])
+        except Exception:
+            await self.engine.call(self.engine.engine.release, request_id)
+            raise
+        lease = (lease_ms / 1000) if lease_ms else self.lease_s
+        r = Reservation(ticket, dest, first, seq.num_cached_tokens, time.time() + lease)
+        self._leases[request_id] = r
+        return r
+
+    async def decode(self, request_id: str, first_token: int, params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Tokens 2..N of a reserved request, once its KV has arrived intact."""
+        r = self._leases.get(request_id)
+        if r is None:
+            raise NotFoundError(f"no reservation {request_id!r} (expired or released)")
+        # Claimed: the sweeper leaves it alone; the transfer timeout bounds it now.
+        self._leases[request_id] = r = dataclasses.replace(r, expires_at=float("inf"))
+        try:
+            await self.receiver.wait(request_id, self.transfer_timeout_s)
+        except TransferFailedError as e:
+            if isinstance(e, TransferTimeoutError):
+                self.counters.transfers_timed_out += 1
+            else:
+                self.counters.transfers_failed += 1
+            await self.release(request_id)
+            raise
+        except BaseException:
+            await self.release(request_id)
+            raise
+        self.counters.transfers_completed += 1
+        self.counters.kv_bytes_received += len(r.dest_block_ids) * r.ticket.block_bytes
+        await self.receiver.cancel(request_id)  # forget the finished transfer
+        del self._leases[request_id]
+        await self.engine.admit(request_id, first_token, params)
+        async for out in self._counted(self.engine.stream(request_id)):
+            yield out
+
+    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Colocated: prefill and decode here."""
+        self._admission()
+        await self.engine.add(prompt, params, request_id)
+        async for out in self._counted(self.engine.stream(request_id)):
+            yield out
+
+    async def _counted(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            async for out in outputs:
+                self.counters.tokens_generated += len(out.new_token_ids)
+                finished = out.finished
+                yield out
+        finally:
+            if finished:
+                self.counters.requests_completed += 1
+            else:
+                self.counters.requests_aborted += 1
+
+    async def release(self, request_id: str) -> bool:
+        """Free a reservation (idempotent). A running request is aborted by
+        cancelling its Decode stream instead."""
+        r = self._leases.pop(request_id, None)
+        if r is None:
+            return False
+        safe = await self.receiver.cancel(request_id)
+        if not safe:  # data might still land: never hand these blocks to anyone
+            log.error("transfer %s could not be fenced; quarantining %d blocks", request_id, len(r.dest_block_ids))
+            return True
+        return await self.engine.call(self.engine.engine.release, request_id)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.time()
+            for rid, r in list(self._leases.items()):
+                if r.expires_at < now:
+                    log.warning("reservation %s expired unused; freeing %d blocks", rid, len(r.dest_block_ids))
+                    self.counters.reservations_expired += 1
+                    await self.release(rid)
+
+    @property
+    def active_reservations(self) -> int:
+        return len(self._leases)

@@ -1,0 +1,28 @@
+"""`pdserve serve prefill`: a prefill worker process."""
+from __future__ import annotations
+
+import dataclasses
+
+from pdserve.common.worker_config import WorkerConfig
+from pdserve.common.worker_runtime import WorkerRuntime, make_sender
+from pdserve.prefill.servicer import PrefillServicer
+from pdserve.prefill.worker import PrefillWorker
+from pdserve.v1 import prefill_pb2_grpc
+
+
+def build(config: WorkerConfig, engine=None) -> tuple[WorkerRuntime, PrefillWorker]:
+    config = dataclasses.replace(config, role="prefill")
+    rt = WorkerRuntime(config, engine)
+    worker = PrefillWorker(rt.engine, make_sender(config.transport), max_queue=config.max_queue)
+    prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(worker, rt.load_response), rt.server)
+    return rt, worker
+
+
+async def serve(config: WorkerConfig) -> None:
+    rt, worker = build(config)
+
+    async def shutdown() -> None:
+        await worker.drain()
+        await worker.sender.close()
+
+    await rt.run(on_shutdown=shutdown)

@@ -1,0 +1,32 @@
+"""Router configuration."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pdserve.common.config import ServiceConfig, option
+
+
+@dataclass(frozen=True)
+class RouterConfig(ServiceConfig):
+    host: str = option("127.0.0.1", help="address the gRPC server listens on")
+    port: int = option(50051, help="client-facing gRPC port")
+    mode: Literal["disaggregated", "colocated"] = option("disaggregated")
+    prefill_targets: list[str] = option(default_factory=list, help="prefill workers, host:port")
+    decode_targets: list[str] = option(default_factory=list, help="decode (or colocated) workers, host:port")
+    model: str = option("", help="the workers' model, for the tokenizer (default: bundled SmolLM2)")
+    max_inflight: int = option(256, help="requests in flight at most; more get RESOURCE_EXHAUSTED")
+    default_max_tokens: int = option(256, help="max_tokens when a request leaves it unset")
+    load_poll_s: float = option(0.5, help="how often worker loads are refreshed")
+    rpc_timeout_s: float = option(600.0, help="deadline of each downstream call")
+    grace_s: float = option(10.0, help="on SIGTERM, seconds in-flight requests get to finish")
+
+    def validate(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError("port must be in [0, 65535]")
+        if not self.decode_targets:
+            raise ValueError("decode_targets: at least one decode worker is needed")
+        if self.mode == "disaggregated" and not self.prefill_targets:
+            raise ValueError("prefill_targets: disaggregated mode needs at least one prefill worker")
+        if self.max_inflight < 1 or self.default_max_tokens < 1 or self.load_poll_s <= 0:
+            raise ValueError("max_inflight, default_max_tokens and load_poll_s must be positive")

@@ -1,0 +1,66 @@
+"""`pdserve serve router`: the client-facing router process."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from pdserve.common import model_loader
+from pdserve.common.server import add_health_service, bind, create_server, serve_until_stopped
+from pdserve.router.config import RouterConfig
+from pdserve.router.router import Router
+from pdserve.router.servicer import RouterServicer
+from pdserve.router.worker_pool import WorkerPool
+from pdserve.v1 import router_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+def load_tokenizer(model: str):
+    """The workers' tokenizer and context window, without loading weights."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    ref = model_loader.resolve(model or None)
+    return AutoTokenizer.from_pretrained(ref.path), AutoConfig.from_pretrained(ref.path).max_position_embeddings
+
+
+class RouterRuntime:
+    def __init__(self, config: RouterConfig, tokenizer=None, max_model_len: int | None = None):
+        if tokenizer is None:
+            tokenizer, max_model_len = load_tokenizer(config.model)
+        self.config = config
+        self.pool = WorkerPool.connect(
+            config.prefill_targets if config.mode == "disaggregated" else [], config.decode_targets, config.load_poll_s)
+        self.router = Router(tokenizer, self.pool, mode=config.mode, max_model_len=max_model_len,
+                             max_inflight=config.max_inflight, rpc_timeout_s=config.rpc_timeout_s)
+        self.server = create_server()
+        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(self.router, config.default_max_tokens), self.server)
+        self.port = bind(self.server, config.host, config.port)
+        self.health = None
+
+    async def start(self, ready_timeout_s: float = 600.0) -> None:
+        self.health = await add_health_service(self.server)
+        await self.pool.start()
+        await self.server.start()
+        deadline = asyncio.get_running_loop().time() + ready_timeout_s
+        while not self.pool.ready(self.config.mode == "disaggregated"):
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError("workers did not become reachable")
+            await asyncio.sleep(0.2)
+            await self.pool.refresh()
+        await self.health.set_serving(True)
+
+    async def stop(self) -> None:
+        await self.server.stop(grace=1)
+        await self.pool.close()
+
+    async def run(self) -> None:
+        await self.start()
+        print(f"router ({self.config.mode}) listening on {self.config.host}:{self.port}", flush=True)
+        try:
+            await serve_until_stopped(self.server, grace_s=self.config.grace_s, health=self.health)
+        finally:
+            await self.pool.close()
+
+
+async def serve(config: RouterConfig) -> None:
+    await RouterRuntime(config).run()

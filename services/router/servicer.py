@@ -1,0 +1,50 @@
+"""Router gRPC servicer: GenerateRequest in, Router events, GenerateResponse out."""
+from __future__ import annotations
+
+from pdserve.common import convert
+from pdserve.router.router import Event, GenerateInput, Router
+from pdserve.v1 import common_pb2 as pb
+from pdserve.v1 import router_pb2 as rpb
+from pdserve.v1 import router_pb2_grpc
+
+
+def request_to_input(req: rpb.GenerateRequest, default_max_tokens: int) -> GenerateInput:
+    params = convert.sampling_from_pb(req.sampling, default_max_tokens)
+    which = req.WhichOneof("prompt")
+    return GenerateInput(
+        params=params,
+        request_id=req.request_id,
+        text=req.text if which == "text" else None,
+        token_ids=list(req.token_ids.ids) if which == "token_ids" else None,
+        messages=[{"role": m.role, "content": m.content} for m in req.chat.messages] if which == "chat" else None,
+    )
+
+
+def event_to_response(ev: Event) -> rpb.GenerateResponse:
+    r = rpb.GenerateResponse(request_id=ev.request_id, token_ids=ev.token_ids, text=ev.text,
+                             finish_reason=convert.finish_to_pb(ev.finish_reason))
+    if ev.usage:
+        r.usage.CopyFrom(pb.Usage(prompt_tokens=ev.usage[0], completion_tokens=ev.usage[1], cached_tokens=ev.usage[2]))
+    if ev.timing:
+        r.timing.CopyFrom(pb.TimingBreakdown(**ev.timing))
+    if ev.route:
+        r.route.CopyFrom(rpb.RouteInfo(prefill_worker_id=ev.route[0], decode_worker_id=ev.route[1],
+                                       disaggregated=ev.route[2]))
+    return r
+
+
+class RouterServicer(router_pb2_grpc.RouterServicer):
+    def __init__(self, router: Router, default_max_tokens: int):
+        self.router, self.default_max_tokens = router, default_max_tokens
+
+    async def Generate(self, request: rpb.GenerateRequest, context):
+        inp = request_to_input(request, self.default_max_tokens)
+        async for ev in self.router.generate(inp):
+            yield event_to_response(ev)
+
+    async def ListWorkers(self, request: rpb.ListWorkersRequest, context) -> rpb.ListWorkersResponse:
+        out = rpb.ListWorkersResponse()
+        for w in self.router.pool.all:
+            if w.info and request.role in (pb.WORKER_ROLE_UNSPECIFIED, w.info.role):
+                out.workers.add(info=w.info, load=w.load, healthy=w.healthy)
+        return out

@@ -1,0 +1,102 @@
+"""The router's view of its workers: channels, identity, load, choice.
+
+Loads are refreshed in the background (GetLoad); between refreshes the
+router counts what it sent itself, so a burst does not all land on the
+worker that looked idlest at the last poll.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+
+from pdserve.common.errors import NotReadyError
+from pdserve.v1 import common_pb2 as pb
+from pdserve.v1 import decode_pb2_grpc, prefill_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Worker:
+    target: str
+    role: str  # "prefill" or "decode"
+    channel: grpc.aio.Channel
+    stub: object
+    info: pb.WorkerInfo | None = None
+    load: pb.WorkerLoad | None = None
+    inflight: int = 0  # requests the router has sent and not yet seen finish
+    healthy: bool = False
+
+    @property
+    def worker_id(self) -> str:
+        return self.info.worker_id if self.info else self.target
+
+    @property
+    def fingerprint(self) -> bytes:
+        return self.info.kv_spec.fingerprint if self.info else b""
+
+    def score(self) -> float:
+        """Lower is better: queued prompt tokens dominate, then running sequences."""
+        waiting = self.load.waiting_tokens if self.load else 0
+        running = self.load.running_seqs if self.load else 0
+        return waiting / 256 + running + 4 * self.inflight
+
+
+@dataclass
+class WorkerPool:
+    prefill: list[Worker] = field(default_factory=list)
+    decode: list[Worker] = field(default_factory=list)
+    poll_s: float = 0.5
+    _task: asyncio.Task | None = None
+
+    @classmethod
+    def connect(cls, prefill_targets: list[str], decode_targets: list[str], poll_s: float = 0.5) -> "WorkerPool":
+        def make(target: str, role: str) -> Worker:
+            ch = grpc.aio.insecure_channel(target)
+            stub = prefill_pb2_grpc.PrefillStub(ch) if role == "prefill" else decode_pb2_grpc.DecodeStub(ch)
+            return Worker(target, role, ch, stub)
+
+        return cls([make(t, "prefill") for t in prefill_targets], [make(t, "decode") for t in decode_targets], poll_s)
+
+    @property
+    def all(self) -> list[Worker]:
+        return self.prefill + self.decode
+
+    async def refresh(self) -> None:
+        async def one(w: Worker) -> None:
+            try:
+                r = await w.stub.GetLoad(pb.GetLoadRequest(), timeout=max(1.0, 4 * self.poll_s))
+                w.info, w.load, w.healthy = r.info, r.load, True
+            except grpc.aio.AioRpcError as e:
+                if w.healthy:
+                    log.warning("worker %s unreachable: %s", w.target, e.code().name)
+                w.healthy = False
+
+        await asyncio.gather(*(one(w) for w in self.all))
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._poll(), name="load-poll")
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            await self.refresh()
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+        await asyncio.gather(*(w.channel.close() for w in self.all), return_exceptions=True)
+
+    def ready(self, need_prefill: bool) -> bool:
+        return any(w.healthy for w in self.decode) and (not need_prefill or any(w.healthy for w in self.prefill))
+
+    @staticmethod
+    def pick(workers: list[Worker], role: str) -> Worker:
+        live = [w for w in workers if w.healthy]
+        if not live:
+            raise NotReadyError(f"no healthy {role} worker")
+        return min(live, key=Worker.score)

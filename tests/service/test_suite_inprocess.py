@@ -1,0 +1,107 @@
+"""The router, prefill and decode services over real gRPC and UCX, in one process."""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+import torch
+
+from pdserve.v1 import common_pb2 as pb
+from pdserve.v1 import router_pb2 as rpb
+from tests.engine.prompts import prompts_by_length
+from tests.service.suite import inprocess_suite
+
+NEW = 12
+
+
+def _request(ids, rid, max_tokens=NEW, **sampling):
+    return rpb.GenerateRequest(request_id=rid, token_ids=pb.TokenIds(ids=ids),
+                               sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, **sampling))
+
+
+async def _collect(stub, req):
+    tokens, text, last = [], "", None
+    async for r in stub.Generate(req):
+        tokens += r.token_ids
+        text += r.text
+        last = r
+    return tokens, text, last
+
+
+@pytest.fixture(scope="module")
+def references(smollm2):
+    _, model, tokenizer = smollm2
+    out = []
+    for ids in prompts_by_length(tokenizer)[1:6]:
+        with torch.inference_mode():
+            gen = model.generate(torch.tensor([ids]), max_new_tokens=NEW, do_sample=False)
+        out.append((ids, gen[0, len(ids):].tolist()))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["disaggregated", "colocated"])
+async def test_concurrent_greedy_requests_match_transformers(smollm2, references, mode):
+    _, _, tokenizer = smollm2
+    async with inprocess_suite(smollm2, mode) as suite:
+        results = await asyncio.gather(*(_collect(suite.stub, _request(ids, f"r{i}")) for i, (ids, _) in enumerate(references)))
+        for (ids, expected), (tokens, text, last) in zip(references, results):
+            assert tokens == expected
+            assert text == tokenizer.decode(expected, skip_special_tokens=True)
+            assert last.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+            assert last.usage.prompt_tokens == len(ids) and last.usage.completion_tokens == len(expected)
+            assert last.route.disaggregated == (mode == "disaggregated")
+            assert last.timing.ttft_ms > 0 and last.timing.total_ms >= last.timing.ttft_ms
+        for load in await suite.loads():
+            assert load.free_blocks == load.total_blocks
+
+
+async def test_cancelled_stream_frees_blocks_on_both_workers(smollm2):
+    _, _, tokenizer = smollm2
+    ids = prompts_by_length(tokenizer)[4]
+    async with inprocess_suite(smollm2) as suite:
+        call = suite.stub.Generate(_request(ids, "long", max_tokens=500, ignore_eos=True))
+        got = 0
+        async for r in call:
+            got += len(r.token_ids)
+            if got >= 3:
+                break
+        call.cancel()
+        for _ in range(100):
+            loads = await suite.loads()
+            if all(l.free_blocks == l.total_blocks and l.running_seqs == 0 for l in loads):
+                break
+            await asyncio.sleep(0.05)
+        assert all(l.free_blocks == l.total_blocks for l in loads), loads
+        tokens, _, last = await _collect(suite.stub, _request(ids, "after"))
+        assert len(tokens) == NEW and last.finish_reason == pb.FINISH_REASON_LENGTH
+
+
+async def test_stop_string_is_matched_by_the_router(smollm2):
+    _, _, tokenizer = smollm2
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                        add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    async with inprocess_suite(smollm2) as suite:
+        _, full, _ = await _collect(suite.stub, _request(ids, "full", max_tokens=20))
+        assert "Paris" in full
+        _, text, last = await _collect(suite.stub, _request(ids, "stop", max_tokens=20, stop=["Paris"]))
+        assert text == full[: full.index("Paris")] and last.finish_reason == pb.FINISH_REASON_STOP
+
+
+@pytest.mark.parametrize(
+    "req, field",
+    [
+        (rpb.GenerateRequest(text=""), "prompt"),
+        (rpb.GenerateRequest(token_ids=pb.TokenIds(ids=[10**7])), "prompt.token_ids"),
+        (rpb.GenerateRequest(text="hi", sampling=pb.SamplingParams(top_p=1.5)), "top_p"),
+        (rpb.GenerateRequest(text="hi", sampling=pb.SamplingParams(temperature=-1)), "temperature"),
+        (rpb.GenerateRequest(text="hi", sampling=pb.SamplingParams(max_tokens=0)), "max_tokens"),
+    ],
+)
+async def test_bad_input_is_invalid_argument_naming_the_field(smollm2, req, field):
+    async with inprocess_suite(smollm2) as suite:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _collect(suite.stub, req)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in err.value.details()
+        assert dict(err.value.trailing_metadata())["pdserve-error-field"] == field

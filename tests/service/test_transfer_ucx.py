@@ -1,0 +1,223 @@
+"""KV transfer over real UCX between two OS processes (a decode-like receiver and a
+prefill-like sender), each with its own KV pool of SmolLM2-sized blocks.
+
+The two processes live for the whole module (starting torch + UCX costs seconds);
+the test drives them with small commands over pipes.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import multiprocessing as mp
+import time
+
+import pytest
+
+from pdserve.common.kv.spec import KVSpec
+
+SPEC = KVSpec("SmolLM2-135M-Instruct", "test", num_layers=30, num_kv_heads=3, head_dim=64)
+POOL_BLOCKS = 12
+
+
+def _pattern(seed: int, index: int):
+    """Block `index` of transfer `seed`: what the sender sends, the receiver expects."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed * 1000 + index)
+    return torch.randn(SPEC.block_shape, generator=g)
+
+
+# ---- child processes ------------------------------------------------------------
+async def _recv_cmd(rx, pool, cmd, *a):
+    from pdserve.common.errors import NotFoundError
+
+    if cmd == "expect":  # (tid, block_ids) -> ticket fields
+        return dataclasses.asdict(rx.expect(a[0], [pool.block(b) for b in a[1]]))
+    if cmd == "wait":
+        await rx.wait(a[0], a[1])
+        return rx.status(a[0]).name
+    if cmd == "status":
+        try:
+            return rx.status(a[0]).name
+        except NotFoundError:
+            return "UNKNOWN"
+    if cmd == "cancel":
+        return await rx.cancel(a[0])
+    if cmd == "check":  # (seed, block_ids) -> which blocks hold the pattern, which are zero
+        seed, ids = a
+        match = [bool(pool.block(b).equal(_pattern(seed, i))) for i, b in enumerate(ids)]
+        zero = [b for b in range(pool.num_blocks) if not pool.block(b).any()]
+        return match, zero
+    if cmd == "zero":
+        pool.tensor.zero_()
+        return None
+    if cmd == "idle_cpu":
+        c0 = time.process_time()
+        await asyncio.sleep(a[0])
+        return time.process_time() - c0
+    raise ValueError(cmd)
+
+
+async def _send_cmd(tx, pool, cmd, *a):
+    from pdserve.common.transfer import TransferTicket, ucx
+
+    if cmd == "send":  # (ticket fields, first, count, seed, timeout, corrupt)
+        fields, first, count, seed, timeout, corrupt = a
+        ticket = TransferTicket(**fields)
+        for k in range(count):
+            pool.block(k).copy_(_pattern(seed, first + k))
+        real = ucx.block_checksum
+        if corrupt:  # the header now claims a checksum the data does not have
+            ucx.block_checksum = lambda buf: bytes(16)
+        try:
+            await tx.send(ticket, first, [pool.block(k) for k in range(count)], timeout=timeout)
+        finally:
+            ucx.block_checksum = real
+        return None
+    raise ValueError(cmd)
+
+
+def _child(role: str, conn) -> None:
+    async def main():
+        from pdserve.common.kv.pool import KVPool
+        from pdserve.common.transfer import UcxKVReceiver, UcxKVSender
+
+        loop = asyncio.get_running_loop()
+        pool = KVPool(SPEC, POOL_BLOCKS)
+        obj = UcxKVReceiver(drain_timeout=2.0) if role == "recv" else UcxKVSender()
+        handler = _recv_cmd if role == "recv" else _send_cmd
+        conn.send("ready")
+        while True:
+            cmd, *args = await loop.run_in_executor(None, conn.recv)
+            if cmd == "stop":
+                await obj.close()
+                conn.send(("ok", None))
+                return
+            try:
+                conn.send(("ok", await handler(obj, pool, cmd, *args)))
+            except Exception as e:
+                conn.send(("err", type(e).__name__, str(e)))
+
+    asyncio.run(main())
+
+
+class Peer:
+    def __init__(self, role: str) -> None:
+        self.conn, child = mp.get_context("spawn").Pipe()
+        self.proc = mp.get_context("spawn").Process(target=_child, args=(role, child), daemon=True)
+        self.proc.start()
+
+    def ready(self) -> None:
+        assert self.conn.poll(60), "peer did not start"
+        assert self.conn.recv() == "ready"
+
+    def __call__(self, *cmd, timeout: float = 20.0):
+        """Run a command; returns its result, or ("err", ExceptionName, message)."""
+        self.conn.send(cmd)
+        assert self.conn.poll(timeout), f"{cmd[0]} did not answer"
+        reply = self.conn.recv()
+        return reply[1] if reply[0] == "ok" else reply
+
+    def stop(self) -> None:
+        self("stop")
+        self.proc.join(10)
+
+
+@pytest.fixture(scope="module")
+def peers():
+    rx, tx = Peer("recv"), Peer("send")
+    rx.ready()
+    tx.ready()
+    yield rx, tx
+    tx.stop()
+    rx.stop()
+
+
+@pytest.fixture
+def rx(peers):
+    peers[0]("zero")
+    return peers[0]
+
+
+@pytest.fixture
+def tx(peers):
+    return peers[1]
+
+
+def test_blocks_land_intact_chunk_by_chunk(rx, tx):
+    dest = [7, 2, 9, 4, 11, 0]  # scattered pool blocks, as a block table would be
+    ticket = rx("expect", "t-ok", dest)
+    assert ticket["num_blocks"] == 6 and ticket["block_bytes"] == SPEC.block_bytes == 737_280
+    assert len(ticket["secret"]) >= 16
+    assert tx("send", ticket, 0, 4, 1, 10.0, False) is None  # first prefill chunk
+    assert rx("status", "t-ok") == "TRANSFERRING"
+    assert tx("send", ticket, 4, 2, 1, 10.0, False) is None  # second chunk
+    assert rx("wait", "t-ok", 5.0) == "DONE"
+    match, zero = rx("check", 1, dest)
+    assert all(match)
+    assert sorted(zero) == sorted(set(range(POOL_BLOCKS)) - set(dest))  # nothing else written
+    assert rx("cancel", "t-ok") is True and rx("status", "t-ok") == "UNKNOWN"
+
+
+def test_wrong_secret_is_refused_and_nothing_lands(rx, tx):
+    ticket = rx("expect", "t-secret", [1, 3])
+    forged = {**ticket, "secret": bytes(32)}
+    err = tx("send", forged, 0, 2, 2, 0.5, False)
+    assert err[:2] == ("err", "TransferTimeoutError")  # its tags match no posted receive
+    assert rx("status", "t-secret") == "PENDING"
+    assert len(rx("check", 2, [1, 3])[1]) == POOL_BLOCKS  # every block still zero
+    # The real sender is unaffected: the receives were never consumed.
+    assert tx("send", ticket, 0, 2, 2, 10.0, False) is None
+    assert rx("wait", "t-secret", 5.0) == "DONE" and all(rx("check", 2, [1, 3])[0])
+    rx("cancel", "t-secret")
+
+
+def test_checksum_mismatch_fails_the_transfer(rx, tx):
+    ticket = rx("expect", "t-bad", [5, 6])
+    assert tx("send", ticket, 0, 2, 3, 10.0, True) is None  # bytes arrive, checksum is wrong
+    err = rx("wait", "t-bad", 5.0)
+    assert err[:2] == ("err", "TransferFailedError") and "checksum mismatch" in err[2]
+    assert rx("status", "t-bad") == "FAILED"
+    assert rx("cancel", "t-bad") is True
+
+
+def test_header_that_contradicts_the_ticket_fails(rx, tx):
+    ticket = rx("expect", "t-hdr", [8])
+    lying = {**ticket, "num_blocks": 2}  # right secret, wrong claim about the transfer
+    assert tx("send", lying, 0, 1, 4, 10.0, False) is None
+    err = rx("wait", "t-hdr", 5.0)
+    assert err[:2] == ("err", "TransferFailedError") and "does not match the ticket" in err[2]
+    rx("cancel", "t-hdr")
+
+
+def test_wait_times_out_when_nothing_is_sent(rx):
+    rx("expect", "t-slow", [10])
+    t0 = time.monotonic()
+    err = rx("wait", "t-slow", 0.3)
+    assert err[:2] == ("err", "TransferTimeoutError") and time.monotonic() - t0 < 5
+    assert rx("status", "t-slow") == "PENDING"
+    assert rx("cancel", "t-slow") is True
+
+
+def test_cancel_frees_the_blocks_and_late_data_never_lands(rx, tx):
+    dest = [1, 2, 3]
+    old = rx("expect", "t-cancel", dest)
+    assert tx("send", old, 0, 1, 5, 10.0, False) is None  # one chunk made it
+    assert rx("status", "t-cancel") == "TRANSFERRING"
+    assert rx("cancel", "t-cancel") is True
+    assert rx("status", "t-cancel") == "UNKNOWN"
+    rx("zero")
+    # The blocks go to a new transfer; the old sender's late chunk must not land.
+    new = rx("expect", "t-reuse", dest)
+    err = tx("send", old, 1, 2, 5, 0.5, False)
+    assert err[:2] == ("err", "TransferTimeoutError")
+    assert len(rx("check", 5, dest)[1]) == POOL_BLOCKS  # still all zero
+    assert tx("send", new, 0, 3, 6, 10.0, False) is None
+    assert rx("wait", "t-reuse", 5.0) == "DONE" and all(rx("check", 6, dest)[0])
+    rx("cancel", "t-reuse")
+
+
+def test_receiver_costs_no_cpu_when_idle(rx):
+    # The progress loop parks when nothing is in flight (ucxx's polling mode would
+    # keep a core at 100%).
+    assert rx("idle_cpu", 0.5) < 0.1
