@@ -24,7 +24,7 @@ install-test: install
 	$(BIN)/pip install -q -e ".[test]"
 
 demo: install
-	$(BIN)/pdserve generate "$(PROMPT)"
+	$(BIN)/pdserve demo "$(PROMPT)"
 
 test: install-test
 	$(BIN)/pytest -q

@@ -26,16 +26,51 @@ def _sampling(args):
 
 
 def cmd_generate(args) -> int:
+    if args.local:
+        return _generate_in_process(args)
+    from pdserve.client import Client
+
+    prompt = {"prompt": args.prompt} if args.raw else {"messages": [{"role": "user", "content": args.prompt}]}
+    with Client(args.target) as client:
+        _print_stream(client.generate(**prompt, **_sampling_kwargs(args)))
+    return 0
+
+
+def _print_stream(chunks) -> None:
+    for chunk in chunks:
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def _sampling_kwargs(args) -> dict:
+    _sampling(args)  # validate locally first, with the same field names as the server
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, seed=args.seed, stop=args.stop)
+
+
+def _generate_in_process(args) -> int:
     from pdserve.common.engine.config import EngineConfig
     from pdserve.common.engine.engine import LLMEngine
 
     params = _sampling(args)  # validate before loading the model
     engine = LLMEngine(EngineConfig(model=args.model, kv_cache_gib=args.kv_cache_gib))
     prompt = args.prompt if args.raw else engine.apply_chat_template([{"role": "user", "content": args.prompt}])
-    for out in engine.stream(prompt, params):
-        sys.stdout.write(out.text)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    _print_stream(engine.stream(prompt, params))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Start the whole suite, stream one completion through the router, stop."""
+    from pdserve.client import Client
+    from pdserve.launcher import Suite
+
+    kwargs = _sampling_kwargs(args)
+    with Suite(mode=args.mode, model=args.model, port=args.port, base_port=args.base_port,
+               kv_cache_gib=args.kv_cache_gib, out=sys.stderr) as suite:
+        print(f"suite ready ({args.mode}); router at {suite.router_target}", file=sys.stderr, flush=True)
+        with Client(suite.router_target) as client:
+            _print_stream(client.generate(messages=[{"role": "user", "content": args.prompt}], **kwargs))
     return 0
 
 
@@ -73,13 +108,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="WARNING")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="stream a completion for a prompt")
+    gen = sub.add_parser("generate", help="stream a completion from a running router (or --local)")
     gen.add_argument("prompt")
-    gen.add_argument("--model", default=None, help="HF directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
+    gen.add_argument("--target", default="localhost:50051", help="the router's gRPC address")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
-    gen.add_argument("--kv-cache-gib", type=float, default=0.5)
+    gen.add_argument("--local", action="store_true", help="run the engine in this process instead")
+    gen.add_argument("--model", default=None, help="with --local: HF directory or .gguf file")
+    gen.add_argument("--kv-cache-gib", type=float, default=0.5, help="with --local: KV pool size")
     _add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    from pdserve import launcher
+
+    up = sub.add_parser("up", help="start the whole suite locally")
+    launcher.add_up_args(up)
+    up.set_defaults(func=launcher.run_up)
+
+    demo = sub.add_parser("demo", help="start the suite, stream one completion through it, stop")
+    demo.add_argument("prompt", nargs="?", default="What is the capital of France?")
+    demo.add_argument("--mode", choices=["disaggregated", "colocated"], default="disaggregated")
+    demo.add_argument("--model", default=None)
+    demo.add_argument("--port", type=int, default=50051)
+    demo.add_argument("--base-port", type=int, default=50061)
+    demo.add_argument("--kv-cache-gib", type=float, default=0.5)
+    _add_sampling_args(demo)
+    demo.set_defaults(func=cmd_demo)
 
     serve = sub.add_parser("serve", help="run one service (router, prefill or decode)")
     serve_sub = serve.add_subparsers(dest="service", required=True)

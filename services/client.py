@@ -5,13 +5,9 @@
             async for chunk in stream:
                 print(chunk.text, end="")
 
-`generate()` and `stream()` return the same `ResponseStream`: an async
-iterator that is also an async context manager. Leaving it early (the `async
-with` block, `aclose()`, task cancellation, or dropping it after `break`)
-cancels the gRPC call, and the router then cancels every downstream RPC and
-frees the request's KV blocks. `Client` is the synchronous twin. Failed calls
-raise a `PdserveClientError` subclass chosen by gRPC status code. See
-docs/client.md.
+Leaving a stream early cancels its gRPC call, so the router cancels every
+downstream RPC and frees the request's KV blocks. `Client` is the synchronous
+twin. Failures raise PdserveClientError subclasses. Guide: docs/client.md.
 """
 from __future__ import annotations
 
@@ -52,10 +48,6 @@ class InvalidArgument(PdserveClientError, ValueError):
     status = grpc.StatusCode.INVALID_ARGUMENT
 
 
-class NotFound(PdserveClientError):
-    status = grpc.StatusCode.NOT_FOUND
-
-
 class ResourceExhausted(PdserveClientError):
     status, retryable = grpc.StatusCode.RESOURCE_EXHAUSTED, True
 
@@ -74,7 +66,8 @@ class DeadlineExceeded(PdserveClientError, TimeoutError):
 
 
 class Cancelled(PdserveClientError):
-    """The server (not this client) cancelled the call, e.g. while shutting down."""
+    """Cancelled by the server (shutting down) or by closing the client mid-stream;
+    a stream you cancel or leave yourself just ends."""
     status = grpc.StatusCode.CANCELLED
 
 
@@ -82,8 +75,8 @@ class Internal(PdserveClientError):
     status = grpc.StatusCode.INTERNAL
 
 
-_ERRORS = {cls.status: cls for cls in (InvalidArgument, NotFound, ResourceExhausted, Unavailable,
-                                       Aborted, DeadlineExceeded, Cancelled, Internal)}
+_ERRORS = {cls.status: cls for cls in (InvalidArgument, ResourceExhausted, Unavailable, Aborted,
+                                       DeadlineExceeded, Cancelled, Internal)}
 
 
 def error_from_rpc(exc: grpc.aio.AioRpcError | grpc.RpcError, request_id: str = "") -> PdserveClientError:
@@ -180,7 +173,7 @@ def build_request(prompt: str | Sequence[int] | None = None, *, messages: Iterab
             elif value is not None:  # None: leave unset, the server's default applies
                 setattr(req.sampling, name, value)
         except (TypeError, ValueError) as e:  # protobuf's range and type checks
-            raise InvalidArgument(str(e), field=f"sampling.{name}") from None
+            raise InvalidArgument(str(e), field=name) from None  # the router's field names
         except AttributeError:
             raise TypeError(f"unknown sampling parameter {name!r}") from None
     return req
@@ -310,13 +303,14 @@ class Client:
     thread, so it works in plain scripts, notebooks with a running loop, and
     from several threads at once."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, **kwargs: Any) -> None:
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
+                 metadata: Mapping[str, str] | Iterable[tuple[str, str]] | None = None) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="pdserve-client", daemon=True)
         self._thread.start()
 
         async def make() -> AsyncClient:  # the channel must be created on its loop
-            return AsyncClient(target, **kwargs)
+            return AsyncClient(target, timeout=timeout, metadata=metadata)
         self._client = self._run(make())
 
     def _run(self, coro: Any) -> Any:
@@ -355,20 +349,20 @@ class SyncResponseStream:
     """Iterator of Chunks; `close()`, leaving `with`, or dropping it cancels the call."""
 
     def __init__(self, client: Client, stream: ResponseStream) -> None:
-        self._client, self._stream = client, stream
+        self._loop, self._run, self._stream = client._loop, client._run, stream
 
     def __iter__(self) -> SyncResponseStream:
         return self
 
     def __next__(self) -> Chunk:
         try:
-            return self._client._run(self._stream.__anext__())
+            return self._run(self._stream.__anext__())
         except StopAsyncIteration:
             raise StopIteration from None
 
     def close(self) -> None:
-        if not self._client._loop.is_closed():
-            self._client._run(self._stream.aclose())
+        if not self._loop.is_closed():
+            self._run(self._stream.aclose())
 
     def __enter__(self) -> SyncResponseStream:
         return self
@@ -379,6 +373,5 @@ class SyncResponseStream:
     def __del__(self) -> None:
         # Never block here (GC may run on the loop's own thread): schedule the
         # cancel, which also makes the stream's last reference die on its loop.
-        loop = self._client._loop
-        if not loop.is_closed():
-            loop.call_soon_threadsafe(self._stream.cancel)
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._stream.cancel)

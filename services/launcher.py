@@ -1,16 +1,12 @@
 """`pdserve up`: the whole suite on this machine, one OS process per service.
 
-Order: prepare the model once (so workers don't race converting it), start
-the workers and wait until each reports SERVING on grpc.health.v1, then the
-router. Each child's output is relayed line by line as `[name] ...`. Ctrl-C,
-SIGTERM or SIGHUP stops the suite in reverse order (router first, so no new
-request reaches a worker that is going away): SIGTERM, a grace period, then
-SIGKILL. A service that exits on its own brings the suite down with exit 1.
-
-Programmatic use (tests, benchmarks):
-
-    with Suite(mode="colocated", decode=2) as suite:
-        client = Client(suite.router_target)
+Stages: prepare the model once (workers would race to convert it), then the
+workers, then the router, each stage once the previous one reports SERVING on
+grpc.health.v1. Output is relayed as `[name] line`. Ctrl-C / SIGTERM / SIGHUP
+stop the stages in reverse (the router first: no new request reaches a worker
+that is going away): SIGTERM, a grace period, SIGKILL. A service that exits on
+its own brings the suite down with exit code 1. In tests and benchmarks:
+`with Suite(mode="colocated", decode=2) as suite: Client(suite.router_target)`.
 """
 from __future__ import annotations
 
@@ -60,7 +56,7 @@ def kvstore_available(python: str = sys.executable) -> bool:
 
 def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, model: str | None = None,
          host: str = "127.0.0.1", port: int = 50051, base_port: int = 50061, kv_cache_gib: float | None = None,
-         kvstore: bool = False, python: str = sys.executable) -> list[Service]:
+         kvstore: bool = False, log_level: str | None = None, python: str = sys.executable) -> list[Service]:
     """The services of a suite, with their command lines; validates the shape."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
@@ -71,9 +67,9 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
         raise ValueError("disaggregated mode needs a prefill worker (--prefill), or use --mode colocated")
     if base_port <= port < base_port + prefill + decode + kvstore:
         raise ValueError(f"--port {port} collides with the worker ports from --base-port {base_port}")
-    serve = (python, "-m", "pdserve", "serve")
-    common = (*(("--model", model) if model else ()),)
-    kv = (*(("--kv-cache-gib", str(kv_cache_gib)) if kv_cache_gib is not None else ()),)
+    serve = (python, "-m", "pdserve", *(("--log-level", log_level) if log_level else ()), "serve")
+    common = ("--model", model) if model else ()
+    kv = ("--kv-cache-gib", str(kv_cache_gib)) if kv_cache_gib is not None else ()
     services = [Service("model", (python, "-c", "import sys; from pdserve.common import model_loader; "
                                   "print('model ready:', model_loader.resolve(sys.argv[1] or None).path)",
                                   model or ""), None, 0)]
@@ -90,9 +86,10 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
         p = next(ports)
         services.append(Service("kvstore", (*serve, "kvstore", "--host", host, "--port", str(p)),
                                 f"{_dial(host)}:{p}", 1))
-    pre = ("--prefill-targets", ",".join(targets["prefill"])) if prefill else ()
+    # List flags take one value per target (the config parser's nargs="*").
+    pre = ("--prefill-targets", *targets["prefill"]) if prefill else ()
     services.append(Service("router", (*serve, "router", "--host", host, "--port", str(port), "--mode", mode,
-                                       *pre, "--decode-targets", ",".join(targets["decode"]), *common),
+                                       *pre, "--decode-targets", *targets["decode"], *common),
                             f"{_dial(host)}:{port}", 2))
     return services
 
@@ -182,8 +179,8 @@ class Suite:
     @staticmethod
     def _serving(channel: grpc.Channel) -> bool:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-            return reply.status == _SERVING
+            check = health_pb2_grpc.HealthStub(channel).Check
+            return check(health_pb2.HealthCheckRequest(service=""), timeout=1.0).status == _SERVING
         except grpc.RpcError:  # not listening yet, or no health service yet
             return False
 
@@ -215,7 +212,7 @@ class Suite:
         return 0
 
     def stop(self) -> None:
-        """SIGTERM the running children stage by stage, last stage first; SIGKILL after the grace period."""
+        """SIGTERM running children, last stage first; SIGKILL after the grace period."""
         for stage in sorted({s.stage for s in self.services}, reverse=True):
             procs = {s.name: self._procs[s.name] for s in self.services
                      if s.stage == stage and s.name in self._procs and self._procs[s.name].poll() is None}
@@ -232,8 +229,7 @@ class Suite:
         for pump in self._pumps:
             pump.join(timeout=5)  # the last lines of every log
 
-    def kill(self) -> None:
-        """SIGKILL every child at once (a second Ctrl-C)."""
+    def kill(self) -> None:  # a second Ctrl-C
         for proc in self._procs.values():
             if proc.poll() is None:
                 proc.kill()
@@ -301,7 +297,8 @@ def run_up(args: argparse.Namespace) -> int:
         kvstore = False
     try:
         services = plan(args.mode, args.prefill, args.decode, model=args.model, host=args.host, port=args.port,
-                        base_port=args.base_port, kv_cache_gib=args.kv_cache_gib, kvstore=kvstore)
+                        base_port=args.base_port, kv_cache_gib=args.kv_cache_gib, kvstore=kvstore,
+                        log_level=getattr(args, "log_level", None))  # `pdserve --log-level L up`
     except ValueError as e:
         print(f"pdserve up: {e}", file=sys.stderr)
         return 2

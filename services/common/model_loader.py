@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +88,12 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     (tmp / _META).write_text(json.dumps({"source": str(gguf), "weights_digest": _file_digest(gguf)}))
-    os.replace(tmp, out)  # atomic: a concurrent start sees all or nothing
+    try:
+        os.replace(tmp, out)  # atomic: a concurrent start sees all or nothing
+    except OSError:
+        if not (out / _META).exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process converted it first
 
 
 def resolve(model: str | None = None) -> ModelRef:

@@ -42,8 +42,8 @@ from pdserve.common.transfer.base import (
 
 log = logging.getLogger(__name__)
 
-_SPIN_S = 0.002  # keep spinning this long after the last UCX event
-_MAX_NAP_S = 0.002  # then nap at most this long: bounds the latency of noticing a peer
+_SPIN_S = 0.0005  # keep polling this long after the last UCX event (events come in bursts)
+_MAX_SLEEP_S = 0.05  # then sleep on UCX's fd, waking at least this often in case one is missed
 _CLOSE_NS = 100_000_000  # endpoint close wait
 _api = None
 
@@ -59,7 +59,7 @@ def _ucx():
         import ucxx._lib.libucxx as lib
         from ucxx._lib.arr import Array
 
-        _api = (lib, Array, lib.UCXContext({}, feature_flags=(lib.Feature.TAG,)))
+        _api = (lib, Array, lib.UCXContext({}, feature_flags=(lib.Feature.TAG, lib.Feature.WAKEUP)))
     return _api
 
 
@@ -95,8 +95,11 @@ class _Worker:
         self.lib, self.Array, ctx = _ucx()
         self.worker = self.lib.UCXWorker(ctx)
         self.address: bytes = self.worker.address.tobytes()
+        self.worker.init_blocking_progress_mode()  # an epoll fd that fires on UCX events
+        self._fd = self.worker.epoll_file_descriptor
         self._groups: list[_Group] = []
         self._wake: asyncio.Event | None = None
+        self._waiter: asyncio.Future | None = None  # set while sleeping on the fd
         self._task: asyncio.Task | None = None
 
     def tag(self, value: int):
@@ -115,6 +118,8 @@ class _Worker:
             self._wake = asyncio.Event()
             self._task = loop.create_task(self._run(), name="ucx-progress")
         self._wake.set()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)  # requests may have completed at submission
         return group
 
     def forget(self, group: _Group) -> None:
@@ -122,12 +127,12 @@ class _Worker:
             self._groups.remove(group)
 
     async def _run(self) -> None:
-        last, nap = time.monotonic(), 0.0
+        last = time.monotonic()
         while True:
             if not self._groups:
                 self._wake.clear()
                 await self._wake.wait()
-                last, nap = time.monotonic(), 0.0
+                last = time.monotonic()
             made = False
             while self.worker.progress_once():
                 made = True
@@ -135,12 +140,24 @@ class _Worker:
                 self._groups.remove(g)
             now = time.monotonic()
             if made:
-                last, nap = now, 0.0
-            if now - last < _SPIN_S:
+                last = now
+            if now - last < _SPIN_S or not self._groups:
                 await asyncio.sleep(0)
-            else:
-                nap = min(max(2 * nap, 1e-4), _MAX_NAP_S)
-                await asyncio.sleep(nap)
+            elif self.worker.arm():  # nothing pending inside UCX: sleep until its fd fires
+                await self._sleep_on_fd()
+
+    async def _sleep_on_fd(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        wake = lambda: waiter.done() or waiter.set_result(None)  # noqa: E731
+        loop.add_reader(self._fd, wake)
+        timer = loop.call_later(_MAX_SLEEP_S, wake)
+        try:
+            await waiter
+        finally:
+            loop.remove_reader(self._fd)
+            timer.cancel()
+            self._waiter = None
 
     async def close(self) -> None:
         if self._task is not None:

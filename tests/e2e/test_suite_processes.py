@@ -1,0 +1,79 @@
+"""Router, prefill and decode as separate OS processes, through the client SDK."""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+import torch
+
+from pdserve.client import AsyncClient, InvalidArgument
+from pdserve.v1 import common_pb2 as pb
+from pdserve.v1 import decode_pb2_grpc, prefill_pb2_grpc
+from tests.engine.prompts import prompts_by_length
+
+NEW = 16
+
+
+@pytest.fixture(scope="module")
+def references(smollm2):
+    """Four prompts (7 to 250 tokens) and transformers' greedy continuations."""
+    _, model, tokenizer = smollm2
+    out = []
+    for ids in prompts_by_length(tokenizer)[1:5]:
+        with torch.inference_mode():
+            gen = model.generate(torch.tensor([ids]), max_new_tokens=NEW, do_sample=False)
+        out.append((ids, gen[0, len(ids):].tolist()))
+    return out
+
+
+def worker_stubs(suite):
+    stubs = []
+    for s in suite.services:
+        if s.address and s.name != "router":
+            ch = grpc.aio.insecure_channel(s.address)
+            stubs.append(prefill_pb2_grpc.PrefillStub(ch) if s.name.startswith("prefill") else decode_pb2_grpc.DecodeStub(ch))
+    return stubs
+
+
+async def loads(suite) -> list[pb.WorkerLoad]:
+    return [(await s.GetLoad(pb.GetLoadRequest(), timeout=5)).load for s in worker_stubs(suite)]
+
+
+@pytest.mark.parametrize("mode", ["disaggregated", "colocated"])
+async def test_concurrent_prompts_match_transformers(start_suite, references, mode):
+    suite = start_suite(mode)
+    async with AsyncClient(suite.router_target, timeout=120) as client:
+        results = await asyncio.gather(*(client.complete(ids, max_tokens=NEW, temperature=0.0) for ids, _ in references))
+        for (ids, expected), c in zip(references, results):
+            assert c.token_ids == expected
+            assert c.usage.prompt_tokens == len(ids) and c.usage.completion_tokens == len(expected)
+            assert c.route["disaggregated"] == (mode == "disaggregated")
+        with pytest.raises(InvalidArgument) as err:
+            await client.complete("hello", top_p=1.5)
+        assert err.value.field == "top_p"
+    workers = await loads(suite)
+    assert len(workers) == (2 if mode == "disaggregated" else 1)
+    assert all(w.free_blocks == w.total_blocks for w in workers)
+
+
+async def test_cancelling_a_stream_frees_blocks_on_both_workers(start_suite, smollm2):
+    _, _, tokenizer = smollm2
+    suite = start_suite("disaggregated")
+    ids = prompts_by_length(tokenizer)[5]  # 600 tokens
+    async with AsyncClient(suite.router_target, timeout=120) as client:
+        got = 0
+        async with client.generate(ids, max_tokens=400, ignore_eos=True, temperature=0.0) as stream:
+            async for chunk in stream:
+                got += len(chunk.token_ids)
+                if got >= 4:
+                    break
+        busy = await loads(suite)
+        for _ in range(100):
+            workers = await loads(suite)
+            if all(w.free_blocks == w.total_blocks and w.running_seqs == 0 for w in workers):
+                break
+            await asyncio.sleep(0.1)
+        assert all(w.free_blocks == w.total_blocks for w in workers), (busy, workers)
+        after = await client.complete(ids[:50], max_tokens=8, temperature=0.0)
+        assert len(after.token_ids) == 8

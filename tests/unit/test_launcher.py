@@ -1,0 +1,161 @@
+"""`pdserve up`: the suite's shape, and the supervision of its processes.
+
+The supervised children here are tiny grpc.health.v1 servers written inline
+(not pdserve services), so readiness, log relay, shutdown and failure
+handling are checked in seconds without loading a model.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+import pytest
+
+from pdserve import launcher
+from pdserve.launcher import Service, Suite, SuiteError
+
+# argv: port, seconds before SERVING, seconds before exiting with code 3 (<0: never),
+# and whether to ignore SIGTERM.
+HEALTH_SERVER = """
+import signal, sys, time
+from concurrent import futures
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+port, ready_after, die_after, stubborn = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "1"
+def on_term(*_):
+    print("got SIGTERM", flush=True)
+    if not stubborn:
+        sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+server = grpc.server(futures.ThreadPoolExecutor(2))
+servicer = health.HealthServicer()
+servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)  # grpc's default is SERVING
+health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+server.add_insecure_port(f"127.0.0.1:{port}")
+server.start()
+print("listening", flush=True)
+time.sleep(ready_after)
+servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+start = time.monotonic()
+while die_after < 0 or time.monotonic() - start < die_after:
+    time.sleep(0.05)
+print("crashing", flush=True)
+sys.exit(3)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child(name: str, stage: int, *, ready_after=0.0, die_after=-1.0, stubborn=False) -> Service:
+    port = free_port()
+    argv = (sys.executable, "-c", HEALTH_SERVER, str(port), str(ready_after), str(die_after), str(int(stubborn)))
+    return Service(name, argv, f"127.0.0.1:{port}", stage)
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    launcher.add_up_args(parser)
+    return parser.parse_args(argv)
+
+
+def test_flags_and_defaults():
+    args = parse()
+    assert (args.mode, args.prefill, args.decode, args.host, args.port, args.base_port) == (
+        "disaggregated", 1, 1, "127.0.0.1", 50051, 50061)
+    assert args.kvstore is False and args.ready_timeout == 300 and args.log_dir is None
+    assert parse("--kvstore").kvstore and not parse("--kvstore", "--no-kvstore").kvstore
+    with pytest.raises(SystemExit):
+        parse("--mode", "bogus")
+
+
+def test_disaggregated_plan():
+    services = launcher.plan("disaggregated", 2, 1, model="/m", kv_cache_gib=0.5, python="py")
+    by_name = {s.name: s for s in services}
+    assert [s.name for s in services] == ["model", "prefill-0", "prefill-1", "decode-0", "router"]
+    assert [s.stage for s in services] == [0, 1, 1, 1, 2]  # model, then workers, then router
+    assert by_name["prefill-1"].argv == ("py", "-m", "pdserve", "serve", "prefill", "--host", "127.0.0.1",
+                                         "--port", "50062", "--worker-id", "prefill-1",
+                                         "--model", "/m", "--kv-cache-gib", "0.5")
+    router = " ".join(by_name["router"].argv)
+    assert "--mode disaggregated" in router and "--port 50051" in router
+    assert "--prefill-targets 127.0.0.1:50061 127.0.0.1:50062 --decode" in router
+    assert "--decode-targets 127.0.0.1:50063" in router
+
+
+def test_colocated_plan_and_validation():
+    services = launcher.plan("colocated", 5, 2, host="0.0.0.0", python="py")
+    assert [s.name for s in services] == ["model", "decode-0", "decode-1", "router"]
+    assert services[1].argv[-2:] == ("--role", "colocated") and services[1].address == "127.0.0.1:50061"
+    router = " ".join(services[-1].argv)
+    assert "--prefill-targets" not in router and "--mode colocated" in router and "--host 0.0.0.0" in router
+    with pytest.raises(ValueError, match="prefill"):
+        launcher.plan("disaggregated", 0, 1)
+    with pytest.raises(ValueError, match="collides"):
+        launcher.plan(port=50062)
+    assert launcher.run_up(parse("--decode", "0")) == 2
+
+
+def test_waits_for_health_then_stops_cleanly(tmp_path):
+    out = io.StringIO()
+    late, first = child("worker", 1, ready_after=0.8), child("front", 2)
+    suite = Suite(services=[late, first], out=out, log_dir=tmp_path, ready_timeout=20, grace_s=5)
+    t0 = time.monotonic()
+    with suite:
+        assert time.monotonic() - t0 >= 0.8  # waited for SERVING, not just for the port
+        procs = dict(suite._procs)
+        assert all(p.poll() is None for p in procs.values())
+    assert [p.returncode for p in procs.values()] == [0, 0]  # SIGTERM, clean exit
+    log = out.getvalue()
+    assert "[worker] listening" in log and "[front] got SIGTERM" in log and "worker is serving at" in log
+    assert log.index("worker is serving") < log.index("[front] listening")  # stages in order
+    assert "got SIGTERM" in (tmp_path / "worker.log").read_text()
+
+
+def test_unexpected_death_stops_the_suite_with_exit_1():
+    out = io.StringIO()
+    suite = Suite(services=[child("bystander", 1), child("doomed", 2, die_after=2.0)], out=out,
+                  ready_timeout=20, grace_s=5)
+    suite.start()
+    assert suite.wait(threading.Event()) == 1
+    suite.stop()
+    assert "doomed exited unexpectedly with code 3" in out.getvalue()
+    assert suite._procs["bystander"].returncode == 0
+
+
+def test_death_before_ready_and_stubborn_child_is_killed():
+    out = io.StringIO()
+    never = Service("broken", (sys.executable, "-c", "import sys; print('bad config'); sys.exit(2)"), "127.0.0.1:1", 1)
+    stubborn = child("stubborn", 0, stubborn=True)
+    suite = Suite(services=[stubborn, never], out=out, ready_timeout=20, grace_s=0.5)
+    with pytest.raises(SuiteError, match="broken exited with code 2 before it was ready"):
+        suite.start()
+    assert "[broken] bad config" in out.getvalue()
+    assert suite._procs["stubborn"].returncode == -signal.SIGKILL  # ignored SIGTERM for the grace period
+    assert "stubborn did not stop within 0.5s; killing it" in out.getvalue()
+
+
+def test_supervise_stops_on_sigterm():
+    out = io.StringIO()
+    suite = Suite(services=[child("router", 0)], out=out, ready_timeout=20, grace_s=5)
+
+    def terminate_when_ready():  # as an init system or `kill` would
+        deadline = time.monotonic() + 20
+        while "ready; clients connect" not in out.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+    sender = threading.Thread(target=terminate_when_ready, daemon=True)
+    sender.start()
+    assert launcher.supervise(suite) == 0
+    sender.join()
+    assert "ready; clients connect to 127.0.0.1:" in out.getvalue() and "[router] got SIGTERM" in out.getvalue()
+    assert suite._procs["router"].returncode == 0
