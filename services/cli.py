@@ -82,6 +82,11 @@ def cmd_serve(args) -> int:
         from pdserve.router.serve import serve
 
         config = RouterConfig.from_cli_args(args)
+    elif args.service == "kvstore":
+        from pdserve.kvstore.config import KVStoreConfig
+        from pdserve.kvstore.serve import serve
+
+        config = KVStoreConfig.from_cli_args(args)
     else:
         import importlib
 
@@ -95,6 +100,12 @@ def cmd_serve(args) -> int:
         serve = importlib.import_module(f"pdserve.{args.service}.serve").serve
     asyncio.run(serve(config))
     return 0
+
+
+def cmd_bench_ttft(args) -> int:
+    from pdserve.bench import ttft
+
+    return ttft.main(args)
 
 
 def cmd_bench_engine(args) -> int:
@@ -134,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(demo)
     demo.set_defaults(func=cmd_demo)
 
-    serve = sub.add_parser("serve", help="run one service (router, prefill or decode)")
+    serve = sub.add_parser("serve", help="run one service (router, prefill, decode or kvstore)")
     serve_sub = serve.add_subparsers(dest="service", required=True)
     from pdserve.common.worker_config import WorkerConfig
     from pdserve.router.config import RouterConfig
@@ -142,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     RouterConfig.add_cli_args(serve_sub.add_parser("router", help="client-facing router"))
     WorkerConfig.add_cli_args(serve_sub.add_parser("prefill", help="prefill worker"))
     WorkerConfig.add_cli_args(serve_sub.add_parser("decode", help="decode worker (--role colocated: both phases)"))
+    from pdserve.kvstore.config import KVStoreConfig
+
+    KVStoreConfig.add_cli_args(serve_sub.add_parser("kvstore", help="shared KV block store"))
     serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks")
@@ -151,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
     eng.add_argument("--json", default=None, help="also write the results here")
     eng.set_defaults(func=cmd_bench_engine)
+    ttft = bench_sub.add_parser("ttft", help="idle TTFT, disaggregated vs colocated (real processes)")
+    ttft.add_argument("--tokens", type=int, default=1000)
+    ttft.add_argument("--reps", type=int, default=7)
+    ttft.add_argument("--port", type=int, default=51051)
+    ttft.add_argument("--json", default=None)
+    ttft.set_defaults(func=cmd_bench_ttft)
     return parser
 
 

@@ -61,6 +61,8 @@ def token_ids(values, field: str, vocab_size: int | None = None) -> list[int]:
     ids = list(values)
     if not ids:
         raise InvalidRequestError(field, "must not be empty")
+    if min(ids) < 0:
+        raise InvalidRequestError(field, "token ids must be >= 0")
     if vocab_size is not None and max(ids) >= vocab_size:
         raise InvalidRequestError(field, f"token ids must be < {vocab_size}")
     return ids

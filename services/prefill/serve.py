@@ -4,7 +4,8 @@ from __future__ import annotations
 import dataclasses
 
 from pdserve.common.worker_config import WorkerConfig
-from pdserve.common.worker_runtime import WorkerRuntime, make_sender
+from pdserve.common.kv.store_client import StoreClient
+from pdserve.common.worker_runtime import WorkerRuntime, make_receiver, make_sender
 from pdserve.prefill.servicer import PrefillServicer
 from pdserve.prefill.worker import PrefillWorker
 from pdserve.v1 import prefill_pb2_grpc
@@ -13,7 +14,11 @@ from pdserve.v1 import prefill_pb2_grpc
 def build(config: WorkerConfig, engine=None) -> tuple[WorkerRuntime, PrefillWorker]:
     config = dataclasses.replace(config, role="prefill")
     rt = WorkerRuntime(config, engine)
-    worker = PrefillWorker(rt.engine, make_sender(config.transport), max_queue=config.max_queue)
+    sender = make_sender(config.transport)
+    store = None
+    if config.kvstore:
+        store = StoreClient(config.kvstore, make_receiver(config.transport), sender, rt.engine.engine.spec.fingerprint)
+    worker = PrefillWorker(rt.engine, sender, max_queue=config.max_queue, store=store)
     prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(worker, rt.load_response), rt.server)
     return rt, worker
 
@@ -23,6 +28,9 @@ async def serve(config: WorkerConfig) -> None:
 
     async def shutdown() -> None:
         await worker.drain()
+        if worker.store:
+            await worker.store.close()
+            await worker.store.receiver.close()
         await worker.sender.close()
 
     await rt.run(on_shutdown=shutdown)

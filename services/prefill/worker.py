@@ -18,6 +18,8 @@ from pdserve.common.engine.async_engine import AsyncEngine
 from pdserve.common.engine.sampling_params import SamplingParams
 from pdserve.common.engine.sequence import FinishReason
 from pdserve.common.errors import CapacityExhaustedError
+from pdserve.common.kv.hashing import block_hashes
+from pdserve.common.kv.store_client import StoreClient
 from pdserve.common.transfer.base import KVSender, TransferTicket
 
 log = logging.getLogger(__name__)
@@ -65,14 +67,12 @@ class _Push:
         self.bytes_sent += len(blocks) * self.target.ticket.block_bytes
         self.next_block = ready
 
-    async def finish(self) -> None:
-        """Wait for every send, then free the request's blocks."""
+    async def wait(self) -> None:
+        """Wait for every send; a failure is the decode side's to handle (it recomputes)."""
         try:
             await asyncio.gather(*self.tasks)
-        except Exception as e:  # the decode side sees the failure and recomputes
+        except Exception as e:
             log.warning("KV push for %s failed: %s", self.request_id, e)
-        finally:
-            await self.worker.engine.call(self.worker.engine.engine.release, self.request_id)
 
     def cancel(self) -> None:
         for t in self.tasks:
@@ -80,19 +80,40 @@ class _Push:
 
 
 class PrefillWorker:
-    def __init__(self, engine: AsyncEngine, sender: KVSender, *, max_queue: int = 256):
+    def __init__(self, engine: AsyncEngine, sender: KVSender, *, max_queue: int = 256,
+                 store: StoreClient | None = None):
         self.engine = engine
         self.sender = sender
+        self.store = store
         self.max_queue = max_queue
         self._finishing: set[asyncio.Task] = set()
         self.kv_bytes_sent = 0
+
+    async def _admit(self, request_id: str, prompt: list[int], params: SamplingParams) -> int:
+        """Queue the prompt, after loading what the KV store has beyond the local
+        prefix cache; returns the prompt tokens loaded from the store."""
+        if self.store is None:
+            await self.engine.add(prompt, params, request_id, hold_blocks=True)
+            return 0
+        eng = self.engine.engine
+        bs = eng.config.block_size
+        seq = await self.engine.call(eng.reserve, request_id, prompt)
+        try:
+            hashes = block_hashes(eng.spec.fingerprint, prompt[: (len(prompt) - 1) // bs * bs], bs)
+            dest = [eng.pool.block(b) for b in seq.block_table[: len(hashes)]]
+            n = await self.store.load_prefix(hashes, dest, seq.num_cached_tokens // bs)
+            await self.engine.resume(request_id, n * bs, params, hold_blocks=True)
+        except BaseException:
+            await self.engine.call(eng.release, request_id)
+            raise
+        return n * bs - seq.num_cached_tokens
 
     async def prefill(self, request_id: str, prompt: list[int], params: SamplingParams,
                       target: PushTarget | None) -> PrefillResult:
         if len(self.engine.engine.scheduler.waiting) >= self.max_queue:
             raise CapacityExhaustedError(f"prefill queue full ({self.max_queue} requests waiting)")
         arrived = time.perf_counter()
-        await self.engine.add(prompt, dataclasses.replace(params, max_tokens=1), request_id, hold_blocks=True)
+        from_store = await self._admit(request_id, prompt, dataclasses.replace(params, max_tokens=1))
         push = _Push(self, request_id, target) if target else None
         if push:
             self.engine.watch(request_id, lambda: push.send_ready(final=False))
@@ -108,8 +129,8 @@ class PrefillWorker:
             raise
         finally:
             self.engine.unwatch(request_id)
-            # Blocks are freed once every send is done (or at once without a target).
-            task = asyncio.create_task(push.finish() if push else self._release(request_id))
+            # Blocks are freed once every send (to decode, to the store) is done.
+            task = asyncio.create_task(self._finish(request_id, prompt, push, offer=out is not None))
             self._finishing.add(task)
             task.add_done_callback(self._finishing.discard)
         now = time.perf_counter()
@@ -117,17 +138,29 @@ class PrefillWorker:
         reason = out.finish_reason if (out.finish_reason is FinishReason.STOP or params.max_tokens == 1) else None
         if push:
             self.kv_bytes_sent += push.bytes_sent
+        cached = out.num_cached_tokens + from_store
         return PrefillResult(
             first_token=token, finish_reason=reason,
-            num_computed_tokens=out.num_prompt_tokens - out.num_cached_tokens,
-            num_cached_tokens=out.num_cached_tokens,
+            num_computed_tokens=out.num_prompt_tokens - cached,
+            num_cached_tokens=cached,
             queued_ms=out.queued_s * 1e3,
             prefill_ms=(now - arrived) * 1e3,
             kv_bytes_sent=push.bytes_sent if push else 0,
         )
 
-    async def _release(self, request_id: str) -> None:
-        await self.engine.call(self.engine.engine.release, request_id)
+    async def _finish(self, request_id: str, prompt: list[int], push: _Push | None, offer: bool) -> None:
+        eng = self.engine.engine
+        try:
+            jobs = [push.wait()] if push else []
+            if self.store is not None and offer:
+                bs = eng.config.block_size
+                full = len(prompt) // bs
+                _, table = eng.kv_blocks(request_id)
+                hashes = block_hashes(eng.spec.fingerprint, prompt[: full * bs], bs)
+                jobs.append(self.store.store_blocks(hashes, [eng.pool.block(b) for b in table[:full]]))
+            await asyncio.gather(*jobs)
+        finally:
+            await self.engine.call(eng.release, request_id)
 
     async def drain(self) -> None:
         """Wait for in-flight pushes (on shutdown)."""

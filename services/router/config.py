@@ -11,6 +11,8 @@ from pdserve.common.config import ServiceConfig, option
 class RouterConfig(ServiceConfig):
     host: str = option("127.0.0.1", help="address the gRPC server listens on")
     port: int = option(50051, help="client-facing gRPC port")
+    http_host: str = option("", help="address the OpenAI-compatible HTTP server listens on (empty: same as host)")
+    http_port: int = option(8000, help="OpenAI-compatible HTTP port (0: any free port, -1: no HTTP server)")
     mode: Literal["disaggregated", "colocated"] = option("disaggregated")
     prefill_targets: list[str] = option(default_factory=list, help="prefill workers, host:port")
     decode_targets: list[str] = option(default_factory=list, help="decode (or colocated) workers, host:port")
@@ -24,6 +26,10 @@ class RouterConfig(ServiceConfig):
     def validate(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError("port must be in [0, 65535]")
+        if not -1 <= self.http_port < 65536:
+            raise ValueError("http_port must be in [0, 65535], or -1 to disable HTTP")
+        if self.http_port == self.port != 0 and self.http_host in ("", self.host):
+            raise ValueError("http_port: the gRPC server already listens on this port")
         if not self.decode_targets:
             raise ValueError("decode_targets: at least one decode worker is needed")
         if self.mode == "disaggregated" and not self.prefill_targets:

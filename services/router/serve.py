@@ -7,6 +7,7 @@ import logging
 from pdserve.common import model_loader
 from pdserve.common.server import add_health_service, bind, create_server, serve_until_stopped
 from pdserve.router.config import RouterConfig
+from pdserve.router.openai_http import OpenAIServer
 from pdserve.router.router import Router
 from pdserve.router.servicer import RouterServicer
 from pdserve.router.worker_pool import WorkerPool
@@ -36,11 +37,15 @@ class RouterRuntime:
         router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(self.router, config.default_max_tokens), self.server)
         self.port = bind(self.server, config.host, config.port)
         self.health = None
+        self.http = OpenAIServer(self.router, config.http_host or config.host, config.http_port,
+                                 default_max_tokens=config.default_max_tokens, shutdown_timeout_s=config.grace_s,
+                                 ready=lambda: self.pool.ready(config.mode == "disaggregated"))
 
     async def start(self, ready_timeout_s: float = 600.0) -> None:
         self.health = await add_health_service(self.server)
         await self.pool.start()
         await self.server.start()
+        await self.http.start()  # before the workers are ready: /health says 503 until then
         deadline = asyncio.get_running_loop().time() + ready_timeout_s
         while not self.pool.ready(self.config.mode == "disaggregated"):
             if asyncio.get_running_loop().time() > deadline:
@@ -50,15 +55,20 @@ class RouterRuntime:
         await self.health.set_serving(True)
 
     async def stop(self) -> None:
+        await self.http.stop()
         await self.server.stop(grace=1)
         await self.pool.close()
 
     async def run(self) -> None:
         await self.start()
         print(f"router ({self.config.mode}) listening on {self.config.host}:{self.port}", flush=True)
+        if self.http.url:
+            print(f"router OpenAI-compatible API on {self.http.url}", flush=True)
         try:
-            await serve_until_stopped(self.server, grace_s=self.config.grace_s, health=self.health)
+            await serve_until_stopped(self.server, grace_s=self.config.grace_s, health=self.health,
+                                      on_shutdown=self.http.drain)
         finally:
+            await self.http.stop()
             await self.pool.close()
 
 

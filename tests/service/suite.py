@@ -2,70 +2,112 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 
 import grpc
 
 from pdserve.common import model_loader
 from pdserve.common.engine.engine import LLMEngine
+from pdserve.common.server import add_health_service
 from pdserve.common.worker_config import WorkerConfig
 from pdserve.decode import serve as decode_serve
+from pdserve.kvstore import serve as kvstore_serve
+from pdserve.kvstore.config import KVStoreConfig
 from pdserve.prefill import serve as prefill_serve
 from pdserve.router.config import RouterConfig
 from pdserve.router.serve import RouterRuntime
 from pdserve.v1 import common_pb2 as pb
-from pdserve.v1 import decode_pb2_grpc, prefill_pb2_grpc, router_pb2_grpc
+from pdserve.v1 import decode_pb2_grpc, kvstore_pb2, kvstore_pb2_grpc, prefill_pb2_grpc, router_pb2_grpc
 
 
 class InProcessSuite:
-    def __init__(self, router, decode, prefill):
+    def __init__(self, router, decode, prefill, store_port):
         self.router, self.decode, self.prefill = router, decode, prefill
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{router.port}")
         self.stub = router_pb2_grpc.RouterStub(self.channel)
+        self.store_stub = None
+        if store_port:
+            self.store_stub = kvstore_pb2_grpc.KVStoreStub(grpc.aio.insecure_channel(f"127.0.0.1:{store_port}"))
 
     def worker_stubs(self):
-        out = [decode_pb2_grpc.DecodeStub(grpc.aio.insecure_channel(f"127.0.0.1:{self.decode[0].port}"))]
-        if self.prefill:
-            out.append(prefill_pb2_grpc.PrefillStub(grpc.aio.insecure_channel(f"127.0.0.1:{self.prefill[0].port}")))
+        out = [decode_pb2_grpc.DecodeStub(grpc.aio.insecure_channel(f"127.0.0.1:{rt.port}")) for rt in self.decode]
+        out += [prefill_pb2_grpc.PrefillStub(grpc.aio.insecure_channel(f"127.0.0.1:{rt.port}")) for rt in self.prefill]
         return out
 
     async def loads(self) -> list[pb.WorkerLoad]:
         return [(await s.GetLoad(pb.GetLoadRequest())).load for s in self.worker_stubs()]
 
+    async def store_stats(self) -> kvstore_pb2.GetStoreStatsResponse:
+        return await self.store_stub.GetStats(kvstore_pb2.GetStoreStatsRequest())
+
 
 @contextlib.asynccontextmanager
-async def inprocess_suite(smollm2, mode: str = "disaggregated", **worker_kw) -> AsyncIterator[InProcessSuite]:
+async def inprocess_suite(smollm2, mode: str = "disaggregated", *, prefill_workers: int = 1,
+                          store_blocks: int = 0, prefill_kw: dict | None = None,
+                          **worker_kw) -> AsyncIterator[InProcessSuite]:
+    """store_blocks > 0 adds a KV store of that many blocks; prefill_kw overrides prefill settings."""
     ref, _, tokenizer = smollm2
 
     def engine_for(config: WorkerConfig) -> LLMEngine:
         model, _ = model_loader.load(ref)
         return LLMEngine(config.engine_config(), model, tokenizer, ref)
 
+    stack = contextlib.AsyncExitStack()
+    store_port = 0
+    if store_blocks:
+        scfg = KVStoreConfig(port=0, capacity_blocks=store_blocks)
+        server, store_port, store = kvstore_serve.build(scfg)
+        await add_health_service(server)
+        await store.start()
+        await server.start()
+
+        async def stop_store():
+            await server.stop(grace=0)
+            await store.stop()
+            await store.receiver.close()
+            await store.sender.close()
+        stack.push_async_callback(stop_store)
+
     base = dict(port=0, num_kv_blocks=256, max_num_batched_tokens=128, **worker_kw)
     dcfg = WorkerConfig(role="colocated" if mode == "colocated" else "decode", worker_id="decode-0", **base)
     decode_rt, decode_worker = decode_serve.build(dcfg, engine_for(dcfg))
     await decode_worker.start()
     await decode_rt.start()
+
+    async def stop_decode():
+        await decode_rt.server.stop(grace=0)
+        await decode_rt.engine.stop()
+        await decode_worker.stop()
+        await decode_worker.receiver.close()
+    stack.push_async_callback(stop_decode)
+
     prefill = []
     if mode == "disaggregated":
-        pcfg = WorkerConfig(role="prefill", worker_id="prefill-0", **base)
-        prefill_rt, prefill_worker = prefill_serve.build(pcfg, engine_for(pcfg))
-        await prefill_rt.start()
-        prefill = [prefill_rt]
-    rcfg = RouterConfig(port=0, mode=mode, decode_targets=[f"127.0.0.1:{decode_rt.port}"],
+        for i in range(prefill_workers):
+            pcfg = WorkerConfig(role="prefill", worker_id=f"prefill-{i}",
+                                kvstore=f"127.0.0.1:{store_port}" if store_port else "", **base)
+            pcfg = dataclasses.replace(pcfg, **(prefill_kw or {}))
+            prefill_rt, prefill_worker = prefill_serve.build(pcfg, engine_for(pcfg))
+            await prefill_rt.start()
+            prefill.append(prefill_rt)
+
+            async def stop_prefill(rt=prefill_rt, w=prefill_worker):
+                await rt.server.stop(grace=0)
+                await w.drain()
+                await rt.engine.stop()
+                if w.store:
+                    await w.store.close()
+                    await w.store.receiver.close()
+                await w.sender.close()
+            stack.push_async_callback(stop_prefill)
+
+    rcfg = RouterConfig(port=0, http_port=0, mode=mode, decode_targets=[f"127.0.0.1:{decode_rt.port}"],
                         prefill_targets=[f"127.0.0.1:{rt.port}" for rt in prefill], load_poll_s=0.2)
     router = RouterRuntime(rcfg, tokenizer, 2048)
     await router.start(ready_timeout_s=30)
-    suite = InProcessSuite(router, [decode_rt], prefill)
-    try:
+    stack.push_async_callback(router.stop)
+    suite = InProcessSuite(router, [decode_rt], prefill, store_port)
+    stack.push_async_callback(suite.channel.close)
+    async with stack:
         yield suite
-    finally:
-        await suite.channel.close()
-        await router.stop()
-        for rt in [decode_rt, *prefill]:
-            await rt.server.stop(grace=0)
-            await rt.engine.stop()
-        await decode_worker.stop()
-        await decode_worker.receiver.close()
-        if prefill:
-            await prefill_worker.sender.close()

@@ -134,8 +134,16 @@ class AsyncEngine:
         self._work.set()
 
     async def admit(self, request_id: str, first_token: int, params: SamplingParams) -> None:
+        await self.resume(request_id, None, params, first_token)
+
+    async def resume(self, request_id: str, computed_tokens: int | None, params: SamplingParams,
+                     first_token: int | None = None, hold_blocks: bool = False) -> None:
+        """Schedule a reservation (see LLMEngine.resume); None: the whole prompt is here."""
         async with self._lock:
-            self.engine.admit(request_id, first_token, params)
+            if computed_tokens is None:
+                self.engine.admit(request_id, first_token, params)
+            else:
+                self.engine.resume(request_id, computed_tokens, params, first_token, hold_blocks)
             self._queues[request_id] = asyncio.Queue()
         self._work.set()
 

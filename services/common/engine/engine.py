@@ -145,21 +145,36 @@ class LLMEngine:
     def admit(self, request_id: str, first_token: int, params: SamplingParams | None = None) -> None:
         """The reserved prompt's KV has landed and was verified; the prefill
         worker sampled `first_token`. Join the running batch to decode the rest."""
-        req = self._reserved.pop(request_id, None)
-        if req is None:
-            raise NotFoundError(f"no reservation {request_id!r}")
-        seq = req.seq
+        self.resume(request_id, self._reserved_seq(request_id).num_prompt_tokens, params, first_token)
+
+    def resume(self, request_id: str, computed_tokens: int, params: SamplingParams | None = None,
+               first_token: int | None = None, hold_blocks: bool = False) -> None:
+        """Schedule a reservation whose first `computed_tokens` tokens of KV are
+        now in its blocks (imported from a peer or the KV store); the engine
+        computes the rest, then samples as usual."""
+        seq = self._reserved_seq(request_id)
+        if not seq.num_cached_tokens <= computed_tokens <= seq.num_prompt_tokens:
+            raise InvalidRequestError("computed_tokens", f"{computed_tokens} outside [{seq.num_cached_tokens}, {seq.num_prompt_tokens}]")
+        req = self._reserved.pop(request_id)
+        req.hold_blocks = hold_blocks
         if params is not None:
             seq.params = params
             req.detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop)
             req.generator = self._generator(params)
-        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.num_computed_tokens = computed_tokens
         self.blocks.commit_computed(seq)  # imported blocks become reusable prefix cache
-        seq.output_token_ids.append(first_token)
-        req.detok.add(first_token)
-        req.detok.flush(final=False)  # the first token's text went out with the prefill's answer
+        if first_token is not None:
+            seq.output_token_ids.append(first_token)
+            req.detok.add(first_token)
+            req.detok.flush(final=False)  # the first token's text went out with the prefill's answer
         self._requests[request_id] = req
         self.scheduler.add(seq)
+
+    def _reserved_seq(self, request_id: str) -> Sequence:
+        req = self._reserved.get(request_id)
+        if req is None:
+            raise NotFoundError(f"no reservation {request_id!r}")
+        return req.seq
 
     def kv_blocks(self, request_id: str) -> tuple[int, list[int]]:
         """(tokens whose KV is computed, block table) of a request, to export its KV."""

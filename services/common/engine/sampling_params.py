@@ -32,16 +32,17 @@ class SamplingParams:
         return self.temperature == 0.0
 
     def validate(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise InvalidRequestError("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.max_tokens, int) or not 1 <= self.max_tokens < 2**32:
+            raise InvalidRequestError("max_tokens", f"must be an integer in [1, 2**32), got {self.max_tokens!r}")
         if not self.temperature >= 0.0:  # also rejects NaN
             raise InvalidRequestError("temperature", f"must be >= 0, got {self.temperature!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequestError("top_p", f"must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise InvalidRequestError("top_k", f"must be an integer >= 0, got {self.top_k!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise InvalidRequestError("seed", f"must be an integer, got {self.seed!r}")
+        if not isinstance(self.top_k, int) or not 0 <= self.top_k < 2**32:
+            raise InvalidRequestError("top_k", f"must be an integer in [0, 2**32), got {self.top_k!r}")
+        # Bounds are the wire types' (uint32, uint64): a client error, not a failed encode.
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**64):
+            raise InvalidRequestError("seed", f"must be an integer in [0, 2**64), got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequestError("stop", "stop strings must be non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):

@@ -1,0 +1,85 @@
+"""A worker's client of the KV store: load a cached prefix, offer new blocks.
+
+Best effort by design: the store is a cache. If it is down, slow or evicts
+mid-read, the worker computes instead, and says so in the log; a request
+never fails because of the store.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+
+import grpc
+
+from pdserve.common.transfer.base import KVReceiver, KVSender, TransferTicket
+from pdserve.v1 import common_pb2 as pb
+from pdserve.v1 import kvstore_pb2 as kpb
+from pdserve.v1 import kvstore_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class StoreClient:
+    def __init__(self, target: str, receiver: KVReceiver, sender: KVSender, fingerprint: bytes,
+                 timeout_s: float = 10.0):
+        self.target, self.receiver, self.sender, self.fingerprint = target, receiver, sender, fingerprint
+        self.timeout_s = timeout_s
+        self._channel = grpc.aio.insecure_channel(target)
+        self.stub = kvstore_pb2_grpc.KVStoreStub(self._channel)
+        self.loaded_blocks = 0
+        self.stored_blocks = 0
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def load_prefix(self, hashes: list[bytes], dest: list, have: int) -> int:
+        """Fill dest[have:n] with the store's blocks; returns n (>= have).
+
+        `hashes` are the prompt's full-block hashes, `dest` the pool blocks of
+        the same positions, `have` how many leading blocks are already here.
+        """
+        tid = None
+        try:
+            found = (await self.stub.Lookup(kpb.LookupRequest(kv_fingerprint=self.fingerprint, block_hashes=hashes),
+                                            timeout=self.timeout_s)).num_cached_blocks
+            if found <= have:
+                return have
+            tid = "r-" + uuid.uuid4().hex
+            t = self.receiver.expect(tid, dest[have:found])
+            ticket = pb.TransferTicket(transfer_id=tid, secret=t.secret, ucx_address=t.address,
+                                       block_bytes=t.block_bytes, num_blocks=t.num_blocks, first_block_index=have)
+            r = await self.stub.ReserveRead(kpb.ReserveReadRequest(
+                kv_fingerprint=self.fingerprint, block_hashes=hashes[:found], ticket=ticket), timeout=self.timeout_s)
+            if r.num_blocks == 0:  # evicted since the lookup
+                return have
+            await self.receiver.wait(tid, self.timeout_s)
+            self.loaded_blocks += found - have
+            return found
+        except Exception as e:  # noqa: BLE001 - the store is optional: compute instead
+            log.warning("KV store %s: prefix load failed, computing instead: %s", self.target, e)
+            return have
+        finally:
+            if tid is not None:
+                await self.receiver.cancel(tid)
+
+    async def store_blocks(self, hashes: list[bytes], src: list) -> int:
+        """Offer full, computed blocks (in sequence order); returns how many the store took."""
+        try:
+            r = await self.stub.ReserveWrite(kpb.ReserveWriteRequest(
+                kv_fingerprint=self.fingerprint, block_hashes=hashes), timeout=self.timeout_s)
+            if not r.accepted_indices:
+                return 0
+            t = r.ticket
+            ticket = TransferTicket(t.transfer_id, t.secret, t.ucx_address, t.num_blocks, t.block_bytes)
+            try:
+                await self.sender.send(ticket, 0, [src[i] for i in r.accepted_indices], timeout=self.timeout_s)
+            except Exception:
+                await self.stub.Release(kpb.ReleaseLeaseRequest(lease_id=t.transfer_id), timeout=self.timeout_s)
+                raise
+            n = (await self.stub.CommitWrite(kpb.CommitWriteRequest(transfer_id=t.transfer_id),
+                                             timeout=self.timeout_s)).num_committed_blocks
+            self.stored_blocks += n
+            return n
+        except Exception as e:  # noqa: BLE001 - a missed write only costs a later recompute
+            log.warning("KV store %s: write-back failed: %s", self.target, e)
+            return 0

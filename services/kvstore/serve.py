@@ -1,0 +1,52 @@
+"""`pdserve serve kvstore`: the shared KV block store process."""
+from __future__ import annotations
+
+from pdserve.common import model_loader
+from pdserve.common.kv.spec import KVSpec
+from pdserve.common.server import add_health_service, bind, create_server, serve_until_stopped
+from pdserve.common.worker_runtime import make_receiver, make_sender
+from pdserve.kvstore.config import KVStoreConfig
+from pdserve.kvstore.service import KVStoreService
+from pdserve.kvstore.servicer import KVStoreServicer
+from pdserve.kvstore.store import BlockStore
+from pdserve.v1 import kvstore_pb2_grpc
+
+
+def block_bytes_of(config: KVStoreConfig) -> int:
+    """Bytes of one block of the workers' model, from its config alone (no weights)."""
+    from transformers import AutoConfig
+
+    ref = model_loader.resolve(config.model or None)
+    mc = AutoConfig.from_pretrained(ref.path)
+    head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+    spec = KVSpec(ref.name, ref.weights_digest, mc.num_hidden_layers, mc.num_key_value_heads, head_dim,
+                  config.block_size, config.dtype)
+    return spec.block_bytes
+
+
+def build(config: KVStoreConfig, block_bytes: int | None = None):
+    block_bytes = block_bytes or block_bytes_of(config)
+    capacity = config.capacity_blocks or max(1, int(config.capacity_gib * 2**30 // block_bytes))
+    service = KVStoreService(BlockStore(capacity, block_bytes), make_receiver(config.transport),
+                             make_sender(config.transport), lease_s=config.lease_ms / 1000,
+                             transfer_timeout_s=config.transfer_timeout_s)
+    server = create_server()
+    kvstore_pb2_grpc.add_KVStoreServicer_to_server(KVStoreServicer(service), server)
+    port = bind(server, config.host, config.port)
+    return server, port, service
+
+
+async def serve(config: KVStoreConfig) -> None:
+    server, port, service = build(config)
+    health = await add_health_service(server)
+    await service.start()
+    await server.start()
+    await health.set_serving(True)
+    print(f"kvstore ({service.store.capacity} blocks of {service.store.block_bytes} bytes) "
+          f"listening on {config.host}:{port}", flush=True)
+    try:
+        await serve_until_stopped(server, grace_s=config.grace_s, health=health)
+    finally:
+        await service.stop()
+        await service.receiver.close()
+        await service.sender.close()

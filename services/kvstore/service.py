@@ -1,0 +1,130 @@
+"""The KV store's operations over the data plane: leases, transfers, fingerprints.
+
+Writes: the store reserves slots, issues a ticket, the writer pushes, and
+CommitWrite publishes the blocks once the transfer is verified. Reads: the
+store pins the blocks and pushes them into the reader's ticket, unpinning
+when the push ends. Every write reservation and read pin is a lease that
+expires on its own if the peer vanishes.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+from pdserve.common.errors import NotFoundError, TransferFailedError
+from pdserve.common.transfer.base import KVReceiver, KVSender, TransferTicket
+from pdserve.kvstore.store import BlockStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Write:
+    hashes: list[bytes]
+    expires_at: float
+
+
+class KVStoreService:
+    def __init__(self, store: BlockStore, receiver: KVReceiver, sender: KVSender, *,
+                 lease_s: float = 30.0, transfer_timeout_s: float = 30.0):
+        self.store, self.receiver, self.sender = store, receiver, sender
+        self.lease_s, self.transfer_timeout_s = lease_s, transfer_timeout_s
+        self._writes: dict[str, _Write] = {}
+        self._reads: dict[str, asyncio.Task] = {}
+        self._sweeper: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep(), name="kvstore-lease-sweeper")
+
+    async def stop(self) -> None:
+        if self._sweeper:
+            self._sweeper.cancel()
+        for tid in list(self._writes):
+            await self.release(tid)
+        for task in list(self._reads.values()):
+            task.cancel()
+        await asyncio.gather(*self._reads.values(), return_exceptions=True)
+
+    def lookup(self, fingerprint: bytes, hashes: list[bytes]) -> int:
+        return self.store.lookup(fingerprint, hashes)
+
+    def reserve_write(self, fingerprint: bytes, hashes: list[bytes], lease_ms: int = 0) -> tuple[list[int], TransferTicket | None]:
+        placed = self.store.reserve_write(fingerprint, hashes)
+        if not placed:
+            return [], None
+        tid = "w-" + uuid.uuid4().hex
+        accepted = [hashes[i] for i, _ in placed]
+        try:
+            ticket = self.receiver.expect(tid, [self.store.buffer(slot) for _, slot in placed])
+        except Exception:
+            self.store.abort_write(accepted)
+            raise
+        self._writes[tid] = _Write(accepted, time.time() + (lease_ms / 1000 if lease_ms else self.lease_s))
+        return [i for i, _ in placed], ticket
+
+    async def commit_write(self, transfer_id: str) -> int:
+        w = self._writes.get(transfer_id)
+        if w is None:
+            raise NotFoundError(f"no write {transfer_id!r} (expired or released)")
+        w.expires_at = float("inf")  # claimed: the transfer timeout bounds it now
+        try:
+            await self.receiver.wait(transfer_id, self.transfer_timeout_s)
+        except BaseException:
+            await self.release(transfer_id)
+            raise
+        await self.receiver.cancel(transfer_id)
+        del self._writes[transfer_id]
+        return self.store.commit(w.hashes)
+
+    def reserve_read(self, fingerprint: bytes, hashes: list[bytes], ticket: TransferTicket) -> int:
+        """Pin all of `hashes` and push them into `ticket`; 0 if any is gone."""
+        if len(hashes) != ticket.num_blocks or ticket.block_bytes != self.store.block_bytes:
+            raise TransferFailedError("read ticket does not match the requested blocks or this store's block size")
+        slots = self.store.pin(fingerprint, hashes)
+        if slots is None:
+            return 0
+        lease = ticket.transfer_id
+        task = asyncio.create_task(self._push(lease, hashes, slots, ticket))
+        self._reads[lease] = task
+        return len(slots)
+
+    async def _push(self, lease: str, hashes: list[bytes], slots: list[int], ticket: TransferTicket) -> None:
+        ok = False
+        try:
+            await self.sender.send(ticket, 0, [self.store.buffer(s) for s in slots], timeout=self.transfer_timeout_s)
+            ok = True
+        except Exception as e:
+            log.warning("read push %s failed: %s", lease, e)
+        finally:
+            self.store.unpin(hashes, read=ok)
+            self._reads.pop(lease, None)
+
+    async def release(self, lease_id: str) -> bool:
+        w = self._writes.pop(lease_id, None)
+        if w is not None:
+            if await self.receiver.cancel(lease_id):
+                self.store.abort_write(w.hashes)
+            else:
+                log.error("write %s could not be fenced; its slots stay reserved", lease_id)
+            return True
+        task = self._reads.get(lease_id)
+        if task is not None:
+            task.cancel()
+            return True
+        return False
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.time()
+            for tid, w in list(self._writes.items()):
+                if w.expires_at < now:
+                    log.warning("write lease %s expired; freeing %d slots", tid, len(w.hashes))
+                    await self.release(tid)
+
+    @property
+    def active_leases(self) -> int:
+        return len(self._writes) + len(self._reads)

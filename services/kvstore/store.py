@@ -1,0 +1,147 @@
+"""The KV block store: prefix-keyed blocks in preallocated CPU memory, LRU.
+
+Blocks are keyed by their chained hash (already salted with the model
+fingerprint) and also remember the fingerprint they were written under, so a
+block of one model or layout is never served to another even if a hash
+collided. An entry is WRITING until its transfer is verified, then READY and
+visible to lookups. Readers pin READY entries while a push reads them;
+eviction takes the least recently used READY, unpinned entry.
+"""
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+
+
+class State(enum.Enum):
+    WRITING = "writing"
+    READY = "ready"
+
+
+@dataclass
+class Entry:
+    slot: int
+    fingerprint: bytes
+    state: State = State.WRITING
+    pins: int = 0
+
+
+@dataclass
+class StoreStats:
+    lookups: int = 0
+    hit_blocks: int = 0
+    miss_blocks: int = 0
+    blocks_written: int = 0
+    blocks_read: int = 0
+    evictions: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+class BlockStore:
+    def __init__(self, capacity_blocks: int, block_bytes: int):
+        if capacity_blocks < 1 or block_bytes < 1:
+            raise ValueError("capacity_blocks and block_bytes must be >= 1")
+        self.block_bytes = block_bytes
+        self.slots = torch.zeros((capacity_blocks, block_bytes), dtype=torch.uint8)
+        self._free = list(range(capacity_blocks - 1, -1, -1))
+        self._entries: OrderedDict[bytes, Entry] = OrderedDict()  # LRU order: oldest first
+        self.stats = StoreStats()
+
+    @property
+    def capacity(self) -> int:
+        return self.slots.shape[0]
+
+    @property
+    def used(self) -> int:
+        return self.capacity - len(self._free)
+
+    def buffer(self, slot: int) -> torch.Tensor:
+        return self.slots[slot]
+
+    def _ready(self, fingerprint: bytes, h: bytes) -> Entry | None:
+        e = self._entries.get(h)
+        return e if e is not None and e.state is State.READY and e.fingerprint == fingerprint else None
+
+    def lookup(self, fingerprint: bytes, hashes: list[bytes]) -> int:
+        """Length of the longest READY prefix of `hashes`; refreshes their recency."""
+        n = 0
+        for h in hashes:
+            if self._ready(fingerprint, h) is None:
+                break
+            self._entries.move_to_end(h)
+            n += 1
+        self.stats.lookups += 1
+        self.stats.hit_blocks += n
+        self.stats.miss_blocks += len(hashes) - n
+        return n
+
+    def _evict_one(self) -> int | None:
+        for h, e in self._entries.items():
+            if e.state is State.READY and e.pins == 0:
+                del self._entries[h]
+                self.stats.evictions += 1
+                return e.slot
+        return None
+
+    def reserve_write(self, fingerprint: bytes, hashes: list[bytes]) -> list[tuple[int, int]]:
+        """Slots for the offered blocks the store lacks: [(index into hashes, slot)].
+
+        Stops at the first block it cannot place: a stored prefix must not have holes.
+        """
+        out: list[tuple[int, int]] = []
+        for i, h in enumerate(hashes):
+            e = self._entries.get(h)
+            if e is not None:
+                if e.fingerprint != fingerprint:
+                    break  # a colliding hash under another fingerprint: never mix
+                continue  # held or being written by someone else
+            slot = self._free.pop() if self._free else self._evict_one()
+            if slot is None:
+                break
+            self._entries[h] = Entry(slot, fingerprint)
+            out.append((i, slot))
+        return out
+
+    def commit(self, hashes: list[bytes]) -> int:
+        for h in hashes:
+            self._entries[h].state = State.READY
+            self._entries.move_to_end(h)
+        self.stats.blocks_written += len(hashes)
+        self.stats.bytes_in += len(hashes) * self.block_bytes
+        return len(hashes)
+
+    def abort_write(self, hashes: list[bytes]) -> None:
+        for h in hashes:
+            e = self._entries.get(h)
+            if e is not None and e.state is State.WRITING:
+                del self._entries[h]
+                self._free.append(e.slot)
+
+    def pin(self, fingerprint: bytes, hashes: list[bytes]) -> list[int] | None:
+        """Pin every block (all or none) for a read; their slots in order."""
+        entries = [self._ready(fingerprint, h) for h in hashes]
+        if any(e is None for e in entries):
+            return None
+        for h, e in zip(hashes, entries):
+            e.pins += 1
+            self._entries.move_to_end(h)
+        return [e.slot for e in entries]
+
+    def unpin(self, hashes: list[bytes], read: bool) -> None:
+        for h in hashes:
+            e = self._entries.get(h)
+            if e is not None and e.pins > 0:
+                e.pins -= 1
+        if read:
+            self.stats.blocks_read += len(hashes)
+            self.stats.bytes_out += len(hashes) * self.block_bytes
+
+    @property
+    def pinned(self) -> int:
+        return sum(1 for e in self._entries.values() if e.pins)
+

@@ -1,0 +1,179 @@
+"""The OpenAI-compatible HTTP API of the router (aiohttp, on the gRPC server's loop).
+
+POST /v1/completions and /v1/chat/completions (plain or server-sent events),
+GET /v1/models and GET /health. Every generation goes through
+`Router.generate`, as the gRPC Generate does: one validation, one routing and
+one cancellation path. Request bodies are translated by `openai_protocol`.
+
+A client that disconnects cancels its handler (handler_cancellation), and the
+router generator is closed with it, which cancels every downstream call.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from aiohttp import web
+
+from pdserve.common.errors import CapacityExhaustedError, InvalidRequestError, NotFoundError, NotReadyError
+from pdserve.router.openai_protocol import Kind, ResponseShaper, parse_request
+from pdserve.router.router import Event, Router
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotFoundError(NotFoundError):
+    """The request names a model no worker serves (OpenAI: 404 model_not_found)."""
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(exc: BaseException, kind: Kind | None = None) -> web.Response:
+    """OpenAI's error shape and status for an exception; internals never leak."""
+    if isinstance(exc, InvalidRequestError):
+        param = exc.field
+        if param.startswith("prompt"):  # the router's names for the prompt: prompt, prompt.chat, ...
+            param = "messages" if kind == "chat" else "prompt"
+        param = None if param == "body" else param
+        status, body = 400, error_body(str(exc), "invalid_request_error", param)
+    elif isinstance(exc, ModelNotFoundError):
+        status, body = 404, error_body(str(exc), "invalid_request_error", "model", "model_not_found")
+    elif isinstance(exc, CapacityExhaustedError):
+        status, body = 429, error_body(str(exc), "requests", None, "rate_limit_exceeded")
+    elif isinstance(exc, NotReadyError):
+        status, body = 503, error_body(str(exc), "server_error", None, "service_unavailable")
+    else:
+        incident = uuid.uuid4().hex[:12]
+        log.error("HTTP request failed (incident %s)", incident, exc_info=exc)
+        status, body = 500, error_body(f"internal error (incident {incident})", "server_error")
+    return web.json_response(body, status=status)
+
+
+class OpenAIServer:
+    """The HTTP server; port -1 disables it, 0 takes any free port (see `port` after start)."""
+
+    def __init__(self, router: Router, host: str, port: int, *, default_max_tokens: int,
+                 ready: Callable[[], bool], shutdown_timeout_s: float = 10.0):
+        self.router, self.host, self.requested_port = router, host, port
+        self.default_max_tokens, self.ready, self.shutdown_timeout_s = default_max_tokens, ready, shutdown_timeout_s
+        self.port: int | None = None
+        self.draining = False
+        self.created = int(time.time())
+        self._runner: web.AppRunner | None = None
+        self.app = web.Application(client_max_size=16 * 2**20)  # long prompts as token-id lists
+        self.app.add_routes([
+            web.post("/v1/completions", lambda r: self._generate(r, "completion")),
+            web.post("/v1/chat/completions", lambda r: self._generate(r, "chat")),
+            web.get("/v1/models", self._models),
+            web.get("/health", self._health),
+        ])
+
+    @property
+    def url(self) -> str | None:
+        return f"http://{self.host}:{self.port}/v1" if self.port is not None else None
+
+    async def start(self) -> None:
+        if self.requested_port < 0:
+            return
+        # handler_cancellation: a client that goes away cancels its handler,
+        # and so its router generator, instead of generating for nobody.
+        self._runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=self.shutdown_timeout_s)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.requested_port).start()
+        self.port = self._runner.addresses[0][1]
+
+    async def drain(self) -> None:
+        """Shutting down: /health answers 503 and new generations are refused."""
+        self.draining = True
+
+    async def stop(self) -> None:
+        """Stop listening; running requests get shutdown_timeout_s to finish."""
+        if self._runner is not None:
+            self.draining = True
+            await self._runner.cleanup()
+            self._runner, self.port = None, None
+
+    def served_models(self) -> list[str]:
+        """The model names the workers report (empty until a worker answered)."""
+        return sorted({w.info.model for w in self.router.pool.all if w.info is not None and w.info.model})
+
+    async def _health(self, request: web.Request) -> web.Response:
+        ok = self.ready() and not self.draining
+        return web.json_response({"status": "ok" if ok else "unavailable"}, status=200 if ok else 503)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        data = [{"id": m, "object": "model", "created": self.created, "owned_by": "pdserve"}
+                for m in self.served_models()]
+        return web.json_response({"object": "list", "data": data})
+
+    async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
+        try:
+            try:
+                body = await request.json()
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise InvalidRequestError("body", f"the body is not valid JSON: {e}") from None
+            req = parse_request(kind, body, self.default_max_tokens)
+            served = self.served_models()
+            if req.model is not None and served and req.model not in served:
+                raise ModelNotFoundError(f"The model `{req.model}` does not exist (served: {', '.join(served)})")
+            if self.draining:
+                raise NotReadyError("the server is shutting down")
+            shaper = ResponseShaper(kind, req.model or (served[0] if served else ""),
+                                    req.input.request_id, req.include_usage)
+            events = self.router.generate(req.input)
+            async with contextlib.aclosing(events):  # closing it cancels downstream calls
+                # Errors up to the first token (validation, capacity, no worker)
+                # get a real status code; only later ones arrive inside the stream.
+                first = await anext(events)
+                if req.stream:
+                    return await self._stream(request, shaper, first, events)
+                text, last = first.text, first
+                async for last in events:
+                    text += last.text
+                return web.json_response(shaper.full(text, last.finish_reason.value, last.usage))
+        except Exception as e:  # CancelledError (client gone) is a BaseException: not caught
+            return error_response(e, kind)
+
+    async def _stream(self, request: web.Request, shaper: ResponseShaper, first: Event,
+                      events: AsyncIterator[Event]) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        try:
+            async with contextlib.aclosing(_sse_chunks(shaper, first, events)) as chunks:
+                async for obj in chunks:
+                    data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
+                    await resp.write(f"data: {data}\n\n".encode())
+            await resp.write_eof()
+        except ConnectionError:
+            pass  # the client is gone; the caller's aclosing() cancels downstream
+        return resp
+
+
+async def _sse_chunks(shaper: ResponseShaper, first: Event, events: AsyncIterator[Event]) -> AsyncIterator[Any]:
+    """The stream's chunks, then "[DONE]"; a failure after the headers went out
+    is reported inside the stream, as OpenAI does."""
+    try:
+        if shaper.kind == "chat":
+            yield shaper.chunk(None, role=True)
+        ev: Event | None = first
+        while ev is not None:
+            if ev.text:
+                yield shaper.chunk(ev.text)
+            if ev.finish_reason is not None:
+                yield shaper.chunk(None, ev.finish_reason.value)
+                if shaper.include_usage:
+                    yield shaper.usage_chunk(ev.usage)
+                break
+            ev = await anext(events, None)
+        if ev is None:
+            raise NotReadyError("the stream ended without a finish reason")
+    except Exception as e:
+        yield json.loads(error_response(e).text)
+    yield "[DONE]"

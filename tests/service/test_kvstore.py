@@ -1,0 +1,72 @@
+"""The KV store in a running suite: multi-turn reuse, eviction pressure, store down."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from pdserve.v1 import common_pb2 as pb
+from pdserve.v1 import router_pb2 as rpb
+from tests.engine.prompts import text_of_tokens
+from tests.service.suite import inprocess_suite
+
+NO_LOCAL_CACHE = {"enable_prefix_caching": False}  # so any reuse must come from the store
+
+
+def _request(ids, rid, max_tokens=10):
+    return rpb.GenerateRequest(request_id=rid, token_ids=pb.TokenIds(ids=ids),
+                               sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0))
+
+
+async def _collect(stub, req):
+    tokens, last = [], None
+    async for r in stub.Generate(req):
+        tokens += r.token_ids
+        last = r
+    return tokens, last
+
+
+def _reference(model, ids, n=10):
+    with torch.inference_mode():
+        return model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids):].tolist()
+
+
+async def test_second_turn_loads_the_history_from_the_store(smollm2):
+    _, model, tokenizer = smollm2
+    turn1 = text_of_tokens(tokenizer, 600)
+    async with inprocess_suite(smollm2, store_blocks=256, prefill_kw=NO_LOCAL_CACHE) as suite:
+        answer, first = await _collect(suite.stub, _request(turn1, "t1"))
+        assert first.usage.cached_tokens == 0
+        await asyncio.sleep(0.5)  # write-back happens after the first token
+        turn2 = turn1 + answer + text_of_tokens(tokenizer, 40, offset=3)
+        tokens, last = await _collect(suite.stub, _request(turn2, "t2"))
+        assert last.usage.cached_tokens >= 600 // 16 * 16
+        assert tokens == _reference(model, turn2)
+        stats = await suite.store_stats()
+        assert stats.blocks_written >= 600 // 16 and stats.blocks_read >= 600 // 16
+        assert stats.active_leases == 0
+
+
+async def test_eviction_pressure_keeps_output_correct(smollm2):
+    _, model, tokenizer = smollm2
+    prompts = [text_of_tokens(tokenizer, 200, offset=i) for i in range(4)]
+    expected = [_reference(model, p) for p in prompts]
+    async with inprocess_suite(smollm2, store_blocks=8, prefill_kw=NO_LOCAL_CACHE) as suite:
+        for round_ in range(2):
+            results = await asyncio.gather(*(_collect(suite.stub, _request(p, f"{round_}-{i}"))
+                                             for i, p in enumerate(prompts)))
+            assert [t for t, _ in results] == expected
+            await asyncio.sleep(0.3)
+        stats = await suite.store_stats()
+        assert stats.evictions > 0 and stats.used_blocks <= 8 and stats.active_leases == 0
+        for load in await suite.loads():
+            assert load.free_blocks == load.total_blocks
+
+
+async def test_serving_continues_when_the_store_is_down(smollm2):
+    _, model, tokenizer = smollm2
+    ids = text_of_tokens(tokenizer, 100)
+    async with inprocess_suite(smollm2, prefill_kw={"kvstore": "127.0.0.1:1"}) as suite:
+        tokens, last = await _collect(suite.stub, _request(ids, "x"))
+        assert tokens == _reference(model, ids) and last.finish_reason == pb.FINISH_REASON_LENGTH
