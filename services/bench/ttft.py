@@ -45,7 +45,9 @@ def main(args) -> int:
     results = {"prompt_tokens": args.tokens, "reps": args.reps}
     for mode in ("colocated", "disaggregated"):
         log = io.StringIO()
-        with Suite(mode=mode, port=args.port, base_port=args.port + 10, kv_cache_gib=0.5, out=log) as suite:
+        # Force the disaggregated path (the cost model would prefill locally at idle).
+        with Suite(mode=mode, port=args.port, base_port=args.port + 10, kv_cache_gib=0.5, out=log,
+                   env={"PDSERVE_LOCAL_PREFILL": "never", "PDSERVE_HTTP_PORT": "0"}) as suite:
             results[mode] = asyncio.run(_measure(suite.router_target, args.tokens, args.reps))
         print(f"{mode:>14}: TTFT median {results[mode]['ttft_ms_median']:.0f} ms "
               f"(router-measured {results[mode]['router_ttft_ms_median']:.0f} ms) over {args.reps} prompts "

@@ -56,6 +56,7 @@ class WorkerRuntime:
 
     async def start(self) -> None:
         self.health = await add_health_service(self.server)
+        self.engine.warm_up()
         await self.engine.start()
         await self.server.start()
         await self.health.set_serving(True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -28,7 +29,9 @@ class Worker:
     info: pb.WorkerInfo | None = None
     load: pb.WorkerLoad | None = None
     inflight: int = 0  # requests the router has sent and not yet seen finish
+    inflight_tokens: int = 0  # their prompt tokens not yet prefilled (the poll lags behind)
     healthy: bool = False
+    rtt_ms: float = 0.0  # GetLoad round trip, moving average
 
     @property
     def worker_id(self) -> str:
@@ -68,7 +71,10 @@ class WorkerPool:
     async def refresh(self) -> None:
         async def one(w: Worker) -> None:
             try:
+                t = time.perf_counter()
                 r = await w.stub.GetLoad(pb.GetLoadRequest(), timeout=max(1.0, 4 * self.poll_s))
+                rtt = (time.perf_counter() - t) * 1e3
+                w.rtt_ms = 0.8 * w.rtt_ms + 0.2 * rtt if w.rtt_ms else rtt
                 w.info, w.load, w.healthy = r.info, r.load, True
             except grpc.aio.AioRpcError as e:
                 if w.healthy:

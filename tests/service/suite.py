@@ -45,8 +45,9 @@ class InProcessSuite:
 @contextlib.asynccontextmanager
 async def inprocess_suite(smollm2, mode: str = "disaggregated", *, prefill_workers: int = 1,
                           store_blocks: int = 0, prefill_kw: dict | None = None,
-                          **worker_kw) -> AsyncIterator[InProcessSuite]:
-    """store_blocks > 0 adds a KV store of that many blocks; prefill_kw overrides prefill settings."""
+                          router_kw: dict | None = None, **worker_kw) -> AsyncIterator[InProcessSuite]:
+    """store_blocks > 0 adds a KV store of that many blocks; prefill_kw and router_kw
+    override settings. The router always disaggregates unless router_kw says otherwise."""
     ref, _, tokenizer = smollm2
 
     def engine_for(config: WorkerConfig) -> LLMEngine:
@@ -103,7 +104,8 @@ async def inprocess_suite(smollm2, mode: str = "disaggregated", *, prefill_worke
             stack.push_async_callback(stop_prefill)
 
     rcfg = RouterConfig(port=0, http_port=0, mode=mode, decode_targets=[f"127.0.0.1:{decode_rt.port}"],
-                        prefill_targets=[f"127.0.0.1:{rt.port}" for rt in prefill], load_poll_s=0.2)
+                        prefill_targets=[f"127.0.0.1:{rt.port}" for rt in prefill], load_poll_s=0.2,
+                        **{"local_prefill": "never", **(router_kw or {})})
     router = RouterRuntime(rcfg, tokenizer, 2048)
     await router.start(ready_timeout_s=30)
     stack.push_async_callback(router.stop)

@@ -89,13 +89,38 @@ class AsyncEngine:
         before = self.engine.computed_tokens
         t = time.perf_counter()
         outputs = self.engine.step()
-        dt = time.perf_counter() - t
-        self.step_ms_ewma = 0.9 * self.step_ms_ewma + 0.1 * dt * 1e3 if self.step_ms_ewma else dt * 1e3
-        n = self.engine.computed_tokens - before
-        if n > 32:  # a prefill-heavy step
-            tps = n / dt
-            self.prefill_tps_ewma = 0.8 * self.prefill_tps_ewma + 0.2 * tps if self.prefill_tps_ewma else tps
+        self._observe(self.engine.computed_tokens - before, time.perf_counter() - t)
         return outputs
+
+    def _observe(self, tokens: int, seconds: float) -> None:
+        """Moving averages the router's cost model reads from the worker's load:
+        the time of a decode-sized step, and prefill tokens/s of large steps."""
+        if tokens <= 32:
+            ms = seconds * 1e3
+            self.step_ms_ewma = 0.9 * self.step_ms_ewma + 0.1 * ms if self.step_ms_ewma else ms
+        else:
+            tps = tokens / seconds
+            self.prefill_tps_ewma = 0.8 * self.prefill_tps_ewma + 0.2 * tps if self.prefill_tps_ewma else tps
+
+    def warm_up(self, tokens: int = 256, rounds: int = 3) -> None:
+        """Run short and long prompts before serving: the first round pays first-call
+        costs; the best of the later rounds seeds the cost model (the best, since
+        a busy neighbour only ever makes a measurement slower)."""
+        from pdserve.common.engine.sampling_params import SamplingParams
+
+        vocab = self.engine.model.config.vocab_size
+        best = {1: float("inf"), tokens: float("inf")}
+        for r in range(rounds + 1):
+            for n in best:
+                prompt = [(100 + 31 * i + 7 * r) % vocab for i in range(n)]
+                self.engine.add_request(prompt, SamplingParams(max_tokens=1), request_id=f"warm-up-{n}-{time.time_ns()}")
+                t = time.perf_counter()
+                while self.engine.has_unfinished():
+                    self.engine.step()
+                if r:
+                    best[n] = min(best[n], time.perf_counter() - t)
+        self.step_ms_ewma = best[1] * 1e3
+        self.prefill_tps_ewma = tokens / best[tokens]
 
     def _fail_all(self, error: BaseException) -> None:
         for rid, q in list(self._queues.items()):

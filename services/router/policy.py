@@ -1,0 +1,102 @@
+"""Routing policy: where a request's prefill runs, and on which workers.
+
+Everything is priced in estimated milliseconds from what the workers report
+(measured prefill throughput, queued tokens, running sequences) and what the
+router measures itself (the extra hop of a disaggregated request), so the
+trade-offs stay right on other hardware without retuning constants:
+
+- a worker's prefill cost = (its queued tokens + the prompt tokens it does
+  not have cached) / its measured prefill tokens/s; the router picks the
+  cheapest, which sends shared prefixes to the worker holding them until its
+  queue makes another worker cheaper (cache affinity without pile-ups);
+- prefill locally on the decode worker when that is cheaper than going to a
+  prefill worker, counting the stall a local prefill imposes on every stream
+  the decode worker is running (each waits that long for its next token).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from pdserve.router.worker_pool import Worker
+
+DEFAULT_PREFILL_TPS = 1000.0  # used only until a worker reports a measurement
+
+
+class PrefixIndex:
+    """Which block hashes the router has sent to each worker (an LRU estimate of
+    its prefix cache, as SGLang's and Dynamo's routers keep)."""
+
+    def __init__(self, max_blocks_per_worker: int = 200_000):
+        self.max_blocks = max_blocks_per_worker
+        self._by_worker: dict[str, OrderedDict[bytes, None]] = {}
+
+    def overlap(self, worker_id: str, hashes: list[bytes]) -> int:
+        """Leading blocks of `hashes` the worker probably holds."""
+        held = self._by_worker.get(worker_id)
+        n = 0
+        if held:
+            for h in hashes:
+                if h not in held:
+                    break
+                n += 1
+        return n
+
+    def size(self, worker_id: str) -> int:
+        return len(self._by_worker.get(worker_id, ()))
+
+    def record(self, worker_id: str, hashes: list[bytes]) -> None:
+        held = self._by_worker.setdefault(worker_id, OrderedDict())
+        for h in hashes:
+            held[h] = None
+            held.move_to_end(h)
+        while len(held) > self.max_blocks:
+            held.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class Choice:
+    worker: Worker
+    cost_ms: float
+    cached_blocks: int
+
+
+def prefill_tps(w: Worker) -> float:
+    return (w.load.prefill_tokens_per_s if w.load and w.load.prefill_tokens_per_s else 0.0) or DEFAULT_PREFILL_TPS
+
+
+def step_ms(w: Worker) -> float:
+    """A forward pass's fixed cost on this worker (reading the weights once)."""
+    return w.load.decode_step_ms if w.load else 0.0
+
+
+def prefill_cost_ms(w: Worker, prompt_tokens: int, cached_tokens: int) -> float:
+    """Time to this prompt's first token on `w`: its queue, then one pass over what it lacks."""
+    queued = (w.load.waiting_tokens if w.load else 0) + w.inflight_tokens
+    return step_ms(w) + 1000.0 * (queued + max(0, prompt_tokens - cached_tokens)) / prefill_tps(w)
+
+
+def cheapest(workers: list[Worker], index: PrefixIndex, hashes: list[bytes], prompt_tokens: int,
+             block_size: int, tolerance: float = 1.0) -> Choice:
+    """The cheapest worker; among those within `tolerance` of it (measured costs are
+    noisy; a cached prefix is cheaper by far more), the one whose
+    cache the router has filled least, so distinct prefixes spread out while a
+    worker that holds this prefix (much cheaper) keeps it."""
+    choices = []
+    for w in workers:
+        cached = index.overlap(w.worker_id, hashes)
+        choices.append(Choice(w, prefill_cost_ms(w, prompt_tokens, cached * block_size), cached))
+    best = min(c.cost_ms for c in choices)
+    near = [c for c in choices if c.cost_ms <= best * (1 + tolerance)]
+    return min(near, key=lambda c: (index.size(c.worker.worker_id), c.cost_ms))
+
+
+def local_prefill_cost_ms(decode: Choice, uncached_tokens: int) -> float:
+    """Time to first token on the decode worker, plus the stall its prefill adds
+    to the next token of every stream that worker is running."""
+    running = decode.worker.load.running_seqs if decode.worker.load else 0
+    return decode.cost_ms + running * 1000.0 * uncached_tokens / prefill_tps(decode.worker)
+
+
+def remote_prefill_cost_ms(prefill: Choice, hop_ms: float) -> float:
+    return prefill.cost_ms + hop_ms
