@@ -17,6 +17,8 @@ class RouterConfig(ServiceConfig):
     prefill_targets: list[str] = option(default_factory=list, help="prefill workers, host:port")
     decode_targets: list[str] = option(default_factory=list, help="decode (or colocated) workers, host:port")
     model: str = option("", help="the workers' model, for the tokenizer (default: bundled SmolLM2)")
+    local_prefill: Literal["auto", "always", "never"] = option(
+        "auto", help="disaggregated mode: let the decode worker prefill when the cost model says it is faster")
     max_inflight: int = option(256, help="requests in flight at most; more get RESOURCE_EXHAUSTED")
     default_max_tokens: int = option(256, help="max_tokens when a request leaves it unset")
     load_poll_s: float = option(0.5, help="how often worker loads are refreshed")

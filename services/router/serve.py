@@ -32,7 +32,8 @@ class RouterRuntime:
         self.pool = WorkerPool.connect(
             config.prefill_targets if config.mode == "disaggregated" else [], config.decode_targets, config.load_poll_s)
         self.router = Router(tokenizer, self.pool, mode=config.mode, max_model_len=max_model_len,
-                             max_inflight=config.max_inflight, rpc_timeout_s=config.rpc_timeout_s)
+                             max_inflight=config.max_inflight, rpc_timeout_s=config.rpc_timeout_s,
+                             local_prefill=config.local_prefill)
         self.server = create_server()
         router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(self.router, config.default_max_tokens), self.server)
         self.port = bind(self.server, config.host, config.port)
@@ -44,8 +45,8 @@ class RouterRuntime:
     async def start(self, ready_timeout_s: float = 600.0) -> None:
         self.health = await add_health_service(self.server)
         await self.pool.start()
-        await self.server.start()
         await self.http.start()  # before the workers are ready: /health says 503 until then
+        await self.server.start()
         deadline = asyncio.get_running_loop().time() + ready_timeout_s
         while not self.pool.ready(self.config.mode == "disaggregated"):
             if asyncio.get_running_loop().time() > deadline:
