@@ -47,16 +47,9 @@ def _dial(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # a wildcard is not dialable
 
 
-def kvstore_available(python: str = sys.executable) -> bool:
-    """Whether this install has `pdserve serve kvstore` (it is optional, not built yet)."""
-    probe = subprocess.run([python, "-m", "pdserve", "serve", "kvstore", "--help"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
-    return probe.returncode == 0
-
-
 def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, model: str | None = None,
          host: str = "127.0.0.1", port: int = 50051, base_port: int = 50061, kv_cache_gib: float | None = None,
-         kvstore: bool = False, log_level: str | None = None, python: str = sys.executable) -> list[Service]:
+         kvstore: bool = True, log_level: str | None = None, python: str = sys.executable) -> list[Service]:
     """The services of a suite, with their command lines; validates the shape."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
@@ -73,19 +66,21 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
     services = [Service("model", (python, "-c", "import sys; from pdserve.common import model_loader; "
                                   "print('model ready:', model_loader.resolve(sys.argv[1] or None).path)",
                                   model or ""), None, 0)]
+    kvstore = kvstore and prefill > 0  # the store serves prefill workers
     ports = iter(range(base_port, base_port + prefill + decode + 1))
     targets: dict[str, list[str]] = {"prefill": [], "decode": []}
+    store_port = base_port + prefill + decode
+    store = ("--kvstore", f"{_dial(host)}:{store_port}") if kvstore else ()
     for role, count in (("prefill", prefill), ("decode", decode)):
         for i in range(count):
             p, name = next(ports), f"{role}-{i}"
-            extra = ("--role", "colocated") if mode == "colocated" else ()
+            extra = ("--role", "colocated") if mode == "colocated" else store if role == "prefill" else ()
             services.append(Service(name, (*serve, role, "--host", host, "--port", str(p), "--worker-id", name,
                                            *common, *kv, *extra), f"{_dial(host)}:{p}", 1))
             targets[role].append(f"{_dial(host)}:{p}")
     if kvstore:
-        p = next(ports)
-        services.append(Service("kvstore", (*serve, "kvstore", "--host", host, "--port", str(p)),
-                                f"{_dial(host)}:{p}", 1))
+        services.append(Service("kvstore", (*serve, "kvstore", "--host", host, "--port", str(store_port), *common),
+                                f"{_dial(host)}:{store_port}", 1))
     # List flags take one value per target (the config parser's nargs="*").
     pre = ("--prefill-targets", *targets["prefill"]) if prefill else ()
     services.append(Service("router", (*serve, "router", "--host", host, "--port", str(port), "--mode", mode,
@@ -283,8 +278,8 @@ def add_up_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=50051, help="the router's gRPC port")
     parser.add_argument("--base-port", type=int, default=50061, help="workers take consecutive ports from here")
     parser.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache per worker")
-    parser.add_argument("--kvstore", action=argparse.BooleanOptionalAction, default=False,
-                        help="also start the KV store, when this install has it (default: off)")
+    parser.add_argument("--kvstore", action=argparse.BooleanOptionalAction, default=True,
+                        help="start the shared KV store for the prefill workers (disaggregated mode)")
     parser.add_argument("--log-dir", default=None, help="also write each service's log to DIR/NAME.log")
     parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds (the first start converts the model)")
     parser.add_argument("--grace", type=float, default=15.0, help="seconds between SIGTERM and SIGKILL")
@@ -292,9 +287,6 @@ def add_up_args(parser: argparse.ArgumentParser) -> None:
 
 def run_up(args: argparse.Namespace) -> int:
     kvstore = args.kvstore
-    if kvstore and not kvstore_available():
-        print("pdserve up: `pdserve serve kvstore` is not available; starting without the KV store", file=sys.stderr)
-        kvstore = False
     try:
         services = plan(args.mode, args.prefill, args.decode, model=args.model, host=args.host, port=args.port,
                         base_port=args.base_port, kv_cache_gib=args.kv_cache_gib, kvstore=kvstore,

@@ -6,16 +6,18 @@ GET /v1/models and GET /health. Every generation goes through
 one cancellation path. Request bodies are translated by `openai_protocol`.
 
 A client that disconnects cancels its handler (handler_cancellation), and the
-router generator is closed with it, which cancels every downstream call.
+router generator is closed with it, which cancels every downstream call. On
+shutdown, running generations get the router's grace period, then the same.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -56,6 +58,18 @@ def error_response(exc: BaseException, kind: Kind | None = None) -> web.Response
     return web.json_response(body, status=status)
 
 
+@web.middleware
+async def openai_errors(request: web.Request, handler) -> web.StreamResponse:
+    """aiohttp's own errors (unknown path, wrong method, body too large) in OpenAI's shape."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        message = f"{e.reason}: {request.method} {request.path}"
+        return web.json_response(error_body(message, "invalid_request_error"), status=e.status)
+
+
 class OpenAIServer:
     """The HTTP server; port -1 disables it, 0 takes any free port (see `port` after start)."""
 
@@ -67,10 +81,13 @@ class OpenAIServer:
         self.draining = False
         self.created = int(time.time())
         self._runner: web.AppRunner | None = None
-        self.app = web.Application(client_max_size=16 * 2**20)  # long prompts as token-id lists
+        self._inflight: set[asyncio.Task] = set()  # generation handlers, for the shutdown grace
+        self._drained: asyncio.Task | None = None
+        # 16 MiB: long prompts sent as token-id lists.
+        self.app = web.Application(client_max_size=16 * 2**20, middlewares=[openai_errors])
         self.app.add_routes([
-            web.post("/v1/completions", lambda r: self._generate(r, "completion")),
-            web.post("/v1/chat/completions", lambda r: self._generate(r, "chat")),
+            web.post("/v1/completions", self._completions),
+            web.post("/v1/chat/completions", self._chat),
             web.get("/v1/models", self._models),
             web.get("/health", self._health),
         ])
@@ -84,21 +101,39 @@ class OpenAIServer:
             return
         # handler_cancellation: a client that goes away cancels its handler,
         # and so its router generator, instead of generating for nobody.
-        self._runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=self.shutdown_timeout_s)
+        # The grace period is ours (drain); aiohttp's own would wait up to twice its timeout.
+        self._runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=1.0)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.requested_port).start()
         self.port = self._runner.addresses[0][1]
 
     async def drain(self) -> None:
-        """Shutting down: /health answers 503 and new generations are refused."""
-        self.draining = True
+        """Begin a graceful stop (SIGTERM): stop listening, answer 503 on open
+        connections, and give running generations shutdown_timeout_s to finish."""
+        if self._runner is not None and self._drained is None:
+            self.draining = True
+            self._drained = asyncio.create_task(self._drain(self._runner))
+
+    async def _drain(self, runner: web.AppRunner) -> None:
+        for site in runner.sites:
+            await site.stop()
+        if self._inflight:
+            await asyncio.wait(set(self._inflight), timeout=self.shutdown_timeout_s)
 
     async def stop(self) -> None:
-        """Stop listening; running requests get shutdown_timeout_s to finish."""
-        if self._runner is not None:
-            self.draining = True
-            await self._runner.cleanup()
-            self._runner, self.port = None, None
+        """Drain (if not begun yet) and wait for it; generations still running
+        then are cancelled, which cancels their downstream calls."""
+        if self._runner is None:
+            return
+        await self.drain()
+        await self._drained
+        late = set(self._inflight)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late, timeout=10)  # their cleanup releases KV reservations
+        await self._runner.cleanup()
+        self._runner = self._drained = self.port = None
 
     def served_models(self) -> list[str]:
         """The model names the workers report (empty until a worker answered)."""
@@ -112,6 +147,20 @@ class OpenAIServer:
         data = [{"id": m, "object": "model", "created": self.created, "owned_by": "pdserve"}
                 for m in self.served_models()]
         return web.json_response({"object": "list", "data": data})
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._tracked(self._generate(request, "completion"))
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._tracked(self._generate(request, "chat"))
+
+    async def _tracked(self, handler: Awaitable[web.StreamResponse]) -> web.StreamResponse:
+        task = asyncio.current_task()  # aiohttp runs each request in a task of its own
+        self._inflight.add(task)
+        try:
+            return await handler
+        finally:
+            self._inflight.discard(task)
 
     async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         try:
@@ -138,6 +187,8 @@ class OpenAIServer:
                 async for last in events:
                     text += last.text
                 return web.json_response(shaper.full(text, last.finish_reason.value, last.usage))
+        except web.HTTPException:
+            raise  # e.g. body too large: the middleware shapes it
         except Exception as e:  # CancelledError (client gone) is a BaseException: not caught
             return error_response(e, kind)
 

@@ -221,3 +221,20 @@ def test_receiver_costs_no_cpu_when_idle(rx):
     # The progress loop parks when nothing is in flight (ucxx's polling mode would
     # keep a core at 100%).
     assert rx("idle_cpu", 0.5) < 0.1
+
+
+def test_dead_receiver_gives_the_sender_a_timeout_not_a_crash(rx, tx):
+    doomed = Peer("recv")
+    doomed.ready()
+    first, second = doomed("expect", "t-a", [0]), doomed("expect", "t-b", [1])
+    assert tx("send", first, 0, 1, 7, 10.0, False) is None  # endpoint established
+    doomed.proc.kill()
+    doomed.proc.join(10)
+    # Endpoint error handling is off (for speed), so UCX does not report the death:
+    # the transfer timeout does.
+    err = tx("send", second, 0, 1, 7, 1.0, False)
+    assert err[:2] == ("err", "TransferTimeoutError")
+    ticket = rx("expect", "t-after", [4])  # the sender still serves live receivers
+    assert tx("send", ticket, 0, 1, 8, 10.0, False) is None
+    assert rx("wait", "t-after", 5.0) == "DONE"
+    rx("cancel", "t-after")

@@ -72,8 +72,8 @@ def test_flags_and_defaults():
     args = parse()
     assert (args.mode, args.prefill, args.decode, args.host, args.port, args.base_port) == (
         "disaggregated", 1, 1, "127.0.0.1", 50051, 50061)
-    assert args.kvstore is False and args.ready_timeout == 300 and args.log_dir is None
-    assert parse("--kvstore").kvstore and not parse("--kvstore", "--no-kvstore").kvstore
+    assert args.kvstore is True and args.ready_timeout == 300 and args.log_dir is None
+    assert parse("--kvstore").kvstore and not parse("--no-kvstore").kvstore
     with pytest.raises(SystemExit):
         parse("--mode", "bogus")
 
@@ -81,11 +81,14 @@ def test_flags_and_defaults():
 def test_disaggregated_plan():
     services = launcher.plan("disaggregated", 2, 1, model="/m", kv_cache_gib=0.5, python="py")
     by_name = {s.name: s for s in services}
-    assert [s.name for s in services] == ["model", "prefill-0", "prefill-1", "decode-0", "router"]
-    assert [s.stage for s in services] == [0, 1, 1, 1, 2]  # model, then workers, then router
+    assert [s.name for s in services] == ["model", "prefill-0", "prefill-1", "decode-0", "kvstore", "router"]
+    assert [s.stage for s in services] == [0, 1, 1, 1, 1, 2]  # model, then workers and store, then router
     assert by_name["prefill-1"].argv == ("py", "-m", "pdserve", "serve", "prefill", "--host", "127.0.0.1",
                                          "--port", "50062", "--worker-id", "prefill-1",
-                                         "--model", "/m", "--kv-cache-gib", "0.5")
+                                         "--model", "/m", "--kv-cache-gib", "0.5", "--kvstore", "127.0.0.1:50064")
+    assert by_name["kvstore"].argv[-4:] == ("--port", "50064", "--model", "/m")
+    assert "--kvstore" not in by_name["decode-0"].argv
+    assert "kvstore" not in [s.name for s in launcher.plan("disaggregated", 1, 1, kvstore=False, python="py")]
     router = " ".join(by_name["router"].argv)
     assert "--mode disaggregated" in router and "--port 50051" in router
     assert "--prefill-targets 127.0.0.1:50061 127.0.0.1:50062 --decode" in router

@@ -1,0 +1,144 @@
+"""The router's OpenAI-compatible HTTP API, spoken to by the official `openai` client.
+
+One in-process suite (real gRPC, UCX, SmolLM2) serves the whole module; the
+router's HTTP server listens on a free port.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import openai
+import pytest
+import pytest_asyncio
+
+from pdserve.v1 import common_pb2 as pb
+from pdserve.v1 import router_pb2 as rpb
+from tests.service.suite import inprocess_suite
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+CHAT = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Name a color."}]
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def suite(smollm2):
+    async with inprocess_suite(smollm2, "disaggregated") as s:
+        yield s
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def client(suite):
+    async with openai.AsyncOpenAI(base_url=suite.router.http.url, api_key="unused", max_retries=0) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def model(smollm2):
+    return smollm2[0].name
+
+
+async def test_models_and_health(suite, client, model):
+    listed = [m async for m in client.models.list()]
+    assert [(m.id, m.object, m.owned_by) for m in listed] == [(model, "model", "pdserve")]
+    async with aiohttp.ClientSession() as http:
+        async with http.get(suite.router.http.url.removesuffix("/v1") + "/health") as r:
+            assert r.status == 200
+
+
+async def test_streamed_chat_completion_with_usage(client, model):
+    stream = await client.chat.completions.create(
+        model=model, messages=CHAT, max_tokens=8, temperature=0, stream=True,
+        stream_options={"include_usage": True})
+    chunks = [c async for c in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
+    assert all(c.object == "chat.completion.chunk" and c.model == model for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert text and finish in (["stop"], ["length"])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens <= 8
+    assert chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + chunks[-1].usage.completion_tokens
+
+
+async def test_streamed_completion_equals_the_unstreamed_one(client, model):
+    kw = dict(model=model, prompt="The capital of France is", max_tokens=6, temperature=0)
+    whole = await client.completions.create(**kw)
+    stream = await client.completions.create(**kw, stream=True)
+    chunks = [c async for c in stream]
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert all(c.id.startswith("cmpl-") and c.object == "text_completion" for c in chunks)
+
+
+async def test_unstreamed_completion_reports_usage_and_takes_token_ids(client, model, smollm2):
+    ids = smollm2[2].encode("Once upon a time", add_special_tokens=False)
+    r = await client.completions.create(model=model, prompt=ids, max_tokens=5, temperature=0,
+                                        extra_body={"ignore_eos": True})
+    assert r.id.startswith("cmpl-") and r.object == "text_completion" and r.model == model
+    assert r.choices[0].finish_reason == "length" and r.choices[0].text
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (len(ids), 5, len(ids) + 5)
+
+
+async def test_greedy_chat_equals_the_grpc_path(suite, client, model):
+    r = await client.chat.completions.create(model=model, messages=CHAT, max_completion_tokens=12, temperature=0)
+    chat = rpb.Chat(messages=[rpb.ChatMessage(**m) for m in CHAT])
+    req = rpb.GenerateRequest(chat=chat, sampling=pb.SamplingParams(max_tokens=12, temperature=0.0))
+    grpc_text = "".join([m.text async for m in suite.stub.Generate(req)])
+    assert r.choices[0].message.role == "assistant" and r.object == "chat.completion"
+    assert r.choices[0].message.content == grpc_text
+
+
+@pytest.mark.parametrize("endpoint, body, status, param", [
+    ("chat", {"messages": CHAT, "temperature": -1}, 400, "temperature"),
+    ("chat", {"messages": CHAT, "top_p": 2}, 400, "top_p"),
+    ("chat", {"messages": CHAT, "temperature": "hot"}, 400, "temperature"),
+    ("chat", {"messages": []}, 400, "messages"),
+    ("chat", {"messages": CHAT, "n": 2}, 400, "n"),
+    ("completion", {"prompt": ""}, 400, "prompt"),
+    ("completion", {"prompt": ["one", "two"]}, 400, "prompt"),
+    ("completion", {"prompt": [1, 10**9]}, 400, "prompt"),
+    ("completion", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("completion", {"prompt": "hi", "model": "gpt-4o"}, 404, "model"),
+])
+async def test_bad_input_gets_an_openai_error_naming_the_field(client, model, endpoint, body, status, param):
+    create = client.chat.completions.create if endpoint == "chat" else client.completions.create
+    with pytest.raises(openai.APIStatusError) as e:
+        await create(**{"model": model, **body})
+    assert e.value.status_code == status
+    error = e.value.response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+    if status == 404:
+        assert error["code"] == "model_not_found"
+
+
+async def test_malformed_json_is_a_400(suite):
+    async with aiohttp.ClientSession() as http:
+        async with http.post(suite.router.http.url + "/chat/completions", data=b"{not json",
+                             headers={"Content-Type": "application/json"}) as r:
+            assert r.status == 400
+            error = (await r.json())["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_client_disconnect_cancels_downstream(suite, client, model, stream):
+    kw = dict(model=model, prompt="Count: 1, 2, 3,", max_tokens=400, temperature=0, extra_body={"ignore_eos": True})
+    if stream:
+        got = 0
+        async with await client.completions.create(**kw, stream=True) as chunks:
+            async for _ in chunks:
+                got += 1
+                if got == 3:
+                    break  # leaving the block closes the connection
+    else:
+        with pytest.raises(asyncio.TimeoutError):  # the client gives up and hangs up
+            await asyncio.wait_for(client.completions.create(**kw), 1.0)
+    for _ in range(100):
+        loads = await suite.loads()
+        if suite.router.router.inflight == 0 and all(
+                l.free_blocks == l.total_blocks and l.running_seqs == 0 for l in loads):
+            break
+        await asyncio.sleep(0.05)
+    assert suite.router.router.inflight == 0
+    assert all(l.free_blocks == l.total_blocks and l.running_seqs == 0 for l in loads), loads

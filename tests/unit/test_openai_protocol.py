@@ -1,0 +1,71 @@
+"""OpenAI request bodies -> router input: defaults, aliases and rejections."""
+from __future__ import annotations
+
+import pytest
+
+from pdserve.common.errors import InvalidRequestError
+from pdserve.router.openai_protocol import ResponseShaper, parse_request
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+def test_defaults_follow_openai_not_the_engine():
+    req = parse_request("chat", {"model": "m", "messages": USER}, default_max_tokens=77)
+    assert req.input.params.temperature == 1.0  # OpenAI's default: sampling, not greedy
+    assert req.input.params.max_tokens == 77  # the router's --default-max-tokens
+    assert (req.model, req.stream, req.include_usage) == ("m", False, False)
+
+
+def test_max_completion_tokens_wins_over_max_tokens_in_chat():
+    req = parse_request("chat", {"messages": USER, "max_tokens": 5, "max_completion_tokens": 9}, 256)
+    assert req.input.params.max_tokens == 9
+    with pytest.raises(InvalidRequestError) as e:
+        parse_request("chat", {"messages": USER, "max_completion_tokens": 0}, 256)
+    assert e.value.field == "max_completion_tokens"
+
+
+def test_prompts_text_token_ids_and_batches_of_one():
+    assert parse_request("completion", {"prompt": "a"}, 8).input.text == "a"
+    assert parse_request("completion", {"prompt": [1, 2]}, 8).input.token_ids == [1, 2]
+    assert parse_request("completion", {"prompt": [[1, 2]]}, 8).input.token_ids == [1, 2]
+    assert parse_request("completion", {"prompt": ["a"]}, 8).input.text == "a"
+
+
+def test_chat_content_parts_and_developer_role():
+    messages = [{"role": "developer", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    req = parse_request("chat", {"messages": messages}, 8)
+    assert req.input.messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"}]
+
+
+def test_stop_string_or_list_and_stream_options():
+    req = parse_request("completion", {"prompt": "a", "stop": "\n", "stream": True,
+                                       "stream_options": {"include_usage": True}, "user": "ignored"}, 8)
+    assert req.input.params.stop == ("\n",) and req.stream and req.include_usage
+    assert parse_request("completion", {"prompt": "a", "stop": ["x", "y"]}, 8).input.params.stop == ("x", "y")
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"prompt": "a", "n": 3}, "n"),
+    ({"prompt": [[1], [2]]}, "prompt"),
+    ({"prompt": "a", "logprobs": 2}, "logprobs"),
+    ({"prompt": "a", "max_tokens": True}, "max_tokens"),
+    ({"prompt": "a", "seed": -1}, "seed"),
+    ({"prompt": "a", "stop": 3}, "stop"),
+    ({"prompt": "a", "stream": "yes"}, "stream"),
+    ([1, 2], "body"),
+])
+def test_rejections_name_the_field(body, field):
+    with pytest.raises(InvalidRequestError) as e:
+        parse_request("completion", body, 8)
+    assert e.value.field == field
+
+
+def test_shapes_match_openai():
+    s = ResponseShaper("chat", "m", "abc", include_usage=True)
+    assert s.chunk(None, role=True)["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert s.chunk("x")["usage"] is None and s.chunk("x")["object"] == "chat.completion.chunk"
+    assert s.usage_chunk((3, 2, 1))["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
+                                                 "prompt_tokens_details": {"cached_tokens": 1}}
+    full = ResponseShaper("completion", "m", "abc").full("t", "length", (1, 1, 0))
+    assert full["id"] == "cmpl-abc" and full["choices"][0]["text"] == "t" and full["object"] == "text_completion"
