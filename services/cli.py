@@ -102,6 +102,12 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _bench(name: str, args) -> int:
+    import importlib
+
+    return importlib.import_module(f"pdserve.bench.{name}").main(args)
+
+
 def cmd_bench_ttft(args) -> int:
     from pdserve.bench import ttft
 
@@ -171,6 +177,23 @@ def build_parser() -> argparse.ArgumentParser:
     ttft.add_argument("--port", type=int, default=51051)
     ttft.add_argument("--json", default=None)
     ttft.set_defaults(func=cmd_bench_ttft)
+    mt = bench_sub.add_parser("multiturn", help="multi-turn TTFT with the prefix cache vs cold")
+    mt.add_argument("--turns", type=int, default=6)
+    mt.add_argument("--system-tokens", type=int, default=400)
+    mt.add_argument("--user-tokens", type=int, default=120)
+    mt.add_argument("--answer-tokens", type=int, default=48)
+    mt.add_argument("--local-prefill", choices=["auto", "always", "never"], default="never",
+                    help="the router's policy (never: exercise the prefill workers and the KV store)")
+    mt.add_argument("--port", type=int, default=52051)
+    mt.add_argument("--json", default=None)
+    mt.set_defaults(func=lambda a: _bench("multiturn", a))
+    cond = bench_sub.add_parser("conditional", help="is the router's local-prefill choice the faster path?")
+    cond.add_argument("--short", type=int, default=24, help="short prompt tokens")
+    cond.add_argument("--long", type=int, default=1000, help="long prompt tokens")
+    cond.add_argument("--streams", type=int, default=4, help="streams keeping the decode worker busy")
+    cond.add_argument("--port", type=int, default=53051)
+    cond.add_argument("--json", default=None)
+    cond.set_defaults(func=lambda a: _bench("conditional", a))
     return parser
 
 
