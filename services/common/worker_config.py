@@ -28,6 +28,8 @@ class WorkerConfig(ServiceConfig):
     lease_ms: int = option(30_000, help="a KV reservation expires if unused this long")
     transfer_timeout_s: float = option(30.0, help="a KV transfer fails if not done this long after decode asks")
     kvstore: str = option("", help="KV store host:port; empty: no shared store")
+    router: list[str] = option(default_factory=list, help="routers to register with and heartbeat to, host:port")
+    advertise_host: str = option("", help="address routers use to reach this worker (default: --host)")
     transport: Literal["ucx", "loopback"] = option("ucx", help="KV data plane (loopback: one process only, for tests)")
     grace_s: float = option(10.0, help="on SIGTERM, seconds in-flight requests get to finish")
 

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from pdserve.common import convert
 from pdserve.common.engine.async_engine import AsyncEngine
 from pdserve.common.engine.engine import LLMEngine
+from pdserve.common.registration import Registration
 from pdserve.common.server import add_health_service, bind, create_server, serve_until_stopped
 from pdserve.common.worker_config import WorkerConfig
 from pdserve.v1 import common_pb2 as pb
@@ -41,10 +42,12 @@ class WorkerRuntime:
         self.worker_id = config.resolved_worker_id(self.port)
         spec = self.engine.engine.spec
         self.info = pb.WorkerInfo(
-            worker_id=self.worker_id, role=convert.ROLES[config.role], address=f"{config.host}:{self.port}",
+            worker_id=self.worker_id, role=convert.ROLES[config.role],
+            address=f"{config.advertise_host or config.host}:{self.port}",
             model=spec.model_name, kv_spec=convert.kv_spec_to_pb(spec),
         )
         self.health = None
+        self.registration = Registration(config.router, self.load_response)
 
     def load_response(self) -> pb.GetLoadResponse:
         eng = self.engine
@@ -60,6 +63,7 @@ class WorkerRuntime:
         await self.engine.start()
         await self.server.start()
         await self.health.set_serving(True)
+        self.registration.start()
         log.info("%s serving %s on %s:%d", self.worker_id, self.info.model, self.config.host, self.port)
 
     async def run(self, stop: asyncio.Event | None = None,
@@ -68,7 +72,8 @@ class WorkerRuntime:
         await self.start()
         print(f"{self.worker_id} ({self.config.role}) listening on {self.config.host}:{self.port}", flush=True)
         try:
-            await serve_until_stopped(self.server, grace_s=self.config.grace_s, health=self.health, stop=stop)
+            await serve_until_stopped(self.server, grace_s=self.config.grace_s, health=self.health, stop=stop,
+                                      on_shutdown=self.registration.stop)  # new requests go elsewhere
         finally:
             if on_shutdown:
                 await on_shutdown()

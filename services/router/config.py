@@ -14,14 +14,15 @@ class RouterConfig(ServiceConfig):
     http_host: str = option("", help="address the OpenAI-compatible HTTP server listens on (empty: same as host)")
     http_port: int = option(8000, help="OpenAI-compatible HTTP port (0: any free port, -1: no HTTP server)")
     mode: Literal["disaggregated", "colocated"] = option("disaggregated")
-    prefill_targets: list[str] = option(default_factory=list, help="prefill workers, host:port")
-    decode_targets: list[str] = option(default_factory=list, help="decode (or colocated) workers, host:port")
+    prefill_targets: list[str] = option(default_factory=list, help="prefill workers, host:port (or let them register)")
+    decode_targets: list[str] = option(default_factory=list, help="decode (or colocated) workers, host:port (or let them register)")
     model: str = option("", help="the workers' model, for the tokenizer (default: bundled SmolLM2)")
     local_prefill: Literal["auto", "always", "never"] = option(
         "auto", help="disaggregated mode: let the decode worker prefill when the cost model says it is faster")
     max_inflight: int = option(256, help="requests in flight at most; more get RESOURCE_EXHAUSTED")
     default_max_tokens: int = option(256, help="max_tokens when a request leaves it unset")
-    load_poll_s: float = option(0.5, help="how often worker loads are refreshed")
+    load_poll_s: float = option(0.5, help="how often worker loads are refreshed (and registered workers heartbeat)")
+    worker_lease_s: float = option(5.0, help="a registered worker silent this long leaves the registry")
     rpc_timeout_s: float = option(600.0, help="deadline of each downstream call")
     grace_s: float = option(10.0, help="on SIGTERM, seconds in-flight requests get to finish")
 
@@ -32,9 +33,6 @@ class RouterConfig(ServiceConfig):
             raise ValueError("http_port must be in [0, 65535], or -1 to disable HTTP")
         if self.http_port == self.port != 0 and self.http_host in ("", self.host):
             raise ValueError("http_port: the gRPC server already listens on this port")
-        if not self.decode_targets:
-            raise ValueError("decode_targets: at least one decode worker is needed")
-        if self.mode == "disaggregated" and not self.prefill_targets:
-            raise ValueError("prefill_targets: disaggregated mode needs at least one prefill worker")
+        # Empty target lists are fine: workers started with --router register themselves.
         if self.max_inflight < 1 or self.default_max_tokens < 1 or self.load_poll_s <= 0:
             raise ValueError("max_inflight, default_max_tokens and load_poll_s must be positive")

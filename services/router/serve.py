@@ -31,6 +31,7 @@ class RouterRuntime:
         self.config = config
         self.pool = WorkerPool.connect(
             config.prefill_targets if config.mode == "disaggregated" else [], config.decode_targets, config.load_poll_s)
+        self.pool.lease_ttl_s = config.worker_lease_s
         self.router = Router(tokenizer, self.pool, mode=config.mode, max_model_len=max_model_len,
                              max_inflight=config.max_inflight, rpc_timeout_s=config.rpc_timeout_s,
                              local_prefill=config.local_prefill)
@@ -38,6 +39,7 @@ class RouterRuntime:
         router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(self.router, config.default_max_tokens), self.server)
         self.port = bind(self.server, config.host, config.port)
         self.health = None
+        self._health_task: asyncio.Task | None = None
         self.http = OpenAIServer(self.router, config.http_host or config.host, config.http_port,
                                  default_max_tokens=config.default_max_tokens, shutdown_timeout_s=config.grace_s,
                                  ready=lambda: self.pool.ready(config.mode == "disaggregated"))
@@ -54,8 +56,22 @@ class RouterRuntime:
             await asyncio.sleep(0.2)
             await self.pool.refresh()
         await self.health.set_serving(True)
+        self._health_task = asyncio.create_task(self._track_health(), name="router-health")
+
+    async def _track_health(self) -> None:
+        """NOT_SERVING while no usable worker set is left, so probes and load
+        balancers take this router out instead of sending it doomed requests."""
+        serving = True
+        while True:
+            await asyncio.sleep(self.config.load_poll_s)
+            ready = self.pool.ready(self.config.mode == "disaggregated")
+            if ready != serving:
+                serving = ready
+                await self.health.set_serving(ready)
 
     async def stop(self) -> None:
+        if self._health_task:
+            self._health_task.cancel()
         await self.http.stop()
         await self.server.stop(grace=1)
         await self.pool.close()

@@ -42,6 +42,19 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         async for ev in self.router.generate(inp):
             yield event_to_response(ev)
 
+    async def RegisterWorker(self, request: rpb.RegisterWorkerRequest, context) -> rpb.RegisterWorkerResponse:
+        pool = self.router.pool
+        pool.register(request.info, request.load)
+        return rpb.RegisterWorkerResponse(heartbeat_interval_ms=int(pool.poll_s * 1000),
+                                          lease_ttl_ms=int(pool.lease_ttl_s * 1000))
+
+    async def Heartbeat(self, request: rpb.HeartbeatRequest, context) -> rpb.HeartbeatResponse:
+        return rpb.HeartbeatResponse(known=self.router.pool.heartbeat(request.worker_id, request.load))
+
+    async def DeregisterWorker(self, request: rpb.DeregisterWorkerRequest, context) -> rpb.DeregisterWorkerResponse:
+        self.router.pool.deregister(request.worker_id)
+        return rpb.DeregisterWorkerResponse()
+
     async def ListWorkers(self, request: rpb.ListWorkersRequest, context) -> rpb.ListWorkersResponse:
         out = rpb.ListWorkersResponse()
         for w in self.router.pool.all:

@@ -32,6 +32,8 @@ class Worker:
     inflight_tokens: int = 0  # their prompt tokens not yet prefilled (the poll lags behind)
     healthy: bool = False
     rtt_ms: float = 0.0  # GetLoad round trip, moving average
+    registered: bool = False  # joined through RegisterWorker (else a static target)
+    last_seen: float = 0.0  # monotonic time of the last heartbeat or successful poll
 
     @property
     def worker_id(self) -> str:
@@ -55,14 +57,53 @@ class WorkerPool:
     poll_s: float = 0.5
     _task: asyncio.Task | None = None
 
+    lease_ttl_s: float = 5.0  # a registered worker silent this long is dropped
+
+    @staticmethod
+    def _make(target: str, role: str) -> Worker:
+        ch = grpc.aio.insecure_channel(target)
+        stub = prefill_pb2_grpc.PrefillStub(ch) if role == "prefill" else decode_pb2_grpc.DecodeStub(ch)
+        return Worker(target, role, ch, stub)
+
     @classmethod
     def connect(cls, prefill_targets: list[str], decode_targets: list[str], poll_s: float = 0.5) -> "WorkerPool":
-        def make(target: str, role: str) -> Worker:
-            ch = grpc.aio.insecure_channel(target)
-            stub = prefill_pb2_grpc.PrefillStub(ch) if role == "prefill" else decode_pb2_grpc.DecodeStub(ch)
-            return Worker(target, role, ch, stub)
+        return cls([cls._make(t, "prefill") for t in prefill_targets],
+                   [cls._make(t, "decode") for t in decode_targets], poll_s)
 
-        return cls([make(t, "prefill") for t in prefill_targets], [make(t, "decode") for t in decode_targets], poll_s)
+    # -- registration: workers that announce themselves --------------------------
+    def register(self, info: pb.WorkerInfo, load: pb.WorkerLoad) -> Worker:
+        """Add (or refresh) a worker by its address; idempotent."""
+        role = "prefill" if info.role == pb.WORKER_ROLE_PREFILL else "decode"
+        group = self.prefill if role == "prefill" else self.decode
+        w = next((w for w in group if w.target == info.address), None)
+        if w is None:
+            w = self._make(info.address, role)
+            group.append(w)
+            log.info("worker %s (%s) registered at %s", info.worker_id, role, info.address)
+        w.info, w.load, w.healthy, w.registered, w.last_seen = info, load, True, True, time.monotonic()
+        return w
+
+    def heartbeat(self, worker_id: str, load: pb.WorkerLoad) -> bool:
+        w = next((w for w in self.all if w.registered and w.worker_id == worker_id), None)
+        if w is None:
+            return False
+        w.load, w.healthy, w.last_seen = load, True, time.monotonic()
+        return True
+
+    def deregister(self, worker_id: str) -> None:
+        for group in (self.prefill, self.decode):
+            for w in [w for w in group if w.worker_id == worker_id]:
+                group.remove(w)
+                asyncio.ensure_future(w.channel.close())
+                log.info("worker %s deregistered", worker_id)
+
+    def expire(self) -> None:
+        """Drop registered workers that stopped heartbeating (peer death is
+        detected here, above UCX, which runs without its own error handling)."""
+        now = time.monotonic()
+        for w in [w for w in self.all if w.registered and now - w.last_seen > self.lease_ttl_s]:
+            log.warning("worker %s silent for %.1fs: dropped", w.worker_id, now - w.last_seen)
+            self.deregister(w.worker_id)
 
     @property
     def all(self) -> list[Worker]:
@@ -75,7 +116,7 @@ class WorkerPool:
                 r = await w.stub.GetLoad(pb.GetLoadRequest(), timeout=max(1.0, 4 * self.poll_s))
                 rtt = (time.perf_counter() - t) * 1e3
                 w.rtt_ms = 0.8 * w.rtt_ms + 0.2 * rtt if w.rtt_ms else rtt
-                w.info, w.load, w.healthy = r.info, r.load, True
+                w.info, w.load, w.healthy, w.last_seen = r.info, r.load, True, time.monotonic()
             except grpc.aio.AioRpcError as e:
                 if w.healthy:
                     log.warning("worker %s unreachable: %s", w.target, e.code().name)
@@ -90,6 +131,7 @@ class WorkerPool:
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self.poll_s)
+            self.expire()
             await self.refresh()
 
     async def close(self) -> None:

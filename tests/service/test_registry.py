@@ -1,0 +1,67 @@
+"""Workers register with the router, heartbeat, and leave (or are dropped when silent)."""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from pdserve.common import model_loader
+from pdserve.common.engine.engine import LLMEngine
+from pdserve.common.worker_config import WorkerConfig
+from pdserve.decode import serve as decode_serve
+from pdserve.prefill import serve as prefill_serve
+from pdserve.router.config import RouterConfig
+from pdserve.router.serve import RouterRuntime
+from pdserve.v1 import common_pb2 as pb
+from pdserve.v1 import router_pb2 as rpb
+from pdserve.v1 import router_pb2_grpc
+
+
+async def _worker(build, smollm2, router_port: int, **kw):
+    ref, _, tokenizer = smollm2
+    cfg = WorkerConfig(port=0, num_kv_blocks=128, router=[f"127.0.0.1:{router_port}"], **kw)
+    model, _ = model_loader.load(ref)
+    rt, worker = build(cfg, LLMEngine(cfg.engine_config(), model, tokenizer, ref))
+    if hasattr(worker, "start"):
+        await worker.start()
+    await rt.start()
+    return rt
+
+
+async def _listed(stub) -> list[str]:
+    return sorted(w.info.worker_id for w in (await stub.ListWorkers(rpb.ListWorkersRequest())).workers)
+
+
+async def test_workers_register_serve_and_leave(smollm2):
+    _, _, tokenizer = smollm2
+    router = RouterRuntime(RouterConfig(port=0, http_port=-1, load_poll_s=0.2, worker_lease_s=1.5,
+                                        local_prefill="never"), tokenizer, 2048)
+    starting = asyncio.create_task(router.start(ready_timeout_s=60))  # ready once workers have registered
+    decode = await _worker(decode_serve.build, smollm2, router.port, worker_id="d0")
+    prefill = await _worker(prefill_serve.build, smollm2, router.port, worker_id="p0", role="prefill")
+    await starting
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{router.port}")
+    stub = router_pb2_grpc.RouterStub(channel)
+    try:
+        assert await _listed(stub) == ["d0", "p0"]
+        stream = stub.Generate(rpb.GenerateRequest(
+            token_ids=pb.TokenIds(ids=list(range(100, 140))), sampling=pb.SamplingParams(max_tokens=4, temperature=0)))
+        last = [r async for r in stream][-1]
+        assert last.route.prefill_worker_id == "p0" and last.route.decode_worker_id == "d0"
+
+        await prefill.registration.stop()  # a graceful leave: gone at once
+        assert await _listed(stub) == ["d0"]
+
+        decode.registration._task.cancel()  # a silent death: heartbeats stop
+        await decode.server.stop(grace=0)
+        for _ in range(50):
+            await asyncio.sleep(0.2)
+            if not await _listed(stub):
+                break
+        assert await _listed(stub) == []
+    finally:
+        await channel.close()
+        await router.stop()
+        for rt in (decode, prefill):
+            await rt.server.stop(grace=0)
+            await rt.engine.stop()
