@@ -58,7 +58,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             requests_completed=c.requests_completed, requests_aborted=c.requests_aborted,
             tokens_generated=c.tokens_generated, transfers_completed=c.transfers_completed,
             transfers_failed=c.transfers_failed, transfers_timed_out=c.transfers_timed_out,
-            kv_bytes_received=c.kv_bytes_received, reservations_expired=c.reservations_expired,
+            kv_bytes_received=c.kv_bytes_received, reservations_expired=self.worker.reservations_expired,
             reservations_active=self.worker.active_reservations, preemptions=stats.preemptions,
             prefix_cached_tokens=stats.prefix_hits,
         )

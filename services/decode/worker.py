@@ -10,10 +10,7 @@ claimed by decode() in time is swept. generate() is the colocated path.
 """
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -28,6 +25,7 @@ from pdserve.common.errors import (
     TransferFailedError,
     TransferTimeoutError,
 )
+from pdserve.common.leases import Leases
 from pdserve.common.transfer.base import KVReceiver, TransferTicket
 
 log = logging.getLogger(__name__)
@@ -39,7 +37,7 @@ class Reservation:
     dest_block_ids: list[int]
     first_block_index: int  # leading prompt blocks already cached here
     num_cached_tokens: int
-    expires_at: float  # unix time
+    expires_at: float  # unix time: the lease
 
 
 @dataclass
@@ -51,7 +49,6 @@ class DecodeCounters:
     transfers_failed: int = 0
     transfers_timed_out: int = 0
     kv_bytes_received: int = 0
-    reservations_expired: int = 0
 
 
 class DecodeWorker:
@@ -63,20 +60,18 @@ class DecodeWorker:
         self.transfer_timeout_s = transfer_timeout_s
         self.max_queue = max_queue
         self.counters = DecodeCounters()
-        self._leases: dict[str, Reservation] = {}
-        self._sweeper: asyncio.Task | None = None
+        self._leases: Leases[Reservation] = Leases(self.release, "decode reservation")
 
     @property
     def spec(self):
         return self.engine.engine.spec
 
     async def start(self) -> None:
-        self._sweeper = asyncio.create_task(self._sweep(), name="lease-sweeper")
+        self._leases.start()
 
     async def stop(self) -> None:
-        if self._sweeper:
-            self._sweeper.cancel()
-        for rid in list(self._leases):
+        self._leases.stop()
+        for rid in self._leases:
             await self.release(rid)
 
     def _admission(self) -> None:
@@ -96,18 +91,16 @@ class DecodeWorker:
         except Exception:
             await self.engine.call(self.engine.engine.release, request_id)
             raise
-        lease = (lease_ms / 1000) if lease_ms else self.lease_s
-        r = Reservation(ticket, dest, first, seq.num_cached_tokens, time.time() + lease)
-        self._leases[request_id] = r
+        ttl = (lease_ms / 1000) if lease_ms else self.lease_s
+        r = Reservation(ticket, dest, first, seq.num_cached_tokens, time.time() + ttl)
+        self._leases.add(request_id, r, ttl)
         return r
 
     async def decode(self, request_id: str, first_token: int, params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Tokens 2..N of a reserved request, once its KV has arrived intact."""
-        r = self._leases.get(request_id)
+        r = self._leases.claim(request_id)  # the transfer timeout bounds it from here
         if r is None:
             raise NotFoundError(f"no reservation {request_id!r} (expired or released)")
-        # Claimed: the sweeper leaves it alone; the transfer timeout bounds it now.
-        self._leases[request_id] = r = dataclasses.replace(r, expires_at=float("inf"))
         try:
             await self.receiver.wait(request_id, self.transfer_timeout_s)
         except TransferFailedError as e:
@@ -123,7 +116,7 @@ class DecodeWorker:
         self.counters.transfers_completed += 1
         self.counters.kv_bytes_received += len(r.dest_block_ids) * r.ticket.block_bytes
         await self.receiver.cancel(request_id)  # forget the finished transfer
-        del self._leases[request_id]
+        self._leases.pop(request_id)
         await self.engine.admit(request_id, first_token, params)
         async for out in self._counted(self.engine.stream(request_id)):
             yield out
@@ -151,7 +144,7 @@ class DecodeWorker:
     async def release(self, request_id: str) -> bool:
         """Free a reservation (idempotent). A running request is aborted by
         cancelling its Decode stream instead."""
-        r = self._leases.pop(request_id, None)
+        r = self._leases.pop(request_id)
         if r is None:
             return False
         safe = await self.receiver.cancel(request_id)
@@ -160,15 +153,9 @@ class DecodeWorker:
             return True
         return await self.engine.call(self.engine.engine.release, request_id)
 
-    async def _sweep(self) -> None:
-        while True:
-            await asyncio.sleep(0.5)
-            now = time.time()
-            for rid, r in list(self._leases.items()):
-                if r.expires_at < now:
-                    log.warning("reservation %s expired unused; freeing %d blocks", rid, len(r.dest_block_ids))
-                    self.counters.reservations_expired += 1
-                    await self.release(rid)
+    @property
+    def reservations_expired(self) -> int:
+        return self._leases.expired
 
     @property
     def active_reservations(self) -> int:

@@ -10,21 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
-from dataclasses import dataclass
 
 from pdserve.common.errors import NotFoundError, TransferFailedError
+from pdserve.common.leases import Leases
 from pdserve.common.transfer.base import KVReceiver, KVSender, TransferTicket
 from pdserve.kvstore.store import BlockStore
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Write:
-    hashes: list[bytes]
-    expires_at: float
 
 
 class KVStoreService:
@@ -32,17 +25,15 @@ class KVStoreService:
                  lease_s: float = 30.0, transfer_timeout_s: float = 30.0):
         self.store, self.receiver, self.sender = store, receiver, sender
         self.lease_s, self.transfer_timeout_s = lease_s, transfer_timeout_s
-        self._writes: dict[str, _Write] = {}
-        self._reads: dict[str, asyncio.Task] = {}
-        self._sweeper: asyncio.Task | None = None
+        self._writes: Leases[list[bytes]] = Leases(self.release, "kvstore write")  # the slots' hashes
+        self._reads: dict[str, asyncio.Task] = {}  # pinned until the push ends
 
     async def start(self) -> None:
-        self._sweeper = asyncio.create_task(self._sweep(), name="kvstore-lease-sweeper")
+        self._writes.start()
 
     async def stop(self) -> None:
-        if self._sweeper:
-            self._sweeper.cancel()
-        for tid in list(self._writes):
+        self._writes.stop()
+        for tid in self._writes:
             await self.release(tid)
         for task in list(self._reads.values()):
             task.cancel()
@@ -62,22 +53,21 @@ class KVStoreService:
         except Exception:
             self.store.abort_write(accepted)
             raise
-        self._writes[tid] = _Write(accepted, time.time() + (lease_ms / 1000 if lease_ms else self.lease_s))
+        self._writes.add(tid, accepted, lease_ms / 1000 if lease_ms else self.lease_s)
         return [i for i, _ in placed], ticket
 
     async def commit_write(self, transfer_id: str) -> int:
-        w = self._writes.get(transfer_id)
-        if w is None:
+        hashes = self._writes.claim(transfer_id)  # the transfer timeout bounds it from here
+        if hashes is None:
             raise NotFoundError(f"no write {transfer_id!r} (expired or released)")
-        w.expires_at = float("inf")  # claimed: the transfer timeout bounds it now
         try:
             await self.receiver.wait(transfer_id, self.transfer_timeout_s)
         except BaseException:
             await self.release(transfer_id)
             raise
         await self.receiver.cancel(transfer_id)
-        del self._writes[transfer_id]
-        return self.store.commit(w.hashes)
+        self._writes.pop(transfer_id)
+        return self.store.commit(hashes)
 
     def reserve_read(self, fingerprint: bytes, hashes: list[bytes], ticket: TransferTicket) -> int:
         """Pin all of `hashes` and push them into `ticket`; 0 if any is gone."""
@@ -103,10 +93,10 @@ class KVStoreService:
             self._reads.pop(lease, None)
 
     async def release(self, lease_id: str) -> bool:
-        w = self._writes.pop(lease_id, None)
-        if w is not None:
+        hashes = self._writes.pop(lease_id)
+        if hashes is not None:
             if await self.receiver.cancel(lease_id):
-                self.store.abort_write(w.hashes)
+                self.store.abort_write(hashes)
             else:
                 log.error("write %s could not be fenced; its slots stay reserved", lease_id)
             return True
@@ -115,15 +105,6 @@ class KVStoreService:
             task.cancel()
             return True
         return False
-
-    async def _sweep(self) -> None:
-        while True:
-            await asyncio.sleep(0.5)
-            now = time.time()
-            for tid, w in list(self._writes.items()):
-                if w.expires_at < now:
-                    log.warning("write lease %s expired; freeing %d slots", tid, len(w.hashes))
-                    await self.release(tid)
 
     @property
     def active_leases(self) -> int:

@@ -105,3 +105,26 @@ async def test_bad_input_is_invalid_argument_naming_the_field(smollm2, req, fiel
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert field in err.value.details()
         assert dict(err.value.trailing_metadata())["pdserve-error-field"] == field
+
+
+async def test_an_unclaimed_reservation_expires_and_frees_its_blocks(smollm2):
+    from pdserve.v1 import decode_pb2 as dpb
+
+    async with inprocess_suite(smollm2) as suite:
+        decode = suite.worker_stubs()[0]
+        r = await decode.Reserve(dpb.ReserveRequest(request_id="orphan", prompt_token_ids=list(range(100, 200)),
+                                                    lease_ms=300))
+        assert r.ticket.num_blocks > 0 and r.ticket.expires_at_unix_ms > 0
+        assert (await suite.loads())[0].free_blocks < (await suite.loads())[0].total_blocks
+        for _ in range(30):  # the prefill worker never calls: the lease runs out
+            await asyncio.sleep(0.1)
+            if (await suite.loads())[0].free_blocks == (await suite.loads())[0].total_blocks:
+                break
+        load = (await suite.loads())[0]
+        assert load.free_blocks == load.total_blocks
+        stats = await decode.GetStats(dpb.GetDecodeStatsRequest())
+        assert stats.reservations_expired == 1 and stats.reservations_active == 0
+        with pytest.raises(grpc.aio.AioRpcError) as err:  # a late Decode finds nothing to decode
+            async for _ in decode.Decode(dpb.DecodeRequest(request_id="orphan", first_token_id=5)):
+                pass
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND

@@ -1,0 +1,72 @@
+"""Leases: reservations that free themselves unless claimed in time.
+
+Every KV reservation (a decode worker's blocks awaiting a prefill, a KV
+store's slots awaiting a write) is a lease: an owner key, what it holds, and
+an expiry. A sweeper hands expired leases to the owner's release callback,
+so a peer that dies or never calls back cannot strand blocks. Claiming a
+lease (the awaited call arrived) stops its clock: from then on the
+operation's own timeout bounds it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Leases(Generic[T]):
+    def __init__(self, release: Callable[[str], Awaitable[object]], name: str, interval_s: float = 0.5):
+        self._release, self.name, self.interval_s = release, name, interval_s
+        self._items: dict[str, tuple[T, float]] = {}  # key -> (held, expiry, unix time)
+        self._task: asyncio.Task | None = None
+        self.expired = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._sweep(), name=f"{self.name}-lease-sweeper")
+
+    def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+    def add(self, key: str, held: T, ttl_s: float) -> float:
+        """Returns the expiry (unix time)."""
+        expires_at = time.time() + ttl_s
+        self._items[key] = (held, expires_at)
+        return expires_at
+
+    def get(self, key: str) -> T | None:
+        item = self._items.get(key)
+        return item[0] if item else None
+
+    def claim(self, key: str) -> T | None:
+        """Stop the clock: the lease is now in use."""
+        item = self._items.get(key)
+        if item is None:
+            return None
+        self._items[key] = (item[0], float("inf"))
+        return item[0]
+
+    def pop(self, key: str) -> T | None:
+        item = self._items.pop(key, None)
+        return item[0] if item else None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._items))
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            now = time.time()
+            for key, (_, expires_at) in list(self._items.items()):
+                if expires_at < now:
+                    log.warning("%s lease %s expired unused; freeing it", self.name, key)
+                    self.expired += 1
+                    await self._release(key)
