@@ -37,7 +37,6 @@ def _spec():
 
 
 async def _receiver(conn, max_blocks: int, reps: int) -> None:
-    import numpy as np
     import torch
 
     from pdserve.common.kv.pool import KVPool
