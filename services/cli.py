@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 
 
@@ -122,7 +123,8 @@ def cmd_bench_engine(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
-    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--log-level", default=os.environ.get("PDSERVE_LOG_LEVEL", "WARNING"),
+                        help="DEBUG, INFO, WARNING or ERROR (env PDSERVE_LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="stream a completion from a running router (or --local)")

@@ -49,7 +49,8 @@ def _dial(host: str) -> str:
 
 def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, model: str | None = None,
          host: str = "127.0.0.1", port: int = 50051, base_port: int = 50061, kv_cache_gib: float | None = None,
-         kvstore: bool = True, log_level: str | None = None, python: str = sys.executable) -> list[Service]:
+         kvstore: bool = True, log_level: str | None = None, http_port: int | None = None,
+         python: str = sys.executable) -> list[Service]:
     """The services of a suite, with their command lines; validates the shape."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
@@ -83,8 +84,9 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
                                 f"{_dial(host)}:{store_port}", 1))
     # List flags take one value per target (the config parser's nargs="*").
     pre = ("--prefill-targets", *targets["prefill"]) if prefill else ()
+    http = ("--http-port", str(http_port)) if http_port is not None else ()
     services.append(Service("router", (*serve, "router", "--host", host, "--port", str(port), "--mode", mode,
-                                       *pre, "--decode-targets", *targets["decode"], *common),
+                                       *pre, "--decode-targets", *targets["decode"], *common, *http),
                             f"{_dial(host)}:{port}", 2))
     return services
 
@@ -276,6 +278,8 @@ def add_up_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="HF directory or .gguf file (default: bundled SmolLM2)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=50051, help="the router's gRPC port")
+    parser.add_argument("--http-port", type=int, default=None,
+                        help="the router's OpenAI-compatible HTTP port (default 8000 or PDSERVE_HTTP_PORT; -1: none)")
     parser.add_argument("--base-port", type=int, default=50061, help="workers take consecutive ports from here")
     parser.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache per worker")
     parser.add_argument("--kvstore", action=argparse.BooleanOptionalAction, default=True,
@@ -290,7 +294,8 @@ def run_up(args: argparse.Namespace) -> int:
     try:
         services = plan(args.mode, args.prefill, args.decode, model=args.model, host=args.host, port=args.port,
                         base_port=args.base_port, kv_cache_gib=args.kv_cache_gib, kvstore=kvstore,
-                        log_level=getattr(args, "log_level", None))  # `pdserve --log-level L up`
+                        log_level=getattr(args, "log_level", None),  # `pdserve --log-level L up`
+                        http_port=args.http_port)
     except ValueError as e:
         print(f"pdserve up: {e}", file=sys.stderr)
         return 2

@@ -93,6 +93,8 @@ def test_disaggregated_plan():
     assert "--mode disaggregated" in router and "--port 50051" in router
     assert "--prefill-targets 127.0.0.1:50061 127.0.0.1:50062 --decode" in router
     assert "--decode-targets 127.0.0.1:50063" in router
+    assert "--http-port" not in router  # the router's own default unless asked
+    assert launcher.plan("disaggregated", 1, 1, http_port=-1, python="py")[-1].argv[-2:] == ("--http-port", "-1")
 
 
 def test_colocated_plan_and_validation():
