@@ -67,7 +67,7 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
     services = [Service("model", (python, "-c", "import sys; from pdserve.common import model_loader; "
                                   "print('model ready:', model_loader.resolve(sys.argv[1] or None).path)",
                                   model or ""), None, 0)]
-    kvstore = kvstore and prefill > 0  # the store serves prefill workers
+    kvstore = kvstore and prefill > 0  # the store serves the disaggregated workers
     ports = iter(range(base_port, base_port + prefill + decode + 1))
     targets: dict[str, list[str]] = {"prefill": [], "decode": []}
     store_port = base_port + prefill + decode
@@ -75,7 +75,7 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
     for role, count in (("prefill", prefill), ("decode", decode)):
         for i in range(count):
             p, name = next(ports), f"{role}-{i}"
-            extra = ("--role", "colocated") if mode == "colocated" else store if role == "prefill" else ()
+            extra = ("--role", "colocated") if mode == "colocated" else store
             services.append(Service(name, (*serve, role, "--host", host, "--port", str(p), "--worker-id", name,
                                            *common, *kv, *extra), f"{_dial(host)}:{p}", 1))
             targets[role].append(f"{_dial(host)}:{p}")

@@ -1,6 +1,7 @@
 """`pdserve serve decode`: a decode (or colocated) worker process."""
 from __future__ import annotations
 
+from pdserve.common.kv.store_client import StoreClient
 from pdserve.common.worker_config import WorkerConfig
 from pdserve.common.worker_runtime import WorkerRuntime, make_receiver
 from pdserve.decode.servicer import DecodeServicer
@@ -10,8 +11,12 @@ from pdserve.v1 import decode_pb2_grpc
 
 def build(config: WorkerConfig, engine=None) -> tuple[WorkerRuntime, DecodeWorker]:
     rt = WorkerRuntime(config, engine)
-    worker = DecodeWorker(rt.engine, make_receiver(config.transport), lease_s=config.lease_ms / 1000,
-                          transfer_timeout_s=config.transfer_timeout_s, max_queue=config.max_queue)
+    receiver = make_receiver(config.transport)
+    store = None
+    if config.kvstore:  # reads only: the prefill workers write
+        store = StoreClient(config.kvstore, receiver, None, rt.engine.engine.spec.fingerprint)
+    worker = DecodeWorker(rt.engine, receiver, lease_s=config.lease_ms / 1000,
+                          transfer_timeout_s=config.transfer_timeout_s, max_queue=config.max_queue, store=store)
     decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(worker, rt.load_response), rt.server)
     return rt, worker
 
@@ -22,6 +27,8 @@ async def serve(config: WorkerConfig) -> None:
 
     async def shutdown() -> None:
         await worker.stop()
+        if worker.store:
+            await worker.store.close()
         await worker.receiver.close()
 
     await rt.run(on_shutdown=shutdown)

@@ -25,6 +25,8 @@ from pdserve.common.errors import (
     TransferFailedError,
     TransferTimeoutError,
 )
+from pdserve.common.kv.hashing import block_hashes
+from pdserve.common.kv.store_client import StoreClient
 from pdserve.common.leases import Leases
 from pdserve.common.transfer.base import KVReceiver, TransferTicket
 
@@ -53,9 +55,10 @@ class DecodeCounters:
 
 class DecodeWorker:
     def __init__(self, engine: AsyncEngine, receiver: KVReceiver, *, lease_s: float = 30.0,
-                 transfer_timeout_s: float = 30.0, max_queue: int = 256):
+                 transfer_timeout_s: float = 30.0, max_queue: int = 256, store: StoreClient | None = None):
         self.engine = engine
         self.receiver = receiver
+        self.store = store  # loads cached prefixes, so the prefill worker sends less
         self.lease_s = lease_s
         self.transfer_timeout_s = transfer_timeout_s
         self.max_queue = max_queue
@@ -83,18 +86,26 @@ class DecodeWorker:
             raise InvalidRequestError("kv_fingerprint", "the prefill worker's KV layout or model differs from this worker's")
         self._admission()
         seq = await self.engine.call(self.engine.engine.reserve, request_id, prompt)
-        first = seq.num_cached_tokens // self.spec.block_size
-        dest = seq.block_table[first:]
-        pool = self.engine.engine.pool
+        bs, pool = self.spec.block_size, self.engine.engine.pool
         try:
+            first = await self._load_from_store(prompt, seq.block_table, seq.num_cached_tokens // bs)
+            dest = seq.block_table[first:]
             ticket = self.receiver.expect(request_id, [pool.block(b) for b in dest])
-        except Exception:
+        except BaseException:
             await self.engine.call(self.engine.engine.release, request_id)
             raise
         ttl = (lease_ms / 1000) if lease_ms else self.lease_s
-        r = Reservation(ticket, dest, first, seq.num_cached_tokens, time.time() + ttl)
+        r = Reservation(ticket, dest, first, first * bs, time.time() + ttl)
         self._leases.add(request_id, r, ttl)
         return r
+
+    async def _load_from_store(self, prompt: list[int], table: list[int], have: int) -> int:
+        """Leading blocks now here: the local prefix cache's, then the store's."""
+        if self.store is None:
+            return have
+        bs, pool = self.spec.block_size, self.engine.engine.pool
+        hashes = block_hashes(self.spec.fingerprint, prompt[: (len(prompt) - 1) // bs * bs], bs)
+        return await self.store.load_prefix(hashes, [pool.block(b) for b in table[: len(hashes)]], have)
 
     async def decode(self, request_id: str, first_token: int, params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Tokens 2..N of a reserved request, once its KV has arrived intact."""

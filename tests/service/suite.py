@@ -45,9 +45,10 @@ class InProcessSuite:
 @contextlib.asynccontextmanager
 async def inprocess_suite(smollm2, mode: str = "disaggregated", *, prefill_workers: int = 1,
                           store_blocks: int = 0, prefill_kw: dict | None = None,
-                          router_kw: dict | None = None, **worker_kw) -> AsyncIterator[InProcessSuite]:
-    """store_blocks > 0 adds a KV store of that many blocks; prefill_kw and router_kw
-    override settings. The router always disaggregates unless router_kw says otherwise."""
+                          decode_kw: dict | None = None, router_kw: dict | None = None, **worker_kw) -> AsyncIterator[InProcessSuite]:
+    """store_blocks > 0 adds a KV store of that many blocks (used by the prefill workers,
+    and by the decode worker if decode_kw has use_store=True); prefill_kw, decode_kw and
+    router_kw override settings. The router always disaggregates unless router_kw says otherwise."""
     ref, _, tokenizer = smollm2
 
     def engine_for(config: WorkerConfig) -> LLMEngine:
@@ -71,7 +72,11 @@ async def inprocess_suite(smollm2, mode: str = "disaggregated", *, prefill_worke
         stack.push_async_callback(stop_store)
 
     base = dict(port=0, num_kv_blocks=256, max_num_batched_tokens=128, **worker_kw)
+    decode_kw = dict(decode_kw or {})
+    if decode_kw.pop("use_store", False):
+        decode_kw["kvstore"] = f"127.0.0.1:{store_port}"
     dcfg = WorkerConfig(role="colocated" if mode == "colocated" else "decode", worker_id="decode-0", **base)
+    dcfg = dataclasses.replace(dcfg, **decode_kw)
     decode_rt, decode_worker = decode_serve.build(dcfg, engine_for(dcfg))
     await decode_worker.start()
     await decode_rt.start()
@@ -80,6 +85,8 @@ async def inprocess_suite(smollm2, mode: str = "disaggregated", *, prefill_worke
         await decode_rt.server.stop(grace=0)
         await decode_rt.engine.stop()
         await decode_worker.stop()
+        if decode_worker.store:
+            await decode_worker.store.close()
         await decode_worker.receiver.close()
     stack.push_async_callback(stop_decode)
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pdserve.v1 import common_pb2 as pb
+from pdserve.v1 import decode_pb2 as dpb
 from pdserve.v1 import router_pb2 as rpb
 from tests.engine.prompts import text_of_tokens
 from tests.service.suite import inprocess_suite
@@ -46,6 +47,25 @@ async def test_second_turn_loads_the_history_from_the_store(smollm2):
         stats = await suite.store_stats()
         assert stats.blocks_written >= 600 // 16 and stats.blocks_read >= 600 // 16
         assert stats.active_leases == 0
+
+
+async def test_decode_worker_loads_the_history_from_the_store_and_receives_only_the_rest(smollm2):
+    _, model, tokenizer = smollm2
+    turn1 = text_of_tokens(tokenizer, 600)
+    async with inprocess_suite(smollm2, store_blocks=256, prefill_kw=NO_LOCAL_CACHE,
+                               decode_kw={"use_store": True, **NO_LOCAL_CACHE}) as suite:
+        answer, _ = await _collect(suite.stub, _request(turn1, "t1"))
+        await asyncio.sleep(0.5)  # write-back happens after the first token
+        decode = suite.worker_stubs()[0]
+        before = (await decode.GetStats(dpb.GetDecodeStatsRequest())).kv_bytes_received
+        turn2 = turn1 + answer + text_of_tokens(tokenizer, 40, offset=3)
+        tokens, last = await _collect(suite.stub, _request(turn2, "t2"))
+        received = (await decode.GetStats(dpb.GetDecodeStatsRequest())).kv_bytes_received - before
+        assert tokens == _reference(model, turn2)
+        block_bytes = (await suite.store_stats()).block_bytes
+        # Only the blocks past the stored prefix came from the prefill worker.
+        assert received <= (len(turn2) - 600 // 16 * 16 + 16) // 16 * block_bytes
+        assert last.usage.cached_tokens >= 600 // 16 * 16
 
 
 async def test_eviction_pressure_keeps_output_correct(smollm2):

@@ -87,7 +87,7 @@ def test_disaggregated_plan():
                                          "--port", "50062", "--worker-id", "prefill-1",
                                          "--model", "/m", "--kv-cache-gib", "0.5", "--kvstore", "127.0.0.1:50064")
     assert by_name["kvstore"].argv[-4:] == ("--port", "50064", "--model", "/m")
-    assert "--kvstore" not in by_name["decode-0"].argv
+    assert by_name["decode-0"].argv[-2:] == ("--kvstore", "127.0.0.1:50064")
     assert "kvstore" not in [s.name for s in launcher.plan("disaggregated", 1, 1, kvstore=False, python="py")]
     router = " ".join(by_name["router"].argv)
     assert "--mode disaggregated" in router and "--port 50051" in router

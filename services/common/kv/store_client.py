@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 class StoreClient:
-    def __init__(self, target: str, receiver: KVReceiver, sender: KVSender, fingerprint: bytes,
+    def __init__(self, target: str, receiver: KVReceiver, sender: KVSender | None, fingerprint: bytes,
                  timeout_s: float = 10.0):
         self.target, self.receiver, self.sender, self.fingerprint = target, receiver, sender, fingerprint
         self.timeout_s = timeout_s
