@@ -38,6 +38,7 @@ _SPIN_S = 0.0005  # keep polling this long after the last UCX event (events come
 # Then sleep on UCX's fd, but at most this long: wakeups measured here take ~0.2 ms
 # when the shared-memory transport signals, yet some signals never come.
 _MAX_SLEEP_S = 0.002
+_AHEAD = 4  # data sent ahead of its header: vs 0, 4 MB sends ~1.5x faster, 64 MB same
 _CLOSE_NS = 100_000_000  # endpoint close wait
 _api = None
 
@@ -220,10 +221,9 @@ class UcxKVReceiver(KVReceiver):
             return True
         t.fail("cancelled")
         group = self._groups.pop(transfer_id)
-        # A posted UCX receive cannot be withdrawn from Python (ucxx exposes no
-        # per-request cancel), so complete each open one with a 0-byte message
-        # from ourselves. A receive that already matched the real sender finishes
-        # its copy instead. Either way, once the group is done nothing can land.
+        # ucxx cannot withdraw one posted receive, so complete each open one with a
+        # 0-byte message from ourselves (one that matched the real sender finishes
+        # its copy instead). Once the group is done, nothing can land any more.
         open_tags = [
             block_tag(t.ticket, b"HD"[p % 2 : p % 2 + 1], p // 2)
             for p in range(group.cursor, len(group.reqs))
@@ -270,22 +270,25 @@ class UcxKVSender(KVSender):
             if ep is None:  # raises at once if the peer is already gone (same host)
                 ep = self._eps[ticket.address] = w.endpoint(ticket.address)
             datas = [_as_bytes(buf) for buf in src_buffers]
-            # Data first: the receiver pulls each block (CMA) while we checksum the
-            # next ones, so the sender's pass over the (cold) blocks costs no time.
-            for i, data in enumerate(datas, first_block_index):
-                reqs.append(ep.tag_send(Array(data), w.tag(block_tag(ticket, b"D", i))))
-            for i, data in enumerate(datas, first_block_index):
-                header = np.frombuffer(make_header(ticket, i, data.size, block_checksum(data)), np.uint8)
-                keep.append(header)
-                reqs.append(ep.tag_send(Array(header), w.tag(block_tag(ticket, b"H", i))))
+            # Data runs _AHEAD blocks ahead of its header: the receiver pulls while we
+            # checksum, and still verifies each block while it is in cache.
+            for k in range(len(datas) + _AHEAD):
+                if k < len(datas):
+                    tag = w.tag(block_tag(ticket, b"D", first_block_index + k))
+                    reqs.append(ep.tag_send(Array(datas[k]), tag))
+                if 0 <= k - _AHEAD < len(datas):
+                    i, data = first_block_index + k - _AHEAD, datas[k - _AHEAD]
+                    header = np.frombuffer(make_header(ticket, i, data.size, block_checksum(data)), np.uint8)
+                    keep.append(header)
+                    reqs.append(ep.tag_send(Array(header), w.tag(block_tag(ticket, b"H", i))))
         except Exception as e:
             raise TransferFailedError(f"transfer {ticket.transfer_id}: {e}") from e
         group = w.watch(reqs)
         try:
             await asyncio.wait_for(asyncio.shield(group.future), timeout)
         except TimeoutError:
-            # Nobody matched (peer gone, cancelled, or wrong secret). UCX sends can't
-            # be withdrawn either; stop tracking them and stop reusing the endpoint.
+            # Nobody matched (peer gone, cancelled, wrong secret); sends cannot be
+            # withdrawn either: stop tracking them and stop reusing the endpoint.
             w.forget(group)
             if self._eps.get(ticket.address) is ep:
                 self._retired.append(self._eps.pop(ticket.address))
