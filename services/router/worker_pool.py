@@ -1,7 +1,8 @@
-"""The router's view of its workers: channels, identity, load, choice.
+"""The router's view of its workers: channels, identity, load, registration.
 
 Loads are refreshed in the background (GetLoad); between refreshes the
-router counts what it sent itself, so a burst does not all land on the
+router counts what it sent itself (in-flight requests and prompt tokens, read by
+policy.py), so a burst does not all land on the
 worker that looked idlest at the last poll.
 """
 from __future__ import annotations
@@ -13,7 +14,6 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from pdserve.common.errors import NotReadyError
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import decode_pb2_grpc, prefill_pb2_grpc
 
@@ -42,12 +42,6 @@ class Worker:
     @property
     def fingerprint(self) -> bytes:
         return self.info.kv_spec.fingerprint if self.info else b""
-
-    def score(self) -> float:
-        """Lower is better: queued prompt tokens dominate, then running sequences."""
-        waiting = self.load.waiting_tokens if self.load else 0
-        running = self.load.running_seqs if self.load else 0
-        return waiting / 256 + running + 4 * self.inflight
 
 
 @dataclass
@@ -141,10 +135,3 @@ class WorkerPool:
 
     def ready(self, need_prefill: bool) -> bool:
         return any(w.healthy for w in self.decode) and (not need_prefill or any(w.healthy for w in self.prefill))
-
-    @staticmethod
-    def pick(workers: list[Worker], role: str) -> Worker:
-        live = [w for w in workers if w.healthy]
-        if not live:
-            raise NotReadyError(f"no healthy {role} worker")
-        return min(live, key=Worker.score)

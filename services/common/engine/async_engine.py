@@ -171,8 +171,3 @@ class AsyncEngine:
                 self.engine.resume(request_id, computed_tokens, params, first_token, hold_blocks)
             self._queues[request_id] = asyncio.Queue()
         self._work.set()
-
-    async def generate(self, prompt: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
-        await self.add(prompt, params, request_id)
-        async for out in self.stream(request_id):
-            yield out
