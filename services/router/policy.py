@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pdserve.router.worker_pool import Worker
 
 DEFAULT_PREFILL_TPS = 1000.0  # used only until a worker reports a measurement
+LOCAL_MARGIN = 0.25  # how much cheaper a remote prefill must look to be taken (see prefer_local)
 
 
 class PrefixIndex:
@@ -100,3 +101,12 @@ def local_prefill_cost_ms(decode: Choice, uncached_tokens: int) -> float:
 
 def remote_prefill_cost_ms(prefill: Choice, hop_ms: float) -> float:
     return prefill.cost_ms + hop_ms
+
+
+def prefer_local(local_ms: float, remote_ms: float, margin: float = LOCAL_MARGIN) -> bool:
+    """Prefill locally unless the remote path is cheaper by more than `margin`.
+    Identical workers' measured speeds differ by noise (a few ms a pass on a
+    busy host), and a hop also spends a second worker, a transfer and a failure
+    surface, so a near tie goes local; a busy decode worker's stall term is a
+    multiple of the prefill time and still sends long prompts away."""
+    return local_ms <= remote_ms * (1.0 + margin)

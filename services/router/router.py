@@ -102,7 +102,8 @@ class Router:
         if self.local_prefill == "auto":
             hop = self.hop_ms or 1.5 * (decode.worker.rtt_ms + prefill.worker.rtt_ms)
             uncached = len(ids) - decode.cached_blocks * spec.block_size
-            if policy.local_prefill_cost_ms(decode, uncached) <= policy.remote_prefill_cost_ms(prefill, hop):
+            if policy.prefer_local(policy.local_prefill_cost_ms(decode, uncached),
+                                   policy.remote_prefill_cost_ms(prefill, hop)):
                 return Plan(decode, None, hashes)
         return Plan(decode, prefill, hashes)
 
