@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PROMPT ?= What is the capital of France?
 
-.PHONY: install install-test demo test bench-engine clean
+.PHONY: install install-test demo test multihost bench-engine clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,12 +22,21 @@ install: $(BIN)/python
 
 install-test: install
 	$(BIN)/pip install -q -e ".[test]"
+	# A real Prometheus server for tests/e2e/test_observability.py: Debian's package, where
+	# apt-get exists and we are root (elsewhere install it yourself; the test says so).
+	command -v prometheus >/dev/null || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus)
 
 demo: install
 	$(BIN)/pdserve demo "$(PROMPT)"
 
 test: install-test
 	$(BIN)/pytest -q
+
+# The suite across Linux network namespaces (as root; `make test` runs it too, and skips it elsewhere).
+multihost: install-test
+	$(BIN)/pytest -v -m multihost tests/multihost
 
 bench-engine: install
 	$(BIN)/pdserve bench engine --json benchmarks/results/engine.json

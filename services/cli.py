@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
 import sys
 
@@ -32,9 +31,27 @@ def cmd_generate(args) -> int:
     from pdserve.client import Client
 
     prompt = {"prompt": args.prompt} if args.raw else {"messages": [{"role": "user", "content": args.prompt}]}
-    with Client(args.target) as client:
+    with Client(args.target, api_key=args.api_key, tls=_client_tls(args)) as client:
         _print_stream(client.generate(**prompt, **_sampling_kwargs(args)))
     return 0
+
+
+def _add_client_security_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-key", default=None, help="the router's API key (default: env PDSERVE_API_KEY)")
+    p.add_argument("--tls", action="store_true", help="TLS verified by the system's roots")
+    p.add_argument("--tls-ca", default="", help="PEM CA bundle of the router's certificate (implies --tls)")
+    p.add_argument("--tls-cert", default="", help="PEM client certificate, for a router that requires one")
+    p.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-server-name", default="", help="name to verify in the router's certificate")
+
+
+def _client_tls(args):
+    """TLS from the flags, else from PDSERVE_TLS_* (as the services read them), else none."""
+    from pdserve.common import security
+
+    if args.tls or args.tls_ca or args.tls_cert:
+        return security.TLS(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, server_name=args.tls_server_name)
+    return security.from_environment(os.environ).client_tls()
 
 
 def _print_stream(chunks) -> None:
@@ -64,13 +81,14 @@ def _generate_in_process(args) -> int:
 def cmd_demo(args) -> int:
     """Start the whole suite, stream one completion through the router, stop."""
     from pdserve.client import Client
+    from pdserve.common import security
     from pdserve.launcher import Suite
 
     kwargs = _sampling_kwargs(args)
     with Suite(mode=args.mode, model=args.model, port=args.port, base_port=args.base_port,
                kv_cache_gib=args.kv_cache_gib, out=sys.stderr) as suite:
         print(f"suite ready ({args.mode}); router at {suite.router_target}", file=sys.stderr, flush=True)
-        with Client(suite.router_target) as client:
+        with Client(suite.router_target, tls=security.from_environment(os.environ).client_tls()) as client:
             _print_stream(client.generate(messages=[{"role": "user", "content": args.prompt}], **kwargs))
     return 0
 
@@ -99,6 +117,13 @@ def cmd_serve(args) -> int:
         elif config.role == "prefill":
             raise SystemExit("pdserve serve decode: --role must be decode or colocated")
         serve = importlib.import_module(f"pdserve.{args.service}.serve").serve
+    from pdserve.common import logs, tracing
+
+    logs.setup(args.log_level, config.log_format, service=args.service)  # the service's own log_format setting
+    try:
+        tracing.setup(args.service)  # from the standard OTEL_* variables
+    except ValueError as e:
+        raise SystemExit(f"pdserve serve {args.service}: tracing: {e}") from None
     asyncio.run(serve(config))
     return 0
 
@@ -134,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--local", action="store_true", help="run the engine in this process instead")
     gen.add_argument("--model", default=None, help="with --local: HF directory or .gguf file")
     gen.add_argument("--kv-cache-gib", type=float, default=0.5, help="with --local: KV pool size")
+    _add_client_security_args(gen)
     _add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
 
@@ -196,12 +222,31 @@ def build_parser() -> argparse.ArgumentParser:
     cond.add_argument("--port", type=int, default=53051)
     cond.add_argument("--json", default=None)
     cond.set_defaults(func=lambda a: _bench("conditional", a))
+    from pdserve.bench import compare, control_plane, loadgen
+
+    load = bench_sub.add_parser("load", help="open-loop load against a running router: latency, throughput, goodput")
+    loadgen.add_args(load)
+    load.set_defaults(func=lambda a: _bench("loadgen", a))
+    cmp = bench_sub.add_parser("compare", help="goodput of colocated, chunked and disaggregated modes over rates")
+    compare.add_args(cmp)
+    cmp.set_defaults(func=lambda a: _bench("compare", a))
+    cp = bench_sub.add_parser("control-plane", help="what the router adds, in front of a null engine")
+    control_plane.add_args(cp)
+    cp.set_defaults(func=lambda a: _bench("control_plane", a))
+    from pdserve.bench import tracing_overhead
+
+    tr = bench_sub.add_parser("tracing", help="end-to-end latency with tracing off vs on (default sampling)")
+    tracing_overhead.add_args(tr)
+    tr.set_defaults(func=lambda a: _bench("tracing_overhead", a))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pdserve.common import logs
+
+    log_format = os.environ.get("PDSERVE_LOG_FORMAT", "text")  # `serve` reads its config's log_format again
+    logs.setup(args.log_level, log_format if log_format in logs.FORMATS else "text")
     from pdserve.common.errors import InvalidRequestError
 
     try:

@@ -12,6 +12,7 @@ twin. Failures raise PdserveClientError subclasses. Guide: docs/client.md.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from typing import Any
 
 import grpc
 
+from pdserve.common import tracing
+from pdserve.common.security import TLS, dial
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 DEFAULT_TARGET = "localhost:50051"
@@ -75,8 +78,13 @@ class Internal(PdserveClientError):
     status = grpc.StatusCode.INTERNAL
 
 
+class Unauthenticated(PdserveClientError):
+    """No API key, or a wrong one (`api_key=` / PDSERVE_API_KEY)."""
+    status = grpc.StatusCode.UNAUTHENTICATED
+
+
 _ERRORS = {cls.status: cls for cls in (InvalidArgument, ResourceExhausted, Unavailable, Aborted,
-                                       DeadlineExceeded, Cancelled, Internal)}
+                                       DeadlineExceeded, Cancelled, Internal, Unauthenticated)}
 
 
 def error_from_rpc(exc: grpc.aio.AioRpcError | grpc.RpcError, request_id: str = "") -> PdserveClientError:
@@ -255,16 +263,22 @@ class ResponseStream:
 
 class AsyncClient:
     """An asyncio client of one router. `timeout`: default deadline of each call
-    in seconds (None: none); `metadata`: sent with every call."""
+    in seconds (None: none); `metadata`: sent with every call; `api_key`: sent as
+    `authorization: Bearer` (default: $PDSERVE_API_KEY); `tls`: True for TLS
+    verified by the system's roots, or a `TLS(ca=..., cert=..., key=...)` of PEM
+    paths (cert and key: a client certificate, for routers that require one)."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
                  metadata: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
-                 options: Sequence[tuple[str, Any]] = ()) -> None:
+                 options: Sequence[tuple[str, Any]] = (), api_key: str | None = None,
+                 tls: TLS | bool | None = None) -> None:
         self.target, self.timeout = target, timeout
         items = metadata.items() if isinstance(metadata, Mapping) else (metadata or ())
-        self.metadata = tuple((k, v) for k, v in items)
-        self._channel = grpc.aio.insecure_channel(
-            target, options=[("grpc.max_receive_message_length", 64 * 2**20), *options])
+        api_key = os.environ.get("PDSERVE_API_KEY") if api_key is None else api_key
+        auth = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self.metadata = tuple((k, v) for k, v in items) + auth
+        self._channel = dial(target, TLS() if tls is True else tls or None, interceptors=tracing.client_interceptors(),
+                             options=[("grpc.max_receive_message_length", 64 * 2**20), *options])
         self._stub = router_pb2_grpc.RouterStub(self._channel)
 
     def generate(self, prompt: str | Sequence[int] | None = None, *,
@@ -304,13 +318,14 @@ class Client:
     from several threads at once."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
-                 metadata: Mapping[str, str] | Iterable[tuple[str, str]] | None = None) -> None:
+                 metadata: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+                 api_key: str | None = None, tls: TLS | bool | None = None) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="pdserve-client", daemon=True)
         self._thread.start()
 
         async def make() -> AsyncClient:  # the channel must be created on its loop
-            return AsyncClient(target, timeout=timeout, metadata=metadata)
+            return AsyncClient(target, timeout=timeout, metadata=metadata, api_key=api_key, tls=tls)
         self._client = self._run(make())
 
     def _run(self, coro: Any) -> Any:

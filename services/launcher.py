@@ -11,18 +11,22 @@ its own brings the suite down with exit code 1. In tests and benchmarks:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pdserve.common import security
 
 MODES = ("disaggregated", "colocated")
 _COLORS = ("36", "33", "35", "32", "34", "91", "96", "93")
@@ -36,11 +40,13 @@ class SuiteError(RuntimeError):
 @dataclass(frozen=True)
 class Service:
     """One child process. `address` (host:port) answers grpc.health.v1; None
-    marks a one-shot step, ready when it exits 0. Stages start in order."""
+    marks a one-shot step, ready when it exits 0. Stages start in order.
+    `metrics` (host:port) serves Prometheus /metrics, when known."""
     name: str
     argv: tuple[str, ...]
     address: str | None
     stage: int
+    metrics: str | None = None
 
 
 def _dial(host: str) -> str:
@@ -50,8 +56,15 @@ def _dial(host: str) -> str:
 def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, model: str | None = None,
          host: str = "127.0.0.1", port: int = 50051, base_port: int = 50061, kv_cache_gib: float | None = None,
          kvstore: bool = True, log_level: str | None = None, http_port: int | None = None,
-         python: str = sys.executable) -> list[Service]:
-    """The services of a suite, with their command lines; validates the shape."""
+         metrics_port: int = -1, python: str = sys.executable,
+         hosts: Mapping[str, str] | None = None) -> list[Service]:
+    """The services of a suite, with their command lines; validates the shape.
+
+    hosts: a service's own --host by name (e.g. "prefill-0": one address per
+    machine or network namespace); the others use `host`.
+
+    metrics_port: the router's Prometheus port; the other services take the next
+    ports, in the order listed. -1 (the default here): no metrics; 0: any free ports."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     prefill = prefill if mode == "disaggregated" else 0  # colocated workers prefill themselves
@@ -71,24 +84,41 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
     ports = iter(range(base_port, base_port + prefill + decode + 1))
     targets: dict[str, list[str]] = {"prefill": [], "decode": []}
     store_port = base_port + prefill + decode
-    store = ("--kvstore", f"{_dial(host)}:{store_port}") if kvstore else ()
+    def at(name: str) -> str:
+        return (hosts or {}).get(name, host)
+    store = ("--kvstore", f"{_dial(at('kvstore'))}:{store_port}") if kvstore else ()
     for role, count in (("prefill", prefill), ("decode", decode)):
         for i in range(count):
             p, name = next(ports), f"{role}-{i}"
             extra = ("--role", "colocated") if mode == "colocated" else store
-            services.append(Service(name, (*serve, role, "--host", host, "--port", str(p), "--worker-id", name,
-                                           *common, *kv, *extra), f"{_dial(host)}:{p}", 1))
-            targets[role].append(f"{_dial(host)}:{p}")
+            services.append(Service(name, (*serve, role, "--host", at(name), "--port", str(p), "--worker-id", name,
+                                           *common, *kv, *extra), f"{_dial(at(name))}:{p}", 1))
+            targets[role].append(f"{_dial(at(name))}:{p}")
     if kvstore:
-        services.append(Service("kvstore", (*serve, "kvstore", "--host", host, "--port", str(store_port), *common),
-                                f"{_dial(host)}:{store_port}", 1))
+        services.append(Service("kvstore", (*serve, "kvstore", "--host", at("kvstore"), "--port", str(store_port),
+                                            *common), f"{_dial(at('kvstore'))}:{store_port}", 1))
     # List flags take one value per target (the config parser's nargs="*").
     pre = ("--prefill-targets", *targets["prefill"]) if prefill else ()
     http = ("--http-port", str(http_port)) if http_port is not None else ()
-    services.append(Service("router", (*serve, "router", "--host", host, "--port", str(port), "--mode", mode,
+    services.append(Service("router", (*serve, "router", "--host", at("router"), "--port", str(port), "--mode", mode,
                                        *pre, "--decode-targets", *targets["decode"], *common, *http),
-                            f"{_dial(host)}:{port}", 2))
-    return services
+                            f"{_dial(at('router'))}:{port}", 2))
+    return _with_metrics(services, metrics_port, taken={port, http_port, *range(base_port, store_port + 1)})
+
+
+def _with_metrics(services: list[Service], first: int, taken: set[int | None]) -> list[Service]:
+    """Give every service a --metrics-port: the router `first`, the others the next ports."""
+    servers = sorted((s for s in services if s.address), key=lambda s: s.name != "router")
+    ports = {s.name: first + i if first > 0 else first for i, s in enumerate(servers)}
+    if first > 0 and not taken.isdisjoint(ports.values()):
+        raise ValueError(f"--metrics-port {first}: ports {first}..{first + len(servers) - 1} collide with "
+                         "the gRPC or HTTP ports")
+    def placed(s: Service) -> Service:  # beside --port
+        at = s.argv.index("--port")
+        argv = (*s.argv[:at], "--metrics-port", str(ports[s.name]), *s.argv[at:])
+        host = s.argv[s.argv.index("--host") + 1]
+        return dataclasses.replace(s, argv=argv, metrics=f"{_dial(host)}:{ports[s.name]}" if first > 0 else None)
+    return [placed(s) if s.address else s for s in services]
 
 
 class Suite:
@@ -107,6 +137,10 @@ class Suite:
         self._prefix = {s.name: (f"\x1b[{_COLORS[i % len(_COLORS)]}m[{s.name}]\x1b[0m " if color else f"[{s.name}] ")
                         for i, s in enumerate(self.services)}
         self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}  # children log line by line
+        try:  # the children's own PDSERVE_TLS_* settings: health polls must speak their TLS
+            self._tls = security.from_environment(self._env).client_tls()
+        except ValueError as e:
+            raise SuiteError(f"TLS settings: {e}") from None
         self._procs: dict[str, subprocess.Popen] = {}
         self._pumps: list[threading.Thread] = []
         self._lock = threading.RLock()  # re-entrant: say() also runs in signal handlers
@@ -153,7 +187,7 @@ class Suite:
         # attempts at a port nobody listens on yet (a worker loading its model).
         fast = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 500)]
-        channels = {s.name: grpc.insecure_channel(s.address, options=fast) for s in stage if s.address}
+        channels = {s.name: security.dial(s.address, self._tls, options=fast, sync=True) for s in stage if s.address}
         try:
             while pending:
                 for name, service in list(pending.items()):
@@ -226,6 +260,12 @@ class Suite:
         for pump in self._pumps:
             pump.join(timeout=5)  # the last lines of every log
 
+    def signal(self, name: str, signum: int) -> subprocess.Popen:
+        """Send one service a signal (SIGTERM drains it, SIGKILL is a crash); its process."""
+        proc = self._procs[name]
+        proc.send_signal(signum)
+        return proc
+
     def kill(self) -> None:  # a second Ctrl-C
         for proc in self._procs.values():
             if proc.poll() is None:
@@ -260,7 +300,8 @@ def supervise(suite: Suite) -> int:
                 return 0
             suite.say(f"failed to start: {e}")
             return 1
-        rows = "\n".join(f"  {s.name:<10} {s.address}" for s in suite.services if s.address)
+        rows = "\n".join(f"  {s.name:<10} {s.address}" + (f"  metrics http://{s.metrics}/metrics" if s.metrics else "")
+                         for s in suite.services if s.address)
         suite.say(f"ready; clients connect to {suite.router_target}\n{rows}")
         code = suite.wait(stop)
         suite.say("stopping" if code == 0 else "stopping after a failure")
@@ -281,6 +322,9 @@ def add_up_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-port", type=int, default=None,
                         help="the router's OpenAI-compatible HTTP port (default 8000 or PDSERVE_HTTP_PORT; -1: none)")
     parser.add_argument("--base-port", type=int, default=50061, help="workers take consecutive ports from here")
+    parser.add_argument("--metrics-port", type=int, default=9464,
+                        help="the router's Prometheus /metrics port; workers and the store take the next ports "
+                             "(-1: no metrics, 0: any free ports)")
     parser.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache per worker")
     parser.add_argument("--kvstore", action=argparse.BooleanOptionalAction, default=True,
                         help="start the shared KV store for the prefill workers (disaggregated mode)")
@@ -295,12 +339,12 @@ def run_up(args: argparse.Namespace) -> int:
         services = plan(args.mode, args.prefill, args.decode, model=args.model, host=args.host, port=args.port,
                         base_port=args.base_port, kv_cache_gib=args.kv_cache_gib, kvstore=kvstore,
                         log_level=getattr(args, "log_level", None),  # `pdserve --log-level L up`
-                        http_port=args.http_port)
-    except ValueError as e:
+                        http_port=args.http_port, metrics_port=args.metrics_port)
+        suite = Suite(services=services, log_dir=args.log_dir, ready_timeout=args.ready_timeout, grace_s=args.grace)
+    except (ValueError, SuiteError) as e:
         print(f"pdserve up: {e}", file=sys.stderr)
         return 2
-    return supervise(Suite(services=services, log_dir=args.log_dir, ready_timeout=args.ready_timeout,
-                           grace_s=args.grace))
+    return supervise(suite)
 
 
 if __name__ == "__main__":

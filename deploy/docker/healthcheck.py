@@ -8,7 +8,8 @@ the model loads or the service drains, or no answer within the timeout).
 PORT defaults to $PDSERVE_PORT (each image sets it, and so does the service),
 SERVICE to "" (the whole server). Installed in the images as
 /usr/local/bin/pdserve-healthcheck and used by their HEALTHCHECK; Kubernetes
-uses its native gRPC probes instead.
+uses its native gRPC probes instead, except with TLS on (kubelet's gRPC probes
+speak no TLS): then exec probes run this script.
 """
 from __future__ import annotations
 
@@ -20,7 +21,17 @@ def check(port: str, service: str = "", timeout: float = 3.0) -> bool:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    from pdserve.common import security
+
+    # The service's own PDSERVE_TLS_* settings: with TLS on, speak TLS and
+    # present the service's certificate (mTLS). PDSERVE_TLS_SERVER_NAME names
+    # the certificate's host when the certificate does not cover 127.0.0.1.
+    try:
+        tls = security.from_environment(os.environ).client_tls()
+    except ValueError as e:
+        print(f"unhealthy: TLS settings: {e}", file=sys.stderr)
+        return False
+    with security.dial(f"127.0.0.1:{port}", tls, sync=True) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout)

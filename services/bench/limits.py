@@ -5,6 +5,7 @@ means the same on a laptop, a 2-core CI box or a server.
 """
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -44,6 +45,12 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """The machine a run ran on (nothing measured), for results files."""
+    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
+            "python": platform.python_version(), "platform": platform.platform()}
 
 
 def measure(quick: bool = False, device: str = "cpu") -> MachineLimits:

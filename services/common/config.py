@@ -44,10 +44,11 @@ _NONE = frozenset({"", "none", "null"})
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str = "",
-           default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field with help text for --help (a plain default works too)."""
-    return dataclasses.field(default=default, default_factory=default_factory,
-                             metadata={"help": help})
+           default_factory: Any = dataclasses.MISSING, secret: bool = False) -> Any:
+    """A dataclass field with help text for --help (a plain default works too).
+    `secret`: left out of the config's repr, so logging a config leaks no key."""
+    return dataclasses.field(default=default, default_factory=default_factory, repr=not secret,
+                             metadata={"help": help, "secret": secret})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,3 +40,7 @@ class TransferFailedError(PdserveError):
 
 class TransferTimeoutError(TransferFailedError):
     """A KV transfer did not complete before its deadline."""
+
+
+class UnauthenticatedError(PdserveError):
+    """The caller sent no credentials, or wrong ones (API key, internal token)."""

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import grpc
 
+from pdserve.common.security import OPEN, SecurityConfig
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import router_pb2 as rpb
 from pdserve.v1 import router_pb2_grpc
@@ -19,9 +20,10 @@ log = logging.getLogger(__name__)
 
 
 class Registration:
-    def __init__(self, routers: list[str], load: Callable[[], pb.GetLoadResponse]):
+    def __init__(self, routers: list[str], load: Callable[[], pb.GetLoadResponse],
+                 security: SecurityConfig = OPEN):
         self.load = load
-        self._stubs = {r: router_pb2_grpc.RouterStub(grpc.aio.insecure_channel(r)) for r in routers}
+        self._stubs = {r: router_pb2_grpc.RouterStub(security.dial(r)) for r in routers}
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:

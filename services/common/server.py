@@ -4,16 +4,21 @@
   `pdserve.common.errors` into gRPC status codes, so servicers and engine code
   raise plain Python exceptions and never touch the gRPC context.
 - `add_health_service()` / `Health.set_serving()` expose the standard grpc.health.v1
-  service (what Kubernetes gRPC probes and load balancers ask).
+  service (what Kubernetes gRPC probes and load balancers ask); `add_reflection()`
+  the server reflection service (grpcurl and other tools list and call methods
+  without the .proto files). `add_health_and_reflection()` does both.
+- `bind()` listens, with TLS when given credentials (pdserve.common.security).
+- every handler runs with its request's `request_id` bound for logging
+  (pdserve.common.logs).
 - `serve_until_stopped()` waits for SIGTERM/SIGINT, reports NOT_SERVING, and
   stops with a grace period so in-flight streams can finish.
 
 Typical service main:
 
-    server = create_server()
+    server = create_server(interceptors=[config.authenticator()])  # token / API keys
     decode_pb2_grpc.add_DecodeServicer_to_server(servicer, server)
     health = await add_health_service(server, ["pdserve.v1.Decode"])
-    port = bind(server, config.host, config.port)
+    port = bind(server, config.host, config.port, config.server_credentials())  # TLS if configured
     await server.start()
     await health.set_serving(True)           # once the model is loaded
     await serve_until_stopped(server, health=health, grace_s=config.grace_s)
@@ -33,7 +38,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import OVERALL_HEALTH
 from grpc_health.v1.health import aio as health_aio
 
-from pdserve.common import errors
+from pdserve.common import errors, logs, tracing
+from pdserve.common.wire import bad_utf8_field
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,7 @@ log = logging.getLogger(__name__)
 # replay a call whose ticket is spent.
 STATUS_CODES: tuple[tuple[type[errors.PdserveError], grpc.StatusCode], ...] = (
     (errors.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
     (errors.CapacityExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.NotReadyError, grpc.StatusCode.UNAVAILABLE),
     (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
@@ -91,12 +98,63 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str)
         await context.abort(code, str(exc), trailing_metadata=tuple(metadata))
 
 
+def _bind_request_id(request: Any) -> None:
+    # Each RPC runs in a task of its own, so the binding ends with the call.
+    request_id = getattr(request, "request_id", "")  # streamed requests (iterators) have none
+    if request_id and isinstance(request_id, str):
+        logs.bind_request(request_id)
+
+
+class _Undecodable:
+    """What a request whose bytes did not parse reaches the handler as.
+
+    grpc.aio parses a unary request before any interceptor code runs, and
+    answers a parse error UNKNOWN; the parse is the client's fault, so the
+    guard below answers INVALID_ARGUMENT instead, naming the field."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: errors.InvalidRequestError):
+        self.error = error
+
+
+def _decoding_error(deserialize: Callable[[bytes], Any], data: bytes, exc: Exception) -> errors.InvalidRequestError:
+    descriptor = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)  # Message.FromString's class
+    field = bad_utf8_field(descriptor, data) if descriptor is not None else None
+    if field is not None:
+        return errors.InvalidRequestError(field, "is not valid UTF-8")
+    what = descriptor.full_name if descriptor is not None else "request message"
+    reason = str(exc).rsplit(": ", 1)[-1]  # protobuf's text repeats the type name
+    return errors.InvalidRequestError("request", f"is not a valid {what} ({reason})")
+
+
+def _checked_deserializer(deserialize: Callable[[bytes], Any] | None, streamed: bool) -> Callable[[bytes], Any] | None:
+    """Parse errors become InvalidRequestError: raised for request streams (the
+    handler reads them, inside its guard), handed over as _Undecodable otherwise."""
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as e:  # protobuf's DecodeError; whatever fails to parse is the client's bytes
+            error = _decoding_error(deserialize, data, e)
+            if streamed:
+                raise error from None
+            return _Undecodable(error)
+
+    return parse
+
+
 def _guard_call(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
     """Wrap a coroutine handler (unary, or streaming via context.write)."""
     if not inspect.iscoroutinefunction(behavior):
         return behavior  # sync handlers need a thread pool; pdserve has none
 
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, _Undecodable):
+            await _abort(context, request.error, method)
+        _bind_request_id(request)
         try:
             return await behavior(request, context)
         except grpc.aio.AbortError:
@@ -113,6 +171,9 @@ def _guard_stream(behavior: Callable[..., Any], method: str) -> Callable[..., An
         return _guard_call(behavior, method)
 
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, _Undecodable):
+            await _abort(context, request.error, method)
+        _bind_request_id(request)
         responses = behavior(request, context)
         try:
             async for response in responses:
@@ -130,7 +191,8 @@ def _guard_stream(behavior: Callable[..., Any], method: str) -> Callable[..., An
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """Maps pdserve exceptions to status codes for every handler kind."""
+    """Maps pdserve exceptions, and request bytes that do not parse
+    (INVALID_ARGUMENT, not grpc's UNKNOWN), to status codes for every handler kind."""
 
     async def intercept_service(
         self,
@@ -141,7 +203,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None  # unknown method: grpc answers UNIMPLEMENTED
         method = handler_call_details.method
-        codec = {"request_deserializer": handler.request_deserializer,
+        streamed = bool(handler.stream_unary or handler.stream_stream)
+        codec = {"request_deserializer": _checked_deserializer(handler.request_deserializer, streamed),
                  "response_serializer": handler.response_serializer}
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(_guard_call(handler.unary_unary, method), **codec)
@@ -158,24 +221,29 @@ def create_server(
     options: dict[str, Any] | None = None,
     maximum_concurrent_rpcs: int | None = None,
 ) -> grpc.aio.Server:
-    """A grpc.aio server with the error mapping outermost.
+    """A grpc.aio server with the error mapping outermost, then tracing (a
+    span per call, continuing the caller's trace; a no-op until
+    tracing.setup()), then `interceptors`.
 
-    Extra interceptors (e.g. tracing) run inside it, so they still see the
-    original exception; `options` override DEFAULT_OPTIONS key by key.
+    Inner interceptors still see the original exception; `options` override
+    DEFAULT_OPTIONS key by key.
     """
     merged = {**DEFAULT_OPTIONS, **(options or {})}
     return grpc.aio.server(
-        interceptors=[ErrorMappingInterceptor(), *interceptors],
+        interceptors=[ErrorMappingInterceptor(), tracing.ServerInterceptor(), *interceptors],
         options=list(merged.items()),
         maximum_concurrent_rpcs=maximum_concurrent_rpcs,
     )
 
 
-def bind(server: grpc.aio.Server, host: str, port: int) -> int:
-    """Listen on host:port (0: any free port) and return the bound port."""
+def bind(server: grpc.aio.Server, host: str, port: int,
+         credentials: grpc.ServerCredentials | None = None) -> int:
+    """Listen on host:port (0: any free port) and return the bound port; TLS
+    with `credentials` (pdserve.common.security.SecurityConfig.server_credentials())."""
     bare_ipv6 = ":" in host and not host.startswith("[")
     address = f"[{host}]:{port}" if bare_ipv6 else f"{host}:{port}"
-    bound = server.add_insecure_port(address)
+    bound = (server.add_secure_port(address, credentials) if credentials is not None
+             else server.add_insecure_port(address))
     if bound == 0:  # older grpcio reports failure this way instead of raising
         raise RuntimeError(f"cannot listen on {address}")
     return bound
@@ -203,6 +271,21 @@ async def add_health_service(server: grpc.aio.Server, services: Iterable[str] = 
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     await health.set_serving(False)
     return health
+
+
+def add_reflection(server: grpc.aio.Server, services: Iterable[str]) -> None:
+    """Register server reflection (grpc.reflection.v1alpha) for these fully
+    qualified service names, plus health and reflection themselves."""
+    from grpc_reflection.v1alpha import reflection
+
+    health = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    reflection.enable_server_reflection((*services, health, reflection.SERVICE_NAME), server)
+
+
+async def add_health_and_reflection(server: grpc.aio.Server, services: Sequence[str]) -> Health:
+    """Health (NOT_SERVING for "" and each name until set_serving) and reflection."""
+    add_reflection(server, services)
+    return await add_health_service(server, services)
 
 
 async def serve_until_stopped(
@@ -254,6 +337,8 @@ def error_from_rpc(exc: grpc.aio.AioRpcError) -> errors.PdserveError:
     trailing = dict(exc.trailing_metadata() or ())
     cls = _ERROR_TYPES.get(trailing.get(ERROR_TYPE_KEY, "")) or _BY_CODE.get(exc.code())
     details = exc.details() or exc.code().name
+    if cls is errors.UnauthenticatedError:  # our credentials, not the client's: this worker is unusable
+        return errors.NotReadyError(f"downstream refused this service's credentials: {details}")
     if cls is errors.InvalidRequestError:
         return errors.InvalidRequestError(trailing.get(ERROR_FIELD_KEY, "request"), details.split(": ", 1)[-1])
     if cls is None:  # UNKNOWN, INTERNAL, CANCELLED...: the worker is not usable for this request

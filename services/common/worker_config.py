@@ -5,12 +5,14 @@ import socket
 from dataclasses import dataclass
 from typing import Literal
 
-from pdserve.common.config import ServiceConfig, option
+from pdserve.common.config import option
 from pdserve.common.engine.config import EngineConfig
+from pdserve.common.logs import LogFormat
+from pdserve.common.security import SecurityConfig
 
 
 @dataclass(frozen=True)
-class WorkerConfig(ServiceConfig):
+class WorkerConfig(SecurityConfig):
     host: str = option("127.0.0.1", help="address the gRPC server listens on")
     port: int = option(50061, help="gRPC port (0: any free port)")
     worker_id: str = option("", help="unique id in logs and routing (default: hostname:port)")
@@ -32,10 +34,14 @@ class WorkerConfig(ServiceConfig):
     advertise_host: str = option("", help="address routers use to reach this worker (default: --host)")
     transport: Literal["ucx", "loopback"] = option("ucx", help="KV data plane (loopback: one process only, for tests)")
     grace_s: float = option(10.0, help="on SIGTERM, seconds in-flight requests get to finish")
+    metrics_port: int = option(9465, help="Prometheus /metrics port, on --host (0: any free port, -1: no metrics)")
+    log_format: LogFormat = option("text", help="log lines as text or json (one object per line)")
 
     def validate(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError("port must be in [0, 65535]")
+        if not -1 <= self.metrics_port < 65536 or self.metrics_port == self.port != 0:
+            raise ValueError("metrics_port must be in [0, 65535] and not the gRPC port, or -1 for no metrics")
         if self.max_queue < 1 or self.lease_ms < 1 or self.transfer_timeout_s <= 0:
             raise ValueError("max_queue, lease_ms and transfer_timeout_s must be positive")
         self.engine_config()  # validates the engine fields

@@ -10,13 +10,19 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from pdserve.common import convert
+from pdserve.common import convert, metrics
 from pdserve.common.engine.async_engine import AsyncEngine
 from pdserve.common.engine.engine import LLMEngine
 from pdserve.common.registration import Registration
-from pdserve.common.server import add_health_service, bind, create_server, serve_until_stopped
+from pdserve.common.server import add_health_and_reflection, bind, create_server, serve_until_stopped
 from pdserve.common.worker_config import WorkerConfig
 from pdserve.v1 import common_pb2 as pb
+from pdserve.v1 import decode_pb2, prefill_pb2
+
+# The gRPC service a worker of each role serves (for health and reflection).
+SERVICES = {"prefill": prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name,
+            "decode": decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name,
+            "colocated": decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name}
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +43,8 @@ class WorkerRuntime:
     def __init__(self, config: WorkerConfig, engine: LLMEngine | None = None):
         self.config = config
         self.engine = AsyncEngine(engine or LLMEngine(config.engine_config()))
-        self.server = create_server()
-        self.port = bind(self.server, config.host, config.port)
+        self.server = create_server(interceptors=[config.authenticator()])
+        self.port = bind(self.server, config.host, config.port, config.server_credentials())
         self.worker_id = config.resolved_worker_id(self.port)
         spec = self.engine.engine.spec
         self.info = pb.WorkerInfo(
@@ -47,7 +53,8 @@ class WorkerRuntime:
             model=spec.model_name, kv_spec=convert.kv_spec_to_pb(spec),
         )
         self.health = None
-        self.registration = Registration(config.router, self.load_response)
+        self.registration = Registration(config.router, self.load_response, security=config)
+        metrics.watch_engine(self.engine.engine, worker_id=self.worker_id, role=config.role)
 
     def load_response(self) -> pb.GetLoadResponse:
         eng = self.engine
@@ -58,7 +65,7 @@ class WorkerRuntime:
         return pb.GetLoadResponse(info=self.info, load=load)
 
     async def start(self) -> None:
-        self.health = await add_health_service(self.server)
+        self.health = await add_health_and_reflection(self.server, [SERVICES[self.config.role]])
         self.engine.warm_up()
         await self.engine.start()
         await self.server.start()
@@ -69,6 +76,10 @@ class WorkerRuntime:
     async def run(self, stop: asyncio.Event | None = None,
                   on_shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
         """Start, serve until SIGTERM/SIGINT (or `stop`), then shut down in order."""
+        port = metrics.serve_prometheus(self.config.host, self.config.metrics_port, service=self.config.role,
+                                        instance=self.worker_id)
+        if port is not None:
+            print(f"{self.worker_id} metrics on http://{self.config.host}:{port}/metrics", flush=True)
         await self.start()
         print(f"{self.worker_id} ({self.config.role}) listening on {self.config.host}:{self.port}", flush=True)
         try:

@@ -14,9 +14,10 @@ def build(config: WorkerConfig, engine=None) -> tuple[WorkerRuntime, DecodeWorke
     receiver = make_receiver(config.transport)
     store = None
     if config.kvstore:  # reads only: the prefill workers write
-        store = StoreClient(config.kvstore, receiver, None, rt.engine.engine.spec.fingerprint)
+        store = StoreClient(config.kvstore, receiver, None, rt.engine.engine.spec.fingerprint, security=config)
     worker = DecodeWorker(rt.engine, receiver, lease_s=config.lease_ms / 1000,
-                          transfer_timeout_s=config.transfer_timeout_s, max_queue=config.max_queue, store=store)
+                          transfer_timeout_s=config.transfer_timeout_s, max_queue=config.max_queue, store=store,
+                          worker_id=rt.worker_id)
     decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(worker, rt.load_response), rt.server)
     return rt, worker
 

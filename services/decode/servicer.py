@@ -36,8 +36,12 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     async def Decode(self, request: dpb.DecodeRequest, context):
         params = convert.sampling_from_pb(request.sampling)
-        async for out in self.worker.decode(request.request_id, request.first_token_id, params):
-            yield _response(out)
+        waited: list[float] = []
+        async for out in self.worker.decode(request.request_id, request.first_token_id, params, waited.append):
+            r = _response(out)
+            if waited:  # the first response says how long the KV took to land
+                r.timing.kv_transfer_ms = waited.pop()
+            yield r
 
     async def Generate(self, request: dpb.LocalGenerateRequest, context):
         params = convert.sampling_from_pb(request.sampling)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from pdserve.common import tracing
 from pdserve.common.engine.async_engine import AsyncEngine
 from pdserve.common.engine.engine import RequestOutput
 from pdserve.common.engine.sampling_params import SamplingParams
@@ -31,6 +32,7 @@ from pdserve.common.leases import Leases
 from pdserve.common.transfer.base import KVReceiver, TransferTicket
 
 log = logging.getLogger(__name__)
+_spans = tracing.Spans("decode", service="decode")
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,10 @@ class DecodeCounters:
 
 class DecodeWorker:
     def __init__(self, engine: AsyncEngine, receiver: KVReceiver, *, lease_s: float = 30.0,
-                 transfer_timeout_s: float = 30.0, max_queue: int = 256, store: StoreClient | None = None):
+                 transfer_timeout_s: float = 30.0, max_queue: int = 256, store: StoreClient | None = None,
+                 worker_id: str = ""):
         self.engine = engine
+        self.worker_id = worker_id  # on its trace spans
         self.receiver = receiver
         self.store = store  # loads cached prefixes, so the prefill worker sends less
         self.lease_s = lease_s
@@ -78,14 +82,27 @@ class DecodeWorker:
             await self.release(rid)
 
     def _admission(self) -> None:
-        if len(self.engine.engine.scheduler.waiting) + len(self._leases) >= self.max_queue:
+        """Run under the engine's lock (AsyncEngine.add / call), atomically with
+        the queueing it guards: checked before an await, a burst would all pass."""
+        stats = self.engine.engine.stats()
+        if stats.waiting + stats.reserved >= self.max_queue:
             raise CapacityExhaustedError(f"decode queue full ({self.max_queue} requests waiting)")
 
+    def _reserve_if_room(self, request_id: str, prompt: list[int]):
+        self._admission()
+        return self.engine.engine.reserve(request_id, prompt)
+
     async def reserve(self, request_id: str, prompt: list[int], fingerprint: bytes, lease_ms: int = 0) -> Reservation:
+        with _spans.span("decode.reserve", request_id=request_id, worker_id=self.worker_id,
+                         prompt_tokens=len(prompt)) as span:
+            r = await self._reserve(request_id, prompt, fingerprint, lease_ms)
+            tracing.annotate(span, cached_blocks=r.first_block_index, reserved_blocks=len(r.dest_block_ids))
+            return r
+
+    async def _reserve(self, request_id: str, prompt: list[int], fingerprint: bytes, lease_ms: int) -> Reservation:
         if fingerprint and fingerprint != self.spec.fingerprint:
             raise InvalidRequestError("kv_fingerprint", "the prefill worker's KV layout or model differs from this worker's")
-        self._admission()
-        seq = await self.engine.call(self.engine.engine.reserve, request_id, prompt)
+        seq = await self.engine.call(self._reserve_if_room, request_id, prompt)
         bs, pool = self.spec.block_size, self.engine.engine.pool
         try:
             first = await self._load_from_store(prompt, seq.block_table, seq.num_cached_tokens // bs)
@@ -107,11 +124,14 @@ class DecodeWorker:
         hashes = block_hashes(self.spec.fingerprint, prompt[: (len(prompt) - 1) // bs * bs], bs)
         return await self.store.load_prefix(hashes, [pool.block(b) for b in table[: len(hashes)]], have)
 
-    async def decode(self, request_id: str, first_token: int, params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Tokens 2..N of a reserved request, once its KV has arrived intact."""
+    async def decode(self, request_id: str, first_token: int, params: SamplingParams,
+                     on_kv: Callable[[float], None] = lambda ms: None) -> AsyncIterator[RequestOutput]:
+        """Tokens 2..N of a reserved request, once its KV has arrived intact;
+        on_kv gets how long decode waited for the KV (the transfer's unoverlapped tail)."""
         r = self._leases.claim(request_id)  # the transfer timeout bounds it from here
         if r is None:
             raise NotFoundError(f"no reservation {request_id!r} (expired or released)")
+        t0 = time.perf_counter()
         try:
             await self.receiver.wait(request_id, self.transfer_timeout_s)
         except TransferFailedError as e:
@@ -124,29 +144,38 @@ class DecodeWorker:
         except BaseException:
             await self.release(request_id)
             raise
+        on_kv((time.perf_counter() - t0) * 1e3)
         self.counters.transfers_completed += 1
         self.counters.kv_bytes_received += len(r.dest_block_ids) * r.ticket.block_bytes
         await self.receiver.cancel(request_id)  # forget the finished transfer
         self._leases.pop(request_id)
         await self.engine.admit(request_id, first_token, params)
-        async for out in self._counted(self.engine.stream(request_id)):
+        async for out in self._counted(request_id, "decode", self.engine.stream(request_id)):
             yield out
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Colocated: prefill and decode here."""
-        self._admission()
-        await self.engine.add(prompt, params, request_id)
-        async for out in self._counted(self.engine.stream(request_id)):
+        await self.engine.add(prompt, params, request_id, admission=self._admission)
+        async for out in self._counted(request_id, "generate", self.engine.stream(request_id)):
             yield out
 
-    async def _counted(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-        finished = False
+    async def _counted(self, request_id: str, phase: str,
+                       outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+        finished, tokens = False, 0
+        # Started and ended here, never current: it lasts across yields.
+        span = _spans.start(f"decode.{phase}", request_id=request_id, worker_id=self.worker_id)
         try:
             async for out in outputs:
+                tokens += len(out.new_token_ids)
                 self.counters.tokens_generated += len(out.new_token_ids)
                 finished = out.finished
                 yield out
+        except BaseException as e:
+            tracing.fail(span, e)
+            raise
         finally:
+            tracing.annotate(span, tokens_generated=tokens, finished=finished)
+            span.end()
             if finished:
                 self.counters.requests_completed += 1
             else:

@@ -4,11 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pdserve.common.config import ServiceConfig, option
+from pdserve.common.config import option
+from pdserve.common.logs import LogFormat
+from pdserve.common.security import SecurityConfig
 
 
 @dataclass(frozen=True)
-class KVStoreConfig(ServiceConfig):
+class KVStoreConfig(SecurityConfig):
     host: str = option("127.0.0.1", help="address the gRPC server listens on")
     port: int = option(50070, help="gRPC port (0: any free port)")
     model: str = option("", help="the workers' model: fixes the block size in bytes (default: bundled SmolLM2)")
@@ -20,9 +22,13 @@ class KVStoreConfig(ServiceConfig):
     transfer_timeout_s: float = option(30.0)
     transport: Literal["ucx", "loopback"] = option("ucx")
     grace_s: float = option(5.0)
+    metrics_port: int = option(9466, help="Prometheus /metrics port, on --host (0: any free port, -1: no metrics)")
+    log_format: LogFormat = option("text", help="log lines as text or json (one object per line)")
 
     def validate(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError("port must be in [0, 65535]")
+        if not -1 <= self.metrics_port < 65536 or self.metrics_port == self.port != 0:
+            raise ValueError("metrics_port must be in [0, 65535] and not the gRPC port, or -1 for no metrics")
         if self.capacity_gib <= 0 or self.capacity_blocks < 0 or self.block_size < 1:
             raise ValueError("capacity_gib, capacity_blocks and block_size must be positive")

@@ -1,15 +1,17 @@
 """`pdserve serve kvstore`: the shared KV block store process."""
 from __future__ import annotations
 
-from pdserve.common import model_loader
+from pdserve.common import metrics, model_loader
 from pdserve.common.kv.spec import KVSpec
-from pdserve.common.server import add_health_service, bind, create_server, serve_until_stopped
+from pdserve.common.server import add_health_and_reflection, bind, create_server, serve_until_stopped
 from pdserve.common.worker_runtime import make_receiver, make_sender
 from pdserve.kvstore.config import KVStoreConfig
 from pdserve.kvstore.service import KVStoreService
 from pdserve.kvstore.servicer import KVStoreServicer
 from pdserve.kvstore.store import BlockStore
-from pdserve.v1 import kvstore_pb2_grpc
+from pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
+
+SERVICE = kvstore_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name
 
 
 def block_bytes_of(config: KVStoreConfig) -> int:
@@ -30,15 +32,19 @@ def build(config: KVStoreConfig, block_bytes: int | None = None):
     service = KVStoreService(BlockStore(capacity, block_bytes), make_receiver(config.transport),
                              make_sender(config.transport), lease_s=config.lease_ms / 1000,
                              transfer_timeout_s=config.transfer_timeout_s)
-    server = create_server()
+    server = create_server(interceptors=[config.authenticator()])
     kvstore_pb2_grpc.add_KVStoreServicer_to_server(KVStoreServicer(service), server)
-    port = bind(server, config.host, config.port)
+    metrics.watch_store(service.store)
+    port = bind(server, config.host, config.port, config.server_credentials())
     return server, port, service
 
 
 async def serve(config: KVStoreConfig) -> None:
+    metrics_port = metrics.serve_prometheus(config.host, config.metrics_port, service="kvstore")
+    if metrics_port is not None:
+        print(f"kvstore metrics on http://{config.host}:{metrics_port}/metrics", flush=True)
     server, port, service = build(config)
-    health = await add_health_service(server)
+    health = await add_health_and_reflection(server, [SERVICE])
     await service.start()
     await server.start()
     await health.set_serving(True)

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import uuid
 
+from pdserve.common import tracing
 from pdserve.common.errors import NotFoundError, TransferFailedError
 from pdserve.common.leases import Leases
 from pdserve.common.transfer.base import KVReceiver, KVSender, TransferTicket
@@ -40,10 +41,13 @@ class KVStoreService:
         await asyncio.gather(*self._reads.values(), return_exceptions=True)
 
     def lookup(self, fingerprint: bytes, hashes: list[bytes]) -> int:
-        return self.store.lookup(fingerprint, hashes)
+        n = self.store.lookup(fingerprint, hashes)
+        tracing.annotate(blocks_requested=len(hashes), blocks_found=n)  # on the call's span
+        return n
 
     def reserve_write(self, fingerprint: bytes, hashes: list[bytes], lease_ms: int = 0) -> tuple[list[int], TransferTicket | None]:
         placed = self.store.reserve_write(fingerprint, hashes)
+        tracing.annotate(blocks_offered=len(hashes), blocks_accepted=len(placed))
         if not placed:
             return [], None
         tid = "w-" + uuid.uuid4().hex
@@ -67,13 +71,16 @@ class KVStoreService:
             raise
         await self.receiver.cancel(transfer_id)
         self._writes.pop(transfer_id)
-        return self.store.commit(hashes)
+        n = self.store.commit(hashes)
+        tracing.annotate(blocks_committed=n)
+        return n
 
     def reserve_read(self, fingerprint: bytes, hashes: list[bytes], ticket: TransferTicket) -> int:
         """Pin all of `hashes` and push them into `ticket`; 0 if any is gone."""
         if len(hashes) != ticket.num_blocks or ticket.block_bytes != self.store.block_bytes:
             raise TransferFailedError("read ticket does not match the requested blocks or this store's block size")
         slots = self.store.pin(fingerprint, hashes)
+        tracing.annotate(blocks_requested=len(hashes), blocks_read=len(slots) if slots else 0)
         if slots is None:
             return 0
         lease = ticket.transfer_id

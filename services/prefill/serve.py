@@ -17,8 +17,10 @@ def build(config: WorkerConfig, engine=None) -> tuple[WorkerRuntime, PrefillWork
     sender = make_sender(config.transport)
     store = None
     if config.kvstore:
-        store = StoreClient(config.kvstore, make_receiver(config.transport), sender, rt.engine.engine.spec.fingerprint)
-    worker = PrefillWorker(rt.engine, sender, max_queue=config.max_queue, store=store)
+        store = StoreClient(config.kvstore, make_receiver(config.transport), sender, rt.engine.engine.spec.fingerprint,
+                            security=config)
+    worker = PrefillWorker(rt.engine, sender, max_queue=config.max_queue, store=store, worker_id=rt.worker_id,
+                           transfer_timeout_s=config.transfer_timeout_s)
     prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(worker, rt.load_response), rt.server)
     return rt, worker
 

@@ -14,15 +14,17 @@ import logging
 import time
 from dataclasses import dataclass
 
+from pdserve.common import tracing
 from pdserve.common.engine.async_engine import AsyncEngine
 from pdserve.common.engine.sampling_params import SamplingParams
 from pdserve.common.engine.sequence import FinishReason
-from pdserve.common.errors import CapacityExhaustedError
+from pdserve.common.errors import CapacityExhaustedError, NotFoundError
 from pdserve.common.kv.hashing import block_hashes
 from pdserve.common.kv.store_client import StoreClient
 from pdserve.common.transfer.base import KVSender, TransferTicket
 
 log = logging.getLogger(__name__)
+_spans = tracing.Spans("prefill", service="prefill")
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,9 @@ class _Push:
         self.tasks: list[asyncio.Task] = []
         self.bytes_sent = 0
 
-    def send_ready(self, final: bool) -> None:
+    def send_ready(self, final: bool, context: tracing.Context) -> None:
+        """Send the blocks completed since the last call; `context`: the chunk's
+        that completed them, whose child the send's span becomes."""
         engine = self.worker.engine.engine
         computed, table = engine.kv_blocks(self.request_id)
         bs = engine.config.block_size
@@ -63,7 +67,8 @@ class _Push:
             return
         blocks = [engine.pool.block(b) for b in table[self.next_block : ready]]
         start = self.next_block - self.target.first_block_index
-        self.tasks.append(asyncio.create_task(self.worker.sender.send(self.target.ticket, start, blocks)))
+        self.tasks.append(tracing.create_task(self.worker.sender.send(
+            self.target.ticket, start, blocks, timeout=self.worker.transfer_timeout_s), context))
         self.bytes_sent += len(blocks) * self.target.ticket.block_bytes
         self.next_block = ready
 
@@ -79,25 +84,73 @@ class _Push:
             t.cancel()
 
 
+class _Chunks:
+    """Trace spans of one prompt in the engine: the wait in its queue, then
+    one span per chunk (the engine step that computed it). on_step runs in the
+    engine loop, outside the request's context, so the spans take its parent
+    from here explicitly."""
+
+    def __init__(self, worker: "PrefillWorker", request_id: str):
+        self.engine, self.request_id, self.worker_id = worker.engine, request_id, worker.worker_id
+        self.parent = self.context = tracing.current_context()  # context: the latest chunk's
+        self.queued_ns = time.time_ns()
+        self.computed = worker.engine.engine.kv_blocks(request_id)[0] if tracing.enabled() else 0
+        self.count = 0
+
+    def on_step(self) -> None:
+        if not tracing.enabled():
+            return
+        try:
+            computed = self.engine.engine.kv_blocks(self.request_id)[0]
+        except NotFoundError:  # aborted
+            return
+        if computed <= self.computed:  # not in this step (or preempted: it recomputes)
+            self.computed = computed
+            return
+        start, end = self.engine.last_step_ns
+        start = max(start, self.queued_ns)
+        ids = {"request_id": self.request_id, "worker_id": self.worker_id}
+        if self.count == 0:
+            _spans.start("prefill.queue", context=self.parent, start_time=self.queued_ns, **ids).end(start)
+        chunk = _spans.start("prefill.chunk", context=self.parent, start_time=start, chunk=self.count,
+                             tokens=computed - self.computed, computed_tokens=computed, **ids)
+        chunk.end(end)
+        self.context = tracing.context_with(chunk, self.parent)
+        self.computed, self.count = computed, self.count + 1
+
+
 class PrefillWorker:
     def __init__(self, engine: AsyncEngine, sender: KVSender, *, max_queue: int = 256,
-                 store: StoreClient | None = None):
+                 store: StoreClient | None = None, worker_id: str = "", transfer_timeout_s: float = 30.0):
         self.engine = engine
+        self.transfer_timeout_s = transfer_timeout_s  # blocks stay held this long for a receiver that never takes them
+        self.worker_id = worker_id  # on its trace spans
         self.sender = sender
         self.store = store
         self.max_queue = max_queue
         self._finishing: set[asyncio.Task] = set()
         self.kv_bytes_sent = 0
 
+    def _admission(self) -> None:
+        """Run under the engine's lock, atomically with the queueing it guards
+        (checked before an await, a burst would all pass)."""
+        stats = self.engine.engine.stats()
+        if stats.waiting + stats.reserved >= self.max_queue:
+            raise CapacityExhaustedError(f"prefill queue full ({self.max_queue} requests waiting)")
+
+    def _reserve_if_room(self, request_id: str, prompt: list[int]):
+        self._admission()
+        return self.engine.engine.reserve(request_id, prompt)
+
     async def _admit(self, request_id: str, prompt: list[int], params: SamplingParams) -> int:
         """Queue the prompt, after loading what the KV store has beyond the local
         prefix cache; returns the prompt tokens loaded from the store."""
         if self.store is None:
-            await self.engine.add(prompt, params, request_id, hold_blocks=True)
+            await self.engine.add(prompt, params, request_id, hold_blocks=True, admission=self._admission)
             return 0
         eng = self.engine.engine
         bs = eng.config.block_size
-        seq = await self.engine.call(eng.reserve, request_id, prompt)
+        seq = await self.engine.call(self._reserve_if_room, request_id, prompt)
         try:
             hashes = block_hashes(eng.spec.fingerprint, prompt[: (len(prompt) - 1) // bs * bs], bs)
             dest = [eng.pool.block(b) for b in seq.block_table[: len(hashes)]]
@@ -110,19 +163,25 @@ class PrefillWorker:
 
     async def prefill(self, request_id: str, prompt: list[int], params: SamplingParams,
                       target: PushTarget | None) -> PrefillResult:
-        if len(self.engine.engine.scheduler.waiting) >= self.max_queue:
-            raise CapacityExhaustedError(f"prefill queue full ({self.max_queue} requests waiting)")
         arrived = time.perf_counter()
-        from_store = await self._admit(request_id, prompt, dataclasses.replace(params, max_tokens=1))
+        with _spans.span("prefill.admit", request_id=request_id, worker_id=self.worker_id,
+                         prompt_tokens=len(prompt)) as span:
+            from_store = await self._admit(request_id, prompt, dataclasses.replace(params, max_tokens=1))
+            tracing.annotate(span, store_tokens=from_store)
         push = _Push(self, request_id, target) if target else None
-        if push:
-            self.engine.watch(request_id, lambda: push.send_ready(final=False))
+        chunks = _Chunks(self, request_id)
+
+        def on_step() -> None:
+            chunks.on_step()
+            if push:
+                push.send_ready(final=False, context=chunks.context)
+        self.engine.watch(request_id, on_step)
         out = None
         try:
             async for out in self.engine.stream(request_id):
                 pass
             if push:
-                push.send_ready(final=True)
+                push.send_ready(final=True, context=chunks.context)
         except BaseException:
             if push:
                 push.cancel()
@@ -139,6 +198,7 @@ class PrefillWorker:
         if push:
             self.kv_bytes_sent += push.bytes_sent
         cached = out.num_cached_tokens + from_store
+        tracing.annotate(cached_tokens=cached, chunks=chunks.count, kv_bytes_sent=push.bytes_sent if push else 0)
         return PrefillResult(
             first_token=token, finish_reason=reason,
             num_computed_tokens=out.num_prompt_tokens - cached,

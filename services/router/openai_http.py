@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,15 +23,17 @@ from typing import Any
 
 from aiohttp import web
 
-from pdserve.common.errors import CapacityExhaustedError, InvalidRequestError, NotFoundError, NotReadyError
+from pdserve.common.errors import CapacityExhaustedError, InvalidRequestError, NotReadyError, UnauthenticatedError
+from pdserve.common.security import ApiKeys
+from pdserve.router.models import ModelNotFoundError, check_model, served_models
 from pdserve.router.openai_protocol import Kind, ResponseShaper, parse_request
+from pdserve.router.request_metrics import RequestMetrics
 from pdserve.router.router import Event, Router
 
 log = logging.getLogger(__name__)
-
-
-class ModelNotFoundError(NotFoundError):
-    """The request names a model no worker serves (OpenAI: 404 model_not_found)."""
+# Long prompts sent as token-id lists fit; a larger body is refused with 413
+# (Content Too Large) before it is read.
+MAX_BODY_BYTES = 16 * 2**20
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -39,16 +42,19 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 
 def error_response(exc: BaseException, kind: Kind | None = None) -> web.Response:
     """OpenAI's error shape and status for an exception; internals never leak."""
-    if isinstance(exc, InvalidRequestError):
+    if isinstance(exc, ModelNotFoundError):  # OpenAI's status for it, not 400
+        status, body = 404, error_body(str(exc), "invalid_request_error", "model", "model_not_found")
+    elif isinstance(exc, InvalidRequestError):
         param = exc.field
         if param.startswith("prompt"):  # the router's names for the prompt: prompt, prompt.chat, ...
             param = "messages" if kind == "chat" else "prompt"
         param = None if param == "body" else param
         status, body = 400, error_body(str(exc), "invalid_request_error", param)
-    elif isinstance(exc, ModelNotFoundError):
-        status, body = 404, error_body(str(exc), "invalid_request_error", "model", "model_not_found")
     elif isinstance(exc, CapacityExhaustedError):
         status, body = 429, error_body(str(exc), "requests", None, "rate_limit_exceeded")
+    elif isinstance(exc, UnauthenticatedError):
+        return web.json_response(error_body(str(exc), "invalid_request_error", None, "invalid_api_key"),
+                                 status=401, headers={"WWW-Authenticate": "Bearer"})
     elif isinstance(exc, NotReadyError):
         status, body = 503, error_body(str(exc), "server_error", None, "service_unavailable")
     else:
@@ -56,6 +62,20 @@ def error_response(exc: BaseException, kind: Kind | None = None) -> web.Response
         log.error("HTTP request failed (incident %s)", incident, exc_info=exc)
         status, body = 500, error_body(f"internal error (incident {incident})", "server_error")
     return web.json_response(body, status=status)
+
+
+def api_key_auth(keys: ApiKeys):
+    """401 for /v1/* without a valid `Authorization: Bearer <key>`; /health stays
+    open for probes. Before the body is read: a refused client costs nothing."""
+    @web.middleware
+    async def check(request: web.Request, handler) -> web.StreamResponse:
+        if request.path != "/health":
+            try:
+                keys.check(request.headers.get("Authorization"))
+            except UnauthenticatedError as e:
+                return error_response(e)
+        return await handler(request)
+    return check
 
 
 @web.middleware
@@ -74,8 +94,12 @@ class OpenAIServer:
     """The HTTP server; port -1 disables it, 0 takes any free port (see `port` after start)."""
 
     def __init__(self, router: Router, host: str, port: int, *, default_max_tokens: int,
-                 ready: Callable[[], bool], shutdown_timeout_s: float = 10.0):
+                 ready: Callable[[], bool], shutdown_timeout_s: float = 10.0,
+                 api_keys: ApiKeys | None = None, ssl_context: ssl.SSLContext | None = None,
+                 request_metrics: RequestMetrics | None = None):
         self.router, self.host, self.requested_port = router, host, port
+        self.measured = request_metrics or RequestMetrics()
+        self.ssl_context = ssl_context  # HTTPS when given
         self.default_max_tokens, self.ready, self.shutdown_timeout_s = default_max_tokens, ready, shutdown_timeout_s
         self.port: int | None = None
         self.draining = False
@@ -83,8 +107,8 @@ class OpenAIServer:
         self._runner: web.AppRunner | None = None
         self._inflight: set[asyncio.Task] = set()  # generation handlers, for the shutdown grace
         self._drained: asyncio.Task | None = None
-        # 16 MiB: long prompts sent as token-id lists.
-        self.app = web.Application(client_max_size=16 * 2**20, middlewares=[openai_errors])
+        auth = [api_key_auth(api_keys)] if api_keys else []
+        self.app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[openai_errors, *auth])
         self.app.add_routes([
             web.post("/v1/completions", self._completions),
             web.post("/v1/chat/completions", self._chat),
@@ -94,7 +118,8 @@ class OpenAIServer:
 
     @property
     def url(self) -> str | None:
-        return f"http://{self.host}:{self.port}/v1" if self.port is not None else None
+        scheme = "https" if self.ssl_context else "http"
+        return f"{scheme}://{self.host}:{self.port}/v1" if self.port is not None else None
 
     async def start(self) -> None:
         if self.requested_port < 0:
@@ -104,7 +129,7 @@ class OpenAIServer:
         # The grace period is ours (drain); aiohttp's own would wait up to twice its timeout.
         self._runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=1.0)
         await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.requested_port).start()
+        await web.TCPSite(self._runner, self.host, self.requested_port, ssl_context=self.ssl_context).start()
         self.port = self._runner.addresses[0][1]
 
     async def drain(self) -> None:
@@ -135,17 +160,13 @@ class OpenAIServer:
         await self._runner.cleanup()
         self._runner = self._drained = self.port = None
 
-    def served_models(self) -> list[str]:
-        """The model names the workers report (empty until a worker answered)."""
-        return sorted({w.info.model for w in self.router.pool.all if w.info is not None and w.info.model})
-
     async def _health(self, request: web.Request) -> web.Response:
         ok = self.ready() and not self.draining
         return web.json_response({"status": "ok" if ok else "unavailable"}, status=200 if ok else 503)
 
     async def _models(self, request: web.Request) -> web.Response:
         data = [{"id": m, "object": "model", "created": self.created, "owned_by": "pdserve"}
-                for m in self.served_models()]
+                for m in served_models(self.router.pool)]
         return web.json_response({"object": "list", "data": data})
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
@@ -169,14 +190,13 @@ class OpenAIServer:
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise InvalidRequestError("body", f"the body is not valid JSON: {e}") from None
             req = parse_request(kind, body, self.default_max_tokens)
-            served = self.served_models()
-            if req.model is not None and served and req.model not in served:
-                raise ModelNotFoundError(f"The model `{req.model}` does not exist (served: {', '.join(served)})")
+            check_model(self.router.pool, req.model)
             if self.draining:
                 raise NotReadyError("the server is shutting down")
+            served = served_models(self.router.pool)
             shaper = ResponseShaper(kind, req.model or (served[0] if served else ""),
                                     req.input.request_id, req.include_usage)
-            events = self.router.generate(req.input)
+            events = self.measured.observe(self.router.generate(req.input))
             async with contextlib.aclosing(events):  # closing it cancels downstream calls
                 # Errors up to the first token (validation, capacity, no worker)
                 # get a real status code; only later ones arrive inside the stream.

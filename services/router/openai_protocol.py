@@ -77,11 +77,22 @@ def _typed(body: dict, name: str, kind: type, default: Any = None) -> Any:
     return value
 
 
+def _text(value: str, field: str) -> str:
+    """`value`, if it is Unicode text. JSON's \\ud800 escapes decode to lone
+    surrogates, which are no text: the tokenizer would fail on them (a 500)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequestError(field, "is not valid Unicode (a lone surrogate escape)") from None
+    return value
+
+
 def _sampling(body: dict, tokens_field: str, default_max_tokens: int) -> SamplingParams:
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop or []
     if not isinstance(stop, list):
         raise InvalidRequestError("stop", "must be a string or a list of strings")
+    stop = [_text(s, "stop") if isinstance(s, str) else s for s in stop]
     try:
         return SamplingParams(
             max_tokens=_typed(body, tokens_field, int, default_max_tokens),
@@ -107,7 +118,7 @@ def _prompt(value: Any) -> dict[str, Any]:
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
         value = value[0]
     if isinstance(value, str):
-        return {"text": value}
+        return {"text": _text(value, "prompt")}
     if isinstance(value, list) and all(_is_token(t) for t in value):
         return {"token_ids": value}  # empty, negative or out of vocabulary: Router.tokenize says so
     if isinstance(value, list) and all(isinstance(p, (str, list)) for p in value):
@@ -132,7 +143,8 @@ def _messages(value: Any) -> list[dict[str, str]]:
             raise InvalidRequestError(f"messages[{i}].content", "must be a string or a list of text parts")
         # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
         role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": content})
+        out.append({"role": _text(role, f"messages[{i}].role"),
+                    "content": _text(content, f"messages[{i}].content")})
     return out
 
 

@@ -8,7 +8,7 @@ is cancelled and every decode reservation released before generate() returns.
 from __future__ import annotations
 
 import collections
-import dataclasses
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from pdserve.common import convert
+from pdserve.common import convert, tracing
 from pdserve.common.engine.detokenizer import IncrementalDetokenizer
 from pdserve.common.engine.sampling_params import SamplingParams
 from pdserve.common.engine.sequence import FinishReason
@@ -24,9 +24,13 @@ from pdserve.common.errors import CapacityExhaustedError, InvalidRequestError, N
 from pdserve.common.kv.hashing import block_hashes
 from pdserve.common.server import error_from_rpc
 from pdserve.router import policy
-from pdserve.router.worker_pool import Worker, WorkerPool
+from pdserve.router.recovery import Progress, WorkerFailedError, failure
+from pdserve.router.worker_pool import WorkerPool
 from pdserve.v1 import decode_pb2 as dpb
 from pdserve.v1 import prefill_pb2 as ppb
+
+log = logging.getLogger(__name__)
+_spans = tracing.Spans("router", service="router")
 
 
 @dataclass
@@ -36,6 +40,7 @@ class GenerateInput:
     token_ids: list[int] | None = None
     messages: list[dict[str, str]] | None = None
     request_id: str = ""
+    deadline: float | None = None  # time.monotonic() by which the client gives up; honoured downstream
 
 
 @dataclass
@@ -60,9 +65,13 @@ class Plan:
 
 class Router:
     def __init__(self, tokenizer, pool: WorkerPool, *, mode: str, max_model_len: int,
-                 max_inflight: int = 256, rpc_timeout_s: float = 600.0, local_prefill: str = "auto"):
+                 max_inflight: int = 256, rpc_timeout_s: float = 600.0, local_prefill: str = "auto",
+                 prefill_timeout_s: float = 120.0, max_retries: int = 2):
         self.tokenizer, self.pool, self.mode = tokenizer, pool, mode
         self.max_model_len, self.max_inflight, self.rpc_timeout_s = max_model_len, max_inflight, rpc_timeout_s
+        self.prefill_timeout_s = prefill_timeout_s  # a prefill worker this slow is treated as failed
+        self.max_retries = max_retries  # attempts after the first, per request
+        self.recoveries: collections.Counter[str] = collections.Counter()  # failed attempts by phase
         self.local_prefill = local_prefill  # auto (cost model), always, never
         self.vocab_size = len(tokenizer)
         self.inflight = 0
@@ -86,111 +95,162 @@ class Router:
             raise InvalidRequestError("prompt", f"{len(ids)} tokens; the context window is {self.max_model_len}")
         return ids
 
-    def plan(self, ids: list[int]) -> Plan:
-        decoders = [w for w in self.pool.decode if w.healthy]
+    def plan(self, ids: list[int], exclude: set[str] = frozenset()) -> Plan:
+        """Where this context runs, avoiding workers that already failed it."""
+        decoders = [w for w in self.pool.decode if w.healthy and w.worker_id not in exclude]
         if not decoders:
-            raise NotReadyError("no healthy decode worker")
+            raise NotReadyError("no healthy decode worker" + (" left to retry on" if exclude else ""))
         spec = decoders[0].info.kv_spec
         hashes = block_hashes(spec.fingerprint, ids, spec.block_size)
         decode = policy.cheapest(decoders, self.index, hashes, len(ids), spec.block_size)
         if self.mode == "colocated" or self.local_prefill == "always":
             return Plan(decode, None, hashes)
-        prefillers = [w for w in self.pool.prefill if w.healthy]
+        prefillers = [w for w in self.pool.prefill if w.healthy and w.worker_id not in exclude]
         if not prefillers:
-            raise NotReadyError("no healthy prefill worker")
+            if not exclude:
+                raise NotReadyError("no healthy prefill worker")
+            return Plan(decode, None, hashes)  # recovering: the decode worker recomputes
         prefill = policy.cheapest(prefillers, self.index, hashes, len(ids), spec.block_size)
         if self.local_prefill == "auto":
             hop = self.hop_ms or 1.5 * (decode.worker.rtt_ms + prefill.worker.rtt_ms)
             uncached = len(ids) - decode.cached_blocks * spec.block_size
-            if policy.prefer_local(policy.local_prefill_cost_ms(decode, uncached),
-                                   policy.remote_prefill_cost_ms(prefill, hop)):
+            local_ms = policy.local_prefill_cost_ms(decode, uncached)
+            remote_ms = policy.remote_prefill_cost_ms(prefill, hop)
+            tracing.annotate(**{"route.local_prefill_cost_ms": local_ms, "route.remote_prefill_cost_ms": remote_ms})
+            if policy.prefer_local(local_ms, remote_ms):
                 return Plan(decode, None, hashes)
         return Plan(decode, prefill, hashes)
 
     async def generate(self, inp: GenerateInput) -> AsyncIterator[Event]:
         t0 = time.perf_counter()
+        # The request's span, current inside each step (so every downstream call
+        # is its child) but not across yields, where the caller's code runs.
+        span = _spans.start("router.generate")
+        events = tracing.within(tracing.context_with(span), self._generate(inp, t0, span))
+        try:
+            async for ev in events:
+                yield ev
+        except BaseException as e:
+            tracing.fail(span, e)
+            raise
+        finally:
+            await events.aclose()  # now, not when the abandoned generator is collected
+            span.end()
+
+    async def _generate(self, inp: GenerateInput, t0: float, span: tracing.Span) -> AsyncIterator[Event]:
         ids = self.tokenize(inp)
         if self.inflight >= self.max_inflight:
             raise CapacityExhaustedError(f"router at capacity ({self.max_inflight} requests in flight)")
         rid = inp.request_id or uuid.uuid4().hex
+        progress = Progress(rid, ids, inp.params, IncrementalDetokenizer(self.tokenizer, ids, inp.params.stop), t0,
+                            deadline=inp.deadline)
+        tracing.annotate(span, request_id=rid, prompt_tokens=len(ids))
         self.inflight += 1
         try:
-            plan = self.plan(ids)
-            self.decisions["disaggregated" if plan.prefill else "local_prefill"] += 1
-            async for ev in self._run(rid, ids, inp.params, plan, t0):
-                yield ev
+            while True:
+                plan = self.plan(progress.context, progress.excluded)
+                self.decisions["disaggregated" if plan.prefill else "local_prefill"] += 1
+                _annotate_route(span, plan, attempt=len(progress.failures) + 1)
+                try:
+                    async for ev in self._attempt(progress, plan):
+                        if ev.finish_reason is not None and span.is_recording():
+                            span.set_attributes(tracing.timing_attributes(ev.timing))
+                        yield ev
+                    return
+                except WorkerFailedError as f:
+                    self._recovering(progress, f)
         except grpc.aio.AioRpcError as e:
             raise error_from_rpc(e) from None
         finally:
             self.inflight -= 1
 
-    async def _run(self, rid: str, ids: list[int], params: SamplingParams, plan: Plan, t0: float) -> AsyncIterator[Event]:
-        worker_params = convert.sampling_to_pb(dataclasses.replace(params, stop=()))
-        detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
+    def _recovering(self, progress: Progress, f: WorkerFailedError) -> None:
+        """Count a failed attempt; raise once the request's budget is spent."""
+        progress.failures.append(f)
+        self.recoveries[f.phase] += 1
+        if f.cause is not None and f.cause.code() is grpc.StatusCode.UNAVAILABLE:
+            f.worker.healthy = False  # until the load poll reaches it again
+        if len(progress.failures) > self.max_retries:
+            self.recoveries["gave_up"] += 1
+            err = error_from_rpc(f.cause) if f.cause is not None else NotReadyError(str(f))
+            raise type(err)(f"request {progress.request_id} failed after {len(progress.failures)} attempts; "
+                            f"last: {f}") from None
+        log.warning("request %s: %s; retrying elsewhere (%d tokens already sent)",
+                    progress.request_id, f, len(progress.generated))
+
+    async def _attempt(self, progress: Progress, plan: Plan) -> AsyncIterator[Event]:
+        """One try on one plan: events for tokens the client has not had yet.
+        A worker's failure raises WorkerFailedError; cleanup is complete either way."""
+        rid, ids = progress.request_id, progress.context
+        worker_params = convert.sampling_to_pb(progress.remaining_params)
         decode, prefill = plan.decode.worker, plan.prefill.worker if plan.prefill else None
         first_worker = prefill or decode
         uncached = len(ids) - (plan.prefill or plan.decode).cached_blocks * decode.info.kv_spec.block_size
-        timing: dict[str, float] = {}
         reserved = False
         stream = None
-        completion = cached = 0
-        t_first = None
+        phase, culprit = "decode", decode
+        first = True  # no token from the decode stream yet
         decode.inflight += 1
         first_worker.inflight_tokens += uncached
         try:
             if prefill is None:
+                phase = "generate"
                 stream = decode.stub.Generate(dpb.LocalGenerateRequest(
-                    request_id=rid, prompt_token_ids=ids, sampling=worker_params), timeout=self.rpc_timeout_s)
+                    request_id=rid, prompt_token_ids=ids, sampling=worker_params),
+                    timeout=progress.time_left(self.rpc_timeout_s))
             else:
                 prefill.inflight += 1
                 try:
+                    phase = "reserve"
+                    reserved = True  # before the await: a cancel mid-call may still leave a reservation there
                     r = await decode.stub.Reserve(dpb.ReserveRequest(
                         request_id=rid, prompt_token_ids=ids, kv_fingerprint=prefill.fingerprint),
-                        timeout=self.rpc_timeout_s)
-                    reserved = True
+                        timeout=progress.time_left(self.rpc_timeout_s))
+                    phase, culprit = "prefill", prefill
                     p = await prefill.stub.Prefill(ppb.PrefillRequest(
                         request_id=rid, prompt_token_ids=ids, sampling=worker_params, ticket=r.ticket),
-                        timeout=self.rpc_timeout_s)
+                        timeout=progress.time_left(self.prefill_timeout_s))
                 finally:
                     prefill.inflight -= 1
                     first_worker.inflight_tokens -= uncached
                     uncached = 0
-                t_first = time.perf_counter()
-                ttft = (t_first - t0) * 1e3
-                hop = max(0.0, ttft - p.timing.prefill_ms)
-                self.hop_ms = 0.8 * self.hop_ms + 0.2 * hop if self.hop_ms else hop
-                timing.update(queued_ms=p.timing.queued_ms, prefill_ms=p.timing.prefill_ms, ttft_ms=ttft)
+                self._measure_hop(progress, p.timing.prefill_ms)
+                progress.timing.setdefault("queued_ms", p.timing.queued_ms)
+                progress.timing.setdefault("prefill_ms", p.timing.prefill_ms)
                 self.index.record(prefill.worker_id, plan.hashes)
-                cached = max(r.num_cached_tokens, p.num_cached_tokens)
-                completion = 1
-                ev = self._event(rid, [p.first_token_id], detok)
-                reason = convert.finish_from_pb(p.finish_reason) or (FinishReason.STOP if detok.stopped else None)
+                progress.cached_tokens = max(progress.cached_tokens, r.num_cached_tokens, p.num_cached_tokens)
+                ev, reason = self._tokens(progress, [p.first_token_id], convert.finish_from_pb(p.finish_reason))
                 yield ev
                 if reason is not None:
-                    yield self._final(rid, detok, reason, ids, completion, cached, timing, t0, t_first, plan)
+                    yield self._final(progress, reason, plan)
                     return
+                # A failed transfer means the prefill worker's KV is not to be trusted: exclude it.
+                phase, culprit = "decode", decode
                 stream = decode.stub.Decode(dpb.DecodeRequest(
-                    request_id=rid, first_token_id=p.first_token_id, sampling=worker_params), timeout=self.rpc_timeout_s)
+                    request_id=rid, first_token_id=p.first_token_id, sampling=worker_params),
+                    timeout=progress.time_left(self.rpc_timeout_s))
                 reserved = False  # the Decode stream owns the reservation now
             self.index.record(decode.worker_id, plan.hashes)
             async for resp in stream:
-                if t_first is None:
-                    t_first = time.perf_counter()
-                    timing["ttft_ms"] = (t_first - t0) * 1e3
+                if first:
                     first_worker.inflight_tokens -= uncached
                     uncached = 0
-                if resp.timing.kv_transfer_ms:
-                    timing["kv_transfer_ms"] = resp.timing.kv_transfer_ms
-                completion += len(resp.token_ids)
-                if resp.usage.prompt_tokens:
-                    cached = max(cached, resp.usage.cached_tokens)
-                ev = self._event(rid, list(resp.token_ids), detok)
-                reason = FinishReason.STOP if detok.stopped else convert.finish_from_pb(resp.finish_reason)
+                    if resp.timing.kv_transfer_ms:
+                        progress.timing["kv_transfer_ms"] = resp.timing.kv_transfer_ms
+                    first = False
+                if resp.usage.prompt_tokens and not progress.failures:
+                    progress.cached_tokens = max(progress.cached_tokens, resp.usage.cached_tokens)
+                ev, reason = self._tokens(progress, list(resp.token_ids), convert.finish_from_pb(resp.finish_reason))
                 yield ev
                 if reason is not None:
-                    yield self._final(rid, detok, reason, ids, completion, cached, timing, t0, t_first, plan)
+                    yield self._final(progress, reason, plan)
                     return
-            raise NotReadyError(f"decode worker {decode.worker_id} ended the stream without finishing")
+            raise WorkerFailedError(decode, phase, None, "the stream ended without finishing")
+        except grpc.aio.AioRpcError as e:
+            if (phase == "decode" and prefill is not None and first
+                    and e.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED)):
+                culprit = prefill  # its KV failed its checks or never came: recompute without that prefill worker
+            raise failure(culprit, phase, e, progress) from None
         finally:
             decode.inflight -= 1
             first_worker.inflight_tokens -= uncached
@@ -202,14 +262,47 @@ class Router:
                 except grpc.aio.AioRpcError:
                     pass  # the lease expires on its own
 
-    def _event(self, rid: str, tokens: list[int], detok: IncrementalDetokenizer) -> Event:
+    def _measure_hop(self, progress: Progress, prefill_ms: float) -> None:
+        """The disaggregated path's extra latency over the prefill itself (first attempts only)."""
+        now = time.perf_counter()
+        if progress.t_first is None and not progress.failures:
+            hop = max(0.0, (now - progress.t0) * 1e3 - prefill_ms)
+            self.hop_ms = 0.8 * self.hop_ms + 0.2 * hop if self.hop_ms else hop
+
+    def _tokens(self, progress: Progress, tokens: list[int],
+                reason: FinishReason | None) -> tuple[Event, FinishReason | None]:
+        """Record tokens as sent: the client's event, and whether the request is now finished
+        (the final event, with usage and timing, follows separately)."""
+        if progress.t_first is None and tokens:
+            progress.t_first = time.perf_counter()
+            progress.timing["ttft_ms"] = (progress.t_first - progress.t0) * 1e3
+        detok = progress.detok
         for t in tokens:
+            progress.generated.append(t)
             if not detok.stopped:
                 detok.add(t)
-        return Event(rid, tokens, detok.flush(final=detok.stopped))
+        if detok.stopped:
+            reason = FinishReason.STOP
+        elif reason is None and len(progress.generated) >= progress.params.max_tokens:
+            reason = FinishReason.LENGTH  # a worker that died right after the last token
+        return Event(progress.request_id, tokens, detok.flush(final=detok.stopped)), reason
 
-    def _final(self, rid, detok, reason, ids, completion, cached, timing, t0, t_first, plan: Plan) -> Event:
+    def _final(self, progress: Progress, reason: FinishReason, plan: Plan) -> Event:
         now = time.perf_counter()
-        timing = {**timing, "decode_ms": (now - (t_first or now)) * 1e3, "total_ms": (now - t0) * 1e3}
+        t_first = progress.t_first or now
+        timing = {**progress.timing, "decode_ms": (now - t_first) * 1e3, "total_ms": (now - progress.t0) * 1e3}
         route = (plan.prefill.worker.worker_id if plan.prefill else "", plan.decode.worker.worker_id, plan.prefill is not None)
-        return Event(rid, [], detok.flush(final=True), reason, (len(ids), completion, cached), timing, route)
+        usage = (len(progress.prompt_ids), len(progress.generated), progress.cached_tokens)
+        return Event(progress.request_id, [], progress.detok.flush(final=True), reason, usage, timing, route)
+
+
+def _annotate_route(span: tracing.Span, plan: Plan, attempt: int) -> None:
+    """The routing decision on the request's span (a retry's replaces the first's)."""
+    decode, prefill = plan.decode, plan.prefill
+    tracing.annotate(span, **{
+        "route.attempt": attempt, "route.disaggregated": prefill is not None,
+        "route.decode_worker_id": decode.worker.worker_id, "route.decode_cost_ms": decode.cost_ms,
+        "route.decode_cached_blocks": decode.cached_blocks,
+        "route.prefill_worker_id": prefill.worker.worker_id if prefill else "",
+        "route.prefill_cost_ms": prefill.cost_ms if prefill else None,
+        "route.prefill_cached_blocks": prefill.cached_blocks if prefill else None})

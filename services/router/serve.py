@@ -4,16 +4,18 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from pdserve.common import model_loader
-from pdserve.common.server import add_health_service, bind, create_server, serve_until_stopped
+from pdserve.common import metrics, model_loader
+from pdserve.common.server import add_health_and_reflection, bind, create_server, serve_until_stopped
 from pdserve.router.config import RouterConfig
 from pdserve.router.openai_http import OpenAIServer
+from pdserve.router.request_metrics import RequestMetrics
 from pdserve.router.router import Router
 from pdserve.router.servicer import RouterServicer
 from pdserve.router.worker_pool import WorkerPool
-from pdserve.v1 import router_pb2_grpc
+from pdserve.v1 import router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
+SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
 
 
 def load_tokenizer(model: str):
@@ -30,22 +32,29 @@ class RouterRuntime:
             tokenizer, max_model_len = load_tokenizer(config.model)
         self.config = config
         self.pool = WorkerPool.connect(
-            config.prefill_targets if config.mode == "disaggregated" else [], config.decode_targets, config.load_poll_s)
+            config.prefill_targets if config.mode == "disaggregated" else [], config.decode_targets, config.load_poll_s,
+            security=config)
         self.pool.lease_ttl_s = config.worker_lease_s
         self.router = Router(tokenizer, self.pool, mode=config.mode, max_model_len=max_model_len,
                              max_inflight=config.max_inflight, rpc_timeout_s=config.rpc_timeout_s,
-                             local_prefill=config.local_prefill)
-        self.server = create_server()
-        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(self.router, config.default_max_tokens), self.server)
-        self.port = bind(self.server, config.host, config.port)
+                             local_prefill=config.local_prefill, prefill_timeout_s=config.prefill_timeout_s,
+                             max_retries=config.max_retries)
+        api_keys = config.load_api_keys()
+        self.server = create_server(interceptors=[config.authenticator(api_keys)])
+        metrics.watch_router(self.router)
+        measured = RequestMetrics(config.slo_ttft_ms, config.slo_tpot_ms)
+        router_pb2_grpc.add_RouterServicer_to_server(
+            RouterServicer(self.router, config.default_max_tokens, measured), self.server)
+        self.port = bind(self.server, config.host, config.port, config.server_credentials())
         self.health = None
         self._health_task: asyncio.Task | None = None
         self.http = OpenAIServer(self.router, config.http_host or config.host, config.http_port,
                                  default_max_tokens=config.default_max_tokens, shutdown_timeout_s=config.grace_s,
-                                 ready=lambda: self.pool.ready(config.mode == "disaggregated"))
+                                 ready=lambda: self.pool.ready(config.mode == "disaggregated"),
+                                 api_keys=api_keys, ssl_context=config.ssl_context(), request_metrics=measured)
 
     async def start(self, ready_timeout_s: float = 600.0) -> None:
-        self.health = await add_health_service(self.server)
+        self.health = await add_health_and_reflection(self.server, [SERVICE])
         await self.pool.start()
         await self.http.start()  # before the workers are ready: /health says 503 until then
         await self.server.start()
@@ -90,4 +99,7 @@ class RouterRuntime:
 
 
 async def serve(config: RouterConfig) -> None:
+    port = metrics.serve_prometheus(config.host, config.metrics_port, service="router")
+    if port is not None:
+        print(f"router metrics on http://{config.host}:{port}/metrics", flush=True)
     await RouterRuntime(config).run()

@@ -1,7 +1,12 @@
 """Router gRPC servicer: GenerateRequest in, Router events, GenerateResponse out."""
 from __future__ import annotations
 
+import contextlib
+import time
+
 from pdserve.common import convert
+from pdserve.router.models import check_model
+from pdserve.router.request_metrics import RequestMetrics
 from pdserve.router.router import Event, GenerateInput, Router
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import router_pb2 as rpb
@@ -34,13 +39,19 @@ def event_to_response(ev: Event) -> rpb.GenerateResponse:
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, router: Router, default_max_tokens: int):
+    def __init__(self, router: Router, default_max_tokens: int, measured: RequestMetrics | None = None):
         self.router, self.default_max_tokens = router, default_max_tokens
+        self.measured = measured or RequestMetrics()
 
     async def Generate(self, request: rpb.GenerateRequest, context):
         inp = request_to_input(request, self.default_max_tokens)
-        async for ev in self.router.generate(inp):
-            yield event_to_response(ev)
+        check_model(self.router.pool, request.model)
+        remaining = context.time_remaining()  # None: the client set no deadline
+        if remaining is not None:
+            inp.deadline = time.monotonic() + remaining
+        async with contextlib.aclosing(self.measured.observe(self.router.generate(inp))) as events:
+            async for ev in events:
+                yield event_to_response(ev)
 
     async def RegisterWorker(self, request: rpb.RegisterWorkerRequest, context) -> rpb.RegisterWorkerResponse:
         pool = self.router.pool

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from pdserve.common import tracing
+from pdserve.common.security import OPEN, SecurityConfig
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import decode_pb2_grpc, prefill_pb2_grpc
 
@@ -52,17 +54,20 @@ class WorkerPool:
     _task: asyncio.Task | None = None
 
     lease_ttl_s: float = 5.0  # a registered worker silent this long is dropped
+    security: SecurityConfig = OPEN  # TLS and internal token of the channels to workers
 
-    @staticmethod
-    def _make(target: str, role: str) -> Worker:
-        ch = grpc.aio.insecure_channel(target)
+    def _make(self, target: str, role: str) -> Worker:
+        ch = self.security.dial(target, interceptors=tracing.client_interceptors())
         stub = prefill_pb2_grpc.PrefillStub(ch) if role == "prefill" else decode_pb2_grpc.DecodeStub(ch)
         return Worker(target, role, ch, stub)
 
     @classmethod
-    def connect(cls, prefill_targets: list[str], decode_targets: list[str], poll_s: float = 0.5) -> "WorkerPool":
-        return cls([cls._make(t, "prefill") for t in prefill_targets],
-                   [cls._make(t, "decode") for t in decode_targets], poll_s)
+    def connect(cls, prefill_targets: list[str], decode_targets: list[str], poll_s: float = 0.5,
+                security: SecurityConfig = OPEN) -> "WorkerPool":
+        pool = cls(poll_s=poll_s, security=security)
+        pool.prefill = [pool._make(t, "prefill") for t in prefill_targets]
+        pool.decode = [pool._make(t, "decode") for t in decode_targets]
+        return pool
 
     # -- registration: workers that announce themselves --------------------------
     def register(self, info: pb.WorkerInfo, load: pb.WorkerLoad) -> Worker:

@@ -51,6 +51,18 @@ def test_1000_requests_with_aborts_return_every_block(tiny_engine):
     assert stats.preemptions > 0 and stats.prefix_hits > 0
 
 
+def test_a_sequence_that_would_outgrow_the_whole_pool_ends_with_length_instead_of_waiting_forever(tiny_engine):
+    # Preempted past the pool's size, it could never be scheduled again: the
+    # engine bounds its context by the pool instead.
+    engine = tiny_engine(num_kv_blocks=3, block_size=4)
+    assert engine.max_model_len == 12
+    engine.add_request([101, 102, 103], SamplingParams(max_tokens=2**32 - 1, ignore_eos=True))
+    outs = [o for _ in range(20) for o in engine.step()]
+    assert outs[-1].finished and outs[-1].finish_reason.value == "length"
+    assert 3 + outs[-1].num_output_tokens == 12 and not engine.has_unfinished()
+    assert engine.stats().free_blocks == 3
+
+
 def test_abort_frees_blocks_at_once(tiny_engine):
     engine = tiny_engine(num_kv_blocks=64)
     rid = engine.add_request(list(range(100, 200)), SamplingParams(max_tokens=50, ignore_eos=True))

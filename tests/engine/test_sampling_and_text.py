@@ -16,6 +16,15 @@ def test_top_k_1_and_tiny_top_p_are_greedy():
         assert sample(logits, [p] * 4, [None] * 4) == logits.argmax(-1).tolist()
 
 
+@pytest.mark.parametrize("temperature", [1e-45, 1e-38, 1e-20])
+def test_a_tiny_temperature_samples_the_argmax_instead_of_failing(temperature):
+    # Dividing unshifted logits overflowed to inf and NaN probabilities: the
+    # engine step failed, and with it every request in the batch.
+    logits = torch.randn(4, 50) * 30
+    for p in (SamplingParams(temperature=temperature), SamplingParams(temperature=temperature, top_p=0.5, top_k=5)):
+        assert sample(logits, [p] * 4, [None] * 4) == logits.argmax(-1).tolist()
+
+
 def test_top_k_never_samples_outside_the_k_best():
     logits = torch.arange(20.0).unsqueeze(0)
     p = SamplingParams(temperature=5.0, top_k=3)

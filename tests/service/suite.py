@@ -9,6 +9,7 @@ import grpc
 
 from pdserve.common import model_loader
 from pdserve.common.engine.engine import LLMEngine
+from pdserve.common.security import SecurityConfig
 from pdserve.common.server import add_health_service
 from pdserve.common.worker_config import WorkerConfig
 from pdserve.decode import serve as decode_serve
@@ -22,17 +23,20 @@ from pdserve.v1 import decode_pb2_grpc, kvstore_pb2, kvstore_pb2_grpc, prefill_p
 
 
 class InProcessSuite:
-    def __init__(self, router, decode, prefill, store_port):
-        self.router, self.decode, self.prefill = router, decode, prefill
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{router.port}")
+    def __init__(self, router, decode, prefill, store_port, security: SecurityConfig | None = None):
+        self.router, self.decode, self.prefill, self.store_port = router, decode, prefill, store_port
+        # The test's own channels carry the services' credentials (cert, internal token).
+        self.security = security or SecurityConfig()
+        self.channel = self.security.dial(f"127.0.0.1:{router.port}")
         self.stub = router_pb2_grpc.RouterStub(self.channel)
         self.store_stub = None
         if store_port:
-            self.store_stub = kvstore_pb2_grpc.KVStoreStub(grpc.aio.insecure_channel(f"127.0.0.1:{store_port}"))
+            self.store_stub = kvstore_pb2_grpc.KVStoreStub(self.security.dial(f"127.0.0.1:{store_port}"))
 
     def worker_stubs(self):
-        out = [decode_pb2_grpc.DecodeStub(grpc.aio.insecure_channel(f"127.0.0.1:{rt.port}")) for rt in self.decode]
-        out += [prefill_pb2_grpc.PrefillStub(grpc.aio.insecure_channel(f"127.0.0.1:{rt.port}")) for rt in self.prefill]
+        dial = self.security.dial
+        out = [decode_pb2_grpc.DecodeStub(dial(f"127.0.0.1:{rt.port}")) for rt in self.decode]
+        out += [prefill_pb2_grpc.PrefillStub(dial(f"127.0.0.1:{rt.port}")) for rt in self.prefill]
         return out
 
     async def loads(self) -> list[pb.WorkerLoad]:
@@ -43,12 +47,15 @@ class InProcessSuite:
 
 
 @contextlib.asynccontextmanager
-async def inprocess_suite(smollm2, mode: str = "disaggregated", *, prefill_workers: int = 1,
+async def inprocess_suite(smollm2, mode: str = "disaggregated", *, prefill_workers: int = 1, decode_workers: int = 1,
                           store_blocks: int = 0, prefill_kw: dict | None = None,
-                          decode_kw: dict | None = None, router_kw: dict | None = None, **worker_kw) -> AsyncIterator[InProcessSuite]:
+                          decode_kw: dict | None = None, router_kw: dict | None = None,
+                          security: dict | None = None, **worker_kw) -> AsyncIterator[InProcessSuite]:
     """store_blocks > 0 adds a KV store of that many blocks (used by the prefill workers,
     and by the decode worker if decode_kw has use_store=True); prefill_kw, decode_kw and
-    router_kw override settings. The router always disaggregates unless router_kw says otherwise."""
+    router_kw override settings. The router always disaggregates unless router_kw says otherwise.
+    `security`: SecurityConfig settings (tls_*, internal_token) given to every service."""
+    security = security or {}
     ref, _, tokenizer = smollm2
 
     def engine_for(config: WorkerConfig) -> LLMEngine:
@@ -58,7 +65,7 @@ async def inprocess_suite(smollm2, mode: str = "disaggregated", *, prefill_worke
     stack = contextlib.AsyncExitStack()
     store_port = 0
     if store_blocks:
-        scfg = KVStoreConfig(port=0, capacity_blocks=store_blocks)
+        scfg = KVStoreConfig(port=0, capacity_blocks=store_blocks, **security)
         server, store_port, store = kvstore_serve.build(scfg)
         await add_health_service(server)
         await store.start()
@@ -71,24 +78,27 @@ async def inprocess_suite(smollm2, mode: str = "disaggregated", *, prefill_worke
             await store.sender.close()
         stack.push_async_callback(stop_store)
 
-    base = dict(port=0, num_kv_blocks=256, max_num_batched_tokens=128, **worker_kw)
+    base = dict(port=0, num_kv_blocks=256, max_num_batched_tokens=128, **security, **worker_kw)
     decode_kw = dict(decode_kw or {})
     if decode_kw.pop("use_store", False):
         decode_kw["kvstore"] = f"127.0.0.1:{store_port}"
-    dcfg = WorkerConfig(role="colocated" if mode == "colocated" else "decode", worker_id="decode-0", **base)
-    dcfg = dataclasses.replace(dcfg, **decode_kw)
-    decode_rt, decode_worker = decode_serve.build(dcfg, engine_for(dcfg))
-    await decode_worker.start()
-    await decode_rt.start()
+    decode = []
+    for i in range(decode_workers):
+        dcfg = WorkerConfig(role="colocated" if mode == "colocated" else "decode", worker_id=f"decode-{i}", **base)
+        dcfg = dataclasses.replace(dcfg, **decode_kw)
+        decode_rt, decode_worker = decode_serve.build(dcfg, engine_for(dcfg))
+        await decode_worker.start()
+        await decode_rt.start()
+        decode.append(decode_rt)
 
-    async def stop_decode():
-        await decode_rt.server.stop(grace=0)
-        await decode_rt.engine.stop()
-        await decode_worker.stop()
-        if decode_worker.store:
-            await decode_worker.store.close()
-        await decode_worker.receiver.close()
-    stack.push_async_callback(stop_decode)
+        async def stop_decode(rt=decode_rt, w=decode_worker):
+            await rt.server.stop(grace=0)
+            await rt.engine.stop()
+            await w.stop()
+            if w.store:
+                await w.store.close()
+            await w.receiver.close()
+        stack.push_async_callback(stop_decode)
 
     prefill = []
     if mode == "disaggregated":
@@ -110,13 +120,13 @@ async def inprocess_suite(smollm2, mode: str = "disaggregated", *, prefill_worke
                 await w.sender.close()
             stack.push_async_callback(stop_prefill)
 
-    rcfg = RouterConfig(port=0, http_port=0, mode=mode, decode_targets=[f"127.0.0.1:{decode_rt.port}"],
+    rcfg = RouterConfig(port=0, http_port=0, mode=mode, decode_targets=[f"127.0.0.1:{rt.port}" for rt in decode],
                         prefill_targets=[f"127.0.0.1:{rt.port}" for rt in prefill], load_poll_s=0.2,
-                        **{"local_prefill": "never", **(router_kw or {})})
+                        **{"local_prefill": "never", **security, **(router_kw or {})})
     router = RouterRuntime(rcfg, tokenizer, 2048)
     await router.start(ready_timeout_s=30)
     stack.push_async_callback(router.stop)
-    suite = InProcessSuite(router, [decode_rt], prefill, store_port)
+    suite = InProcessSuite(router, decode, prefill, store_port, SecurityConfig(**security))
     stack.push_async_callback(suite.channel.close)
     async with stack:
         yield suite

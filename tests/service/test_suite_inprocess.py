@@ -88,25 +88,6 @@ async def test_stop_string_is_matched_by_the_router(smollm2):
         assert text == full[: full.index("Paris")] and last.finish_reason == pb.FINISH_REASON_STOP
 
 
-@pytest.mark.parametrize(
-    "req, field",
-    [
-        (rpb.GenerateRequest(text=""), "prompt"),
-        (rpb.GenerateRequest(token_ids=pb.TokenIds(ids=[10**7])), "prompt.token_ids"),
-        (rpb.GenerateRequest(text="hi", sampling=pb.SamplingParams(top_p=1.5)), "top_p"),
-        (rpb.GenerateRequest(text="hi", sampling=pb.SamplingParams(temperature=-1)), "temperature"),
-        (rpb.GenerateRequest(text="hi", sampling=pb.SamplingParams(max_tokens=0)), "max_tokens"),
-    ],
-)
-async def test_bad_input_is_invalid_argument_naming_the_field(smollm2, req, field):
-    async with inprocess_suite(smollm2) as suite:
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await _collect(suite.stub, req)
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert field in err.value.details()
-        assert dict(err.value.trailing_metadata())["pdserve-error-field"] == field
-
-
 async def test_an_unclaimed_reservation_expires_and_frees_its_blocks(smollm2):
     from pdserve.v1 import decode_pb2 as dpb
 

@@ -12,7 +12,12 @@
   and every service's settings build a valid config;
 - the router's static worker lists match the StatefulSets' replicas;
 - the systemd units pass `systemd-analyze verify` where systemd is installed;
-- the image's health check script tells SERVING from NOT_SERVING.
+- the image's health check script tells SERVING from NOT_SERVING;
+- deploy/observability: the Grafana dashboard plots every pdserve metric, by the
+  names pdserve.common.metrics exports, in PromQL that `promtool check rules`
+  accepts; prometheus.yml passes `promtool check config` and scrapes every
+  service of the compose and Kubernetes deployments at its metrics port; the
+  collector receives OTLP traces over gRPC and HTTP (`otelcol validate` where installed).
 
 A missing tool skips its check on a developer's machine and fails it in CI
 (CI=true), where the test extras are installed.
@@ -612,3 +617,129 @@ def test_healthcheck_script_reports_grpc_health():
     finally:
         server.stop(None)
     assert probe(str(port)) == 1  # nothing listens
+
+
+# ---- deploy/observability ---------------------------------------------------------------
+OBSERVABILITY = DEPLOY / "observability"
+_SAMPLE_SUFFIX = re.compile(r"_(bucket|sum|count)$")
+
+
+def _dashboard() -> dict:
+    return json.loads((OBSERVABILITY / "grafana-dashboard.json").read_text())
+
+
+def _dashboard_queries(dashboard: dict) -> list[tuple[str, str]]:
+    return [(p["title"], t["expr"]) for p in dashboard["panels"] if p["type"] != "row" for t in p["targets"]]
+
+
+def test_grafana_dashboard_plots_every_pdserve_metric_by_its_exported_name():
+    from pdserve.common.metrics import SERIES
+
+    dashboard = _dashboard()
+    assert dashboard["uid"] and dashboard["title"] and isinstance(dashboard["schemaVersion"], int)
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    plotted: set[str] = set()
+    for p in dashboard["panels"]:
+        g = p["gridPos"]
+        assert g["w"] > 0 and g["h"] > 0 and 0 <= g["x"] and g["x"] + g["w"] <= 24, f"{p['title']}: gridPos {g}"
+        if p["type"] == "row":
+            continue
+        assert p["type"] in ("timeseries", "stat") and p["datasource"]["uid"] == "${datasource}"
+        assert p["targets"] and len({t["refId"] for t in p["targets"]}) == len(p["targets"])
+        for t in p["targets"]:
+            names = {_SAMPLE_SUFFIX.sub("", n) for n in re.findall(r"\bpdserve_[a-z0-9_]+", t["expr"])}
+            unknown = names - set(SERIES)
+            assert not unknown, f"panel {p['title']!r} plots {sorted(unknown)}, which pdserve does not export"
+            plotted |= names
+    assert set(SERIES) <= plotted, f"no panel for {sorted(set(SERIES) - plotted)}"
+
+
+def test_grafana_dashboard_queries_are_valid_promql(tmp_path):
+    promtool = _tool("promtool")
+    _need(promtool is not None, "promtool not found (Debian: apt-get install prometheus; make install-test does)")
+    # Grafana's interval variables, as Grafana would fill them in.
+    rules = [{"record": f"pdserve:dashboard_query_{i}",
+              "expr": expr.replace("$__rate_interval", "1m").replace("$__range", "1h")}
+             for i, (_, expr) in enumerate(_dashboard_queries(_dashboard()))]
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    r = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_prometheus_config_passes_promtool():
+    promtool = _tool("promtool")
+    _need(promtool is not None, "promtool not found (Debian: apt-get install prometheus; make install-test does)")
+    r = subprocess.run([promtool, "check", "config", str(OBSERVABILITY / "prometheus.yml")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _scrape_jobs() -> dict[str, dict]:
+    return {job["job_name"]: job for job in yaml.safe_load((OBSERVABILITY / "prometheus.yml").read_text())["scrape_configs"]}
+
+
+def test_prometheus_scrapes_every_compose_service_at_its_metrics_port():
+    stages = dockerfile_stages()
+    base = yaml.safe_load(COMPOSE_FILES[0].read_text())["services"]
+    want = set()
+    for name, service in base.items():
+        target = service["build"]["target"]
+        env = {**stages[target]["env"], **_compose_env(service)}
+        _, config = check_service(f"compose service {name}", stages[target]["entrypoint"], env)
+        assert config.metrics_port > 0, f"compose service {name}: metrics are off"
+        assert config.host == "0.0.0.0", f"compose service {name}: /metrics only on loopback"
+        assert str(config.metrics_port) in stages[target]["expose"], f"Dockerfile target {target}: metrics port not EXPOSEd"
+        want.add(f"{name}:{config.metrics_port}")
+    job = _scrape_jobs()["pdserve-compose"]
+    assert {t for group in job["static_configs"] for t in group["targets"]} == want
+
+
+@pytest.mark.parametrize("name", [d.name for d in KUSTOMIZATIONS if d.name != "base"])
+def test_prometheus_finds_every_kubernetes_pod_at_its_metrics_port(rendered, name):
+    docs = rendered[name]
+    services = _services(docs)
+    found: dict[str, int] = {}
+    for sd in _scrape_jobs()["pdserve-kubernetes"]["dns_sd_configs"]:
+        assert sd["type"] == "A", "one A record per pod: a headless Service"
+        for dns in sd["names"]:
+            svc_name, namespace, *_ = dns.split(".")
+            svc = docs[("Service", svc_name)]
+            assert namespace == svc["metadata"]["namespace"], f"{dns}: the manifests deploy to {svc['metadata']['namespace']}"
+            assert svc["spec"].get("clusterIP") == "None", f"{dns}: not headless, so not one record per pod"
+            (workload, container, role, config), = [
+                s for s in services.values()
+                if svc["spec"]["selector"].items() <= s[0]["spec"]["template"]["metadata"]["labels"].items()]
+            assert sd["port"] == config.metrics_port, f"{dns}: scraped at {sd['port']}, serves {config.metrics_port}"
+            found[role] = sd["port"]
+    assert set(found) == set(ROLES)
+    for workload, (doc, c, role, config) in services.items():
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports["metrics"] == config.metrics_port, f"{workload}: containerPort metrics != PDSERVE_METRICS_PORT"
+        annotations = doc["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/port"] == str(config.metrics_port)
+
+
+def test_otel_collector_receives_otlp_traces_over_grpc_and_http():
+    path = OBSERVABILITY / "otel-collector.yaml"
+    config = yaml.safe_load(path.read_text())
+    protocols = config["receivers"]["otlp"]["protocols"]
+    assert protocols["grpc"]["endpoint"].endswith(":4317") and protocols["http"]["endpoint"].endswith(":4318")
+    traces = config["service"]["pipelines"]["traces"]
+    assert "otlp" in traces["receivers"]
+    for kind in ("receivers", "processors", "exporters"):
+        for component in traces.get(kind, []):
+            assert component in config[kind], f"the traces pipeline uses undefined {kind[:-1]} {component}"
+    assert {"debug", "otlp"} & {e.split("/")[0] for e in traces["exporters"]}
+    for extension in config["service"].get("extensions", []):
+        assert extension in config["extensions"]
+    otelcol = _tool("otelcol") or _tool("otelcol-contrib")
+    if otelcol is None:
+        pytest.skip("no OpenTelemetry Collector binary (otelcol) to validate with; the structure checks above passed")
+    r = subprocess.run([otelcol, "validate", f"--config={path}"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+

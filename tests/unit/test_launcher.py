@@ -84,7 +84,7 @@ def test_disaggregated_plan():
     assert [s.name for s in services] == ["model", "prefill-0", "prefill-1", "decode-0", "kvstore", "router"]
     assert [s.stage for s in services] == [0, 1, 1, 1, 1, 2]  # model, then workers and store, then router
     assert by_name["prefill-1"].argv == ("py", "-m", "pdserve", "serve", "prefill", "--host", "127.0.0.1",
-                                         "--port", "50062", "--worker-id", "prefill-1",
+                                         "--metrics-port", "-1", "--port", "50062", "--worker-id", "prefill-1",
                                          "--model", "/m", "--kv-cache-gib", "0.5", "--kvstore", "127.0.0.1:50064")
     assert by_name["kvstore"].argv[-4:] == ("--port", "50064", "--model", "/m")
     assert by_name["decode-0"].argv[-2:] == ("--kvstore", "127.0.0.1:50064")
@@ -95,6 +95,22 @@ def test_disaggregated_plan():
     assert "--decode-targets 127.0.0.1:50063" in router
     assert "--http-port" not in router  # the router's own default unless asked
     assert launcher.plan("disaggregated", 1, 1, http_port=-1, python="py")[-1].argv[-2:] == ("--http-port", "-1")
+
+
+def test_metrics_ports_follow_the_router_and_stay_clear_of_grpc_ports():
+    services = launcher.plan("disaggregated", 2, 1, metrics_port=9500, python="py")
+    metrics = {s.name: s.metrics for s in services if s.address}
+    assert metrics == {"router": "127.0.0.1:9500", "prefill-0": "127.0.0.1:9501", "prefill-1": "127.0.0.1:9502",
+                       "decode-0": "127.0.0.1:9503", "kvstore": "127.0.0.1:9504"}
+    for s in services:
+        if s.address:
+            assert s.argv[s.argv.index("--metrics-port") + 1] == s.metrics.rsplit(":", 1)[1]
+    # off by default (tests and benchmarks run several suites at once): every child is told so
+    assert all(s.argv[s.argv.index("--metrics-port") + 1] == "-1" and s.metrics is None
+               for s in launcher.plan(python="py") if s.address)
+    assert parse().metrics_port == 9464  # `pdserve up` serves them
+    with pytest.raises(ValueError, match="metrics-port"):
+        launcher.plan("disaggregated", 1, 1, metrics_port=50060, python="py")  # 50061 is prefill-0's
 
 
 def test_colocated_plan_and_validation():

@@ -36,6 +36,7 @@ class AsyncEngine:
         self._task: asyncio.Task | None = None
         self.step_ms_ewma = 0.0  # measured step time, reported in worker load
         self.prefill_tps_ewma = 0.0  # measured prefill tokens/s
+        self.last_step_ns = (0, 0)  # wall-clock start and end of the latest step (trace spans)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="engine-loop")
@@ -87,8 +88,9 @@ class AsyncEngine:
 
     def _timed_step(self) -> list[RequestOutput]:
         before = self.engine.computed_tokens
-        t = time.perf_counter()
+        t, start_ns = time.perf_counter(), time.time_ns()
         outputs = self.engine.step()
+        self.last_step_ns = (start_ns, time.time_ns())
         self._observe(self.engine.computed_tokens - before, time.perf_counter() - t)
         return outputs
 
@@ -152,8 +154,13 @@ class AsyncEngine:
         except NotFoundError:
             pass
 
-    async def add(self, prompt: list[int], params: SamplingParams, request_id: str, hold_blocks: bool = False) -> None:
+    async def add(self, prompt: list[int], params: SamplingParams, request_id: str, hold_blocks: bool = False,
+                  admission: Callable[[], None] | None = None) -> None:
+        """Queue a request; `admission` (e.g. a bounded queue's check) runs under
+        the same lock, so a burst of callers cannot all pass it before any is queued."""
         async with self._lock:
+            if admission is not None:
+                admission()
             self.engine.add_request(prompt, params, request_id=request_id, hold_blocks=hold_blocks)
             self._queues[request_id] = asyncio.Queue()
         self._work.set()

@@ -83,8 +83,10 @@ class LLMEngine:
             block_size=config.block_size,
             dtype=config.dtype,
         )
-        self.max_model_len = config.max_model_len or mc.max_position_embeddings
         num_blocks = config.num_kv_blocks or blocks_for_bytes(self.spec, config.kv_cache_gib * 2**30)
+        # The pool bounds the context too: a sequence grown past the whole pool,
+        # once preempted, could never be scheduled again (it would wait forever).
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, num_blocks * config.block_size)
         self.pool = KVPool(self.spec, num_blocks, config.device)
         self.blocks = BlockManager(num_blocks, config.block_size, self.spec.fingerprint, config.enable_prefix_caching)
         self.scheduler = Scheduler(

@@ -32,7 +32,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         if p.greedy:
             out.append(greedy[i])
             continue
-        row = _filter_top_k_top_p(logits[i].float() / p.temperature, p.top_k, p.top_p)
+        row = logits[i].float()
+        # Shifted first: a tiny temperature then sends non-maximal logits to -inf,
+        # never the maximum to +inf (inf - inf: NaN probabilities, a failed step).
+        row = _filter_top_k_top_p((row - row.max()) / p.temperature, p.top_k, p.top_p)
         probs = row.softmax(-1)
         out.append(int(torch.multinomial(probs, 1, generator=generators[i]).item()))
     return out

@@ -5,6 +5,7 @@ gRPC, HTTP) rejects the same bad input with the same field names.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from pdserve.common.errors import InvalidRequestError
@@ -34,8 +35,8 @@ class SamplingParams:
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or not 1 <= self.max_tokens < 2**32:
             raise InvalidRequestError("max_tokens", f"must be an integer in [1, 2**32), got {self.max_tokens!r}")
-        if not self.temperature >= 0.0:  # also rejects NaN
-            raise InvalidRequestError("temperature", f"must be >= 0, got {self.temperature!r}")
+        if not 0.0 <= self.temperature < math.inf:  # also rejects NaN
+            raise InvalidRequestError("temperature", f"must be a finite number >= 0, got {self.temperature!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequestError("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or not 0 <= self.top_k < 2**32:

@@ -9,22 +9,23 @@ from __future__ import annotations
 import logging
 import uuid
 
-import grpc
-
+from pdserve.common import tracing
+from pdserve.common.security import OPEN, SecurityConfig
 from pdserve.common.transfer.base import KVReceiver, KVSender, TransferTicket
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import kvstore_pb2 as kpb
 from pdserve.v1 import kvstore_pb2_grpc
 
 log = logging.getLogger(__name__)
+_spans = tracing.Spans("store_client")
 
 
 class StoreClient:
     def __init__(self, target: str, receiver: KVReceiver, sender: KVSender | None, fingerprint: bytes,
-                 timeout_s: float = 10.0):
+                 timeout_s: float = 10.0, security: SecurityConfig = OPEN):
         self.target, self.receiver, self.sender, self.fingerprint = target, receiver, sender, fingerprint
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(target)
+        self._channel = security.dial(target, interceptors=tracing.client_interceptors())
         self.stub = kvstore_pb2_grpc.KVStoreStub(self._channel)
         self.loaded_blocks = 0
         self.stored_blocks = 0
@@ -38,6 +39,12 @@ class StoreClient:
         `hashes` are the prompt's full-block hashes, `dest` the pool blocks of
         the same positions, `have` how many leading blocks are already here.
         """
+        with _spans.span("kvstore.load", blocks_requested=len(hashes), blocks_present=have) as span:
+            n = await self._load_prefix(hashes, dest, have)
+            tracing.annotate(span, blocks_loaded=n - have)
+            return n
+
+    async def _load_prefix(self, hashes: list[bytes], dest: list, have: int) -> int:
         tid = None
         try:
             found = (await self.stub.Lookup(kpb.LookupRequest(kv_fingerprint=self.fingerprint, block_hashes=hashes),
@@ -56,6 +63,7 @@ class StoreClient:
             self.loaded_blocks += found - have
             return found
         except Exception as e:  # noqa: BLE001 - the store is optional: compute instead
+            tracing.fail(tracing.current_span(), e)
             log.warning("KV store %s: prefix load failed, computing instead: %s", self.target, e)
             return have
         finally:
@@ -64,6 +72,12 @@ class StoreClient:
 
     async def store_blocks(self, hashes: list[bytes], src: list) -> int:
         """Offer full, computed blocks (in sequence order); returns how many the store took."""
+        with _spans.span("kvstore.store", blocks_offered=len(hashes)) as span:
+            n = await self._store_blocks(hashes, src)
+            tracing.annotate(span, blocks_stored=n)
+            return n
+
+    async def _store_blocks(self, hashes: list[bytes], src: list) -> int:
         try:
             r = await self.stub.ReserveWrite(kpb.ReserveWriteRequest(
                 kv_fingerprint=self.fingerprint, block_hashes=hashes), timeout=self.timeout_s)
@@ -81,5 +95,6 @@ class StoreClient:
             self.stored_blocks += n
             return n
         except Exception as e:  # noqa: BLE001 - a missed write only costs a later recompute
+            tracing.fail(tracing.current_span(), e)
             log.warning("KV store %s: write-back failed: %s", self.target, e)
             return 0

@@ -26,16 +26,20 @@ import functools
 import hashlib
 import hmac
 import struct
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from pdserve.common import metrics, tracing
 from pdserve.common.errors import (
     InvalidRequestError,
     NotFoundError,
     TransferFailedError,
     TransferTimeoutError,
 )
+
+_spans = tracing.Spans("transfer")
 
 
 class TransferStatus(enum.Enum):
@@ -159,22 +163,31 @@ def check_blocks(buffers, block_bytes: int | None = None) -> int:
 class Inbound:
     """Receiver-side state of one transfer (shared by the implementations)."""
 
-    def __init__(self, ticket: TransferTicket, dest: list) -> None:
-        self.ticket, self.dest = ticket, dest
+    def __init__(self, ticket: TransferTicket, dest: list, transport: str = "") -> None:
+        self.ticket, self.dest, self.transport = ticket, dest, transport
         self.status = TransferStatus.PENDING
         self.error: str | None = None
-        self.verified = 0
+        self.landed: set[int] = set()  # indices verified so far
         self.finished = asyncio.Event()  # set on DONE or FAILED
 
-    def block_ok(self) -> None:
+    @property
+    def verified(self) -> int:
+        return len(self.landed)
+
+    def block_ok(self, index: int) -> None:
+        """Block `index` landed and verified. DONE once every index has, so a
+        block counted twice can never stand in for one that never came."""
         if self.status in (TransferStatus.PENDING, TransferStatus.TRANSFERRING):
             self.status = TransferStatus.TRANSFERRING
-            self.verified += 1
-            if self.verified == self.ticket.num_blocks:
+            self.landed.add(index)
+            if len(self.landed) == self.ticket.num_blocks:
                 self.status = TransferStatus.DONE
                 self.finished.set()
 
     def fail(self, reason: str) -> None:
+        if self.status in (TransferStatus.PENDING, TransferStatus.TRANSFERRING) and reason != "cancelled":
+            # Bad data or a transport error; a cancel by the receiver's owner is no failure.
+            metrics.TRANSFER_FAILURES.add(1, {"transport": self.transport, "side": "receive", "reason": "failed"})
         if self.status is not TransferStatus.FAILED:  # first reason wins
             self.status, self.error = TransferStatus.FAILED, reason
             self.finished.set()
@@ -182,6 +195,8 @@ class Inbound:
 
 class KVReceiver(abc.ABC):
     """Decode side: posts receives into pool blocks and verifies what lands."""
+
+    transport = ""  # its name in metrics
 
     def __init__(self) -> None:
         self._transfers: dict[str, Inbound] = {}
@@ -215,18 +230,22 @@ class KVReceiver(abc.ABC):
         after `timeout` s (state unchanged: the caller decides, usually cancel())."""
         t = self._get(transfer_id)
         try:
-            await asyncio.wait_for(t.finished.wait(), timeout)
+            # The span: the wait for the blocks to land and verify (what no other work overlapped).
+            with _spans.span("kv.receive", transfer_id=transfer_id, transport=self.transport,
+                             blocks=t.ticket.num_blocks, bytes=t.ticket.num_blocks * t.ticket.block_bytes):
+                await asyncio.wait_for(t.finished.wait(), timeout)
+                if t.status is not TransferStatus.DONE:
+                    raise TransferFailedError(f"transfer {transfer_id}: {t.error}")
         except TimeoutError:
+            metrics.TRANSFER_FAILURES.add(1, {"transport": self.transport, "side": "receive", "reason": "timeout"})
             raise TransferTimeoutError(f"transfer {transfer_id}: not done after {timeout}s") from None
-        if t.status is not TransferStatus.DONE:
-            raise TransferFailedError(f"transfer {transfer_id}: {t.error}")
 
     def _new(self, transfer_id: str, dest_buffers: list, secret: bytes) -> Inbound:
         if transfer_id in self._transfers:
             raise InvalidRequestError("transfer_id", f"{transfer_id!r} is already expected")
         block_bytes = check_blocks(dest_buffers)
         ticket = TransferTicket(transfer_id, secret, self.address, len(dest_buffers), block_bytes)
-        self._transfers[transfer_id] = t = Inbound(ticket, list(dest_buffers))
+        self._transfers[transfer_id] = t = Inbound(ticket, list(dest_buffers), self.transport)
         return t
 
     def _get(self, transfer_id: str) -> Inbound:
@@ -239,12 +258,34 @@ class KVReceiver(abc.ABC):
 class KVSender(abc.ABC):
     """Prefill side: pushes finished blocks to the receiver named in a ticket."""
 
-    @abc.abstractmethod
+    transport = ""  # its name in metrics
+
     async def send(self, ticket: TransferTicket, first_block_index: int, src_buffers: list,
                    timeout: float = 30.0) -> None:
         """Send blocks first_block_index .. +len(src_buffers)-1 of the transfer; each
         index exactly once. Returns when the receiver has the bytes, so the caller may
-        reuse the source blocks; raises TransferFailedError or TransferTimeoutError."""
+        reuse the source blocks; raises TransferFailedError or TransferTimeoutError.
+
+        Measured here, once for every transport: bytes and duration per call (one
+        prefill chunk, or one store push), and failures."""
+        t0 = time.perf_counter()
+        try:
+            with _spans.span("kv.send", transfer_id=ticket.transfer_id, transport=self.transport,
+                             first_block=first_block_index, blocks=len(src_buffers),
+                             bytes=len(src_buffers) * ticket.block_bytes):
+                await self._send(ticket, first_block_index, src_buffers, timeout)
+        except TransferFailedError as e:  # TransferTimeoutError too
+            reason = "timeout" if isinstance(e, TransferTimeoutError) else "failed"
+            metrics.TRANSFER_FAILURES.add(1, {"transport": self.transport, "side": "send", "reason": reason})
+            raise
+        attributes = {"transport": self.transport}
+        metrics.TRANSFER_SECONDS.record(time.perf_counter() - t0, attributes)
+        metrics.TRANSFER_BYTES.add(len(src_buffers) * ticket.block_bytes, attributes)
+
+    @abc.abstractmethod
+    async def _send(self, ticket: TransferTicket, first_block_index: int, src_buffers: list,
+                    timeout: float) -> None:
+        """The transport's send, with send()'s contract."""
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -30,6 +30,8 @@ _RECEIVERS: weakref.WeakValueDictionary[bytes, LoopbackKVReceiver] = weakref.Wea
 
 
 class LoopbackKVReceiver(KVReceiver):
+    transport = "loopback"
+
     def __init__(self) -> None:
         super().__init__()
         self._address = b"loopback:" + secrets.token_hex(8).encode()
@@ -52,12 +54,20 @@ class LoopbackKVReceiver(KVReceiver):
             raise TransferFailedError(f"transfer {ticket.transfer_id}: no such ticket here")
         if t.status is TransferStatus.FAILED:
             raise TransferFailedError(f"transfer {ticket.transfer_id}: {t.error}")
+        # As over UCX, where each index has one posted receive: a block beyond the
+        # ticket, or one already landed, matches nothing and lands nowhere.
+        if not 0 <= index < t.ticket.num_blocks or index in t.landed:
+            raise TransferFailedError(f"transfer {ticket.transfer_id}: no receive for block {index}")
+        data = _as_bytes(src)
+        if data.size != t.ticket.block_bytes:  # UCX: a truncated receive, the transfer fails
+            t.fail(f"block {index}: {data.size} bytes, the ticket's blocks have {t.ticket.block_bytes}")
+            raise TransferFailedError(f"transfer {ticket.transfer_id}: {t.error}")
         dest = _as_bytes(t.dest[index])
-        dest[:] = _as_bytes(src)  # byte copy: any dtype, straight into the pool block
+        dest[:] = data  # byte copy: any dtype, straight into the pool block
         if corrupt:
             dest[0] ^= 0xFF
         err = verify_block(t.ticket, index, header, t.dest[index])
-        t.fail(err) if err else t.block_ok()
+        t.fail(err) if err else t.block_ok(index)
 
     async def cancel(self, transfer_id: str) -> bool:
         t = self._transfers.pop(transfer_id, None)
@@ -79,8 +89,10 @@ class LoopbackKVSender(KVSender):
         self.corrupt_blocks = corrupt_blocks
         self.sent_blocks = 0  # for tests: how many blocks went out
 
-    async def send(self, ticket: TransferTicket, first_block_index: int, src_buffers: list,
-                   timeout: float = 30.0) -> None:
+    transport = "loopback"
+
+    async def _send(self, ticket: TransferTicket, first_block_index: int, src_buffers: list,
+                    timeout: float = 30.0) -> None:
         self._check(ticket, first_block_index, src_buffers)
         receiver = _RECEIVERS.get(ticket.address)
         if receiver is None or receiver.closed:

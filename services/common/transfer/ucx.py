@@ -177,6 +177,8 @@ def _close_endpoint(ep) -> None:
 class UcxKVReceiver(KVReceiver):
     """Decode side. Posts a header and a data receive per block at expect()."""
 
+    transport = "ucx"
+
     def __init__(self, drain_timeout: float = 5.0) -> None:
         super().__init__()
         self._w = _Worker()
@@ -213,7 +215,7 @@ class UcxKVReceiver(KVReceiver):
             # the kernel just wrote the block (CMA), so this reads DRAM, ~100 us a
             # block; a helper thread measured no faster on this 2-core machine.
             err = verify_block(t.ticket, i, headers[i], t.dest[i])
-            t.fail(err) if err else t.block_ok()
+            t.fail(err) if err else t.block_ok(i)
 
     async def cancel(self, transfer_id: str) -> bool:
         t = self._transfers.pop(transfer_id, None)
@@ -260,8 +262,10 @@ class UcxKVSender(KVSender):
         self._eps: dict[bytes, object] = {}
         self._retired: list = []  # endpoints to peers that timed out; closed at close()
 
-    async def send(self, ticket: TransferTicket, first_block_index: int, src_buffers: list,
-                   timeout: float = 30.0) -> None:
+    transport = "ucx"
+
+    async def _send(self, ticket: TransferTicket, first_block_index: int, src_buffers: list,
+                    timeout: float = 30.0) -> None:
         self._check(ticket, first_block_index, src_buffers)
         w, Array = self._w, self._w.Array
         keep, reqs = [], []  # `keep`: headers must outlive their sends

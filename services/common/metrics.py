@@ -1,0 +1,181 @@
+"""Every pdserve metric, defined once, and the Prometheus endpoint that exports them.
+
+Instruments come from the OpenTelemetry metrics API. Until a process calls
+`serve_prometheus()` they are the API's proxies and recording costs next to
+nothing (tests that run services in-process never export). Each service's main
+calls it once with its `metrics_port`; Prometheus then scrapes
+http://host:port/metrics (series names below; counters gain `_total`).
+
+Two kinds of instrument:
+- recorded where the event happens: request latencies and outcomes (the router,
+  `pdserve.router.request_metrics`) and KV transfers (`pdserve.common.transfer.base`);
+- observed when Prometheus scrapes: callbacks read state the services keep anyway
+  (engine stats, the router's decision counts, the KV store's occupancy). A service
+  registers the object to read with `watch_engine` / `watch_router` / `watch_store`;
+  only weak references are kept.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from opentelemetry import metrics as otel_metrics
+from opentelemetry.metrics import CallbackOptions, Observation
+
+METER_NAME = "pdserve"
+_meter = otel_metrics.get_meter(METER_NAME)
+
+# Prometheus series name -> help text, for the dashboard check (tests/unit/test_deploy.py).
+SERIES: dict[str, str] = {}
+_SUFFIX = {"s": "_seconds", "By": "_bytes"}  # what the Prometheus exporter appends per unit
+
+
+def _series(name: str, unit: str, counter: bool, description: str) -> None:
+    suffix = _SUFFIX.get(unit, "")
+    full = name if name.endswith(suffix) else name + suffix
+    SERIES[full + ("_total" if counter else "")] = description
+
+
+def _histogram(name: str, description: str, buckets: list[float]):
+    _series(name, "s", False, description)
+    return _meter.create_histogram(name, unit="s", description=description,
+                                   explicit_bucket_boundaries_advisory=buckets)
+
+
+def _counter(name: str, description: str, unit: str = "1"):
+    _series(name, unit, True, description)
+    return _meter.create_counter(name, unit=unit, description=description)
+
+
+class _Watched:
+    """An observable instrument's sources: (weakly held object, reader, attributes)."""
+
+    def __init__(self) -> None:
+        self._sources: list[tuple[weakref.ref, Callable[[Any], float], dict[str, str]]] = []
+        self._lock = threading.Lock()  # callbacks run on the exporter's HTTP thread
+
+    def add(self, obj: Any, read: Callable[[Any], float], attributes: dict[str, str]) -> None:
+        with self._lock:
+            self._sources = [s for s in self._sources if s[0]() is not None]
+            self._sources.append((weakref.ref(obj), read, attributes))
+
+    def __call__(self, options: CallbackOptions) -> Iterable[Observation]:
+        with self._lock:
+            sources = list(self._sources)
+        for ref, read, attributes in sources:
+            obj = ref()
+            if obj is not None:
+                yield Observation(read(obj), attributes)
+
+
+def _observed(kind: str, name: str, description: str, unit: str = "1") -> _Watched:
+    watched = _Watched()
+    _series(name, unit, kind == "counter", description)
+    create = _meter.create_observable_counter if kind == "counter" else _meter.create_observable_gauge
+    create(name, callbacks=[watched], unit=unit, description=description)
+    return watched
+
+
+# ---- the router: one request's latencies, outcome, SLOs (recorded) ------------------
+_LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0]
+_TOKEN_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5]
+_E2E_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0]
+
+TTFT = _histogram("pdserve_time_to_first_token", "Time from request arrival at the router to its first token",
+                  _LATENCY_BUCKETS)
+ITL = _histogram("pdserve_inter_token_latency", "Time between consecutive output tokens of a request",
+                 _TOKEN_BUCKETS)
+TPOT = _histogram("pdserve_time_per_output_token",
+                  "Per request: (last token - first token) / (output tokens - 1)", _TOKEN_BUCKETS)
+E2E = _histogram("pdserve_e2e_request_latency", "Time from request arrival to its last token", _E2E_BUCKETS)
+REQUESTS = _counter("pdserve_requests", "Requests ended, by outcome: a finish reason (stop, length) "
+                    "or an error (a gRPC status name such as resource_exhausted, or cancelled)")
+SLO = _counter("pdserve_slo_requests", "Finished requests by objective (ttft, tpot) and whether they met it "
+               "(attained=true|false); the router's --slo-ttft-ms and --slo-tpot-ms")
+ROUTED = _counter("pdserve_routed_requests", "Finished requests by the worker that served each phase "
+                  "(role=prefill|decode, worker_id)")
+
+# ---- the router's own state (observed) ----------------------------------------------
+_ROUTER_INFLIGHT = _observed("gauge", "pdserve_router_inflight_requests", "Requests in flight at the router")
+_PREFILL_DECISIONS = _observed("counter", "pdserve_prefill_decisions",
+                               "Routing decisions by where the prompt is prefilled "
+                               "(decision=disaggregated: a prefill worker; local_prefill: the decode worker)")
+
+# ---- a worker's engine (observed) ---------------------------------------------------
+_WAITING = _observed("gauge", "pdserve_queue_depth", "Sequences waiting to be scheduled")
+_RUNNING = _observed("gauge", "pdserve_running_sequences", "Sequences in the running batch")
+_BLOCKS_USED = _observed("gauge", "pdserve_kv_blocks_used", "KV cache blocks in use (role=kvstore: the store's slots)")
+_BLOCKS_TOTAL = _observed("gauge", "pdserve_kv_blocks_capacity", "KV cache blocks in all (role=kvstore: the store's slots)")
+_PREFIX_QUERIED = _observed("counter", "pdserve_prefix_cache_queried_tokens",
+                            "Prompt tokens looked up in the prefix cache")
+_PREFIX_HIT = _observed("counter", "pdserve_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache")
+_PREEMPTIONS = _observed("counter", "pdserve_preemptions", "Sequences preempted for lack of KV blocks")
+
+# ---- the KV store (observed) --------------------------------------------------------
+_STORE_LOOKUPS = _observed("counter", "pdserve_kvstore_lookup_blocks",
+                           "Blocks asked of the KV store, by result (hit, miss)")
+
+# ---- KV transfers (recorded by the transfer layer, for every sender and receiver)
+TRANSFER_BYTES = _counter("pdserve_kv_transfer_bytes", "KV bytes sent and taken by their receiver, by transport",
+                          unit="By")
+TRANSFER_SECONDS = _histogram("pdserve_kv_transfer_duration",
+                              "One send (a prefill chunk's blocks, or a KV store push) until the receiver has the bytes",
+                              [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+TRANSFER_FAILURES = _counter("pdserve_kv_transfer_failures", "KV transfers that failed, by transport, side "
+                             "(send, receive) and reason (failed: a transport error or bad data; timeout)")
+
+
+def watch_engine(engine: Any, *, worker_id: str, role: str) -> None:
+    """Export an LLMEngine's queue, batch, KV pool and prefix cache (read at scrape time)."""
+    attributes = {"worker_id": worker_id, "role": role}
+    _WAITING.add(engine, lambda e: e.stats().waiting, attributes)
+    _RUNNING.add(engine, lambda e: e.stats().running, attributes)
+    _BLOCKS_USED.add(engine, lambda e: (s := e.stats()).total_blocks - s.free_blocks, attributes)
+    _BLOCKS_TOTAL.add(engine, lambda e: e.stats().total_blocks, attributes)
+    _PREFIX_QUERIED.add(engine, lambda e: e.stats().prefix_queries, attributes)
+    _PREFIX_HIT.add(engine, lambda e: e.stats().prefix_hits, attributes)
+    _PREEMPTIONS.add(engine, lambda e: e.stats().preemptions, attributes)
+
+
+def watch_router(router: Any) -> None:
+    """Export a Router's in-flight count and its prefill decisions (`Router.decisions`)."""
+    _ROUTER_INFLIGHT.add(router, lambda r: r.inflight, {})
+    for decision in ("disaggregated", "local_prefill"):
+        _PREFILL_DECISIONS.add(router, lambda r, d=decision: r.decisions[d], {"decision": decision})
+
+
+def watch_store(store: Any) -> None:
+    """Export a KV BlockStore's occupancy and lookups."""
+    attributes = {"role": "kvstore", "worker_id": "kvstore"}
+    _BLOCKS_USED.add(store, lambda s: s.used, attributes)
+    _BLOCKS_TOTAL.add(store, lambda s: s.capacity, attributes)
+    _STORE_LOOKUPS.add(store, lambda s: s.stats.hit_blocks, {"result": "hit"})
+    _STORE_LOOKUPS.add(store, lambda s: s.stats.miss_blocks, {"result": "miss"})
+
+
+_served: int | None = None
+
+
+def serve_prometheus(host: str, port: int, *, service: str, instance: str = "") -> int | None:
+    """Install the SDK's meter provider and serve /metrics on host:port (0: any
+    free port); returns the bound port, or None when port is -1 (metrics off).
+    Once per process: the meter provider is process-wide."""
+    global _served
+    if port < 0:
+        return None
+    if _served is not None:
+        raise RuntimeError(f"metrics are already served on port {_served}")
+    import prometheus_client
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, SERVICE_NAME, Resource
+
+    # A taken port raises here (OSError), before the service reports SERVING.
+    server, _ = prometheus_client.start_http_server(port, addr=host)
+    attributes = {SERVICE_NAME: f"pdserve-{service}", **({SERVICE_INSTANCE_ID: instance} if instance else {})}
+    otel_metrics.set_meter_provider(MeterProvider(resource=Resource.create(attributes),
+                                                  metric_readers=[PrometheusMetricReader()]))
+    _served = server.server_port
+    return _served

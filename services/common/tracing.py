@@ -1,0 +1,463 @@
+"""OpenTelemetry tracing for every pdserve service: one trace per request.
+
+- `setup(service)` (once per process, by `pdserve serve`) builds the tracer
+  provider from the standard OTEL_* environment variables (docs/observability.md):
+  exporters from OTEL_TRACES_EXPORTER, else OTLP when an OTLP endpoint is
+  set, else none (spans are still made: trace ids reach the logs and the next
+  hop); sampling from OTEL_TRACES_SAMPLER(_ARG), by default the caller's
+  decision, else every request (LLM requests are few and heavy: a span costs
+  microseconds, a request hundreds of milliseconds).
+- `ServerInterceptor` (installed by server.create_server) continues the
+  caller's W3C trace context from gRPC metadata in a SERVER span;
+  `client_interceptors()` (on every channel) open a CLIENT span per call and
+  send its context, so router -> prefill -> decode -> kvstore is one trace.
+- `Spans(scope, service)` starts a module's own spans (prefill chunks, KV
+  pushes...), tagged `pdserve.service`, so services stay apart even when they
+  share a process (the in-process test suite).
+
+Until a provider is installed, tracing is off: spans are no-ops and the
+interceptors pass calls straight through (OTEL_SDK_DISABLED=true keeps it so).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import inspect
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from typing import Any
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SAMPLE_RATIO = 1.0  # of requests arriving without a sampling decision (see the module doc)
+DEFAULT_OTLP_PROTOCOL = "http/protobuf"  # the OTLP specification's default
+# Polls and heartbeats: a trace each, several a second, would drown the requests.
+UNTRACED_METHODS = frozenset({"GetLoad", "Heartbeat", "GetStats"})
+
+Span = trace.Span
+Context = otel_context.Context
+
+_provider: TracerProvider | None = None
+_tracers: dict[str, trace.Tracer] = {}
+
+
+# ---- configuration ---------------------------------------------------------------
+def _env(name: str, env: Mapping[str, str]) -> str:
+    return env.get(name, "").strip()
+
+
+def sampler_from_env(env: Mapping[str, str] = os.environ) -> Sampler:
+    """OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG; unset: parentbased_traceidratio
+    at DEFAULT_SAMPLE_RATIO (the ratio alone may be set with the _ARG)."""
+    name = _env("OTEL_TRACES_SAMPLER", env).lower() or "parentbased_traceidratio"
+    arg = _env("OTEL_TRACES_SAMPLER_ARG", env)
+    try:
+        ratio = float(arg) if arg else DEFAULT_SAMPLE_RATIO
+    except ValueError:
+        raise ValueError(f"OTEL_TRACES_SAMPLER_ARG: {arg!r} is not a number") from None
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"OTEL_TRACES_SAMPLER_ARG: {ratio} is not a ratio in [0, 1]")
+    samplers: dict[str, Callable[[], Sampler]] = {
+        "always_on": lambda: ALWAYS_ON,
+        "always_off": lambda: ALWAYS_OFF,
+        "traceidratio": lambda: TraceIdRatioBased(ratio),
+        "parentbased_always_on": lambda: ParentBased(ALWAYS_ON),
+        "parentbased_always_off": lambda: ParentBased(ALWAYS_OFF),
+        "parentbased_traceidratio": lambda: ParentBased(TraceIdRatioBased(ratio)),
+    }
+    if name not in samplers:
+        raise ValueError(f"OTEL_TRACES_SAMPLER: {name!r} is not one of {sorted(samplers)}")
+    return samplers[name]()
+
+
+def exporters_from_env(env: Mapping[str, str] = os.environ) -> list[SpanExporter]:
+    """OTEL_TRACES_EXPORTER (otlp, console, none; comma-separated). Unset: otlp
+    when OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set, else none, so a service
+    started without a collector does not retry localhost:4317 forever."""
+    names = _env("OTEL_TRACES_EXPORTER", env)
+    if not names:
+        endpoint = _env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", env) or _env("OTEL_EXPORTER_OTLP_ENDPOINT", env)
+        names = "otlp" if endpoint else "none"
+    exporters: list[SpanExporter] = []
+    for name in (n.strip().lower() for n in names.split(",") if n.strip()):
+        if name == "otlp":
+            exporters.append(_otlp_exporter(env))
+        elif name == "console":
+            exporters.append(ConsoleSpanExporter())
+        elif name != "none":
+            raise ValueError(f"OTEL_TRACES_EXPORTER: {name!r} is not otlp, console or none")
+    return exporters
+
+
+def _otlp_exporter(env: Mapping[str, str]) -> SpanExporter:
+    # The exporters read their endpoint, headers, certificates and timeout from OTEL_EXPORTER_OTLP_*.
+    protocol = (_env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", env) or _env("OTEL_EXPORTER_OTLP_PROTOCOL", env)
+                or DEFAULT_OTLP_PROTOCOL)
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    elif protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    else:
+        raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL: {protocol!r} is not grpc or http/protobuf")
+    return OTLPSpanExporter()
+
+
+def resource_for(service: str) -> Resource:
+    """OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME, with service.name
+    pdserve-<service> unless they name one."""
+    resource = Resource.create({"service.namespace": "pdserve"})
+    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({"service.name": f"pdserve-{service}"}))
+    return resource
+
+
+def setup(service: str) -> TracerProvider | None:
+    """Install this process's tracer provider from the environment; None
+    (tracing off) with OTEL_SDK_DISABLED=true. Spans still queued at exit are flushed."""
+    if _env("OTEL_SDK_DISABLED", os.environ).lower() == "true":
+        return None
+    provider = TracerProvider(resource=resource_for(service), sampler=sampler_from_env())
+    exporters = exporters_from_env()
+    for exporter in exporters:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    install(provider)
+    trace.set_tracer_provider(provider)  # for any other instrumentation in the process
+    log.info("tracing: %s, sampler %s, exporters %s", provider.resource.attributes.get("service.name"),
+             provider.sampler.get_description(), [type(e).__module__ for e in exporters] or "none")
+    return provider
+
+
+def install(provider: TracerProvider | None) -> None:
+    """Make `provider` the one pdserve's spans go to (None: tracing off).
+    Tests and benchmarks switch providers at run time; setup() calls this once."""
+    global _provider
+    _provider = provider
+    _tracers.clear()
+
+
+@contextlib.contextmanager
+def installed(provider: TracerProvider | None) -> Iterator[TracerProvider | None]:
+    previous = _provider
+    install(provider)
+    try:
+        yield provider
+    finally:
+        install(previous)
+
+
+def enabled() -> bool:
+    return _provider is not None
+
+
+def tracer(scope: str) -> trace.Tracer:
+    t = _tracers.get(scope)
+    if t is None:
+        t = _tracers[scope] = (_provider or trace.NoOpTracerProvider()).get_tracer(scope)
+    return t
+
+
+# ---- spans -------------------------------------------------------------------------
+class Spans:
+    """Spans of one part of pdserve. Attribute keywords become `pdserve.<name>`
+    (None values are left out); `service` tags every span `pdserve.service`."""
+
+    def __init__(self, scope: str, service: str | None = None):
+        self.scope = f"pdserve.{scope}"
+        self.base = {"pdserve.service": service} if service else {}
+
+    def span(self, name: str, *, context: otel_context.Context | None = None, start_time: int | None = None,
+             **attributes: Any) -> contextlib.AbstractContextManager[trace.Span]:
+        """Current for a `with` block (never across a yield), ended at its end; an
+        exception marks it failed. `context`: the parent's, where the current
+        one is not the request's (callbacks of the engine loop)."""
+        if _provider is None:
+            return contextlib.nullcontext(trace.INVALID_SPAN)
+        return tracer(self.scope).start_as_current_span(
+            name, context=context, start_time=start_time, attributes=self._attributes(attributes))
+
+    def start(self, name: str, *, context: otel_context.Context | None = None, start_time: int | None = None,
+              **attributes: Any) -> trace.Span:
+        """A span the caller ends (e.g. one that lasts across a stream's yields)."""
+        if _provider is None:
+            return trace.INVALID_SPAN
+        return tracer(self.scope).start_span(
+            name, context=context, start_time=start_time, attributes=self._attributes(attributes))
+
+    def _attributes(self, attributes: Mapping[str, Any]) -> dict[str, Any]:
+        return {**self.base, **{f"pdserve.{k}": v for k, v in attributes.items() if v is not None}}
+
+
+def annotate(span: trace.Span | None = None, **attributes: Any) -> None:
+    """Set `pdserve.<name>` attributes on `span` (default: the current one)."""
+    span = span or trace.get_current_span()
+    if span.is_recording():
+        span.set_attributes({f"pdserve.{k}": v for k, v in attributes.items() if v is not None})
+
+
+def current_context() -> otel_context.Context:
+    return otel_context.get_current()
+
+
+def current_span() -> trace.Span:
+    return trace.get_current_span()
+
+
+def context_with(span: trace.Span, parent: otel_context.Context | None = None) -> otel_context.Context:
+    return trace.set_span_in_context(span, parent)
+
+
+def create_task(coro: Awaitable[Any], context: otel_context.Context) -> asyncio.Task:
+    """A task whose spans have `context` for parent, for code whose own context
+    is not the request's (callbacks of the engine loop)."""
+    token = otel_context.attach(context)
+    try:
+        return asyncio.ensure_future(coro)  # the task copies the context current now
+    finally:
+        otel_context.detach(token)
+
+
+def fail(span: trace.Span, exc: BaseException) -> None:
+    """Mark a span failed by `exc`; a cancellation (client gone, stop string) is no failure."""
+    if not span.is_recording():
+        return
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        span.set_attribute("pdserve.cancelled", True)
+        return
+    span.record_exception(exc)
+    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+
+
+async def within(ctx: otel_context.Context, stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """Iterate `stream` with `ctx` current inside each step and its close, but
+    not between steps: a context attached across a yield leaks into the consumer
+    and cannot be detached if the generator is finalized in another task."""
+    try:
+        while True:
+            token = otel_context.attach(ctx)
+            try:
+                item = await stream.__anext__()
+            except StopAsyncIteration:
+                return
+            finally:
+                otel_context.detach(token)
+            yield item
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            token = otel_context.attach(ctx)
+            try:
+                await aclose()
+            finally:
+                otel_context.detach(token)
+
+
+# ---- gRPC: W3C trace context in metadata ---------------------------------------------
+def _rpc(method: str | bytes) -> tuple[str, str]:
+    """'/pdserve.v1.Decode/Reserve' -> ('pdserve.v1.Decode', 'Reserve')."""
+    if isinstance(method, bytes):
+        method = method.decode()
+    service, _, name = method.lstrip("/").partition("/")
+    return service, name
+
+
+def _traced(rpc_service: str, rpc_method: str) -> bool:
+    return _provider is not None and rpc_service.startswith("pdserve.") and rpc_method not in UNTRACED_METHODS
+
+
+def _rpc_attributes(rpc_service: str, rpc_method: str) -> dict[str, str]:
+    return {"rpc.system": "grpc", "rpc.service": rpc_service, "rpc.method": rpc_method}
+
+
+# Server-side codes that are the server's fault (OpenTelemetry's RPC conventions):
+# the others (a bad request, a missing reservation) leave a server span's status unset.
+_SERVER_FAULTS = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNIMPLEMENTED,
+                            grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS})
+
+
+def _server_failed(span: trace.Span, exc: BaseException) -> None:
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)) or not span.is_recording():
+        fail(span, exc)
+        return
+    from pdserve.common.server import status_code_for  # server.py imports this module
+
+    code = status_code_for(exc) if not isinstance(exc, grpc.aio.AbortError) else grpc.StatusCode.UNKNOWN
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    span.record_exception(exc)
+    if code in _SERVER_FAULTS:
+        span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    """A SERVER span per call of a pdserve method, child of the caller's span
+    (W3C traceparent in the metadata) and current while the handler runs."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        rpc_service, rpc_method = _rpc(details.method)
+        if handler is None or not _traced(rpc_service, rpc_method):
+            return handler
+        parent = propagate.extract(dict(details.invocation_metadata or ()))
+        attributes = {**_rpc_attributes(rpc_service, rpc_method),
+                      "pdserve.service": rpc_service.rsplit(".", 1)[-1].lower()}
+        name = f"{rpc_service}/{rpc_method}"
+
+        def open_span(request: Any) -> tuple[trace.Span, otel_context.Context]:
+            span = tracer("pdserve.grpc").start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
+            request_id = getattr(request, "request_id", None)
+            if request_id and isinstance(request_id, str):
+                span.set_attribute("pdserve.request_id", request_id)
+            return span, trace.set_span_in_context(span, parent)
+
+        codec = {"request_deserializer": handler.request_deserializer,
+                 "response_serializer": handler.response_serializer}
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(_server_call(handler.unary_unary, open_span), **codec)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(_server_stream(handler.unary_stream, open_span), **codec)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(_server_call(handler.stream_unary, open_span), **codec)
+        return grpc.stream_stream_rpc_method_handler(_server_stream(handler.stream_stream, open_span), **codec)
+
+
+def _server_call(behavior: Callable[..., Any], open_span) -> Callable[..., Any]:
+    if not inspect.iscoroutinefunction(behavior):
+        return behavior
+
+    async def traced(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        span, ctx = open_span(request)
+        token = otel_context.attach(ctx)
+        try:
+            response = await behavior(request, context)
+            span.set_attribute("rpc.grpc.status_code", 0)
+        except BaseException as e:
+            _server_failed(span, e)
+            raise
+        finally:
+            otel_context.detach(token)
+            span.end()
+        return response
+
+    return traced
+
+
+def _server_stream(behavior: Callable[..., Any], open_span) -> Callable[..., Any]:
+    if not inspect.isasyncgenfunction(behavior):
+        return _server_call(behavior, open_span)
+
+    async def traced(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        span, ctx = open_span(request)
+        responses = within(ctx, behavior(request, context))
+        try:
+            async for response in responses:
+                yield response
+            span.set_attribute("rpc.grpc.status_code", 0)
+        except BaseException as e:
+            _server_failed(span, e)
+            raise
+        finally:
+            await responses.aclose()
+            span.end()
+
+    return traced
+
+
+class _ClientSpans:
+    """A CLIENT span per call, child of the caller's current span, its context
+    sent as traceparent; it ends when the call does (streams included)."""
+
+    _ending: set[asyncio.Task] = set()  # keeps the span-ending tasks alive until they run
+
+    async def _intercept(self, continuation, details: grpc.aio.ClientCallDetails, request: Any) -> Any:
+        rpc_service, rpc_method = _rpc(details.method)
+        span = None
+        if _traced(rpc_service, rpc_method):
+            span = tracer("pdserve.grpc").start_span(f"{rpc_service}/{rpc_method}", kind=SpanKind.CLIENT,
+                                                     attributes=_rpc_attributes(rpc_service, rpc_method))
+        elif not trace.get_current_span().get_span_context().is_valid:
+            return await continuation(details, request)
+        # else an application tracing on its own (an SDK user): the call continues its trace
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=trace.set_span_in_context(span) if span else None)
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), *carrier.items())
+        try:
+            call = await continuation(details._replace(metadata=metadata), request)
+        except BaseException as e:
+            if span is not None:
+                fail(span, e)
+                span.end()
+            raise
+        if span is not None:
+            call.add_done_callback(functools.partial(self._done, span))
+        return call
+
+    def _done(self, span: trace.Span, call: grpc.aio.Call) -> None:
+        # The status is only readable by awaiting, which a done callback cannot.
+        task = asyncio.ensure_future(_end_client_span(span, call))
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
+
+
+# One class per call kind: a grpc.aio channel files each interceptor under the
+# first kind it implements only.
+class _UnaryUnary(_ClientSpans, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await self._intercept(continuation, details, request)
+
+
+class _UnaryStream(_ClientSpans, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await self._intercept(continuation, details, request)
+
+
+class _StreamUnary(_ClientSpans, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation, details, request_iterator):
+        return await self._intercept(continuation, details, request_iterator)
+
+
+class _StreamStream(_ClientSpans, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation, details, request_iterator):
+        return await self._intercept(continuation, details, request_iterator)
+
+
+async def _end_client_span(span: trace.Span, call: grpc.aio.Call) -> None:
+    try:
+        code = await call.code()
+    except asyncio.CancelledError:
+        code = grpc.StatusCode.CANCELLED
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if code is grpc.StatusCode.CANCELLED:
+        span.set_attribute("pdserve.cancelled", True)  # we stopped it (stop string, client gone)
+    elif code is not grpc.StatusCode.OK:
+        span.set_status(Status(StatusCode.ERROR, f"{code.name}: {await call.details()}"))
+    span.end()
+
+
+def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
+    """For `interceptors=` of every aio channel to a pdserve service."""
+    return [_UnaryUnary(), _UnaryStream(), _StreamUnary(), _StreamStream()]
+
+
+def timing_attributes(timing: Mapping[str, float]) -> dict[str, float]:
+    """A request's timing breakdown (queued_ms, prefill_ms, ...) as pdserve.timing.* attributes."""
+    return {f"pdserve.timing.{k}": float(v) for k, v in timing.items()}

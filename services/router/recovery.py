@@ -1,0 +1,91 @@
+"""What survives a worker failure: a request's progress, and which failures retry.
+
+A request's stream is made of attempts. Each attempt runs on one plan (a
+decode worker, maybe a prefill worker); when a worker fails, the router
+plans again without it and continues from `Progress.prompt` (the prompt plus
+every token already sent), so the client sees one stream with no token lost
+or repeated. Greedy decoding gives the same tokens as an unfaulted run,
+because the re-prefilled context is exactly the one decode would have had.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from pdserve.common.engine.detokenizer import IncrementalDetokenizer
+from pdserve.common.engine.sampling_params import SamplingParams
+from pdserve.router.worker_pool import Worker
+
+# A worker's failure, not the request's: another worker may well succeed.
+# (INVALID_ARGUMENT and FAILED_PRECONDITION are the request's; retrying cannot help.)
+RETRYABLE = frozenset({
+    grpc.StatusCode.UNAVAILABLE,  # process gone, connection refused or reset, draining
+    grpc.StatusCode.DEADLINE_EXCEEDED,  # a per-attempt deadline, not the client's (checked first)
+    grpc.StatusCode.ABORTED,  # KV transfer failed: ticket, size or checksum
+    grpc.StatusCode.NOT_FOUND,  # the decode reservation expired before Decode claimed it
+    grpc.StatusCode.CANCELLED,  # cancelled by the worker's side (the router's own cancel never gets here)
+    grpc.StatusCode.RESOURCE_EXHAUSTED,  # this worker's queue is full; another's may not be
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.DATA_LOSS,
+})
+
+
+class WorkerFailedError(Exception):
+    """An attempt failed because of `worker`; the router may retry elsewhere."""
+
+    def __init__(self, worker: Worker, phase: str, cause: grpc.aio.AioRpcError | None, detail: str = ""):
+        self.worker, self.phase, self.cause = worker, phase, cause
+        what = detail or (f"{cause.code().name}: {cause.details()}" if cause is not None else "failed")
+        super().__init__(f"{phase} on {worker.worker_id}: {what}")
+
+
+@dataclass
+class Progress:
+    """One client request across attempts: what was asked, and what was sent."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    detok: IncrementalDetokenizer
+    t0: float
+    deadline: float | None = None  # time.monotonic() by which the client gives up
+    generated: list[int] = field(default_factory=list)  # every token the client has been sent
+    cached_tokens: int = 0
+    timing: dict[str, float] = field(default_factory=dict)
+    t_first: float | None = None
+    failures: list[WorkerFailedError] = field(default_factory=list)
+
+    @property
+    def context(self) -> list[int]:
+        """What the next attempt prefills: the prompt and every token already sent."""
+        return self.prompt_ids + self.generated
+
+    @property
+    def remaining_params(self) -> SamplingParams:
+        # Stop strings stay with the router's detokenizer, which sees the whole text.
+        return dataclasses.replace(self.params, max_tokens=self.params.max_tokens - len(self.generated), stop=())
+
+    @property
+    def excluded(self) -> set[str]:
+        return {f.worker.worker_id for f in self.failures}
+
+    def time_left(self, limit_s: float) -> float:
+        """A downstream call's timeout: `limit_s`, cut to the client's deadline."""
+        if self.deadline is None:
+            return limit_s
+        return max(0.0, min(limit_s, self.deadline - time.monotonic()))
+
+    @property
+    def deadline_passed(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+
+def failure(worker: Worker, phase: str, e: grpc.aio.AioRpcError, progress: Progress) -> Exception:
+    """The exception for a downstream call's error: retryable or the request's own."""
+    if e.code() in RETRYABLE and not progress.deadline_passed:
+        return WorkerFailedError(worker, phase, e)
+    return e

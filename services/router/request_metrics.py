@@ -1,0 +1,103 @@
+"""Per-request latency, outcome and SLO metrics, measured on the router's Event stream.
+
+Both front ends (gRPC Generate and the OpenAI HTTP API) pass `Router.generate()`
+through `RequestMetrics.observe()`, so every request is measured once, from the
+moment the router takes it to the event that ends it, as the client sees it:
+
+- TTFT: to the first event that carries tokens;
+- ITL: between token-carrying events, split evenly over the tokens of an event;
+- TPOT: (last token - first token) / (output tokens - 1), once per request;
+- end-to-end latency, the outcome (finish reason or error), the serving workers,
+  and whether the TTFT and TPOT objectives were met (finished requests only).
+
+A line per finished request goes to the log (ids, outcome and timings; never
+the prompt or the output).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from pdserve.common import logs, metrics
+from pdserve.common.server import status_code_for
+from pdserve.router.router import Event
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RequestMetrics:
+    """Service-level objectives, in milliseconds (0: not tracked)."""
+
+    slo_ttft_ms: float = 0.0
+    slo_tpot_ms: float = 0.0
+
+    async def observe(self, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+        t0 = time.perf_counter()
+        first = last = None  # times of the first and the latest token
+        tokens = 0
+        outcome = "cancelled"  # the consumer stopped iterating (client gone)
+        request_id = ""
+        final, t_end = None, 0.0  # the last event with a finish reason; when the first one came
+        try:
+            async with contextlib.aclosing(events):  # closing this closes the router's stream at once
+                async for ev in events:
+                    now = time.perf_counter()
+                    if not request_id:
+                        request_id = ev.request_id
+                        logs.bind_request(request_id)
+                    if ev.token_ids:
+                        if first is None:
+                            first = now
+                            metrics.TTFT.record(now - t0)
+                        else:
+                            gap = (now - last) / len(ev.token_ids)
+                            for _ in ev.token_ids:
+                                metrics.ITL.record(gap)
+                        last = now
+                        tokens += len(ev.token_ids)
+                    if ev.finish_reason is not None:
+                        # The token event that ends a request may carry the reason, and a
+                        # summary event (usage, route) follow it: measure once, at the end.
+                        outcome = ev.finish_reason.value
+                        final, t_end = ev, t_end or now
+                    yield ev
+        except Exception as e:
+            outcome = status_code_for(e).name.lower()
+            raise
+        finally:
+            if final is not None:
+                self._finished(final, t0, t_end, first, last, tokens)
+            metrics.REQUESTS.add(1, {"outcome": outcome})
+            if outcome not in ("stop", "length"):
+                log.info("request ended: %s", outcome, extra={"outcome": outcome, "output_tokens": tokens,
+                                                                "duration_ms": _ms(time.perf_counter() - t0)})
+
+    def _finished(self, ev: Event, t0: float, now: float, first: float | None, last: float | None,
+                  tokens: int) -> None:
+        metrics.E2E.record(now - t0)
+        tpot = (last - first) / (tokens - 1) if first is not None and tokens > 1 else None
+        if tpot is not None:
+            metrics.TPOT.record(tpot)
+        ttft = first - t0 if first is not None else None
+        if self.slo_ttft_ms > 0 and ttft is not None:
+            metrics.SLO.add(1, {"objective": "ttft", "attained": str(ttft * 1e3 <= self.slo_ttft_ms).lower()})
+        if self.slo_tpot_ms > 0 and tpot is not None:
+            metrics.SLO.add(1, {"objective": "tpot", "attained": str(tpot * 1e3 <= self.slo_tpot_ms).lower()})
+        if ev.route:
+            prefill, decode, _ = ev.route
+            if prefill:
+                metrics.ROUTED.add(1, {"role": "prefill", "worker_id": prefill})
+            metrics.ROUTED.add(1, {"role": "decode", "worker_id": decode})
+        usage = ev.usage or (0, tokens, 0)
+        log.info("request finished: %s", ev.finish_reason.value, extra={
+            "outcome": ev.finish_reason.value, "prompt_tokens": usage[0], "output_tokens": usage[1],
+            "cached_tokens": usage[2], "ttft_ms": _ms(ttft), "tpot_ms": _ms(tpot), "duration_ms": _ms(now - t0),
+            "prefill_worker": ev.route[0] if ev.route else "", "decode_worker": ev.route[1] if ev.route else ""})
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1e3, 3)

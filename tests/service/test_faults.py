@@ -1,0 +1,125 @@
+"""Failure recovery: a worker that dies, stalls or sends bad KV costs the client nothing
+but time. Faults are real: servers stopped mid-call, KV bytes whose checksum is wrong
+crossing real UCX. Every pool is back to full afterwards."""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from pdserve.common.transfer import ucx
+from pdserve.v1 import common_pb2 as pb
+from pdserve.v1 import decode_pb2 as dpb
+from pdserve.v1 import router_pb2 as rpb
+from tests.engine.prompts import text_of_tokens
+from tests.service.suite import inprocess_suite
+
+
+def _request(ids, rid, max_tokens=24, **kw):
+    return rpb.GenerateRequest(request_id=rid, token_ids=pb.TokenIds(ids=ids),
+                               sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw))
+
+
+async def _collect(stream):
+    tokens, last = [], None
+    async for r in stream:
+        tokens += r.token_ids
+        last = r
+    return tokens, last
+
+
+def _busy(runtime) -> bool:
+    stats = runtime.engine.engine.stats()
+    return stats.running + stats.waiting > 0
+
+
+async def _kill_when_busy(runtimes, dead: set[str], tokens_seen: list | None = None) -> str:
+    """Stop the server of whichever worker is working on the request (a crash, as
+    its peers see it: in-flight calls end, new connections are refused)."""
+    for _ in range(1000):
+        busy = [rt for rt in runtimes if _busy(rt)]
+        if busy and (tokens_seen is None or len(tokens_seen) >= 6):
+            await busy[0].server.stop(grace=0)
+            dead.add(busy[0].worker_id)
+            return busy[0].worker_id
+        await asyncio.sleep(0.005)
+    raise AssertionError("no worker ever got the request")
+
+
+async def _pools_full(suite, dead: set[str] = frozenset()) -> None:
+    """Every surviving worker's pool is back to all free: no reservation, hold or block left."""
+    for _ in range(100):  # frees are asynchronous (leases, finishing sends)
+        stats = [rt.engine.engine.stats() for rt in suite.decode + suite.prefill if rt.worker_id not in dead]
+        if all(s.free_blocks == s.total_blocks and s.reserved == s.held == s.running == 0 for s in stats):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"blocks still in use: {stats}")
+
+
+async def test_a_prefill_worker_dying_mid_prefill_is_retried_on_another_with_the_same_tokens(smollm2):
+    _, _, tokenizer = smollm2
+    prompt = text_of_tokens(tokenizer, 900, offset=3)  # about a second of prefill here
+    dead: set[str] = set()
+    async with inprocess_suite(smollm2, prefill_workers=2) as suite:
+        call = asyncio.create_task(_collect(suite.stub.Generate(_request(prompt, "faulted"))))
+        killed = await _kill_when_busy(suite.prefill, dead)
+        tokens, last = await call
+        assert last.route.prefill_worker_id not in ("", killed)
+        assert suite.router.router.recoveries["prefill"] == 1
+        expected, _ = await _collect(suite.stub.Generate(_request(prompt, "unfaulted")))
+        assert tokens == expected and len(tokens) == 24
+        await _pools_full(suite, dead)
+
+
+async def test_a_decode_worker_dying_mid_stream_migrates_with_no_token_lost_or_repeated(smollm2):
+    _, _, tokenizer = smollm2
+    prompt = text_of_tokens(tokenizer, 40, offset=7)
+    dead: set[str] = set()
+    async with inprocess_suite(smollm2, decode_workers=2) as suite:
+        expected, _ = await _collect(suite.stub.Generate(_request(prompt, "baseline", max_tokens=48, ignore_eos=True)))
+        got: list[int] = []
+
+        async def stream():
+            last = None
+            async for r in suite.stub.Generate(_request(prompt, "faulted", max_tokens=48, ignore_eos=True)):
+                got.extend(r.token_ids)
+                last = r
+            return last
+
+        call = asyncio.create_task(stream())
+        killed = await _kill_when_busy(suite.decode, dead, tokens_seen=got)
+        last = await call
+        assert got == expected  # greedy: the re-prefilled context decodes the same tokens
+        assert last.usage.completion_tokens == 48 and last.route.decode_worker_id != killed
+        assert suite.router.router.recoveries["decode"] == 1
+        await _pools_full(suite, dead)
+
+
+async def test_kv_that_fails_its_checksum_is_recomputed_never_decoded(smollm2, monkeypatch):
+    _, _, tokenizer = smollm2
+    prompt = text_of_tokens(tokenizer, 200, offset=11)
+    async with inprocess_suite(smollm2) as suite:
+        with monkeypatch.context() as m:  # the prefill side's headers claim checksums the bytes lack
+            m.setattr(ucx, "block_checksum", lambda buf: bytes(16))
+            tokens, last = await _collect(suite.stub.Generate(_request(prompt, "corrupted")))
+        assert not last.route.disaggregated  # the only prefill worker sent bad KV: decode recomputed
+        assert suite.router.router.recoveries["decode"] == 1
+        decode_stats = await suite.worker_stubs()[0].GetStats(dpb.GetDecodeStatsRequest())
+        assert decode_stats.transfers_failed == 1
+        expected, _ = await _collect(suite.stub.Generate(_request(prompt, "clean")))
+        assert tokens == expected
+        await _pools_full(suite)
+
+
+async def test_when_the_retry_budget_is_spent_the_client_gets_the_error_not_a_hang(smollm2, monkeypatch):
+    _, _, tokenizer = smollm2
+    prompt = text_of_tokens(tokenizer, 64, offset=13)
+    async with inprocess_suite(smollm2, router_kw={"max_retries": 0}) as suite:
+        with monkeypatch.context() as m:
+            m.setattr(ucx, "block_checksum", lambda buf: bytes(16))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await asyncio.wait_for(_collect(suite.stub.Generate(_request(prompt, "doomed"))), 60)
+        assert err.value.code() is grpc.StatusCode.ABORTED
+        assert "after 1 attempts" in err.value.details() and "checksum mismatch" in err.value.details()
+        await _pools_full(suite)

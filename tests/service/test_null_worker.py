@@ -1,0 +1,70 @@
+"""The null engine behind a real router: what the control-plane benchmark stands on."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+import grpc
+import pytest
+
+from pdserve.bench import control_plane
+from pdserve.bench.null_worker import NullWorker, NullWorkerConfig, fixed_tokens
+from pdserve.router.config import RouterConfig
+from pdserve.router.serve import RouterRuntime, load_tokenizer
+from pdserve.v1 import common_pb2 as pb
+from pdserve.v1 import router_pb2 as rpb
+from pdserve.v1 import router_pb2_grpc
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("")  # the router's tokenizer and context window; no weights
+
+
+@contextlib.asynccontextmanager
+async def null_suite(tokenizer):
+    worker = NullWorker(NullWorkerConfig(port=0))
+    await worker.start()
+    config = RouterConfig(port=0, http_port=-1, metrics_port=-1, mode="colocated",
+                          decode_targets=[f"127.0.0.1:{worker.port}"], load_poll_s=0.2)
+    router = RouterRuntime(config, *tokenizer)
+    await router.start(ready_timeout_s=10)
+    try:
+        yield router, worker
+    finally:
+        await router.stop()
+        await worker.stop()
+
+
+async def test_a_request_through_the_router_returns_the_null_engines_fixed_tokens(tokenizer):
+    async with null_suite(tokenizer) as (router, worker):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:
+            request = rpb.GenerateRequest(token_ids=pb.TokenIds(ids=list(range(1000, 1020))),
+                                          sampling=pb.SamplingParams(max_tokens=5))
+            tokens, text, last = [], "", None
+            async for r in router_pb2_grpc.RouterStub(channel).Generate(request):
+                tokens += r.token_ids
+                text += r.text
+                last = r
+    assert tokens == fixed_tokens(5)
+    assert text == " null engine token null engine"
+    assert last.finish_reason == pb.FINISH_REASON_LENGTH
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (20, 5)
+    assert last.route.decode_worker_id == "null-0" and not last.route.disaggregated
+    assert worker.servicer.completed == 1 and worker.servicer.running == 0
+
+
+async def test_control_plane_measurement_reports_added_latency_and_rates(tokenizer):
+    args = argparse.Namespace(prompt_tokens=8, latency_max_tokens=[2], reps=6, load_max_tokens=[2],
+                              concurrency=[2], rates=[40.0], duration=0.5, max_p99_ms=10_000.0)
+    async with null_suite(tokenizer) as (router, worker):
+        out = await control_plane.measure(f"127.0.0.1:{router.port}", f"127.0.0.1:{worker.port}", args, pids={})
+    latency = out["added_latency"]["2"]
+    assert all(latency[path]["errors"] == 0 and latency[path]["e2e_ms"]["p50"] > 0
+               for path in ("direct", "router", "router_sdk"))
+    assert latency["added_e2e_ms_p50"] == pytest.approx(
+        latency["router"]["e2e_ms"]["p50"] - latency["direct"]["e2e_ms"]["p50"])
+    assert {(r["path"], r["concurrency"]) for r in out["closed_loop"]} == {("direct", 2), ("router", 2)}
+    assert all(r["achieved_rps"] > 0 and not r["errors"] for r in out["closed_loop"])
+    (swept,) = out["open_loop"]
+    assert swept["completed"] == swept["requests"] > 0 and swept["sustained"]

@@ -1,0 +1,163 @@
+"""pdserve.common.metrics through the real Prometheus exporter, and the router's request measurements.
+
+The meter provider is process-wide, so the recording runs in a fresh Python
+process that serves /metrics on a free port; the test scrapes it over HTTP and
+reads the samples with prometheus_client's own parser.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pdserve.common import metrics
+
+SCRIPT = textwrap.dedent("""
+    import asyncio, collections, json, sys, urllib.request
+    import torch
+    from prometheus_client.parser import text_string_to_metric_families
+    from pdserve.common import metrics
+    from pdserve.common.engine.engine import EngineStats
+    from pdserve.common.engine.sequence import FinishReason
+    from pdserve.common.errors import CapacityExhaustedError, TransferFailedError
+    from pdserve.common.transfer import LoopbackKVReceiver, LoopbackKVSender
+    from pdserve.kvstore.store import BlockStore
+    from pdserve.router.request_metrics import RequestMetrics
+    from pdserve.router.router import Event, Router
+    from pdserve.router.worker_pool import WorkerPool
+
+    port = metrics.serve_prometheus("127.0.0.1", 0, service="test")
+
+    async def finished_stream():
+        # first token after 50 ms, then one token every 20 ms, then two tokens at once
+        for i, delay in enumerate((0.05, 0.02, 0.02, 0.02)):
+            await asyncio.sleep(delay)
+            yield Event("r1", [i], "w")
+        await asyncio.sleep(0.02)
+        yield Event("r1", [7, 8], "ww", FinishReason.STOP)  # the last tokens say it ended...
+        yield Event("r1", [], "", FinishReason.STOP, (10, 6, 0), {}, ("prefill-0", "decode-0", True))  # ...and a summary
+
+    async def refused_stream():
+        raise CapacityExhaustedError("full")
+        yield
+
+    async def main():
+        observe = RequestMetrics(slo_ttft_ms=1000, slo_tpot_ms=1).observe
+        async for _ in observe(finished_stream()):
+            pass
+        try:
+            async for _ in observe(refused_stream()):
+                pass
+        except CapacityExhaustedError:
+            pass
+        events = observe(finished_stream())
+        await anext(events)
+        await events.aclose()  # the client went away after one token
+
+        blocks = [torch.zeros(64, dtype=torch.uint8) for _ in range(3)]
+        rx, tx, corrupting = LoopbackKVReceiver(), LoopbackKVSender(), LoopbackKVSender(corrupt_blocks=frozenset({0}))
+        ticket = rx.expect("t1", blocks[:2])
+        await tx.send(ticket, 0, [torch.ones(64, dtype=torch.uint8)] * 2)  # 128 bytes
+        bad = rx.expect("t2", blocks[2:])
+        await corrupting.send(bad, 0, [torch.ones(64, dtype=torch.uint8)])  # lands corrupted: the receiver fails it
+        lost = rx.expect("t3", blocks[:1])
+        try:
+            await rx.wait("t3", timeout=0.01)
+        except TransferFailedError:
+            pass
+
+    asyncio.run(main())
+
+    class Engine:
+        def stats(self):
+            return EngineStats(running=3, waiting=5, free_blocks=60, total_blocks=100, reserved=0, held=0,
+                               prefix_queries=40, prefix_hits=30, computed_tokens=0, preemptions=1)
+    engine, store = Engine(), BlockStore(8, 16)
+    store.lookup(b"f", [b"a", b"b"])
+    router = Router(type("T", (), {"__len__": lambda self: 10})(), WorkerPool(), mode="disaggregated",
+                    max_model_len=64)
+    router.decisions.update(disaggregated=4, local_prefill=2)
+    metrics.watch_engine(engine, worker_id="decode-0", role="decode")
+    metrics.watch_store(store)
+    metrics.watch_router(router)
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = [(s.name, {k: v for k, v in s.labels.items() if not k.startswith("otel_")}, s.value)
+               for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name.startswith("pdserve_")]
+    json.dump(samples, sys.stdout)
+""")
+
+
+@pytest.fixture(scope="module")
+def samples() -> list[tuple[str, dict, float]]:
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [tuple(s) for s in json.loads(out.stdout)]
+
+
+def value(samples, name: str, **labels) -> float:
+    found = [v for n, ls, v in samples if n == name and labels.items() <= ls.items()]
+    assert len(found) == 1, (name, labels, [s for s in samples if s[0] == name])
+    return found[0]
+
+
+def test_every_declared_series_is_exported_under_its_declared_name(samples):
+    names = {n for n, _, _ in samples}
+    assert len(metrics.SERIES) >= 20
+    for series in metrics.SERIES:
+        assert series in names or f"{series}_count" in names, f"{series} not in {sorted(names)}"
+
+
+def test_a_finished_request_records_ttft_itl_tpot_e2e_outcome_and_route(samples):
+    assert value(samples, "pdserve_time_to_first_token_seconds_count") == 2  # the finished and the cancelled one
+    # 6 tokens: 5 gaps, the last event's two tokens split its gap in two
+    assert value(samples, "pdserve_inter_token_latency_seconds_count") == 5
+    assert value(samples, "pdserve_inter_token_latency_seconds_bucket", le="0.005") == 0
+    assert value(samples, "pdserve_time_per_output_token_seconds_count") == 1
+    tpot = value(samples, "pdserve_time_per_output_token_seconds_sum")
+    assert 0.015 <= tpot < 0.2  # (last - first) / 5 with 20 ms steps
+    assert value(samples, "pdserve_e2e_request_latency_seconds_count") == 1  # once, though two events end it
+    assert value(samples, "pdserve_e2e_request_latency_seconds_sum") >= 0.13
+    assert value(samples, "pdserve_routed_requests_total", role="prefill", worker_id="prefill-0") == 1
+    assert value(samples, "pdserve_routed_requests_total", role="decode", worker_id="decode-0") == 1
+
+
+def test_outcomes_count_finish_reasons_errors_and_cancels(samples):
+    assert value(samples, "pdserve_requests_total", outcome="stop") == 1
+    assert value(samples, "pdserve_requests_total", outcome="resource_exhausted") == 1
+    assert value(samples, "pdserve_requests_total", outcome="cancelled") == 1
+
+
+def test_slo_attainment_is_counted_per_objective(samples):
+    assert value(samples, "pdserve_slo_requests_total", objective="ttft", attained="true") == 1  # 50 ms <= 1 s
+    assert value(samples, "pdserve_slo_requests_total", objective="tpot", attained="false") == 1  # 20 ms > 1 ms
+
+
+def test_transfers_count_bytes_and_failures_on_each_side(samples):
+    assert value(samples, "pdserve_kv_transfer_bytes_total", transport="loopback") == 3 * 64  # every send
+    assert value(samples, "pdserve_kv_transfer_duration_seconds_count", transport="loopback") == 2
+    assert value(samples, "pdserve_kv_transfer_failures_total", side="receive", reason="failed") == 1
+    assert value(samples, "pdserve_kv_transfer_failures_total", side="receive", reason="timeout") == 1
+
+
+def test_engine_store_and_router_state_is_read_at_scrape_time(samples):
+    worker = {"worker_id": "decode-0", "role": "decode"}
+    assert value(samples, "pdserve_queue_depth", **worker) == 5
+    assert value(samples, "pdserve_running_sequences", **worker) == 3
+    assert value(samples, "pdserve_kv_blocks_used", **worker) == 40
+    assert value(samples, "pdserve_kv_blocks_capacity", **worker) == 100
+    assert value(samples, "pdserve_prefix_cache_queried_tokens_total", **worker) == 40
+    assert value(samples, "pdserve_prefix_cache_hit_tokens_total", **worker) == 30
+    assert value(samples, "pdserve_kv_blocks_capacity", role="kvstore") == 8
+    assert value(samples, "pdserve_kvstore_lookup_blocks_total", result="miss") == 2
+    assert value(samples, "pdserve_prefill_decisions_total", decision="disaggregated") == 4
+    assert value(samples, "pdserve_prefill_decisions_total", decision="local_prefill") == 2
+    assert value(samples, "pdserve_router_inflight_requests") == 0
+
+
+def test_metrics_port_minus_one_serves_nothing():
+    assert metrics.serve_prometheus("127.0.0.1", -1, service="test") is None
