@@ -53,17 +53,18 @@ FIELDS = {
                          st.lists(chat_message, min_size=1, max_size=4).map(lambda m: {"chat": m})),
                st.one_of(st.just({}), st.just({"text": ""}), st.just({"chat": []}),
                          st.lists(any_token, max_size=40).map(lambda ids: {"token_ids": ids}))),
-    "max_tokens": (st.integers(1, 4), st.just(0)),  # always set: the default (256) would make the run long
     "temperature": (st.one_of(st.none(), st.floats(0, 2, width=32), st.sampled_from([1e-45, 3e38])), any_float),
     "top_p": (st.one_of(st.none(), st.floats(0, 1, exclude_min=True, width=32)), any_float),
     "stop": (st.lists(unicode_text.filter(bool), max_size=3), st.lists(unicode_text, min_size=1, max_size=3)),
     "model": (st.sampled_from(["", MODEL]), unicode_text),
+    "max_tokens": (st.integers(1, 4), st.just(0)),  # always set: the default (256) would make the run long
 }
 
 
 @st.composite
 def generate_request(draw) -> rpb.GenerateRequest:
-    broken = draw(st.sets(st.sampled_from(sorted(FIELDS)), max_size=2))
+    n = draw(st.sampled_from([0, 0, 1, 2]))  # about half the requests valid
+    broken = draw(st.sets(st.sampled_from(list(FIELDS)), min_size=n, max_size=n))
     value = {name: draw(anything if name in broken else valid) for name, (valid, anything) in FIELDS.items()}
     p = pb.SamplingParams(
         max_tokens=value["max_tokens"], stop=value["stop"],
@@ -116,7 +117,7 @@ def _valid_float(value: float, low_open: bool) -> bool:
     return math.isfinite(value) and (value > 0 if low_open else value >= 0)
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(req=generate_request())
 async def test_every_request_ends_complete_or_refused_and_leaves_every_pool_full(suite, req):
     outcome = await asyncio.wait_for(_outcome(suite, req), timeout=60)  # never a hang

@@ -140,6 +140,27 @@ async def test_unexpected_errors_are_internal_without_leaking_internals(served, 
     assert "hunter2" in caplog.text  # ...but the server log has it, under the incident id
 
 
+@pytest.mark.parametrize("method, data, field", [
+    ("Release", b"\x0a\x02\xff\xfe", "request_id"),  # field 1, a string, is not UTF-8
+    ("Release", b"\x0a\x05ab", "request"),  # a length past the end: no message at all
+    ("Decode", b"\x0a\x01\x80", "request_id"),
+])
+async def test_request_bytes_that_do_not_parse_are_invalid_argument_naming_the_field(served, method, data, field):
+    # grpc.aio itself would answer UNKNOWN, before any handler or interceptor code runs.
+    call = served[3].unary_unary if method == "Release" else served[3].unary_stream
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        response = call(f"/pdserve.v1.Decode/{method}")(data)
+        if method == "Decode":
+            async for _ in response:
+                pass
+        else:
+            await response
+    assert failure.value.code() == Code.INVALID_ARGUMENT
+    assert failure.value.details().startswith(f"{field}: ")
+    assert dict(failure.value.trailing_metadata())[ERROR_FIELD_KEY] == field
+    assert not served[1].cleaned_up.is_set()  # the handler never ran
+
+
 async def test_a_handlers_own_abort_passes_through(served):
     with pytest.raises(grpc.aio.AioRpcError) as failure:
         await stub(served[3]).GetLoad(common_pb2.GetLoadRequest())
