@@ -56,7 +56,7 @@ def _dial(host: str) -> str:
 def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, model: str | None = None,
          host: str = "127.0.0.1", port: int = 50051, base_port: int = 50061, kv_cache_gib: float | None = None,
          kvstore: bool = True, log_level: str | None = None, http_port: int | None = None,
-         metrics_port: int = -1, python: str = sys.executable,
+         metrics_port: int = -1, threads: int | None = None, python: str = sys.executable,
          hosts: Mapping[str, str] | None = None) -> list[Service]:
     """The services of a suite, with their command lines; validates the shape.
 
@@ -64,7 +64,11 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
     machine or network namespace); the others use `host`.
 
     metrics_port: the router's Prometheus port; the other services take the next
-    ports, in the order listed. -1 (the default here): no metrics; 0: any free ports."""
+    ports, in the order listed. -1 (the default here): no metrics; 0: any free ports.
+
+    threads: torch threads per model worker; None: this machine's cores shared
+    among them (two workers with a thread per core each measured 4x slower to
+    start here on 2 cores: their OpenMP pools spin against each other); 0: torch's default."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     prefill = prefill if mode == "disaggregated" else 0  # colocated workers prefill themselves
@@ -76,7 +80,10 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
         raise ValueError(f"--port {port} collides with the worker ports from --base-port {base_port}")
     serve = (python, "-m", "pdserve", *(("--log-level", log_level) if log_level else ()), "serve")
     common = ("--model", model) if model else ()
-    kv = ("--kv-cache-gib", str(kv_cache_gib)) if kv_cache_gib is not None else ()
+    per_worker = ("--kv-cache-gib", str(kv_cache_gib)) if kv_cache_gib is not None else ()
+    if threads is None:
+        threads = max(1, len(os.sched_getaffinity(0)) // (prefill + decode))
+    per_worker += ("--threads", str(threads))
     services = [Service("model", (python, "-c", "import sys; from pdserve.common import model_loader; "
                                   "print('model ready:', model_loader.resolve(sys.argv[1] or None).path)",
                                   model or ""), None, 0)]
@@ -92,7 +99,7 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
             p, name = next(ports), f"{role}-{i}"
             extra = ("--role", "colocated") if mode == "colocated" else store
             services.append(Service(name, (*serve, role, "--host", at(name), "--port", str(p), "--worker-id", name,
-                                           *common, *kv, *extra), f"{_dial(at(name))}:{p}", 1))
+                                           *common, *per_worker, *extra), f"{_dial(at(name))}:{p}", 1))
             targets[role].append(f"{_dial(at(name))}:{p}")
     if kvstore:
         services.append(Service("kvstore", (*serve, "kvstore", "--host", at("kvstore"), "--port", str(store_port),
@@ -326,6 +333,9 @@ def add_up_args(parser: argparse.ArgumentParser) -> None:
                         help="the router's Prometheus /metrics port; workers and the store take the next ports "
                              "(-1: no metrics, 0: any free ports)")
     parser.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache per worker")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per worker (default: this machine's cores shared among the workers; "
+                             "0: torch's default)")
     parser.add_argument("--kvstore", action=argparse.BooleanOptionalAction, default=True,
                         help="start the shared KV store for the prefill workers (disaggregated mode)")
     parser.add_argument("--log-dir", default=None, help="also write each service's log to DIR/NAME.log")
@@ -339,7 +349,7 @@ def run_up(args: argparse.Namespace) -> int:
         services = plan(args.mode, args.prefill, args.decode, model=args.model, host=args.host, port=args.port,
                         base_port=args.base_port, kv_cache_gib=args.kv_cache_gib, kvstore=kvstore,
                         log_level=getattr(args, "log_level", None),  # `pdserve --log-level L up`
-                        http_port=args.http_port, metrics_port=args.metrics_port)
+                        http_port=args.http_port, metrics_port=args.metrics_port, threads=args.threads)
         suite = Suite(services=services, log_dir=args.log_dir, ready_timeout=args.ready_timeout, grace_s=args.grace)
     except (ValueError, SuiteError) as e:
         print(f"pdserve up: {e}", file=sys.stderr)

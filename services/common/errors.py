@@ -16,7 +16,7 @@ class InvalidRequestError(PdserveError, ValueError):
 
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
-        self.field = field
+        self.field, self.reason = field, message
 
 
 class CapacityExhaustedError(PdserveError):

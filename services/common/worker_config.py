@@ -20,6 +20,8 @@ class WorkerConfig(SecurityConfig):
     model: str = option("", help="HF directory or .gguf file (default: the bundled SmolLM2-135M-Instruct)")
     device: str = option("cpu", help="torch device")
     dtype: Literal["float32", "float16", "bfloat16"] = option("float32")
+    threads: int = option(0, help="torch CPU threads (0: torch's default, one per core); give workers "
+                                  "sharing a machine a share each, or their thread pools spin against each other")
     block_size: int = option(16, help="tokens per KV block")
     kv_cache_gib: float = option(1.0, help="KV pool size in GiB (unless --num-kv-blocks)")
     num_kv_blocks: int = option(0, help="KV pool size in blocks (0: from --kv-cache-gib)")
@@ -42,6 +44,8 @@ class WorkerConfig(SecurityConfig):
             raise ValueError("port must be in [0, 65535]")
         if not -1 <= self.metrics_port < 65536 or self.metrics_port == self.port != 0:
             raise ValueError("metrics_port must be in [0, 65535] and not the gRPC port, or -1 for no metrics")
+        if self.threads < 0:
+            raise ValueError("threads must be >= 0")
         if self.max_queue < 1 or self.lease_ms < 1 or self.transfer_timeout_s <= 0:
             raise ValueError("max_queue, lease_ms and transfer_timeout_s must be positive")
         self.engine_config()  # validates the engine fields

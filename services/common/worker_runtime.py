@@ -42,6 +42,10 @@ def make_sender(transport: str):
 class WorkerRuntime:
     def __init__(self, config: WorkerConfig, engine: LLMEngine | None = None):
         self.config = config
+        if config.threads:
+            import torch
+
+            torch.set_num_threads(config.threads)
         self.engine = AsyncEngine(engine or LLMEngine(config.engine_config()))
         self.server = create_server(interceptors=[config.authenticator()])
         self.port = bind(self.server, config.host, config.port, config.server_credentials())

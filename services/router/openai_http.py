@@ -45,11 +45,12 @@ def error_response(exc: BaseException, kind: Kind | None = None) -> web.Response
     if isinstance(exc, ModelNotFoundError):  # OpenAI's status for it, not 400
         status, body = 404, error_body(str(exc), "invalid_request_error", "model", "model_not_found")
     elif isinstance(exc, InvalidRequestError):
-        param = exc.field
+        param, message = exc.field, str(exc)
         if param.startswith("prompt"):  # the router's names for the prompt: prompt, prompt.chat, ...
             param = "messages" if kind == "chat" else "prompt"
+            message = f"{param}: {exc.reason}"  # in the API's own names
         param = None if param == "body" else param
-        status, body = 400, error_body(str(exc), "invalid_request_error", param)
+        status, body = 400, error_body(message, "invalid_request_error", param)
     elif isinstance(exc, CapacityExhaustedError):
         status, body = 429, error_body(str(exc), "requests", None, "rate_limit_exceeded")
     elif isinstance(exc, UnauthenticatedError):

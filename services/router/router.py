@@ -7,6 +7,7 @@ is cancelled and every decode reservation released before generate() returns.
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import time
@@ -74,26 +75,40 @@ class Router:
         self.recoveries: collections.Counter[str] = collections.Counter()  # failed attempts by phase
         self.local_prefill = local_prefill  # auto (cost model), always, never
         self.vocab_size = len(tokenizer)
+        # The longest token's spelling (byte-level and sentencepiece spellings are at least as
+        # long as the text they decode to): a bound on characters per token.
+        self.max_token_chars = max(map(len, tokenizer.get_vocab()), default=1)
         self.inflight = 0
         self.index = policy.PrefixIndex()
         self.hop_ms = 0.0  # measured extra latency of the disaggregated path
         self.decisions: collections.Counter[str] = collections.Counter()
 
-    def tokenize(self, inp: GenerateInput) -> list[int]:
+    async def tokenize(self, inp: GenerateInput) -> list[int]:
+        """The prompt's token ids. Encoding runs off the event loop (a long text takes seconds),
+        and a text too long for any prompt that fits the context is refused before encoding."""
         if inp.token_ids is not None:
             ids = convert.token_ids(inp.token_ids, "prompt.token_ids", self.vocab_size)
         elif inp.messages is not None:
             if not inp.messages:
                 raise InvalidRequestError("prompt.chat", "must have at least one message")
-            ids = list(self.tokenizer.apply_chat_template(
-                inp.messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+            self._check_length("prompt.chat", sum(len(m.get("content") or "") for m in inp.messages))
+            encoded = await asyncio.to_thread(self.tokenizer.apply_chat_template, inp.messages,
+                                              add_generation_prompt=True, tokenize=True, return_dict=True)
+            ids = list(encoded["input_ids"])
         elif inp.text:
-            ids = self.tokenizer.encode(inp.text, add_special_tokens=False)
+            self._check_length("prompt.text", len(inp.text))
+            ids = await asyncio.to_thread(self.tokenizer.encode, inp.text, add_special_tokens=False)
         else:
             raise InvalidRequestError("prompt", "must not be empty")
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError("prompt", f"{len(ids)} tokens; the context window is {self.max_model_len}")
         return ids
+
+    def _check_length(self, field_name: str, chars: int) -> None:
+        # No token spells more than max_token_chars characters, so a longer text cannot fit.
+        if chars > self.max_model_len * self.max_token_chars:
+            raise InvalidRequestError(field_name, f"{chars} characters; no prompt this long fits the context window "
+                                                  f"of {self.max_model_len} tokens")
 
     def plan(self, ids: list[int], exclude: set[str] = frozenset()) -> Plan:
         """Where this context runs, avoiding workers that already failed it."""
@@ -138,17 +153,25 @@ class Router:
             span.end()
 
     async def _generate(self, inp: GenerateInput, t0: float, span: tracing.Span) -> AsyncIterator[Event]:
-        ids = self.tokenize(inp)
+        # Admission first: a refused request costs nothing, not even its tokenization.
         if self.inflight >= self.max_inflight:
             raise CapacityExhaustedError(f"router at capacity ({self.max_inflight} requests in flight)")
-        rid = inp.request_id or uuid.uuid4().hex
-        progress = Progress(rid, ids, inp.params, IncrementalDetokenizer(self.tokenizer, ids, inp.params.stop), t0,
-                            deadline=inp.deadline)
-        tracing.annotate(span, request_id=rid, prompt_tokens=len(ids))
         self.inflight += 1
         try:
+            ids = await self.tokenize(inp)
+            rid = inp.request_id or uuid.uuid4().hex
+            progress = Progress(rid, ids, inp.params, IncrementalDetokenizer(self.tokenizer, ids, inp.params.stop),
+                                t0, deadline=inp.deadline)
+            tracing.annotate(span, request_id=rid, prompt_tokens=len(ids))
             while True:
-                plan = self.plan(progress.context, progress.excluded)
+                try:
+                    plan = self.plan(progress.context, progress.excluded)
+                except NotReadyError:
+                    if not progress.failures:
+                        raise
+                    # Every worker has failed this request: the client hears the last failure's
+                    # cause (RESOURCE_EXHAUSTED from full queues), not "no worker left".
+                    raise self._gave_up(progress, progress.failures[-1]) from None
                 self.decisions["disaggregated" if plan.prefill else "local_prefill"] += 1
                 _annotate_route(span, plan, attempt=len(progress.failures) + 1)
                 try:
@@ -171,12 +194,15 @@ class Router:
         if f.cause is not None and f.cause.code() is grpc.StatusCode.UNAVAILABLE:
             f.worker.healthy = False  # until the load poll reaches it again
         if len(progress.failures) > self.max_retries:
-            self.recoveries["gave_up"] += 1
-            err = error_from_rpc(f.cause) if f.cause is not None else NotReadyError(str(f))
-            raise type(err)(f"request {progress.request_id} failed after {len(progress.failures)} attempts; "
-                            f"last: {f}") from None
+            raise self._gave_up(progress, f) from None
         log.warning("request %s: %s; retrying elsewhere (%d tokens already sent)",
                     progress.request_id, f, len(progress.generated))
+
+    def _gave_up(self, progress: Progress, f: WorkerFailedError) -> Exception:
+        self.recoveries["gave_up"] += 1
+        err = error_from_rpc(f.cause) if f.cause is not None else NotReadyError(str(f))
+        return type(err)(f"request {progress.request_id} failed after {len(progress.failures)} attempts; "
+                         f"last: {f}")
 
     async def _attempt(self, progress: Progress, plan: Plan) -> AsyncIterator[Event]:
         """One try on one plan: events for tokens the client has not had yet.

@@ -28,12 +28,16 @@ def free_port_run(n: int) -> int:
 
 @pytest.fixture(scope="module")
 def start_suite(tmp_path_factory):
-    """start_suite(mode) -> a started Suite; stopped at the end of the module."""
+    """start_suite(mode) -> a started Suite; stopped at the end of the module.
+    Tests of a module that ask for the same suite share it (starting one costs ~20 s)."""
     from pdserve.launcher import Suite
 
-    suites = []
+    suites = {}
 
     def start(mode: str, **kw):
+        key = (mode, repr(sorted(kw.items())))
+        if key in suites:
+            return suites[key]
         base = free_port_run(4)
         # HTTP port 0: the routers' OpenAI ports must not collide across suites;
         # local prefill never: these tests exercise the disaggregated path.
@@ -41,9 +45,9 @@ def start_suite(tmp_path_factory):
         suite = Suite(mode=mode, port=base, base_port=base + 1, kv_cache_gib=0.25,
                       log_dir=tmp_path_factory.mktemp(f"logs-{mode}"), ready_timeout=240, **kw)
         suite.start()
-        suites.append(suite)
+        suites[key] = suite
         return suite
 
     yield start
-    for s in suites:
+    for s in suites.values():
         s.stop()

@@ -104,12 +104,9 @@ def test_kv_transfer_resumes_after_a_link_flap(net, receiver, sender):
     transfer(receiver, sender, "flap-4", seed=4)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "libucx reads the routing table once per process, at the first reachability check, and keeps it: "
-    "a process whose first transfer happens while its network is down can never reach a peer over TCP "
-    "again. Fix in pdserve/common/transfer/ucx.py: check reachability once at worker start (e.g. an "
-    "endpoint to the worker's own address), then remove this mark."))
 def test_kv_transfer_works_after_an_outage_at_the_first_transfer(net, receiver, sender):
+    # libucx reads the routing table once per process, at its first reachability check:
+    # our UCX worker checks at start, so a first transfer during an outage is not that check.
     net.set_link("prefill", up=False)
     with pytest.raises(RuntimeError, match="Transfer"):
         transfer(receiver, sender, "cold-1", seed=5, seconds=3)

@@ -76,9 +76,7 @@ async def test_the_router_refuses_past_max_inflight_at_once_and_finishes_what_it
 
 @pytest.mark.parametrize("mode, max_retries", [
     ("colocated", 0), ("disaggregated", 0),
-    pytest.param("disaggregated", 2, marks=pytest.mark.xfail(strict=True, reason=(
-        "router.py: a retry that finds every worker excluded answers UNAVAILABLE ('no healthy decode "
-        "worker left to retry on') instead of the last failure's RESOURCE_EXHAUSTED"))),
+    ("disaggregated", 2),  # the retry finds every worker excluded: still the queue's RESOURCE_EXHAUSTED
 ])
 async def test_a_full_worker_queue_is_resource_exhausted_and_accepted_requests_complete(smollm2, mode, max_retries):
     # The router would take 16; the one decode worker queues 1 beyond the 1 it runs.

@@ -74,6 +74,10 @@ GRPC_CASES = {  # name -> (request, the field the error names)
     "token ids as long as the context": (
         lambda v: rpb.GenerateRequest(token_ids=pb.TokenIds(ids=[100] * CONTEXT)), "prompt"),
     "text longer than the context": (lambda v: rpb.GenerateRequest(text=" hello" * (CONTEXT + 10)), "prompt"),
+    # Too many characters for any tokenization to fit: refused before the router spends seconds encoding it.
+    "a megabyte of text": (lambda v: rpb.GenerateRequest(text="x" * 2**20), "prompt.text"),
+    "a megabyte of chat": (lambda v: rpb.GenerateRequest(chat=rpb.Chat(messages=[
+        rpb.ChatMessage(role="user", content="y" * 2**19)] * 2)), "prompt.chat"),
     "token id just past the vocabulary": (
         lambda v: rpb.GenerateRequest(token_ids=pb.TokenIds(ids=[100, v])), "prompt.token_ids"),
     "token id far outside the vocabulary": (
@@ -160,6 +164,9 @@ async def test_good_requests_still_work_after_all_that(suite):
 # ---- the OpenAI HTTP API ----------------------------------------------------------
 HTTP_CASES = {  # name -> (endpoint, raw body, status, param)
     "text longer than the context": ("completions", '{"prompt": "%s"}' % (" hello" * (CONTEXT + 10)), 400, "prompt"),
+    "a megabyte of text": ("completions", '{"prompt": "%s"}' % ("x" * 2**20), 400, "prompt"),
+    "a megabyte of chat": ("chat/completions", '{"messages": [{"role": "user", "content": "%s"}]}' % ("y" * 2**20),
+                           400, "messages"),
     "negative token id": ("completions", '{"prompt": [1, -1]}', 400, "prompt"),
     "max_tokens past uint32": ("completions", '{"prompt": "hi", "max_tokens": 4294967296}', 400, "max_tokens"),
     "negative max_tokens": ("completions", '{"prompt": "hi", "max_tokens": -1}', 400, "max_tokens"),
@@ -187,7 +194,7 @@ async def test_http_bad_input_is_a_400_naming_the_field_and_changes_nothing(suit
     before = state(suite)
     got, error = await post(suite, endpoint, body.encode())
     assert (got, error["param"], error["type"]) == (status, param, "invalid_request_error"), error
-    assert error["message"].startswith(param)  # "prompt.token_ids: ..." has param "prompt", as OpenAI names it
+    assert error["message"].startswith(f"{param}: ")  # the router's "prompt.token_ids" is OpenAI's "prompt"
     assert state(suite) == before
 
 

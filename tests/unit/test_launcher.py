@@ -79,13 +79,14 @@ def test_flags_and_defaults():
 
 
 def test_disaggregated_plan():
-    services = launcher.plan("disaggregated", 2, 1, model="/m", kv_cache_gib=0.5, python="py")
+    services = launcher.plan("disaggregated", 2, 1, model="/m", kv_cache_gib=0.5, threads=2, python="py")
     by_name = {s.name: s for s in services}
     assert [s.name for s in services] == ["model", "prefill-0", "prefill-1", "decode-0", "kvstore", "router"]
     assert [s.stage for s in services] == [0, 1, 1, 1, 1, 2]  # model, then workers and store, then router
     assert by_name["prefill-1"].argv == ("py", "-m", "pdserve", "serve", "prefill", "--host", "127.0.0.1",
                                          "--metrics-port", "-1", "--port", "50062", "--worker-id", "prefill-1",
-                                         "--model", "/m", "--kv-cache-gib", "0.5", "--kvstore", "127.0.0.1:50064")
+                                         "--model", "/m", "--kv-cache-gib", "0.5", "--threads", "2",
+                                         "--kvstore", "127.0.0.1:50064")
     assert by_name["kvstore"].argv[-4:] == ("--port", "50064", "--model", "/m")
     assert by_name["decode-0"].argv[-2:] == ("--kvstore", "127.0.0.1:50064")
     assert "kvstore" not in [s.name for s in launcher.plan("disaggregated", 1, 1, kvstore=False, python="py")]
@@ -95,6 +96,18 @@ def test_disaggregated_plan():
     assert "--decode-targets 127.0.0.1:50063" in router
     assert "--http-port" not in router  # the router's own default unless asked
     assert launcher.plan("disaggregated", 1, 1, http_port=-1, python="py")[-1].argv[-2:] == ("--http-port", "-1")
+
+
+def test_workers_share_the_machine_s_cores_unless_told_otherwise(monkeypatch):
+    monkeypatch.setattr(launcher.os, "sched_getaffinity", lambda pid: set(range(8)))
+    def threads(*shape, **kw):
+        return {s.argv[s.argv.index("--threads") + 1] for s in launcher.plan(*shape, python="py", **kw)
+                if s.name.startswith(("prefill", "decode"))}
+    assert threads("disaggregated", 1, 1) == {"4"}
+    assert threads("disaggregated", 2, 3) == {"1"}
+    assert threads("colocated", 1, 2) == {"4"}  # colocated plans no prefill workers
+    assert threads("colocated", 1, 16) == {"1"}  # never none
+    assert threads("disaggregated", 1, 1, threads=0) == {"0"}  # torch's own default
 
 
 def test_metrics_ports_follow_the_router_and_stay_clear_of_grpc_ports():

@@ -77,7 +77,7 @@ SCRIPT = textwrap.dedent("""
                                prefix_queries=40, prefix_hits=30, computed_tokens=0, preemptions=1)
     engine, store = Engine(), BlockStore(8, 16)
     store.lookup(b"f", [b"a", b"b"])
-    router = Router(type("T", (), {"__len__": lambda self: 10})(), WorkerPool(), mode="disaggregated",
+    router = Router(type("T", (), {"__len__": lambda self: 10, "get_vocab": lambda self: {}})(), WorkerPool(), mode="disaggregated",
                     max_model_len=64)
     router.decisions.update(disaggregated=4, local_prefill=2)
     metrics.watch_engine(engine, worker_id="decode-0", role="decode")

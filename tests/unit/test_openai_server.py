@@ -21,6 +21,9 @@ class WordTokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return [len(w) for w in text.split()]
 
+    def get_vocab(self) -> dict[str, int]:
+        return {"w" * 40: 40}  # the longest word it spells
+
 
 async def test_no_workers_means_503_in_openai_shape():
     router = Router(WordTokenizer(), WorkerPool(), mode="colocated", max_model_len=64)

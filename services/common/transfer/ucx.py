@@ -93,6 +93,10 @@ class _Worker:
         self.address: bytes = self.worker.address.tobytes()
         self.worker.init_blocking_progress_mode()  # an epoll fd that fires on UCX events
         self._fd = self.worker.epoll_file_descriptor
+        # libucx reads the routing table once per process, at its first reachability check,
+        # and keeps it. Check now, at start: were the first check a transfer's during an
+        # outage, no peer would ever be reachable over TCP again (tests/multihost).
+        _close_endpoint(self.endpoint(self.address))
         self._groups: list[_Group] = []
         self._wake: asyncio.Event | None = None
         self._waiter: asyncio.Future | None = None  # set while sleeping on the fd
