@@ -72,6 +72,9 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     # so their streams are cancelled and the KV leases they hold freed.
     "grpc.keepalive_time_ms": 20_000,
     "grpc.keepalive_timeout_ms": 10_000,
+    # Let callers ping as often as each second (the router pings workers mid-call): at gRPC's
+    # default of 5 minutes, pings during a silent unary call (a long prefill) earn a GOAWAY.
+    "grpc.http2.min_ping_interval_without_data_ms": 1_000,
 }
 
 

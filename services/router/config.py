@@ -27,6 +27,9 @@ class RouterConfig(ClientAuthConfig):
     worker_lease_s: float = option(5.0, help="a registered worker silent this long leaves the registry")
     rpc_timeout_s: float = option(600.0, help="deadline of each downstream call (cut to the client's own deadline)")
     prefill_timeout_s: float = option(120.0, help="a Prefill call slower than this fails over to another worker")
+    worker_keepalive_s: float = option(
+        10.0, help="ping a worker this often while calls to it are open; one silent as long again fails "
+                   "them over (a hung process or a cut link sends no reset)")
     max_retries: int = option(2, help="failed attempts a request may retry (on other workers) before it errors")
     grace_s: float = option(10.0, help="on SIGTERM, seconds in-flight requests get to finish")
     metrics_port: int = option(9464, help="Prometheus /metrics port, on --host (0: any free port, -1: no metrics)")
@@ -46,7 +49,8 @@ class RouterConfig(ClientAuthConfig):
         if self.slo_ttft_ms < 0 or self.slo_tpot_ms < 0:
             raise ValueError("slo_ttft_ms and slo_tpot_ms must be >= 0")
         # Empty target lists are fine: workers started with --router register themselves.
-        if self.max_retries < 0 or self.prefill_timeout_s <= 0 or self.rpc_timeout_s <= 0:
-            raise ValueError("max_retries must be >= 0; prefill_timeout_s and rpc_timeout_s positive")
+        if self.max_retries < 0 or min(self.prefill_timeout_s, self.rpc_timeout_s, self.worker_keepalive_s) <= 0:
+            raise ValueError("max_retries must be >= 0; prefill_timeout_s, rpc_timeout_s and worker_keepalive_s "
+                             "positive")
         if self.max_inflight < 1 or self.default_max_tokens < 1 or self.load_poll_s <= 0:
             raise ValueError("max_inflight, default_max_tokens and load_poll_s must be positive")

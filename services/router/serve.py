@@ -33,7 +33,7 @@ class RouterRuntime:
         self.config = config
         self.pool = WorkerPool.connect(
             config.prefill_targets if config.mode == "disaggregated" else [], config.decode_targets, config.load_poll_s,
-            security=config)
+            security=config, keepalive_s=config.worker_keepalive_s)
         self.pool.lease_ttl_s = config.worker_lease_s
         self.router = Router(tokenizer, self.pool, mode=config.mode, max_model_len=max_model_len,
                              max_inflight=config.max_inflight, rpc_timeout_s=config.rpc_timeout_s,

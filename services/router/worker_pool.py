@@ -55,16 +55,24 @@ class WorkerPool:
 
     lease_ttl_s: float = 5.0  # a registered worker silent this long is dropped
     security: SecurityConfig = OPEN  # TLS and internal token of the channels to workers
+    keepalive_s: float = 10.0  # ping period, and how long an unanswered ping may wait
 
     def _make(self, target: str, role: str) -> Worker:
-        ch = self.security.dial(target, interceptors=tracing.client_interceptors())
+        ms = int(self.keepalive_s * 1000)
+        # Only while calls are open, and without limit: a long prefill sends no data for seconds.
+        # gRPC 1.85 fails an unanswered ping after ping_timeout_ms (default 60 s), not after
+        # keepalive_timeout_ms alone: measured with a SIGSTOPped server (tests/e2e/test_faults_processes.py).
+        keepalive = (("grpc.keepalive_time_ms", ms), ("grpc.keepalive_timeout_ms", ms),
+                     ("grpc.http2.ping_timeout_ms", ms), ("grpc.keepalive_permit_without_calls", 0),
+                     ("grpc.http2.max_pings_without_data", 0))
+        ch = self.security.dial(target, interceptors=tracing.client_interceptors(), options=keepalive)
         stub = prefill_pb2_grpc.PrefillStub(ch) if role == "prefill" else decode_pb2_grpc.DecodeStub(ch)
         return Worker(target, role, ch, stub)
 
     @classmethod
     def connect(cls, prefill_targets: list[str], decode_targets: list[str], poll_s: float = 0.5,
-                security: SecurityConfig = OPEN) -> "WorkerPool":
-        pool = cls(poll_s=poll_s, security=security)
+                security: SecurityConfig = OPEN, keepalive_s: float = 10.0) -> "WorkerPool":
+        pool = cls(poll_s=poll_s, security=security, keepalive_s=keepalive_s)
         pool.prefill = [pool._make(t, "prefill") for t in prefill_targets]
         pool.decode = [pool._make(t, "decode") for t in decode_targets]
         return pool

@@ -1,7 +1,7 @@
-"""Worker processes that crash or are told to stop, under live traffic.
+"""Worker processes that crash, hang or are told to stop, under live traffic.
 
-A SIGKILLed decode worker's stream migrates to another decode worker with no
-token lost or repeated; a SIGTERMed one finishes its streams (drain) while new
+A SIGKILLed or SIGSTOPped decode worker's stream migrates to another decode
+worker with no token lost or repeated; a SIGTERMed one finishes its streams (drain) while new
 requests go elsewhere. Real processes, real signals."""
 from __future__ import annotations
 
@@ -19,9 +19,12 @@ from tests.engine.prompts import text_of_tokens
 TOKENS = 48
 
 
+KEEPALIVE_S = 2.0  # the router's pings to workers (10 s by default): a frozen worker is found within 2x this
+
+
 @pytest.fixture(scope="module")
 def suite(start_suite):
-    return start_suite("disaggregated", decode=3)
+    return start_suite("disaggregated", decode=3, env={"PDSERVE_WORKER_KEEPALIVE_S": str(KEEPALIVE_S)})
 
 
 async def _busy_decoder(suite, alive: set[str]) -> str:
@@ -47,6 +50,27 @@ async def _stream(client, ids, seen: list[int]):
 
 def _decoders(suite) -> set[str]:
     return {s.name for s in suite.services if s.name.startswith("decode")}
+
+
+async def test_a_frozen_decode_worker_s_stream_continues_on_another_once_its_pings_go_unanswered(suite, smollm2):
+    # SIGSTOP: the process and its sockets stay, nothing answers, no reset comes (like a cut
+    # link, or a hung host); without keepalive the stream would wait out its 600 s deadline.
+    _, _, tokenizer = smollm2
+    ids = text_of_tokens(tokenizer, 60, offset=23)
+    async with AsyncClient(suite.router_target, timeout=120) as client:
+        expected = (await client.complete(ids, max_tokens=TOKENS, ignore_eos=True, temperature=0.0)).token_ids
+        seen: list[int] = []
+        call = asyncio.create_task(_stream(client, ids, seen))
+        while len(seen) < 8:
+            await asyncio.sleep(0.01)
+        victim = await _busy_decoder(suite, _decoders(suite))
+        suite.signal(victim, signal.SIGSTOP)
+        try:
+            result = await asyncio.wait_for(call, 60)
+        finally:
+            suite.signal(victim, signal.SIGCONT)
+    assert seen == expected  # greedy: nothing lost, nothing repeated
+    assert result.route["decode_worker_id"] != victim and result.usage.completion_tokens == TOKENS
 
 
 async def test_a_killed_decode_worker_s_stream_continues_on_another_with_the_same_tokens(suite, smollm2):
