@@ -52,41 +52,40 @@ def _decoders(suite) -> set[str]:
     return {s.name for s in suite.services if s.name.startswith("decode")}
 
 
+async def _migrated_stream(suite, tokenizer, offset: int, fault, within_s: float = 60) -> None:
+    """Stream a greedy request, hit its decode worker with `fault(name)` mid-stream, and check
+    the client still gets exactly the unfaulted tokens, finished on another decode worker."""
+    ids = text_of_tokens(tokenizer, 60, offset=offset)
+    async with AsyncClient(suite.router_target, timeout=120) as client:
+        expected = (await client.complete(ids, max_tokens=TOKENS, ignore_eos=True, temperature=0.0)).token_ids
+        seen: list[int] = []
+        call = asyncio.create_task(_stream(client, ids, seen))
+        while len(seen) < 8:
+            await asyncio.sleep(0.01)
+        victim = await _busy_decoder(suite, _decoders(suite))
+        undo = fault(victim)
+        try:
+            result = await asyncio.wait_for(call, within_s)
+        finally:
+            undo()
+    assert seen == expected  # greedy: nothing lost, nothing repeated
+    assert result.route["decode_worker_id"] != victim and result.usage.completion_tokens == TOKENS
+
+
 async def test_a_frozen_decode_worker_s_stream_continues_on_another_once_its_pings_go_unanswered(suite, smollm2):
     # SIGSTOP: the process and its sockets stay, nothing answers, no reset comes (like a cut
     # link, or a hung host); without keepalive the stream would wait out its 600 s deadline.
-    _, _, tokenizer = smollm2
-    ids = text_of_tokens(tokenizer, 60, offset=23)
-    async with AsyncClient(suite.router_target, timeout=120) as client:
-        expected = (await client.complete(ids, max_tokens=TOKENS, ignore_eos=True, temperature=0.0)).token_ids
-        seen: list[int] = []
-        call = asyncio.create_task(_stream(client, ids, seen))
-        while len(seen) < 8:
-            await asyncio.sleep(0.01)
-        victim = await _busy_decoder(suite, _decoders(suite))
+    def freeze(victim):
         suite.signal(victim, signal.SIGSTOP)
-        try:
-            result = await asyncio.wait_for(call, 60)
-        finally:
-            suite.signal(victim, signal.SIGCONT)
-    assert seen == expected  # greedy: nothing lost, nothing repeated
-    assert result.route["decode_worker_id"] != victim and result.usage.completion_tokens == TOKENS
+        return lambda: suite.signal(victim, signal.SIGCONT)
+    await _migrated_stream(suite, smollm2[2], 23, freeze)
 
 
 async def test_a_killed_decode_worker_s_stream_continues_on_another_with_the_same_tokens(suite, smollm2):
-    _, _, tokenizer = smollm2
-    ids = text_of_tokens(tokenizer, 60, offset=21)
-    async with AsyncClient(suite.router_target, timeout=120) as client:
-        expected = (await client.complete(ids, max_tokens=TOKENS, ignore_eos=True, temperature=0.0)).token_ids
-        seen: list[int] = []
-        call = asyncio.create_task(_stream(client, ids, seen))
-        while len(seen) < 8:
-            await asyncio.sleep(0.01)
-        victim = await _busy_decoder(suite, _decoders(suite))
+    def kill(victim):
         suite.signal(victim, signal.SIGKILL).wait(10)
-        result = await call
-    assert seen == expected  # greedy: nothing lost, nothing repeated
-    assert result.route["decode_worker_id"] != victim and result.usage.completion_tokens == TOKENS
+        return lambda: None
+    await _migrated_stream(suite, smollm2[2], 21, kill)
 
 
 async def test_sigterm_drains_a_decode_worker_while_new_requests_go_elsewhere(suite, smollm2):
