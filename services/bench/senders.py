@@ -39,6 +39,16 @@ def _api_key(api_key: str | None) -> str | None:
     return os.environ.get("PDSERVE_API_KEY") if api_key is None else api_key  # as the SDK
 
 
+async def _record(stream, rec: RequestRecord, now: Clock) -> None:
+    """Time each message of a gRPC stream that carries tokens; a failed call is the record's error."""
+    try:
+        async for r in stream:
+            if r.token_ids:
+                rec.tokens(now(), len(r.token_ids))
+    except grpc.aio.AioRpcError as e:
+        rec.error = e.code().name
+
+
 class StubSender:
     def __init__(self, target: str, timeout_s: float = 600.0, api_key: str | None = None):
         self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
@@ -50,12 +60,7 @@ class StubSender:
     async def __call__(self, req: Request, rec: RequestRecord, now: Clock) -> None:
         msg = rpb.GenerateRequest(token_ids=pb.TokenIds(ids=req.prompt), sampling=pb.SamplingParams(
             max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True))
-        try:
-            async for r in self.stub.Generate(msg, timeout=self.timeout_s, metadata=self.metadata):
-                if r.token_ids:
-                    rec.tokens(now(), len(r.token_ids))
-        except grpc.aio.AioRpcError as e:
-            rec.error = e.code().name
+        await _record(self.stub.Generate(msg, timeout=self.timeout_s, metadata=self.metadata), rec, now)
 
     async def close(self) -> None:
         await self.channel.close()
@@ -132,12 +137,7 @@ class DirectSender:
         msg = dpb.LocalGenerateRequest(request_id=f"direct-{req.index}", prompt_token_ids=req.prompt,
                                        sampling=pb.SamplingParams(max_tokens=req.max_tokens, temperature=0.0,
                                                                   ignore_eos=True))
-        try:
-            async for r in self.stub.Generate(msg, timeout=self.timeout_s):
-                if r.token_ids:
-                    rec.tokens(now(), len(r.token_ids))
-        except grpc.aio.AioRpcError as e:
-            rec.error = e.code().name
+        await _record(self.stub.Generate(msg, timeout=self.timeout_s), rec, now)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -35,6 +35,8 @@ class WorkerConfig(SecurityConfig):
     router: list[str] = option(default_factory=list, help="routers to register with and heartbeat to, host:port")
     advertise_host: str = option("", help="address routers use to reach this worker (default: --host)")
     transport: Literal["ucx", "loopback"] = option("ucx", help="KV data plane (loopback: one process only, for tests)")
+    warm_up: bool = option(True, help="run and time a few prompts before serving: pays first-call costs and seeds "
+                                      "the speeds the router's cost model reads (off: a faster start)")
     grace_s: float = option(10.0, help="on SIGTERM, seconds in-flight requests get to finish")
     metrics_port: int = option(9465, help="Prometheus /metrics port, on --host (0: any free port, -1: no metrics)")
     log_format: LogFormat = option("text", help="log lines as text or json (one object per line)")

@@ -70,7 +70,8 @@ class WorkerRuntime:
 
     async def start(self) -> None:
         self.health = await add_health_and_reflection(self.server, [SERVICES[self.config.role]])
-        self.engine.warm_up()
+        if self.config.warm_up:
+            self.engine.warm_up()
         await self.engine.start()
         await self.server.start()
         await self.health.set_serving(True)

@@ -78,7 +78,9 @@ async def inprocess_suite(smollm2, mode: str = "disaggregated", *, prefill_worke
             await store.sender.close()
         stack.push_async_callback(stop_store)
 
-    base = dict(port=0, num_kv_blocks=256, max_num_batched_tokens=128, **security, **worker_kw)
+    # No warm-up unless asked (worker_kw warm_up=True): it seeds the cost model, which only
+    # routing tests read, and costs ~3 s a worker.
+    base = {"port": 0, "num_kv_blocks": 256, "max_num_batched_tokens": 128, "warm_up": False, **security, **worker_kw}
     decode_kw = dict(decode_kw or {})
     if decode_kw.pop("use_store", False):
         decode_kw["kvstore"] = f"127.0.0.1:{store_port}"

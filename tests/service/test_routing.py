@@ -25,7 +25,7 @@ async def _last(stub, req):
 async def test_shared_prefixes_go_where_the_cache_is_and_load_stays_spread(smollm2):
     _, _, tokenizer = smollm2
     systems = [text_of_tokens(tokenizer, 320, offset=k) for k in range(3)]  # three shared system prompts
-    async with inprocess_suite(smollm2, prefill_workers=2) as suite:
+    async with inprocess_suite(smollm2, prefill_workers=2, warm_up=True) as suite:
         owner: dict[int, str] = {}
         per_worker = collections.Counter()
         hits = 0
@@ -49,7 +49,7 @@ async def test_shared_prefixes_go_where_the_cache_is_and_load_stays_spread(smoll
 async def test_a_hot_prefix_overflows_to_the_other_worker_under_load(smollm2):
     _, _, tokenizer = smollm2
     system = text_of_tokens(tokenizer, 320)
-    async with inprocess_suite(smollm2, prefill_workers=2) as suite:
+    async with inprocess_suite(smollm2, prefill_workers=2, warm_up=True) as suite:
         await _last(suite.stub, _request(system + text_of_tokens(tokenizer, 8, offset=1), "warm"))
         burst = [_last(suite.stub, _request(system + text_of_tokens(tokenizer, 200, offset=i), f"b{i}"))
                  for i in range(6)]
@@ -59,7 +59,7 @@ async def test_a_hot_prefix_overflows_to_the_other_worker_under_load(smollm2):
 
 async def test_local_prefill_when_idle_and_disaggregation_when_decode_is_busy(smollm2):
     _, _, tokenizer = smollm2
-    async with inprocess_suite(smollm2, router_kw={"local_prefill": "auto"}) as suite:
+    async with inprocess_suite(smollm2, router_kw={"local_prefill": "auto"}, warm_up=True) as suite:
         short = await _last(suite.stub, _request(text_of_tokens(tokenizer, 24), "short"))
         assert not short.route.disaggregated  # idle: no hop beats a hop
         streams = [asyncio.create_task(_last(suite.stub, _request(text_of_tokens(tokenizer, 16, offset=i),
