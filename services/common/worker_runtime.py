@@ -10,6 +10,8 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+import torch
+
 from pdserve.common import convert, metrics
 from pdserve.common.engine.async_engine import AsyncEngine
 from pdserve.common.engine.engine import LLMEngine
@@ -43,8 +45,6 @@ class WorkerRuntime:
     def __init__(self, config: WorkerConfig, engine: LLMEngine | None = None):
         self.config = config
         if config.threads:
-            import torch
-
             torch.set_num_threads(config.threads)
         self.engine = AsyncEngine(engine or LLMEngine(config.engine_config()))
         self.server = create_server(interceptors=[config.authenticator()])

@@ -114,7 +114,7 @@ class Router:
         """Where this context runs, avoiding workers that already failed it."""
         decoders = [w for w in self.pool.decode if w.healthy and w.worker_id not in exclude]
         if not decoders:
-            raise NotReadyError("no healthy decode worker" + (" left to retry on" if exclude else ""))
+            raise NotReadyError("no healthy decode worker")  # with exclusions, generate() reports the last failure
         spec = decoders[0].info.kv_spec
         hashes = block_hashes(spec.fingerprint, ids, spec.block_size)
         decode = policy.cheapest(decoders, self.index, hashes, len(ids), spec.block_size)

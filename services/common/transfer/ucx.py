@@ -93,10 +93,11 @@ class _Worker:
         self.address: bytes = self.worker.address.tobytes()
         self.worker.init_blocking_progress_mode()  # an epoll fd that fires on UCX events
         self._fd = self.worker.epoll_file_descriptor
-        # libucx reads the routing table once per process, at its first reachability check,
-        # and keeps it. Check now, at start: were the first check a transfer's during an
-        # outage, no peer would ever be reachable over TCP again (tests/multihost).
-        _close_endpoint(self.endpoint(self.address))
+        # An endpoint to this worker itself, made at start: libucx reads the routing table once
+        # per process, at its first reachability check, and keeps it; were the first check a
+        # transfer's during an outage, no peer would ever be reachable over TCP again
+        # (tests/multihost). The receiver also drains its posted receives through it.
+        self.self_ep = self.endpoint(self.address)
         self._groups: list[_Group] = []
         self._wake: asyncio.Event | None = None
         self._waiter: asyncio.Future | None = None  # set while sleeping on the fd
@@ -160,6 +161,9 @@ class _Worker:
             self._waiter = None
 
     async def close(self) -> None:
+        if self.self_ep is not None:
+            _close_endpoint(self.self_ep)
+            self.self_ep = None
         if self._task is not None:
             self._task.cancel()
             try:
@@ -188,7 +192,6 @@ class UcxKVReceiver(KVReceiver):
         self._w = _Worker()
         self._drain_timeout = drain_timeout
         self._groups: dict[str, _Group] = {}
-        self._self_ep = None  # to this worker itself, for draining posted receives
         self._parked: dict[str, tuple] = {}  # could not be drained: keep buffers referenced
 
     @property
@@ -236,10 +239,8 @@ class UcxKVReceiver(KVReceiver):
             if not group.reqs[p].completed
         ]
         if open_tags:
-            if self._self_ep is None:
-                self._self_ep = self._w.endpoint(self._w.address)
             empty = self._w.Array(np.empty(0, np.uint8))
-            self._w.watch([self._self_ep.tag_send(empty, self._w.tag(tag)) for tag in open_tags])
+            self._w.watch([self._w.self_ep.tag_send(empty, self._w.tag(tag)) for tag in open_tags])
         try:
             await asyncio.wait_for(asyncio.shield(group.future), self._drain_timeout)
         except TimeoutError:
@@ -252,9 +253,6 @@ class UcxKVReceiver(KVReceiver):
     async def close(self) -> None:
         for transfer_id in list(self._transfers):
             await self.cancel(transfer_id)
-        if self._self_ep is not None:
-            _close_endpoint(self._self_ep)
-            self._self_ep = None
         await self._w.close()
 
 
