@@ -32,6 +32,7 @@ from pdserve.common.leases import Leases
 from pdserve.common.transfer.base import KVReceiver, TransferTicket
 
 log = logging.getLogger(__name__)
+MAX_LEASE_S = 900.0  # whatever a caller asks, blocks never sit reserved longer
 _spans = tracing.Spans("decode", service="decode")
 
 
@@ -111,7 +112,7 @@ class DecodeWorker:
         except BaseException:
             await self.engine.call(self.engine.engine.release, request_id)
             raise
-        ttl = (lease_ms / 1000) if lease_ms else self.lease_s
+        ttl = min(lease_ms / 1000, MAX_LEASE_S) if lease_ms else self.lease_s
         r = Reservation(ticket, dest, first, first * bs, time.time() + ttl)
         self._leases.add(request_id, r, ttl)
         return r

@@ -65,6 +65,14 @@ class Progress:
         return self.prompt_ids + self.generated
 
     @property
+    def attempt_id(self) -> str:
+        """The id workers see for this attempt. A retry gets its own: what an
+        earlier attempt left behind (a prefill still pushing, a reservation not
+        yet released) must not collide with it."""
+        n = len(self.failures)
+        return self.request_id if n == 0 else f"{self.request_id}.retry{n}"
+
+    @property
     def remaining_params(self) -> SamplingParams:
         # Stop strings stay with the router's detokenizer, which sees the whole text.
         return dataclasses.replace(self.params, max_tokens=self.params.max_tokens - len(self.generated), stop=())

@@ -32,6 +32,7 @@ from pdserve.v1 import prefill_pb2 as ppb
 
 log = logging.getLogger(__name__)
 _spans = tracing.Spans("router", service="router")
+_LEASE_MARGIN_S = 10.0  # a decode reservation outlives the Prefill call by this: time to send Decode
 
 
 @dataclass
@@ -207,7 +208,7 @@ class Router:
     async def _attempt(self, progress: Progress, plan: Plan) -> AsyncIterator[Event]:
         """One try on one plan: events for tokens the client has not had yet.
         A worker's failure raises WorkerFailedError; cleanup is complete either way."""
-        rid, ids = progress.request_id, progress.context
+        rid, ids = progress.attempt_id, progress.context
         worker_params = convert.sampling_to_pb(progress.remaining_params)
         decode, prefill = plan.decode.worker, plan.prefill.worker if plan.prefill else None
         first_worker = prefill or decode
@@ -229,13 +230,17 @@ class Router:
                 try:
                     phase = "reserve"
                     reserved = True  # before the await: a cancel mid-call may still leave a reservation there
+                    # The lease covers the Prefill call below, queueing included: the router
+                    # releases on every path, so the lease matters only if the router is gone.
+                    prefill_s = progress.time_left(self.prefill_timeout_s)
                     r = await decode.stub.Reserve(dpb.ReserveRequest(
-                        request_id=rid, prompt_token_ids=ids, kv_fingerprint=prefill.fingerprint),
+                        request_id=rid, prompt_token_ids=ids, kv_fingerprint=prefill.fingerprint,
+                        lease_ms=int((prefill_s + _LEASE_MARGIN_S) * 1000)),
                         timeout=progress.time_left(self.rpc_timeout_s))
                     phase, culprit = "prefill", prefill
                     p = await prefill.stub.Prefill(ppb.PrefillRequest(
                         request_id=rid, prompt_token_ids=ids, sampling=worker_params, ticket=r.ticket),
-                        timeout=progress.time_left(self.prefill_timeout_s))
+                        timeout=prefill_s)
                 finally:
                     prefill.inflight -= 1
                     first_worker.inflight_tokens -= uncached

@@ -23,8 +23,10 @@ from pdserve.v1 import decode_pb2_grpc, kvstore_pb2, kvstore_pb2_grpc, prefill_p
 
 
 class InProcessSuite:
-    def __init__(self, router, decode, prefill, store_port, security: SecurityConfig | None = None):
+    def __init__(self, router, decode, prefill, store_port, security: SecurityConfig | None = None,
+                 decode_workers=()):
         self.router, self.decode, self.prefill, self.store_port = router, decode, prefill, store_port
+        self.decode_workers = list(decode_workers)  # DecodeWorker, beside each runtime in `decode`
         # The test's own channels carry the services' credentials (cert, internal token).
         self.security = security or SecurityConfig()
         self.channel = self.security.dial(f"127.0.0.1:{router.port}")
@@ -84,7 +86,7 @@ async def inprocess_suite(smollm2, mode: str = "disaggregated", *, prefill_worke
     decode_kw = dict(decode_kw or {})
     if decode_kw.pop("use_store", False):
         decode_kw["kvstore"] = f"127.0.0.1:{store_port}"
-    decode = []
+    decode, decoders = [], []
     for i in range(decode_workers):
         dcfg = WorkerConfig(role="colocated" if mode == "colocated" else "decode", worker_id=f"decode-{i}", **base)
         dcfg = dataclasses.replace(dcfg, **decode_kw)
@@ -92,6 +94,7 @@ async def inprocess_suite(smollm2, mode: str = "disaggregated", *, prefill_worke
         await decode_worker.start()
         await decode_rt.start()
         decode.append(decode_rt)
+        decoders.append(decode_worker)
 
         async def stop_decode(rt=decode_rt, w=decode_worker):
             await rt.server.stop(grace=0)
@@ -128,7 +131,7 @@ async def inprocess_suite(smollm2, mode: str = "disaggregated", *, prefill_worke
     router = RouterRuntime(rcfg, tokenizer, 2048)
     await router.start(ready_timeout_s=30)
     stack.push_async_callback(router.stop)
-    suite = InProcessSuite(router, decode, prefill, store_port, SecurityConfig(**security))
+    suite = InProcessSuite(router, decode, prefill, store_port, SecurityConfig(**security), decoders)
     stack.push_async_callback(suite.channel.close)
     async with stack:
         yield suite

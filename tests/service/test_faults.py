@@ -123,3 +123,27 @@ async def test_when_the_retry_budget_is_spent_the_client_gets_the_error_not_a_ha
         assert err.value.code() is grpc.StatusCode.ABORTED
         assert "after 1 attempts" in err.value.details() and "checksum mismatch" in err.value.details()
         await _pools_full(suite)
+
+
+async def test_a_retry_never_collides_with_what_the_failed_attempt_left_behind(smollm2, monkeypatch):
+    """The first decode worker loses its reservation (as a lease that ran out would) right
+    after issuing the ticket. The only prefill worker is still on that attempt's KV push
+    when the router retries there: the retry goes under its own id and succeeds."""
+    _, _, tokenizer = smollm2
+    prompt = text_of_tokens(tokenizer, 200, offset=17)
+    async with inprocess_suite(smollm2, decode_workers=2, prefill_kw={"transfer_timeout_s": 5.0}) as suite:
+        lost: list[str] = []
+        for w in suite.decode_workers:
+            async def reserve_then_lose(request_id, *args, _w=w, _reserve=w.reserve):
+                r = await _reserve(request_id, *args)
+                if not lost:
+                    lost.append(request_id)
+                    await _w.release(request_id)
+                return r
+            monkeypatch.setattr(w, "reserve", reserve_then_lose)
+        tokens, last = await _collect(suite.stub.Generate(_request(prompt, "lost")))
+        assert lost == ["lost"] and suite.router.router.recoveries["decode"] == 1
+        assert last.finish_reason != pb.FINISH_REASON_UNSPECIFIED
+        expected, _ = await _collect(suite.stub.Generate(_request(prompt, "clean")))
+        assert tokens == expected
+        await _pools_full(suite)

@@ -35,7 +35,7 @@ async def _one(stub, ids, rid, max_tokens, cancel_after_s):
     except asyncio.CancelledError:
         return "cancelled"
     except grpc.aio.AioRpcError as e:
-        return "cancelled" if e.code() is grpc.StatusCode.CANCELLED and cancel_after_s is not None else e.code().name
+        return "cancelled" if e.code() is grpc.StatusCode.CANCELLED and cancel_after_s is not None else f"{e.code().name}: {e.details()}"
 
 
 async def test_random_cancellations_and_a_killed_worker_leave_every_pool_full(smollm2):

@@ -238,3 +238,19 @@ def test_dead_receiver_gives_the_sender_a_timeout_not_a_crash(rx, tx):
     assert tx("send", ticket, 0, 1, 8, 10.0, False) is None
     assert rx("wait", "t-after", 5.0) == "DONE"
     rx("cancel", "t-after")
+
+
+def test_a_sender_closes_at_once_with_a_send_nobody_will_take(rx):
+    # The receiver cancelled before the bytes came, so the send times out with its
+    # requests still posted; closing must not wait on them (ucxx's close_blocking
+    # ignores its period without a progress thread and spins forever there).
+    sender = Peer("send")
+    sender.ready()
+    ticket = rx("expect", "t-gone", [0, 1])
+    assert rx("cancel", "t-gone") is True
+    err = sender("send", ticket, 0, 2, 9, 0.5, False)
+    assert err[:2] == ("err", "TransferTimeoutError")
+    t0 = time.monotonic()
+    assert sender("stop", timeout=10) is None
+    assert time.monotonic() - t0 < 5
+    sender.proc.join(10)

@@ -39,7 +39,7 @@ _SPIN_S = 0.0005  # keep polling this long after the last UCX event (events come
 # when the shared-memory transport signals, yet some signals never come.
 _MAX_SLEEP_S = 0.002
 _AHEAD = 4  # data sent ahead of its header: vs 0, 4 MB sends ~1.5x faster, 64 MB same
-_CLOSE_NS = 100_000_000  # endpoint close wait
+_CLOSE_S = 0.05  # progress given to an endpoint's close before moving on
 _api = None
 
 
@@ -160,9 +160,22 @@ class _Worker:
             timer.cancel()
             self._waiter = None
 
+    def close_endpoint(self, ep) -> None:
+        """Force-close `ep`, cancelling what is in flight on it. Not close_blocking(): with
+        no progress thread it ignores its period and spins forever on a send that the
+        peer never matches (a transfer the receiver cancelled, then timed out here)."""
+        try:
+            ep.close()
+            deadline = time.monotonic() + _CLOSE_S
+            while self.worker.progress_once() and time.monotonic() < deadline:
+                pass  # let the close's cancellations complete while there is work
+            ep.remove_close_callback()
+        except Exception:  # closing is best effort
+            log.debug("endpoint close failed", exc_info=True)
+
     async def close(self) -> None:
         if self.self_ep is not None:
-            _close_endpoint(self.self_ep)
+            self.close_endpoint(self.self_ep)
             self.self_ep = None
         if self._task is not None:
             self._task.cancel()
@@ -172,14 +185,6 @@ class _Worker:
                 pass
             self._task = None
         self._groups.clear()
-
-
-def _close_endpoint(ep) -> None:
-    try:
-        ep.close_blocking(_CLOSE_NS, 1)
-        ep.remove_close_callback()
-    except Exception:  # closing is best effort
-        log.debug("endpoint close failed", exc_info=True)
 
 
 class UcxKVReceiver(KVReceiver):
@@ -310,7 +315,7 @@ class UcxKVSender(KVSender):
 
     async def close(self) -> None:
         for ep in [*self._eps.values(), *self._retired]:
-            _close_endpoint(ep)
+            self._w.close_endpoint(ep)
         self._eps.clear()
         self._retired.clear()
         await self._w.close()
