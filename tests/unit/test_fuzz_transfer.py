@@ -240,7 +240,7 @@ def test_ucx_receiver_survives_garbage_from_a_sender_with_the_secret(blocks):
             assert await rx.cancel("r1") is True  # every posted receive drained
             assert rx._transfers == {} and rx._groups == {} and rx._parked == {}
         finally:
-            ucx._close_endpoint(ep)
+            w.close_endpoint(ep)
             await w.close()
             await rx.close()
 
