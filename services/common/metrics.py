@@ -102,6 +102,10 @@ _ROUTER_INFLIGHT = _observed("gauge", "pdserve_router_inflight_requests", "Reque
 _PREFILL_DECISIONS = _observed("counter", "pdserve_prefill_decisions",
                                "Routing decisions by where the prompt is prefilled "
                                "(decision=disaggregated: a prefill worker; local_prefill: the decode worker)")
+_RECOVERIES = _observed("counter", "pdserve_router_recoveries",
+                        "Attempts that failed on a worker and were retried elsewhere, by the phase that failed "
+                        "(reserve, prefill, decode, generate); phase=gave_up: requests whose retry budget ran out")
+RECOVERY_PHASES = ("reserve", "prefill", "decode", "generate", "gave_up")
 
 # ---- a worker's engine (observed) ---------------------------------------------------
 _WAITING = _observed("gauge", "pdserve_queue_depth", "Sequences waiting to be scheduled")
@@ -140,10 +144,13 @@ def watch_engine(engine: Any, *, worker_id: str, role: str) -> None:
 
 
 def watch_router(router: Any) -> None:
-    """Export a Router's in-flight count and its prefill decisions (`Router.decisions`)."""
+    """Export a Router's in-flight count, prefill decisions (`Router.decisions`) and
+    recoveries (`Router.recoveries`)."""
     _ROUTER_INFLIGHT.add(router, lambda r: r.inflight, {})
     for decision in ("disaggregated", "local_prefill"):
         _PREFILL_DECISIONS.add(router, lambda r, d=decision: r.decisions[d], {"decision": decision})
+    for phase in RECOVERY_PHASES:
+        _RECOVERIES.add(router, lambda r, p=phase: r.recoveries[p], {"phase": phase})
 
 
 def watch_store(store: Any) -> None:

@@ -219,6 +219,18 @@ def current_span() -> trace.Span:
     return trace.get_current_span()
 
 
+@contextlib.contextmanager
+def remote_parent(headers: Mapping[str, str]) -> Iterator[None]:
+    """Within: the caller's W3C trace context (`traceparent`, `tracestate` headers) is
+    current, so spans started here continue the caller's trace (the HTTP API's
+    counterpart of ServerInterceptor's metadata)."""
+    token = otel_context.attach(propagate.extract(headers))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
 def context_with(span: trace.Span, parent: otel_context.Context | None = None) -> otel_context.Context:
     return trace.set_span_in_context(span, parent)
 

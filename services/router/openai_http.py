@@ -23,6 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
+from pdserve.common import tracing
 from pdserve.common.errors import CapacityExhaustedError, InvalidRequestError, NotReadyError, UnauthenticatedError
 from pdserve.common.security import ApiKeys
 from pdserve.router.models import ModelNotFoundError, check_model, served_models
@@ -185,6 +186,10 @@ class OpenAIServer:
             self._inflight.discard(task)
 
     async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
+        with tracing.remote_parent(request.headers):  # a caller's traceparent: its trace goes on here
+            return await self._answer(request, kind)
+
+    async def _answer(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         try:
             try:
                 body = await request.json()

@@ -2,7 +2,7 @@
 
 A request's stream is made of attempts. Each attempt runs on one plan (a
 decode worker, maybe a prefill worker); when a worker fails, the router
-plans again without it and continues from `Progress.prompt` (the prompt plus
+plans again without it and continues from `Progress.context` (the prompt plus
 every token already sent), so the client sees one stream with no token lost
 or repeated. Greedy decoding gives the same tokens as an unfaulted run,
 because the re-prefilled context is exactly the one decode would have had.
@@ -12,12 +12,17 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 
 from pdserve.common.engine.detokenizer import IncrementalDetokenizer
 from pdserve.common.engine.sampling_params import SamplingParams
 from pdserve.router.worker_pool import Worker
+from pdserve.v1 import common_pb2 as pb
+
+if TYPE_CHECKING:
+    from pdserve.router.router import Plan
 
 # A worker's failure, not the request's: another worker may well succeed.
 # (INVALID_ARGUMENT and FAILED_PRECONDITION are the request's; retrying cannot help.)
@@ -90,6 +95,32 @@ class Progress:
     @property
     def deadline_passed(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
+
+
+@dataclass
+class Attempt:
+    """One attempt's state, so that cleanup and blame see how far it got."""
+
+    plan: Plan  # router.Plan
+    rid: str  # the id workers see (Progress.attempt_id)
+    params: pb.SamplingParams  # what is left to generate
+    culprit: Worker  # whose failure an RPC error would be
+    phase: str = "decode"
+    reserved: bool = False  # a decode reservation to release on the way out
+    stream: grpc.aio.UnaryStreamCall | None = None
+    streaming: bool = False  # the decode stream has answered
+    uncached: int = 0  # prompt tokens the first worker still has to compute, counted in its load
+
+    def queued(self, context_tokens: int) -> None:
+        """The prompt's uncached part joins the first worker's queued load (routing reads it)."""
+        first = self.plan.prefill or self.plan.decode
+        self.uncached = context_tokens - first.cached_blocks * self.plan.decode.worker.info.kv_spec.block_size
+        first.worker.inflight_tokens += self.uncached
+
+    def computed(self) -> None:
+        """The prompt is computed (or abandoned): it leaves the first worker's queued load."""
+        (self.plan.prefill or self.plan.decode).worker.inflight_tokens -= self.uncached
+        self.uncached = 0
 
 
 def failure(worker: Worker, phase: str, e: grpc.aio.AioRpcError, progress: Progress) -> Exception:

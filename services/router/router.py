@@ -25,7 +25,7 @@ from pdserve.common.errors import CapacityExhaustedError, InvalidRequestError, N
 from pdserve.common.kv.hashing import block_hashes
 from pdserve.common.server import error_from_rpc
 from pdserve.router import policy
-from pdserve.router.recovery import Progress, WorkerFailedError, failure
+from pdserve.router.recovery import Attempt, Progress, WorkerFailedError, failure
 from pdserve.router.worker_pool import WorkerPool
 from pdserve.v1 import decode_pb2 as dpb
 from pdserve.v1 import prefill_pb2 as ppb
@@ -208,90 +208,92 @@ class Router:
     async def _attempt(self, progress: Progress, plan: Plan) -> AsyncIterator[Event]:
         """One try on one plan: events for tokens the client has not had yet.
         A worker's failure raises WorkerFailedError; cleanup is complete either way."""
-        rid, ids = progress.attempt_id, progress.context
-        worker_params = convert.sampling_to_pb(progress.remaining_params)
-        decode, prefill = plan.decode.worker, plan.prefill.worker if plan.prefill else None
-        first_worker = prefill or decode
-        uncached = len(ids) - (plan.prefill or plan.decode).cached_blocks * decode.info.kv_spec.block_size
-        reserved = False
-        stream = None
-        phase, culprit = "decode", decode
-        first = True  # no token from the decode stream yet
+        decode = plan.decode.worker
+        a = Attempt(plan, progress.attempt_id, convert.sampling_to_pb(progress.remaining_params), culprit=decode)
         decode.inflight += 1
-        first_worker.inflight_tokens += uncached
+        a.queued(len(progress.context))
         try:
-            if prefill is None:
-                phase = "generate"
-                stream = decode.stub.Generate(dpb.LocalGenerateRequest(
-                    request_id=rid, prompt_token_ids=ids, sampling=worker_params),
+            if plan.prefill is None:
+                a.phase = "generate"
+                a.stream = decode.stub.Generate(dpb.LocalGenerateRequest(
+                    request_id=a.rid, prompt_token_ids=progress.context, sampling=a.params),
                     timeout=progress.time_left(self.rpc_timeout_s))
             else:
-                prefill.inflight += 1
-                try:
-                    phase = "reserve"
-                    reserved = True  # before the await: a cancel mid-call may still leave a reservation there
-                    # The lease covers the Prefill call below, queueing included: the router
-                    # releases on every path, so the lease matters only if the router is gone.
-                    prefill_s = progress.time_left(self.prefill_timeout_s)
-                    r = await decode.stub.Reserve(dpb.ReserveRequest(
-                        request_id=rid, prompt_token_ids=ids, kv_fingerprint=prefill.fingerprint,
-                        lease_ms=int((prefill_s + _LEASE_MARGIN_S) * 1000)),
-                        timeout=progress.time_left(self.rpc_timeout_s))
-                    phase, culprit = "prefill", prefill
-                    p = await prefill.stub.Prefill(ppb.PrefillRequest(
-                        request_id=rid, prompt_token_ids=ids, sampling=worker_params, ticket=r.ticket),
-                        timeout=prefill_s)
-                finally:
-                    prefill.inflight -= 1
-                    first_worker.inflight_tokens -= uncached
-                    uncached = 0
-                self._measure_hop(progress, p.timing.prefill_ms)
-                progress.timing.setdefault("queued_ms", p.timing.queued_ms)
-                progress.timing.setdefault("prefill_ms", p.timing.prefill_ms)
-                self.index.record(prefill.worker_id, plan.hashes)
-                progress.cached_tokens = max(progress.cached_tokens, r.num_cached_tokens, p.num_cached_tokens)
-                ev, reason = self._tokens(progress, [p.first_token_id], convert.finish_from_pb(p.finish_reason))
+                first_token = await self._prefill_remotely(progress, a)
+                ev, reason = self._tokens(progress, [first_token.first_token_id],
+                                          convert.finish_from_pb(first_token.finish_reason))
                 yield ev
                 if reason is not None:
                     yield self._final(progress, reason, plan)
                     return
-                # A failed transfer means the prefill worker's KV is not to be trusted: exclude it.
-                phase, culprit = "decode", decode
-                stream = decode.stub.Decode(dpb.DecodeRequest(
-                    request_id=rid, first_token_id=p.first_token_id, sampling=worker_params),
+                a.phase, a.culprit = "decode", decode
+                a.stream = decode.stub.Decode(dpb.DecodeRequest(
+                    request_id=a.rid, first_token_id=first_token.first_token_id, sampling=a.params),
                     timeout=progress.time_left(self.rpc_timeout_s))
-                reserved = False  # the Decode stream owns the reservation now
+                a.reserved = False  # the Decode stream owns the reservation now
             self.index.record(decode.worker_id, plan.hashes)
-            async for resp in stream:
-                if first:
-                    first_worker.inflight_tokens -= uncached
-                    uncached = 0
-                    if resp.timing.kv_transfer_ms:
-                        progress.timing["kv_transfer_ms"] = resp.timing.kv_transfer_ms
-                    first = False
-                if resp.usage.prompt_tokens and not progress.failures:
-                    progress.cached_tokens = max(progress.cached_tokens, resp.usage.cached_tokens)
-                ev, reason = self._tokens(progress, list(resp.token_ids), convert.finish_from_pb(resp.finish_reason))
+            async for ev in self._relay(progress, a):
                 yield ev
-                if reason is not None:
-                    yield self._final(progress, reason, plan)
-                    return
-            raise WorkerFailedError(decode, phase, None, "the stream ended without finishing")
         except grpc.aio.AioRpcError as e:
-            if (phase == "decode" and prefill is not None and first
+            if (a.phase == "decode" and plan.prefill is not None and not a.streaming
                     and e.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED)):
-                culprit = prefill  # its KV failed its checks or never came: recompute without that prefill worker
-            raise failure(culprit, phase, e, progress) from None
+                a.culprit = plan.prefill.worker  # its KV failed its checks or never came: recompute without it
+            raise failure(a.culprit, a.phase, e, progress) from None
         finally:
             decode.inflight -= 1
-            first_worker.inflight_tokens -= uncached
-            if stream is not None:
-                stream.cancel()  # no-op once finished; else cancels downstream
-            if reserved:
+            a.computed()
+            if a.stream is not None:
+                a.stream.cancel()  # no-op once finished; else cancels downstream
+            if a.reserved:
                 try:
-                    await decode.stub.Release(dpb.ReleaseRequest(request_id=rid), timeout=5)
+                    await decode.stub.Release(dpb.ReleaseRequest(request_id=a.rid), timeout=5)
                 except grpc.aio.AioRpcError:
                     pass  # the lease expires on its own
+
+    async def _prefill_remotely(self, progress: Progress, a: Attempt) -> ppb.PrefillResponse:
+        """Reserve blocks on the decode worker, then prefill into them: the first token."""
+        decode, prefill = a.plan.decode.worker, a.plan.prefill.worker
+        prefill.inflight += 1
+        try:
+            a.phase = "reserve"
+            a.reserved = True  # before the await: a cancel mid-call may still leave a reservation there
+            # The lease covers the Prefill call below, queueing included: the router
+            # releases on every path, so the lease matters only if the router is gone.
+            prefill_s = progress.time_left(self.prefill_timeout_s)
+            r = await decode.stub.Reserve(dpb.ReserveRequest(
+                request_id=a.rid, prompt_token_ids=progress.context, kv_fingerprint=prefill.fingerprint,
+                lease_ms=int((prefill_s + _LEASE_MARGIN_S) * 1000)),
+                timeout=progress.time_left(self.rpc_timeout_s))
+            a.phase, a.culprit = "prefill", prefill
+            p = await prefill.stub.Prefill(ppb.PrefillRequest(
+                request_id=a.rid, prompt_token_ids=progress.context, sampling=a.params, ticket=r.ticket),
+                timeout=prefill_s)
+        finally:
+            prefill.inflight -= 1
+            a.computed()
+        self._measure_hop(progress, p.timing.prefill_ms)
+        progress.timing.setdefault("queued_ms", p.timing.queued_ms)
+        progress.timing.setdefault("prefill_ms", p.timing.prefill_ms)
+        self.index.record(prefill.worker_id, a.plan.hashes)
+        progress.cached_tokens = max(progress.cached_tokens, r.num_cached_tokens, p.num_cached_tokens)
+        return p
+
+    async def _relay(self, progress: Progress, a: Attempt) -> AsyncIterator[Event]:
+        """The decode worker's stream, as client events, to the finish."""
+        async for resp in a.stream:
+            if not a.streaming:
+                a.streaming = True
+                a.computed()
+                if resp.timing.kv_transfer_ms:
+                    progress.timing["kv_transfer_ms"] = resp.timing.kv_transfer_ms
+            if resp.usage.prompt_tokens and not progress.failures:
+                progress.cached_tokens = max(progress.cached_tokens, resp.usage.cached_tokens)
+            ev, reason = self._tokens(progress, list(resp.token_ids), convert.finish_from_pb(resp.finish_reason))
+            yield ev
+            if reason is not None:
+                yield self._final(progress, reason, a.plan)
+                return
+        raise WorkerFailedError(a.plan.decode.worker, a.phase, None, "the stream ended without finishing")
 
     def _measure_hop(self, progress: Progress, prefill_ms: float) -> None:
         """The disaggregated path's extra latency over the prefill itself (first attempts only)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 import grpc
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -111,6 +112,20 @@ async def test_one_request_is_one_trace_through_router_prefill_decode_and_kvstor
     for key in TIMING:
         assert generate.attributes[f"pdserve.timing.{key}"] == pytest.approx(getattr(completion.timing, key), rel=1e-5)
 
+
+async def test_an_http_request_continues_the_callers_trace_from_its_traceparent(smollm2, exporter):
+    trace_id, parent_id = 0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331
+    async with inprocess_suite(smollm2, "colocated", transport="loopback") as suite:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{suite.router.http.url}/completions",
+                                 json={"prompt": "Hello", "max_tokens": 2, "temperature": 0},
+                                 headers={"traceparent": f"00-{trace_id:032x}-{parent_id:016x}-01"}) as r:
+                assert r.status == 200, await r.text()
+    spans = exporter.get_finished_spans()
+    (generate,) = _named(spans, "router.generate")
+    assert generate.context.trace_id == trace_id and generate.parent.span_id == parent_id
+    served = [s for s in spans if s.kind == SpanKind.SERVER]
+    assert served and {s.context.trace_id for s in served} == {trace_id}  # and the worker's calls with it
 
 
 async def test_each_call_is_a_client_and_a_server_span_with_its_status(exporter):

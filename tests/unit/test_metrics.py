@@ -80,6 +80,7 @@ SCRIPT = textwrap.dedent("""
     router = Router(type("T", (), {"__len__": lambda self: 10, "get_vocab": lambda self: {}})(), WorkerPool(), mode="disaggregated",
                     max_model_len=64)
     router.decisions.update(disaggregated=4, local_prefill=2)
+    router.recoveries.update(decode=3, gave_up=1)
     metrics.watch_engine(engine, worker_id="decode-0", role="decode")
     metrics.watch_store(store)
     metrics.watch_router(router)
@@ -157,6 +158,9 @@ def test_engine_store_and_router_state_is_read_at_scrape_time(samples):
     assert value(samples, "pdserve_prefill_decisions_total", decision="disaggregated") == 4
     assert value(samples, "pdserve_prefill_decisions_total", decision="local_prefill") == 2
     assert value(samples, "pdserve_router_inflight_requests") == 0
+    assert value(samples, "pdserve_router_recoveries_total", phase="decode") == 3
+    assert value(samples, "pdserve_router_recoveries_total", phase="gave_up") == 1
+    assert value(samples, "pdserve_router_recoveries_total", phase="prefill") == 0
 
 
 def test_metrics_port_minus_one_serves_nothing():
