@@ -51,7 +51,7 @@ class Cluster:
         return {w.info.worker_id: w.healthy for w in r.workers}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     if why := netns.unavailable():
         pytest.skip(f"multi-host test needs network namespaces: {why}")
