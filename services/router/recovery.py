@@ -103,6 +103,7 @@ class Attempt:
 
     plan: Plan  # router.Plan
     rid: str  # the id workers see (Progress.attempt_id)
+    context: list[int]  # what this attempt prefills (Progress.context, taken once)
     params: pb.SamplingParams  # what is left to generate
     culprit: Worker  # whose failure an RPC error would be
     phase: str = "decode"
@@ -111,10 +112,10 @@ class Attempt:
     streaming: bool = False  # the decode stream has answered
     uncached: int = 0  # prompt tokens the first worker still has to compute, counted in its load
 
-    def queued(self, context_tokens: int) -> None:
+    def queued(self) -> None:
         """The prompt's uncached part joins the first worker's queued load (routing reads it)."""
         first = self.plan.prefill or self.plan.decode
-        self.uncached = context_tokens - first.cached_blocks * self.plan.decode.worker.info.kv_spec.block_size
+        self.uncached = len(self.context) - first.cached_blocks * self.plan.decode.worker.info.kv_spec.block_size
         first.worker.inflight_tokens += self.uncached
 
     def computed(self) -> None:

@@ -209,26 +209,27 @@ class Router:
         """One try on one plan: events for tokens the client has not had yet.
         A worker's failure raises WorkerFailedError; cleanup is complete either way."""
         decode = plan.decode.worker
-        a = Attempt(plan, progress.attempt_id, convert.sampling_to_pb(progress.remaining_params), culprit=decode)
+        a = Attempt(plan, progress.attempt_id, progress.context, convert.sampling_to_pb(progress.remaining_params),
+                    culprit=decode)
         decode.inflight += 1
-        a.queued(len(progress.context))
+        a.queued()
         try:
             if plan.prefill is None:
                 a.phase = "generate"
                 a.stream = decode.stub.Generate(dpb.LocalGenerateRequest(
-                    request_id=a.rid, prompt_token_ids=progress.context, sampling=a.params),
+                    request_id=a.rid, prompt_token_ids=a.context, sampling=a.params),
                     timeout=progress.time_left(self.rpc_timeout_s))
             else:
-                first_token = await self._prefill_remotely(progress, a)
-                ev, reason = self._tokens(progress, [first_token.first_token_id],
-                                          convert.finish_from_pb(first_token.finish_reason))
+                prefilled = await self._prefill_remotely(progress, a)
+                ev, reason = self._tokens(progress, [prefilled.first_token_id],
+                                          convert.finish_from_pb(prefilled.finish_reason))
                 yield ev
                 if reason is not None:
                     yield self._final(progress, reason, plan)
                     return
                 a.phase, a.culprit = "decode", decode
                 a.stream = decode.stub.Decode(dpb.DecodeRequest(
-                    request_id=a.rid, first_token_id=first_token.first_token_id, sampling=a.params),
+                    request_id=a.rid, first_token_id=prefilled.first_token_id, sampling=a.params),
                     timeout=progress.time_left(self.rpc_timeout_s))
                 a.reserved = False  # the Decode stream owns the reservation now
             self.index.record(decode.worker_id, plan.hashes)
@@ -261,12 +262,12 @@ class Router:
             # releases on every path, so the lease matters only if the router is gone.
             prefill_s = progress.time_left(self.prefill_timeout_s)
             r = await decode.stub.Reserve(dpb.ReserveRequest(
-                request_id=a.rid, prompt_token_ids=progress.context, kv_fingerprint=prefill.fingerprint,
+                request_id=a.rid, prompt_token_ids=a.context, kv_fingerprint=prefill.fingerprint,
                 lease_ms=int((prefill_s + _LEASE_MARGIN_S) * 1000)),
                 timeout=progress.time_left(self.rpc_timeout_s))
             a.phase, a.culprit = "prefill", prefill
             p = await prefill.stub.Prefill(ppb.PrefillRequest(
-                request_id=a.rid, prompt_token_ids=progress.context, sampling=a.params, ticket=r.ticket),
+                request_id=a.rid, prompt_token_ids=a.context, sampling=a.params, ticket=r.ticket),
                 timeout=prefill_s)
         finally:
             prefill.inflight -= 1

@@ -19,7 +19,7 @@ CONCURRENCY = 12
 
 
 async def _one(stub, ids, rid, max_tokens, cancel_after_s):
-    """'finished', 'cancelled', or the unexpected error code."""
+    """'finished', 'cancelled', or the unexpected error as 'CODE: details'."""
     call = stub.Generate(rpb.GenerateRequest(
         request_id=rid, token_ids=pb.TokenIds(ids=ids),
         sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)))
@@ -35,7 +35,9 @@ async def _one(stub, ids, rid, max_tokens, cancel_after_s):
     except asyncio.CancelledError:
         return "cancelled"
     except grpc.aio.AioRpcError as e:
-        return "cancelled" if e.code() is grpc.StatusCode.CANCELLED and cancel_after_s is not None else f"{e.code().name}: {e.details()}"
+        if e.code() is grpc.StatusCode.CANCELLED and cancel_after_s is not None:
+            return "cancelled"
+        return f"{e.code().name}: {e.details()}"
 
 
 async def test_random_cancellations_and_a_killed_worker_leave_every_pool_full(smollm2):
