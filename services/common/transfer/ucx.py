@@ -40,6 +40,7 @@ _SPIN_S = 0.0005  # keep polling this long after the last UCX event (events come
 _MAX_SLEEP_S = 0.002
 _AHEAD = 4  # data sent ahead of its header: vs 0, 4 MB sends ~1.5x faster, 64 MB same
 _CLOSE_S = 0.05  # progress given to an endpoint's close before moving on
+_QUIESCE_S = 0.5  # at close, the most spent taking in what peers still had in flight
 _api = None
 
 
@@ -60,12 +61,13 @@ def _ucx():
 
 class _Group:
     """Requests awaited together. Completions are noticed in submission order, so
-    each progress round costs O(newly completed), not O(all in flight)."""
+    each progress round costs O(newly completed), not O(all in flight). `keep`: buffers
+    UCX reads or writes, held as long as the requests are."""
 
-    __slots__ = ("reqs", "cursor", "on_done", "future")
+    __slots__ = ("reqs", "cursor", "on_done", "future", "keep")
 
-    def __init__(self, reqs: list, on_done, future: asyncio.Future) -> None:
-        self.reqs, self.cursor, self.on_done, self.future = reqs, 0, on_done, future
+    def __init__(self, reqs: list, on_done, future: asyncio.Future, keep=()) -> None:
+        self.reqs, self.cursor, self.on_done, self.future, self.keep = reqs, 0, on_done, future, keep
 
     def advance(self) -> bool:
         reqs = self.reqs
@@ -98,10 +100,13 @@ class _Worker:
         # transfer's during an outage, no peer would ever be reachable over TCP again
         # (tests/multihost). The receiver also drains its posted receives through it.
         self.self_ep = self.endpoint(self.address)
+        self._any, self._any_mask = self.tag(0), self.lib.UCXXTagMask(0)  # matches every tag
+        self._sink = self.Array(np.empty(0, np.uint8))
         self._groups: list[_Group] = []
-        self._wake: asyncio.Event | None = None
+        self._forgotten: list[_Group] = []  # given up on, yet still in UCX: keep their buffers
         self._waiter: asyncio.Future | None = None  # set while sleeping on the fd
         self._task: asyncio.Task | None = None
+        self._closing = False
 
     def tag(self, value: int):
         return self.lib.UCXXTag(value)
@@ -110,54 +115,72 @@ class _Worker:
         addr = self.lib.UCXAddress.create_from_buffer(address)
         return self.lib.UCXEndpoint.create_from_worker_address(self.worker, addr, False)
 
-    def watch(self, reqs: list, on_done=None) -> _Group:
+    def watch(self, reqs: list, on_done=None, keep=()) -> _Group:
         """Track `reqs`; on_done(position, request) runs as each is noticed complete."""
         loop = asyncio.get_running_loop()
-        group = _Group(reqs, on_done, loop.create_future())
+        group = _Group(reqs, on_done, loop.create_future(), keep)
         self._groups.append(group)
-        if self._task is None:
-            self._wake = asyncio.Event()
+        if self._task is None and not self._closing:  # close() progresses by itself
             self._task = loop.create_task(self._run(), name="ucx-progress")
-        self._wake.set()
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)  # requests may have completed at submission
         return group
 
     def forget(self, group: _Group) -> None:
+        """Stop waiting on `group`; UCX may still touch its buffers, so they stay held."""
         if group in self._groups:
             self._groups.remove(group)
+            self._forgotten.append(group)
+
+    def sink_unexpected(self) -> bool:
+        """Take, as they arrive, the messages no receive was posted for (late blocks of a
+        cancelled transfer, a forged ticket's, the 0-byte sends that cancelled one), into
+        an empty buffer: truncated, so no byte is copied and the sender is let go. Left
+        queued, they reach ucxx's worker destructor, which drains that queue itself and
+        crashed the process doing so once their sender's endpoint was gone (a rendezvous
+        reply through a freed endpoint, libucx 1.21, endpoint error handling off)."""
+        reqs = []
+        while (probe := self.worker.tag_probe(self._any, self._any_mask, remove=True)).matched:
+            reqs.append(self.worker.tag_recv_with_handle(self._sink, probe))
+        if reqs:
+            self.watch(reqs)
+        return bool(reqs)
 
     async def _run(self) -> None:
         last = time.monotonic()
         while True:
-            if not self._groups:
-                self._wake.clear()
-                await self._wake.wait()
-                last = time.monotonic()
             made = False
             while self.worker.progress_once():
                 made = True
+            self.sink_unexpected()
             for g in [g for g in self._groups if g.advance()]:  # callbacks may add groups
                 self._groups.remove(g)
             now = time.monotonic()
             if made:
                 last = now
-            if now - last < _SPIN_S or not self._groups:
+            if self._groups and now - last < _SPIN_S:
                 await asyncio.sleep(0)
             elif self.worker.arm():  # nothing pending inside UCX: sleep until its fd fires
-                await self._sleep_on_fd()
+                # Idle, with no timer: it costs nothing, yet late blocks are sunk as they come.
+                idle = not self._groups
+                await self._sleep_on_fd(None if idle else _MAX_SLEEP_S)
+                if idle:
+                    last = time.monotonic()
+            else:
+                await asyncio.sleep(0)
 
-    async def _sleep_on_fd(self) -> None:
+    async def _sleep_on_fd(self, timeout: float | None) -> None:
         loop = asyncio.get_running_loop()
         self._waiter = waiter = loop.create_future()
         wake = lambda: waiter.done() or waiter.set_result(None)  # noqa: E731
         loop.add_reader(self._fd, wake)
-        timer = loop.call_later(_MAX_SLEEP_S, wake)
+        timer = loop.call_later(timeout, wake) if timeout is not None else None
         try:
             await waiter
         finally:
             loop.remove_reader(self._fd)
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             self._waiter = None
 
     def close_endpoint(self, ep) -> None:
@@ -173,10 +196,24 @@ class _Worker:
         except Exception:  # closing is best effort
             log.debug("endpoint close failed", exc_info=True)
 
+    def _quiesce(self) -> None:
+        """Take in what peers still had on the way, while they can answer (bounded)."""
+        deadline = time.monotonic() + _QUIESCE_S
+        while time.monotonic() < deadline:
+            busy = False
+            while self.worker.progress_once():
+                busy = True
+            busy |= self.sink_unexpected()
+            self._groups = [g for g in self._groups if not g.advance()]
+            if not busy and not self._groups:
+                return
+
     async def close(self) -> None:
-        if self.self_ep is not None:
-            self.close_endpoint(self.self_ep)
-            self.self_ep = None
+        """Stop the progress task, drain, then let go of the worker now, not whenever a
+        garbage collection finds it: its destructor must meet an empty queue."""
+        if self._closing:
+            return
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             try:
@@ -184,7 +221,13 @@ class _Worker:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        self._quiesce()
+        if self.self_ep is not None:
+            self.close_endpoint(self.self_ep)
+            self.self_ep = None
         self._groups.clear()
+        self._forgotten.clear()
+        self.worker = None
 
 
 class UcxKVReceiver(KVReceiver):
@@ -275,7 +318,7 @@ class UcxKVSender(KVSender):
                     timeout: float = 30.0) -> None:
         self._check(ticket, first_block_index, src_buffers)
         w, Array = self._w, self._w.Array
-        keep, reqs = [], []  # `keep`: headers must outlive their sends
+        keep, reqs = [], []  # `keep`: headers must outlive their sends, even forgotten ones
         try:
             ep = self._eps.get(ticket.address)
             if ep is None:  # raises at once if the peer is already gone (same host)
@@ -294,7 +337,7 @@ class UcxKVSender(KVSender):
                     reqs.append(ep.tag_send(Array(header), w.tag(block_tag(ticket, b"H", i))))
         except Exception as e:
             raise TransferFailedError(f"transfer {ticket.transfer_id}: {e}") from e
-        group = w.watch(reqs)
+        group = w.watch(reqs, keep=[*keep, *datas])
         try:
             await asyncio.wait_for(asyncio.shield(group.future), timeout)
         except TimeoutError:
