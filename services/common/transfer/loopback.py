@@ -88,12 +88,15 @@ class LoopbackKVSender(KVSender):
     def __init__(self, corrupt_blocks: frozenset[int] = frozenset()) -> None:
         self.corrupt_blocks = corrupt_blocks
         self.sent_blocks = 0  # for tests: how many blocks went out
+        self.closed = False
 
     transport = "loopback"
 
     async def _send(self, ticket: TransferTicket, first_block_index: int, src_buffers: list,
                     timeout: float = 30.0) -> None:
         self._check(ticket, first_block_index, src_buffers)
+        if self.closed:
+            raise TransferFailedError("sender is closed")
         receiver = _RECEIVERS.get(ticket.address)
         if receiver is None or receiver.closed:
             raise TransferFailedError(f"transfer {ticket.transfer_id}: receiver not reachable")
@@ -105,4 +108,4 @@ class LoopbackKVSender(KVSender):
             await asyncio.sleep(0)  # let other tasks run between blocks, as a transport would
 
     async def close(self) -> None:
-        pass
+        self.closed = True

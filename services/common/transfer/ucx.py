@@ -108,6 +108,10 @@ class _Worker:
         self._task: asyncio.Task | None = None
         self._closing = False
 
+    def check_open(self) -> None:
+        if self._closing:
+            raise TransferFailedError("the KV transport is closed (the worker is shutting down)")
+
     def tag(self, value: int):
         return self.lib.UCXXTag(value)
 
@@ -247,6 +251,7 @@ class UcxKVReceiver(KVReceiver):
         return self._w.address
 
     def expect(self, transfer_id: str, dest_buffers: list) -> TransferTicket:
+        self._w.check_open()
         t = self._new(transfer_id, dest_buffers, secrets.token_bytes(32))
         headers = np.zeros((len(t.dest), HEADER_BYTES), np.uint8)
         w, Array, reqs = self._w, self._w.Array, []
@@ -317,6 +322,7 @@ class UcxKVSender(KVSender):
     async def _send(self, ticket: TransferTicket, first_block_index: int, src_buffers: list,
                     timeout: float = 30.0) -> None:
         self._check(ticket, first_block_index, src_buffers)
+        self._w.check_open()
         w, Array = self._w, self._w.Array
         keep, reqs = [], []  # `keep`: headers must outlive their sends, even forgotten ones
         try:
