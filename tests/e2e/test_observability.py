@@ -31,6 +31,9 @@ from pdserve.client import AsyncClient
 from pdserve.launcher import Suite
 from pdserve.v1 import decode_pb2, kvstore_pb2, prefill_pb2, router_pb2
 from tests.e2e.conftest import free_port_run
+from tests.polling import eventually
+
+_SCRAPED_S = 60.0  # what a sample may take to reach a query (scrapes run every second)
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "observability" / "grafana-dashboard.json"
 SERVICES = {  # suite service -> the gRPC service it serves
@@ -125,7 +128,7 @@ def prometheus(suite, tmp_path_factory):
             time.sleep(0.2)
         # Ready is not scraped: wait for a first scrape of every target, so that samples
         # from before the traffic exist (a test that sends traffic asks for this fixture first).
-        health = eventually(lambda: (h := targets_health(url)) and all(v == "up" for v in h.values()) and h)
+        health = eventually(lambda: (h := targets_health(url)) and all(v == "up" for v in h.values()) and h, _SCRAPED_S)
         assert health == dict.fromkeys(["prefill-0", "decode-0", "kvstore", "router"], "up"), targets_health(url)
         yield url
     finally:
@@ -149,16 +152,6 @@ def query(url: str, expr: str) -> list[dict]:
     return api(url, "query", query=expr)["result"]
 
 
-def eventually(check, timeout: float = 60.0):
-    """check() until it returns something truthy (scrapes run every second)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(0.5)
-
-
 def targets_health(url: str) -> dict[str, str]:
     return {t["labels"]["service"]: t["health"] for t in api(url, "targets")["activeTargets"]}
 
@@ -172,7 +165,7 @@ def test_prometheus_scrapes_every_service_and_sees_ttft_and_itl(suite, prometheu
     assert set(targets_health(prometheus).values()) == {"up"}
     requests = len(traffic) + 1  # the HTTP one too
     ttft = eventually(lambda: [r for r in query(prometheus, "pdserve_time_to_first_token_seconds_count")
-                               if float(r["value"][1]) >= requests])
+                               if float(r["value"][1]) >= requests], _SCRAPED_S)
     assert ttft and ttft[0]["metric"]["service"] == "router"
     itl = query(prometheus, "sum(pdserve_inter_token_latency_seconds_count)")
     assert itl and float(itl[0]["value"][1]) >= requests * 3  # 8 tokens: 7 gaps each (4 over HTTP)
@@ -184,7 +177,7 @@ def test_prometheus_scrapes_every_service_and_sees_ttft_and_itl(suite, prometheu
     # A request's outcome is counted when its stream closes, which can be a scrape after its first token.
     def counted():
         return {r["metric"]["outcome"]: float(r["value"][1]) for r in query(prometheus, "pdserve_requests_total")}
-    outcomes = eventually(lambda: (o := counted()) and sum(o.values()) >= requests and o) or counted()
+    outcomes = eventually(lambda: (o := counted()) and sum(o.values()) >= requests and o, _SCRAPED_S) or counted()
     assert outcomes["length"] >= len(traffic) and sum(outcomes.values()) == requests  # the HTTP one may stop
     assert set(outcomes) <= {"length", "stop"}
     # Every service reports its own state.
@@ -212,7 +205,7 @@ def test_every_dashboard_query_evaluates_on_the_live_suite(suite, prometheus, tr
                     empty.add(panel["title"])
         return empty <= may_be_empty
 
-    assert eventually(only_those_empty), (sorted(empty), query(prometheus, "up[1m]"))
+    assert eventually(only_those_empty, _SCRAPED_S), (sorted(empty), query(prometheus, "up[1m]"))
 
 
 def test_health_and_reflection_clients_see_every_service_serving_with_its_methods(suite):

@@ -19,6 +19,7 @@ import time
 import pytest
 
 from pdserve.common.kv.spec import KVSpec
+from tests.polling import eventually
 
 SPEC = KVSpec("SmolLM2-135M-Instruct", "test", num_layers=30, num_kv_heads=3, head_dim=64)
 POOL_BLOCKS = 12
@@ -151,15 +152,10 @@ def tx(peers):
     return peers[1]
 
 
-def _status_soon(rx, transfer_id: str, status: str, within: float = 5.0) -> bool:
+def _status_soon(rx, transfer_id: str, status: str) -> bool:
     """A chunk's last message is a small header, which completes on the sender as soon
     as it is buffered: the receiver may not have seen it yet when send() returns."""
-    deadline = time.monotonic() + within
-    while rx("status", transfer_id) != status:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
+    return eventually(lambda: rx("status", transfer_id) == status, 5.0, interval=0.01)
 
 
 def test_blocks_land_intact_chunk_by_chunk(rx, tx):

@@ -150,15 +150,21 @@ class _Worker:
             self.watch(reqs)
         return bool(reqs)
 
+    def _round(self) -> bool:
+        """One progress round: UCX's events, unmatched messages taken, completions
+        noticed. True if anything came in."""
+        made = False
+        while self.worker.progress_once():
+            made = True
+        made |= self.sink_unexpected()
+        for g in [g for g in self._groups if g.advance()]:  # callbacks may add groups
+            self._groups.remove(g)
+        return made
+
     async def _run(self) -> None:
         last = time.monotonic()
         while True:
-            made = False
-            while self.worker.progress_once():
-                made = True
-            self.sink_unexpected()
-            for g in [g for g in self._groups if g.advance()]:  # callbacks may add groups
-                self._groups.remove(g)
+            made = self._round()
             now = time.monotonic()
             if made:
                 last = now
@@ -204,12 +210,7 @@ class _Worker:
         """Take in what peers still had on the way, while they can answer (bounded)."""
         deadline = time.monotonic() + _QUIESCE_S
         while time.monotonic() < deadline:
-            busy = False
-            while self.worker.progress_once():
-                busy = True
-            busy |= self.sink_unexpected()
-            self._groups = [g for g in self._groups if not g.advance()]
-            if not busy and not self._groups:
+            if not self._round() and not self._groups:
                 return
 
     async def close(self) -> None:
