@@ -69,6 +69,9 @@ class DecodeWorker:
         self.max_queue = max_queue
         self.counters = DecodeCounters()
         self._leases: Leases[Reservation] = Leases(self.release, "decode reservation")
+        # Ids a Release came for before their reservation existed (it may overtake its
+        # Reserve: the router releases as soon as the caller is gone), oldest first.
+        self._released_early: dict[str, float] = {}
 
     @property
     def spec(self):
@@ -115,6 +118,9 @@ class DecodeWorker:
         ttl = min(lease_ms / 1000, MAX_LEASE_S) if lease_ms else self.lease_s
         r = Reservation(ticket, dest, first, first * bs, time.time() + ttl)
         self._leases.add(request_id, r, ttl)
+        if self._released_early.pop(request_id, None) is not None:  # freed now, not at its lease
+            await self.release(request_id)
+            raise NotFoundError(f"reservation {request_id!r} was released before it was made")
         return r
 
     async def _load_from_store(self, prompt: list[int], table: list[int], have: int) -> int:
@@ -187,12 +193,20 @@ class DecodeWorker:
         cancelling its Decode stream instead."""
         r = self._leases.pop(request_id)
         if r is None:
+            self._remember_early_release(request_id)
             return False
         safe = await self.receiver.cancel(request_id)
         if not safe:  # data might still land: never hand these blocks to anyone
             log.error("transfer %s could not be fenced; quarantining %d blocks", request_id, len(r.dest_block_ids))
             return True
         return await self.engine.call(self.engine.engine.release, request_id)
+
+    def _remember_early_release(self, request_id: str) -> None:
+        """Kept as long as any lease may last (attempt ids are never reused)."""
+        now = time.monotonic()
+        while self._released_early and now - next(iter(self._released_early.values())) > MAX_LEASE_S:
+            del self._released_early[next(iter(self._released_early))]
+        self._released_early[request_id] = now
 
     @property
     def reservations_expired(self) -> int:

@@ -7,7 +7,9 @@ import asyncio
 import random
 
 import grpc
+import pytest
 
+from pdserve.common.errors import NotFoundError
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import decode_pb2 as dpb
 from pdserve.v1 import router_pb2 as rpb
@@ -80,3 +82,19 @@ async def test_random_cancellations_and_a_killed_worker_leave_every_pool_full(sm
         assert suite.router.router.inflight == 0
         decode_stats = [await stub.GetStats(dpb.GetDecodeStatsRequest()) for stub in suite.worker_stubs()[1:2]]
         assert decode_stats[0].reservations_active == 0
+
+
+async def test_a_release_that_overtakes_its_reserve_frees_the_reservation_as_it_is_made(smollm2):
+    # The router releases as soon as its caller is gone, and that Release can reach the
+    # decode worker before the Reserve it undoes: the blocks must not wait out the lease.
+    async with inprocess_suite(smollm2) as suite:
+        worker = suite.decode_workers[0]
+        assert await worker.release("r-early") is False  # nothing to free yet
+        with pytest.raises(NotFoundError, match="released before it was made"):
+            await worker.reserve("r-early", list(range(40)), b"", lease_ms=600_000)
+        stats = worker.engine.engine.stats()
+        assert stats.reserved == 0 and stats.free_blocks == stats.total_blocks
+        assert worker.active_reservations == 0
+        r = await worker.reserve("r-next", list(range(40)), b"", lease_ms=600_000)  # others unaffected
+        assert r.dest_block_ids and worker.active_reservations == 1
+        assert await worker.release("r-next") is True
