@@ -10,6 +10,7 @@ claimed by decode() in time is swept. generate() is the colocated path.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -113,7 +114,7 @@ class DecodeWorker:
             dest = seq.block_table[first:]
             ticket = self.receiver.expect(request_id, [pool.block(b) for b in dest])
         except BaseException:
-            await self.engine.call(self.engine.engine.release, request_id)
+            await asyncio.shield(self.engine.call(self.engine.engine.release, request_id))
             raise
         ttl = min(lease_ms / 1000, MAX_LEASE_S) if lease_ms else self.lease_s
         r = Reservation(ticket, dest, first, first * bs, time.time() + ttl)
@@ -154,9 +155,13 @@ class DecodeWorker:
         on_kv((time.perf_counter() - t0) * 1e3)
         self.counters.transfers_completed += 1
         self.counters.kv_bytes_received += len(r.dest_block_ids) * r.ticket.block_bytes
-        await self.receiver.cancel(request_id)  # forget the finished transfer
-        self._leases.pop(request_id)
-        await self.engine.admit(request_id, first_token, params)
+        try:  # admit waits for the engine's step to end: a cancel may come meanwhile
+            await self.receiver.cancel(request_id)  # forget the finished transfer
+            await self.engine.admit(request_id, first_token, params)
+        except BaseException:
+            await self.release(request_id)  # the lease still names the blocks
+            raise
+        self._leases.pop(request_id)  # admitted: the engine's request owns them now
         async for out in self._counted(request_id, "decode", self.engine.stream(request_id)):
             yield out
 
@@ -190,7 +195,11 @@ class DecodeWorker:
 
     async def release(self, request_id: str) -> bool:
         """Free a reservation (idempotent). A running request is aborted by
-        cancelling its Decode stream instead."""
+        cancelling its Decode stream instead. Once begun it runs to the end even if
+        the caller is cancelled: half done, the lease is gone and the blocks with it."""
+        return await asyncio.shield(self._release(request_id))
+
+    async def _release(self, request_id: str) -> bool:
         r = self._leases.pop(request_id)
         if r is None:
             self._remember_early_release(request_id)

@@ -66,10 +66,10 @@ class KVStoreService:
             raise NotFoundError(f"no write {transfer_id!r} (expired or released)")
         try:
             await self.receiver.wait(transfer_id, self.transfer_timeout_s)
-        except BaseException:
+            await self.receiver.cancel(transfer_id)  # forget the landed transfer
+        except BaseException:  # a cancel too: the claimed lease no longer expires
             await self.release(transfer_id)
             raise
-        await self.receiver.cancel(transfer_id)
         self._writes.pop(transfer_id)
         n = self.store.commit(hashes)
         tracing.annotate(blocks_committed=n)
@@ -100,6 +100,10 @@ class KVStoreService:
             self._reads.pop(lease, None)
 
     async def release(self, lease_id: str) -> bool:
+        """Shielded: half done (lease popped, slots not yet aborted) would strand them."""
+        return await asyncio.shield(self._release(lease_id))
+
+    async def _release(self, lease_id: str) -> bool:
         hashes = self._writes.pop(lease_id)
         if hashes is not None:
             if await self.receiver.cancel(lease_id):

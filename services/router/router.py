@@ -231,7 +231,8 @@ class Router:
                 a.stream = decode.stub.Decode(dpb.DecodeRequest(
                     request_id=a.rid, first_token_id=prefilled.first_token_id, sampling=a.params),
                     timeout=progress.time_left(self.rpc_timeout_s))
-                a.reserved = False  # the Decode stream owns the reservation now
+                # Still ours to release until the stream answers: a cancel now may
+                # reach the worker before the call does, or the call never at all.
             self.index.record(decode.worker_id, plan.hashes)
             async for ev in self._relay(progress, a):
                 yield ev
@@ -246,8 +247,8 @@ class Router:
             if a.stream is not None:
                 a.stream.cancel()  # no-op once finished; else cancels downstream
             if a.reserved:
-                try:
-                    await decode.stub.Release(dpb.ReleaseRequest(request_id=a.rid), timeout=5)
+                try:  # shielded: a second cancel of this request must not call it off
+                    await asyncio.shield(decode.stub.Release(dpb.ReleaseRequest(request_id=a.rid), timeout=5))
                 except grpc.aio.AioRpcError:
                     pass  # the lease expires on its own
 
@@ -284,6 +285,7 @@ class Router:
         async for resp in a.stream:
             if not a.streaming:
                 a.streaming = True
+                a.reserved = False  # the Decode stream owns the reservation now
                 a.computed()
                 if resp.timing.kv_transfer_ms:
                     progress.timing["kv_transfer_ms"] = resp.timing.kv_transfer_ms

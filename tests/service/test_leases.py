@@ -8,8 +8,11 @@ import random
 
 import grpc
 import pytest
+import torch
 
+from pdserve.common.engine.sampling_params import SamplingParams
 from pdserve.common.errors import NotFoundError
+from pdserve.common.transfer import UcxKVSender
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import decode_pb2 as dpb
 from pdserve.v1 import router_pb2 as rpb
@@ -66,9 +69,9 @@ async def test_random_cancellations_and_a_killed_worker_leave_every_pool_full(sm
         assert outcomes.count("finished") > REQUESTS // 2 and outcomes.count("cancelled") > 10
 
         survivors = [rt for rt in suite.decode + suite.prefill if rt.worker_id not in killed]
-        # Frees are asynchronous (aborted streams, finishing sends, store writes); a reservation
-        # whose Release raced ahead of it is freed by its 3 s lease, a push to the dead worker
-        # gives up after 3 s.
+        # Frees are asynchronous (aborted streams, finishing sends, store writes; a push to
+        # the dead worker gives up after 3 s). No lease runs out in this window: the router
+        # asks for one as long as its Prefill timeout, so every free here is a real release.
         for _ in range(400):
             stats = [rt.engine.engine.stats() for rt in survivors]
             store = await suite.store_stats()
@@ -98,3 +101,63 @@ async def test_a_release_that_overtakes_its_reserve_frees_the_reservation_as_it_
         r = await worker.reserve("r-next", list(range(40)), b"", lease_ms=600_000)  # others unaffected
         assert r.dest_block_ids and worker.active_reservations == 1
         assert await worker.release("r-next") is True
+
+
+async def test_a_client_gone_just_as_decode_is_called_leaves_no_reservation_behind(smollm2):
+    # Right after the first token the router opens the Decode stream; a cancel a few loop
+    # turns later can reach the worker before the call does, or the call never leaves.
+    # The reservation stays the router's to release until the stream answers, so the
+    # blocks come back at once, not when the (long) lease runs out.
+    _, _, tokenizer = smollm2
+    async with inprocess_suite(smollm2, decode_kw={"lease_ms": 600_000}) as suite:
+        engine = suite.decode[0].engine.engine
+        left: list[int] = []
+        for turns in range(10):
+            call = suite.stub.Generate(rpb.GenerateRequest(
+                token_ids=pb.TokenIds(ids=text_of_tokens(tokenizer, 40, offset=turns)),
+                sampling=pb.SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)))
+            await call.__aiter__().__anext__()  # the first token: Decode is about to be called
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            call.cancel()
+            for _ in range(40):  # 2 s at most, against a 600 s lease
+                s = engine.stats()
+                if s.reserved == 0 and s.free_blocks == s.total_blocks:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                left.append(turns)
+                for rid in list(suite.decode_workers[0]._leases):  # clean slate for the next turn
+                    await suite.decode_workers[0].release(rid)
+        assert left == [], f"reservations left behind when cancelled {left} loop turns after the first token"
+        assert suite.router.router.inflight == 0
+
+
+async def test_a_decode_cancelled_while_waiting_to_join_the_batch_frees_its_blocks(smollm2):
+    # Once the KV has landed, decode() stops the lease's clock and waits for the engine's
+    # running step to end before the request joins the batch. A cancel in that wait must
+    # free the blocks: no lease would sweep them any more.
+    async with inprocess_suite(smollm2) as suite:
+        worker = suite.decode_workers[0]
+        engine = worker.engine.engine
+        r = await worker.reserve("r-admit", list(range(40)), b"", lease_ms=600_000)
+        blocks = torch.zeros(len(r.dest_block_ids), r.ticket.block_bytes, dtype=torch.uint8)
+        sender = UcxKVSender()
+        try:
+            async with worker.engine._lock:  # an engine step that has not ended yet
+                joining = asyncio.ensure_future(anext(worker.decode("r-admit", 7, SamplingParams(max_tokens=4))))
+                await sender.send(r.ticket, 0, list(blocks))
+                while not worker.engine._lock._waiters:  # decode() now waits to join the batch
+                    await asyncio.sleep(0.01)
+                joining.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await joining
+        finally:
+            await sender.close()
+        for _ in range(40):
+            if engine.stats().reserved == 0:
+                break
+            await asyncio.sleep(0.05)
+        stats = engine.stats()
+        assert stats.reserved == 0 and stats.free_blocks == stats.total_blocks, stats
+        assert worker.active_reservations == 0
