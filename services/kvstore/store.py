@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pdserve.common.kv import host_memory
 
 
 class State(enum.Enum):
@@ -47,7 +48,7 @@ class BlockStore:
         if capacity_blocks < 1 or block_bytes < 1:
             raise ValueError("capacity_blocks and block_bytes must be >= 1")
         self.block_bytes = block_bytes
-        self.slots = torch.zeros((capacity_blocks, block_bytes), dtype=torch.uint8)
+        self.slots = host_memory.zeros((capacity_blocks, block_bytes), torch.uint8)  # huge pages: faster transfers
         self._free = list(range(capacity_blocks - 1, -1, -1))
         self._entries: OrderedDict[bytes, Entry] = OrderedDict()  # LRU order: oldest first
         self.stats = StoreStats()

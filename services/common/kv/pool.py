@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from pdserve.common.errors import InvalidRequestError
+from pdserve.common.kv import host_memory
 from pdserve.common.kv.spec import KVSpec
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -23,7 +24,11 @@ class KVPool:
         if num_blocks < 1:
             raise ValueError("num_blocks must be at least 1")
         self.spec = spec
-        self.tensor = torch.zeros((num_blocks, *spec.block_shape), dtype=_TORCH_DTYPES[spec.dtype], device=device)
+        shape, dtype = (num_blocks, *spec.block_shape), _TORCH_DTYPES[spec.dtype]
+        if torch.device(device).type == "cpu":
+            self.tensor = host_memory.zeros(shape, dtype)  # huge pages: faster transfers
+        else:
+            self.tensor = torch.zeros(shape, dtype=dtype, device=device)
 
     @property
     def num_blocks(self) -> int:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import enum
-import functools
 import hashlib
 import hmac
 import struct
@@ -30,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import xxhash
 
 from pdserve.common import metrics, tracing
 from pdserve.common.errors import (
@@ -63,9 +63,7 @@ class TransferTicket:
 # ---- wire contract ------------------------------------------------------------
 HEADER = struct.Struct("<4sHHIIQ16s")  # magic, version, 0, index, num_blocks, nbytes, checksum
 HEADER_BYTES = 64  # HEADER + 16-byte MAC, padded
-_MAGIC, _VERSION = b"PDKV", 1
-_MASK64 = (1 << 64) - 1
-_ROW = 4096  # checksum row: one page
+_MAGIC, _VERSION = b"PDKV", 2  # 2: XXH3-128 checksums
 
 
 def _keyed(secret: bytes, data: bytes, size: int) -> bytes:
@@ -82,32 +80,17 @@ def block_tag(ticket: TransferTicket, kind: bytes, index: int) -> int:
     return int.from_bytes(_keyed(ticket.secret, msg, 8), "little")
 
 
-@functools.lru_cache(maxsize=8)
-def _row_weights(rows: int) -> np.ndarray:
-    return np.arange(1, rows + 1, dtype=np.int64)
-
-
 def block_checksum(buf) -> bytes:
-    """16-byte Fletcher-style checksum of one block (a CPU tensor or ndarray).
+    """16-byte XXH3-128 of one block (a CPU tensor or ndarray).
 
-    The wrapping sum of the 64-bit words (plus the length), and a position-weighted
-    sum of 4 KiB row sums: missing, stale, truncated or flipped data changes the
-    first, data landing at the wrong page (the unit CMA and DMA copy in) changes
-    the second. Measured on a 737,280-byte block here (in cache): ~27 us a call,
-    16 us of it summing, vs zlib.crc32 ~200 us (3.7 GB/s), adler32 ~240 us,
-    blake2b ~900 us, the same sums over 512-byte rows ~39 us. The receiver
-    verifies on the transfer's critical path, so crc32 would cost more than the
-    copy itself. Forgery is the keyed tags' and MAC's job.
+    Measured on a 737,280-byte block here: 15 us from cache (48 GB/s), 44 us
+    from memory; the Fletcher-style sums used before took 31 and 59 us, zlib.crc32
+    200 us. Both sides hash every block on the transfer's path, so the hash sets
+    how near the seam gets to the transport's own speed. It catches missing,
+    stale, truncated, misplaced or flipped data; forgery is the keyed tags' and
+    MAC's job.
     """
-    a = _as_bytes(buf)
-    n = a.size
-    head = n - n % _ROW
-    rows = a[:head].view(np.int64).reshape(-1, _ROW // 8).sum(axis=1)
-    s1, s2 = int(rows.sum()) + n, int(rows @ _row_weights(rows.size))
-    if head < n:  # a partial last row counts as one more row
-        tail = int(a[head:].sum(dtype=np.int64))
-        s1, s2 = s1 + tail, s2 + (rows.size + 1) * tail
-    return (s1 & _MASK64).to_bytes(8, "little") + (s2 & _MASK64).to_bytes(8, "little")
+    return xxhash.xxh3_128_digest(_as_bytes(buf))
 
 
 def make_header(ticket: TransferTicket, index: int, nbytes: int, checksum: bytes) -> bytearray:
