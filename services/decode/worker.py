@@ -140,26 +140,19 @@ class DecodeWorker:
         if r is None:
             raise NotFoundError(f"no reservation {request_id!r} (expired or released)")
         t0 = time.perf_counter()
-        try:
+        try:  # until admitted, the lease names the blocks: any failure or cancel frees them
             await self.receiver.wait(request_id, self.transfer_timeout_s)
-        except TransferFailedError as e:
+            on_kv((time.perf_counter() - t0) * 1e3)
+            self.counters.transfers_completed += 1
+            self.counters.kv_bytes_received += len(r.dest_block_ids) * r.ticket.block_bytes
+            await self.receiver.cancel(request_id)  # forget the finished transfer
+            await self.engine.admit(request_id, first_token, params)  # after the engine's running step
+        except BaseException as e:
             if isinstance(e, TransferTimeoutError):
                 self.counters.transfers_timed_out += 1
-            else:
+            elif isinstance(e, TransferFailedError):
                 self.counters.transfers_failed += 1
             await self.release(request_id)
-            raise
-        except BaseException:
-            await self.release(request_id)
-            raise
-        on_kv((time.perf_counter() - t0) * 1e3)
-        self.counters.transfers_completed += 1
-        self.counters.kv_bytes_received += len(r.dest_block_ids) * r.ticket.block_bytes
-        try:  # admit waits for the engine's step to end: a cancel may come meanwhile
-            await self.receiver.cancel(request_id)  # forget the finished transfer
-            await self.engine.admit(request_id, first_token, params)
-        except BaseException:
-            await self.release(request_id)  # the lease still names the blocks
             raise
         self._leases.pop(request_id)  # admitted: the engine's request owns them now
         async for out in self._counted(request_id, "decode", self.engine.stream(request_id)):
