@@ -1,6 +1,7 @@
 """KV transfer bandwidth between two processes over UCX, against memcpy.
 
     .venv/bin/python benchmarks/kv_transfer.py [--sizes-mb 4 16 64] [--reps 10] [--chunks 1] [--variants seam ...]
+                                               [--device cuda]
 
 A receiver process (decode-like) and a sender process (prefill-like) each hold a
 block-major KV pool of SmolLM2-sized blocks (737,280 bytes). Per size and
@@ -15,6 +16,10 @@ memcpy is torch's copy of the same bytes in the receiver (the fastest of one
 thread and all threads, on 4 KiB and on 2 MiB pages); the goal is seam >= 50%
 of memcpy. UCX_PROTO_INFO=y is set in the children and the protocol that
 carried block-sized messages is printed.
+--device cuda puts both pools on the GPU: the seam then stages every block
+through the pools' pinned host mirrors (transfer/staging.py), the raw variants
+move the mirrors alone, and the copy from a mirror to the GPU (h2d) is
+printed as a second reference.
 """
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ def _spec():
     return KVSpec("SmolLM2-135M-Instruct", "bench", num_layers=30, num_kv_heads=3, head_dim=64)
 
 
-async def _receiver(conn, max_blocks: int, reps: int) -> None:
+async def _receiver(conn, max_blocks: int, reps: int, device: str) -> None:
     import torch
 
     from pdserve.common.kv import host_memory
@@ -46,7 +51,8 @@ async def _receiver(conn, max_blocks: int, reps: int) -> None:
     from pdserve.common.transfer import UcxKVReceiver
     from pdserve.common.transfer.base import _as_bytes
 
-    pool = KVPool(_spec(), max_blocks)
+    pool = KVPool(_spec(), max_blocks, device)
+    host = pool.tensor if pool.host is None else pool.host  # what the transport moves
     rx = UcxKVReceiver()
     w = rx._w  # the raw variants use the same worker, minus the seam's protocol
     loop = asyncio.get_running_loop()
@@ -76,6 +82,15 @@ async def _receiver(conn, max_blocks: int, reps: int) -> None:
             torch.set_num_threads(threads)
             conn.send(best)
             continue
+        if cmd == "h2d":  # a device pool's copy in from its pinned mirror, same bytes
+            times = []
+            for _ in range(reps + 2):
+                t0 = time.perf_counter()
+                pool.tensor[: a[0]].copy_(host[: a[0]], non_blocking=True)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            conn.send(times[2:])
+            continue
         variant, tid, n = cmd, a[0], a[1]
         if variant == "seam":
             conn.send(rx.expect(tid, [pool.block(b) for b in range(n)]))
@@ -84,9 +99,9 @@ async def _receiver(conn, max_blocks: int, reps: int) -> None:
         else:
             base = int.from_bytes(tid.encode()[-6:], "little") << 16
             if variant == "raw-one":
-                bufs = [_as_bytes(pool.tensor[:n])]
+                bufs = [_as_bytes(host[:n])]
             else:
-                bufs = [_as_bytes(pool.block(b)) for b in range(n)]
+                bufs = [_as_bytes(host[b]) for b in range(n)]
             reqs = [w.worker.tag_recv(w.Array(b), w.tag(base + i)) for i, b in enumerate(bufs)]
             group = w.watch(reqs)
             conn.send(base)
@@ -96,15 +111,18 @@ async def _receiver(conn, max_blocks: int, reps: int) -> None:
         conn.send(time.perf_counter())
 
 
-async def _sender(conn, max_blocks: int) -> None:
+async def _sender(conn, max_blocks: int, device: str) -> None:
     import torch
 
     from pdserve.common.kv.pool import KVPool
     from pdserve.common.transfer import UcxKVSender
     from pdserve.common.transfer.base import _as_bytes
 
-    pool = KVPool(_spec(), max_blocks)
+    pool = KVPool(_spec(), max_blocks, device)
     pool.tensor.copy_(torch.randn_like(pool.tensor))
+    host = pool.tensor if pool.host is None else pool.host
+    if pool.host is not None:
+        host.copy_(pool.tensor)  # the raw variants move the mirror as it stands
     tx = UcxKVSender()
     w = tx._w
     loop = asyncio.get_running_loop()
@@ -126,15 +144,15 @@ async def _sender(conn, max_blocks: int) -> None:
         else:
             address, base = target
             ep = tx._eps.get(address) or tx._eps.setdefault(address, w.endpoint(address))
-            bufs = [_as_bytes(pool.tensor[:n])] if variant == "raw-one" else [_as_bytes(pool.block(b)) for b in range(n)]
+            bufs = [_as_bytes(host[:n])] if variant == "raw-one" else [_as_bytes(host[b]) for b in range(n)]
             await w.watch([ep.tag_send(w.Array(b), w.tag(base + i)) for i, b in enumerate(bufs)]).future
         conn.send(t0)
 
 
-def _child(role: str, conn, max_blocks: int, reps: int, log_path: str) -> None:
+def _child(role: str, conn, max_blocks: int, reps: int, log_path: str, device: str) -> None:
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1)  # UCX_PROTO_INFO tables go to stdout; keep them for the report
-    main = _receiver(conn, max_blocks, reps) if role == "recv" else _sender(conn, max_blocks)
+    main = _receiver(conn, max_blocks, reps, device) if role == "recv" else _sender(conn, max_blocks, device)
     asyncio.run(main)
 
 
@@ -155,6 +173,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--chunks", type=int, default=1, help="send() calls per transfer (prefill chunks)")
     p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    p.add_argument("--device", default="cpu", help="where both KV pools live (cpu, cuda)")
     args = p.parse_args()
     os.environ.setdefault("UCX_PROTO_INFO", "y")
     sizes = {mb: -(-mb * MB // BLOCK_BYTES) for mb in args.sizes_mb}  # MB -> whole blocks
@@ -165,14 +184,14 @@ def main() -> None:
     pipes, procs = {}, []
     for role in ("recv", "send"):
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_child, args=(role, child, max_blocks, args.reps, logs[role]), daemon=True)
+        proc = ctx.Process(target=_child, args=(role, child, max_blocks, args.reps, logs[role], args.device), daemon=True)
         proc.start()
         pipes[role], procs = parent, procs + [proc]
     rx, tx = pipes["recv"], pipes["send"]
     address = rx.recv()
     assert tx.recv() == "ready"
 
-    print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}, "
+    print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}, pools on {args.device}, "
           f"UCXPY/UCX env: {sorted(k + '=' + v for k, v in os.environ.items() if k.startswith('UCX'))}")
     print(f"{'size':>8} {'blocks':>6} {'variant':>11} {'median GB/s':>12} {'min':>6} {'max':>6} {'vs memcpy':>10}")
     n_id = 0
@@ -183,6 +202,11 @@ def main() -> None:
         memcpy = statistics.median(nbytes / t / 1e9 for t in times)
         print(f"{nbytes / MB:7.1f}M {n:6d} {'memcpy':>11} {memcpy:12.2f} "
               f"{nbytes / max(times) / 1e9:6.2f} {nbytes / min(times) / 1e9:6.2f} {'':>10}  (torch, {threads})")
+        if args.device != "cpu":
+            rx.send(("h2d", n))
+            h2d = rx.recv()
+            print(f"{nbytes / MB:7.1f}M {n:6d} {'h2d':>11} {statistics.median(nbytes / t / 1e9 for t in h2d):12.2f} "
+                  f"{nbytes / max(h2d) / 1e9:6.2f} {nbytes / min(h2d) / 1e9:6.2f} {'':>10}  (pinned mirror -> {args.device})")
         for variant in args.variants:
             bw = []
             for rep in range(args.reps + 2):

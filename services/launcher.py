@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import signal
 import subprocess
@@ -57,7 +58,7 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
          host: str = "127.0.0.1", port: int = 50051, base_port: int = 50061, kv_cache_gib: float | None = None,
          kvstore: bool = True, log_level: str | None = None, http_port: int | None = None,
          metrics_port: int = -1, threads: int | None = None, python: str = sys.executable,
-         hosts: Mapping[str, str] | None = None) -> list[Service]:
+         hosts: Mapping[str, str] | None = None, device: str | None = None) -> list[Service]:
     """The services of a suite, with their command lines; validates the shape.
 
     hosts: a service's own --host by name (e.g. "prefill-0": one address per
@@ -65,6 +66,9 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
 
     metrics_port: the router's Prometheus port; the other services take the next
     ports, in the order listed. -1 (the default here): no metrics; 0: any free ports.
+
+    device: the model workers' torch device; a comma-separated list is dealt out in
+    turn (prefill workers first), e.g. "cuda:0,cuda:1" for one GPU each of two workers.
 
     threads: torch threads per model worker; None: this machine's cores shared
     among them (two workers with a thread per core each measured 4x slower to
@@ -94,10 +98,12 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
     def at(name: str) -> str:
         return (hosts or {}).get(name, host)
     store = ("--kvstore", f"{_dial(at('kvstore'))}:{store_port}") if kvstore else ()
+    devices = itertools.cycle(device.split(",") if device else [None])
     for role, count in (("prefill", prefill), ("decode", decode)):
         for i in range(count):
-            p, name = next(ports), f"{role}-{i}"
+            p, name, dev = next(ports), f"{role}-{i}", next(devices)
             extra = ("--role", "colocated") if mode == "colocated" else store
+            extra += ("--device", dev) if dev else ()
             services.append(Service(name, (*serve, role, "--host", at(name), "--port", str(p), "--worker-id", name,
                                            *common, *per_worker, *extra), f"{_dial(at(name))}:{p}", 1))
             targets[role].append(f"{_dial(at(name))}:{p}")
@@ -333,6 +339,9 @@ def add_up_args(parser: argparse.ArgumentParser) -> None:
                         help="the router's Prometheus /metrics port; workers and the store take the next ports "
                              "(-1: no metrics, 0: any free ports)")
     parser.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache per worker")
+    parser.add_argument("--device", default=None,
+                        help="model workers' torch device (cpu, cuda, cuda:1); a comma-separated list is dealt "
+                             "out in turn, prefill workers first: cuda:0,cuda:1")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per worker (default: this machine's cores shared among the workers; "
                              "0: torch's default)")
@@ -349,7 +358,8 @@ def run_up(args: argparse.Namespace) -> int:
         services = plan(args.mode, args.prefill, args.decode, model=args.model, host=args.host, port=args.port,
                         base_port=args.base_port, kv_cache_gib=args.kv_cache_gib, kvstore=kvstore,
                         log_level=getattr(args, "log_level", None),  # `pdserve --log-level L up`
-                        http_port=args.http_port, metrics_port=args.metrics_port, threads=args.threads)
+                        http_port=args.http_port, metrics_port=args.metrics_port, threads=args.threads,
+                        device=args.device)
         suite = Suite(services=services, log_dir=args.log_dir, ready_timeout=args.ready_timeout, grace_s=args.grace)
     except (ValueError, SuiteError) as e:
         print(f"pdserve up: {e}", file=sys.stderr)

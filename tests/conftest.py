@@ -1,6 +1,8 @@
 """Shared fixtures: the real SmolLM2 model, and a tiny random model of the same family."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 
@@ -15,12 +17,23 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smollm2):
+def smollm2_tokenizer(request):
+    """SmolLM2's tokenizer; from $PDSERVE_TEST_TOKENIZER (a directory of its files) where
+    the model package cannot travel (the GPU machine), else from the bundled model."""
+    if os.environ.get("PDSERVE_TEST_TOKENIZER"):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(os.environ["PDSERVE_TEST_TOKENIZER"])
+    return request.getfixturevalue("smollm2")[2]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
     """A 2-layer randomly initialised Llama with SmolLM2's tokenizer: fast to run."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    _, _, tokenizer = smollm2
+    tokenizer = smollm2_tokenizer
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,

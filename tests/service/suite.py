@@ -1,6 +1,7 @@
 """A whole suite in this process: real gRPC servers on free ports, real UCX, SmolLM2."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
@@ -48,6 +49,16 @@ class InProcessSuite:
         return await self.store_stub.GetStats(kvstore_pb2.GetStoreStatsRequest())
 
 
+async def pools_full(suite: InProcessSuite, dead: set[str] = frozenset()) -> None:
+    """Every surviving worker's pool is back to all free: no reservation, hold or block left."""
+    for _ in range(100):  # frees are asynchronous (leases, finishing sends)
+        stats = [rt.engine.engine.stats() for rt in suite.decode + suite.prefill if rt.worker_id not in dead]
+        if all(s.free_blocks == s.total_blocks and s.reserved == s.held == s.running == 0 for s in stats):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"blocks still in use: {stats}")
+
+
 @contextlib.asynccontextmanager
 async def inprocess_suite(smollm2, mode: str = "disaggregated", *, prefill_workers: int = 1, decode_workers: int = 1,
                           store_blocks: int = 0, prefill_kw: dict | None = None,
@@ -61,13 +72,13 @@ async def inprocess_suite(smollm2, mode: str = "disaggregated", *, prefill_worke
     ref, _, tokenizer = smollm2
 
     def engine_for(config: WorkerConfig) -> LLMEngine:
-        model, _ = model_loader.load(ref)
+        model, _ = model_loader.load(ref, device=config.device, dtype=config.dtype)
         return LLMEngine(config.engine_config(), model, tokenizer, ref)
 
     stack = contextlib.AsyncExitStack()
     store_port = 0
     if store_blocks:
-        scfg = KVStoreConfig(port=0, capacity_blocks=store_blocks, **security)
+        scfg = KVStoreConfig(port=0, capacity_blocks=store_blocks, model=str(ref.path), **security)
         server, store_port, store = kvstore_serve.build(scfg)
         await add_health_service(server)
         await store.start()

@@ -13,7 +13,7 @@ from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import decode_pb2 as dpb
 from pdserve.v1 import router_pb2 as rpb
 from tests.engine.prompts import text_of_tokens
-from tests.service.suite import inprocess_suite
+from tests.service.suite import inprocess_suite, pools_full
 
 
 def _request(ids, rid, max_tokens=24, **kw):
@@ -47,16 +47,6 @@ async def _kill_when_busy(runtimes, dead: set[str], tokens_seen: list | None = N
     raise AssertionError("no worker ever got the request")
 
 
-async def _pools_full(suite, dead: set[str] = frozenset()) -> None:
-    """Every surviving worker's pool is back to all free: no reservation, hold or block left."""
-    for _ in range(100):  # frees are asynchronous (leases, finishing sends)
-        stats = [rt.engine.engine.stats() for rt in suite.decode + suite.prefill if rt.worker_id not in dead]
-        if all(s.free_blocks == s.total_blocks and s.reserved == s.held == s.running == 0 for s in stats):
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"blocks still in use: {stats}")
-
-
 async def test_a_prefill_worker_dying_mid_prefill_is_retried_on_another_with_the_same_tokens(smollm2):
     _, _, tokenizer = smollm2
     prompt = text_of_tokens(tokenizer, 900, offset=3)  # about a second of prefill here
@@ -69,7 +59,7 @@ async def test_a_prefill_worker_dying_mid_prefill_is_retried_on_another_with_the
         assert suite.router.router.recoveries["prefill"] == 1
         expected, _ = await _collect(suite.stub.Generate(_request(prompt, "unfaulted")))
         assert tokens == expected and len(tokens) == 24
-        await _pools_full(suite, dead)
+        await pools_full(suite, dead)
 
 
 async def test_a_decode_worker_dying_mid_stream_migrates_with_no_token_lost_or_repeated(smollm2):
@@ -93,7 +83,7 @@ async def test_a_decode_worker_dying_mid_stream_migrates_with_no_token_lost_or_r
         assert got == expected  # greedy: the re-prefilled context decodes the same tokens
         assert last.usage.completion_tokens == 48 and last.route.decode_worker_id != killed
         assert suite.router.router.recoveries["decode"] == 1
-        await _pools_full(suite, dead)
+        await pools_full(suite, dead)
 
 
 async def test_kv_that_fails_its_checksum_is_recomputed_never_decoded(smollm2, monkeypatch):
@@ -109,7 +99,7 @@ async def test_kv_that_fails_its_checksum_is_recomputed_never_decoded(smollm2, m
         assert decode_stats.transfers_failed == 1
         expected, _ = await _collect(suite.stub.Generate(_request(prompt, "clean")))
         assert tokens == expected
-        await _pools_full(suite)
+        await pools_full(suite)
 
 
 async def test_when_the_retry_budget_is_spent_the_client_gets_the_error_not_a_hang(smollm2, monkeypatch):
@@ -122,7 +112,7 @@ async def test_when_the_retry_budget_is_spent_the_client_gets_the_error_not_a_ha
                 await asyncio.wait_for(_collect(suite.stub.Generate(_request(prompt, "doomed"))), 60)
         assert err.value.code() is grpc.StatusCode.ABORTED
         assert "after 1 attempts" in err.value.details() and "checksum mismatch" in err.value.details()
-        await _pools_full(suite)
+        await pools_full(suite)
 
 
 async def test_a_retry_never_collides_with_what_the_failed_attempt_left_behind(smollm2, monkeypatch):
@@ -146,4 +136,4 @@ async def test_a_retry_never_collides_with_what_the_failed_attempt_left_behind(s
         assert last.finish_reason != pb.FINISH_REASON_UNSPECIFIED
         expected, _ = await _collect(suite.stub.Generate(_request(prompt, "clean")))
         assert tokens == expected
-        await _pools_full(suite)
+        await pools_full(suite)

@@ -98,6 +98,17 @@ def test_disaggregated_plan():
     assert launcher.plan("disaggregated", 1, 1, http_port=-1, python="py")[-1].argv[-2:] == ("--http-port", "-1")
 
 
+def test_a_device_list_is_dealt_out_to_the_model_workers_in_turn():
+    def devices(*shape, **kw):
+        return {s.name: s.argv[s.argv.index("--device") + 1] if "--device" in s.argv else None
+                for s in launcher.plan(*shape, python="py", **kw)}
+    assert devices("disaggregated", 2, 2, device="cuda:0,cuda:1") == {
+        "model": None, "prefill-0": "cuda:0", "prefill-1": "cuda:1", "decode-0": "cuda:0", "decode-1": "cuda:1",
+        "kvstore": None, "router": None}  # the store and the router need no GPU
+    assert set(devices("colocated", 1, 3, device="cuda").values()) == {None, "cuda"}
+    assert set(devices("disaggregated", 1, 1).values()) == {None}  # the worker's own default (cpu)
+
+
 def test_workers_share_the_machine_s_cores_unless_told_otherwise(monkeypatch):
     monkeypatch.setattr(launcher.os, "sched_getaffinity", lambda pid: set(range(8)))
     def threads(*shape, **kw):

@@ -3,6 +3,9 @@
 Block-major: `[num_blocks, layers, 2, block_size, kv_heads, head_dim]`, so
 block i is the contiguous buffer `tensor[i]`, which is what moves between
 workers and to the KV store. Attention writes and reads it in place.
+A pool on a GPU also keeps a pinned host mirror of the same layout (`host`):
+the transports move host bytes, and transfer/staging.py copies each block
+through its own mirror block.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import torch
 from pdserve.common.errors import InvalidRequestError
 from pdserve.common.kv import host_memory
 from pdserve.common.kv.spec import KVSpec
+from pdserve.common.transfer.staging import StagedBlock, pin
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -25,22 +29,28 @@ class KVPool:
             raise ValueError("num_blocks must be at least 1")
         self.spec = spec
         shape, dtype = (num_blocks, *spec.block_shape), _TORCH_DTYPES[spec.dtype]
+        self.host: torch.Tensor | None = None  # the staging mirror of a device pool
         if torch.device(device).type == "cpu":
             self.tensor = host_memory.zeros(shape, dtype)  # huge pages: faster transfers
         else:
             self.tensor = torch.zeros(shape, dtype=dtype, device=device)
+            self.host = host_memory.zeros(shape, dtype)
+            self.pinned = pin(self.host)
 
     @property
     def num_blocks(self) -> int:
         return self.tensor.shape[0]
 
-    def block(self, block_id: int) -> torch.Tensor:
-        """A view of one block: a contiguous buffer to send or receive into."""
-        return self.tensor[block_id]
+    def block(self, block_id: int) -> torch.Tensor | StagedBlock:
+        """One block, to send or receive into: a contiguous view on the CPU; on a
+        device, the view with its host mirror block (staged by the transfer layer)."""
+        if self.host is None:
+            return self.tensor[block_id]
+        return StagedBlock(self.tensor[block_id], self.host[block_id])
 
     def export_blocks(self, block_ids: list[int]) -> list[memoryview]:
-        """Bytes-like views of blocks, without copying (CPU pools)."""
-        return [memoryview(self.tensor[b].numpy()).cast("B") for b in block_ids]
+        """Bytes-like views of blocks: no copy on the CPU, a host copy from a device."""
+        return [memoryview(self.tensor[b].cpu().numpy()).cast("B") for b in block_ids]
 
     def import_blocks(self, block_ids: list[int], buffers: list) -> None:
         if len(buffers) != len(block_ids):

@@ -32,6 +32,7 @@ import numpy as np
 import xxhash
 
 from pdserve.common import metrics, tracing
+from pdserve.common.transfer import staging
 from pdserve.common.errors import (
     InvalidRequestError,
     NotFoundError,
@@ -134,7 +135,7 @@ def check_blocks(buffers, block_bytes: int | None = None) -> int:
     sizes = {b.nbytes for b in buffers}
     for b in buffers:
         if getattr(b, "device", None) is not None and b.device.type != "cpu":
-            raise InvalidRequestError("buffers", "only CPU blocks are supported")
+            raise InvalidRequestError("buffers", "device blocks move through their host mirror: pass KVPool.block()")
         if not b.is_contiguous():
             raise InvalidRequestError("buffers", "blocks must be contiguous")
     if len(sizes) != 1 or (block_bytes is not None and sizes != {block_bytes}):
@@ -146,8 +147,10 @@ def check_blocks(buffers, block_bytes: int | None = None) -> int:
 class Inbound:
     """Receiver-side state of one transfer (shared by the implementations)."""
 
-    def __init__(self, ticket: TransferTicket, dest: list, transport: str = "") -> None:
-        self.ticket, self.dest, self.transport = ticket, dest, transport
+    def __init__(self, ticket: TransferTicket, dest: list, transport: str = "",
+                 staged: list[staging.StagedBlock] | None = None) -> None:
+        self.ticket, self.dest, self.transport = ticket, dest, transport  # dest: host buffers
+        self.staged = staged or []  # device blocks whose mirrors are in dest: copied in by wait()
         self.status = TransferStatus.PENDING
         self.error: str | None = None
         self.landed: set[int] = set()  # indices verified so far
@@ -219,6 +222,8 @@ class KVReceiver(abc.ABC):
                 await asyncio.wait_for(t.finished.wait(), timeout)
                 if t.status is not TransferStatus.DONE:
                     raise TransferFailedError(f"transfer {transfer_id}: {t.error}")
+                staged, t.staged = t.staged, []
+                await staging.copy_in(staged)
         except TimeoutError:
             metrics.TRANSFER_FAILURES.add(1, {"transport": self.transport, "side": "receive", "reason": "timeout"})
             raise TransferTimeoutError(f"transfer {transfer_id}: not done after {timeout}s") from None
@@ -226,9 +231,10 @@ class KVReceiver(abc.ABC):
     def _new(self, transfer_id: str, dest_buffers: list, secret: bytes) -> Inbound:
         if transfer_id in self._transfers:
             raise InvalidRequestError("transfer_id", f"{transfer_id!r} is already expected")
-        block_bytes = check_blocks(dest_buffers)
-        ticket = TransferTicket(transfer_id, secret, self.address, len(dest_buffers), block_bytes)
-        self._transfers[transfer_id] = t = Inbound(ticket, list(dest_buffers), self.transport)
+        host = staging.host_buffers(dest_buffers)
+        block_bytes = check_blocks(host)
+        ticket = TransferTicket(transfer_id, secret, self.address, len(host), block_bytes)
+        self._transfers[transfer_id] = t = Inbound(ticket, host, self.transport, staging.staged(dest_buffers))
         return t
 
     def _get(self, transfer_id: str) -> Inbound:
@@ -256,7 +262,8 @@ class KVSender(abc.ABC):
             with _spans.span("kv.send", transfer_id=ticket.transfer_id, transport=self.transport,
                              first_block=first_block_index, blocks=len(src_buffers),
                              bytes=len(src_buffers) * ticket.block_bytes):
-                await self._send(ticket, first_block_index, src_buffers, timeout)
+                await staging.copy_out(staging.staged(src_buffers))  # device blocks: to their mirrors first
+                await self._send(ticket, first_block_index, staging.host_buffers(src_buffers), timeout)
         except TransferFailedError as e:  # TransferTimeoutError too
             reason = "timeout" if isinstance(e, TransferTimeoutError) else "failed"
             metrics.TRANSFER_FAILURES.add(1, {"transport": self.transport, "side": "send", "reason": reason})
