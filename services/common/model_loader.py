@@ -64,13 +64,18 @@ def _dir_digest(path: Path) -> str:
     if not files:
         raise FileNotFoundError(f"no weights (*.safetensors, *.bin) in {path}")
     for f in files:
-        size = f.stat().st_size
-        h.update(f.name.encode() + size.to_bytes(8, "little"))
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-            fh.seek(max(0, size - (1 << 20)))
-            h.update(fh.read(1 << 20))
+        _sample(h, f)
     return h.hexdigest()
+
+
+def _sample(h, f: Path) -> None:
+    """Feed `h` a file's name, size, first and last MiB."""
+    size = f.stat().st_size
+    h.update(f.name.encode() + size.to_bytes(8, "little"))
+    with open(f, "rb") as fh:
+        h.update(fh.read(1 << 20))
+        fh.seek(max(0, size - (1 << 20)))
+        h.update(fh.read(1 << 20))
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
@@ -96,6 +101,15 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)  # another process converted it first
 
 
+def converted_dir(gguf: Path) -> Path:
+    """Where a GGUF file's conversion is cached: keyed by the file's contents, not
+    its path, since every fresh virtualenv installs the same GGUF at a new path (a
+    path key converted, and kept, another 517 MB copy for each of them)."""
+    key = hashlib.blake2b(digest_size=6)
+    _sample(key, gguf)
+    return cache_dir() / f"{gguf.stem}-{key.hexdigest()}"
+
+
 def resolve(model: str | None = None) -> ModelRef:
     """Turn `--model` into a loadable HF directory, converting GGUF once."""
     if model in (None, "", DEFAULT_MODEL_NAME):
@@ -109,9 +123,7 @@ def resolve(model: str | None = None) -> ModelRef:
         if p.suffix != ".gguf" or not p.is_file():
             raise FileNotFoundError(f"--model {model!r}: not a Hugging Face directory or a .gguf file")
         gguf, name = p, p.stem
-    st = gguf.stat()
-    key = hashlib.blake2b(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode(), digest_size=6).hexdigest()
-    out = cache_dir() / f"{gguf.stem}-{key}"
+    out = converted_dir(gguf)
     if not (out / _META).exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         _convert_gguf(gguf, out)

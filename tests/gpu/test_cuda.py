@@ -8,6 +8,7 @@ there), built from a fixed seed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 import torch
@@ -85,8 +86,10 @@ def test_a_cuda_pool_stages_through_a_pinned_host_mirror():
     assert pool.pinned and pool.host.is_pinned()
 
 
-async def test_cuda_blocks_cross_real_ucx_and_land_only_once_verified():
-    src, dst = KVPool(SPEC, 8, "cuda"), KVPool(SPEC, 8, "cuda")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+async def test_cuda_blocks_cross_real_ucx_and_land_only_once_verified(dtype):
+    spec = dataclasses.replace(SPEC, dtype=dtype)
+    src, dst = KVPool(spec, 8, "cuda"), KVPool(spec, 8, "cuda")
     src.tensor.copy_(torch.randn(src.tensor.shape, device="cuda"))
     rx, tx = ucx.UcxKVReceiver(), ucx.UcxKVSender()
     try:

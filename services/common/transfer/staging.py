@@ -75,7 +75,9 @@ def _copy(blocks: list[StagedBlock], to_host: bool) -> None:
             b.host.copy_(b.device, non_blocking=True)
         else:
             b.device.copy_(b.host, non_blocking=True)
-    torch.cuda.current_stream(blocks[0].device.device).synchronize()
+    device = blocks[0].device.device
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
 
 
 async def copy_out(blocks: list[StagedBlock]) -> None:
