@@ -30,6 +30,7 @@ def sampling_from_pb(p: pb.SamplingParams, default_max_tokens: int = DEFAULT_MAX
         top_p=p.top_p if p.HasField("top_p") else 1.0,
         top_k=p.top_k,
         seed=p.seed if p.HasField("seed") else None,
+        seed_offset=p.seed_offset,
         stop=tuple(p.stop),
         stop_token_ids=tuple(p.stop_token_ids),
         ignore_eos=p.ignore_eos,
@@ -39,7 +40,7 @@ def sampling_from_pb(p: pb.SamplingParams, default_max_tokens: int = DEFAULT_MAX
 def sampling_to_pb(s: SamplingParams, with_stop_strings: bool = True) -> pb.SamplingParams:
     out = pb.SamplingParams(
         max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-        stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
+        stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos, seed_offset=s.seed_offset,
         stop=list(s.stop) if with_stop_strings else [],
     )
     if s.seed is not None:

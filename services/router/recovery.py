@@ -79,8 +79,10 @@ class Progress:
 
     @property
     def remaining_params(self) -> SamplingParams:
-        # Stop strings stay with the router's detokenizer, which sees the whole text.
-        return dataclasses.replace(self.params, max_tokens=self.params.max_tokens - len(self.generated), stop=())
+        # Stop strings stay with the router's detokenizer, which sees the whole text;
+        # seeded draws go on from the position the client has reached.
+        return dataclasses.replace(self.params, max_tokens=self.params.max_tokens - len(self.generated), stop=(),
+                                   seed_offset=self.params.seed_offset + len(self.generated))
 
     @property
     def excluded(self) -> set[str]:

@@ -1,6 +1,8 @@
 """Sampling, stop conditions and streamed text."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -39,6 +41,19 @@ def test_seeded_sampling_repeats_whatever_the_batch(make_engine):
     [alone] = engine.generate(["Tell me a story."], p)
     together = engine.generate(["Tell me a story.", "Other prompt", "Yet another one here"], p)
     assert together[0] == alone
+
+
+def test_a_seeded_stream_resumed_from_its_output_so_far_draws_the_same_tail(make_engine, smollm2):
+    """Prompt + the first k tokens, with seed_offset k: the tokens the whole run drew after k."""
+    engine, tokenizer = make_engine(), smollm2[2]
+    prompt = tokenizer.encode("Tell me a story about a lighthouse.", add_special_tokens=False)
+    p = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=99, ignore_eos=True)
+    [whole] = engine.generate([prompt], p)
+    k = 6
+    [tail] = engine.generate([prompt + whole[:k]], dataclasses.replace(p, max_tokens=16 - k, seed_offset=k))
+    assert tail == whole[k:]
+    [restarted] = engine.generate([prompt + whole[:k]], dataclasses.replace(p, max_tokens=16 - k))
+    assert restarted != whole[k:]  # without the offset, the draws start over
 
 
 def test_streamed_text_equals_decoded_tokens(make_engine, smollm2):

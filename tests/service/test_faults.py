@@ -18,7 +18,7 @@ from tests.service.suite import inprocess_suite, pools_full
 
 def _request(ids, rid, max_tokens=24, **kw):
     return rpb.GenerateRequest(request_id=rid, token_ids=pb.TokenIds(ids=ids),
-                               sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw))
+                               sampling=pb.SamplingParams(**{"max_tokens": max_tokens, "temperature": 0.0, **kw}))
 
 
 async def _collect(stream):
@@ -62,17 +62,20 @@ async def test_a_prefill_worker_dying_mid_prefill_is_retried_on_another_with_the
         await pools_full(suite, dead)
 
 
-async def test_a_decode_worker_dying_mid_stream_migrates_with_no_token_lost_or_repeated(smollm2):
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "top_p": 0.95, "seed": 7}], ids=["greedy", "seeded"])
+async def test_a_decode_worker_dying_mid_stream_migrates_with_no_token_lost_or_repeated(smollm2, sampling):
     _, _, tokenizer = smollm2
     prompt = text_of_tokens(tokenizer, 40, offset=7)
     dead: set[str] = set()
     async with inprocess_suite(smollm2, decode_workers=2) as suite:
-        expected, _ = await _collect(suite.stub.Generate(_request(prompt, "baseline", max_tokens=48, ignore_eos=True)))
+        expected, _ = await _collect(suite.stub.Generate(_request(prompt, "baseline", max_tokens=48, ignore_eos=True,
+                                                                  **sampling)))
         got: list[int] = []
 
         async def stream():
             last = None
-            async for r in suite.stub.Generate(_request(prompt, "faulted", max_tokens=48, ignore_eos=True)):
+            async for r in suite.stub.Generate(_request(prompt, "faulted", max_tokens=48, ignore_eos=True,
+                                                        **sampling)):
                 got.extend(r.token_ids)
                 last = r
             return last
@@ -80,7 +83,9 @@ async def test_a_decode_worker_dying_mid_stream_migrates_with_no_token_lost_or_r
         call = asyncio.create_task(stream())
         killed = await _kill_when_busy(suite.decode, dead, tokens_seen=got)
         last = await call
-        assert got == expected  # greedy: the re-prefilled context decodes the same tokens
+        # Greedy: the re-prefilled context decodes the same tokens; seeded: the
+        # draws go on from the position reached (seed_offset), not from the start.
+        assert got == expected
         assert last.usage.completion_tokens == 48 and last.route.decode_worker_id != killed
         assert suite.router.router.recoveries["decode"] == 1
         await pools_full(suite, dead)

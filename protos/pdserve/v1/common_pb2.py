@@ -24,35 +24,35 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/common.proto\x12\npdserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xf7\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\x86\x01\n\x0fTimingBreakdown\x12\x11\n\tqueued_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x16\n\x0ekv_transfer_ms\x18\x03 \x01(\x01\x12\x11\n\tdecode_ms\x18\x04 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x05 \x01(\x01\x12\x10\n\x08total_ms\x18\x06 \x01(\x01\"\xc1\x02\n\nWorkerLoad\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole\x12\x16\n\x0ewaiting_tokens\x18\x03 \x01(\x04\x12\x14\n\x0crunning_seqs\x18\x04 \x01(\r\x12\x14\n\x0cwaiting_seqs\x18\x05 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x06 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x07 \x01(\r\x12\x17\n\x0fprefix_hit_rate\x18\x08 \x01(\x01\x12\x1c\n\x14prefill_tokens_per_s\x18\t \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_step_ms\x18\n \x01(\x01\x12\x1f\n\x17kv_transfer_bytes_per_s\x18\x0b \x01(\x01\x12\x1b\n\x13measured_at_unix_ms\x18\x0c \x01(\x04\"\xa8\x01\n\x06KVSpec\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x16\n\x0eweights_digest\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x08 \x01(\x0c\"\xda\x01\n\x0eTransferTicket\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\x0c\x12\x13\n\x0bucx_address\x18\x03 \x01(\x0c\x12\x16\n\x0e\x64\x65st_block_ids\x18\x04 \x03(\r\x12\x13\n\x0b\x62lock_bytes\x18\x05 \x01(\x04\x12\x12\n\nnum_blocks\x18\x06 \x01(\r\x12\x19\n\x11\x66irst_block_index\x18\x07 \x01(\r\x12\x16\n\x0ekv_fingerprint\x18\x08 \x01(\x0c\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\t \x01(\x04\"\x8a\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12#\n\x07kv_spec\x18\x05 \x01(\x0b\x32\x12.pdserve.v1.KVSpec\"\x10\n\x0eGetLoadRequest\"]\n\x0fGetLoadResponse\x12$\n\x04info\x18\x01 \x01(\x0b\x32\x16.pdserve.v1.WorkerInfo\x12$\n\x04load\x18\x02 \x01(\x0b\x32\x16.pdserve.v1.WorkerLoad*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*u\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x19\n\x15WORKER_ROLE_COLOCATED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/common.proto\x12\npdserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x8c\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x13\n\x0bseed_offset\x18\n \x01(\rB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\x86\x01\n\x0fTimingBreakdown\x12\x11\n\tqueued_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x16\n\x0ekv_transfer_ms\x18\x03 \x01(\x01\x12\x11\n\tdecode_ms\x18\x04 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x05 \x01(\x01\x12\x10\n\x08total_ms\x18\x06 \x01(\x01\"\xc1\x02\n\nWorkerLoad\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole\x12\x16\n\x0ewaiting_tokens\x18\x03 \x01(\x04\x12\x14\n\x0crunning_seqs\x18\x04 \x01(\r\x12\x14\n\x0cwaiting_seqs\x18\x05 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x06 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x07 \x01(\r\x12\x17\n\x0fprefix_hit_rate\x18\x08 \x01(\x01\x12\x1c\n\x14prefill_tokens_per_s\x18\t \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_step_ms\x18\n \x01(\x01\x12\x1f\n\x17kv_transfer_bytes_per_s\x18\x0b \x01(\x01\x12\x1b\n\x13measured_at_unix_ms\x18\x0c \x01(\x04\"\xa8\x01\n\x06KVSpec\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x16\n\x0eweights_digest\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x08 \x01(\x0c\"\xda\x01\n\x0eTransferTicket\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\x0c\x12\x13\n\x0bucx_address\x18\x03 \x01(\x0c\x12\x16\n\x0e\x64\x65st_block_ids\x18\x04 \x03(\r\x12\x13\n\x0b\x62lock_bytes\x18\x05 \x01(\x04\x12\x12\n\nnum_blocks\x18\x06 \x01(\r\x12\x19\n\x11\x66irst_block_index\x18\x07 \x01(\r\x12\x16\n\x0ekv_fingerprint\x18\x08 \x01(\x0c\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\t \x01(\x04\"\x8a\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12#\n\x07kv_spec\x18\x05 \x01(\x0b\x32\x12.pdserve.v1.KVSpec\"\x10\n\x0eGetLoadRequest\"]\n\x0fGetLoadResponse\x12$\n\x04info\x18\x01 \x01(\x0b\x32\x16.pdserve.v1.WorkerInfo\x12$\n\x04load\x18\x02 \x01(\x0b\x32\x16.pdserve.v1.WorkerLoad*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*u\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x19\n\x15WORKER_ROLE_COLOCATED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1504
-  _globals['_FINISHREASON']._serialized_end=1649
-  _globals['_WORKERROLE']._serialized_start=1651
-  _globals['_WORKERROLE']._serialized_end=1768
+  _globals['_FINISHREASON']._serialized_start=1525
+  _globals['_FINISHREASON']._serialized_end=1670
+  _globals['_WORKERROLE']._serialized_start=1672
+  _globals['_WORKERROLE']._serialized_end=1789
   _globals['_TOKENIDS']._serialized_start=39
   _globals['_TOKENIDS']._serialized_end=62
   _globals['_SAMPLINGPARAMS']._serialized_start=65
-  _globals['_SAMPLINGPARAMS']._serialized_end=312
-  _globals['_USAGE']._serialized_start=314
-  _globals['_USAGE']._serialized_end=394
-  _globals['_TIMINGBREAKDOWN']._serialized_start=397
-  _globals['_TIMINGBREAKDOWN']._serialized_end=531
-  _globals['_WORKERLOAD']._serialized_start=534
-  _globals['_WORKERLOAD']._serialized_end=855
-  _globals['_KVSPEC']._serialized_start=858
-  _globals['_KVSPEC']._serialized_end=1026
-  _globals['_TRANSFERTICKET']._serialized_start=1029
-  _globals['_TRANSFERTICKET']._serialized_end=1247
-  _globals['_WORKERINFO']._serialized_start=1250
-  _globals['_WORKERINFO']._serialized_end=1388
-  _globals['_GETLOADREQUEST']._serialized_start=1390
-  _globals['_GETLOADREQUEST']._serialized_end=1406
-  _globals['_GETLOADRESPONSE']._serialized_start=1408
-  _globals['_GETLOADRESPONSE']._serialized_end=1501
+  _globals['_SAMPLINGPARAMS']._serialized_end=333
+  _globals['_USAGE']._serialized_start=335
+  _globals['_USAGE']._serialized_end=415
+  _globals['_TIMINGBREAKDOWN']._serialized_start=418
+  _globals['_TIMINGBREAKDOWN']._serialized_end=552
+  _globals['_WORKERLOAD']._serialized_start=555
+  _globals['_WORKERLOAD']._serialized_end=876
+  _globals['_KVSPEC']._serialized_start=879
+  _globals['_KVSPEC']._serialized_end=1047
+  _globals['_TRANSFERTICKET']._serialized_start=1050
+  _globals['_TRANSFERTICKET']._serialized_end=1268
+  _globals['_WORKERINFO']._serialized_start=1271
+  _globals['_WORKERINFO']._serialized_end=1409
+  _globals['_GETLOADREQUEST']._serialized_start=1411
+  _globals['_GETLOADREQUEST']._serialized_end=1427
+  _globals['_GETLOADRESPONSE']._serialized_start=1429
+  _globals['_GETLOADRESPONSE']._serialized_end=1522
 # @@protoc_insertion_point(module_scope)

@@ -260,7 +260,8 @@ class LLMEngine:
         the first, decode the rest; a migrated request resumes exactly)."""
         if req.generator is None:
             return None
-        return req.generator.manual_seed((seq.params.seed * 1_000_003 + len(seq.output_token_ids)) % (1 << 63))
+        position = seq.params.seed_offset + len(seq.output_token_ids)
+        return req.generator.manual_seed((seq.params.seed * 1_000_003 + position) % (1 << 63))
 
     def _emit(self, seq: Sequence, token: int) -> RequestOutput:
         req = self._requests[seq.request_id]

@@ -18,6 +18,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 means no top-k cut
     seed: int | None = None
+    seed_offset: int = 0  # output position of the first draw (a resumed stream: tokens already out)
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
@@ -44,6 +45,8 @@ class SamplingParams:
         # Bounds are the wire types' (uint32, uint64): a client error, not a failed encode.
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**64):
             raise InvalidRequestError("seed", f"must be an integer in [0, 2**64), got {self.seed!r}")
+        if not isinstance(self.seed_offset, int) or not 0 <= self.seed_offset < 2**32:
+            raise InvalidRequestError("seed_offset", f"must be an integer in [0, 2**32), got {self.seed_offset!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequestError("stop", "stop strings must be non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
