@@ -277,7 +277,7 @@ class AsyncClient:
         api_key = os.environ.get("PDSERVE_API_KEY") if api_key is None else api_key
         auth = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self.metadata = tuple((k, v) for k, v in items) + auth
-        self._channel = dial(target, TLS() if tls is True else tls or None, interceptors=tracing.client_interceptors(),
+        self._channel = dial(target, TLS() if tls is True else tls or None, interceptors=tracing.client_interceptors(always=True),
                              options=[("grpc.max_receive_message_length", 64 * 2**20), *options])
         self._stub = router_pb2_grpc.RouterStub(self._channel)
 

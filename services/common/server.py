@@ -225,15 +225,16 @@ def create_server(
     maximum_concurrent_rpcs: int | None = None,
 ) -> grpc.aio.Server:
     """A grpc.aio server with the error mapping outermost, then tracing (a
-    span per call, continuing the caller's trace; a no-op until
-    tracing.setup()), then `interceptors`.
+    span per call, continuing the caller's trace; only if this process traces
+    when the server is made, i.e. after tracing.setup()), then `interceptors`.
 
     Inner interceptors still see the original exception; `options` override
     DEFAULT_OPTIONS key by key.
     """
     merged = {**DEFAULT_OPTIONS, **(options or {})}
     return grpc.aio.server(
-        interceptors=[ErrorMappingInterceptor(), tracing.ServerInterceptor(), *interceptors],
+        interceptors=[ErrorMappingInterceptor(), *([tracing.ServerInterceptor()] if tracing.enabled() else []),
+                      *interceptors],
         options=list(merged.items()),
         maximum_concurrent_rpcs=maximum_concurrent_rpcs,
     )

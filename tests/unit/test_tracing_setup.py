@@ -87,6 +87,18 @@ def test_service_name_defaults_to_pdserve_service_unless_the_environment_names_o
     assert tracing.resource_for("prefill").attributes["service.name"] == "prefill-eu"
 
 
+def test_without_an_exporter_tracing_stays_off_and_costs_no_interceptors(monkeypatch):
+    for name in ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                 "OTEL_SDK_DISABLED"):
+        monkeypatch.delenv(name, raising=False)
+    with tracing.installed(None):
+        assert tracing.setup("router") is None
+        assert not tracing.enabled()
+        assert not tracing.Spans("router").start("request").is_recording()
+        assert tracing.client_interceptors() == []  # pdserve's own channels: plain calls
+        assert len(tracing.client_interceptors(always=True)) == 4  # the SDK: an application may trace
+
+
 def test_sdk_disabled_leaves_tracing_off(monkeypatch):
     monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
     assert tracing.setup("router") is None
