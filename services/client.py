@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from pdserve.common import tracing
+from pdserve.common import grpc_tracing
 from pdserve.common.security import TLS, dial
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 
@@ -277,7 +277,7 @@ class AsyncClient:
         api_key = os.environ.get("PDSERVE_API_KEY") if api_key is None else api_key
         auth = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self.metadata = tuple((k, v) for k, v in items) + auth
-        self._channel = dial(target, TLS() if tls is True else tls or None, interceptors=tracing.client_interceptors(always=True),
+        self._channel = dial(target, TLS() if tls is True else tls or None, interceptors=grpc_tracing.client_interceptors(always=True),
                              options=[("grpc.max_receive_message_length", 64 * 2**20), *options])
         self._stub = router_pb2_grpc.RouterStub(self._channel)
 

@@ -38,7 +38,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import OVERALL_HEALTH
 from grpc_health.v1.health import aio as health_aio
 
-from pdserve.common import errors, logs, tracing
+from pdserve.common import errors, grpc_tracing, logs, tracing
 from pdserve.common.wire import bad_utf8_field
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ def create_server(
     """
     merged = {**DEFAULT_OPTIONS, **(options or {})}
     return grpc.aio.server(
-        interceptors=[ErrorMappingInterceptor(), *([tracing.ServerInterceptor()] if tracing.enabled() else []),
+        interceptors=[ErrorMappingInterceptor(), *([grpc_tracing.ServerInterceptor()] if tracing.enabled() else []),
                       *interceptors],
         options=list(merged.items()),
         maximum_concurrent_rpcs=maximum_concurrent_rpcs,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from pdserve.common import tracing
+from pdserve.common import grpc_tracing
 from pdserve.common.security import OPEN, SecurityConfig
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import decode_pb2_grpc, prefill_pb2_grpc
@@ -65,7 +65,7 @@ class WorkerPool:
         keepalive = (("grpc.keepalive_time_ms", ms), ("grpc.keepalive_timeout_ms", ms),
                      ("grpc.http2.ping_timeout_ms", ms), ("grpc.keepalive_permit_without_calls", 0),
                      ("grpc.http2.max_pings_without_data", 0))
-        ch = self.security.dial(target, interceptors=tracing.client_interceptors(), options=keepalive)
+        ch = self.security.dial(target, interceptors=grpc_tracing.client_interceptors(), options=keepalive)
         stub = prefill_pb2_grpc.PrefillStub(ch) if role == "prefill" else decode_pb2_grpc.DecodeStub(ch)
         return Worker(target, role, ch, stub)
 

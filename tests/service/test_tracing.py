@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from pdserve.client import AsyncClient
-from pdserve.common import security, tracing
+from pdserve.common import grpc_tracing, security, tracing
 from pdserve.kvstore import serve as kvstore_serve
 from pdserve.kvstore.config import KVStoreConfig
 from pdserve.v1 import kvstore_pb2 as kpb
@@ -132,7 +132,7 @@ async def test_each_call_is_a_client_and_a_server_span_with_its_status(exporter)
     server, port, store = kvstore_serve.build(KVStoreConfig(port=0, capacity_blocks=4, transport="loopback"),
                                               block_bytes=4096)
     await server.start()
-    channel = security.dial(f"127.0.0.1:{port}", interceptors=tracing.client_interceptors())
+    channel = security.dial(f"127.0.0.1:{port}", interceptors=grpc_tracing.client_interceptors())
     stub = kvstore_pb2_grpc.KVStoreStub(channel)
     try:
         with tracing.tracer("test").start_as_current_span("test.calls") as root:

@@ -8,7 +8,7 @@ from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 from opentelemetry.sdk.trace.sampling import Decision
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
 
-from pdserve.common import tracing
+from pdserve.common import grpc_tracing, tracing
 
 TRACE_ID = 0x0AF7651916CD43DD8448EB211C80319C
 
@@ -95,8 +95,8 @@ def test_without_an_exporter_tracing_stays_off_and_costs_no_interceptors(monkeyp
         assert tracing.setup("router") is None
         assert not tracing.enabled()
         assert not tracing.Spans("router").start("request").is_recording()
-        assert tracing.client_interceptors() == []  # pdserve's own channels: plain calls
-        assert len(tracing.client_interceptors(always=True)) == 4  # the SDK: an application may trace
+        assert grpc_tracing.client_interceptors() == []  # pdserve's own channels: plain calls
+        assert len(grpc_tracing.client_interceptors(always=True)) == 4  # the SDK: an application may trace
 
 
 def test_sdk_disabled_leaves_tracing_off(monkeypatch):

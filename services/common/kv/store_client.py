@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import uuid
 
-from pdserve.common import tracing
+from pdserve.common import grpc_tracing, tracing
 from pdserve.common.security import OPEN, SecurityConfig
 from pdserve.common.transfer.base import KVReceiver, KVSender, TransferTicket
 from pdserve.v1 import common_pb2 as pb
@@ -25,7 +25,7 @@ class StoreClient:
                  timeout_s: float = 10.0, security: SecurityConfig = OPEN):
         self.target, self.receiver, self.sender, self.fingerprint = target, receiver, sender, fingerprint
         self.timeout_s = timeout_s
-        self._channel = security.dial(target, interceptors=tracing.client_interceptors())
+        self._channel = security.dial(target, interceptors=grpc_tracing.client_interceptors())
         self.stub = kvstore_pb2_grpc.KVStoreStub(self._channel)
         self.loaded_blocks = 0
         self.stored_blocks = 0
