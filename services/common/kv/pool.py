@@ -30,6 +30,7 @@ class KVPool:
         self.spec = spec
         shape, dtype = (num_blocks, *spec.block_shape), _TORCH_DTYPES[spec.dtype]
         self.host: torch.Tensor | None = None  # the staging mirror of a device pool
+        self.pinned = False  # whether that mirror is page-locked
         if torch.device(device).type == "cpu":
             self.tensor = host_memory.zeros(shape, dtype)  # huge pages: faster transfers
         else:

@@ -32,13 +32,13 @@ import numpy as np
 import xxhash
 
 from pdserve.common import metrics, tracing
-from pdserve.common.transfer import staging
 from pdserve.common.errors import (
     InvalidRequestError,
     NotFoundError,
     TransferFailedError,
     TransferTimeoutError,
 )
+from pdserve.common.transfer import staging
 
 _spans = tracing.Spans("transfer")
 
