@@ -5,12 +5,12 @@ import asyncio
 
 import grpc
 import pytest
-import torch
 
 from pdserve.client import AsyncClient, InvalidArgument
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import decode_pb2_grpc, prefill_pb2_grpc
 from tests.engine.prompts import prompts_by_length
+from tests.reference import transformers_greedy
 
 NEW = 16
 
@@ -19,12 +19,7 @@ NEW = 16
 def references(smollm2):
     """Four prompts (7 to 250 tokens) and transformers' greedy continuations."""
     _, model, tokenizer = smollm2
-    out = []
-    for ids in prompts_by_length(tokenizer)[1:5]:
-        with torch.inference_mode():
-            gen = model.generate(torch.tensor([ids]), max_new_tokens=NEW, do_sample=False)
-        out.append((ids, gen[0, len(ids):].tolist()))
-    return out
+    return [(ids, transformers_greedy(model, ids, NEW)) for ids in prompts_by_length(tokenizer)[1:5]]
 
 
 def worker_stubs(suite):

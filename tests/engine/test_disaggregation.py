@@ -1,10 +1,10 @@
 """KV computed by one engine, exported as bytes, imported by another, decodes identically."""
 from __future__ import annotations
 
-import torch
 
 from pdserve.common.engine.sampling_params import SamplingParams
 from tests.engine.prompts import prompts_by_length
+from tests.reference import transformers_greedy
 
 
 def _handoff(prefill, decode, rid, ids, params):
@@ -31,8 +31,7 @@ def test_prefill_here_decode_there_matches_transformers(make_engine, smollm2):
     prefill, decode = make_engine(max_num_batched_tokens=64), make_engine()
     params = SamplingParams(max_tokens=16)
     for i, ids in enumerate(prompts_by_length(tokenizer)[2:7]):
-        with torch.inference_mode():
-            expected = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+        expected = transformers_greedy(model, ids, 16)
         assert _handoff(prefill, decode, f"r{i}", ids, params) == expected
     for engine in (prefill, decode):
         s = engine.stats()

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from pdserve.common.engine.sampling_params import SamplingParams
 from tests.engine.prompts import prompts_by_length
+from tests.reference import transformers_greedy
 
 NEW_TOKENS = 24
 
@@ -14,12 +14,7 @@ NEW_TOKENS = 24
 def cases(smollm2):
     """(prompt ids, reference continuation) for eight prompts of 1 to 1,500 tokens."""
     _, model, tokenizer = smollm2
-    out = []
-    for ids in prompts_by_length(tokenizer):
-        with torch.inference_mode():
-            gen = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)
-        out.append((ids, gen[0, len(ids):].tolist()))
-    return out
+    return [(ids, transformers_greedy(model, ids, NEW_TOKENS)) for ids in prompts_by_length(tokenizer)]
 
 
 def _greedy():

@@ -23,10 +23,11 @@ from pdserve.common.kv.store_client import StoreClient
 from pdserve.common.kv.spec import KVSpec
 from pdserve.common.transfer import TransferStatus, ucx
 from pdserve.common.transfer.staging import StagedBlock
-from tests.service.suite import inprocess_suite, pools_full
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import router_pb2 as rpb
 from tests.engine.prompts import prompts_by_length
+from tests.reference import transformers_greedy
+from tests.service.suite import inprocess_suite, pools_full
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -46,12 +47,7 @@ def tiny(tiny_model_dir):
 def cases(tiny):
     """(prompt ids, transformers' greedy continuation on cuda) for prompts of 1 to 1,500 tokens."""
     _, model, tokenizer = tiny
-    out = []
-    for ids in prompts_by_length(tokenizer):
-        with torch.inference_mode():
-            gen = model.generate(torch.tensor([ids], device="cuda"), max_new_tokens=NEW_TOKENS, do_sample=False)
-        out.append((ids, gen[0, len(ids):].tolist()))
-    return out
+    return [(ids, transformers_greedy(model, ids, NEW_TOKENS)) for ids in prompts_by_length(tokenizer)]
 
 
 def _engine(tiny, **kw) -> LLMEngine:

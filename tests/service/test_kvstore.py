@@ -4,12 +4,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import decode_pb2 as dpb
 from pdserve.v1 import router_pb2 as rpb
 from tests.engine.prompts import text_of_tokens
+from tests.reference import transformers_greedy
 from tests.service.suite import inprocess_suite
 
 NO_LOCAL_CACHE = {"enable_prefix_caching": False}  # so any reuse must come from the store
@@ -28,11 +28,6 @@ async def _collect(stub, req):
     return tokens, last
 
 
-def _reference(model, ids, n=10):
-    with torch.inference_mode():
-        return model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids):].tolist()
-
-
 async def test_second_turn_loads_the_history_from_the_store(smollm2):
     _, model, tokenizer = smollm2
     turn1 = text_of_tokens(tokenizer, 600)
@@ -43,7 +38,7 @@ async def test_second_turn_loads_the_history_from_the_store(smollm2):
         turn2 = turn1 + answer + text_of_tokens(tokenizer, 40, offset=3)
         tokens, last = await _collect(suite.stub, _request(turn2, "t2"))
         assert last.usage.cached_tokens >= 600 // 16 * 16
-        assert tokens == _reference(model, turn2)
+        assert tokens == transformers_greedy(model, turn2, 10)
         stats = await suite.store_stats()
         assert stats.blocks_written >= 600 // 16 and stats.blocks_read >= 600 // 16
         assert stats.active_leases == 0
@@ -61,7 +56,7 @@ async def test_decode_worker_loads_the_history_from_the_store_and_receives_only_
         turn2 = turn1 + answer + text_of_tokens(tokenizer, 40, offset=3)
         tokens, last = await _collect(suite.stub, _request(turn2, "t2"))
         received = (await decode.GetStats(dpb.GetDecodeStatsRequest())).kv_bytes_received - before
-        assert tokens == _reference(model, turn2)
+        assert tokens == transformers_greedy(model, turn2, 10)
         block_bytes = (await suite.store_stats()).block_bytes
         # Only the blocks past the stored prefix came from the prefill worker.
         assert received <= (len(turn2) - 600 // 16 * 16 + 16) // 16 * block_bytes
@@ -71,7 +66,7 @@ async def test_decode_worker_loads_the_history_from_the_store_and_receives_only_
 async def test_eviction_pressure_keeps_output_correct(smollm2):
     _, model, tokenizer = smollm2
     prompts = [text_of_tokens(tokenizer, 200, offset=i) for i in range(4)]
-    expected = [_reference(model, p) for p in prompts]
+    expected = [transformers_greedy(model, p, 10) for p in prompts]
     async with inprocess_suite(smollm2, store_blocks=8, prefill_kw=NO_LOCAL_CACHE) as suite:
         for round_ in range(2):
             results = await asyncio.gather(*(_collect(suite.stub, _request(p, f"{round_}-{i}"))
@@ -89,4 +84,4 @@ async def test_serving_continues_when_the_store_is_down(smollm2):
     ids = text_of_tokens(tokenizer, 100)
     async with inprocess_suite(smollm2, prefill_kw={"kvstore": "127.0.0.1:1"}) as suite:
         tokens, last = await _collect(suite.stub, _request(ids, "x"))
-        assert tokens == _reference(model, ids) and last.finish_reason == pb.FINISH_REASON_LENGTH
+        assert tokens == transformers_greedy(model, ids, 10) and last.finish_reason == pb.FINISH_REASON_LENGTH

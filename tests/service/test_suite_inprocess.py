@@ -5,11 +5,11 @@ import asyncio
 
 import grpc
 import pytest
-import torch
 
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import router_pb2 as rpb
 from tests.engine.prompts import prompts_by_length
+from tests.reference import transformers_greedy
 from tests.service.suite import inprocess_suite
 
 NEW = 12
@@ -32,12 +32,7 @@ async def _collect(stub, req):
 @pytest.fixture(scope="module")
 def references(smollm2):
     _, model, tokenizer = smollm2
-    out = []
-    for ids in prompts_by_length(tokenizer)[1:6]:
-        with torch.inference_mode():
-            gen = model.generate(torch.tensor([ids]), max_new_tokens=NEW, do_sample=False)
-        out.append((ids, gen[0, len(ids):].tolist()))
-    return out
+    return [(ids, transformers_greedy(model, ids, NEW)) for ids in prompts_by_length(tokenizer)[1:6]]
 
 
 @pytest.mark.parametrize("mode", ["disaggregated", "colocated"])
