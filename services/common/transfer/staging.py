@@ -32,10 +32,6 @@ class StagedBlock:
     device: torch.Tensor
     host: torch.Tensor
 
-    @property
-    def nbytes(self) -> int:
-        return self.device.nbytes
-
 
 def pin(host: torch.Tensor) -> bool:
     """Page-lock `host` for fast, asynchronous copies to and from the GPU.
