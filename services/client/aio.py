@@ -1,0 +1,142 @@
+"""The asyncio client: AsyncClient and its per-call ResponseStream."""
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import grpc
+
+from pdserve.client.errors import Cancelled, error_from_rpc
+from pdserve.client.messages import Chunk, Completion, build_request
+from pdserve.common import grpc_tracing
+from pdserve.common.security import TLS, dial
+from pdserve.v1 import router_pb2, router_pb2_grpc
+
+DEFAULT_TARGET = "localhost:50051"
+
+
+class ResponseStream:
+    """One Generate call: async-iterate it for `Chunk`s. The RPC starts on the
+    first `__anext__` (or `async with`) and is cancelled by `aclose()`,
+    `cancel()`, leaving `async with`, cancelling the reading task, or
+    garbage collection (in CPython: at once when `async for ...: break`
+    drops the last reference)."""
+
+    def __init__(self, stub: router_pb2_grpc.RouterStub, request: router_pb2.GenerateRequest,
+                 timeout: float | None, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.request = request
+        self._stub, self._timeout, self._metadata = stub, timeout, metadata
+        self._call: grpc.aio.UnaryStreamCall | None = None
+        self._done = False
+
+    def _start(self) -> grpc.aio.UnaryStreamCall:
+        if self._call is None:
+            self._call = self._stub.Generate(self.request, timeout=self._timeout, metadata=self._metadata)
+        return self._call
+
+    def __aiter__(self) -> ResponseStream:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        if self._done:
+            raise StopAsyncIteration
+        call = self._start()
+        try:
+            response = await call.read()
+        except grpc.aio.AioRpcError as e:
+            self._done = True
+            raise error_from_rpc(e, self.request.request_id) from None
+        except asyncio.CancelledError:
+            by_us = self._done  # cancel() was called (from another task)
+            self.cancel()  # our task was cancelled: tell the server now, not at GC
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            if by_us:
+                raise StopAsyncIteration from None
+            raise Cancelled("cancelled locally (client closed?)", request_id=self.request.request_id) from None
+        except BaseException:
+            self.cancel()
+            raise
+        if response is grpc.aio.EOF:
+            self._done = True
+            raise StopAsyncIteration
+        return Chunk.from_proto(response)
+
+    def cancel(self) -> None:
+        """Stop now: cancels the RPC (a no-op once it has finished)."""
+        self._done = True
+        if self._call is not None and not self._call.done():
+            self._call.cancel()
+
+    async def aclose(self) -> None:
+        self.cancel()
+
+    async def collect(self) -> Completion:
+        """Read the rest of the stream into one Completion."""
+        async with self:
+            return Completion.from_chunks([chunk async for chunk in self])
+
+    async def __aenter__(self) -> ResponseStream:
+        self._start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.cancel()
+
+    def __del__(self) -> None:
+        if getattr(self, "_call", None) is not None and not self._call.done():
+            self._call.cancel()
+
+
+class AsyncClient:
+    """An asyncio client of one router. `timeout`: default deadline of each call
+    in seconds (None: none); `metadata`: sent with every call; `api_key`: sent as
+    `authorization: Bearer` (default: $PDSERVE_API_KEY); `tls`: True for TLS
+    verified by the system's roots, or a `TLS(ca=..., cert=..., key=...)` of PEM
+    paths (cert and key: a client certificate, for routers that require one)."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
+                 metadata: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+                 options: Sequence[tuple[str, Any]] = (), api_key: str | None = None,
+                 tls: TLS | bool | None = None) -> None:
+        self.target, self.timeout = target, timeout
+        items = metadata.items() if isinstance(metadata, Mapping) else (metadata or ())
+        api_key = os.environ.get("PDSERVE_API_KEY") if api_key is None else api_key
+        auth = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self.metadata = tuple((k, v) for k, v in items) + auth
+        self._channel = dial(target, TLS() if tls is True else tls or None, interceptors=grpc_tracing.client_interceptors(always=True),
+                             options=[("grpc.max_receive_message_length", 64 * 2**20), *options])
+        self._stub = router_pb2_grpc.RouterStub(self._channel)
+
+    def generate(self, prompt: str | Sequence[int] | None = None, *,
+                 messages: Iterable[Mapping[str, str]] | None = None, max_tokens: int | None = None,
+                 temperature: float | None = None, top_p: float | None = None, top_k: int = 0,
+                 seed: int | None = None, stop: str | Iterable[str] = (), stop_token_ids: Iterable[int] = (),
+                 ignore_eos: bool = False, logprobs: bool = False, request_id: str = "", model: str = "",
+                 timeout: float | None = None) -> ResponseStream:
+        """Stream a completion of `prompt` (text, or token ids) or of chat `messages`
+        ([{"role": ..., "content": ...}]). Unset sampling fields take the server's
+        defaults; temperature=0 is greedy. `timeout` (s) overrides the client's."""
+        request = build_request(prompt, messages=messages, max_tokens=max_tokens, temperature=temperature,
+                                top_p=top_p, top_k=top_k, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
+                                ignore_eos=ignore_eos, logprobs=logprobs, request_id=request_id, model=model)
+        return ResponseStream(self._stub, request, self.timeout if timeout is None else timeout, self.metadata)
+
+    stream = generate  # reads better as `async with client.stream(...) as s:`
+
+    async def complete(self, prompt: str | Sequence[int] | None = None, **params: Any) -> Completion:
+        """The whole completion at once."""
+        return await self.generate(prompt, **params).collect()
+
+    async def close(self) -> None:
+        """Close the channel; cancels calls still running."""
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
