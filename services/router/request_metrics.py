@@ -60,8 +60,7 @@ class RequestMetrics:
                         last = now
                         tokens += len(ev.token_ids)
                     if ev.finish_reason is not None:
-                        # The token event that ends a request may carry the reason, and a
-                        # summary event (usage, route) follow it: measure once, at the end.
+                        # The last event: its tokens (counted above), usage and route.
                         outcome = ev.finish_reason.value
                         final, t_end = ev, t_end or now
                     yield ev

@@ -223,10 +223,10 @@ class Router:
                 prefilled = await self._prefill_remotely(progress, a)
                 ev, reason = self._tokens(progress, [prefilled.first_token_id],
                                           convert.finish_from_pb(prefilled.finish_reason))
-                yield ev
                 if reason is not None:
-                    yield self._final(progress, reason, plan)
+                    yield self._final(progress, reason, plan, ev)
                     return
+                yield ev
                 a.phase, a.culprit = "decode", decode
                 a.stream = decode.stub.Decode(dpb.DecodeRequest(
                     request_id=a.rid, first_token_id=prefilled.first_token_id, sampling=a.params),
@@ -292,10 +292,10 @@ class Router:
             if resp.usage.prompt_tokens and not progress.failures:
                 progress.cached_tokens = max(progress.cached_tokens, resp.usage.cached_tokens)
             ev, reason = self._tokens(progress, list(resp.token_ids), convert.finish_from_pb(resp.finish_reason))
-            yield ev
             if reason is not None:
-                yield self._final(progress, reason, a.plan)
+                yield self._final(progress, reason, a.plan, ev)
                 return
+            yield ev
         raise WorkerFailedError(a.plan.decode.worker, a.phase, None, "the stream ended without finishing")
 
     def _measure_hop(self, progress: Progress, prefill_ms: float) -> None:
@@ -308,7 +308,7 @@ class Router:
     def _tokens(self, progress: Progress, tokens: list[int],
                 reason: FinishReason | None) -> tuple[Event, FinishReason | None]:
         """Record tokens as sent: the client's event, and whether the request is now finished
-        (the final event, with usage and timing, follows separately)."""
+        (if so, _final makes this event the last one)."""
         if progress.t_first is None and tokens:
             progress.t_first = time.perf_counter()
             progress.timing["ttft_ms"] = (progress.t_first - progress.t0) * 1e3
@@ -323,13 +323,16 @@ class Router:
             reason = FinishReason.LENGTH  # a worker that died right after the last token
         return Event(progress.request_id, tokens, detok.flush(final=detok.stopped)), reason
 
-    def _final(self, progress: Progress, reason: FinishReason, plan: Plan) -> Event:
+    def _final(self, progress: Progress, reason: FinishReason, plan: Plan, last: Event) -> Event:
+        """The last event: the last tokens with the finish, usage and timing (one message, not two:
+        each message costs the router and the client a fraction of a millisecond)."""
         now = time.perf_counter()
         t_first = progress.t_first or now
         timing = {**progress.timing, "decode_ms": (now - t_first) * 1e3, "total_ms": (now - progress.t0) * 1e3}
         route = (plan.prefill.worker.worker_id if plan.prefill else "", plan.decode.worker.worker_id, plan.prefill is not None)
         usage = (len(progress.prompt_ids), len(progress.generated), progress.cached_tokens)
-        return Event(progress.request_id, [], progress.detok.flush(final=True), reason, usage, timing, route)
+        return Event(progress.request_id, last.token_ids, last.text + progress.detok.flush(final=True), reason, usage,
+                     timing, route)
 
 
 def _annotate_route(span: tracing.Span, plan: Plan, attempt: int) -> None:

@@ -54,6 +54,21 @@ async def test_a_request_through_the_router_returns_the_null_engines_fixed_token
     assert worker.servicer.completed == 1 and worker.servicer.running == 0
 
 
+@pytest.mark.parametrize("max_tokens", [1, 3])
+async def test_the_last_tokens_travel_in_the_final_message_not_one_after_it(tokenizer, max_tokens):
+    # One message per token the worker sent: the finish, usage and timing ride on the last.
+    async with null_suite(tokenizer) as (router, worker):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:
+            request = rpb.GenerateRequest(token_ids=pb.TokenIds(ids=[1000, 1001]),
+                                          sampling=pb.SamplingParams(max_tokens=max_tokens))
+            messages = [r async for r in router_pb2_grpc.RouterStub(channel).Generate(request)]
+    assert [list(m.token_ids) for m in messages] == [[t] for t in fixed_tokens(max_tokens)]
+    assert [m.finish_reason for m in messages] == [pb.FINISH_REASON_UNSPECIFIED] * (max_tokens - 1) + [
+        pb.FINISH_REASON_LENGTH]
+    assert messages[-1].usage.completion_tokens == max_tokens and messages[-1].timing.total_ms > 0
+    assert "".join(m.text for m in messages) == {1: " null", 3: " null engine token"}[max_tokens]
+
+
 async def test_control_plane_measurement_reports_added_latency_and_rates(tokenizer):
     args = argparse.Namespace(prompt_tokens=8, latency_max_tokens=[2], reps=6, load_max_tokens=[2],
                               concurrency=[2], rates=[40.0], duration=0.5, max_p99_ms=10_000.0)
