@@ -110,7 +110,7 @@ def test_a_device_list_is_dealt_out_to_the_model_workers_in_turn():
 
 
 def test_workers_share_the_machine_s_cores_unless_told_otherwise(monkeypatch):
-    monkeypatch.setattr(launcher.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(launcher.topology.os, "sched_getaffinity", lambda pid: set(range(8)))
     def threads(*shape, **kw):
         return {s.argv[s.argv.index("--threads") + 1] for s in launcher.plan(*shape, python="py", **kw)
                 if s.name.startswith(("prefill", "decode"))}

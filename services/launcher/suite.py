@@ -1,0 +1,182 @@
+"""Suite: starts a plan's services stage by stage, relays their logs, and stops them."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TextIO
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pdserve.common import security
+from pdserve.launcher.topology import Service, plan
+
+_COLORS = ("36", "33", "35", "32", "34", "91", "96", "93")
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+class SuiteError(RuntimeError):
+    """The suite could not start or lost a service."""
+
+
+class Suite:
+    """Starts services stage by stage, relays their logs, and stops them.
+    Keyword arguments go to `plan()`, or pass `services=` directly."""
+
+    def __init__(self, mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *,
+                 services: list[Service] | None = None, log_dir: str | Path | None = None,
+                 ready_timeout: float = 300.0, grace_s: float = 15.0, out: TextIO | None = None,
+                 env: dict[str, str] | None = None, **plan_kwargs) -> None:
+        self.services = services if services is not None else plan(mode, prefill, decode, **plan_kwargs)
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.ready_timeout, self.grace_s = ready_timeout, grace_s
+        self.out = out or sys.stdout
+        color = self.out.isatty() and "NO_COLOR" not in os.environ
+        self._prefix = {s.name: (f"\x1b[{_COLORS[i % len(_COLORS)]}m[{s.name}]\x1b[0m " if color else f"[{s.name}] ")
+                        for i, s in enumerate(self.services)}
+        self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}  # children log line by line
+        try:  # the children's own PDSERVE_TLS_* settings: health polls must speak their TLS
+            self._tls = security.from_environment(self._env).client_tls()
+        except ValueError as e:
+            raise SuiteError(f"TLS settings: {e}") from None
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._pumps: list[threading.Thread] = []
+        self._lock = threading.RLock()  # re-entrant: say() also runs in signal handlers
+
+    @property
+    def router_target(self) -> str:
+        return next(s.address for s in self.services if s.name == "router")
+
+    def say(self, message: str) -> None:
+        with self._lock:
+            print(f"pdserve up: {message}", file=self.out, flush=True)
+
+    def _pump(self, name: str, stream) -> None:
+        log_file = open(self.log_dir / f"{name}.log", "a", encoding="utf-8") if self.log_dir else None
+        try:
+            for raw in iter(stream.readline, b""):
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                with self._lock:
+                    try:
+                        print(self._prefix[name] + line, file=self.out, flush=True)
+                    except (OSError, ValueError):
+                        pass  # our stdout is gone (e.g. piped to head): keep draining, or the child blocks
+                if log_file:
+                    log_file.write(line + "\n")
+                    log_file.flush()
+        finally:
+            stream.close()
+            if log_file:
+                log_file.close()
+
+    def _spawn(self, service: Service) -> None:
+        # Own process group: a terminal's Ctrl-C reaches only us, and we stop
+        # the children in order instead of all at once.
+        proc = subprocess.Popen(service.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=self._env, process_group=0)
+        self._procs[service.name] = proc
+        pump = threading.Thread(target=self._pump, args=(service.name, proc.stdout), daemon=True)
+        pump.start()
+        self._pumps.append(pump)
+
+    def _wait_ready(self, stage: list[Service], deadline: float, stop: threading.Event) -> None:
+        pending = {s.name: s for s in stage}
+        # Short reconnect backoff: by default gRPC waits up to minutes between
+        # attempts at a port nobody listens on yet (a worker loading its model).
+        fast = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 500)]
+        channels = {s.name: security.dial(s.address, self._tls, options=fast, sync=True) for s in stage if s.address}
+        try:
+            while pending:
+                for name, service in list(pending.items()):
+                    code = self._procs[name].poll()
+                    if service.address is None and code == 0:
+                        del pending[name]
+                    elif code is not None:
+                        raise SuiteError(f"{name} exited with code {code} before it was ready (its log is above)")
+                    elif service.address and self._serving(channels[name]):
+                        self.say(f"{name} is serving at {service.address}")
+                        del pending[name]
+                if pending and time.monotonic() > deadline:
+                    raise SuiteError(f"not ready after {self.ready_timeout:g}s: {', '.join(pending)}")
+                if pending and stop.wait(0.2):
+                    raise SuiteError("interrupted while starting")
+        finally:
+            for channel in channels.values():
+                channel.close()
+
+    @staticmethod
+    def _serving(channel: grpc.Channel) -> bool:
+        try:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            return check(health_pb2.HealthCheckRequest(service=""), timeout=1.0).status == _SERVING
+        except grpc.RpcError:  # not listening yet, or no health service yet
+            return False
+
+    def start(self, stop: threading.Event | None = None) -> None:
+        """Start every stage and wait for it; raises SuiteError (after stopping
+        what started) when a service dies, times out, or `stop` is set."""
+        stop = stop or threading.Event()
+        if self.log_dir:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + self.ready_timeout
+        try:
+            for stage in sorted({s.stage for s in self.services}):
+                members = [s for s in self.services if s.stage == stage]
+                for service in members:
+                    self._spawn(service)
+                self._wait_ready(members, deadline, stop)
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait(self, stop: threading.Event) -> int:
+        """Supervise until `stop` is set (0) or a service exits on its own (1)."""
+        while not stop.wait(0.2):
+            for service in self.services:
+                code = self._procs[service.name].poll() if service.address else None
+                if code is not None:
+                    self.say(f"{service.name} exited unexpectedly with code {code}; stopping the suite")
+                    return 1
+        return 0
+
+    def stop(self) -> None:
+        """SIGTERM running children, last stage first; SIGKILL after the grace period."""
+        for stage in sorted({s.stage for s in self.services}, reverse=True):
+            procs = {s.name: self._procs[s.name] for s in self.services
+                     if s.stage == stage and s.name in self._procs and self._procs[s.name].poll() is None}
+            for proc in procs.values():
+                proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + self.grace_s
+            for name, proc in procs.items():
+                try:
+                    proc.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    self.say(f"{name} did not stop within {self.grace_s:g}s; killing it")
+                    proc.kill()
+                    proc.wait()
+        for pump in self._pumps:
+            pump.join(timeout=5)  # the last lines of every log
+
+    def signal(self, name: str, signum: int) -> subprocess.Popen:
+        """Send one service a signal (SIGTERM drains it, SIGKILL is a crash); its process."""
+        proc = self._procs[name]
+        proc.send_signal(signum)
+        return proc
+
+    def kill(self) -> None:  # a second Ctrl-C
+        for proc in self._procs.values():
+            if proc.poll() is None:
+                proc.kill()
+
+    def __enter__(self) -> Suite:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

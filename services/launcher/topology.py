@@ -1,0 +1,107 @@
+"""Which processes a suite runs, with which command lines, ports and devices."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+MODES = ("disaggregated", "colocated")
+
+
+@dataclass(frozen=True)
+class Service:
+    """One child process. `address` (host:port) answers grpc.health.v1; None
+    marks a one-shot step, ready when it exits 0. Stages start in order.
+    `metrics` (host:port) serves Prometheus /metrics, when known."""
+    name: str
+    argv: tuple[str, ...]
+    address: str | None
+    stage: int
+    metrics: str | None = None
+
+
+def _dial(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # a wildcard is not dialable
+
+
+def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, model: str | None = None,
+         host: str = "127.0.0.1", port: int = 50051, base_port: int = 50061, kv_cache_gib: float | None = None,
+         kvstore: bool = True, log_level: str | None = None, http_port: int | None = None,
+         metrics_port: int = -1, threads: int | None = None, python: str = sys.executable,
+         hosts: Mapping[str, str] | None = None, device: str | None = None) -> list[Service]:
+    """The services of a suite, with their command lines; validates the shape.
+
+    hosts: a service's own --host by name (e.g. "prefill-0": one address per
+    machine or network namespace); the others use `host`.
+
+    metrics_port: the router's Prometheus port; the other services take the next
+    ports, in the order listed. -1 (the default here): no metrics; 0: any free ports.
+
+    device: the model workers' torch device; a comma-separated list is dealt out in
+    turn (prefill workers first), e.g. "cuda:0,cuda:1" for one GPU each of two workers.
+
+    threads: torch threads per model worker; None: this machine's cores shared
+    among them (two workers with a thread per core each measured 4x slower to
+    start here on 2 cores: their OpenMP pools spin against each other); 0: torch's default."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    prefill = prefill if mode == "disaggregated" else 0  # colocated workers prefill themselves
+    if decode < 1:
+        raise ValueError("at least one decode worker is needed (--decode)")
+    if mode == "disaggregated" and prefill < 1:
+        raise ValueError("disaggregated mode needs a prefill worker (--prefill), or use --mode colocated")
+    if base_port <= port < base_port + prefill + decode + kvstore:
+        raise ValueError(f"--port {port} collides with the worker ports from --base-port {base_port}")
+    serve = (python, "-m", "pdserve", *(("--log-level", log_level) if log_level else ()), "serve")
+    common = ("--model", model) if model else ()
+    per_worker = ("--kv-cache-gib", str(kv_cache_gib)) if kv_cache_gib is not None else ()
+    if threads is None:
+        threads = max(1, len(os.sched_getaffinity(0)) // (prefill + decode))
+    per_worker += ("--threads", str(threads))
+    services = [Service("model", (python, "-c", "import sys; from pdserve.common import model_loader; "
+                                  "print('model ready:', model_loader.resolve(sys.argv[1] or None).path)",
+                                  model or ""), None, 0)]
+    kvstore = kvstore and prefill > 0  # the store serves the disaggregated workers
+    ports = iter(range(base_port, base_port + prefill + decode + 1))
+    targets: dict[str, list[str]] = {"prefill": [], "decode": []}
+    store_port = base_port + prefill + decode
+    def at(name: str) -> str:
+        return (hosts or {}).get(name, host)
+    store = ("--kvstore", f"{_dial(at('kvstore'))}:{store_port}") if kvstore else ()
+    devices = itertools.cycle(device.split(",") if device else [None])
+    for role, count in (("prefill", prefill), ("decode", decode)):
+        for i in range(count):
+            p, name, dev = next(ports), f"{role}-{i}", next(devices)
+            extra = ("--role", "colocated") if mode == "colocated" else store
+            extra += ("--device", dev) if dev else ()
+            services.append(Service(name, (*serve, role, "--host", at(name), "--port", str(p), "--worker-id", name,
+                                           *common, *per_worker, *extra), f"{_dial(at(name))}:{p}", 1))
+            targets[role].append(f"{_dial(at(name))}:{p}")
+    if kvstore:
+        services.append(Service("kvstore", (*serve, "kvstore", "--host", at("kvstore"), "--port", str(store_port),
+                                            *common), f"{_dial(at('kvstore'))}:{store_port}", 1))
+    # List flags take one value per target (the config parser's nargs="*").
+    pre = ("--prefill-targets", *targets["prefill"]) if prefill else ()
+    http = ("--http-port", str(http_port)) if http_port is not None else ()
+    services.append(Service("router", (*serve, "router", "--host", at("router"), "--port", str(port), "--mode", mode,
+                                       *pre, "--decode-targets", *targets["decode"], *common, *http),
+                            f"{_dial(at('router'))}:{port}", 2))
+    return _with_metrics(services, metrics_port, taken={port, http_port, *range(base_port, store_port + 1)})
+
+
+def _with_metrics(services: list[Service], first: int, taken: set[int | None]) -> list[Service]:
+    """Give every service a --metrics-port: the router `first`, the others the next ports."""
+    servers = sorted((s for s in services if s.address), key=lambda s: s.name != "router")
+    ports = {s.name: first + i if first > 0 else first for i, s in enumerate(servers)}
+    if first > 0 and not taken.isdisjoint(ports.values()):
+        raise ValueError(f"--metrics-port {first}: ports {first}..{first + len(servers) - 1} collide with "
+                         "the gRPC or HTTP ports")
+    def placed(s: Service) -> Service:  # beside --port
+        at = s.argv.index("--port")
+        argv = (*s.argv[:at], "--metrics-port", str(ports[s.name]), *s.argv[at:])
+        host = s.argv[s.argv.index("--host") + 1]
+        return dataclasses.replace(s, argv=argv, metrics=f"{_dial(host)}:{ports[s.name]}" if first > 0 else None)
+    return [placed(s) if s.address else s for s in services]

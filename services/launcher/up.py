@@ -1,0 +1,85 @@
+"""`pdserve up`'s command line: its flags, and a suite run until a signal or a failure."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from pdserve.launcher.suite import Suite, SuiteError
+from pdserve.launcher.topology import MODES, plan
+
+
+def supervise(suite: Suite) -> int:
+    """Run a suite until Ctrl-C / SIGTERM / SIGHUP (exit 0) or a failure (exit 1).
+    Must run in the main thread (it installs signal handlers)."""
+    stop = threading.Event()
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def on_signal(signum: int, frame: object) -> None:
+        if stop.is_set():
+            suite.say("second signal: killing every service now")
+            suite.kill()
+        stop.set()
+    previous = {sig: signal.signal(sig, on_signal) for sig in handled}
+    try:
+        try:
+            suite.start(stop)
+        except SuiteError as e:
+            if stop.is_set():
+                suite.say("stopped before the suite was ready")
+                return 0
+            suite.say(f"failed to start: {e}")
+            return 1
+        rows = "\n".join(f"  {s.name:<10} {s.address}" + (f"  metrics http://{s.metrics}/metrics" if s.metrics else "")
+                         for s in suite.services if s.address)
+        suite.say(f"ready; clients connect to {suite.router_target}\n{rows}")
+        code = suite.wait(stop)
+        suite.say("stopping" if code == 0 else "stopping after a failure")
+        suite.stop()
+        return code
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def add_up_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mode", choices=MODES, default="disaggregated")
+    parser.add_argument("--prefill", type=int, default=1, metavar="N", help="prefill workers (disaggregated mode)")
+    parser.add_argument("--decode", type=int, default=1, metavar="M", help="decode (or colocated) workers")
+    parser.add_argument("--model", default=None, help="HF directory or .gguf file (default: bundled SmolLM2)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=50051, help="the router's gRPC port")
+    parser.add_argument("--http-port", type=int, default=None,
+                        help="the router's OpenAI-compatible HTTP port (default 8000 or PDSERVE_HTTP_PORT; -1: none)")
+    parser.add_argument("--base-port", type=int, default=50061, help="workers take consecutive ports from here")
+    parser.add_argument("--metrics-port", type=int, default=9464,
+                        help="the router's Prometheus /metrics port; workers and the store take the next ports "
+                             "(-1: no metrics, 0: any free ports)")
+    parser.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache per worker")
+    parser.add_argument("--device", default=None,
+                        help="model workers' torch device (cpu, cuda, cuda:1); a comma-separated list is dealt "
+                             "out in turn, prefill workers first: cuda:0,cuda:1")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per worker (default: this machine's cores shared among the workers; "
+                             "0: torch's default)")
+    parser.add_argument("--kvstore", action=argparse.BooleanOptionalAction, default=True,
+                        help="start the shared KV store for the prefill workers (disaggregated mode)")
+    parser.add_argument("--log-dir", default=None, help="also write each service's log to DIR/NAME.log")
+    parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds (the first start converts the model)")
+    parser.add_argument("--grace", type=float, default=15.0, help="seconds between SIGTERM and SIGKILL")
+
+
+def run_up(args: argparse.Namespace) -> int:
+    kvstore = args.kvstore
+    try:
+        services = plan(args.mode, args.prefill, args.decode, model=args.model, host=args.host, port=args.port,
+                        base_port=args.base_port, kv_cache_gib=args.kv_cache_gib, kvstore=kvstore,
+                        log_level=getattr(args, "log_level", None),  # `pdserve --log-level L up`
+                        http_port=args.http_port, metrics_port=args.metrics_port, threads=args.threads,
+                        device=args.device)
+        suite = Suite(services=services, log_dir=args.log_dir, ready_timeout=args.ready_timeout, grace_s=args.grace)
+    except (ValueError, SuiteError) as e:
+        print(f"pdserve up: {e}", file=sys.stderr)
+        return 2
+    return supervise(suite)
