@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
 
 from pdserve.client.errors import Cancelled, error_from_rpc
+from pdserve.client.genai_metrics import ClientMetrics
 from pdserve.client.messages import Chunk, Completion, build_request
 from pdserve.common import grpc_tracing
 from pdserve.common.security import TLS, dial
@@ -25,16 +27,31 @@ class ResponseStream:
     drops the last reference)."""
 
     def __init__(self, stub: router_pb2_grpc.RouterStub, request: router_pb2.GenerateRequest,
-                 timeout: float | None, metadata: tuple[tuple[str, str], ...]) -> None:
+                 timeout: float | None, metadata: tuple[tuple[str, str], ...],
+                 metrics: ClientMetrics | None = None) -> None:
         self.request = request
-        self._stub, self._timeout, self._metadata = stub, timeout, metadata
+        self._stub, self._timeout, self._metadata, self._metrics = stub, timeout, metadata, metrics
         self._call: grpc.aio.UnaryStreamCall | None = None
         self._done = False
+        self._t0 = 0.0
 
     def _start(self) -> grpc.aio.UnaryStreamCall:
         if self._call is None:
+            self._t0 = time.perf_counter()
             self._call = self._stub.Generate(self.request, timeout=self._timeout, metadata=self._metadata)
         return self._call
+
+    def _measure(self, chunk: Chunk | None, error: grpc.aio.AioRpcError | None = None) -> None:
+        """GenAI client metrics, once: at the last message or at the call's error."""
+        if self._metrics is None:
+            return
+        m, self._metrics = self._metrics, None
+        attributes = m.attributes(self.request.WhichOneof("prompt") == "chat", self.request.model)
+        seconds = time.perf_counter() - self._t0
+        if error is not None:
+            m.failed(attributes, seconds, error.code().name.lower())
+        elif chunk is not None and chunk.usage is not None:
+            m.finished(attributes, seconds, chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
 
     def __aiter__(self) -> ResponseStream:
         return self
@@ -47,6 +64,7 @@ class ResponseStream:
             response = await call.read()
         except grpc.aio.AioRpcError as e:
             self._done = True
+            self._measure(None, e)
             raise error_from_rpc(e, self.request.request_id) from None
         except asyncio.CancelledError:
             by_us = self._done  # cancel() was called (from another task)
@@ -63,7 +81,10 @@ class ResponseStream:
         if response is grpc.aio.EOF:
             self._done = True
             raise StopAsyncIteration
-        return Chunk.from_proto(response)
+        chunk = Chunk.from_proto(response)
+        if chunk.finish_reason is not None:
+            self._measure(chunk)
+        return chunk
 
     def cancel(self) -> None:
         """Stop now: cancels the RPC (a no-op once it has finished)."""
@@ -96,13 +117,16 @@ class AsyncClient:
     in seconds (None: none); `metadata`: sent with every call; `api_key`: sent as
     `authorization: Bearer` (default: $PDSERVE_API_KEY); `tls`: True for TLS
     verified by the system's roots, or a `TLS(ca=..., cert=..., key=...)` of PEM
-    paths (cert and key: a client certificate, for routers that require one)."""
+    paths (cert and key: a client certificate, for routers that require one);
+    `meter_provider`: where the GenAI client metrics go (default: OpenTelemetry's
+    global provider, which keeps nothing unless the application set one)."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
                  metadata: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
                  options: Sequence[tuple[str, Any]] = (), api_key: str | None = None,
-                 tls: TLS | bool | None = None) -> None:
+                 tls: TLS | bool | None = None, meter_provider: Any = None) -> None:
         self.target, self.timeout = target, timeout
+        self._metrics = ClientMetrics(meter_provider, target)
         items = metadata.items() if isinstance(metadata, Mapping) else (metadata or ())
         api_key = os.environ.get("PDSERVE_API_KEY") if api_key is None else api_key
         auth = (("authorization", f"Bearer {api_key}"),) if api_key else ()
@@ -123,7 +147,8 @@ class AsyncClient:
         request = build_request(prompt, messages=messages, max_tokens=max_tokens, temperature=temperature,
                                 top_p=top_p, top_k=top_k, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
                                 ignore_eos=ignore_eos, logprobs=logprobs, request_id=request_id, model=model)
-        return ResponseStream(self._stub, request, self.timeout if timeout is None else timeout, self.metadata)
+        return ResponseStream(self._stub, request, self.timeout if timeout is None else timeout, self.metadata,
+                              self._metrics)
 
     stream = generate  # reads better as `async with client.stream(...) as s:`
 

@@ -18,13 +18,14 @@ class Client:
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
                  metadata: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
-                 api_key: str | None = None, tls: TLS | bool | None = None) -> None:
+                 api_key: str | None = None, tls: TLS | bool | None = None, meter_provider: Any = None) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="pdserve-client", daemon=True)
         self._thread.start()
 
         async def make() -> AsyncClient:  # the channel must be created on its loop
-            return AsyncClient(target, timeout=timeout, metadata=metadata, api_key=api_key, tls=tls)
+            return AsyncClient(target, timeout=timeout, metadata=metadata, api_key=api_key, tls=tls,
+                               meter_provider=meter_provider)
         self._client = self._run(make())
 
     def _run(self, coro: Any) -> Any:

@@ -34,6 +34,7 @@ _SUFFIX = {"s": "_seconds", "By": "_bytes"}  # what the Prometheus exporter appe
 
 def _series(name: str, unit: str, counter: bool, description: str) -> None:
     suffix = _SUFFIX.get(unit, "")
+    name = name.replace(".", "_")  # the exporter's spelling of OpenTelemetry's dotted names
     full = name if name.endswith(suffix) else name + suffix
     SERIES[full + ("_total" if counter else "")] = description
 
@@ -79,17 +80,20 @@ def _observed(kind: str, name: str, description: str, unit: str = "1") -> _Watch
 
 
 # ---- the router: one request's latencies, outcome, SLOs (recorded) ------------------
+# Named by the OpenTelemetry GenAI semantic conventions where one exists (so dashboards
+# built for them work), with their attributes (GENAI_*); pdserve_* for everything else.
+GENAI_OPERATION, GENAI_MODEL = "gen_ai.operation.name", "gen_ai.request.model"
 _LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0]
 _TOKEN_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5]
 _E2E_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0]
 
-TTFT = _histogram("pdserve_time_to_first_token", "Time from request arrival at the router to its first token",
+TTFT = _histogram("gen_ai.server.time_to_first_token", "Time from request arrival at the router to its first token",
                   _LATENCY_BUCKETS)
 ITL = _histogram("pdserve_inter_token_latency", "Time between consecutive output tokens of a request",
                  _TOKEN_BUCKETS)
-TPOT = _histogram("pdserve_time_per_output_token",
+TPOT = _histogram("gen_ai.server.time_per_output_token",
                   "Per request: (last token - first token) / (output tokens - 1)", _TOKEN_BUCKETS)
-E2E = _histogram("pdserve_e2e_request_latency", "Time from request arrival to its last token", _E2E_BUCKETS)
+E2E = _histogram("gen_ai.server.request.duration", "Time from request arrival to its last token", _E2E_BUCKETS)
 REQUESTS = _counter("pdserve_requests", "Requests ended, by outcome: a finish reason (stop, length) "
                     "or an error (a gRPC status name such as resource_exhausted, or cancelled)")
 SLO = _counter("pdserve_slo_requests", "Finished requests by objective (ttft, tpot) and whether they met it "

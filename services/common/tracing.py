@@ -198,14 +198,19 @@ class Spans:
             name, context=context, start_time=start_time, attributes=self._attributes(attributes))
 
     def _attributes(self, attributes: Mapping[str, Any]) -> dict[str, Any]:
-        return {**self.base, **{f"pdserve.{k}": v for k, v in attributes.items() if v is not None}}
+        return {**self.base, **_named(attributes)}
+
+
+def _named(attributes: Mapping[str, Any]) -> dict[str, Any]:
+    """`pdserve.<name>`, except OpenTelemetry GenAI convention names (`gen_ai.*`), which are kept."""
+    return {k if k.startswith("gen_ai.") else f"pdserve.{k}": v for k, v in attributes.items() if v is not None}
 
 
 def annotate(span: trace.Span | None = None, **attributes: Any) -> None:
-    """Set `pdserve.<name>` attributes on `span` (default: the current one)."""
+    """Set `pdserve.<name>` (or `gen_ai.*`) attributes on `span` (default: the current one)."""
     span = span or trace.get_current_span()
     if span.is_recording():
-        span.set_attributes({f"pdserve.{k}": v for k, v in attributes.items() if v is not None})
+        span.set_attributes(_named(attributes))
 
 
 def current_context() -> otel_context.Context:

@@ -1,7 +1,7 @@
 """Router configuration."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from pdserve.common.config import option

@@ -6,6 +6,7 @@ one model, so a request may name it or leave `model` empty. Both front ends
 """
 from __future__ import annotations
 
+from pdserve.common import metrics
 from pdserve.common.errors import InvalidRequestError
 from pdserve.router.worker_pool import WorkerPool
 
@@ -21,6 +22,14 @@ class ModelNotFoundError(InvalidRequestError):
 def served_models(pool: WorkerPool) -> list[str]:
     """The model names the workers report (empty until a worker answered)."""
     return sorted({w.info.model for w in pool.all if w.info is not None and w.info.model})
+
+
+def genai_attributes(pool: WorkerPool, model: str, chat: bool) -> dict[str, str]:
+    """A request's OpenTelemetry GenAI attributes: the operation, and the model it names
+    (or, when it names none, the one served)."""
+    served = served_models(pool)
+    return {metrics.GENAI_OPERATION: "chat" if chat else "text_completion",
+            metrics.GENAI_MODEL: model or (served[0] if served else "")}
 
 
 def check_model(pool: WorkerPool, model: str | None) -> None:

@@ -202,7 +202,7 @@ class OpenAIServer:
             served = served_models(self.router.pool)
             shaper = ResponseShaper(kind, req.model or (served[0] if served else ""),
                                     req.input.request_id, req.include_usage)
-            events = self.measured.observe(self.router.generate(req.input))
+            events = self.measured.observe(self.router.generate(req.input), self.router.genai_attributes(req.input))
             async with contextlib.aclosing(events):  # closing it cancels downstream calls
                 # Errors up to the first token (validation, capacity, no worker)
                 # get a real status code; only later ones arrive inside the stream.

@@ -55,10 +55,12 @@ def parse_request(kind: Kind, body: Any, default_max_tokens: int) -> OpenAIReque
     else:
         prompt = _prompt(body.get("prompt"))
         tokens_field = "max_tokens"
+    model = _typed(body, "model", str)
     return OpenAIRequest(
         kind=kind,
-        model=_typed(body, "model", str),
-        input=GenerateInput(params=_sampling(body, tokens_field, default_max_tokens), request_id=request_id, **prompt),
+        model=model,
+        input=GenerateInput(params=_sampling(body, tokens_field, default_max_tokens), request_id=request_id,
+                            model=model or "", **prompt),
         stream=_typed(body, "stream", bool, False),
         include_usage=_typed(options, "include_usage", bool, False),
     )

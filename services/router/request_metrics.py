@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 from pdserve.common import logs, metrics
@@ -35,8 +35,11 @@ class RequestMetrics:
     slo_ttft_ms: float = 0.0
     slo_tpot_ms: float = 0.0
 
-    async def observe(self, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+    async def observe(self, events: AsyncIterator[Event],
+                      attributes: Mapping[str, str] | None = None) -> AsyncIterator[Event]:
+        """`events`, measured; `attributes` (Router.genai_attributes) go on TTFT, TPOT and duration."""
         t0 = time.perf_counter()
+        attributes = dict(attributes or {})
         first = last = None  # times of the first and the latest token
         tokens = 0
         outcome = "cancelled"  # the consumer stopped iterating (client gone)
@@ -52,7 +55,7 @@ class RequestMetrics:
                     if ev.token_ids:
                         if first is None:
                             first = now
-                            metrics.TTFT.record(now - t0)
+                            metrics.TTFT.record(now - t0, attributes)
                         else:
                             gap = (now - last) / len(ev.token_ids)
                             for _ in ev.token_ids:
@@ -69,18 +72,18 @@ class RequestMetrics:
             raise
         finally:
             if final is not None:
-                self._finished(final, t0, t_end, first, last, tokens)
+                self._finished(final, t0, t_end, first, last, tokens, attributes)
             metrics.REQUESTS.add(1, {"outcome": outcome})
             if outcome not in ("stop", "length"):
                 log.info("request ended: %s", outcome, extra={"outcome": outcome, "output_tokens": tokens,
                                                                 "duration_ms": _ms(time.perf_counter() - t0)})
 
     def _finished(self, ev: Event, t0: float, now: float, first: float | None, last: float | None,
-                  tokens: int) -> None:
-        metrics.E2E.record(now - t0)
+                  tokens: int, attributes: dict[str, str]) -> None:
+        metrics.E2E.record(now - t0, attributes)
         tpot = (last - first) / (tokens - 1) if first is not None and tokens > 1 else None
         if tpot is not None:
-            metrics.TPOT.record(tpot)
+            metrics.TPOT.record(tpot, attributes)
         ttft = first - t0 if first is not None else None
         if self.slo_ttft_ms > 0 and ttft is not None:
             metrics.SLO.add(1, {"objective": "ttft", "attained": str(ttft * 1e3 <= self.slo_ttft_ms).lower()})

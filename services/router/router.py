@@ -25,6 +25,7 @@ from pdserve.common.errors import CapacityExhaustedError, InvalidRequestError, N
 from pdserve.common.kv.hashing import block_hashes
 from pdserve.common.server import error_from_rpc
 from pdserve.router import policy
+from pdserve.router.models import genai_attributes
 from pdserve.router.recovery import Attempt, Progress, WorkerFailedError, failure
 from pdserve.router.worker_pool import WorkerPool
 from pdserve.v1 import decode_pb2 as dpb
@@ -43,6 +44,7 @@ class GenerateInput:
     messages: list[dict[str, str]] | None = None
     request_id: str = ""
     deadline: float | None = None  # time.monotonic() by which the client gives up; honoured downstream
+    model: str = ""  # the model the request names; "": the one served
 
 
 @dataclass
@@ -111,6 +113,10 @@ class Router:
             raise InvalidRequestError(field_name, f"{chars} characters; no prompt this long fits the context window "
                                                   f"of {self.max_model_len} tokens")
 
+    def genai_attributes(self, inp: GenerateInput) -> dict[str, str]:
+        """The request's OpenTelemetry GenAI attributes (operation, model), for its metrics and span."""
+        return genai_attributes(self.pool, inp.model, chat=inp.messages is not None)
+
     def plan(self, ids: list[int], exclude: set[str] = frozenset()) -> Plan:
         """Where this context runs, avoiding workers that already failed it."""
         decoders = [w for w in self.pool.decode if w.healthy and w.worker_id not in exclude]
@@ -163,7 +169,11 @@ class Router:
             rid = inp.request_id or uuid.uuid4().hex
             progress = Progress(rid, ids, inp.params, IncrementalDetokenizer(self.tokenizer, ids, inp.params.stop),
                                 t0, deadline=inp.deadline)
-            tracing.annotate(span, request_id=rid, prompt_tokens=len(ids))
+            p = inp.params
+            tracing.annotate(span, request_id=rid, **self.genai_attributes(inp), **{
+                "gen_ai.usage.input_tokens": len(ids), "gen_ai.request.max_tokens": p.max_tokens,
+                "gen_ai.request.temperature": p.temperature, "gen_ai.request.top_p": p.top_p,
+                "gen_ai.request.seed": p.seed})
             while True:
                 try:
                     plan = self.plan(progress.context, progress.excluded)
@@ -179,6 +189,8 @@ class Router:
                     async for ev in self._attempt(progress, plan):
                         if ev.finish_reason is not None and span.is_recording():
                             span.set_attributes(tracing.timing_attributes(ev.timing))
+                            tracing.annotate(span, **{"gen_ai.usage.output_tokens": len(progress.generated),
+                                                      "gen_ai.response.finish_reasons": [ev.finish_reason.value]})
                         yield ev
                     return
                 except WorkerFailedError as f:

@@ -19,6 +19,7 @@ def request_to_input(req: rpb.GenerateRequest, default_max_tokens: int) -> Gener
     return GenerateInput(
         params=params,
         request_id=req.request_id,
+        model=req.model,
         text=req.text if which == "text" else None,
         token_ids=list(req.token_ids.ids) if which == "token_ids" else None,
         messages=[{"role": m.role, "content": m.content} for m in req.chat.messages] if which == "chat" else None,
@@ -49,7 +50,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         remaining = context.time_remaining()  # None: the client set no deadline
         if remaining is not None:
             inp.deadline = time.monotonic() + remaining
-        async with contextlib.aclosing(self.measured.observe(self.router.generate(inp))) as events:
+        events = self.measured.observe(self.router.generate(inp), self.router.genai_attributes(inp))
+        async with contextlib.aclosing(events):
             async for ev in events:
                 yield event_to_response(ev)
 

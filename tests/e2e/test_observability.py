@@ -164,16 +164,16 @@ def test_prometheus_scrapes_every_service_and_sees_ttft_and_itl(suite, prometheu
     # `prometheus` before `traffic`: every service was scraped before the requests.
     assert set(targets_health(prometheus).values()) == {"up"}
     requests = len(traffic) + 1  # the HTTP one too
-    ttft = eventually(lambda: [r for r in query(prometheus, "pdserve_time_to_first_token_seconds_count")
+    ttft = eventually(lambda: [r for r in query(prometheus, "gen_ai_server_time_to_first_token_seconds_count")
                                if float(r["value"][1]) >= requests], _SCRAPED_S)
     assert ttft and ttft[0]["metric"]["service"] == "router"
     itl = query(prometheus, "sum(pdserve_inter_token_latency_seconds_count)")
     assert itl and float(itl[0]["value"][1]) >= requests * 3  # 8 tokens: 7 gaps each (4 over HTTP)
     # The quantile from the buckets' totals: a rate() over them depends on how the scrapes fell
     # against the requests (NaN when one scrape saw them all); the dashboard test evaluates rates.
-    p99 = query(prometheus, "histogram_quantile(0.99, sum by (le) (pdserve_time_to_first_token_seconds_bucket))")
+    p99 = query(prometheus, "histogram_quantile(0.99, sum by (le) (gen_ai_server_time_to_first_token_seconds_bucket))")
     assert p99 and 0 < float(p99[0]["value"][1]) < 120, (
-        query(prometheus, "up[1m]"), query(prometheus, "pdserve_time_to_first_token_seconds_bucket"))
+        query(prometheus, "up[1m]"), query(prometheus, "gen_ai_server_time_to_first_token_seconds_bucket"))
     # A request's outcome is counted when its stream closes, which can be a scrape after its first token.
     def counted():
         return {r["metric"]["outcome"]: float(r["value"][1]) for r in query(prometheus, "pdserve_requests_total")}

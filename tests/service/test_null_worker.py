@@ -6,9 +6,12 @@ import contextlib
 
 import grpc
 import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from pdserve.bench import control_plane
 from pdserve.bench.null_worker import NullWorker, NullWorkerConfig, fixed_tokens
+from pdserve.client import AsyncClient, InvalidArgument
 from pdserve.router.config import RouterConfig
 from pdserve.router.serve import RouterRuntime, load_tokenizer
 from pdserve.v1 import common_pb2 as pb
@@ -67,6 +70,24 @@ async def test_the_last_tokens_travel_in_the_final_message_not_one_after_it(toke
         pb.FINISH_REASON_LENGTH]
     assert messages[-1].usage.completion_tokens == max_tokens and messages[-1].timing.total_ms > 0
     assert "".join(m.text for m in messages) == {1: " null", 3: " null engine token"}[max_tokens]
+
+
+async def test_the_sdk_records_genai_client_metrics_for_finished_and_failed_calls(tokenizer):
+    reader = InMemoryMetricReader()
+    async with null_suite(tokenizer) as (router, worker):
+        async with AsyncClient(f"127.0.0.1:{router.port}", meter_provider=MeterProvider(metric_readers=[reader])) as client:
+            await client.complete([1000, 1001, 1002], max_tokens=4)
+            with pytest.raises(InvalidArgument):
+                await client.complete([1000], max_tokens=4, model="no-such-model")
+    points = {m.name: m.data.data_points for rm in reader.get_metrics_data().resource_metrics
+              for sm in rm.scope_metrics for m in sm.metrics}
+    assert {p.attributes["gen_ai.token.type"]: p.sum for p in points["gen_ai.client.token.usage"]} == {
+        "input": 3, "output": 4}
+    durations = {p.attributes.get("error.type"): p for p in points["gen_ai.client.operation.duration"]}
+    assert set(durations) == {None, "invalid_argument"} and all(p.count == 1 for p in durations.values())
+    assert durations[None].attributes == {"gen_ai.operation.name": "text_completion",
+                                          "server.address": "127.0.0.1", "server.port": router.port}
+    assert durations["invalid_argument"].attributes["gen_ai.request.model"] == "no-such-model"
 
 
 async def test_control_plane_measurement_reports_added_latency_and_rates(tokenizer):

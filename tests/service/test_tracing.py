@@ -17,6 +17,7 @@ from pdserve.client import AsyncClient
 from pdserve.common import grpc_tracing, security, tracing
 from pdserve.kvstore import serve as kvstore_serve
 from pdserve.kvstore.config import KVStoreConfig
+from pdserve.router.models import served_models
 from pdserve.v1 import kvstore_pb2 as kpb
 from pdserve.v1 import kvstore_pb2_grpc
 from tests.engine.prompts import text_of_tokens
@@ -60,6 +61,7 @@ async def test_one_request_is_one_trace_through_router_prefill_decode_and_kvstor
         async with AsyncClient(f"127.0.0.1:{suite.router.port}") as client:
             with tracing.tracer("test").start_as_current_span("test.client") as root:
                 completion = await client.complete(prompt, max_tokens=6, temperature=0.0, request_id="traced-1")
+        (model,) = served_models(suite.router.router.pool)
         # The prefill worker offers its blocks to the store after answering.
         await _until(lambda: _named(exporter.get_finished_spans(), "pdserve.v1.KVStore/CommitWrite", SpanKind.SERVER))
     spans = exporter.get_finished_spans()
@@ -105,8 +107,15 @@ async def test_one_request_is_one_trace_through_router_prefill_decode_and_kvstor
     # The prefill worker sampled the first token.
     assert decoding.attributes["pdserve.tokens_generated"] == completion.usage.completion_tokens - 1
 
-    # The request's span carries the routing decision and the timing breakdown the client got.
+    # The request's span carries the GenAI conventions' attributes, the routing decision
+    # and the timing breakdown the client got.
     assert generate.attributes["pdserve.request_id"] == "traced-1"
+    assert {k: v for k, v in generate.attributes.items() if k.startswith("gen_ai.")} == {
+        "gen_ai.operation.name": "text_completion", "gen_ai.request.model": model,
+        "gen_ai.request.max_tokens": 6, "gen_ai.request.temperature": 0.0, "gen_ai.request.top_p": 1.0,
+        "gen_ai.usage.input_tokens": completion.usage.prompt_tokens,
+        "gen_ai.usage.output_tokens": completion.usage.completion_tokens,
+        "gen_ai.response.finish_reasons": (completion.finish_reason,)}
     assert generate.attributes["pdserve.route.disaggregated"] is True
     assert generate.attributes["pdserve.route.prefill_worker_id"] == completion.route["prefill_worker_id"]
     for key in TIMING:

@@ -650,7 +650,7 @@ def test_grafana_dashboard_plots_every_pdserve_metric_by_its_exported_name():
         assert p["type"] in ("timeseries", "stat") and p["datasource"]["uid"] == "${datasource}"
         assert p["targets"] and len({t["refId"] for t in p["targets"]}) == len(p["targets"])
         for t in p["targets"]:
-            names = {_SAMPLE_SUFFIX.sub("", n) for n in re.findall(r"\bpdserve_[a-z0-9_]+", t["expr"])}
+            names = {_SAMPLE_SUFFIX.sub("", n) for n in re.findall(r"\b(?:pdserve|gen_ai)_[a-z0-9_]+", t["expr"])}
             unknown = names - set(SERIES)
             assert not unknown, f"panel {p['title']!r} plots {sorted(unknown)}, which pdserve does not export"
             plotted |= names

@@ -46,7 +46,8 @@ SCRIPT = textwrap.dedent("""
 
     async def main():
         observe = RequestMetrics(slo_ttft_ms=1000, slo_tpot_ms=1).observe
-        async for _ in observe(finished_stream()):
+        genai = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "m"}
+        async for _ in observe(finished_stream(), genai):
             pass
         try:
             async for _ in observe(refused_stream()):
@@ -88,7 +89,7 @@ SCRIPT = textwrap.dedent("""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     samples = [(s.name, {k: v for k, v in s.labels.items() if not k.startswith("otel_")}, s.value)
                for family in text_string_to_metric_families(text) for s in family.samples
-               if s.name.startswith("pdserve_")]
+               if s.name.startswith(("pdserve_", "gen_ai_"))]
     json.dump(samples, sys.stdout)
 """)
 
@@ -114,15 +115,18 @@ def test_every_declared_series_is_exported_under_its_declared_name(samples):
 
 
 def test_a_finished_request_records_ttft_itl_tpot_e2e_outcome_and_route(samples):
-    assert value(samples, "pdserve_time_to_first_token_seconds_count") == 2  # the finished and the cancelled one
+    # The finished request (with GenAI attributes) and the one cancelled after its first token.
+    assert value(samples, "gen_ai_server_time_to_first_token_seconds_count", gen_ai_operation_name="chat",
+                 gen_ai_request_model="m") == 1
+    assert sum(v for n, _, v in samples if n == "gen_ai_server_time_to_first_token_seconds_count") == 2
     # 6 tokens: 5 gaps, the last event's two tokens split its gap in two
     assert value(samples, "pdserve_inter_token_latency_seconds_count") == 5
     assert value(samples, "pdserve_inter_token_latency_seconds_bucket", le="0.005") == 0
-    assert value(samples, "pdserve_time_per_output_token_seconds_count") == 1
-    tpot = value(samples, "pdserve_time_per_output_token_seconds_sum")
+    assert value(samples, "gen_ai_server_time_per_output_token_seconds_count", gen_ai_request_model="m") == 1
+    tpot = value(samples, "gen_ai_server_time_per_output_token_seconds_sum")
     assert 0.015 <= tpot < 0.2  # (last - first) / 5 with 20 ms steps
-    assert value(samples, "pdserve_e2e_request_latency_seconds_count") == 1  # once, though two events end it
-    assert value(samples, "pdserve_e2e_request_latency_seconds_sum") >= 0.13
+    assert value(samples, "gen_ai_server_request_duration_seconds_count", gen_ai_operation_name="chat") == 1  # once,
+    assert value(samples, "gen_ai_server_request_duration_seconds_sum") >= 0.13  # though two events end it
     assert value(samples, "pdserve_routed_requests_total", role="prefill", worker_id="prefill-0") == 1
     assert value(samples, "pdserve_routed_requests_total", role="decode", worker_id="decode-0") == 1
 
