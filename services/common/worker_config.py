@@ -17,7 +17,8 @@ class WorkerConfig(SecurityConfig):
     port: int = option(50061, help="gRPC port (0: any free port)")
     worker_id: str = option("", help="unique id in logs and routing (default: hostname:port)")
     role: Literal["prefill", "decode", "colocated"] = option("decode", help="what this worker does")
-    model: str = option("", help="HF directory or .gguf file (default: the bundled SmolLM2-135M-Instruct)")
+    model: str = option("", help="HF directory, .gguf file or hub id (org/name) "
+                                 "(default: the bundled SmolLM2-135M-Instruct)")
     device: str = option("cpu", help="torch device")
     dtype: Literal["float32", "float16", "bfloat16"] = option("float32")
     threads: int = option(0, help="torch CPU threads (0: torch's default, one per core); give workers "
@@ -27,6 +28,9 @@ class WorkerConfig(SecurityConfig):
     num_kv_blocks: int = option(0, help="KV pool size in blocks (0: from --kv-cache-gib)")
     max_num_seqs: int = option(64, help="running sequences at most")
     max_num_batched_tokens: int = option(512, help="tokens per step; the prefill chunk size")
+    enable_chunked_prefill: bool = option(True, help="prefill long prompts a chunk per step between decode steps; "
+                                                     "off: each prompt in one step, which every running stream "
+                                                     "waits for (colocated serving without chunking)")
     enable_prefix_caching: bool = option(True)
     max_queue: int = option(256, help="requests waiting at most; more get RESOURCE_EXHAUSTED")
     lease_ms: int = option(30_000, help="a KV reservation expires if unused this long")
@@ -57,7 +61,7 @@ class WorkerConfig(SecurityConfig):
             model=self.model or None, device=self.device, dtype=self.dtype, block_size=self.block_size,
             kv_cache_gib=self.kv_cache_gib, num_kv_blocks=self.num_kv_blocks or None,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-            enable_prefix_caching=self.enable_prefix_caching,
+            enable_chunked_prefill=self.enable_chunked_prefill, enable_prefix_caching=self.enable_prefix_caching,
         )
 
     def resolved_worker_id(self, bound_port: int) -> str:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pdserve.common.kv.store_client import StoreClient
 from pdserve.common.worker_config import WorkerConfig
-from pdserve.common.worker_runtime import WorkerRuntime, make_receiver
+from pdserve.common.worker_runtime import WorkerRuntime, make_receiver, make_sender
 from pdserve.decode.servicer import DecodeServicer
 from pdserve.decode.worker import DecodeWorker
 from pdserve.v1 import decode_pb2_grpc
@@ -13,8 +13,9 @@ def build(config: WorkerConfig, engine=None) -> tuple[WorkerRuntime, DecodeWorke
     rt = WorkerRuntime(config, engine)
     receiver = make_receiver(config.transport)
     store = None
-    if config.kvstore:  # reads only: the prefill workers write
-        store = StoreClient(config.kvstore, receiver, None, rt.engine.engine.spec.fingerprint, security=config)
+    if config.kvstore:  # reads prefixes in; writes back what it prefilled itself (local or colocated requests)
+        store = StoreClient(config.kvstore, receiver, make_sender(config.transport), rt.engine.engine.spec.fingerprint,
+                            security=config)
     worker = DecodeWorker(rt.engine, receiver, lease_s=config.lease_ms / 1000,
                           transfer_timeout_s=config.transfer_timeout_s, max_queue=config.max_queue, store=store,
                           worker_id=rt.worker_id)
@@ -27,9 +28,10 @@ async def serve(config: WorkerConfig) -> None:
     await worker.start()
 
     async def shutdown() -> None:
-        await worker.stop()
+        await worker.stop()  # after the offers in flight
         if worker.store:
             await worker.store.close()
+            await worker.store.sender.close()
         await worker.receiver.close()
 
     await rt.run(on_shutdown=shutdown)

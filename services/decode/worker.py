@@ -11,6 +11,7 @@ claimed by decode() in time is swept. generate() is the colocated path.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -28,6 +29,7 @@ from pdserve.common.errors import (
     TransferTimeoutError,
 )
 from pdserve.common.kv.hashing import block_hashes
+from pdserve.common.kv.prefix_reuse import admit_from_store, offer_to_store
 from pdserve.common.kv.store_client import StoreClient
 from pdserve.common.leases import Leases
 from pdserve.common.transfer.base import KVReceiver, TransferTicket
@@ -64,7 +66,9 @@ class DecodeWorker:
         self.engine = engine
         self.worker_id = worker_id  # on its trace spans
         self.receiver = receiver
-        self.store = store  # loads cached prefixes, so the prefill worker sends less
+        # Loads cached prefixes (the prefill worker then sends less; a local prefill
+        # computes less); with a sender, also offers what it prefilled itself.
+        self.store = store
         self.lease_s = lease_s
         self.transfer_timeout_s = transfer_timeout_s
         self.max_queue = max_queue
@@ -73,6 +77,7 @@ class DecodeWorker:
         # Ids a Release came for before their reservation existed (it may overtake its
         # Reserve: the router releases as soon as the caller is gone), oldest first.
         self._released_early: dict[str, float] = {}
+        self._offering: set[asyncio.Task] = set()  # finished local requests' blocks, going to the store
 
     @property
     def spec(self):
@@ -85,6 +90,8 @@ class DecodeWorker:
         self._leases.stop()
         for rid in self._leases:
             await self.release(rid)
+        if self._offering:  # blocks still going to the store: let them land, then free them
+            await asyncio.gather(*self._offering, return_exceptions=True)
 
     def _admission(self) -> None:
         """Run under the engine's lock (AsyncEngine.add / call), atomically with
@@ -105,8 +112,10 @@ class DecodeWorker:
             return r
 
     async def _reserve(self, request_id: str, prompt: list[int], fingerprint: bytes, lease_ms: int) -> Reservation:
-        if fingerprint and fingerprint != self.spec.fingerprint:
-            raise InvalidRequestError("kv_fingerprint", "the prefill worker's KV layout or model differs from this worker's")
+        # Required: a sender that states no layout could push KV of another model.
+        if fingerprint != self.spec.fingerprint:
+            raise InvalidRequestError("kv_fingerprint", "must be the sender's KVSpec fingerprint, and this worker's: "
+                                      + ("missing" if not fingerprint else "the sender's KV layout or model differs"))
         seq = await self.engine.call(self._reserve_if_room, request_id, prompt)
         bs, pool = self.spec.block_size, self.engine.engine.pool
         try:
@@ -159,10 +168,36 @@ class DecodeWorker:
             yield out
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Colocated: prefill and decode here."""
-        await self.engine.add(prompt, params, request_id, admission=self._admission)
-        async for out in self._counted(request_id, "generate", self.engine.stream(request_id)):
-            yield out
+        """Colocated (or routed to prefill here): prefill and decode here, from whatever
+        prefix the KV store holds; with a writable store, the computed context (prompt
+        and reply) is offered back when the request ends, for the conversation's next turn."""
+        offer = self.store is not None and self.store.sender is not None
+        from_store = 0
+        if self.store is None:
+            await self.engine.add(prompt, params, request_id, admission=self._admission)
+        else:
+            from_store = await admit_from_store(self.engine, self.store, request_id, prompt, params,
+                                                self._reserve_if_room, hold_blocks=offer)
+        generated: list[int] = []
+        try:
+            async for out in self._counted(request_id, "generate", self.engine.stream(request_id)):
+                generated += out.new_token_ids
+                if out.finished and from_store:  # usage counts the store's tokens as cached, as prefill does
+                    out = dataclasses.replace(out, num_cached_tokens=out.num_cached_tokens + from_store)
+                yield out
+        finally:
+            if offer:  # in the background: the stream is answered; the blocks wait for the store
+                task = asyncio.create_task(self._offer(request_id, prompt + generated))
+                self._offering.add(task)
+                task.add_done_callback(self._offering.discard)
+
+    async def _offer(self, request_id: str, tokens: list[int]) -> None:
+        try:
+            await offer_to_store(self.engine, self.store, request_id, tokens)
+        except Exception as e:  # the store is a cache: a failed offer costs a later recompute, no more
+            log.warning("request %s: offering its KV to the store failed: %s", request_id, e)
+        finally:
+            await self.engine.call(self.engine.engine.release, request_id)
 
     async def _counted(self, request_id: str, phase: str,
                        outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:

@@ -47,7 +47,8 @@ def add_up_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=MODES, default="disaggregated")
     parser.add_argument("--prefill", type=int, default=1, metavar="N", help="prefill workers (disaggregated mode)")
     parser.add_argument("--decode", type=int, default=1, metavar="M", help="decode (or colocated) workers")
-    parser.add_argument("--model", default=None, help="HF directory or .gguf file (default: bundled SmolLM2)")
+    parser.add_argument("--model", default=None,
+                        help="HF directory, .gguf file or hub id (org/name) (default: bundled SmolLM2)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=50051, help="the router's gRPC port")
     parser.add_argument("--http-port", type=int, default=None,

@@ -19,7 +19,7 @@ from pdserve.common.engine.async_engine import AsyncEngine
 from pdserve.common.engine.sampling_params import SamplingParams
 from pdserve.common.engine.sequence import FinishReason
 from pdserve.common.errors import CapacityExhaustedError, NotFoundError
-from pdserve.common.kv.hashing import block_hashes
+from pdserve.common.kv.prefix_reuse import admit_from_store, offer_to_store
 from pdserve.common.kv.store_client import StoreClient
 from pdserve.common.transfer.base import KVSender, TransferTicket
 
@@ -148,18 +148,8 @@ class PrefillWorker:
         if self.store is None:
             await self.engine.add(prompt, params, request_id, hold_blocks=True, admission=self._admission)
             return 0
-        eng = self.engine.engine
-        bs = eng.config.block_size
-        seq = await self.engine.call(self._reserve_if_room, request_id, prompt)
-        try:
-            hashes = block_hashes(eng.spec.fingerprint, prompt[: (len(prompt) - 1) // bs * bs], bs)
-            dest = [eng.pool.block(b) for b in seq.block_table[: len(hashes)]]
-            n = await self.store.load_prefix(hashes, dest, seq.num_cached_tokens // bs)
-            await self.engine.resume(request_id, n * bs, params, hold_blocks=True)
-        except BaseException:
-            await self.engine.call(eng.release, request_id)
-            raise
-        return n * bs - seq.num_cached_tokens
+        return await admit_from_store(self.engine, self.store, request_id, prompt, params, self._reserve_if_room,
+                                      hold_blocks=True)
 
     async def prefill(self, request_id: str, prompt: list[int], params: SamplingParams,
                       target: PushTarget | None) -> PrefillResult:
@@ -213,11 +203,7 @@ class PrefillWorker:
         try:
             jobs = [push.wait()] if push else []
             if self.store is not None and offer:
-                bs = eng.config.block_size
-                full = len(prompt) // bs
-                _, table = eng.kv_blocks(request_id)
-                hashes = block_hashes(eng.spec.fingerprint, prompt[: full * bs], bs)
-                jobs.append(self.store.store_blocks(hashes, [eng.pool.block(b) for b in table[:full]]))
+                jobs.append(offer_to_store(self.engine, self.store, request_id, prompt))
             await asyncio.gather(*jobs)
         finally:
             await self.engine.call(eng.release, request_id)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import grpc
 import pytest
@@ -73,3 +75,20 @@ async def test_cancelling_a_stream_frees_blocks_on_both_workers(start_suite, smo
         assert all(w.free_blocks == w.total_blocks for w in workers), (busy, workers)
         after = await client.complete(ids[:50], max_tokens=8, temperature=0.0)
         assert len(after.token_ids) == 8
+
+
+async def test_pdserve_generate_streams_what_the_sdk_gets_and_names_a_bad_field(start_suite):
+    suite = start_suite("colocated")  # the suite the tests above started
+    question = "What is the capital of France?"
+    async with AsyncClient(suite.router_target, timeout=120) as client:
+        expected = await client.complete(messages=[{"role": "user", "content": question}], max_tokens=12,
+                                         temperature=0.0)
+    cli = [sys.executable, "-m", "pdserve", "generate", "--target", suite.router_target, "--max-tokens", "12"]
+    done = await asyncio.to_thread(subprocess.run, [*cli, question], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == expected.text + "\n" and expected.text.strip()
+    # The router's refusal (a prompt past the context window), as its status and field: no traceback.
+    refused = await asyncio.to_thread(subprocess.run, [*cli, "--raw", "hello " * 10_000], capture_output=True,
+                                      text=True, timeout=120)
+    assert (refused.returncode, refused.stdout) == (2, "")
+    assert refused.stderr.startswith("pdserve: INVALID_ARGUMENT: prompt") and "Traceback" not in refused.stderr

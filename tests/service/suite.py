@@ -6,8 +6,6 @@ import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 
-import grpc
-
 from pdserve.common import model_loader
 from pdserve.common.engine.engine import LLMEngine
 from pdserve.common.security import SecurityConfig
@@ -113,6 +111,7 @@ async def inprocess_suite(smollm2, mode: str = "disaggregated", *, prefill_worke
             await w.stop()
             if w.store:
                 await w.store.close()
+                await w.store.sender.close()
             await w.receiver.close()
         stack.push_async_callback(stop_decode)
 

@@ -20,6 +20,8 @@ import pytest_asyncio
 from pdserve.common.server import DEFAULT_OPTIONS, ERROR_FIELD_KEY
 from pdserve.router.openai_http import MAX_BODY_BYTES
 from pdserve.v1 import common_pb2 as pb
+from pdserve.v1 import decode_pb2 as dpb
+from pdserve.v1 import prefill_pb2 as ppb
 from pdserve.v1 import router_pb2 as rpb
 from tests.service.suite import inprocess_suite
 
@@ -149,6 +151,38 @@ async def test_a_message_over_the_size_limit_is_refused_by_grpc_with_resource_ex
         err = await rejected(raw_generate(oversized.SerializeToString()))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "larger than max" in err.details()
+    assert state(suite) == before
+
+
+# ---- the workers' own check: KV of another model or layout never lands ----------
+FINGERPRINTS = {"missing": lambda own: b"", "another model's": lambda own: bytes(b ^ 0xFF for b in own)}
+
+
+@pytest.mark.parametrize("fingerprint", FINGERPRINTS)
+async def test_a_decode_worker_reserves_nothing_for_a_sender_of_another_kv_layout(suite, fingerprint):
+    own = suite.decode[0].engine.engine.spec.fingerprint
+    before = state(suite)
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await suite.worker_stubs()[0].Reserve(dpb.ReserveRequest(
+            request_id="fp", prompt_token_ids=list(range(100, 140)), kv_fingerprint=FINGERPRINTS[fingerprint](own)))
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(failure.value.trailing_metadata())[ERROR_FIELD_KEY] == "kv_fingerprint"
+    assert state(suite) == before
+
+
+@pytest.mark.parametrize("fingerprint", FINGERPRINTS)
+async def test_a_prefill_worker_computes_nothing_for_a_ticket_of_another_kv_layout(suite, fingerprint):
+    own = suite.prefill[0].engine.engine.spec.fingerprint
+    spec = suite.prefill[0].engine.engine.spec
+    ticket = pb.TransferTicket(transfer_id="fp", secret=bytes(32), ucx_address=b"x", dest_block_ids=[0, 1],
+                               num_blocks=2, block_bytes=spec.block_bytes, kv_fingerprint=FINGERPRINTS[fingerprint](own))
+    before = state(suite)
+    prefill = suite.worker_stubs()[-1]
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await prefill.Prefill(ppb.PrefillRequest(request_id="fp", prompt_token_ids=list(range(100, 140)),
+                                                 sampling=pb.SamplingParams(max_tokens=1), ticket=ticket))
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(failure.value.trailing_metadata())[ERROR_FIELD_KEY] == "ticket.kv_fingerprint"
     assert state(suite) == before
 
 

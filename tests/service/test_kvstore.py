@@ -10,7 +10,7 @@ from pdserve.v1 import decode_pb2 as dpb
 from pdserve.v1 import router_pb2 as rpb
 from tests.engine.prompts import text_of_tokens
 from tests.reference import transformers_greedy
-from tests.service.suite import inprocess_suite
+from tests.service.suite import inprocess_suite, pools_full
 
 NO_LOCAL_CACHE = {"enable_prefix_caching": False}  # so any reuse must come from the store
 
@@ -61,6 +61,39 @@ async def test_decode_worker_loads_the_history_from_the_store_and_receives_only_
         # Only the blocks past the stored prefix came from the prefill worker.
         assert received <= (len(turn2) - 600 // 16 * 16 + 16) // 16 * block_bytes
         assert last.usage.cached_tokens >= 600 // 16 * 16
+
+
+async def test_a_decode_worker_prefilling_locally_reads_the_store_and_writes_the_conversation_back(smollm2):
+    # The router's cost model sends short prompts to the decode worker to prefill there
+    # ("always" here): turn 2 starts from turn 1's prompt and reply, which the decode
+    # worker itself wrote to the store (its own prefix cache is off: reuse is the store's).
+    _, model, tokenizer = smollm2
+    turn1 = text_of_tokens(tokenizer, 300)
+    async with inprocess_suite(smollm2, store_blocks=256, decode_kw={"use_store": True, **NO_LOCAL_CACHE},
+                               router_kw={"local_prefill": "always"}) as suite:
+        answer, first = await _collect(suite.stub, _request(turn1, "t1", max_tokens=40))
+        assert first.usage.cached_tokens == 0 and not first.route.disaggregated
+        context_blocks = (len(turn1) + len(answer) - 1) // 16  # the last token's KV is never computed
+        assert (await _settled(suite, context_blocks)).blocks_written == context_blocks
+        turn2 = turn1 + answer + text_of_tokens(tokenizer, 40, offset=3)
+        tokens, last = await _collect(suite.stub, _request(turn2, "t2"))
+        assert tokens == transformers_greedy(model, turn2, 10) and not last.route.disaggregated
+        assert last.usage.cached_tokens == context_blocks * 16  # the prompt and the reply, from the store
+        written = (len(turn2) + len(tokens) - 1) // 16  # and turn 2's new blocks after them
+        stats = await _settled(suite, written)
+        assert stats.blocks_read == context_blocks and stats.blocks_written == written
+        await pools_full(suite)
+
+
+async def _settled(suite, written: int):
+    """The store's stats once `written` blocks are in and nothing is in flight
+    (a request's blocks are offered after its stream is answered)."""
+    for _ in range(50):
+        stats = await suite.store_stats()
+        if stats.active_leases == 0 and stats.blocks_written >= written:
+            return stats
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the store never settled: {stats}")
 
 
 async def test_eviction_pressure_keeps_output_correct(smollm2):

@@ -94,11 +94,11 @@ async def test_a_release_that_overtakes_its_reserve_frees_the_reservation_as_it_
         worker = suite.decode_workers[0]
         assert await worker.release("r-early") is False  # nothing to free yet
         with pytest.raises(NotFoundError, match="released before it was made"):
-            await worker.reserve("r-early", list(range(40)), b"", lease_ms=600_000)
+            await worker.reserve("r-early", list(range(40)), worker.spec.fingerprint, lease_ms=600_000)
         stats = worker.engine.engine.stats()
         assert stats.reserved == 0 and stats.free_blocks == stats.total_blocks
         assert worker.active_reservations == 0
-        r = await worker.reserve("r-next", list(range(40)), b"", lease_ms=600_000)  # others unaffected
+        r = await worker.reserve("r-next", list(range(40)), worker.spec.fingerprint, lease_ms=600_000)  # others unaffected
         assert r.dest_block_ids and worker.active_reservations == 1
         assert await worker.release("r-next") is True
 
@@ -140,7 +140,7 @@ async def test_a_decode_cancelled_while_waiting_to_join_the_batch_frees_its_bloc
     async with inprocess_suite(smollm2) as suite:
         worker = suite.decode_workers[0]
         engine = worker.engine.engine
-        r = await worker.reserve("r-admit", list(range(40)), b"", lease_ms=600_000)
+        r = await worker.reserve("r-admit", list(range(40)), worker.spec.fingerprint, lease_ms=600_000)
         blocks = torch.zeros(len(r.dest_block_ids), r.ticket.block_bytes, dtype=torch.uint8)
         sender = UcxKVSender()
         try:

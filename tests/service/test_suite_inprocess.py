@@ -89,6 +89,7 @@ async def test_an_unclaimed_reservation_expires_and_frees_its_blocks(smollm2):
     async with inprocess_suite(smollm2) as suite:
         decode = suite.worker_stubs()[0]
         r = await decode.Reserve(dpb.ReserveRequest(request_id="orphan", prompt_token_ids=list(range(100, 200)),
+                                                    kv_fingerprint=suite.decode[0].engine.engine.spec.fingerprint,
                                                     lease_ms=300))
         assert r.ticket.num_blocks > 0 and r.ticket.expires_at_unix_ms > 0
         assert (await suite.loads())[0].free_blocks < (await suite.loads())[0].total_blocks

@@ -1,7 +1,10 @@
-"""Where converted GGUF models are cached: one copy per file contents, wherever it is installed."""
+"""Model identity: converted GGUF models are cached once per file contents, wherever installed,
+and a checkpoint's weights digest (in the KV fingerprint) changes with any byte of its weights."""
 from __future__ import annotations
 
 import os
+
+import pytest
 
 from pdserve.common import model_loader
 
@@ -22,10 +25,82 @@ def test_the_same_file_at_two_paths_shares_one_conversion(tmp_path, monkeypatch)
     assert model_loader.converted_dir(a).parent == tmp_path / "cache" / "models"
 
 
-def test_different_contents_or_sizes_convert_apart(tmp_path):
+def test_different_contents_or_sizes_convert_apart(tmp_path, monkeypatch):
+    monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path / "cache"))
     body = bytearray(os.urandom(3 << 20))
     a = _gguf(tmp_path / "a" / "m.gguf", bytes(body))
     body[-1] ^= 1  # the last byte differs
     b = _gguf(tmp_path / "b" / "m.gguf", bytes(body))
     c = _gguf(tmp_path / "c" / "m.gguf", bytes(body) + b"\0")
-    assert len({model_loader.converted_dir(p) for p in (a, b, c)}) == 3
+    body[len(body) // 2] ^= 1  # and one in the middle, far from either end
+    d = _gguf(tmp_path / "d" / "m.gguf", bytes(body))
+    assert len({model_loader.converted_dir(p) for p in (a, b, c, d)}) == 4
+
+
+def _checkpoint(path, body: bytes):
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(body)
+    return path
+
+
+def test_checkpoints_differing_only_in_the_middle_have_different_weights_digests(tmp_path, monkeypatch):
+    # A fine-tune of a few middle layers: same names, shapes and size, same first and last MiB.
+    monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    body = bytearray(os.urandom(3 << 20))
+    base = _checkpoint(tmp_path / "base", bytes(body))
+    body[len(body) // 2] ^= 1
+    tuned = _checkpoint(tmp_path / "tuned", bytes(body))
+    assert model_loader.resolve(str(base)).weights_digest != model_loader.resolve(str(tuned)).weights_digest
+    assert model_loader.resolve(str(base)).weights_digest == model_loader.resolve(str(base)).weights_digest
+
+
+def test_a_digest_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    f = _gguf(tmp_path / "m.gguf", os.urandom(1 << 20))
+    first = model_loader._file_digest(f)
+    hashed = []
+    monkeypatch.setattr(model_loader.hashlib, "file_digest", lambda *a: hashed.append(a) or None)
+    assert model_loader._file_digest(f) == first and not hashed  # remembered: not read again
+    monkeypatch.undo()
+    monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    f.write_bytes(os.urandom(1 << 20))  # rewritten: new size or mtime, hashed again
+    os.utime(f, ns=(1, 1))
+    assert model_loader._file_digest(f) != first
+
+
+def test_a_hub_cache_file_is_identified_by_the_hash_it_is_stored_under(tmp_path, monkeypatch):
+    monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    sha = "ab" * 32
+    blob = tmp_path / "models--org--m" / "blobs" / sha
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(b"weights")
+    snapshot = tmp_path / "models--org--m" / "snapshots" / "rev" / "model.safetensors"
+    snapshot.parent.mkdir(parents=True)
+    snapshot.symlink_to(blob)
+    assert model_loader._file_digest(snapshot) == sha[:32]
+
+
+def _hub_cache(root, repo_id: str, files: dict[str, bytes]):
+    """A Hugging Face hub cache holding one snapshot of `repo_id`, as a download leaves it."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("rev1")
+    snapshot = repo / "snapshots" / "rev1"
+    snapshot.mkdir(parents=True)
+    for name, body in files.items():
+        (snapshot / name).write_bytes(body)
+    return snapshot
+
+
+def test_a_hub_id_resolves_to_its_snapshot_from_the_hub_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)  # no network: the cache alone
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    snapshot = _hub_cache(tmp_path / "hub", "org/tiny", {"config.json": b"{}", "model.safetensors": b"w" * 64})
+    ref = model_loader.resolve("org/tiny")
+    assert (ref.name, ref.path) == ("org/tiny", snapshot)  # served under the id it was asked by
+    assert ref.weights_digest == model_loader._dir_digest(snapshot)
+    with pytest.raises(FileNotFoundError, match="hub"):
+        model_loader.resolve("org/not-in-the-cache")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str | None = None  # HF directory, .gguf file, or None for the bundled SmolLM2
+    model: str | None = None  # HF directory, .gguf file, hub id, or None for the bundled SmolLM2
     device: str = "cpu"
     dtype: str = "float32"
     block_size: int = 16
@@ -14,7 +14,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512  # per-step token budget = prefill chunk
-    enable_chunked_prefill: bool = True
+    enable_chunked_prefill: bool = True  # off: a prompt is prefilled in one step (the budget grows to fit it)
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # default: the model's context window
 

@@ -87,12 +87,19 @@ class LLMEngine:
         # The pool bounds the context too: a sequence grown past the whole pool,
         # once preempted, could never be scheduled again (it would wait forever).
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, num_blocks * config.block_size)
+        # Paged attention attends over the whole context. Within a sliding window (Mistral's)
+        # that is exactly what the model computes; past it, it would not be: stop at the window.
+        window = getattr(mc, "sliding_window", None) if getattr(mc, "use_sliding_window", True) else None
+        if window:
+            self.max_model_len = min(self.max_model_len, window)
         self.pool = KVPool(self.spec, num_blocks, config.device)
         self.blocks = BlockManager(num_blocks, config.block_size, self.spec.fingerprint, config.enable_prefix_caching)
-        self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill),
-            self.blocks,
-        )
+        # Without chunking a prompt is prefilled in one step, beside every running stream's
+        # decode: the budget must hold the longest prompt plus a token for each of them.
+        budget = config.max_num_batched_tokens if config.enable_chunked_prefill else max(
+            config.max_num_batched_tokens, self.max_model_len + config.max_num_seqs)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, budget, config.enable_chunked_prefill),
+                                   self.blocks)
         self.runner = ModelRunner(model, self.pool)
         self.eos_token_ids = self._eos_ids()
         self._requests: dict[str, _Request] = {}  # in the scheduler
