@@ -16,8 +16,10 @@ class RouterConfig(ClientAuthConfig):
     http_host: str = option("", help="address the OpenAI-compatible HTTP server listens on (empty: same as host)")
     http_port: int = option(8000, help="OpenAI-compatible HTTP port (0: any free port, -1: no HTTP server)")
     mode: Literal["disaggregated", "colocated"] = option("disaggregated")
-    prefill_targets: list[str] = option(default_factory=list, help="prefill workers, host:port (or let them register)")
-    decode_targets: list[str] = option(default_factory=list, help="decode (or colocated) workers, host:port (or let them register)")
+    prefill_targets: list[str] = option(default_factory=list, help="prefill workers: host:port, or dns:NAME:PORT for "
+                                        "every address NAME resolves to, looked up at each load poll (or let them "
+                                        "register)")
+    decode_targets: list[str] = option(default_factory=list, help="decode (or colocated) workers, as --prefill-targets")
     model: str = option("", help="the workers' model, for the tokenizer (default: bundled SmolLM2)")
     local_prefill: Literal["auto", "always", "never"] = option(
         "auto", help="disaggregated mode: let the decode worker prefill when the cost model says it is faster")
@@ -49,6 +51,10 @@ class RouterConfig(ClientAuthConfig):
         if self.slo_ttft_ms < 0 or self.slo_tpot_ms < 0:
             raise ValueError("slo_ttft_ms and slo_tpot_ms must be >= 0")
         # Empty target lists are fine: workers started with --router register themselves.
+        from pdserve.router.worker_pool import split_dns_target
+
+        for target in self.prefill_targets + self.decode_targets:
+            split_dns_target(target)  # raises ValueError for a malformed dns: target
         if self.max_retries < 0 or min(self.prefill_timeout_s, self.rpc_timeout_s, self.worker_keepalive_s) <= 0:
             raise ValueError("max_retries must be >= 0; prefill_timeout_s, rpc_timeout_s and worker_keepalive_s "
                              "positive")

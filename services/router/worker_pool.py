@@ -1,4 +1,10 @@
-"""The router's view of its workers: channels, identity, load, registration.
+"""The router's view of its workers: channels, identity, load, registration, discovery.
+
+Workers join three ways: a static target (host:port); registration (the worker
+calls RegisterWorker and heartbeats); or discovery, a target `dns:NAME:PORT`
+whose every address is a worker (a headless Kubernetes Service resolves to its
+pods' addresses), looked up again at every load poll, so scaling a StatefulSet
+needs no router change.
 
 Loads are refreshed in the background (GetLoad); between refreshes the
 router counts what it sent itself (in-flight requests and prompt tokens, read by
@@ -9,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -20,6 +27,16 @@ from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import decode_pb2_grpc, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+
+def split_dns_target(target: str) -> tuple[str, int] | None:
+    """`dns:NAME:PORT` -> (NAME, PORT); None for a plain host:port target."""
+    if not target.startswith("dns:"):
+        return None
+    name, _, port = target[4:].rpartition(":")
+    if not name or not port.isdigit():
+        raise ValueError(f"{target!r}: a discovered target is dns:NAME:PORT")
+    return name, int(port)
 
 
 @dataclass
@@ -36,6 +53,7 @@ class Worker:
     rtt_ms: float = 0.0  # GetLoad round trip, moving average
     registered: bool = False  # joined through RegisterWorker (else a static target)
     last_seen: float = 0.0  # monotonic time of the last heartbeat or successful poll
+    discovered_by: str = ""  # the dns:NAME:PORT target whose lookup found it
 
     @property
     def worker_id(self) -> str:
@@ -53,11 +71,13 @@ class WorkerPool:
     poll_s: float = 0.5
     _task: asyncio.Task | None = None
 
+    discovery: list[tuple[str, str]] = field(default_factory=list)  # (role, "dns:NAME:PORT")
+    _retiring: set[asyncio.Task] = field(default_factory=set)  # channels closing once their calls end
     lease_ttl_s: float = 5.0  # a registered worker silent this long is dropped
     security: SecurityConfig = OPEN  # TLS and internal token of the channels to workers
     keepalive_s: float = 10.0  # ping period, and how long an unanswered ping may wait
 
-    def _make(self, target: str, role: str) -> Worker:
+    def _make(self, target: str, role: str, discovered_by: str = "") -> Worker:
         ms = int(self.keepalive_s * 1000)
         # Only while calls are open, and without limit: a long prefill sends no data for seconds.
         # gRPC 1.85 fails an unanswered ping after ping_timeout_ms (default 60 s), not after
@@ -65,17 +85,57 @@ class WorkerPool:
         keepalive = (("grpc.keepalive_time_ms", ms), ("grpc.keepalive_timeout_ms", ms),
                      ("grpc.http2.ping_timeout_ms", ms), ("grpc.keepalive_permit_without_calls", 0),
                      ("grpc.http2.max_pings_without_data", 0))
+        tls = self.security.client_tls()
+        if discovered_by and tls and not tls.server_name:  # dialled by address: verify the name looked up
+            keepalive += (("grpc.ssl_target_name_override", split_dns_target(discovered_by)[0]),)
         ch = self.security.dial(target, interceptors=grpc_tracing.client_interceptors(), options=keepalive)
         stub = prefill_pb2_grpc.PrefillStub(ch) if role == "prefill" else decode_pb2_grpc.DecodeStub(ch)
-        return Worker(target, role, ch, stub)
+        return Worker(target, role, ch, stub, discovered_by=discovered_by)
 
     @classmethod
     def connect(cls, prefill_targets: list[str], decode_targets: list[str], poll_s: float = 0.5,
                 security: SecurityConfig = OPEN, keepalive_s: float = 10.0) -> "WorkerPool":
         pool = cls(poll_s=poll_s, security=security, keepalive_s=keepalive_s)
-        pool.prefill = [pool._make(t, "prefill") for t in prefill_targets]
-        pool.decode = [pool._make(t, "decode") for t in decode_targets]
+        for role, targets in (("prefill", prefill_targets), ("decode", decode_targets)):
+            for t in targets:
+                if split_dns_target(t):
+                    pool.discovery.append((role, t))
+                else:
+                    pool.group(role).append(pool._make(t, role))
         return pool
+
+    def group(self, role: str) -> list[Worker]:
+        return self.prefill if role == "prefill" else self.decode
+
+    # -- discovery: every address a DNS name resolves to ----------------------------
+    async def discover(self) -> None:
+        """Add the workers each dns: target now resolves to; retire those it no longer does."""
+        loop = asyncio.get_running_loop()
+        for role, target in self.discovery:
+            name, port = split_dns_target(target)
+            try:
+                infos = await loop.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+            except OSError as e:  # DNS down or the name gone: keep what we have, polls judge its health
+                log.warning("discovery: %s did not resolve (%s); keeping its workers", target, e)
+                continue
+            found = {f"[{i[4][0]}]:{port}" if i[0] == socket.AF_INET6 else f"{i[4][0]}:{port}" for i in infos}
+            group = self.group(role)
+            have = {w.target for w in group if w.discovered_by == target}
+            for address in sorted(found - have):
+                group.append(self._make(address, role, discovered_by=target))
+                log.info("discovery: %s worker at %s (%s)", role, address, target)
+            for w in [w for w in group if w.discovered_by == target and w.target not in found]:
+                group.remove(w)  # no new requests; those in flight keep its channel until they end
+                log.info("discovery: %s worker at %s left %s", role, w.target, target)
+                task = asyncio.create_task(self._close_when_idle(w))
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
+
+    async def _close_when_idle(self, w: Worker, limit_s: float = 600.0) -> None:
+        deadline = time.monotonic() + limit_s
+        while w.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(1.0)
+        await w.channel.close()
 
     # -- registration: workers that announce themselves --------------------------
     def register(self, info: pb.WorkerInfo, load: pb.WorkerLoad) -> Worker:
@@ -132,6 +192,7 @@ class WorkerPool:
         await asyncio.gather(*(one(w) for w in self.all))
 
     async def start(self) -> None:
+        await self.discover()
         await self.refresh()
         self._task = asyncio.create_task(self._poll(), name="load-poll")
 
@@ -139,11 +200,14 @@ class WorkerPool:
         while True:
             await asyncio.sleep(self.poll_s)
             self.expire()
+            await self.discover()
             await self.refresh()
 
     async def close(self) -> None:
         if self._task:
             self._task.cancel()
+        for t in self._retiring:
+            t.cancel()
         await asyncio.gather(*(w.channel.close() for w in self.all), return_exceptions=True)
 
     def ready(self, need_prefill: bool) -> bool:

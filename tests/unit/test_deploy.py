@@ -477,21 +477,20 @@ def test_manifests_use_real_settings_and_probe_the_served_port(rendered, name):
 
 
 @pytest.mark.parametrize("name", [d.name for d in KUSTOMIZATIONS])
-def test_router_targets_match_worker_replicas(rendered, name):
-    """The router's worker list is static today: one DNS name per StatefulSet pod."""
+def test_router_discovers_every_worker_pod_through_its_headless_service(rendered, name):
+    """The router's targets are dns:<headless Service>:<port>: every pod's address, whatever the replicas."""
     docs = rendered[name]
     services = _services(docs)
     router = next(cfg for _, _, role, cfg in services.values() if role == "router")
     for role, targets in (("prefill", router.prefill_targets), ("decode", router.decode_targets)):
         (sts, _, _, worker), = [(d, c, r, cfg) for d, c, r, cfg in services.values() if r == role]
-        assert sts["kind"] == "StatefulSet", f"{role} workers need stable per-pod DNS names"
+        assert sts["kind"] == "StatefulSet", f"{role} workers need a headless Service over their pods"
         headless = docs[("Service", sts["spec"]["serviceName"])]
-        assert headless["spec"].get("clusterIP") == "None" and headless["spec"].get("publishNotReadyAddresses")
-        n, wname = sts["spec"].get("replicas", 1), sts["metadata"]["name"]
-        expected = [f"{wname}-{i}.{sts['spec']['serviceName']}:{worker.port}" for i in range(n)]
-        assert targets == expected, (
-            f"{name}: {wname} has {n} replicas, so the router's PDSERVE_{role.upper()}_TARGETS "
-            f"must be {','.join(expected)}")
+        assert headless["spec"].get("clusterIP") == "None", "a headless Service resolves to one address per pod"
+        assert headless["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+        assert worker.port in {p["port"] for p in headless["spec"]["ports"]}
+        assert targets == [f"dns:{sts['spec']['serviceName']}:{worker.port}"], (
+            f"{name}: the router's PDSERVE_{role.upper()}_TARGETS must be dns:{sts['spec']['serviceName']}:{worker.port}")
 
 
 def _check_layout(where: str, services: dict[str, tuple]) -> None:
