@@ -59,8 +59,8 @@ def _file_digest(path: Path) -> str:
     real = path.resolve()
     if real.parent.name == "blobs" and len(real.name) == 64:  # hub cache: the blob is named by its hash
         return real.name[:32]
-    st = real.stat()
-    key = f"{real}|{st.st_size}|{st.st_mtime_ns}"
+    st = real.stat()  # a same-size rewrite that keeps mtime (cp -p, rsync -a) still changes inode or ctime
+    key = f"{real}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}"
     memo = cache_dir() / "digests.json"
     try:
         known = json.loads(memo.read_text())
@@ -124,30 +124,35 @@ def converted_dir(gguf: Path) -> Path:
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # org/name, and no such local path
 
 
-def _from_hub(repo_id: str) -> Path:
+def _from_hub(repo_id: str, weights: bool) -> Path:
     """A hub id's local snapshot: downloaded where the network allows (once: the hub
-    cache keeps it), from the cache alone with HF_HUB_OFFLINE=1."""
+    cache keeps it), from the cache alone with HF_HUB_OFFLINE=1. weights=False: config
+    and tokenizer only (the router and the KV store need no more)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
+        files = _HUB_FILES if weights else [f for f in _HUB_FILES if f != "*.safetensors"]
+        return Path(snapshot_download(repo_id, allow_patterns=files))
     except (OSError, ValueError, HfHubHTTPError) as e:
         raise FileNotFoundError(f"--model {repo_id!r}: no such local directory or .gguf file, and the Hugging Face "
                                 f"hub did not provide it ({type(e).__name__}: {e})") from None
 
 
-def resolve(model: str | None = None) -> ModelRef:
-    """Turn `--model` into a loadable HF directory, converting GGUF once."""
+def resolve(model: str | None = None, *, weights: bool = True) -> ModelRef:
+    """Turn `--model` into a loadable HF directory, converting GGUF once. weights=False
+    (services that read only the config and tokenizer): a hub model's weights are not
+    fetched and a directory's are not hashed; weights_digest is then empty."""
     if model in (None, "", DEFAULT_MODEL_NAME):
         gguf, name = default_gguf(), DEFAULT_MODEL_NAME
     else:
         p, name = Path(model).expanduser(), None
         if not p.exists() and _HUB_ID.fullmatch(model):
-            p, name = _from_hub(model), model  # served under the id it was asked by
+            p, name = _from_hub(model, weights), model  # served under the id it was asked by
         if p.is_dir():
             meta = p / _META
-            digest = json.loads(meta.read_text())["weights_digest"] if meta.exists() else _dir_digest(p)
+            digest = (json.loads(meta.read_text())["weights_digest"] if meta.exists()
+                      else _dir_digest(p) if weights else "")
             return ModelRef(name or p.name, p, digest)
         if p.suffix != ".gguf" or not p.is_file():
             raise FileNotFoundError(f"--model {model!r}: not a Hugging Face directory, a .gguf file or a hub id")

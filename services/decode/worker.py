@@ -11,10 +11,11 @@ claimed by decode() in time is swept. generate() is the colocated path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 
 from pdserve.common import tracing
@@ -179,13 +180,15 @@ class DecodeWorker:
             from_store = await admit_from_store(self.engine, self.store, request_id, prompt, params,
                                                 self._reserve_if_room, hold_blocks=offer)
         generated: list[int] = []
+        outputs = self._counted(request_id, "generate", self.engine.stream(request_id))
         try:
-            async for out in self._counted(request_id, "generate", self.engine.stream(request_id)):
+            async for out in outputs:
                 generated += out.new_token_ids
                 if out.finished and from_store:  # usage counts the store's tokens as cached, as prefill does
                     out = dataclasses.replace(out, num_cached_tokens=out.num_cached_tokens + from_store)
                 yield out
         finally:
+            await outputs.aclose()  # now, not at garbage collection: a cancelled request is aborted first
             if offer:  # in the background: the stream is answered; the blocks wait for the store
                 task = asyncio.create_task(self._offer(request_id, prompt + generated))
                 self._offering.add(task)
@@ -193,14 +196,22 @@ class DecodeWorker:
 
     async def _offer(self, request_id: str, tokens: list[int]) -> None:
         try:
+            # A cancelled stream may still be running in the engine (its abort comes later, from
+            # the stream's finalizer): stop it now, under the engine's lock, so its blocks are
+            # held, final, and ours to offer and free.
+            await self.engine.call(self._stop_if_running, request_id)
             await offer_to_store(self.engine, self.store, request_id, tokens)
         except Exception as e:  # the store is a cache: a failed offer costs a later recompute, no more
             log.warning("request %s: offering its KV to the store failed: %s", request_id, e)
         finally:
             await self.engine.call(self.engine.engine.release, request_id)
 
+    def _stop_if_running(self, request_id: str) -> None:
+        with contextlib.suppress(NotFoundError):  # it finished on its own: already held
+            self.engine.engine.abort(request_id)
+
     async def _counted(self, request_id: str, phase: str,
-                       outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+                       outputs: AsyncGenerator[RequestOutput, None]) -> AsyncIterator[RequestOutput]:
         finished, tokens = False, 0
         # Started and ended here, never current: it lasts across yields.
         span = _spans.start(f"decode.{phase}", request_id=request_id, worker_id=self.worker_id)
@@ -214,6 +225,7 @@ class DecodeWorker:
             tracing.fail(span, e)
             raise
         finally:
+            await outputs.aclose()  # the engine's stream aborts an unfinished request: now, not at GC
             tracing.annotate(span, tokens_generated=tokens, finished=finished)
             span.end()
             if finished:

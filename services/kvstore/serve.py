@@ -18,7 +18,7 @@ def block_bytes_of(config: KVStoreConfig) -> int:
     """Bytes of one block of the workers' model, from its config alone (no weights)."""
     from transformers import AutoConfig
 
-    ref = model_loader.resolve(config.model or None)
+    ref = model_loader.resolve(config.model or None, weights=False)
     mc = AutoConfig.from_pretrained(ref.path)
     head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
     spec = KVSpec(ref.name, ref.weights_digest, mc.num_hidden_layers, mc.num_key_value_heads, head_dim,

@@ -127,11 +127,14 @@ class Router:
         decode = policy.cheapest(decoders, self.index, hashes, len(ids), spec.block_size)
         if self.mode == "colocated" or self.local_prefill == "always":
             return Plan(decode, None, hashes)
-        prefillers = [w for w in self.pool.prefill if w.healthy and w.worker_id not in exclude]
+        healthy = [w for w in self.pool.prefill if w.healthy and w.worker_id not in exclude]
+        # Only a prefill worker of the decode worker's KV layout and model can fill its blocks
+        # (a fleet in the middle of an upgrade has two fingerprints): else prefill locally.
+        prefillers = [w for w in healthy if w.fingerprint == decode.worker.fingerprint]
         if not prefillers:
-            if not exclude:
+            if not exclude and not healthy:
                 raise NotReadyError("no healthy prefill worker")
-            return Plan(decode, None, hashes)  # recovering: the decode worker recomputes
+            return Plan(decode, None, hashes)  # recovering, or no peer of its layout: the decode worker computes
         prefill = policy.cheapest(prefillers, self.index, hashes, len(ids), spec.block_size)
         if self.local_prefill == "auto":
             hop = self.hop_ms or 1.5 * (decode.worker.rtt_ms + prefill.worker.rtt_ms)
@@ -254,15 +257,17 @@ class Router:
                 a.culprit = plan.prefill.worker  # its KV failed its checks or never came: recompute without it
             raise failure(a.culprit, a.phase, e, progress) from None
         finally:
-            decode.inflight -= 1
             a.computed()
             if a.stream is not None:
                 a.stream.cancel()  # no-op once finished; else cancels downstream
-            if a.reserved:
-                try:  # shielded: a second cancel of this request must not call it off
-                    await asyncio.shield(decode.stub.Release(dpb.ReleaseRequest(request_id=a.rid), timeout=5))
-                except grpc.aio.AioRpcError:
-                    pass  # the lease expires on its own
+            try:
+                if a.reserved:
+                    try:  # shielded: a second cancel of this request must not call it off
+                        await asyncio.shield(decode.stub.Release(dpb.ReleaseRequest(request_id=a.rid), timeout=5))
+                    except grpc.aio.AioRpcError:
+                        pass  # the lease expires on its own
+            finally:
+                decode.inflight -= 1  # after the Release: a worker leaving discovery keeps its channel till then
 
     async def _prefill_remotely(self, progress: Progress, a: Attempt) -> ppb.PrefillResponse:
         """Reserve blocks on the decode worker, then prefill into them: the first token."""

@@ -22,7 +22,7 @@ def load_tokenizer(model: str):
     """The workers' tokenizer and context window, without loading weights."""
     from transformers import AutoConfig, AutoTokenizer
 
-    ref = model_loader.resolve(model or None)
+    ref = model_loader.resolve(model or None, weights=False)
     return AutoTokenizer.from_pretrained(ref.path), AutoConfig.from_pretrained(ref.path).max_position_embeddings
 
 

@@ -34,8 +34,8 @@ def split_dns_target(target: str) -> tuple[str, int] | None:
     if not target.startswith("dns:"):
         return None
     name, _, port = target[4:].rpartition(":")
-    if not name or not port.isdigit():
-        raise ValueError(f"{target!r}: a discovered target is dns:NAME:PORT")
+    if not name or not port.isdigit() or "/" in name:
+        raise ValueError(f"{target!r}: a discovered target is dns:NAME:PORT (not gRPC's dns:///NAME:PORT)")
     return name, int(port)
 
 
@@ -73,6 +73,8 @@ class WorkerPool:
 
     discovery: list[tuple[str, str]] = field(default_factory=list)  # (role, "dns:NAME:PORT")
     _retiring: set[asyncio.Task] = field(default_factory=set)  # channels closing once their calls end
+    _unresolved: set[str] = field(default_factory=set)  # dns: targets whose last lookup failed (logged once)
+    dns_timeout_s: float = 2.0
     lease_ttl_s: float = 5.0  # a registered worker silent this long is dropped
     security: SecurityConfig = OPEN  # TLS and internal token of the channels to workers
     keepalive_s: float = 10.0  # ping period, and how long an unanswered ping may wait
@@ -113,12 +115,19 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         for role, target in self.discovery:
             name, port = split_dns_target(target)
-            try:
-                infos = await loop.getaddrinfo(name, port, type=socket.SOCK_STREAM)
-            except OSError as e:  # DNS down or the name gone: keep what we have, polls judge its health
-                log.warning("discovery: %s did not resolve (%s); keeping its workers", target, e)
+            try:  # bounded: a slow DNS must not hold up the load poll it runs in
+                infos = await asyncio.wait_for(loop.getaddrinfo(name, port, type=socket.SOCK_STREAM),
+                                               timeout=self.dns_timeout_s)
+            except (OSError, TimeoutError) as e:  # DNS down or the name gone: keep what we have
+                if target not in self._unresolved:
+                    log.warning("discovery: %s did not resolve (%r); keeping its workers", target, e)
+                self._unresolved.add(target)
                 continue
-            found = {f"[{i[4][0]}]:{port}" if i[0] == socket.AF_INET6 else f"{i[4][0]}:{port}" for i in infos}
+            self._unresolved.discard(target)
+            # One family: a dual-stack Service answers A and AAAA for each pod, one worker each.
+            family = socket.AF_INET if any(i[0] == socket.AF_INET for i in infos) else socket.AF_INET6
+            found = {f"[{i[4][0]}]:{port}" if family == socket.AF_INET6 else f"{i[4][0]}:{port}"
+                     for i in infos if i[0] == family}
             group = self.group(role)
             have = {w.target for w in group if w.discovered_by == target}
             for address in sorted(found - have):

@@ -40,7 +40,8 @@ def dns(monkeypatch):
             return real(host, port, *args, **kwargs)
         if isinstance(answer["addresses"], OSError):
             raise answer["addresses"]
-        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, int(port))) for a in answer["addresses"]]
+        return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", (a, int(port), 0, 0)) if ":" in a
+                else (socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, int(port))) for a in answer["addresses"]]
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     return answer
 
@@ -107,6 +108,20 @@ async def test_workers_join_and_leave_as_the_name_resolves_to_them(tokenizer, dn
             await router.stop()
 
 
-def test_a_malformed_dns_target_is_refused_at_startup():
+async def test_a_dual_stack_answer_is_one_worker_per_pod_not_two(tokenizer, dns):
+    async with two_workers_on_one_port() as (a, b):
+        dns["addresses"] = ["127.0.0.1", "::1"]  # the same pod's A and AAAA records
+        config = RouterConfig(port=0, http_port=-1, metrics_port=-1, mode="colocated", load_poll_s=0.1,
+                              decode_targets=[f"dns:{NAME}:{a.port}"])
+        router = RouterRuntime(config, *tokenizer)
+        await router.start(ready_timeout_s=10)
+        try:
+            assert [w.target for w in router.router.pool.decode] == [f"127.0.0.1:{a.port}"]
+        finally:
+            await router.stop()
+
+
+@pytest.mark.parametrize("target", ["dns:decode-without-port", "dns:///decode:50061"])
+def test_a_malformed_dns_target_is_refused_at_startup(target):
     with pytest.raises(ValueError, match="dns:NAME:PORT"):
-        RouterConfig(decode_targets=["dns:decode-without-port"]).validate()
+        RouterConfig(decode_targets=[target]).validate()

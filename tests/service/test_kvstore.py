@@ -85,6 +85,24 @@ async def test_a_decode_worker_prefilling_locally_reads_the_store_and_writes_the
         await pools_full(suite)
 
 
+async def test_a_local_request_cancelled_mid_stream_offers_what_it_computed_and_frees_every_block(smollm2):
+    _, _, tokenizer = smollm2
+    prompt = text_of_tokens(tokenizer, 200)
+    async with inprocess_suite(smollm2, store_blocks=256, decode_kw={"use_store": True},
+                               router_kw={"local_prefill": "always"}) as suite:
+        for attempt in range(3):  # cancelled at different points of the stream
+            call = suite.stub.Generate(_request(prompt, f"c{attempt}", max_tokens=500))
+            got = 0
+            async for r in call:
+                got += len(r.token_ids)
+                if got > 2 * attempt:
+                    break
+            call.cancel()
+        await pools_full(suite)  # nothing held: not by the engine, not for the store
+        stats = await _settled(suite, 200 // 16)
+        assert stats.active_leases == 0
+
+
 async def _settled(suite, written: int):
     """The store's stats once `written` blocks are in and nothing is in flight
     (a request's blocks are offered after its stream is answered)."""

@@ -101,6 +101,8 @@ def test_a_hub_id_resolves_to_its_snapshot_from_the_hub_cache(tmp_path, monkeypa
     snapshot = _hub_cache(tmp_path / "hub", "org/tiny", {"config.json": b"{}", "model.safetensors": b"w" * 64})
     ref = model_loader.resolve("org/tiny")
     assert (ref.name, ref.path) == ("org/tiny", snapshot)  # served under the id it was asked by
-    assert ref.weights_digest == model_loader._dir_digest(snapshot)
+    copy = _checkpoint(tmp_path / "copy", b"w" * 64)  # the same weights in a plain directory
+    assert ref.weights_digest == model_loader.resolve(str(copy)).weights_digest
+    assert model_loader.resolve("org/tiny", weights=False).weights_digest == ""  # router, store: no hashing
     with pytest.raises(FileNotFoundError, match="hub"):
         model_loader.resolve("org/not-in-the-cache")

@@ -53,3 +53,24 @@ def test_cheapest_prefers_the_worker_holding_the_prefix():
     index.record("b", hashes)
     choice = policy.cheapest([a, b], index, hashes, 20 * 16, 16)
     assert choice.worker is b and choice.cached_blocks == 20
+
+
+def _fingerprinted(name: str, role: str, fingerprint: bytes) -> Worker:
+    w = _worker(name, role, tps=1000.0, step_ms=1.0)
+    w.info = pb.WorkerInfo(worker_id=name, kv_spec=pb.KVSpec(fingerprint=fingerprint, block_size=16))
+    return w
+
+
+def test_a_prompt_goes_only_to_a_prefill_worker_of_the_decode_workers_kv_layout():
+    # A fleet in the middle of an upgrade: a prefill worker of another model or layout
+    # could not fill the decode worker's blocks (it would refuse the ticket), so it is never paired.
+    from pdserve.router.router import Router
+    from pdserve.router.worker_pool import WorkerPool
+
+    tokenizer = type("Tokenizer", (), {"__len__": lambda self: 5000, "get_vocab": lambda self: {"a": 0}})()
+    pool = WorkerPool(decode=[_fingerprinted("decode-0", "decode", b"A" * 16)],
+                      prefill=[_fingerprinted("old", "prefill", b"B" * 16), _fingerprinted("new", "prefill", b"A" * 16)])
+    router = Router(tokenizer, pool, mode="disaggregated", max_model_len=4096, local_prefill="never")
+    assert router.plan(list(range(100, 600))).prefill.worker.worker_id == "new"
+    pool.prefill.pop()  # only the other layout is left: the decode worker prefills itself
+    assert router.plan(list(range(100, 600))).prefill is None

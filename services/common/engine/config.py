@@ -14,7 +14,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512  # per-step token budget = prefill chunk
-    enable_chunked_prefill: bool = True  # off: a prompt is prefilled in one step (the budget grows to fit it)
+    enable_chunked_prefill: bool = True  # off: a prompt is prefilled in one step (alone among prompts if too long)
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # default: the model's context window
 

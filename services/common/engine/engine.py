@@ -94,12 +94,10 @@ class LLMEngine:
             self.max_model_len = min(self.max_model_len, window)
         self.pool = KVPool(self.spec, num_blocks, config.device)
         self.blocks = BlockManager(num_blocks, config.block_size, self.spec.fingerprint, config.enable_prefix_caching)
-        # Without chunking a prompt is prefilled in one step, beside every running stream's
-        # decode: the budget must hold the longest prompt plus a token for each of them.
-        budget = config.max_num_batched_tokens if config.enable_chunked_prefill else max(
-            config.max_num_batched_tokens, self.max_model_len + config.max_num_seqs)
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, budget, config.enable_chunked_prefill),
-                                   self.blocks)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill),
+            self.blocks,
+        )
         self.runner = ModelRunner(model, self.pool)
         self.eos_token_ids = self._eos_ids()
         self._requests: dict[str, _Request] = {}  # in the scheduler

@@ -85,8 +85,8 @@ class Scheduler:
                 batch.decodes.append(seq)
                 budget -= 1
             elif budget > 0:
-                n = min(remaining, budget)
-                if n < remaining and not self.config.enable_chunked_prefill:
+                n = self._prefill_tokens(remaining, budget, batch)
+                if n is None:
                     continue
                 batch.prefills.append((seq, n))
                 budget -= n
@@ -103,10 +103,10 @@ class Scheduler:
             else:
                 self.blocks.append_slots(seq)
             remaining = seq.num_tokens - seq.num_computed_tokens
-            n = min(remaining, budget)
-            if n < remaining and not self.config.enable_chunked_prefill and batch:
+            n = self._prefill_tokens(remaining, budget, batch)
+            if n is None:
                 if fresh:
-                    self.blocks.free(seq)  # wait for a step with room for the whole prompt
+                    self.blocks.free(seq)  # wait for a step with no other prompt in it
                 break
             self.waiting.popleft()
             if seq.first_scheduled_time is None:
@@ -116,6 +116,15 @@ class Scheduler:
             batch.prefills.append((seq, n))
             budget -= n
         return batch
+
+    def _prefill_tokens(self, remaining: int, budget: int, batch: ScheduledBatch) -> int | None:
+        """How much of a prompt this step computes; None: none of it, this step.
+        Chunked: what the budget has left. Unchunked: the whole prompt, beside the decodes
+        but alone among prompts when it does not fit the budget (so one long prompt never
+        waits forever behind running streams, and the budget still caps many short ones)."""
+        if self.config.enable_chunked_prefill or remaining <= budget:
+            return min(remaining, budget)
+        return None if batch.prefills else remaining
 
     def postprocess(self, batch: ScheduledBatch, sampled: dict[Sequence, int]) -> None:
         """Advance progress; append each sampled token to its sequence."""
