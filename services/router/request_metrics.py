@@ -73,6 +73,8 @@ class RequestMetrics:
         finally:
             if final is not None:
                 self._finished(final, t0, t_end, first, last, tokens, attributes)
+            else:  # failed or cancelled: its duration too, with what ended it (the conventions' error.type)
+                metrics.E2E.record(time.perf_counter() - t0, {**attributes, "error.type": outcome})
             metrics.REQUESTS.add(1, {"outcome": outcome})
             if outcome not in ("stop", "length"):
                 log.info("request ended: %s", outcome, extra={"outcome": outcome, "output_tokens": tokens,

@@ -72,7 +72,7 @@ class WorkerPool:
     _task: asyncio.Task | None = None
 
     discovery: list[tuple[str, str]] = field(default_factory=list)  # (role, "dns:NAME:PORT")
-    _retiring: set[asyncio.Task] = field(default_factory=set)  # channels closing once their calls end
+    _retiring: dict[asyncio.Task, Worker] = field(default_factory=dict)  # closing once their calls end
     _unresolved: set[str] = field(default_factory=set)  # dns: targets whose last lookup failed (logged once)
     dns_timeout_s: float = 2.0
     lease_ttl_s: float = 5.0  # a registered worker silent this long is dropped
@@ -137,8 +137,8 @@ class WorkerPool:
                 group.remove(w)  # no new requests; those in flight keep its channel until they end
                 log.info("discovery: %s worker at %s left %s", role, w.target, target)
                 task = asyncio.create_task(self._close_when_idle(w))
-                self._retiring.add(task)
-                task.add_done_callback(self._retiring.discard)
+                self._retiring[task] = w
+                task.add_done_callback(lambda t: self._retiring.pop(t, None))
 
     async def _close_when_idle(self, w: Worker, limit_s: float = 600.0) -> None:
         deadline = time.monotonic() + limit_s
@@ -215,9 +215,11 @@ class WorkerPool:
     async def close(self) -> None:
         if self._task:
             self._task.cancel()
-        for t in self._retiring:
+        retiring = list(self._retiring.items())
+        for t, _ in retiring:
             t.cancel()
-        await asyncio.gather(*(w.channel.close() for w in self.all), return_exceptions=True)
+        await asyncio.gather(*(w.channel.close() for w in [*self.all, *(w for _, w in retiring)]),
+                             return_exceptions=True)
 
     def ready(self, need_prefill: bool) -> bool:
         return any(w.healthy for w in self.decode) and (not need_prefill or any(w.healthy for w in self.prefill))

@@ -127,9 +127,15 @@ def test_a_finished_request_records_ttft_itl_tpot_e2e_outcome_and_route(samples)
     assert 0.015 <= tpot < 0.2  # (last - first) / 5 with 20 ms steps
     # Recorded once, though two events of the stream carry a finish reason.
     assert value(samples, "gen_ai_server_request_duration_seconds_count", gen_ai_operation_name="chat") == 1
-    assert value(samples, "gen_ai_server_request_duration_seconds_sum") >= 0.13
+    assert value(samples, "gen_ai_server_request_duration_seconds_sum", gen_ai_operation_name="chat") >= 0.13
     assert value(samples, "pdserve_routed_requests_total", role="prefill", worker_id="prefill-0") == 1
     assert value(samples, "pdserve_routed_requests_total", role="decode", worker_id="decode-0") == 1
+
+
+def test_a_failed_or_cancelled_request_records_its_duration_with_its_error_type(samples):
+    assert value(samples, "gen_ai_server_request_duration_seconds_count", error_type="resource_exhausted") == 1
+    assert value(samples, "gen_ai_server_request_duration_seconds_count", error_type="cancelled") == 1
+    assert value(samples, "gen_ai_server_request_duration_seconds_count", gen_ai_operation_name="chat") == 1
 
 
 def test_outcomes_count_finish_reasons_errors_and_cancels(samples):
