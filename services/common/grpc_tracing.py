@@ -19,6 +19,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from pdserve.common.grpc_handlers import wrap_handler
 from pdserve.common.tracing import enabled, fail, tracer, within
 
 # Polls and heartbeats: a trace each, several a second, would drown the requests.
@@ -85,15 +86,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 span.set_attribute("pdserve.request_id", request_id)
             return span, trace.set_span_in_context(span, parent)
 
-        codec = {"request_deserializer": handler.request_deserializer,
-                 "response_serializer": handler.response_serializer}
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(_server_call(handler.unary_unary, open_span), **codec)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(_server_stream(handler.unary_stream, open_span), **codec)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(_server_call(handler.stream_unary, open_span), **codec)
-        return grpc.stream_stream_rpc_method_handler(_server_stream(handler.stream_stream, open_span), **codec)
+        return wrap_handler(handler, lambda b: _server_call(b, open_span), lambda b: _server_stream(b, open_span),
+                            handler.request_deserializer)
 
 
 def _server_call(behavior: Callable[..., Any], open_span) -> Callable[..., Any]:

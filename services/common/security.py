@@ -37,6 +37,7 @@ import grpc
 
 from pdserve.common.config import CONFIG_DEST, ServiceConfig, option
 from pdserve.common.errors import UnauthenticatedError
+from pdserve.common.grpc_handlers import wrap_handler
 
 log = logging.getLogger(__name__)
 
@@ -216,15 +217,7 @@ def _refusing(handler: grpc.RpcMethodHandler, refusal: UnauthenticatedError) -> 
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
         raise refusal
 
-    codec = {"request_deserializer": handler.request_deserializer,
-             "response_serializer": handler.response_serializer}
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(refuse, **codec)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(refuse, **codec)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(refuse, **codec)
-    return grpc.stream_stream_rpc_method_handler(refuse, **codec)
+    return wrap_handler(handler, lambda _: refuse, lambda _: refuse, handler.request_deserializer)
 
 
 @dataclass(frozen=True)

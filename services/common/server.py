@@ -39,6 +39,7 @@ from grpc_health.v1.health import OVERALL_HEALTH
 from grpc_health.v1.health import aio as health_aio
 
 from pdserve.common import errors, grpc_tracing, logs, tracing
+from pdserve.common.grpc_handlers import wrap_handler
 from pdserve.common.wire import bad_utf8_field
 
 log = logging.getLogger(__name__)
@@ -207,15 +208,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             return None  # unknown method: grpc answers UNIMPLEMENTED
         method = handler_call_details.method
         streamed = bool(handler.stream_unary or handler.stream_stream)
-        codec = {"request_deserializer": _checked_deserializer(handler.request_deserializer, streamed),
-                 "response_serializer": handler.response_serializer}
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(_guard_call(handler.unary_unary, method), **codec)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(_guard_stream(handler.unary_stream, method), **codec)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(_guard_call(handler.stream_unary, method), **codec)
-        return grpc.stream_stream_rpc_method_handler(_guard_stream(handler.stream_stream, method), **codec)
+        return wrap_handler(handler, lambda b: _guard_call(b, method), lambda b: _guard_stream(b, method),
+                            _checked_deserializer(handler.request_deserializer, streamed))
 
 
 def create_server(
