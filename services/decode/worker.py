@@ -11,7 +11,6 @@ claimed by decode() in time is swept. generate() is the colocated path.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -68,7 +67,7 @@ class DecodeWorker:
         self.worker_id = worker_id  # on its trace spans
         self.receiver = receiver
         # Loads cached prefixes (the prefill worker then sends less; a local prefill
-        # computes less); with a sender, also offers what it prefilled itself.
+        # computes less), and offers back what it prefilled itself.
         self.store = store
         self.lease_s = lease_s
         self.transfer_timeout_s = transfer_timeout_s
@@ -172,13 +171,12 @@ class DecodeWorker:
         """Colocated (or routed to prefill here): prefill and decode here, from whatever
         prefix the KV store holds; with a writable store, the computed context (prompt
         and reply) is offered back when the request ends, for the conversation's next turn."""
-        offer = self.store is not None and self.store.sender is not None
         from_store = 0
         if self.store is None:
             await self.engine.add(prompt, params, request_id, admission=self._admission)
         else:
             from_store = await admit_from_store(self.engine, self.store, request_id, prompt, params,
-                                                self._reserve_if_room, hold_blocks=offer)
+                                                self._reserve_if_room, hold_blocks=True)
         generated: list[int] = []
         outputs = self._counted(request_id, "generate", self.engine.stream(request_id))
         try:
@@ -188,27 +186,21 @@ class DecodeWorker:
                     out = dataclasses.replace(out, num_cached_tokens=out.num_cached_tokens + from_store)
                 yield out
         finally:
-            await outputs.aclose()  # now, not at garbage collection: a cancelled request is aborted first
-            if offer:  # in the background: the stream is answered; the blocks wait for the store
+            # Now, not at garbage collection: the engine's stream aborts an unfinished request
+            # (under the engine's lock), so its blocks are held and final before they are offered.
+            await outputs.aclose()
+            if self.store is not None:  # in the background: the stream is answered; the blocks wait for the store
                 task = asyncio.create_task(self._offer(request_id, prompt + generated))
                 self._offering.add(task)
                 task.add_done_callback(self._offering.discard)
 
     async def _offer(self, request_id: str, tokens: list[int]) -> None:
         try:
-            # A cancelled stream may still be running in the engine (its abort comes later, from
-            # the stream's finalizer): stop it now, under the engine's lock, so its blocks are
-            # held, final, and ours to offer and free.
-            await self.engine.call(self._stop_if_running, request_id)
             await offer_to_store(self.engine, self.store, request_id, tokens)
         except Exception as e:  # the store is a cache: a failed offer costs a later recompute, no more
             log.warning("request %s: offering its KV to the store failed: %s", request_id, e)
         finally:
             await self.engine.call(self.engine.engine.release, request_id)
-
-    def _stop_if_running(self, request_id: str) -> None:
-        with contextlib.suppress(NotFoundError):  # it finished on its own: already held
-            self.engine.engine.abort(request_id)
 
     async def _counted(self, request_id: str, phase: str,
                        outputs: AsyncGenerator[RequestOutput, None]) -> AsyncIterator[RequestOutput]:

@@ -21,7 +21,7 @@ _spans = tracing.Spans("store_client")
 
 
 class StoreClient:
-    def __init__(self, target: str, receiver: KVReceiver, sender: KVSender | None, fingerprint: bytes,
+    def __init__(self, target: str, receiver: KVReceiver, sender: KVSender, fingerprint: bytes,
                  timeout_s: float = 10.0, security: SecurityConfig = OPEN):
         self.target, self.receiver, self.sender, self.fingerprint = target, receiver, sender, fingerprint
         self.timeout_s = timeout_s
