@@ -172,11 +172,12 @@ class Router:
             rid = inp.request_id or uuid.uuid4().hex
             progress = Progress(rid, ids, inp.params, IncrementalDetokenizer(self.tokenizer, ids, inp.params.stop),
                                 t0, deadline=inp.deadline)
-            p = inp.params
-            tracing.annotate(span, request_id=rid, **self.genai_attributes(inp), **{
-                "gen_ai.usage.input_tokens": len(ids), "gen_ai.request.max_tokens": p.max_tokens,
-                "gen_ai.request.temperature": p.temperature, "gen_ai.request.top_p": p.top_p,
-                "gen_ai.request.seed": p.seed})
+            if span.is_recording():  # built only for a trace: off by default, and this is per request
+                p = inp.params
+                tracing.annotate(span, request_id=rid, **self.genai_attributes(inp), **{
+                    "gen_ai.usage.input_tokens": len(ids), "gen_ai.request.max_tokens": p.max_tokens,
+                    "gen_ai.request.temperature": p.temperature, "gen_ai.request.top_p": p.top_p,
+                    "gen_ai.request.seed": p.seed})
             while True:
                 try:
                     plan = self.plan(progress.context, progress.excluded)
