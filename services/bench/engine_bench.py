@@ -9,6 +9,8 @@ Figures (medians) and their goals (issue #2):
      naive transformers loop (padded batch, own cache)  goal >= 4x
   4. a mixed workload vs transformers' continuous
      batching (generate_batch)                          goal >= 3x
+  5. decode step of 8 sequences at context 128 beside one
+     at 2,048, vs the 8 alone                           goal <= 1.5x
 """
 from __future__ import annotations
 
@@ -53,8 +55,10 @@ def _drain(engine: LLMEngine) -> None:
         engine.step()
 
 
-def decode_step_s(engine: LLMEngine, num_seqs: int, context: int, steps: int) -> float:
-    _prefill(engine, [_prompt(context - 1, s) for s in range(num_seqs)], steps + 2)
+def decode_step_s(engine: LLMEngine, num_seqs: int, context: int, steps: int, extra: tuple[int, ...] = ()) -> float:
+    """Median decode step of num_seqs sequences at `context`, plus one at each `extra` context."""
+    contexts = [context] * num_seqs + list(extra)
+    _prefill(engine, [_prompt(c - 1, s) for s, c in enumerate(contexts)], steps + 2)
     t = median_time(engine.step, reps=steps, warmup=1)
     _drain(engine)
     return t
@@ -152,6 +156,12 @@ def main(args) -> int:
                         "hf_generate_batch_tokens_per_s": total / hf_s, "speedup": hf_s / ours_s, "goal": ">= 3"}
     print(f"4. mixed workload ({len(prompts)} requests, prompts 32-1024, {new} new tokens each): "
           f"{total/ours_s:.0f} tok/s; transformers generate_batch {total/hf_s:.0f} tok/s -> {hf_s/ours_s:.2f}x (goal >= 3x)")
+    alone = decode_step_s(engine, 8, 128, steps)
+    beside = decode_step_s(engine, 8, 128, steps, extra=(2048,))
+    results["decode_mixed_context"] = {"step_ms_8_at_128": alone * 1e3, "step_ms_with_one_at_2048": beside * 1e3,
+                                       "ratio": beside / alone, "goal": "<= 1.5"}
+    print(f"5. decode step, 8 seqs @128: {alone*1e3:.1f} ms; beside one @2048: {beside*1e3:.1f} ms "
+          f"-> {beside/alone:.2f}x (goal <= 1.5x)")
     if getattr(args, "json", None):
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

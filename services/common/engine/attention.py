@@ -5,7 +5,8 @@ row (batch size 1, positions per token), and no transformers cache. Each
 attention layer calls `paged_attention`, which writes the new keys/values
 into the pool slots the scheduler assigned and attends over each sequence's
 blocks read from the pool. Decode sequences (one query token each) are
-attended together in one padded call; prefill chunks one call each.
+attended in groups of similar context length, one padded call per group;
+prefill chunks one call each.
 """
 from __future__ import annotations
 
@@ -30,15 +31,27 @@ class PrefillSlice:
 
 
 @dataclass
+class DecodeGroup:
+    """Decode rows [start, end) of the packed batch, attended in one padded call.
+
+    Its contexts are within about 2x of each other: one padded call for a
+    whole batch would make every stream pay the longest context's attention.
+    """
+
+    start: int
+    end: int
+    context_len: int  # the longest context in the group; keys past it are not read
+    block_tables: torch.Tensor  # [n, ceil(context_len / block_size)], padded with block 0
+    mask: torch.Tensor | None  # [n, 1, 1, context_len] additive; None when every context is context_len
+
+
+@dataclass
 class AttentionMetadata:
     kv_cache: torch.Tensor  # the pool, [num_blocks, layers, 2, block_size, kv_heads, head_dim]
     slot_blocks: torch.Tensor  # [T] pool block of each new token
     slot_offsets: torch.Tensor  # [T] offset inside that block
     prefills: list[PrefillSlice]
-    # Decode sequences occupy the first `num_decode` rows of the packed batch.
-    num_decode: int
-    decode_block_tables: torch.Tensor | None  # [num_decode, max_blocks], padded with 0
-    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_blocks * block_size] additive
+    decode_groups: list[DecodeGroup]  # decode rows come first in the packed batch
 
 
 def _gather(kv_cache: torch.Tensor, layer: int, kv: int, block_ids: torch.Tensor) -> torch.Tensor:
@@ -62,13 +75,12 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
 
     q = query[0]  # [heads, T, d]
     out = torch.empty_like(q)
-    if meta.num_decode:
-        n = meta.num_decode
-        k = _gather(cache, layer, 0, meta.decode_block_tables)  # [n, kv_heads, ctx, d]
-        v = _gather(cache, layer, 1, meta.decode_block_tables)
-        qd = q[:, :n].transpose(0, 1).unsqueeze(2)  # [n, heads, 1, d]
-        o = F.scaled_dot_product_attention(qd, k, v, attn_mask=meta.decode_mask, scale=scaling, enable_gqa=True)
-        out[:, :n] = o.squeeze(2).transpose(0, 1)
+    for g in meta.decode_groups:
+        k = _gather(cache, layer, 0, g.block_tables)[:, :, : g.context_len]  # [n, kv_heads, ctx, d]
+        v = _gather(cache, layer, 1, g.block_tables)[:, :, : g.context_len]
+        qd = q[:, g.start : g.end].transpose(0, 1).unsqueeze(2)  # [n, heads, 1, d]
+        o = F.scaled_dot_product_attention(qd, k, v, attn_mask=g.mask, scale=scaling, enable_gqa=True)
+        out[:, g.start : g.end] = o.squeeze(2).transpose(0, 1)
     for p in meta.prefills:
         k = _gather(cache, layer, 0, p.block_ids)[:, : p.context_len]  # [kv_heads, ctx, d]
         v = _gather(cache, layer, 1, p.block_ids)[:, : p.context_len]

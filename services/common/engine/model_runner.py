@@ -1,18 +1,37 @@
 """Run one scheduled batch through the model; read-only over sequences.
 
-Tokens of all scheduled sequences are packed into one row (decodes first),
-with their own positions; the paged attention function finds each
-sequence's KV through the block tables built here. Only the rows that will
-be sampled are projected to logits.
+Tokens of all scheduled sequences are packed into one row (decodes first,
+shortest context first), with their own positions; the paged attention
+function finds each sequence's KV through the block tables built here. Only
+the rows that will be sampled are projected to logits.
 """
 from __future__ import annotations
 
 import torch
 
-from pdserve.common.engine.attention import AttentionMetadata, PrefillSlice
+from pdserve.common.engine.attention import AttentionMetadata, DecodeGroup, PrefillSlice
 from pdserve.common.engine.scheduler import ScheduledBatch
 from pdserve.common.engine.sequence import Sequence
 from pdserve.common.kv.pool import KVPool
+
+
+# Decodes whose contexts are within GROUP_SPAN x of the group's shortest (or
+# all under GROUP_MIN_TOKENS) share one padded attention call. One call for
+# the whole batch made every stream pay for the longest context: 8 streams at
+# 100 tokens beside one at 2,000 took 792 ms a step instead of 104.
+GROUP_SPAN = 2
+GROUP_MIN_TOKENS = 256
+
+
+def group_by_context(context_lens: list[int]) -> list[tuple[int, int]]:
+    """[start, end) runs of an ascending list whose padded attention stays within GROUP_SPAN x."""
+    groups: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(context_lens) + 1):
+        if i == len(context_lens) or context_lens[i] > max(GROUP_SPAN * context_lens[start], GROUP_MIN_TOKENS):
+            groups.append((start, i))
+            start = i
+    return groups
 
 
 class ModelRunner:
@@ -41,7 +60,8 @@ class ModelRunner:
                 sample_seqs.append(seq)
                 sample_rows.append(len(ids) - 1)
 
-        for seq in batch.decodes:
+        decodes = sorted(batch.decodes, key=lambda s: s.num_computed_tokens)
+        for seq in decodes:
             add(seq, 1)
         prefills: list[PrefillSlice] = []
         for seq, n in batch.prefills:
@@ -51,29 +71,30 @@ class ModelRunner:
             blocks = torch.tensor(seq.block_table[: (ctx + bs - 1) // bs], dtype=torch.long, device=self.device)
             prefills.append(PrefillSlice(start, start + n, ctx, blocks))
 
-        decode_tables = decode_mask = None
-        if batch.decodes:
-            ctx_lens = torch.tensor([s.num_computed_tokens + 1 for s in batch.decodes])
-            max_blocks = (int(ctx_lens.max()) + bs - 1) // bs
-            decode_tables = torch.zeros((len(batch.decodes), max_blocks), dtype=torch.long)
-            for i, seq in enumerate(batch.decodes):
-                table = seq.block_table[:max_blocks]
-                decode_tables[i, : len(table)] = torch.tensor(table)
-            valid = torch.arange(max_blocks * bs).unsqueeze(0) < ctx_lens.unsqueeze(1)
-            decode_mask = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))[:, None, None, :]
-            decode_tables, decode_mask = decode_tables.to(self.device), decode_mask.to(self.device)
-
+        ctx_lens = [s.num_computed_tokens + 1 for s in decodes]
+        decode_groups = [self._decode_group(decodes[a:b], ctx_lens[a:b], a) for a, b in group_by_context(ctx_lens)]
         pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)
         meta = AttentionMetadata(
             kv_cache=self.pool.tensor,
             slot_blocks=torch.tensor(slot_blocks, dtype=torch.long, device=self.device),
             slot_offsets=pos_t % bs,
             prefills=prefills,
-            num_decode=len(batch.decodes),
-            decode_block_tables=decode_tables,
-            decode_mask=decode_mask,
+            decode_groups=decode_groups,
         )
         return ids, positions, meta, sample_seqs, sample_rows
+
+    def _decode_group(self, seqs: list[Sequence], ctx_lens: list[int], start: int) -> DecodeGroup:
+        bs = self.block_size
+        ctx = max(ctx_lens)
+        tables = torch.zeros((len(seqs), (ctx + bs - 1) // bs), dtype=torch.long)
+        for i, seq in enumerate(seqs):
+            table = seq.block_table[: (ctx_lens[i] + bs - 1) // bs]
+            tables[i, : len(table)] = torch.tensor(table)
+        mask = None
+        if min(ctx_lens) < ctx:
+            valid = torch.arange(ctx).unsqueeze(0) < torch.tensor(ctx_lens).unsqueeze(1)
+            mask = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))[:, None, None, :].to(self.device)
+        return DecodeGroup(start, start + len(seqs), ctx, tables.to(self.device), mask)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor | None]:

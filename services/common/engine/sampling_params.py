@@ -6,7 +6,7 @@ gRPC, HTTP) rejects the same bad input with the same field names.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pdserve.common.errors import InvalidRequestError
 
