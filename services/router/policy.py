@@ -11,7 +11,9 @@ trade-offs stay right on other hardware without retuning constants:
   queue makes another worker cheaper (cache affinity without pile-ups);
 - prefill locally on the decode worker when that is cheaper than going to a
   prefill worker, counting the stall a local prefill imposes on every stream
-  the decode worker is running (each waits that long for its next token).
+  the decode worker is running (each waits that long for its next token) and
+  on those expected to arrive while it runs (the router measures its rate of
+  requests to each worker).
 """
 from __future__ import annotations
 
@@ -94,9 +96,17 @@ def cheapest(workers: list[Worker], index: PrefixIndex, hashes: list[bytes], pro
 
 def local_prefill_cost_ms(decode: Choice, uncached_tokens: int) -> float:
     """Time to first token on the decode worker, plus the stall its prefill adds
-    to the next token of every stream that worker is running."""
-    running = decode.worker.load.running_seqs if decode.worker.load else 0
-    return decode.cost_ms + running * 1000.0 * uncached_tokens / prefill_tps(decode.worker)
+    to the next token of every stream that worker is running, and of every
+    stream expected to arrive while it runs (each waits half of it on average).
+
+    Running streams: the router's own count of requests on the worker when that
+    is higher than the last poll's (a stream started since is stalled as well).
+    """
+    w = decode.worker
+    prefill_ms = 1000.0 * uncached_tokens / prefill_tps(w)
+    running = max(w.load.running_seqs if w.load else 0, w.inflight)
+    arriving = w.arrivals.per_s() * prefill_ms / 1000.0
+    return decode.cost_ms + (running + arriving / 2) * prefill_ms
 
 
 def remote_prefill_cost_ms(prefill: Choice, hop_ms: float) -> float:

@@ -119,7 +119,7 @@ class Router:
 
     def plan(self, ids: list[int], exclude: set[str] = frozenset()) -> Plan:
         """Where this context runs, avoiding workers that already failed it."""
-        decoders = [w for w in self.pool.decode if w.healthy and w.worker_id not in exclude]
+        decoders = [w for w in self.pool.decode if w.routable and w.worker_id not in exclude]
         if not decoders:
             raise NotReadyError("no healthy decode worker")  # with exclusions, generate() reports the last failure
         spec = decoders[0].info.kv_spec
@@ -127,7 +127,7 @@ class Router:
         decode = policy.cheapest(decoders, self.index, hashes, len(ids), spec.block_size)
         if self.mode == "colocated" or self.local_prefill == "always":
             return Plan(decode, None, hashes)
-        healthy = [w for w in self.pool.prefill if w.healthy and w.worker_id not in exclude]
+        healthy = [w for w in self.pool.prefill if w.routable and w.worker_id not in exclude]
         # Only a prefill worker of the decode worker's KV layout and model can fill its blocks
         # (a fleet in the middle of an upgrade has two fingerprints): else prefill locally.
         prefillers = [w for w in healthy if w.fingerprint == decode.worker.fingerprint]
@@ -228,6 +228,7 @@ class Router:
         a = Attempt(plan, progress.attempt_id, progress.context, convert.sampling_to_pb(progress.remaining_params),
                     culprit=decode)
         decode.inflight += 1
+        decode.arrivals.add()
         a.queued()
         try:
             if plan.prefill is None:

@@ -23,6 +23,7 @@ import grpc
 
 from pdserve.common import grpc_tracing
 from pdserve.common.security import OPEN, SecurityConfig
+from pdserve.router.arrival_rate import ArrivalRate
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import decode_pb2_grpc, prefill_pb2_grpc
 
@@ -49,11 +50,17 @@ class Worker:
     load: pb.WorkerLoad | None = None
     inflight: int = 0  # requests the router has sent and not yet seen finish
     inflight_tokens: int = 0  # their prompt tokens not yet prefilled (the poll lags behind)
+    arrivals: ArrivalRate = field(default_factory=ArrivalRate)  # requests the router has sent it, per second
     healthy: bool = False
     rtt_ms: float = 0.0  # GetLoad round trip, moving average
     registered: bool = False  # joined through RegisterWorker (else a static target)
     last_seen: float = 0.0  # monotonic time of the last heartbeat or successful poll
     discovered_by: str = ""  # the dns:NAME:PORT target whose lookup found it
+    twin: bool = False  # another route (target, name or registration) reaches the same worker first
+
+    @property
+    def routable(self) -> bool:
+        return self.healthy and not self.twin
 
     @property
     def worker_id(self) -> str:
@@ -157,6 +164,7 @@ class WorkerPool:
             group.append(w)
             log.info("worker %s (%s) registered at %s", info.worker_id, role, info.address)
         w.info, w.load, w.healthy, w.registered, w.last_seen = info, load, True, True, time.monotonic()
+        self._mark_twins()
         return w
 
     def heartbeat(self, worker_id: str, load: pb.WorkerLoad) -> bool:
@@ -199,6 +207,24 @@ class WorkerPool:
                 w.healthy = False
 
         await asyncio.gather(*(one(w) for w in self.all))
+        self._mark_twins()
+
+    def _mark_twins(self) -> None:
+        """A worker reached by two routes (a static target and its own registration, or
+        two names resolving to one pod) is routed to once, through its first route:
+        counted twice, it would draw twice its share of requests."""
+        for group in (self.prefill, self.decode):
+            first: dict[str, Worker] = {}
+            for w in group:
+                if w.info is None or not w.healthy:  # a dead route claims no identity: a restart may reuse it
+                    w.twin = False
+                    continue
+                keeper = first.setdefault(w.worker_id, w)
+                twin = keeper is not w
+                if twin and not w.twin:
+                    log.info("worker %s at %s is also %s: routed through the first only",
+                             w.worker_id, w.target, keeper.target)
+                w.twin = twin
 
     async def start(self) -> None:
         await self.discover()
@@ -222,4 +248,4 @@ class WorkerPool:
                              return_exceptions=True)
 
     def ready(self, need_prefill: bool) -> bool:
-        return any(w.healthy for w in self.decode) and (not need_prefill or any(w.healthy for w in self.prefill))
+        return any(w.routable for w in self.decode) and (not need_prefill or any(w.routable for w in self.prefill))

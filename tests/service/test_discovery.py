@@ -125,3 +125,21 @@ async def test_a_dual_stack_answer_is_one_worker_per_pod_not_two(tokenizer, dns)
 def test_a_malformed_dns_target_is_refused_at_startup(target):
     with pytest.raises(ValueError, match="dns:NAME:PORT"):
         RouterConfig(decode_targets=[target]).validate()
+
+
+async def test_a_worker_reached_by_two_routes_is_routed_to_once(tokenizer, dns):
+    async with two_workers_on_one_port() as (a, b):
+        dns["addresses"] = ["127.0.0.1", "127.0.0.2"]
+        # a is both a static target and one of the name's addresses: three routes, two workers.
+        config = RouterConfig(port=0, http_port=-1, metrics_port=-1, mode="colocated", load_poll_s=0.1,
+                              decode_targets=[f"127.0.0.1:{a.port}", f"dns:{NAME}:{a.port}"])
+        router = RouterRuntime(config, *tokenizer)
+        await router.start(ready_timeout_s=10)
+        pool = router.router.pool
+        try:
+            await until(lambda: sum(w.healthy for w in pool.decode) == 3)
+            assert sorted(w.worker_id for w in pool.decode if w.routable) == ["null-a", "null-b"]
+            twins = [w for w in pool.decode if w.twin]  # the static route came first and is kept
+            assert [(w.target, w.discovered_by) for w in twins] == [(f"127.0.0.1:{a.port}", f"dns:{NAME}:{a.port}")]
+        finally:
+            await router.stop()

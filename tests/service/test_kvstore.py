@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import decode_pb2 as dpb
 from pdserve.v1 import router_pb2 as rpb

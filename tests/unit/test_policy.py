@@ -40,6 +40,28 @@ def test_a_long_prompt_leaves_a_busy_decode_worker():
     assert _decide(_worker("d", "decode", tps=2000, step_ms=20), prefill, prompt=1000)
 
 
+def test_a_stream_the_router_sent_since_the_last_poll_counts_as_running():
+    decode = _worker("d", "decode", tps=2000, step_ms=20)  # idle at the last poll
+    prefill = _worker("p", "prefill", tps=2000, step_ms=20)
+    assert _decide(decode, prefill, prompt=1000)
+    decode.inflight = 1  # but the router has sent it a request since
+    assert not _decide(decode, prefill, prompt=1000)
+
+
+def test_a_long_prompt_leaves_an_idle_decode_worker_that_streams_keep_arriving_at():
+    # One CPU core: 1,000 tokens stall the worker for 5 s. At 0.2 requests/s one
+    # more stream arrives in that time and waits for the rest of it.
+    def decode_worker(arrivals: int) -> Worker:
+        w = _worker("d", "decode", tps=200, step_ms=50)
+        for _ in range(arrivals):  # 6 in the meter's 30 s window: 0.2/s
+            w.arrivals.add()
+        return w
+    prefill = _worker("p", "prefill", tps=200, step_ms=50)
+    assert _decide(decode_worker(0), prefill, prompt=1000)  # nobody to stall
+    assert not _decide(decode_worker(6), prefill, prompt=1000)
+    assert _decide(decode_worker(6), prefill, prompt=32)  # a short prompt still stays
+
+
 def test_a_queue_on_the_prefill_worker_keeps_the_prompt_local():
     decode = _worker("d", "decode", tps=2000, step_ms=20, running=1)
     prefill = _worker("p", "prefill", tps=2000, step_ms=20, waiting=8000)
