@@ -89,10 +89,11 @@ class Slo:
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
     if not values:
-        return {"p50": None, "p90": None, "p99": None, "mean": None, "max": None}
+        return {"p50": None, "p90": None, "p99": None, "p99.9": None, "mean": None, "max": None}
     a = np.asarray(values, dtype=float)
-    p50, p90, p99 = np.percentile(a, [50, 90, 99])
-    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(a.mean()), "max": float(a.max())}
+    p50, p90, p99, p999 = np.percentile(a, [50, 90, 99, 99.9])
+    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "p99.9": float(p999),
+            "mean": float(a.mean()), "max": float(a.max())}
 
 
 def _latencies(records: list[RequestRecord]) -> dict:

@@ -86,7 +86,7 @@ def markdown(doc: dict) -> str:
         f"Workload: {doc['workload']}", "",
         f"Objectives: {obj['statement']}.", "",
         "| mode | rate (req/s) | goodput (req/s) | within objectives | throughput (req/s) | output tok/s "
-        "| TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | TPOT p50 / p99 (ms) | errors |",
+        "| TTFT p50 / p99 (ms) | ITL p50 / p99 / p99.9 / max (ms) | TPOT p50 / p99 (ms) | errors |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, by_rate in s.items():
@@ -97,7 +97,8 @@ def markdown(doc: dict) -> str:
                 f"| {mode} | {rate} | {x['goodput_rps']:.2f} | {100 * (x['slo_attainment'] or 0):.0f}% "
                 f"| {x['throughput_rps']:.2f} | {x['output_tokens_per_s']:.1f} "
                 f"| {_f(x['ttft_ms']['p50'])} / {_f(x['ttft_ms']['p99'])} "
-                f"| {_f(x['itl_ms']['p50'])} / {_f(x['itl_ms']['p99'])} "
+                f"| {_f(x['itl_ms']['p50'])} / {_f(x['itl_ms']['p99'])} / {_f(x['itl_ms'].get('p99.9'))} "
+                f"/ {_f(x['itl_ms']['max'])} "
                 f"| {_f(x['tpot_ms']['p50'])} / {_f(x['tpot_ms']['p99'])} "
                 f"| {sum(x['errors'].values()) or ''} |")
     if doc.get("goals"):

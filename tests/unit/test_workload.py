@@ -133,6 +133,16 @@ def test_goodput_counts_requests_within_both_objectives():
     assert s["itl_ms"]["max"] == pytest.approx(200)
 
 
+def test_a_stall_in_fewer_than_1_percent_of_gaps_shows_in_the_p99_9_not_the_p99():
+    # 10 streams of 101 tokens at 20 ms; two of them wait 3 s once (2 gaps in 1,000).
+    records = [_record(0.1, 0.02, 101) for _ in range(10)]
+    for stalled in records[:2]:
+        stalled.token_times[50:] = [t + 3.0 for t in stalled.token_times[50:]]
+    s = summarize(records, Slo(ttft_ms=200, tpot_ms=50))
+    assert s["itl_ms"]["p99"] == pytest.approx(20)
+    assert s["itl_ms"]["p99.9"] == pytest.approx(3020) and s["itl_ms"]["max"] == pytest.approx(3020)
+
+
 def test_the_ttft_objective_can_grow_with_the_prompt():
     slo = Slo(ttft_ms=100, tpot_ms=50, ttft_ms_per_token=1.0)
     assert slo.met(_record(0.5, 0.01, 3, prompt=450)) and not slo.met(_record(0.5, 0.01, 3, prompt=350))
