@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from dataclasses import dataclass
 
 from pdserve.common.config import ServiceConfig, option
@@ -91,7 +92,8 @@ class NullWorker:
         self.server = create_server()
         self.port = bind(self.server, config.host, config.port)
         info = pb.WorkerInfo(worker_id=config.worker_id, role=pb.WORKER_ROLE_COLOCATED,
-                             address=f"{config.host}:{self.port}", model="null", kv_spec=KV_SPEC)
+                             address=f"{config.host}:{self.port}", model="null", kv_spec=KV_SPEC,
+                             instance_id=uuid.uuid4().hex)
         self.servicer = NullDecodeServicer(info, config.token_interval_ms / 1000)
         decode_pb2_grpc.add_DecodeServicer_to_server(self.servicer, self.server)
         self.health = None

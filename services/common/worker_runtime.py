@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 
 import torch
@@ -54,7 +55,7 @@ class WorkerRuntime:
         self.info = pb.WorkerInfo(
             worker_id=self.worker_id, role=convert.ROLES[config.role],
             address=f"{config.advertise_host or config.host}:{self.port}",
-            model=spec.model_name, kv_spec=convert.kv_spec_to_pb(spec),
+            model=spec.model_name, kv_spec=convert.kv_spec_to_pb(spec), instance_id=uuid.uuid4().hex,
         )
         self.health = None
         self.registration = Registration(config.router, self.load_response, security=config)

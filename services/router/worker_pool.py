@@ -164,7 +164,7 @@ class WorkerPool:
             group.append(w)
             log.info("worker %s (%s) registered at %s", info.worker_id, role, info.address)
         w.info, w.load, w.healthy, w.registered, w.last_seen = info, load, True, True, time.monotonic()
-        self._mark_twins()
+        self.mark_twins()
         return w
 
     def heartbeat(self, worker_id: str, load: pb.WorkerLoad) -> bool:
@@ -172,6 +172,7 @@ class WorkerPool:
         if w is None:
             return False
         w.load, w.healthy, w.last_seen = load, True, time.monotonic()
+        self.mark_twins()
         return True
 
     def deregister(self, worker_id: str) -> None:
@@ -207,19 +208,21 @@ class WorkerPool:
                 w.healthy = False
 
         await asyncio.gather(*(one(w) for w in self.all))
-        self._mark_twins()
+        self.mark_twins()
 
-    def _mark_twins(self) -> None:
-        """A worker reached by two routes (a static target and its own registration, or
-        two names resolving to one pod) is routed to once, through its first route:
-        counted twice, it would draw twice its share of requests."""
+    def mark_twins(self) -> None:
+        """A worker process reached by two routes (a static target and its own registration,
+        or two names resolving to one pod) is routed to through its first healthy route
+        only: counted twice, it would draw twice its share of requests. Its identity is
+        the instance id it draws at start, not its worker id, which a copied config can repeat."""
         for group in (self.prefill, self.decode):
             first: dict[str, Worker] = {}
             for w in group:
-                if w.info is None or not w.healthy:  # a dead route claims no identity: a restart may reuse it
+                instance = w.info.instance_id if w.info else ""
+                if not instance or not w.healthy:  # a dead route claims no identity
                     w.twin = False
                     continue
-                keeper = first.setdefault(w.worker_id, w)
+                keeper = first.setdefault(instance, w)
                 twin = keeper is not w
                 if twin and not w.twin:
                     log.info("worker %s at %s is also %s: routed through the first only",

@@ -143,3 +143,24 @@ async def test_a_worker_reached_by_two_routes_is_routed_to_once(tokenizer, dns):
             assert [(w.target, w.discovered_by) for w in twins] == [(f"127.0.0.1:{a.port}", f"dns:{NAME}:{a.port}")]
         finally:
             await router.stop()
+
+
+async def test_two_workers_that_share_a_worker_id_are_not_taken_for_one(tokenizer, dns):
+    # A copied config that kept its worker id: still two processes, both serve.
+    a = NullWorker(NullWorkerConfig(host="127.0.0.1", port=0, worker_id="decode-0"))
+    await a.start()
+    b = NullWorker(NullWorkerConfig(host="127.0.0.2", port=a.port, worker_id="decode-0"))
+    await b.start()
+    dns["addresses"] = ["127.0.0.1", "127.0.0.2"]
+    config = RouterConfig(port=0, http_port=-1, metrics_port=-1, mode="colocated", load_poll_s=0.1,
+                          decode_targets=[f"dns:{NAME}:{a.port}"])
+    router = RouterRuntime(config, *tokenizer)
+    await router.start(ready_timeout_s=10)
+    pool = router.router.pool
+    try:
+        await until(lambda: sum(w.healthy for w in pool.decode) == 2)
+        assert [w.twin for w in pool.decode] == [False, False]
+    finally:
+        await router.stop()
+        await a.stop()
+        await b.stop()

@@ -34,8 +34,9 @@ class PrefillSlice:
 class DecodeGroup:
     """Decode rows [start, end) of the packed batch, attended in one padded call.
 
-    Its contexts are within about 2x of each other: one padded call for a
-    whole batch would make every stream pay the longest context's attention.
+    Its contexts are within 2x of each other, or all short (model_runner's
+    grouping): one padded call for a whole batch would make every stream pay
+    for the longest context's attention.
     """
 
     start: int

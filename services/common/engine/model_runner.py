@@ -18,7 +18,7 @@ from pdserve.common.kv.pool import KVPool
 # Decodes whose contexts are within GROUP_SPAN x of the group's shortest (or
 # all under GROUP_MIN_TOKENS) share one padded attention call. One call for
 # the whole batch made every stream pay for the longest context: 8 streams at
-# 100 tokens beside one at 2,000 took 792 ms a step instead of 104.
+# 128 tokens beside one at 2,048 took 559 ms a step against 86 ms alone.
 GROUP_SPAN = 2
 GROUP_MIN_TOKENS = 256
 
