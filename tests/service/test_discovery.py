@@ -47,16 +47,29 @@ def dns(monkeypatch):
 
 
 @contextlib.asynccontextmanager
-async def two_workers_on_one_port():
-    a = NullWorker(NullWorkerConfig(host="127.0.0.1", port=0, worker_id="null-a"))
+async def two_workers_on_one_port(ids: tuple[str, str] = ("null-a", "null-b")):
+    a = NullWorker(NullWorkerConfig(host="127.0.0.1", port=0, worker_id=ids[0]))
     await a.start()
-    b = NullWorker(NullWorkerConfig(host="127.0.0.2", port=a.port, worker_id="null-b"))
+    b = NullWorker(NullWorkerConfig(host="127.0.0.2", port=a.port, worker_id=ids[1]))
     await b.start()
     try:
         yield a, b
     finally:
         await a.stop()
         await b.stop()
+
+
+@contextlib.asynccontextmanager
+async def router_to(tokenizer, *decode_targets: str):
+    """A started colocated router polling its decode targets every 0.1 s."""
+    config = RouterConfig(port=0, http_port=-1, metrics_port=-1, mode="colocated", load_poll_s=0.1,
+                          decode_targets=list(decode_targets))
+    router = RouterRuntime(config, *tokenizer)
+    await router.start(ready_timeout_s=10)
+    try:
+        yield router
+    finally:
+        await router.stop()
 
 
 async def generate(stub, n: int) -> None:
@@ -79,12 +92,8 @@ async def until(predicate, timeout_s: float = 5.0) -> None:
 async def test_workers_join_and_leave_as_the_name_resolves_to_them(tokenizer, dns):
     async with two_workers_on_one_port() as (a, b):
         dns["addresses"] = ["127.0.0.1"]
-        config = RouterConfig(port=0, http_port=-1, metrics_port=-1, mode="colocated", load_poll_s=0.1,
-                              decode_targets=[f"dns:{NAME}:{a.port}"])
-        router = RouterRuntime(config, *tokenizer)
-        await router.start(ready_timeout_s=10)
-        pool = router.router.pool
-        try:
+        async with router_to(tokenizer, f"dns:{NAME}:{a.port}") as router:
+            pool = router.router.pool
             async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:
                 stub = router_pb2_grpc.RouterStub(channel)
                 assert [w.target for w in pool.decode] == [f"127.0.0.1:{a.port}"]
@@ -104,21 +113,13 @@ async def test_workers_join_and_leave_as_the_name_resolves_to_them(tokenizer, dn
                 served_by_a = a.servicer.completed
                 await generate(stub, 3)
                 assert a.servicer.completed == served_by_a and b.servicer.completed >= 3
-        finally:
-            await router.stop()
 
 
 async def test_a_dual_stack_answer_is_one_worker_per_pod_not_two(tokenizer, dns):
     async with two_workers_on_one_port() as (a, b):
         dns["addresses"] = ["127.0.0.1", "::1"]  # the same pod's A and AAAA records
-        config = RouterConfig(port=0, http_port=-1, metrics_port=-1, mode="colocated", load_poll_s=0.1,
-                              decode_targets=[f"dns:{NAME}:{a.port}"])
-        router = RouterRuntime(config, *tokenizer)
-        await router.start(ready_timeout_s=10)
-        try:
+        async with router_to(tokenizer, f"dns:{NAME}:{a.port}") as router:
             assert [w.target for w in router.router.pool.decode] == [f"127.0.0.1:{a.port}"]
-        finally:
-            await router.stop()
 
 
 @pytest.mark.parametrize("target", ["dns:decode-without-port", "dns:///decode:50061"])
@@ -131,36 +132,19 @@ async def test_a_worker_reached_by_two_routes_is_routed_to_once(tokenizer, dns):
     async with two_workers_on_one_port() as (a, b):
         dns["addresses"] = ["127.0.0.1", "127.0.0.2"]
         # a is both a static target and one of the name's addresses: three routes, two workers.
-        config = RouterConfig(port=0, http_port=-1, metrics_port=-1, mode="colocated", load_poll_s=0.1,
-                              decode_targets=[f"127.0.0.1:{a.port}", f"dns:{NAME}:{a.port}"])
-        router = RouterRuntime(config, *tokenizer)
-        await router.start(ready_timeout_s=10)
-        pool = router.router.pool
-        try:
+        async with router_to(tokenizer, f"127.0.0.1:{a.port}", f"dns:{NAME}:{a.port}") as router:
+            pool = router.router.pool
             await until(lambda: sum(w.healthy for w in pool.decode) == 3)
             assert sorted(w.worker_id for w in pool.decode if w.routable) == ["null-a", "null-b"]
             twins = [w for w in pool.decode if w.twin]  # the static route came first and is kept
             assert [(w.target, w.discovered_by) for w in twins] == [(f"127.0.0.1:{a.port}", f"dns:{NAME}:{a.port}")]
-        finally:
-            await router.stop()
 
 
 async def test_two_workers_that_share_a_worker_id_are_not_taken_for_one(tokenizer, dns):
     # A copied config that kept its worker id: still two processes, both serve.
-    a = NullWorker(NullWorkerConfig(host="127.0.0.1", port=0, worker_id="decode-0"))
-    await a.start()
-    b = NullWorker(NullWorkerConfig(host="127.0.0.2", port=a.port, worker_id="decode-0"))
-    await b.start()
-    dns["addresses"] = ["127.0.0.1", "127.0.0.2"]
-    config = RouterConfig(port=0, http_port=-1, metrics_port=-1, mode="colocated", load_poll_s=0.1,
-                          decode_targets=[f"dns:{NAME}:{a.port}"])
-    router = RouterRuntime(config, *tokenizer)
-    await router.start(ready_timeout_s=10)
-    pool = router.router.pool
-    try:
-        await until(lambda: sum(w.healthy for w in pool.decode) == 2)
-        assert [w.twin for w in pool.decode] == [False, False]
-    finally:
-        await router.stop()
-        await a.stop()
-        await b.stop()
+    async with two_workers_on_one_port(ids=("decode-0", "decode-0")) as (a, b):
+        dns["addresses"] = ["127.0.0.1", "127.0.0.2"]
+        async with router_to(tokenizer, f"dns:{NAME}:{a.port}") as router:
+            pool = router.router.pool
+            await until(lambda: sum(w.healthy for w in pool.decode) == 2)
+            assert [w.twin for w in pool.decode] == [False, False]
