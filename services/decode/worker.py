@@ -23,7 +23,6 @@ from pdserve.common.engine.engine import RequestOutput
 from pdserve.common.engine.sampling_params import SamplingParams
 from pdserve.common.errors import (
     CapacityExhaustedError,
-    InvalidRequestError,
     NotFoundError,
     TransferFailedError,
     TransferTimeoutError,
@@ -112,10 +111,7 @@ class DecodeWorker:
             return r
 
     async def _reserve(self, request_id: str, prompt: list[int], fingerprint: bytes, lease_ms: int) -> Reservation:
-        # Required: a sender that states no layout could push KV of another model.
-        if fingerprint != self.spec.fingerprint:
-            raise InvalidRequestError("kv_fingerprint", "must be the sender's KVSpec fingerprint, and this worker's: "
-                                      + ("missing" if not fingerprint else "the sender's KV layout or model differs"))
+        self.spec.require_peer(fingerprint, "kv_fingerprint", "sender")
         seq = await self.engine.call(self._reserve_if_room, request_id, prompt)
         bs, pool = self.spec.block_size, self.engine.engine.pool
         try:

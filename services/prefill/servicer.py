@@ -21,10 +21,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             return None
         t = request.ticket
         spec = self.worker.engine.engine.spec
-        if t.kv_fingerprint != spec.fingerprint:  # required: see DecodeWorker._reserve
-            raise InvalidRequestError("ticket.kv_fingerprint", "must be the decode worker's KVSpec fingerprint, and "
-                                      "this worker's: " + ("missing" if not t.kv_fingerprint
-                                                           else "the decode worker's KV layout or model differs"))
+        spec.require_peer(t.kv_fingerprint, "ticket.kv_fingerprint", "decode worker")
         if t.block_bytes != spec.block_bytes or t.num_blocks != len(t.dest_block_ids):
             raise InvalidRequestError("ticket", "block size or block count does not match this worker's KV layout")
         ticket = TransferTicket(t.transfer_id, t.secret, t.ucx_address, t.num_blocks, t.block_bytes)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from pdserve.common.errors import InvalidRequestError
+
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -61,3 +63,10 @@ class KVSpec:
             )
         )
         return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+    def require_peer(self, fingerprint: bytes, field_name: str, peer: str) -> None:
+        """Refuse a KV exchange unless the peer states this spec's fingerprint. Required,
+        not optional: a peer that states no layout could push KV of another model."""
+        if fingerprint != self.fingerprint:
+            raise InvalidRequestError(field_name, f"must be the {peer}'s KVSpec fingerprint, and this worker's: "
+                                      + ("missing" if not fingerprint else f"the {peer}'s KV layout or model differs"))
