@@ -11,6 +11,8 @@ from typing import Any
 
 from opentelemetry import metrics as otel_metrics
 
+from pdserve.common import genai
+
 # The conventions' advisory bucket boundaries.
 _TOKEN_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864]
 _DURATION_BUCKETS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92]
@@ -29,9 +31,9 @@ class ClientMetrics:
             "last message or its error", explicit_bucket_boundaries_advisory=_DURATION_BUCKETS)
 
     def attributes(self, chat: bool, model: str) -> dict[str, str | int]:
-        attributes = {"gen_ai.operation.name": "chat" if chat else "text_completion"}
+        attributes = {genai.OPERATION: genai.operation_name(chat)}
         if model:
-            attributes["gen_ai.request.model"] = model
+            attributes[genai.REQUEST_MODEL] = model
         return {**attributes, **self.server}
 
     def finished(self, attributes: dict[str, str | int], seconds: float, input_tokens: int, output_tokens: int) -> None:

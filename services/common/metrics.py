@@ -81,8 +81,7 @@ def _observed(kind: str, name: str, description: str, unit: str = "1") -> _Watch
 
 # ---- the router: one request's latencies, outcome, SLOs (recorded) ------------------
 # Named by the OpenTelemetry GenAI semantic conventions where one exists (so dashboards
-# built for them work), with their attributes (GENAI_*); pdserve_* for everything else.
-GENAI_OPERATION, GENAI_MODEL = "gen_ai.operation.name", "gen_ai.request.model"
+# built for them work), with their attributes (pdserve.common.genai); pdserve_* for everything else.
 _LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0]
 _TOKEN_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5]
 _E2E_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0]

@@ -6,7 +6,7 @@ one model, so a request may name it or leave `model` empty. Both front ends
 """
 from __future__ import annotations
 
-from pdserve.common import metrics
+from pdserve.common import genai
 from pdserve.common.errors import InvalidRequestError
 from pdserve.router.worker_pool import WorkerPool
 
@@ -28,8 +28,7 @@ def genai_attributes(pool: WorkerPool, model: str, chat: bool) -> dict[str, str]
     """A request's OpenTelemetry GenAI attributes: the operation, and the model it names
     (or, when it names none, the one served)."""
     served = served_models(pool)
-    return {metrics.GENAI_OPERATION: "chat" if chat else "text_completion",
-            metrics.GENAI_MODEL: model or (served[0] if served else "")}
+    return {genai.OPERATION: genai.operation_name(chat), genai.REQUEST_MODEL: model or (served[0] if served else "")}
 
 
 def check_model(pool: WorkerPool, model: str | None) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
-from pdserve.common import tracing
+from pdserve.common import genai, tracing
 from pdserve.common.errors import CapacityExhaustedError, InvalidRequestError, NotReadyError, UnauthenticatedError
 from pdserve.common.security import ApiKeys
 from pdserve.router.models import ModelNotFoundError, check_model, served_models
@@ -199,10 +199,9 @@ class OpenAIServer:
             check_model(self.router.pool, req.model)
             if self.draining:
                 raise NotReadyError("the server is shutting down")
-            served = served_models(self.router.pool)
-            shaper = ResponseShaper(kind, req.model or (served[0] if served else ""),
-                                    req.input.request_id, req.include_usage)
-            events = self.measured.observe(self.router.generate(req.input), self.router.genai_attributes(req.input))
+            attributes = self.router.genai_attributes(req.input)  # its model: the one named, or the one served
+            shaper = ResponseShaper(kind, attributes[genai.REQUEST_MODEL], req.input.request_id, req.include_usage)
+            events = self.measured.observe(self.router.generate(req.input), attributes)
             async with contextlib.aclosing(events):  # closing it cancels downstream calls
                 # Errors up to the first token (validation, capacity, no worker)
                 # get a real status code; only later ones arrive inside the stream.
