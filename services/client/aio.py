@@ -28,8 +28,9 @@ class ResponseStream:
 
     def __init__(self, stub: router_pb2_grpc.RouterStub, request: router_pb2.GenerateRequest,
                  timeout: float | None, metadata: tuple[tuple[str, str], ...],
-                 metrics: ClientMetrics | None = None) -> None:
+                 metrics: ClientMetrics | None = None, target: str = "") -> None:
         self.request = request
+        self.target = target  # named in errors
         self._stub, self._timeout, self._metadata, self._metrics = stub, timeout, metadata, metrics
         self._call: grpc.aio.UnaryStreamCall | None = None
         self._done = False
@@ -65,7 +66,7 @@ class ResponseStream:
         except grpc.aio.AioRpcError as e:
             self._done = True
             self._measure(None, e)
-            raise error_from_rpc(e, self.request.request_id) from None
+            raise error_from_rpc(e, self.request.request_id, self.target) from None
         except asyncio.CancelledError:
             by_us = self._done  # cancel() was called (from another task)
             self.cancel()  # our task was cancelled: tell the server now, not at GC
@@ -148,7 +149,7 @@ class AsyncClient:
                                 top_p=top_p, top_k=top_k, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
                                 ignore_eos=ignore_eos, logprobs=logprobs, request_id=request_id, model=model)
         return ResponseStream(self._stub, request, self.timeout if timeout is None else timeout, self.metadata,
-                              self._metrics)
+                              self._metrics, self.target)
 
     stream = generate  # reads better as `async with client.stream(...) as s:`
 

@@ -19,7 +19,8 @@ class PdserveClientError(Exception):
 
     def __str__(self) -> str:
         code = self.code.name if self.code else "ERROR"
-        return f"{code}: {self.details}" + (f" [field {self.field}]" if self.field else "")
+        named = not self.field or self.details.startswith(f"{self.field}:")  # pdserve's "field: reason"
+        return f"{code}: {self.details}" + ("" if named else f" [field {self.field}]")
 
 
 class InvalidArgument(PdserveClientError, ValueError):
@@ -62,9 +63,14 @@ _ERRORS = {cls.status: cls for cls in (InvalidArgument, ResourceExhausted, Unava
                                        DeadlineExceeded, Cancelled, Internal, Unauthenticated)}
 
 
-def error_from_rpc(exc: grpc.aio.AioRpcError | grpc.RpcError, request_id: str = "") -> PdserveClientError:
+def error_from_rpc(exc: grpc.aio.AioRpcError | grpc.RpcError, request_id: str = "",
+                   target: str = "") -> PdserveClientError:
     """The SDK exception for a failed RPC, using pdserve's trailing metadata."""
     trailers = dict(exc.trailing_metadata() or ())
     cls = _ERRORS.get(exc.code(), PdserveClientError)
-    return cls(exc.details() or "", code=exc.code(), field=trailers.get("pdserve-error-field"),
+    details = exc.details() or ""
+    if exc.code() is grpc.StatusCode.UNIMPLEMENTED:  # no pdserve servicer answers it: no Router service there
+        details = (f"{target or 'the server'} does not serve pdserve.v1.Router ({details}): is it a worker? "
+                   "Point the client (pdserve generate --target) at the router")
+    return cls(details, code=exc.code(), field=trailers.get("pdserve-error-field"),
                error_type=trailers.get("pdserve-error-type"), request_id=request_id)

@@ -1,9 +1,13 @@
 """What the SDK sends and receives: the request builder, and Chunk / Completion."""
 from __future__ import annotations
 
+import numbers
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from google.protobuf.descriptor import FieldDescriptor
 
 from pdserve.client.errors import InvalidArgument
 from pdserve.v1 import common_pb2, router_pb2
@@ -76,29 +80,78 @@ class Completion:
 def build_request(prompt: str | Sequence[int] | None = None, *, messages: Iterable[Mapping[str, str]] | None = None,
                   request_id: str = "", model: str = "", **sampling: Any) -> router_pb2.GenerateRequest:
     """A GenerateRequest; `sampling` takes SamplingParams' fields. Bad arguments
-    raise InvalidArgument (with .field) before any RPC is made."""
+    raise InvalidArgument naming the field (`max_tokens`, `stop[0]`,
+    `messages[0].content`) before any RPC is made."""
     if (prompt is None) == (messages is None):
-        raise InvalidArgument("give exactly one of prompt or messages", field="prompt")
+        raise _invalid("prompt", "give exactly one of prompt or messages")
     req = router_pb2.GenerateRequest(request_id=request_id, model=model)
-    try:
-        if isinstance(prompt, str):
-            req.text = prompt
-        elif prompt is not None:
-            req.token_ids.SetInParent()  # an empty list still selects the oneof
-            req.token_ids.ids.extend(prompt)
-        else:
-            req.chat.SetInParent()
-            req.chat.messages.extend(router_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
-    except (TypeError, ValueError, KeyError) as e:
-        raise InvalidArgument(f"bad prompt: {e!s}", field="messages" if messages is not None else "prompt") from None
+    if isinstance(prompt, str):
+        req.text = prompt
+    elif prompt is not None:
+        req.token_ids.SetInParent()  # an empty list still selects the oneof
+        req.token_ids.ids.extend(_wire(f"prompt[{i}]", t, _F.TYPE_UINT32)
+                                 for i, t in enumerate(_items("prompt", prompt, "a string or a list of token ids")))
+    else:
+        req.chat.SetInParent()
+        req.chat.messages.extend(_chat_message(i, m) for i, m in enumerate(
+            _items("messages", messages, 'a list of {"role": ..., "content": ...} mappings')))
     for name, value in sampling.items():
-        try:
-            if name in ("stop", "stop_token_ids"):  # repeated fields
-                getattr(req.sampling, name).extend([value] if isinstance(value, str) else value)
-            elif value is not None:  # None: leave unset, the server's default applies
-                setattr(req.sampling, name, value)
-        except (TypeError, ValueError) as e:  # protobuf's range and type checks
-            raise InvalidArgument(str(e), field=name) from None  # the router's field names
-        except AttributeError:
-            raise TypeError(f"unknown sampling parameter {name!r}") from None
+        field = _SAMPLING.get(name)
+        if field is None:
+            raise TypeError(f"unknown sampling parameter {name!r}")
+        if value is None:  # leave unset: the server's default applies
+            continue
+        if field.is_repeated:  # stop takes one string too
+            what = "a string or a list of strings" if field.type == _F.TYPE_STRING else "a list of integers"
+            values = _items(name, [value] if isinstance(value, str) else value, what)
+            getattr(req.sampling, name).extend(_wire(f"{name}[{i}]", v, field.type) for i, v in enumerate(values))
+        else:
+            setattr(req.sampling, name, _wire(name, value, field.type, _LOWEST.get(name, 0)))
     return req
+
+
+# -- argument checks, before protobuf's own (whose messages name no field) ---
+_F = FieldDescriptor
+_SAMPLING = common_pb2.SamplingParams.DESCRIPTOR.fields_by_name
+_UINT_BITS = {_F.TYPE_UINT32: 32, _F.TYPE_UINT64: 64}
+_LOWEST = {"max_tokens": 1}  # a request for no token is refused by the router too (SamplingParams)
+
+
+def _invalid(field: str, reason: str) -> InvalidArgument:
+    """As the server words it: details "field: reason", and .field."""
+    return InvalidArgument(f"{field}: {reason}", field=field)
+
+
+def _items(field: str, value: Any, what: str) -> list:
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise _invalid(field, f"must be {what}, got {value!r}")
+    return list(value)
+
+
+def _wire(field: str, value: Any, kind: int, low: int = 0) -> Any:
+    """`value` if a protobuf field of type `kind` carries it, else InvalidArgument naming `field`."""
+    if kind in _UINT_BITS:
+        bits = _UINT_BITS[kind]
+        try:  # any integer type (numpy's, a 0-d tensor's) but bool
+            ok = not isinstance(value, bool) and low <= operator.index(value) < 2**bits
+        except TypeError:
+            ok = False
+        if not ok:
+            raise _invalid(field, f"must be an integer in [{low}, 2**{bits}), got {value!r}")
+        return value
+    ok, what = {_F.TYPE_FLOAT: (isinstance(value, numbers.Real) and not isinstance(value, bool), "a number"),
+                _F.TYPE_BOOL: (isinstance(value, bool), "True or False"),
+                _F.TYPE_STRING: (isinstance(value, str), "a string")}[kind]
+    if not ok:
+        raise _invalid(field, f"must be {what}, got {value!r}")
+    return value
+
+
+def _chat_message(i: int, message: Any) -> router_pb2.ChatMessage:
+    if not isinstance(message, Mapping):
+        raise _invalid(f"messages[{i}]", f'must be a {{"role": ..., "content": ...}} mapping, got {message!r}')
+    for key in ("role", "content"):
+        if key not in message:
+            raise _invalid(f"messages[{i}].{key}", "is missing: each message needs a role and a content string")
+        _wire(f"messages[{i}].{key}", message[key], _F.TYPE_STRING)
+    return router_pb2.ChatMessage(role=message["role"], content=message["content"])
