@@ -10,8 +10,9 @@ PDSERVE_LOG_FORMAT). Every record gets:
 - `service`: the process's service name.
 
 JSON lines carry those, the time (UTC, ISO 8601), level, logger, message, a
-traceback as one string, and any `extra={...}` fields of the call. Prompts and
-outputs are never logged: log ids, counts and timings.
+traceback as one string, and any `extra={...}` fields of the call; text lines
+end in `[key=value ...]` with the same fields and ids. Prompts and outputs are
+never logged: log ids, counts and timings.
 """
 from __future__ import annotations
 
@@ -63,6 +64,11 @@ class ContextFilter(logging.Filter):
         return True
 
 
+def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The fields a call passed as `extra={...}`, in its order."""
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line."""
 
@@ -77,9 +83,7 @@ class JsonFormatter(logging.Formatter):
             value = getattr(record, key, "")
             if value:
                 out[key] = value
-        for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_"):
-                out[key] = value
+        out.update(extra_fields(record))
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         elif record.exc_text:
@@ -90,18 +94,23 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """The classic line, with the ids appended when there are any."""
+    """The classic line, then `[key=value ...]`: the extra fields of pdserve's own
+    calls (None and "" left out) and the ids, when there are any. Other libraries'
+    extras stay out (aiohttp's access log repeats its whole line in them)."""
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        ids = " ".join(f"{k}={v}" for k in ("request_id", "trace_id") if (v := getattr(record, k, "")))
-        if not ids:
+        ours = record.name.startswith("pdserve.")
+        fields = {k: v for k, v in extra_fields(record).items() if v not in (None, "")} if ours else {}
+        fields.update((k, v) for k in ("request_id", "trace_id") if (v := getattr(record, k, "")))
+        if not fields:
             return line
+        tail = " ".join(f"{k}={v}" for k, v in fields.items())
         head, sep, rest = line.partition("\n")  # a traceback stays below the line
-        return f"{head} [{ids}]{sep}{rest}"
+        return f"{head} [{tail}]{sep}{rest}"
 
 
 def make_handler(fmt: LogFormat = "text", service: str = "", stream: TextIO | None = None) -> logging.Handler:

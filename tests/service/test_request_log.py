@@ -1,0 +1,72 @@
+"""The router's INFO line per request, from a real router in front of the null
+engine, is the line docs/observability.md shows: same fields, in text and JSON."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from pathlib import Path
+
+
+from pdserve.client import AsyncClient
+from pdserve.common import logs
+from tests.service.test_null_worker import null_suite, tokenizer  # noqa: F401  (a fixture)
+
+DOC = Path(__file__).parents[2] / "docs" / "observability.md"
+
+
+def documented_line() -> str:
+    """The example `request finished` text line in docs/observability.md."""
+    (line,) = [s for s in DOC.read_text().splitlines() if " INFO pdserve.router" in s and "request finished" in s]
+    return line
+
+
+def fields(text_line: str) -> dict[str, str]:
+    tail = re.search(r"\[([^\]]*)\]$", text_line).group(1)
+    return dict(kv.split("=", 1) for kv in tail.split())
+
+
+async def one_logged_request(tokenizer, fmt: str) -> list[str]:
+    stream = io.StringIO()
+    logger = logging.getLogger("pdserve.router.request_metrics")
+    handler = logs.make_handler(fmt, service="router", stream=stream)
+    logger.addHandler(handler)
+    level, logger.level = logger.level, logging.INFO
+    try:
+        async with null_suite(tokenizer) as (router, _), AsyncClient(f"127.0.0.1:{router.port}") as client:
+            await client.complete([1000, 1001, 1002], max_tokens=4, request_id="doc-1")
+    finally:
+        logger.removeHandler(handler)
+        logger.level = level
+    return [line for line in stream.getvalue().splitlines() if "request finished" in line]
+
+
+async def test_the_request_finished_text_line_has_the_documented_counts_and_timings(tokenizer):  # noqa: F811
+    (line,) = await one_logged_request(tokenizer, "text")
+    assert " INFO pdserve.router.request_metrics: request finished: length [" in line
+    got = fields(line)
+    # The doc's line is a disaggregated request with tracing on; the null engine is colocated, untraced.
+    assert list(got) == [k for k in fields(documented_line()) if k not in ("prefill_worker", "trace_id")]
+    assert got["request_id"] == "doc-1" and got["decode_worker"] == "null-0"
+    assert (got["prompt_tokens"], got["output_tokens"], got["cached_tokens"]) == ("3", "4", "0")
+    assert all(float(got[k]) > 0 for k in ("ttft_ms", "tpot_ms", "duration_ms"))
+
+
+async def test_the_request_finished_json_line_has_the_same_fields(tokenizer):  # noqa: F811
+    (line,) = await one_logged_request(tokenizer, "json")
+    record = json.loads(line)
+    assert record["message"] == "request finished: length" and record["request_id"] == "doc-1"
+    assert set(fields(documented_line())) - {"trace_id"} <= set(record)  # prefill_worker: "" here
+
+
+def test_other_libraries_extras_stay_out_of_text_lines():
+    stream = io.StringIO()
+    logger = logging.getLogger("aiohttp.access")
+    handler = logs.make_handler("text", stream=stream)
+    logger.addHandler(handler)
+    try:  # aiohttp's access log passes the fields of its own line again as extras
+        logger.warning('"GET /health" 200', extra={"first_request_line": "GET /health", "status": 200})
+    finally:
+        logger.removeHandler(handler)
+    assert stream.getvalue().rstrip().endswith('aiohttp.access: "GET /health" 200')
