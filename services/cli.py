@@ -131,7 +131,13 @@ def cmd_serve(args) -> int:
 def _bench(name: str, args) -> int:
     import importlib
 
-    return importlib.import_module(f"pdserve.bench.{name}").main(args)
+    from pdserve.bench.mooncake import TraceError
+
+    try:
+        return importlib.import_module(f"pdserve.bench.{name}").main(args)
+    except TraceError as e:  # --trace: a missing or malformed file is a bad setting
+        print(f"pdserve bench {args.bench}: {e}", file=sys.stderr)
+        return 2
 
 
 def cmd_bench_ttft(args) -> int:

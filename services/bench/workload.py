@@ -16,7 +16,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from pdserve.bench.mooncake import BLOCK_TOKENS, PrefixBlocks, TraceRecord, read_trace
+from pdserve.bench.mooncake import BLOCK_TOKENS, PrefixBlocks, TraceError, TraceRecord, read_trace
 
 TOKEN_LOW, TOKEN_HIGH = 100, 32000  # ordinary tokens in every Llama-family vocabulary; no special ids
 
@@ -171,7 +171,7 @@ def from_args(args: argparse.Namespace, *, rate: float | None = None, seed: int 
     n = args.num_requests if n is None else n
     if args.trace or args.workload == "trace":
         if not args.trace:
-            raise ValueError("--workload trace needs --trace FILE")
+            raise TraceError("--workload trace needs --trace FILE")
         records = read_trace(args.trace)[:n]
         poisson = args.arrivals == "poisson"
         return from_trace(records, rate=rate if poisson else None, speed=args.trace_speed,
