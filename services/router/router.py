@@ -189,8 +189,9 @@ class Router:
                     raise self._gave_up(progress, progress.failures[-1]) from None
                 self.decisions["disaggregated" if plan.prefill else "local_prefill"] += 1
                 _annotate_route(span, plan, attempt=len(progress.failures) + 1)
+                attempt = self._attempt(progress, plan)
                 try:
-                    async for ev in self._attempt(progress, plan):
+                    async for ev in attempt:
                         if ev.finish_reason is not None and span.is_recording():
                             span.set_attributes(tracing.timing_attributes(ev.timing))
                             tracing.annotate(span, **{"gen_ai.usage.output_tokens": len(progress.generated),
@@ -199,6 +200,10 @@ class Router:
                     return
                 except WorkerFailedError as f:
                     self._recovering(progress, f)
+                finally:
+                    # A client gone while we are at the yield above closes us with GeneratorExit,
+                    # not CancelledError: the attempt's cleanup must run now, not when it is collected.
+                    await attempt.aclose()
         except grpc.aio.AioRpcError as e:
             raise error_from_rpc(e) from None
         finally:

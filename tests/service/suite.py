@@ -1,7 +1,6 @@
 """A whole suite in this process: real gRPC servers on free ports, real UCX, SmolLM2."""
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
@@ -19,6 +18,7 @@ from pdserve.router.config import RouterConfig
 from pdserve.router.serve import RouterRuntime
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import decode_pb2_grpc, kvstore_pb2, kvstore_pb2_grpc, prefill_pb2_grpc, router_pb2_grpc
+from tests.polling import settles
 
 
 class InProcessSuite:
@@ -47,14 +47,20 @@ class InProcessSuite:
         return await self.store_stub.GetStats(kvstore_pb2.GetStoreStatsRequest())
 
 
-async def pools_full(suite: InProcessSuite, dead: set[str] = frozenset()) -> None:
-    """Every surviving worker's pool is back to all free: no reservation, hold or block left."""
-    for _ in range(100):  # frees are asynchronous (leases, finishing sends)
-        stats = [rt.engine.engine.stats() for rt in suite.decode + suite.prefill if rt.worker_id not in dead]
-        if all(s.free_blocks == s.total_blocks and s.reserved == s.held == s.running == 0 for s in stats):
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"blocks still in use: {stats}")
+async def pools_full(suite: InProcessSuite, dead: set[str] = frozenset(), timeout: float = 10.0) -> None:
+    """Every surviving worker's pool is back to all free, and the router has nothing in
+    flight: no reservation, hold or block left. Frees are asynchronous (cancels reaching
+    the workers, finishing sends), so this polls until `timeout`."""
+    def stats():
+        return [rt.engine.engine.stats() for rt in suite.decode + suite.prefill if rt.worker_id not in dead]
+
+    def full() -> bool:
+        return suite.router.router.inflight == 0 and all(
+            s.free_blocks == s.total_blocks and s.reserved == s.held == s.running == s.waiting == 0 for s in stats())
+
+    if not await settles(full, timeout):
+        raise AssertionError(f"blocks still in use after {timeout} s (router: {suite.router.router.inflight} "
+                             f"in flight): {stats()}")
 
 
 @contextlib.asynccontextmanager
@@ -135,9 +141,9 @@ async def inprocess_suite(smollm2, mode: str = "disaggregated", *, prefill_worke
                 await w.sender.close()
             stack.push_async_callback(stop_prefill)
 
-    rcfg = RouterConfig(port=0, http_port=0, mode=mode, decode_targets=[f"127.0.0.1:{rt.port}" for rt in decode],
+    rcfg = RouterConfig(mode=mode, decode_targets=[f"127.0.0.1:{rt.port}" for rt in decode],
                         prefill_targets=[f"127.0.0.1:{rt.port}" for rt in prefill], load_poll_s=0.2,
-                        **{"local_prefill": "never", **security, **(router_kw or {})})
+                        **{"port": 0, "http_port": 0, "local_prefill": "never", **security, **(router_kw or {})})
     router = RouterRuntime(rcfg, tokenizer, 2048)
     await router.start(ready_timeout_s=30)
     stack.push_async_callback(router.stop)

@@ -6,11 +6,15 @@ import asyncio
 import grpc
 import pytest
 
+from pdserve.common.engine.sampling_params import SamplingParams
+from pdserve.router.request_metrics import RequestMetrics
+from pdserve.router.router import GenerateInput
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import router_pb2 as rpb
 from tests.engine.prompts import prompts_by_length
+from tests.polling import settles
 from tests.reference import transformers_greedy
-from tests.service.suite import inprocess_suite
+from tests.service.suite import inprocess_suite, pools_full
 
 NEW = 12
 
@@ -47,8 +51,7 @@ async def test_concurrent_greedy_requests_match_transformers(smollm2, references
             assert last.usage.prompt_tokens == len(ids) and last.usage.completion_tokens == len(expected)
             assert last.route.disaggregated == (mode == "disaggregated")
             assert last.timing.ttft_ms > 0 and last.timing.total_ms >= last.timing.ttft_ms
-        for load in await suite.loads():
-            assert load.free_blocks == load.total_blocks
+        await pools_full(suite)
 
 
 async def test_cancelled_stream_frees_blocks_on_both_workers(smollm2):
@@ -62,14 +65,34 @@ async def test_cancelled_stream_frees_blocks_on_both_workers(smollm2):
             if got >= 3:
                 break
         call.cancel()
-        for _ in range(100):
-            loads = await suite.loads()
-            if all(l.free_blocks == l.total_blocks and l.running_seqs == 0 for l in loads):
-                break
-            await asyncio.sleep(0.05)
-        assert all(l.free_blocks == l.total_blocks for l in loads), loads
+        await pools_full(suite)
         tokens, _, last = await _collect(suite.stub, _request(ids, "after"))
         assert len(tokens) == NEW and last.finish_reason == pb.FINISH_REASON_LENGTH
+
+
+@pytest.mark.parametrize("tokens_before", [1, 4], ids=["reserved", "decoding"])
+async def test_a_client_gone_while_the_router_is_at_a_yield_is_cleaned_up_before_the_close_returns(
+        smollm2, tokens_before):
+    # A front end whose client goes while it sends an event closes the router's stream, which is
+    # then at a yield: GeneratorExit there, not CancelledError. Cleanup runs on both, before the close
+    # returns. After the first token (prefill's) the router holds the decode reservation; later,
+    # the Decode stream does.
+    _, _, tokenizer = smollm2
+    ids = prompts_by_length(tokenizer)[4]
+    async with inprocess_suite(smollm2) as suite:
+        router = suite.router.router
+        inp = GenerateInput(SamplingParams(max_tokens=500, ignore_eos=True), token_ids=ids, request_id="gone")
+        events = RequestMetrics().observe(router.generate(inp))  # as both front ends call it
+        got = 0
+        async for ev in events:
+            got += len(ev.token_ids)
+            if got >= tokens_before:
+                break
+        await events.aclose()
+        workers = router.pool.decode + router.pool.prefill
+        assert router.inflight == 0
+        assert [(w.inflight, w.inflight_tokens) for w in workers] == [(0, 0)] * len(workers)
+        await pools_full(suite)  # the downstream cancel and the Release reached the workers
 
 
 async def test_stop_string_is_matched_by_the_router(smollm2):
@@ -93,12 +116,11 @@ async def test_an_unclaimed_reservation_expires_and_frees_its_blocks(smollm2):
                                                     lease_ms=300))
         assert r.ticket.num_blocks > 0 and r.ticket.expires_at_unix_ms > 0
         assert (await suite.loads())[0].free_blocks < (await suite.loads())[0].total_blocks
-        for _ in range(30):  # the prefill worker never calls: the lease runs out
-            await asyncio.sleep(0.1)
-            if (await suite.loads())[0].free_blocks == (await suite.loads())[0].total_blocks:
-                break
-        load = (await suite.loads())[0]
-        assert load.free_blocks == load.total_blocks
+
+        async def freed() -> bool:  # the prefill worker never calls: the lease runs out
+            load = (await suite.loads())[0]
+            return load.free_blocks == load.total_blocks
+        assert await settles(freed)
         stats = await decode.GetStats(dpb.GetDecodeStatsRequest())
         assert stats.reservations_expired == 1 and stats.reservations_active == 0
         with pytest.raises(grpc.aio.AioRpcError) as err:  # a late Decode finds nothing to decode

@@ -18,6 +18,7 @@ from pdserve import client as sdk
 from pdserve.common import errors
 from pdserve.common.server import bind, create_server
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+from tests.polling import settles
 
 
 class StandInRouter(router_pb2_grpc.RouterServicer):
@@ -48,8 +49,11 @@ class StandInRouter(router_pb2_grpc.RouterServicer):
                 timing=common_pb2.TimingBreakdown(queued_ms=1, prefill_ms=2, ttft_ms=3, total_ms=9),
                 route=router_pb2.RouteInfo(prefill_worker_id="prefill-0", decode_worker_id="decode-0",
                                            disaggregated=True))
-        except asyncio.CancelledError:
-            self.cancelled.set()  # where the real router cancels downstream RPCs
+        except (asyncio.CancelledError, GeneratorExit):
+            # Where the real router cancels downstream RPCs. A cancel that lands while this
+            # handler awaits is a CancelledError; one that lands while the server sends what
+            # it yielded leaves it at the yield, closed afterwards with GeneratorExit.
+            self.cancelled.set()
             raise
 
 
@@ -65,11 +69,8 @@ async def router():
 
 
 async def wait_cancelled(servicer: StandInRouter) -> None:
-    for _ in range(100):
-        if servicer.cancelled.is_set():
-            return
-        await asyncio.sleep(0.02)
-    pytest.fail("the server never saw the call cancelled")
+    if not await settles(servicer.cancelled.is_set, timeout=10):
+        pytest.fail("the server never saw the call cancelled")
 
 
 async def test_chunks_and_completion_are_parsed(router):
