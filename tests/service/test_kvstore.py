@@ -7,6 +7,7 @@ from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import decode_pb2 as dpb
 from pdserve.v1 import router_pb2 as rpb
 from tests.engine.prompts import text_of_tokens
+from tests.polling import settles
 from tests.reference import transformers_greedy
 from tests.service.suite import inprocess_suite, pools_full
 
@@ -32,7 +33,7 @@ async def test_second_turn_loads_the_history_from_the_store(smollm2):
     async with inprocess_suite(smollm2, store_blocks=256, prefill_kw=NO_LOCAL_CACHE) as suite:
         answer, first = await _collect(suite.stub, _request(turn1, "t1"))
         assert first.usage.cached_tokens == 0
-        await asyncio.sleep(0.5)  # write-back happens after the first token
+        await _settled(suite, 600 // 16)  # write-back happens after the first token
         turn2 = turn1 + answer + text_of_tokens(tokenizer, 40, offset=3)
         tokens, last = await _collect(suite.stub, _request(turn2, "t2"))
         assert last.usage.cached_tokens >= 600 // 16 * 16
@@ -48,7 +49,7 @@ async def test_decode_worker_loads_the_history_from_the_store_and_receives_only_
     async with inprocess_suite(smollm2, store_blocks=256, prefill_kw=NO_LOCAL_CACHE,
                                decode_kw={"use_store": True, **NO_LOCAL_CACHE}) as suite:
         answer, _ = await _collect(suite.stub, _request(turn1, "t1"))
-        await asyncio.sleep(0.5)  # write-back happens after the first token
+        await _settled(suite, 600 // 16)  # write-back happens after the first token
         decode = suite.worker_stubs()[0]
         before = (await decode.GetStats(dpb.GetDecodeStatsRequest())).kv_bytes_received
         turn2 = turn1 + answer + text_of_tokens(tokenizer, 40, offset=3)
@@ -101,15 +102,17 @@ async def test_a_local_request_cancelled_mid_stream_offers_what_it_computed_and_
         assert stats.active_leases == 0
 
 
-async def _settled(suite, written: int):
-    """The store's stats once `written` blocks are in and nothing is in flight
-    (a request's blocks are offered after its stream is answered)."""
-    for _ in range(50):
+async def _settled(suite, written: int, evictions: int = 0):
+    """The store's stats once `written` blocks are in (and `evictions` made) and nothing is
+    in flight (a request's blocks are offered after its stream is answered)."""
+    async def check():
         stats = await suite.store_stats()
-        if stats.active_leases == 0 and stats.blocks_written >= written:
-            return stats
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"the store never settled: {stats}")
+        done = stats.active_leases == 0 and stats.blocks_written >= written and stats.evictions >= evictions
+        return stats if done else None
+
+    if (stats := await settles(check)) is None:
+        raise AssertionError(f"the store never settled: {await suite.store_stats()}")
+    return stats
 
 
 async def test_eviction_pressure_keeps_output_correct(smollm2):
@@ -121,11 +124,10 @@ async def test_eviction_pressure_keeps_output_correct(smollm2):
             results = await asyncio.gather(*(_collect(suite.stub, _request(p, f"{round_}-{i}"))
                                              for i, p in enumerate(prompts)))
             assert [t for t, _ in results] == expected
-            await asyncio.sleep(0.3)
-        stats = await suite.store_stats()
-        assert stats.evictions > 0 and stats.used_blocks <= 8 and stats.active_leases == 0
-        for load in await suite.loads():
-            assert load.free_blocks == load.total_blocks
+            await _settled(suite, 0)  # this round's write-backs are in before the next
+        stats = await _settled(suite, 0, evictions=1)
+        assert stats.used_blocks <= 8
+        await pools_full(suite)
 
 
 async def test_serving_continues_when_the_store_is_down(smollm2):
