@@ -6,7 +6,8 @@
 - `add_health_service()` / `Health.set_serving()` expose the standard grpc.health.v1
   service (what Kubernetes gRPC probes and load balancers ask); `add_reflection()`
   the server reflection service (grpcurl and other tools list and call methods
-  without the .proto files). `add_health_and_reflection()` does both.
+  without the .proto files). `add_health_and_reflection()` does both. Every
+  health answer carries this process's instance id (INSTANCE_ID_KEY).
 - `bind()` listens, with TLS when given credentials (pdserve.common.security).
 - every handler runs with its request's `request_id` bound for logging
   (pdserve.common.logs).
@@ -28,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import signal
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -247,12 +249,26 @@ def bind(server: grpc.aio.Server, host: str, port: int,
     return bound
 
 
+# Who answers a health check: the token `pdserve up` gives each process it starts (else one
+# of our own), in the answer's trailing metadata, so the launcher counts only its own
+# services ready, never another process on the same port.
+INSTANCE_ID_ENV = "PDSERVE_INSTANCE_ID"
+INSTANCE_ID_KEY = "pdserve-instance-id"
+
+
 class Health(health_aio.HealthServicer):
-    """grpc.health.v1.Health (asyncio) that remembers which names it reports."""
+    """grpc.health.v1.Health (asyncio) that remembers which names it reports,
+    and says in each Check answer which process it is."""
 
     def __init__(self, services: Iterable[str] = ()) -> None:
         super().__init__()
         self.services = (OVERALL_HEALTH, *services)
+        self.instance_id = os.environ.get(INSTANCE_ID_ENV) or uuid.uuid4().hex
+
+    async def Check(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+        context.set_trailing_metadata(((INSTANCE_ID_KEY, self.instance_id),))
+        return await super().Check(request, context)
 
     async def set_serving(self, serving: bool) -> None:
         """Report the server ("") and every named service (NOT_)SERVING."""

@@ -1,16 +1,21 @@
 """`pdserve up`: the whole suite on this machine, one OS process per service.
 
-Stages: prepare the model once (workers would race to convert it), then the
-workers, then the router, each stage once the previous one reports SERVING on
-grpc.health.v1. Output is relayed as `[name] line`. Ctrl-C / SIGTERM / SIGHUP
+First every port the suite will listen on is tried: one that another process
+holds is refused before anything starts. Stages: prepare the model once
+(workers would race to convert it), then the workers, then the router, each
+stage once the previous one reports SERVING on grpc.health.v1 with the
+instance id the launcher gave it (an answer from another process on the same
+port never counts). Output is relayed as `[name] line`. Ctrl-C / SIGTERM / SIGHUP
 stop the stages in reverse (the router first: no new request reaches a worker
 that is going away): SIGTERM, a grace period, SIGKILL. A service that exits on
 its own brings the suite down with exit code 1. In tests and benchmarks:
 `with Suite(mode="colocated", decode=2) as suite: Client(suite.router_target)`.
 """
 
-from pdserve.launcher.suite import Suite, SuiteError
+from pdserve.launcher.ports import Listen
+from pdserve.launcher.suite import PortInUseError, Suite, SuiteError
 from pdserve.launcher.topology import MODES, Service, plan
 from pdserve.launcher.up import add_up_args, run_up, supervise
 
-__all__ = ["MODES", "Service", "Suite", "SuiteError", "add_up_args", "plan", "run_up", "supervise"]
+__all__ = ["MODES", "Listen", "PortInUseError", "Service", "Suite", "SuiteError", "add_up_args", "plan", "run_up",
+           "supervise"]

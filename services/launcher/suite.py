@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -14,7 +15,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve.common import security
-from pdserve.launcher.topology import Service, plan
+from pdserve.common.server import INSTANCE_ID_ENV, INSTANCE_ID_KEY
+from pdserve.launcher import ports
+from pdserve.launcher.topology import Service, http_port_from, plan
 
 _COLORS = ("36", "33", "35", "32", "34", "91", "96", "93")
 _SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -22,6 +25,10 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 
 class SuiteError(RuntimeError):
     """The suite could not start or lost a service."""
+
+
+class PortInUseError(SuiteError):
+    """Another process holds a port the suite would listen on (nothing was started)."""
 
 
 class Suite:
@@ -32,6 +39,9 @@ class Suite:
                  services: list[Service] | None = None, log_dir: str | Path | None = None,
                  ready_timeout: float = 300.0, grace_s: float = 15.0, out: TextIO | None = None,
                  env: dict[str, str] | None = None, **plan_kwargs) -> None:
+        self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}  # children log line by line
+        if services is None:
+            plan_kwargs.setdefault("http_port", http_port_from(self._env))
         self.services = services if services is not None else plan(mode, prefill, decode, **plan_kwargs)
         self.log_dir = Path(log_dir) if log_dir else None
         self.ready_timeout, self.grace_s = ready_timeout, grace_s
@@ -39,12 +49,12 @@ class Suite:
         color = self.out.isatty() and "NO_COLOR" not in os.environ
         self._prefix = {s.name: (f"\x1b[{_COLORS[i % len(_COLORS)]}m[{s.name}]\x1b[0m " if color else f"[{s.name}] ")
                         for i, s in enumerate(self.services)}
-        self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}  # children log line by line
         try:  # the children's own PDSERVE_TLS_* settings: health polls must speak their TLS
             self._tls = security.from_environment(self._env).client_tls()
         except ValueError as e:
             raise SuiteError(f"TLS settings: {e}") from None
         self._procs: dict[str, subprocess.Popen] = {}
+        self._instances: dict[str, str] = {}  # name -> the id its health answers must carry
         self._pumps: list[threading.Thread] = []
         self._lock = threading.RLock()  # re-entrant: say() also runs in signal handlers
 
@@ -75,10 +85,12 @@ class Suite:
                 log_file.close()
 
     def _spawn(self, service: Service) -> None:
+        self._instances[service.name] = secrets.token_hex(8)
+        env = {**self._env, INSTANCE_ID_ENV: self._instances[service.name]}
         # Own process group: a terminal's Ctrl-C reaches only us, and we stop
         # the children in order instead of all at once.
         proc = subprocess.Popen(service.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=self._env, process_group=0)
+                                stdin=subprocess.DEVNULL, env=env, process_group=0)
         self._procs[service.name] = proc
         pump = threading.Thread(target=self._pump, args=(service.name, proc.stdout), daemon=True)
         pump.start()
@@ -91,6 +103,12 @@ class Suite:
         fast = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 500)]
         channels = {s.name: security.dial(s.address, self._tls, options=fast, sync=True) for s in stage if s.address}
+        impostors: set[str] = set()  # services whose address answers for a process we did not start
+
+        def failed(what: str, names) -> SuiteError:
+            held = [pending[n].address for n in names if n in impostors]
+            return SuiteError(what + (f"; {', '.join(held)} answered, but not from the process we started"
+                                      if held else ""))
         try:
             while pending:
                 for name, service in list(pending.items()):
@@ -98,30 +116,47 @@ class Suite:
                     if service.address is None and code == 0:
                         del pending[name]
                     elif code is not None:
-                        raise SuiteError(f"{name} exited with code {code} before it was ready (its log is above)")
-                    elif service.address and self._serving(channels[name]):
+                        raise failed(f"{name} exited with code {code} before it was ready (its log is above)", [name])
+                    elif service.address and self._serving(service, channels[name], impostors):
                         self.say(f"{name} is serving at {service.address}")
                         del pending[name]
                 if pending and time.monotonic() > deadline:
-                    raise SuiteError(f"not ready after {self.ready_timeout:g}s: {', '.join(pending)}")
+                    raise failed(f"not ready after {self.ready_timeout:g}s: {', '.join(pending)}", pending)
                 if pending and stop.wait(0.2):
                     raise SuiteError("interrupted while starting")
         finally:
             for channel in channels.values():
                 channel.close()
 
-    @staticmethod
-    def _serving(channel: grpc.Channel) -> bool:
+    def _serving(self, service: Service, channel: grpc.Channel, impostors: set[str]) -> bool:
+        """Whether the process we started as `service` answers SERVING. An answer with
+        another instance id (another suite's service on this port) never counts: it is
+        said once, and `service` noted in `impostors`."""
         try:
             check = health_pb2_grpc.HealthStub(channel).Check
-            return check(health_pb2.HealthCheckRequest(service=""), timeout=1.0).status == _SERVING
+            response, call = check.with_call(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
         except grpc.RpcError:  # not listening yet, or no health service yet
             return False
+        if dict(call.trailing_metadata() or ()).get(INSTANCE_ID_KEY) == self._instances[service.name]:
+            return response.status == _SERVING
+        if service.name not in impostors:
+            impostors.add(service.name)
+            self.say(f"{service.address} answers, but not from the {service.name} we started "
+                     "(another suite on this port?); waiting for ours")
+        return False
+
+    def check_ports(self) -> None:
+        """Raise PortInUseError naming the first port another process holds, and the flag that moves it."""
+        taken = ports.first_taken(listen for s in self.services for listen in s.listens)
+        if taken:
+            raise PortInUseError(f"port {taken.port} ({taken.flag}) is in use on {taken.host}; "
+                                 f"choose another with {taken.flag}")
 
     def start(self, stop: threading.Event | None = None) -> None:
         """Start every stage and wait for it; raises SuiteError (after stopping
         what started) when a service dies, times out, or `stop` is set."""
         stop = stop or threading.Event()
+        self.check_ports()  # before anything starts: nothing to stop, and no false "ready"
         if self.log_dir:
             self.log_dir.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + self.ready_timeout

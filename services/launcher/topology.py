@@ -8,19 +8,28 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from pdserve.launcher.ports import Listen
+
 MODES = ("disaggregated", "colocated")
+DEFAULT_PORT = 50051
+DEFAULT_BASE_PORT = 50061
+DEFAULT_HTTP_PORT = 8000  # the default suite's; a suite on other ports derives its own (plan())
+HTTP_PORT_ENV = "PDSERVE_HTTP_PORT"  # the router's own setting (RouterConfig.http_port)
 
 
 @dataclass(frozen=True)
 class Service:
     """One child process. `address` (host:port) answers grpc.health.v1; None
     marks a one-shot step, ready when it exits 0. Stages start in order.
-    `metrics` (host:port) serves Prometheus /metrics, when known."""
+    `metrics` (host:port) serves Prometheus /metrics, and `http` the OpenAI API, when known.
+    `listens`: the ports it binds, for the launcher to try before it starts anything."""
     name: str
     argv: tuple[str, ...]
     address: str | None
     stage: int
     metrics: str | None = None
+    http: str | None = None
+    listens: tuple[Listen, ...] = ()
 
 
 def _dial(host: str) -> str:
@@ -28,14 +37,19 @@ def _dial(host: str) -> str:
 
 
 def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, model: str | None = None,
-         host: str = "127.0.0.1", port: int = 50051, base_port: int = 50061, kv_cache_gib: float | None = None,
-         kvstore: bool = True, log_level: str | None = None, http_port: int | None = None,
+         host: str = "127.0.0.1", port: int = DEFAULT_PORT, base_port: int = DEFAULT_BASE_PORT,
+         kv_cache_gib: float | None = None, kvstore: bool = True, log_level: str | None = None,
+         http_port: int | None = None,
          metrics_port: int = -1, threads: int | None = None, python: str = sys.executable,
          hosts: Mapping[str, str] | None = None, device: str | None = None) -> list[Service]:
     """The services of a suite, with their command lines; validates the shape.
 
     hosts: a service's own --host by name (e.g. "prefill-0": one address per
     machine or network namespace); the others use `host`.
+
+    http_port: the router's OpenAI API (0: any free port, -1: none). None: 8000 on
+    the default ports; when `port` or `base_port` is moved, the port after the
+    suite's highest gRPC port, so that a second suite never reaches for :8000.
 
     metrics_port: the router's Prometheus port; the other services take the next
     ports, in the order listed. -1 (the default here): no metrics; 0: any free ports.
@@ -53,8 +67,11 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
         raise ValueError("at least one decode worker is needed (--decode)")
     if mode == "disaggregated" and prefill < 1:
         raise ValueError("disaggregated mode needs a prefill worker (--prefill), or use --mode colocated")
-    if base_port <= port < base_port + prefill + decode + kvstore:
+    kvstore = kvstore and prefill > 0  # the store serves the disaggregated workers
+    store_port = base_port + prefill + decode
+    if base_port <= port < store_port + kvstore:
         raise ValueError(f"--port {port} collides with the worker ports from --base-port {base_port}")
+    http_port = _http_port(http_port, port, base_port, last=store_port - 1 + kvstore)
     serve = (python, "-m", "pdserve", *(("--log-level", log_level) if log_level else ()), "serve")
     common = ("--model", model) if model else ()
     per_worker = ("--kv-cache-gib", str(kv_cache_gib)) if kv_cache_gib is not None else ()
@@ -64,10 +81,8 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
     services = [Service("model", (python, "-c", "import sys; from pdserve.common import model_loader; "
                                   "print('model ready:', model_loader.resolve(sys.argv[1] or None).path)",
                                   model or ""), None, 0)]
-    kvstore = kvstore and prefill > 0  # the store serves the disaggregated workers
     ports = iter(range(base_port, base_port + prefill + decode + 1))
     targets: dict[str, list[str]] = {"prefill": [], "decode": []}
-    store_port = base_port + prefill + decode
     def at(name: str) -> str:
         return (hosts or {}).get(name, host)
     store = ("--kvstore", f"{_dial(at('kvstore'))}:{store_port}") if kvstore else ()
@@ -78,18 +93,46 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
             extra = ("--role", "colocated") if mode == "colocated" else store
             extra += ("--device", dev) if dev else ()
             services.append(Service(name, (*serve, role, "--host", at(name), "--port", str(p), "--worker-id", name,
-                                           *common, *per_worker, *extra), f"{_dial(at(name))}:{p}", 1))
+                                           *common, *per_worker, *extra), f"{_dial(at(name))}:{p}", 1,
+                                    listens=(Listen(at(name), p, "--base-port"),)))
             targets[role].append(f"{_dial(at(name))}:{p}")
     if kvstore:
         services.append(Service("kvstore", (*serve, "kvstore", "--host", at("kvstore"), "--port", str(store_port),
-                                            *common), f"{_dial(at('kvstore'))}:{store_port}", 1))
+                                            *common), f"{_dial(at('kvstore'))}:{store_port}", 1,
+                                    listens=(Listen(at("kvstore"), store_port, "--base-port"),)))
     # List flags take one value per target (the config parser's nargs="*").
     pre = ("--prefill-targets", *targets["prefill"]) if prefill else ()
-    http = ("--http-port", str(http_port)) if http_port is not None else ()
-    services.append(Service("router", (*serve, "router", "--host", at("router"), "--port", str(port), "--mode", mode,
-                                       *pre, "--decode-targets", *targets["decode"], *common, *http),
-                            f"{_dial(at('router'))}:{port}", 2))
+    router = at("router")
+    http = (Listen(router, http_port, "--http-port"),) if http_port > 0 else ()  # 0: any free port; -1: none
+    services.append(Service("router", (*serve, "router", "--host", router, "--port", str(port), "--mode", mode,
+                                       *pre, "--decode-targets", *targets["decode"], *common,
+                                       "--http-port", str(http_port)),
+                            f"{_dial(router)}:{port}", 2, http=f"{_dial(router)}:{http_port}" if http else None,
+                            listens=(Listen(router, port, "--port"), *http)))
     return _with_metrics(services, metrics_port, taken={port, http_port, *range(base_port, store_port + 1)})
+
+
+def _http_port(given: int | None, port: int, base_port: int, last: int) -> int:
+    """The router's HTTP port: `given`, or derived (plan()); never one of the gRPC ports up to `last`."""
+    if given is None:
+        moved = (port, base_port) != (DEFAULT_PORT, DEFAULT_BASE_PORT)
+        return max(port, last) + 1 if moved else DEFAULT_HTTP_PORT
+    if given > 0 and (given == port or base_port <= given <= last):
+        raise ValueError(f"--http-port {given} collides with the gRPC ports (--port {port}, "
+                         f"--base-port {base_port}..{last})")
+    return given
+
+
+def http_port_from(environ: Mapping[str, str]) -> int | None:
+    """The router's PDSERVE_HTTP_PORT in `environ`, which the launcher must know to check
+    and show the port (its --http-port to the router wins over the variable); None: unset."""
+    value = environ.get(HTTP_PORT_ENV)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{HTTP_PORT_ENV} must be a port number, not {value!r}") from None
 
 
 def _with_metrics(services: list[Service], first: int, taken: set[int | None]) -> list[Service]:
@@ -103,5 +146,8 @@ def _with_metrics(services: list[Service], first: int, taken: set[int | None]) -
         at = s.argv.index("--port")
         argv = (*s.argv[:at], "--metrics-port", str(ports[s.name]), *s.argv[at:])
         host = s.argv[s.argv.index("--host") + 1]
-        return dataclasses.replace(s, argv=argv, metrics=f"{_dial(host)}:{ports[s.name]}" if first > 0 else None)
+        if first <= 0:
+            return dataclasses.replace(s, argv=argv)
+        return dataclasses.replace(s, argv=argv, metrics=f"{_dial(host)}:{ports[s.name]}",
+                                   listens=(*s.listens, Listen(host, ports[s.name], "--metrics-port")))
     return [placed(s) if s.address else s for s in services]

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
 
 from pdserve.launcher.suite import Suite, SuiteError
-from pdserve.launcher.topology import MODES, plan
+from pdserve.launcher.topology import DEFAULT_BASE_PORT, DEFAULT_HTTP_PORT, DEFAULT_PORT, MODES, http_port_from, plan
 
 
 def supervise(suite: Suite) -> int:
@@ -31,7 +32,8 @@ def supervise(suite: Suite) -> int:
                 return 0
             suite.say(f"failed to start: {e}")
             return 1
-        rows = "\n".join(f"  {s.name:<10} {s.address}" + (f"  metrics http://{s.metrics}/metrics" if s.metrics else "")
+        rows = "\n".join(f"  {s.name:<10} {s.address}" + (f"  OpenAI http://{s.http}/v1" if s.http else "")
+                         + (f"  metrics http://{s.metrics}/metrics" if s.metrics else "")
                          for s in suite.services if s.address)
         suite.say(f"ready; clients connect to {suite.router_target}\n{rows}")
         code = suite.wait(stop)
@@ -50,10 +52,13 @@ def add_up_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="HF directory, .gguf file or hub id (org/name) (default: bundled SmolLM2)")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=50051, help="the router's gRPC port")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="the router's gRPC port")
     parser.add_argument("--http-port", type=int, default=None,
-                        help="the router's OpenAI-compatible HTTP port (default 8000 or PDSERVE_HTTP_PORT; -1: none)")
-    parser.add_argument("--base-port", type=int, default=50061, help="workers take consecutive ports from here")
+                        help=f"the router's OpenAI-compatible HTTP port (default: PDSERVE_HTTP_PORT, else "
+                             f"{DEFAULT_HTTP_PORT} on the default --port and --base-port, else the port after the "
+                             "suite's highest gRPC port; 0: any free port, -1: none)")
+    parser.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT,
+                        help="workers, then the KV store, take consecutive ports from here")
     parser.add_argument("--metrics-port", type=int, default=9464,
                         help="the router's Prometheus /metrics port; workers and the store take the next ports "
                              "(-1: no metrics, 0: any free ports)")
@@ -77,9 +82,10 @@ def run_up(args: argparse.Namespace) -> int:
         services = plan(args.mode, args.prefill, args.decode, model=args.model, host=args.host, port=args.port,
                         base_port=args.base_port, kv_cache_gib=args.kv_cache_gib, kvstore=kvstore,
                         log_level=getattr(args, "log_level", None),  # `pdserve --log-level L up`
-                        http_port=args.http_port, metrics_port=args.metrics_port, threads=args.threads,
-                        device=args.device)
+                        http_port=http_port_from(os.environ) if args.http_port is None else args.http_port,
+                        metrics_port=args.metrics_port, threads=args.threads, device=args.device)
         suite = Suite(services=services, log_dir=args.log_dir, ready_timeout=args.ready_timeout, grace_s=args.grace)
+        suite.check_ports()  # a taken port is a bad setting: refused before anything starts
     except (ValueError, SuiteError) as e:
         print(f"pdserve up: {e}", file=sys.stderr)
         return 2

@@ -1,8 +1,9 @@
 """`pdserve up`: the suite's shape, and the supervision of its processes.
 
 The supervised children here are tiny grpc.health.v1 servers written inline
-(not pdserve services), so readiness, log relay, shutdown and failure
-handling are checked in seconds without loading a model.
+(not pdserve services, but reporting the instance id the launcher gives them,
+as pdserve's own health service does), so readiness, log relay, shutdown and
+failure handling are checked in seconds without loading a model.
 """
 from __future__ import annotations
 
@@ -23,10 +24,14 @@ from pdserve.launcher import Service, Suite, SuiteError
 # argv: port, seconds before SERVING, seconds before exiting with code 3 (<0: never),
 # and whether to ignore SIGTERM.
 HEALTH_SERVER = """
-import signal, sys, time
+import os, signal, sys, time
 from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+class Health(health.HealthServicer):
+    def Check(self, request, context):
+        context.set_trailing_metadata((("pdserve-instance-id", os.environ["PDSERVE_INSTANCE_ID"]),))
+        return super().Check(request, context)
 port, ready_after, die_after, stubborn = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "1"
 def on_term(*_):
     print("got SIGTERM", flush=True)
@@ -34,7 +39,7 @@ def on_term(*_):
         sys.exit(0)
 signal.signal(signal.SIGTERM, on_term)
 server = grpc.server(futures.ThreadPoolExecutor(2))
-servicer = health.HealthServicer()
+servicer = Health()
 servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)  # grpc's default is SERVING
 health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
 server.add_insecure_port(f"127.0.0.1:{port}")
@@ -94,7 +99,7 @@ def test_disaggregated_plan():
     assert "--mode disaggregated" in router and "--port 50051" in router
     assert "--prefill-targets 127.0.0.1:50061 127.0.0.1:50062 --decode" in router
     assert "--decode-targets 127.0.0.1:50063" in router
-    assert "--http-port" not in router  # the router's own default unless asked
+    assert by_name["router"].argv[-2:] == ("--http-port", "8000") and by_name["router"].http == "127.0.0.1:8000"
     assert launcher.plan("disaggregated", 1, 1, http_port=-1, python="py")[-1].argv[-2:] == ("--http-port", "-1")
 
 
@@ -135,6 +140,39 @@ def test_metrics_ports_follow_the_router_and_stay_clear_of_grpc_ports():
     assert parse().metrics_port == 9464  # `pdserve up` serves them
     with pytest.raises(ValueError, match="metrics-port"):
         launcher.plan("disaggregated", 1, 1, metrics_port=50060, python="py")  # 50061 is prefill-0's
+
+
+def test_the_http_port_moves_with_the_grpc_ports_and_stays_clear_of_them():
+    def router(*shape, **kw):
+        return launcher.plan(*shape, python="py", **kw)[-1]
+    assert router().http == "127.0.0.1:8000"  # the default suite keeps :8000
+    # docs/client.md's example (1 prefill, 1 decode, the store: 52061..52063): the next port
+    assert router(port=52051, base_port=52061).argv[-2:] == ("--http-port", "52064")
+    assert router(port=50151).http == "127.0.0.1:50152"  # past the router's port when it is the highest
+    assert router("colocated", 1, 2, port=40000, base_port=40001).http == "127.0.0.1:40003"  # no store
+    assert router(port=52051, base_port=52061, http_port=9000).http == "127.0.0.1:9000"
+    assert router(http_port=0).http is None and router(http_port=-1).argv[-2:] == ("--http-port", "-1")
+    with pytest.raises(ValueError, match="--http-port 52062 collides with the gRPC ports"):
+        launcher.plan(port=52051, base_port=52061, http_port=52062)
+    with pytest.raises(ValueError, match="--metrics-port 52064"):  # the derived HTTP port
+        launcher.plan(port=52051, base_port=52061, metrics_port=52064)
+
+
+def test_the_plan_lists_every_port_it_binds_with_the_flag_that_moves_it():
+    listens = {(listen.host, listen.port, listen.flag)
+               for s in launcher.plan(metrics_port=9464, host="0.0.0.0", python="py") for listen in s.listens}
+    assert listens == {("0.0.0.0", 50051, "--port"), ("0.0.0.0", 8000, "--http-port"),
+                       *(("0.0.0.0", p, "--base-port") for p in (50061, 50062, 50063)),
+                       *(("0.0.0.0", p, "--metrics-port") for p in (9464, 9465, 9466, 9467))}
+    any_free = launcher.plan(http_port=0, metrics_port=0, python="py")
+    assert {listen.flag for s in any_free for listen in s.listens} == {"--port", "--base-port"}
+
+
+def test_the_router_s_http_port_variable_reaches_the_launcher(monkeypatch):
+    suite = Suite(port=40000, base_port=40001, env={"PDSERVE_HTTP_PORT": "0"}, python="py")
+    assert suite.services[-1].argv[-2:] == ("--http-port", "0")  # the flag the launcher passes agrees
+    monkeypatch.setenv("PDSERVE_HTTP_PORT", "eighty")
+    assert launcher.run_up(parse()) == 2  # refused before anything starts
 
 
 def test_colocated_plan_and_validation():
