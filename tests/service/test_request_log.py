@@ -17,7 +17,7 @@ DOC = Path(__file__).parents[2] / "docs" / "observability.md"
 
 
 def documented_line() -> str:
-    """The example `request finished` text line in docs/observability.md."""
+    """The example `request finished` text line in docs/observability.md (a disaggregated suite, untraced)."""
     (line,) = [s for s in DOC.read_text().splitlines() if " INFO pdserve.router" in s and "request finished" in s]
     return line
 
@@ -46,7 +46,7 @@ async def test_the_request_finished_text_line_has_the_documented_counts_and_timi
     (line,) = await one_logged_request(tokenizer, "text")
     assert " INFO pdserve.router.request_metrics: request finished: length [" in line
     got = fields(line)
-    # The doc's line is a disaggregated request with tracing on; the null engine is colocated, untraced.
+    # The doc's line is a disaggregated request; the null engine is colocated (trace_id: where traced).
     assert list(got) == [k for k in fields(documented_line()) if k not in ("prefill_worker", "trace_id")]
     assert got["request_id"] == "doc-1" and got["decode_worker"] == "null-0"
     assert (got["prompt_tokens"], got["output_tokens"], got["cached_tokens"]) == ("3", "4", "0")
