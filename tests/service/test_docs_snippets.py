@@ -22,7 +22,6 @@ import asyncio
 import re
 import shlex
 import signal
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import pytest_asyncio
 
 from pdserve.bench import workload
 from pdserve.cli import build_parser
+from pdserve.launcher.ports import in_use
 from tests.service.suite import inprocess_suite, pools_full
 
 in_module_loop = pytest.mark.asyncio(loop_scope="module")  # the suite fixture's loop
@@ -147,12 +147,7 @@ async def test_the_mooncake_example_writes_a_trace_the_load_command_takes(tmp_pa
 # -- python ----------------------------------------------------------------------
 
 def free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+    return not in_use("127.0.0.1", port)  # as pdserve up tries its ports
 
 
 @in_module_loop
