@@ -316,7 +316,9 @@ async def serve_until_stopped(
     Order matters: health goes NOT_SERVING first so probes and balancers stop
     sending work, then `on_shutdown` (e.g. deregister from the router), then
     the server refuses new RPCs and gives running ones `grace_s` to finish
-    before cancelling them (cancellation frees their KV leases).
+    before cancelling them (cancellation frees their KV leases). grpc's own
+    cut says only "Cancelling all calls"; the router's `on_shutdown` is its
+    drain (pdserve.router.shutdown), which ends its streams first, with a word.
     """
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()

@@ -1,69 +1,43 @@
 """The OpenAI-compatible HTTP API of the router (aiohttp, on the gRPC server's loop).
 
 POST /v1/completions and /v1/chat/completions (plain or server-sent events),
-GET /v1/models and GET /health. Every generation goes through
+GET /v1/models, /v1/models/{id} and /health. Every generation goes through
 `Router.generate`, as the gRPC Generate does: one validation, one routing and
-one cancellation path. Request bodies are translated by `openai_protocol`.
+one cancellation path. Request bodies are translated by `openai_protocol`,
+errors shaped by `openai_errors`.
 
 A client that disconnects cancels its handler (handler_cancellation), and the
 router generator is closed with it, which cancels every downstream call. On
-shutdown, running generations get the router's grace period, then the same.
+shutdown (`Shutdown.drain`), new requests get 503, running ones the grace
+period; those still running then are cut the same way, and told so: a 503, or
+an error event that ends the stream.
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import logging
 import ssl
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
 
 from pdserve.common import genai, tracing
-from pdserve.common.errors import CapacityExhaustedError, InvalidRequestError, NotReadyError, UnauthenticatedError
+from pdserve.common.errors import NotReadyError, UnauthenticatedError
 from pdserve.common.security import ApiKeys
 from pdserve.router.models import ModelNotFoundError, check_model, served_models
+from pdserve.router.openai_errors import JsonErrorRunner, error_body, error_response, json_body, openai_errors
 from pdserve.router.openai_protocol import Kind, ResponseShaper, parse_request
 from pdserve.router.request_metrics import RequestMetrics
 from pdserve.router.router import Event, Router
+from pdserve.router.shutdown import Shutdown
 
-log = logging.getLogger(__name__)
+__all__ = ["ModelNotFoundError", "OpenAIServer", "error_response"]
 # Long prompts sent as token-id lists fit; a larger body is refused with 413
 # (Content Too Large) before it is read.
 MAX_BODY_BYTES = 16 * 2**20
-
-
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-def error_response(exc: BaseException, kind: Kind | None = None) -> web.Response:
-    """OpenAI's error shape and status for an exception; internals never leak."""
-    if isinstance(exc, ModelNotFoundError):  # OpenAI's status for it, not 400
-        status, body = 404, error_body(str(exc), "invalid_request_error", "model", "model_not_found")
-    elif isinstance(exc, InvalidRequestError):
-        param, message = exc.field, str(exc)
-        if param.startswith("prompt"):  # the router's names for the prompt: prompt, prompt.chat, ...
-            param = "messages" if kind == "chat" else "prompt"
-            message = f"{param}: {exc.reason}"  # in the API's own names
-        param = None if param == "body" else param
-        status, body = 400, error_body(message, "invalid_request_error", param)
-    elif isinstance(exc, CapacityExhaustedError):
-        status, body = 429, error_body(str(exc), "requests", None, "rate_limit_exceeded")
-    elif isinstance(exc, UnauthenticatedError):
-        return web.json_response(error_body(str(exc), "invalid_request_error", None, "invalid_api_key"),
-                                 status=401, headers={"WWW-Authenticate": "Bearer"})
-    elif isinstance(exc, NotReadyError):
-        status, body = 503, error_body(str(exc), "server_error", None, "service_unavailable")
-    else:
-        incident = uuid.uuid4().hex[:12]
-        log.error("HTTP request failed (incident %s)", incident, exc_info=exc)
-        status, body = 500, error_body(f"internal error (incident {incident})", "server_error")
-    return web.json_response(body, status=status)
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
 def api_key_auth(keys: ApiKeys):
@@ -80,41 +54,32 @@ def api_key_auth(keys: ApiKeys):
     return check
 
 
-@web.middleware
-async def openai_errors(request: web.Request, handler) -> web.StreamResponse:
-    """aiohttp's own errors (unknown path, wrong method, body too large) in OpenAI's shape."""
-    try:
-        return await handler(request)
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        message = f"{e.reason}: {request.method} {request.path}"
-        return web.json_response(error_body(message, "invalid_request_error"), status=e.status)
-
-
 class OpenAIServer:
-    """The HTTP server; port -1 disables it, 0 takes any free port (see `port` after start)."""
+    """The HTTP server; port -1 disables it, 0 takes any free port (see `port` after start).
+    `shutdown` is shared with the gRPC front end: one drain refuses and cuts both."""
 
     def __init__(self, router: Router, host: str, port: int, *, default_max_tokens: int,
-                 ready: Callable[[], bool], shutdown_timeout_s: float = 10.0,
+                 ready: Callable[[], bool], shutdown: Shutdown | None = None,
                  api_keys: ApiKeys | None = None, ssl_context: ssl.SSLContext | None = None,
                  request_metrics: RequestMetrics | None = None):
-        self.router, self.host, self.requested_port = router, host, port
+        self.router = router
+        self.host = host
+        self.requested_port = port
         self.measured = request_metrics or RequestMetrics()
         self.ssl_context = ssl_context  # HTTPS when given
-        self.default_max_tokens, self.ready, self.shutdown_timeout_s = default_max_tokens, ready, shutdown_timeout_s
+        self.default_max_tokens = default_max_tokens
+        self.ready = ready
+        self.shutdown = shutdown or Shutdown(grace_s=10.0)
         self.port: int | None = None
-        self.draining = False
         self.created = int(time.time())
         self._runner: web.AppRunner | None = None
-        self._inflight: set[asyncio.Task] = set()  # generation handlers, for the shutdown grace
-        self._drained: asyncio.Task | None = None
         auth = [api_key_auth(api_keys)] if api_keys else []
         self.app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[openai_errors, *auth])
         self.app.add_routes([
             web.post("/v1/completions", self._completions),
             web.post("/v1/chat/completions", self._chat),
             web.get("/v1/models", self._models),
+            web.get("/v1/models/{model:.+}", self._model),  # ids may hold slashes: org/name
             web.get("/health", self._health),
         ])
 
@@ -128,108 +93,102 @@ class OpenAIServer:
             return
         # handler_cancellation: a client that goes away cancels its handler,
         # and so its router generator, instead of generating for nobody.
-        # The grace period is ours (drain); aiohttp's own would wait up to twice its timeout.
-        self._runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=1.0)
+        # The grace period is ours (Shutdown.drain); aiohttp's own would wait up to twice its timeout.
+        self._runner = JsonErrorRunner(self.app, handler_cancellation=True, shutdown_timeout=1.0)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.requested_port, ssl_context=self.ssl_context).start()
         self.port = self._runner.addresses[0][1]
 
-    async def drain(self) -> None:
-        """Begin a graceful stop (SIGTERM): stop listening, answer 503 on open
-        connections, and give running generations shutdown_timeout_s to finish."""
-        if self._runner is not None and self._drained is None:
-            self.draining = True
-            self._drained = asyncio.create_task(self._drain(self._runner))
-
-    async def _drain(self, runner: web.AppRunner) -> None:
-        for site in runner.sites:
-            await site.stop()
-        if self._inflight:
-            await asyncio.wait(set(self._inflight), timeout=self.shutdown_timeout_s)
-
     async def stop(self) -> None:
-        """Drain (if not begun yet) and wait for it; generations still running
-        then are cancelled, which cancels their downstream calls."""
+        """Drain (a no-op once the router has drained), stop listening, close the connections."""
         if self._runner is None:
             return
-        await self.drain()
-        await self._drained
-        late = set(self._inflight)
-        for task in late:
-            task.cancel()
-        if late:
-            await asyncio.wait(late, timeout=10)  # their cleanup releases KV reservations
+        await self.shutdown.drain()
         await self._runner.cleanup()
-        self._runner = self._drained = self.port = None
+        self._runner = self.port = None
 
     async def _health(self, request: web.Request) -> web.Response:
-        ok = self.ready() and not self.draining
+        ok = self.ready() and not self.shutdown.draining
         return web.json_response({"status": "ok" if ok else "unavailable"}, status=200 if ok else 503)
 
+    def _model_object(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "pdserve"}
+
     async def _models(self, request: web.Request) -> web.Response:
-        data = [{"id": m, "object": "model", "created": self.created, "owned_by": "pdserve"}
-                for m in served_models(self.router.pool)]
+        data = [self._model_object(m) for m in served_models(self.router.pool)]
         return web.json_response({"object": "list", "data": data})
 
+    async def _model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if name not in served_models(self.router.pool):  # OpenAI's answer for an unknown id
+            message = f"The model `{name}` does not exist"
+            return web.json_response(error_body(message, "invalid_request_error", "model", "model_not_found"),
+                                     status=404)
+        return web.json_response(self._model_object(name))
+
     async def _completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._tracked(self._generate(request, "completion"))
+        return await self._generate(request, "completion")
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._tracked(self._generate(request, "chat"))
-
-    async def _tracked(self, handler: Awaitable[web.StreamResponse]) -> web.StreamResponse:
-        task = asyncio.current_task()  # aiohttp runs each request in a task of its own
-        self._inflight.add(task)
-        try:
-            return await handler
-        finally:
-            self._inflight.discard(task)
+        return await self._generate(request, "chat")
 
     async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         with tracing.remote_parent(request.headers):  # a caller's traceparent: its trace goes on here
             return await self._answer(request, kind)
 
     async def _answer(self, request: web.Request, kind: Kind) -> web.StreamResponse:
+        stream: web.StreamResponse | None = None  # once its headers are out, errors go inside it
+        sent = False  # the whole stream, [DONE] and its end included
         try:
-            try:
-                body = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise InvalidRequestError("body", f"the body is not valid JSON: {e}") from None
-            req = parse_request(kind, body, self.default_max_tokens)
-            check_model(self.router.pool, req.model)
-            if self.draining:
-                raise NotReadyError("the server is shutting down")
-            attributes = self.router.genai_attributes(req.input)  # its model: the one named, or the one served
-            shaper = ResponseShaper(kind, attributes[genai.REQUEST_MODEL], req.input.request_id, req.include_usage)
-            events = self.measured.observe(self.router.generate(req.input), attributes)
-            async with contextlib.aclosing(events):  # closing it cancels downstream calls
-                # Errors up to the first token (validation, capacity, no worker)
-                # get a real status code; only later ones arrive inside the stream.
-                first = await anext(events)
-                if req.stream:
-                    return await self._stream(request, shaper, first, events)
-                text, last = first.text, first
-                async for last in events:
-                    text += last.text
-                return web.json_response(shaper.full(text, last.finish_reason.value, last.usage))
+            async with self.shutdown.scope():  # cut at the grace's end: ShuttingDownError
+                self.shutdown.admit()
+                req = parse_request(kind, await json_body(request), self.default_max_tokens)
+                check_model(self.router.pool, req.model)
+                # Its model: the one named, or the one served.
+                attributes = self.router.genai_attributes(req.input)
+                shaper = ResponseShaper(kind, attributes[genai.REQUEST_MODEL], req.input.request_id,
+                                        req.include_usage)
+                events = self.measured.observe(self.router.generate(req.input), attributes)
+                async with contextlib.aclosing(events):  # closing it cancels downstream calls
+                    # Errors up to the first token (validation, capacity, no worker)
+                    # get a real status code; only later ones arrive inside the stream.
+                    first = await anext(events)
+                    if req.stream:
+                        stream = web.StreamResponse(headers=_SSE_HEADERS)
+                        await stream.prepare(request)
+                        await _send(stream, _sse_chunks(shaper, first, events))
+                        sent = True
+                        return stream
+                    text, last = first.text, first
+                    async for last in events:
+                        text += last.text
+                    return web.json_response(shaper.full(text, last.finish_reason.value, last.usage))
         except web.HTTPException:
             raise  # e.g. body too large: the middleware shapes it
         except Exception as e:  # CancelledError (client gone) is a BaseException: not caught
-            return error_response(e, kind)
+            if stream is None or not stream.prepared:
+                return error_response(e, kind)
+            if not sent:  # cut mid-stream: the stream says why it ends
+                await _send(stream, _last_words(e))
+            return stream
 
-    async def _stream(self, request: web.Request, shaper: ResponseShaper, first: Event,
-                      events: AsyncIterator[Event]) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
-        try:
-            async with contextlib.aclosing(_sse_chunks(shaper, first, events)) as chunks:
-                async for obj in chunks:
-                    data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
-                    await resp.write(f"data: {data}\n\n".encode())
-            await resp.write_eof()
-        except ConnectionError:
-            pass  # the client is gone; the caller's aclosing() cancels downstream
-        return resp
+
+async def _send(stream: web.StreamResponse, chunks: AsyncIterator[Any]) -> None:
+    """Write server-sent events, then end the response; a client gone meanwhile is no error
+    (the caller's aclosing() cancels downstream)."""
+    try:
+        async with contextlib.aclosing(chunks):
+            async for obj in chunks:
+                data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
+                await stream.write(f"data: {data}\n\n".encode())
+        await stream.write_eof()
+    except ConnectionError:
+        pass
+
+
+async def _last_words(exc: Exception) -> AsyncIterator[Any]:
+    yield json.loads(error_response(exc).text)
+    yield "[DONE]"
 
 
 async def _sse_chunks(shaper: ResponseShaper, first: Event, events: AsyncIterator[Event]) -> AsyncIterator[Any]:

@@ -7,6 +7,7 @@ assumes Python types: `"temperature": "hot"` must be a 400, not a 500.
 """
 from __future__ import annotations
 
+import reprlib
 import time
 import uuid
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import Any, Literal
 
 from pdserve.common.engine.sampling_params import SamplingParams
 from pdserve.common.errors import InvalidRequestError
+from pdserve.router.chat import chat_role
 from pdserve.router.router import GenerateInput
 
 Kind = Literal["completion", "chat"]
@@ -75,7 +77,7 @@ def _typed(body: dict, name: str, kind: type, default: Any = None) -> Any:
         value = float(value)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         what = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", dict: "an object"}[kind]
-        raise InvalidRequestError(name, f"must be {what}, got {value!r}")
+        raise InvalidRequestError(name, f"must be {what}, got {reprlib.repr(value)}")  # any size, any depth
     return value
 
 
@@ -143,9 +145,7 @@ def _messages(value: Any) -> list[dict[str, str]]:
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise InvalidRequestError(f"messages[{i}].content", "must be a string or a list of text parts")
-        # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
-        role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": _text(role, f"messages[{i}].role"),
+        out.append({"role": chat_role(m["role"], f"messages[{i}].role"),
                     "content": _text(content, f"messages[{i}].content")})
     return out
 

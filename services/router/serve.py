@@ -11,6 +11,7 @@ from pdserve.router.openai_http import OpenAIServer
 from pdserve.router.request_metrics import RequestMetrics
 from pdserve.router.router import Router
 from pdserve.router.servicer import RouterServicer
+from pdserve.router.shutdown import Shutdown
 from pdserve.router.worker_pool import WorkerPool
 from pdserve.v1 import router_pb2, router_pb2_grpc
 
@@ -43,13 +44,14 @@ class RouterRuntime:
         self.server = create_server(interceptors=[config.authenticator(api_keys)])
         metrics.watch_router(self.router)
         measured = RequestMetrics(config.slo_ttft_ms, config.slo_tpot_ms)
+        self.shutdown = Shutdown(config.grace_s)  # both front ends: one drain refuses and cuts them
         router_pb2_grpc.add_RouterServicer_to_server(
-            RouterServicer(self.router, config.default_max_tokens, measured), self.server)
+            RouterServicer(self.router, config.default_max_tokens, measured, self.shutdown), self.server)
         self.port = bind(self.server, config.host, config.port, config.server_credentials())
         self.health = None
         self._health_task: asyncio.Task | None = None
         self.http = OpenAIServer(self.router, config.http_host or config.host, config.http_port,
-                                 default_max_tokens=config.default_max_tokens, shutdown_timeout_s=config.grace_s,
+                                 default_max_tokens=config.default_max_tokens, shutdown=self.shutdown,
                                  ready=lambda: self.pool.ready(config.mode == "disaggregated"),
                                  api_keys=api_keys, ssl_context=config.ssl_context(), request_metrics=measured)
 
@@ -81,18 +83,22 @@ class RouterRuntime:
     async def stop(self) -> None:
         if self._health_task:
             self._health_task.cancel()
+        await self.shutdown.drain(grace_s=1.0)  # embedded (tests): as quick as the gRPC stop below
         await self.http.stop()
         await self.server.stop(grace=1)
         await self.pool.close()
 
-    async def run(self) -> None:
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Serve until SIGTERM/SIGINT (or `stop`), then drain and stop."""
         await self.start()
         print(f"router ({self.config.mode}) listening on {self.config.host}:{self.port}", flush=True)
         if self.http.url:
             print(f"router OpenAI-compatible API on {self.http.url}", flush=True)
         try:
-            await serve_until_stopped(self.server, grace_s=self.config.grace_s, health=self.health,
-                                      on_shutdown=self.http.drain)
+            # The drain takes the grace period and cuts what still runs, with a word to each
+            # client; grpc's own stop then finds nothing left to cancel ("Cancelling all calls").
+            await serve_until_stopped(self.server, grace_s=self.config.grace_s, health=self.health, stop=stop,
+                                      on_shutdown=self.shutdown.drain)
         finally:
             await self.http.stop()
             await self.pool.close()

@@ -1,13 +1,19 @@
-"""Router gRPC servicer: GenerateRequest in, Router events, GenerateResponse out."""
+"""Router gRPC servicer: GenerateRequest in, Router events, GenerateResponse out.
+
+Generate writes with context.write rather than yielding, so a shutdown cut lands inside its
+scope wherever the call waits (on a worker or on a slow client) and ends it UNAVAILABLE.
+"""
 from __future__ import annotations
 
 import contextlib
 import time
 
 from pdserve.common import convert
+from pdserve.router.chat import chat_role
 from pdserve.router.models import check_model
 from pdserve.router.request_metrics import RequestMetrics
 from pdserve.router.router import Event, GenerateInput, Router
+from pdserve.router.shutdown import Shutdown
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import router_pb2 as rpb
 from pdserve.v1 import router_pb2_grpc
@@ -22,7 +28,8 @@ def request_to_input(req: rpb.GenerateRequest, default_max_tokens: int) -> Gener
         model=req.model,
         text=req.text if which == "text" else None,
         token_ids=list(req.token_ids.ids) if which == "token_ids" else None,
-        messages=[{"role": m.role, "content": m.content} for m in req.chat.messages] if which == "chat" else None,
+        messages=[{"role": chat_role(m.role, f"prompt.chat.messages[{i}].role"), "content": m.content}
+                  for i, m in enumerate(req.chat.messages)] if which == "chat" else None,
     )
 
 
@@ -40,20 +47,25 @@ def event_to_response(ev: Event) -> rpb.GenerateResponse:
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, router: Router, default_max_tokens: int, measured: RequestMetrics | None = None):
-        self.router, self.default_max_tokens = router, default_max_tokens
+    def __init__(self, router: Router, default_max_tokens: int, measured: RequestMetrics | None = None,
+                 shutdown: Shutdown | None = None):
+        self.router = router
+        self.default_max_tokens = default_max_tokens
         self.measured = measured or RequestMetrics()
+        self.shutdown = shutdown or Shutdown(grace_s=10.0)  # shared with the HTTP front end
 
-    async def Generate(self, request: rpb.GenerateRequest, context):
+    async def Generate(self, request: rpb.GenerateRequest, context) -> None:
+        self.shutdown.admit()
         inp = request_to_input(request, self.default_max_tokens)
         check_model(self.router.pool, request.model)
         remaining = context.time_remaining()  # None: the client set no deadline
         if remaining is not None:
             inp.deadline = time.monotonic() + remaining
-        events = self.measured.observe(self.router.generate(inp), self.router.genai_attributes(inp))
-        async with contextlib.aclosing(events):
-            async for ev in events:
-                yield event_to_response(ev)
+        async with self.shutdown.scope():
+            events = self.measured.observe(self.router.generate(inp), self.router.genai_attributes(inp))
+            async with contextlib.aclosing(events):
+                async for ev in events:
+                    await context.write(event_to_response(ev))
 
     async def RegisterWorker(self, request: rpb.RegisterWorkerRequest, context) -> rpb.RegisterWorkerResponse:
         pool = self.router.pool
