@@ -204,7 +204,7 @@ HTTP_CASES = {  # name -> (endpoint, raw body, status, param)
     "negative token id": ("completions", '{"prompt": [1, -1]}', 400, "prompt"),
     "max_tokens past uint32": ("completions", '{"prompt": "hi", "max_tokens": 4294967296}', 400, "max_tokens"),
     "negative max_tokens": ("completions", '{"prompt": "hi", "max_tokens": -1}', 400, "max_tokens"),
-    "negative top_k": ("completions", '{"prompt": "hi", "top_k": -1}', 400, "top_k"),
+    "top_k below -1 (-1 is off)": ("completions", '{"prompt": "hi", "top_k": -2}', 400, "top_k"),
     "top_p 0": ("completions", '{"prompt": "hi", "top_p": 0}', 400, "top_p"),
     "NaN temperature": ("completions", '{"prompt": "hi", "temperature": NaN}', 400, "temperature"),
     "infinite temperature": ("completions", '{"prompt": "hi", "temperature": Infinity}', 400, "temperature"),

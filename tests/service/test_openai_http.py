@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import grpc
 import openai
 import pytest
 import pytest_asyncio
 
+from pdserve.common.server import ERROR_FIELD_KEY
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import router_pb2 as rpb
 from tests.service.suite import inprocess_suite
@@ -44,6 +46,34 @@ async def test_models_and_health(suite, client, model):
     async with aiohttp.ClientSession() as http:
         async with http.get(suite.router.http.url.removesuffix("/v1") + "/health") as r:
             assert r.status == 200
+
+
+async def test_the_openai_client_retrieves_the_served_model_and_hears_404_for_others(client, model):
+    got = await client.models.retrieve(model)
+    assert (got.id, got.object, got.owned_by) == (model, "model", "pdserve")
+    with pytest.raises(openai.NotFoundError) as e:
+        await client.models.retrieve("gpt-4o")
+    assert e.value.response.json()["error"]["code"] == "model_not_found"
+
+
+async def test_top_k_and_seed_of_minus_one_mean_off_as_vllm_clients_send_them(client, model):
+    kw = dict(model=model, prompt="The capital of France is", max_tokens=4, temperature=0)
+    off = await client.completions.create(**kw, seed=-1, extra_body={"top_k": -1})
+    plain = await client.completions.create(**kw)
+    assert off.choices[0].text == plain.choices[0].text and off.usage.completion_tokens >= 1
+
+
+async def test_an_unknown_chat_role_is_refused_on_both_front_ends(suite, client, model):
+    with pytest.raises(openai.BadRequestError) as e:
+        await client.chat.completions.create(model=model, max_tokens=2,
+                                             messages=[*CHAT, {"role": "wizard", "content": "hi"}])
+    assert e.value.response.json()["error"]["param"] == "messages[2].role"
+    chat = rpb.Chat(messages=[rpb.ChatMessage(role="wizard", content="hi")])
+    request = rpb.GenerateRequest(chat=chat, sampling=pb.SamplingParams(max_tokens=2))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await suite.stub.Generate(request).read()
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(refused.value.trailing_metadata())[ERROR_FIELD_KEY] == "prompt.chat.messages[0].role"
 
 
 async def test_streamed_chat_completion_with_usage(client, model):

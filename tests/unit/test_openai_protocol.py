@@ -38,6 +38,27 @@ def test_chat_content_parts_and_developer_role():
     assert req.input.messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"}]
 
 
+def test_top_k_and_seed_minus_one_mean_off_as_in_vllm():
+    params = parse_request("completion", {"prompt": "a", "top_k": -1, "seed": -1}, 8).input.params
+    assert (params.top_k, params.seed) == (0, None)
+
+
+@pytest.mark.parametrize("role", ["wizard", "", "System", "function", "\ud800"])
+def test_unknown_chat_roles_are_refused_naming_the_message(role):
+    with pytest.raises(InvalidRequestError) as e:
+        parse_request("chat", {"messages": USER + [{"role": role, "content": "hi"}]}, 8)
+    assert e.value.field == "messages[1].role"
+
+
+def test_a_deeply_nested_value_is_refused_without_printing_all_of_it():
+    deep: list = []
+    for _ in range(5000):  # repr() of this recurses past Python's limit: a RecursionError, a 500
+        deep = [deep]
+    with pytest.raises(InvalidRequestError) as e:
+        parse_request("completion", {"prompt": "a", "max_tokens": deep}, 8)
+    assert e.value.field == "max_tokens" and len(str(e.value)) < 200
+
+
 def test_stop_string_or_list_and_stream_options():
     req = parse_request("completion", {"prompt": "a", "stop": "\n", "stream": True,
                                        "stream_options": {"include_usage": True}, "user": "ignored"}, 8)
@@ -50,7 +71,9 @@ def test_stop_string_or_list_and_stream_options():
     ({"prompt": [[1], [2]]}, "prompt"),
     ({"prompt": "a", "logprobs": 2}, "logprobs"),
     ({"prompt": "a", "max_tokens": True}, "max_tokens"),
-    ({"prompt": "a", "seed": -1}, "seed"),
+    ({"prompt": "a", "seed": -2**63 - 1}, "seed"),
+    ({"prompt": "a", "top_k": -2}, "top_k"),
+    ({"prompt": "a", "temperature": [[[[[[[[[1]]]]]]]]]}, "temperature"),
     ({"prompt": "a", "stop": 3}, "stop"),
     ({"prompt": "a", "stream": "yes"}, "stream"),
     ([1, 2], "body"),

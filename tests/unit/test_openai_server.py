@@ -1,13 +1,15 @@
 """The OpenAI HTTP server without workers: its error answers and its lifecycle."""
 from __future__ import annotations
 
+import contextlib
+import gzip
 import json
 
 import aiohttp
 import pytest
 
 from pdserve.common.errors import CapacityExhaustedError, InvalidRequestError, NotReadyError
-from pdserve.router.openai_http import ModelNotFoundError, OpenAIServer, error_response
+from pdserve.router.openai_http import MAX_BODY_BYTES, ModelNotFoundError, OpenAIServer, error_response
 from pdserve.router.router import Router
 from pdserve.router.worker_pool import WorkerPool
 
@@ -55,6 +57,61 @@ async def test_http_level_errors_are_openai_shaped_too():
                     assert set((await r.json())["error"]) == {"message", "type", "param", "code"}
     finally:
         await server.stop()
+
+
+@contextlib.asynccontextmanager
+async def serving():
+    router = Router(WordTokenizer(), WorkerPool(), mode="colocated", max_model_len=64)
+    server = OpenAIServer(router, "127.0.0.1", 0, default_max_tokens=4, ready=lambda: True)
+    await server.start()
+    try:
+        async with aiohttp.ClientSession(auto_decompress=False) as http:
+            yield server, http
+    finally:
+        await server.stop()
+
+
+def _deep(n: int) -> bytes:
+    return b'{"prompt": "hi", "x": ' + b"[" * n + b"]" * n + b"}"
+
+
+# Bodies and headers that reach no field check: each must be a 4xx in OpenAI's shape, never a 500.
+@pytest.mark.parametrize("body, headers, status, says", [
+    (_deep(100_000), {}, 400, "nested too deeply"),
+    (_deep(5_000), {}, 400, "nested too deeply"),
+    (b'{"prompt": "hi"}', {"Content-Encoding": "gzip"}, 400, "content-encoding: gzip"),
+    (b'{"prompt": "hi"}', {"Content-Encoding": "deflate"}, 400, "content-encoding: deflate"),
+    (b'{"prompt": "hi"}', {"Content-Encoding": "br"}, 400, "br"),
+    (b'{"prompt": "hi"}', {"Content-Type": "application/json; charset=nope"}, 400, "charset"),
+    (b'{"prompt": "hi"}', {"X-Big": "x" * 100_000}, 400, "bad HTTP request"),
+    (b"a" * (MAX_BODY_BYTES + 1), {}, 413, "Too Large"),
+    (gzip.compress(b" " * (MAX_BODY_BYTES + 1)), {"Content-Encoding": "gzip"}, 413, "Too Large"),
+])
+async def test_bodies_and_headers_nothing_can_read_get_an_openai_error_not_a_500(body, headers, status, says):
+    async with serving() as (server, http):
+        async with http.post(server.url + "/completions", data=body,
+                             headers={"Content-Type": "application/json", **headers}) as r:
+            assert r.status == status and r.content_type == "application/json"
+            error = (await r.json())["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert says.lower() in error["message"].lower()
+
+
+async def test_a_gzipped_body_is_read():
+    async with serving() as (server, http):
+        body = gzip.compress(b'{"prompt": "a b", "top_k": 7.5}')
+        async with http.post(server.url + "/completions", data=body,
+                             headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}) as r:
+            assert r.status == 400 and (await r.json())["error"]["param"] == "top_k"  # the body's own field
+
+
+async def test_an_unknown_model_id_is_openais_404():
+    async with serving() as (server, http):
+        async with http.get(server.url + "/models/org/no-such-model") as r:
+            assert r.status == 404
+            error = (await r.json())["error"]
+    assert (error["code"], error["param"]) == ("model_not_found", "model")
+    assert "org/no-such-model" in error["message"]
 
 
 async def test_disabled_server_does_not_listen():

@@ -20,7 +20,8 @@ from pdserve.common.errors import InvalidRequestError
         ({"top_p": -0.5}, "top_p"),
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
-        ({"top_k": -1}, "top_k"),
+        ({"top_k": -2}, "top_k"),
+        ({"seed": -2**63 - 1}, "seed"),
         ({"stop": [""]}, "stop"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
     ],
@@ -30,6 +31,12 @@ def test_invalid_values_name_the_field(kwargs, field):
         SamplingParams(**kwargs)
     assert err.value.field == field
     assert field in str(err.value)
+
+
+def test_minus_one_turns_top_k_and_seed_off_as_vllm_does():
+    p = SamplingParams(top_k=-1, seed=-1)
+    assert (p.top_k, p.seed) == (0, None)
+    assert SamplingParams(seed=-2).seed == 2**64 - 2  # another negative int64: its 64-bit pattern, still seeded
 
 
 def test_defaults_are_greedy_and_valid():

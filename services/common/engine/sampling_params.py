@@ -16,8 +16,8 @@ class SamplingParams:
     max_tokens: int = 64
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
-    top_k: int = 0  # 0 means no top-k cut
-    seed: int | None = None
+    top_k: int = 0  # 0 (or -1, as vLLM) means no top-k cut
+    seed: int | None = None  # None (or -1, as vLLM) means unseeded; other negatives: their 64-bit pattern
     seed_offset: int = 0  # output position of the first draw (a resumed stream: tokens already out)
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -27,6 +27,11 @@ class SamplingParams:
         # Accept lists from callers but keep the dataclass hashable and frozen.
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        # vLLM's clients send -1 for "off"; the wire types (uint32, uint64) have no negatives.
+        if isinstance(self.top_k, int) and self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)
+        if isinstance(self.seed, int) and -2**63 <= self.seed < 0:
+            object.__setattr__(self, "seed", None if self.seed == -1 else self.seed + 2**64)
         self.validate()
 
     @property
@@ -41,10 +46,10 @@ class SamplingParams:
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequestError("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or not 0 <= self.top_k < 2**32:
-            raise InvalidRequestError("top_k", f"must be an integer in [0, 2**32), got {self.top_k!r}")
+            raise InvalidRequestError("top_k", f"must be -1 or 0 (off), or in [1, 2**32), got {self.top_k!r}")
         # Bounds are the wire types' (uint32, uint64): a client error, not a failed encode.
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**64):
-            raise InvalidRequestError("seed", f"must be an integer in [0, 2**64), got {self.seed!r}")
+            raise InvalidRequestError("seed", f"must be -1 (off), or in [-2**63, 2**64), got {self.seed!r}")
         if not isinstance(self.seed_offset, int) or not 0 <= self.seed_offset < 2**32:
             raise InvalidRequestError("seed_offset", f"must be an integer in [0, 2**32), got {self.seed_offset!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
