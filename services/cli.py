@@ -2,17 +2,20 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
+import typing
+
+from pdserve.common.config import SettingError
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: the smallest set of this much mass")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: none, not reproducible)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
@@ -95,35 +98,21 @@ def cmd_demo(args) -> int:
 
 def cmd_serve(args) -> int:
     import asyncio
+    import importlib
 
-    if args.service == "router":
-        from pdserve.router.config import RouterConfig
-        from pdserve.router.serve import serve
-
-        config = RouterConfig.from_cli_args(args)
-    elif args.service == "kvstore":
-        from pdserve.kvstore.config import KVStoreConfig
-        from pdserve.kvstore.serve import serve
-
-        config = KVStoreConfig.from_cli_args(args)
-    else:
-        import importlib
-
-        from pdserve.common.worker_config import WorkerConfig
-
-        config = WorkerConfig.from_cli_args(args)
-        if args.service == "prefill":
-            config = dataclasses.replace(config, role="prefill")
-        elif config.role == "prefill":
-            raise SystemExit("pdserve serve decode: --role must be decode or colocated")
-        serve = importlib.import_module(f"pdserve.{args.service}.serve").serve
+    from pdserve import settings
     from pdserve.common import logs, tracing
 
-    logs.setup(args.log_level, config.log_format, service=args.service)  # the service's own log_format setting
-    try:
+    try:  # settings first: a bad one is a line and exit 2, before any model loads
+        config = settings.resolve(args.service, args)
+        logs.setup(args.log_level, config.log_format, service=args.service)  # the service's own log_format
         tracing.setup(args.service)  # from the standard OTEL_* variables
     except ValueError as e:
-        raise SystemExit(f"pdserve serve {args.service}: tracing: {e}") from None
+        print(f"pdserve serve {args.service}: {e}", file=sys.stderr)
+        return 2
+    if sizes := config.sizes():
+        print(f"{args.service}: {sizes}", flush=True)  # what it chose from this machine's memory
+    serve = importlib.import_module(f"pdserve.{args.service}.serve").serve
     asyncio.run(serve(config))
     return 0
 
@@ -152,18 +141,42 @@ def cmd_bench_engine(args) -> int:
     return engine_bench.main(args)
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, unless its help states it already or it has none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False \
+                or action.default in ("", [], argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every default in --help, and a bad flag in one line (exit 2), without the usage."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
-    parser.add_argument("--log-level", default=os.environ.get("PDSERVE_LOG_LEVEL", "WARNING"),
-                        help="DEBUG, INFO, WARNING or ERROR (env PDSERVE_LOG_LEVEL)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from pdserve import settings
+
+    parser = _Parser(prog="pdserve", description=__doc__)
+    settings.add_log_level_arg(parser)
+    sub = parser.add_subparsers(dest="command", required=True)  # subcommands' parsers are _Parsers too
 
     gen = sub.add_parser("generate", help="stream a completion from a running router (or --local)")
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", help="the user message (with --raw: the whole prompt)")
     gen.add_argument("--target", default="localhost:50051", help="the router's gRPC address")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     gen.add_argument("--local", action="store_true", help="run the engine in this process instead")
-    gen.add_argument("--model", default=None, help="with --local: HF directory, .gguf file or hub id (org/name)")
+    gen.add_argument("--model", default=None,
+                     help="with --local: HF directory, .gguf file or hub id (org/name) (default: bundled SmolLM2)")
     gen.add_argument("--kv-cache-gib", type=float, default=0.5, help="with --local: KV pool size")
     _add_client_security_args(gen)
     _add_sampling_args(gen)
@@ -175,27 +188,26 @@ def build_parser() -> argparse.ArgumentParser:
     launcher.add_up_args(up)
     up.set_defaults(func=launcher.run_up)
 
-    demo = sub.add_parser("demo", help="start the suite, stream one completion through it, stop")
-    demo.add_argument("prompt", nargs="?", default="What is the capital of France?")
-    demo.add_argument("--mode", choices=["disaggregated", "colocated"], default="disaggregated")
-    demo.add_argument("--model", default=None)
-    demo.add_argument("--port", type=int, default=50051)
-    demo.add_argument("--base-port", type=int, default=50061)
-    demo.add_argument("--kv-cache-gib", type=float, default=0.5)
+    demo = sub.add_parser("demo", help="start the suite, stream one completion through it, stop",
+                          description="Start the whole suite (router, workers, KV store) as `pdserve up` "
+                                      "does, stream one chat completion of PROMPT through the router to "
+                                      "stdout, then stop the suite. The suite's log goes to stderr. The first "
+                                      "run converts the bundled model (about 25 s).")
+    demo.add_argument("prompt", nargs="?", default="What is the capital of France?", help="the user message")
+    demo.add_argument("--mode", choices=["disaggregated", "colocated"], default="disaggregated",
+                      help="separate prefill and decode workers, or one worker that does both")
+    demo.add_argument("--model", default=None,
+                      help="HF directory, .gguf file or hub id (org/name) (default: bundled SmolLM2)")
+    demo.add_argument("--port", type=int, default=50051, help="the router's gRPC port")
+    demo.add_argument("--base-port", type=int, default=50061,
+                      help="workers, then the KV store, take ports from here")
+    demo.add_argument("--kv-cache-gib", type=float, default=None,
+                      help="KV cache per worker (default: sized from free memory, as by pdserve up)")
     _add_sampling_args(demo)
     demo.set_defaults(func=cmd_demo)
 
     serve = sub.add_parser("serve", help="run one service (router, prefill, decode or kvstore)")
-    serve_sub = serve.add_subparsers(dest="service", required=True)
-    from pdserve.common.worker_config import WorkerConfig
-    from pdserve.router.config import RouterConfig
-
-    RouterConfig.add_cli_args(serve_sub.add_parser("router", help="client-facing router"))
-    WorkerConfig.add_cli_args(serve_sub.add_parser("prefill", help="prefill worker"))
-    WorkerConfig.add_cli_args(serve_sub.add_parser("decode", help="decode worker (--role colocated: both phases)"))
-    from pdserve.kvstore.config import KVStoreConfig
-
-    KVStoreConfig.add_cli_args(serve_sub.add_parser("kvstore", help="shared KV block store"))
+    settings.add_serve_parsers(serve)
     serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks")
@@ -248,7 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pdserve import settings
+
     args = build_parser().parse_args(argv)
+    try:
+        args.log_level = settings.log_level(args.log_level)
+    except ValueError as e:  # one line, as every bad setting
+        print(f"pdserve: {e}", file=sys.stderr)
+        return 2
     from pdserve.common import logs
 
     log_format = os.environ.get("PDSERVE_LOG_FORMAT", "text")  # `serve` reads its config's log_format again
@@ -260,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except InvalidRequestError as e:
         print(f"pdserve: invalid request: {e}", file=sys.stderr)
+        return 2
+    except SettingError as e:  # e.g. generate --local --kv-cache-gib -1
+        print(f"pdserve {args.command}: --{e.field.replace('_', '-')} {e.reason}", file=sys.stderr)
         return 2
     except PdserveClientError as e:  # the router's answer (or no answer): its status, not a traceback
         print(f"pdserve: {e}", file=sys.stderr)

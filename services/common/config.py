@@ -11,14 +11,16 @@ Each service's configuration is one frozen dataclass that inherits
   the field names as keys; JSON and TOML need no extra dependency),
 
 with precedence flag > environment > file > default, and validation through
-a `validate()` hook that raises ValueError. Supported field types: int,
-float, str, bool, Literal[...] of those, Optional[...] and list[...] of them.
+a `validate()` hook that raises ValueError, preferably `SettingError(field, ...)`:
+a refused value is then reported with its flag, its variable and where it came
+from. Supported field types: int, float, str, bool, Literal[...] of those,
+Optional[...] and list[...] of them.
 
     @dataclass(frozen=True)
     class DecodeConfig(ServiceConfig):
         port: int = option(50052, help="gRPC port")
         def validate(self) -> None:
-            if self.port < 0: raise ValueError("port must be >= 0")
+            if self.port < 0: raise SettingError("port", "must be >= 0")
 
     config = DecodeConfig.from_argv()   # or add_cli_args(parser) + from_cli_args(args)
 """
@@ -26,21 +28,41 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import difflib
 import os
-import tomllib
-import types
 import typing
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar, Union
+from typing import Any, ClassVar, TypeVar
+
+from pdserve.common.config_values import Kind, coerce, flag_type, kind_of, load_config_file, parse_text
+
+__all__ = ["ArgumentParser", "CONFIG_DEST", "ServiceConfig", "SettingError", "UsageError", "load_config_file",
+           "option"]
 
 C = TypeVar("C", bound="ServiceConfig")
 
 CONFIG_DEST = "config"  # the file flag's dest; no field may use this name
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
-_NONE = frozenset({"", "none", "null"})
+
+
+class SettingError(ValueError):
+    """A setting's value is refused; `field` names it (the config field's name)."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field} {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class UsageError(ValueError):
+    """A command line argparse refuses; the message starts with the program's name."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Raises UsageError instead of printing the usage and exiting: for a caller
+    that checks command lines it does not run (the launcher, its children's)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise UsageError(f"{self.prog}: {message}")
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str = "",
@@ -49,103 +71,6 @@ def option(default: Any = dataclasses.MISSING, *, help: str = "",
     `secret`: left out of the config's repr, so logging a config leaks no key."""
     return dataclasses.field(default=default, default_factory=default_factory, repr=not secret,
                              metadata={"help": help, "secret": secret})
-
-
-@dataclasses.dataclass(frozen=True)
-class _Kind:
-    """What a field's annotation allows, reduced to what parsing needs."""
-
-    scalar: type  # int, float, str or bool
-    optional: bool = False
-    is_list: bool = False
-    choices: tuple[Any, ...] | None = None
-
-
-def _kind_of(annotation: Any) -> _Kind:
-    optional = is_list = False
-    if typing.get_origin(annotation) in (Union, types.UnionType):
-        rest = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(rest) != 1 or len(typing.get_args(annotation)) != 2:
-            raise TypeError(f"unsupported config type {annotation!r}: only Optional[X] unions")
-        annotation, optional = rest[0], True
-    if typing.get_origin(annotation) is list:
-        (annotation,) = typing.get_args(annotation)
-        is_list = True
-    choices = None
-    if typing.get_origin(annotation) is Literal:
-        choices = typing.get_args(annotation)
-        annotation = type(choices[0])
-    if annotation not in (int, float, str, bool):
-        raise TypeError(f"unsupported config type {annotation!r}")
-    return _Kind(annotation, optional, is_list, choices)
-
-
-def _parse_scalar(text: str, kind: _Kind) -> Any:
-    if kind.scalar is bool:
-        lowered = text.strip().lower()
-        if lowered not in _TRUE | _FALSE:
-            raise ValueError(f"expected a boolean (true/false, 1/0, yes/no, on/off), got {text!r}")
-        value: Any = lowered in _TRUE
-    else:
-        try:
-            value = kind.scalar(text.strip() if kind.scalar is not str else text)
-        except ValueError:
-            raise ValueError(f"expected {kind.scalar.__name__}, got {text!r}") from None
-    if kind.choices is not None and value not in kind.choices:
-        raise ValueError(f"expected one of {list(kind.choices)}, got {value!r}")
-    return value
-
-
-def _parse_text(text: str, kind: _Kind) -> Any:
-    """A flag or environment string to the field's type."""
-    if kind.optional and text.strip().lower() in _NONE:
-        return None
-    if kind.is_list:
-        return [_parse_scalar(item.strip(), kind) for item in text.split(",") if item.strip()]
-    return _parse_scalar(text, kind)
-
-
-def _coerce(value: Any, kind: _Kind) -> Any:
-    """A config-file value (already typed by TOML/JSON) to the field's type."""
-    if isinstance(value, str):
-        return _parse_text(value, kind)
-    if value is None:
-        if kind.optional:
-            return None
-        raise ValueError("null is not allowed here")
-    if kind.is_list:
-        if not isinstance(value, list):
-            raise ValueError(f"expected a list, got {value!r}")
-        return [_coerce(item, dataclasses.replace(kind, is_list=False, optional=False))
-                for item in value]
-    # bool is an int in Python; a config that says `port = true` is a mistake.
-    ok = isinstance(value, kind.scalar) and not (isinstance(value, bool) and kind.scalar is not bool)
-    if kind.scalar is float and isinstance(value, int) and not isinstance(value, bool):
-        value, ok = float(value), True
-    if not ok:
-        raise ValueError(f"expected {kind.scalar.__name__}, got {value!r}")
-    if kind.choices is not None and value not in kind.choices:
-        raise ValueError(f"expected one of {list(kind.choices)}, got {value!r}")
-    return value
-
-
-def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The key/value table of a .toml or .json file (keys may be kebab-case)."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".toml":
-            with path.open("rb") as f:
-                data: Any = tomllib.load(f)
-        elif suffix == ".json":
-            data = json.loads(path.read_text())
-        else:
-            raise ValueError(f"config file {path}: use a .toml or .json file")
-    except (OSError, tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"config file {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {path}: expected a table of settings at the top level")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
 class ServiceConfig:
@@ -158,15 +83,40 @@ class ServiceConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError when the settings are inconsistent; override."""
+        """Raise SettingError (or ValueError) when the settings are inconsistent; override."""
+
+    def sizes(self) -> str:
+        """What this service sized from the machine, for its start-up banner ("" if nothing)."""
+        return ""
+
+    # -- shared checks ---------------------------------------------------
+    def check_port(self, name: str, *, off: bool = False, taken: Sequence[int] = ()) -> None:
+        """A port field: in [0, 65535] (0: any free port), -1 too when `off`, and not one of `taken`."""
+        port = getattr(self, name)
+        if not (-1 if off else 0) <= port < 65536:
+            raise SettingError(name, "must be in [0, 65535]" + (", or -1 for none" if off else ""))
+        if port > 0 and port in taken:
+            raise SettingError(name, "is another of this service's ports")
+
+    def check_size(self, gib: str, blocks: str) -> None:
+        """A memory size, in GiB or in blocks (0 for both: sized from free memory)."""
+        if getattr(self, gib) < 0:
+            raise SettingError(gib, "must be >= 0 (0: sized from free memory)")
+        if getattr(self, blocks) < 0:
+            raise SettingError(blocks, f"must be >= 0 (0: from {self.flag_name(gib)})")
+
+    def check_positive(self, *names: str) -> None:
+        for name in names:
+            if getattr(self, name) <= 0:
+                raise SettingError(name, "must be > 0")
 
     # -- introspection ---------------------------------------------------
     @classmethod
-    def _settings(cls) -> list[tuple[dataclasses.Field[Any], _Kind]]:
+    def _settings(cls) -> list[tuple[dataclasses.Field[Any], Kind]]:
         if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
             raise TypeError(f"{cls.__name__} must be a frozen dataclass")
         hints = typing.get_type_hints(cls)
-        settings = [(f, _kind_of(hints[f.name])) for f in dataclasses.fields(cls) if f.init]
+        settings = [(f, kind_of(hints[f.name])) for f in dataclasses.fields(cls) if f.init]
         if any(f.name == CONFIG_DEST for f, _ in settings):
             raise TypeError(f"{cls.__name__}: field name {CONFIG_DEST!r} is reserved for the file flag")
         return settings
@@ -202,7 +152,7 @@ class ServiceConfig:
             else:
                 scalar = dataclasses.replace(kind, is_list=False,
                                              optional=kind.optional and not kind.is_list)
-                kwargs["type"] = lambda text, k=scalar: _parse_text(text, k)
+                kwargs["type"] = flag_type(scalar)
                 kwargs["metavar"] = f.name.upper()
                 if kind.is_list:
                     kwargs["nargs"] = "*"
@@ -215,31 +165,74 @@ class ServiceConfig:
     @classmethod
     def from_cli_args(cls: type[C], args: argparse.Namespace,
                       environ: Mapping[str, str] | None = None) -> C:
-        """Resolve every field: flag > environment > file > default."""
-        environ = os.environ if environ is None else environ
-        given = vars(args)
+        """Resolve every field: flag > environment > file > default. A refused value
+        raises ValueError naming its flag, its variable and where it came from."""
+        values, sources = cls._gather(vars(args), os.environ if environ is None else environ)
+        try:
+            return cls(**values)
+        except ValueError as e:
+            raise cls._named(e, values, sources) from None
+
+    @classmethod
+    def _gather(cls, given: dict[str, Any],
+                environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+        """Each set field's value, and where those not from a flag came from."""
         path = given.get(CONFIG_DEST) or environ.get(cls.env_name(CONFIG_DEST))
         from_file = load_config_file(path) if path else {}
         settings = cls._settings()
-        unknown = sorted(set(from_file) - {f.name for f, _ in settings})
+        names = [f.name for f, _ in settings]
+        unknown = sorted(set(from_file) - set(names))
         if unknown:
-            raise ValueError(f"config file {path}: unknown settings {unknown}")
+            close = [m for u in unknown for m in difflib.get_close_matches(u, names, 1)]
+            raise ValueError(f"config file {path}: unknown settings {unknown}"
+                             + (f" (did you mean {', '.join(close)}?)" if close else ""))
         values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
         missing = []
         for f, kind in settings:
             env = cls.env_name(f.name)
             if f.name in given:
                 values[f.name] = given[f.name]
             elif env in environ:
-                values[f.name] = _resolved(lambda: _parse_text(environ[env], kind), env)
+                sources[f.name] = "from the environment"
+                values[f.name] = cls._resolved(lambda: parse_text(environ[env], kind), f.name,
+                                               sources[f.name])
             elif f.name in from_file:
-                values[f.name] = _resolved(lambda: _coerce(from_file[f.name], kind),
-                                           f"{f.name} in {path}")
+                sources[f.name] = f"in {path}"
+                values[f.name] = cls._resolved(lambda: coerce(from_file[f.name], kind), f.name,
+                                               sources[f.name])
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                missing.append(f"{cls.flag_name(f.name)} / {env}")
+                missing.append(cls.setting_name(f.name))
         if missing:
             raise ValueError(f"missing required settings: {', '.join(missing)}")
-        return cls(**values)
+        return values, sources
+
+    @classmethod
+    def _named(cls, e: ValueError, values: dict[str, Any], sources: dict[str, str]) -> ValueError:
+        """`e` restated with the flag and variable of its field: a SettingError's,
+        or the field a plain message starts with ("tls_cert and tls_key: ...")."""
+        fields = {f.name: f for f, _ in cls._settings()}
+        if isinstance(e, SettingError) and e.field in fields:
+            name = e.field
+            value = values[name] if name in values else fields[name].default
+            source = sources.get(name, "" if name in values else "the default")
+            suffix = f" ({source})" if source else ""
+            return ValueError(f"{cls.setting_name(name)}: {e.reason}, got {value!r}{suffix}")
+        first = str(e).split(" ", 1)[0].rstrip(":,")
+        return ValueError(f"{cls.setting_name(first)}: {e}") if first in fields else e
+
+    @classmethod
+    def setting_name(cls, name: str) -> str:
+        """How a user sets a field: `--kv-cache-gib / PDSERVE_KV_CACHE_GIB`."""
+        return f"{cls.flag_name(name)} / {cls.env_name(name)}"
+
+    @classmethod
+    def _resolved(cls, parse: typing.Callable[[], Any], name: str, source: str) -> Any:
+        """Run a parse, naming the setting and where the bad value came from on failure."""
+        try:
+            return parse()
+        except ValueError as e:
+            raise ValueError(f"{cls.setting_name(name)}: {e} ({source})") from None
 
     @classmethod
     def from_argv(cls: type[C], argv: Sequence[str] | None = None,
@@ -251,11 +244,3 @@ class ServiceConfig:
             return cls.from_cli_args(args, environ)
         except ValueError as e:
             parser.error(str(e))
-
-
-def _resolved(parse: typing.Callable[[], Any], source: str) -> Any:
-    """Run a parse, naming where the bad value came from on failure."""
-    try:
-        return parse()
-    except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None

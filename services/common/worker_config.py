@@ -1,11 +1,13 @@
 """Configuration shared by the model workers (prefill, decode, colocated)."""
 from __future__ import annotations
 
+import functools
 import socket
 from dataclasses import dataclass
 from typing import Literal
 
-from pdserve.common.config import option
+from pdserve.common import memory
+from pdserve.common.config import SettingError, option
 from pdserve.common.engine.config import EngineConfig
 from pdserve.common.logs import LogFormat
 from pdserve.common.security import SecurityConfig
@@ -24,7 +26,8 @@ class WorkerConfig(SecurityConfig):
     threads: int = option(0, help="torch CPU threads (0: torch's default, one per core); give workers "
                                   "sharing a machine a share each, or their thread pools spin against each other")
     block_size: int = option(16, help="tokens per KV block")
-    kv_cache_gib: float = option(1.0, help="KV pool size in GiB (unless --num-kv-blocks)")
+    kv_cache_gib: float = option(0.0, help=f"KV pool size in GiB, unless --num-kv-blocks "
+                                           f"(0: {memory.WORKER_KV})")
     num_kv_blocks: int = option(0, help="KV pool size in blocks (0: from --kv-cache-gib)")
     max_num_seqs: int = option(64, help="running sequences at most")
     max_num_batched_tokens: int = option(512, help="tokens per step; the prefill chunk size")
@@ -46,20 +49,27 @@ class WorkerConfig(SecurityConfig):
     log_format: LogFormat = option("text", help="log lines as text or json (one object per line)")
 
     def validate(self) -> None:
-        if not 0 <= self.port < 65536:
-            raise ValueError("port must be in [0, 65535]")
-        if not -1 <= self.metrics_port < 65536 or self.metrics_port == self.port != 0:
-            raise ValueError("metrics_port must be in [0, 65535] and not the gRPC port, or -1 for no metrics")
+        self.check_port("port")
+        self.check_port("metrics_port", off=True, taken=[self.port])
         if self.threads < 0:
-            raise ValueError("threads must be >= 0")
-        if self.max_queue < 1 or self.lease_ms < 1 or self.transfer_timeout_s <= 0:
-            raise ValueError("max_queue, lease_ms and transfer_timeout_s must be positive")
+            raise SettingError("threads", "must be >= 0 (0: torch's default)")
+        self.check_size("kv_cache_gib", "num_kv_blocks")
+        self.check_positive("max_queue", "lease_ms", "transfer_timeout_s")
         self.engine_config()  # validates the engine fields
+
+    @functools.cached_property
+    def kv_cache(self) -> memory.Sizing:
+        """The KV pool's size: --kv-cache-gib, or chosen from free memory once per config."""
+        return memory.WORKER_KV.choose(self.kv_cache_gib)
+
+    def sizes(self) -> str:
+        size = f"{self.num_kv_blocks} blocks (given)" if self.num_kv_blocks else self.kv_cache
+        return f"KV cache {size}"
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
             model=self.model or None, device=self.device, dtype=self.dtype, block_size=self.block_size,
-            kv_cache_gib=self.kv_cache_gib, num_kv_blocks=self.num_kv_blocks or None,
+            kv_cache_gib=self.kv_cache.gib, num_kv_blocks=self.num_kv_blocks or None,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             enable_chunked_prefill=self.enable_chunked_prefill, enable_prefix_caching=self.enable_prefix_caching,
         )

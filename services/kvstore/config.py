@@ -1,9 +1,11 @@
 """KV store configuration."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
+from pdserve.common import memory
 from pdserve.common.config import option
 from pdserve.common.logs import LogFormat
 from pdserve.common.security import SecurityConfig
@@ -16,7 +18,8 @@ class KVStoreConfig(SecurityConfig):
     model: str = option("", help="the workers' model: fixes the block size in bytes (default: bundled SmolLM2)")
     dtype: Literal["float32", "float16", "bfloat16"] = option("float32")
     block_size: int = option(16, help="tokens per KV block, as on the workers")
-    capacity_gib: float = option(2.0, help="memory for blocks (unless --capacity-blocks)")
+    capacity_gib: float = option(0.0, help=f"memory for blocks, unless --capacity-blocks "
+                                           f"(0: {memory.STORE_CAPACITY})")
     capacity_blocks: int = option(0, help="capacity in blocks (0: from --capacity-gib)")
     lease_ms: int = option(30_000, help="a write reservation expires if not committed this long")
     transfer_timeout_s: float = option(30.0)
@@ -26,9 +29,16 @@ class KVStoreConfig(SecurityConfig):
     log_format: LogFormat = option("text", help="log lines as text or json (one object per line)")
 
     def validate(self) -> None:
-        if not 0 <= self.port < 65536:
-            raise ValueError("port must be in [0, 65535]")
-        if not -1 <= self.metrics_port < 65536 or self.metrics_port == self.port != 0:
-            raise ValueError("metrics_port must be in [0, 65535] and not the gRPC port, or -1 for no metrics")
-        if self.capacity_gib <= 0 or self.capacity_blocks < 0 or self.block_size < 1:
-            raise ValueError("capacity_gib, capacity_blocks and block_size must be positive")
+        self.check_port("port")
+        self.check_port("metrics_port", off=True, taken=[self.port])
+        self.check_size("capacity_gib", "capacity_blocks")
+        self.check_positive("block_size", "lease_ms", "transfer_timeout_s")
+
+    @functools.cached_property
+    def capacity(self) -> memory.Sizing:
+        """The store's size: --capacity-gib, or chosen from free memory once per config."""
+        return memory.STORE_CAPACITY.choose(self.capacity_gib)
+
+    def sizes(self) -> str:
+        size = f"{self.capacity_blocks} blocks (given)" if self.capacity_blocks else self.capacity
+        return f"capacity {size}"

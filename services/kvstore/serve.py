@@ -28,7 +28,7 @@ def block_bytes_of(config: KVStoreConfig) -> int:
 
 def build(config: KVStoreConfig, block_bytes: int | None = None):
     block_bytes = block_bytes or block_bytes_of(config)
-    capacity = config.capacity_blocks or max(1, int(config.capacity_gib * 2**30 // block_bytes))
+    capacity = config.capacity_blocks or max(1, int(config.capacity.gib * 2**30 // block_bytes))
     service = KVStoreService(BlockStore(capacity, block_bytes), make_receiver(config.transport),
                              make_sender(config.transport), lease_s=config.lease_ms / 1000,
                              transfer_timeout_s=config.transfer_timeout_s)

@@ -7,8 +7,10 @@ import signal
 import sys
 import threading
 
+from pdserve.common import memory
 from pdserve.launcher.suite import Suite, SuiteError
 from pdserve.launcher.topology import DEFAULT_BASE_PORT, DEFAULT_HTTP_PORT, DEFAULT_PORT, MODES, http_port_from, plan
+from pdserve.settings import check_commands
 
 
 def supervise(suite: Suite) -> int:
@@ -46,12 +48,13 @@ def supervise(suite: Suite) -> int:
 
 
 def add_up_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mode", choices=MODES, default="disaggregated")
+    parser.add_argument("--mode", choices=MODES, default="disaggregated",
+                        help="separate prefill and decode workers, or workers that do both")
     parser.add_argument("--prefill", type=int, default=1, metavar="N", help="prefill workers (disaggregated mode)")
     parser.add_argument("--decode", type=int, default=1, metavar="M", help="decode (or colocated) workers")
     parser.add_argument("--model", default=None,
                         help="HF directory, .gguf file or hub id (org/name) (default: bundled SmolLM2)")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="the address every service listens on")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="the router's gRPC port")
     parser.add_argument("--http-port", type=int, default=None,
                         help=f"the router's OpenAI-compatible HTTP port (default: PDSERVE_HTTP_PORT, else "
@@ -62,10 +65,11 @@ def add_up_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=9464,
                         help="the router's Prometheus /metrics port; workers and the store take the next ports "
                              "(-1: no metrics, 0: any free ports)")
-    parser.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache per worker")
+    parser.add_argument("--kv-cache-gib", type=float, default=None,
+                        help=f"KV cache per worker (default: {memory.WORKER_KV}; docs/memory.md)")
     parser.add_argument("--device", default=None,
                         help="model workers' torch device (cpu, cuda, cuda:1); a comma-separated list is dealt "
-                             "out in turn, prefill workers first: cuda:0,cuda:1")
+                             "out in turn, prefill workers first: cuda:0,cuda:1 (default: cpu)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per worker (default: this machine's cores shared among the workers; "
                              "0: torch's default)")
@@ -84,6 +88,9 @@ def run_up(args: argparse.Namespace) -> int:
                         log_level=getattr(args, "log_level", None),  # `pdserve --log-level L up`
                         http_port=http_port_from(os.environ) if args.http_port is None else args.http_port,
                         metrics_port=args.metrics_port, threads=args.threads, device=args.device)
+        # Each child's settings (flags, PDSERVE_* variables, file) resolved here as it will resolve them:
+        # a bad one is this one line, not a failure in every child.
+        check_commands({s.name: s.argv[3:] for s in services if s.argv[1:3] == ("-m", "pdserve")})
         suite = Suite(services=services, log_dir=args.log_dir, ready_timeout=args.ready_timeout, grace_s=args.grace)
         suite.check_ports()  # a taken port is a bad setting: refused before anything starts
     except (ValueError, SuiteError) as e:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pdserve.common.config import option
+from pdserve.common.config import SettingError, option
 from pdserve.common.logs import LogFormat
 from pdserve.common.security import ClientAuthConfig
 
@@ -40,23 +40,21 @@ class RouterConfig(ClientAuthConfig):
     log_format: LogFormat = option("text", help="log lines as text or json (one object per line)")
 
     def validate(self) -> None:
-        if not 0 <= self.port < 65536:
-            raise ValueError("port must be in [0, 65535]")
-        if not -1 <= self.http_port < 65536:
-            raise ValueError("http_port must be in [0, 65535], or -1 to disable HTTP")
-        if self.http_port == self.port != 0 and self.http_host in ("", self.host):
-            raise ValueError("http_port: the gRPC server already listens on this port")
-        if not -1 <= self.metrics_port < 65536 or 0 < self.metrics_port in (self.port, self.http_port):
-            raise ValueError("metrics_port must be in [0, 65535], not the gRPC or HTTP port, or -1 for no metrics")
-        if self.slo_ttft_ms < 0 or self.slo_tpot_ms < 0:
-            raise ValueError("slo_ttft_ms and slo_tpot_ms must be >= 0")
+        self.check_port("port")
+        # The HTTP server may share the gRPC port number only on another address.
+        self.check_port("http_port", off=True, taken=[self.port] if self.http_host in ("", self.host) else [])
+        self.check_port("metrics_port", off=True, taken=[self.port, self.http_port])
+        for name in ("slo_ttft_ms", "slo_tpot_ms", "max_retries"):
+            if getattr(self, name) < 0:
+                raise SettingError(name, "must be >= 0")
         # Empty target lists are fine: workers started with --router register themselves.
         from pdserve.router.worker_pool import split_dns_target
 
-        for target in self.prefill_targets + self.decode_targets:
-            split_dns_target(target)  # raises ValueError for a malformed dns: target
-        if self.max_retries < 0 or min(self.prefill_timeout_s, self.rpc_timeout_s, self.worker_keepalive_s) <= 0:
-            raise ValueError("max_retries must be >= 0; prefill_timeout_s, rpc_timeout_s and worker_keepalive_s "
-                             "positive")
-        if self.max_inflight < 1 or self.default_max_tokens < 1 or self.load_poll_s <= 0:
-            raise ValueError("max_inflight, default_max_tokens and load_poll_s must be positive")
+        for name in ("prefill_targets", "decode_targets"):
+            for target in getattr(self, name):
+                try:
+                    split_dns_target(target)
+                except ValueError as e:  # a malformed dns: target
+                    raise SettingError(name, str(e)) from None
+        self.check_positive("prefill_timeout_s", "rpc_timeout_s", "worker_keepalive_s", "max_inflight",
+                            "default_max_tokens", "load_poll_s")

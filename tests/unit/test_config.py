@@ -9,7 +9,8 @@ from typing import Literal, Optional
 
 import pytest
 
-from pdserve.common.config import ServiceConfig, load_config_file, option
+from pdserve.common.config import (ArgumentParser, ServiceConfig, SettingError, UsageError, load_config_file,
+                                   option)
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class DemoConfig(ServiceConfig):
 
     def validate(self) -> None:
         if not 0.0 < self.kv_fraction <= 1.0:
-            raise ValueError("kv_fraction must be in (0, 1]")
+            raise SettingError("kv_fraction", "must be in (0, 1]")
 
 
 def resolve(argv=(), env=None, cls=DemoConfig):
@@ -127,7 +128,7 @@ def test_unsupported_or_unreadable_files_raise_value_error(tmp_path):
 
 
 def test_validate_hook_runs_on_every_construction():
-    with pytest.raises(ValueError, match="kv_fraction"):
+    with pytest.raises(ValueError, match="kv-fraction"):
         resolve(["--kv-fraction", "1.5"])
     with pytest.raises(ValueError, match="kv_fraction"):
         DemoConfig(kv_fraction=0.0)
@@ -148,7 +149,45 @@ def test_bad_flag_value_exits_with_usage(capsys):
 def test_from_argv_reports_validation_errors_as_usage_errors(capsys):
     with pytest.raises(SystemExit):
         DemoConfig.from_argv(["--kv-fraction", "2"], environ={})
-    assert "kv_fraction must be in (0, 1]" in capsys.readouterr().err
+    assert "--kv-fraction / PDSERVE_KV_FRACTION: must be in (0, 1], got 2.0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, env, text, message", [
+    (["--kv-fraction", "2"], {}, "", r"^--kv-fraction / PDSERVE_KV_FRACTION: must be in \(0, 1\], got 2.0$"),
+    ([], {"PDSERVE_KV_FRACTION": "2"}, "", r"PDSERVE_KV_FRACTION: .*, got 2.0 \(from the environment\)$"),
+    ([], {}, "kv_fraction = 2\n", r"PDSERVE_KV_FRACTION: .*, got 2.0 \(in .*c.toml\)$"),
+    ([], {"PDSERVE_PORT": "x"}, "", r"^--port / PDSERVE_PORT: expected int, got 'x' \(from the environment\)"),
+    ([], {}, "port = 1.5\n", r"^--port / PDSERVE_PORT: expected int, got 1.5 \(in .*c.toml\)$"),
+])
+def test_a_refused_value_names_its_flag_its_variable_and_its_source(tmp_path, argv, env, text, message):
+    if text:
+        argv = [*argv, "--config", write(tmp_path, "c.toml", text)]
+    with pytest.raises(ValueError, match=message):
+        resolve(argv, env)
+
+
+def test_a_plain_value_error_about_a_field_is_given_its_flag_and_variable():
+    @dataclass(frozen=True)
+    class Plain(ServiceConfig):
+        tls_cert: str = ""
+
+        def validate(self) -> None:
+            if self.tls_cert:
+                raise ValueError("tls_cert and tls_key: give both or neither")
+
+    with pytest.raises(ValueError, match=r"^--tls-cert / PDSERVE_TLS_CERT: tls_cert and tls_key"):
+        resolve(["--tls-cert", "c.pem"], cls=Plain)
+
+
+def test_an_unknown_file_setting_suggests_the_closest_one(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown settings \['prot'\] \(did you mean port\?\)"):
+        resolve(["--config", write(tmp_path, "c.toml", "prot = 1\n")])
+
+
+def test_the_one_line_parser_raises_instead_of_printing_the_usage():
+    parser = DemoConfig.add_cli_args(ArgumentParser(prog="demo"))
+    with pytest.raises(UsageError, match=r"^demo: argument --port: expected int, got 'x'$"):
+        parser.parse_args(["--port", "x"])
 
 
 def test_help_lists_flag_help_default_and_env():

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pdserve.common.config import SettingError
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -20,12 +22,37 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
-            raise ValueError("block_size must be >= 1")
+            raise SettingError("block_size", "must be >= 1")
         if self.kv_cache_gib <= 0:
-            raise ValueError("kv_cache_gib must be > 0")
+            raise SettingError("kv_cache_gib", "must be > 0")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise ValueError("num_kv_blocks must be >= 1")
-        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
-            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+            raise SettingError("num_kv_blocks", "must be >= 1")
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise SettingError(name, "must be >= 1")
         if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError("max_model_len must be >= 2")
+            raise SettingError("max_model_len", "must be >= 2")
+
+
+def check_device(device: str) -> None:
+    """Refuse a device torch cannot use on this machine, before any model loads (a
+    config stays valid anywhere: one for a GPU machine can be checked on a laptop).
+    Imports torch only for a device other than the CPU (a second or more, ~240 MB)."""
+    if device == "cpu":
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise SettingError("device", "is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cpu":
+        return
+    backend = getattr(torch, dev.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        built = " (this torch is built without CUDA)" if dev.type == "cuda" and not torch.version.cuda else ""
+        raise SettingError("device", f"needs {dev.type.upper()}, which is not available here{built}")
+    count = backend.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise SettingError("device", f"does not exist: this machine has {count} {dev.type} device(s), "
+                                     f"{dev.type}:0 to {dev.type}:{count - 1}")

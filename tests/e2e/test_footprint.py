@@ -1,0 +1,79 @@
+"""The default `pdserve up` on the bundled model: its memory, as docs/memory.md states it."""
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from pdserve.client import Client
+from pdserve.common import memory
+from tests.e2e.conftest import free_port_run
+
+pytestmark = pytest.mark.slow
+
+LIMIT = 4 * 10**9  # bytes: the issue's "under 4 GB in all"
+BANNER = re.compile(r"^\[(prefill-0|decode-0|kvstore)\] \w+: (?:KV cache|capacity) ([\d.]+) GiB \(")
+FLOORS = {"prefill-0": memory.WORKER_KV.floor_gib, "decode-0": memory.WORKER_KV.floor_gib,
+          "kvstore": memory.STORE_CAPACITY.floor_gib}
+
+
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+        except (ValueError, OSError):  # not a process, or one that has just exited
+            continue
+    return found
+
+
+def lines_of(proc: subprocess.Popen) -> queue.Queue:
+    out: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [out.put(line.rstrip("\n")) for line in proc.stdout], daemon=True).start()
+    return out
+
+
+def test_the_default_suite_takes_under_4_gb_and_says_what_it_sized():
+    base = free_port_run(7)
+    argv = [sys.executable, "-m", "pdserve", "up", "--port", str(base), "--base-port", str(base + 1),
+            "--http-port", str(base + 5), "--metrics-port", "0"]  # the defaults but the ports
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PDSERVE_")}
+    launcher = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    out, log, sizes = lines_of(launcher), [], {}
+    try:
+        deadline = time.monotonic() + 300  # a first run converts the model
+        while not any(line.startswith("pdserve up: ready") for line in log):
+            assert launcher.poll() is None and time.monotonic() < deadline, "\n".join(log)
+            try:
+                log.append(out.get(timeout=1))
+            except queue.Empty:
+                continue
+            if m := BANNER.match(log[-1]):
+                sizes[m[1]] = float(m[2])
+        with Client(f"127.0.0.1:{base}", timeout=120) as client:  # measured after it has served
+            assert client.complete("What is the capital of France?", max_tokens=16).token_ids
+        pids = [launcher.pid, *children(launcher.pid)]
+        per_process = {pid: rss(pid) for pid in pids}
+    finally:
+        launcher.send_signal(signal.SIGINT)
+        launcher.wait(60)
+    assert sizes.keys() == FLOORS.keys(), log  # each KV holder printed what it chose
+    assert len(pids) == 5  # the launcher, the router, two workers and the store
+    # With more free memory the KV sizes grow past their floors, by design: what they add
+    # beyond the floors is allowed on top (on the 24 GiB machine of docs/memory.md, 0.05 GiB).
+    beyond_floors = sum(max(0.0, gib - FLOORS[name]) for name, gib in sizes.items()) * memory.GIB
+    assert sum(per_process.values()) < LIMIT + beyond_floors, (per_process, sizes)

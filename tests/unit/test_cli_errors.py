@@ -1,0 +1,103 @@
+"""A bad setting, from a flag, a variable or a file, is one line on stderr and exit 2,
+from `pdserve serve` and from `pdserve up` (which refuses before it starts anything)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pdserve.cli import main
+from tests.e2e.conftest import free_port_run
+
+
+def pdserve(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The real command, in a fresh process; PDSERVE_* variables only from `env`."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PDSERVE_")}
+    return subprocess.run([sys.executable, "-m", "pdserve", *argv], capture_output=True, text=True,
+                          timeout=120, env={**clean, **(env or {})})
+
+
+def up(*argv: str) -> tuple[str, ...]:
+    """`up` on free ports: should a refusal fail to happen, no other suite is disturbed."""
+    base = free_port_run(6)
+    return ("up", *argv, "--port", str(base), "--base-port", str(base + 1), "--metrics-port", "-1",
+            "--http-port", "-1")
+
+
+def assert_one_line_naming(result: subprocess.CompletedProcess, *names: str) -> str:
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for name in names:
+        assert name in lines[0], lines[0]
+    return lines[0]
+
+
+def test_a_bad_environment_value_names_the_flag_and_the_variable():
+    result = pdserve("serve", "decode", env={"PDSERVE_PORT": "abc"})
+    assert_one_line_naming(result, "--port", "PDSERVE_PORT", "'abc'", "environment")
+
+
+def test_a_bad_flag_value_is_one_line_without_the_usage():
+    assert_one_line_naming(pdserve("serve", "decode", "--port", "abc"), "--port", "'abc'")
+
+
+def test_an_unknown_log_level_is_refused_before_up_starts_anything():
+    result = pdserve("--log-level", "LOUD", *up())
+    assert_one_line_naming(result, "--log-level", "PDSERVE_LOG_LEVEL", "LOUD")
+    assert result.stdout == ""  # no service was started, so none printed a line
+
+
+def test_an_unknown_key_in_a_config_file_is_named_with_a_suggestion(tmp_path):
+    path = tmp_path / "router.toml"
+    path.write_text("prot = 50051\n")
+    line = assert_one_line_naming(pdserve("serve", "router", "--config", str(path)), str(path), "prot")
+    assert "did you mean port" in line
+
+
+def test_a_bad_variable_that_would_reach_every_child_is_refused_by_up():
+    result = pdserve(*up(), env={"PDSERVE_KV_CACHE_GIB": "-1"})
+    assert_one_line_naming(result, "pdserve up:", "--kv-cache-gib", "PDSERVE_KV_CACHE_GIB", "-1")
+    assert result.stdout == ""
+
+
+def test_a_bad_value_for_one_child_is_refused_by_up_naming_the_child():
+    result = pdserve(*up(), env={"PDSERVE_LOG_FORMAT": "xml"})
+    assert_one_line_naming(result, "prefill-0", "--log-format", "PDSERVE_LOG_FORMAT", "'xml'")
+
+
+def test_a_range_check_names_the_setting_and_the_value():
+    assert_one_line_naming(pdserve("serve", "kvstore", "--capacity-gib", "-2"),
+                           "--capacity-gib", "PDSERVE_CAPACITY_GIB", "-2.0")
+
+
+def test_a_device_that_does_not_exist_is_refused_before_the_model_loads():
+    # On any machine: no CUDA at all, or no 100th CUDA device.
+    line = assert_one_line_naming(pdserve("serve", "decode", "--device", "cuda:99"), "--device", "cuda:99")
+    assert "not available" in line or "does not exist" in line
+
+
+def test_up_on_cuda_without_cuda_is_one_line():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = pdserve(*up("--device", "cuda:0"))
+    assert_one_line_naming(result, "--device", "cuda:0", "CUDA", "not available")
+    assert result.stdout == ""
+
+
+def help_text(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--help"])
+    assert exit_info.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # unwrapped
+
+
+def test_help_shows_the_defaults(capsys):
+    assert "the router's gRPC port (default: 50051)" in help_text(capsys, "up")
+    assert "tokens to generate at most (default: 128)" in help_text(capsys, "generate")
+    demo = help_text(capsys, "demo")
+    assert "stream one chat completion" in demo and "(default: disaggregated)" in demo
+    assert "(default: 0.0; env PDSERVE_KV_CACHE_GIB)" in help_text(capsys, "serve", "decode")
