@@ -41,6 +41,8 @@ class WorkerConfig(SecurityConfig):
     kvstore: str = option("", help="KV store host:port; empty: no shared store")
     router: list[str] = option(default_factory=list, help="routers to register with and heartbeat to, host:port")
     advertise_host: str = option("", help="address routers use to reach this worker (default: --host)")
+    data_host: str = option("", help="address the KV data plane (UCX) listens on, when KV must cross "
+                                     "machines on another address than --host (default: --host)")
     transport: Literal["ucx", "loopback"] = option("ucx", help="KV data plane (loopback: one process only, for tests)")
     warm_up: bool = option(True, help="run and time a few prompts before serving: pays first-call costs and seeds "
                                       "the speeds the router's cost model reads (off: a faster start)")

@@ -30,16 +30,17 @@ SERVICES = {"prefill": prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_n
 log = logging.getLogger(__name__)
 
 
-def make_receiver(transport: str):
+def make_receiver(transport: str, host: str):
+    """The KV receiver; over UCX it listens on `host`'s interfaces only (the data host)."""
     from pdserve.common import transfer
 
-    return transfer.UcxKVReceiver() if transport == "ucx" else transfer.LoopbackKVReceiver()
+    return transfer.UcxKVReceiver(host=host) if transport == "ucx" else transfer.LoopbackKVReceiver()
 
 
-def make_sender(transport: str):
+def make_sender(transport: str, host: str):
     from pdserve.common import transfer
 
-    return transfer.UcxKVSender() if transport == "ucx" else transfer.LoopbackKVSender()
+    return transfer.UcxKVSender(host=host) if transport == "ucx" else transfer.LoopbackKVSender()
 
 
 class WorkerRuntime:

@@ -11,11 +11,12 @@ from pdserve.v1 import decode_pb2_grpc
 
 def build(config: WorkerConfig, engine=None) -> tuple[WorkerRuntime, DecodeWorker]:
     rt = WorkerRuntime(config, engine)
-    receiver = make_receiver(config.transport)
+    data_host = config.data_host or config.host  # where UCX listens (docs/security.md)
+    receiver = make_receiver(config.transport, data_host)
     store = None
     if config.kvstore:  # reads prefixes in; writes back what it prefilled itself (local or colocated requests)
-        store = StoreClient(config.kvstore, receiver, make_sender(config.transport), rt.engine.engine.spec.fingerprint,
-                            security=config)
+        store = StoreClient(config.kvstore, receiver, make_sender(config.transport, data_host),
+                            rt.engine.engine.spec.fingerprint, security=config)
     worker = DecodeWorker(rt.engine, receiver, lease_s=config.lease_ms / 1000,
                           transfer_timeout_s=config.transfer_timeout_s, max_queue=config.max_queue, store=store,
                           worker_id=rt.worker_id)

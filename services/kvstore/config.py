@@ -15,6 +15,8 @@ from pdserve.common.security import SecurityConfig
 class KVStoreConfig(SecurityConfig):
     host: str = option("127.0.0.1", help="address the gRPC server listens on")
     port: int = option(50070, help="gRPC port (0: any free port)")
+    data_host: str = option("", help="address the KV data plane (UCX) listens on, when KV must cross "
+                                     "machines on another address than --host (default: --host)")
     model: str = option("", help="the workers' model: fixes the block size in bytes (default: bundled SmolLM2)")
     dtype: Literal["float32", "float16", "bfloat16"] = option("float32")
     block_size: int = option(16, help="tokens per KV block, as on the workers")

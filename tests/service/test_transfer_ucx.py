@@ -326,7 +326,7 @@ def test_once_closed_a_receiver_and_a_sender_refuse_new_transfers_by_name(transp
 
     async def scenario():
         pool = KVPool(SPEC, 2)
-        rx, tx = make_receiver(transport), make_sender(transport)
+        rx, tx = make_receiver(transport, "127.0.0.1"), make_sender(transport, "127.0.0.1")
         ticket = rx.expect("t-open", [pool.block(0)])
         await rx.close()
         await tx.close()

@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from pdserve.common.errors import TransferFailedError, TransferTimeoutError
+from pdserve.common.transfer import netdev
 from pdserve.common.transfer.base import (
     HEADER_BYTES,
     Inbound,
@@ -41,22 +42,24 @@ _MAX_SLEEP_S = 0.002
 _AHEAD = 4  # data sent ahead of its header: vs 0, 4 MB sends ~1.5x faster, 64 MB same
 _CLOSE_S = 0.05  # progress given to an endpoint's close before moving on
 _QUIESCE_S = 0.5  # at close, the most spent taking in what peers still had in flight
-_api = None
+_contexts: dict[tuple, object] = {}  # one UCX context per set of options (netdev.ucx_options)
 
 
-def _ucx():
-    """(libucxx, Array, UCXContext), created once per process on first use."""
-    global _api
-    if _api is None:
-        # ucxx sets UCX_MEMTYPE_CACHE, which libucx 1.21 no longer knows: silence the
-        # warning. Blocks are host memory, so rendezvous fragments are host too.
-        os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
-        os.environ.setdefault("UCX_RNDV_FRAG_MEM_TYPE", "host")
-        import ucxx._lib.libucxx as lib
-        from ucxx._lib.arr import Array
+def _ucx(host: str):
+    """(libucxx, Array, UCXContext) for a data plane that listens only on `host`'s interfaces;
+    each context is created on first use."""
+    # ucxx sets UCX_MEMTYPE_CACHE, which libucx 1.21 no longer knows: silence the
+    # warning. Blocks are host memory, so rendezvous fragments are host too.
+    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    os.environ.setdefault("UCX_RNDV_FRAG_MEM_TYPE", "host")
+    import ucxx._lib.libucxx as lib
+    from ucxx._lib.arr import Array
 
-        _api = (lib, Array, lib.UCXContext({}, feature_flags=(lib.Feature.TAG, lib.Feature.WAKEUP)))
-    return _api
+    options = netdev.ucx_options(host)
+    key = tuple(sorted(options.items()))
+    if key not in _contexts:
+        _contexts[key] = lib.UCXContext(options, feature_flags=(lib.Feature.TAG, lib.Feature.WAKEUP))
+    return lib, Array, _contexts[key]
 
 
 class _Group:
@@ -87,10 +90,11 @@ class _Group:
 
 class _Worker:
     """One UCX worker plus the asyncio task that progresses it only while needed.
-    Use it from one event loop (the one of its first watch())."""
+    Use it from one event loop (the one of its first watch()). Its TCP listeners are on
+    `host`'s interfaces only (netdev.py)."""
 
-    def __init__(self) -> None:
-        self.lib, self.Array, ctx = _ucx()
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.lib, self.Array, ctx = _ucx(host)
         self.worker = self.lib.UCXWorker(ctx)
         self.address: bytes = self.worker.address.tobytes()
         self.worker.init_blocking_progress_mode()  # an epoll fd that fires on UCX events
@@ -244,9 +248,9 @@ class UcxKVReceiver(KVReceiver):
 
     transport = "ucx"
 
-    def __init__(self, drain_timeout: float = 5.0) -> None:
+    def __init__(self, drain_timeout: float = 5.0, host: str = "127.0.0.1") -> None:
         super().__init__()
-        self._w = _Worker()
+        self._w = _Worker(host)
         self._drain_timeout = drain_timeout
         self._groups: dict[str, _Group] = {}
         self._parked: dict[str, tuple] = {}  # could not be drained: keep buffers referenced
@@ -316,8 +320,8 @@ class UcxKVReceiver(KVReceiver):
 class UcxKVSender(KVSender):
     """Prefill side. One cached endpoint per receiver address."""
 
-    def __init__(self) -> None:
-        self._w = _Worker()
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self._w = _Worker(host)
         self._eps: dict[bytes, object] = {}
         self._retired: list = []  # endpoints to peers that timed out; closed at close()
 
