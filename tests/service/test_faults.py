@@ -9,7 +9,7 @@ import asyncio
 import grpc
 import pytest
 
-from pdserve.common.transfer import ucx
+from pdserve.common.transfer import base, ucx
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import decode_pb2 as dpb
 from pdserve.v1 import router_pb2 as rpb
@@ -94,13 +94,31 @@ async def test_a_decode_worker_stopped_mid_stream_migrates_with_no_token_lost_or
         await pools_full(suite, dead)
 
 
-async def test_kv_that_fails_its_checksum_is_recomputed_never_decoded(smollm2, monkeypatch):
+def _payload_flip(flipped: list):
+    """A block_checksum for the prefill side that hashes its first block truly, then flips one of its
+    bytes. In one process the receiver's UCX worker moves only once the send is posted and the event
+    loop runs, so the flip is what lands. `flipped` gets (bytes, offset) to undo it."""
+    def checksum(buf):
+        digest = base.block_checksum(buf)
+        if not flipped:
+            flipped.append((buf, buf.size // 2))
+            buf[buf.size // 2] ^= 0x10
+        return digest
+    return checksum
+
+
+@pytest.mark.parametrize("corrupted", ["header", "payload"])
+async def test_kv_that_fails_its_checksum_is_recomputed_never_decoded(smollm2, monkeypatch, corrupted):
     _, _, tokenizer = smollm2
-    prompt = text_of_tokens(tokenizer, 200, offset=11)
+    prompt = text_of_tokens(tokenizer, 100, offset=11)  # one prefill chunk: its KV leaves in one send
     async with inprocess_suite(smollm2) as suite:
-        with monkeypatch.context() as m:  # the prefill side's headers claim checksums the bytes lack
-            m.setattr(ucx, "block_checksum", lambda buf: bytes(16))
+        flipped = []
+        with monkeypatch.context() as m:  # the headers claim checksums that the bytes that land lack
+            lying = _payload_flip(flipped) if corrupted == "payload" else lambda buf: bytes(16)
+            m.setattr(ucx, "block_checksum", lying)
             tokens, last = await _collect(suite.stub.Generate(_request(prompt, "corrupted")))
+        for buf, offset in flipped:  # the prefill worker's cached block as it computed it
+            buf[offset] ^= 0x10
         assert not last.route.disaggregated  # the only prefill worker sent bad KV: decode recomputed
         assert suite.router.router.recoveries["decode"] == 1
         decode_stats = await suite.worker_stubs()[0].GetStats(dpb.GetDecodeStatsRequest())

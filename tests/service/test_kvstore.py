@@ -1,10 +1,19 @@
-"""The KV store in a running suite: multi-turn reuse, eviction pressure, store down."""
+"""The KV store in a running suite: multi-turn reuse, eviction pressure, store down; and alone,
+a write lease that expires."""
 from __future__ import annotations
 
 import asyncio
+import time
 
+import grpc
+import pytest
+
+from pdserve.kvstore import serve as kvstore_serve
+from pdserve.kvstore.config import KVStoreConfig
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import decode_pb2 as dpb
+from pdserve.v1 import kvstore_pb2 as kpb
+from pdserve.v1 import kvstore_pb2_grpc
 from pdserve.v1 import router_pb2 as rpb
 from tests.engine.prompts import text_of_tokens
 from tests.polling import settles
@@ -136,3 +145,45 @@ async def test_serving_continues_when_the_store_is_down(smollm2):
     async with inprocess_suite(smollm2, prefill_kw={"kvstore": "127.0.0.1:1"}) as suite:
         tokens, last = await _collect(suite.stub, _request(ids, "x"))
         assert tokens == transformers_greedy(model, ids, 10) and last.finish_reason == pb.FINISH_REASON_LENGTH
+
+
+
+def _offer(*first_bytes: int) -> kpb.ReserveWriteRequest:
+    """A write offer of one block per value, under a made-up fingerprint."""
+    hashes = [bytes([b]) * 16 for b in first_bytes]
+    return kpb.ReserveWriteRequest(kv_fingerprint=bytes(16), block_hashes=hashes)
+
+
+async def test_a_write_lease_never_committed_expires_and_frees_its_slots():
+    # A writer that reserves, then vanishes (no push, no commit, no release): the lease's sweeper
+    # ends it after lease_ms, fences its UCX receives and gives the slots back.
+    config = KVStoreConfig(port=0, capacity_blocks=4, lease_ms=300)
+    server, port, service = kvstore_serve.build(config, block_bytes=64)
+    await service.start()
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            store = kvstore_pb2_grpc.KVStoreStub(channel)
+
+            async def freed():
+                stats = await store.GetStats(kpb.GetStoreStatsRequest())
+                return stats.active_leases == 0 and stats.used_blocks == 0
+
+            reserved_at = time.monotonic()
+            lost = await store.ReserveWrite(_offer(0, 1, 2, 3))
+            assert list(lost.accepted_indices) == [0, 1, 2, 3] and not await freed()
+            crowded = await store.ReserveWrite(_offer(4, 5, 6, 7))
+            assert list(crowded.accepted_indices) == []  # every slot is leased: none can be evicted
+            assert await settles(freed), await store.GetStats(kpb.GetStoreStatsRequest())
+            assert time.monotonic() - reserved_at >= 0.3  # not before its time
+            with pytest.raises(grpc.aio.AioRpcError) as late:
+                await store.CommitWrite(kpb.CommitWriteRequest(transfer_id=lost.ticket.transfer_id))
+            assert late.value.code() == grpc.StatusCode.NOT_FOUND and "expired" in late.value.details()
+            again = await store.ReserveWrite(_offer(4, 5, 6, 7))
+            assert list(again.accepted_indices) == [0, 1, 2, 3]  # the slots serve the next writer
+            await store.Release(kpb.ReleaseLeaseRequest(lease_id=again.ticket.transfer_id))
+    finally:
+        await server.stop(grace=0)
+        await service.stop()
+        await service.receiver.close()
+        await service.sender.close()

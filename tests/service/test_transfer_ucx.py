@@ -66,15 +66,22 @@ async def _recv_cmd(rx, pool, cmd, *a):
 
 async def _send_cmd(tx, pool, cmd, *a):
     from pdserve.common.transfer import TransferTicket, ucx
+    from pdserve.common.transfer.base import _as_bytes
 
-    if cmd == "send":  # (ticket fields, first, count, seed, timeout, corrupt)
+    if cmd == "send":  # (ticket fields, first, count, seed, timeout, corrupt: False, "header" or "payload")
         fields, first, count, seed, timeout, corrupt = a
         ticket = TransferTicket(**fields)
         for k in range(count):
             pool.block(k).copy_(_pattern(seed, first + k))
         real = ucx.block_checksum
-        if corrupt:  # the header now claims a checksum the data does not have
+        if corrupt == "header":  # the header claims a checksum the data does not have
             ucx.block_checksum = lambda buf: bytes(16)
+        elif corrupt == "payload":  # the header is true to the data as hashed; then one byte of
+            # the second block flips before UCX reads it (as a flip on the wire would)
+            victim = _as_bytes(pool.block(1))
+            hashed = real(victim)
+            victim[victim.size // 2] ^= 0x10
+            ucx.block_checksum = lambda buf: hashed if buf.ctypes.data == victim.ctypes.data else real(buf)
         try:
             await tx.send(ticket, first, [pool.block(k) for k in range(count)], timeout=timeout)
         finally:
@@ -189,11 +196,25 @@ def test_wrong_secret_is_refused_and_nothing_lands(rx, tx):
 
 def test_checksum_mismatch_fails_the_transfer(rx, tx):
     ticket = rx("expect", "t-bad", [5, 6])
-    assert tx("send", ticket, 0, 2, 3, 10.0, True) is None  # bytes arrive, checksum is wrong
+    assert tx("send", ticket, 0, 2, 3, 10.0, "header") is None  # bytes arrive, checksum is wrong
     err = rx("wait", "t-bad", 5.0)
     assert err[:2] == ("err", "TransferFailedError") and "checksum mismatch" in err[2]
     assert rx("status", "t-bad") == "FAILED"
     assert rx("cancel", "t-bad") is True
+
+
+def test_a_payload_byte_flipped_in_flight_fails_the_transfer_and_its_blocks_can_be_reused(rx, tx):
+    dest = [5, 6, 7]
+    ticket = rx("expect", "t-flip", dest)
+    assert tx("send", ticket, 0, 3, 3, 10.0, "payload") is None  # block 1 lands with one bit flipped
+    err = rx("wait", "t-flip", 5.0)
+    assert err[:2] == ("err", "TransferFailedError") and err[2].endswith("block 1: checksum mismatch"), err
+    assert rx("status", "t-flip") == "FAILED"
+    assert rx("cancel", "t-flip") is True  # every receive has completed: nothing can land any more
+    again = rx("expect", "t-after-flip", dest)  # so the same blocks serve the next transfer
+    assert tx("send", again, 0, 3, 4, 10.0, False) is None
+    assert rx("wait", "t-after-flip", 5.0) == "DONE" and all(rx("check", 4, dest)[0])
+    rx("cancel", "t-after-flip")
 
 
 def test_header_that_contradicts_the_ticket_fails(rx, tx):
