@@ -102,6 +102,7 @@ def cmd_serve(args) -> int:
 
     from pdserve import settings
     from pdserve.common import logs, tracing
+    from pdserve.launcher.ports import first_taken
 
     try:  # settings first: a bad one is a line and exit 2, before any model loads
         config = settings.resolve(args.service, args)
@@ -110,11 +111,26 @@ def cmd_serve(args) -> int:
     except ValueError as e:
         print(f"pdserve serve {args.service}: {e}", file=sys.stderr)
         return 2
+    if taken := first_taken(_listens(config)):
+        print(f"pdserve serve {args.service}: {taken.flag} {taken.port}: another process listens on "
+              f"{taken.host}:{taken.port}", file=sys.stderr)
+        return 2
     if sizes := config.sizes():
         print(f"{args.service}: {sizes}", flush=True)  # what it chose from this machine's memory
     serve = importlib.import_module(f"pdserve.{args.service}.serve").serve
     asyncio.run(serve(config))
     return 0
+
+
+def _listens(config) -> list:
+    """The TCP ports a service's config binds, each with the flag that moves it."""
+    from pdserve.launcher.ports import Listen
+
+    listens = [Listen(config.host, config.port, "--port"),
+               Listen(config.host, config.metrics_port, "--metrics-port")]
+    if hasattr(config, "http_port"):  # the router's OpenAI API
+        listens.append(Listen(config.http_host or config.host, config.http_port, "--http-port"))
+    return listens
 
 
 def _bench(name: str, args) -> int:
@@ -176,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     gen.add_argument("--local", action="store_true", help="run the engine in this process instead")
     gen.add_argument("--model", default=None,
-                     help="with --local: HF directory, .gguf file or hub id (org/name) (default: bundled SmolLM2)")
+                     help="with --local: HF directory, .gguf file or hub id (org/name) "
+                          "(default: bundled SmolLM2)")
     gen.add_argument("--kv-cache-gib", type=float, default=0.5, help="with --local: KV pool size")
     _add_client_security_args(gen)
     _add_sampling_args(gen)

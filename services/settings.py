@@ -68,6 +68,7 @@ def check_commands(commands: Mapping[str, Sequence[str]], environ: Mapping[str, 
     """Resolve each named `pdserve [--log-level L] serve NAME ...` command line (the
     words after `python -m pdserve`) as its process will; ValueError on the first refusal."""
     environ = os.environ if environ is None else environ
+    check_tracing(environ)
     parser = ArgumentParser(prog="pdserve")
     add_log_level_arg(parser)
     add_serve_parsers(parser.add_subparsers(dest="command", required=True).add_parser("serve"))
@@ -78,3 +79,11 @@ def check_commands(commands: Mapping[str, Sequence[str]], environ: Mapping[str, 
             resolve(args.service, args, environ)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
+
+
+def check_tracing(environ: Mapping[str, str]) -> None:
+    """The OTEL_* variables every service reads at start (pdserve.common.tracing.setup)."""
+    from pdserve.common import tracing
+
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() != "true" and tracing.exporters_from_env(environ):
+        tracing.sampler_from_env(environ)

@@ -3,6 +3,7 @@ from `pdserve serve` and from `pdserve up` (which refuses before it starts anyth
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -66,6 +67,19 @@ def test_a_bad_variable_that_would_reach_every_child_is_refused_by_up():
 def test_a_bad_value_for_one_child_is_refused_by_up_naming_the_child():
     result = pdserve(*up(), env={"PDSERVE_LOG_FORMAT": "xml"})
     assert_one_line_naming(result, "prefill-0", "--log-format", "PDSERVE_LOG_FORMAT", "'xml'")
+
+
+def test_a_taken_port_is_one_line_naming_its_flag():
+    with socket.create_server(("127.0.0.1", 0)) as holder:
+        port = holder.getsockname()[1]
+        result = pdserve("serve", "router", "--port", "0", "--metrics-port", "-1", "--http-port", str(port))
+    assert_one_line_naming(result, "--http-port", str(port), "another process listens")
+
+
+def test_a_bad_tracing_variable_is_refused_by_up():
+    result = pdserve(*up(), env={"OTEL_TRACES_EXPORTER": "zipkin"})
+    assert_one_line_naming(result, "pdserve up:", "OTEL_TRACES_EXPORTER", "'zipkin'")
+    assert result.stdout == ""
 
 
 def test_a_range_check_names_the_setting_and_the_value():
