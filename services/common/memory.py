@@ -76,5 +76,5 @@ class AutoSize:
 # A worker's pool bounds its context and its concurrency (a request whose KV does not fit
 # is refused); the store is a cache that only saves recomputation, so it gets less. Together
 # a default suite's three take about 1/35 of the free memory (docs/memory.md).
-WORKER_KV = AutoSize(fraction=1 / 96, floor_gib=0.25, cap_gib=8.0)
+WORKER_KV = AutoSize(fraction=1 / 96, floor_gib=0.375, cap_gib=8.0)
 STORE_CAPACITY = AutoSize(fraction=1 / 128, floor_gib=0.125, cap_gib=16.0)
