@@ -10,6 +10,7 @@ from typing import Any
 from google.protobuf.descriptor import FieldDescriptor
 
 from pdserve.client.errors import InvalidArgument
+from pdserve.common.engine.sampling_params import without_vllm_offs
 from pdserve.v1 import common_pb2, router_pb2
 
 _FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
@@ -99,6 +100,7 @@ def build_request(prompt: str | Sequence[int] | None = None, *, messages: Iterab
         field = _SAMPLING.get(name)
         if field is None:
             raise TypeError(f"unknown sampling parameter {name!r}")
+        value = without_vllm_offs(name, value)  # top_k=-1, seed=-1: off, as over HTTP
         if value is None:  # leave unset: the server's default applies
             continue
         if field.is_repeated:  # stop takes one string too

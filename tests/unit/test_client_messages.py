@@ -16,7 +16,8 @@ from pdserve.bench.null_worker import NullWorker, NullWorkerConfig
     ({"prompt": "hi", "max_tokens": -1}, "max_tokens", "must be an integer in [1, 2**32), got -1"),
     ({"prompt": "hi", "max_tokens": 0}, "max_tokens", "must be an integer in [1, 2**32), got 0"),
     ({"prompt": "hi", "max_tokens": 2.5}, "max_tokens", "must be an integer in [1, 2**32), got 2.5"),
-    ({"prompt": "hi", "top_k": -1}, "top_k", "must be an integer in [0, 2**32), got -1"),
+    ({"prompt": "hi", "top_k": -2}, "top_k", "must be an integer in [0, 2**32), got -2"),
+    ({"prompt": "hi", "seed": -2**63 - 1}, "seed", f"must be an integer in [0, 2**64), got {-2**63 - 1}"),
     ({"prompt": "hi", "seed": 2**64}, "seed", f"must be an integer in [0, 2**64), got {2**64}"),
     ({"prompt": "hi", "temperature": "hot"}, "temperature", "must be a number, got 'hot'"),
     ({"prompt": "hi", "ignore_eos": 1}, "ignore_eos", "must be True or False, got 1"),
@@ -50,6 +51,12 @@ def test_numpy_integers_and_none_are_accepted_as_protobuf_would_take_them():
                                 stop=None, seed=2**64 - 1)
     assert list(request.token_ids.ids) == [5, 6] and request.sampling.max_tokens == 3
     assert request.sampling.seed == 2**64 - 1 and list(request.sampling.stop) == []
+
+
+def test_minus_one_means_off_for_top_k_and_seed_as_over_http():
+    request = sdk.build_request("hi", top_k=-1, seed=-1)
+    assert request.sampling.top_k == 0 and not request.sampling.HasField("seed")
+    assert sdk.build_request("hi", seed=-5).sampling.seed == 2**64 - 5  # its 64-bit pattern, as the server reads it
 
 
 @pytest.fixture

@@ -11,6 +11,16 @@ from dataclasses import dataclass
 from pdserve.common.errors import InvalidRequestError
 
 
+def without_vllm_offs(name: str, value: object) -> object:
+    """vLLM's clients send -1 for "off" (top_k, seed); the wire types (uint32, uint64)
+    have no negatives: top_k -1 is 0, seed -1 is unseeded, other negative seeds their 64-bit pattern."""
+    if name == "top_k" and isinstance(value, int) and value == -1:
+        return 0
+    if name == "seed" and isinstance(value, int) and -2**63 <= value < 0:
+        return None if value == -1 else value + 2**64
+    return value
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 64
@@ -27,11 +37,8 @@ class SamplingParams:
         # Accept lists from callers but keep the dataclass hashable and frozen.
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        # vLLM's clients send -1 for "off"; the wire types (uint32, uint64) have no negatives.
-        if isinstance(self.top_k, int) and self.top_k == -1:
-            object.__setattr__(self, "top_k", 0)
-        if isinstance(self.seed, int) and -2**63 <= self.seed < 0:
-            object.__setattr__(self, "seed", None if self.seed == -1 else self.seed + 2**64)
+        object.__setattr__(self, "top_k", without_vllm_offs("top_k", self.top_k))
+        object.__setattr__(self, "seed", without_vllm_offs("seed", self.seed))
         self.validate()
 
     @property
