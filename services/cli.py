@@ -106,6 +106,7 @@ def cmd_serve(args) -> int:
 
     try:  # settings first: a bad one is a line and exit 2, before any model loads
         config = settings.resolve(args.service, args)
+        _check_data_host(config)
         logs.setup(args.log_level, config.log_format, service=args.service)  # the service's own log_format
         tracing.setup(args.service)  # from the standard OTEL_* variables
     except ValueError as e:
@@ -120,6 +121,15 @@ def cmd_serve(args) -> int:
     serve = importlib.import_module(f"pdserve.{args.service}.serve").serve
     asyncio.run(serve(config))
     return 0
+
+
+def _check_data_host(config) -> None:
+    """A UCX data plane's host must be an address of this machine (ValueError naming it). Checked
+    here, not in `pdserve up`'s launcher, which may start children in other network namespaces."""
+    if getattr(config, "transport", None) == "ucx":
+        from pdserve.common.transfer.netdev import ucx_options
+
+        ucx_options(config.data_host or config.host)
 
 
 def _listens(config) -> list:

@@ -115,3 +115,10 @@ def test_help_shows_the_defaults(capsys):
     demo = help_text(capsys, "demo")
     assert "stream one chat completion" in demo and "(default: disaggregated)" in demo
     assert "(default: 0.0; env PDSERVE_KV_CACHE_GIB)" in help_text(capsys, "serve", "decode")
+
+
+def test_a_data_host_that_is_not_this_machines_is_one_line():
+    # 198.51.100.0/24 is TEST-NET-2: for documentation, held by no interface here.
+    result = pdserve("serve", "kvstore", "--port", "0", "--metrics-port", "-1",
+                     env={"PDSERVE_DATA_HOST": "198.51.100.77"})
+    assert_one_line_naming(result, "--data-host", "198.51.100.77")
