@@ -10,8 +10,10 @@ import pytest
 
 from pdserve.client import AsyncClient, InvalidArgument
 from pdserve.v1 import common_pb2 as pb
+from pdserve.v1 import decode_pb2 as dpb
 from pdserve.v1 import decode_pb2_grpc, prefill_pb2_grpc
 from tests.engine.prompts import prompts_by_length
+from tests.polling import settles
 from tests.reference import transformers_greedy
 
 NEW = 16
@@ -24,17 +26,32 @@ def references(smollm2):
     return [(ids, transformers_greedy(model, ids, NEW)) for ids in prompts_by_length(tokenizer)[1:5]]
 
 
-def worker_stubs(suite):
-    stubs = []
+async def loads(suite) -> list[pb.WorkerLoad]:
+    out = []
     for s in suite.services:
         if s.address and s.name.startswith(("prefill", "decode")):
-            ch = grpc.aio.insecure_channel(s.address)
-            stubs.append(prefill_pb2_grpc.PrefillStub(ch) if s.name.startswith("prefill") else decode_pb2_grpc.DecodeStub(ch))
-    return stubs
+            stub = prefill_pb2_grpc.PrefillStub if s.name.startswith("prefill") else decode_pb2_grpc.DecodeStub
+            async with grpc.aio.insecure_channel(s.address) as ch:
+                out.append((await stub(ch).GetLoad(pb.GetLoadRequest(), timeout=5)).load)
+    return out
 
 
-async def loads(suite) -> list[pb.WorkerLoad]:
-    return [(await s.GetLoad(pb.GetLoadRequest(), timeout=5)).load for s in worker_stubs(suite)]
+async def decode_stats(suite) -> dpb.GetDecodeStatsResponse:
+    (decode,) = [s for s in suite.services if s.name.startswith("decode")]
+    async with grpc.aio.insecure_channel(decode.address) as ch:
+        return await decode_pb2_grpc.DecodeStub(ch).GetStats(dpb.GetDecodeStatsRequest(), timeout=5)
+
+
+async def free_pools(suite) -> list[pb.WorkerLoad]:
+    """The workers' loads once every pool is all free and nothing runs; frees are
+    asynchronous (a cancel reaches the workers after the client has moved on)."""
+    seen: list[pb.WorkerLoad] = []
+
+    async def free() -> bool:
+        seen[:] = await loads(suite)
+        return all(w.free_blocks == w.total_blocks and w.running_seqs == 0 for w in seen)
+    assert await settles(free, timeout=30), seen
+    return seen
 
 
 @pytest.mark.parametrize("mode", ["disaggregated", "colocated"])
@@ -49,16 +66,16 @@ async def test_concurrent_prompts_match_transformers(start_suite, references, mo
         with pytest.raises(InvalidArgument) as err:
             await client.complete("hello", top_p=1.5)
         assert err.value.field == "top_p"
-    workers = await loads(suite)
+    workers = await free_pools(suite)
     assert len(workers) == (2 if mode == "disaggregated" else 1)
     assert ("kvstore" in [s.name for s in suite.services]) == (mode == "disaggregated")
-    assert all(w.free_blocks == w.total_blocks for w in workers)
 
 
 async def test_cancelling_a_stream_frees_blocks_on_both_workers(start_suite, smollm2):
     _, _, tokenizer = smollm2
     suite = start_suite("disaggregated")
     ids = prompts_by_length(tokenizer)[5]  # 600 tokens
+    before = await decode_stats(suite)
     async with AsyncClient(suite.router_target, timeout=120) as client:
         got = 0
         async with client.generate(ids, max_tokens=400, ignore_eos=True, temperature=0.0) as stream:
@@ -66,13 +83,10 @@ async def test_cancelling_a_stream_frees_blocks_on_both_workers(start_suite, smo
                 got += len(chunk.token_ids)
                 if got >= 4:
                     break
-        busy = await loads(suite)
-        for _ in range(100):
-            workers = await loads(suite)
-            if all(w.free_blocks == w.total_blocks and w.running_seqs == 0 for w in workers):
-                break
-            await asyncio.sleep(0.1)
-        assert all(w.free_blocks == w.total_blocks for w in workers), (busy, workers)
+        await free_pools(suite)
+        stats = await decode_stats(suite)
+        assert stats.requests_aborted == before.requests_aborted + 1
+        assert stats.tokens_generated - before.tokens_generated < 400  # stopped, not run to its end
         after = await client.complete(ids[:50], max_tokens=8, temperature=0.0)
         assert len(after.token_ids) == 8
 
