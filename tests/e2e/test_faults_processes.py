@@ -15,6 +15,7 @@ from pdserve.client import AsyncClient
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import decode_pb2_grpc
 from tests.engine.prompts import text_of_tokens
+from tests.polling import settles
 
 TOKENS = 48
 
@@ -29,15 +30,22 @@ def suite(start_suite):
 
 async def _busy_decoder(suite, alive: set[str]) -> str:
     """The decode worker running a sequence now."""
-    for _ in range(500):
+    async def busy() -> str | None:
         for s in suite.services:
             if s.name in alive:
                 async with grpc.aio.insecure_channel(s.address) as ch:
                     load = (await decode_pb2_grpc.DecodeStub(ch).GetLoad(pb.GetLoadRequest(), timeout=5)).load
                 if load.running_seqs:
                     return s.name
-        await asyncio.sleep(0.02)
-    raise AssertionError("no decode worker is running the request")
+        return None
+    name = await settles(busy, timeout=30, interval=0.02)
+    assert name, "no decode worker is running the request"
+    return name
+
+
+async def _tokens_seen(seen: list[int], n: int, call: asyncio.Task) -> None:
+    """Until the stream has delivered `n` tokens (or ended, which the caller's await reports)."""
+    assert await settles(lambda: len(seen) >= n or call.done(), timeout=120, interval=0.01), seen
 
 
 async def _stream(client, ids, seen: list[int]):
@@ -60,8 +68,7 @@ async def _migrated_stream(suite, tokenizer, offset: int, fault, within_s: float
         expected = (await client.complete(ids, max_tokens=TOKENS, ignore_eos=True, temperature=0.0)).token_ids
         seen: list[int] = []
         call = asyncio.create_task(_stream(client, ids, seen))
-        while len(seen) < 8:
-            await asyncio.sleep(0.01)
+        await _tokens_seen(seen, 8, call)
         victim = await _busy_decoder(suite, _decoders(suite))
         undo = fault(victim)
         try:
@@ -95,8 +102,7 @@ async def test_sigterm_drains_a_decode_worker_while_new_requests_go_elsewhere(su
     async with AsyncClient(suite.router_target, timeout=120) as client:
         seen: list[int] = []
         call = asyncio.create_task(_stream(client, ids, seen))
-        while len(seen) < 4:
-            await asyncio.sleep(0.01)
+        await _tokens_seen(seen, 4, call)
         draining = await _busy_decoder(suite, alive)
         proc = suite.signal(draining, signal.SIGTERM)
         during = [await client.complete(text_of_tokens(tokenizer, 20, offset=30 + i), max_tokens=4, temperature=0.0)
