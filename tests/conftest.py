@@ -1,9 +1,21 @@
-"""Shared fixtures: the real SmolLM2 model, and a tiny random model of the same family."""
+"""Shared fixtures: the real SmolLM2 model, and a tiny random model of the same family.
+Every test that loads SmolLM2 is marked `slow` here, so `pytest -m "not slow"` is the fast loop."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
+
+# Fixtures that load SmolLM2's weights, in this process or in the suite's processes.
+LOADS_THE_MODEL = frozenset({"smollm2", "make_engine", "start_suite", "cluster"})
+E2E = Path(__file__).parent / "e2e"  # every test there starts a suite of real processes
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if LOADS_THE_MODEL & set(getattr(item, "fixturenames", ())) or item.path.is_relative_to(E2E):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -17,14 +29,15 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer(request):
-    """SmolLM2's tokenizer; from $PDSERVE_TEST_TOKENIZER (a directory of its files) where
-    the model package cannot travel (the GPU machine), else from the bundled model."""
-    if os.environ.get("PDSERVE_TEST_TOKENIZER"):
-        from transformers import AutoTokenizer
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer, without its weights; from $PDSERVE_TEST_TOKENIZER (a directory of
+    its files) where the model package cannot travel (the GPU machine), else from the bundled model."""
+    from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(os.environ["PDSERVE_TEST_TOKENIZER"])
-    return request.getfixturevalue("smollm2")[2]
+    from pdserve.common import model_loader
+
+    path = os.environ.get("PDSERVE_TEST_TOKENIZER") or model_loader.resolve(weights=False).path
+    return AutoTokenizer.from_pretrained(path)
 
 
 @pytest.fixture(scope="session")
