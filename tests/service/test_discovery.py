@@ -31,14 +31,15 @@ def tokenizer():
 
 @pytest.fixture
 def dns(monkeypatch):
-    """NAME's addresses, as the test sets them; a list, or an OSError to raise."""
-    answer: dict[str, object] = {"addresses": []}
+    """NAME's addresses, as the test sets them; a list, or an OSError to raise (counted in "failed")."""
+    answer: dict[str, object] = {"addresses": [], "failed": 0}
     real = socket.getaddrinfo
 
     def getaddrinfo(host, port, *args, **kwargs):
         if host != NAME:
             return real(host, port, *args, **kwargs)
         if isinstance(answer["addresses"], OSError):
+            answer["failed"] += 1
             raise answer["addresses"]
         return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", (a, int(port), 0, 0)) if ":" in a
                 else (socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, int(port))) for a in answer["addresses"]]
@@ -105,7 +106,7 @@ async def test_workers_join_and_leave_as_the_name_resolves_to_them(tokenizer, dn
                 assert a.servicer.completed > 2 and b.servicer.completed > 0  # both serve
 
                 dns["addresses"] = OSError("DNS down")  # a failed lookup keeps the workers
-                await asyncio.sleep(0.5)
+                await until(lambda: dns["failed"] >= 2)  # the next lookup failed, and another after it
                 assert len(pool.decode) == 2
 
                 dns["addresses"] = ["127.0.0.2"]  # scaled down: a leaves

@@ -173,11 +173,13 @@ async def test_aclosing_and_task_cancellation_cancel(router):
         await wait_cancelled(servicer)
         servicer.cancelled.clear()
 
+        streaming = asyncio.Event()
+
         async def consume():
             async for _ in client.generate("slow"):
-                pass
+                streaming.set()
         task = asyncio.create_task(consume())
-        await asyncio.sleep(0.2)
+        await asyncio.wait_for(streaming.wait(), 10)  # the server's handler is running: a cancel reaches it
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
