@@ -55,8 +55,9 @@ async def pools_full(suite: InProcessSuite, dead: set[str] = frozenset(), timeou
         return [rt.engine.engine.stats() for rt in suite.decode + suite.prefill if rt.worker_id not in dead]
 
     def full() -> bool:
-        return suite.router.router.inflight == 0 and all(
-            s.free_blocks == s.total_blocks and s.reserved == s.held == s.running == s.waiting == 0 for s in stats())
+        return suite.router.router.inflight == 0 and all(s.free_blocks == s.total_blocks and
+                                                         s.reserved == s.held == s.running == s.waiting == 0
+                                                         for s in stats())
 
     if not await settles(full, timeout):
         raise AssertionError(f"blocks still in use after {timeout} s (router: {suite.router.router.inflight} "

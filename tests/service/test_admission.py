@@ -92,14 +92,16 @@ async def test_a_passed_client_deadline_stops_every_worker_at_once(smollm2, phas
         # The deadline is set from this machine's speed, measured here (after a first request
         # has warmed the workers): the time to a first token for a prompt of this length.
         await _outcome(suite.stub, _request(text_of_tokens(tokenizer, 40, offset=60), "warm", max_tokens=2))
+        timed = _request(text_of_tokens(tokenizer, prompt_tokens, offset=50), "timed", max_tokens=1)
         t0 = time.perf_counter()
-        await _outcome(suite.stub, _request(text_of_tokens(tokenizer, prompt_tokens, offset=50), "timed", max_tokens=1))
+        await _outcome(suite.stub, timed)
         first_token_s = time.perf_counter() - t0
         # Passed early in the prefill, or a few tokens into the decode.
         deadline_s = first_token_s / 10 if phase == "prefill" else 4 * first_token_s
         before = _computed(suite)
         prompt = text_of_tokens(tokenizer, prompt_tokens, offset=5)
-        code, tokens, _ = await _outcome(suite.stub, _request(prompt, "hurried", max_tokens=1000), timeout=deadline_s)
+        hurried = _request(prompt, "hurried", max_tokens=1000)
+        code, tokens, _ = await _outcome(suite.stub, hurried, timeout=deadline_s)
         assert code is grpc.StatusCode.DEADLINE_EXCEEDED
         assert (tokens == 0) if phase == "prefill" else (tokens > 0)
         await pools_full(suite)

@@ -133,7 +133,7 @@ def test_a_finished_request_records_ttft_itl_tpot_e2e_outcome_and_route(samples,
     assert value(samples, "pdserve_inter_token_latency_seconds_bucket", le="0.005") == 0
     assert value(samples, "gen_ai_server_time_per_output_token_seconds_count", gen_ai_request_model="m") == 1
     tpot = value(samples, "gen_ai_server_time_per_output_token_seconds_sum")
-    # (last - first) / 5: four 20 ms steps at least, the stream's whole life at most (a busy machine's is longer)
+    # (last - first) / 5: four 20 ms steps at least, the stream's whole life at most (longer when busy)
     assert 0.015 <= tpot <= scraped["finished_s"] / 5
     # Recorded once, though two events of the stream carry a finish reason.
     assert value(samples, "gen_ai_server_request_duration_seconds_count", gen_ai_operation_name="chat") == 1
@@ -157,7 +157,7 @@ def test_outcomes_count_finish_reasons_errors_and_cancels(samples):
 
 def test_slo_attainment_is_counted_per_objective(samples):
     assert value(samples, "pdserve_slo_requests_total", objective="ttft", attained="true") == 1  # <= an hour
-    assert value(samples, "pdserve_slo_requests_total", objective="tpot", attained="false") == 1  # >= 16 ms > 1 ms
+    assert value(samples, "pdserve_slo_requests_total", objective="tpot", attained="false") == 1  # 16+ ms > 1 ms
 
 
 def test_transfers_count_bytes_and_failures_on_each_side(samples):
