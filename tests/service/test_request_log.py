@@ -32,13 +32,14 @@ async def one_logged_request(tokenizer, fmt: str) -> list[str]:
     logger = logging.getLogger("pdserve.router.request_metrics")
     handler = logs.make_handler(fmt, service="router", stream=stream)
     logger.addHandler(handler)
-    level, logger.level = logger.level, logging.INFO
+    level = logger.level
+    logger.setLevel(logging.INFO)  # setLevel, not .level =: it clears the loggers' isEnabledFor caches
     try:
         async with null_suite(tokenizer) as (router, _), AsyncClient(f"127.0.0.1:{router.port}") as client:
             await client.complete([1000, 1001, 1002], max_tokens=4, request_id="doc-1")
     finally:
         logger.removeHandler(handler)
-        logger.level = level
+        logger.setLevel(level)
     return [line for line in stream.getvalue().splitlines() if "request finished" in line]
 
 
