@@ -278,7 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     cp = bench_sub.add_parser("control-plane", help="what the router adds, in front of a null engine")
     control_plane.add_args(cp)
     cp.set_defaults(func=lambda a: _bench("control_plane", a))
-    from pdserve.bench import tracing_overhead
+    from pdserve.bench import peer, tracing_overhead
+
+    pr = bench_sub.add_parser("peer", help="pdserve beside vLLM, transformers serve and llama.cpp, same load")
+    peer.add_args(pr)
+    pr.set_defaults(func=lambda a: _bench("peer", a))
 
     tr = bench_sub.add_parser("tracing", help="end-to-end latency with tracing off vs on (default sampling)")
     tracing_overhead.add_args(tr)

@@ -12,7 +12,8 @@ run's clock (seconds from its start).
 - `HttpSender`: the OpenAI endpoint, streamed `/v1/completions` with the
   prompt as token ids. The server sends an SSE chunk per text delta, so a
   token that completes no character arrives with the next one; the output
-  token count comes from the final usage chunk.
+  token count comes from the final usage chunk. A peer server that refuses
+  ignore_eos is sent none (`bench peer`), and may stop early.
 """
 from __future__ import annotations
 
@@ -85,7 +86,8 @@ class SdkSender:
 
 
 class HttpSender:
-    def __init__(self, url: str, timeout_s: float = 600.0, api_key: str | None = None):
+    def __init__(self, url: str, timeout_s: float = 600.0, api_key: str | None = None, model: str | None = None,
+                 ignore_eos: bool = True):
         import aiohttp  # only the HTTP path needs it
 
         base = url.rstrip("/")
@@ -95,10 +97,16 @@ class HttpSender:
                                              timeout=aiohttp.ClientTimeout(total=None, sock_read=timeout_s),
                                              connector=aiohttp.TCPConnector(limit=0))  # no pool cap: open loop
         self.errors = (aiohttp.ClientError, OSError, TimeoutError, ValueError)
+        self.model = model  # other servers than pdserve may require the name they serve
+        self.ignore_eos = ignore_eos  # a server without the field may stop early: the usage chunk counts its tokens
 
     async def __call__(self, req: Request, rec: RequestRecord, now: Clock) -> None:
-        body = {"prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0.0, "ignore_eos": True,
+        body = {"prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0.0,
                 "stream": True, "stream_options": {"include_usage": True}}
+        if self.ignore_eos:
+            body["ignore_eos"] = True
+        if self.model:
+            body["model"] = self.model
         try:
             async with self.session.post(self.url, json=body) as resp:
                 if resp.status != 200:
@@ -119,6 +127,7 @@ class HttpSender:
                     usage = obj.get("usage") or usage
                 if usage:
                     rec.output_tokens = usage["completion_tokens"]
+                    rec.prompt_tokens = usage.get("prompt_tokens") or rec.prompt_tokens  # a text prompt's tokens
         except self.errors as e:  # connection failures, timeouts, a malformed chunk
             rec.error = type(e).__name__
 
