@@ -22,7 +22,9 @@ class WorkerConfig(SecurityConfig):
     model: str = option("", help="HF directory, .gguf file or hub id (org/name) "
                                  "(default: the bundled SmolLM2-135M-Instruct)")
     device: str = option("cpu", help="torch device")
-    dtype: Literal["float32", "float16", "bfloat16"] = option("float32")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", help="weights and KV (auto: bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, "
+                     "else float32)")
     threads: int = option(0, help="torch CPU threads (0: torch's default, one per core); give workers "
                                   "sharing a machine a share each, or their thread pools spin against each other")
     block_size: int = option(16, help="tokens per KV block")

@@ -88,7 +88,8 @@ class WorkerRuntime:
         if port is not None:
             print(f"{self.worker_id} metrics on http://{self.config.host}:{port}/metrics", flush=True)
         await self.start()
-        print(f"{self.worker_id} ({self.config.role}) listening on {self.config.host}:{self.port}", flush=True)
+        print(f"{self.worker_id} ({self.config.role}) {self.engine.engine.precision}, "
+              f"listening on {self.config.host}:{self.port}", flush=True)
         try:
             await serve_until_stopped(self.server, grace_s=self.config.grace_s, health=self.health, stop=stop,
                                       on_shutdown=self.registration.stop)  # new requests go elsewhere

@@ -18,7 +18,8 @@ class KVStoreConfig(SecurityConfig):
     data_host: str = option("", help="address the KV data plane (UCX) listens on, when KV must cross "
                                      "machines on another address than --host (default: --host)")
     model: str = option("", help="the workers' model: fixes the block size in bytes (default: bundled SmolLM2)")
-    dtype: Literal["float32", "float16", "bfloat16"] = option("float32")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", help="the workers' KV dtype (auto: as a CPU worker on this machine resolves it)")
     block_size: int = option(16, help="tokens per KV block, as on the workers")
     capacity_gib: float = option(0.0, help=f"memory for blocks, unless --capacity-blocks "
                                            f"(0: {memory.STORE_CAPACITY})")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pdserve.common import metrics, model_loader
+from pdserve.common.engine import precision
 from pdserve.common.kv.spec import KVSpec
 from pdserve.common.server import add_health_and_reflection, bind, create_server, serve_until_stopped
 from pdserve.common.worker_runtime import make_receiver, make_sender
@@ -22,7 +23,7 @@ def block_bytes_of(config: KVStoreConfig) -> int:
     mc = AutoConfig.from_pretrained(ref.path)
     head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
     spec = KVSpec(ref.name, ref.weights_digest, mc.num_hidden_layers, mc.num_key_value_heads, head_dim,
-                  config.block_size, config.dtype)
+                  config.block_size, precision.resolve(config.dtype).dtype)
     return spec.block_bytes
 
 

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from pdserve.common.engine import precision
 from pdserve.launcher.ports import Listen
 
 MODES = ("disaggregated", "colocated")
@@ -41,7 +42,8 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
          kv_cache_gib: float | None = None, kvstore: bool = True, log_level: str | None = None,
          http_port: int | None = None,
          metrics_port: int = -1, threads: int | None = None, python: str = sys.executable,
-         hosts: Mapping[str, str] | None = None, device: str | None = None) -> list[Service]:
+         hosts: Mapping[str, str] | None = None, device: str | None = None,
+         dtype: str | None = None) -> list[Service]:
     """The services of a suite, with their command lines; validates the shape.
 
     hosts: a service's own --host by name (e.g. "prefill-0": one address per
@@ -56,6 +58,9 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
 
     device: the model workers' torch device; a comma-separated list is dealt out in
     turn (prefill workers first), e.g. "cuda:0,cuda:1" for one GPU each of two workers.
+
+    dtype: the workers' --dtype (None: theirs, auto); the KV store gets it resolved for the first
+    worker's device, so that its blocks are the workers' size.
 
     threads: torch threads per model worker; None: this machine's cores shared
     among them (two workers with a thread per core each measured 4x slower to
@@ -78,6 +83,9 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
     if threads is None:
         threads = max(1, len(os.sched_getaffinity(0)) // (prefill + decode))
     per_worker += ("--threads", str(threads))
+    per_worker += ("--dtype", dtype) if dtype else ()
+    first_device = (device or "cpu").split(",")[0]
+    store_dtype = ("--dtype", precision.resolve(dtype or "auto", first_device).dtype)
     services = [Service("model", (python, "-c", "import sys; from pdserve.common import model_loader; "
                                   "print('model ready:', model_loader.resolve(sys.argv[1] or None).path)",
                                   model or ""), None, 0)]
@@ -98,7 +106,7 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
             targets[role].append(f"{_dial(at(name))}:{p}")
     if kvstore:
         services.append(Service("kvstore", (*serve, "kvstore", "--host", at("kvstore"), "--port", str(store_port),
-                                            *common), f"{_dial(at('kvstore'))}:{store_port}", 1,
+                                            *common, *store_dtype), f"{_dial(at('kvstore'))}:{store_port}", 1,
                                     listens=(Listen(at("kvstore"), store_port, "--base-port"),)))
     # List flags take one value per target (the config parser's nargs="*").
     pre = ("--prefill-targets", *targets["prefill"]) if prefill else ()

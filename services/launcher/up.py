@@ -8,6 +8,7 @@ import sys
 import threading
 
 from pdserve.common import memory
+from pdserve.common.engine import precision
 from pdserve.launcher.suite import Suite, SuiteError
 from pdserve.launcher.topology import DEFAULT_BASE_PORT, DEFAULT_HTTP_PORT, DEFAULT_PORT, MODES, http_port_from, plan
 from pdserve.settings import check_commands
@@ -70,6 +71,9 @@ def add_up_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None,
                         help="model workers' torch device (cpu, cuda, cuda:1); a comma-separated list is dealt "
                              "out in turn, prefill workers first: cuda:0,cuda:1 (default: cpu)")
+    parser.add_argument("--dtype", default=None, choices=precision.CHOICES,
+                        help="model workers' weights and KV (default: auto, bfloat16 on CUDA and on CPUs "
+                             "with AMX or AVX512-BF16, else float32)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per worker (default: this machine's cores shared among the workers; "
                              "0: torch's default)")
@@ -87,7 +91,8 @@ def run_up(args: argparse.Namespace) -> int:
                         base_port=args.base_port, kv_cache_gib=args.kv_cache_gib, kvstore=kvstore,
                         log_level=getattr(args, "log_level", None),  # `pdserve --log-level L up`
                         http_port=http_port_from(os.environ) if args.http_port is None else args.http_port,
-                        metrics_port=args.metrics_port, threads=args.threads, device=args.device)
+                        metrics_port=args.metrics_port, threads=args.threads, device=args.device,
+                        dtype=args.dtype)
         # Each child's settings (flags, PDSERVE_* variables, file) resolved here as it will resolve them:
         # a bad one is this one line, not a failure in every child.
         check_commands({s.name: s.argv[3:] for s in services if s.argv[1:3] == ("-m", "pdserve")})

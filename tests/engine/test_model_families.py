@@ -44,14 +44,14 @@ def _greedy(engine: LLMEngine, prompts: list[list[int]], n: int) -> list[list[in
 def test_each_family_generates_what_transformers_generates(tmp_path, smollm2_tokenizer, family):
     model = _tiny(tmp_path, smollm2_tokenizer, family)
     prompts = [[100 + i for i in range(5)], [(7 * i) % 5000 + 50 for i in range(150)]]  # one chunked (budget 64)
-    engine = LLMEngine(EngineConfig(model=str(tmp_path), max_num_batched_tokens=64))
+    engine = LLMEngine(EngineConfig(model=str(tmp_path), dtype="float32", max_num_batched_tokens=64))
     assert _greedy(engine, prompts, 12) == [transformers_greedy(model, p, 12) for p in prompts]
 
 
 def test_a_sliding_window_model_serves_contexts_up_to_its_window(tmp_path, smollm2_tokenizer):
     # Within the window, attending over the whole context is the model's own attention.
     model = _tiny(tmp_path, smollm2_tokenizer, "mistral", sliding_window=48)
-    engine = LLMEngine(EngineConfig(model=str(tmp_path)))
+    engine = LLMEngine(EngineConfig(model=str(tmp_path), dtype="float32"))  # as transformers' reference
     assert engine.max_model_len == 48
     prompt = [200 + i for i in range(30)]
     assert _greedy(engine, [prompt], 17) == [transformers_greedy(model, prompt, 17)]  # 47 tokens: all in the window

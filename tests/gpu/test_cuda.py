@@ -53,7 +53,8 @@ def cases(tiny):
 def _engine(tiny, **kw) -> LLMEngine:
     ref, _, tokenizer = tiny
     model, _ = model_loader.load(ref, device="cuda")
-    return LLMEngine(EngineConfig(device="cuda", num_kv_blocks=512, **kw), model, tokenizer, ref)
+    config = EngineConfig(device="cuda", dtype="float32", num_kv_blocks=512, **kw)  # as the reference
+    return LLMEngine(config, model, tokenizer, ref)
 
 
 def test_the_engine_on_cuda_is_token_identical_to_transformers(tiny, cases):

@@ -83,7 +83,8 @@ async def inprocess_suite(smollm2, mode: str = "disaggregated", *, prefill_worke
     stack = contextlib.AsyncExitStack()
     store_port = 0
     if store_blocks:
-        scfg = KVStoreConfig(port=0, capacity_blocks=store_blocks, model=str(ref.path), **security)
+        scfg = KVStoreConfig(port=0, capacity_blocks=store_blocks, model=str(ref.path),
+                             dtype=worker_kw.get("dtype", "float32"), **security)
         server, store_port, store = kvstore_serve.build(scfg)
         await add_health_service(server)
         await store.start()
@@ -98,7 +99,9 @@ async def inprocess_suite(smollm2, mode: str = "disaggregated", *, prefill_worke
 
     # No warm-up unless asked (worker_kw warm_up=True): it seeds the cost model, which only
     # routing tests read, and costs ~3 s a worker.
-    base = {"port": 0, "num_kv_blocks": 256, "max_num_batched_tokens": 128, "warm_up": False, **security, **worker_kw}
+    # float32 unless asked: tests compare tokens with transformers' float32 greedy continuation.
+    base = {"port": 0, "num_kv_blocks": 256, "max_num_batched_tokens": 128, "warm_up": False,
+            "dtype": "float32", **security, **worker_kw}
     decode_kw = dict(decode_kw or {})
     if decode_kw.pop("use_store", False):
         decode_kw["kvstore"] = f"127.0.0.1:{store_port}"

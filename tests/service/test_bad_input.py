@@ -155,16 +155,19 @@ async def test_a_message_over_the_size_limit_is_refused_by_grpc_with_resource_ex
 
 
 # ---- the workers' own check: KV of another model or layout never lands ----------
-FINGERPRINTS = {"missing": lambda own: b"", "another model's": lambda own: bytes(b ^ 0xFF for b in own)}
+FINGERPRINTS = {"missing": lambda spec: b"",
+                "another model's": lambda spec: bytes(b ^ 0xFF for b in spec.fingerprint),
+                "a bfloat16 worker's": lambda spec: dataclasses.replace(spec, dtype="bfloat16").fingerprint}
 
 
 @pytest.mark.parametrize("fingerprint", FINGERPRINTS)
 async def test_a_decode_worker_reserves_nothing_for_a_sender_of_another_kv_layout(suite, fingerprint):
-    own = suite.decode[0].engine.engine.spec.fingerprint
+    spec = suite.decode[0].engine.engine.spec  # float32 (the suite's)
     before = state(suite)
     with pytest.raises(grpc.aio.AioRpcError) as failure:
         await suite.worker_stubs()[0].Reserve(dpb.ReserveRequest(
-            request_id="fp", prompt_token_ids=list(range(100, 140)), kv_fingerprint=FINGERPRINTS[fingerprint](own)))
+            request_id="fp", prompt_token_ids=list(range(100, 140)),
+            kv_fingerprint=FINGERPRINTS[fingerprint](spec)))
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert dict(failure.value.trailing_metadata())[ERROR_FIELD_KEY] == "kv_fingerprint"
     assert state(suite) == before
@@ -172,10 +175,10 @@ async def test_a_decode_worker_reserves_nothing_for_a_sender_of_another_kv_layou
 
 @pytest.mark.parametrize("fingerprint", FINGERPRINTS)
 async def test_a_prefill_worker_computes_nothing_for_a_ticket_of_another_kv_layout(suite, fingerprint):
-    own = suite.prefill[0].engine.engine.spec.fingerprint
-    spec = suite.prefill[0].engine.engine.spec
+    spec = suite.prefill[0].engine.engine.spec  # float32 (the suite's)
     ticket = pb.TransferTicket(transfer_id="fp", secret=bytes(32), ucx_address=b"x", dest_block_ids=[0, 1],
-                               num_blocks=2, block_bytes=spec.block_bytes, kv_fingerprint=FINGERPRINTS[fingerprint](own))
+                               num_blocks=2, block_bytes=spec.block_bytes,
+                               kv_fingerprint=FINGERPRINTS[fingerprint](spec))
     before = state(suite)
     prefill = suite.worker_stubs()[-1]
     with pytest.raises(grpc.aio.AioRpcError) as failure:

@@ -92,7 +92,8 @@ def test_disaggregated_plan():
                                          "--metrics-port", "-1", "--port", "50062", "--worker-id", "prefill-1",
                                          "--model", "/m", "--kv-cache-gib", "0.5", "--threads", "2",
                                          "--kvstore", "127.0.0.1:50064")
-    assert by_name["kvstore"].argv[-4:] == ("--port", "50064", "--model", "/m")
+    assert by_name["kvstore"].argv[-6:] == ("--port", "50064", "--model", "/m",
+                                            "--dtype", launcher.topology.precision.resolve("auto").dtype)
     assert by_name["decode-0"].argv[-2:] == ("--kvstore", "127.0.0.1:50064")
     assert "kvstore" not in [s.name for s in launcher.plan("disaggregated", 1, 1, kvstore=False, python="py")]
     router = " ".join(by_name["router"].argv)

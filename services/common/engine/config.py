@@ -4,13 +4,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pdserve.common.config import SettingError
+from pdserve.common.engine.precision import CHOICES
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # HF directory, .gguf file, hub id, or None for the bundled SmolLM2
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "auto"  # or float32, bfloat16, float16 (precision.resolve)
     block_size: int = 16
     kv_cache_gib: float = 1.0  # pool size, unless num_kv_blocks is set
     num_kv_blocks: int | None = None
@@ -21,6 +22,8 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's context window
 
     def __post_init__(self) -> None:
+        if self.dtype not in CHOICES:
+            raise SettingError("dtype", f"must be one of {', '.join(CHOICES)}, not {self.dtype!r}")
         if self.block_size < 1:
             raise SettingError("block_size", "must be >= 1")
         if self.kv_cache_gib <= 0:

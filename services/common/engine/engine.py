@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from pdserve.common import model_loader
-from pdserve.common.engine import attention
+from pdserve.common.engine import attention, precision
 from pdserve.common.engine.config import EngineConfig
 from pdserve.common.engine.detokenizer import IncrementalDetokenizer
 from pdserve.common.engine.model_runner import ModelRunner
@@ -67,10 +67,14 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, model=None, tokenizer=None, ref: model_loader.ModelRef | None = None):
         """Loads the model from config.model unless (model, tokenizer, ref) are given."""
         impl = attention.register()
+        loaded = None if model is None else str(model.dtype).removeprefix("torch.")
+        self.precision = precision.resolve(config.dtype, config.device, loaded)
         if model is None:
             ref = model_loader.resolve(config.model)
-            model, tokenizer = model_loader.load(ref, impl, config.device, config.dtype)
+            model, tokenizer = model_loader.load(ref, impl, config.device, self.precision.dtype)
         else:
+            if loaded != self.precision.dtype:
+                raise ValueError(f"the given model is in {loaded}, not in dtype {self.precision.dtype}")
             model.set_attn_implementation(impl)
         self.config, self.model, self.tokenizer, self.ref = config, model, tokenizer, ref
         mc = model.config
@@ -81,7 +85,7 @@ class LLMEngine:
             num_kv_heads=mc.num_key_value_heads,
             head_dim=getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads,
             block_size=config.block_size,
-            dtype=config.dtype,
+            dtype=self.precision.dtype,  # the fingerprint: workers of other dtypes never pair
         )
         num_blocks = config.num_kv_blocks or blocks_for_bytes(self.spec, config.kv_cache_gib * 2**30)
         # The pool bounds the context too: a sequence grown past the whole pool,

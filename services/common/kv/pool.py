@@ -50,8 +50,9 @@ class KVPool:
         return StagedBlock(self.tensor[block_id], self.host[block_id])
 
     def export_blocks(self, block_ids: list[int]) -> list[memoryview]:
-        """Bytes-like views of blocks: no copy on the CPU, a host copy from a device."""
-        return [memoryview(self.tensor[b].cpu().numpy()).cast("B") for b in block_ids]
+        """Bytes-like views of blocks: no copy on the CPU, a host copy from a device. Viewed as
+        bytes before numpy, which has no bfloat16."""
+        return [memoryview(self.tensor[b].cpu().view(torch.uint8).numpy()).cast("B") for b in block_ids]
 
     def import_blocks(self, block_ids: list[int], buffers: list) -> None:
         if len(buffers) != len(block_ids):
