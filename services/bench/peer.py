@@ -182,7 +182,8 @@ def main(args: argparse.Namespace) -> int:
         doc = {"machine": machine(), "command": command_line(), "workload": describe(args),
                "reference": args.reference, "order_note": ORDER_NOTE, **run_all(args, out)}
     print(report(doc, args, out))
-    print(f"wrote {out / 'peer.json'}, {out / 'peer.md'} and plots; each peer's log in {out / 'logs'}")
+    logs = "" if args.from_json else f"; each peer's log in {out / 'logs'}"
+    print(f"wrote {out / 'peer.json'}, {out / 'peer.md'} and plots{logs}")
     return 0
 
 
