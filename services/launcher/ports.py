@@ -29,15 +29,15 @@ def in_use(host: str, port: int) -> bool:
     except socket.gaierror:
         return False
     for family, kind, proto, _, address in addresses:
-        with socket.socket(family, kind, proto) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:  # gRPC's [::] is dual-stack: an IPv4 listener takes it too
-                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            try:
+        try:  # a family the kernel lacks (IPv6 turned off) fails here, not at the bind
+            with socket.socket(family, kind, proto) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:  # gRPC's [::] is dual-stack: an IPv4 listener takes it too
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
                 s.bind(address)
-            except OSError as e:
-                if e.errno == errno.EADDRINUSE:
-                    return True
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return True
     return False
 
 

@@ -185,3 +185,10 @@ def test_a_listener_on_any_address_takes_the_port_on_loopback_and_the_reverse():
     for held, asked in (("0.0.0.0", "127.0.0.1"), ("127.0.0.1", "0.0.0.0")):
         with socket.create_server((held, 0)) as listener:
             assert ports.in_use(asked, listener.getsockname()[1])
+
+
+def test_an_address_family_this_kernel_lacks_is_no_error_only_not_in_use(monkeypatch):
+    # A kernel with IPv6 turned off still resolves "localhost" to ::1; its socket() fails.
+    unsupported = (socket.AF_APPLETALK, socket.SOCK_STREAM, 0, "", ("::1", 0))
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: [unsupported])
+    assert not ports.in_use("localhost", 50051)
