@@ -15,7 +15,8 @@ from collections.abc import AsyncIterator
 from pdserve.common.errors import NotReadyError
 
 log = logging.getLogger(__name__)
-# How long cut requests get to send their last words (an error event, a status) to their clients.
+# How long cut requests get to leave their scopes; the front ends then write their last words
+# (an error event within aiohttp's shutdown_timeout, a status within the gRPC stop's grace).
 _LAST_WORDS_S = 5.0
 
 
@@ -27,12 +28,16 @@ class ShuttingDownError(NotReadyError):
 
 
 class Shutdown:
+    """Admission and the drain, shared by both front ends of one router."""
+
     def __init__(self, grace_s: float):
         self.grace_s = grace_s  # what running requests get to finish once draining begins
         self.draining = False
         self._scopes: set[asyncio.Timeout] = set()  # one per running request, cut by drain()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._grace_over = asyncio.Event()  # end_grace(): cut now
+        self._drained: asyncio.Future | None = None  # the one drain; later calls wait for it
 
     def admit(self) -> None:
         """Raise ShuttingDownError once draining has begun."""
@@ -64,14 +69,21 @@ class Shutdown:
 
     async def drain(self, grace_s: float | None = None) -> None:
         """Stop admitting, wait up to the grace period (default: the router's) for running
-        requests, then cut those left and give them a moment to tell their clients.
-        Calling it again is cheap."""
+        requests, then cut those left. Every later call waits for that first drain."""
         self.draining = True
+        if self._drained is None:
+            self._drained = asyncio.ensure_future(self._drain(self.grace_s if grace_s is None else grace_s))
+        await asyncio.shield(self._drained)
+
+    def end_grace(self) -> None:
+        """Cut the running requests now, not at the grace's end."""
+        self._grace_over.set()
+
+    async def _drain(self, grace_s: float) -> None:
         if not self._scopes:
             return
-        grace_s = self.grace_s if grace_s is None else grace_s
         log.info("draining %d running requests (grace %.1fs)", len(self._scopes), grace_s)
-        if await self._wait_idle(grace_s):
+        if await self._wait_idle(grace_s, self._grace_over):
             return
         log.warning("grace over: ending %d running requests with 'shutting down'", len(self._scopes))
         now = asyncio.get_running_loop().time()
@@ -80,9 +92,14 @@ class Shutdown:
         if not await self._wait_idle(_LAST_WORDS_S):
             log.warning("%d requests did not end within %.1fs of the cut", len(self._scopes), _LAST_WORDS_S)
 
-    async def _wait_idle(self, timeout_s: float) -> bool:
+    async def _wait_idle(self, timeout_s: float, give_up: asyncio.Event | None = None) -> bool:
+        """Whether every scope ended within `timeout_s` (False early once `give_up` is set)."""
+        waits = [asyncio.ensure_future(self._idle.wait())]
+        if give_up is not None:
+            waits.append(asyncio.ensure_future(give_up.wait()))
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
+            await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        return self._idle.is_set()

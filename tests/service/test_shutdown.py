@@ -28,7 +28,7 @@ from pdserve.v1 import router_pb2 as rpb
 from pdserve.v1 import router_pb2_grpc
 from tests.polling import settles
 
-LONG = 1000  # tokens: 20 s at the worker's pace, longer than any grace here
+LONG = 3000  # tokens: 60 s at the worker's pace, longer than any test waits
 SHUTTING_DOWN = "the server is shutting down"
 
 
@@ -80,7 +80,8 @@ async def _events(resp: aiohttp.ClientResponse):
 
 
 async def test_streams_open_when_the_grace_ends_are_told_the_server_is_shutting_down(tokenizer):
-    async with serving_router(tokenizer, grace_s=3.0) as (router, worker, stub, stop, serving):
+    # The grace outlasts the checks below on any machine; the test then ends it itself.
+    async with serving_router(tokenizer, grace_s=60.0) as (router, worker, stub, stop, serving):
         async with aiohttp.ClientSession() as http:
             url = router.http.url + "/completions"
             sse = await http.post(url, json=_request(LONG, stream=True))
@@ -105,6 +106,7 @@ async def test_streams_open_when_the_grace_ends_are_told_the_server_is_shutting_
                 assert r.status == 503
 
             # The grace ends: every open request hears why it ends.
+            router.shutdown.end_grace()
             rest = [e async for e in sse_events]
             sse.release()
             assert rest[-1] == "[DONE]" and all("choices" in e for e in rest[:-2])
