@@ -11,23 +11,58 @@ from pathlib import Path
 
 GIB = 2**30
 _MEMINFO = Path("/proc/meminfo")
-_CGROUP = Path("/sys/fs/cgroup")  # cgroup v2, as a container sees its own group
+_CGROUPS = Path("/sys/fs/cgroup")
+_SELF = Path("/proc/self/cgroup")
+_NO_LIMIT = 2**62  # cgroup v1 writes "no limit" as a page-rounded 2**63 - 1
+# Per hierarchy: (folder under _CGROUPS, limit file, usage file, reclaimable page cache in memory.stat).
+_V2 = ("", "memory.max", "memory.current", "inactive_file")
+_V1 = ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
 
 
-def available_bytes(meminfo: Path = _MEMINFO, cgroup: Path = _CGROUP) -> int | None:
-    """MemAvailable, or less when a cgroup (a container's limit) leaves less; None off Linux."""
+def available_bytes(meminfo: Path = _MEMINFO, cgroups: Path = _CGROUPS,
+                    self_cgroup: Path = _SELF) -> int | None:
+    """MemAvailable, or less when a memory cgroup of this process (a container's limit, a
+    systemd slice) leaves less; None off Linux."""
     try:
         fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines() if ":" in line)
         available = int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return None
-    try:
-        limit = (cgroup / "memory.max").read_text().strip()
-        if limit != "max":
-            available = min(available, int(limit) - int((cgroup / "memory.current").read_text()))
-    except (OSError, ValueError):
-        pass  # no cgroup v2 limit visible: the machine's figure stands
+    for left in _cgroup_room(cgroups, self_cgroup):
+        available = min(available, left)
     return max(0, available)
+
+
+def _cgroup_room(cgroups: Path, self_cgroup: Path):
+    """What each limited memory cgroup holding this process has left: its limit less its
+    usage, page cache that can be reclaimed not counted as used. Ancestors limit too."""
+    try:
+        lines = self_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    own = {(c.split(":", 2)[1] or "unified"): c.split(":", 2)[2] for c in lines if c.count(":") >= 2}
+    for (folder, limit_file, usage_file, cache_key), key in ((_V2, "unified"), (_V1, "memory")):
+        mount = cgroups / folder
+        path = mount / own.get(key, "/").lstrip("/")
+        group = path if path.is_dir() else mount  # a container sees its own group as the root
+        for g in (group, *group.parents):
+            if not g.is_relative_to(mount):
+                break
+            try:
+                limit_text = (g / limit_file).read_text().strip()
+                if limit_text == "max" or int(limit_text) >= _NO_LIMIT:
+                    continue
+                used = int((g / usage_file).read_text())
+            except (OSError, ValueError):
+                continue  # not this hierarchy's group, or no limit at this level
+            yield int(limit_text) - used + _stat(g, cache_key)
+
+
+def _stat(group: Path, key: str) -> int:
+    try:
+        return int(dict(line.split() for line in (group / "memory.stat").read_text().splitlines()).get(key, 0))
+    except (OSError, ValueError):
+        return 0
 
 
 @dataclass(frozen=True)

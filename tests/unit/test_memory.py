@@ -26,21 +26,51 @@ def test_an_unset_size_is_a_share_of_the_free_memory_within_floor_and_cap(availa
     assert str(sizing) == f"{chosen:.2f} GiB ({how})"
 
 
-def test_a_cgroup_limit_below_the_machine_s_free_memory_wins(tmp_path):
-    meminfo = tmp_path / "meminfo"
-    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   20971520 kB\n")  # 20 GiB
-    cgroup = tmp_path / "cgroup"
-    cgroup.mkdir()
-    assert memory.available_bytes(meminfo, cgroup) == 20 * GIB  # no limit file: the machine's figure
-    (cgroup / "memory.max").write_text("max\n")
-    assert memory.available_bytes(meminfo, cgroup) == 20 * GIB
-    (cgroup / "memory.max").write_text(f"{4 * GIB}\n")
-    (cgroup / "memory.current").write_text(f"{GIB}\n")
-    assert memory.available_bytes(meminfo, cgroup) == 3 * GIB
+def meminfo(tmp_path, available_gib: int):
+    path = tmp_path / "meminfo"
+    path.write_text(f"MemTotal:       24000000 kB\nMemAvailable:   {available_gib * 1024 * 1024} kB\n")
+    return path
+
+
+def group(root, path: str, **files: int | str):
+    folder = root / path
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, value in files.items():
+        (folder / name.replace("_", ".", 1) if name.startswith("memory_") else folder / name).write_text(f"{value}\n")
+    return folder
+
+
+def test_a_cgroup_v2_limit_below_the_machine_s_free_memory_wins(tmp_path):
+    cgroups, own = tmp_path / "cgroup", tmp_path / "self"
+    own.write_text("0::/\n")
+    group(cgroups, "")
+    assert memory.available_bytes(meminfo(tmp_path, 20), cgroups, own) == 20 * GIB  # no limit: the machine's
+    group(cgroups, "", memory_max="max")
+    assert memory.available_bytes(meminfo(tmp_path, 20), cgroups, own) == 20 * GIB
+    # 4 GiB allowed, 2 GiB charged of which 1 GiB is page cache it could drop (the model's file).
+    group(cgroups, "", memory_max=4 * GIB, memory_current=2 * GIB)
+    (cgroups / "memory.stat").write_text(f"anon 1\ninactive_file {GIB}\n")
+    assert memory.available_bytes(meminfo(tmp_path, 20), cgroups, own) == 3 * GIB
+
+
+def test_the_tightest_of_this_process_s_group_and_its_ancestors_counts(tmp_path):
+    cgroups, own = tmp_path / "cgroup", tmp_path / "self"
+    own.write_text("0::/system.slice/pdserve.service\n")
+    group(cgroups, "system.slice", memory_max=6 * GIB, memory_current=GIB)
+    group(cgroups, "system.slice/pdserve.service", memory_max="max", memory_current=GIB)
+    assert memory.available_bytes(meminfo(tmp_path, 20), cgroups, own) == 5 * GIB
+
+
+def test_a_cgroup_v1_memory_limit_counts_too(tmp_path):
+    cgroups, own = tmp_path / "cgroup", tmp_path / "self"
+    own.write_text("4:memory:/docker/abc\n0::/\n")
+    group(cgroups / "memory", "", memory_limit_in_bytes=9223372036854771712)  # no limit
+    group(cgroups / "memory", "docker/abc", memory_limit_in_bytes=4 * GIB, memory_usage_in_bytes=GIB)
+    assert memory.available_bytes(meminfo(tmp_path, 20), cgroups, own) == 3 * GIB
 
 
 def test_unknown_free_memory_takes_the_floor(tmp_path):
-    assert memory.available_bytes(tmp_path / "absent", tmp_path) is None
+    assert memory.available_bytes(tmp_path / "absent", tmp_path, tmp_path / "absent") is None
     assert memory.available_bytes() is not None  # this machine (Linux) says what it has
 
 
