@@ -15,6 +15,7 @@ import pytest
 from pdserve.client import Client
 from pdserve.common import memory
 from tests.e2e.conftest import free_port_run
+from tests.sockets import children
 
 pytestmark = pytest.mark.slow
 
@@ -27,18 +28,6 @@ FLOORS = {"prefill-0": memory.WORKER_KV.floor_gib, "decode-0": memory.WORKER_KV.
 def rss(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry))
-        except (ValueError, OSError):  # not a process, or one that has just exited
-            continue
-    return found
 
 
 def lines_of(proc: subprocess.Popen) -> queue.Queue:

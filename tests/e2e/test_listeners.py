@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from tests.service.test_listeners import needs_another_interface
 from tests.sockets import children, listening
 
 
@@ -14,6 +15,7 @@ def _role(pid: int) -> str | None:
     return argv[argv.index("serve") + 1] if "serve" in argv else None
 
 
+@needs_another_interface
 def test_every_process_of_the_suite_listens_on_127_0_0_1_only(start_suite):
     start_suite("disaggregated", metrics_port=0)
     held = {role: listening(pid) for pid in children(os.getpid()) if (role := _role(pid))}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2_grpc
 
 from pdserve.launcher import PortInUseError, Service, Suite, SuiteError, ports
+from tests.e2e.conftest import free_port_run
 from tests.polling import eventually
 
 # pdserve's own server stack with its health service SERVING on 127.0.0.1:argv[1]
@@ -39,15 +39,6 @@ asyncio.run(main())
 # --port, --base-port (prefill-0, decode-0, kvstore), --http-port, --metrics-port (four): offsets in a run
 LAYOUT = {"--port": 0, "--base-port": 1, "--http-port": 4, "--metrics-port": 5}
 TAKEN = {"--port": 0, "--base-port": 2, "--http-port": 4, "--metrics-port": 7}  # decode-0's; the decode's metrics
-
-
-def free_run(n: int) -> int:
-    """First of n consecutive ports that are free on 127.0.0.1 now."""
-    for _ in range(200):
-        base = random.randrange(20000, 60000 - n)
-        if not any(ports.in_use("127.0.0.1", p) for p in range(base, base + n)):
-            return base
-    raise RuntimeError("no free run of ports")
 
 
 @contextmanager
@@ -97,7 +88,7 @@ def up(base: int, *extra: str) -> tuple[int, list[str], float]:
 def bad_setting_s() -> float:
     """How long this machine takes, just now, to start `pdserve up` and refuse a bad setting
     (no decode worker): the baseline of a refusal, measured beside each one as the load varies."""
-    code, _, elapsed = up(free_run(9), "--decode", "0")
+    code, _, elapsed = up(free_port_run(9), "--decode", "0")
     assert code == 2
     return elapsed
 
@@ -110,7 +101,7 @@ def refused_at_once(elapsed: float, bad_setting_s: float) -> bool:
 
 @pytest.mark.parametrize("flag", list(TAKEN))
 def test_up_refuses_a_port_another_process_listens_on_at_once_naming_it_and_its_flag(flag, bad_setting_s):
-    base = free_run(9)
+    base = free_port_run(9)
     taken = base + TAKEN[flag]
     with socket.create_server(("127.0.0.1", taken)):
         code, lines, elapsed = up(base)
@@ -120,7 +111,7 @@ def test_up_refuses_a_port_another_process_listens_on_at_once_naming_it_and_its_
 
 
 def test_up_refuses_the_port_another_suite_s_router_answers_health_on(bad_setting_s):
-    base = free_run(9)
+    base = free_port_run(9)
     with pdserve_health_server("another-suite", port=base) as taken:
         code, lines, elapsed = up(base)
     assert code == 2
@@ -129,7 +120,7 @@ def test_up_refuses_the_port_another_suite_s_router_answers_health_on(bad_settin
 
 
 def test_a_suite_refuses_a_taken_port_before_it_starts_anything():
-    base = free_run(5)
+    base = free_port_run(5)
     with socket.create_server(("127.0.0.1", base + 4)):  # the HTTP port the plan derives: after the store's
         suite = Suite(port=base, base_port=base + 1, out=io.StringIO())
         with pytest.raises(PortInUseError, match=f"port {base + 4} \\(--http-port\\) is in use"):
@@ -153,7 +144,7 @@ def test_readiness_never_counts_an_answer_from_a_process_the_suite_did_not_start
 
 
 def test_a_pdserve_service_the_suite_started_is_ready_by_its_instance_id():
-    port = free_run(1)
+    port = free_port_run(1)
     ours = Service("kvstore", (sys.executable, "-c", PDSERVE_HEALTH, str(port)), f"127.0.0.1:{port}", 0)
     out = io.StringIO()
     with Suite(services=[ours], out=out, ready_timeout=30, grace_s=5):
