@@ -66,7 +66,7 @@ async def _recv_cmd(rx, pool, cmd, *a):
 
 async def _send_cmd(tx, pool, cmd, *a):
     from pdserve.common.transfer import TransferTicket, ucx
-    from pdserve.common.transfer.base import _as_bytes
+    from pdserve.common.transfer.base import as_bytes
 
     if cmd == "send":  # (ticket fields, first, count, seed, timeout, corrupt: False, "header" or "payload")
         fields, first, count, seed, timeout, corrupt = a
@@ -78,7 +78,7 @@ async def _send_cmd(tx, pool, cmd, *a):
             ucx.block_checksum = lambda buf: bytes(16)
         elif corrupt == "payload":  # the header is true to the data as hashed; then one byte of
             # the second block flips before UCX reads it (as a flip on the wire would)
-            victim = _as_bytes(pool.block(1))
+            victim = as_bytes(pool.block(1))
             hashed = real(victim)
             victim[victim.size // 2] ^= 0x10
             ucx.block_checksum = lambda buf: hashed if buf.ctypes.data == victim.ctypes.data else real(buf)

@@ -91,7 +91,7 @@ def block_checksum(buf) -> bytes:
     stale, truncated, misplaced or flipped data; forgery is the keyed tags' and
     MAC's job.
     """
-    return xxhash.xxh3_128_digest(_as_bytes(buf))
+    return xxhash.xxh3_128_digest(as_bytes(buf))
 
 
 def make_header(ticket: TransferTicket, index: int, nbytes: int, checksum: bytes) -> bytearray:
@@ -116,7 +116,7 @@ def verify_block(ticket: TransferTicket, index: int, header, dest) -> str | None
     return None
 
 
-def _as_bytes(buf) -> np.ndarray:
+def as_bytes(buf) -> np.ndarray:
     """A zero-copy uint8 ndarray view of a contiguous CPU tensor or ndarray."""
     if not isinstance(buf, np.ndarray):
         try:

@@ -20,7 +20,7 @@ from pdserve.common.transfer.base import (
     KVSender,
     TransferStatus,
     TransferTicket,
-    _as_bytes,
+    as_bytes,
     block_checksum,
     make_header,
     verify_block,
@@ -58,11 +58,11 @@ class LoopbackKVReceiver(KVReceiver):
         # ticket, or one already landed, matches nothing and lands nowhere.
         if not 0 <= index < t.ticket.num_blocks or index in t.landed:
             raise TransferFailedError(f"transfer {ticket.transfer_id}: no receive for block {index}")
-        data = _as_bytes(src)
+        data = as_bytes(src)
         if data.size != t.ticket.block_bytes:  # UCX: a truncated receive, the transfer fails
             t.fail(f"block {index}: {data.size} bytes, the ticket's blocks have {t.ticket.block_bytes}")
             raise TransferFailedError(f"transfer {ticket.transfer_id}: {t.error}")
-        dest = _as_bytes(t.dest[index])
+        dest = as_bytes(t.dest[index])
         dest[:] = data  # byte copy: any dtype, straight into the pool block
         if corrupt:
             dest[0] ^= 0xFF

@@ -26,7 +26,7 @@ from pdserve.common.transfer.base import (
     KVSender,
     TransferStatus,
     TransferTicket,
-    _as_bytes,
+    as_bytes,
     block_checksum,
     block_tag,
     make_header,
@@ -266,7 +266,7 @@ class UcxKVReceiver(KVReceiver):
         w, Array, reqs = self._w, self._w.Array, []
         for i, buf in enumerate(t.dest):  # interleaved H0 D0 H1 D1 ...: see _landed
             reqs.append(w.worker.tag_recv(Array(headers[i]), w.tag(block_tag(t.ticket, b"H", i))))
-            reqs.append(w.worker.tag_recv(Array(_as_bytes(buf)), w.tag(block_tag(t.ticket, b"D", i))))
+            reqs.append(w.worker.tag_recv(Array(as_bytes(buf)), w.tag(block_tag(t.ticket, b"D", i))))
         self._groups[transfer_id] = w.watch(reqs, functools.partial(self._landed, t, headers))
         return t.ticket
 
@@ -337,7 +337,7 @@ class UcxKVSender(KVSender):
             ep = self._eps.get(ticket.address)
             if ep is None:  # raises at once if the peer is already gone (same host)
                 ep = self._eps[ticket.address] = w.endpoint(ticket.address)
-            datas = [_as_bytes(buf) for buf in src_buffers]
+            datas = [as_bytes(buf) for buf in src_buffers]
             # Data runs _AHEAD blocks ahead of its header: the receiver pulls while we
             # checksum, and still verifies each block while it is in cache.
             for k in range(len(datas) + _AHEAD):
