@@ -61,15 +61,17 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
 
 @pytest.fixture(scope="session")
 def make_engine(smollm2):
-    """Build an LLMEngine on SmolLM2 (its own copy of the weights, paged attention)."""
+    """make(dtype="float32", **EngineConfig overrides): an LLMEngine on SmolLM2 (its own copy of the
+    weights in `dtype`, paged attention). float32 unless asked: tests compare with transformers' fp32."""
     from pdserve.common import model_loader
     from pdserve.common.engine.config import EngineConfig
     from pdserve.common.engine.engine import LLMEngine
 
     ref, _, tokenizer = smollm2
 
-    def make(**overrides) -> LLMEngine:
-        model, _ = model_loader.load(ref)
-        return LLMEngine(EngineConfig(**{"num_kv_blocks": 512, **overrides}), model, tokenizer, ref)
+    def make(dtype: str = "float32", **overrides) -> LLMEngine:
+        model, _ = model_loader.load(ref, dtype=dtype)
+        config = EngineConfig(**{"num_kv_blocks": 512, "dtype": dtype, **overrides})
+        return LLMEngine(config, model, tokenizer, ref)
 
     return make

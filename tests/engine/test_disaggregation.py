@@ -1,6 +1,7 @@
 """KV computed by one engine, exported as bytes, imported by another, decodes identically."""
 from __future__ import annotations
 
+import dataclasses
 
 from pdserve.common.engine.sampling_params import SamplingParams
 from tests.engine.prompts import prompts_by_length
@@ -11,7 +12,8 @@ def _handoff(prefill, decode, rid, ids, params):
     """The disaggregated flow at engine level: prefill -> KV bytes -> decode."""
     seq = decode.reserve(rid, ids, params)
     skip = seq.num_cached_tokens // decode.config.block_size  # decode already has these blocks
-    prefill.add_request(ids, SamplingParams(max_tokens=1), request_id=rid, hold_blocks=True)
+    first_only = dataclasses.replace(params, max_tokens=1)  # as the prefill worker asks, seed and all
+    prefill.add_request(ids, first_only, request_id=rid, hold_blocks=True)
     [first] = [o for o in _run(prefill) if o.request_id == rid]
     decode.import_kv(rid, prefill.export_kv(rid)[skip:], first_block=skip)
     assert prefill.release(rid)
@@ -36,6 +38,15 @@ def test_prefill_here_decode_there_matches_transformers(make_engine, smollm2):
     for engine in (prefill, decode):
         s = engine.stats()
         assert s.free_blocks == s.total_blocks and s.held == s.reserved == 0
+
+
+def test_seeded_sampling_in_bfloat16_draws_the_same_tokens_disaggregated_as_colocated(make_engine, smollm2):
+    _, _, tokenizer = smollm2
+    prefill, decode, colocated = (make_engine("bfloat16") for _ in range(3))
+    params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=4242, ignore_eos=True)
+    for i, ids in enumerate(prompts_by_length(tokenizer)[2:5]):
+        [alone] = colocated.generate([ids], params)
+        assert _handoff(prefill, decode, f"s{i}", ids, params) == alone, f"prompt of {len(ids)} tokens"
 
 
 def test_reservation_reuses_decode_side_prefix_cache(make_engine, smollm2):

@@ -127,3 +127,21 @@ async def test_an_unclaimed_reservation_expires_and_frees_its_blocks(smollm2):
             async for _ in decode.Decode(dpb.DecodeRequest(request_id="orphan", first_token_id=5)):
                 pass
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_seeded_requests_in_bfloat16_draw_what_one_bfloat16_engine_draws(smollm2, make_engine):
+    """The prefill worker draws the first token, the decode worker the rest, over real UCX with
+    bfloat16 KV; the tokens are those of one engine that does both. One request at a time on both
+    sides: in bfloat16 a batch of another size may round differently (docs/engine.md, Precision)."""
+    _, _, tokenizer = smollm2
+    prompts = prompts_by_length(tokenizer)[1:4]  # 7 to 100 tokens: one prefill chunk on both sides
+    seeded = {"max_tokens": NEW, "temperature": 0.9, "top_p": 0.95, "seed": 4242, "ignore_eos": True}
+    engine = make_engine("bfloat16")
+    alone = [engine.generate([ids], SamplingParams(**seeded))[0] for ids in prompts]
+    async with inprocess_suite(smollm2, dtype="bfloat16") as suite:
+        assert {rt.engine.engine.spec.dtype for rt in suite.decode + suite.prefill} == {"bfloat16"}
+        for i, (ids, want) in enumerate(zip(prompts, alone)):
+            tokens, _, last = await _collect(suite.stub, rpb.GenerateRequest(
+                request_id=f"s{i}", token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParams(**seeded)))
+            assert last.route.disaggregated
+            assert tokens == want, f"prompt of {len(ids)} tokens"

@@ -1,0 +1,61 @@
+"""Quality gates of the lower precisions (docs/engine.md, "Precision"): bfloat16 picks fp32's next token.
+
+Teacher forcing through the engine itself: transformers' fp32 greedy continuation is the reference;
+for each of its positions k the bf16 engine gets prompt + reference[:k] and samples one greedy token,
+which must be reference[k]. Prefix caching makes each of those a short prefill over bf16 KV in the pool,
+the path decode takes. fp32 itself is held to token identity by test_greedy_equivalence.py.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pdserve.common.engine.sampling_params import SamplingParams
+from tests.engine.prompts import prompts_by_length
+from tests.reference import transformers_greedy
+
+pytestmark = pytest.mark.slow
+NEW_TOKENS = 16
+AGREEMENT = 0.98
+
+
+@pytest.fixture(scope="module")
+def references(smollm2):
+    """(prompt ids, fp32 transformers' greedy continuation) over the parity prompts (1 to 1,500 tokens)."""
+    _, model, tokenizer = smollm2
+    return [(ids, transformers_greedy(model, ids, NEW_TOKENS)) for ids in prompts_by_length(tokenizer)]
+
+
+def teacher_forced_agreement(engine, references) -> tuple[float, list[tuple[int, int]]]:
+    """Share of reference positions whose next token the engine picks, and the (prompt, k) it missed."""
+    missed, total = [], 0
+    for p, (ids, expected) in enumerate(references):
+        for k, want in enumerate(expected):
+            [[got]] = engine.generate([ids + expected[:k]], SamplingParams(max_tokens=1, ignore_eos=True))
+            total += 1
+            if got != want:
+                missed.append((p, k))
+    return 1 - len(missed) / total, missed
+
+
+# float16 on a CPU is converted in software unless it has AVX512-FP16 or AMX-FP16 (docs/engine.md, Precision).
+FP16_CPU_FLAGS = ("avx512_fp16", "amx_fp16")
+
+
+def native(dtype: str) -> bool:
+    if dtype == "bfloat16":
+        return True  # served wherever auto picks it, and measured here even where it does not
+    flags = open("/proc/cpuinfo").read().split()
+    return any(flag in flags for flag in FP16_CPU_FLAGS)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_lower_precision_picks_fp32_s_next_token_at_98_percent_of_positions(make_engine, references, dtype):
+    if not native(dtype):
+        pytest.skip(f"{dtype}: this CPU has none of {', '.join(FP16_CPU_FLAGS)}, so torch emulates it")
+    engine = make_engine(dtype)
+    want = getattr(torch, dtype)
+    assert engine.pool.tensor.dtype == want and next(engine.model.parameters()).dtype == want
+    agreement, missed = teacher_forced_agreement(engine, references)
+    assert agreement >= AGREEMENT, f"{agreement:.1%} of next tokens agree; missed (prompt, k): {missed}"
+    assert engine.stats().prefix_hits > 0  # each position reused the KV of the ones before it
