@@ -42,7 +42,8 @@ class Suite:
         self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}  # children log line by line
         if services is None:
             plan_kwargs.setdefault("http_port", http_port_from(self._env))
-        self.services = services if services is not None else plan(mode, prefill, decode, **plan_kwargs)
+        self.services = services if services is not None else plan(mode, prefill, decode, grace_s=grace_s,
+                                                                     **plan_kwargs)
         self.log_dir = Path(log_dir) if log_dir else None
         self.ready_timeout, self.grace_s = ready_timeout, grace_s
         self.out = out or sys.stdout

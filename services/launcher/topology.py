@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from pdserve.common.engine import precision
 from pdserve.launcher.ports import Listen
+from pdserve.router.shutdown import LAST_WORDS_S
 
 MODES = ("disaggregated", "colocated")
 DEFAULT_PORT = 50051
@@ -43,7 +44,7 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
          http_port: int | None = None,
          metrics_port: int = -1, threads: int | None = None, python: str = sys.executable,
          hosts: Mapping[str, str] | None = None, device: str | None = None,
-         dtype: str | None = None) -> list[Service]:
+         dtype: str | None = None, grace_s: float = 15.0) -> list[Service]:
     """The services of a suite, with their command lines; validates the shape.
 
     hosts: a service's own --host by name (e.g. "prefill-0": one address per
@@ -61,6 +62,10 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
 
     dtype: the workers' --dtype (None: theirs, auto); the KV store gets it resolved for the first
     worker's device, so that its blocks are the workers' size.
+
+    grace_s: the launcher's time between SIGTERM and SIGKILL; the router drains for that less
+    the time its cut requests take to say why (router.shutdown.LAST_WORDS_S), so that a stream
+    still open is told, not killed with its router.
 
     threads: torch threads per model worker; None: this machine's cores shared
     among them (two workers with a thread per core each measured 4x slower to
@@ -111,10 +116,11 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
     # List flags take one value per target (the config parser's nargs="*").
     pre = ("--prefill-targets", *targets["prefill"]) if prefill else ()
     router = at("router")
+    router_grace = max(0.0, grace_s - LAST_WORDS_S)
     http = (Listen(router, http_port, "--http-port"),) if http_port > 0 else ()  # 0: any free port; -1: none
     services.append(Service("router", (*serve, "router", "--host", router, "--port", str(port), "--mode", mode,
                                        *pre, "--decode-targets", *targets["decode"], *common,
-                                       "--http-port", str(http_port)),
+                                       "--grace-s", f"{router_grace:g}", "--http-port", str(http_port)),
                             f"{_dial(router)}:{port}", 2, http=f"{_dial(router)}:{http_port}" if http else None,
                             listens=(Listen(router, port, "--port"), *http)))
     return _with_metrics(services, metrics_port, taken={port, http_port, *range(base_port, store_port + 1)})

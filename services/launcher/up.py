@@ -81,7 +81,8 @@ def add_up_args(parser: argparse.ArgumentParser) -> None:
                         help="start the shared KV store for the prefill workers (disaggregated mode)")
     parser.add_argument("--log-dir", default=None, help="also write each service's log to DIR/NAME.log")
     parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds (the first start converts the model)")
-    parser.add_argument("--grace", type=float, default=15.0, help="seconds between SIGTERM and SIGKILL")
+    parser.add_argument("--grace", type=float, default=15.0, help="seconds between SIGTERM and SIGKILL; the router drains its "
+                        "streams for this less 5 s, then tells those still open that it is shutting down")
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -92,7 +93,7 @@ def run_up(args: argparse.Namespace) -> int:
                         log_level=getattr(args, "log_level", None),  # `pdserve --log-level L up`
                         http_port=http_port_from(os.environ) if args.http_port is None else args.http_port,
                         metrics_port=args.metrics_port, threads=args.threads, device=args.device,
-                        dtype=args.dtype)
+                        dtype=args.dtype, grace_s=args.grace)
         # Each child's settings (flags, PDSERVE_* variables, file) resolved here as it will resolve them:
         # a bad one is this one line, not a failure in every child.
         check_commands({s.name: s.argv[3:] for s in services if s.argv[1:3] == ("-m", "pdserve")})

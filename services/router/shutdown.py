@@ -17,7 +17,7 @@ from pdserve.common.errors import NotReadyError
 log = logging.getLogger(__name__)
 # How long cut requests get to leave their scopes; the front ends then write their last words
 # (an error event within aiohttp's shutdown_timeout, a status within the gRPC stop's grace).
-_LAST_WORDS_S = 5.0
+LAST_WORDS_S = 5.0
 
 
 class ShuttingDownError(NotReadyError):
@@ -89,8 +89,8 @@ class Shutdown:
         now = asyncio.get_running_loop().time()
         for cut in list(self._scopes):
             cut.reschedule(now)
-        if not await self._wait_idle(_LAST_WORDS_S):
-            log.warning("%d requests did not end within %.1fs of the cut", len(self._scopes), _LAST_WORDS_S)
+        if not await self._wait_idle(LAST_WORDS_S):
+            log.warning("%d requests did not end within %.1fs of the cut", len(self._scopes), LAST_WORDS_S)
 
     async def _wait_idle(self, timeout_s: float, give_up: asyncio.Event | None = None) -> bool:
         """Whether every scope ended within `timeout_s` (False early once `give_up` is set)."""

@@ -1,6 +1,9 @@
-"""The default `pdserve up` on the bundled model: its memory, as docs/memory.md states it."""
+"""The default `pdserve up` on the bundled model, as a user runs it: its memory, as
+docs/memory.md states it, and Ctrl-C while a stream is still open."""
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import queue
 import re
@@ -36,10 +39,18 @@ def lines_of(proc: subprocess.Popen) -> queue.Queue:
     return out
 
 
-def test_the_default_suite_takes_under_4_gb_and_says_what_it_sized():
+def sse_events(response: http.client.HTTPResponse):
+    """The data of an OpenAI SSE stream, parsed ([DONE] as itself)."""
+    for raw in response:
+        if raw.startswith(b"data: "):
+            data = raw[6:].strip().decode()
+            yield data if data == "[DONE]" else json.loads(data)
+
+
+def test_the_default_suite_takes_under_4_gb_and_ctrl_c_tells_an_open_stream_why_it_ends():
     base = free_port_run(7)
     argv = [sys.executable, "-m", "pdserve", "up", "--port", str(base), "--base-port", str(base + 1),
-            "--http-port", str(base + 5), "--metrics-port", "0"]  # the defaults but the ports
+            "--http-port", str(base + 5), "--metrics-port", "0", "--grace", "6"]  # the defaults but these
     env = {k: v for k, v in os.environ.items() if not k.startswith("PDSERVE_")}
     launcher = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     out, log, sizes = lines_of(launcher), [], {}
@@ -57,6 +68,16 @@ def test_the_default_suite_takes_under_4_gb_and_says_what_it_sized():
             assert client.complete("What is the capital of France?", max_tokens=16).token_ids
         pids = [launcher.pid, *children(launcher.pid)]
         per_process = {pid: rss(pid) for pid in pids}
+
+        conn = http.client.HTTPConnection("127.0.0.1", base + 5, timeout=120)
+        body = {"prompt": "Count to a thousand:", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        events = sse_events(conn.getresponse())
+        assert "choices" in next(events)
+        launcher.send_signal(signal.SIGINT)  # Ctrl-C: the router drains 6 - 5 s, then cuts with a word
+        rest = list(events)
+        assert rest[-1] == "[DONE]" and rest[-2]["error"]["message"] == "the server is shutting down", rest[-3:]
+        assert launcher.wait(60) == 0
     finally:
         launcher.send_signal(signal.SIGINT)
         launcher.wait(60)

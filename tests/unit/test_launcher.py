@@ -176,6 +176,16 @@ def test_the_router_s_http_port_variable_reaches_the_launcher(monkeypatch):
     assert launcher.run_up(parse()) == 2  # refused before anything starts
 
 
+@pytest.mark.parametrize("grace", [15.0, 8.0, 3.0])
+def test_the_router_drains_and_says_why_before_the_launcher_would_kill_it(grace):
+    from pdserve.router.shutdown import LAST_WORDS_S
+
+    router = next(s for s in launcher.plan(grace_s=grace) if s.name == "router")
+    router_grace = float(router.argv[router.argv.index("--grace-s") + 1])
+    assert router_grace == max(0.0, grace - LAST_WORDS_S)
+    assert router_grace + LAST_WORDS_S <= max(grace, LAST_WORDS_S)
+
+
 def test_colocated_plan_and_validation():
     services = launcher.plan("colocated", 5, 2, host="0.0.0.0", python="py")
     assert [s.name for s in services] == ["model", "decode-0", "decode-1", "router"]
