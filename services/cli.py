@@ -7,6 +7,7 @@ import sys
 import typing
 
 from pdserve.common.config import SettingError
+from pdserve.common.engine import precision
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -242,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     eng = bench_sub.add_parser("engine", help="engine speed against this machine's measured limits")
     eng.add_argument("--model", default=None)
     eng.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    eng.add_argument("--dtype", default="auto", choices=precision.CHOICES,
+                     help="weights, KV, the matmul ceiling and the naive loop (auto: as a worker has it)")
     eng.add_argument("--json", default=None, help="also write the results here")
     eng.set_defaults(func=cmd_bench_engine)
     ttft = bench_sub.add_parser("ttft", help="idle TTFT, disaggregated vs colocated (real processes)")

@@ -21,6 +21,7 @@ import torch
 
 from pdserve.bench.limits import measure, median_time
 from pdserve.common import model_loader
+from pdserve.common.engine import precision
 from pdserve.common.engine.config import EngineConfig
 from pdserve.common.engine.engine import LLMEngine
 from pdserve.common.engine.sampling_params import SamplingParams
@@ -114,14 +115,16 @@ def hf_generate_batch_s(model, prompts: list[list[int]], new_tokens: int) -> flo
 def main(args) -> int:
     quick = getattr(args, "quick", False)
     ref = model_loader.resolve(getattr(args, "model", None))
-    limits = measure(quick)
-    print(f"machine: {limits.cpu}, {limits.threads} threads; matmul {limits.matmul_gflops:.1f} GFLOP/s, "
+    dtype = precision.resolve(getattr(args, "dtype", None) or "auto")
+    limits = measure(quick, dtype=dtype.dtype)  # the ceiling and the floor are those of the dtype in use
+    print(f"{dtype}; machine: {limits.cpu}, {limits.threads} threads; {dtype.dtype} matmul "
+          f"{limits.matmul_gflops:.1f} GFLOP/s, "
           f"read {limits.read_gbps:.2f} GB/s, memcpy {limits.memcpy_gbps:.2f} GB/s")
-    results: dict = {"machine": limits.as_dict(), "model": ref.name, "quick": quick}
+    results: dict = {"machine": limits.as_dict(), "model": ref.name, "quick": quick, "dtype": dtype.dtype}
 
     def make(**kw) -> LLMEngine:
-        model, tok = model_loader.load(ref)
-        return LLMEngine(EngineConfig(**{"num_kv_blocks": 2400, **kw}), model, tok, ref)
+        model, tok = model_loader.load(ref, dtype=dtype.dtype)
+        return LLMEngine(EngineConfig(**{"num_kv_blocks": 2400, "dtype": dtype.dtype, **kw}), model, tok, ref)
 
     engine = make(max_num_batched_tokens=1024, enable_prefix_caching=False)
     wbytes = weight_bytes(engine.model)
@@ -141,7 +144,7 @@ def main(args) -> int:
     steps = 4 if quick else 16
     batch_step = decode_step_s(engine, 32, 512, steps)
     ours = 32 / batch_step
-    hf_model, _ = model_loader.load(ref)
+    hf_model, _ = model_loader.load(ref, dtype=dtype.dtype)  # the naive loop in the same dtype
     naive = hf_naive_decode_tps(hf_model, 32, 512, steps)
     results["decode_batch32"] = {"tokens_per_s": ours, "hf_naive_tokens_per_s": naive, "speedup": ours / naive, "goal": ">= 4"}
     print(f"3. decode 32 seqs @512: {ours:.0f} tok/s; naive transformers loop {naive:.0f} tok/s "

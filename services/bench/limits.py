@@ -27,11 +27,12 @@ def median_time(fn, reps: int = 7, warmup: int = 1) -> float:
 
 @dataclass(frozen=True)
 class MachineLimits:
-    matmul_gflops: float  # fp32 square matmul, the compute ceiling
+    matmul_gflops: float  # square matmul in the engine's dtype, the compute ceiling
     read_gbps: float  # streaming read (sum of a large tensor), the decode floor
     memcpy_gbps: float  # bytes copied per second (copy_ of a large tensor)
     threads: int
     cpu: str
+    dtype: str = "float32"  # of the matmul
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -53,10 +54,10 @@ def machine() -> dict:
             "python": platform.python_version(), "platform": platform.platform()}
 
 
-def measure(quick: bool = False, device: str = "cpu") -> MachineLimits:
+def measure(quick: bool = False, device: str = "cpu", dtype: str = "float32") -> MachineLimits:
     reps = 3 if quick else 7
     n = 2048
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
     mm = median_time(lambda: torch.mm(a, b), reps)
     big = torch.randn((256 << 20) // 4, device=device)  # 256 MiB, far beyond cache
     dst = torch.empty_like(big)
@@ -69,4 +70,5 @@ def measure(quick: bool = False, device: str = "cpu") -> MachineLimits:
         memcpy_gbps=nbytes / copy / 1e9,
         threads=torch.get_num_threads(),
         cpu=_cpu_name(),
+        dtype=dtype,
     )
