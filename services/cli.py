@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import typing
 
+from pdserve.cli_parser import Parser
 from pdserve.common.config import SettingError
 from pdserve.common.engine import precision
 
@@ -103,17 +103,17 @@ def cmd_serve(args) -> int:
 
     from pdserve import settings
     from pdserve.common import logs, tracing
-    from pdserve.launcher.ports import first_taken
+    from pdserve.common.ports import first_taken
 
     try:  # settings first: a bad one is a line and exit 2, before any model loads
         config = settings.resolve(args.service, args)
-        _check_data_host(config)
+        settings.check_data_host(config)
         logs.setup(args.log_level, config.log_format, service=args.service)  # the service's own log_format
         tracing.setup(args.service)  # from the standard OTEL_* variables
     except ValueError as e:
         print(f"pdserve serve {args.service}: {e}", file=sys.stderr)
         return 2
-    if taken := first_taken(_listens(config)):
+    if taken := first_taken(settings.listens(config)):
         print(f"pdserve serve {args.service}: {taken.flag} {taken.port}: another process listens on "
               f"{taken.host}:{taken.port}", file=sys.stderr)
         return 2
@@ -122,26 +122,6 @@ def cmd_serve(args) -> int:
     serve = importlib.import_module(f"pdserve.{args.service}.serve").serve
     asyncio.run(serve(config))
     return 0
-
-
-def _check_data_host(config) -> None:
-    """A UCX data plane's host must be an address of this machine (ValueError naming it). Checked
-    here, not in `pdserve up`'s launcher, which may start children in other network namespaces."""
-    if getattr(config, "transport", None) == "ucx":
-        from pdserve.common.transfer.netdev import ucx_options
-
-        ucx_options(config.data_host or config.host)
-
-
-def _listens(config) -> list:
-    """The TCP ports a service's config binds, each with the flag that moves it."""
-    from pdserve.launcher.ports import Listen
-
-    listens = [Listen(config.host, config.port, "--port"),
-               Listen(config.host, config.metrics_port, "--metrics-port")]
-    if hasattr(config, "http_port"):  # the router's OpenAI API
-        listens.append(Listen(config.http_host or config.host, config.http_port, "--http-port"))
-    return listens
 
 
 def _bench(name: str, args) -> int:
@@ -168,34 +148,12 @@ def cmd_bench_engine(args) -> int:
     return engine_bench.main(args)
 
 
-class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default, unless its help states it already or it has none."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text or action.default is None or action.default is False \
-                or action.default in ("", [], argparse.SUPPRESS):
-            return text
-        return super()._get_help_string(action)
-
-
-class _Parser(argparse.ArgumentParser):
-    """Every default in --help, and a bad flag in one line (exit 2), without the usage."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("formatter_class", _DefaultsFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"{self.prog}: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     from pdserve import settings
 
-    parser = _Parser(prog="pdserve", description=__doc__)
+    parser = Parser(prog="pdserve", description=__doc__)
     settings.add_log_level_arg(parser)
-    sub = parser.add_subparsers(dest="command", required=True)  # subcommands' parsers are _Parsers too
+    sub = parser.add_subparsers(dest="command", required=True)  # subcommands' parsers are Parsers too
 
     gen = sub.add_parser("generate", help="stream a completion from a running router (or --local)")
     gen.add_argument("prompt", help="the user message (with --raw: the whole prompt)")

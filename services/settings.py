@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 
 from pdserve.common.config import ArgumentParser, ServiceConfig, SettingError
 from pdserve.common.engine.config import check_device
+from pdserve.common.ports import Listen
 from pdserve.common.worker_config import WorkerConfig
 from pdserve.kvstore.config import KVStoreConfig
 from pdserve.router.config import RouterConfig
@@ -87,3 +88,20 @@ def check_tracing(environ: Mapping[str, str]) -> None:
 
     if environ.get("OTEL_SDK_DISABLED", "").strip().lower() != "true" and tracing.exporters_from_env(environ):
         tracing.sampler_from_env(environ)
+
+
+def check_data_host(config: ServiceConfig) -> None:
+    """A UCX data plane's host must be an address of this machine (ValueError naming it). Checked
+    here, not in `pdserve up`'s launcher, which may start children in other network namespaces."""
+    if getattr(config, "transport", None) == "ucx":
+        from pdserve.common.transfer.netdev import ucx_options
+
+        ucx_options(config.data_host or config.host)
+
+
+def listens(config: ServiceConfig) -> list[Listen]:
+    """The TCP ports a service's config binds, each with the flag that moves it."""
+    ports = [Listen(config.host, config.port, "--port"), Listen(config.host, config.metrics_port, "--metrics-port")]
+    if hasattr(config, "http_port"):  # the router's OpenAI API
+        ports.append(Listen(config.http_host or config.host, config.http_port, "--http-port"))
+    return ports

@@ -12,7 +12,7 @@ its own brings the suite down with exit code 1. In tests and benchmarks:
 `with Suite(mode="colocated", decode=2) as suite: Client(suite.router_target)`.
 """
 
-from pdserve.launcher.ports import Listen
+from pdserve.common.ports import Listen
 from pdserve.launcher.suite import PortInUseError, Suite, SuiteError
 from pdserve.launcher.topology import MODES, Service, plan
 from pdserve.launcher.up import add_up_args, run_up, supervise

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve.common import security
 from pdserve.common.server import INSTANCE_ID_ENV, INSTANCE_ID_KEY
-from pdserve.launcher import ports
+from pdserve.common import ports
 from pdserve.launcher.topology import Service, http_port_from, plan
 
 _COLORS = ("36", "33", "35", "32", "34", "91", "96", "93")

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pdserve.common.engine import precision
-from pdserve.launcher.ports import Listen
+from pdserve.common.ports import Listen
 from pdserve.router.shutdown import LAST_WORDS_S
 
 MODES = ("disaggregated", "colocated")

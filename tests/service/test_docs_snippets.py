@@ -31,7 +31,7 @@ import pytest_asyncio
 
 from pdserve.bench import workload
 from pdserve.cli import build_parser
-from pdserve.launcher.ports import in_use
+from pdserve.common.ports import in_use
 from tests.service.suite import inprocess_suite, pools_full
 
 in_module_loop = pytest.mark.asyncio(loop_scope="module")  # the suite fixture's loop

@@ -17,7 +17,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2_grpc
 
-from pdserve.launcher import PortInUseError, Service, Suite, SuiteError, ports
+from pdserve.common import ports
+from pdserve.launcher import PortInUseError, Service, Suite, SuiteError
 from tests.e2e.conftest import free_port_run
 from tests.polling import eventually
 

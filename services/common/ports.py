@@ -1,4 +1,4 @@
-"""The ports a suite listens on, and whether another process already holds one.
+"""The ports a service listens on, and whether another process already holds one.
 
 UCX's KV listeners are not here: UCX picks them (ephemeral ports) when a worker
 starts, so there is nothing to try beforehand.
