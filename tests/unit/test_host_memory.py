@@ -22,8 +22,8 @@ def _thp_mode() -> str | None:
     return text.split("[", 1)[1].split("]", 1)[0]
 
 
-def _huge_bytes(t: torch.Tensor) -> int:
-    """Bytes of `t`'s address range that this process maps with huge pages (smaps)."""
+def _smaps_bytes(t: torch.Tensor, field: str = "AnonHugePages:") -> int:
+    """Bytes of `t`'s address range that smaps counts under `field` (default: mapped with huge pages)."""
     lo, hi, total, inside = t.data_ptr(), t.data_ptr() + t.nbytes, 0, False
     with open("/proc/self/smaps") as f:
         lines = f.readlines()
@@ -32,7 +32,7 @@ def _huge_bytes(t: torch.Tensor) -> int:
         if "-" in head and not head.endswith(":"):
             start, end = (int(x, 16) for x in head.split("-"))
             inside = start < hi and end > lo
-        elif inside and head == "AnonHugePages:":
+        elif inside and head == field:
             total += int(line.split()[1]) * 1024
     return total
 
@@ -61,34 +61,21 @@ def test_a_host_kv_pool_is_backed_by_huge_pages_even_where_malloc_has_memory_to_
     pool.tensor.fill_(1.0)  # pages are faulted in by their first write, as attention and transfers do
     # The 2 MiB-aligned interior asks; the kernel may still fall back page by page
     # when memory is fragmented, so most of it, not all.
-    assert _huge_bytes(pool.tensor) >= (pool.tensor.nbytes - 4 * MIB) // 2
+    assert _smaps_bytes(pool.tensor) >= (pool.tensor.nbytes - 4 * MIB) // 2
 
 
 @needs_thp
 def test_the_kv_store_slots_are_backed_by_huge_pages():
     store = BlockStore(capacity_blocks=32, block_bytes=737_280)
     store.slots.fill_(1)
-    assert _huge_bytes(store.slots) >= (store.slots.nbytes - 4 * MIB) // 2
+    assert _smaps_bytes(store.slots) >= (store.slots.nbytes - 4 * MIB) // 2
 
-
-def _resident_bytes(t: torch.Tensor) -> int:
-    """Bytes of `t`'s address range resident in this process (smaps Rss)."""
-    lo, hi, total, inside = t.data_ptr(), t.data_ptr() + t.nbytes, 0, False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split(maxsplit=1)[0]
-            if "-" in head and not head.endswith(":"):
-                start, end = (int(x, 16) for x in head.split("-"))
-                inside = start < hi and end > lo
-            elif inside and head == "Rss:":
-                total += int(line.split()[1]) * 1024
-    return total
 
 
 def test_a_kv_pool_takes_memory_only_as_its_blocks_are_written():
     spec = KVSpec("SmolLM2-135M-Instruct", "test", num_layers=30, num_kv_heads=3, head_dim=64)
     pool = KVPool(spec, 256)  # 189 MB reserved
-    assert _resident_bytes(pool.tensor) < 8 * MIB
+    assert _smaps_bytes(pool.tensor, "Rss:") < 8 * MIB
     pool.tensor[:16].fill_(1.0)  # 11.8 MB of KV written
-    assert 8 * MIB < _resident_bytes(pool.tensor) < 32 * MIB
+    assert 8 * MIB < _smaps_bytes(pool.tensor, "Rss:") < 32 * MIB
     assert int(pool.tensor[16:].count_nonzero()) == 0
