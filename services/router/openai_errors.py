@@ -25,30 +25,34 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def error_response(exc: BaseException, kind: str | None = None) -> web.Response:
-    """OpenAI's error shape and status for an exception; internals never leak.
+def error_payload(exc: BaseException, kind: str | None = None) -> tuple[int, dict[str, Any]]:
+    """OpenAI's status and error body for an exception; internals never leak.
     `kind` ("chat" or "completion") names the prompt field in the API's words."""
     if isinstance(exc, ModelNotFoundError):  # OpenAI's status for it, not 400
-        status, body = 404, error_body(str(exc), "invalid_request_error", "model", "model_not_found")
-    elif isinstance(exc, InvalidRequestError):
+        return 404, error_body(str(exc), "invalid_request_error", "model", "model_not_found")
+    if isinstance(exc, InvalidRequestError):
         param, message = exc.field, str(exc)
         if param.startswith("prompt"):  # the router's names for the prompt: prompt, prompt.chat, ...
             param = "messages" if kind == "chat" else "prompt"
             message = f"{param}: {exc.reason}"  # in the API's own names
         param = None if param == "body" else param
-        status, body = 400, error_body(message, "invalid_request_error", param)
-    elif isinstance(exc, CapacityExhaustedError):
-        status, body = 429, error_body(str(exc), "requests", None, "rate_limit_exceeded")
-    elif isinstance(exc, UnauthenticatedError):
-        return web.json_response(error_body(str(exc), "invalid_request_error", None, "invalid_api_key"),
-                                 status=401, headers={"WWW-Authenticate": "Bearer"})
-    elif isinstance(exc, NotReadyError):
-        status, body = 503, error_body(str(exc), "server_error", None, "service_unavailable")
-    else:
-        incident = uuid.uuid4().hex[:12]
-        log.error("HTTP request failed (incident %s)", incident, exc_info=exc)
-        status, body = 500, error_body(f"internal error (incident {incident})", "server_error")
-    return web.json_response(body, status=status)
+        return 400, error_body(message, "invalid_request_error", param)
+    if isinstance(exc, CapacityExhaustedError):
+        return 429, error_body(str(exc), "requests", None, "rate_limit_exceeded")
+    if isinstance(exc, UnauthenticatedError):
+        return 401, error_body(str(exc), "invalid_request_error", None, "invalid_api_key")
+    if isinstance(exc, NotReadyError):
+        return 503, error_body(str(exc), "server_error", None, "service_unavailable")
+    incident = uuid.uuid4().hex[:12]
+    log.error("HTTP request failed (incident %s)", incident, exc_info=exc)
+    return 500, error_body(f"internal error (incident {incident})", "server_error")
+
+
+def error_response(exc: BaseException, kind: str | None = None) -> web.Response:
+    """`error_payload` as a response."""
+    status, body = error_payload(exc, kind)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return web.json_response(body, status=status, headers=headers)
 
 
 @web.middleware

@@ -27,7 +27,8 @@ from pdserve.common import genai, tracing
 from pdserve.common.errors import NotReadyError, UnauthenticatedError
 from pdserve.common.security import ApiKeys
 from pdserve.router.models import ModelNotFoundError, check_model, served_models
-from pdserve.router.openai_errors import JsonErrorRunner, error_body, error_response, json_body, openai_errors
+from pdserve.router.openai_errors import (JsonErrorRunner, error_body, error_payload, error_response, json_body,
+                                          openai_errors)
 from pdserve.router.openai_protocol import Kind, ResponseShaper, parse_request
 from pdserve.router.request_metrics import RequestMetrics
 from pdserve.router.router import Event, Router
@@ -69,7 +70,7 @@ class OpenAIServer:
         self.ssl_context = ssl_context  # HTTPS when given
         self.default_max_tokens = default_max_tokens
         self.ready = ready
-        self.shutdown = shutdown or Shutdown(grace_s=10.0)
+        self.shutdown = shutdown or Shutdown()
         self.port: int | None = None
         self.created = int(time.time())
         self._runner: web.AppRunner | None = None
@@ -187,7 +188,7 @@ async def _send(stream: web.StreamResponse, chunks: AsyncIterator[Any]) -> None:
 
 
 async def _last_words(exc: Exception) -> AsyncIterator[Any]:
-    yield json.loads(error_response(exc).text)
+    yield error_payload(exc)[1]
     yield "[DONE]"
 
 
@@ -210,5 +211,5 @@ async def _sse_chunks(shaper: ResponseShaper, first: Event, events: AsyncIterato
         if ev is None:
             raise NotReadyError("the stream ended without a finish reason")
     except Exception as e:
-        yield json.loads(error_response(e).text)
+        yield error_payload(e)[1]
     yield "[DONE]"

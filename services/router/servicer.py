@@ -52,7 +52,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.router = router
         self.default_max_tokens = default_max_tokens
         self.measured = measured or RequestMetrics()
-        self.shutdown = shutdown or Shutdown(grace_s=10.0)  # shared with the HTTP front end
+        self.shutdown = shutdown or Shutdown()  # shared with the HTTP front end
 
     async def Generate(self, request: rpb.GenerateRequest, context) -> None:
         self.shutdown.admit()

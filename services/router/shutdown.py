@@ -30,7 +30,7 @@ class ShuttingDownError(NotReadyError):
 class Shutdown:
     """Admission and the drain, shared by both front ends of one router."""
 
-    def __init__(self, grace_s: float):
+    def __init__(self, grace_s: float = 10.0):  # as RouterConfig.grace_s
         self.grace_s = grace_s  # what running requests get to finish once draining begins
         self.draining = False
         self._scopes: set[asyncio.Timeout] = set()  # one per running request, cut by drain()
