@@ -94,9 +94,9 @@ def check_data_host(config: ServiceConfig) -> None:
     """A UCX data plane's host must be an address of this machine (ValueError naming it). Checked
     here, not in `pdserve up`'s launcher, which may start children in other network namespaces."""
     if getattr(config, "transport", None) == "ucx":
-        from pdserve.common.transfer.netdev import ucx_options
+        from pdserve.common.transfer.netdev import data_host, ucx_options
 
-        ucx_options(config.data_host or config.host)
+        ucx_options(data_host(config))
 
 
 def listens(config: ServiceConfig) -> list[Listen]:

@@ -30,17 +30,23 @@ SERVICES = {"prefill": prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_n
 log = logging.getLogger(__name__)
 
 
-def make_receiver(transport: str, host: str):
-    """The KV receiver; over UCX it listens on `host`'s interfaces only (the data host)."""
+def make_receiver(config):
+    """The KV receiver of `config.transport`; over UCX it listens on the data host's interfaces only."""
     from pdserve.common import transfer
+    from pdserve.common.transfer.netdev import data_host
 
-    return transfer.UcxKVReceiver(host=host) if transport == "ucx" else transfer.LoopbackKVReceiver()
+    if config.transport == "ucx":
+        return transfer.UcxKVReceiver(host=data_host(config))
+    return transfer.LoopbackKVReceiver()
 
 
-def make_sender(transport: str, host: str):
+def make_sender(config):
     from pdserve.common import transfer
+    from pdserve.common.transfer.netdev import data_host
 
-    return transfer.UcxKVSender(host=host) if transport == "ucx" else transfer.LoopbackKVSender()
+    if config.transport == "ucx":
+        return transfer.UcxKVSender(host=data_host(config))
+    return transfer.LoopbackKVSender()
 
 
 class WorkerRuntime:

@@ -11,11 +11,10 @@ from pdserve.v1 import decode_pb2_grpc
 
 def build(config: WorkerConfig, engine=None) -> tuple[WorkerRuntime, DecodeWorker]:
     rt = WorkerRuntime(config, engine)
-    data_host = config.data_host or config.host  # where UCX listens (docs/security.md)
-    receiver = make_receiver(config.transport, data_host)
+    receiver = make_receiver(config)
     store = None
     if config.kvstore:  # reads prefixes in; writes back what it prefilled itself (local or colocated requests)
-        store = StoreClient(config.kvstore, receiver, make_sender(config.transport, data_host),
+        store = StoreClient(config.kvstore, receiver, make_sender(config),
                             rt.engine.engine.spec.fingerprint, security=config)
     worker = DecodeWorker(rt.engine, receiver, lease_s=config.lease_ms / 1000,
                           transfer_timeout_s=config.transfer_timeout_s, max_queue=config.max_queue, store=store,

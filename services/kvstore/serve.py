@@ -30,9 +30,8 @@ def block_bytes_of(config: KVStoreConfig) -> int:
 def build(config: KVStoreConfig, block_bytes: int | None = None):
     block_bytes = block_bytes or block_bytes_of(config)
     capacity = config.capacity_blocks or max(1, int(config.capacity.gib * 2**30 // block_bytes))
-    data_host = config.data_host or config.host  # where UCX listens (docs/security.md)
-    service = KVStoreService(BlockStore(capacity, block_bytes), make_receiver(config.transport, data_host),
-                             make_sender(config.transport, data_host), lease_s=config.lease_ms / 1000,
+    service = KVStoreService(BlockStore(capacity, block_bytes), make_receiver(config), make_sender(config),
+                             lease_s=config.lease_ms / 1000,
                              transfer_timeout_s=config.transfer_timeout_s)
     server = create_server(interceptors=[config.authenticator()])
     kvstore_pb2_grpc.add_KVStoreServicer_to_server(KVStoreServicer(service), server)

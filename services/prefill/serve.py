@@ -14,11 +14,10 @@ from pdserve.v1 import prefill_pb2_grpc
 def build(config: WorkerConfig, engine=None) -> tuple[WorkerRuntime, PrefillWorker]:
     config = dataclasses.replace(config, role="prefill")
     rt = WorkerRuntime(config, engine)
-    data_host = config.data_host or config.host  # where UCX listens (docs/security.md)
-    sender = make_sender(config.transport, data_host)
+    sender = make_sender(config)
     store = None
     if config.kvstore:
-        store = StoreClient(config.kvstore, make_receiver(config.transport, data_host), sender,
+        store = StoreClient(config.kvstore, make_receiver(config), sender,
                             rt.engine.engine.spec.fingerprint, security=config)
     worker = PrefillWorker(rt.engine, sender, max_queue=config.max_queue, store=store, worker_id=rt.worker_id,
                            transfer_timeout_s=config.transfer_timeout_s)

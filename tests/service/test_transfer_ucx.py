@@ -343,11 +343,13 @@ def test_a_receiver_still_holding_a_block_from_a_sender_now_gone_closes_and_is_d
 def test_once_closed_a_receiver_and_a_sender_refuse_new_transfers_by_name(transport):
     from pdserve.common.errors import TransferFailedError
     from pdserve.common.kv.pool import KVPool
+    from pdserve.common.worker_config import WorkerConfig
     from pdserve.common.worker_runtime import make_receiver, make_sender
 
     async def scenario():
         pool = KVPool(SPEC, 2)
-        rx, tx = make_receiver(transport, "127.0.0.1"), make_sender(transport, "127.0.0.1")
+        config = WorkerConfig(transport=transport)  # on 127.0.0.1
+        rx, tx = make_receiver(config), make_sender(config)
         ticket = rx.expect("t-open", [pool.block(0)])
         await rx.close()
         await tx.close()

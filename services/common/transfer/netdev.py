@@ -90,6 +90,11 @@ def rdma_ports(root: str = "/sys/class/infiniband") -> list[str]:
     return sorted(f"{Path(p).parent.parent.name}:{Path(p).name}" for p in glob.glob(f"{root}/*/ports/*"))
 
 
+def data_host(config) -> str:
+    """Where a service's KV data plane listens: its --data-host, else its --host."""
+    return config.data_host or config.host
+
+
 def ucx_options(host: str) -> dict[str, str]:
     """UCX context options for a data plane on `host`; {} where UCX's defaults (or the user's own
     UCX_NET_DEVICES) apply."""
