@@ -6,7 +6,7 @@ import os
 import sys
 
 from pdserve.cli_parser import Parser
-from pdserve.common.config import SettingError
+from pdserve.common.config import ServiceConfig, SettingError
 from pdserve.common.engine import precision
 
 
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pdserve: invalid request: {e}", file=sys.stderr)
         return 2
     except SettingError as e:  # e.g. generate --local --kv-cache-gib -1
-        print(f"pdserve {args.command}: --{e.field.replace('_', '-')} {e.reason}", file=sys.stderr)
+        print(f"pdserve {args.command}: {ServiceConfig.flag_name(e.field)} {e.reason}", file=sys.stderr)
         return 2
     except PdserveClientError as e:  # the router's answer (or no answer): its status, not a traceback
         print(f"pdserve: {e}", file=sys.stderr)
