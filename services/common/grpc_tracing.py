@@ -19,6 +19,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from pdserve.common.grpc_errors import status_code_for
 from pdserve.common.grpc_handlers import wrap_handler
 from pdserve.common.tracing import enabled, fail, tracer, within
 
@@ -52,8 +53,6 @@ def _server_failed(span: trace.Span, exc: BaseException) -> None:
     if isinstance(exc, (asyncio.CancelledError, GeneratorExit)) or not span.is_recording():
         fail(span, exc)
         return
-    from pdserve.common.server import status_code_for  # server.py imports this module
-
     code = status_code_for(exc) if not isinstance(exc, grpc.aio.AbortError) else grpc.StatusCode.UNKNOWN
     span.set_attribute("rpc.grpc.status_code", code.value[0])
     span.record_exception(exc)

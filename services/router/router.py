@@ -22,8 +22,8 @@ from pdserve.common.engine.detokenizer import IncrementalDetokenizer
 from pdserve.common.engine.sampling_params import SamplingParams
 from pdserve.common.engine.sequence import FinishReason
 from pdserve.common.errors import CapacityExhaustedError, InvalidRequestError, NotReadyError
+from pdserve.common.grpc_errors import error_from_rpc
 from pdserve.common.kv.hashing import block_hashes
-from pdserve.common.server import error_from_rpc
 from pdserve.router import policy
 from pdserve.router.models import genai_attributes
 from pdserve.router.recovery import Attempt, Progress, WorkerFailedError, failure
