@@ -12,17 +12,14 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import grpc
 
 from pdserve.common.engine.detokenizer import IncrementalDetokenizer
 from pdserve.common.engine.sampling_params import SamplingParams
+from pdserve.router.plan import Plan
 from pdserve.router.worker_pool import Worker
 from pdserve.v1 import common_pb2 as pb
-
-if TYPE_CHECKING:
-    from pdserve.router.router import Plan
 
 # A worker's failure, not the request's: another worker may well succeed.
 # (INVALID_ARGUMENT and FAILED_PRECONDITION are the request's; retrying cannot help.)
@@ -103,7 +100,7 @@ class Progress:
 class Attempt:
     """One attempt's state, so that cleanup and blame see how far it got."""
 
-    plan: Plan  # router.Plan
+    plan: Plan
     rid: str  # the id workers see (Progress.attempt_id)
     context: list[int]  # what this attempt prefills (Progress.context, taken once)
     params: pb.SamplingParams  # what is left to generate

@@ -4,6 +4,7 @@ Workers deal only in token ids; the router detokenizes once and matches stop
 strings, cancelling the downstream stream when one appears. Whatever ends a
 request (finish, stop string, client cancel, error), every downstream call
 is cancelled and every decode reservation released before generate() returns.
+Where an attempt runs: pdserve.router.plan; its stream to the client: pdserve.router.relay.
 """
 from __future__ import annotations
 
@@ -13,20 +14,20 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
 from pdserve.common import convert, tracing
 from pdserve.common.engine.detokenizer import IncrementalDetokenizer
 from pdserve.common.engine.sampling_params import SamplingParams
-from pdserve.common.engine.sequence import FinishReason
 from pdserve.common.errors import CapacityExhaustedError, InvalidRequestError, NotReadyError
 from pdserve.common.grpc_errors import error_from_rpc
-from pdserve.common.kv.hashing import block_hashes
 from pdserve.router import policy
 from pdserve.router.models import genai_attributes
+from pdserve.router.plan import Plan, annotate_route, choose
 from pdserve.router.recovery import Attempt, Progress, WorkerFailedError, failure
+from pdserve.router.relay import Event, final, relay, sent
 from pdserve.router.worker_pool import WorkerPool
 from pdserve.v1 import decode_pb2 as dpb
 from pdserve.v1 import prefill_pb2 as ppb
@@ -45,26 +46,6 @@ class GenerateInput:
     request_id: str = ""
     deadline: float | None = None  # time.monotonic() by which the client gives up; honoured downstream
     model: str = ""  # the model the request names; "": the one served
-
-
-@dataclass
-class Event:
-    """One step of the client stream; the last one has finish_reason set."""
-
-    request_id: str
-    token_ids: list[int]
-    text: str
-    finish_reason: FinishReason | None = None
-    usage: tuple[int, int, int] | None = None  # prompt, completion, cached
-    timing: dict[str, float] = field(default_factory=dict)
-    route: tuple[str, str, bool] | None = None  # prefill id, decode id, disaggregated
-
-
-@dataclass
-class Plan:
-    decode: policy.Choice
-    prefill: policy.Choice | None  # None: the decode worker prefills locally
-    hashes: list[bytes]
 
 
 class Router:
@@ -119,32 +100,8 @@ class Router:
 
     def plan(self, ids: list[int], exclude: set[str] = frozenset()) -> Plan:
         """Where this context runs, avoiding workers that already failed it."""
-        decoders = [w for w in self.pool.decode if w.routable and w.worker_id not in exclude]
-        if not decoders:
-            raise NotReadyError("no healthy decode worker")  # with exclusions, generate() reports the last failure
-        spec = decoders[0].info.kv_spec
-        hashes = block_hashes(spec.fingerprint, ids, spec.block_size)
-        decode = policy.cheapest(decoders, self.index, hashes, len(ids), spec.block_size)
-        if self.mode == "colocated" or self.local_prefill == "always":
-            return Plan(decode, None, hashes)
-        healthy = [w for w in self.pool.prefill if w.routable and w.worker_id not in exclude]
-        # Only a prefill worker of the decode worker's KV layout and model can fill its blocks
-        # (a fleet in the middle of an upgrade has two fingerprints): else prefill locally.
-        prefillers = [w for w in healthy if w.fingerprint == decode.worker.fingerprint]
-        if not prefillers:
-            if not exclude and not healthy:
-                raise NotReadyError("no healthy prefill worker")
-            return Plan(decode, None, hashes)  # recovering, or no peer of its layout: the decode worker computes
-        prefill = policy.cheapest(prefillers, self.index, hashes, len(ids), spec.block_size)
-        if self.local_prefill == "auto":
-            hop = self.hop_ms or 1.5 * (decode.worker.rtt_ms + prefill.worker.rtt_ms)
-            uncached = len(ids) - decode.cached_blocks * spec.block_size
-            local_ms = policy.local_prefill_cost_ms(decode, uncached)
-            remote_ms = policy.remote_prefill_cost_ms(prefill, hop)
-            tracing.annotate(**{"route.local_prefill_cost_ms": local_ms, "route.remote_prefill_cost_ms": remote_ms})
-            if policy.prefer_local(local_ms, remote_ms):
-                return Plan(decode, None, hashes)
-        return Plan(decode, prefill, hashes)
+        return choose(self.pool, self.index, ids, exclude, mode=self.mode, local_prefill=self.local_prefill,
+                      hop_ms=self.hop_ms)
 
     async def generate(self, inp: GenerateInput) -> AsyncIterator[Event]:
         t0 = time.perf_counter()
@@ -188,7 +145,7 @@ class Router:
                     # cause (RESOURCE_EXHAUSTED from full queues), not "no worker left".
                     raise self._gave_up(progress, progress.failures[-1]) from None
                 self.decisions["disaggregated" if plan.prefill else "local_prefill"] += 1
-                _annotate_route(span, plan, attempt=len(progress.failures) + 1)
+                annotate_route(span, plan, attempt=len(progress.failures) + 1)
                 attempt = self._attempt(progress, plan)
                 try:
                     async for ev in attempt:
@@ -243,10 +200,10 @@ class Router:
                     timeout=progress.time_left(self.rpc_timeout_s))
             else:
                 prefilled = await self._prefill_remotely(progress, a)
-                ev, reason = self._tokens(progress, [prefilled.first_token_id],
+                ev, reason = sent(progress, [prefilled.first_token_id],
                                           convert.finish_from_pb(prefilled.finish_reason))
                 if reason is not None:
-                    yield self._final(progress, reason, plan, ev)
+                    yield final(progress, reason, plan, ev)
                     return
                 yield ev
                 a.phase, a.culprit = "decode", decode
@@ -256,7 +213,7 @@ class Router:
                 # Still ours to release until the stream answers: a cancel now may
                 # reach the worker before the call does, or the call never at all.
             self.index.record(decode.worker_id, plan.hashes)
-            async for ev in self._relay(progress, a):
+            async for ev in relay(progress, a):
                 yield ev
         except grpc.aio.AioRpcError as e:
             if (a.phase == "decode" and plan.prefill is not None and not a.streaming
@@ -304,68 +261,9 @@ class Router:
         progress.cached_tokens = max(progress.cached_tokens, r.num_cached_tokens, p.num_cached_tokens)
         return p
 
-    async def _relay(self, progress: Progress, a: Attempt) -> AsyncIterator[Event]:
-        """The decode worker's stream, as client events, to the finish."""
-        async for resp in a.stream:
-            if not a.streaming:
-                a.streaming = True
-                a.reserved = False  # the Decode stream owns the reservation now
-                a.computed()
-                if resp.timing.kv_transfer_ms:
-                    progress.timing["kv_transfer_ms"] = resp.timing.kv_transfer_ms
-            if resp.usage.prompt_tokens and not progress.failures:
-                progress.cached_tokens = max(progress.cached_tokens, resp.usage.cached_tokens)
-            ev, reason = self._tokens(progress, list(resp.token_ids), convert.finish_from_pb(resp.finish_reason))
-            if reason is not None:
-                yield self._final(progress, reason, a.plan, ev)
-                return
-            yield ev
-        raise WorkerFailedError(a.plan.decode.worker, a.phase, None, "the stream ended without finishing")
-
     def _measure_hop(self, progress: Progress, prefill_ms: float) -> None:
         """The disaggregated path's extra latency over the prefill itself (first attempts only)."""
         now = time.perf_counter()
         if progress.t_first is None and not progress.failures:
             hop = max(0.0, (now - progress.t0) * 1e3 - prefill_ms)
             self.hop_ms = 0.8 * self.hop_ms + 0.2 * hop if self.hop_ms else hop
-
-    def _tokens(self, progress: Progress, tokens: list[int],
-                reason: FinishReason | None) -> tuple[Event, FinishReason | None]:
-        """Record tokens as sent: the client's event, and whether the request is now finished
-        (if so, _final makes this event the last one)."""
-        if progress.t_first is None and tokens:
-            progress.t_first = time.perf_counter()
-            progress.timing["ttft_ms"] = (progress.t_first - progress.t0) * 1e3
-        detok = progress.detok
-        for t in tokens:
-            progress.generated.append(t)
-            if not detok.stopped:
-                detok.add(t)
-        if detok.stopped:
-            reason = FinishReason.STOP
-        elif reason is None and len(progress.generated) >= progress.params.max_tokens:
-            reason = FinishReason.LENGTH  # a worker that died right after the last token
-        return Event(progress.request_id, tokens, detok.flush(final=detok.stopped)), reason
-
-    def _final(self, progress: Progress, reason: FinishReason, plan: Plan, last: Event) -> Event:
-        """The last event: the last tokens with the finish, usage and timing (one message, not two:
-        each message costs the router and the client a fraction of a millisecond)."""
-        now = time.perf_counter()
-        t_first = progress.t_first or now
-        timing = {**progress.timing, "decode_ms": (now - t_first) * 1e3, "total_ms": (now - progress.t0) * 1e3}
-        route = (plan.prefill.worker.worker_id if plan.prefill else "", plan.decode.worker.worker_id, plan.prefill is not None)
-        usage = (len(progress.prompt_ids), len(progress.generated), progress.cached_tokens)
-        return Event(progress.request_id, last.token_ids, last.text + progress.detok.flush(final=True), reason, usage,
-                     timing, route)
-
-
-def _annotate_route(span: tracing.Span, plan: Plan, attempt: int) -> None:
-    """The routing decision on the request's span (a retry's replaces the first's)."""
-    decode, prefill = plan.decode, plan.prefill
-    tracing.annotate(span, **{
-        "route.attempt": attempt, "route.disaggregated": prefill is not None,
-        "route.decode_worker_id": decode.worker.worker_id, "route.decode_cost_ms": decode.cost_ms,
-        "route.decode_cached_blocks": decode.cached_blocks,
-        "route.prefill_worker_id": prefill.worker.worker_id if prefill else "",
-        "route.prefill_cost_ms": prefill.cost_ms if prefill else None,
-        "route.prefill_cached_blocks": prefill.cached_blocks if prefill else None})

@@ -1,0 +1,65 @@
+"""Where one attempt of a request runs: a decode worker, and maybe a prefill worker.
+
+`choose()` prices the candidates with pdserve.router.policy; the router calls it
+once per attempt, leaving out the workers that have already failed the request.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pdserve.common import tracing
+from pdserve.common.errors import NotReadyError
+from pdserve.common.kv.hashing import block_hashes
+from pdserve.router import policy
+from pdserve.router.worker_pool import WorkerPool
+
+
+@dataclass
+class Plan:
+    decode: policy.Choice
+    prefill: policy.Choice | None  # None: the decode worker prefills locally
+    hashes: list[bytes]
+
+
+def choose(pool: WorkerPool, index: policy.PrefixIndex, ids: list[int], exclude: set[str] = frozenset(), *,
+           mode: str, local_prefill: str, hop_ms: float) -> Plan:
+    """Where this context runs, avoiding workers that already failed it; `hop_ms` is the
+    measured extra latency of the disaggregated path (0: not measured yet)."""
+    decoders = [w for w in pool.decode if w.routable and w.worker_id not in exclude]
+    if not decoders:
+        raise NotReadyError("no healthy decode worker")  # with exclusions, generate() reports the last failure
+    spec = decoders[0].info.kv_spec
+    hashes = block_hashes(spec.fingerprint, ids, spec.block_size)
+    decode = policy.cheapest(decoders, index, hashes, len(ids), spec.block_size)
+    if mode == "colocated" or local_prefill == "always":
+        return Plan(decode, None, hashes)
+    healthy = [w for w in pool.prefill if w.routable and w.worker_id not in exclude]
+    # Only a prefill worker of the decode worker's KV layout and model can fill its blocks
+    # (a fleet in the middle of an upgrade has two fingerprints): else prefill locally.
+    prefillers = [w for w in healthy if w.fingerprint == decode.worker.fingerprint]
+    if not prefillers:
+        if not exclude and not healthy:
+            raise NotReadyError("no healthy prefill worker")
+        return Plan(decode, None, hashes)  # recovering, or no peer of its layout: the decode worker computes
+    prefill = policy.cheapest(prefillers, index, hashes, len(ids), spec.block_size)
+    if local_prefill == "auto":
+        hop = hop_ms or 1.5 * (decode.worker.rtt_ms + prefill.worker.rtt_ms)
+        uncached = len(ids) - decode.cached_blocks * spec.block_size
+        local_ms = policy.local_prefill_cost_ms(decode, uncached)
+        remote_ms = policy.remote_prefill_cost_ms(prefill, hop)
+        tracing.annotate(**{"route.local_prefill_cost_ms": local_ms, "route.remote_prefill_cost_ms": remote_ms})
+        if policy.prefer_local(local_ms, remote_ms):
+            return Plan(decode, None, hashes)
+    return Plan(decode, prefill, hashes)
+
+
+def annotate_route(span: tracing.Span, plan: Plan, attempt: int) -> None:
+    """The routing decision on the request's span (a retry's replaces the first's)."""
+    decode, prefill = plan.decode, plan.prefill
+    tracing.annotate(span, **{
+        "route.attempt": attempt, "route.disaggregated": prefill is not None,
+        "route.decode_worker_id": decode.worker.worker_id, "route.decode_cost_ms": decode.cost_ms,
+        "route.decode_cached_blocks": decode.cached_blocks,
+        "route.prefill_worker_id": prefill.worker.worker_id if prefill else "",
+        "route.prefill_cost_ms": prefill.cost_ms if prefill else None,
+        "route.prefill_cached_blocks": prefill.cached_blocks if prefill else None})
