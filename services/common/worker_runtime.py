@@ -94,7 +94,7 @@ class WorkerRuntime:
         if port is not None:
             print(f"{self.worker_id} metrics on http://{self.config.host}:{port}/metrics", flush=True)
         await self.start()
-        print(f"{self.worker_id} ({self.config.role}) {self.engine.engine.precision}, "
+        print(f"{self.worker_id} ({self.config.role}) {self.engine.engine.describe()}, "
               f"listening on {self.config.host}:{self.port}", flush=True)
         try:
             await serve_until_stopped(self.server, grace_s=self.config.grace_s, health=self.health, stop=stop,

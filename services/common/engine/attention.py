@@ -5,8 +5,9 @@ row (batch size 1, positions per token), and no transformers cache. Each
 attention layer calls `paged_attention`, which writes the new keys/values
 into the pool slots the scheduler assigned and attends over each sequence's
 blocks read from the pool. Decode sequences (one query token each) are
-attended in groups of similar context length, one padded call per group;
-prefill chunks one call each.
+attended by pdserve's paged kernel, in place through their block tables, where
+it is built (kernels/); elsewhere in groups of similar context length over
+gathered blocks, one padded call per group. Prefill chunks: one SDPA call each.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ class DecodeGroup:
     end: int
     context_len: int  # the longest context in the group; keys past it are not read
     block_tables: torch.Tensor  # [n, ceil(context_len / block_size)], padded with block 0
+    context_lens: torch.Tensor  # [n] int64, each sequence's own context
     mask: torch.Tensor | None  # [n, 1, 1, context_len] additive; None when every context is context_len
 
 
@@ -53,6 +55,7 @@ class AttentionMetadata:
     slot_offsets: torch.Tensor  # [T] offset inside that block
     prefills: list[PrefillSlice]
     decode_groups: list[DecodeGroup]  # decode rows come first in the packed batch
+    paged_kernel: bool = False  # decodes by torch.ops.pdserve.paged_decode (kernels/), in place
 
 
 def _gather(kv_cache: torch.Tensor, layer: int, kv: int, block_ids: torch.Tensor) -> torch.Tensor:
@@ -66,6 +69,23 @@ def _gather(kv_cache: torch.Tensor, layer: int, kv: int, block_ids: torch.Tensor
     return x.transpose(-3, -2)
 
 
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                      scale: float | None) -> torch.Tensor:
+    """One query token per sequence: q [heads, n, d], k/v [n, kv_heads, ctx, d] -> [n, heads, d].
+
+    Two batched matmuls with the query heads grouped by their KV head, in float32:
+    SDPA's CPU kernel measured 3-4x slower for one query row, and oneDNN's bf16
+    matmul builds a new kernel for every new context length (docs/engine.md)."""
+    heads, n, d = q.shape
+    kv_heads = k.shape[1]
+    qg = q.transpose(0, 1).reshape(n, kv_heads, heads // kv_heads, d).float()  # head h reads KV head h // group
+    scale = d**-0.5 if scale is None else scale
+    scores = torch.matmul(qg, k.float().transpose(-1, -2)) * scale  # [n, kv_heads, group, ctx]
+    if mask is not None:
+        scores = scores + mask  # [n, 1, 1, ctx]
+    return torch.matmul(scores.softmax(-1), v.float()).reshape(n, heads, d).to(q.dtype)
+
+
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     meta: AttentionMetadata = kwargs["pdserve_attn"]
     layer = module.layer_idx
@@ -77,11 +97,14 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     q = query[0]  # [heads, T, d]
     out = torch.empty_like(q)
     for g in meta.decode_groups:
+        if meta.paged_kernel:
+            scale = q.shape[-1] ** -0.5 if scaling is None else scaling
+            o = torch.ops.pdserve.paged_decode(q[:, g.start : g.end].transpose(0, 1), cache, layer, g.block_tables, g.context_lens, scale)
+            out[:, g.start : g.end] = o.transpose(0, 1)
+            continue
         k = _gather(cache, layer, 0, g.block_tables)[:, :, : g.context_len]  # [n, kv_heads, ctx, d]
         v = _gather(cache, layer, 1, g.block_tables)[:, :, : g.context_len]
-        qd = q[:, g.start : g.end].transpose(0, 1).unsqueeze(2)  # [n, heads, 1, d]
-        o = F.scaled_dot_product_attention(qd, k, v, attn_mask=g.mask, scale=scaling, enable_gqa=True)
-        out[:, g.start : g.end] = o.squeeze(2).transpose(0, 1)
+        out[:, g.start : g.end] = _decode_attention(q[:, g.start : g.end], k, v, g.mask, scaling).transpose(0, 1)
     for p in meta.prefills:
         k = _gather(cache, layer, 0, p.block_ids)[:, : p.context_len]  # [kv_heads, ctx, d]
         v = _gather(cache, layer, 1, p.block_ids)[:, : p.context_len]

@@ -20,6 +20,8 @@ class EngineConfig:
     enable_chunked_prefill: bool = True  # off: a prompt is prefilled in one step (alone among prompts if too long)
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # default: the model's context window
+    pack_weights: bool = True  # CPU: linear weights in oneDNN's layout, packed once at load (packed_linear)
+    paged_kernel: bool = True  # CPU: decode attention by pdserve's kernel, built once with g++ (kernels/)
 
     def __post_init__(self) -> None:
         if self.dtype not in CHOICES:

@@ -77,6 +77,7 @@ class LLMEngine:
                 raise ValueError(f"the given model is in {loaded}, not in dtype {self.precision.dtype}")
             model.set_attn_implementation(impl)
         self.config, self.model, self.tokenizer, self.ref = config, model, tokenizer, ref
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # before packing
         mc = model.config
         self.spec = KVSpec(
             model_name=ref.name,
@@ -102,13 +103,17 @@ class LLMEngine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill),
             self.blocks,
         )
-        self.runner = ModelRunner(model, self.pool)
+        self.runner = ModelRunner(model, self.pool, config)
         self.eos_token_ids = self._eos_ids()
         self._requests: dict[str, _Request] = {}  # in the scheduler
         self._reserved: dict[str, _Request] = {}  # blocks reserved, KV arriving from a prefill worker
         self._held: dict[str, Sequence] = {}  # finished, blocks kept until release()
         self._ids = itertools.count()
         self.computed_tokens = 0
+
+    def describe(self) -> str:
+        """What this engine runs with, for the start-up line."""
+        return f"{self.precision}, {torch.get_num_threads()} torch threads, {self.runner.describe()}"
 
     def _eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from pdserve.common.engine import kernels, packed_linear
 from pdserve.common.engine.attention import AttentionMetadata, DecodeGroup, PrefillSlice
+from pdserve.common.engine.config import EngineConfig
 from pdserve.common.engine.scheduler import ScheduledBatch
 from pdserve.common.engine.sequence import Sequence
 from pdserve.common.kv.pool import KVPool
@@ -35,11 +37,23 @@ def group_by_context(context_lens: list[int]) -> list[tuple[int, int]]:
 
 
 class ModelRunner:
-    def __init__(self, model, pool: KVPool):
+    def __init__(self, model, pool: KVPool, config: EngineConfig | None = None):
+        """Packs the model's linear layers and loads the paged kernel where the config asks and the CPU can."""
+        config = config or EngineConfig()
         self.model = model
         self.pool = pool
         self.block_size = pool.spec.block_size
         self.device = pool.tensor.device
+        cpu = self.device.type == "cpu"
+        self.packed_linears = 0
+        if config.pack_weights and cpu and packed_linear.can_pack(str(self.device), model.dtype):
+            self.packed_linears = packed_linear.pack_linears(model)
+        # With the kernel each sequence reads its own context: no grouping, no masks.
+        self.paged_kernel = config.paged_kernel and cpu and kernels.load()
+
+    def describe(self) -> str:
+        packed = f"{self.packed_linears} linear layers packed for oneDNN, " if self.packed_linears else ""
+        return packed + "decode attention: " + ("pdserve paged kernel" if self.paged_kernel else "torch ops")
 
     def _metadata(self, batch: ScheduledBatch) -> tuple[list[int], list[int], AttentionMetadata, list[Sequence], list[int]]:
         bs = self.block_size
@@ -60,11 +74,16 @@ class ModelRunner:
                 sample_seqs.append(seq)
                 sample_rows.append(len(ids) - 1)
 
-        decodes = sorted(batch.decodes, key=lambda s: s.num_computed_tokens)
+        # A one-token chunk that catches up (a decode worker's first step after the KV import)
+        # is attended as a decode, so it rounds as a colocated engine's decode does.
+        caught_up = [s for s, n in batch.prefills if n == 1 and s.num_computed_tokens + 1 == s.num_tokens]
+        decodes = sorted(batch.decodes + caught_up, key=lambda s: s.num_computed_tokens)
         for seq in decodes:
             add(seq, 1)
         prefills: list[PrefillSlice] = []
         for seq, n in batch.prefills:
+            if seq in caught_up:
+                continue
             start = len(ids)
             add(seq, n)
             ctx = seq.num_computed_tokens + n
@@ -72,7 +91,8 @@ class ModelRunner:
             prefills.append(PrefillSlice(start, start + n, ctx, blocks))
 
         ctx_lens = [s.num_computed_tokens + 1 for s in decodes]
-        decode_groups = [self._decode_group(decodes[a:b], ctx_lens[a:b], a) for a, b in group_by_context(ctx_lens)]
+        runs = [(0, len(decodes))] if self.paged_kernel and decodes else group_by_context(ctx_lens)
+        decode_groups = [self._decode_group(decodes[a:b], ctx_lens[a:b], a) for a, b in runs]
         pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)
         meta = AttentionMetadata(
             kv_cache=self.pool.tensor,
@@ -80,6 +100,7 @@ class ModelRunner:
             slot_offsets=pos_t % bs,
             prefills=prefills,
             decode_groups=decode_groups,
+            paged_kernel=self.paged_kernel,
         )
         return ids, positions, meta, sample_seqs, sample_rows
 
@@ -90,11 +111,12 @@ class ModelRunner:
         for i, seq in enumerate(seqs):
             table = seq.block_table[: (ctx_lens[i] + bs - 1) // bs]
             tables[i, : len(table)] = torch.tensor(table)
+        lens = torch.tensor(ctx_lens, dtype=torch.long)
         mask = None
-        if min(ctx_lens) < ctx:
-            valid = torch.arange(ctx).unsqueeze(0) < torch.tensor(ctx_lens).unsqueeze(1)
+        if min(ctx_lens) < ctx and not self.paged_kernel:
+            valid = torch.arange(ctx).unsqueeze(0) < lens.unsqueeze(1)
             mask = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))[:, None, None, :].to(self.device)
-        return DecodeGroup(start, start + len(seqs), ctx, tables.to(self.device), mask)
+        return DecodeGroup(start, start + len(seqs), ctx, tables.to(self.device), lens.to(self.device), mask)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor | None]:

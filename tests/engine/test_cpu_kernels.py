@@ -1,0 +1,98 @@
+"""The CPU fast paths: oneDNN-packed linear layers and the paged decode-attention kernel.
+
+Each must compute what the plain torch path computes; the engine gives the
+same greedy tokens with them on and off.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pdserve.common.engine import kernels
+from pdserve.common.engine.packed_linear import PackedLinear, can_pack, pack_linears
+from pdserve.common.engine.sampling_params import SamplingParams
+
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def paged_decode():
+    if not kernels.load():
+        pytest.skip("the CPU kernel could not be built here (no g++?); the torch path is tested everywhere")
+    return torch.ops.pdserve.paged_decode
+
+
+def _reference(q, cache, layer, tables, lens, scale):
+    """SDPA over each sequence's gathered blocks, in float32."""
+    out = []
+    for i, ctx in enumerate(lens.tolist()):
+        blocks = tables[i, : (ctx + BLOCK - 1) // BLOCK]
+        k, v = (cache[blocks, layer, j].reshape(-1, *cache.shape[-2:])[:ctx].transpose(0, 1).float() for j in (0, 1))
+        out.append(F.scaled_dot_product_attention(q[i].float().unsqueeze(1), k, v, scale=scale, enable_gqa=True).squeeze(1))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("head_dim", [64, 40])  # 64: the unrolled path; 40: the generic one
+def test_paged_decode_matches_sdpa_over_gathered_blocks(paged_decode, dtype, tol, head_dim):
+    torch.manual_seed(0)
+    num_blocks, layers, kv_heads, heads = 64, 3, 3, 9
+    cache = torch.randn(num_blocks, layers, 2, BLOCK, kv_heads, head_dim, dtype=dtype)
+    lens = torch.tensor([1, BLOCK, BLOCK + 1, 200, 37])  # ragged, on and off block edges
+    tables = torch.stack([torch.randperm(num_blocks)[:13] for _ in lens])  # scattered, unordered blocks
+    q = torch.randn(len(lens), heads, head_dim, dtype=dtype)
+    scale = head_dim**-0.5
+    for layer in range(layers):
+        got = paged_decode(q, cache, layer, tables, lens, scale)
+        assert got.dtype == dtype and got.shape == q.shape
+        torch.testing.assert_close(got.float(), _reference(q, cache, layer, tables, lens, scale), atol=tol, rtol=tol)
+
+
+def test_paged_decode_reads_only_the_blocks_in_its_table(paged_decode):
+    """Keys past a sequence's context, and blocks outside its table, are never read: NaN there changes nothing."""
+    torch.manual_seed(1)
+    cache = torch.full((16, 2, 2, BLOCK, 3, 64), float("nan"))
+    tables = torch.tensor([[5, 2, 9], [11, 0, 0]])  # the second pads its table with block 0
+    lens = torch.tensor([40, 7])
+    for i, ctx in enumerate(lens.tolist()):
+        for b, block in enumerate(tables[i].tolist()):
+            used = min(BLOCK, ctx - b * BLOCK)
+            if used > 0:
+                cache[block, :, :, :used] = torch.randn(2, 2, used, 3, 64)
+    q = torch.randn(2, 9, 64)
+    got = paged_decode(q, cache, 1, tables, lens, 0.125)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, _reference(q, torch.nan_to_num(cache), 1, tables, lens, 0.125), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_computes_what_linear_computes(dtype):
+    if not can_pack("cpu", dtype):
+        pytest.skip(f"oneDNN cannot pack {dtype} weights on this machine")
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(48, 96, dtype=dtype), nn.ReLU(), nn.Linear(96, 32, bias=False, dtype=dtype))
+    x = torch.randn(3, 5, 48, dtype=dtype)  # [batch, tokens, features], as transformers calls it
+    with torch.inference_mode():
+        want = model(x)
+        assert pack_linears(model) == 2
+        got = model(x)
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_engine_gives_the_same_tokens_with_and_without_the_fast_paths(make_engine):
+    prompts = [[100 + i for i in range(n)] for n in (5, 40, 130)]  # different contexts in one decode batch
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    fast = make_engine()
+    plain = make_engine(pack_weights=False, paged_kernel=False)
+    assert plain.runner.packed_linears == 0 and not plain.runner.paged_kernel
+    assert fast.runner.packed_linears > 0 and fast.runner.paged_kernel == kernels.load()
+    assert "decode attention" in fast.describe()
+    assert fast.generate(prompts, params) == plain.generate(prompts, params)
+
+
+def test_a_missing_compiler_is_an_error_the_engine_can_fall_back_from(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-pdserve")
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        kernels.build(tmp_path / "paged_decode.so")
+    assert not (tmp_path / "paged_decode.so").exists()
