@@ -10,9 +10,82 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace {
+
+#if defined(__AVX512F__)
+// AVX-512 path for float and bfloat16 KV at head dims that are multiples of 16: a block's
+// keys are scored and its values summed 16 lanes at a time, in float32.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {  // bf16 is float's upper half: widen and shift
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// e^x, x <= 0: x = n ln2 + r, |r| <= ln2/2, e^r by its degree-6 Taylor polynomial (error < 2e-7).
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+  __m512 y = _mm512_set1_ps(1.f / 720);
+  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(y, n);
+}
+
+template <typename T, int64_t D>
+void attend_task_avx512(const float* qf, int64_t group, const T* const* blocks, int64_t block_size, int64_t row,
+                        int64_t v_off, int64_t ctx, float* scores, float* acc, T* out) {
+  constexpr int64_t C = D / 16;
+  for (int64_t t0 = 0, b = 0; t0 < ctx; t0 += block_size, ++b) {  // scores, block by block
+    const int64_t used = std::min(block_size, ctx - t0);
+    for (int64_t j = 0; j < used; ++j) {
+      __m512 k[C];
+      for (int64_t c = 0; c < C; ++c) k[c] = load16(blocks[b] + j * row + c * 16);
+      for (int64_t g = 0; g < group; ++g) {
+        __m512 dot = _mm512_mul_ps(_mm512_loadu_ps(qf + g * D), k[0]);
+        for (int64_t c = 1; c < C; ++c) dot = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * D + c * 16), k[c], dot);
+        scores[g * ctx + t0 + j] = _mm512_reduce_add_ps(dot);
+      }
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {  // softmax numerators in place; the sum divides at the end
+    float* sg = scores + g * ctx;
+    __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t t = 0; t < ctx; t += 16) {
+      const __mmask16 m = ctx - t >= 16 ? 0xFFFF : (__mmask16)((1u << (ctx - t)) - 1);
+      mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, m, sg + t));
+    }
+    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t t = 0; t < ctx; t += 16) {
+      const __mmask16 m = ctx - t >= 16 ? 0xFFFF : (__mmask16)((1u << (ctx - t)) - 1);
+      const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sg + t), top)));
+      _mm512_mask_storeu_ps(sg + t, m, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    const float total = _mm512_reduce_add_ps(sum);
+    __m512 a[C];
+    for (int64_t c = 0; c < C; ++c) a[c] = _mm512_setzero_ps();
+    for (int64_t t0 = 0, b = 0; t0 < ctx; t0 += block_size, ++b) {
+      const int64_t used = std::min(block_size, ctx - t0);
+      const T* v = blocks[b] + v_off;
+      for (int64_t j = 0; j < used; ++j) {
+        const __m512 p = _mm512_set1_ps(sg[t0 + j]);
+        for (int64_t c = 0; c < C; ++c) a[c] = _mm512_fmadd_ps(p, load16(v + j * row + c * 16), a[c]);
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) _mm512_storeu_ps(acc + c * 16, _mm512_div_ps(a[c], _mm512_set1_ps(total)));
+    for (int64_t x = 0; x < D; ++x) out[g * D + x] = static_cast<T>(acc[x]);
+  }
+}
+#endif
 
 // D: the head dim as a constant (the common 64 and 128: loops the compiler unrolls), or 0: q.size(2).
 template <typename T, int64_t D>
@@ -33,11 +106,22 @@ void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const a
 
   at::parallel_for(0, n * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(group * d), acc(group * d), kv(d), scores;
+    std::vector<const T*> blocks;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / kv_heads, h = task % kv_heads, ctx = lp[i];
       const T* qi = qp + (i * heads + h * group) * d;
       for (int64_t x = 0; x < group * d; ++x) qf[x] = static_cast<float>(qi[x]) * s;
       scores.assign(group * ctx, 0.f);
+#if defined(__AVX512F__)
+      if constexpr (D % 16 == 0 && D > 0 && (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>)) {
+        const int64_t nblocks = (ctx + block_size - 1) / block_size;
+        blocks.resize(nblocks);
+        for (int64_t b = 0; b < nblocks; ++b) blocks[b] = cp + tp[i * max_blocks + b] * block_stride + layer_off + h * d;
+        attend_task_avx512<T, D>(qf.data(), group, blocks.data(), block_size, row, v_off, ctx, scores.data(),
+                                 acc.data(), op + (i * heads + h * group) * d);
+        continue;
+      }
+#endif
       for (int64_t t = 0; t < ctx; ++t) {
         const T* k = cp + tp[i * max_blocks + t / block_size] * block_stride + layer_off + (t % block_size) * row + h * d;
         for (int64_t x = 0; x < d; ++x) kv[x] = static_cast<float>(k[x]);
