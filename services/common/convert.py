@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from pdserve.common.engine.engine import EngineStats
+from pdserve.common.engine.outputs import EngineStats
 from pdserve.common.engine.sampling_params import SamplingParams
 from pdserve.common.engine.sequence import FinishReason
 from pdserve.common.errors import InvalidRequestError

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pdserve.common import convert
-from pdserve.common.engine.engine import RequestOutput
+from pdserve.common.engine.outputs import RequestOutput
 from pdserve.decode.worker import DecodeWorker
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import decode_pb2 as dpb

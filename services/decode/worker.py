@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from pdserve.common import tracing
 from pdserve.common.engine.async_engine import AsyncEngine
-from pdserve.common.engine.engine import RequestOutput
+from pdserve.common.engine.outputs import RequestOutput
 from pdserve.common.engine.sampling_params import SamplingParams
 from pdserve.common.errors import (
     CapacityExhaustedError,

@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent("""
     import torch
     from prometheus_client.parser import text_string_to_metric_families
     from pdserve.common import metrics
-    from pdserve.common.engine.engine import EngineStats
+    from pdserve.common.engine.outputs import EngineStats
     from pdserve.common.engine.sequence import FinishReason
     from pdserve.common.errors import CapacityExhaustedError, TransferFailedError
     from pdserve.common.transfer import LoopbackKVReceiver, LoopbackKVSender

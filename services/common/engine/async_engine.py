@@ -17,7 +17,8 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from pdserve.common.engine.engine import LLMEngine, RequestOutput
+from pdserve.common.engine.engine import LLMEngine
+from pdserve.common.engine.outputs import RequestOutput
 from pdserve.common.engine.sampling_params import SamplingParams
 from pdserve.common.errors import NotFoundError
 

@@ -9,50 +9,22 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-
 import torch
 
 from pdserve.common import model_loader
 from pdserve.common.engine import attention, precision
 from pdserve.common.engine.config import EngineConfig
 from pdserve.common.engine.detokenizer import IncrementalDetokenizer
+from pdserve.common.engine.kv_layout import kv_layout
 from pdserve.common.engine.model_runner import ModelRunner
-from pdserve.common.engine.sampler import sample
+from pdserve.common.engine.outputs import EngineStats, RequestOutput
+from pdserve.common.engine.sampler import sample, seeded
 from pdserve.common.engine.sampling_params import SamplingParams
 from pdserve.common.engine.scheduler import Scheduler, SchedulerConfig
 from pdserve.common.engine.sequence import FinishReason, Sequence
 from pdserve.common.errors import InvalidRequestError, NotFoundError
 from pdserve.common.kv.block_manager import BlockManager
-from pdserve.common.kv.pool import KVPool, blocks_for_bytes
-from pdserve.common.kv.spec import KVSpec
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    new_token_ids: list[int]
-    text: str  # the new text since the previous output
-    finished: bool
-    finish_reason: FinishReason | None
-    num_prompt_tokens: int
-    num_cached_tokens: int
-    num_output_tokens: int
-    queued_s: float = 0.0  # arrival to first scheduled
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    running: int
-    waiting: int
-    free_blocks: int
-    total_blocks: int
-    reserved: int  # requests holding blocks for KV not yet imported
-    held: int  # finished requests whose blocks are still being sent
-    prefix_queries: int  # prompt tokens looked up in the prefix cache
-    prefix_hits: int  # of those, found
-    computed_tokens: int  # tokens run through the model since start
-    preemptions: int
+from pdserve.common.kv.pool import KVPool
 
 
 class _Request:
@@ -78,25 +50,7 @@ class LLMEngine:
             model.set_attn_implementation(impl)
         self.config, self.model, self.tokenizer, self.ref = config, model, tokenizer, ref
         self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # before packing
-        mc = model.config
-        self.spec = KVSpec(
-            model_name=ref.name,
-            weights_digest=ref.weights_digest,
-            num_layers=mc.num_hidden_layers,
-            num_kv_heads=mc.num_key_value_heads,
-            head_dim=getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads,
-            block_size=config.block_size,
-            dtype=self.precision.dtype,  # the fingerprint: workers of other dtypes never pair
-        )
-        num_blocks = config.num_kv_blocks or blocks_for_bytes(self.spec, config.kv_cache_gib * 2**30)
-        # The pool bounds the context too: a sequence grown past the whole pool,
-        # once preempted, could never be scheduled again (it would wait forever).
-        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, num_blocks * config.block_size)
-        # Paged attention attends over the whole context. Within a sliding window (Mistral's)
-        # that is exactly what the model computes; past it, it would not be: stop at the window.
-        window = getattr(mc, "sliding_window", None) if getattr(mc, "use_sliding_window", True) else None
-        if window:
-            self.max_model_len = min(self.max_model_len, window)
+        self.spec, num_blocks, self.max_model_len = kv_layout(config, model.config, ref, self.precision.dtype)
         self.pool = KVPool(self.spec, num_blocks, config.device)
         self.blocks = BlockManager(num_blocks, config.block_size, self.spec.fingerprint, config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -262,20 +216,10 @@ class LLMEngine:
         self.computed_tokens += batch.num_tokens
         tokens: list[int] = []
         if seqs:
-            gens = [self._seeded(self._requests[s.request_id], s) for s in seqs]
+            gens = [seeded(self._requests[s.request_id].generator, s.params, len(s.output_token_ids)) for s in seqs]
             tokens = sample(logits, [s.params for s in seqs], gens)
         self.scheduler.postprocess(batch, dict(zip(seqs, tokens)))
         return [self._emit(seq, tok) for seq, tok in zip(seqs, tokens)]
-
-    @staticmethod
-    def _seeded(req: _Request, seq: Sequence) -> torch.Generator | None:
-        """Seed per (request seed, output position): a seeded request draws the
-        same tokens whichever worker samples which position (prefill samples
-        the first, decode the rest; a migrated request resumes exactly)."""
-        if req.generator is None:
-            return None
-        position = seq.params.seed_offset + len(seq.output_token_ids)
-        return req.generator.manual_seed((seq.params.seed * 1_000_003 + position) % (1 << 63))
 
     def _emit(self, seq: Sequence, token: int) -> RequestOutput:
         req = self._requests[seq.request_id]

@@ -39,3 +39,12 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         probs = row.softmax(-1)
         out.append(int(torch.multinomial(probs, 1, generator=generators[i]).item()))
     return out
+
+
+def seeded(generator: torch.Generator | None, params: SamplingParams, position: int) -> torch.Generator | None:
+    """Seed per (request seed, output position): a seeded request draws the
+    same tokens whichever worker samples which position (prefill samples
+    the first, decode the rest; a migrated request resumes exactly)."""
+    if generator is None:
+        return None
+    return generator.manual_seed((params.seed * 1_000_003 + params.seed_offset + position) % (1 << 63))
