@@ -5,7 +5,9 @@ decode worker, maybe a prefill worker); when a worker fails, the router
 plans again without it and continues from `Progress.context` (the prompt plus
 every token already sent), so the client sees one stream with no token lost
 or repeated. Greedy decoding gives the same tokens as an unfaulted run,
-because the re-prefilled context is exactly the one decode would have had.
+because the re-prefilled context is exactly the one decode would have had;
+in float32, that is: in bfloat16 a re-prefill rounds unlike the decode steps
+it replaces and may flip a near tie (docs/reliability.md).
 """
 from __future__ import annotations
 

@@ -35,11 +35,11 @@ def names(prefill: int, decode: int) -> list[str]:
 
 
 def netns_suite(net: Network, prefill: int, decode: int, *, env: dict[str, str] | None = None,
-                kv_cache_gib: float = 0.25, **suite_kw) -> Suite:
+                kv_cache_gib: float = 0.25, dtype: str | None = None, **suite_kw) -> Suite:
     """A Suite whose services each run in their own namespace of `net` (made with `names(prefill, decode)`).
     Every namespace has its own ports, so the default ports serve every run."""
     services = plan("disaggregated", prefill, decode, hosts=net.address, kv_cache_gib=kv_cache_gib,
-                    http_port=-1, metrics_port=-1)
+                    dtype=dtype, http_port=-1, metrics_port=-1)
     placed = [dataclasses.replace(s, argv=(*net.exec_prefix(s.name), *s.argv)) if s.address else s
               for s in services]  # the one-shot model step needs no network
     return Suite(services=placed, env={**ENV, **(env or {})}, **suite_kw)
