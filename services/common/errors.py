@@ -1,7 +1,7 @@
 """The one exception hierarchy of pdserve.
 
 Engine, transfer and store code raise these; a single server interceptor
-(`pdserve.common.server`) maps them to gRPC status codes, and the HTTP layer to
+(`pdserve.common.grpc_errors`) maps them to gRPC status codes, and the HTTP layer to
 status codes, so no engine code ever touches a gRPC context.
 """
 from __future__ import annotations

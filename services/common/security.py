@@ -14,210 +14,57 @@ Three layers, each off by default (a laptop suite on localhost is open):
   stranger on the network cannot read KV blocks, submit prefills or register
   a rogue worker with the router.
 - API keys on the router's client-facing methods (`authorization: Bearer`),
-  checked here for gRPC and by the HTTP server with `ApiKeys.check`.
+  checked by auth.py's interceptor for gRPC and by the HTTP server with
+  `ApiKeys.check`.
 
-`dial()` is the one function that opens a client channel; services call it
-through `SecurityConfig.dial`, the SDK and launcher with a `TLS` of their own.
+This module holds the settings (`SecurityConfig`, `ClientAuthConfig`); the
+TLS files and `dial()` are in tls.py, the checks and their interceptor in
+auth.py (both re-exported here). `dial()` is the one function that opens a
+client channel; services call it through `SecurityConfig.dial`, the SDK and
+launcher with a `TLS` of their own.
 Refusals raise `UnauthenticatedError`, which the server's error mapping turns
 into UNAUTHENTICATED (HTTP: 401). docs/security.md has the threat model.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
-import hmac
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import grpc
 
+from pdserve.common.auth import (
+    AUTHORIZATION_KEY,
+    OPEN_METHOD_PREFIXES,
+    ROUTER_CLIENT_METHODS,
+    TOKEN_KEY,
+    ApiKeys,
+    Authenticator,
+    check_token,
+)
 from pdserve.common.config import CONFIG_DEST, ServiceConfig, option
-from pdserve.common.errors import UnauthenticatedError
-from pdserve.common.grpc_handlers import wrap_handler
+from pdserve.common.tls import TLS, dial, read_file
+
+__all__ = [
+    "AUTHORIZATION_KEY",
+    "OPEN",
+    "OPEN_METHOD_PREFIXES",
+    "ROUTER_CLIENT_METHODS",
+    "TLS",
+    "TOKEN_KEY",
+    "ApiKeys",
+    "Authenticator",
+    "ClientAuthConfig",
+    "SecurityConfig",
+    "check_token",
+    "dial",
+    "from_environment",
+]
 
 log = logging.getLogger(__name__)
-
-TOKEN_KEY = "pdserve-internal-token"
-AUTHORIZATION_KEY = "authorization"
-# Probes and tooling: answer without credentials (TLS still applies).
-OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-# The router's methods for end users; its other methods (RegisterWorker,
-# Heartbeat, DeregisterWorker) are worker-facing.
-ROUTER_CLIENT_METHODS = frozenset({"/pdserve.v1.Router/Generate", "/pdserve.v1.Router/ListWorkers"})
-
-
-def _read(path: str, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as e:
-        raise ValueError(f"{what}: cannot read {path}: {e.strerror or e}") from None
-
-
-@dataclass(frozen=True)
-class TLS:
-    """PEM file paths for one side of a TLS connection. All empty: verify the
-    peer against the system's roots and present no certificate."""
-
-    ca: str = ""  # CA bundle that signs the peer's certificate
-    cert: str = ""  # our certificate chain, presented to the peer (client side: for mTLS)
-    key: str = ""  # its private key
-    server_name: str = ""  # name to verify in the server's certificate instead of the target's host
-
-    def channel_credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(
-            root_certificates=_read(self.ca, "tls_ca") if self.ca else None,
-            private_key=_read(self.key, "tls_key") if self.key else None,
-            certificate_chain=_read(self.cert, "tls_cert") if self.cert else None)
-
-    def channel_options(self) -> list[tuple[str, Any]]:
-        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
-
-    def server_credentials(self, require_client_cert: bool) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials(
-            [(_read(self.key, "tls_key"), _read(self.cert, "tls_cert"))],
-            root_certificates=_read(self.ca, "tls_ca") if self.ca else None,
-            require_client_auth=require_client_cert)
-
-
-class _AddMetadata:
-    """Adds fixed metadata (the internal token) to every call of an aio channel."""
-
-    def __init__(self, metadata: Sequence[tuple[str, str]]):
-        self.metadata = tuple(metadata)
-
-    async def _intercept(self, continuation, details: grpc.aio.ClientCallDetails, request):
-        merged = grpc.aio.Metadata(*(details.metadata or ()), *self.metadata)
-        return await continuation(details._replace(metadata=merged), request)
-
-
-# grpc.aio files an interceptor under the first call kind it implements
-# (an if/elif chain), so each kind needs an instance of its own.
-class _AddMetadataUU(_AddMetadata, grpc.aio.UnaryUnaryClientInterceptor):
-    intercept_unary_unary = _AddMetadata._intercept
-
-
-class _AddMetadataUS(_AddMetadata, grpc.aio.UnaryStreamClientInterceptor):
-    intercept_unary_stream = _AddMetadata._intercept
-
-
-class _AddMetadataSU(_AddMetadata, grpc.aio.StreamUnaryClientInterceptor):
-    intercept_stream_unary = _AddMetadata._intercept
-
-
-class _AddMetadataSS(_AddMetadata, grpc.aio.StreamStreamClientInterceptor):
-    intercept_stream_stream = _AddMetadata._intercept
-
-
-def dial(target: str, tls: TLS | None = None, *, metadata: Sequence[tuple[str, str]] = (),
-         interceptors: Sequence[Any] = (), options: Sequence[tuple[str, Any]] = (),
-         sync: bool = False) -> Any:
-    """Open a channel to `target`: TLS when `tls` is given, `metadata` (e.g. the
-    internal token) on every call, then `interceptors` (e.g. tracing).
-    A grpc.aio.Channel, or a blocking grpc.Channel with sync=True."""
-    options = [*options, *(tls.channel_options() if tls else ())]
-    if sync:  # tools polling health (open methods): no per-call metadata needed
-        if metadata:
-            raise ValueError("dial: per-call metadata needs an aio channel")
-        channel = (grpc.secure_channel(target, tls.channel_credentials(), options=options) if tls
-                   else grpc.insecure_channel(target, options=options))
-        return grpc.intercept_channel(channel, *interceptors) if interceptors else channel
-    kinds = (_AddMetadataUU, _AddMetadataUS, _AddMetadataSU, _AddMetadataSS) if metadata else ()
-    chain = [*interceptors, *(kind(metadata) for kind in kinds)]
-    if tls:
-        return grpc.aio.secure_channel(target, tls.channel_credentials(), options=options,
-                                       interceptors=chain or None)
-    return grpc.aio.insecure_channel(target, options=options, interceptors=chain or None)
-
-
-class ApiKeys:
-    """The router's API keys, kept as SHA-256 digests and compared in constant
-    time (every key is compared, whatever matches). Empty: no key required."""
-
-    def __init__(self, keys: Iterable[str] = ()):
-        self._digests = [hashlib.sha256(k.encode()).digest() for k in keys if k]
-
-    def __bool__(self) -> bool:
-        return bool(self._digests)
-
-    def __len__(self) -> int:
-        return len(self._digests)
-
-    def check(self, authorization: str | None) -> None:
-        """Raise UnauthenticatedError unless `authorization` is "Bearer <a key>"."""
-        if not self._digests:
-            return
-        if not authorization:
-            raise UnauthenticatedError("missing API key: send the header `authorization: Bearer <key>`")
-        scheme, _, key = authorization.strip().partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise UnauthenticatedError("malformed authorization: expected `Bearer <key>`")
-        given = hashlib.sha256(key.strip().encode()).digest()
-        matched = False
-        for digest in self._digests:
-            matched |= hmac.compare_digest(given, digest)
-        if not matched:
-            raise UnauthenticatedError("invalid API key")
-
-
-def check_token(expected: str, given: str | None) -> None:
-    """Raise UnauthenticatedError unless `given` is the internal token (constant time)."""
-    if not expected:
-        return
-    if not given:
-        raise UnauthenticatedError(f"missing internal token (metadata {TOKEN_KEY}): "
-                                   "this method serves pdserve services only")
-    if not hmac.compare_digest(hashlib.sha256(given.encode()).digest(), hashlib.sha256(expected.encode()).digest()):
-        raise UnauthenticatedError("invalid internal token")
-
-
-class Authenticator(grpc.aio.ServerInterceptor):
-    """Refuses calls without the credentials their method needs: API keys for
-    `client_methods`, the internal token for every other method but health and
-    reflection. A refused call never reaches its servicer."""
-
-    def __init__(self, *, internal_token: str = "", api_keys: ApiKeys | None = None,
-                 client_methods: Collection[str] = ()):
-        self.internal_token, self.api_keys = internal_token, api_keys or ApiKeys()
-        self.client_methods = frozenset(client_methods)
-
-    def check(self, method: str, metadata: dict[str, Any]) -> None:
-        if method.startswith(OPEN_METHOD_PREFIXES):
-            return
-        if method in self.client_methods:
-            self.api_keys.check(_text(metadata.get(AUTHORIZATION_KEY)))
-        else:
-            check_token(self.internal_token, _text(metadata.get(TOKEN_KEY)))
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        try:
-            self.check(details.method, dict(details.invocation_metadata or ()))
-        except UnauthenticatedError as refusal:
-            return _refusing(handler, refusal)
-        return handler
-
-
-def _text(value: str | bytes | None) -> str | None:
-    return value.decode(errors="replace") if isinstance(value, bytes) else value
-
-
-def _refusing(handler: grpc.RpcMethodHandler, refusal: UnauthenticatedError) -> grpc.RpcMethodHandler:
-    """A handler of the same kind that raises `refusal` (the error mapping,
-    outermost, answers UNAUTHENTICATED)."""
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        raise refusal
-
-    return wrap_handler(handler, lambda _: refuse, lambda _: refuse, handler.request_deserializer)
 
 
 @dataclass(frozen=True)
@@ -248,7 +95,7 @@ class SecurityConfig(ServiceConfig):
             raise ValueError("tls_require_client_cert needs tls_cert, tls_key and tls_ca")
         for name in ("tls_cert", "tls_key", "tls_ca"):
             if getattr(self, name):
-                _read(getattr(self, name), name)
+                read_file(getattr(self, name), name)
 
     @property
     def tls_enabled(self) -> bool:
@@ -313,7 +160,7 @@ class ClientAuthConfig(SecurityConfig):
     def load_api_keys(self) -> ApiKeys:
         keys = list(self.api_keys)
         if self.api_keys_file:
-            for line in _read(self.api_keys_file, "api_keys_file").decode().splitlines():
+            for line in read_file(self.api_keys_file, "api_keys_file").decode().splitlines():
                 line = line.strip()
                 if line and not line.startswith("#"):
                     keys.append(line)
