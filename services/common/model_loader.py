@@ -92,8 +92,13 @@ def _dir_digest(path: Path) -> str:
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as e:  # a router or KV store installed without the worker's extras
+        raise FileNotFoundError(f"{gguf} is not converted yet ({out} is missing), and converting it needs "
+                                f"torch and transformers ({e}): start a worker, or `pip install pdserve[worker]` "
+                                f"here, once") from None
 
     log.info("dequantizing %s once into %s", gguf, out)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -30,25 +30,6 @@ SERVICES = {"prefill": prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_n
 log = logging.getLogger(__name__)
 
 
-def make_receiver(config):
-    """The KV receiver of `config.transport`; over UCX it listens on the data host's interfaces only."""
-    from pdserve.common import transfer
-    from pdserve.common.transfer.netdev import data_host
-
-    if config.transport == "ucx":
-        return transfer.UcxKVReceiver(host=data_host(config))
-    return transfer.LoopbackKVReceiver()
-
-
-def make_sender(config):
-    from pdserve.common import transfer
-    from pdserve.common.transfer.netdev import data_host
-
-    if config.transport == "ucx":
-        return transfer.UcxKVSender(host=data_host(config))
-    return transfer.LoopbackKVSender()
-
-
 class WorkerRuntime:
     def __init__(self, config: WorkerConfig, engine: LLMEngine | None = None):
         self.config = config

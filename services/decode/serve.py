@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pdserve.common.kv.store_client import StoreClient
 from pdserve.common.worker_config import WorkerConfig
-from pdserve.common.worker_runtime import WorkerRuntime, make_receiver, make_sender
+from pdserve.common.transfer.transport import make_receiver, make_sender
+from pdserve.common.worker_runtime import WorkerRuntime
 from pdserve.decode.servicer import DecodeServicer
 from pdserve.decode.worker import DecodeWorker
 from pdserve.v1 import decode_pb2_grpc

@@ -1,11 +1,13 @@
 """`pdserve serve kvstore`: the shared KV block store process."""
 from __future__ import annotations
 
+import json
+
 from pdserve.common import metrics, model_loader
 from pdserve.common.engine import precision
 from pdserve.common.kv.spec import KVSpec
 from pdserve.common.server import add_health_and_reflection, bind, create_server, serve_until_stopped
-from pdserve.common.worker_runtime import make_receiver, make_sender
+from pdserve.common.transfer.transport import make_receiver, make_sender
 from pdserve.kvstore.config import KVStoreConfig
 from pdserve.kvstore.service import KVStoreService
 from pdserve.kvstore.servicer import KVStoreServicer
@@ -16,13 +18,13 @@ SERVICE = kvstore_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name
 
 
 def block_bytes_of(config: KVStoreConfig) -> int:
-    """Bytes of one block of the workers' model, from its config alone (no weights)."""
-    from transformers import AutoConfig
-
+    """Bytes of one block of the workers' model, from its config.json alone (no weights, no torch)."""
     ref = model_loader.resolve(config.model or None, weights=False)
-    mc = AutoConfig.from_pretrained(ref.path)
-    head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
-    spec = KVSpec(ref.name, ref.weights_digest, mc.num_hidden_layers, mc.num_key_value_heads, head_dim,
+    mc = json.loads((ref.path / "config.json").read_text())
+    mc = {**mc.get("text_config", {}), **mc}
+    head_dim = mc.get("head_dim") or mc["hidden_size"] // mc["num_attention_heads"]
+    kv_heads = mc.get("num_key_value_heads") or mc["num_attention_heads"]
+    spec = KVSpec(ref.name, ref.weights_digest, mc["num_hidden_layers"], kv_heads, head_dim,
                   config.block_size, precision.resolve(config.dtype).dtype)
     return spec.block_bytes
 

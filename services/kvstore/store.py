@@ -13,7 +13,7 @@ import enum
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from pdserve.common.kv import host_memory
 
@@ -48,7 +48,7 @@ class BlockStore:
         if capacity_blocks < 1 or block_bytes < 1:
             raise ValueError("capacity_blocks and block_bytes must be >= 1")
         self.block_bytes = block_bytes
-        self.slots = host_memory.zeros((capacity_blocks, block_bytes), torch.uint8)  # huge pages: faster transfers
+        self.slots = host_memory.zero_bytes((capacity_blocks, block_bytes))  # huge pages: faster transfers
         self._free = list(range(capacity_blocks - 1, -1, -1))
         self._entries: OrderedDict[bytes, Entry] = OrderedDict()  # LRU order: oldest first
         self.stats = StoreStats()
@@ -61,7 +61,7 @@ class BlockStore:
     def used(self) -> int:
         return self.capacity - len(self._free)
 
-    def buffer(self, slot: int) -> torch.Tensor:
+    def buffer(self, slot: int) -> np.ndarray:
         return self.slots[slot]
 
     def _ready(self, fingerprint: bytes, h: bytes) -> Entry | None:

@@ -5,7 +5,8 @@ import dataclasses
 
 from pdserve.common.worker_config import WorkerConfig
 from pdserve.common.kv.store_client import StoreClient
-from pdserve.common.worker_runtime import WorkerRuntime, make_receiver, make_sender
+from pdserve.common.transfer.transport import make_receiver, make_sender
+from pdserve.common.worker_runtime import WorkerRuntime
 from pdserve.prefill.servicer import PrefillServicer
 from pdserve.prefill.worker import PrefillWorker
 from pdserve.v1 import prefill_pb2_grpc

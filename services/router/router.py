@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+import jinja2
 
 from pdserve.common import convert, tracing
 from pdserve.common.engine.detokenizer import IncrementalDetokenizer
@@ -76,8 +77,11 @@ class Router:
             if not inp.messages:
                 raise InvalidRequestError("prompt.chat", "must have at least one message")
             self._check_length("prompt.chat", sum(len(m.get("content") or "") for m in inp.messages))
-            encoded = await asyncio.to_thread(self.tokenizer.apply_chat_template, inp.messages,
-                                              add_generation_prompt=True, tokenize=True, return_dict=True)
+            try:
+                encoded = await asyncio.to_thread(self.tokenizer.apply_chat_template, inp.messages,
+                                                  add_generation_prompt=True, tokenize=True, return_dict=True)
+            except (jinja2.TemplateError, ValueError) as e:  # the model's template refuses this chat, or has none
+                raise InvalidRequestError("prompt.chat", str(e)) from None
             ids = list(encoded["input_ids"])
         elif inp.text:
             self._check_length("prompt.text", len(inp.text))

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 from pdserve.common import metrics, model_loader
 from pdserve.common.server import add_health_and_reflection, bind, create_server, serve_until_stopped
+from pdserve.common.tokenizer import Tokenizer
 from pdserve.router.config import RouterConfig
 from pdserve.router.openai_http import OpenAIServer
 from pdserve.router.request_metrics import RequestMetrics
@@ -19,12 +21,14 @@ log = logging.getLogger(__name__)
 SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
 
 
-def load_tokenizer(model: str):
-    """The workers' tokenizer and context window, without loading weights."""
-    from transformers import AutoConfig, AutoTokenizer
-
+def load_tokenizer(model: str) -> tuple[Tokenizer, int]:
+    """The workers' tokenizer and context window, from their files alone: no weights, no torch."""
     ref = model_loader.resolve(model or None, weights=False)
-    return AutoTokenizer.from_pretrained(ref.path), AutoConfig.from_pretrained(ref.path).max_position_embeddings
+    config = json.loads((ref.path / "config.json").read_text())
+    window = config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings")
+    if not window:
+        raise ValueError(f"{ref.path / 'config.json'}: no max_position_embeddings (the context window)")
+    return Tokenizer.from_dir(ref.path), window
 
 
 class RouterRuntime:

@@ -344,7 +344,7 @@ def test_once_closed_a_receiver_and_a_sender_refuse_new_transfers_by_name(transp
     from pdserve.common.errors import TransferFailedError
     from pdserve.common.kv.pool import KVPool
     from pdserve.common.worker_config import WorkerConfig
-    from pdserve.common.worker_runtime import make_receiver, make_sender
+    from pdserve.common.transfer.transport import make_receiver, make_sender
 
     async def scenario():
         pool = KVPool(SPEC, 2)

@@ -169,7 +169,7 @@ def dockerfile_stages() -> dict[str, dict]:
             assert m, f"FROM {rest}"
             parent = stages.get(m.group(1))
             current = {"env": dict(parent["env"]) if parent else {}, "entrypoint": None, "expose": set(),
-                       "healthcheck": parent["healthcheck"] if parent else None}
+                       "healthcheck": parent["healthcheck"] if parent else None, "from": m.group(1)}
             stages[m.group(2) or m.group(1)] = current
         elif word == "ENV":
             current["env"].update(_env_pairs(rest))
@@ -205,6 +205,10 @@ def test_dockerfile_targets_run_their_service_with_real_flags():
         assert stage["healthcheck"] and "pdserve-healthcheck" in stage["healthcheck"], f"target {role}: HEALTHCHECK"
         if role == "router":
             assert str(config.http_port) in stage["expose"], f"router: HTTP port {config.http_port} not EXPOSEd"
+    # The control plane carries no torch: the router and the store build on the slim
+    # Python image with the base install, not on the workers' torch base.
+    assert stages["router"]["from"] == stages["kvstore"]["from"] == "control"
+    assert stages["control"]["from"] == "${PYTHON_IMAGE}" and "PDSERVE_CACHE_DIR" in stages["control"]["env"]
     # The default model is converted at build time, into the cache the services read.
     text = DOCKERFILE.read_text()
     assert "model_loader.resolve()" in text and "PDSERVE_CACHE_DIR" in stages["base"]["env"]

@@ -134,9 +134,10 @@ def check_blocks(buffers, block_bytes: int | None = None) -> int:
         raise InvalidRequestError("buffers", "at least one block is required")
     sizes = {b.nbytes for b in buffers}
     for b in buffers:
-        if getattr(b, "device", None) is not None and b.device.type != "cpu":
+        device = getattr(b, "device", "cpu")  # a torch.device, or numpy's "cpu"
+        if getattr(device, "type", device) != "cpu":
             raise InvalidRequestError("buffers", "device blocks move through their host mirror: pass KVPool.block()")
-        if not b.is_contiguous():
+        if not (b.flags["C_CONTIGUOUS"] if isinstance(b, np.ndarray) else b.is_contiguous()):
             raise InvalidRequestError("buffers", "blocks must be contiguous")
     if len(sizes) != 1 or (block_bytes is not None and sizes != {block_bytes}):
         raise InvalidRequestError("buffers", f"block sizes {sorted(sizes)} != {block_bytes}")
