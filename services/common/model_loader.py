@@ -169,6 +169,13 @@ def resolve(model: str | None = None, *, weights: bool = True) -> ModelRef:
     return ModelRef(name, out, json.loads((out / _META).read_text())["weights_digest"])
 
 
+def text_config(ref: ModelRef) -> dict:
+    """The model's config.json as plain JSON (no transformers, for the router and the store),
+    a multimodal model's text_config merged in under its top-level keys."""
+    config = json.loads((ref.path / "config.json").read_text())
+    return {**config.get("text_config", {}), **config}
+
+
 def load(ref: ModelRef, attn_implementation: str = "sdpa", device: str = "cpu", dtype: str = "float32"):
     """Load (model, tokenizer) from a resolved reference."""
     import torch

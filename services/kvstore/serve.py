@@ -1,8 +1,6 @@
 """`pdserve serve kvstore`: the shared KV block store process."""
 from __future__ import annotations
 
-import json
-
 from pdserve.common import metrics, model_loader
 from pdserve.common.engine import precision
 from pdserve.common.kv.spec import KVSpec
@@ -20,8 +18,7 @@ SERVICE = kvstore_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name
 def block_bytes_of(config: KVStoreConfig) -> int:
     """Bytes of one block of the workers' model, from its config.json alone (no weights, no torch)."""
     ref = model_loader.resolve(config.model or None, weights=False)
-    mc = json.loads((ref.path / "config.json").read_text())
-    mc = {**mc.get("text_config", {}), **mc}
+    mc = model_loader.text_config(ref)
     head_dim = mc.get("head_dim") or mc["hidden_size"] // mc["num_attention_heads"]
     kv_heads = mc.get("num_key_value_heads") or mc["num_attention_heads"]
     spec = KVSpec(ref.name, ref.weights_digest, mc["num_hidden_layers"], kv_heads, head_dim,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 
 from pdserve.common import metrics, model_loader
@@ -24,8 +23,7 @@ SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
 def load_tokenizer(model: str) -> tuple[Tokenizer, int]:
     """The workers' tokenizer and context window, from their files alone: no weights, no torch."""
     ref = model_loader.resolve(model or None, weights=False)
-    config = json.loads((ref.path / "config.json").read_text())
-    window = config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings")
+    window = model_loader.text_config(ref).get("max_position_embeddings")
     if not window:
         raise ValueError(f"{ref.path / 'config.json'}: no max_position_embeddings (the context window)")
     return Tokenizer.from_dir(ref.path), window

@@ -32,10 +32,12 @@ import inspect
 import json
 import os
 import re
+import runpy
 import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -213,6 +215,15 @@ def test_dockerfile_targets_run_their_service_with_real_flags():
     text = DOCKERFILE.read_text()
     assert "model_loader.resolve()" in text and "PDSERVE_CACHE_DIR" in stages["base"]["env"]
     assert re.search(r"^USER\s+(?!0\b|root\b)", text, re.MULTILINE), "images must run as a non-root user"
+
+
+def test_the_images_install_torch_only_for_the_workers():
+    requirements = runpy.run_path(str(DEPLOY / "docker" / "requirements.py"))["requirements"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = lambda *extras: {re.split(r"[<>=\[ ]", r)[0] for r in requirements(project, list(extras))}  # noqa: E731
+    assert {"torch", "transformers", "ucxx-cu12"}.isdisjoint(names())  # the router's
+    assert "torch" not in names("kvstore") and "ucxx-cu12" in names("kvstore")
+    assert {"torch", "transformers", "ucxx-cu12", "xxhash"} <= names("worker")  # pdserve[kvstore] expanded
 
 
 def test_dockerignore_keeps_what_the_image_copies():
