@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PROMPT ?= What is the capital of France?
 
-.PHONY: install install-test demo test multihost bench-engine clean
+.PHONY: install install-test ide demo test multihost bench-engine clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,10 @@ install-test: install
 	command -v prometheus >/dev/null || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus || \
 		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus)
+
+# Editors and type checkers: a link tree of the sources (build/__editable__.*/pdserve) on a plain path entry.
+ide: install-test
+	$(BIN)/pip install -q -e ".[worker,test]" --config-settings editable_mode=strict
 
 demo: install
 	$(BIN)/pdserve demo "$(PROMPT)"

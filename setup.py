@@ -9,8 +9,13 @@ from setuptools import find_packages, setup
 
 packages = ["pdserve"] + [f"pdserve.{p}" for p in find_packages("services")] + ["pdserve.v1"]
 package_dir = {"pdserve": "services", "pdserve.v1": "protos/pdserve/v1"}
-# Type stubs and the .proto sources travel with the generated modules; the
-# engine's C++ kernels are built from source on the machine that runs them.
-package_data = {"pdserve.v1": ["*.pyi", "*.proto"], "pdserve.common.engine.kernels": ["*.cpp"]}
+# py.typed (PEP 561) lets type checkers read the installed package; stubs and
+# .proto sources travel with the generated modules; the engine's C++ kernels
+# are built from source on the machine that runs them.
+package_data = {
+    "pdserve": ["py.typed"],
+    "pdserve.v1": ["*.pyi", "*.proto", "py.typed"],
+    "pdserve.common.engine.kernels": ["*.cpp"],
+}
 
 setup(packages=packages, package_dir=package_dir, package_data=package_data)
