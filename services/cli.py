@@ -170,9 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from pdserve import launcher
 
-    up = sub.add_parser("up", help="start the whole suite locally")
-    launcher.add_up_args(up)
-    up.set_defaults(func=launcher.run_up)
+    launcher.add_commands(sub)  # up, status, restart
 
     demo = sub.add_parser("demo", help="start the suite, stream one completion through it, stop",
                           description="Start the whole suite (router, workers, KV store) as `pdserve up` "

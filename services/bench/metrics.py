@@ -10,6 +10,8 @@ that met both objectives (Slo) per second of the run.
 """
 from __future__ import annotations
 
+import array
+import hashlib
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -29,10 +31,16 @@ class RequestRecord:
     done_s: float = 0.0
     error: str | None = None  # gRPC status name, HTTP_<status>, or an exception's type
     kind: str = ""
+    # A digest of the output token ids, where the sender sees them: two runs' greedy outputs compare by it.
+    output_digest: str = ""
+    _ids: list[int] = field(default_factory=list, repr=False)
 
-    def tokens(self, t: float, n: int) -> None:
+    def tokens(self, t: float, n: int, ids=()) -> None:
         self.token_times.append(t)
         self.output_tokens += n
+        if ids:
+            self._ids.extend(ids)
+            self.output_digest = hashlib.blake2b(array.array("q", self._ids).tobytes(), digest_size=8).hexdigest()
 
     @property
     def ok(self) -> bool:
@@ -59,6 +67,7 @@ class RequestRecord:
 
     def as_dict(self) -> dict:
         d = asdict(self)
+        del d["_ids"]
         d["token_times"] = [round(t, 6) for t in self.token_times]
         return d
 

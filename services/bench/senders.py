@@ -45,7 +45,7 @@ async def _record(stream, rec: RequestRecord, now: Clock) -> None:
     try:
         async for r in stream:
             if r.token_ids:
-                rec.tokens(now(), len(r.token_ids))
+                rec.tokens(now(), len(r.token_ids), r.token_ids)
     except grpc.aio.AioRpcError as e:
         rec.error = e.code().name
 
@@ -77,7 +77,7 @@ class SdkSender:
                                             ignore_eos=True) as stream:
                 async for chunk in stream:
                     if chunk.token_ids:
-                        rec.tokens(now(), len(chunk.token_ids))
+                        rec.tokens(now(), len(chunk.token_ids), chunk.token_ids)
         except PdserveClientError as e:
             rec.error = e.code.name if e.code else type(e).__name__
 

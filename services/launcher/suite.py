@@ -11,20 +11,14 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from pdserve.common import security
-from pdserve.common.server import INSTANCE_ID_ENV, INSTANCE_ID_KEY
-from pdserve.common import ports
+from pdserve.common import ports, security
+from pdserve.common.server import INSTANCE_ID_ENV
+from pdserve.launcher.restarts import RestartPolicy
+from pdserve.launcher.supervisor import SuiteError, Supervisor
 from pdserve.launcher.topology import Service, http_port_from, plan
 
+__all__ = ["PortInUseError", "Suite", "SuiteError"]
 _COLORS = ("36", "33", "35", "32", "34", "91", "96", "93")
-_SERVING = health_pb2.HealthCheckResponse.SERVING
-
-
-class SuiteError(RuntimeError):
-    """The suite could not start or lost a service."""
 
 
 class PortInUseError(SuiteError):
@@ -33,12 +27,15 @@ class PortInUseError(SuiteError):
 
 class Suite:
     """Starts services stage by stage, relays their logs, and stops them.
-    Keyword arguments go to `plan()`, or pass `services=` directly."""
+    Keyword arguments go to `plan()`, or pass `services=` directly. With a
+    `restarts` policy a service that exits is started again (`Supervisor`);
+    without one, any exit fails the suite."""
 
     def __init__(self, mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *,
                  services: list[Service] | None = None, log_dir: str | Path | None = None,
                  ready_timeout: float = 300.0, grace_s: float = 15.0, out: TextIO | None = None,
-                 env: dict[str, str] | None = None, **plan_kwargs) -> None:
+                 env: dict[str, str] | None = None, restarts: RestartPolicy | None = None,
+                 **plan_kwargs) -> None:
         self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}  # children log line by line
         if services is None:
             plan_kwargs.setdefault("http_port", http_port_from(self._env))
@@ -51,17 +48,33 @@ class Suite:
         self._prefix = {s.name: (f"\x1b[{_COLORS[i % len(_COLORS)]}m[{s.name}]\x1b[0m " if color else f"[{s.name}] ")
                         for i, s in enumerate(self.services)}
         try:  # the children's own PDSERVE_TLS_* settings: health polls must speak their TLS
-            self._tls = security.from_environment(self._env).client_tls()
+            self.tls = security.from_environment(self._env).client_tls()
         except ValueError as e:
             raise SuiteError(f"TLS settings: {e}") from None
         self._procs: dict[str, subprocess.Popen] = {}
         self._instances: dict[str, str] = {}  # name -> the id its health answers must carry
         self._pumps: list[threading.Thread] = []
         self._lock = threading.RLock()  # re-entrant: say() also runs in signal handlers
+        self.supervisor = Supervisor(self, restarts)
 
     @property
     def router_target(self) -> str:
         return next(s.address for s in self.services if s.name == "router")
+
+    def service(self, name: str) -> Service:
+        return next(s for s in self.services if s.name == name)
+
+    def pid(self, name: str) -> int | None:
+        proc = self._procs.get(name)
+        return proc.pid if proc else None
+
+    def poll(self, name: str) -> int | None:
+        """The exit code of `name`'s current process, None while it runs."""
+        return self._procs[name].poll()
+
+    def instance_id(self, name: str) -> str:
+        """The id the health answers of `name`'s current process carry."""
+        return self._instances[name]
 
     def say(self, message: str) -> None:
         with self._lock:
@@ -85,7 +98,7 @@ class Suite:
             if log_file:
                 log_file.close()
 
-    def _spawn(self, service: Service) -> None:
+    def spawn(self, service: Service) -> None:
         self._instances[service.name] = secrets.token_hex(8)
         env = {**self._env, INSTANCE_ID_ENV: self._instances[service.name]}
         # Own process group: a terminal's Ctrl-C reaches only us, and we stop
@@ -96,55 +109,6 @@ class Suite:
         pump = threading.Thread(target=self._pump, args=(service.name, proc.stdout), daemon=True)
         pump.start()
         self._pumps.append(pump)
-
-    def _wait_ready(self, stage: list[Service], deadline: float, stop: threading.Event) -> None:
-        pending = {s.name: s for s in stage}
-        # Short reconnect backoff: by default gRPC waits up to minutes between
-        # attempts at a port nobody listens on yet (a worker loading its model).
-        fast = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", 500)]
-        channels = {s.name: security.dial(s.address, self._tls, options=fast, sync=True) for s in stage if s.address}
-        impostors: set[str] = set()  # services whose address answers for a process we did not start
-
-        def failed(what: str, names) -> SuiteError:
-            held = [pending[n].address for n in names if n in impostors]
-            return SuiteError(what + (f"; {', '.join(held)} answered, but not from the process we started"
-                                      if held else ""))
-        try:
-            while pending:
-                for name, service in list(pending.items()):
-                    code = self._procs[name].poll()
-                    if service.address is None and code == 0:
-                        del pending[name]
-                    elif code is not None:
-                        raise failed(f"{name} exited with code {code} before it was ready (its log is above)", [name])
-                    elif service.address and self._serving(service, channels[name], impostors):
-                        self.say(f"{name} is serving at {service.address}")
-                        del pending[name]
-                if pending and time.monotonic() > deadline:
-                    raise failed(f"not ready after {self.ready_timeout:g}s: {', '.join(pending)}", pending)
-                if pending and stop.wait(0.2):
-                    raise SuiteError("interrupted while starting")
-        finally:
-            for channel in channels.values():
-                channel.close()
-
-    def _serving(self, service: Service, channel: grpc.Channel, impostors: set[str]) -> bool:
-        """Whether the process we started as `service` answers SERVING. An answer with
-        another instance id (another suite's service on this port) never counts: it is
-        said once, and `service` noted in `impostors`."""
-        try:
-            check = health_pb2_grpc.HealthStub(channel).Check
-            response, call = check.with_call(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-        except grpc.RpcError:  # not listening yet, or no health service yet
-            return False
-        if dict(call.trailing_metadata() or ()).get(INSTANCE_ID_KEY) == self._instances[service.name]:
-            return response.status == _SERVING
-        if service.name not in impostors:
-            impostors.add(service.name)
-            self.say(f"{service.address} answers, but not from the {service.name} we started "
-                     "(another suite on this port?); waiting for ours")
-        return False
 
     def check_ports(self) -> None:
         """Raise PortInUseError naming the first port another process holds, and the flag that moves it."""
@@ -163,26 +127,19 @@ class Suite:
         deadline = time.monotonic() + self.ready_timeout
         try:
             for stage in sorted({s.stage for s in self.services}):
-                members = [s for s in self.services if s.stage == stage]
-                for service in members:
-                    self._spawn(service)
-                self._wait_ready(members, deadline, stop)
+                self.supervisor.start_stage([s for s in self.services if s.stage == stage], deadline, stop)
         except BaseException:
             self.stop()
             raise
 
-    def wait(self, stop: threading.Event) -> int:
-        """Supervise until `stop` is set (0) or a service exits on its own (1)."""
-        while not stop.wait(0.2):
-            for service in self.services:
-                code = self._procs[service.name].poll() if service.address else None
-                if code is not None:
-                    self.say(f"{service.name} exited unexpectedly with code {code}; stopping the suite")
-                    return 1
-        return 0
+    def wait(self, stop: threading.Event, roll: threading.Event | None = None) -> int:
+        """Supervise until `stop` is set (0) or the suite can no longer serve (1);
+        `roll` set asks for a rolling restart of the workers."""
+        return self.supervisor.run(stop, roll)
 
     def stop(self) -> None:
         """SIGTERM running children, last stage first; SIGKILL after the grace period."""
+        self.supervisor.close()
         for stage in sorted({s.stage for s in self.services}, reverse=True):
             procs = {s.name: self._procs[s.name] for s in self.services
                      if s.stage == stage and s.name in self._procs and self._procs[s.name].poll() is None}

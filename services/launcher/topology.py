@@ -24,7 +24,9 @@ class Service:
     """One child process. `address` (host:port) answers grpc.health.v1; None
     marks a one-shot step, ready when it exits 0. Stages start in order.
     `metrics` (host:port) serves Prometheus /metrics, and `http` the OpenAI API, when known.
-    `listens`: the ports it binds, for the launcher to try before it starts anything."""
+    `listens`: the ports it binds, for the launcher to try before it starts anything.
+    `role`: router, prefill, decode (colocated workers too) or kvstore; what a suite can
+    serve without (launcher.restarts.usable)."""
     name: str
     argv: tuple[str, ...]
     address: str | None
@@ -32,6 +34,7 @@ class Service:
     metrics: str | None = None
     http: str | None = None
     listens: tuple[Listen, ...] = ()
+    role: str = ""
 
 
 def _dial(host: str) -> str:
@@ -107,12 +110,12 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
             extra += ("--device", dev) if dev else ()
             services.append(Service(name, (*serve, role, "--host", at(name), "--port", str(p), "--worker-id", name,
                                            *common, *per_worker, *extra), f"{_dial(at(name))}:{p}", 1,
-                                    listens=(Listen(at(name), p, "--base-port"),)))
+                                    listens=(Listen(at(name), p, "--base-port"),), role=role))
             targets[role].append(f"{_dial(at(name))}:{p}")
     if kvstore:
         services.append(Service("kvstore", (*serve, "kvstore", "--host", at("kvstore"), "--port", str(store_port),
                                             *common, *store_dtype), f"{_dial(at('kvstore'))}:{store_port}", 1,
-                                    listens=(Listen(at("kvstore"), store_port, "--base-port"),)))
+                                    listens=(Listen(at("kvstore"), store_port, "--base-port"),), role="kvstore"))
     # List flags take one value per target (the config parser's nargs="*").
     pre = ("--prefill-targets", *targets["prefill"]) if prefill else ()
     router = at("router")
@@ -122,7 +125,7 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
                                        *pre, "--decode-targets", *targets["decode"], *common,
                                        "--grace-s", f"{router_grace:g}", "--http-port", str(http_port)),
                             f"{_dial(router)}:{port}", 2, http=f"{_dial(router)}:{http_port}" if http else None,
-                            listens=(Listen(router, port, "--port"), *http)))
+                            listens=(Listen(router, port, "--port"), *http), role="router"))
     return _with_metrics(services, metrics_port, taken={port, http_port, *range(base_port, store_port + 1)})
 
 

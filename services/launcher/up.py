@@ -6,26 +6,33 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from pdserve.common import memory
 from pdserve.common.engine import precision
+from pdserve.launcher import run_state
+from pdserve.launcher.restarts import RestartPolicy
 from pdserve.launcher.suite import Suite, SuiteError
 from pdserve.launcher.topology import DEFAULT_BASE_PORT, DEFAULT_HTTP_PORT, DEFAULT_PORT, MODES, http_port_from, plan
 from pdserve.settings import check_commands
 
 
-def supervise(suite: Suite) -> int:
-    """Run a suite until Ctrl-C / SIGTERM / SIGHUP (exit 0) or a failure (exit 1).
-    Must run in the main thread (it installs signal handlers)."""
-    stop = threading.Event()
-    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+def supervise(suite: Suite, state_file: Path | None = None) -> int:
+    """Run a suite until Ctrl-C / SIGTERM (exit 0) or until it can no longer serve
+    (exit 1); SIGHUP restarts the workers one at a time. `state_file` is kept for
+    `pdserve status` and `pdserve restart`. Must run in the main thread (it installs
+    signal handlers)."""
+    stop, roll = threading.Event(), threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
         if stop.is_set():
             suite.say("second signal: killing every service now")
             suite.kill()
         stop.set()
-    previous = {sig: signal.signal(sig, on_signal) for sig in handled}
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: roll.set())
+    if state_file:
+        suite.supervisor.on_change(lambda: run_state.write(state_file, suite))
     try:
         try:
             suite.start(stop)
@@ -39,13 +46,16 @@ def supervise(suite: Suite) -> int:
                          + (f"  metrics http://{s.metrics}/metrics" if s.metrics else "")
                          for s in suite.services if s.address)
         suite.say(f"ready; clients connect to {suite.router_target}\n{rows}")
-        code = suite.wait(stop)
+        code = suite.wait(stop, roll)
         suite.say("stopping" if code == 0 else "stopping after a failure")
         suite.stop()
         return code
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if state_file:
+            suite.supervisor.on_change(lambda: None)
+            state_file.unlink(missing_ok=True)
 
 
 def add_up_args(parser: argparse.ArgumentParser) -> None:
@@ -81,6 +91,11 @@ def add_up_args(parser: argparse.ArgumentParser) -> None:
                         help="start the shared KV store for the prefill workers (disaggregated mode)")
     parser.add_argument("--log-dir", default=None, help="also write each service's log to DIR/NAME.log")
     parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds (the first start converts the model)")
+    parser.add_argument("--restart-limit", type=int, default=RestartPolicy.limit, metavar="N",
+                        help="a service that exits is started again, with backoff, until it has exited N times "
+                             "within --restart-window; then it is given up (0: any exit stops the suite)")
+    parser.add_argument("--restart-window", type=float, default=RestartPolicy.window_s, metavar="S",
+                        help="seconds over which --restart-limit counts exits")
     parser.add_argument("--grace", type=float, default=15.0, help="seconds between SIGTERM and SIGKILL; the router drains its "
                         "streams for this less 5 s, then tells those still open that it is shutting down")
 
@@ -97,9 +112,11 @@ def run_up(args: argparse.Namespace) -> int:
         # Each child's settings (flags, PDSERVE_* variables, file) resolved here as it will resolve them:
         # a bad one is this one line, not a failure in every child.
         check_commands({s.name: s.argv[3:] for s in services if s.argv[1:3] == ("-m", "pdserve")})
-        suite = Suite(services=services, log_dir=args.log_dir, ready_timeout=args.ready_timeout, grace_s=args.grace)
+        restarts = RestartPolicy(limit=args.restart_limit, window_s=args.restart_window) if args.restart_limit else None
+        suite = Suite(services=services, log_dir=args.log_dir, ready_timeout=args.ready_timeout, grace_s=args.grace,
+                      restarts=restarts)
         suite.check_ports()  # a taken port is a bad setting: refused before anything starts
     except (ValueError, SuiteError) as e:
         print(f"pdserve up: {e}", file=sys.stderr)
         return 2
-    return supervise(suite)
+    return supervise(suite, run_state.state_path(args.port))

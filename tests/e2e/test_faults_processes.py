@@ -14,6 +14,7 @@ import pytest
 from pdserve.client import AsyncClient
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import decode_pb2_grpc
+from tests.e2e.streams import greedy_stream
 from tests.engine.prompts import text_of_tokens
 from tests.polling import settles
 
@@ -48,14 +49,6 @@ async def _tokens_seen(seen: list[int], n: int, call: asyncio.Task) -> None:
     assert await settles(lambda: len(seen) >= n or call.done(), timeout=120, interval=0.01), seen
 
 
-async def _stream(client, ids, seen: list[int]):
-    last = None
-    async with client.generate(ids, max_tokens=TOKENS, ignore_eos=True, temperature=0.0) as stream:
-        async for last in stream:
-            seen.extend(last.token_ids)
-    return last
-
-
 def _decoders(suite) -> set[str]:
     return {s.name for s in suite.services if s.name.startswith("decode")}
 
@@ -67,7 +60,7 @@ async def _migrated_stream(suite, tokenizer, offset: int, fault, within_s: float
     async with AsyncClient(suite.router_target, timeout=120) as client:
         expected = (await client.complete(ids, max_tokens=TOKENS, ignore_eos=True, temperature=0.0)).token_ids
         seen: list[int] = []
-        call = asyncio.create_task(_stream(client, ids, seen))
+        call = asyncio.create_task(greedy_stream(client, ids, TOKENS, seen))
         await _tokens_seen(seen, 8, call)
         victim = await _busy_decoder(suite, _decoders(suite))
         undo = fault(victim)
@@ -101,7 +94,7 @@ async def test_sigterm_drains_a_decode_worker_while_new_requests_go_elsewhere(su
     ids = text_of_tokens(tokenizer, 60, offset=22)
     async with AsyncClient(suite.router_target, timeout=120) as client:
         seen: list[int] = []
-        call = asyncio.create_task(_stream(client, ids, seen))
+        call = asyncio.create_task(greedy_stream(client, ids, TOKENS, seen))
         await _tokens_seen(seen, 4, call)
         draining = await _busy_decoder(suite, alive)
         proc = suite.signal(draining, signal.SIGTERM)

@@ -509,6 +509,17 @@ def test_router_discovers_every_worker_pod_through_its_headless_service(rendered
             f"{name}: the router's PDSERVE_{role.upper()}_TARGETS must be dns:{sts['spec']['serviceName']}:{worker.port}")
 
 
+@pytest.mark.parametrize("name", [d.name for d in KUSTOMIZATIONS])
+def test_a_rolling_update_drains_each_pod_before_it_is_killed_and_routes_to_the_new_one_first(rendered, name):
+    services = _services(rendered[name])
+    router = next(cfg for _, _, role, cfg in services.values() if role == "router")
+    for workload, (doc, _, role, config) in services.items():
+        # SIGTERM starts the drain; Kubernetes' SIGKILL must not come before it ends (5 s to spare for exit).
+        assert doc["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= config.grace_s + 5, workload
+        if role in ("prefill", "decode"):  # the next pod drains only once the router polled this one
+            assert doc["spec"].get("minReadySeconds", 0) >= 4 * router.load_poll_s, workload
+
+
 def _check_layout(where: str, services: dict[str, tuple]) -> None:
     """Workers and the store share the KV layout; the router tokenizes for the same model."""
     configs = {name: rc[-1] for name, rc in services.items()}

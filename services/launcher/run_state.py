@@ -1,0 +1,61 @@
+"""The state file a running `pdserve up` keeps, for `pdserve status` and `pdserve restart`.
+
+One JSON file per suite, named by the router's port, rewritten whole (write and
+rename) whenever a service changes phase, and removed when the suite stops.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+
+if TYPE_CHECKING:
+    from pdserve.launcher.suite import Suite
+
+
+def state_path(router_port: int, environ=os.environ) -> Path:
+    """Where the suite whose router listens on `router_port` keeps its state."""
+    base = environ.get("PDSERVE_RUN_DIR") or environ.get("XDG_RUNTIME_DIR")
+    root = Path(base) / "pdserve" if base else Path.home() / ".cache" / "pdserve" / "run"
+    return root / f"up-{router_port}.json"
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("pdserve")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def snapshot(suite: Suite) -> dict:
+    services = []
+    for s in suite.services:
+        state = suite.supervisor.states.get(s.name)
+        if not s.address or state is None:
+            continue
+        services.append({"name": s.name, "role": s.role, "address": s.address, "pid": suite.pid(s.name),
+                         "phase": state.phase.value, "restarts": state.restarts, "started_at": state.started_at,
+                         "last_exit": state.last_exit, "version": _version()})
+    return {"launcher_pid": os.getpid(), "router": suite.router_target, "written_at": time.time(),
+            "rolling": suite.supervisor.rolling, "services": services}
+
+
+def write(path: Path, suite: Suite) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(json.dumps(snapshot(suite), indent=1))
+    partial.replace(path)  # a reader never sees half a file
+
+
+def read(path: Path) -> dict | None:
+    """The state of a live suite, or None (no file, or its launcher is gone)."""
+    try:
+        state = json.loads(path.read_text())
+        os.kill(state["launcher_pid"], 0)
+    except (OSError, ValueError, KeyError):
+        return None
+    return state

@@ -1,0 +1,114 @@
+"""`pdserve status` and `pdserve restart --rolling`: a running suite, as its router and its launcher see it."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+import grpc
+
+from pdserve.common import security
+from pdserve.launcher import run_state
+from pdserve.v1 import router_pb2
+from pdserve.v1.router_pb2_grpc import RouterStub
+
+_ROLES = {0: "", 1: "prefill", 2: "decode", 3: "colocated"}
+_COLUMNS = ("name", "role", "address", "health", "running", "waiting", "kv_used", "restarts", "uptime_s", "version")
+
+
+def add_commands(sub) -> None:
+    status = sub.add_parser("status", help="every service of a running suite: health, load, restarts, version")
+    status.add_argument("--target", default="localhost:50051", help="the router's gRPC address")
+    status.add_argument("--json", action="store_true", help="print the rows as JSON")
+    status.set_defaults(func=run_status)
+    restart = sub.add_parser("restart", help="restart a running `pdserve up`'s workers")
+    restart.add_argument("--rolling", action="store_true", required=True,
+                         help="drain and restart the workers one at a time (the same as SIGHUP to pdserve up)")
+    restart.add_argument("--target", default="localhost:50051", help="the suite's router (its port names the suite)")
+    restart.add_argument("--wait", type=float, default=0.0, metavar="S",
+                         help="wait up to S seconds for every worker to be back (0: return at once)")
+    restart.set_defaults(func=run_restart)
+
+
+def _port(target: str) -> int:
+    return int(target.rsplit(":", 1)[1])
+
+
+def list_workers(target: str, timeout: float = 3.0) -> list[router_pb2.WorkerStatus] | None:
+    """The router's view of its workers; None when the router does not answer."""
+    with security.dial(target, security.from_environment(os.environ).client_tls(), sync=True) as channel:
+        try:
+            return list(RouterStub(channel).ListWorkers(router_pb2.ListWorkersRequest(), timeout=timeout).workers)
+        except grpc.RpcError:
+            return None
+
+
+def rows(launched: dict | None, workers: list | None) -> list[dict]:
+    """One row per service: the launcher's record, completed by the router's."""
+    now, out = time.time(), {}
+    for s in (launched or {}).get("services", []):
+        out[s["name"]] = {"name": s["name"], "role": s["role"], "address": s["address"], "health": s["phase"],
+                          "restarts": s["restarts"], "uptime_s": round(now - s["started_at"], 1),
+                          "version": s["version"]}
+    for w in workers or []:
+        row = out.setdefault(w.info.worker_id, {"name": w.info.worker_id, "address": w.info.address})
+        total = w.load.total_blocks
+        row.update(role=_ROLES.get(w.info.role, row.get("role", "")), running=w.load.running_seqs,
+                   waiting=w.load.waiting_seqs, kv_used=round(1 - w.load.free_blocks / total, 3) if total else None)
+        if row.get("health") in (None, "serving"):  # the launcher's phase says more while it is not serving
+            row["health"] = "serving" if w.healthy else "unhealthy"
+        version = getattr(w.info, "software_version", "")
+        if version:
+            row["version"] = version
+    return [{c: r.get(c) for c in _COLUMNS} for r in out.values()]
+
+
+def render(table: list[dict]) -> str:
+    cells = [[("-" if r[c] is None else str(r[c])) for c in _COLUMNS] for r in table]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(_COLUMNS)]
+    lines = [_COLUMNS, *cells]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    launched = run_state.read(run_state.state_path(_port(args.target)))
+    workers = list_workers(args.target)
+    table = rows(launched, workers)
+    if args.json:
+        print(json.dumps({"router": args.target, "router_answers": workers is not None, "services": table}, indent=1))
+    else:
+        if table:
+            print(render(table))
+        if workers is None:
+            print(f"the router at {args.target} does not answer", file=sys.stderr)
+        if launched is None:
+            print(f"no `pdserve up` on this machine runs a router on port {_port(args.target)}: "
+                  "restarts and uptime unknown", file=sys.stderr)
+    return 0 if workers is not None else 1
+
+
+def run_restart(args: argparse.Namespace) -> int:
+    path = run_state.state_path(_port(args.target))
+    launched = run_state.read(path)
+    if launched is None:
+        print(f"pdserve restart: no `pdserve up` on this machine runs a router on port {_port(args.target)}",
+              file=sys.stderr)
+        return 2
+    asked = time.time()
+    os.kill(launched["launcher_pid"], signal.SIGHUP)
+    print(f"asked pdserve up (pid {launched['launcher_pid']}) for a rolling restart; its log shows each step")
+    deadline = time.monotonic() + args.wait
+    while args.wait > 0:
+        state = run_state.read(path) or {}
+        workers = [s for s in state.get("services", []) if s["role"] in ("prefill", "decode")]
+        if workers and not state.get("rolling") and all(s["started_at"] > asked for s in workers):
+            print(f"every worker is back, {time.time() - asked:.1f} s after the request")
+            return 0
+        if time.monotonic() > deadline:
+            print(f"pdserve restart: not every worker was back after {args.wait:g}s", file=sys.stderr)
+            return 1
+        time.sleep(0.5)
+    return 0
