@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pdserve import launcher
 
     launcher.add_commands(sub)  # up, status, restart
+    from pdserve.planner.commands import add_commands as add_planner_commands
+
+    add_planner_commands(sub)  # profile, plan
 
     demo = sub.add_parser("demo", help="start the suite, stream one completion through it, stop",
                           description="Start the whole suite (router, workers, KV store) as `pdserve up` "

@@ -47,7 +47,7 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
          http_port: int | None = None,
          metrics_port: int = -1, threads: int | None = None, python: str = sys.executable,
          hosts: Mapping[str, str] | None = None, device: str | None = None,
-         dtype: str | None = None, grace_s: float = 15.0) -> list[Service]:
+         dtype: str | None = None, grace_s: float = 15.0, chunk: int | None = None) -> list[Service]:
     """The services of a suite, with their command lines; validates the shape.
 
     hosts: a service's own --host by name (e.g. "prefill-0": one address per
@@ -65,6 +65,8 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
 
     dtype: the workers' --dtype (None: theirs, auto); the KV store gets it resolved for the first
     worker's device, so that its blocks are the workers' size.
+
+    chunk: the workers' --max-num-batched-tokens (their prefill chunk; None: theirs).
 
     grace_s: the launcher's time between SIGTERM and SIGKILL; the router drains for that less
     the time its cut requests take to say why (router.shutdown.LAST_WORDS_S), so that a stream
@@ -92,6 +94,7 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
         threads = max(1, len(os.sched_getaffinity(0)) // (prefill + decode))
     per_worker += ("--threads", str(threads))
     per_worker += ("--dtype", dtype) if dtype else ()
+    per_worker += ("--max-num-batched-tokens", str(chunk)) if chunk else ()
     first_device = (device or "cpu").split(",")[0]
     store_dtype = ("--dtype", precision.resolve(dtype or "auto", first_device).dtype)
     services = [Service("model", (python, "-c", "import sys; from pdserve.common import model_loader; "

@@ -11,9 +11,11 @@ from pathlib import Path
 from pdserve.common import memory
 from pdserve.common.engine import precision
 from pdserve.launcher import run_state
+from pdserve.launcher.auto import WORKLOADS, choose, resolve_mode
 from pdserve.launcher.restarts import RestartPolicy
 from pdserve.launcher.suite import Suite, SuiteError
 from pdserve.launcher.topology import DEFAULT_BASE_PORT, DEFAULT_HTTP_PORT, DEFAULT_PORT, MODES, http_port_from, plan
+from pdserve.planner.commands import add_objective_args
 from pdserve.settings import check_commands
 
 
@@ -59,10 +61,16 @@ def supervise(suite: Suite, state_file: Path | None = None) -> int:
 
 
 def add_up_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mode", choices=MODES, default="disaggregated",
-                        help="separate prefill and decode workers, or workers that do both")
-    parser.add_argument("--prefill", type=int, default=1, metavar="N", help="prefill workers (disaggregated mode)")
-    parser.add_argument("--decode", type=int, default=1, metavar="M", help="decode (or colocated) workers")
+    parser.add_argument("--mode", choices=("auto", *MODES), default="auto",
+                        help="separate prefill and decode workers, workers that do both, or auto: what `pdserve "
+                             "plan` ranks first for this machine's cores, --plan-workload and the objectives "
+                             "(given --prefill or --decode: disaggregated)")
+    parser.add_argument("--prefill", type=int, default=None, metavar="N",
+                        help="prefill workers (disaggregated mode; default 1)")
+    parser.add_argument("--decode", type=int, default=None, metavar="M", help="decode (or colocated) workers (default 1)")
+    parser.add_argument("--plan-workload", choices=WORKLOADS, default="mixed",
+                        help="--mode auto: the workload to plan for (bench load's presets)")
+    add_objective_args(parser)
     parser.add_argument("--model", default=None,
                         help="HF directory, .gguf file or hub id (org/name) (default: bundled SmolLM2)")
     parser.add_argument("--host", default="127.0.0.1", help="the address every service listens on")
@@ -100,22 +108,34 @@ def add_up_args(parser: argparse.ArgumentParser) -> None:
                         "streams for this less 5 s, then tells those still open that it is shutting down")
 
 
+def _services(args: argparse.Namespace, mode: str, prefill: int, decode: int, threads: int | None,
+              chunk: int | None) -> list:
+    services = plan(mode, prefill, decode, model=args.model, host=args.host, port=args.port,
+                    base_port=args.base_port, kv_cache_gib=args.kv_cache_gib, kvstore=args.kvstore,
+                    log_level=getattr(args, "log_level", None),  # `pdserve --log-level L up`
+                    http_port=http_port_from(os.environ) if args.http_port is None else args.http_port,
+                    metrics_port=args.metrics_port, threads=threads, device=args.device,
+                    dtype=args.dtype, grace_s=args.grace, chunk=chunk)
+    # Each child's settings (flags, PDSERVE_* variables, file) resolved here as it will resolve them:
+    # a bad one is this one line, not a failure in every child.
+    check_commands({s.name: s.argv[3:] for s in services if s.argv[1:3] == ("-m", "pdserve")})
+    Suite(services=services).check_ports()  # a taken port is a bad setting: refused before anything starts
+    return services
+
+
 def run_up(args: argparse.Namespace) -> int:
-    kvstore = args.kvstore
+    mode, threads = resolve_mode(args), args.threads
+    prefill, decode = (1 if n is None else n for n in (args.prefill, args.decode))
     try:
-        services = plan(args.mode, args.prefill, args.decode, model=args.model, host=args.host, port=args.port,
-                        base_port=args.base_port, kv_cache_gib=args.kv_cache_gib, kvstore=kvstore,
-                        log_level=getattr(args, "log_level", None),  # `pdserve --log-level L up`
-                        http_port=http_port_from(os.environ) if args.http_port is None else args.http_port,
-                        metrics_port=args.metrics_port, threads=args.threads, device=args.device,
-                        dtype=args.dtype, grace_s=args.grace)
-        # Each child's settings (flags, PDSERVE_* variables, file) resolved here as it will resolve them:
-        # a bad one is this one line, not a failure in every child.
-        check_commands({s.name: s.argv[3:] for s in services if s.argv[1:3] == ("-m", "pdserve")})
+        # Settings and ports first, on the default pair, so that a bad one is refused at once, not after a plan.
+        services = _services(args, "disaggregated" if mode == "auto" else mode, prefill, decode, threads, None)
+        if mode == "auto":
+            chosen = choose(args, say=lambda m: print(f"pdserve up: {m}", flush=True))
+            services = _services(args, chosen.mode, chosen.prefill, chosen.decode,
+                                 chosen.threads if threads is None else threads, chosen.chunk)
         restarts = RestartPolicy(limit=args.restart_limit, window_s=args.restart_window) if args.restart_limit else None
         suite = Suite(services=services, log_dir=args.log_dir, ready_timeout=args.ready_timeout, grace_s=args.grace,
                       restarts=restarts)
-        suite.check_ports()  # a taken port is a bad setting: refused before anything starts
     except (ValueError, SuiteError) as e:
         print(f"pdserve up: {e}", file=sys.stderr)
         return 2

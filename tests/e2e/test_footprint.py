@@ -50,7 +50,8 @@ def sse_events(response: http.client.HTTPResponse):
 def test_the_default_suite_takes_under_4_gb_and_ctrl_c_tells_an_open_stream_why_it_ends():
     base = free_port_run(7)
     argv = [sys.executable, "-m", "pdserve", "up", "--port", str(base), "--base-port", str(base + 1),
-            "--http-port", str(base + 5), "--metrics-port", "0", "--grace", "6"]  # the defaults but these
+            "--http-port", str(base + 5), "--metrics-port", "0", "--grace", "6",
+            "--prefill", "1", "--decode", "1"]  # the defaults but these; the largest suite auto picks on 2 cores
     env = {k: v for k, v in os.environ.items() if not k.startswith("PDSERVE_")}
     launcher = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     out, log, sizes = lines_of(launcher), [], {}

@@ -74,9 +74,14 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 def test_flags_and_defaults():
+    from pdserve.launcher.auto import resolve_mode
+
     args = parse()
     assert (args.mode, args.prefill, args.decode, args.host, args.port, args.base_port) == (
-        "disaggregated", 1, 1, "127.0.0.1", 50051, 50061)
+        "auto", None, None, "127.0.0.1", 50051, 50061)
+    assert resolve_mode(args) == "auto" and args.plan_workload == "mixed"
+    assert resolve_mode(parse("--prefill", "2", "--decode", "2")) == "disaggregated"  # counts name a topology
+    assert resolve_mode(parse("--mode", "colocated", "--decode", "2")) == "colocated"
     assert args.kvstore is True and args.ready_timeout == 300 and args.log_dir is None
     assert parse("--kvstore").kvstore and not parse("--no-kvstore").kvstore
     with pytest.raises(SystemExit):

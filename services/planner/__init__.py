@@ -1,0 +1,1 @@
+"""Topology planning: measured profiles, a simulator of the router and workers, and the planner over them."""
