@@ -27,7 +27,8 @@ from pdserve.planner.planner import Objectives, summary
 from pdserve.planner.simulator import Topology, simulate
 
 PY = sys.executable
-LOAD = ["--workload", "mixed", "--seed", "11", "--no-progress"]
+LOAD = ["--workload", "mixed", "--no-progress"]
+SEED = 11  # plus the rate's index: a rate's prompts are never in the suite's prefix cache from the one before
 TOPOLOGIES = [Topology("colocated", 0, 1, 2), Topology("colocated", 0, 2, 1), Topology("disaggregated", 1, 1, 1)]
 
 
@@ -47,10 +48,11 @@ def measured(t: Topology, rates: list[float], n: int, port: int, work: Path, obj
             if up.poll() is not None:
                 raise SystemExit(Path(log.name).read_text()[-3000:])
             time.sleep(1)
-        for rate in rates:
+        for i, rate in enumerate(rates):
             path = work / f"load-{port}-{rate}.json"
             subprocess.run([PY, "-m", "pdserve", "bench", "load", "--target", f"127.0.0.1:{port}", "--rate", str(rate),
-                            "--num-requests", str(n), "--json", str(path), *LOAD], check=True, stdout=subprocess.DEVNULL)
+                            "--num-requests", str(n), "--seed", str(SEED + i), "--json", str(path), *LOAD],
+                           check=True, stdout=subprocess.DEVNULL)
             records = [RequestRecord.from_dict(r) for r in json.loads(path.read_text())["requests"]]
             s = summarize(records, Slo(objectives.ttft_ms, objectives.tpot_ms, 0.0))
             out[rate] = {"goodput_rps": s["goodput_rps"], "attainment": s["slo_attainment"],
@@ -72,14 +74,14 @@ def main() -> int:
     args = parser.parse_args()
     objectives = Objectives()
     profile = measure.load_or_measure(None, quick=False)
-    wl_args = argparse.Namespace(**{**vars(workload_defaults()), "workload": "mixed", "seed": 11})
+    wl_args = argparse.Namespace(**{**vars(workload_defaults()), "workload": "mixed"})
     work = Path(tempfile.mkdtemp(prefix="planval-"))
     rows = []
     for round_ in range(args.rounds):
         for t in TOPOLOGIES:
             real = measured(t, args.rates, args.num_requests, args.port, work, objectives)
-            for rate in args.rates:
-                requests = workload.from_args(wl_args, rate=rate, n=args.num_requests)
+            for i, rate in enumerate(args.rates):
+                requests = workload.from_args(wl_args, rate=rate, n=args.num_requests, seed=SEED + i)
                 predicted = summary(simulate(t, profile, requests), objectives)
                 rows.append({"round": round_, "topology": str(t), "rate": rate, "measured": real[rate],
                              "predicted": predicted})

@@ -12,6 +12,7 @@ import grpc
 from pdserve.client.errors import Cancelled, error_from_rpc
 from pdserve.client.genai_metrics import ClientMetrics
 from pdserve.client.messages import Chunk, Completion, build_request
+from pdserve.client.retry import NO_RETRY, RetryPolicy
 from pdserve.common import grpc_tracing
 from pdserve.common.security import TLS, dial
 from pdserve.v1 import router_pb2, router_pb2_grpc
@@ -28,19 +29,41 @@ class ResponseStream:
 
     def __init__(self, stub: router_pb2_grpc.RouterStub, request: router_pb2.GenerateRequest,
                  timeout: float | None, metadata: tuple[tuple[str, str], ...],
-                 metrics: ClientMetrics | None = None, target: str = "") -> None:
+                 metrics: ClientMetrics | None = None, target: str = "", retry: RetryPolicy = NO_RETRY) -> None:
         self.request = request
         self.target = target  # named in errors
         self._stub, self._timeout, self._metadata, self._metrics = stub, timeout, metadata, metrics
+        self._retry = retry
         self._call: grpc.aio.UnaryStreamCall | None = None
         self._done = False
         self._t0 = 0.0
+        self.attempts = 0  # calls made
+        self._streamed = False  # a message arrived: never call again
 
     def _start(self) -> grpc.aio.UnaryStreamCall:
         if self._call is None:
-            self._t0 = time.perf_counter()
-            self._call = self._stub.Generate(self.request, timeout=self._timeout, metadata=self._metadata)
+            if not self.attempts:
+                self._t0 = time.perf_counter()
+            self.attempts += 1
+            self._call = self._stub.Generate(self.request, timeout=self._remaining(), metadata=self._metadata)
         return self._call
+
+    def _remaining(self) -> float | None:
+        """The deadline is the caller's, across every attempt."""
+        return None if self._timeout is None else self._timeout - (time.perf_counter() - self._t0)
+
+    async def _again(self, error: grpc.aio.AioRpcError) -> bool:
+        """After a failed call: wait and start another if the policy and the deadline allow."""
+        if not self._retry.allows(error.code(), self.attempts, self._streamed):
+            return False
+        wait = self._retry.backoff_s(self.attempts)
+        left = self._remaining()
+        if left is not None and left <= wait:
+            return False
+        await asyncio.sleep(wait)
+        self._call = None
+        self._start()
+        return True
 
     def _measure(self, chunk: Chunk | None, error: grpc.aio.AioRpcError | None = None) -> None:
         """GenAI client metrics, once: at the last message or at the call's error."""
@@ -60,13 +83,18 @@ class ResponseStream:
     async def __anext__(self) -> Chunk:
         if self._done:
             raise StopAsyncIteration
-        call = self._start()
         try:
-            response = await call.read()
+            while True:
+                try:
+                    response = await self._start().read()
+                    break
+                except grpc.aio.AioRpcError as e:
+                    if not await self._again(e):
+                        raise
         except grpc.aio.AioRpcError as e:
             self._done = True
             self._measure(None, e)
-            raise error_from_rpc(e, self.request.request_id, self.target) from None
+            raise error_from_rpc(e, self.request.request_id, self.target, attempts=self.attempts) from None
         except asyncio.CancelledError:
             by_us = self._done  # cancel() was called (from another task)
             self.cancel()  # our task was cancelled: tell the server now, not at GC
@@ -82,6 +110,7 @@ class ResponseStream:
         if response is grpc.aio.EOF:
             self._done = True
             raise StopAsyncIteration
+        self._streamed = True
         chunk = Chunk.from_proto(response)
         if chunk.finish_reason is not None:
             self._measure(chunk)
@@ -120,13 +149,17 @@ class AsyncClient:
     verified by the system's roots, or a `TLS(ca=..., cert=..., key=...)` of PEM
     paths (cert and key: a client certificate, for routers that require one);
     `meter_provider`: where the GenAI client metrics go (default: OpenTelemetry's
-    global provider, which keeps nothing unless the application set one)."""
+    global provider, which keeps nothing unless the application set one);
+    `retry`: when a call failed UNAVAILABLE before its first token is made again
+    (RetryPolicy; None: never)."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
                  metadata: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
                  options: Sequence[tuple[str, Any]] = (), api_key: str | None = None,
-                 tls: TLS | bool | None = None, meter_provider: Any = None) -> None:
+                 tls: TLS | bool | None = None, meter_provider: Any = None,
+                 retry: RetryPolicy | None = RetryPolicy()) -> None:
         self.target, self.timeout = target, timeout
+        self.retry = retry or NO_RETRY
         self._metrics = ClientMetrics(meter_provider, target)
         items = metadata.items() if isinstance(metadata, Mapping) else (metadata or ())
         api_key = os.environ.get("PDSERVE_API_KEY") if api_key is None else api_key
@@ -149,7 +182,7 @@ class AsyncClient:
                                 top_p=top_p, top_k=top_k, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
                                 ignore_eos=ignore_eos, logprobs=logprobs, request_id=request_id, model=model)
         return ResponseStream(self._stub, request, self.timeout if timeout is None else timeout, self.metadata,
-                              self._metrics, self.target)
+                              self._metrics, self.target, self.retry)
 
     stream = generate  # reads better as `async with client.stream(...) as s:`
 

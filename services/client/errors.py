@@ -64,11 +64,14 @@ _ERRORS = {cls.status: cls for cls in (InvalidArgument, ResourceExhausted, Unava
 
 
 def error_from_rpc(exc: grpc.aio.AioRpcError | grpc.RpcError, request_id: str = "",
-                   target: str = "") -> PdserveClientError:
-    """The SDK exception for a failed RPC, using pdserve's trailing metadata."""
+                   target: str = "", attempts: int = 1) -> PdserveClientError:
+    """The SDK exception for a failed RPC, using pdserve's trailing metadata;
+    `attempts`: the calls the SDK made (said when it retried)."""
     trailers = dict(exc.trailing_metadata() or ())
     cls = _ERRORS.get(exc.code(), PdserveClientError)
     details = exc.details() or ""
+    if attempts > 1:
+        details += f" (after {attempts} attempts)"
     if exc.code() is grpc.StatusCode.UNIMPLEMENTED:  # no pdserve servicer answers it: no Router service there
         details = (f"{target or 'the server'} does not serve pdserve.v1.Router ({details}): is it a worker? "
                    "Point the client (pdserve generate --target) at the router")

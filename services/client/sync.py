@@ -8,6 +8,7 @@ from typing import Any
 
 from pdserve.client.aio import DEFAULT_TARGET, AsyncClient, ResponseStream
 from pdserve.client.messages import Chunk, Completion
+from pdserve.client.retry import RetryPolicy
 from pdserve.common.security import TLS
 
 
@@ -18,14 +19,15 @@ class Client:
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
                  metadata: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
-                 api_key: str | None = None, tls: TLS | bool | None = None, meter_provider: Any = None) -> None:
+                 api_key: str | None = None, tls: TLS | bool | None = None, meter_provider: Any = None,
+                 retry: RetryPolicy | None = RetryPolicy()) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="pdserve-client", daemon=True)
         self._thread.start()
 
         async def make() -> AsyncClient:  # the channel must be created on its loop
             return AsyncClient(target, timeout=timeout, metadata=metadata, api_key=api_key, tls=tls,
-                               meter_provider=meter_provider)
+                               meter_provider=meter_provider, retry=retry)
         self._client = self._run(make())
 
     def _run(self, coro: Any) -> Any:
