@@ -125,6 +125,8 @@ _STORE_LOOKUPS = _observed("counter", "pdserve_kvstore_lookup_blocks",
                            "Blocks asked of the KV store, by result (hit, miss)")
 
 # ---- KV transfers (recorded by the transfer layer, for every sender and receiver)
+PAIRS_SKIPPED = _counter("pdserve_router_pairs_skipped", "Prefill workers a request's decode worker could not be "
+                         "paired with, by reason: kv_layout (model, dtype, block size) or kv_wire_version")
 TRANSFER_BYTES = _counter("pdserve_kv_transfer_bytes", "KV bytes sent and taken by their receiver, by transport",
                           unit="By")
 TRANSFER_SECONDS = _histogram("pdserve_kv_transfer_duration",

@@ -48,6 +48,8 @@ class WorkerConfig(SecurityConfig):
     kvstore: str = option("", help="KV store host:port; empty: no shared store")
     router: list[str] = option(default_factory=list, help="routers to register with and heartbeat to, host:port")
     advertise_host: str = option("", help="address routers use to reach this worker (default: --host)")
+    advertise_kv_wire_version: int = option(0, help="KV wire version told to routers (0: the one this build speaks; "
+                                                    "another only to rehearse a mixed-version fleet)")
     data_host: str = option("", help="address the KV data plane (UCX) listens on, when KV must cross "
                                      "machines on another address than --host (default: --host)")
     transport: Literal["ucx", "loopback"] = option("ucx", help="KV data plane (loopback: one process only, for tests)")

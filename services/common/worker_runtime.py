@@ -18,6 +18,8 @@ from pdserve.common.engine.async_engine import AsyncEngine
 from pdserve.common.engine.engine import LLMEngine
 from pdserve.common.registration import Registration
 from pdserve.common.server import add_health_and_reflection, bind, create_server, serve_until_stopped
+from pdserve.common.kv.spec import WIRE_VERSION
+from pdserve.common.version import software_version
 from pdserve.common.worker_config import WorkerConfig
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import decode_pb2, prefill_pb2
@@ -44,6 +46,7 @@ class WorkerRuntime:
             worker_id=self.worker_id, role=convert.ROLES[config.role],
             address=f"{config.advertise_host or config.host}:{self.port}",
             model=spec.model_name, kv_spec=convert.kv_spec_to_pb(spec), instance_id=uuid.uuid4().hex,
+            software_version=software_version(), kv_wire_version=config.advertise_kv_wire_version or WIRE_VERSION,
         )
         self.health = None
         self.registration = Registration(config.router, self.load_response, security=config)

@@ -5,13 +5,14 @@ rename) whenever a service changes phase, and removed when the suite stops.
 """
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+
+from pdserve.common.version import software_version
 
 if TYPE_CHECKING:
     from pdserve.launcher.suite import Suite
@@ -24,13 +25,6 @@ def state_path(router_port: int, environ=os.environ) -> Path:
     return root / f"up-{router_port}.json"
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("pdserve")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def snapshot(suite: Suite) -> dict:
     services = []
     for s in suite.services:
@@ -39,7 +33,7 @@ def snapshot(suite: Suite) -> dict:
             continue
         services.append({"name": s.name, "role": s.role, "address": s.address, "pid": suite.pid(s.name),
                          "phase": state.phase.value, "restarts": state.restarts, "started_at": state.started_at,
-                         "last_exit": state.last_exit, "version": _version()})
+                         "last_exit": state.last_exit, "version": software_version()})
     return {"launcher_pid": os.getpid(), "router": suite.router_target, "written_at": time.time(),
             "rolling": suite.supervisor.rolling, "services": services}
 

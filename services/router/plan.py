@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pdserve.common import tracing
+from pdserve.common import metrics, tracing
 from pdserve.common.errors import NotReadyError
 from pdserve.common.kv.hashing import block_hashes
 from pdserve.router import policy
-from pdserve.router.worker_pool import WorkerPool
+from pdserve.router.worker_pool import Worker, WorkerPool
 
 
 @dataclass
@@ -34,9 +34,11 @@ def choose(pool: WorkerPool, index: policy.PrefixIndex, ids: list[int], exclude:
     if mode == "colocated" or local_prefill == "always":
         return Plan(decode, None, hashes)
     healthy = [w for w in pool.prefill if w.routable and w.worker_id not in exclude]
-    # Only a prefill worker of the decode worker's KV layout and model can fill its blocks
-    # (a fleet in the middle of an upgrade has two fingerprints): else prefill locally.
-    prefillers = [w for w in healthy if w.fingerprint == decode.worker.fingerprint]
+    # Only a prefill worker of the decode worker's KV layout, model and wire format can fill
+    # its blocks (a fleet in the middle of an upgrade has two of each): else prefill locally.
+    prefillers = [w for w in healthy if not unpaired(w, decode.worker)]
+    for reason in filter(None, (unpaired(w, decode.worker) for w in healthy)):
+        metrics.PAIRS_SKIPPED.add(1, {"reason": reason})
     if not prefillers:
         if not exclude and not healthy:
             raise NotReadyError("no healthy prefill worker")
@@ -51,6 +53,26 @@ def choose(pool: WorkerPool, index: policy.PrefixIndex, ids: list[int], exclude:
         if policy.prefer_local(local_ms, remote_ms):
             return Plan(decode, None, hashes)
     return Plan(decode, prefill, hashes)
+
+
+def unpaired(prefill: Worker, decode: Worker) -> str:
+    """Why these two never exchange KV ("kv_layout", "kv_wire_version"), or "" when they may."""
+    if prefill.fingerprint != decode.fingerprint:
+        return "kv_layout"
+    return "kv_wire_version" if prefill.wire_version != decode.wire_version else ""
+
+
+def pairing_gap(pool: WorkerPool, w: Worker) -> str:
+    """Why `w` is paired with no healthy worker of the other phase ("" when it is, or has none to pair with)."""
+    others = pool.decode if w in pool.prefill else pool.prefill
+    others = [o for o in others if o.routable]
+    reasons = {unpaired(w, o) if w in pool.prefill else unpaired(o, w) for o in others}
+    if not others or "" in reasons:
+        return ""
+    if reasons == {"kv_wire_version"}:
+        theirs = sorted({o.wire_version for o in others})
+        return f"KV wire version {w.wire_version}; the other phase's workers speak {theirs}"
+    return "another KV layout (model, dtype or block size) than every worker of the other phase"
 
 
 def annotate_route(span: tracing.Span, plan: Plan, attempt: int) -> None:

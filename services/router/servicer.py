@@ -11,6 +11,7 @@ import time
 from pdserve.common import convert
 from pdserve.router.chat import chat_role
 from pdserve.router.models import check_model
+from pdserve.router.plan import pairing_gap
 from pdserve.router.request_metrics import RequestMetrics
 from pdserve.router.router import Event, GenerateInput, Router
 from pdserve.router.shutdown import Shutdown
@@ -84,5 +85,5 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         out = rpb.ListWorkersResponse()
         for w in self.router.pool.all:
             if w.info and request.role in (pb.WORKER_ROLE_UNSPECIFIED, w.info.role):
-                out.workers.add(info=w.info, load=w.load, healthy=w.healthy)
+                out.workers.add(info=w.info, load=w.load, healthy=w.healthy, unpaired=pairing_gap(self.router.pool, w))
         return out

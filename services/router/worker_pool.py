@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from pdserve.common import grpc_tracing
+from pdserve.common.kv.spec import UNSTATED_WIRE_VERSION
 from pdserve.common.security import OPEN, SecurityConfig
 from pdserve.router.arrival_rate import ArrivalRate
 from pdserve.v1 import common_pb2 as pb
@@ -69,6 +70,11 @@ class Worker:
     @property
     def fingerprint(self) -> bytes:
         return self.info.kv_spec.fingerprint if self.info else b""
+
+    @property
+    def wire_version(self) -> int:
+        """The KV wire format it speaks (0 before its first poll)."""
+        return (self.info.kv_wire_version or UNSTATED_WIRE_VERSION) if self.info else 0
 
 
 @dataclass

@@ -158,20 +158,24 @@ class TransferTicket(_message.Message):
     def __init__(self, transfer_id: _Optional[str] = ..., secret: _Optional[bytes] = ..., ucx_address: _Optional[bytes] = ..., dest_block_ids: _Optional[_Iterable[int]] = ..., block_bytes: _Optional[int] = ..., num_blocks: _Optional[int] = ..., first_block_index: _Optional[int] = ..., kv_fingerprint: _Optional[bytes] = ..., expires_at_unix_ms: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "model", "kv_spec", "instance_id")
+    __slots__ = ("worker_id", "role", "address", "model", "kv_spec", "instance_id", "software_version", "kv_wire_version")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     KV_SPEC_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    KV_WIRE_VERSION_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     address: str
     model: str
     kv_spec: KVSpec
     instance_id: str
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., kv_spec: _Optional[_Union[KVSpec, _Mapping]] = ..., instance_id: _Optional[str] = ...) -> None: ...
+    software_version: str
+    kv_wire_version: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., kv_spec: _Optional[_Union[KVSpec, _Mapping]] = ..., instance_id: _Optional[str] = ..., software_version: _Optional[str] = ..., kv_wire_version: _Optional[int] = ...) -> None: ...
 
 class GetLoadRequest(_message.Message):
     __slots__ = ()

@@ -114,16 +114,18 @@ class ListWorkersRequest(_message.Message):
     def __init__(self, role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("info", "load", "last_seen_unix_ms", "healthy")
+    __slots__ = ("info", "load", "last_seen_unix_ms", "healthy", "unpaired")
     INFO_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    UNPAIRED_FIELD_NUMBER: _ClassVar[int]
     info: _common_pb2.WorkerInfo
     load: _common_pb2.WorkerLoad
     last_seen_unix_ms: int
     healthy: bool
-    def __init__(self, info: _Optional[_Union[_common_pb2.WorkerInfo, _Mapping]] = ..., load: _Optional[_Union[_common_pb2.WorkerLoad, _Mapping]] = ..., last_seen_unix_ms: _Optional[int] = ..., healthy: _Optional[bool] = ...) -> None: ...
+    unpaired: str
+    def __init__(self, info: _Optional[_Union[_common_pb2.WorkerInfo, _Mapping]] = ..., load: _Optional[_Union[_common_pb2.WorkerLoad, _Mapping]] = ..., last_seen_unix_ms: _Optional[int] = ..., healthy: _Optional[bool] = ..., unpaired: _Optional[str] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
     __slots__ = ("workers",)

@@ -11,6 +11,11 @@ from dataclasses import dataclass
 
 from pdserve.common.errors import InvalidRequestError
 
+# The KV wire format's version (transfer/base.py's block header), advertised in WorkerInfo:
+# the router pairs prefill and decode workers only when theirs agree. 2: XXH3-128 checksums.
+WIRE_VERSION = 2
+UNSTATED_WIRE_VERSION = 2  # what a worker from before the field (0) speaks
+
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import xxhash
 
 from pdserve.common import metrics, tracing
+from pdserve.common.kv.spec import WIRE_VERSION
 from pdserve.common.errors import (
     InvalidRequestError,
     NotFoundError,
@@ -64,7 +65,7 @@ class TransferTicket:
 # ---- wire contract ------------------------------------------------------------
 HEADER = struct.Struct("<4sHHIIQ16s")  # magic, version, 0, index, num_blocks, nbytes, checksum
 HEADER_BYTES = 64  # HEADER + 16-byte MAC, padded
-_MAGIC, _VERSION = b"PDKV", 2  # 2: XXH3-128 checksums
+_MAGIC = b"PDKV"
 
 
 def _keyed(secret: bytes, data: bytes, size: int) -> bytes:
@@ -95,7 +96,7 @@ def block_checksum(buf) -> bytes:
 
 
 def make_header(ticket: TransferTicket, index: int, nbytes: int, checksum: bytes) -> bytearray:
-    body = HEADER.pack(_MAGIC, _VERSION, 0, index, ticket.num_blocks, nbytes, checksum)
+    body = HEADER.pack(_MAGIC, WIRE_VERSION, 0, index, ticket.num_blocks, nbytes, checksum)
     out = bytearray(HEADER_BYTES)
     out[: HEADER.size] = body
     out[HEADER.size : HEADER.size + 16] = _keyed(ticket.secret, body + ticket.transfer_id.encode(), 16)
@@ -109,7 +110,7 @@ def verify_block(ticket: TransferTicket, index: int, header, dest) -> str | None
     if not hmac.compare_digest(mac, _keyed(ticket.secret, body + ticket.transfer_id.encode(), 16)):
         return f"block {index}: bad header MAC"
     magic, version, _, idx, num_blocks, nbytes, checksum = HEADER.unpack(body)
-    if (magic, version, idx, num_blocks, nbytes) != (_MAGIC, _VERSION, index, ticket.num_blocks, ticket.block_bytes):
+    if (magic, version, idx, num_blocks, nbytes) != (_MAGIC, WIRE_VERSION, index, ticket.num_blocks, ticket.block_bytes):
         return f"block {index}: header does not match the ticket"
     if not hmac.compare_digest(checksum, block_checksum(dest)):
         return f"block {index}: checksum mismatch"
