@@ -86,6 +86,7 @@ SCRIPT = textwrap.dedent("""
                     max_model_len=64)
     router.decisions.update(disaggregated=4, local_prefill=2)
     router.recoveries.update(decode=3, gave_up=1)
+    metrics.PAIRS_SKIPPED.add(2, {"reason": "kv_wire_version"})  # router.plan.choose's count
     metrics.watch_engine(engine, worker_id="decode-0", role="decode")
     metrics.watch_store(store)
     metrics.watch_router(router)
