@@ -39,9 +39,11 @@ def up_argv(t: Topology, port: int) -> list[str]:
             str(port + 1), "--http-port", "-1", "--metrics-port", "-1", "--kv-cache-gib", "0.5"]
 
 
-def measured(t: Topology, rates: list[float], n: int, port: int, work: Path, objectives: Objectives) -> dict:
-    log = open(work / f"up-{t.mode}-{t.decode}.log", "w+")
-    up = subprocess.Popen(up_argv(t, port), stdout=log, stderr=subprocess.STDOUT)
+def measured(argv: list[str], name: str, rates: list[float], n: int, port: int, work: Path,
+             objectives: Objectives) -> dict:
+    """`pdserve up` with `argv`, then bench load at each rate (seed SEED + the rate's index): rate -> figures."""
+    log = open(work / f"up-{name}.log", "w+")
+    up = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     out = {}
     try:
         while "ready; clients connect" not in Path(log.name).read_text():
@@ -79,7 +81,8 @@ def main() -> int:
     rows = []
     for round_ in range(args.rounds):
         for t in TOPOLOGIES:
-            real = measured(t, args.rates, args.num_requests, args.port, work, objectives)
+            real = measured(up_argv(t, args.port), f"{t.mode}-{t.decode}", args.rates, args.num_requests, args.port,
+                            work, objectives)
             for i, rate in enumerate(args.rates):
                 requests = workload.from_args(wl_args, rate=rate, n=args.num_requests, seed=SEED + i)
                 predicted = summary(simulate(t, profile, requests), objectives)
