@@ -1,31 +1,38 @@
 """`pdserve profile`: time real engine steps of known shapes, fit the step model, cache the profile.
 
-Transfers and the router hop are not run here: a block's move costs its bytes
-at the memcpy bandwidth measured now, divided by the share of it the KV seam
-reached in benchmarks/kv_transfer.py, and the hop is the control-plane
-benchmark's figure (docs/benchmarks.md); `Profile.notes` says so.
+Each timed step's shape is read from the batch the scheduler formed for it, so
+the features are exact whatever the chunk budget packs together. Transfers and
+the router hop are not run here: a block's move costs its bytes at the memcpy
+bandwidth measured now, divided by the share of it the KV seam reached in
+benchmarks/kv_transfer.py, and the hop is the control-plane benchmark's figure
+(docs/benchmarks.md); `Profile.notes` says so.
 """
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
+import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from pdserve.bench.engine_bench import _drain, _prefill, _prompt, decode_step_s
+from pdserve.bench.engine_bench import _drain, _prefill, _prompt
 from pdserve.bench.limits import _cpu_name, median_time
 from pdserve.common import model_loader
 from pdserve.common.engine import precision
 from pdserve.common.engine.config import EngineConfig
 from pdserve.common.engine.engine import LLMEngine
 from pdserve.common.engine.sampling_params import SamplingParams
+from pdserve.common.engine.scheduler import ScheduledBatch
 from pdserve.planner.profile import Profile, StepShape, fit
 
 SEAM_SHARE_OF_MEMCPY = 0.26  # benchmarks/results/kv_transfer.txt: the seam's 3.3 of memcpy's 12.6 GB/s
 TRANSFER_BASE_MS = 2.0       # Reserve + ticket + completion: two control-plane calls
 ROUTER_HOP_MS = 1.0          # docs/benchmarks.md, `bench control-plane`: 0.84-1.0 ms added at p50
+
+Sample = tuple[StepShape, float]  # a step's shape and its milliseconds
 
 
 def hardware_key(device: str = "cpu") -> str:
@@ -45,47 +52,104 @@ def cache_path(model: str, dtype: str, hardware: str) -> Path:
     return root / f"{safe}.json"
 
 
-def _timed_step(engine: LLMEngine, prompts: list[list[int]], untimed_steps: int = 0) -> float:
-    """Add `prompts`, run `untimed_steps`, then time one step (seconds)."""
-    for p in prompts:
-        engine.add_request(p, SamplingParams(max_tokens=1, ignore_eos=True))
-    for _ in range(untimed_steps):
-        engine.step()
-    t0 = time.perf_counter()
-    engine.step()
-    return time.perf_counter() - t0
+def batch_shape(batch: ScheduledBatch) -> StepShape:
+    """What a scheduled batch computes; read before it runs (a decode attends its whole sequence)."""
+    shape = StepShape(decode_seqs=len(batch.decodes),
+                      decode_context=sum(s.num_computed_tokens + 1 for s in batch.decodes))
+    for seq, n in batch.prefills:
+        shape = shape + StepShape.chunk(n, seq.num_computed_tokens)
+    return shape
 
 
-def _best_ms(engine: LLMEngine, reps: int, prompt, untimed_steps: int = 0) -> float:
-    """The fastest of `reps` timed steps, each of a fresh prompt on an idle engine (ms)."""
-    best = float("inf")
-    for _ in range(reps):
-        best = min(best, _timed_step(engine, [prompt()], untimed_steps))
-        _drain(engine)
-    return 1e3 * best
+class _Stepper:
+    """Times single engine steps and records the shape of each, by wrapping this engine's scheduler."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine, self.shape, self.salt = engine, StepShape(), itertools.count(10**6)
+        schedule = engine.scheduler.schedule
+
+        def recorded() -> ScheduledBatch:
+            batch = schedule()
+            self.shape = batch_shape(batch)
+            return batch
+        engine.scheduler.schedule = recorded  # an instance attribute: `close` restores the class's
+
+    def close(self) -> None:
+        del self.engine.scheduler.schedule
+
+    def add(self, tokens: int, max_tokens: int = 1) -> None:
+        """A fresh prompt: salted, so no two share a prefix even where the prefix cache is on."""
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        self.engine.add_request(_prompt(tokens, next(self.salt)), params)
+
+    def step(self) -> Sample:
+        t0 = time.perf_counter()
+        self.engine.step()
+        return self.shape, 1e3 * (time.perf_counter() - t0)
+
+    def decoding(self, seqs: int, context: int, max_tokens: int) -> list[str]:
+        """Run `seqs` fresh prompts of `context` - 1 tokens until all decode; their request ids."""
+        _prefill(self.engine, [_prompt(context - 1, next(self.salt)) for _ in range(seqs)], max_tokens)
+        return [s.request_id for s in self.engine.scheduler.running]
 
 
-def step_samples(engine: LLMEngine, quick: bool) -> list[tuple[StepShape, float]]:
-    """(shape, ms) of real steps: prompt chunks, decode batches, and decodes beside a chunk."""
-    reps, steps = (2, 5) if quick else (3, 10)
+def _median(group: list[Sample]) -> Sample:
+    """The median time, with the middle step's shape (contexts grow by a token a step)."""
+    return group[len(group) // 2][0], statistics.median(ms for _, ms in group)
+
+
+def step_samples(engine: LLMEngine, quick: bool) -> list[Sample]:
+    """(shape, median ms) of real steps: prompt chunks alone, decode batches of 16, 4 and 1 at a short and
+    a long context, and decodes beside a prompt chunk. Batches shrink by aborting sequences, so each
+    context is prefilled once (16 x 512 is not run: its setup alone would take 15 s on one thread)."""
+    reps, steps = (2, 4) if quick else (3, 8)
     chunk = engine.config.max_num_batched_tokens
-    samples = []
-    salt = iter(range(10**6, 10**7))
-    for n in (32, 256) if quick else (32, 128, 512):
-        samples.append((StepShape.chunk(n, 0), _best_ms(engine, reps, lambda: _prompt(n, next(salt)))))
-    second = _best_ms(engine, reps, lambda: _prompt(2 * chunk, next(salt)), untimed_steps=1)
-    samples.append((StepShape.chunk(chunk, chunk), second))
-    for b, c in ((1, 64), (4, 256), (16, 128)) if quick else ((1, 64), (1, 512), (4, 256), (16, 128), (16, 512)):
-        samples.append((StepShape(decode_seqs=b, decode_context=b * c), 1e3 * decode_step_s(engine, b, c, steps)))
-    _prefill(engine, [_prompt(255, next(salt)) for _ in range(4)], 8)
-    beside = 1e3 * _timed_step(engine, [_prompt(256, next(salt))])
-    samples.append((StepShape(decode_seqs=4, decode_context=4 * 256) + StepShape.chunk(256, 0), beside))
-    _drain(engine)
+    run, samples = _Stepper(engine), []
+    try:
+        for n in (32, 128):
+            group = []
+            for _ in range(reps):
+                run.add(n)
+                group.append(run.step())
+                _drain(engine)
+            samples.append(_median(group))
+        firsts, seconds = [], []  # a two-chunk prompt: its first chunk, then a chunk after one
+        for _ in range(reps):
+            run.add(2 * chunk)
+            firsts.append(run.step())
+            seconds.append(run.step())
+            _drain(engine)
+        samples += [_median(firsts), _median(seconds)]
+        for seqs, context, beside in ((16, 64, 128), (4, 256 if quick else 512, 256)):
+            ids = run.decoding(seqs, context, max_tokens=3 * (steps + 1) + reps + 8)
+            for keep in (k for k in (16, 4, 1) if k <= seqs):
+                for rid in ids[keep:]:
+                    engine.abort(rid)
+                del ids[keep:]
+                run.step()  # untimed: the first step after a change of batch
+                samples.append(_median([run.step() for _ in range(steps)]))
+                if keep == seqs:  # the same decodes beside a fresh prompt's chunk (it finishes in that step)
+                    group = []
+                    for _ in range(reps):
+                        run.add(beside)
+                        group.append(run.step())
+                    samples.append(_median(group))
+            for rid in ids:
+                engine.abort(rid)
+    finally:
+        run.close()
     return samples
 
 
+def memcpy_gbps(nbytes: int, device: str) -> float:
+    src = torch.empty(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    return src.numel() * 4 / median_time(lambda: (dst.copy_(src), sync()), reps=5) / 1e9
+
+
 def measure(model: str | None = None, device: str = "cpu", dtype: str = "auto", threads: tuple[int, ...] = (),
-            quick: bool = False, chunk: int = 512) -> tuple[Profile, dict]:
+            quick: bool = False, chunk: int = 512) -> tuple[Profile, dict[int, list[Sample]]]:
     """A profile of `model` on `device`, one step model per thread count (default: 1 .. the usable cores,
     powers of two); also every sample, by thread count, for the fit's error."""
     ref = model_loader.resolve(model)
@@ -99,38 +163,51 @@ def measure(model: str | None = None, device: str = "cpu", dtype: str = "auto", 
     try:
         for t in counts:
             torch.set_num_threads(t)
-            _timed_step(engine, [_prompt(64, t)])  # warm this thread count's pools
-            _drain(engine)
+            engine.add_request(_prompt(64, t), SamplingParams(max_tokens=2, ignore_eos=True))
+            _drain(engine)  # warm this thread count's pools
             samples[t] = step_samples(engine, quick)
             models[t] = fit(samples[t])
     finally:
         torch.set_num_threads(before)
     block = engine.spec.block_bytes
-    src = torch.empty(64 * block // 4, device=device)
-    dst = torch.empty_like(src)
-    memcpy_gbps = src.numel() * 4 / median_time(lambda: dst.copy_(src), reps=5) / 1e9
-    per_block_ms = block / (memcpy_gbps * SEAM_SHARE_OF_MEMCPY * 1e9) * 1e3
+    gbps = memcpy_gbps(64 * block, device)
+    per_block_ms = block / (gbps * SEAM_SHARE_OF_MEMCPY * 1e9) * 1e3
     profile = Profile(model_key(ref), resolved, hardware_key(device), engine.spec.block_size, models,
                       transfer_ms_per_block=per_block_ms, transfer_base_ms=TRANSFER_BASE_MS,
                       router_hop_ms=ROUTER_HOP_MS, measured_at=datetime.date.today().isoformat(),
                       notes={"transfer": f"{block} B blocks at {SEAM_SHARE_OF_MEMCPY:.0%} of memcpy "
-                                         f"({memcpy_gbps:.1f} GB/s measured)",
+                                         f"({gbps:.1f} GB/s measured)",
                              "router_hop": "docs/benchmarks.md control-plane figure", "quick": quick})
     return profile, samples
 
 
+def fit_error(profile: Profile, samples: dict[int, list[Sample]]) -> dict[int, tuple[float, float]]:
+    """By thread count: the (median, max) relative error of the fitted step times on the measured ones."""
+    out = {}
+    for t, group in samples.items():
+        errors = [abs(profile.steps[t].ms(shape) - ms) / ms for shape, ms in group]
+        out[t] = statistics.median(errors), max(errors)
+    return out
+
+
 def load_or_measure(model: str | None = None, device: str = "cpu", dtype: str = "auto", quick: bool = True,
                     say=print) -> Profile:
-    """The cached profile of `model` on this hardware, else one measured now (and cached)."""
+    """The cached profile of `model` on this hardware, else one measured now (and cached). A cached file
+    that cannot be read, or is of another model, dtype or device, is measured again and replaced."""
     ref = model_loader.resolve(model)
     resolved = precision.resolve(dtype, device).dtype
     key = (model_key(ref), resolved, hardware_key(device))
     path = cache_path(*key)
-    if path.exists():
+    try:
         profile = Profile.load(path)
         profile.require(*key)
         return profile
-    say(f"measuring a profile of {ref.name} ({resolved}) on this machine, once; cached at {path}")
+    except FileNotFoundError:
+        say(f"measuring a profile of {ref.name} ({resolved}) on this machine, once; cached at {path}")
+    except (OSError, ValueError, TypeError, KeyError) as e:  # ProfileMismatchError is a ValueError
+        say(f"the cached profile {path} is unusable ({type(e).__name__}: {e}); measuring it again")
     profile, _ = measure(model, device, dtype, quick=quick)
-    profile.save(path)
+    tmp = path.with_name(path.name + ".tmp")  # a crash mid-write leaves the old file or none, never half
+    profile.save(tmp)
+    tmp.replace(path)
     return profile

@@ -1,0 +1,99 @@
+"""`pdserve profile` on the tiny random model: real steps of known shapes, a fitted step model, a keyed cache."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from pdserve.cli import main
+from pdserve.common import model_loader
+from pdserve.planner import measure
+from pdserve.planner.profile import Profile, ProfileMismatchError, StepShape
+
+FIT_ERROR_BOUND = 0.5  # median relative error on its own samples: 8-21% seen; tiny steps (2-10 ms) are noisy
+
+
+@pytest.fixture(scope="module")
+def measured(tiny_model_dir):
+    return measure.measure(str(tiny_model_dir), threads=(1,), quick=True)
+
+
+def test_a_profile_is_keyed_by_the_model_dtype_and_this_hardware(measured, tiny_model_dir):
+    profile, _ = measured
+    assert profile.model == measure.model_key(model_loader.resolve(str(tiny_model_dir)))
+    assert profile.hardware == measure.hardware_key("cpu") and profile.hardware.startswith("cpu: ")
+    assert profile.dtype in ("float32", "bfloat16") and profile.block_size > 0 and profile.measured_at
+    assert set(profile.steps) == {1}
+    assert profile.transfer_ms_per_block > 0 and profile.transfer_base_ms > 0 and profile.router_hop_ms > 0
+    assert "memcpy" in profile.notes["transfer"]
+
+
+def test_the_steps_timed_are_prompt_chunks_decode_batches_and_both_at_once(measured):
+    _, samples = measured
+    shapes = [shape for shape, _ in samples[1]]
+    assert StepShape.chunk(32, 0) in shapes
+    assert StepShape.chunk(512, 0) in shapes and StepShape.chunk(512, 512) in shapes  # a second chunk
+    decodes = [s for s in shapes if s.decode_seqs and not s.prefill_tokens]
+    assert {s.decode_seqs for s in decodes} == {1, 4, 16}
+    per_seq = [s.decode_context / s.decode_seqs for s in decodes]
+    assert max(per_seq) > 3 * min(per_seq)  # a short and a long context (~64 and ~256 when quick)
+    assert any(s.decode_seqs and s.prefill_tokens for s in shapes)  # decodes beside a prompt chunk
+    assert all(ms > 0 for _, ms in samples[1])
+
+
+def test_predicted_steps_are_positive_grow_with_work_and_fit_what_was_measured(measured):
+    profile, samples = measured
+    m = profile.step_model(1)
+    one = m.ms(StepShape(decode_seqs=1, decode_context=64))
+    assert one > 0
+    assert m.ms(StepShape(decode_seqs=16, decode_context=16 * 64)) >= one
+    assert m.ms(StepShape(decode_seqs=1, decode_context=512)) >= one
+    assert m.ms(StepShape.chunk(512, 0)) > m.ms(StepShape.chunk(32, 0))
+    assert m.ms(StepShape.chunk(512, 512)) >= m.ms(StepShape.chunk(512, 0))
+    median, worst = measure.fit_error(profile, samples)[1]
+    assert median < FIT_ERROR_BOUND, (median, worst, samples)
+
+
+def test_a_profile_round_trips_through_its_file(measured, tmp_path):
+    profile, _ = measured
+    profile.save(tmp_path / "p.json")
+    assert Profile.load(tmp_path / "p.json") == profile
+
+
+def test_a_profile_of_another_model_dtype_or_device_is_refused_naming_both(measured):
+    profile, _ = measured
+    with pytest.raises(ProfileMismatchError, match=re.escape(f"model {profile.model!r}, not 'other@0123'")):
+        profile.require("other@0123", profile.dtype, profile.hardware)
+    with pytest.raises(ProfileMismatchError, match=r"dtype .*, not 'float16'"):
+        profile.require(profile.model, "float16", profile.hardware)
+    with pytest.raises(ProfileMismatchError, match=re.escape(f"hardware {profile.hardware!r}, not 'cuda: X'")):
+        profile.require(profile.model, profile.dtype, "cuda: X")
+
+
+def test_load_or_measure_measures_once_then_reads_the_cache(measured, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("PDSERVE_PROFILE_DIR", str(tmp_path))
+    calls = []
+
+    def counted(*args, **kw):
+        calls.append(args)
+        return measured
+    monkeypatch.setattr(measure, "measure", counted)
+    said = []
+    first = measure.load_or_measure(str(tiny_model_dir), say=said.append)
+    path = measure.cache_path(first.model, first.dtype, first.hardware)
+    assert path.parent == tmp_path and path.exists() and len(calls) == 1 and "once" in said[0]
+    mtime = path.stat().st_mtime_ns
+    assert measure.load_or_measure(str(tiny_model_dir), say=said.append) == first
+    assert len(calls) == 1 and path.stat().st_mtime_ns == mtime and len(said) == 1
+
+    path.write_text("{ half a profile")  # unreadable: measured again and replaced
+    assert measure.load_or_measure(str(tiny_model_dir), say=said.append) == first
+    assert len(calls) == 2 and "unusable" in said[-1] and Profile.load(path) == first
+
+
+def test_pdserve_profile_prints_each_thread_counts_model_and_fit_error(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "p.json"
+    assert main(["profile", "--model", str(tiny_model_dir), "--threads", "1", "--quick", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "fit error" in text and f"saved to {out}" in text
+    assert Profile.load(out).steps.keys() == {1}
