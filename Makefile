@@ -38,6 +38,8 @@ demo: install
 	$(BIN)/pdserve demo "$(PROMPT)"
 
 test: install-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q
 
 # The suite across Linux network namespaces (as root; `make test` runs it too, and skips it elsewhere).

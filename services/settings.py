@@ -23,6 +23,7 @@ SERVICES: dict[str, tuple[type[ServiceConfig], str]] = {
     "router": (RouterConfig, "client-facing router"),
     "prefill": (WorkerConfig, "prefill worker"),
     "decode": (WorkerConfig, "decode worker (--role colocated: both phases)"),
+    "elastic": (WorkerConfig, "worker whose role (--role prefill, decode or both) a router switches at runtime"),
     "kvstore": (KVStoreConfig, "shared KV block store"),
 }
 
@@ -55,9 +56,11 @@ def resolve(service: str, args: argparse.Namespace,
     config = SERVICES[service][0].from_cli_args(args, environ)
     if not isinstance(config, WorkerConfig):
         return config
-    if service == "decode" and config.role == "prefill":
-        raise ValueError("--role / PDSERVE_ROLE: a decode worker's role is decode or colocated, "
-                         "got 'prefill' (for prefill: pdserve serve prefill)")
+    if service == "decode" and config.role in ("prefill", "both"):
+        raise ValueError(f"--role / PDSERVE_ROLE: a decode worker's role is decode or colocated, "
+                         f"got {config.role!r} (for prefill: pdserve serve prefill; both: pdserve serve elastic)")
+    if service == "elastic" and config.role == "colocated":
+        raise ValueError("--role / PDSERVE_ROLE: an elastic worker's role is prefill, decode or both, got 'colocated'")
     try:
         check_device(config.device)
     except SettingError as e:

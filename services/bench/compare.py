@@ -1,22 +1,8 @@
 """`pdserve bench compare`: the same workload on three suites, one after another.
 
-- `colocated`: one worker does both phases with a per-step token budget
-  larger than any prompt, so a prompt is prefilled in one step (no chunking)
-  and every running stream waits for it;
-- `colocated-chunked`: the same worker with a budget of --chunk-tokens, so a
-  long prompt is prefilled a chunk per step between decode steps;
-- `disaggregated`: a prefill and a decode worker pinned to disjoint halves of
-  the cores (colocated workers get all of them; the router and KV store are
-  not pinned), the router's policy per --local-prefill.
-
-Each mode is started as real processes (launcher.Suite), measured idle (one
-request at a time), then at each of --rates (open loop, the same requests for
-every mode). The objectives come from the idle run of --slo-from: TTFT at
-most --slo-ttft-factor x the idle TTFT of a prompt that long (a line fitted
-over the idle requests' lengths), TPOT at most --slo-tpot-factor x the idle
-TPOT; one set of objectives for all modes. Writes compare.json, compare.md
-and PNG plots into --out (report.py, plots.py); --from-json redoes the report
-and plots from a saved compare.json without running anything.
+`colocated`, `colocated-chunked` and `disaggregated`, each idle then at each of --rates, against objectives
+from --slo-from's idle run; writes compare.json, compare.md and plots into --out (--from-json: redo them).
+Modes, objectives and results: docs/benchmarks.md ("Colocated vs disaggregated").
 """
 from __future__ import annotations
 
@@ -30,7 +16,7 @@ import time
 from pathlib import Path
 
 from pdserve.bench import cores, plots, report, senders, workload
-from pdserve.bench.loadgen import Progress, command_line, run_open, send_one, warm_up
+from pdserve.bench.loadgen import ProgressLine, command_line, run_open, send_one, warm_up
 from pdserve.bench.metrics import RequestRecord
 from pdserve.launcher import Suite, plan
 
@@ -82,7 +68,7 @@ async def measure(name: str, target: str, args: argparse.Namespace) -> dict:
         for i, rate in enumerate(args.rates):
             n = max(1, math.ceil(rate * args.duration)) if args.duration else None
             requests = workload.from_args(args, rate=rate, seed=args.seed + i, n=n)  # the same for every mode
-            progress = Progress(len(requests), f"{name} @ {rate:g} req/s", enabled=not args.no_progress)
+            progress = ProgressLine(len(requests), f"{name} @ {rate:g} req/s", enabled=not args.no_progress)
             try:
                 runs[f"{rate:g}"] = await run_open(requests, send, progress)
             finally:

@@ -1,15 +1,8 @@
 """`pdserve bench conditional`: is the path the router picks the faster one?
 
-One set of workers, three routers in front of it: one forced to prefill on
-the decode worker (`--local-prefill always`), one forced to disaggregate
-(`never`), and the default cost model (`auto`). At two ends:
-
-- idle, short prompt: cost = the request's TTFT;
-- decode worker busy with streams, long prompt: cost = the request's TTFT plus
-  the extra wait it imposes on every running stream (their longest
-  inter-token gap while it is served, minus their usual gap).
-
-The benchmark prints both forced costs and the auto router's choice.
+One set of workers behind three routers (`--local-prefill always`, `never`, `auto`), idle with a short prompt
+and with the decode worker busy and a long prompt; prints both forced costs and the auto router's choice.
+How the cost is measured, and results: docs/benchmarks.md ("Conditional disaggregation").
 """
 from __future__ import annotations
 
@@ -20,9 +13,9 @@ import statistics
 import subprocess
 import time
 
-from pdserve.client import AsyncClient
 import grpc
 
+from pdserve.client import AsyncClient
 from pdserve.launcher import Suite
 
 

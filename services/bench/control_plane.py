@@ -1,20 +1,8 @@
 """`pdserve bench control-plane`: what the router and gRPC add, with no model.
 
-A real router process (colocated mode, so every request takes the
-Decode.Generate stream) in front of the null engine (`null_worker.py`: fixed
-tokens, no model) in a process of its own; this process is the client.
-
-(a) Added latency: the same request, one at a time, straight to the null
-    worker and through the router (raw stub, and the client SDK); the router
-    adds the difference of the p50 end-to-end latencies.
-(b) The most requests/s it sustains: closed loops of N concurrent streams,
-    and an open-loop Poisson sweep up to the first rate it does not sustain.
-    A rate is sustained when the router completes >= 95% of the offered
-    rate, with no errors and p99 end-to-end latency within --max-p99-ms.
-
-Goals (issue #6): <= 1 ms added at p50; >= 1,000 requests/s. By default the
-router gets a core of its own, and the null worker and the client share the
-rest; the results list each one's cores and the CPU time it used per request.
+A real router in front of the null engine (null_worker.py): the p50 latency it adds, one request at a time,
+and the most requests/s it sustains (goals, issue #6: <= 1 ms added; >= 1,000 requests/s).
+How it is measured, cores included, and results: docs/benchmarks.md ("Control plane").
 """
 from __future__ import annotations
 

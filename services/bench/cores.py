@@ -1,9 +1,7 @@
 """Which CPU cores each benchmark process runs on, and the CPU time it used.
 
-A child is pinned by wrapping its command line: a tiny Python stub sets its
-own affinity and execs the real command, so the pid (what the launcher
-signals) stays the same, and torch/OpenMP in the child size their thread
-pools to the cores it was given.
+A child is pinned by a tiny stub that sets its own affinity and execs the real command, so its pid (what the
+launcher signals) stays the same, and torch/OpenMP size their thread pools to the cores it was given.
 """
 from __future__ import annotations
 

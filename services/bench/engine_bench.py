@@ -1,16 +1,8 @@
 """`pdserve bench engine`: engine speed against the machine's measured limits.
 
-Figures (medians) and their goals (issue #24; 4 and 5 from issue #2):
-  1. single-stream decode step at context 512 vs the floor
-     weight bytes / measured read bandwidth            goal <= 1.3x
-  2. prefill tokens/s at 1,024 tokens vs the ceiling
-     measured matmul peak / model FLOPs per token      goal >= 70%
-  3. decode tokens/s, 32 sequences at context 512, vs a
-     naive transformers loop (padded batch, own cache)  goal >= 4x
-  4. a mixed workload vs transformers' continuous
-     batching (generate_batch)                          goal >= 3x
-  5. decode step of 8 sequences at context 128 beside one
-     at 2,048, vs the 8 alone                           goal <= 1.5x
+Five figures (medians), each with its goal (issues #2, #24): decode step vs the weight-read floor, prefill vs
+the matmul ceiling, batched decode and a mixed workload vs transformers, short decodes beside a long one.
+Definitions, goals and results: docs/benchmarks.md ("Engine", "The CPU fast paths").
 """
 from __future__ import annotations
 

@@ -1,10 +1,8 @@
 """`pdserve bench load`: an open-loop load generator against a running router.
 
-Open loop: each request leaves at its arrival time whatever the server is
-doing, as real users do; a closed loop (send the next when one finishes)
-slows down with the server and hides its queueing. The generator reports
-how late it sent (send lag), so a run that starved the client is visible.
+Each request leaves at its arrival time whatever the server is doing; the send lag shows a starved client.
 `run_closed` is the closed loop, for finding the most a server sustains.
+Why open loop, and the flags: docs/benchmarks.md ("Load generator").
 """
 from __future__ import annotations
 
@@ -24,13 +22,16 @@ from pdserve.bench.workload import Request
 Sender = Callable[[Request, RequestRecord, Callable[[], float]], Awaitable[None]]
 
 
-class Progress:
+class ProgressLine:
     """A progress bar on stderr: tqdm when installed, else a plain line."""
 
     def __init__(self, total: int, label: str = "load", enabled: bool = True):
-        self.total, self.label, self.enabled = total, label, enabled
+        self.total = total
+        self.label = label
+        self.enabled = enabled
         self.sent = self.done = self.errors = 0
-        self._bar, self._last = None, 0.0
+        self._bar = None
+        self._last = 0.0
         if enabled:
             try:
                 from tqdm import tqdm
@@ -60,7 +61,7 @@ class Progress:
 
 
 async def send_one(req: Request, send: Sender, now: Callable[[], float],
-                   progress: Progress | None = None) -> RequestRecord:
+                   progress: ProgressLine | None = None) -> RequestRecord:
     """Send one request now and time it."""
     rec = RequestRecord(req.index, len(req.prompt), req.max_tokens, req.arrival_s, kind=req.kind)
     rec.sent_s = now()
@@ -76,7 +77,7 @@ async def send_one(req: Request, send: Sender, now: Callable[[], float],
     return rec
 
 
-async def run_open(requests: list[Request], send: Sender, progress: Progress | None = None) -> list[RequestRecord]:
+async def run_open(requests: list[Request], send: Sender, progress: ProgressLine | None = None) -> list[RequestRecord]:
     """Send each request at its arrival time; return their records once all finished."""
     t0 = time.perf_counter()
 
@@ -141,7 +142,7 @@ async def _run(args: argparse.Namespace, requests: list[Request]) -> list[Reques
     send = senders.make(args.target, args.http, args.client, args.timeout, args.api_key)
     try:
         await warm_up(send, args.warmup)
-        progress = Progress(len(requests), enabled=not args.no_progress)
+        progress = ProgressLine(len(requests), enabled=not args.no_progress)
         try:
             return await run_open(requests, send, progress)
         finally:

@@ -1,12 +1,8 @@
 """Per-request timings of a load run, and the statistics over them.
 
-Times are seconds from the start of the run, taken by the client when a
-message carrying tokens arrives. TTFT: sent -> first token; inter-token
-latency (ITL): the gap between consecutive messages that carry tokens (a
-message may carry several when the client reads slower than the server
-writes, as in vLLM's benchmark); TPOT: (last token - first token) / (output
-tokens - 1); end-to-end: sent -> stream closed. Goodput counts the requests
-that met both objectives (Slo) per second of the run.
+Times are seconds from the run's start, taken by the client as each message with tokens arrives; from them
+TTFT, inter-token latency, TPOT, end-to-end, and goodput (requests/s that met both objectives, `Slo`).
+Definitions: docs/benchmarks.md ("Load generator": "Measured per request").
 """
 from __future__ import annotations
 

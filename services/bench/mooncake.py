@@ -1,17 +1,8 @@
 """Traces in the public Mooncake format, and prompts that share their prefixes.
 
-One JSON object a line:
-
-    {"timestamp": 27482, "input_length": 6955, "output_length": 52, "hash_ids": [46, 47, ...]}
-
-`timestamp` is milliseconds from the trace's start. Each hash id stands for
-one 512-token block of the prompt, and equal ids are equal blocks (a shared
-prefix), so a prompt here is one deterministic token block per id, joined
-and cut to input_length: two requests sharing ids share those token blocks
-exactly, and a prefix cache sees the reuse the trace recorded.
-
-`python -m pdserve.bench.mooncake --out mooncake_trace.jsonl` writes a synthetic
-trace in the format (`synthesize`), for when the public one is not at hand.
+One JSON object a line, `{"timestamp": ms, "input_length": n, "output_length": n, "hash_ids": [46, 47, ...]}`;
+a hash id is one 512-token block, equal ids equal blocks (docs/benchmarks.md, "Load generator").
+`python -m pdserve.bench.mooncake --out mooncake_trace.jsonl` writes a synthetic trace (`synthesize`).
 """
 from __future__ import annotations
 
@@ -95,7 +86,9 @@ class PrefixBlocks:
     """One deterministic block of token ids in [low, high) per hash id."""
 
     def __init__(self, block_tokens: int = BLOCK_TOKENS, salt: int = 0, token_range: tuple[int, int] = (100, 32000)):
-        self.block_tokens, self.salt, self.token_range = block_tokens, salt, token_range
+        self.block_tokens = block_tokens
+        self.salt = salt
+        self.token_range = token_range
         self._cache: dict[int, list[int]] = {}
 
     def _tokens(self, n: int, seed: str) -> list[int]:

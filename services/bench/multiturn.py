@@ -1,9 +1,7 @@
 """`pdserve bench multiturn`: later turns of a long conversation vs an empty cache.
 
-Goal (issue #4): once the history passes 1,000 tokens, a turn reaches its
-first token in at most 30% of the time the same request takes with nothing
-cached. The cold figure is the same prompt with its first token changed, so
-no prefix matches anywhere (same length, same compute, no cache).
+Goal (issue #4): past 1,000 tokens of history, a turn's TTFT is at most 30% of the cold one's: the same
+prompt with its first token changed, so no prefix matches anywhere. Results: docs/benchmarks.md ("Multi-turn").
 """
 from __future__ import annotations
 

@@ -1,13 +1,7 @@
 """The null engine: a Decode service that streams fixed tokens without a model.
 
-For `pdserve bench control-plane` only. A router in front of it does all its
-usual work per request (validate, plan, relay each message, detokenize), while
-the worker costs next to nothing, so what the benchmark measures is the
-router and gRPC. It serves what a colocated router calls: Generate (the local
-prefill+decode stream), GetLoad (identity and a KV spec, so the router routes
-to it), GetStats, Release and grpc.health.v1. The disaggregated path (Reserve,
-Decode) answers UNIMPLEMENTED: there is no KV to move.
-
+For `pdserve bench control-plane`: a router in front of it does its usual work, the worker next to nothing.
+It serves what a colocated router calls; Reserve and Decode answer UNIMPLEMENTED (docs/benchmarks.md).
 Run it as a process: `python -m pdserve.bench.null_worker --port 50061`.
 """
 from __future__ import annotations
@@ -50,7 +44,8 @@ class NullWorkerConfig(ServiceConfig):
 
 class NullDecodeServicer(decode_pb2_grpc.DecodeServicer):
     def __init__(self, info: pb.WorkerInfo, token_interval_s: float):
-        self.info, self.token_interval_s = info, token_interval_s
+        self.info = info
+        self.token_interval_s = token_interval_s
         self.running = self.completed = self.tokens = 0
 
     async def Generate(self, request: dpb.LocalGenerateRequest, context):
@@ -103,7 +98,7 @@ class NullWorker:
         await self.server.start()
         await self.health.set_serving(True)
 
-    async def stop(self) -> None:
+    async def aclose(self) -> None:
         await self.server.stop(grace=0)
 
     async def run(self) -> None:

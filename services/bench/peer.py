@@ -1,13 +1,8 @@
 """`pdserve bench peer`: pdserve beside other servers of the same model, under the same open-loop load.
 
-Interleaved, rate by rate: at each rate every system runs once, one at a
-time, the order rotated by one per rate (`schedule`), so a drift of the
-host's speed lands on every system alike. Each (rate, system) is a fresh
-start: start, a warm-up run at that rate that is not counted (vLLM compiles
-new batch shapes on first sight), the measured run, stop. Every system gets
-the same text requests (word prompts: the servers tokenize them their own
-way) through its OpenAI /v1/completions. Writes peer.json, peer.md and the
-plots into --out. Peers are installed by `--install NAME` (peers.py).
+Rate by rate, every system runs once from a fresh start, in an order rotated per rate (`schedule`), with an
+uncounted warm-up; writes peer.json, peer.md and the plots into --out. Peers: `--install NAME` (peers.py).
+Why this order, and results: docs/benchmarks.md ("pdserve beside other servers").
 """
 from __future__ import annotations
 
@@ -23,7 +18,7 @@ import sys
 from pathlib import Path
 
 from pdserve.bench import peer_report, peers, plots, senders, workload
-from pdserve.bench.loadgen import Progress, command_line, run_open
+from pdserve.bench.loadgen import ProgressLine, command_line, run_open
 from pdserve.bench.metrics import RequestRecord, Slo
 
 SYSTEMS = ("pdserve", "pdserve-colocated", "vllm", "transformers", "llamacpp")
@@ -63,7 +58,7 @@ def count(rate: float, seconds: float) -> int:
 async def _load(peer: peers.Peer, url: str, model: str, requests: list[workload.Request], label: str,
                 args: argparse.Namespace) -> list[RequestRecord]:
     send = senders.HttpSender(url, args.timeout, model=model, ignore_eos=peer.ignore_eos)
-    progress = Progress(len(requests), label, enabled=not args.no_progress)
+    progress = ProgressLine(len(requests), label, enabled=not args.no_progress)
     try:
         return await run_open(requests, send, progress)
     finally:

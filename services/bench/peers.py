@@ -1,10 +1,8 @@
 """The systems `pdserve bench peer` measures: how each is installed, started, reached and stopped.
 
-Every peer serves the same model (the converted folder in pdserve's model
-cache, or for llama.cpp the GGUF it was converted from) on one HTTP port
-with an OpenAI `/v1/completions`. A peer other than pdserve lives in its own
-virtualenv under ~/.cache/pdserve/peers/NAME/venv, made by `install()` and
-never in pdserve's own; see docs/benchmarks.md for what installing each takes.
+Every peer serves the same model on one HTTP port with an OpenAI `/v1/completions`; one other than pdserve
+lives in its own virtualenv under ~/.cache/pdserve/peers/NAME/venv, made by `install()`.
+What installing each takes: docs/benchmarks.md ("pdserve beside other servers").
 """
 from __future__ import annotations
 

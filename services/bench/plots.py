@@ -1,10 +1,8 @@
-"""`bench compare`'s plots (matplotlib, the `[bench]` extra), one PNG each:
+"""`bench compare`'s plots (matplotlib, the `[bench]` extra), one PNG each.
 
-- goodput.png: goodput and p99 inter-token latency against the request rate;
-- itl_cdf.png: the distribution of inter-token latencies at one rate;
-- timeline.png: every request at one rate as a bar from arrival to its last
-  token (grey: waiting for the first token, blue: decoding), red where a gap
-  between two of its tokens exceeded the TPOT objective, i.e. a decode stall.
+goodput.png (goodput and p99 ITL against the rate), itl_cdf.png (inter-token latencies at one rate) and
+timeline.png (each request at one rate, its decode stalls in red).
+What each shows: docs/benchmarks.md ("Colocated vs disaggregated").
 """
 from __future__ import annotations
 

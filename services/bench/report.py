@@ -1,9 +1,7 @@
 """`bench compare`'s numbers: objectives from the idle run, summaries, goals, a markdown report.
 
-Objectives: an idle TTFT grows with the prompt, so the TTFT objective is
-per prompt length: TTFT <= f_ttft x (a + b x prompt tokens), with a and b a
-least-squares line through the idle requests' TTFTs (same-length prompts:
-their median). TPOT <= f_tpot x the idle requests' median TPOT.
+TTFT <= f_ttft x (a + b x prompt tokens), a line fitted over the idle requests; TPOT <= f_tpot x their median.
+Why per prompt length: docs/benchmarks.md ("Colocated vs disaggregated").
 """
 from __future__ import annotations
 

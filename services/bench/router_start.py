@@ -1,9 +1,7 @@
 """How fast a router process comes up, and what it holds: part of `pdserve bench control-plane`.
 
-A router is the service operators restart and scale most, so its start is
-measured as deployed: a fresh process, from spawn to gRPC health SERVING (its
-worker already up), then its resident memory once idle and whether torch was
-mapped into it at all (issue #20).
+A fresh process, from spawn to gRPC health SERVING (its worker already up), then its resident memory once
+idle and whether torch was mapped into it (issue #20). Why and results: docs/benchmarks.md ("A router without torch").
 """
 from __future__ import annotations
 

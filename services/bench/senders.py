@@ -1,19 +1,8 @@
 """How the load generator sends one request and times its stream.
 
-Every sender asks for greedy tokens with ignore_eos (exactly max_tokens of
-them) and fills a RequestRecord: a time per message that carried tokens, the
-output token count, and the error code if the call failed. `now()` is the
-run's clock (seconds from its start).
-
-- `StubSender`: the Router stub, raw protobuf (the least client overhead);
-- `SdkSender`: the client SDK (`pdserve.client.AsyncClient`), as users call it;
-- `DirectSender`: Decode.Generate on a worker itself, no router (the
-  control-plane benchmark's baseline);
-- `HttpSender`: the OpenAI endpoint, streamed `/v1/completions` with the
-  prompt as token ids. The server sends an SSE chunk per text delta, so a
-  token that completes no character arrives with the next one; the output
-  token count comes from the final usage chunk. A peer server that refuses
-  ignore_eos is sent none (`bench peer`), and may stop early.
+Each sender asks for exactly max_tokens greedy tokens (ignore_eos) and fills a RequestRecord: `StubSender`
+(raw Router stub), `SdkSender` (client SDK), `DirectSender` (a worker's Decode.Generate), `HttpSender`
+(streamed /v1/completions). What each measures: docs/benchmarks.md ("Load generator", "Control plane").
 """
 from __future__ import annotations
 
@@ -28,9 +17,8 @@ from pdserve.bench.workload import Request
 from pdserve.client import AsyncClient, PdserveClientError
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import decode_pb2 as dpb
-from pdserve.v1 import decode_pb2_grpc
+from pdserve.v1 import decode_pb2_grpc, router_pb2_grpc
 from pdserve.v1 import router_pb2 as rpb
-from pdserve.v1 import router_pb2_grpc
 
 Clock = Callable[[], float]
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20)]
@@ -140,7 +128,8 @@ class DirectSender:
 
     def __init__(self, target: str, timeout_s: float = 600.0):
         self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-        self.stub, self.timeout_s = decode_pb2_grpc.DecodeStub(self.channel), timeout_s
+        self.stub = decode_pb2_grpc.DecodeStub(self.channel)
+        self.timeout_s = timeout_s
 
     async def __call__(self, req: Request, rec: RequestRecord, now: Clock) -> None:
         msg = dpb.LocalGenerateRequest(request_id=f"direct-{req.index}", prompt_token_ids=req.prompt,

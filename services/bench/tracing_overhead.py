@@ -1,15 +1,8 @@
 """`pdserve bench tracing`: end-to-end latency with tracing off vs on.
 
-Two suites of real processes run side by side (disaggregated, with the KV
-store): one with OTEL_SDK_DISABLED=true, one with the default sampling (every
-request traced) exporting over OTLP/HTTP, as a service pointed at a collector
-does, to a sink in this process that decodes and counts what it receives (so
-the export is real, down to the protobuf encoding and the HTTP post). The
-same requests alternate between the two, one at a time, in alternating order,
-so a neighbour's load or a drifting clock hits both arms alike. Each request
-has a fresh prompt (no prefix cache helps) and a fixed output length.
-
-Goal (issue #5): tracing adds under 5% to the median end-to-end latency.
+Two suites of real processes, one with OTEL_SDK_DISABLED=true, one exporting every trace over OTLP/HTTP to a
+sink in this process, take the same requests in turn. Goal (issue #5): tracing adds under 5% to the median.
+How it is fair to both: docs/observability.md ("Configuration", at its end).
 """
 from __future__ import annotations
 

@@ -1,9 +1,7 @@
 """`pdserve bench ttft`: time to first token at idle, disaggregated vs colocated.
 
-The goal (issue #3): with transfer overlapped and off the first-token path,
-a 1,000-token prompt reaches its first token in disaggregated mode within
-10% of colocated mode. Each mode runs as real processes (`pdserve up`'s
-Suite); every request has a fresh prompt, so no prefix cache helps.
+Goal (issue #3): with the transfer overlapped, a 1,000-token prompt's TTFT disaggregated is within 10% of
+colocated. Real processes per mode, a fresh prompt each time. Results: docs/benchmarks.md ("Idle TTFT").
 """
 from __future__ import annotations
 

@@ -1,13 +1,8 @@
 """What a load run sends, and when: arrival times, prompts, output lengths.
 
-Synthetic workloads draw prompt and output lengths from a distribution
-(`fixed:N`, `uniform:LO:HI`, `lognormal:MEDIAN:SIGMA[:MAX]`) with Poisson
-arrivals. The `mixed` preset is two classes: short prompts that decode for a
-while, and long prompts arriving among them (what stalls a colocated
-worker's running streams). Traces are in the public Mooncake format (see
-mooncake.py), replayed at their own timestamps or at Poisson times.
-Prompts are token ids, sent as they are: the client needs no tokenizer, and
-every request's length is exact.
+Synthetic lengths (`fixed:N`, `uniform:LO:HI`, `lognormal:MEDIAN:SIGMA[:MAX]`) with Poisson arrivals, the
+`mixed` preset, or a Mooncake trace (mooncake.py); prompts are token ids, so every length is exact.
+Presets and why: docs/benchmarks.md ("Load generator").
 """
 from __future__ import annotations
 

@@ -1,18 +1,23 @@
 """The pdserve client SDK: stream completions from the router's Generate RPC.
 
-    async with AsyncClient("localhost:50051") as client:
-        async with client.stream("Hello", max_tokens=32) as stream:
-            async for chunk in stream:
-                print(chunk.text, end="")
-
-Leaving a stream early cancels its gRPC call, so the router cancels every
-downstream RPC and frees the request's KV blocks. `Client` is the synchronous
-twin. Failures raise PdserveClientError subclasses. Guide: docs/client.md.
+`AsyncClient` and its synchronous twin `Client`. Leaving a stream early cancels its call, so the router cancels
+every downstream RPC and frees the request's KV blocks. Failures raise PdserveClientError subclasses.
+Guide: docs/client.md.
 """
 
 from pdserve.client.aio import DEFAULT_TARGET, AsyncClient, ResponseStream
-from pdserve.client.errors import (Aborted, Cancelled, DeadlineExceeded, Internal, InvalidArgument, PdserveClientError,
-                                   ResourceExhausted, Unauthenticated, Unavailable, error_from_rpc)
+from pdserve.client.errors import (
+                                   Aborted,
+                                   Cancelled,
+                                   DeadlineExceeded,
+                                   Internal,
+                                   InvalidArgument,
+                                   PdserveClientError,
+                                   ResourceExhausted,
+                                   Unauthenticated,
+                                   Unavailable,
+                                   error_from_rpc,
+)
 from pdserve.client.messages import Chunk, Completion, Timing, Usage, build_request
 from pdserve.client.retry import NO_RETRY, RetryPolicy
 from pdserve.client.sync import Client, SyncResponseStream

@@ -32,7 +32,10 @@ class ResponseStream:
                  metrics: ClientMetrics | None = None, target: str = "", retry: RetryPolicy = NO_RETRY) -> None:
         self.request = request
         self.target = target  # named in errors
-        self._stub, self._timeout, self._metadata, self._metrics = stub, timeout, metadata, metrics
+        self._stub = stub
+        self._timeout = timeout
+        self._metadata = metadata
+        self._metrics = metrics
         self._retry = retry
         self._call: grpc.aio.UnaryStreamCall | None = None
         self._done = False
@@ -158,7 +161,8 @@ class AsyncClient:
                  options: Sequence[tuple[str, Any]] = (), api_key: str | None = None,
                  tls: TLS | bool | None = None, meter_provider: Any = None,
                  retry: RetryPolicy | None = RetryPolicy()) -> None:
-        self.target, self.timeout = target, timeout
+        self.target = target
+        self.timeout = timeout
         self.retry = retry or NO_RETRY
         self._metrics = ClientMetrics(meter_provider, target)
         items = metadata.items() if isinstance(metadata, Mapping) else (metadata or ())

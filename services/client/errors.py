@@ -14,8 +14,11 @@ class PdserveClientError(Exception):
     def __init__(self, details: str, *, code: grpc.StatusCode | None = None, field: str | None = None,
                  error_type: str | None = None, request_id: str = "") -> None:
         super().__init__(details)
-        self.code, self.details, self.field = code or self.status, details, field
-        self.error_type, self.request_id = error_type, request_id
+        self.code = code or self.status
+        self.details = details
+        self.field = field
+        self.error_type = error_type
+        self.request_id = request_id
 
     def __str__(self) -> str:
         code = self.code.name if self.code else "ERROR"

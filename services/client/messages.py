@@ -11,17 +11,11 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from pdserve.client.errors import InvalidArgument
 from pdserve.common.engine.sampling_params import without_vllm_offs
+from pdserve.common.records import Usage
 from pdserve.v1 import common_pb2, router_pb2
 
 _FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
            common_pb2.FINISH_REASON_ABORT: "abort", common_pb2.FINISH_REASON_ERROR: "error"}
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)

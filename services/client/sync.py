@@ -66,7 +66,9 @@ class SyncResponseStream:
     """Iterator of Chunks; `close()`, leaving `with`, or dropping it cancels the call."""
 
     def __init__(self, client: Client, stream: ResponseStream) -> None:
-        self._loop, self._run, self._stream = client._loop, client._run, stream
+        self._loop = client._loop
+        self._run = client._run
+        self._stream = stream
 
     def __iter__(self) -> SyncResponseStream:
         return self

@@ -69,7 +69,8 @@ class Authenticator(grpc.aio.ServerInterceptor):
 
     def __init__(self, *, internal_token: str = "", api_keys: ApiKeys | None = None,
                  client_methods: Collection[str] = ()):
-        self.internal_token, self.api_keys = internal_token, api_keys or ApiKeys()
+        self.internal_token = internal_token
+        self.api_keys = api_keys or ApiKeys()
         self.client_methods = frozenset(client_methods)
 
     def check(self, method: str, metadata: dict[str, Any]) -> None:

@@ -1,28 +1,8 @@
-"""One configuration scheme for every service.
+"""One configuration scheme for every service: a frozen dataclass that inherits `ServiceConfig`.
 
-Each service's configuration is one frozen dataclass that inherits
-`ServiceConfig`. From its fields alone it gets:
-
-- a kebab-case command-line flag per field (`max_batch_tokens` ->
-  `--max-batch-tokens`; bools get `--x` / `--no-x`, lists take several values),
-- an environment fallback per field (`PDSERVE_MAX_BATCH_TOKENS`; lists are
-  comma-separated; for Optional fields "" or "none" means None),
-- an optional config file (`--config` / `PDSERVE_CONFIG`, TOML or JSON with
-  the field names as keys; JSON and TOML need no extra dependency),
-
-with precedence flag > environment > file > default, and validation through
-a `validate()` hook that raises ValueError, preferably `SettingError(field, ...)`:
-a refused value is then reported with its flag, its variable and where it came
-from. Supported field types: int, float, str, bool, Literal[...] of those,
-Optional[...] and list[...] of them.
-
-    @dataclass(frozen=True)
-    class DecodeConfig(ServiceConfig):
-        port: int = option(50052, help="gRPC port")
-        def validate(self) -> None:
-            if self.port < 0: raise SettingError("port", "must be >= 0")
-
-    config = DecodeConfig.from_argv()   # or add_cli_args(parser) + from_cli_args(args)
+Each field is a flag, a `PDSERVE_*` variable and a config-file key (flag > environment > file > default);
+`validate()` refuses a value with `SettingError`, named with its flag, variable and source.
+How to declare one, and the types supported: docs/architecture.md ("Settings").
 """
 from __future__ import annotations
 
@@ -74,7 +54,7 @@ def option(default: Any = dataclasses.MISSING, *, help: str = "",
 
 
 class ServiceConfig:
-    """Mixin for a service's frozen config dataclass; see the module docstring."""
+    """Mixin for a service's frozen config dataclass (docs/architecture.md, "Settings")."""
 
     env_prefix: ClassVar[str] = "PDSERVE_"
 

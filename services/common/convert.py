@@ -8,6 +8,7 @@ from pdserve.common.engine.sampling_params import SamplingParams
 from pdserve.common.engine.sequence import FinishReason
 from pdserve.common.errors import InvalidRequestError
 from pdserve.common.kv.spec import KVSpec
+from pdserve.common.roles import ELASTIC_ROLES
 from pdserve.v1 import common_pb2 as pb
 
 _FINISH_TO_PB = {
@@ -17,7 +18,18 @@ _FINISH_TO_PB = {
     FinishReason.ABORT: pb.FINISH_REASON_ABORT,
 }
 _FINISH_FROM_PB = {v: k for k, v in _FINISH_TO_PB.items()}
-ROLES = {"prefill": pb.WORKER_ROLE_PREFILL, "decode": pb.WORKER_ROLE_DECODE, "colocated": pb.WORKER_ROLE_COLOCATED}
+ROLES = {"prefill": pb.WORKER_ROLE_PREFILL, "decode": pb.WORKER_ROLE_DECODE, "colocated": pb.WORKER_ROLE_COLOCATED,
+         "both": pb.WORKER_ROLE_BOTH}
+ROLE_NAMES = {v: k for k, v in ROLES.items()}
+
+
+def elastic_role(value: int, field_name: str = "role") -> str:
+    """An elastic worker's role from its protobuf value; InvalidRequestError for any other."""
+    name = ROLE_NAMES.get(value)
+    if name not in ELASTIC_ROLES:
+        raise InvalidRequestError(field_name, f"an elastic worker's role is PREFILL, DECODE or BOTH, got "
+                                              f"{pb.WorkerRole.Name(value) if value in ROLE_NAMES else value}")
+    return name
 
 DEFAULT_MAX_TOKENS = 256
 

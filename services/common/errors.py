@@ -16,7 +16,8 @@ class InvalidRequestError(PdserveError, ValueError):
 
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
-        self.field, self.reason = field, message
+        self.field = field
+        self.reason = message
 
 
 class CapacityExhaustedError(PdserveError):
@@ -25,6 +26,11 @@ class CapacityExhaustedError(PdserveError):
 
 class NotReadyError(PdserveError):
     """The service is starting, draining or missing a dependency."""
+
+
+class FailedPreconditionError(PdserveError):
+    """The request is well formed but the system is not in a state to do it (e.g. switch
+    the role of a worker that is not elastic)."""
 
 
 class NotFoundError(PdserveError, KeyError):

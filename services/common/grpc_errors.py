@@ -3,7 +3,7 @@
 - `ErrorMappingInterceptor` (outermost on every server, see pdserve.common.server)
   turns the exceptions of `pdserve.common.errors`, and request bytes that do not
   parse, into status codes, naming the type and field in trailing metadata;
-- `error_from_rpc()` turns a downstream call's status back into the same exception,
+- `relayed_error()` turns a downstream call's status back into the same exception,
   so a service that relays it (the router) answers with the same code and field.
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ STATUS_CODES: tuple[tuple[type[errors.PdserveError], grpc.StatusCode], ...] = (
     (errors.CapacityExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.NotReadyError, grpc.StatusCode.UNAVAILABLE),
     (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (errors.FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.TransferTimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.TransferFailedError, grpc.StatusCode.ABORTED),
 )
@@ -55,7 +56,7 @@ _ERROR_TYPES = {cls.__name__: cls for cls, _ in STATUS_CODES}
 _BY_CODE = {code: cls for cls, code in reversed(STATUS_CODES)}
 
 
-def error_from_rpc(exc: grpc.aio.AioRpcError) -> errors.PdserveError:
+def relayed_error(exc: grpc.aio.AioRpcError) -> errors.PdserveError:
     """The typed error a downstream call failed with, so a service that relays
     it (the router) answers with the same status code and field."""
     trailing = dict(exc.trailing_metadata() or ())

@@ -1,11 +1,7 @@
 """Leases: reservations that free themselves unless claimed in time.
 
-Every KV reservation (a decode worker's blocks awaiting a prefill, a KV
-store's slots awaiting a write) is a lease: an owner key, what it holds, and
-an expiry. A sweeper hands expired leases to the owner's release callback,
-so a peer that dies or never calls back cannot strand blocks. Claiming a
-lease (the awaited call arrived) stops its clock: from then on the
-operation's own timeout bounds it.
+A lease is an owner key, what it holds and an expiry; a sweeper hands expired ones to the owner's release
+callback, and claiming one stops its clock. Why: docs/reliability.md ("Leases").
 """
 from __future__ import annotations
 
@@ -21,7 +17,9 @@ T = TypeVar("T")
 
 class Leases(Generic[T]):
     def __init__(self, release: Callable[[str], Awaitable[object]], name: str, interval_s: float = 0.5):
-        self._release, self.name, self.interval_s = release, name, interval_s
+        self._release = release
+        self.name = name
+        self.interval_s = interval_s
         self._items: dict[str, tuple[T, float]] = {}  # key -> (held, expiry, unix time)
         self._task: asyncio.Task | None = None
         self.expired = 0

@@ -1,18 +1,7 @@
 """Process logging: one line per event, as text or JSON, with request and trace ids.
 
-`setup(level, fmt, service)` configures the root logger once per process (the
-`pdserve` command calls it; services pass their `log_format` setting, env
-PDSERVE_LOG_FORMAT). Every record gets:
-
-- `request_id`: bound for the current task by `bind_request()` (the gRPC server
-  binds each call's `request_id` field; the router binds the id it assigns);
-- `trace_id` / `span_id`: of the current OpenTelemetry span, when one is recording;
-- `service`: the process's service name.
-
-JSON lines carry those, the time (UTC, ISO 8601), level, logger, message, a
-traceback as one string, and any `extra={...}` fields of the call; text lines
-end in `[key=value ...]` with the same fields and ids. Prompts and outputs are
-never logged: log ids, counts and timings.
+`setup(level, fmt, service)` configures the root logger once per process; `bind_request()` binds the
+current task's request id. What a line holds, and what is never logged: docs/observability.md ("Logs").
 """
 from __future__ import annotations
 

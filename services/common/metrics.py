@@ -1,18 +1,8 @@
 """Every pdserve metric, defined once, and the Prometheus endpoint that exports them.
 
-Instruments come from the OpenTelemetry metrics API. Until a process calls
-`serve_prometheus()` they are the API's proxies and recording costs next to
-nothing (tests that run services in-process never export). Each service's main
-calls it once with its `metrics_port`; Prometheus then scrapes
-http://host:port/metrics (series names below; counters gain `_total`).
-
-Two kinds of instrument:
-- recorded where the event happens: request latencies and outcomes (the router,
-  `pdserve.router.request_metrics`) and KV transfers (`pdserve.common.transfer.base`);
-- observed when Prometheus scrapes: callbacks read state the services keep anyway
-  (engine stats, the router's decision counts, the KV store's occupancy). A service
-  registers the object to read with `watch_engine` / `watch_router` / `watch_store`;
-  only weak references are kept.
+Recorded where the event happens, or read at scrape time from what `watch_engine` / `watch_router` /
+`watch_store` registered; `serve_prometheus()` (once per process) serves http://host:port/metrics.
+Series and how each is measured: docs/observability.md ("Metrics").
 """
 from __future__ import annotations
 
@@ -127,6 +117,8 @@ _STORE_LOOKUPS = _observed("counter", "pdserve_kvstore_lookup_blocks",
 # ---- KV transfers (recorded by the transfer layer, for every sender and receiver)
 PAIRS_SKIPPED = _counter("pdserve_router_pairs_skipped", "Prefill workers a request's decode worker could not be "
                          "paired with, by reason: kv_layout (model, dtype, block size) or kv_wire_version")
+ROLE_SWITCHES = _counter("pdserve_router_role_switches", "Elastic workers moved to another role, by from, to and "
+                         "reason (operator: SetWorkerRole; balancer: the live arrival mix)")
 TRANSFER_BYTES = _counter("pdserve_kv_transfer_bytes", "KV bytes sent and taken by their receiver, by transport",
                           unit="By")
 TRANSFER_SECONDS = _histogram("pdserve_kv_transfer_duration",
@@ -137,7 +129,7 @@ TRANSFER_FAILURES = _counter("pdserve_kv_transfer_failures", "KV transfers that 
 
 
 def watch_engine(engine: Any, *, worker_id: str, role: str) -> None:
-    """Export an LLMEngine's queue, batch, KV pool and prefix cache (read at scrape time)."""
+    """Export an engine's queue, batch, KV pool and prefix cache (its stats(), read at scrape time)."""
     attributes = {"worker_id": worker_id, "role": role}
     _WAITING.add(engine, lambda e: e.stats().waiting, attributes)
     _RUNNING.add(engine, lambda e: e.stats().running, attributes)

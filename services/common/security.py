@@ -1,29 +1,8 @@
-"""Who may talk to a pdserve service, and how every channel is opened.
+"""Who may talk to a pdserve service: the settings of TLS, the internal token and API keys.
 
-Three layers, each off by default (a laptop suite on localhost is open):
-
-- TLS / mutual TLS on every gRPC server and channel: `SecurityConfig.tls_*`
-  (PEM files). A service with `tls_cert` + `tls_key` serves TLS and dials its
-  peers over TLS, verifying them against `tls_ca` and presenting its own
-  certificate, so the same files give mTLS in both directions. Worker-facing
-  services (prefill, decode, kvstore) require a client certificate signed by
-  `tls_ca` whenever a CA is set; the router only if told to (its clients are
-  users with API keys).
-- An internal token (`internal_token`, metadata `pdserve-internal-token`):
-  every call to a worker-facing method must carry it, so even without TLS a
-  stranger on the network cannot read KV blocks, submit prefills or register
-  a rogue worker with the router.
-- API keys on the router's client-facing methods (`authorization: Bearer`),
-  checked by auth.py's interceptor for gRPC and by the HTTP server with
-  `ApiKeys.check`.
-
-This module holds the settings (`SecurityConfig`, `ClientAuthConfig`); the
-TLS files and `dial()` are in tls.py, the checks and their interceptor in
-auth.py (both re-exported here). `dial()` is the one function that opens a
-client channel; services call it through `SecurityConfig.dial`, the SDK and
-launcher with a `TLS` of their own.
-Refusals raise `UnauthenticatedError`, which the server's error mapping turns
-into UNAUTHENTICATED (HTTP: 401). docs/security.md has the threat model.
+`SecurityConfig` holds them for every service, `ClientAuthConfig` adds the router's API keys; tls.py's
+`dial()` and auth.py's checks and interceptor are re-exported here.
+Why: docs/security.md (the three layers, "Threat model, in brief", "Settings").
 """
 from __future__ import annotations
 

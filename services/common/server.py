@@ -1,28 +1,8 @@
-"""The grpc.aio server every pdserve service runs on.
+"""The grpc.aio server every pdserve service runs on, with health and reflection.
 
-- `create_server()` installs the one interceptor that turns the exceptions of
-  `pdserve.common.errors` into gRPC status codes (pdserve.common.grpc_errors), so
-  servicers and engine code raise plain Python exceptions and never touch the gRPC context.
-- `add_health_service()` / `Health.set_serving()` expose the standard grpc.health.v1
-  service (what Kubernetes gRPC probes and load balancers ask); `add_reflection()`
-  the server reflection service (grpcurl and other tools list and call methods
-  without the .proto files). `add_health_and_reflection()` does both. Every
-  health answer carries this process's instance id (INSTANCE_ID_KEY).
-- `bind()` listens, with TLS when given credentials (pdserve.common.security).
-- every handler runs with its request's `request_id` bound for logging
-  (pdserve.common.logs).
-- `serve_until_stopped()` waits for SIGTERM/SIGINT, reports NOT_SERVING, and
-  stops with a grace period so in-flight streams can finish.
-
-Typical service main:
-
-    server = create_server(interceptors=[config.authenticator()])  # token / API keys
-    decode_pb2_grpc.add_DecodeServicer_to_server(servicer, server)
-    health = await add_health_service(server, ["pdserve.v1.Decode"])
-    port = bind(server, config.host, config.port, config.server_credentials())  # TLS if configured
-    await server.start()
-    await health.set_serving(True)           # once the model is loaded
-    await serve_until_stopped(server, health=health, grace_s=config.grace_s)
+`create_server()` maps pdserve's exceptions to gRPC status codes, `bind()` listens (TLS when given
+credentials), `serve_until_stopped()` drains on SIGTERM.
+A service's main, step by step: docs/architecture.md ("A service's main").
 """
 from __future__ import annotations
 
@@ -40,13 +20,12 @@ from grpc_health.v1.health import OVERALL_HEALTH
 from grpc_health.v1.health import aio as health_aio
 
 from pdserve.common import grpc_tracing, tracing
-# Re-exported: services and tests import the error mapping from here too.
-from pdserve.common.grpc_errors import (ERROR_FIELD_KEY, ERROR_TYPE_KEY, STATUS_CODES, ErrorMappingInterceptor,
-                                        error_from_rpc, status_code_for)
 
-__all__ = ["DEFAULT_OPTIONS", "ERROR_FIELD_KEY", "ERROR_TYPE_KEY", "INSTANCE_ID_ENV", "INSTANCE_ID_KEY", "STATUS_CODES",
-           "ErrorMappingInterceptor", "Health", "add_health_and_reflection", "add_health_service", "add_reflection",
-           "bind", "create_server", "error_from_rpc", "serve_until_stopped", "status_code_for"]
+# Re-exported: services and tests import the error mapping from here too.
+from pdserve.common.grpc_errors import ErrorMappingInterceptor
+
+__all__ = ["DEFAULT_OPTIONS", "INSTANCE_ID_ENV", "INSTANCE_ID_KEY", "Health", "add_health_and_reflection",
+           "add_health_service", "add_reflection", "bind", "create_server", "serve_until_stopped"]
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,8 @@
 """A model's tokenizer from its files, with neither torch nor transformers.
 
-The router and the KV store do no tensor work, so they read `tokenizer.json`
-through the `tokenizers` library (the code transformers' fast tokenizers run)
-and render chat templates through `chat_template`. The methods are the subset
-of transformers' tokenizer the router uses, with its names and defaults, so
-either serves `Router` and `IncrementalDetokenizer`; tests/unit/test_tokenizer.py
-holds them to the same token ids.
+The router and the KV store read `tokenizer.json` through `tokenizers` and render chat templates through
+`chat_template`, with the names and defaults of the part of transformers' tokenizer the router uses.
+Why, and what it saved: docs/benchmarks.md ("A router without torch").
 """
 from __future__ import annotations
 

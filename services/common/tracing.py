@@ -1,18 +1,8 @@
 """OpenTelemetry tracing for every pdserve service: one trace per request.
 
-- `setup(service)` (once per process, by `pdserve serve`) builds the tracer
-  provider from the standard OTEL_* environment variables (docs/observability.md):
-  exporters from OTEL_TRACES_EXPORTER, else OTLP when an OTLP endpoint is
-  set; sampling from OTEL_TRACES_SAMPLER(_ARG), by default the caller's
-  decision, else every request (LLM requests are few and heavy: a span costs
-  microseconds, a request hundreds of milliseconds).
-- `Spans(scope, service)` starts a module's own spans (prefill chunks, KV
-  pushes...), tagged `pdserve.service`, so services stay apart even when they
-  share a process (the in-process test suite).
-- grpc_tracing.py carries the context from hop to hop in gRPC metadata.
-
-Until a provider is installed, tracing is off and spans are no-ops; setup()
-installs none with OTEL_SDK_DISABLED=true or when there is no exporter.
+`setup(service)` (once per process) builds the tracer provider from the standard OTEL_* variables; without
+one, tracing is off and spans are no-ops. `Spans(scope, service)` starts a module's own spans.
+Why these defaults: docs/observability.md ("Traces": "Spans", "Configuration").
 """
 from __future__ import annotations
 
@@ -28,13 +18,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.sdk.trace.sampling import (
-    ALWAYS_OFF,
-    ALWAYS_ON,
-    ParentBased,
-    Sampler,
-    TraceIdRatioBased,
-)
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
 from opentelemetry.trace import Status, StatusCode
 
 log = logging.getLogger(__name__)

@@ -1,11 +1,7 @@
 """Name the field that makes a serialized protobuf message undecodable.
 
-protobuf's DecodeError says only "String field had bad UTF-8"; a client needs
-the field. `bad_utf8_field` walks the wire format against the message's
-descriptor and returns the path of the first string field whose bytes are not
-UTF-8, in the names pdserve's errors use: a oneof member is prefixed with its
-oneof ("prompt.text"), a repeated element carries its index
-("prompt.chat.messages[0].content").
+protobuf's DecodeError names no field: `bad_utf8_field` walks the wire format against the descriptor and
+returns the path of the first string field that is not UTF-8 ("prompt.text", "prompt.chat.messages[0].content").
 """
 from __future__ import annotations
 

@@ -18,7 +18,8 @@ class WorkerConfig(SecurityConfig):
     host: str = option("127.0.0.1", help="address the gRPC server listens on")
     port: int = option(50061, help="gRPC port (0: any free port)")
     worker_id: str = option("", help="unique id in logs and routing (default: hostname:port)")
-    role: Literal["prefill", "decode", "colocated"] = option("decode", help="what this worker does")
+    role: Literal["prefill", "decode", "colocated", "both"] = option(
+        "decode", help="what this worker does (an elastic worker: its first role, prefill, decode or both)")
     model: str = option("", help="HF directory, .gguf file or hub id (org/name) "
                                  "(default: the bundled SmolLM2-135M-Instruct)")
     device: str = option("cpu", help="torch device")

@@ -16,9 +16,9 @@ import torch
 from pdserve.common import convert, metrics
 from pdserve.common.engine.async_engine import AsyncEngine
 from pdserve.common.engine.engine import LLMEngine
+from pdserve.common.kv.spec import WIRE_VERSION
 from pdserve.common.registration import Registration
 from pdserve.common.server import add_health_and_reflection, bind, create_server, serve_until_stopped
-from pdserve.common.kv.spec import WIRE_VERSION
 from pdserve.common.version import software_version
 from pdserve.common.worker_config import WorkerConfig
 from pdserve.v1 import common_pb2 as pb
@@ -41,27 +41,31 @@ class WorkerRuntime:
         self.server = create_server(interceptors=[config.authenticator()])
         self.port = bind(self.server, config.host, config.port, config.server_credentials())
         self.worker_id = config.resolved_worker_id(self.port)
-        spec = self.engine.engine.spec
+        spec = self.engine.spec
         self.info = pb.WorkerInfo(
             worker_id=self.worker_id, role=convert.ROLES[config.role],
             address=f"{config.advertise_host or config.host}:{self.port}",
             model=spec.model_name, kv_spec=convert.kv_spec_to_pb(spec), instance_id=uuid.uuid4().hex,
             software_version=software_version(), kv_wire_version=config.advertise_kv_wire_version or WIRE_VERSION,
         )
+        self.role = config.role  # an elastic worker's changes (set_role)
+        self.services = [SERVICES[config.role]] if config.role in SERVICES else []  # health and reflection
         self.health = None
         self.registration = Registration(config.router, self.load_response, security=config)
-        metrics.watch_engine(self.engine.engine, worker_id=self.worker_id, role=config.role)
+        metrics.watch_engine(self.engine, worker_id=self.worker_id, role=config.role)
 
     def load_response(self) -> pb.GetLoadResponse:
         eng = self.engine
-        stats = eng.engine.stats()
-        waiting_tokens = sum(s.num_tokens - s.num_computed_tokens for s in eng.engine.scheduler.waiting)
-        load = convert.load_to_pb(self.worker_id, self.config.role, stats, waiting_tokens,
+        load = convert.load_to_pb(self.worker_id, self.role, eng.stats(), eng.waiting_tokens(),
                                   eng.step_ms_ewma, eng.prefill_tps_ewma)
         return pb.GetLoadResponse(info=self.info, load=load)
 
+    def set_role(self, role: str) -> None:
+        self.role = role
+        self.info.role = convert.ROLES[role]
+
     async def start(self) -> None:
-        self.health = await add_health_and_reflection(self.server, [SERVICES[self.config.role]])
+        self.health = await add_health_and_reflection(self.server, self.services)
         if self.config.warm_up:
             self.engine.warm_up()
         await self.engine.start()
@@ -78,7 +82,7 @@ class WorkerRuntime:
         if port is not None:
             print(f"{self.worker_id} metrics on http://{self.config.host}:{port}/metrics", flush=True)
         await self.start()
-        print(f"{self.worker_id} ({self.config.role}) {self.engine.engine.describe()}, "
+        print(f"{self.worker_id} ({self.config.role}) {self.engine.describe()}, "
               f"listening on {self.config.host}:{self.port}", flush=True)
         try:
             await serve_until_stopped(self.server, grace_s=self.config.grace_s, health=self.health, stop=stop,

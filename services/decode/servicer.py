@@ -21,7 +21,8 @@ def _response(out: RequestOutput) -> dpb.DecodeResponse:
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     def __init__(self, worker: DecodeWorker, load: Callable[[], pb.GetLoadResponse]):
-        self.worker, self.load = worker, load
+        self.worker = worker
+        self.load = load
 
     async def Reserve(self, request: dpb.ReserveRequest, context) -> dpb.ReserveResponse:
         prompt = convert.token_ids(request.prompt_token_ids, "prompt_token_ids")
@@ -57,7 +58,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     async def GetStats(self, request: dpb.GetDecodeStatsRequest, context) -> dpb.GetDecodeStatsResponse:
         c = self.worker.counters
-        stats = self.worker.engine.engine.stats()
+        stats = self.worker.engine.stats()
         return dpb.GetDecodeStatsResponse(
             requests_completed=c.requests_completed, requests_aborted=c.requests_aborted,
             tokens_generated=c.tokens_generated, transfers_completed=c.transfers_completed,

@@ -1,12 +1,4 @@
 """The decode worker: reservations (leases), KV arrival, continuous-batch decoding.
-
-Flow for one disaggregated request:
-  reserve()  blocks for the prompt (minus what this worker's prefix cache
-             already holds) and a ticket for the prefill worker; a lease.
-  decode()   waits for the KV to land and verify, then joins the request to
-             the running batch and streams tokens 2..N.
-Any failure, cancellation or expiry frees the blocks: a lease that is not
-claimed by decode() in time is swept. generate() is the colocated path.
 """
 from __future__ import annotations
 
@@ -18,15 +10,11 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 
 from pdserve.common import tracing
+from pdserve.common.admission import Admission
 from pdserve.common.engine.async_engine import AsyncEngine
 from pdserve.common.engine.outputs import RequestOutput
 from pdserve.common.engine.sampling_params import SamplingParams
-from pdserve.common.errors import (
-    CapacityExhaustedError,
-    NotFoundError,
-    TransferFailedError,
-    TransferTimeoutError,
-)
+from pdserve.common.errors import NotFoundError, TransferFailedError, TransferTimeoutError
 from pdserve.common.kv.hashing import block_hashes
 from pdserve.common.kv.prefix_reuse import admit_from_store, offer_to_store
 from pdserve.common.kv.store_client import StoreClient
@@ -59,10 +47,16 @@ class DecodeCounters:
 
 
 class DecodeWorker:
+    """One disaggregated request: `reserve()` takes blocks for the prompt (less what the
+    prefix cache holds) and a ticket for the prefill worker, under a lease; `decode()` waits
+    for the KV to land and verify, joins the running batch and streams tokens 2..N. Any
+    failure, cancel or expiry frees the blocks. `generate()` is the colocated path."""
+
     def __init__(self, engine: AsyncEngine, receiver: KVReceiver, *, lease_s: float = 30.0,
                  transfer_timeout_s: float = 30.0, max_queue: int = 256, store: StoreClient | None = None,
-                 worker_id: str = ""):
+                 worker_id: str = "", gate: Callable[[], None] = lambda: None):
         self.engine = engine
+        self.active = 0  # reserve, decode and generate calls in progress
         self.worker_id = worker_id  # on its trace spans
         self.receiver = receiver
         # Loads cached prefixes (the prefill worker then sends less; a local prefill
@@ -70,7 +64,8 @@ class DecodeWorker:
         self.store = store
         self.lease_s = lease_s
         self.transfer_timeout_s = transfer_timeout_s
-        self.max_queue = max_queue
+        # gate: raises while this worker takes no new decode work (an elastic worker in another role)
+        self.admission = Admission(engine, max_queue, "decode", gate)
         self.counters = DecodeCounters()
         self._leases: Leases[Reservation] = Leases(self.release, "decode reservation")
         # Ids a Release came for before their reservation existed (it may overtake its
@@ -80,30 +75,31 @@ class DecodeWorker:
 
     @property
     def spec(self):
-        return self.engine.engine.spec
+        return self.engine.spec
 
     async def start(self) -> None:
         self._leases.start()
 
-    async def stop(self) -> None:
+    async def aclose(self) -> None:
         self._leases.stop()
         for rid in self._leases:
             await self.release(rid)
         if self._offering:  # blocks still going to the store: let them land, then free them
             await asyncio.gather(*self._offering, return_exceptions=True)
 
-    def _admission(self) -> None:
-        """Run under the engine's lock (AsyncEngine.add / call), atomically with
-        the queueing it guards: checked before an await, a burst would all pass."""
-        stats = self.engine.engine.stats()
-        if stats.waiting + stats.reserved >= self.max_queue:
-            raise CapacityExhaustedError(f"decode queue full ({self.max_queue} requests waiting)")
-
-    def _reserve_if_room(self, request_id: str, prompt: list[int]):
-        self._admission()
-        return self.engine.engine.reserve(request_id, prompt)
+    def idle(self) -> bool:
+        """No call in progress and no reservation waiting for its Decode call."""
+        return not self.active and not len(self._leases)
 
     async def reserve(self, request_id: str, prompt: list[int], fingerprint: bytes, lease_ms: int = 0) -> Reservation:
+        self.active += 1
+        try:
+            return await self._traced_reserve(request_id, prompt, fingerprint, lease_ms)
+        finally:
+            self.active -= 1
+
+    async def _traced_reserve(self, request_id: str, prompt: list[int], fingerprint: bytes,
+                              lease_ms: int) -> Reservation:
         with _spans.span("decode.reserve", request_id=request_id, worker_id=self.worker_id,
                          prompt_tokens=len(prompt)) as span:
             r = await self._reserve(request_id, prompt, fingerprint, lease_ms)
@@ -112,14 +108,14 @@ class DecodeWorker:
 
     async def _reserve(self, request_id: str, prompt: list[int], fingerprint: bytes, lease_ms: int) -> Reservation:
         self.spec.require_peer(fingerprint, "kv_fingerprint", "sender")
-        seq = await self.engine.call(self._reserve_if_room, request_id, prompt)
-        bs, pool = self.spec.block_size, self.engine.engine.pool
+        seq = await self.engine.call(self.admission.reserve, request_id, prompt)
+        bs, pool = self.spec.block_size, self.engine.pool
         try:
             first = await self._load_from_store(prompt, seq.block_table, seq.num_cached_tokens // bs)
             dest = seq.block_table[first:]
             ticket = self.receiver.expect(request_id, [pool.block(b) for b in dest])
         except BaseException:
-            await asyncio.shield(self.engine.call(self.engine.engine.release, request_id))
+            await asyncio.shield(self.engine.release(request_id))
             raise
         ttl = min(lease_ms / 1000, MAX_LEASE_S) if lease_ms else self.lease_s
         r = Reservation(ticket, dest, first, first * bs, time.time() + ttl)
@@ -133,7 +129,7 @@ class DecodeWorker:
         """Leading blocks now here: the local prefix cache's, then the store's."""
         if self.store is None:
             return have
-        bs, pool = self.spec.block_size, self.engine.engine.pool
+        bs, pool = self.spec.block_size, self.engine.pool
         hashes = block_hashes(self.spec.fingerprint, prompt[: (len(prompt) - 1) // bs * bs], bs)
         return await self.store.load_prefix(hashes, [pool.block(b) for b in table[: len(hashes)]], have)
 
@@ -141,6 +137,15 @@ class DecodeWorker:
                      on_kv: Callable[[float], None] = lambda ms: None) -> AsyncIterator[RequestOutput]:
         """Tokens 2..N of a reserved request, once its KV has arrived intact;
         on_kv gets how long decode waited for the KV (the transfer's unoverlapped tail)."""
+        self.active += 1
+        try:
+            async for out in self._decode(request_id, first_token, params, on_kv):
+                yield out
+        finally:
+            self.active -= 1
+
+    async def _decode(self, request_id: str, first_token: int, params: SamplingParams,
+                      on_kv: Callable[[float], None]) -> AsyncIterator[RequestOutput]:
         r = self._leases.claim(request_id)  # the transfer timeout bounds it from here
         if r is None:
             raise NotFoundError(f"no reservation {request_id!r} (expired or released)")
@@ -167,12 +172,21 @@ class DecodeWorker:
         """Colocated (or routed to prefill here): prefill and decode here, from whatever
         prefix the KV store holds; with a writable store, the computed context (prompt
         and reply) is offered back when the request ends, for the conversation's next turn."""
+        self.active += 1
+        try:
+            async for out in self._generate(request_id, prompt, params):
+                yield out
+        finally:
+            self.active -= 1
+
+    async def _generate(self, request_id: str, prompt: list[int],
+                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
         from_store = 0
         if self.store is None:
-            await self.engine.add(prompt, params, request_id, admission=self._admission)
+            await self.engine.add(prompt, params, request_id, admission=self.admission.check)
         else:
             from_store = await admit_from_store(self.engine, self.store, request_id, prompt, params,
-                                                self._reserve_if_room, hold_blocks=True)
+                                                self.admission.reserve, hold_blocks=True)
         generated: list[int] = []
         outputs = self._counted(request_id, "generate", self.engine.stream(request_id))
         try:
@@ -196,7 +210,7 @@ class DecodeWorker:
         except Exception as e:  # the store is a cache: a failed offer costs a later recompute, no more
             log.warning("request %s: offering its KV to the store failed: %s", request_id, e)
         finally:
-            await self.engine.call(self.engine.engine.release, request_id)
+            await self.engine.release(request_id)
 
     async def _counted(self, request_id: str, phase: str,
                        outputs: AsyncGenerator[RequestOutput, None]) -> AsyncIterator[RequestOutput]:
@@ -236,7 +250,7 @@ class DecodeWorker:
         if not safe:  # data might still land: never hand these blocks to anyone
             log.error("transfer %s could not be fenced; quarantining %d blocks", request_id, len(r.dest_block_ids))
             return True
-        return await self.engine.call(self.engine.engine.release, request_id)
+        return await self.engine.release(request_id)
 
     def _remember_early_release(self, request_id: str) -> None:
         """Kept as long as any lease may last (attempt ids are never reused)."""

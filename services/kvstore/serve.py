@@ -53,6 +53,4 @@ async def serve(config: KVStoreConfig) -> None:
     try:
         await serve_until_stopped(server, grace_s=config.grace_s, health=health)
     finally:
-        await service.stop()
-        await service.receiver.close()
-        await service.sender.close()
+        await service.aclose()

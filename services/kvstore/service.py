@@ -1,10 +1,6 @@
-"""The KV store's operations over the data plane: leases, transfers, fingerprints.
-
-Writes: the store reserves slots, issues a ticket, the writer pushes, and
-CommitWrite publishes the blocks once the transfer is verified. Reads: the
-store pins the blocks and pushes them into the reader's ticket, unpinning
-when the push ends. Every write reservation and read pin is a lease that
-expires on its own if the peer vanishes.
+"""The KV store's operations over the data plane: a write reserves slots, the writer pushes
+and CommitWrite publishes them once verified; a read pins blocks and pushes them to the
+reader. Every reservation and pin is a lease that expires if the peer vanishes.
 """
 from __future__ import annotations
 
@@ -24,21 +20,27 @@ log = logging.getLogger(__name__)
 class KVStoreService:
     def __init__(self, store: BlockStore, receiver: KVReceiver, sender: KVSender, *,
                  lease_s: float = 30.0, transfer_timeout_s: float = 30.0):
-        self.store, self.receiver, self.sender = store, receiver, sender
-        self.lease_s, self.transfer_timeout_s = lease_s, transfer_timeout_s
+        self.store = store
+        self.receiver = receiver
+        self.sender = sender
+        self.lease_s = lease_s
+        self.transfer_timeout_s = transfer_timeout_s
         self._writes: Leases[list[bytes]] = Leases(self.release, "kvstore write")  # the slots' hashes
         self._reads: dict[str, asyncio.Task] = {}  # pinned until the push ends
 
     async def start(self) -> None:
         self._writes.start()
 
-    async def stop(self) -> None:
+    async def aclose(self) -> None:
+        """Leases and reads in flight, then the data plane it was given (its own)."""
         self._writes.stop()
         for tid in self._writes:
             await self.release(tid)
         for task in list(self._reads.values()):
             task.cancel()
         await asyncio.gather(*self._reads.values(), return_exceptions=True)
+        await self.receiver.close()
+        await self.sender.close()
 
     def lookup(self, fingerprint: bytes, hashes: list[bytes]) -> int:
         n = self.store.lookup(fingerprint, hashes)

@@ -1,11 +1,7 @@
 """The KV block store: prefix-keyed blocks in preallocated CPU memory, LRU.
 
-Blocks are keyed by their chained hash (already salted with the model
-fingerprint) and also remember the fingerprint they were written under, so a
-block of one model or layout is never served to another even if a hash
-collided. An entry is WRITING until its transfer is verified, then READY and
-visible to lookups. Readers pin READY entries while a push reads them;
-eviction takes the least recently used READY, unpinned entry.
+An entry is WRITING until its transfer verifies, then READY; a push pins the READY entries it reads, and
+eviction takes the least recently used READY, unpinned one. Why: docs/architecture.md ("The KV store").
 """
 from __future__ import annotations
 

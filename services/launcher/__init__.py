@@ -1,17 +1,8 @@
 """`pdserve up`: the whole suite on this machine, one OS process per service.
 
-First every port the suite will listen on is tried: one that another process
-holds is refused before anything starts. Stages: prepare the model once
-(workers would race to convert it), then the workers, then the router, each
-stage once the previous one reports SERVING on grpc.health.v1 with the
-instance id the launcher gave it (an answer from another process on the same
-port never counts). Output is relayed as `[name] line`. A service that exits
-on its own is started again with backoff, and given up after a crash loop
-(`supervisor`); SIGHUP (`pdserve restart --rolling`) drains and restarts the
-workers one at a time. Ctrl-C / SIGTERM stop the stages in reverse (the router
-first: no new request reaches a worker that is going away): SIGTERM, a grace
-period, SIGKILL. In tests and benchmarks, with no restarts:
-`with Suite(mode="colocated", decode=2) as suite: Client(suite.router_target)`.
+`Suite` checks every port, prepares the model, then starts workers and router, each stage once the previous
+one reports SERVING; `pdserve up` also restarts what crashes. Guide: docs/client.md, docs/reliability.md.
+In tests (no restarts): `with Suite(mode="colocated", decode=2) as suite: Client(suite.router_target)`.
 """
 
 from pdserve.common.ports import Listen

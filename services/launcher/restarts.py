@@ -49,11 +49,13 @@ class ServiceState:
             self.phase = Phase.GIVEN_UP
             return None
         delay = min(policy.max_backoff_s, policy.backoff_s * 2 ** (len(self.exits) - 1))
-        self.phase, self.restart_at = Phase.BACKOFF, now + delay
+        self.phase = Phase.BACKOFF
+        self.restart_at = now + delay
         return delay
 
     def spawned(self, restart: bool) -> None:
-        self.phase, self.started_at = Phase.STARTING, time.time()
+        self.phase = Phase.STARTING
+        self.started_at = time.time()
         self.restarts += restart
 
 

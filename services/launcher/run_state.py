@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-
 from pdserve.common.version import software_version
 
 if TYPE_CHECKING:

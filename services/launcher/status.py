@@ -15,7 +15,7 @@ from pdserve.launcher import run_state
 from pdserve.v1 import router_pb2
 from pdserve.v1.router_pb2_grpc import RouterStub
 
-_ROLES = {0: "", 1: "prefill", 2: "decode", 3: "colocated"}
+_ROLES = {0: "", 1: "prefill", 2: "decode", 3: "colocated", 4: "both"}
 _COLUMNS = ("name", "role", "address", "health", "running", "waiting", "kv_used", "restarts", "uptime_s", "version")
 
 
@@ -31,6 +31,13 @@ def add_commands(sub) -> None:
     restart.add_argument("--wait", type=float, default=0.0, metavar="S",
                          help="wait up to S seconds for every worker to be back (0: return at once)")
     restart.set_defaults(func=run_restart)
+    role = sub.add_parser("role", help="move an elastic worker to another role (it drains the role it leaves)")
+    role.add_argument("worker", help="the worker's id, as `pdserve status` lists it")
+    role.add_argument("role", choices=("prefill", "decode", "both"))
+    role.add_argument("--target", default="localhost:50051", help="the router's gRPC address")
+    role.add_argument("--drain-timeout", type=float, default=120.0, metavar="S",
+                      help="seconds the worker may take to finish the work of the role it leaves")
+    role.set_defaults(func=run_role)
 
 
 def _port(target: str) -> int:
@@ -56,7 +63,8 @@ def rows(launched: dict | None, workers: list | None) -> list[dict]:
     for w in workers or []:
         row = out.setdefault(w.info.worker_id, {"name": w.info.worker_id, "address": w.info.address})
         total = w.load.total_blocks
-        row.update(role=_ROLES.get(w.info.role, row.get("role", "")), running=w.load.running_seqs,
+        role = _ROLES.get(w.info.role, row.get("role", "")) + " (elastic)" * w.info.elastic
+        row.update(role=role, running=w.load.running_seqs,
                    waiting=w.load.waiting_seqs, kv_used=round(1 - w.load.free_blocks / total, 3) if total else None)
         if row.get("health") in (None, "serving"):  # the launcher's phase says more while it is not serving
             row["health"] = "serving" if w.healthy else "unhealthy"
@@ -111,4 +119,19 @@ def run_restart(args: argparse.Namespace) -> int:
             print(f"pdserve restart: not every worker was back after {args.wait:g}s", file=sys.stderr)
             return 1
         time.sleep(0.5)
+    return 0
+
+
+def run_role(args: argparse.Namespace) -> int:
+    """Ask the router to move the worker; it answers once the worker has drained the role it left."""
+    request = router_pb2.SetWorkerRoleRequest(worker_id=args.worker, role=f"WORKER_ROLE_{args.role.upper()}",
+                                              drain_timeout_ms=int(args.drain_timeout * 1000))
+    with security.from_environment(os.environ).dial(args.target, sync=True) as channel:
+        try:
+            r = RouterStub(channel).SetWorkerRole(request, timeout=args.drain_timeout + 15)
+        except grpc.RpcError as e:
+            print(f"pdserve role: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    print(f"{args.worker}: {_ROLES[r.previous_role]} -> {_ROLES[r.role]}, "
+          f"{'drained' if r.drained else 'NOT drained (its work of the old role runs on)'} in {r.drain_ms / 1e3:.1f} s")
     return 0

@@ -42,7 +42,8 @@ class Suite:
         self.services = services if services is not None else plan(mode, prefill, decode, grace_s=grace_s,
                                                                      **plan_kwargs)
         self.log_dir = Path(log_dir) if log_dir else None
-        self.ready_timeout, self.grace_s = ready_timeout, grace_s
+        self.ready_timeout = ready_timeout
+        self.grace_s = grace_s
         self.out = out or sys.stdout
         color = self.out.isatty() and "NO_COLOR" not in os.environ
         self._prefix = {s.name: (f"\x1b[{_COLORS[i % len(_COLORS)]}m[{s.name}]\x1b[0m " if color else f"[{s.name}] ")

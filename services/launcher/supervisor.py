@@ -54,7 +54,8 @@ class Supervisor:
     """Keeps `suite`'s services running under `policy` (None: any exit is fatal)."""
 
     def __init__(self, suite: Processes, policy: RestartPolicy | None = None) -> None:
-        self.suite, self.policy = suite, policy
+        self.suite = suite
+        self.policy = policy
         self.states: dict[str, ServiceState] = {}
         self._channels: dict[str, grpc.Channel] = {}  # open while a service is STARTING
         self._impostors: set[str] = set()  # addresses that answered for a process we did not start

@@ -47,7 +47,8 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
          http_port: int | None = None,
          metrics_port: int = -1, threads: int | None = None, python: str = sys.executable,
          hosts: Mapping[str, str] | None = None, device: str | None = None,
-         dtype: str | None = None, grace_s: float = 15.0, chunk: int | None = None) -> list[Service]:
+         dtype: str | None = None, grace_s: float = 15.0, chunk: int | None = None, elastic: bool = False,
+         balance: tuple[str, ...] = ()) -> list[Service]:
     """The services of a suite, with their command lines; validates the shape.
 
     hosts: a service's own --host by name (e.g. "prefill-0": one address per
@@ -82,6 +83,8 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
         raise ValueError("at least one decode worker is needed (--decode)")
     if mode == "disaggregated" and prefill < 1:
         raise ValueError("disaggregated mode needs a prefill worker (--prefill), or use --mode colocated")
+    if elastic and mode != "disaggregated":
+        raise ValueError("elastic workers move between prefill and decode: they need --mode disaggregated")
     kvstore = kvstore and prefill > 0  # the store serves the disaggregated workers
     store_port = base_port + prefill + decode
     if base_port <= port < store_port + kvstore:
@@ -109,9 +112,10 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
     for role, count in (("prefill", prefill), ("decode", decode)):
         for i in range(count):
             p, name, dev = next(ports), f"{role}-{i}", next(devices)
-            extra = ("--role", "colocated") if mode == "colocated" else store
+            extra = ("--role", "colocated") if mode == "colocated" else ("--role", role) * elastic + store
             extra += ("--device", dev) if dev else ()
-            services.append(Service(name, (*serve, role, "--host", at(name), "--port", str(p), "--worker-id", name,
+            command = "elastic" if elastic else role
+            services.append(Service(name, (*serve, command, "--host", at(name), "--port", str(p), "--worker-id", name,
                                            *common, *per_worker, *extra), f"{_dial(at(name))}:{p}", 1,
                                     listens=(Listen(at(name), p, "--base-port"),), role=role))
             targets[role].append(f"{_dial(at(name))}:{p}")
@@ -121,6 +125,7 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
                                     listens=(Listen(at("kvstore"), store_port, "--base-port"),), role="kvstore"))
     # List flags take one value per target (the config parser's nargs="*").
     pre = ("--prefill-targets", *targets["prefill"]) if prefill else ()
+    pre += (*balance, "--balance-threads", str(threads)) if balance else ()  # the role balancer's flags
     router = at("router")
     router_grace = max(0.0, grace_s - LAST_WORDS_S)
     http = (Listen(router, http_port, "--http-port"),) if http_port > 0 else ()  # 0: any free port; -1: none

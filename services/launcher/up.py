@@ -11,11 +11,11 @@ from pathlib import Path
 from pdserve.common import memory
 from pdserve.common.engine import precision
 from pdserve.launcher import run_state
-from pdserve.launcher.auto import WORKLOADS, choose, resolve_mode
+from pdserve.launcher.auto import WORKLOADS, choose, profile_file, resolve_mode
 from pdserve.launcher.restarts import RestartPolicy
 from pdserve.launcher.suite import Suite, SuiteError
 from pdserve.launcher.topology import DEFAULT_BASE_PORT, DEFAULT_HTTP_PORT, DEFAULT_PORT, MODES, http_port_from, plan
-from pdserve.planner.commands import add_objective_args
+from pdserve.planner.commands import add_objective_args, objectives
 from pdserve.settings import check_commands
 
 
@@ -68,6 +68,10 @@ def add_up_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill", type=int, default=None, metavar="N",
                         help="prefill workers (disaggregated mode; default 1)")
     parser.add_argument("--decode", type=int, default=None, metavar="M", help="decode (or colocated) workers (default 1)")
+    parser.add_argument("--elastic", action="store_true",
+                        help="disaggregated workers the router moves between prefill and decode to fit the live "
+                             "arrival mix, simulating each split with this machine's profile against --slo-ttft-ms "
+                             "and --slo-tpot-ms (docs/planning.md)")
     parser.add_argument("--plan-workload", choices=WORKLOADS, default="mixed",
                         help="--mode auto: the workload to plan for (bench load's presets)")
     add_objective_args(parser)
@@ -109,13 +113,14 @@ def add_up_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _services(args: argparse.Namespace, mode: str, prefill: int, decode: int, threads: int | None,
-              chunk: int | None) -> list:
+              chunk: int | None, balance: tuple[str, ...] = ()) -> list:
     services = plan(mode, prefill, decode, model=args.model, host=args.host, port=args.port,
                     base_port=args.base_port, kv_cache_gib=args.kv_cache_gib, kvstore=args.kvstore,
                     log_level=getattr(args, "log_level", None),  # `pdserve --log-level L up`
                     http_port=http_port_from(os.environ) if args.http_port is None else args.http_port,
                     metrics_port=args.metrics_port, threads=threads, device=args.device,
-                    dtype=args.dtype, grace_s=args.grace, chunk=chunk)
+                    dtype=args.dtype, grace_s=args.grace, chunk=chunk, elastic=args.elastic,
+                    balance=balance)
     # Each child's settings (flags, PDSERVE_* variables, file) resolved here as it will resolve them:
     # a bad one is this one line, not a failure in every child.
     check_commands({s.name: s.argv[3:] for s in services if s.argv[1:3] == ("-m", "pdserve")})
@@ -129,7 +134,13 @@ def run_up(args: argparse.Namespace) -> int:
     try:
         # Settings and ports first, on the default pair, so that a bad one is refused at once, not after a plan.
         services = _services(args, "disaggregated" if mode == "auto" else mode, prefill, decode, threads, None)
-        if mode == "auto":
+        if args.elastic:  # the router's balancer simulates each split with this machine's profile
+            profile = profile_file(args, say=lambda m: print(f"pdserve up: {m}", flush=True))
+            goal = objectives(args)
+            balance = ("--balance-profile", profile, "--slo-ttft-ms", f"{goal.ttft_ms:g}",
+                       "--slo-tpot-ms", f"{goal.tpot_ms:g}")
+            services = _services(args, mode, prefill, decode, threads, None, balance=balance)
+        elif mode == "auto":
             chosen = choose(args, say=lambda m: print(f"pdserve up: {m}", flush=True))
             services = _services(args, chosen.mode, chosen.prefill, chosen.decode,
                                  chosen.threads if threads is None else threads, chosen.chunk)

@@ -9,10 +9,8 @@ from pathlib import Path
 
 from pdserve.bench import workload
 from pdserve.bench.mooncake import TraceError
-from pdserve.planner.planner import CHUNKS, NoTopologyError, Objectives, Score, plan, reason
-from pdserve.planner.profile import Profile, ProfileMismatchError
-
-SIM_REQUESTS = 150  # per simulated rate: enough for a stable 90th percentile, fast enough for a sweep
+from pdserve.planner.planner import CHUNKS, NoTopologyError, Objectives, Score, plan, reason, sim_requests
+from pdserve.planner.profile import Profile, ProfileMismatchError, model_key
 
 
 def add_objective_args(p: argparse.ArgumentParser) -> None:
@@ -69,7 +67,8 @@ def add_plan_command(sub) -> None:
                        description="Capacity: the highest Poisson rate at which --attainment of the requests meet "
                                    "both objectives, simulated from a measured profile (`pdserve profile`).")
     p.add_argument("--profile", default=None, help="a profile JSON (default: the cached one for --model)")
-    p.add_argument("--model", default=None, help="with no --profile: whose cached profile (default: bundled SmolLM2)")
+    p.add_argument("--model", default=None, help="whose cached profile (default: bundled SmolLM2); with --profile, "
+                                                 "the model it must have been measured for")
     p.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)), help="cores to share among workers")
     p.add_argument("--devices", type=int, default=0, help="accelerators, one per worker (0: CPU workers)")
     p.add_argument("--chunks", type=int, nargs="+", default=list(CHUNKS), help="prefill chunk sizes to try")
@@ -82,8 +81,17 @@ def add_plan_command(sub) -> None:
 
 
 def load_profile(args: argparse.Namespace) -> Profile:
+    """--profile (of --model, when given: it may be another machine's, to plan for it), else the cached one."""
     if args.profile:
-        return Profile.load(args.profile)
+        profile = Profile.load(args.profile)
+        if args.model:
+            from pdserve.common import model_loader
+
+            theirs = model_key(model_loader.resolve(args.model))
+            if profile.model != theirs:
+                raise ProfileMismatchError(f"{args.profile} was measured for model {profile.model!r}, "
+                                           f"not {theirs!r}; measure one with `pdserve profile`")
+        return profile
     from pdserve.planner import measure  # torch: only when a profile has to be found or measured
 
     return measure.load_or_measure(args.model, quick=True)
@@ -104,7 +112,7 @@ def run_plan(args: argparse.Namespace) -> int:
         goal = objectives(args)
         profile = load_profile(args)
         workload.from_args(args, n=1)  # a bad trace fails here, naming its line
-        scores = plan(profile, lambda rate: workload.from_args(args, rate=rate, n=SIM_REQUESTS), goal,
+        scores = plan(profile, lambda rate: workload.from_args(args, rate=rate, n=sim_requests(rate)), goal,
                       cores=args.cores, devices=args.devices, chunks=tuple(args.chunks))
     except (ValueError, TraceError, ProfileMismatchError, NoTopologyError, OSError) as e:
         print(f"pdserve plan: {e}", file=sys.stderr)

@@ -1,11 +1,6 @@
-"""`pdserve profile`: time real engine steps of known shapes, fit the step model, cache the profile.
-
-Each timed step's shape is read from the batch the scheduler formed for it, so
-the features are exact whatever the chunk budget packs together. Transfers and
-the router hop are not run here: a block's move costs its bytes at the memcpy
-bandwidth measured now, divided by the share of it the KV seam reached in
-benchmarks/kv_transfer.py, and the hop is the control-plane benchmark's figure
-(docs/benchmarks.md); `Profile.notes` says so.
+"""`pdserve profile`: time real engine steps of known shapes (read from the scheduler's
+batch), fit the step model, cache the profile. KV moves and the router hop are not run
+here (docs/planning.md, "Profiles").
 """
 from __future__ import annotations
 
@@ -26,7 +21,7 @@ from pdserve.common.engine.config import EngineConfig
 from pdserve.common.engine.engine import LLMEngine
 from pdserve.common.engine.sampling_params import SamplingParams
 from pdserve.common.engine.scheduler import ScheduledBatch
-from pdserve.planner.profile import Profile, StepShape, fit
+from pdserve.planner.profile import Profile, StepShape, fit, model_key
 
 SEAM_SHARE_OF_MEMCPY = 0.26  # benchmarks/results/kv_transfer.txt: the seam's 3.3 of memcpy's 12.6 GB/s
 TRANSFER_BASE_MS = 2.0       # Reserve + ticket + completion: two control-plane calls
@@ -40,10 +35,6 @@ def hardware_key(device: str = "cpu") -> str:
         return f"cuda: {torch.cuda.get_device_name(torch.device(device))}"
     flag = precision.cpu_bf16_flag()
     return f"cpu: {_cpu_name()} ({flag or 'no bf16 matmul'}), {len(os.sched_getaffinity(0))} cores"
-
-
-def model_key(ref: model_loader.ModelRef) -> str:
-    return f"{ref.name}@{ref.weights_digest[:16] or 'undigested'}"
 
 
 def cache_path(model: str, dtype: str, hardware: str) -> Path:
@@ -65,7 +56,9 @@ class _Stepper:
     """Times single engine steps and records the shape of each, by wrapping this engine's scheduler."""
 
     def __init__(self, engine: LLMEngine):
-        self.engine, self.shape, self.salt = engine, StepShape(), itertools.count(10**6)
+        self.engine = engine
+        self.shape = StepShape()
+        self.salt = itertools.count(10**6)
         schedule = engine.scheduler.schedule
 
         def recorded() -> ScheduledBatch:

@@ -15,6 +15,15 @@ from pdserve.planner.profile import Profile
 from pdserve.planner.simulator import Outcome, Topology, simulate
 
 CHUNKS = (256, 512, 1024)
+LEAST_REQUESTS = 150  # per simulated rate: a stable 90th percentile
+STEADY_S = 90.0  # and at least this long of arrivals: queues and batches reach what the rate sustains
+WARMUP_SHARE = 0.1  # the first arrivals, into an empty suite, are not scored
+
+
+def sim_requests(rate: float) -> int:
+    """How many requests to simulate at `rate`: enough to score, and to reach a steady state
+    (too few at a high rate end before the queues grow, and overstate what it sustains)."""
+    return max(LEAST_REQUESTS, math.ceil(rate * STEADY_S))
 
 
 class NoTopologyError(ValueError):
@@ -55,7 +64,9 @@ def candidates(cores: int, devices: int = 0, chunks: tuple[int, ...] = CHUNKS) -
     return out
 
 
-def summary(outcomes: list[Outcome], objectives: Objectives) -> dict:
+def summary(outcomes: list[Outcome], objectives: Objectives, warmup_share: float = 0.0) -> dict:
+    """Figures over the outcomes, less the first `warmup_share` of arrivals (into an empty suite)."""
+    outcomes = sorted(outcomes, key=lambda o: o.arrival_s)[int(warmup_share * len(outcomes)):]
     ttft = sorted(o.ttft_ms for o in outcomes)
     tpot = sorted(o.tpot_ms for o in outcomes if o.tpot_ms is not None)
     span = max(o.last_s for o in outcomes) - min(o.arrival_s for o in outcomes)
@@ -71,7 +82,7 @@ def capacity(topology: Topology, profile: Profile, workload: Callable[[float], l
              objectives: Objectives, low: float = 0.02, high: float = 64.0) -> Score:
     """Bisect, on a log scale, for the highest rate whose attainment reaches the objective."""
     def run(rate: float) -> dict:
-        return summary(simulate(topology, profile, workload(rate)), objectives)
+        return summary(simulate(topology, profile, workload(rate)), objectives, WARMUP_SHARE)
     if run(low)["attainment"] < objectives.attainment:
         return Score(topology, 0.0, run(low))
     good, bad = low, high

@@ -1,14 +1,6 @@
-"""A measured profile: how long an engine step takes on this hardware, and what a hop and a KV move cost.
-
-A step's time is linear in five features of its batch (`StepShape`), fitted
-from measured steps (`fit`): a fixed cost, a cost per decoding sequence and
-per context token it attends to, and a cost per prompt token and per
-(query, key) pair of the prefill chunks' attention. Decode and prefill tokens
-get their own costs: a batch of decodes is bound by reading the weights once,
-a chunk by its matmuls (measured here: a decode token costs a tenth of a
-prompt token or less). Profiles are keyed by the
-model's KV fingerprint, the dtype and the hardware, and refuse to be used for
-another (`Profile.require`).
+"""A measured profile: an engine step's time as a linear model of five features of its
+batch (`StepShape`, `fit`), plus a KV move and the router hop; keyed by model, dtype and
+hardware, and refused for another (`Profile.require`). Why: docs/planning.md ("Profiles").
 """
 from __future__ import annotations
 
@@ -73,9 +65,14 @@ def fit(samples: list[tuple[StepShape, float]]) -> StepModel:
         keep.remove(min(negative, key=lambda i: coef[i]))
 
 
+def model_key(ref) -> str:
+    """A model's name and weights digest, as profiles are keyed (`ref`: a model_loader.ModelRef)."""
+    return f"{ref.name}@{ref.weights_digest[:16] or 'undigested'}"
+
+
 @dataclass(frozen=True)
 class Profile:
-    model: str      # the KV fingerprint, hex: the model, its weights and KV layout
+    model: str      # model_key(): the model's name and weights digest
     dtype: str
     hardware: str   # e.g. "cpu: AMD EPYC (avx512_bf16)" or "cuda: NVIDIA H200"
     block_size: int

@@ -1,14 +1,6 @@
-"""A discrete-event simulation of a suite: the router's choices and each worker's engine steps.
-
-Each worker runs the engine's scheduler (`engine/scheduler.py`) step by step:
-every decoding sequence gets a token, partial prompts continue, and waiting ones
-are admitted under the chunk budget and the sequence limit. A step takes what
-the profile's step model says for its shape. In a disaggregated suite a
-prefill worker's finished prompt (its first token sampled) moves to a decode
-worker after a KV transfer. The router picks the cheapest worker by the
-policy's own formulas (`router/policy.py`), from exact loads where the real
-router sees polled ones. Not modelled: the prefix cache, KV capacity
-(preemption), and the router's CPU beyond a fixed hop.
+"""A discrete-event simulation of a suite: the router's choices (by `router/policy.py`'s
+formulas) and each worker's scheduler steps, timed by a profile. What it models and
+what not: docs/planning.md ("The simulator").
 """
 from __future__ import annotations
 
@@ -59,7 +51,10 @@ class _Worker:
     """One engine: its waiting and running sequences, and a step in progress."""
 
     def __init__(self, name: str, role: str, model: StepModel, topology: Topology):
-        self.name, self.role, self.model, self.topology = name, role, model, topology
+        self.name = name
+        self.role = role
+        self.model = model
+        self.topology = topology
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []
         self.busy = False

@@ -14,13 +14,14 @@ from pdserve.v1 import prefill_pb2_grpc
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     def __init__(self, worker: PrefillWorker, load: Callable[[], pb.GetLoadResponse]):
-        self.worker, self.load = worker, load
+        self.worker = worker
+        self.load = load
 
     def _target(self, request: ppb.PrefillRequest) -> PushTarget | None:
         if not request.HasField("ticket"):
             return None
         t = request.ticket
-        spec = self.worker.engine.engine.spec
+        spec = self.worker.engine.spec
         spec.require_peer(t.kv_fingerprint, "ticket.kv_fingerprint", "decode worker")
         if t.block_bytes != spec.block_bytes or t.num_blocks != len(t.dest_block_ids):
             raise InvalidRequestError("ticket", "block size or block count does not match this worker's KV layout")

@@ -1,10 +1,6 @@
-"""The prefill worker: computes prompts in chunks and pushes KV as it goes.
-
-After every engine step the request's newly completed blocks are sent to
-the decode worker's ticket while the next chunk computes (the scheduler side
-decides which blocks and when; the transfer layer moves the bytes). The
-first token is returned as soon as it is sampled; the request's blocks stay
-held until every send has finished, then they are freed.
+"""The prefill worker: computes prompts in chunks, pushing each step's finished KV blocks
+to the decode worker's ticket while the next chunk computes; the first token returns once
+sampled, and the blocks are freed when every send has finished.
 """
 from __future__ import annotations
 
@@ -12,13 +8,15 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pdserve.common import tracing
+from pdserve.common.admission import Admission
 from pdserve.common.engine.async_engine import AsyncEngine
 from pdserve.common.engine.sampling_params import SamplingParams
 from pdserve.common.engine.sequence import FinishReason
-from pdserve.common.errors import CapacityExhaustedError, NotFoundError
+from pdserve.common.errors import NotFoundError
 from pdserve.common.kv.prefix_reuse import admit_from_store, offer_to_store
 from pdserve.common.kv.store_client import StoreClient
 from pdserve.common.transfer.base import KVSender, TransferTicket
@@ -50,7 +48,9 @@ class _Push:
     """Sends one request's blocks in order, one send per engine step."""
 
     def __init__(self, worker: "PrefillWorker", request_id: str, target: PushTarget):
-        self.worker, self.request_id, self.target = worker, request_id, target
+        self.worker = worker
+        self.request_id = request_id
+        self.target = target
         self.next_block = target.first_block_index  # next sequence block to send
         self.tasks: list[asyncio.Task] = []
         self.bytes_sent = 0
@@ -58,9 +58,9 @@ class _Push:
     def send_ready(self, final: bool, context: tracing.Context) -> None:
         """Send the blocks completed since the last call; `context`: the chunk's
         that completed them, whose child the send's span becomes."""
-        engine = self.worker.engine.engine
+        engine = self.worker.engine
         computed, table = engine.kv_blocks(self.request_id)
-        bs = engine.config.block_size
+        bs = engine.block_size
         ready = (computed + bs - 1) // bs if final else computed // bs  # the last, partial block once done
         ready = min(ready, self.target.first_block_index + self.target.ticket.num_blocks)
         if ready <= self.next_block:
@@ -91,17 +91,19 @@ class _Chunks:
     from here explicitly."""
 
     def __init__(self, worker: "PrefillWorker", request_id: str):
-        self.engine, self.request_id, self.worker_id = worker.engine, request_id, worker.worker_id
+        self.engine = worker.engine
+        self.request_id = request_id
+        self.worker_id = worker.worker_id
         self.parent = self.context = tracing.current_context()  # context: the latest chunk's
         self.queued_ns = time.time_ns()
-        self.computed = worker.engine.engine.kv_blocks(request_id)[0] if tracing.enabled() else 0
+        self.computed = worker.engine.kv_blocks(request_id)[0] if tracing.enabled() else 0
         self.count = 0
 
     def on_step(self) -> None:
         if not tracing.enabled():
             return
         try:
-            computed = self.engine.engine.kv_blocks(self.request_id)[0]
+            computed = self.engine.kv_blocks(self.request_id)[0]
         except NotFoundError:  # aborted
             return
         if computed <= self.computed:  # not in this step (or preempted: it recomputes)
@@ -121,38 +123,42 @@ class _Chunks:
 
 class PrefillWorker:
     def __init__(self, engine: AsyncEngine, sender: KVSender, *, max_queue: int = 256,
-                 store: StoreClient | None = None, worker_id: str = "", transfer_timeout_s: float = 30.0):
+                 store: StoreClient | None = None, worker_id: str = "", transfer_timeout_s: float = 30.0,
+                 gate: Callable[[], None] = lambda: None):
         self.engine = engine
+        self.active = 0  # prefill calls in progress
         self.transfer_timeout_s = transfer_timeout_s  # blocks stay held this long for a receiver that never takes them
         self.worker_id = worker_id  # on its trace spans
         self.sender = sender
         self.store = store
-        self.max_queue = max_queue
+        # gate: raises while this worker takes no new prefills (an elastic worker in another role)
+        self.admission = Admission(engine, max_queue, "prefill", gate)
         self._finishing: set[asyncio.Task] = set()
         self.kv_bytes_sent = 0
-
-    def _admission(self) -> None:
-        """Run under the engine's lock, atomically with the queueing it guards
-        (checked before an await, a burst would all pass)."""
-        stats = self.engine.engine.stats()
-        if stats.waiting + stats.reserved >= self.max_queue:
-            raise CapacityExhaustedError(f"prefill queue full ({self.max_queue} requests waiting)")
-
-    def _reserve_if_room(self, request_id: str, prompt: list[int]):
-        self._admission()
-        return self.engine.engine.reserve(request_id, prompt)
 
     async def _admit(self, request_id: str, prompt: list[int], params: SamplingParams) -> int:
         """Queue the prompt, after loading what the KV store has beyond the local
         prefix cache; returns the prompt tokens loaded from the store."""
         if self.store is None:
-            await self.engine.add(prompt, params, request_id, hold_blocks=True, admission=self._admission)
+            await self.engine.add(prompt, params, request_id, hold_blocks=True, admission=self.admission.check)
             return 0
-        return await admit_from_store(self.engine, self.store, request_id, prompt, params, self._reserve_if_room,
+        return await admit_from_store(self.engine, self.store, request_id, prompt, params, self.admission.reserve,
                                       hold_blocks=True)
+
+    def idle(self) -> bool:
+        """No prefill in progress and no KV push still going."""
+        return not self.active and not self._finishing
 
     async def prefill(self, request_id: str, prompt: list[int], params: SamplingParams,
                       target: PushTarget | None) -> PrefillResult:
+        self.active += 1
+        try:
+            return await self._prefill(request_id, prompt, params, target)
+        finally:
+            self.active -= 1
+
+    async def _prefill(self, request_id: str, prompt: list[int], params: SamplingParams,
+                       target: PushTarget | None) -> PrefillResult:
         arrived = time.perf_counter()
         with _spans.span("prefill.admit", request_id=request_id, worker_id=self.worker_id,
                          prompt_tokens=len(prompt)) as span:
@@ -199,16 +205,15 @@ class PrefillWorker:
         )
 
     async def _finish(self, request_id: str, prompt: list[int], push: _Push | None, offer: bool) -> None:
-        eng = self.engine.engine
         try:
             jobs = [push.wait()] if push else []
             if self.store is not None and offer:
                 jobs.append(offer_to_store(self.engine, self.store, request_id, prompt))
             await asyncio.gather(*jobs)
         finally:
-            await self.engine.call(eng.release, request_id)
+            await self.engine.release(request_id)
 
-    async def drain(self) -> None:
+    async def aclose(self) -> None:
         """Wait for in-flight pushes (on shutdown)."""
         if self._finishing:
             await asyncio.gather(*self._finishing, return_exceptions=True)

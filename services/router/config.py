@@ -38,6 +38,15 @@ class RouterConfig(ClientAuthConfig):
     slo_ttft_ms: float = option(1000.0, help="time-to-first-token objective counted in pdserve_slo_requests (0: none)")
     slo_tpot_ms: float = option(100.0, help="time-per-output-token objective counted in pdserve_slo_requests (0: none)")
     log_format: LogFormat = option("text", help="log lines as text or json (one object per line)")
+    balance_profile: str = option("", help="a profile from `pdserve profile`: move elastic workers between prefill "
+                                           "and decode to fit the live arrival mix, by simulating each split against "
+                                           "--slo-ttft-ms and --slo-tpot-ms (empty: only SetWorkerRole moves them)")
+    balance_threads: int = option(0, help="torch threads of each elastic worker, to read the profile (0: its fewest)")
+    balance_interval_s: float = option(15.0, help="how often the balancer evaluates the splits")
+    balance_window_s: float = option(120.0, help="the balancer replays the arrivals of this many last seconds")
+    balance_margin: float = option(0.1, help="share of requests within objectives a split must add to be moved to")
+    balance_confirm: int = option(3, help="evaluations in a row a better split must win before a switch")
+    balance_dwell_s: float = option(60.0, help="seconds after a switch before the next")
 
     def validate(self) -> None:
         self.check_port("port")
@@ -57,4 +66,26 @@ class RouterConfig(ClientAuthConfig):
                 except ValueError as e:  # a malformed dns: target
                     raise SettingError(name, str(e)) from None
         self.check_positive("prefill_timeout_s", "rpc_timeout_s", "worker_keepalive_s", "max_inflight",
-                            "default_max_tokens", "load_poll_s")
+                            "default_max_tokens", "load_poll_s", "balance_interval_s", "balance_window_s",
+                            "balance_confirm")
+        if self.balance_threads < 0 or self.balance_dwell_s < 0 or not 0 <= self.balance_margin <= 1:
+            raise SettingError("balance_margin" if self.balance_threads >= 0 <= self.balance_dwell_s else
+                               "balance_threads" if self.balance_threads < 0 else "balance_dwell_s",
+                               "balance_margin is a share (0..1); balance_threads and balance_dwell_s are >= 0")
+
+    def balancer(self):
+        """The role balancer's settings and profile, or None without --balance-profile."""
+        if not self.balance_profile:
+            return None
+        from pdserve.planner.planner import Objectives
+        from pdserve.planner.profile import Profile
+        from pdserve.router.role_balancer import BalancerConfig
+
+        try:
+            profile = Profile.load(self.balance_profile)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise SettingError("balance_profile", f"not a profile from `pdserve profile`: {e}") from None
+        objectives = Objectives(self.slo_ttft_ms or Objectives.ttft_ms, self.slo_tpot_ms or Objectives.tpot_ms)
+        config = BalancerConfig(self.balance_interval_s, self.balance_window_s, self.balance_margin,
+                                self.balance_confirm, self.balance_dwell_s)
+        return profile, objectives, config

@@ -14,8 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from pdserve.common.errors import (CapacityExhaustedError, InvalidRequestError, NotReadyError,
-                                   UnauthenticatedError)
+from pdserve.common.errors import CapacityExhaustedError, InvalidRequestError, NotReadyError, UnauthenticatedError
 from pdserve.router.models import ModelNotFoundError
 
 log = logging.getLogger(__name__)

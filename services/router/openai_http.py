@@ -1,16 +1,6 @@
-"""The OpenAI-compatible HTTP API of the router (aiohttp, on the gRPC server's loop).
-
-POST /v1/completions and /v1/chat/completions (plain or server-sent events),
-GET /v1/models, /v1/models/{id} and /health. Every generation goes through
-`Router.generate`, as the gRPC Generate does: one validation, one routing and
-one cancellation path. Request bodies are translated by `openai_protocol`,
-errors shaped by `openai_errors`.
-
-A client that disconnects cancels its handler (handler_cancellation), and the
-router generator is closed with it, which cancels every downstream call. On
-shutdown (`Shutdown.drain`), new requests get 503, running ones the grace
-period; those still running then are cut the same way, and told so: a 503, or
-an error event that ends the stream.
+"""The router's OpenAI-compatible HTTP API (aiohttp, on the gRPC server's loop): every
+generation goes through `Router.generate`, as gRPC Generate does. Endpoints, errors,
+disconnects and shutdown: docs/openai.md.
 """
 from __future__ import annotations
 
@@ -27,8 +17,14 @@ from pdserve.common import genai, tracing
 from pdserve.common.errors import NotReadyError, UnauthenticatedError
 from pdserve.common.security import ApiKeys
 from pdserve.router.models import ModelNotFoundError, check_model, served_models
-from pdserve.router.openai_errors import (JsonErrorRunner, error_body, error_payload, error_response, json_body,
-                                          openai_errors)
+from pdserve.router.openai_errors import (
+    JsonErrorRunner,
+    error_body,
+    error_payload,
+    error_response,
+    json_body,
+    openai_errors,
+)
 from pdserve.router.openai_protocol import Kind, ResponseShaper, parse_request
 from pdserve.router.request_metrics import RequestMetrics
 from pdserve.router.router import Event, Router

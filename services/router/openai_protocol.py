@@ -15,8 +15,9 @@ from typing import Any, Literal
 
 from pdserve.common.engine.sampling_params import SamplingParams
 from pdserve.common.errors import InvalidRequestError
+from pdserve.common.records import Usage
 from pdserve.router.chat import chat_role
-from pdserve.router.router import GenerateInput
+from pdserve.router.prompt import GenerateInput
 
 Kind = Literal["completion", "chat"]
 
@@ -150,16 +151,19 @@ def _messages(value: Any) -> list[dict[str, str]]:
     return out
 
 
-def usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+def usage(u: Usage) -> dict[str, Any]:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
 
 
 class ResponseShaper:
     """Builds one request's response objects: one id and `created` for all its chunks."""
 
     def __init__(self, kind: Kind, model: str, request_id: str, include_usage: bool = False):
-        self.kind, self.model, self.include_usage = kind, model, include_usage
+        self.kind = kind
+        self.model = model
+        self.include_usage = include_usage
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + request_id
         self.created = int(time.time())
 
@@ -181,16 +185,16 @@ class ResponseShaper:
             out["usage"] = None  # as OpenAI: null on every chunk but the last
         return out
 
-    def usage_chunk(self, counts: tuple[int, int, int]) -> dict[str, Any]:
+    def usage_chunk(self, counts: Usage) -> dict[str, Any]:
         """The extra last chunk of stream_options.include_usage: no choices, the usage."""
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        return {**self._head(obj), "choices": [], "usage": usage(*counts)}
+        return {**self._head(obj), "choices": [], "usage": usage(counts)}
 
-    def full(self, text: str, finish_reason: str, counts: tuple[int, int, int]) -> dict[str, Any]:
+    def full(self, text: str, finish_reason: str, counts: Usage) -> dict[str, Any]:
         """The whole non-streamed response."""
         if self.kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                       "logprobs": None, "finish_reason": finish_reason}
-            return {**self._head("chat.completion"), "choices": [choice], "usage": usage(*counts)}
+            return {**self._head("chat.completion"), "choices": [choice], "usage": usage(counts)}
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        return {**self._head("text_completion"), "choices": [choice], "usage": usage(*counts)}
+        return {**self._head("text_completion"), "choices": [choice], "usage": usage(counts)}

@@ -5,20 +5,13 @@ once per attempt, leaving out the workers that have already failed the request.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from pdserve.common import metrics, tracing
 from pdserve.common.errors import NotReadyError
 from pdserve.common.kv.hashing import block_hashes
 from pdserve.router import policy
-from pdserve.router.worker_pool import Worker, WorkerPool
-
-
-@dataclass
-class Plan:
-    decode: policy.Choice
-    prefill: policy.Choice | None  # None: the decode worker prefills locally
-    hashes: list[bytes]
+from pdserve.router.attempt import Plan
+from pdserve.router.worker_handle import WorkerHandle
+from pdserve.router.worker_pool import WorkerPool
 
 
 def choose(pool: WorkerPool, index: policy.PrefixIndex, ids: list[int], exclude: set[str] = frozenset(), *,
@@ -36,11 +29,12 @@ def choose(pool: WorkerPool, index: policy.PrefixIndex, ids: list[int], exclude:
     healthy = [w for w in pool.prefill if w.routable and w.worker_id not in exclude]
     # Only a prefill worker of the decode worker's KV layout, model and wire format can fill
     # its blocks (a fleet in the middle of an upgrade has two of each): else prefill locally.
-    prefillers = [w for w in healthy if not unpaired(w, decode.worker)]
+    # An elastic worker in role both is never its own prefill worker: it prefills locally.
+    prefillers = [w for w in healthy if not unpaired(w, decode.worker) and w is not decode.worker]
     for reason in filter(None, (unpaired(w, decode.worker) for w in healthy)):
         metrics.PAIRS_SKIPPED.add(1, {"reason": reason})
     if not prefillers:
-        if not exclude and not healthy:
+        if not exclude and not healthy and not pool.elastic:  # an elastic fleet may hold no prefill worker
             raise NotReadyError("no healthy prefill worker")
         return Plan(decode, None, hashes)  # recovering, or no peer of its layout: the decode worker computes
     prefill = policy.cheapest(prefillers, index, hashes, len(ids), spec.block_size)
@@ -55,14 +49,14 @@ def choose(pool: WorkerPool, index: policy.PrefixIndex, ids: list[int], exclude:
     return Plan(decode, prefill, hashes)
 
 
-def unpaired(prefill: Worker, decode: Worker) -> str:
+def unpaired(prefill: WorkerHandle, decode: WorkerHandle) -> str:
     """Why these two never exchange KV ("kv_layout", "kv_wire_version"), or "" when they may."""
     if prefill.fingerprint != decode.fingerprint:
         return "kv_layout"
     return "kv_wire_version" if prefill.wire_version != decode.wire_version else ""
 
 
-def pairing_gap(pool: WorkerPool, w: Worker) -> str:
+def pairing_gap(pool: WorkerPool, w: WorkerHandle) -> str:
     """Why `w` is paired with no healthy worker of the other phase ("" when it is, or has none to pair with)."""
     others = pool.decode if w in pool.prefill else pool.prefill
     others = [o for o in others if o.routable]

@@ -1,26 +1,13 @@
-"""Routing policy: where a request's prefill runs, and on which workers.
-
-Everything is priced in estimated milliseconds from what the workers report
-(measured prefill throughput, queued tokens, running sequences) and what the
-router measures itself (the extra hop of a disaggregated request), so the
-trade-offs stay right on other hardware without retuning constants:
-
-- a worker's prefill cost = (its queued tokens + the prompt tokens it does
-  not have cached) / its measured prefill tokens/s; the router picks the
-  cheapest, which sends shared prefixes to the worker holding them until its
-  queue makes another worker cheaper (cache affinity without pile-ups);
-- prefill locally on the decode worker when that is cheaper than going to a
-  prefill worker, counting the stall a local prefill imposes on every stream
-  the decode worker is running (each waits that long for its next token) and
-  on those expected to arrive while it runs (the router measures its rate of
-  requests to each worker).
+"""Routing policy: which workers a request's prefill and decode run on, priced in
+estimated milliseconds from the workers' reported speeds and loads and the router's
+own measured hop. Why: docs/architecture.md ("Routing and conditional disaggregation").
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from pdserve.router.worker_pool import Worker
+from pdserve.router.worker_handle import WorkerHandle
 
 DEFAULT_PREFILL_TPS = 1000.0  # used only until a worker reports a measurement
 LOCAL_MARGIN = 0.25  # how much cheaper a remote prefill must look to be taken (see prefer_local)
@@ -59,27 +46,27 @@ class PrefixIndex:
 
 @dataclass(frozen=True)
 class Choice:
-    worker: Worker
+    worker: WorkerHandle
     cost_ms: float
     cached_blocks: int
 
 
-def prefill_tps(w: Worker) -> float:
+def prefill_tps(w: WorkerHandle) -> float:
     return (w.load.prefill_tokens_per_s if w.load and w.load.prefill_tokens_per_s else 0.0) or DEFAULT_PREFILL_TPS
 
 
-def step_ms(w: Worker) -> float:
+def step_ms(w: WorkerHandle) -> float:
     """A forward pass's fixed cost on this worker (reading the weights once)."""
     return w.load.decode_step_ms if w.load else 0.0
 
 
-def prefill_cost_ms(w: Worker, prompt_tokens: int, cached_tokens: int) -> float:
+def prefill_cost_ms(w: WorkerHandle, prompt_tokens: int, cached_tokens: int) -> float:
     """Time to this prompt's first token on `w`: its queue, then one pass over what it lacks."""
     queued = (w.load.waiting_tokens if w.load else 0) + w.inflight_tokens
     return step_ms(w) + 1000.0 * (queued + max(0, prompt_tokens - cached_tokens)) / prefill_tps(w)
 
 
-def cheapest(workers: list[Worker], index: PrefixIndex, hashes: list[bytes], prompt_tokens: int,
+def cheapest(workers: list[WorkerHandle], index: PrefixIndex, hashes: list[bytes], prompt_tokens: int,
              block_size: int, tolerance: float = 1.0) -> Choice:
     """The cheapest worker; among those within `tolerance` of it (measured costs are
     noisy; a cached prefix is cheaper by far more), the one whose

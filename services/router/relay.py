@@ -1,6 +1,6 @@
 """The client's side of a request's stream: tokens recorded as sent, text made, the last event.
 
-Tokens enter `Progress` only here, so a retry (pdserve.router.recovery) continues
+Tokens enter `Progress` only here, so a retry (router/attempt.py) continues
 from exactly what the client has been sent; the router's detokenizer matches
 stop strings, which workers never see.
 """
@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 
 from pdserve.common import convert
 from pdserve.common.engine.sequence import FinishReason
-from pdserve.router.plan import Plan
-from pdserve.router.recovery import Attempt, Progress, WorkerFailedError
+from pdserve.common.records import Route, Usage
+from pdserve.router.attempt import Attempt, Plan, Progress
+from pdserve.router.recovery import WorkerFailedError
 
 
 @dataclass
@@ -24,18 +25,16 @@ class Event:
     token_ids: list[int]
     text: str
     finish_reason: FinishReason | None = None
-    usage: tuple[int, int, int] | None = None  # prompt, completion, cached
+    usage: Usage | None = None
     timing: dict[str, float] = field(default_factory=dict)
-    route: tuple[str, str, bool] | None = None  # prefill id, decode id, disaggregated
+    route: Route | None = None
 
 
 async def relay(progress: Progress, a: Attempt) -> AsyncIterator[Event]:
     """The decode worker's stream, as client events, to the finish."""
     async for resp in a.stream:
         if not a.streaming:
-            a.streaming = True
-            a.reserved = False  # the Decode stream owns the reservation now
-            a.computed()
+            a.answered()
             if resp.timing.kv_transfer_ms:
                 progress.timing["kv_transfer_ms"] = resp.timing.kv_transfer_ms
         if resp.usage.prompt_tokens and not progress.failures:
@@ -45,7 +44,7 @@ async def relay(progress: Progress, a: Attempt) -> AsyncIterator[Event]:
             yield final(progress, reason, a.plan, ev)
             return
         yield ev
-    raise WorkerFailedError(a.plan.decode.worker, a.phase, None, "the stream ended without finishing")
+    raise WorkerFailedError(a.plan.decode.worker, a.phase.value, None, "the stream ended without finishing")
 
 
 def sent(progress: Progress, tokens: list[int], reason: FinishReason | None) -> tuple[Event, FinishReason | None]:
@@ -72,7 +71,8 @@ def final(progress: Progress, reason: FinishReason, plan: Plan, last: Event) -> 
     now = time.perf_counter()
     t_first = progress.t_first or now
     timing = {**progress.timing, "decode_ms": (now - t_first) * 1e3, "total_ms": (now - progress.t0) * 1e3}
-    route = (plan.prefill.worker.worker_id if plan.prefill else "", plan.decode.worker.worker_id, plan.prefill is not None)
-    usage = (len(progress.prompt_ids), len(progress.generated), progress.cached_tokens)
+    route = Route(plan.prefill.worker.worker_id if plan.prefill else "", plan.decode.worker.worker_id,
+                  plan.prefill is not None)
+    usage = Usage(len(progress.prompt_ids), len(progress.generated), progress.cached_tokens)
     return Event(progress.request_id, last.token_ids, last.text + progress.detok.flush(final=True), reason, usage,
                  timing, route)

@@ -1,17 +1,6 @@
-"""Per-request latency, outcome and SLO metrics, measured on the router's Event stream.
-
-Both front ends (gRPC Generate and the OpenAI HTTP API) pass `Router.generate()`
-through `RequestMetrics.observe()`, so every request is measured once, from the
-moment the router takes it to the event that ends it, as the client sees it:
-
-- TTFT: to the first event that carries tokens;
-- ITL: between token-carrying events, split evenly over the tokens of an event;
-- TPOT: (last token - first token) / (output tokens - 1), once per request;
-- end-to-end latency, the outcome (finish reason or error), the serving workers,
-  and whether the TTFT and TPOT objectives were met (finished requests only).
-
-A line per finished request goes to the log (ids, outcome and timings; never
-the prompt or the output).
+"""Per-request TTFT, ITL, TPOT, latency, outcome and SLO metrics, measured once on
+`Router.generate()`'s events for both front ends, plus a log line per finished request
+(never the prompt or the output). Definitions: docs/observability.md.
 """
 from __future__ import annotations
 
@@ -22,7 +11,8 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 from pdserve.common import logs, metrics
-from pdserve.common.server import status_code_for
+from pdserve.common.grpc_errors import status_code_for
+from pdserve.common.records import Route, Usage
 from pdserve.router.router import Event
 
 log = logging.getLogger(__name__)
@@ -91,16 +81,17 @@ class RequestMetrics:
             metrics.SLO.add(1, {"objective": "ttft", "attained": str(ttft * 1e3 <= self.slo_ttft_ms).lower()})
         if self.slo_tpot_ms > 0 and tpot is not None:
             metrics.SLO.add(1, {"objective": "tpot", "attained": str(tpot * 1e3 <= self.slo_tpot_ms).lower()})
-        if ev.route:
-            prefill, decode, _ = ev.route
-            if prefill:
-                metrics.ROUTED.add(1, {"role": "prefill", "worker_id": prefill})
-            metrics.ROUTED.add(1, {"role": "decode", "worker_id": decode})
-        usage = ev.usage or (0, tokens, 0)
+        route = ev.route or Route("", "", False)
+        if route.prefill_worker_id:
+            metrics.ROUTED.add(1, {"role": "prefill", "worker_id": route.prefill_worker_id})
+        if route.decode_worker_id:
+            metrics.ROUTED.add(1, {"role": "decode", "worker_id": route.decode_worker_id})
+        usage = ev.usage or Usage(0, tokens)
         log.info("request finished: %s", ev.finish_reason.value, extra={
-            "outcome": ev.finish_reason.value, "prompt_tokens": usage[0], "output_tokens": usage[1],
-            "cached_tokens": usage[2], "ttft_ms": _ms(ttft), "tpot_ms": _ms(tpot), "duration_ms": _ms(now - t0),
-            "prefill_worker": ev.route[0] if ev.route else "", "decode_worker": ev.route[1] if ev.route else ""})
+            "outcome": ev.finish_reason.value, "prompt_tokens": usage.prompt_tokens,
+            "output_tokens": usage.completion_tokens, "cached_tokens": usage.cached_tokens, "ttft_ms": _ms(ttft),
+            "tpot_ms": _ms(tpot), "duration_ms": _ms(now - t0), "prefill_worker": route.prefill_worker_id,
+            "decode_worker": route.decode_worker_id})
 
 
 def _ms(seconds: float | None) -> float | None:

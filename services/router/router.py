@@ -1,10 +1,6 @@
-"""The router's request flow: tokenize, plan, relay tokens, own the text.
-
-Workers deal only in token ids; the router detokenizes once and matches stop
-strings, cancelling the downstream stream when one appears. Whatever ends a
-request (finish, stop string, client cancel, error), every downstream call
-is cancelled and every decode reservation released before generate() returns.
-Where an attempt runs: pdserve.router.plan; its stream to the client: pdserve.router.relay.
+"""The router's request flow: tokenize, plan (`plan.py`), relay tokens (`relay.py`), own
+the text (detokenize once, match stop strings). Whatever ends a request, every downstream
+call is cancelled and every reservation released before `generate()` returns.
 """
 from __future__ import annotations
 
@@ -13,21 +9,20 @@ import collections
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
 
 import grpc
-import jinja2
 
 from pdserve.common import convert, tracing
 from pdserve.common.engine.detokenizer import IncrementalDetokenizer
-from pdserve.common.engine.sampling_params import SamplingParams
-from pdserve.common.errors import CapacityExhaustedError, InvalidRequestError, NotReadyError
-from pdserve.common.grpc_errors import error_from_rpc
+from pdserve.common.errors import CapacityExhaustedError, NotReadyError
+from pdserve.common.grpc_errors import relayed_error
 from pdserve.router import policy
+from pdserve.router.attempt import Attempt, Plan, Progress
 from pdserve.router.models import genai_attributes
-from pdserve.router.plan import Plan, annotate_route, choose
-from pdserve.router.recovery import Attempt, Progress, WorkerFailedError, failure
+from pdserve.router.plan import annotate_route, choose
+from pdserve.router.prompt import GenerateInput, PromptEncoder
+from pdserve.router.recovery import WorkerFailedError, failure
 from pdserve.router.relay import Event, final, relay, sent
 from pdserve.router.worker_pool import WorkerPool
 from pdserve.v1 import decode_pb2 as dpb
@@ -38,65 +33,29 @@ _spans = tracing.Spans("router", service="router")
 _LEASE_MARGIN_S = 10.0  # a decode reservation outlives the Prefill call by this: time to send Decode
 
 
-@dataclass
-class GenerateInput:
-    params: SamplingParams
-    text: str | None = None
-    token_ids: list[int] | None = None
-    messages: list[dict[str, str]] | None = None
-    request_id: str = ""
-    deadline: float | None = None  # time.monotonic() by which the client gives up; honoured downstream
-    model: str = ""  # the model the request names; "": the one served
-
-
 class Router:
     def __init__(self, tokenizer, pool: WorkerPool, *, mode: str, max_model_len: int,
                  max_inflight: int = 256, rpc_timeout_s: float = 600.0, local_prefill: str = "auto",
                  prefill_timeout_s: float = 120.0, max_retries: int = 2):
-        self.tokenizer, self.pool, self.mode = tokenizer, pool, mode
-        self.max_model_len, self.max_inflight, self.rpc_timeout_s = max_model_len, max_inflight, rpc_timeout_s
+        self.tokenizer = tokenizer
+        self.pool = pool
+        self.mode = mode
+        self.max_model_len = max_model_len
+        self.max_inflight = max_inflight
+        self.rpc_timeout_s = rpc_timeout_s
         self.prefill_timeout_s = prefill_timeout_s  # a prefill worker this slow is treated as failed
         self.max_retries = max_retries  # attempts after the first, per request
         self.recoveries: collections.Counter[str] = collections.Counter()  # failed attempts by phase
         self.local_prefill = local_prefill  # auto (cost model), always, never
-        self.vocab_size = len(tokenizer)
-        # The longest token's spelling (byte-level and sentencepiece spellings are at least as
-        # long as the text they decode to): a bound on characters per token.
-        self.max_token_chars = max(map(len, tokenizer.get_vocab()), default=1)
+        self.prompts = PromptEncoder(tokenizer, max_model_len)
         self.inflight = 0
         self.index = policy.PrefixIndex()
         self.hop_ms = 0.0  # measured extra latency of the disaggregated path
         self.decisions: collections.Counter[str] = collections.Counter()
+        self.on_admitted: Callable[[int, int], None] = lambda prompt_tokens, max_tokens: None  # the role balancer
 
     async def tokenize(self, inp: GenerateInput) -> list[int]:
-        """The prompt's token ids. Encoding runs off the event loop (a long text takes seconds),
-        and a text too long for any prompt that fits the context is refused before encoding."""
-        if inp.token_ids is not None:
-            ids = convert.token_ids(inp.token_ids, "prompt.token_ids", self.vocab_size)
-        elif inp.messages is not None:
-            if not inp.messages:
-                raise InvalidRequestError("prompt.chat", "must have at least one message")
-            self._check_length("prompt.chat", sum(len(m.get("content") or "") for m in inp.messages))
-            try:
-                encoded = await asyncio.to_thread(self.tokenizer.apply_chat_template, inp.messages,
-                                                  add_generation_prompt=True, tokenize=True, return_dict=True)
-            except (jinja2.TemplateError, ValueError) as e:  # the model's template refuses this chat, or has none
-                raise InvalidRequestError("prompt.chat", str(e)) from None
-            ids = list(encoded["input_ids"])
-        elif inp.text:
-            self._check_length("prompt.text", len(inp.text))
-            ids = await asyncio.to_thread(self.tokenizer.encode, inp.text, add_special_tokens=False)
-        else:
-            raise InvalidRequestError("prompt", "must not be empty")
-        if len(ids) >= self.max_model_len:
-            raise InvalidRequestError("prompt", f"{len(ids)} tokens; the context window is {self.max_model_len}")
-        return ids
-
-    def _check_length(self, field_name: str, chars: int) -> None:
-        # No token spells more than max_token_chars characters, so a longer text cannot fit.
-        if chars > self.max_model_len * self.max_token_chars:
-            raise InvalidRequestError(field_name, f"{chars} characters; no prompt this long fits the context window "
-                                                  f"of {self.max_model_len} tokens")
+        return await self.prompts.encode(inp)
 
     def genai_attributes(self, inp: GenerateInput) -> dict[str, str]:
         """The request's OpenTelemetry GenAI attributes (operation, model), for its metrics and span."""
@@ -130,6 +89,7 @@ class Router:
         self.inflight += 1
         try:
             ids = await self.tokenize(inp)
+            self.on_admitted(len(ids), inp.params.max_tokens)
             rid = inp.request_id or uuid.uuid4().hex
             progress = Progress(rid, ids, inp.params, IncrementalDetokenizer(self.tokenizer, ids, inp.params.stop),
                                 t0, deadline=inp.deadline)
@@ -166,7 +126,7 @@ class Router:
                     # not CancelledError: the attempt's cleanup must run now, not when it is collected.
                     await attempt.aclose()
         except grpc.aio.AioRpcError as e:
-            raise error_from_rpc(e) from None
+            raise relayed_error(e) from None
         finally:
             self.inflight -= 1
 
@@ -183,7 +143,7 @@ class Router:
 
     def _gave_up(self, progress: Progress, f: WorkerFailedError) -> Exception:
         self.recoveries["gave_up"] += 1
-        err = error_from_rpc(f.cause) if f.cause is not None else NotReadyError(str(f))
+        err = relayed_error(f.cause) if f.cause is not None else NotReadyError(str(f))
         return type(err)(f"request {progress.request_id} failed after {len(progress.failures)} attempts; "
                          f"last: {f}")
 
@@ -191,17 +151,15 @@ class Router:
         """One try on one plan: events for tokens the client has not had yet.
         A worker's failure raises WorkerFailedError; cleanup is complete either way."""
         decode = plan.decode.worker
-        a = Attempt(plan, progress.attempt_id, progress.context, convert.sampling_to_pb(progress.remaining_params),
-                    culprit=decode)
+        a = Attempt(plan, progress.attempt_id, progress.context, convert.sampling_to_pb(progress.remaining_params))
         decode.inflight += 1
         decode.arrivals.add()
         a.queued()
         try:
             if plan.prefill is None:
-                a.phase = "generate"
-                a.stream = decode.stub.Generate(dpb.LocalGenerateRequest(
+                a.generating(decode.decode_stub.Generate(dpb.LocalGenerateRequest(
                     request_id=a.rid, prompt_token_ids=a.context, sampling=a.params),
-                    timeout=progress.time_left(self.rpc_timeout_s))
+                    timeout=progress.time_left(self.rpc_timeout_s)))
             else:
                 prefilled = await self._prefill_remotely(progress, a)
                 ev, reason = sent(progress, [prefilled.first_token_id],
@@ -210,20 +168,16 @@ class Router:
                     yield final(progress, reason, plan, ev)
                     return
                 yield ev
-                a.phase, a.culprit = "decode", decode
-                a.stream = decode.stub.Decode(dpb.DecodeRequest(
-                    request_id=a.rid, first_token_id=prefilled.first_token_id, sampling=a.params),
-                    timeout=progress.time_left(self.rpc_timeout_s))
                 # Still ours to release until the stream answers: a cancel now may
                 # reach the worker before the call does, or the call never at all.
+                a.decoding(decode.decode_stub.Decode(dpb.DecodeRequest(
+                    request_id=a.rid, first_token_id=prefilled.first_token_id, sampling=a.params),
+                    timeout=progress.time_left(self.rpc_timeout_s)))
             self.index.record(decode.worker_id, plan.hashes)
             async for ev in relay(progress, a):
                 yield ev
         except grpc.aio.AioRpcError as e:
-            if (a.phase == "decode" and plan.prefill is not None and not a.streaming
-                    and e.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED)):
-                a.culprit = plan.prefill.worker  # its KV failed its checks or never came: recompute without it
-            raise failure(a.culprit, a.phase, e, progress) from None
+            raise failure(a.blame(e), a.phase.value, e, progress.deadline_passed) from None
         finally:
             a.computed()
             if a.stream is not None:
@@ -231,7 +185,8 @@ class Router:
             try:
                 if a.reserved:
                     try:  # shielded: a second cancel of this request must not call it off
-                        await asyncio.shield(decode.stub.Release(dpb.ReleaseRequest(request_id=a.rid), timeout=5))
+                        release = decode.decode_stub.Release(dpb.ReleaseRequest(request_id=a.rid), timeout=5)
+                        await asyncio.shield(release)
                     except grpc.aio.AioRpcError:
                         pass  # the lease expires on its own
             finally:
@@ -242,17 +197,16 @@ class Router:
         decode, prefill = a.plan.decode.worker, a.plan.prefill.worker
         prefill.inflight += 1
         try:
-            a.phase = "reserve"
-            a.reserved = True  # before the await: a cancel mid-call may still leave a reservation there
+            a.reserving()
             # The lease covers the Prefill call below, queueing included: the router
             # releases on every path, so the lease matters only if the router is gone.
             prefill_s = progress.time_left(self.prefill_timeout_s)
-            r = await decode.stub.Reserve(dpb.ReserveRequest(
+            r = await decode.decode_stub.Reserve(dpb.ReserveRequest(
                 request_id=a.rid, prompt_token_ids=a.context, kv_fingerprint=prefill.fingerprint,
                 lease_ms=int((prefill_s + _LEASE_MARGIN_S) * 1000)),
                 timeout=progress.time_left(self.rpc_timeout_s))
-            a.phase, a.culprit = "prefill", prefill
-            p = await prefill.stub.Prefill(ppb.PrefillRequest(
+            a.prefilling()
+            p = await prefill.prefill_stub.Prefill(ppb.PrefillRequest(
                 request_id=a.rid, prompt_token_ids=a.context, sampling=a.params, ticket=r.ticket),
                 timeout=prefill_s)
         finally:

@@ -42,6 +42,12 @@ class RouterRuntime:
                              max_inflight=config.max_inflight, rpc_timeout_s=config.rpc_timeout_s,
                              local_prefill=config.local_prefill, prefill_timeout_s=config.prefill_timeout_s,
                              max_retries=config.max_retries)
+        self.balancer = None
+        if (balancing := config.balancer()) is not None:
+            from pdserve.router.role_balancer import RoleBalancer  # the planner: only when asked for
+
+            self.balancer = RoleBalancer(self.pool, *balancing, threads=config.balance_threads)
+            self.router.on_admitted = self.balancer.observe
         api_keys = config.load_api_keys()
         self.server = create_server(interceptors=[config.authenticator(api_keys)])
         metrics.watch_router(self.router)
@@ -70,6 +76,8 @@ class RouterRuntime:
             await self.pool.refresh()
         await self.health.set_serving(True)
         self._health_task = asyncio.create_task(self._track_health(), name="router-health")
+        if self.balancer:
+            self.balancer.start()
 
     async def _track_health(self) -> None:
         """NOT_SERVING while no usable worker set is left, so probes and load
@@ -85,6 +93,8 @@ class RouterRuntime:
     async def stop(self) -> None:
         if self._health_task:
             self._health_task.cancel()
+        if self.balancer:
+            await self.balancer.close()
         await self.shutdown.drain(grace_s=1.0)  # embedded (tests): as quick as the gRPC stop below
         await self.http.stop()
         await self.server.stop(grace=1)
@@ -102,6 +112,8 @@ class RouterRuntime:
             await serve_until_stopped(self.server, grace_s=self.config.grace_s, health=self.health, stop=stop,
                                       on_shutdown=self.shutdown.drain)
         finally:
+            if self.balancer:
+                await self.balancer.close()
             await self.http.stop()
             await self.pool.close()
 

@@ -9,11 +9,14 @@ import contextlib
 import time
 
 from pdserve.common import convert
+from pdserve.common.errors import InvalidRequestError
 from pdserve.router.chat import chat_role
 from pdserve.router.models import check_model
 from pdserve.router.plan import pairing_gap
+from pdserve.router.prompt import GenerateInput
 from pdserve.router.request_metrics import RequestMetrics
-from pdserve.router.router import Event, GenerateInput, Router
+from pdserve.router.roles import switch_role
+from pdserve.router.router import Event, Router
 from pdserve.router.shutdown import Shutdown
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import router_pb2 as rpb
@@ -38,12 +41,15 @@ def event_to_response(ev: Event) -> rpb.GenerateResponse:
     r = rpb.GenerateResponse(request_id=ev.request_id, token_ids=ev.token_ids, text=ev.text,
                              finish_reason=convert.finish_to_pb(ev.finish_reason))
     if ev.usage:
-        r.usage.CopyFrom(pb.Usage(prompt_tokens=ev.usage[0], completion_tokens=ev.usage[1], cached_tokens=ev.usage[2]))
+        u = ev.usage
+        r.usage.CopyFrom(pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                                  cached_tokens=u.cached_tokens))
     if ev.timing:
         r.timing.CopyFrom(pb.TimingBreakdown(**ev.timing))
     if ev.route:
-        r.route.CopyFrom(rpb.RouteInfo(prefill_worker_id=ev.route[0], decode_worker_id=ev.route[1],
-                                       disaggregated=ev.route[2]))
+        r.route.CopyFrom(rpb.RouteInfo(prefill_worker_id=ev.route.prefill_worker_id,
+                                       decode_worker_id=ev.route.decode_worker_id,
+                                       disaggregated=ev.route.disaggregated))
     return r
 
 
@@ -87,3 +93,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             if w.info and request.role in (pb.WORKER_ROLE_UNSPECIFIED, w.info.role):
                 out.workers.add(info=w.info, load=w.load, healthy=w.healthy, unpaired=pairing_gap(self.router.pool, w))
         return out
+
+    async def SetWorkerRole(self, request: rpb.SetWorkerRoleRequest, context) -> rpb.SetWorkerRoleResponse:
+        role = convert.elastic_role(request.role)
+        if not request.worker_id:
+            raise InvalidRequestError("worker_id", "must name a worker (ListWorkers lists them)")
+        c = await switch_role(self.router.pool, request.worker_id, role,
+                              drain_timeout_s=request.drain_timeout_ms / 1000 or 120.0)
+        return rpb.SetWorkerRoleResponse(previous_role=convert.ROLES[c.previous], role=convert.ROLES[c.role],
+                                         drained=c.drained, drain_ms=c.drain_ms)

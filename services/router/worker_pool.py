@@ -1,15 +1,6 @@
-"""The router's view of its workers: channels, identity, load, registration, discovery.
-
-Workers join three ways: a static target (host:port); registration (the worker
-calls RegisterWorker and heartbeats); or discovery, a target `dns:NAME:PORT`
-whose every address is a worker (a headless Kubernetes Service resolves to its
-pods' addresses), looked up again at every load poll, so scaling a StatefulSet
-needs no router change.
-
-Loads are refreshed in the background (GetLoad); between refreshes the
-router counts what it sent itself (in-flight requests and prompt tokens, read by
-policy.py), so a burst does not all land on the
-worker that looked idlest at the last poll.
+"""The router's workers: which route each phase, static targets, registration, DNS
+discovery and load polls (between polls the router counts what it sent itself).
+Why: docs/architecture.md ("Worker registry").
 """
 from __future__ import annotations
 
@@ -22,11 +13,11 @@ from dataclasses import dataclass, field
 import grpc
 
 from pdserve.common import grpc_tracing
-from pdserve.common.kv.spec import UNSTATED_WIRE_VERSION
+from pdserve.common.convert import ROLE_NAMES
+from pdserve.common.roles import TAKES
 from pdserve.common.security import OPEN, SecurityConfig
-from pdserve.router.arrival_rate import ArrivalRate
+from pdserve.router.worker_handle import WorkerHandle
 from pdserve.v1 import common_pb2 as pb
-from pdserve.v1 import decode_pb2_grpc, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -42,57 +33,21 @@ def split_dns_target(target: str) -> tuple[str, int] | None:
 
 
 @dataclass
-class Worker:
-    target: str
-    role: str  # "prefill" or "decode"
-    channel: grpc.aio.Channel
-    stub: object
-    info: pb.WorkerInfo | None = None
-    load: pb.WorkerLoad | None = None
-    inflight: int = 0  # requests the router has sent and not yet seen finish
-    inflight_tokens: int = 0  # their prompt tokens not yet prefilled (the poll lags behind)
-    arrivals: ArrivalRate = field(default_factory=ArrivalRate)  # requests the router has sent it, per second
-    healthy: bool = False
-    rtt_ms: float = 0.0  # GetLoad round trip, moving average
-    registered: bool = False  # joined through RegisterWorker (else a static target)
-    last_seen: float = 0.0  # monotonic time of the last heartbeat or successful poll
-    discovered_by: str = ""  # the dns:NAME:PORT target whose lookup found it
-    twin: bool = False  # another route (target, name or registration) reaches the same worker first
-
-    @property
-    def routable(self) -> bool:
-        return self.healthy and not self.twin
-
-    @property
-    def worker_id(self) -> str:
-        return self.info.worker_id if self.info else self.target
-
-    @property
-    def fingerprint(self) -> bytes:
-        return self.info.kv_spec.fingerprint if self.info else b""
-
-    @property
-    def wire_version(self) -> int:
-        """The KV wire format it speaks (0 before its first poll)."""
-        return (self.info.kv_wire_version or UNSTATED_WIRE_VERSION) if self.info else 0
-
-
-@dataclass
 class WorkerPool:
-    prefill: list[Worker] = field(default_factory=list)
-    decode: list[Worker] = field(default_factory=list)
+    prefill: list[WorkerHandle] = field(default_factory=list)
+    decode: list[WorkerHandle] = field(default_factory=list)
     poll_s: float = 0.5
     _task: asyncio.Task | None = None
 
     discovery: list[tuple[str, str]] = field(default_factory=list)  # (role, "dns:NAME:PORT")
-    _retiring: dict[asyncio.Task, Worker] = field(default_factory=dict)  # closing once their calls end
+    _retiring: dict[asyncio.Task, WorkerHandle] = field(default_factory=dict)  # closing once their calls end
     _unresolved: set[str] = field(default_factory=set)  # dns: targets whose last lookup failed (logged once)
     dns_timeout_s: float = 2.0
     lease_ttl_s: float = 5.0  # a registered worker silent this long is dropped
     security: SecurityConfig = OPEN  # TLS and internal token of the channels to workers
     keepalive_s: float = 10.0  # ping period, and how long an unanswered ping may wait
 
-    def _make(self, target: str, role: str, discovered_by: str = "") -> Worker:
+    def _make(self, target: str, role: str, discovered_by: str = "") -> WorkerHandle:
         ms = int(self.keepalive_s * 1000)
         # Only while calls are open, and without limit: a long prefill sends no data for seconds.
         # gRPC 1.85 fails an unanswered ping after ping_timeout_ms (default 60 s), not after
@@ -104,8 +59,7 @@ class WorkerPool:
         if discovered_by and tls and not tls.server_name:  # dialled by address: verify the name looked up
             keepalive += (("grpc.ssl_target_name_override", split_dns_target(discovered_by)[0]),)
         ch = self.security.dial(target, interceptors=grpc_tracing.client_interceptors(), options=keepalive)
-        stub = prefill_pb2_grpc.PrefillStub(ch) if role == "prefill" else decode_pb2_grpc.DecodeStub(ch)
-        return Worker(target, role, ch, stub, discovered_by=discovered_by)
+        return WorkerHandle(target, role, ch, discovered_by=discovered_by)
 
     @classmethod
     def connect(cls, prefill_targets: list[str], decode_targets: list[str], poll_s: float = 0.5,
@@ -119,8 +73,30 @@ class WorkerPool:
                     pool.group(role).append(pool._make(t, role))
         return pool
 
-    def group(self, role: str) -> list[Worker]:
+    def group(self, role: str) -> list[WorkerHandle]:
         return self.prefill if role == "prefill" else self.decode
+
+    def place(self, w: WorkerHandle, role: str, takes: frozenset[str] | None = None) -> None:
+        """Route to `w` as `role`: in the prefill group, the decode group or both
+        (`takes`: the calls to route to it, if fewer than its role's, as while it drains)."""
+        w.role = role
+        takes = TAKES[role] if takes is None else takes
+        for work, group in (("prefill", self.prefill), ("decode", self.decode)):
+            if work in takes and w not in group:
+                group.append(w)
+            elif work not in takes and w in group:
+                group.remove(w)
+
+    def _follow(self, w: WorkerHandle) -> None:
+        """An elastic worker is routed to as the role it reports (another router may have switched it);
+        while this router switches it, only for the calls of both roles until it reports the new one."""
+        if not w.elastic:
+            return
+        reported = ROLE_NAMES.get(w.info.role, w.role)
+        if w.switching_to and reported != w.switching_to:
+            self.place(w, w.role, TAKES[w.role] & TAKES[w.switching_to])
+        elif reported != w.role or not all(w in self.group(r) for r in TAKES[reported]):
+            self.place(w, reported)
 
     # -- discovery: every address a DNS name resolves to ----------------------------
     async def discover(self) -> None:
@@ -141,35 +117,34 @@ class WorkerPool:
             family = socket.AF_INET if any(i[0] == socket.AF_INET for i in infos) else socket.AF_INET6
             found = {f"[{i[4][0]}]:{port}" if family == socket.AF_INET6 else f"{i[4][0]}:{port}"
                      for i in infos if i[0] == family}
-            group = self.group(role)
-            have = {w.target for w in group if w.discovered_by == target}
+            have = {w.target for w in self.all if w.discovered_by == target}  # an elastic one may have moved
             for address in sorted(found - have):
-                group.append(self._make(address, role, discovered_by=target))
+                self.group(role).append(self._make(address, role, discovered_by=target))
                 log.info("discovery: %s worker at %s (%s)", role, address, target)
-            for w in [w for w in group if w.discovered_by == target and w.target not in found]:
-                group.remove(w)  # no new requests; those in flight keep its channel until they end
+            for w in [w for w in self.all if w.discovered_by == target and w.target not in found]:
+                self.place(w, w.role, frozenset())  # no new requests; those in flight keep its channel until they end
                 log.info("discovery: %s worker at %s left %s", role, w.target, target)
                 task = asyncio.create_task(self._close_when_idle(w))
                 self._retiring[task] = w
                 task.add_done_callback(lambda t: self._retiring.pop(t, None))
 
-    async def _close_when_idle(self, w: Worker, limit_s: float = 600.0) -> None:
+    async def _close_when_idle(self, w: WorkerHandle, limit_s: float = 600.0) -> None:
         deadline = time.monotonic() + limit_s
         while w.inflight and time.monotonic() < deadline:
             await asyncio.sleep(1.0)
         await w.channel.close()
 
     # -- registration: workers that announce themselves --------------------------
-    def register(self, info: pb.WorkerInfo, load: pb.WorkerLoad) -> Worker:
+    def register(self, info: pb.WorkerInfo, load: pb.WorkerLoad) -> WorkerHandle:
         """Add (or refresh) a worker by its address; idempotent."""
         role = "prefill" if info.role == pb.WORKER_ROLE_PREFILL else "decode"
-        group = self.prefill if role == "prefill" else self.decode
-        w = next((w for w in group if w.target == info.address), None)
+        w = next((w for w in self.all if w.target == info.address), None)
         if w is None:
             w = self._make(info.address, role)
-            group.append(w)
+            self.group(role).append(w)
             log.info("worker %s (%s) registered at %s", info.worker_id, role, info.address)
         w.info, w.load, w.healthy, w.registered, w.last_seen = info, load, True, True, time.monotonic()
+        self._follow(w)
         self.mark_twins()
         return w
 
@@ -178,15 +153,17 @@ class WorkerPool:
         if w is None:
             return False
         w.load, w.healthy, w.last_seen = load, True, time.monotonic()
+        if w.elastic and load.role != w.info.role:  # switched by another router since it registered
+            w.info.role = load.role
+            self._follow(w)
         self.mark_twins()
         return True
 
     def deregister(self, worker_id: str) -> None:
-        for group in (self.prefill, self.decode):
-            for w in [w for w in group if w.worker_id == worker_id]:
-                group.remove(w)
-                asyncio.ensure_future(w.channel.close())
-                log.info("worker %s deregistered", worker_id)
+        for w in [w for w in self.all if w.worker_id == worker_id]:
+            self.place(w, w.role, frozenset())
+            asyncio.ensure_future(w.channel.close())
+            log.info("worker %s deregistered", worker_id)
 
     def expire(self) -> None:
         """Drop registered workers that stopped heartbeating (peer death is
@@ -197,17 +174,19 @@ class WorkerPool:
             self.deregister(w.worker_id)
 
     @property
-    def all(self) -> list[Worker]:
-        return self.prefill + self.decode
+    def all(self) -> list[WorkerHandle]:
+        """Each worker once (an elastic worker in role both is in both groups)."""
+        return list({id(w): w for w in self.prefill + self.decode}.values())
 
     async def refresh(self) -> None:
-        async def one(w: Worker) -> None:
+        async def one(w: WorkerHandle) -> None:
             try:
                 t = time.perf_counter()
-                r = await w.stub.GetLoad(pb.GetLoadRequest(), timeout=max(1.0, 4 * self.poll_s))
+                r = await w.load_stub.GetLoad(pb.GetLoadRequest(), timeout=max(1.0, 4 * self.poll_s))
                 rtt = (time.perf_counter() - t) * 1e3
                 w.rtt_ms = 0.8 * w.rtt_ms + 0.2 * rtt if w.rtt_ms else rtt
                 w.info, w.load, w.healthy, w.last_seen = r.info, r.load, True, time.monotonic()
+                self._follow(w)
             except grpc.aio.AioRpcError as e:
                 if w.healthy:
                     log.warning("worker %s unreachable: %s", w.target, e.code().name)
@@ -222,7 +201,7 @@ class WorkerPool:
         only: counted twice, it would draw twice its share of requests. Its identity is
         the instance id it draws at start, not its worker id, which a copied config can repeat."""
         for group in (self.prefill, self.decode):
-            first: dict[str, Worker] = {}
+            first: dict[str, WorkerHandle] = {}
             for w in group:
                 instance = w.info.instance_id if w.info else ""
                 if not instance or not w.healthy:  # a dead route claims no identity
@@ -256,5 +235,11 @@ class WorkerPool:
         await asyncio.gather(*(w.channel.close() for w in [*self.all, *(w for _, w in retiring)]),
                              return_exceptions=True)
 
+    @property
+    def elastic(self) -> bool:
+        """Some worker changes role: a split with no prefill worker is one it may choose."""
+        return any(w.elastic for w in self.all)
+
     def ready(self, need_prefill: bool) -> bool:
-        return any(w.routable for w in self.decode) and (not need_prefill or any(w.routable for w in self.prefill))
+        return any(w.routable for w in self.decode) and (
+            not need_prefill or self.elastic or any(w.routable for w in self.prefill))

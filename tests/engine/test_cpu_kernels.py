@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdserve.common.engine import kernels
-from pdserve.common.engine.packed_linear import PackedLinear, can_pack, pack_linears
+from pdserve.common.engine.packed_linear import can_pack, pack_linears
 from pdserve.common.engine.sampling_params import SamplingParams
 
 BLOCK = 16

@@ -1,6 +1,7 @@
 """`pdserve profile` on the tiny random model: real steps of known shapes, a fitted step model, a keyed cache."""
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -8,7 +9,7 @@ import pytest
 from pdserve.cli import main
 from pdserve.common import model_loader
 from pdserve.planner import measure
-from pdserve.planner.profile import Profile, ProfileMismatchError, StepShape
+from pdserve.planner.profile import Profile, ProfileMismatchError, StepShape, model_key
 
 FIT_ERROR_BOUND = 0.5  # median relative error on its own samples: 8-21% seen; tiny steps (2-10 ms) are noisy
 
@@ -20,7 +21,7 @@ def measured(tiny_model_dir):
 
 def test_a_profile_is_keyed_by_the_model_dtype_and_this_hardware(measured, tiny_model_dir):
     profile, _ = measured
-    assert profile.model == measure.model_key(model_loader.resolve(str(tiny_model_dir)))
+    assert profile.model == model_key(model_loader.resolve(str(tiny_model_dir)))
     assert profile.hardware == measure.hardware_key("cpu") and profile.hardware.startswith("cpu: ")
     assert profile.dtype in ("float32", "bfloat16") and profile.block_size > 0 and profile.measured_at
     assert set(profile.steps) == {1}
@@ -97,3 +98,13 @@ def test_pdserve_profile_prints_each_thread_counts_model_and_fit_error(tiny_mode
     text = capsys.readouterr().out
     assert "fit error" in text and f"saved to {out}" in text
     assert Profile.load(out).steps.keys() == {1}
+
+
+def test_pdserve_plan_refuses_a_given_profile_of_another_model_than_model_naming_both(measured, tiny_model_dir,
+                                                                                      tmp_path, capsys):
+    profile, _ = measured
+    path = tmp_path / "p.json"
+    dataclasses.replace(profile, model="other@0123").save(path)
+    assert main(["plan", "--profile", str(path), "--model", str(tiny_model_dir), "--cores", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "'other@0123'" in err and repr(profile.model) in err

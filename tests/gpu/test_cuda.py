@@ -19,8 +19,8 @@ from pdserve.common.engine.engine import LLMEngine
 from pdserve.common.engine.sampling_params import SamplingParams
 from pdserve.common.kv.hashing import block_hashes
 from pdserve.common.kv.pool import KVPool
-from pdserve.common.kv.store_client import StoreClient
 from pdserve.common.kv.spec import KVSpec
+from pdserve.common.kv.store_client import StoreClient
 from pdserve.common.transfer import TransferStatus, ucx
 from pdserve.common.transfer.staging import StagedBlock
 from pdserve.v1 import common_pb2 as pb
@@ -149,7 +149,7 @@ async def test_the_suite_on_cuda_streams_transformers_tokens(tiny, cases, mode):
 
 
 async def _a_stored_prefix_loads_into_a_cuda_pool_as_into_a_cpu_one(suite, prompt: list[int]) -> None:
-    spec = suite.prefill[0].engine.engine.spec
+    spec = suite.prefill[0].engine.spec
     hashes = block_hashes(spec.fingerprint, prompt, spec.block_size)
     pools = {device: KVPool(spec, len(hashes), device) for device in ("cuda", "cpu")}
     rx, tx = ucx.UcxKVReceiver(), ucx.UcxKVSender()

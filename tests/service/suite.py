@@ -11,6 +11,7 @@ from pdserve.common.security import SecurityConfig
 from pdserve.common.server import add_health_service
 from pdserve.common.worker_config import WorkerConfig
 from pdserve.decode import serve as decode_serve
+from pdserve.elastic.serve import ElasticProcess
 from pdserve.kvstore import serve as kvstore_serve
 from pdserve.kvstore.config import KVStoreConfig
 from pdserve.prefill import serve as prefill_serve
@@ -52,7 +53,7 @@ async def pools_full(suite: InProcessSuite, dead: set[str] = frozenset(), timeou
     flight: no reservation, hold or block left. Frees are asynchronous (cancels reaching
     the workers, finishing sends), so this polls until `timeout`."""
     def stats():
-        return [rt.engine.engine.stats() for rt in suite.decode + suite.prefill if rt.worker_id not in dead]
+        return [rt.engine.stats() for rt in suite.decode + suite.prefill if rt.worker_id not in dead]
 
     def full() -> bool:
         return suite.router.router.inflight == 0 and all(s.free_blocks == s.total_blocks and
@@ -64,15 +65,24 @@ async def pools_full(suite: InProcessSuite, dead: set[str] = frozenset(), timeou
                              f"in flight): {stats()}")
 
 
+async def _stop(process) -> None:
+    """A worker process's parts, as its own shutdown stops them (the server first)."""
+    await process.runtime.server.stop(grace=0)
+    await process.aclose()
+    await process.runtime.engine.stop()
+
+
 @contextlib.asynccontextmanager
 async def inprocess_suite(smollm2, mode: str = "disaggregated", *, prefill_workers: int = 1, decode_workers: int = 1,
                           store_blocks: int = 0, prefill_kw: dict | None = None,
                           decode_kw: dict | None = None, router_kw: dict | None = None,
-                          security: dict | None = None, **worker_kw) -> AsyncIterator[InProcessSuite]:
+                          security: dict | None = None, elastic: tuple[str, ...] = (),
+                          **worker_kw) -> AsyncIterator[InProcessSuite]:
     """store_blocks > 0 adds a KV store of that many blocks (used by the prefill workers,
     and by the decode worker if decode_kw has use_store=True); prefill_kw, decode_kw and
     router_kw override settings. The router always disaggregates unless router_kw says otherwise.
-    `security`: SecurityConfig settings (tls_*, internal_token) given to every service."""
+    `security`: SecurityConfig settings (tls_*, internal_token) given to every service.
+    `elastic`: the first roles of elastic workers (`elastic-0`, ...) added to the others."""
     security = security or {}
     ref, _, tokenizer = smollm2
 
@@ -92,9 +102,7 @@ async def inprocess_suite(smollm2, mode: str = "disaggregated", *, prefill_worke
 
         async def stop_store():
             await server.stop(grace=0)
-            await store.stop()
-            await store.receiver.close()
-            await store.sender.close()
+            await store.aclose()
         stack.push_async_callback(stop_store)
 
     # No warm-up unless asked (worker_kw warm_up=True): it seeds the cost model, which only
@@ -109,21 +117,11 @@ async def inprocess_suite(smollm2, mode: str = "disaggregated", *, prefill_worke
     for i in range(decode_workers):
         dcfg = WorkerConfig(role="colocated" if mode == "colocated" else "decode", worker_id=f"decode-{i}", **base)
         dcfg = dataclasses.replace(dcfg, **decode_kw)
-        decode_rt, decode_worker = decode_serve.build(dcfg, engine_for(dcfg))
-        await decode_worker.start()
-        await decode_rt.start()
-        decode.append(decode_rt)
-        decoders.append(decode_worker)
-
-        async def stop_decode(rt=decode_rt, w=decode_worker):
-            await rt.server.stop(grace=0)
-            await rt.engine.stop()
-            await w.stop()
-            if w.store:
-                await w.store.close()
-                await w.store.sender.close()
-            await w.receiver.close()
-        stack.push_async_callback(stop_decode)
+        process = decode_serve.DecodeProcess(dcfg, engine_for(dcfg))
+        await process.start()
+        decode.append(process.runtime)
+        decoders.append(process.worker)
+        stack.push_async_callback(_stop, process)
 
     prefill = []
     if mode == "disaggregated":
@@ -131,22 +129,23 @@ async def inprocess_suite(smollm2, mode: str = "disaggregated", *, prefill_worke
             pcfg = WorkerConfig(role="prefill", worker_id=f"prefill-{i}",
                                 kvstore=f"127.0.0.1:{store_port}" if store_port else "", **base)
             pcfg = dataclasses.replace(pcfg, **(prefill_kw or {}))
-            prefill_rt, prefill_worker = prefill_serve.build(pcfg, engine_for(pcfg))
-            await prefill_rt.start()
-            prefill.append(prefill_rt)
+            process = prefill_serve.PrefillProcess(pcfg, engine_for(pcfg))
+            await process.start()
+            prefill.append(process.runtime)
+            stack.push_async_callback(_stop, process)
 
-            async def stop_prefill(rt=prefill_rt, w=prefill_worker):
-                await rt.server.stop(grace=0)
-                await w.drain()
-                await rt.engine.stop()
-                if w.store:
-                    await w.store.close()
-                    await w.store.receiver.close()
-                await w.sender.close()
-            stack.push_async_callback(stop_prefill)
+    targets = {"prefill": [f"127.0.0.1:{rt.port}" for rt in prefill],
+               "decode": [f"127.0.0.1:{rt.port}" for rt in decode]}
+    for i, role in enumerate(elastic):
+        ecfg = WorkerConfig(role=role, worker_id=f"elastic-{i}", **base)
+        process = ElasticProcess(ecfg, engine_for(ecfg))
+        await process.start()
+        (prefill if role == "prefill" else decode).append(process.runtime)
+        targets["prefill" if role == "prefill" else "decode"].append(f"127.0.0.1:{process.runtime.port}")
+        stack.push_async_callback(_stop, process)
 
-    rcfg = RouterConfig(mode=mode, decode_targets=[f"127.0.0.1:{rt.port}" for rt in decode],
-                        prefill_targets=[f"127.0.0.1:{rt.port}" for rt in prefill], load_poll_s=0.2,
+    rcfg = RouterConfig(mode=mode, decode_targets=targets["decode"], prefill_targets=targets["prefill"],
+                        load_poll_s=0.2,
                         **{"port": 0, "http_port": 0, "local_prefill": "never", **security, **(router_kw or {})})
     router = RouterRuntime(rcfg, tokenizer, 2048)
     await router.start(ready_timeout_s=30)

@@ -43,7 +43,7 @@ async def _outcome(stub, req: rpb.GenerateRequest, timeout: float | None = None)
 
 def _computed(suite) -> list[int]:
     """Tokens each worker has run through its model so far."""
-    return [rt.engine.engine.computed_tokens for rt in suite.decode + suite.prefill]
+    return [rt.engine.computed_tokens for rt in suite.decode + suite.prefill]
 
 
 async def test_the_router_refuses_past_max_inflight_at_once_and_finishes_what_it_took(smollm2):

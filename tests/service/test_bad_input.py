@@ -17,7 +17,8 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from pdserve.common.server import DEFAULT_OPTIONS, ERROR_FIELD_KEY
+from pdserve.common.grpc_errors import ERROR_FIELD_KEY
+from pdserve.common.server import DEFAULT_OPTIONS
 from pdserve.router.openai_http import MAX_BODY_BYTES
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import decode_pb2 as dpb
@@ -47,13 +48,13 @@ def state(suite) -> tuple:
     """Everything a request could change: the router's counts, every engine's stats."""
     router = suite.router.router
     return (router.inflight, dict(router.decisions), [(w.inflight, w.inflight_tokens) for w in router.pool.all],
-            [dataclasses.astuple(rt.engine.engine.stats()) for rt in suite.decode + suite.prefill])
+            [dataclasses.astuple(rt.engine.stats()) for rt in suite.decode + suite.prefill])
 
 
 def assert_idle(suite) -> None:
     assert suite.router.router.inflight == 0
     for rt in suite.decode + suite.prefill:
-        s = rt.engine.engine.stats()
+        s = rt.engine.stats()
         assert s.free_blocks == s.total_blocks and s.reserved == s.held == s.running == s.waiting == 0, s
 
 
@@ -162,7 +163,7 @@ FINGERPRINTS = {"missing": lambda spec: b"",
 
 @pytest.mark.parametrize("fingerprint", FINGERPRINTS)
 async def test_a_decode_worker_reserves_nothing_for_a_sender_of_another_kv_layout(suite, fingerprint):
-    spec = suite.decode[0].engine.engine.spec  # float32 (the suite's)
+    spec = suite.decode[0].engine.spec  # float32 (the suite's)
     before = state(suite)
     with pytest.raises(grpc.aio.AioRpcError) as failure:
         await suite.worker_stubs()[0].Reserve(dpb.ReserveRequest(
@@ -175,7 +176,7 @@ async def test_a_decode_worker_reserves_nothing_for_a_sender_of_another_kv_layou
 
 @pytest.mark.parametrize("fingerprint", FINGERPRINTS)
 async def test_a_prefill_worker_computes_nothing_for_a_ticket_of_another_kv_layout(suite, fingerprint):
-    spec = suite.prefill[0].engine.engine.spec  # float32 (the suite's)
+    spec = suite.prefill[0].engine.spec  # float32 (the suite's)
     ticket = pb.TransferTicket(transfer_id="fp", secret=bytes(32), ucx_address=b"x", dest_block_ids=[0, 1],
                                num_blocks=2, block_bytes=spec.block_bytes,
                                kv_fingerprint=FINGERPRINTS[fingerprint](spec))

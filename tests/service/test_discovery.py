@@ -56,8 +56,8 @@ async def two_workers_on_one_port(ids: tuple[str, str] = ("null-a", "null-b")):
     try:
         yield a, b
     finally:
-        await a.stop()
-        await b.stop()
+        await a.aclose()
+        await b.aclose()
 
 
 @contextlib.asynccontextmanager

@@ -32,7 +32,7 @@ async def _collect(stream):
 
 
 def _busy(runtime) -> bool:
-    stats = runtime.engine.engine.stats()
+    stats = runtime.engine.stats()
     return stats.running + stats.waiting > 0
 
 

@@ -114,7 +114,7 @@ async def _outcome(suite, req: rpb.GenerateRequest):
 
 async def _idle(suite) -> None:
     for _ in range(250):
-        stats = [rt.engine.engine.stats() for rt in suite.decode + suite.prefill]
+        stats = [rt.engine.stats() for rt in suite.decode + suite.prefill]
         if suite.router.router.inflight == 0 and all(
                 s.free_blocks == s.total_blocks and s.reserved == s.held == s.running == s.waiting == 0 for s in stats):
             return

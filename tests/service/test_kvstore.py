@@ -184,6 +184,4 @@ async def test_a_write_lease_never_committed_expires_and_frees_its_slots():
             await store.Release(kpb.ReleaseLeaseRequest(lease_id=again.ticket.transfer_id))
     finally:
         await server.stop(grace=0)
-        await service.stop()
-        await service.receiver.close()
-        await service.sender.close()
+        await service.aclose()

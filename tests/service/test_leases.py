@@ -81,11 +81,11 @@ async def test_random_cancellations_and_a_stopped_worker_leave_every_pool_full(s
         # asks for one as long as its Prefill timeout, so every free here is a real release.
 
         async def all_free() -> bool:
-            stats = [rt.engine.engine.stats() for rt in survivors]
+            stats = [rt.engine.stats() for rt in survivors]
             return all(s.free_blocks == s.total_blocks and s.reserved == s.held == s.running == s.waiting == 0
                        for s in stats) and (await suite.store_stats()).active_leases == 0
         await settles(all_free, timeout=30)
-        stats = [rt.engine.engine.stats() for rt in survivors]
+        stats = [rt.engine.stats() for rt in survivors]
         store = await suite.store_stats()
         assert all(s.free_blocks == s.total_blocks for s in stats), stats
         assert all(s.reserved == s.held == s.running == s.waiting == 0 for s in stats), stats
@@ -103,7 +103,7 @@ async def test_a_release_that_overtakes_its_reserve_frees_the_reservation_as_it_
         assert await worker.release("r-early") is False  # nothing to free yet
         with pytest.raises(NotFoundError, match="released before it was made"):
             await worker.reserve("r-early", list(range(40)), worker.spec.fingerprint, lease_ms=600_000)
-        stats = worker.engine.engine.stats()
+        stats = worker.engine.stats()
         assert stats.reserved == 0 and stats.free_blocks == stats.total_blocks
         assert worker.active_reservations == 0
         r = await worker.reserve("r-next", list(range(40)), worker.spec.fingerprint, lease_ms=600_000)  # others unaffected
@@ -118,7 +118,7 @@ async def test_a_client_gone_just_as_decode_is_called_leaves_no_reservation_behi
     # blocks come back at once, not when the (long) lease runs out.
     _, _, tokenizer = smollm2
     async with inprocess_suite(smollm2, decode_kw={"lease_ms": 600_000}) as suite:
-        engine = suite.decode[0].engine.engine
+        engine = suite.decode[0].engine
 
         def freed() -> bool:
             s = engine.stats()
@@ -146,7 +146,7 @@ async def test_a_decode_cancelled_while_waiting_to_join_the_batch_frees_its_bloc
     # free the blocks: no lease would sweep them any more.
     async with inprocess_suite(smollm2) as suite:
         worker = suite.decode_workers[0]
-        engine = worker.engine.engine
+        engine = worker.engine
         r = await worker.reserve("r-admit", list(range(40)), worker.spec.fingerprint, lease_ms=600_000)
         blocks = torch.zeros(len(r.dest_block_ids), r.ticket.block_bytes, dtype=torch.uint8)
         sender = UcxKVSender()

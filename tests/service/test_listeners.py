@@ -29,8 +29,7 @@ async def kvstore(**settings):
         yield listening(os.getpid()) - before
     finally:
         await server.stop(grace=0)
-        await service.receiver.close()
-        await service.sender.close()
+        await service.aclose()
 
 
 @needs_another_interface

@@ -36,7 +36,7 @@ async def null_suite(tokenizer):
         yield router, worker
     finally:
         await router.stop()
-        await worker.stop()
+        await worker.aclose()
 
 
 async def test_a_request_through_the_router_returns_the_null_engines_fixed_tokens(tokenizer):

@@ -13,7 +13,7 @@ import openai
 import pytest
 import pytest_asyncio
 
-from pdserve.common.server import ERROR_FIELD_KEY
+from pdserve.common.grpc_errors import ERROR_FIELD_KEY
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import router_pb2 as rpb
 from tests.polling import settles
@@ -155,7 +155,7 @@ async def test_malformed_json_is_a_400(suite):
 @pytest.mark.parametrize("stream", [True, False])
 async def test_client_disconnect_cancels_downstream(suite, client, model, stream):
     kw = dict(model=model, prompt="Count: 1, 2, 3,", max_tokens=400, temperature=0, extra_body={"ignore_eos": True})
-    decode = suite.decode[0].engine.engine
+    decode = suite.decode[0].engine
     before = decode.computed_tokens
     if stream:
         got = 0

@@ -17,15 +17,13 @@ from pdserve.v1 import router_pb2 as rpb
 from pdserve.v1 import router_pb2_grpc
 
 
-async def _worker(build, smollm2, router_port: int, **kw):
+async def _worker(process_type, smollm2, router_port: int, **kw):
     ref, _, tokenizer = smollm2
     cfg = WorkerConfig(port=0, num_kv_blocks=128, router=[f"127.0.0.1:{router_port}"], **kw)
     model, _ = model_loader.load(ref)
-    rt, worker = build(cfg, LLMEngine(cfg.engine_config(), model, tokenizer, ref))
-    if hasattr(worker, "start"):
-        await worker.start()
-    await rt.start()
-    return rt
+    process = process_type(cfg, LLMEngine(cfg.engine_config(), model, tokenizer, ref))
+    await process.start()
+    return process.runtime
 
 
 async def _listed(stub) -> list[str]:
@@ -37,8 +35,8 @@ async def test_workers_register_serve_and_leave(smollm2):
     router = RouterRuntime(RouterConfig(port=0, http_port=-1, load_poll_s=0.2, worker_lease_s=1.5,
                                         local_prefill="never"), tokenizer, 2048)
     starting = asyncio.create_task(router.start(ready_timeout_s=60))  # ready once workers have registered
-    decode = await _worker(decode_serve.build, smollm2, router.port, worker_id="d0")
-    prefill = await _worker(prefill_serve.build, smollm2, router.port, worker_id="p0", role="prefill")
+    decode = await _worker(decode_serve.DecodeProcess, smollm2, router.port, worker_id="d0")
+    prefill = await _worker(prefill_serve.PrefillProcess, smollm2, router.port, worker_id="p0", role="prefill")
     await starting
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{router.port}")
     stub = router_pb2_grpc.RouterStub(channel)

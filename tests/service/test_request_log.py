@@ -8,10 +8,9 @@ import logging
 import re
 from pathlib import Path
 
-
 from pdserve.client import AsyncClient
 from pdserve.common import logs
-from tests.service.test_null_worker import null_suite, tokenizer  # noqa: F401  (a fixture)
+from tests.service.test_null_worker import null_suite, tokenizer  # noqa: F401  (fixtures)
 
 DOC = Path(__file__).parents[2] / "docs" / "observability.md"
 
@@ -27,7 +26,7 @@ def fields(text_line: str) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in tail.split())
 
 
-async def one_logged_request(tokenizer, fmt: str) -> list[str]:
+async def one_logged_request(tokenizer, fmt: str) -> list[str]:  # noqa: F811  (the fixture)
     stream = io.StringIO()
     logger = logging.getLogger("pdserve.router.request_metrics")
     handler = logs.make_handler(fmt, service="router", stream=stream)

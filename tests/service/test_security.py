@@ -252,6 +252,22 @@ async def test_router_registers_no_worker_for_a_caller_without_the_internal_toke
     assert "rogue" not in {w.worker_id for w in suite.router.pool.all}
 
 
+async def test_only_a_caller_with_the_internal_token_may_switch_a_worker_s_role(suite, pki):
+    """An end user with a valid certificate and API key moves no worker; the operator's token
+    reaches the router's own checks (decode-0 is not elastic)."""
+    request = rpb.SetWorkerRoleRequest(worker_id="decode-0", role=pb.WORKER_ROLE_PREFILL)
+    metadata = (("authorization", f"Bearer {API_KEY}"),)
+    async with dial(_router(suite), pki["user"]) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await router_pb2_grpc.RouterStub(channel).SetWorkerRole(request, metadata=metadata, timeout=10)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    async with dial(_router(suite), pki["service"]) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await router_pb2_grpc.RouterStub(channel).SetWorkerRole(request, metadata=((TOKEN_KEY, TOKEN),),
+                                                                    timeout=10)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
 async def test_a_worker_with_the_token_and_a_certificate_registers_and_leaves(suite, pki):
     svc = pki["service"]
     worker = SecurityConfig(tls_cert=svc.cert, tls_key=svc.key, tls_ca=svc.ca, internal_token=TOKEN)
@@ -289,5 +305,4 @@ async def test_internal_token_alone_keeps_strangers_off_a_plaintext_kv_store():
         assert service.store.stats.lookups == 1  # the refused call never reached the store
     finally:
         await server.stop(grace=0)
-        await service.receiver.close()
-        await service.sender.close()
+        await service.aclose()

@@ -15,8 +15,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve.common import errors
-from pdserve.common.server import (ERROR_FIELD_KEY, ERROR_TYPE_KEY, add_health_service, bind,
-                                   create_server, serve_until_stopped)
+from pdserve.common.grpc_errors import ERROR_FIELD_KEY, ERROR_TYPE_KEY
+from pdserve.common.server import add_health_service, bind, create_server, serve_until_stopped
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 
 Code = grpc.StatusCode

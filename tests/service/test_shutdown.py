@@ -44,7 +44,7 @@ async def slow_worker():
     try:
         yield worker
     finally:
-        await worker.stop()
+        await worker.aclose()
 
 
 @contextlib.asynccontextmanager

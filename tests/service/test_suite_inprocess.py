@@ -7,8 +7,8 @@ import grpc
 import pytest
 
 from pdserve.common.engine.sampling_params import SamplingParams
+from pdserve.router.prompt import GenerateInput
 from pdserve.router.request_metrics import RequestMetrics
-from pdserve.router.router import GenerateInput
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import router_pb2 as rpb
 from tests.engine.prompts import prompts_by_length
@@ -112,7 +112,7 @@ async def test_an_unclaimed_reservation_expires_and_frees_its_blocks(smollm2):
     async with inprocess_suite(smollm2) as suite:
         decode = suite.worker_stubs()[0]
         r = await decode.Reserve(dpb.ReserveRequest(request_id="orphan", prompt_token_ids=list(range(100, 200)),
-                                                    kv_fingerprint=suite.decode[0].engine.engine.spec.fingerprint,
+                                                    kv_fingerprint=suite.decode[0].engine.spec.fingerprint,
                                                     lease_ms=300))
         assert r.ticket.num_blocks > 0 and r.ticket.expires_at_unix_ms > 0
         assert (await suite.loads())[0].free_blocks < (await suite.loads())[0].total_blocks
@@ -139,7 +139,7 @@ async def test_seeded_requests_in_bfloat16_draw_what_one_bfloat16_engine_draws(s
     engine = make_engine("bfloat16")
     alone = [engine.generate([ids], SamplingParams(**seeded))[0] for ids in prompts]
     async with inprocess_suite(smollm2, dtype="bfloat16") as suite:
-        assert {rt.engine.engine.spec.dtype for rt in suite.decode + suite.prefill} == {"bfloat16"}
+        assert {rt.engine.spec.dtype for rt in suite.decode + suite.prefill} == {"bfloat16"}
         for i, (ids, want) in enumerate(zip(prompts, alone)):
             tokens, _, last = await _collect(suite.stub, rpb.GenerateRequest(
                 request_id=f"s{i}", token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParams(**seeded)))

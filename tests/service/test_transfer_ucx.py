@@ -343,8 +343,8 @@ def test_a_receiver_still_holding_a_block_from_a_sender_now_gone_closes_and_is_d
 def test_once_closed_a_receiver_and_a_sender_refuse_new_transfers_by_name(transport):
     from pdserve.common.errors import TransferFailedError
     from pdserve.common.kv.pool import KVPool
-    from pdserve.common.worker_config import WorkerConfig
     from pdserve.common.transfer.transport import make_receiver, make_sender
+    from pdserve.common.worker_config import WorkerConfig
 
     async def scenario():
         pool = KVPool(SPEC, 2)

@@ -27,7 +27,7 @@ async def test_kv_moves_only_between_workers_of_one_wire_version(smollm2, advert
         routes = await _routes(suite, tokenizer)  # the router never prefills locally by choice here
         listed = {w.info.worker_id: w for w in
                   (await suite.stub.ListWorkers(rpb.ListWorkersRequest())).workers}
-        computed = suite.prefill[0].engine.engine.stats().computed_tokens
+        computed = suite.prefill[0].engine.stats().computed_tokens
         await pools_full(suite)
     assert listed["prefill-0"].info.kv_wire_version == advertised and listed["decode-0"].info.software_version
     if advertised == WIRE_VERSION:  # the control: the same suite pairs them

@@ -87,6 +87,12 @@ def test_a_range_check_names_the_setting_and_the_value():
                            "--capacity-gib", "PDSERVE_CAPACITY_GIB", "-2.0")
 
 
+@pytest.mark.parametrize("service, role", [("decode", "both"), ("decode", "prefill"), ("elastic", "colocated")])
+def test_a_role_the_service_cannot_take_is_one_line(service, role):
+    line = assert_one_line_naming(pdserve("serve", service, "--role", role), "--role", repr(role))
+    assert "pdserve serve elastic" in line or service == "elastic"
+
+
 def test_a_device_that_does_not_exist_is_refused_before_the_model_loads():
     # On any machine: no CUDA at all, or no 100th CUDA device.
     line = assert_one_line_naming(pdserve("serve", "decode", "--device", "cuda:99"), "--device", "cuda:99")

@@ -65,7 +65,7 @@ async def worker_target():
     worker = NullWorker(NullWorkerConfig(port=0))
     await worker.start()
     yield f"127.0.0.1:{worker.port}"
-    await worker.stop()
+    await worker.aclose()
 
 
 async def test_a_workers_port_is_named_as_not_a_router(worker_target):

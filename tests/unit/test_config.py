@@ -9,8 +9,7 @@ from typing import Literal, Optional
 
 import pytest
 
-from pdserve.common.config import (ArgumentParser, ServiceConfig, SettingError, UsageError, load_config_file,
-                                   option)
+from pdserve.common.config import ArgumentParser, ServiceConfig, SettingError, UsageError, load_config_file, option
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,18 @@ def test_disaggregated_plan():
     assert launcher.plan("disaggregated", 1, 1, http_port=-1, python="py")[-1].argv[-2:] == ("--http-port", "-1")
 
 
+def test_an_elastic_plan_starts_elastic_workers_in_their_first_roles_and_a_balancing_router():
+    balance = ("--balance-profile", "/p.json", "--slo-ttft-ms", "3000", "--slo-tpot-ms", "150")
+    services = launcher.plan("disaggregated", 1, 1, threads=1, python="py", elastic=True, balance=balance)
+    by_name = {s.name: s for s in services}
+    assert by_name["prefill-0"].argv[4:5] == by_name["decode-0"].argv[4:5] == ("elastic",)
+    assert by_name["prefill-0"].argv[-4:] == ("--role", "prefill", "--kvstore", "127.0.0.1:50063")
+    assert by_name["decode-0"].argv[-4:-2] == ("--role", "decode")
+    assert " ".join((*balance, "--balance-threads", "1")) in " ".join(by_name["router"].argv)
+    with pytest.raises(ValueError, match="elastic"):
+        launcher.plan("colocated", 0, 2, python="py", elastic=True)
+
+
 def test_a_device_list_is_dealt_out_to_the_model_workers_in_turn():
     def devices(*shape, **kw):
         return {s.name: s.argv[s.argv.index("--device") + 1] if "--device" in s.argv else None

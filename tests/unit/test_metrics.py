@@ -23,6 +23,7 @@ SCRIPT = textwrap.dedent("""
     from pdserve.common.engine.outputs import EngineStats
     from pdserve.common.engine.sequence import FinishReason
     from pdserve.common.errors import CapacityExhaustedError, TransferFailedError
+    from pdserve.common.records import Route, Usage
     from pdserve.common.transfer import LoopbackKVReceiver, LoopbackKVSender
     from pdserve.kvstore.store import BlockStore
     from pdserve.router.request_metrics import RequestMetrics
@@ -38,7 +39,7 @@ SCRIPT = textwrap.dedent("""
             yield Event("r1", [i], "w")
         await asyncio.sleep(0.02)
         yield Event("r1", [7, 8], "ww", FinishReason.STOP)  # the last tokens say it ended...
-        yield Event("r1", [], "", FinishReason.STOP, (10, 6, 0), {}, ("prefill-0", "decode-0", True))  # ...and a summary
+        yield Event("r1", [], "", FinishReason.STOP, Usage(10, 6, 0), {}, Route("prefill-0", "decode-0", True))  # summary
 
     async def refused_stream():
         raise CapacityExhaustedError("full")
@@ -87,6 +88,7 @@ SCRIPT = textwrap.dedent("""
     router.decisions.update(disaggregated=4, local_prefill=2)
     router.recoveries.update(decode=3, gave_up=1)
     metrics.PAIRS_SKIPPED.add(2, {"reason": "kv_wire_version"})  # router.plan.choose's count
+    metrics.ROLE_SWITCHES.add(1, {"from": "prefill", "to": "decode", "reason": "balancer"})  # router.roles
     metrics.watch_engine(engine, worker_id="decode-0", role="decode")
     metrics.watch_store(store)
     metrics.watch_router(router)

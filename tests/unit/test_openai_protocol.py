@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from pdserve.common.errors import InvalidRequestError
+from pdserve.common.records import Usage
 from pdserve.router.openai_protocol import ResponseShaper, parse_request
 
 USER = [{"role": "user", "content": "hi"}]
@@ -88,7 +89,7 @@ def test_shapes_match_openai():
     s = ResponseShaper("chat", "m", "abc", include_usage=True)
     assert s.chunk(None, role=True)["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert s.chunk("x")["usage"] is None and s.chunk("x")["object"] == "chat.completion.chunk"
-    assert s.usage_chunk((3, 2, 1))["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
+    assert s.usage_chunk(Usage(3, 2, 1))["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
                                                  "prompt_tokens_details": {"cached_tokens": 1}}
-    full = ResponseShaper("completion", "m", "abc").full("t", "length", (1, 1, 0))
+    full = ResponseShaper("completion", "m", "abc").full("t", "length", Usage(1, 1, 0))
     assert full["id"] == "cmpl-abc" and full["choices"][0]["text"] == "t" and full["object"] == "text_completion"

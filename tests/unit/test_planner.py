@@ -7,7 +7,7 @@ import pytest
 
 from pdserve.bench.workload import Mixed, Request
 from pdserve.cli import main
-from pdserve.planner.planner import NoTopologyError, Objectives, candidates, plan, reason
+from pdserve.planner.planner import NoTopologyError, Objectives, candidates, plan, reason, sim_requests
 from pdserve.planner.profile import Profile, StepModel, StepShape, fit
 from pdserve.planner.simulator import Topology, simulate
 
@@ -68,6 +68,13 @@ def test_halving_the_threads_per_phase_loses_where_steps_scale_with_cores():
                   cores=2, chunks=(512,))
     assert scores[0].topology.mode == "colocated" and scores[0].capacity_rps > 0
     assert "the best disaggregated" in reason(scores)
+
+
+@pytest.mark.parametrize("rate", [0.05, 1.0, 7.0, 40.0])
+def test_every_rate_is_simulated_long_enough_to_reach_a_steady_state(rate):
+    # A short run at a high rate ends before its queues and batches grow, and overstates what it sustains.
+    n = sim_requests(rate)
+    assert n >= 150 and n / rate >= 90
 
 
 def test_objectives_no_topology_meets_are_refused_naming_the_closest():

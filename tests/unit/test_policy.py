@@ -2,17 +2,17 @@
 from __future__ import annotations
 
 from pdserve.router import policy
-from pdserve.router.worker_pool import Worker
+from pdserve.router.worker_handle import WorkerHandle
 from pdserve.v1 import common_pb2 as pb
 
 
-def _worker(name: str, role: str, tps: float, step_ms: float, running: int = 0, waiting: int = 0) -> Worker:
+def _worker(name: str, role: str, tps: float, step_ms: float, running: int = 0, waiting: int = 0) -> WorkerHandle:
     load = pb.WorkerLoad(prefill_tokens_per_s=tps, decode_step_ms=step_ms,
                          running_seqs=running, waiting_tokens=waiting)
-    return Worker(name, role, channel=None, stub=None, load=load, healthy=True)
+    return WorkerHandle(name, role, channel=None, load=load, healthy=True)
 
 
-def _decide(decode: Worker, prefill: Worker, prompt: int, hop_ms: float = 1.0) -> bool:
+def _decide(decode: WorkerHandle, prefill: WorkerHandle, prompt: int, hop_ms: float = 1.0) -> bool:
     index = policy.PrefixIndex()
     d = policy.cheapest([decode], index, [], prompt, 16)
     p = policy.cheapest([prefill], index, [], prompt, 16)
@@ -51,7 +51,7 @@ def test_a_stream_the_router_sent_since_the_last_poll_counts_as_running():
 def test_a_long_prompt_leaves_an_idle_decode_worker_that_streams_keep_arriving_at():
     # One CPU core: 1,000 tokens stall the worker for 5 s. At 0.2 requests/s one
     # more stream arrives in that time and waits for the rest of it.
-    def decode_worker(arrivals: int) -> Worker:
+    def decode_worker(arrivals: int) -> WorkerHandle:
         w = _worker("d", "decode", tps=200, step_ms=50)
         for _ in range(arrivals):  # 6 in the meter's 30 s window: 0.2/s
             w.arrivals.add()
@@ -77,7 +77,7 @@ def test_cheapest_prefers_the_worker_holding_the_prefix():
     assert choice.worker is b and choice.cached_blocks == 20
 
 
-def _fingerprinted(name: str, role: str, fingerprint: bytes) -> Worker:
+def _fingerprinted(name: str, role: str, fingerprint: bytes) -> WorkerHandle:
     w = _worker(name, role, tps=1000.0, step_ms=1.0)
     w.info = pb.WorkerInfo(worker_id=name, kv_spec=pb.KVSpec(fingerprint=fingerprint, block_size=16))
     return w

@@ -56,7 +56,7 @@ def test_check_ignores_only_toolchain_version_stamps(tmp_path):
 
 
 def test_every_proto_has_its_three_committed_stubs():
-    assert PROTOS == ["common", "decode", "kvstore", "prefill", "router"]
+    assert PROTOS == ["common", "decode", "kvstore", "prefill", "router", "worker"]
     for name in PROTOS:
         for suffix in ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi"):
             assert (STUB_DIR / f"{name}{suffix}").is_file(), f"{name}{suffix}"
@@ -78,7 +78,11 @@ def method_shapes(proto: str, service: str) -> dict[str, str]:
 def test_router_service_shape():
     assert method_shapes("router", "Router") == {
         "Generate": "server-stream", "RegisterWorker": "unary", "Heartbeat": "unary",
-        "DeregisterWorker": "unary", "ListWorkers": "unary"}
+        "DeregisterWorker": "unary", "ListWorkers": "unary", "SetWorkerRole": "unary"}
+
+
+def test_worker_control_service_shape():
+    assert method_shapes("worker", "WorkerControl") == {"SetRole": "unary"}
 
 
 def test_prefill_service_shape():

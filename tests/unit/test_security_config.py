@@ -9,9 +9,8 @@ import grpc
 import pytest
 
 from pdserve.common import errors
-from pdserve.common.security import (TOKEN_KEY, ApiKeys, Authenticator, SecurityConfig, check_token,
-                                     from_environment)
-from pdserve.common.server import error_from_rpc, status_code_for
+from pdserve.common.grpc_errors import relayed_error, status_code_for
+from pdserve.common.security import TOKEN_KEY, ApiKeys, Authenticator, SecurityConfig, check_token, from_environment
 from pdserve.common.worker_config import WorkerConfig
 from pdserve.kvstore.config import KVStoreConfig
 from pdserve.router.config import RouterConfig
@@ -193,5 +192,5 @@ def test_refusals_map_to_unauthenticated_and_a_downstream_refusal_does_not_blame
     downstream = grpc.aio.AioRpcError(grpc.StatusCode.UNAUTHENTICATED, grpc.aio.Metadata(),
                                       grpc.aio.Metadata(("pdserve-error-type", "UnauthenticatedError")),
                                       details="invalid internal token")
-    relayed = error_from_rpc(downstream)
+    relayed = relayed_error(downstream)
     assert isinstance(relayed, errors.NotReadyError)  # the router's credentials are wrong: UNAVAILABLE

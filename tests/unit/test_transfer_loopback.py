@@ -9,20 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from pdserve.common.errors import (
-    InvalidRequestError,
-    NotFoundError,
-    TransferFailedError,
-    TransferTimeoutError,
-)
+from pdserve.common.errors import InvalidRequestError, NotFoundError, TransferFailedError, TransferTimeoutError
 from pdserve.common.kv.pool import KVPool
 from pdserve.common.kv.spec import KVSpec
-from pdserve.common.transfer import (
-    LoopbackKVReceiver,
-    LoopbackKVSender,
-    TransferStatus,
-    block_checksum,
-)
+from pdserve.common.transfer import LoopbackKVReceiver, LoopbackKVSender, TransferStatus, block_checksum
 from pdserve.common.transfer.base import HEADER_BYTES, block_tag, make_header, verify_block
 
 SPEC = KVSpec("m", "d", num_layers=2, num_kv_heads=2, head_dim=8, block_size=4)

@@ -21,6 +21,7 @@ class WorkerRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WORKER_ROLE_PREFILL: _ClassVar[WorkerRole]
     WORKER_ROLE_DECODE: _ClassVar[WorkerRole]
     WORKER_ROLE_COLOCATED: _ClassVar[WorkerRole]
+    WORKER_ROLE_BOTH: _ClassVar[WorkerRole]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -30,6 +31,7 @@ WORKER_ROLE_UNSPECIFIED: WorkerRole
 WORKER_ROLE_PREFILL: WorkerRole
 WORKER_ROLE_DECODE: WorkerRole
 WORKER_ROLE_COLOCATED: WorkerRole
+WORKER_ROLE_BOTH: WorkerRole
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)
@@ -158,7 +160,7 @@ class TransferTicket(_message.Message):
     def __init__(self, transfer_id: _Optional[str] = ..., secret: _Optional[bytes] = ..., ucx_address: _Optional[bytes] = ..., dest_block_ids: _Optional[_Iterable[int]] = ..., block_bytes: _Optional[int] = ..., num_blocks: _Optional[int] = ..., first_block_index: _Optional[int] = ..., kv_fingerprint: _Optional[bytes] = ..., expires_at_unix_ms: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "model", "kv_spec", "instance_id", "software_version", "kv_wire_version")
+    __slots__ = ("worker_id", "role", "address", "model", "kv_spec", "instance_id", "software_version", "kv_wire_version", "elastic")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +169,7 @@ class WorkerInfo(_message.Message):
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
     KV_WIRE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ELASTIC_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     address: str
@@ -175,7 +178,8 @@ class WorkerInfo(_message.Message):
     instance_id: str
     software_version: str
     kv_wire_version: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., kv_spec: _Optional[_Union[KVSpec, _Mapping]] = ..., instance_id: _Optional[str] = ..., software_version: _Optional[str] = ..., kv_wire_version: _Optional[int] = ...) -> None: ...
+    elastic: bool
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., kv_spec: _Optional[_Union[KVSpec, _Mapping]] = ..., instance_id: _Optional[str] = ..., software_version: _Optional[str] = ..., kv_wire_version: _Optional[int] = ..., elastic: _Optional[bool] = ...) -> None: ...
 
 class GetLoadRequest(_message.Message):
     __slots__ = ()

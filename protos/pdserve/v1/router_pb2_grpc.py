@@ -60,6 +60,11 @@ class RouterStub:
                 request_serializer=pdserve_dot_v1_dot_router__pb2.ListWorkersRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_router__pb2.ListWorkersResponse.FromString,
                 _registered_method=True)
+        self.SetWorkerRole = channel.unary_unary(
+                '/pdserve.v1.Router/SetWorkerRole',
+                request_serializer=pdserve_dot_v1_dot_router__pb2.SetWorkerRoleRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_router__pb2.SetWorkerRoleResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -103,6 +108,16 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetWorkerRole(self, request, context):
+        """Moves an elastic worker to another role: the router stops sending it
+        work of the role it leaves, the worker finishes that work, and the router
+        then sends it work of the new role. No request fails. Operator-facing
+        (the internal token); FAILED_PRECONDITION for a worker that is not elastic.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +145,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.ListWorkers,
                     request_deserializer=pdserve_dot_v1_dot_router__pb2.ListWorkersRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_router__pb2.ListWorkersResponse.SerializeToString,
+            ),
+            'SetWorkerRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetWorkerRole,
+                    request_deserializer=pdserve_dot_v1_dot_router__pb2.SetWorkerRoleRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_router__pb2.SetWorkerRoleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -268,6 +288,33 @@ class Router:
             '/pdserve.v1.Router/ListWorkers',
             pdserve_dot_v1_dot_router__pb2.ListWorkersRequest.SerializeToString,
             pdserve_dot_v1_dot_router__pb2.ListWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetWorkerRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Router/SetWorkerRole',
+            pdserve_dot_v1_dot_router__pb2.SetWorkerRoleRequest.SerializeToString,
+            pdserve_dot_v1_dot_router__pb2.SetWorkerRoleResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,12 +1,6 @@
-"""The engine inside an asyncio service: one step loop, many request streams.
-
-`LLMEngine` is single-threaded. Here one task owns it: it runs `step()` in a
-worker thread (torch releases the GIL, so gRPC keeps serving) and hands each
-output to its request's queue. Everything else that touches the engine
-(add, abort, reserve, admit, release, stats) goes through `call()`, which
-takes the same lock the loop holds during a step, so state only changes
-between steps. After every step, watchers are called (the prefill worker
-sends newly computed KV blocks from there while the next step computes).
+"""The engine inside an asyncio service: one task steps it in a thread (torch releases
+the GIL), every other touch goes through `call()` under the same lock, so state only
+changes between steps; watchers run after each step. Why: docs/engine.md.
 """
 from __future__ import annotations
 
@@ -18,9 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from pdserve.common.engine.engine import LLMEngine
-from pdserve.common.engine.outputs import RequestOutput
+from pdserve.common.engine.outputs import EngineStats, RequestOutput
 from pdserve.common.engine.sampling_params import SamplingParams
+from pdserve.common.engine.sequence import Sequence
 from pdserve.common.errors import NotFoundError
+from pdserve.common.kv.pool import KVPool
+from pdserve.common.kv.spec import KVSpec
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -38,6 +35,47 @@ class AsyncEngine:
         self.step_ms_ewma = 0.0  # measured step time, reported in worker load
         self.prefill_tps_ewma = 0.0  # measured prefill tokens/s
         self.last_step_ns = (0, 0)  # wall-clock start and end of the latest step (trace spans)
+
+    # What workers read of the engine, without reaching through: its layout and pool,
+    # counters (safe at any time), and the calls admission checks make under the lock.
+    @property
+    def spec(self) -> KVSpec:
+        return self.engine.spec
+
+    @property
+    def pool(self) -> KVPool:
+        return self.engine.pool
+
+    @property
+    def block_size(self) -> int:
+        return self.engine.config.block_size
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    @property
+    def computed_tokens(self) -> int:
+        """Tokens computed since start (prompt and decode), a counter."""
+        return self.engine.computed_tokens
+
+    def waiting_tokens(self) -> int:
+        """Prompt tokens queued and not yet computed."""
+        return sum(s.num_tokens - s.num_computed_tokens for s in self.engine.scheduler.waiting)
+
+    def describe(self) -> str:
+        return self.engine.describe()
+
+    def kv_blocks(self, request_id: str) -> tuple[int, list[int]]:
+        """(computed tokens, block table) of a request."""
+        return self.engine.kv_blocks(request_id)
+
+    def reserve(self, request_id: str, prompt: list[int]) -> Sequence:
+        """Blocks for a prompt, not yet scheduled; call it under the lock (inside `call`)."""
+        return self.engine.reserve(request_id, prompt)
+
+    async def release(self, request_id: str) -> bool:
+        """Free a request's blocks (a reservation or a held request), between steps."""
+        return await self.call(self.engine.release, request_id)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="engine-loop")

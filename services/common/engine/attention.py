@@ -1,13 +1,8 @@
 """Paged attention, plugged into transformers through its attention interface.
 
-The model runs with the tokens of every scheduled sequence packed into one
-row (batch size 1, positions per token), and no transformers cache. Each
-attention layer calls `paged_attention`, which writes the new keys/values
-into the pool slots the scheduler assigned and attends over each sequence's
-blocks read from the pool. Decode sequences (one query token each) are
-attended by pdserve's paged kernel, in place through their block tables, where
-it is built (kernels/); elsewhere in groups of similar context length over
-gathered blocks, one padded call per group. Prefill chunks: one SDPA call each.
+`paged_attention` writes each layer's new keys and values into the pool slots the scheduler assigned, then
+attends over each sequence's blocks: decodes through pdserve's paged kernel where built, prefill chunks by SDPA.
+How and why: docs/engine.md ("Paged attention through transformers").
 """
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterator
+
 import torch
 
 from pdserve.common import model_loader
@@ -18,6 +19,7 @@ from pdserve.common.engine.detokenizer import IncrementalDetokenizer
 from pdserve.common.engine.kv_layout import kv_layout
 from pdserve.common.engine.model_runner import ModelRunner
 from pdserve.common.engine.outputs import EngineStats, RequestOutput
+from pdserve.common.engine.request import Request, check_prompt, finish_reason
 from pdserve.common.engine.sampler import sample, seeded
 from pdserve.common.engine.sampling_params import SamplingParams
 from pdserve.common.engine.scheduler import Scheduler, SchedulerConfig
@@ -25,14 +27,6 @@ from pdserve.common.engine.sequence import FinishReason, Sequence
 from pdserve.common.errors import InvalidRequestError, NotFoundError
 from pdserve.common.kv.block_manager import BlockManager
 from pdserve.common.kv.pool import KVPool
-
-
-class _Request:
-    """What the engine keeps per request besides the sequence."""
-
-    def __init__(self, seq: Sequence, detok: IncrementalDetokenizer, generator: torch.Generator | None, hold_blocks: bool):
-        self.seq, self.detok, self.generator = seq, detok, generator
-        self.hold_blocks = hold_blocks  # keep KV blocks after finishing, until release()
 
 
 class LLMEngine:
@@ -48,7 +42,10 @@ class LLMEngine:
             if loaded != self.precision.dtype:
                 raise ValueError(f"the given model is in {loaded}, not in dtype {self.precision.dtype}")
             model.set_attn_implementation(impl)
-        self.config, self.model, self.tokenizer, self.ref = config, model, tokenizer, ref
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.ref = ref
         self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # before packing
         self.spec, num_blocks, self.max_model_len = kv_layout(config, model.config, ref, self.precision.dtype)
         self.pool = KVPool(self.spec, num_blocks, config.device)
@@ -59,8 +56,8 @@ class LLMEngine:
         )
         self.runner = ModelRunner(model, self.pool, config)
         self.eos_token_ids = self._eos_ids()
-        self._requests: dict[str, _Request] = {}  # in the scheduler
-        self._reserved: dict[str, _Request] = {}  # blocks reserved, KV arriving from a prefill worker
+        self._requests: dict[str, Request] = {}  # in the scheduler
+        self._reserved: dict[str, Request] = {}  # blocks reserved, KV arriving from a prefill worker
         self._held: dict[str, Sequence] = {}  # finished, blocks kept until release()
         self._ids = itertools.count()
         self.computed_tokens = 0
@@ -75,15 +72,16 @@ class LLMEngine:
         return {e for e in eos + [self.tokenizer.eos_token_id] if e is not None}
 
     # -- requests ---------------------------------------------------------
-    def _new_request(self, prompt: str | list[int], params: SamplingParams | None, request_id: str | None, hold_blocks: bool) -> _Request:
+    def _new_request(self, prompt: str | list[int], params: SamplingParams | None, request_id: str | None, hold_blocks: bool) -> Request:
         params = params or SamplingParams()
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._requests or request_id in self._reserved or request_id in self._held:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
         ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
-        self._check_prompt(ids)
+        check_prompt(ids, self.max_model_len, self.model.config.vocab_size, self.blocks.num_blocks,
+                     self.config.block_size)
         seq = Sequence(request_id, ids, params, self.config.block_size)
-        return _Request(seq, IncrementalDetokenizer(self.tokenizer, ids, params.stop), self._generator(params), hold_blocks)
+        return Request(seq, IncrementalDetokenizer(self.tokenizer, ids, params.stop), self._generator(params), hold_blocks)
 
     def _generator(self, params: SamplingParams) -> torch.Generator | None:
         return None if params.seed is None else torch.Generator(device=self.config.device)
@@ -124,7 +122,8 @@ class LLMEngine:
         computes the rest, then samples as usual."""
         seq = self._reserved_seq(request_id)
         if not seq.num_cached_tokens <= computed_tokens <= seq.num_prompt_tokens:
-            raise InvalidRequestError("computed_tokens", f"{computed_tokens} outside [{seq.num_cached_tokens}, {seq.num_prompt_tokens}]")
+            bounds = f"[{seq.num_cached_tokens}, {seq.num_prompt_tokens}]"
+            raise InvalidRequestError("computed_tokens", f"{computed_tokens} outside {bounds}")
         req = self._reserved.pop(request_id)
         req.hold_blocks = hold_blocks
         if params is not None:
@@ -161,12 +160,9 @@ class LLMEngine:
 
     def import_kv(self, request_id: str, buffers: list, first_block: int = 0) -> None:
         """Copy KV blocks into a reservation, from block `first_block` on."""
-        req = self._reserved.get(request_id)
-        if req is None:
-            raise NotFoundError(f"no reservation {request_id!r}")
-        table = req.seq.block_table
+        table = self._reserved_seq(request_id).block_table
         if first_block + len(buffers) > len(table):
-            raise InvalidRequestError("buffers", f"{first_block + len(buffers)} blocks for a reservation of {len(table)}")
+            raise InvalidRequestError("buffers", f"{first_block + len(buffers)} blocks for {len(table)} reserved")
         self.pool.import_blocks(table[first_block : first_block + len(buffers)], buffers)
 
     def release(self, request_id: str) -> bool:
@@ -178,18 +174,6 @@ class LLMEngine:
         self.blocks.free(seq)
         return True
 
-    def _check_prompt(self, ids: list[int]) -> None:
-        if not ids:
-            raise InvalidRequestError("prompt", "must not be empty")
-        if len(ids) >= self.max_model_len:
-            raise InvalidRequestError("prompt", f"{len(ids)} tokens; the context window is {self.max_model_len}")
-        vocab = self.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise InvalidRequestError("prompt", f"token ids must be in [0, {vocab})")
-        need = (len(ids) + self.config.block_size) // self.config.block_size
-        if need > self.blocks.num_blocks:
-            raise InvalidRequestError("prompt", f"needs {need} KV blocks; the pool has {self.blocks.num_blocks}")
-
     def abort(self, request_id: str) -> None:
         if request_id in self._reserved:
             self.release(request_id)
@@ -199,7 +183,7 @@ class LLMEngine:
             raise NotFoundError(f"request {request_id!r} is not running")
         self._finish(req, FinishReason.ABORT)
 
-    def _finish(self, req: _Request, reason: FinishReason) -> None:
+    def _finish(self, req: Request, reason: FinishReason) -> None:
         self.scheduler.finish(req.seq, reason, free_blocks=not req.hold_blocks)
         if req.hold_blocks:
             self._held[req.seq.request_id] = req.seq
@@ -226,7 +210,7 @@ class LLMEngine:
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
         req.detok.add(token)
-        reason = self._finish_reason(seq, token, req.detok.stopped)
+        reason = finish_reason(seq, token, req.detok.stopped, self.eos_token_ids, self.max_model_len)
         if reason is not None:
             self._finish(req, reason)
             del self._requests[seq.request_id]
@@ -241,14 +225,6 @@ class LLMEngine:
             num_output_tokens=len(seq.output_token_ids),
             queued_s=(seq.first_scheduled_time or seq.arrival_time) - seq.arrival_time,
         )
-
-    def _finish_reason(self, seq: Sequence, token: int, stopped_by_string: bool) -> FinishReason | None:
-        p = seq.params
-        if stopped_by_string or token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
-            return FinishReason.STOP
-        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            return FinishReason.LENGTH
-        return None
 
     # -- conveniences ---------------------------------------------------------
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:

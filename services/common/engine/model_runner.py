@@ -16,7 +16,6 @@ from pdserve.common.engine.scheduler import ScheduledBatch
 from pdserve.common.engine.sequence import Sequence
 from pdserve.common.kv.pool import KVPool
 
-
 # Decodes whose contexts are within GROUP_SPAN x of the group's shortest (or
 # all under GROUP_MIN_TOKENS) share one padded attention call. One call for
 # the whole batch made every stream pay for the longest context: 8 streams at

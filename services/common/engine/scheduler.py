@@ -1,13 +1,8 @@
 """Continuous batching with chunked prefill under a per-step token budget.
 
-Each step, in order: every running sequence that is decoding gets one token
-(decode first keeps inter-token latency flat); sequences part-way through
-their prompt get their next chunk; then waiting sequences are admitted while
-the budget, the sequence limit and free KV blocks allow. A sequence computes
-tokens [num_computed_tokens, num_tokens); it is sampled when it catches up.
-When decode runs out of blocks, the newest running sequence is preempted:
-its blocks are freed and it is recomputed later (its prefix cache blocks
-usually survive, so recomputation is cheap).
+Each step: decodes first, then the next chunk of each part-prefilled prompt, then new sequences while the
+budget, the sequence limit and free KV blocks allow; the newest is preempted when decode runs out of blocks.
+Why this order: docs/engine.md ("Scheduling and the prefix cache").
 """
 from __future__ import annotations
 

@@ -1,11 +1,8 @@
 """Block accounting: which pool block belongs to whom, and prefix reuse.
 
-Every block is either free or owned by one or more sequences (ref_count).
-A freed block keeps its hash and stays findable until it is reused, so the
-free list doubles as the prefix cache's LRU: blocks freed longest ago are
-handed out first, and a cache hit takes a block back off the free list.
-Hashes are registered only once a block's KV is fully computed, so a
-concurrent request can never reuse a half-written block.
+A block is free or ref-counted by its sequences; the free list doubles as the prefix cache's LRU, and a
+block's hash is registered only once its KV is fully computed.
+Why: docs/engine.md ("Scheduling and the prefix cache").
 """
 from __future__ import annotations
 

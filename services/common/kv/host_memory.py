@@ -1,13 +1,8 @@
 """Host buffers for KV blocks, backed by transparent huge pages where the kernel allows.
 
-KV pools and the KV store's slots are what UCX moves between processes. On the
-same host it copies them with process_vm_readv (CMA), whose cost is mostly
-pinning pages: measured here, 64 MB of 737 KB blocks moved at 5.4 GB/s from
-4 KiB pages and at 7.4 GB/s from 2 MiB pages (benchmarks/kv_transfer.py).
-Kernels in THP "madvise" mode (this machine's) give huge pages only to memory
-that asks before it is first touched; "always" gives them anyway, "never" not
-at all, and then this is plain zeroed memory. Pages become resident as KV is
-written, so an idle worker holds only what it has used (docs/memory.md).
+KV pools and the KV store's slots are fresh mappings that ask for huge pages before first touch (UCX's
+same-host copies run faster from them), resident only as KV is written.
+Why and measured: docs/transfer.md ("UCX choices": huge pages), docs/memory.md ("Where it goes").
 """
 from __future__ import annotations
 

@@ -1,11 +1,8 @@
-"""The preallocated KV block pool of one worker.
+"""The preallocated KV block pool of one worker, block-major: block i is one contiguous buffer.
 
-Block-major: `[num_blocks, layers, 2, block_size, kv_heads, head_dim]`, so
-block i is the contiguous buffer `tensor[i]`, which is what moves between
-workers and to the KV store. Attention writes and reads it in place.
-A pool on a GPU also keeps a pinned host mirror of the same layout (`host`):
-the transports move host bytes, and transfer/staging.py copies each block
-through its own mirror block.
+Attention writes and reads it in place; workers and the KV store move whole blocks. On a GPU it also keeps
+a pinned host mirror (`host`), which transfer/staging.py copies each block through.
+Why: docs/engine.md ("Paged attention through transformers"), docs/transfer.md ("GPU pools").
 """
 from __future__ import annotations
 

@@ -24,17 +24,16 @@ async def admit_from_store(engine: AsyncEngine, store: StoreClient, request_id: 
     cache; returns the prompt tokens the store provided. `reserve` runs on the
     engine's loop (with the caller's admission check); on any failure the
     reservation is released before the error propagates."""
-    eng = engine.engine
-    bs = eng.config.block_size
+    bs = engine.block_size
     seq = await engine.call(reserve, request_id, prompt)
     try:
         # The last prompt token is always computed (its logits are sampled): not loadable.
-        hashes = block_hashes(eng.spec.fingerprint, prompt[: (len(prompt) - 1) // bs * bs], bs)
-        dest = [eng.pool.block(b) for b in seq.block_table[: len(hashes)]]
+        hashes = block_hashes(engine.spec.fingerprint, prompt[: (len(prompt) - 1) // bs * bs], bs)
+        dest = [engine.pool.block(b) for b in seq.block_table[: len(hashes)]]
         n = await store.load_prefix(hashes, dest, seq.num_cached_tokens // bs)
         await engine.resume(request_id, n * bs, params, hold_blocks=hold_blocks)
     except BaseException:
-        await engine.call(eng.release, request_id)
+        await engine.release(request_id)
         raise
     return n * bs - seq.num_cached_tokens
 
@@ -43,11 +42,10 @@ async def offer_to_store(engine: AsyncEngine, store: StoreClient, request_id: st
     """Offer the full blocks of a held request whose KV is computed (`tokens`: its
     prompt, then what it generated); returns how many the store took. The caller
     releases the blocks afterwards."""
-    eng = engine.engine
-    bs = eng.config.block_size
-    computed, table = eng.kv_blocks(request_id)
+    bs = engine.block_size
+    computed, table = engine.kv_blocks(request_id)
     full = min(computed, len(tokens)) // bs  # an aborted request offers what it computed, no more
     if full == 0:
         return 0
-    hashes = block_hashes(eng.spec.fingerprint, tokens[: full * bs], bs)
-    return await store.store_blocks(hashes, [eng.pool.block(b) for b in table[:full]])
+    hashes = block_hashes(engine.spec.fingerprint, tokens[: full * bs], bs)
+    return await store.store_blocks(hashes, [engine.pool.block(b) for b in table[:full]])

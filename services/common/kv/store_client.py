@@ -23,14 +23,17 @@ _spans = tracing.Spans("store_client")
 class StoreClient:
     def __init__(self, target: str, receiver: KVReceiver, sender: KVSender, fingerprint: bytes,
                  timeout_s: float = 10.0, security: SecurityConfig = OPEN):
-        self.target, self.receiver, self.sender, self.fingerprint = target, receiver, sender, fingerprint
+        self.target = target
+        self.receiver = receiver
+        self.sender = sender
+        self.fingerprint = fingerprint
         self.timeout_s = timeout_s
         self._channel = security.dial(target, interceptors=grpc_tracing.client_interceptors())
         self.stub = kvstore_pb2_grpc.KVStoreStub(self._channel)
         self.loaded_blocks = 0
         self.stored_blocks = 0
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         await self._channel.close()
 
     async def load_prefix(self, hashes: list[bytes], dest: list, have: int) -> int:

@@ -6,13 +6,7 @@ importing this package never imports ucxx; `LoopbackKVReceiver` /
 """
 from __future__ import annotations
 
-from pdserve.common.transfer.base import (
-    KVReceiver,
-    KVSender,
-    TransferStatus,
-    TransferTicket,
-    block_checksum,
-)
+from pdserve.common.transfer.base import KVReceiver, KVSender, TransferStatus, TransferTicket, block_checksum
 from pdserve.common.transfer.loopback import LoopbackKVReceiver, LoopbackKVSender
 
 __all__ = [

@@ -1,21 +1,7 @@
 """The KV data plane seam: what a receiver and a sender promise, and the wire contract.
 
-As in vLLM's v1 KV connector, the scheduler side decides which blocks move and
-when (reserve, delay freeing until sent, recompute on failure); this side only
-moves bytes between pool blocks. One block (`pool[i]`) is one contiguous buffer.
-
-    decode:   ticket = receiver.expect(tid, [pool[b] for b in block_ids])
-              ... ticket travels to prefill in the gRPC request ...
-              await receiver.wait(tid, timeout)      # or poll receiver.status(tid)
-              await receiver.cancel(tid)             # always, to forget the id
-    prefill:  await sender.send(ticket, first_block_index, [pool[b] for b in chunk_blocks])
-              (once per prefill chunk, so transfers overlap the next chunk's compute)
-
-Integrity: the receiver issues a one-time random secret per ticket. Message tags
-and a per-block header MAC are keyed with it, so a peer without the secret cannot
-even address the destination buffers, and every block carries a checksum the
-receiver verifies before it reports DONE. Any mismatch reports FAILED, and the
-engine recomputes; it never decodes from bad KV.
+Decode's `KVReceiver.expect()` issues a ticket; prefill's `KVSender.send()` pushes each chunk's blocks to it,
+under keyed tags, a header MAC and a checksum. Why: docs/transfer.md ("Interface", "Integrity and security").
 """
 from __future__ import annotations
 
@@ -32,13 +18,8 @@ import numpy as np
 import xxhash
 
 from pdserve.common import metrics, tracing
+from pdserve.common.errors import InvalidRequestError, NotFoundError, TransferFailedError, TransferTimeoutError
 from pdserve.common.kv.spec import WIRE_VERSION
-from pdserve.common.errors import (
-    InvalidRequestError,
-    NotFoundError,
-    TransferFailedError,
-    TransferTimeoutError,
-)
 from pdserve.common.transfer import staging
 
 _spans = tracing.Spans("transfer")
@@ -151,7 +132,9 @@ class Inbound:
 
     def __init__(self, ticket: TransferTicket, dest: list, transport: str = "",
                  staged: list[staging.StagedBlock] | None = None) -> None:
-        self.ticket, self.dest, self.transport = ticket, dest, transport  # dest: host buffers
+        self.ticket = ticket
+        self.dest = dest
+        self.transport = transport  # dest: host buffers
         self.staged = staged or []  # device blocks whose mirrors are in dest: copied in by wait()
         self.status = TransferStatus.PENDING
         self.error: str | None = None
@@ -177,7 +160,8 @@ class Inbound:
             # Bad data or a transport error; a cancel by the receiver's owner is no failure.
             metrics.TRANSFER_FAILURES.add(1, {"transport": self.transport, "side": "receive", "reason": "failed"})
         if self.status is not TransferStatus.FAILED:  # first reason wins
-            self.status, self.error = TransferStatus.FAILED, reason
+            self.status = TransferStatus.FAILED
+            self.error = reason
             self.finished.set()
 
 

@@ -1,11 +1,7 @@
 """In-process KV transfer with the same contract as ucx.py, for unit tests.
 
-Receivers register under a random address in a process-wide table; a sender
-looks the address up and copies blocks straight into the destination buffers,
-through the same header, MAC and checksum checks as UCX. Differences, on purpose:
-a sender with a wrong secret or a cancelled ticket fails at once (UCX would
-time out, since nothing matches), and copies are synchronous, so cancel() is
-always safe. `corrupt_blocks` lets scheduler tests provoke a checksum FAILED.
+A sender copies blocks straight into the receiver's buffers through UCX's header, MAC and checksum checks;
+`corrupt_blocks` provokes a checksum FAILED. Where it differs on purpose: docs/transfer.md ("Interface").
 """
 from __future__ import annotations
 

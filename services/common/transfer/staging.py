@@ -1,15 +1,7 @@
 """Device KV blocks on host transports: each block moves through its pinned host mirror.
 
-A KV pool on a GPU keeps a host copy of its own layout (`KVPool.host`), so
-block i always stages through mirror block i: the staging area needs no
-allocator of its own, and it has the owner and the lease of the block it
-mirrors. As vLLM's NIXL connector does with `kv_buffer_device=cpu`, the
-sender copies device blocks to their mirrors before the transport reads
-them, and the receiver copies mirrors to device blocks once every block has
-landed and verified, before `wait()` returns. The transports and the
-checksums only ever see host memory, so every transport works with CUDA
-pools whatever its build supports; GPU-direct paths (UCX cuda_ipc, RDMA to
-device memory) are the step after this one.
+The sender copies device blocks to their mirror blocks before the transport reads them; the receiver copies
+them to the device once every block has landed and verified. Why a mirror: docs/transfer.md ("GPU pools").
 """
 from __future__ import annotations
 

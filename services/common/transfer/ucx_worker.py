@@ -53,7 +53,11 @@ class RequestGroup:
     __slots__ = ("reqs", "cursor", "on_done", "future", "keep")
 
     def __init__(self, reqs: list, on_done, future: asyncio.Future, keep=()) -> None:
-        self.reqs, self.cursor, self.on_done, self.future, self.keep = reqs, 0, on_done, future, keep
+        self.reqs = reqs
+        self.cursor = 0
+        self.on_done = on_done
+        self.future = future
+        self.keep = keep
 
     def advance(self) -> bool:
         reqs = self.reqs
@@ -87,7 +91,8 @@ class UcxWorker:
         # transfer's during an outage, no peer would ever be reachable over TCP again
         # (tests/multihost). The receiver also drains its posted receives through it.
         self.self_ep = self.endpoint(self.address)
-        self._any, self._any_mask = self.tag(0), self.lib.UCXXTagMask(0)  # matches every tag
+        self._any = self.tag(0)
+        self._any_mask = self.lib.UCXXTagMask(0)  # matches every tag
         self._sink = self.Array(np.empty(0, np.uint8))
         self._groups: list[RequestGroup] = []
         self._forgotten: list[RequestGroup] = []  # given up on, yet still in UCX: keep their buffers

@@ -1,0 +1,70 @@
+"""A worker as the router sees it: its channel and a stub per service, identity and load."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import grpc
+
+from pdserve.common.kv.spec import UNSTATED_WIRE_VERSION
+from pdserve.router.arrival_rate import ArrivalRate
+from pdserve.v1 import common_pb2 as pb
+from pdserve.v1 import decode_pb2_grpc, prefill_pb2_grpc, worker_pb2_grpc
+
+
+@dataclass
+class WorkerHandle:
+    target: str
+    role: str  # "prefill", "decode" or (an elastic worker) "both"
+    channel: grpc.aio.Channel
+    info: pb.WorkerInfo | None = None
+    load: pb.WorkerLoad | None = None
+    inflight: int = 0  # requests the router has sent and not yet seen finish
+    inflight_tokens: int = 0  # their prompt tokens not yet prefilled (the poll lags behind)
+    arrivals: ArrivalRate = field(default_factory=ArrivalRate)  # requests the router has sent it, per second
+    healthy: bool = False
+    rtt_ms: float = 0.0  # GetLoad round trip, moving average
+    registered: bool = False  # joined through RegisterWorker (else a static target)
+    last_seen: float = 0.0  # monotonic time of the last heartbeat or successful poll
+    discovered_by: str = ""  # the dns:NAME:PORT target whose lookup found it
+    twin: bool = False  # another route (target, name or registration) reaches the same worker first
+    switching_to: str = ""  # the role the router is moving it to (roles.py); "": none
+
+    # One channel, a stub per service: an elastic worker serves them all.
+    @functools.cached_property
+    def prefill_stub(self) -> prefill_pb2_grpc.PrefillStub:
+        return prefill_pb2_grpc.PrefillStub(self.channel)
+
+    @functools.cached_property
+    def decode_stub(self) -> decode_pb2_grpc.DecodeStub:
+        return decode_pb2_grpc.DecodeStub(self.channel)
+
+    @functools.cached_property
+    def control_stub(self) -> worker_pb2_grpc.WorkerControlStub:
+        return worker_pb2_grpc.WorkerControlStub(self.channel)
+
+    @property
+    def load_stub(self):
+        """The service its GetLoad is asked through: one it serves in its role."""
+        return self.prefill_stub if self.role == "prefill" else self.decode_stub
+
+    @property
+    def elastic(self) -> bool:
+        return bool(self.info and self.info.elastic)
+
+    @property
+    def routable(self) -> bool:
+        return self.healthy and not self.twin
+
+    @property
+    def worker_id(self) -> str:
+        return self.info.worker_id if self.info else self.target
+
+    @property
+    def fingerprint(self) -> bytes:
+        return self.info.kv_spec.fingerprint if self.info else b""
+
+    @property
+    def wire_version(self) -> int:
+        """The KV wire format it speaks (0 before its first poll)."""
+        return (self.info.kv_wire_version or UNSTATED_WIRE_VERSION) if self.info else 0
