@@ -5,6 +5,7 @@ import name is `pdserve`: services/ becomes `pdserve`, and the generated
 protobuf modules in protos/pdserve/v1 become `pdserve.v1`, which is the
 import path grpcio-tools writes into the generated code.
 """
+
 from setuptools import find_packages, setup
 
 packages = ["pdserve"] + [f"pdserve.{p}" for p in find_packages("services")] + ["pdserve.v1"]

@@ -7,6 +7,7 @@ meet both objectives (TTFT <= 3 s, TPOT <= 150 ms), on `pdserve bench load --wor
 The modes run in turn, A, B, C, A, B, C, because this shared machine's speed drifts within
 minutes. Run it alone.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,17 +35,34 @@ def main() -> int:
     goal, work, runs = Objectives(), Path(tempfile.mkdtemp(prefix="capacity-")), []
     for round_ in range(args.rounds):
         for name, flags in MODES.items():
-            argv = [PY, "-m", "pdserve", "up", *flags, "--port", str(args.port), "--base-port", str(args.port + 1),
-                    *COMMON]
-            figures = measured(argv, f"{name.split()[0]}-{round_}", args.rates, args.num_requests, args.port, work,
-                               goal)
+            argv = [
+                PY,
+                "-m",
+                "pdserve",
+                "up",
+                *flags,
+                "--port",
+                str(args.port),
+                "--base-port",
+                str(args.port + 1),
+                *COMMON,
+            ]
+            figures = measured(
+                argv, f"{name.split()[0]}-{round_}", args.rates, args.num_requests, args.port, work, goal
+            )
             met = [r for r in args.rates if figures[r]["attainment"] >= goal.attainment]
             runs.append({"round": round_, "mode": name, "capacity_rps": max(met, default=0.0), "rates": figures})
-            chosen = [line for line in (work / f"up-{name.split()[0]}-{round_}.log").read_text().splitlines()
-                      if "--mode auto chose" in line]
-            print(f"round {round_} {name:<15} capacity {runs[-1]['capacity_rps']:.2f} req/s; attainment "
-                  + ", ".join(f"{r}: {figures[r]['attainment']:.0%}" for r in args.rates)
-                  + (f"\n    {chosen[0]}" if chosen else ""), flush=True)
+            chosen = [
+                line
+                for line in (work / f"up-{name.split()[0]}-{round_}.log").read_text().splitlines()
+                if "--mode auto chose" in line
+            ]
+            print(
+                f"round {round_} {name:<15} capacity {runs[-1]['capacity_rps']:.2f} req/s; attainment "
+                + ", ".join(f"{r}: {figures[r]['attainment']:.0%}" for r in args.rates)
+                + (f"\n    {chosen[0]}" if chosen else ""),
+                flush=True,
+            )
     if args.json:
         Path(args.json).write_text(json.dumps({"objectives": str(goal), "runs": runs}, indent=1))
     return 0

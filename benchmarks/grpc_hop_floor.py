@@ -12,6 +12,7 @@ Two ways for the proxy to reach the backend:
                by id (what SGLang's and vLLM's front ends do over ZMQ)
 It prints requests/s and the proxy's CPU time per request (from /proc).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,16 +47,26 @@ async def backend() -> None:
             async for r in requests:
                 answers.put_nowait(r[:8] + b"token")
             answers.put_nowait(None)
+
         reader = asyncio.create_task(read())
         while (a := await answers.get()) is not None:
             yield a
         await reader
 
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("B", {
-        "Generate": _stream(generate),
-        "Session": grpc.stream_stream_rpc_method_handler(session, request_deserializer=_ident,
-                                                         response_serializer=_ident)})])
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "B",
+                {
+                    "Generate": _stream(generate),
+                    "Session": grpc.stream_stream_rpc_method_handler(
+                        session, request_deserializer=_ident, response_serializer=_ident
+                    ),
+                },
+            )
+        ]
+    )
     server.add_insecure_port(BACKEND)
     await server.start()
     await server.wait_for_termination()
@@ -68,8 +79,9 @@ async def proxy(mode: str) -> None:
     outbox: asyncio.Queue = asyncio.Queue()
     pumps: set[asyncio.Task] = set()  # held here, for as long as the proxy serves
     if mode == "multiplexed":
-        call = channel.stream_stream("/B/Session", request_serializer=_ident,
-                                     response_deserializer=_ident)(wait_for_ready=True)  # the backend may start later
+        call = channel.stream_stream("/B/Session", request_serializer=_ident, response_deserializer=_ident)(
+            wait_for_ready=True
+        )  # the backend may start later
 
         async def write() -> None:  # one writer: a stream takes one write at a time
             while True:
@@ -78,6 +90,7 @@ async def proxy(mode: str) -> None:
         async def read() -> None:
             async for answer in call:
                 waiting.pop(answer[:8]).set_result(answer)
+
         pumps.update((asyncio.create_task(write()), asyncio.create_task(read())))
     counter = iter(range(1, 2**62))
 
@@ -114,6 +127,7 @@ async def client(proxy_pid: int, seconds: float, streams: int) -> tuple[float, f
                     pass
                 n += 1
             return n
+
         await asyncio.gather(*(loop(time.perf_counter() + 1.0) for _ in range(8)))  # warm up
         cpu0, t0 = _cpu_s(proxy_pid), time.perf_counter()
         n = sum(await asyncio.gather(*(loop(t0 + seconds) for _ in range(streams))))
@@ -122,8 +136,9 @@ async def client(proxy_pid: int, seconds: float, streams: int) -> tuple[float, f
 
 
 def _spawn(role: str, mode: str, core: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, __file__, "--role", role, "--mode", mode],
-                            preexec_fn=lambda: os.sched_setaffinity(0, {core}))
+    return subprocess.Popen(
+        [sys.executable, __file__, "--role", role, "--mode", mode], preexec_fn=lambda: os.sched_setaffinity(0, {core})
+    )
 
 
 def main() -> None:
@@ -140,8 +155,10 @@ def main() -> None:
     cores = sorted(os.sched_getaffinity(0))
     proxy_core, other = cores[0], cores[-1]
     os.sched_setaffinity(0, {other})
-    print(f"proxy on core {proxy_core}; backend and client on core {other}; {args.streams} client streams, "
-          f"{args.seconds:g} s per run")
+    print(
+        f"proxy on core {proxy_core}; backend and client on core {other}; {args.streams} client streams, "
+        f"{args.seconds:g} s per run"
+    )
     for _ in range(args.runs):
         for mode in ("per-request", "multiplexed"):
             procs = [_spawn("backend", mode, other), _spawn("proxy", mode, proxy_core)]

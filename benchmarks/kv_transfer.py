@@ -21,6 +21,7 @@ through the pools' pinned host mirrors (transfer/staging.py), the raw variants
 move the mirrors alone, and the copy from a mirror to the GPU (h2d) is
 printed as a second reference.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -137,10 +138,12 @@ async def _sender(conn, max_blocks: int, device: str) -> None:
         t0 = time.perf_counter()
         if variant == "seam":  # one send() per prefill chunk, issued back to back
             step = -(-n // chunks)
-            await asyncio.gather(*[
-                tx.send(target, s, [pool.block(b) for b in range(s, min(n, s + step))], timeout=60)
-                for s in range(0, n, step)
-            ])
+            await asyncio.gather(
+                *[
+                    tx.send(target, s, [pool.block(b) for b in range(s, min(n, s + step))], timeout=60)
+                    for s in range(0, n, step)
+                ]
+            )
         else:
             address, base = target
             ep = tx._eps.get(address) or tx._eps.setdefault(address, w.endpoint(address))
@@ -184,15 +187,19 @@ def main() -> None:
     pipes, procs = {}, []
     for role in ("recv", "send"):
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_child, args=(role, child, max_blocks, args.reps, logs[role], args.device), daemon=True)
+        proc = ctx.Process(
+            target=_child, args=(role, child, max_blocks, args.reps, logs[role], args.device), daemon=True
+        )
         proc.start()
         pipes[role], procs = parent, procs + [proc]
     rx, tx = pipes["recv"], pipes["send"]
     address = rx.recv()
     assert tx.recv() == "ready"
 
-    print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}, pools on {args.device}, "
-          f"UCXPY/UCX env: {sorted(k + '=' + v for k, v in os.environ.items() if k.startswith('UCX'))}")
+    print(
+        f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}, pools on {args.device}, "
+        f"UCXPY/UCX env: {sorted(k + '=' + v for k, v in os.environ.items() if k.startswith('UCX'))}"
+    )
     print(f"{'size':>8} {'blocks':>6} {'variant':>11} {'median GB/s':>12} {'min':>6} {'max':>6} {'vs memcpy':>10}")
     n_id = 0
     for mb, n in sizes.items():
@@ -200,13 +207,18 @@ def main() -> None:
         rx.send(("memcpy", n))
         times, threads = rx.recv()
         memcpy = statistics.median(nbytes / t / 1e9 for t in times)
-        print(f"{nbytes / MB:7.1f}M {n:6d} {'memcpy':>11} {memcpy:12.2f} "
-              f"{nbytes / max(times) / 1e9:6.2f} {nbytes / min(times) / 1e9:6.2f} {'':>10}  (torch, {threads})")
+        print(
+            f"{nbytes / MB:7.1f}M {n:6d} {'memcpy':>11} {memcpy:12.2f} "
+            f"{nbytes / max(times) / 1e9:6.2f} {nbytes / min(times) / 1e9:6.2f} {'':>10}  (torch, {threads})"
+        )
         if args.device != "cpu":
             rx.send(("h2d", n))
             h2d = rx.recv()
-            print(f"{nbytes / MB:7.1f}M {n:6d} {'h2d':>11} {statistics.median(nbytes / t / 1e9 for t in h2d):12.2f} "
-                  f"{nbytes / max(h2d) / 1e9:6.2f} {nbytes / min(h2d) / 1e9:6.2f} {'':>10}  (pinned mirror -> {args.device})")
+            print(
+                f"{nbytes / MB:7.1f}M {n:6d} {'h2d':>11} {statistics.median(nbytes / t / 1e9 for t in h2d):12.2f} "
+                f"{nbytes / max(h2d) / 1e9:6.2f} {nbytes / min(h2d) / 1e9:6.2f} {'':>10}  "
+                f"(pinned mirror -> {args.device})"
+            )
         for variant in args.variants:
             bw = []
             for rep in range(args.reps + 2):
@@ -218,8 +230,10 @@ def main() -> None:
                 if rep >= 2:
                     bw.append(nbytes / (t1 - t0) / 1e9)
             med = statistics.median(bw)
-            print(f"{nbytes / MB:7.1f}M {n:6d} {variant:>11} {med:12.2f} {min(bw):6.2f} {max(bw):6.2f} "
-                  f"{med / memcpy:9.0%}{'  goal met' if variant == 'seam' and med >= 0.5 * memcpy else ''}")
+            print(
+                f"{nbytes / MB:7.1f}M {n:6d} {variant:>11} {med:12.2f} {min(bw):6.2f} {max(bw):6.2f} "
+                f"{med / memcpy:9.0%}{'  goal met' if variant == 'seam' and med >= 0.5 * memcpy else ''}"
+            )
     for pipe in (tx, rx):
         pipe.send(("stop",))
         pipe.recv()

@@ -13,6 +13,7 @@ Not modelled (docs/planning.md): the prefix cache, whose reuse this trace is ric
 KV capacity. Every disaggregated split of the workers (or --prefill-counts) is simulated beside
 all of them colocated.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,13 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=1500, help="the trace's first N requests")
     parser.add_argument("--workers", type=int, default=16)
     parser.add_argument("--chunk", type=int, default=512)
-    parser.add_argument("--prefill-counts", type=int, nargs="*", default=None,
-                        help="the disaggregated splits to simulate, by prefill workers (default: every one)")
+    parser.add_argument(
+        "--prefill-counts",
+        type=int,
+        nargs="*",
+        default=None,
+        help="the disaggregated splits to simulate, by prefill workers (default: every one)",
+    )
     parser.add_argument("--slo-ttft-ms", type=float, default=60_000.0)
     parser.add_argument("--slo-tpot-ms", type=float, default=150.0)
     parser.add_argument("--json", default=None)
@@ -60,30 +66,58 @@ def main() -> int:
     topologies = [Topology("colocated", 0, n, threads, args.chunk)]
     topologies += [Topology("disaggregated", p, n - p, threads, args.chunk) for p in args.prefill_counts or range(1, n)]
     mean_prompt = sum(len(r.prompt) for r in requests) / len(requests)
-    print(f"{len(requests)} requests of the trace ({trace_rate:.2f} req/s there; prompts {mean_prompt:.0f} tokens "
-          f"on average after the cut); {goal}; profile {profile.hardware}", flush=True)
+    print(
+        f"{len(requests)} requests of the trace ({trace_rate:.2f} req/s there; prompts {mean_prompt:.0f} tokens "
+        f"on average after the cut); {goal}; profile {profile.hardware}",
+        flush=True,
+    )
     rows = []
     for t in topologies:
         t0 = time.perf_counter()
         score = capacity(t, profile, workload, goal, low=0.005, high=8.0)
         at = summary(simulate(t, profile, workload(score.capacity_rps or 0.005)), goal)
-        rows.append({"topology": str(t), "mode": t.mode, "prefill": t.prefill, "decode": t.decode,
-                     "capacity_rps": score.capacity_rps, **{k: at[k] for k in ("attainment", "ttft_ms_p50",
-                                                                               "ttft_ms_p99", "tpot_ms_p50")},
-                     "simulated_s": time.perf_counter() - t0})
+        rows.append(
+            {
+                "topology": str(t),
+                "mode": t.mode,
+                "prefill": t.prefill,
+                "decode": t.decode,
+                "capacity_rps": score.capacity_rps,
+                **{k: at[k] for k in ("attainment", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50")},
+                "simulated_s": time.perf_counter() - t0,
+            }
+        )
         r = rows[-1]
-        print(f"{r['topology']:<42} capacity {r['capacity_rps']:.3f} req/s  TTFT p99 {r['ttft_ms_p99'] / 1e3:.1f} s  "
-              f"TPOT p50 {r['tpot_ms_p50'] or 0:.0f} ms  ({r['simulated_s']:.0f} s to simulate)", flush=True)
-    best = {m: max((r for r in rows if r["mode"] == m), key=lambda r: r["capacity_rps"])
-            for m in ("colocated", "disaggregated")}
-    ratio = best["disaggregated"]["capacity_rps"] / best["colocated"]["capacity_rps"] \
-        if best["colocated"]["capacity_rps"] else float("inf")
+        print(
+            f"{r['topology']:<42} capacity {r['capacity_rps']:.3f} req/s  TTFT p99 {r['ttft_ms_p99'] / 1e3:.1f} s  "
+            f"TPOT p50 {r['tpot_ms_p50'] or 0:.0f} ms  ({r['simulated_s']:.0f} s to simulate)",
+            flush=True,
+        )
+    best = {
+        m: max((r for r in rows if r["mode"] == m), key=lambda r: r["capacity_rps"])
+        for m in ("colocated", "disaggregated")
+    }
+    ratio = (
+        best["disaggregated"]["capacity_rps"] / best["colocated"]["capacity_rps"]
+        if best["colocated"]["capacity_rps"]
+        else float("inf")
+    )
     print(f"best disaggregated {best['disaggregated']['topology']}: {ratio:.2f}x the colocated capacity")
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "trace": "kvcache-ai/Mooncake FAST25-release/traces/conversation_trace.jsonl",
-            "requests": len(requests), "trace_rate_rps": trace_rate, "objectives": str(goal),
-            "profile": profile.hardware, "context_cut": CONTEXT, "rows": rows}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "trace": "kvcache-ai/Mooncake FAST25-release/traces/conversation_trace.jsonl",
+                    "requests": len(requests),
+                    "trace_rate_rps": trace_rate,
+                    "objectives": str(goal),
+                    "profile": profile.hardware,
+                    "context_cut": CONTEXT,
+                    "rows": rows,
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

@@ -1,6 +1,7 @@
 """The planner's predictions beside real runs: each topology at several rates, the same requests in both.
 
-    .venv/bin/python benchmarks/plan_validation.py [--rates 0.25 0.5 1.0] [--json benchmarks/results/plan_validation.json]
+    .venv/bin/python benchmarks/plan_validation.py [--rates 0.25 0.5 1.0] \
+        [--json benchmarks/results/plan_validation.json]
 
 For every topology of this machine (2 cores: one colocated worker with 2 threads, two with
 one, one prefill + one decode worker), starts `pdserve up` with it, runs `pdserve bench load`
@@ -8,6 +9,7 @@ at each rate, and simulates the very same requests from the cached profile (`pds
 profile`). Topologies are visited in turn, twice (A, B, C, A, B, C) because this shared
 machine's speed drifts within minutes; the table gives both runs. Run it alone.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,14 +35,35 @@ TOPOLOGIES = [Topology("colocated", 0, 1, 2), Topology("colocated", 0, 2, 1), To
 
 
 def up_argv(t: Topology, port: int) -> list[str]:
-    shape = (["--mode", "colocated", "--decode", str(t.decode)] if t.mode == "colocated"
-             else ["--prefill", str(t.prefill), "--decode", str(t.decode)])
-    return [PY, "-m", "pdserve", "up", *shape, "--threads", str(t.threads), "--port", str(port), "--base-port",
-            str(port + 1), "--http-port", "-1", "--metrics-port", "-1", "--kv-cache-gib", "0.5"]
+    shape = (
+        ["--mode", "colocated", "--decode", str(t.decode)]
+        if t.mode == "colocated"
+        else ["--prefill", str(t.prefill), "--decode", str(t.decode)]
+    )
+    return [
+        PY,
+        "-m",
+        "pdserve",
+        "up",
+        *shape,
+        "--threads",
+        str(t.threads),
+        "--port",
+        str(port),
+        "--base-port",
+        str(port + 1),
+        "--http-port",
+        "-1",
+        "--metrics-port",
+        "-1",
+        "--kv-cache-gib",
+        "0.5",
+    ]
 
 
-def measured(argv: list[str], name: str, rates: list[float], n: int, port: int, work: Path,
-             objectives: Objectives) -> dict:
+def measured(
+    argv: list[str], name: str, rates: list[float], n: int, port: int, work: Path, objectives: Objectives
+) -> dict:
     """`pdserve up` with `argv`, then bench load at each rate (seed SEED + the rate's index): rate -> figures."""
     log = open(work / f"up-{name}.log", "w+")
     up = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
@@ -52,14 +75,37 @@ def measured(argv: list[str], name: str, rates: list[float], n: int, port: int, 
             time.sleep(1)
         for i, rate in enumerate(rates):
             path = work / f"load-{port}-{rate}.json"
-            subprocess.run([PY, "-m", "pdserve", "bench", "load", "--target", f"127.0.0.1:{port}", "--rate", str(rate),
-                            "--num-requests", str(n), "--seed", str(SEED + i), "--json", str(path), *LOAD],
-                           check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    PY,
+                    "-m",
+                    "pdserve",
+                    "bench",
+                    "load",
+                    "--target",
+                    f"127.0.0.1:{port}",
+                    "--rate",
+                    str(rate),
+                    "--num-requests",
+                    str(n),
+                    "--seed",
+                    str(SEED + i),
+                    "--json",
+                    str(path),
+                    *LOAD,
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
             records = [RequestRecord.from_dict(r) for r in json.loads(path.read_text())["requests"]]
             s = summarize(records, Slo(objectives.ttft_ms, objectives.tpot_ms, 0.0))
-            out[rate] = {"goodput_rps": s["goodput_rps"], "attainment": s["slo_attainment"],
-                         "ttft_ms_p50": s["ttft_ms"]["p50"], "ttft_ms_p99": s["ttft_ms"]["p99"],
-                         "tpot_ms_p50": s["tpot_ms"]["p50"]}
+            out[rate] = {
+                "goodput_rps": s["goodput_rps"],
+                "attainment": s["slo_attainment"],
+                "ttft_ms_p50": s["ttft_ms"]["p50"],
+                "ttft_ms_p99": s["ttft_ms"]["p99"],
+                "tpot_ms_p50": s["tpot_ms"]["p50"],
+            }
     finally:
         up.send_signal(signal.SIGTERM)
         up.wait(120)
@@ -81,17 +127,26 @@ def main() -> int:
     rows = []
     for round_ in range(args.rounds):
         for t in TOPOLOGIES:
-            real = measured(up_argv(t, args.port), f"{t.mode}-{t.decode}", args.rates, args.num_requests, args.port,
-                            work, objectives)
+            real = measured(
+                up_argv(t, args.port),
+                f"{t.mode}-{t.decode}",
+                args.rates,
+                args.num_requests,
+                args.port,
+                work,
+                objectives,
+            )
             for i, rate in enumerate(args.rates):
                 requests = workload.from_args(wl_args, rate=rate, n=args.num_requests, seed=SEED + i)
                 predicted = summary(simulate(t, profile, requests), objectives)
-                rows.append({"round": round_, "topology": str(t), "rate": rate, "measured": real[rate],
-                             "predicted": predicted})
+                rows.append(
+                    {"round": round_, "topology": str(t), "rate": rate, "measured": real[rate], "predicted": predicted}
+                )
                 print(row_text(rows[-1]), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"profile": profile.hardware, "objectives": str(objectives),
-                                               "rows": rows}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"profile": profile.hardware, "objectives": str(objectives), "rows": rows}, indent=1)
+        )
     return 0
 
 
@@ -104,8 +159,11 @@ def workload_defaults() -> argparse.Namespace:
 def row_text(r: dict) -> str:
     m, p = r["measured"], r["predicted"]
     cells = [f"{k} {m[k] or 0:.0f}/{p[k] or 0:.0f}" for k in ("ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50")]
-    return (f"{r['topology']:<40} @{r['rate']:<5} goodput {m['goodput_rps']:.3f}/{p['goodput_rps']:.3f}  "
-            + "  ".join(cells) + "  (measured/predicted)")
+    return (
+        f"{r['topology']:<40} @{r['rate']:<5} goodput {m['goodput_rps']:.3f}/{p['goodput_rps']:.3f}  "
+        + "  ".join(cells)
+        + "  (measured/predicted)"
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ files. Generation runs grpcio-tools' bundled protoc with `protos/` as the
 include root, so the generated imports read `from pdserve.v1 import ...`,
 which setup.py maps to this directory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,9 @@ def generate(out_root: Path) -> Path:
     if not protos:
         raise SystemExit(f"no .proto files in {PACKAGE_DIR}")
     command = [
-        sys.executable, "-m", "grpc_tools.protoc",
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
         f"--proto_path={PROTO_ROOT}",
         f"--proto_path={well_known}",
         f"--python_out={out_root}",
@@ -83,8 +86,9 @@ def stale_files(fresh_dir: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true",
-                        help="regenerate into a temp dir and diff against the committed stubs")
+    parser.add_argument(
+        "--check", action="store_true", help="regenerate into a temp dir and diff against the committed stubs"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pdserve-protos-") as tmp:
         fresh_dir = generate(Path(tmp))

@@ -1,4 +1,5 @@
 """The `pdserve` command line."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,8 +13,7 @@ from pdserve.common.config import ServiceConfig, SettingError
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    p.add_argument("--top-p", type=float, default=1.0,
-                   help="nucleus sampling: the smallest set of this much mass")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of this much mass")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: none, not reproducible)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
@@ -23,8 +23,12 @@ def _sampling(args):
     from pdserve.common.engine.sampling_params import SamplingParams
 
     return SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, seed=args.seed, stop=args.stop,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop,
     )
 
 
@@ -66,8 +70,14 @@ def _print_stream(chunks) -> None:
 
 def _sampling_kwargs(args) -> dict:
     _sampling(args)  # validate locally first, with the same field names as the server
-    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                top_k=args.top_k, seed=args.seed, stop=args.stop)
+    return dict(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop,
+    )
 
 
 def _generate_in_process(args) -> int:
@@ -88,8 +98,14 @@ def cmd_demo(args) -> int:
     from pdserve.launcher import Suite
 
     kwargs = _sampling_kwargs(args)
-    with Suite(mode=args.mode, model=args.model, port=args.port, base_port=args.base_port,
-               kv_cache_gib=args.kv_cache_gib, out=sys.stderr) as suite:
+    with Suite(
+        mode=args.mode,
+        model=args.model,
+        port=args.port,
+        base_port=args.base_port,
+        kv_cache_gib=args.kv_cache_gib,
+        out=sys.stderr,
+    ) as suite:
         print(f"suite ready ({args.mode}); router at {suite.router_target}", file=sys.stderr, flush=True)
         with Client(suite.router_target, tls=security.from_environment(os.environ).client_tls()) as client:
             _print_stream(client.generate(messages=[{"role": "user", "content": args.prompt}], **kwargs))
@@ -113,8 +129,11 @@ def cmd_serve(args) -> int:
         print(f"pdserve serve {args.service}: {e}", file=sys.stderr)
         return 2
     if taken := first_taken(settings.listens(config)):
-        print(f"pdserve serve {args.service}: {taken.flag} {taken.port}: another process listens on "
-              f"{taken.host}:{taken.port}", file=sys.stderr)
+        print(
+            f"pdserve serve {args.service}: {taken.flag} {taken.port}: another process listens on "
+            f"{taken.host}:{taken.port}",
+            file=sys.stderr,
+        )
         return 2
     if sizes := config.sizes():
         print(f"{args.service}: {sizes}", flush=True)  # what it chose from this machine's memory
@@ -135,9 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--target", default="localhost:50051", help="the router's gRPC address")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     gen.add_argument("--local", action="store_true", help="run the engine in this process instead")
-    gen.add_argument("--model", default=None,
-                     help="with --local: HF directory, .gguf file or hub id (org/name) "
-                          "(default: bundled SmolLM2)")
+    gen.add_argument(
+        "--model",
+        default=None,
+        help="with --local: HF directory, .gguf file or hub id (org/name) (default: bundled SmolLM2)",
+    )
     gen.add_argument("--kv-cache-gib", type=float, default=0.5, help="with --local: KV pool size")
     _add_client_security_args(gen)
     _add_sampling_args(gen)
@@ -150,21 +171,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_planner_commands(sub)  # profile, plan
 
-    demo = sub.add_parser("demo", help="start the suite, stream one completion through it, stop",
-                          description="Start the whole suite (router, workers, KV store) as `pdserve up` "
-                                      "does, stream one chat completion of PROMPT through the router to "
-                                      "stdout, then stop the suite. The suite's log goes to stderr. The first "
-                                      "run converts the bundled model (about 25 s).")
+    demo = sub.add_parser(
+        "demo",
+        help="start the suite, stream one completion through it, stop",
+        description="Start the whole suite (router, workers, KV store) as `pdserve up` "
+        "does, stream one chat completion of PROMPT through the router to "
+        "stdout, then stop the suite. The suite's log goes to stderr. The first "
+        "run converts the bundled model (about 25 s).",
+    )
     demo.add_argument("prompt", nargs="?", default="What is the capital of France?", help="the user message")
-    demo.add_argument("--mode", choices=["disaggregated", "colocated"], default="disaggregated",
-                      help="separate prefill and decode workers, or one worker that does both")
-    demo.add_argument("--model", default=None,
-                      help="HF directory, .gguf file or hub id (org/name) (default: bundled SmolLM2)")
+    demo.add_argument(
+        "--mode",
+        choices=["disaggregated", "colocated"],
+        default="disaggregated",
+        help="separate prefill and decode workers, or one worker that does both",
+    )
+    demo.add_argument(
+        "--model", default=None, help="HF directory, .gguf file or hub id (org/name) (default: bundled SmolLM2)"
+    )
     demo.add_argument("--port", type=int, default=50051, help="the router's gRPC port")
-    demo.add_argument("--base-port", type=int, default=50061,
-                      help="workers, then the KV store, take ports from here")
-    demo.add_argument("--kv-cache-gib", type=float, default=None,
-                      help="KV cache per worker (default: sized from free memory, as by pdserve up)")
+    demo.add_argument("--base-port", type=int, default=50061, help="workers, then the KV store, take ports from here")
+    demo.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        default=None,
+        help="KV cache per worker (default: sized from free memory, as by pdserve up)",
+    )
     _add_sampling_args(demo)
     demo.set_defaults(func=cmd_demo)
 

@@ -1,4 +1,5 @@
 """The `pdserve` command line's parser: every default in --help, a bad flag in one line."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,8 +11,12 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default is None or action.default is False \
-                or action.default in ("", [], argparse.SUPPRESS):
+        if (
+            "default" in text
+            or action.default is None
+            or action.default is False
+            or action.default in ("", [], argparse.SUPPRESS)
+        ):
             return text
         return super()._get_help_string(action)
 

@@ -4,6 +4,7 @@
 line the same way before it starts any, so that a bad setting is one line and
 exit 2 from the launcher, not a failure in each child.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,16 +30,16 @@ SERVICES: dict[str, tuple[type[ServiceConfig], str]] = {
 
 
 def add_log_level_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--log-level", default=None,
-                        help=f"{', '.join(LOG_LEVELS)} (default: WARNING; env PDSERVE_LOG_LEVEL)")
+    parser.add_argument(
+        "--log-level", default=None, help=f"{', '.join(LOG_LEVELS)} (default: WARNING; env PDSERVE_LOG_LEVEL)"
+    )
 
 
 def log_level(given: str | None, environ: Mapping[str, str] = os.environ) -> str:
     """--log-level, else PDSERVE_LOG_LEVEL, else WARNING; ValueError naming both if unknown."""
     level = given or environ.get("PDSERVE_LOG_LEVEL") or "WARNING"
     if level.upper() not in LOG_LEVELS:
-        raise ValueError(f"--log-level / PDSERVE_LOG_LEVEL: expected one of {', '.join(LOG_LEVELS)}, "
-                         f"got {level!r}")
+        raise ValueError(f"--log-level / PDSERVE_LOG_LEVEL: expected one of {', '.join(LOG_LEVELS)}, got {level!r}")
     return level.upper()
 
 
@@ -49,16 +50,17 @@ def add_serve_parsers(serve: argparse.ArgumentParser) -> None:
         config.add_cli_args(sub.add_parser(name, help=help_text))
 
 
-def resolve(service: str, args: argparse.Namespace,
-            environ: Mapping[str, str] | None = None) -> ServiceConfig:
+def resolve(service: str, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServiceConfig:
     """The service's config from its parsed flags, the environment and its file, for
     this machine (a worker's device must exist); ValueError naming a refused setting."""
     config = SERVICES[service][0].from_cli_args(args, environ)
     if not isinstance(config, WorkerConfig):
         return config
     if service == "decode" and config.role in ("prefill", "both"):
-        raise ValueError(f"--role / PDSERVE_ROLE: a decode worker's role is decode or colocated, "
-                         f"got {config.role!r} (for prefill: pdserve serve prefill; both: pdserve serve elastic)")
+        raise ValueError(
+            f"--role / PDSERVE_ROLE: a decode worker's role is decode or colocated, "
+            f"got {config.role!r} (for prefill: pdserve serve prefill; both: pdserve serve elastic)"
+        )
     if service == "elastic" and config.role == "colocated":
         raise ValueError("--role / PDSERVE_ROLE: an elastic worker's role is prefill, decode or both, got 'colocated'")
     try:

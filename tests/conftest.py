@@ -1,5 +1,6 @@
 """Shared fixtures: the real SmolLM2 model, and a tiny random model of the same family.
 Every test that loads SmolLM2 is marked `slow` here, so `pytest -m "not slow"` is the fast loop."""
+
 from __future__ import annotations
 
 import os
@@ -49,9 +50,16 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
     tokenizer = smollm2_tokenizer
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
     )
     path = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).save_pretrained(path)

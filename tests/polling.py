@@ -1,5 +1,6 @@
 """Waiting in tests for something another process, thread or task does by itself:
 poll to a deadline, never sleep a fixed time and hope."""
+
 from __future__ import annotations
 
 import asyncio

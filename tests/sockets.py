@@ -1,4 +1,5 @@
 """The TCP sockets a process listens on, read from /proc (Linux): what `ss -ltnp` shows for it."""
+
 from __future__ import annotations
 
 import ipaddress
@@ -11,7 +12,7 @@ _LISTEN = "0A"  # TCP state in /proc/net/tcp{,6}
 def _address(hex_address: str) -> str:
     """/proc/net/tcp's "0100007F": 32-bit words printed in host byte order. An IPv4-mapped IPv6
     address (gRPC listens on 127.0.0.1 that way) reads as the IPv4 one."""
-    words = [int(hex_address[i:i + 8], 16).to_bytes(4, sys.byteorder) for i in range(0, len(hex_address), 8)]
+    words = [int(hex_address[i : i + 8], 16).to_bytes(4, sys.byteorder) for i in range(0, len(hex_address), 8)]
     ip = ipaddress.ip_address(b"".join(words))
     return str(getattr(ip, "ipv4_mapped", None) or ip)
 
@@ -26,7 +27,7 @@ def listening(pid: int) -> set[tuple[str, int]]:
         except OSError:  # closed meanwhile
             continue
         if target.startswith("socket:["):
-            inodes.add(target[len("socket:["):-1])
+            inodes.add(target[len("socket:[") : -1])
     found = set()
     for table in ("tcp", "tcp6"):
         with open(f"/proc/{pid}/net/{table}") as f:

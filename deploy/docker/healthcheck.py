@@ -11,6 +11,7 @@ SERVICE to "" (the whole server). Installed in the images as
 uses its native gRPC probes instead, except with TLS on (kubelet's gRPC probes
 speak no TLS): then exec probes run this script.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,7 +35,8 @@ def check(port: str, service: str = "", timeout: float = 3.0) -> bool:
     with security.dial(f"127.0.0.1:{port}", tls, sync=True) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
         except grpc.RpcError as e:
             print(f"unhealthy: {e.code().name}", file=sys.stderr)
             return False

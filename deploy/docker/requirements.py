@@ -4,6 +4,7 @@ with an extra that names another (`pdserve[kvstore]`) expanded.
 
     python requirements.py pyproject.toml [EXTRA ...]
 """
+
 from __future__ import annotations
 
 import re

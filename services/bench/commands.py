@@ -1,4 +1,5 @@
 """`pdserve bench ...`: each benchmark's command line, run lazily (most need the worker install)."""
+
 from __future__ import annotations
 
 import importlib
@@ -23,8 +24,12 @@ def add_commands(sub) -> None:
     eng = bench_sub.add_parser("engine", help="engine speed against this machine's measured limits")
     eng.add_argument("--model", default=None)
     eng.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
-    eng.add_argument("--dtype", default="auto", choices=precision.CHOICES,
-                     help="weights, KV, the matmul ceiling and the naive loop (auto: as a worker has it)")
+    eng.add_argument(
+        "--dtype",
+        default="auto",
+        choices=precision.CHOICES,
+        help="weights, KV, the matmul ceiling and the naive loop (auto: as a worker has it)",
+    )
     eng.add_argument("--json", default=None, help="also write the results here")
     eng.set_defaults(func=lambda a: _bench("engine_bench", a))
     ttft = bench_sub.add_parser("ttft", help="idle TTFT, disaggregated vs colocated (real processes)")
@@ -38,8 +43,12 @@ def add_commands(sub) -> None:
     mt.add_argument("--system-tokens", type=int, default=400)
     mt.add_argument("--user-tokens", type=int, default=120)
     mt.add_argument("--answer-tokens", type=int, default=48)
-    mt.add_argument("--local-prefill", choices=["auto", "always", "never"], default="never",
-                    help="the router's policy (never: exercise the prefill workers and the KV store)")
+    mt.add_argument(
+        "--local-prefill",
+        choices=["auto", "always", "never"],
+        default="never",
+        help="the router's policy (never: exercise the prefill workers and the KV store)",
+    )
     mt.add_argument("--port", type=int, default=52051)
     mt.add_argument("--json", default=None)
     mt.set_defaults(func=lambda a: _bench("multiturn", a))

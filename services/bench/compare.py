@@ -4,6 +4,7 @@
 from --slo-from's idle run; writes compare.json, compare.md and plots into --out (--from-json: redo them).
 Modes, objectives and results: docs/benchmarks.md ("Colocated vs disaggregated").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,17 +31,32 @@ def services(name: str, args: argparse.Namespace) -> tuple[list, dict]:
     pins: dict[str, list[int] | None] = {"decode": None}  # colocated: every core
     if mode == "disaggregated":
         halves = cores.halves(cores.available())
-        pins = {"prefill": cores.parse(args.prefill_cores) if args.prefill_cores else halves[0],
-                "decode": cores.parse(args.decode_cores) if args.decode_cores else halves[1]}
+        pins = {
+            "prefill": cores.parse(args.prefill_cores) if args.prefill_cores else halves[0],
+            "decode": cores.parse(args.decode_cores) if args.decode_cores else halves[1],
+        }
     out = []
-    for s in plan(mode, 1, 1, model=args.model, port=args.port, base_port=args.port + 10,
-                  kv_cache_gib=args.kv_cache_gib, http_port=-1):
+    for s in plan(
+        mode,
+        1,
+        1,
+        model=args.model,
+        port=args.port,
+        base_port=args.port + 10,
+        kv_cache_gib=args.kv_cache_gib,
+        http_port=-1,
+    ):
         role = s.name.split("-")[0]
         if role in pins:  # a model worker
-            s = dataclasses.replace(s, argv=cores.pinned((*s.argv, "--max-num-batched-tokens", str(budget)), pins[role]))
+            s = dataclasses.replace(
+                s, argv=cores.pinned((*s.argv, "--max-num-batched-tokens", str(budget)), pins[role])
+            )
         out.append(s)
-    return out, {"max_num_batched_tokens": budget, "cores": {k: v or cores.available() for k, v in pins.items()},
-                 "router_cores": cores.available()}
+    return out, {
+        "max_num_batched_tokens": budget,
+        "cores": {k: v or cores.available() for k, v in pins.items()},
+        "router_cores": cores.available(),
+    }
 
 
 def idle_sample(args: argparse.Namespace) -> list[workload.Request]:
@@ -79,21 +95,31 @@ async def measure(name: str, target: str, args: argparse.Namespace) -> dict:
 
 
 def _run_all(args: argparse.Namespace) -> dict:
-    doc = {"command": command_line(), "workload": workload.describe(args), "local_prefill": args.local_prefill,
-           "rates": args.rates, "modes": {}}
+    doc = {
+        "command": command_line(),
+        "workload": workload.describe(args),
+        "local_prefill": args.local_prefill,
+        "rates": args.rates,
+        "modes": {},
+    }
     for name in args.modes:
         svcs, setup = services(name, args)
         log = io.StringIO()
         print(f"{name}: starting ({setup})", flush=True)
         try:
             log_dir = Path(args.log_dir) / name if args.log_dir else None
-            with Suite(services=svcs, out=log, log_dir=log_dir, env={"PDSERVE_LOCAL_PREFILL": args.local_prefill}) as suite:
+            with Suite(
+                services=svcs, out=log, log_dir=log_dir, env={"PDSERVE_LOCAL_PREFILL": args.local_prefill}
+            ) as suite:
                 result = asyncio.run(measure(name, suite.router_target, args))
         except BaseException:
             print(log.getvalue()[-4000:])  # the services' last lines say why
             raise
-        doc["modes"][name] = {**setup, "idle": [r.as_dict() for r in result["idle"]],
-                              "runs": {k: [r.as_dict() for r in v] for k, v in result["runs"].items()}}
+        doc["modes"][name] = {
+            **setup,
+            "idle": [r.as_dict() for r in result["idle"]],
+            "runs": {k: [r.as_dict() for r in v] for k, v in result["runs"].items()},
+        }
     return doc
 
 
@@ -106,9 +132,13 @@ def main(args: argparse.Namespace) -> int:
         from pdserve.bench.limits import machine
 
         doc = {"machine": machine(), **_run_all(args)}
-    records = {m: {"idle": [RequestRecord.from_dict(r) for r in d["idle"]],
-                   "runs": {k: [RequestRecord.from_dict(r) for r in v] for k, v in d["runs"].items()}}
-               for m, d in doc["modes"].items()}
+    records = {
+        m: {
+            "idle": [RequestRecord.from_dict(r) for r in d["idle"]],
+            "runs": {k: [RequestRecord.from_dict(r) for r in v] for k, v in d["runs"].items()},
+        }
+        for m, d in doc["modes"].items()
+    }
     objectives = report.objectives(records, args.slo_from, args.slo_ttft_factor, args.slo_tpot_factor)
     slo = objectives["slo"]
     doc["objectives"] = {**objectives, "slo": slo.as_dict()}
@@ -126,8 +156,12 @@ def main(args: argparse.Namespace) -> int:
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--rates", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="request rates to sweep (req/s)")
-    p.add_argument("--duration", type=float, default=None,
-                   help="seconds of arrivals per rate (sets --num-requests to rate x duration)")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="seconds of arrivals per rate (sets --num-requests to rate x duration)",
+    )
     p.add_argument("--idle-requests", type=int, default=8, help="sent one at a time, for the objectives")
     p.add_argument("--slo-from", choices=MODES, default="colocated", help="whose idle run sets the objectives")
     p.add_argument("--slo-ttft-factor", type=float, default=3.0, help="TTFT objective: this x idle TTFT")
@@ -136,14 +170,20 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unchunked-tokens", type=int, default=8192, help="colocated without chunking: the budget")
     p.add_argument("--prefill-cores", default=None, help="disaggregated: prefill worker cores (default: first half)")
     p.add_argument("--decode-cores", default=None, help="disaggregated: decode worker cores (default: second half)")
-    p.add_argument("--local-prefill", choices=["auto", "always", "never"], default="auto",
-                   help="disaggregated: the router's policy (auto: its cost model)")
+    p.add_argument(
+        "--local-prefill",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="disaggregated: the router's policy (auto: its cost model)",
+    )
     p.add_argument("--model", default=None)
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache per worker")
     p.add_argument("--client", choices=["stub", "sdk"], default="stub")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--plot-rate", type=float, default=None, help="the rate the ITL CDF and timeline show (default: highest)")
+    p.add_argument(
+        "--plot-rate", type=float, default=None, help="the rate the ITL CDF and timeline show (default: highest)"
+    )
     p.add_argument("--port", type=int, default=54051)
     p.add_argument("--out", default="benchmarks/results/compare", help="directory for compare.json, .md and plots")
     p.add_argument("--from-json", default=None, help="only redo the report and plots from this compare.json")

@@ -4,6 +4,7 @@ One set of workers behind three routers (`--local-prefill always`, `never`, `aut
 and with the decode worker busy and a long prompt; prints both forced costs and the auto router's choice.
 How the cost is measured, and results: docs/benchmarks.md ("Conditional disaggregation").
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -75,14 +76,22 @@ def _wait_serving(target: str, timeout_s: float) -> None:
 def _router(suite: Suite, port: int, policy: str) -> subprocess.Popen:
     argv = [a for a in suite.services[-1].argv]  # the suite's own router command line
     argv[argv.index("--port") + 1] = str(port)
-    return subprocess.Popen([*argv, "--local-prefill", policy, "--http-port", "-1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [*argv, "--local-prefill", policy, "--http-port", "-1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
 
 
 def main(args) -> int:
     out: dict = {}
-    with Suite(mode="disaggregated", port=args.port, base_port=args.port + 10, kv_cache_gib=0.5,
-               kvstore=False, out=io.StringIO(), env={"PDSERVE_HTTP_PORT": "-1"}) as suite:
+    with Suite(
+        mode="disaggregated",
+        port=args.port,
+        base_port=args.port + 10,
+        kv_cache_gib=0.5,
+        kvstore=False,
+        out=io.StringIO(),
+        env={"PDSERVE_HTTP_PORT": "-1"},
+    ) as suite:
         routers = {p: _router(suite, args.port + 1 + i, p) for i, p in enumerate(("always", "never"))}
         try:
             targets = {p: f"127.0.0.1:{args.port + 1 + i}" for i, p in enumerate(("always", "never"))}
@@ -98,7 +107,9 @@ def main(args) -> int:
                 out["idle_short"] = short
                 busy = {}
                 for i, policy in enumerate(("always", "never", "auto")):
-                    busy[policy] = await _busy_cost(targets["never"], targets[policy], _ids(args.long, 500 + i), args.streams)
+                    busy[policy] = await _busy_cost(
+                        targets["never"], targets[policy], _ids(args.long, 500 + i), args.streams
+                    )
                 out["busy_long"] = busy
 
             asyncio.run(run())
@@ -107,13 +118,19 @@ def main(args) -> int:
                 p.terminate()
                 p.wait(10)
     s, b = out["idle_short"], out["busy_long"]
-    print(f"idle, {args.short}-token prompt: TTFT local {s['always']['ttft_ms']:.0f} ms, "
-          f"disaggregated {s['never']['ttft_ms']:.0f} ms; auto chose "
-          f"{'disaggregated' if s['auto']['disaggregated'] else 'local'} ({s['auto']['ttft_ms']:.0f} ms)")
-    print(f"decode busy ({args.streams} streams), {args.long}-token prompt: cost (TTFT + stall on running streams) "
-          f"local {b['always']['cost_ms']:.0f} ms (TTFT {b['always']['ttft_ms']:.0f} + stall {b['always']['stall_ms']:.0f}), "
-          f"disaggregated {b['never']['cost_ms']:.0f} ms (TTFT {b['never']['ttft_ms']:.0f} + stall {b['never']['stall_ms']:.0f}); "
-          f"auto chose {'disaggregated' if b['auto']['disaggregated'] else 'local'}")
+    print(
+        f"idle, {args.short}-token prompt: TTFT local {s['always']['ttft_ms']:.0f} ms, "
+        f"disaggregated {s['never']['ttft_ms']:.0f} ms; auto chose "
+        f"{'disaggregated' if s['auto']['disaggregated'] else 'local'} ({s['auto']['ttft_ms']:.0f} ms)"
+    )
+    print(
+        f"decode busy ({args.streams} streams), {args.long}-token prompt: cost (TTFT + stall on running streams) "
+        f"local {b['always']['cost_ms']:.0f} ms (TTFT {b['always']['ttft_ms']:.0f} "
+        f"+ stall {b['always']['stall_ms']:.0f}), "
+        f"disaggregated {b['never']['cost_ms']:.0f} ms (TTFT {b['never']['ttft_ms']:.0f} "
+        f"+ stall {b['never']['stall_ms']:.0f}); "
+        f"auto chose {'disaggregated' if b['auto']['disaggregated'] else 'local'}"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

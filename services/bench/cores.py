@@ -3,13 +3,17 @@
 A child is pinned by a tiny stub that sets its own affinity and execs the real command, so its pid (what the
 launcher signals) stays the same, and torch/OpenMP size their thread pools to the cores it was given.
 """
+
 from __future__ import annotations
 
 import os
 import sys
 import time
 
-_PIN = "import os, sys; os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(',')}); os.execv(sys.argv[2], sys.argv[2:])"
+_PIN = (
+    "import os, sys; os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(',')}); "
+    "os.execv(sys.argv[2], sys.argv[2:])"
+)
 
 
 def available() -> list[int]:

@@ -4,6 +4,7 @@ Five figures (medians), each with its goal (issues #2, #24): decode step vs the 
 the matmul ceiling, batched decode and a mixed workload vs transformers, short decodes beside a long one.
 Definitions, goals and results: docs/benchmarks.md ("Engine", "The CPU fast paths").
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,11 @@ def _prompt(n: int, salt: int = 0) -> list[int]:
 def flops_per_token(model, context: int) -> float:
     """Matmul FLOPs of one token: every linear layer but the LM head, plus attention."""
     cfg = model.config
-    linear = sum(m.in_features * m.out_features for n, m in model.named_modules()
-                 if isinstance(m, (torch.nn.Linear, PackedLinear)) and n != "lm_head")
+    linear = sum(
+        m.in_features * m.out_features
+        for n, m in model.named_modules()
+        if isinstance(m, (torch.nn.Linear, PackedLinear)) and n != "lm_head"
+    )
     attention = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * context
     return 2 * linear + attention
 
@@ -37,7 +41,9 @@ def _prefill(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> No
     """Admit prompts and run until every one is decoding."""
     for p in prompts:
         engine.add_request(p, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
-    while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running):
+    while engine.scheduler.waiting or any(
+        s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running
+    ):
         engine.step()
 
 
@@ -60,6 +66,7 @@ def prefill_s(engine: LLMEngine, n: int, reps: int) -> float:
         engine.add_request(_prompt(n, int(time.time_ns())), SamplingParams(max_tokens=1))
         engine.step()
         _drain(engine)
+
     return median_time(once, reps=reps)
 
 
@@ -107,9 +114,11 @@ def main(args) -> int:
     ref = model_loader.resolve(getattr(args, "model", None))
     dtype = precision.resolve(getattr(args, "dtype", None) or "auto")
     limits = measure(quick, dtype=dtype.dtype)  # the ceiling and the floor are those of the dtype in use
-    print(f"{dtype}; machine: {limits.cpu}, {limits.threads} threads; {dtype.dtype} matmul "
-          f"{limits.matmul_gflops:.1f} GFLOP/s, "
-          f"read {limits.read_gbps:.2f} GB/s, memcpy {limits.memcpy_gbps:.2f} GB/s")
+    print(
+        f"{dtype}; machine: {limits.cpu}, {limits.threads} threads; {dtype.dtype} matmul "
+        f"{limits.matmul_gflops:.1f} GFLOP/s, "
+        f"read {limits.read_gbps:.2f} GB/s, memcpy {limits.memcpy_gbps:.2f} GB/s"
+    )
     results: dict = {"machine": limits.as_dict(), "model": ref.name, "quick": quick, "dtype": dtype.dtype}
 
     def make(**kw) -> LLMEngine:
@@ -121,40 +130,71 @@ def main(args) -> int:
     step = decode_step_s(engine, 1, 512, 8 if quick else 32)
     floor = wbytes / (limits.read_gbps * 1e9)
     results["decode_single"] = {"step_ms": step * 1e3, "floor_ms": floor * 1e3, "ratio": step / floor, "goal": "<= 1.3"}
-    print(f"1. decode step @512, 1 seq: {step*1e3:.1f} ms; floor {floor*1e3:.1f} ms "
-          f"({wbytes/1e6:.0f} MB weights / read bw) -> {step/floor:.2f}x floor (goal <= 1.3x)")
+    print(
+        f"1. decode step @512, 1 seq: {step * 1e3:.1f} ms; floor {floor * 1e3:.1f} ms "
+        f"({wbytes / 1e6:.0f} MB weights / read bw) -> {step / floor:.2f}x floor (goal <= 1.3x)"
+    )
 
     pf = prefill_s(engine, 1024, 2 if quick else 5)
     tps = 1024 / pf
     ceiling = limits.matmul_gflops * 1e9 / flops_per_token(engine.model, 512)
-    results["prefill_1024"] = {"tokens_per_s": tps, "ceiling_tokens_per_s": ceiling, "fraction": tps / ceiling, "goal": ">= 0.7"}
-    print(f"2. prefill 1024 tokens: {pf*1e3:.0f} ms = {tps:.0f} tok/s; ceiling {ceiling:.0f} tok/s "
-          f"-> {100*tps/ceiling:.0f}% (goal >= 70%)")
+    results["prefill_1024"] = {
+        "tokens_per_s": tps,
+        "ceiling_tokens_per_s": ceiling,
+        "fraction": tps / ceiling,
+        "goal": ">= 0.7",
+    }
+    print(
+        f"2. prefill 1024 tokens: {pf * 1e3:.0f} ms = {tps:.0f} tok/s; ceiling {ceiling:.0f} tok/s "
+        f"-> {100 * tps / ceiling:.0f}% (goal >= 70%)"
+    )
 
     steps = 4 if quick else 16
     batch_step = decode_step_s(engine, 32, 512, steps)
     ours = 32 / batch_step
     hf_model, _ = model_loader.load(ref, dtype=dtype.dtype)  # the naive loop in the same dtype
     naive = hf_naive_decode_tps(hf_model, 32, 512, steps)
-    results["decode_batch32"] = {"tokens_per_s": ours, "hf_naive_tokens_per_s": naive, "speedup": ours / naive, "goal": ">= 4"}
-    print(f"3. decode 32 seqs @512: {ours:.0f} tok/s; naive transformers loop {naive:.0f} tok/s "
-          f"-> {ours/naive:.2f}x (goal >= 4x)")
+    results["decode_batch32"] = {
+        "tokens_per_s": ours,
+        "hf_naive_tokens_per_s": naive,
+        "speedup": ours / naive,
+        "goal": ">= 4",
+    }
+    print(
+        f"3. decode 32 seqs @512: {ours:.0f} tok/s; naive transformers loop {naive:.0f} tok/s "
+        f"-> {ours / naive:.2f}x (goal >= 4x)"
+    )
 
     prompts = mixed_prompts()[: 8 if quick else 24]
     new = 16 if quick else 64
     ours_s = engine_mixed_s(make(max_num_batched_tokens=512), prompts, new)
     hf_s = hf_generate_batch_s(hf_model, prompts, new)
     total = len(prompts) * new
-    results["mixed"] = {"requests": len(prompts), "new_tokens": new, "engine_tokens_per_s": total / ours_s,
-                        "hf_generate_batch_tokens_per_s": total / hf_s, "speedup": hf_s / ours_s, "goal": ">= 3"}
-    print(f"4. mixed workload ({len(prompts)} requests, prompts 32-1024, {new} new tokens each): "
-          f"{total/ours_s:.0f} tok/s; transformers generate_batch {total/hf_s:.0f} tok/s -> {hf_s/ours_s:.2f}x (goal >= 3x)")
+    results["mixed"] = {
+        "requests": len(prompts),
+        "new_tokens": new,
+        "engine_tokens_per_s": total / ours_s,
+        "hf_generate_batch_tokens_per_s": total / hf_s,
+        "speedup": hf_s / ours_s,
+        "goal": ">= 3",
+    }
+    print(
+        f"4. mixed workload ({len(prompts)} requests, prompts 32-1024, {new} new tokens each): "
+        f"{total / ours_s:.0f} tok/s; transformers generate_batch {total / hf_s:.0f} tok/s "
+        f"-> {hf_s / ours_s:.2f}x (goal >= 3x)"
+    )
     alone = decode_step_s(engine, 8, 128, steps)
     beside = decode_step_s(engine, 8, 128, steps, extra=(2048,))
-    results["decode_mixed_context"] = {"step_ms_8_at_128": alone * 1e3, "step_ms_with_one_at_2048": beside * 1e3,
-                                       "ratio": beside / alone, "goal": "<= 1.5"}
-    print(f"5. decode step, 8 seqs @128: {alone*1e3:.1f} ms; beside one @2048: {beside*1e3:.1f} ms "
-          f"-> {beside/alone:.2f}x (goal <= 1.5x)")
+    results["decode_mixed_context"] = {
+        "step_ms_8_at_128": alone * 1e3,
+        "step_ms_with_one_at_2048": beside * 1e3,
+        "ratio": beside / alone,
+        "goal": "<= 1.5",
+    }
+    print(
+        f"5. decode step, 8 seqs @128: {alone * 1e3:.1f} ms; beside one @2048: {beside * 1e3:.1f} ms "
+        f"-> {beside / alone:.2f}x (goal <= 1.5x)"
+    )
     if getattr(args, "json", None):
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -3,6 +3,7 @@
 Benchmarks compare against these instead of datasheet numbers, so a ratio
 means the same on a laptop, a 2-core CI box or a server.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,8 +51,13 @@ def _cpu_name() -> str:
 
 def machine() -> dict:
     """The machine a run ran on (nothing measured), for results files."""
-    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
-            "python": platform.python_version(), "platform": platform.platform()}
+    return {
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
 def measure(quick: bool = False, device: str = "cpu", dtype: str = "float32") -> MachineLimits:

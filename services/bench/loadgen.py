@@ -4,6 +4,7 @@ Each request leaves at its arrival time whatever the server is doing; the send l
 `run_closed` is the closed loop, for finding the most a server sustains.
 Why open loop, and the flags: docs/benchmarks.md ("Load generator").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,6 +36,7 @@ class ProgressLine:
         if enabled:
             try:
                 from tqdm import tqdm
+
                 self._bar = tqdm(total=total, desc=label, unit="req", file=sys.stderr, mininterval=0.5, leave=False)
             except ImportError:
                 pass
@@ -50,8 +52,13 @@ class ProgressLine:
             self._bar.set_postfix(in_flight=self.sent - self.done, errors=self.errors, refresh=False)
         elif self.enabled and (time.monotonic() - self._last > 0.5 or self.done == self.total):
             self._last = time.monotonic()
-            print(f"\r[{self.label}] {self.done}/{self.total} done, {self.sent - self.done} in flight, "
-                  f"{self.errors} errors", end="", file=sys.stderr, flush=True)
+            print(
+                f"\r[{self.label}] {self.done}/{self.total} done, {self.sent - self.done} in flight, "
+                f"{self.errors} errors",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def close(self) -> None:
         if self._bar is not None:
@@ -60,8 +67,9 @@ class ProgressLine:
             print(file=sys.stderr, flush=True)
 
 
-async def send_one(req: Request, send: Sender, now: Callable[[], float],
-                   progress: ProgressLine | None = None) -> RequestRecord:
+async def send_one(
+    req: Request, send: Sender, now: Callable[[], float], progress: ProgressLine | None = None
+) -> RequestRecord:
     """Send one request now and time it."""
     rec = RequestRecord(req.index, len(req.prompt), req.max_tokens, req.arrival_s, kind=req.kind)
     rec.sent_s = now()
@@ -93,7 +101,9 @@ async def run_open(requests: list[Request], send: Sender, progress: ProgressLine
     return list(await asyncio.gather(*tasks))
 
 
-async def run_closed(make: Callable[[int], Request], send: Sender, concurrency: int, duration_s: float) -> list[RequestRecord]:
+async def run_closed(
+    make: Callable[[int], Request], send: Sender, concurrency: int, duration_s: float
+) -> list[RequestRecord]:
     """`concurrency` streams, each sending its next request when the last one
     finished, until duration_s; requests started later are not counted."""
     t0 = time.perf_counter()
@@ -116,22 +126,36 @@ async def run_closed(make: Callable[[int], Request], send: Sender, concurrency: 
 
 async def warm_up(send: Sender, n: int) -> None:
     """A few small requests one at a time: connections, caches and threads warm, nothing timed."""
-    for r in workload.synthetic(n, math.inf, workload.LengthDist("fixed", 32), workload.LengthDist("fixed", 4), seed=-1):
+    for r in workload.synthetic(
+        n, math.inf, workload.LengthDist("fixed", 32), workload.LengthDist("fixed", 4), seed=-1
+    ):
         await send_one(r, send, time.perf_counter)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="localhost:50051", help="the router's gRPC address")
-    p.add_argument("--http", default=None, metavar="URL",
-                   help="use the OpenAI endpoint instead (e.g. http://localhost:8000/v1): streamed /v1/completions")
-    p.add_argument("--client", choices=["stub", "sdk"], default="stub",
-                   help="gRPC: the raw Router stub, or the client SDK (pdserve.client)")
+    p.add_argument(
+        "--http",
+        default=None,
+        metavar="URL",
+        help="use the OpenAI endpoint instead (e.g. http://localhost:8000/v1): streamed /v1/completions",
+    )
+    p.add_argument(
+        "--client",
+        choices=["stub", "sdk"],
+        default="stub",
+        help="gRPC: the raw Router stub, or the client SDK (pdserve.client)",
+    )
     p.add_argument("--api-key", default=None, help="the router's API key (default: env PDSERVE_API_KEY)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--warmup", type=int, default=2, help="small untimed requests first")
     p.add_argument("--slo-ttft-ms", type=float, default=math.inf, help="goodput: TTFT objective")
-    p.add_argument("--slo-ttft-ms-per-token", type=float, default=0.0,
-                   help="goodput: TTFT objective grows by this per prompt token")
+    p.add_argument(
+        "--slo-ttft-ms-per-token",
+        type=float,
+        default=0.0,
+        help="goodput: TTFT objective grows by this per prompt token",
+    )
     p.add_argument("--slo-tpot-ms", type=float, default=math.inf, help="goodput: time-per-output-token objective")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", default=None, help="write the summary and every request's timings here")
@@ -163,9 +187,15 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         from pdserve.bench.limits import machine
 
-        out = {"command": command_line(), "machine": machine(), "target": args.http or args.target,
-               "client": "http" if args.http else args.client, "workload": workload.describe(args),
-               "summary": summary, "requests": [r.as_dict() for r in records]}
+        out = {
+            "command": command_line(),
+            "machine": machine(),
+            "target": args.http or args.target,
+            "client": "http" if args.http else args.client,
+            "workload": workload.describe(args),
+            "summary": summary,
+            "requests": [r.as_dict() for r in records],
+        }
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
     return 0

@@ -4,6 +4,7 @@ Times are seconds from the run's start, taken by the client as each message with
 TTFT, inter-token latency, TPOT, end-to-end, and goodput (requests/s that met both objectives, `Slo`).
 Definitions: docs/benchmarks.md ("Load generator": "Measured per request").
 """
+
 from __future__ import annotations
 
 import array
@@ -77,6 +78,7 @@ class Slo:
     """Latency objectives. The TTFT limit may grow with the prompt
     (ttft_ms + ttft_ms_per_token * prompt tokens): an idle long prompt takes
     longer to its first token than a short one, on any system."""
+
     ttft_ms: float = math.inf
     tpot_ms: float = math.inf
     ttft_ms_per_token: float = 0.0
@@ -97,8 +99,14 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
         return {"p50": None, "p90": None, "p99": None, "p99.9": None, "mean": None, "max": None}
     a = np.asarray(values, dtype=float)
     p50, p90, p99, p999 = np.percentile(a, [50, 90, 99, 99.9])
-    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "p99.9": float(p999),
-            "mean": float(a.mean()), "max": float(a.max())}
+    return {
+        "p50": float(p50),
+        "p90": float(p90),
+        "p99": float(p99),
+        "p99.9": float(p999),
+        "mean": float(a.mean()),
+        "max": float(a.max()),
+    }
 
 
 def _latencies(records: list[RequestRecord]) -> dict:
@@ -116,37 +124,48 @@ def summarize(records: list[RequestRecord], slo: Slo = Slo()) -> dict:
     completion), latency percentiles, errors by code, and how far the
     generator fell behind its own schedule (send lag)."""
     ok = [r for r in records if r.ok]
-    span = (max((r.done_s for r in records), default=0.0) - min((r.scheduled_s for r in records), default=0.0)) or math.nan
+    span = (
+        max((r.done_s for r in records), default=0.0) - min((r.scheduled_s for r in records), default=0.0)
+    ) or math.nan
     met = sum(slo.met(r) for r in records)
     out = {
-        "requests": len(records), "completed": len(ok),
+        "requests": len(records),
+        "completed": len(ok),
         "errors": dict(Counter(r.error for r in records if r.error)),
         "duration_s": span,
-        "throughput_rps": len(ok) / span, "output_tokens_per_s": sum(r.output_tokens for r in ok) / span,
-        "goodput_rps": met / span, "slo_attainment": met / len(records) if records else None,
+        "throughput_rps": len(ok) / span,
+        "output_tokens_per_s": sum(r.output_tokens for r in ok) / span,
+        "goodput_rps": met / span,
+        "slo_attainment": met / len(records) if records else None,
         "slo": slo.as_dict(),
         **_latencies(records),
         "send_lag_ms": percentiles([(r.sent_s - r.scheduled_s) * 1e3 for r in records]),
     }
     kinds = sorted({r.kind for r in records if r.kind})
     if len(kinds) > 1:
-        out["by_kind"] = {k: {"requests": sum(r.kind == k for r in records),
-                              **_latencies([r for r in records if r.kind == k])} for k in kinds}
+        out["by_kind"] = {
+            k: {"requests": sum(r.kind == k for r in records), **_latencies([r for r in records if r.kind == k])}
+            for k in kinds
+        }
     return out
 
 
 def format_summary(s: dict) -> str:
     """A few lines for the terminal."""
+
     def row(name: str, p: dict) -> str:
         if p["p50"] is None:
             return f"  {name:<5} -"
         return f"  {name:<5} p50 {p['p50']:8.1f}  p90 {p['p90']:8.1f}  p99 {p['p99']:8.1f} ms"
+
     slo = s["slo"]
-    lines = [f"{s['completed']}/{s['requests']} completed in {s['duration_s']:.1f} s; "
-             f"{s['throughput_rps']:.2f} req/s, {s['output_tokens_per_s']:.1f} output tok/s; "
-             f"goodput {s['goodput_rps']:.2f} req/s ({100 * (s['slo_attainment'] or 0):.0f}% within "
-             f"TTFT {_limit(slo['ttft_ms'])}{'+%.3g/token' % slo['ttft_ms_per_token'] if slo['ttft_ms_per_token'] else ''}"
-             f" ms, TPOT {_limit(slo['tpot_ms'])} ms)"]
+    lines = [
+        f"{s['completed']}/{s['requests']} completed in {s['duration_s']:.1f} s; "
+        f"{s['throughput_rps']:.2f} req/s, {s['output_tokens_per_s']:.1f} output tok/s; "
+        f"goodput {s['goodput_rps']:.2f} req/s ({100 * (s['slo_attainment'] or 0):.0f}% within "
+        f"TTFT {_limit(slo['ttft_ms'])}{'+%.3g/token' % slo['ttft_ms_per_token'] if slo['ttft_ms_per_token'] else ''}"
+        f" ms, TPOT {_limit(slo['tpot_ms'])} ms)"
+    ]
     lines += [row(n, s[k]) for n, k in (("TTFT", "ttft_ms"), ("ITL", "itl_ms"), ("TPOT", "tpot_ms"), ("E2E", "e2e_ms"))]
     if s["errors"]:
         lines.append("  errors: " + ", ".join(f"{k} x{v}" for k, v in sorted(s["errors"].items())))

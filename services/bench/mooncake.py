@@ -4,6 +4,7 @@ One JSON object a line, `{"timestamp": ms, "input_length": n, "output_length": n
 a hash id is one 512-token block, equal ids equal blocks (docs/benchmarks.md, "Load generator").
 `python -m pdserve.bench.mooncake --out mooncake_trace.jsonl` writes a synthetic trace (`synthesize`).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -41,20 +42,37 @@ def read_trace(path: str | Path) -> list[TraceRecord]:
                     continue
                 try:
                     obj = json.loads(line)
-                    out.append(TraceRecord(float(obj.get("timestamp", 0)), int(obj["input_length"]),
-                                           int(obj["output_length"]), tuple(int(h) for h in obj.get("hash_ids", ()))))
+                    out.append(
+                        TraceRecord(
+                            float(obj.get("timestamp", 0)),
+                            int(obj["input_length"]),
+                            int(obj["output_length"]),
+                            tuple(int(h) for h in obj.get("hash_ids", ())),
+                        )
+                    )
                 except (ValueError, KeyError, TypeError, AttributeError) as e:
                     raise TraceError(f"{path}:{line_no}: not a Mooncake trace record ({e!s})") from None
     except (OSError, UnicodeDecodeError) as e:
-        hint = " (python -m pdserve.bench.mooncake --out FILE writes a sample)" if isinstance(e, FileNotFoundError) else ""
+        hint = (
+            " (python -m pdserve.bench.mooncake --out FILE writes a sample)" if isinstance(e, FileNotFoundError) else ""
+        )
         raise TraceError(f"trace {path}: {getattr(e, 'strerror', None) or e}{hint}") from None
     return out
 
 
 def write_trace(records: list[TraceRecord], out: TextIO) -> None:
     for r in records:
-        out.write(json.dumps({"timestamp": round(r.timestamp_ms), "input_length": r.input_length,
-                              "output_length": r.output_length, "hash_ids": list(r.hash_ids)}) + "\n")
+        out.write(
+            json.dumps(
+                {
+                    "timestamp": round(r.timestamp_ms),
+                    "input_length": r.input_length,
+                    "output_length": r.output_length,
+                    "hash_ids": list(r.hash_ids),
+                }
+            )
+            + "\n"
+        )
 
 
 def synthesize(n: int, *, rate: float = 1.0, seed: int = 0, block_tokens: int = BLOCK_TOKENS) -> list[TraceRecord]:
@@ -111,6 +129,7 @@ class PrefixBlocks:
 @dataclass(frozen=True)
 class SampleTraceConfig(ServiceConfig):
     """Write a synthetic Mooncake-format trace (JSON lines)."""
+
     env_prefix = "PDSERVE_MOONCAKE_"
     num_requests: int = option(200, help="records")
     rate: float = option(1.0, help="arrivals per second (Poisson), in the timestamps")

@@ -3,6 +3,7 @@
 Goal (issue #4): past 1,000 tokens of history, a turn's TTFT is at most 30% of the cold one's: the same
 prompt with its first token changed, so no prefix matches anywhere. Results: docs/benchmarks.md ("Multi-turn").
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -42,23 +43,41 @@ async def _conversation(target: str, turns: int, system: int, user: int, answer:
             # A first token no other prompt has: no prefix matches anywhere (not even earlier cold ones).
             cold_prompt = [40000 + turn] + prompt[1:]
             cold, _, _, _ = await _ttft(client, cold_prompt, 2)
-            rows.append({"turn": turn + 1, "prompt_tokens": len(prompt), "ttft_ms": warm, "cold_ttft_ms": cold,
-                         "ratio": warm / cold, "cached_tokens": usage.cached_tokens,
-                         "disaggregated": bool(route and route.get("disaggregated"))})
+            rows.append(
+                {
+                    "turn": turn + 1,
+                    "prompt_tokens": len(prompt),
+                    "ttft_ms": warm,
+                    "cold_ttft_ms": cold,
+                    "ratio": warm / cold,
+                    "cached_tokens": usage.cached_tokens,
+                    "disaggregated": bool(route and route.get("disaggregated")),
+                }
+            )
             history = prompt + answer_ids
     return rows
 
 
 def main(args) -> int:
     log = io.StringIO()
-    with Suite(mode="disaggregated", port=args.port, base_port=args.port + 10, kv_cache_gib=0.5, out=log,
-               env={"PDSERVE_HTTP_PORT": "-1", "PDSERVE_LOCAL_PREFILL": args.local_prefill}) as suite:
-        rows = asyncio.run(_conversation(suite.router_target, args.turns, args.system_tokens, args.user_tokens,
-                                         args.answer_tokens))
+    with Suite(
+        mode="disaggregated",
+        port=args.port,
+        base_port=args.port + 10,
+        kv_cache_gib=0.5,
+        out=log,
+        env={"PDSERVE_HTTP_PORT": "-1", "PDSERVE_LOCAL_PREFILL": args.local_prefill},
+    ) as suite:
+        rows = asyncio.run(
+            _conversation(suite.router_target, args.turns, args.system_tokens, args.user_tokens, args.answer_tokens)
+        )
     print(f"{'turn':>4} {'prompt':>7} {'cached':>7} {'path':>6} {'TTFT ms':>8} {'cold ms':>8} {'ratio':>6}")
     for r in rows:
-        print(f"{r['turn']:>4} {r['prompt_tokens']:>7} {r['cached_tokens']:>7} "
-              f"{'disagg' if r['disaggregated'] else 'local':>6} {r['ttft_ms']:>8.0f} {r['cold_ttft_ms']:>8.0f} {r['ratio']:>6.2f}")
+        print(
+            f"{r['turn']:>4} {r['prompt_tokens']:>7} {r['cached_tokens']:>7} "
+            f"{'disagg' if r['disaggregated'] else 'local':>6} {r['ttft_ms']:>8.0f} {r['cold_ttft_ms']:>8.0f} "
+            f"{r['ratio']:>6.2f}"
+        )
     long = [r for r in rows if r["prompt_tokens"] > 1000]
     summary = {}
     if long:

@@ -4,6 +4,7 @@ For `pdserve bench control-plane`: a router in front of it does its usual work, 
 It serves what a colocated router calls; Reserve and Decode answer UNIMPLEMENTED (docs/benchmarks.md).
 Run it as a process: `python -m pdserve.bench.null_worker --port 50061`.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -20,8 +21,15 @@ from pdserve.v1 import decode_pb2_grpc
 # " null engine token" in SmolLM2's vocabulary: readable when detokenized.
 FIXED_TOKENS = (10034, 2327, 9624)
 DEFAULT_MAX_TOKENS = 256
-KV_SPEC = pb.KVSpec(model_name="null", num_layers=1, num_kv_heads=1, head_dim=1, block_size=16, dtype="float32",
-                    fingerprint=b"null-engine-v1\0\0")
+KV_SPEC = pb.KVSpec(
+    model_name="null",
+    num_layers=1,
+    num_kv_heads=1,
+    head_dim=1,
+    block_size=16,
+    dtype="float32",
+    fingerprint=b"null-engine-v1\0\0",
+)
 
 
 def fixed_tokens(n: int) -> list[int]:
@@ -61,9 +69,11 @@ class NullDecodeServicer(decode_pb2_grpc.DecodeServicer):
             self.completed += 1
             self.tokens += len(tokens)
             # As a real worker: the last token comes with the finish reason and usage.
-            yield dpb.DecodeResponse(token_ids=[tokens[-1]], finish_reason=pb.FINISH_REASON_LENGTH,
-                                     usage=pb.Usage(prompt_tokens=len(request.prompt_token_ids),
-                                                    completion_tokens=len(tokens)))
+            yield dpb.DecodeResponse(
+                token_ids=[tokens[-1]],
+                finish_reason=pb.FINISH_REASON_LENGTH,
+                usage=pb.Usage(prompt_tokens=len(request.prompt_token_ids), completion_tokens=len(tokens)),
+            )
         finally:
             self.running -= 1
 
@@ -71,8 +81,14 @@ class NullDecodeServicer(decode_pb2_grpc.DecodeServicer):
         return dpb.ReleaseResponse(released=False)  # nothing is ever held
 
     async def GetLoad(self, request: pb.GetLoadRequest, context) -> pb.GetLoadResponse:
-        load = pb.WorkerLoad(worker_id=self.info.worker_id, role=self.info.role, running_seqs=self.running,
-                             free_blocks=1 << 20, total_blocks=1 << 20, measured_at_unix_ms=int(time.time() * 1000))
+        load = pb.WorkerLoad(
+            worker_id=self.info.worker_id,
+            role=self.info.role,
+            running_seqs=self.running,
+            free_blocks=1 << 20,
+            total_blocks=1 << 20,
+            measured_at_unix_ms=int(time.time() * 1000),
+        )
         return pb.GetLoadResponse(info=self.info, load=load)
 
     async def GetStats(self, request: dpb.GetDecodeStatsRequest, context) -> dpb.GetDecodeStatsResponse:
@@ -86,9 +102,14 @@ class NullWorker:
         self.config = config
         self.server = create_server()
         self.port = bind(self.server, config.host, config.port)
-        info = pb.WorkerInfo(worker_id=config.worker_id, role=pb.WORKER_ROLE_COLOCATED,
-                             address=f"{config.host}:{self.port}", model="null", kv_spec=KV_SPEC,
-                             instance_id=uuid.uuid4().hex)
+        info = pb.WorkerInfo(
+            worker_id=config.worker_id,
+            role=pb.WORKER_ROLE_COLOCATED,
+            address=f"{config.host}:{self.port}",
+            model="null",
+            kv_spec=KV_SPEC,
+            instance_id=uuid.uuid4().hex,
+        )
         self.servicer = NullDecodeServicer(info, config.token_interval_ms / 1000)
         decode_pb2_grpc.add_DecodeServicer_to_server(self.servicer, self.server)
         self.health = None

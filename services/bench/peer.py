@@ -4,6 +4,7 @@ Rate by rate, every system runs once from a fresh start, in an order rotated per
 uncounted warm-up; writes peer.json, peer.md and the plots into --out. Peers: `--install NAME` (peers.py).
 Why this order, and results: docs/benchmarks.md ("pdserve beside other servers").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,13 +25,15 @@ from pdserve.bench.metrics import RequestRecord, Slo
 SYSTEMS = ("pdserve", "pdserve-colocated", "vllm", "transformers", "llamacpp")
 ALL_RATES = "*"  # the rate key of a skip that holds for every rate
 # ordinary words; a prompt is a random draw, so no two requests share a prefix
-WORDS = ("time year people way day man thing woman life child world school state family student group country "
-         "problem hand part place case week company system program question work government number night point "
-         "home water room mother area money story fact month lot right study book eye job word business issue "
-         "side kind head house service friend father power hour game line end member law car city community name "
-         "president team minute idea kid body information back parent face others level office door health person "
-         "art war history party result change morning reason research girl guy moment air teacher force "
-         "education").split()
+WORDS = (
+    "time year people way day man thing woman life child world school state family student group country "
+    "problem hand part place case week company system program question work government number night point "
+    "home water room mother area money story fact month lot right study book eye job word business issue "
+    "side kind head house service friend father power hour game line end member law car city community name "
+    "president team minute idea kid body information back parent face others level office door health person "
+    "art war history party result change morning reason research girl guy moment air teacher force "
+    "education"
+).split()
 
 
 def schedule(systems: list[str], rates: list[float]) -> list[tuple[float, str]]:
@@ -55,8 +58,9 @@ def count(rate: float, seconds: float) -> int:
     return max(1, math.ceil(rate * seconds))
 
 
-async def _load(peer: peers.Peer, url: str, model: str, requests: list[workload.Request], label: str,
-                args: argparse.Namespace) -> list[RequestRecord]:
+async def _load(
+    peer: peers.Peer, url: str, model: str, requests: list[workload.Request], label: str, args: argparse.Namespace
+) -> list[RequestRecord]:
     send = senders.HttpSender(url, args.timeout, model=model, ignore_eos=peer.ignore_eos)
     progress = ProgressLine(len(requests), label, enabled=not args.no_progress)
     try:
@@ -66,8 +70,7 @@ async def _load(peer: peers.Peer, url: str, model: str, requests: list[workload.
         await send.close()
 
 
-def measure(peer: peers.Peer, launch: peers.Launch, rate: float, i: int, args: argparse.Namespace,
-            out: Path) -> dict:
+def measure(peer: peers.Peer, launch: peers.Launch, rate: float, i: int, args: argparse.Namespace, out: Path) -> dict:
     """Start, warm up at `rate` (not counted), measure at `rate`, stop: {"records", "warmup"} or {"skipped"}."""
     running = peers.Running(peer, launch, out / "logs" / f"{peer.name}@{rate:g}.log")
     try:
@@ -118,8 +121,15 @@ def run_all(args: argparse.Namespace, out: Path) -> dict:
     for rate, name in order:
         i = args.rates.index(rate)
         peer = peers.PEERS[name]
-        launch = peers.Launch(args.port, model_dir, gguf or model_dir, peers.python_of(peer), args.model,
-                              args.kv_cache_gib, len(os.sched_getaffinity(0)))
+        launch = peers.Launch(
+            args.port,
+            model_dir,
+            gguf or model_dir,
+            peers.python_of(peer),
+            args.model,
+            args.kv_cache_gib,
+            len(os.sched_getaffinity(0)),
+        )
         print(f"{name} @ {rate:g} req/s: starting", flush=True)
         result = measure(peer, launch, rate, i, args, out)
         if "skipped" in result:
@@ -128,15 +138,22 @@ def run_all(args: argparse.Namespace, out: Path) -> dict:
             continue
         runs[name][f"{rate:g}"] = [r.as_dict() for r in result["records"]]
         warmups[name][f"{rate:g}"] = result["warmup"]
-    return {"rates": args.rates, "order": [[r, n] for r, n in order], "runs": runs, "warmups": warmups,
-            "skipped": skipped}
+    return {
+        "rates": args.rates,
+        "order": [[r, n] for r, n in order],
+        "runs": runs,
+        "warmups": warmups,
+        "skipped": skipped,
+    }
 
 
 def report(doc: dict, args: argparse.Namespace, out: Path) -> str:
     """Summaries, capacity and ratios into doc; peer.json, peer.md and the plots into `out`."""
     slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms)
-    records = {n: {rate: [RequestRecord.from_dict(r) for r in rs] for rate, rs in by_rate.items()}
-               for n, by_rate in doc["runs"].items()}
+    records = {
+        n: {rate: [RequestRecord.from_dict(r) for r in rs] for rate, rs in by_rate.items()}
+        for n, by_rate in doc["runs"].items()
+    }
     doc["objectives"] = slo.as_dict()
     doc["summaries"] = peer_report.summaries(records, slo)
     doc["comparison"] = peer_report.comparison(doc["summaries"], doc["reference"])
@@ -174,44 +191,77 @@ def main(args: argparse.Namespace) -> int:
     else:
         from pdserve.bench.limits import machine
 
-        doc = {"machine": machine(), "command": command_line(), "workload": describe(args),
-               "reference": args.reference, "order_note": ORDER_NOTE, **run_all(args, out)}
+        doc = {
+            "machine": machine(),
+            "command": command_line(),
+            "workload": describe(args),
+            "reference": args.reference,
+            "order_note": ORDER_NOTE,
+            **run_all(args, out),
+        }
     print(report(doc, args, out))
     logs = "" if args.from_json else f"; each peer's log in {out / 'logs'}"
     print(f"wrote {out / 'peer.json'}, {out / 'peer.md'} and plots{logs}")
     return 0
 
 
-ORDER_NOTE = ("rate by rate, every system at each rate, the order rotated by one per rate; every (rate, system) "
-              "a fresh start followed by an uncounted warm-up run at that rate")
+ORDER_NOTE = (
+    "rate by rate, every system at each rate, the order rotated by one per rate; every (rate, system) "
+    "a fresh start followed by an uncounted warm-up run at that rate"
+)
 
 
 def describe(args: argparse.Namespace) -> dict:
-    return {"prompt": f"{args.words} words, {args.long_fraction:.0%} of them {args.long_words} words",
-            "output_tokens": str(args.output_len),
-            "ignore_eos": "asked of every server that takes it; not transformers serve (it refuses the field)",
-            "duration_s": args.duration, "warmup_duration_s": args.warmup_duration, "seed": args.seed,
-            "arrivals": "Poisson"}
+    return {
+        "prompt": f"{args.words} words, {args.long_fraction:.0%} of them {args.long_words} words",
+        "output_tokens": str(args.output_len),
+        "ignore_eos": "asked of every server that takes it; not transformers serve (it refuses the field)",
+        "duration_s": args.duration,
+        "warmup_duration_s": args.warmup_duration,
+        "seed": args.seed,
+        "arrivals": "Poisson",
+    }
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--install", nargs="+", choices=[n for n in SYSTEMS if peers.PEERS[n].install_steps],
-                   metavar="NAME", help="install these peers into ~/.cache/pdserve/peers/NAME and exit")
+    p.add_argument(
+        "--install",
+        nargs="+",
+        choices=[n for n in SYSTEMS if peers.PEERS[n].install_steps],
+        metavar="NAME",
+        help="install these peers into ~/.cache/pdserve/peers/NAME and exit",
+    )
     p.add_argument("--auto-install", action="store_true", help="install missing peers first (llamacpp: ~25 min)")
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     p.add_argument("--reference", choices=SYSTEMS, default="pdserve", help="ratios are to this system")
     p.add_argument("--rates", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0], help="Poisson rates (req/s)")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals measured per rate")
-    p.add_argument("--warmup-duration", type=float, default=20.0,
-                   help="seconds of arrivals at the same rate after each start, not counted")
+    p.add_argument(
+        "--warmup-duration",
+        type=float,
+        default=20.0,
+        help="seconds of arrivals at the same rate after each start, not counted",
+    )
     p.add_argument("--quick", action="store_true", help="a self-check: the first rate only, 10 s, 5 s warm-up")
-    p.add_argument("--words", type=workload.length_dist, default=workload.LengthDist("uniform", 20, 80),
-                   help="short prompts' length in words")
-    p.add_argument("--long-words", type=workload.length_dist, default=workload.LengthDist("uniform", 600, 900),
-                   help="long prompts' length in words")
+    p.add_argument(
+        "--words",
+        type=workload.length_dist,
+        default=workload.LengthDist("uniform", 20, 80),
+        help="short prompts' length in words",
+    )
+    p.add_argument(
+        "--long-words",
+        type=workload.length_dist,
+        default=workload.LengthDist("uniform", 600, 900),
+        help="long prompts' length in words",
+    )
     p.add_argument("--long-fraction", type=float, default=0.1, help="share of long prompts")
-    p.add_argument("--output-len", type=workload.length_dist, default=workload.LengthDist("uniform", 32, 64),
-                   help="output tokens (greedy, ignore_eos)")
+    p.add_argument(
+        "--output-len",
+        type=workload.length_dist,
+        default=workload.LengthDist("uniform", 32, 64),
+        help="output tokens (greedy, ignore_eos)",
+    )
     p.add_argument("--slo-ttft-ms", type=float, default=3000.0, help="TTFT objective")
     p.add_argument("--slo-tpot-ms", type=float, default=150.0, help="TPOT objective")
     p.add_argument("--seed", type=int, default=0)
@@ -223,4 +273,3 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="benchmarks/results/peer", help="directory for peer.json, peer.md and plots")
     p.add_argument("--from-json", default=None, help="only redo the report and plots from this peer.json")
     p.add_argument("--no-progress", action="store_true")
-

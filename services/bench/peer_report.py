@@ -3,6 +3,7 @@
 Capacity is the highest offered rate at which at least `share` (90%) of the
 requests met both objectives; a system that met them at no rate has none.
 """
+
 from __future__ import annotations
 
 from pdserve.bench.metrics import RequestRecord, Slo, summarize
@@ -59,21 +60,32 @@ def markdown(doc: dict) -> str:
     m, slo, ref = doc.get("machine", {}), doc["objectives"], doc["reference"]
     cmp, summ = doc["comparison"], doc["summaries"]
     lines = [
-        "# pdserve beside other servers: the same model, the same open-loop load", "",
-        f"Machine: {m.get('cpu', '?')}, {m.get('usable_cores', '?')} usable cores. Command: `{doc['command']}`", "",
-        f"Workload: {doc['workload']}", "",
+        "# pdserve beside other servers: the same model, the same open-loop load",
+        "",
+        f"Machine: {m.get('cpu', '?')}, {m.get('usable_cores', '?')} usable cores. Command: `{doc['command']}`",
+        "",
+        f"Workload: {doc['workload']}",
+        "",
         f"Objectives: TTFT <= {_f(slo['ttft_ms'])} ms and TPOT <= {_f(slo['tpot_ms'])} ms; capacity is the "
-        f"highest rate with >= {CAPACITY_SHARE:.0%} of requests within them. Ratios are to `{ref}`.", "",
-        f"Order: {doc['order_note']}", "",
-        "| system | capacity (req/s) | vs " + ref + " |", "|---|---|---|",
+        f"highest rate with >= {CAPACITY_SHARE:.0%} of requests within them. Ratios are to `{ref}`.",
+        "",
+        f"Order: {doc['order_note']}",
+        "",
+        "| system | capacity (req/s) | vs " + ref + " |",
+        "|---|---|---|",
     ]
     for name, c in cmp.items():
-        lines.append(f"| {name} | {_f(c['capacity_rps'], '{:g}') if c['capacity_rps'] else 'below every rate'} "
-                     f"| {_x(c['capacity_vs_reference'])} |")
-    lines += ["", "| system | rate (req/s) | within objectives | goodput (req/s) | output tok/s | tokens out / request "
-                  "| TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | TPOT p50 / p99 (ms) | errors "
-                  f"| goodput vs {ref} | ITL p50 vs {ref} |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {name} | {_f(c['capacity_rps'], '{:g}') if c['capacity_rps'] else 'below every rate'} "
+            f"| {_x(c['capacity_vs_reference'])} |"
+        )
+    lines += [
+        "",
+        "| system | rate (req/s) | within objectives | goodput (req/s) | output tok/s | tokens out / request "
+        "| TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | TPOT p50 / p99 (ms) | errors "
+        f"| goodput vs {ref} | ITL p50 vs {ref} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, by_rate in summ.items():
         for rate, s in sorted(by_rate.items(), key=lambda kv: float(kv[0])):
             r = cmp[name]["by_rate"][rate]
@@ -84,7 +96,8 @@ def markdown(doc: dict) -> str:
                 f"| {_f(s['ttft_ms']['p50'])} / {_f(s['ttft_ms']['p99'])} "
                 f"| {_f(s['itl_ms']['p50'])} / {_f(s['itl_ms']['p99'])} "
                 f"| {_f(s['tpot_ms']['p50'])} / {_f(s['tpot_ms']['p99'])} "
-                f"| {sum(s['errors'].values()) or ''} | {_x(r['goodput'])} | {_x(r['itl_p50'])} |")
+                f"| {sum(s['errors'].values()) or ''} | {_x(r['goodput'])} | {_x(r['itl_p50'])} |"
+            )
     skipped = skipped_lines(doc["skipped"])
     if skipped:
         lines += ["", "Skipped:", *skipped]

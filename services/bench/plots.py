@@ -4,6 +4,7 @@ goodput.png (goodput and p99 ITL against the rate), itl_cdf.png (inter-token lat
 timeline.png (each request at one rate, its decode stalls in red).
 What each shows: docs/benchmarks.md ("Colocated vs disaggregated").
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,6 +23,7 @@ def _pyplot():
         raise SystemExit("plots need matplotlib: pip install -e .[bench]") from None
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -38,8 +40,12 @@ def goodput(summaries: dict, slo: Slo, path: Path) -> None:
     ax1.set_xlim(0, top * 1.05)
     ax1.set_ylim(0, top * 1.05)
     ax1.set(xlabel="offered rate (req/s)", ylabel="goodput (req/s within objectives)", title="Goodput")
-    ax2.set(xlabel="offered rate (req/s)", ylabel="p99 inter-token latency (ms)", yscale="log",
-            title="p99 inter-token latency")
+    ax2.set(
+        xlabel="offered rate (req/s)",
+        ylabel="p99 inter-token latency (ms)",
+        yscale="log",
+        title="p99 inter-token latency",
+    )
     if np.isfinite(slo.tpot_ms):
         ax2.axhline(slo.tpot_ms, ls="--", color="grey", label=f"TPOT objective {slo.tpot_ms:.0f} ms")
     for ax in (ax1, ax2):
@@ -56,12 +62,20 @@ def itl_cdf(runs: dict[str, list[RequestRecord]], slo: Slo, rate: str, path: Pat
     for mode, records in runs.items():
         itls = np.sort([x for r in records if r.ok for x in r.itls_ms])
         if len(itls):
-            ax.plot(itls, np.arange(1, len(itls) + 1) / len(itls), color=COLORS.get(mode),
-                    label=f"{mode} (p99 {np.percentile(itls, 99):.0f} ms)")
+            ax.plot(
+                itls,
+                np.arange(1, len(itls) + 1) / len(itls),
+                color=COLORS.get(mode),
+                label=f"{mode} (p99 {np.percentile(itls, 99):.0f} ms)",
+            )
     if np.isfinite(slo.tpot_ms):
         ax.axvline(slo.tpot_ms, ls="--", color="grey", label=f"TPOT objective {slo.tpot_ms:.0f} ms")
-    ax.set(xscale="log", xlabel="inter-token latency (ms)", ylabel="fraction of gaps",
-           title=f"Inter-token latency CDF at {rate} req/s")
+    ax.set(
+        xscale="log",
+        xlabel="inter-token latency (ms)",
+        ylabel="fraction of gaps",
+        title=f"Inter-token latency CDF at {rate} req/s",
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -91,11 +105,13 @@ def timeline(runs: dict[str, list[RequestRecord]], slo: Slo, rate: str, path: Pa
                 ax.plot([r.done_s], [y], "x", color="black")
         ax.set_title(f"{mode} at {rate} req/s", fontsize=10)
         ax.set_ylabel("request")
-    handles = [Line2D([], [], color="silver", lw=2, label="waiting for the first token"),
-               Line2D([], [], color="tab:purple", lw=2, label="... a long prompt"),
-               Line2D([], [], color="tab:blue", lw=2, label="decoding"),
-               Line2D([], [], color="red", lw=3, label=f"gap between tokens > {limit:.0f} ms (stall)"),
-               Line2D([], [], color="black", ls="--", marker="x", label="failed")]
+    handles = [
+        Line2D([], [], color="silver", lw=2, label="waiting for the first token"),
+        Line2D([], [], color="tab:purple", lw=2, label="... a long prompt"),
+        Line2D([], [], color="tab:blue", lw=2, label="decoding"),
+        Line2D([], [], color="red", lw=3, label=f"gap between tokens > {limit:.0f} ms (stall)"),
+        Line2D([], [], color="black", ls="--", marker="x", label="failed"),
+    ]
     fig.legend(handles=handles, loc="upper center", ncol=5, fontsize=8, frameon=False)
     axes[-1, 0].set_xlabel("time since the run started (s)")
     fig.tight_layout(rect=(0, 0, 1, 0.96))

@@ -3,6 +3,7 @@
 A fresh process, from spawn to gRPC health SERVING (its worker already up), then its resident memory once
 idle and whether torch was mapped into it (issue #20). Why and results: docs/benchmarks.md ("A router without torch").
 """
+
 from __future__ import annotations
 
 import statistics
@@ -14,8 +15,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-IMPORT = ("import time; t = time.perf_counter(); from pdserve.router import serve; "
-          "serve.load_tokenizer(''); print(time.perf_counter() - t)")
+IMPORT = (
+    "import time; t = time.perf_counter(); from pdserve.router import serve; "
+    "serve.load_tokenizer(''); print(time.perf_counter() - t)"
+)
 
 
 def _serving(target: str) -> bool:
@@ -55,10 +58,16 @@ def once(argv: tuple[str, ...], target: str, idle_s: float, timeout_s: float = 1
 def measure(argv: tuple[str, ...], target: str, reps: int = 3, idle_s: float = 2.0) -> dict:
     """Medians of `reps` starts of the router `argv` (which serves on `target`)."""
     runs = [once(argv, target, idle_s) for _ in range(reps)]
-    imports = [float(subprocess.run([sys.executable, "-c", IMPORT], capture_output=True, text=True,
-                                    check=True).stdout) for _ in range(reps)]
-    return {"runs": runs, "serving_s_p50": statistics.median(r["serving_s"] for r in runs),
-            "rss_mb_p50": statistics.median(r["rss_mb"] for r in runs),
-            "torch_mapped": any(r["torch_mapped"] for r in runs),
-            "import_and_tokenizer_s_p50": statistics.median(imports),
-            "goal_serving_s": 1.5, "goal_rss_mb": 150.0}
+    imports = [
+        float(subprocess.run([sys.executable, "-c", IMPORT], capture_output=True, text=True, check=True).stdout)
+        for _ in range(reps)
+    ]
+    return {
+        "runs": runs,
+        "serving_s_p50": statistics.median(r["serving_s"] for r in runs),
+        "rss_mb_p50": statistics.median(r["rss_mb"] for r in runs),
+        "torch_mapped": any(r["torch_mapped"] for r in runs),
+        "import_and_tokenizer_s_p50": statistics.median(imports),
+        "goal_serving_s": 1.5,
+        "goal_rss_mb": 150.0,
+    }

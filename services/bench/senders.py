@@ -4,6 +4,7 @@ Each sender asks for exactly max_tokens greedy tokens (ignore_eos) and fills a R
 (raw Router stub), `SdkSender` (client SDK), `DirectSender` (a worker's Decode.Generate), `HttpSender`
 (streamed /v1/completions). What each measures: docs/benchmarks.md ("Load generator", "Control plane").
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,10 @@ class StubSender:
         self.metadata = (("authorization", f"Bearer {key}"),) if key else None
 
     async def __call__(self, req: Request, rec: RequestRecord, now: Clock) -> None:
-        msg = rpb.GenerateRequest(token_ids=pb.TokenIds(ids=req.prompt), sampling=pb.SamplingParams(
-            max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True))
+        msg = rpb.GenerateRequest(
+            token_ids=pb.TokenIds(ids=req.prompt),
+            sampling=pb.SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True),
+        )
         await _record(self.stub.Generate(msg, timeout=self.timeout_s, metadata=self.metadata), rec, now)
 
     async def close(self) -> None:
@@ -61,8 +64,9 @@ class SdkSender:
 
     async def __call__(self, req: Request, rec: RequestRecord, now: Clock) -> None:
         try:
-            async with self.client.generate(req.prompt, max_tokens=req.max_tokens, temperature=0.0,
-                                            ignore_eos=True) as stream:
+            async with self.client.generate(
+                req.prompt, max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True
+            ) as stream:
                 async for chunk in stream:
                     if chunk.token_ids:
                         rec.tokens(now(), len(chunk.token_ids), chunk.token_ids)
@@ -74,23 +78,36 @@ class SdkSender:
 
 
 class HttpSender:
-    def __init__(self, url: str, timeout_s: float = 600.0, api_key: str | None = None, model: str | None = None,
-                 ignore_eos: bool = True):
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float = 600.0,
+        api_key: str | None = None,
+        model: str | None = None,
+        ignore_eos: bool = True,
+    ):
         import aiohttp  # only the HTTP path needs it
 
         base = url.rstrip("/")
         self.url = (base if base.endswith("/v1") else base + "/v1") + "/completions"
         key = _api_key(api_key)
-        self.session = aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"} if key else None,
-                                             timeout=aiohttp.ClientTimeout(total=None, sock_read=timeout_s),
-                                             connector=aiohttp.TCPConnector(limit=0))  # no pool cap: open loop
+        self.session = aiohttp.ClientSession(
+            headers={"Authorization": f"Bearer {key}"} if key else None,
+            timeout=aiohttp.ClientTimeout(total=None, sock_read=timeout_s),
+            connector=aiohttp.TCPConnector(limit=0),
+        )  # no pool cap: open loop
         self.errors = (aiohttp.ClientError, OSError, TimeoutError, ValueError)
         self.model = model  # other servers than pdserve may require the name they serve
         self.ignore_eos = ignore_eos  # a server without the field may stop early: the usage chunk counts its tokens
 
     async def __call__(self, req: Request, rec: RequestRecord, now: Clock) -> None:
-        body = {"prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0.0,
-                "stream": True, "stream_options": {"include_usage": True}}
+        body = {
+            "prompt": req.prompt,
+            "max_tokens": req.max_tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         if self.ignore_eos:
             body["ignore_eos"] = True
         if self.model:
@@ -132,17 +149,20 @@ class DirectSender:
         self.timeout_s = timeout_s
 
     async def __call__(self, req: Request, rec: RequestRecord, now: Clock) -> None:
-        msg = dpb.LocalGenerateRequest(request_id=f"direct-{req.index}", prompt_token_ids=req.prompt,
-                                       sampling=pb.SamplingParams(max_tokens=req.max_tokens, temperature=0.0,
-                                                                  ignore_eos=True))
+        msg = dpb.LocalGenerateRequest(
+            request_id=f"direct-{req.index}",
+            prompt_token_ids=req.prompt,
+            sampling=pb.SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True),
+        )
         await _record(self.stub.Generate(msg, timeout=self.timeout_s), rec, now)
 
     async def close(self) -> None:
         await self.channel.close()
 
 
-def make(target: str | None, http: str | None, client: str = "stub", timeout_s: float = 600.0,
-         api_key: str | None = None):
+def make(
+    target: str | None, http: str | None, client: str = "stub", timeout_s: float = 600.0, api_key: str | None = None
+):
     """The sender the command line asks for: HTTP when `http` is a URL, else gRPC."""
     if http:
         return HttpSender(http, timeout_s, api_key)

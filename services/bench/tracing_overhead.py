@@ -4,6 +4,7 @@ Two suites of real processes, one with OTEL_SDK_DISABLED=true, one exporting eve
 sink in this process, take the same requests in turn. Goal (issue #5): tracing adds under 5% to the median.
 How it is fair to both: docs/observability.md ("Configuration", at its end).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +47,9 @@ class OtlpSink:
                 request = ExportTraceServiceRequest.FromString(body)
                 with lock:
                     for rs in request.resource_spans:
-                        name = next((a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), "?")
+                        name = next(
+                            (a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), "?"
+                        )
                         for ss in rs.scope_spans:
                             sink.spans[name] += len(ss.spans)
                             sink.trace_ids.update(s.trace_id for s in ss.spans)
@@ -100,12 +103,18 @@ def main(args) -> int:
         del os.environ[key]
     sink = OtlpSink()
     common = {"PDSERVE_LOCAL_PREFILL": "never", "PDSERVE_HTTP_PORT": "0"}
-    arms = {"off": {**common, "OTEL_SDK_DISABLED": "true"},
-            "on": {**common, "OTEL_EXPORTER_OTLP_ENDPOINT": sink.url}}  # default sampler, exporter, protocol
+    arms = {
+        "off": {**common, "OTEL_SDK_DISABLED": "true"},
+        "on": {**common, "OTEL_EXPORTER_OTLP_ENDPOINT": sink.url},
+    }  # default sampler, exporter, protocol
     logs = {arm: io.StringIO() for arm in arms}
     try:
-        with Suite(port=args.port, base_port=args.port + 10, kv_cache_gib=0.5, out=logs["off"], env=arms["off"]) as off, \
-             Suite(port=args.port + 100, base_port=args.port + 110, kv_cache_gib=0.5, out=logs["on"], env=arms["on"]) as on:
+        with (
+            Suite(port=args.port, base_port=args.port + 10, kv_cache_gib=0.5, out=logs["off"], env=arms["off"]) as off,
+            Suite(
+                port=args.port + 100, base_port=args.port + 110, kv_cache_gib=0.5, out=logs["on"], env=arms["on"]
+            ) as on,
+        ):
             e2e = asyncio.run(_interleaved({"off": off.router_target, "on": on.router_target}, args))
         # Stopped: every service flushed its queued spans on the way out.
     except Exception:
@@ -116,15 +125,26 @@ def main(args) -> int:
         sink.close()
     medians = {arm: statistics.median(v) for arm, v in e2e.items()}
     ratio = medians["on"] / medians["off"]
-    results = {"requests_per_arm": args.requests, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
-               "e2e_ms_median": medians, "e2e_ms_all": e2e, "ratio": ratio,
-               "spans_exported_by_service": dict(sink.spans), "traces_exported": len(sink.trace_ids)}
+    results = {
+        "requests_per_arm": args.requests,
+        "prompt_tokens": args.prompt_tokens,
+        "max_tokens": args.max_tokens,
+        "e2e_ms_median": medians,
+        "e2e_ms_all": e2e,
+        "ratio": ratio,
+        "spans_exported_by_service": dict(sink.spans),
+        "traces_exported": len(sink.trace_ids),
+    }
     for arm in ("off", "on"):
-        print(f"tracing {arm:>3}: end-to-end median {medians[arm]:.1f} ms over {args.requests} requests "
-              f"({args.prompt_tokens} prompt tokens, {args.max_tokens} generated)")
+        print(
+            f"tracing {arm:>3}: end-to-end median {medians[arm]:.1f} ms over {args.requests} requests "
+            f"({args.prompt_tokens} prompt tokens, {args.max_tokens} generated)"
+        )
     spans = sum(sink.spans.values())
-    print(f"exported: {spans} spans in {len(sink.trace_ids)} traces "
-          f"({', '.join(f'{k} {v}' for k, v in sorted(sink.spans.items()))})")
+    print(
+        f"exported: {spans} spans in {len(sink.trace_ids)} traces "
+        f"({', '.join(f'{k} {v}' for k, v in sorted(sink.spans.items()))})"
+    )
     print(f"on / off = {ratio:.3f}: tracing adds {(ratio - 1) * 100:+.1f}% (goal < 5%)")
     if len(sink.trace_ids) < WARM_UP + args.requests:
         print("warning: fewer traces exported than requests sent; was tracing on?")

@@ -3,6 +3,7 @@
 Goal (issue #3): with the transfer overlapped, a 1,000-token prompt's TTFT disaggregated is within 10% of
 colocated. Real processes per mode, a fresh prompt each time. Results: docs/benchmarks.md ("Idle TTFT").
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -34,9 +35,12 @@ async def _measure(target: str, tokens: int, reps: int) -> dict:
                         server_ms.append(chunk.timing.ttft_ms)
                         transfer_ms.append(chunk.timing.kv_transfer_ms)
             client_ms.append(first * 1e3)
-    return {"ttft_ms_median": statistics.median(client_ms), "ttft_ms_all": client_ms,
-            "router_ttft_ms_median": statistics.median(server_ms),
-            "kv_wait_after_first_token_ms_median": statistics.median(transfer_ms)}
+    return {
+        "ttft_ms_median": statistics.median(client_ms),
+        "ttft_ms_all": client_ms,
+        "router_ttft_ms_median": statistics.median(server_ms),
+        "kv_wait_after_first_token_ms_median": statistics.median(transfer_ms),
+    }
 
 
 def main(args) -> int:
@@ -44,12 +48,21 @@ def main(args) -> int:
     for mode in ("colocated", "disaggregated"):
         log = io.StringIO()
         # Force the disaggregated path (the cost model would prefill locally at idle).
-        with Suite(mode=mode, port=args.port, base_port=args.port + 10, kv_cache_gib=0.5, out=log,
-                   env={"PDSERVE_LOCAL_PREFILL": "never", "PDSERVE_HTTP_PORT": "0"}) as suite:
+        with Suite(
+            mode=mode,
+            port=args.port,
+            base_port=args.port + 10,
+            kv_cache_gib=0.5,
+            out=log,
+            env={"PDSERVE_LOCAL_PREFILL": "never", "PDSERVE_HTTP_PORT": "0"},
+        ) as suite:
             results[mode] = asyncio.run(_measure(suite.router_target, args.tokens, args.reps))
-        print(f"{mode:>14}: TTFT median {results[mode]['ttft_ms_median']:.0f} ms "
-              f"(router-measured {results[mode]['router_ttft_ms_median']:.0f} ms) over {args.reps} prompts "
-              f"of {args.tokens} tokens", flush=True)
+        print(
+            f"{mode:>14}: TTFT median {results[mode]['ttft_ms_median']:.0f} ms "
+            f"(router-measured {results[mode]['router_ttft_ms_median']:.0f} ms) over {args.reps} prompts "
+            f"of {args.tokens} tokens",
+            flush=True,
+        )
     ratio = results["disaggregated"]["ttft_ms_median"] / results["colocated"]["ttft_ms_median"]
     results["ratio"] = ratio
     print(f"disaggregated / colocated TTFT = {ratio:.3f} (goal <= 1.10)")

@@ -4,6 +4,7 @@ Synthetic lengths (`fixed:N`, `uniform:LO:HI`, `lognormal:MEDIAN:SIGMA[:MAX]`) w
 `mixed` preset, or a Mooncake trace (mooncake.py); prompts are token ids, so every length is exact.
 Presets and why: docs/benchmarks.md ("Load generator").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,7 @@ class Request:
 class LengthDist:
     """A token-length distribution, parsed from `fixed:N`, `N`, `uniform:LO:HI`
     or `lognormal:MEDIAN:SIGMA[:MAX]`."""
+
     kind: str
     a: float
     b: float = 0.0
@@ -47,7 +49,9 @@ class LengthDist:
             return cls("uniform", nums[0], nums[1])
         if kind == "lognormal" and len(nums) in (2, 3) and nums[0] >= 1 and nums[1] >= 0:
             return cls("lognormal", nums[0], nums[1], int(nums[2]) if len(nums) == 3 else 1 << 20)
-        raise ValueError(f"bad length distribution {spec!r}: use fixed:N, uniform:LO:HI or lognormal:MEDIAN:SIGMA[:MAX]")
+        raise ValueError(
+            f"bad length distribution {spec!r}: use fixed:N, uniform:LO:HI or lognormal:MEDIAN:SIGMA[:MAX]"
+        )
 
     def sample(self, rng: random.Random) -> int:
         if self.kind == "fixed":
@@ -57,8 +61,11 @@ class LengthDist:
         return max(1, min(self.cap, round(self.a * math.exp(self.b * rng.gauss(0.0, 1.0)))))
 
     def __str__(self) -> str:
-        return {"fixed": f"fixed:{self.a:g}", "uniform": f"uniform:{self.a:g}:{self.b:g}",
-                "lognormal": f"lognormal:{self.a:g}:{self.b:g}:{self.cap}"}[self.kind]
+        return {
+            "fixed": f"fixed:{self.a:g}",
+            "uniform": f"uniform:{self.a:g}:{self.b:g}",
+            "lognormal": f"lognormal:{self.a:g}:{self.b:g}:{self.cap}",
+        }[self.kind]
 
 
 SYNTHETIC_PROMPT, SYNTHETIC_OUTPUT = LengthDist("uniform", 64, 256), LengthDist("uniform", 32, 128)
@@ -81,13 +88,16 @@ def random_tokens(n: int, rng: random.Random) -> list[int]:
 def synthetic(n: int, rate: float, prompt: LengthDist, output: LengthDist, seed: int = 0) -> list[Request]:
     """Fresh random prompts (no two share a prefix block), Poisson arrivals."""
     rng = random.Random(seed)
-    return [Request(i, t, random_tokens(prompt.sample(rng), rng), output.sample(rng))
-            for i, t in enumerate(poisson_arrivals(rate, n, rng))]
+    return [
+        Request(i, t, random_tokens(prompt.sample(rng), rng), output.sample(rng))
+        for i, t in enumerate(poisson_arrivals(rate, n, rng))
+    ]
 
 
 @dataclass(frozen=True)
 class Mixed:
     """Short requests that decode for a while; long prompts arriving among them."""
+
     long_fraction: float = 0.2
     short_prompt: LengthDist = LengthDist("uniform", 32, 128)
     short_output: LengthDist = LengthDist("uniform", 64, 128)
@@ -104,9 +114,16 @@ class Mixed:
         return out
 
 
-def from_trace(records: list[TraceRecord], *, rate: float | None = None, speed: float = 1.0,
-               block_tokens: int = BLOCK_TOKENS, max_prompt: int | None = None,
-               max_output: int | None = None, seed: int = 0) -> list[Request]:
+def from_trace(
+    records: list[TraceRecord],
+    *,
+    rate: float | None = None,
+    speed: float = 1.0,
+    block_tokens: int = BLOCK_TOKENS,
+    max_prompt: int | None = None,
+    max_output: int | None = None,
+    seed: int = 0,
+) -> list[Request]:
     """Requests of a trace: at its own timestamps (divided by `speed`), or at
     Poisson times when `rate` is given. Prompts and outputs longer than
     max_prompt / max_output (the model's context) are cut."""
@@ -125,6 +142,7 @@ def from_trace(records: list[TraceRecord], *, rate: float | None = None, speed: 
 
 # -- command line -----------------------------------------------------------------
 
+
 def length_dist(spec: str) -> LengthDist:
     try:
         return LengthDist.parse(spec)
@@ -134,32 +152,50 @@ def length_dist(spec: str) -> LengthDist:
 
 def add_args(p: argparse.ArgumentParser, *, default_workload: str = "synthetic") -> None:
     g = p.add_argument_group("workload")
-    g.add_argument("--workload", choices=["synthetic", "mixed", "trace"], default=default_workload,
-                   help="trace: --trace FILE (Mooncake JSONL)")
+    g.add_argument(
+        "--workload",
+        choices=["synthetic", "mixed", "trace"],
+        default=default_workload,
+        help="trace: --trace FILE (Mooncake JSONL)",
+    )
     g.add_argument("--trace", default=None, help="Mooncake-format JSONL trace (implies --workload trace)")
     g.add_argument("--trace-speed", type=float, default=1.0, help="replay the trace this many times faster")
     g.add_argument("--trace-block-tokens", type=int, default=BLOCK_TOKENS, help="tokens per hash id")
-    g.add_argument("--arrivals", choices=["poisson", "trace"], default=None,
-                   help="default: the trace's timestamps with --trace, else Poisson at --rate")
+    g.add_argument(
+        "--arrivals",
+        choices=["poisson", "trace"],
+        default=None,
+        help="default: the trace's timestamps with --trace, else Poisson at --rate",
+    )
     g.add_argument("--rate", type=float, default=1.0, help="requests/s (Poisson arrivals; inf: all at once)")
     g.add_argument("--num-requests", type=int, default=100, help="requests to send (a trace: its first N)")
-    g.add_argument("--prompt-len", type=length_dist, default=None,
-                   help=f"prompt tokens: fixed:N, uniform:LO:HI, lognormal:MEDIAN:SIGMA[:MAX] "
-                        f"(default {SYNTHETIC_PROMPT}; mixed: the short prompts, default {Mixed.short_prompt})")
-    g.add_argument("--output-len", type=length_dist, default=None,
-                   help=f"output tokens, same forms (default {SYNTHETIC_OUTPUT}; "
-                        f"mixed: the short requests', default {Mixed.short_output})")
+    g.add_argument(
+        "--prompt-len",
+        type=length_dist,
+        default=None,
+        help=f"prompt tokens: fixed:N, uniform:LO:HI, lognormal:MEDIAN:SIGMA[:MAX] "
+        f"(default {SYNTHETIC_PROMPT}; mixed: the short prompts, default {Mixed.short_prompt})",
+    )
+    g.add_argument(
+        "--output-len",
+        type=length_dist,
+        default=None,
+        help=f"output tokens, same forms (default {SYNTHETIC_OUTPUT}; "
+        f"mixed: the short requests', default {Mixed.short_output})",
+    )
     g.add_argument("--long-fraction", type=float, default=Mixed.long_fraction, help="mixed: share of long prompts")
     g.add_argument("--long-prompt-len", type=length_dist, default=Mixed.long_prompt, help="mixed: long prompts")
-    g.add_argument("--long-output-len", type=length_dist, default=Mixed.long_output,
-                   help="mixed: long requests' outputs")
+    g.add_argument(
+        "--long-output-len", type=length_dist, default=Mixed.long_output, help="mixed: long requests' outputs"
+    )
     g.add_argument("--max-prompt-tokens", type=int, default=None, help="cut longer trace prompts (the context window)")
     g.add_argument("--max-output-tokens", type=int, default=None, help="cut longer trace outputs")
     g.add_argument("--seed", type=int, default=0)
 
 
-def from_args(args: argparse.Namespace, *, rate: float | None = None, seed: int | None = None,
-              n: int | None = None) -> list[Request]:
+def from_args(
+    args: argparse.Namespace, *, rate: float | None = None, seed: int | None = None, n: int | None = None
+) -> list[Request]:
     """The workload the arguments describe (rate, seed, n override theirs: a sweep)."""
     rate = args.rate if rate is None else rate
     seed = args.seed if seed is None else seed
@@ -169,9 +205,15 @@ def from_args(args: argparse.Namespace, *, rate: float | None = None, seed: int 
             raise TraceError("--workload trace needs --trace FILE")
         records = read_trace(args.trace)[:n]
         poisson = args.arrivals == "poisson"
-        return from_trace(records, rate=rate if poisson else None, speed=args.trace_speed,
-                          block_tokens=args.trace_block_tokens, max_prompt=args.max_prompt_tokens,
-                          max_output=args.max_output_tokens, seed=seed)
+        return from_trace(
+            records,
+            rate=rate if poisson else None,
+            speed=args.trace_speed,
+            block_tokens=args.trace_block_tokens,
+            max_prompt=args.max_prompt_tokens,
+            max_output=args.max_output_tokens,
+            seed=seed,
+        )
     prompt, output = _lengths(args)
     if args.workload == "mixed":
         preset = Mixed(args.long_fraction, prompt, output, args.long_prompt_len, args.long_output_len)
@@ -181,8 +223,10 @@ def from_args(args: argparse.Namespace, *, rate: float | None = None, seed: int 
 
 def _lengths(args: argparse.Namespace) -> tuple[LengthDist, LengthDist]:
     mixed = args.workload == "mixed"
-    return (args.prompt_len or (Mixed.short_prompt if mixed else SYNTHETIC_PROMPT),
-            args.output_len or (Mixed.short_output if mixed else SYNTHETIC_OUTPUT))
+    return (
+        args.prompt_len or (Mixed.short_prompt if mixed else SYNTHETIC_PROMPT),
+        args.output_len or (Mixed.short_output if mixed else SYNTHETIC_OUTPUT),
+    )
 
 
 def describe(args: argparse.Namespace) -> dict:
@@ -194,6 +238,9 @@ def describe(args: argparse.Namespace) -> dict:
     prompt, output = _lengths(args)
     out.update(prompt_len=str(prompt), output_len=str(output))
     if args.workload == "mixed":
-        out.update(long_fraction=args.long_fraction, long_prompt_len=str(args.long_prompt_len),
-                   long_output_len=str(args.long_output_len))
+        out.update(
+            long_fraction=args.long_fraction,
+            long_prompt_len=str(args.long_prompt_len),
+            long_output_len=str(args.long_output_len),
+        )
     return out

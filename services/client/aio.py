@@ -1,4 +1,5 @@
 """The asyncio client: AsyncClient and its per-call ResponseStream."""
+
 from __future__ import annotations
 
 import asyncio
@@ -27,9 +28,16 @@ class ResponseStream:
     garbage collection (in CPython: at once when `async for ...: break`
     drops the last reference)."""
 
-    def __init__(self, stub: router_pb2_grpc.RouterStub, request: router_pb2.GenerateRequest,
-                 timeout: float | None, metadata: tuple[tuple[str, str], ...],
-                 metrics: ClientMetrics | None = None, target: str = "", retry: RetryPolicy = NO_RETRY) -> None:
+    def __init__(
+        self,
+        stub: router_pb2_grpc.RouterStub,
+        request: router_pb2.GenerateRequest,
+        timeout: float | None,
+        metadata: tuple[tuple[str, str], ...],
+        metrics: ClientMetrics | None = None,
+        target: str = "",
+        retry: RetryPolicy = NO_RETRY,
+    ) -> None:
         self.request = request
         self.target = target  # named in errors
         self._stub = stub
@@ -156,11 +164,18 @@ class AsyncClient:
     `retry`: when a call failed UNAVAILABLE before its first token is made again
     (RetryPolicy; None: never)."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
-                 metadata: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
-                 options: Sequence[tuple[str, Any]] = (), api_key: str | None = None,
-                 tls: TLS | bool | None = None, meter_provider: Any = None,
-                 retry: RetryPolicy | None = RetryPolicy()) -> None:
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = None,
+        metadata: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+        api_key: str | None = None,
+        tls: TLS | bool | None = None,
+        meter_provider: Any = None,
+        retry: RetryPolicy | None = RetryPolicy(),
+    ) -> None:
         self.target = target
         self.timeout = timeout
         self.retry = retry or NO_RETRY
@@ -169,24 +184,59 @@ class AsyncClient:
         api_key = os.environ.get("PDSERVE_API_KEY") if api_key is None else api_key
         auth = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self.metadata = tuple((k, v) for k, v in items) + auth
-        self._channel = dial(target, TLS() if tls is True else tls or None, interceptors=grpc_tracing.client_interceptors(always=True),
-                             options=[("grpc.max_receive_message_length", 64 * 2**20), *options])
+        self._channel = dial(
+            target,
+            TLS() if tls is True else tls or None,
+            interceptors=grpc_tracing.client_interceptors(always=True),
+            options=[("grpc.max_receive_message_length", 64 * 2**20), *options],
+        )
         self._stub = router_pb2_grpc.RouterStub(self._channel)
 
-    def generate(self, prompt: str | Sequence[int] | None = None, *,
-                 messages: Iterable[Mapping[str, str]] | None = None, max_tokens: int | None = None,
-                 temperature: float | None = None, top_p: float | None = None, top_k: int = 0,
-                 seed: int | None = None, stop: str | Iterable[str] = (), stop_token_ids: Iterable[int] = (),
-                 ignore_eos: bool = False, logprobs: bool = False, request_id: str = "", model: str = "",
-                 timeout: float | None = None) -> ResponseStream:
+    def generate(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        *,
+        messages: Iterable[Mapping[str, str]] | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | Iterable[str] = (),
+        stop_token_ids: Iterable[int] = (),
+        ignore_eos: bool = False,
+        logprobs: bool = False,
+        request_id: str = "",
+        model: str = "",
+        timeout: float | None = None,
+    ) -> ResponseStream:
         """Stream a completion of `prompt` (text, or token ids) or of chat `messages`
         ([{"role": ..., "content": ...}]). Unset sampling fields take the server's
         defaults; temperature=0 is greedy. `timeout` (s) overrides the client's."""
-        request = build_request(prompt, messages=messages, max_tokens=max_tokens, temperature=temperature,
-                                top_p=top_p, top_k=top_k, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
-                                ignore_eos=ignore_eos, logprobs=logprobs, request_id=request_id, model=model)
-        return ResponseStream(self._stub, request, self.timeout if timeout is None else timeout, self.metadata,
-                              self._metrics, self.target, self.retry)
+        request = build_request(
+            prompt,
+            messages=messages,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+            stop_token_ids=stop_token_ids,
+            ignore_eos=ignore_eos,
+            logprobs=logprobs,
+            request_id=request_id,
+            model=model,
+        )
+        return ResponseStream(
+            self._stub,
+            request,
+            self.timeout if timeout is None else timeout,
+            self.metadata,
+            self._metrics,
+            self.target,
+            self.retry,
+        )
 
     stream = generate  # reads better as `async with client.stream(...) as s:`
 

@@ -1,4 +1,5 @@
 """The SDK's exceptions: one class per gRPC status, with the server's field and type."""
+
 from __future__ import annotations
 
 import grpc
@@ -11,8 +12,15 @@ class PdserveClientError(Exception):
     status: grpc.StatusCode | None = None
     retryable = False  # True: the same request may succeed later or elsewhere
 
-    def __init__(self, details: str, *, code: grpc.StatusCode | None = None, field: str | None = None,
-                 error_type: str | None = None, request_id: str = "") -> None:
+    def __init__(
+        self,
+        details: str,
+        *,
+        code: grpc.StatusCode | None = None,
+        field: str | None = None,
+        error_type: str | None = None,
+        request_id: str = "",
+    ) -> None:
         super().__init__(details)
         self.code = code or self.status
         self.details = details
@@ -40,6 +48,7 @@ class Unavailable(PdserveClientError):
 
 class Aborted(PdserveClientError):
     """A KV transfer failed; retrying the whole request is safe."""
+
     status, retryable = grpc.StatusCode.ABORTED, True
 
 
@@ -50,6 +59,7 @@ class DeadlineExceeded(PdserveClientError, TimeoutError):
 class Cancelled(PdserveClientError):
     """Cancelled by the server (shutting down) or by closing the client mid-stream;
     a stream you cancel or leave yourself just ends."""
+
     status = grpc.StatusCode.CANCELLED
 
 
@@ -59,15 +69,28 @@ class Internal(PdserveClientError):
 
 class Unauthenticated(PdserveClientError):
     """No API key, or a wrong one (`api_key=` / PDSERVE_API_KEY)."""
+
     status = grpc.StatusCode.UNAUTHENTICATED
 
 
-_ERRORS = {cls.status: cls for cls in (InvalidArgument, ResourceExhausted, Unavailable, Aborted,
-                                       DeadlineExceeded, Cancelled, Internal, Unauthenticated)}
+_ERRORS = {
+    cls.status: cls
+    for cls in (
+        InvalidArgument,
+        ResourceExhausted,
+        Unavailable,
+        Aborted,
+        DeadlineExceeded,
+        Cancelled,
+        Internal,
+        Unauthenticated,
+    )
+}
 
 
-def error_from_rpc(exc: grpc.aio.AioRpcError | grpc.RpcError, request_id: str = "",
-                   target: str = "", attempts: int = 1) -> PdserveClientError:
+def error_from_rpc(
+    exc: grpc.aio.AioRpcError | grpc.RpcError, request_id: str = "", target: str = "", attempts: int = 1
+) -> PdserveClientError:
     """The SDK exception for a failed RPC, using pdserve's trailing metadata;
     `attempts`: the calls the SDK made (said when it retried)."""
     trailers = dict(exc.trailing_metadata() or ())
@@ -76,7 +99,14 @@ def error_from_rpc(exc: grpc.aio.AioRpcError | grpc.RpcError, request_id: str = 
     if attempts > 1:
         details += f" (after {attempts} attempts)"
     if exc.code() is grpc.StatusCode.UNIMPLEMENTED:  # no pdserve servicer answers it: no Router service there
-        details = (f"{target or 'the server'} does not serve pdserve.v1.Router ({details}): is it a worker? "
-                   "Point the client (pdserve generate --target) at the router")
-    return cls(details, code=exc.code(), field=trailers.get("pdserve-error-field"),
-               error_type=trailers.get("pdserve-error-type"), request_id=request_id)
+        details = (
+            f"{target or 'the server'} does not serve pdserve.v1.Router ({details}): is it a worker? "
+            "Point the client (pdserve generate --target) at the router"
+        )
+    return cls(
+        details,
+        code=exc.code(),
+        field=trailers.get("pdserve-error-field"),
+        error_type=trailers.get("pdserve-error-type"),
+        request_id=request_id,
+    )

@@ -5,6 +5,7 @@ names, so an application's existing GenAI dashboards count pdserve calls too.
 Nothing is kept unless the application configures a MeterProvider (globally,
 or passed to the client as `meter_provider=`).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -24,11 +25,17 @@ class ClientMetrics:
         host, _, port = target.rpartition(":")
         self.server = {"server.address": host.strip("[]"), "server.port": int(port)} if port.isdigit() and host else {}
         self.tokens = meter.create_histogram(
-            "gen_ai.client.token.usage", unit="{token}", description="Tokens per call, by gen_ai.token.type "
-            "(input: the prompt; output: the completion)", explicit_bucket_boundaries_advisory=_TOKEN_BUCKETS)
+            "gen_ai.client.token.usage",
+            unit="{token}",
+            description="Tokens per call, by gen_ai.token.type (input: the prompt; output: the completion)",
+            explicit_bucket_boundaries_advisory=_TOKEN_BUCKETS,
+        )
         self.duration = meter.create_histogram(
-            "gen_ai.client.operation.duration", unit="s", description="A Generate call, from its start to its "
-            "last message or its error", explicit_bucket_boundaries_advisory=_DURATION_BUCKETS)
+            "gen_ai.client.operation.duration",
+            unit="s",
+            description="A Generate call, from its start to its last message or its error",
+            explicit_bucket_boundaries_advisory=_DURATION_BUCKETS,
+        )
 
     def attributes(self, chat: bool, model: str) -> dict[str, str | int]:
         attributes = {genai.OPERATION: genai.operation_name(chat)}

@@ -1,4 +1,5 @@
 """What the SDK sends and receives: the request builder, and Chunk / Completion."""
+
 from __future__ import annotations
 
 import numbers
@@ -14,8 +15,12 @@ from pdserve.common.engine.sampling_params import without_vllm_offs
 from pdserve.common.records import Usage
 from pdserve.v1 import common_pb2, router_pb2
 
-_FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
-           common_pb2.FINISH_REASON_ABORT: "abort", common_pb2.FINISH_REASON_ERROR: "error"}
+_FINISH = {
+    common_pb2.FINISH_REASON_STOP: "stop",
+    common_pb2.FINISH_REASON_LENGTH: "length",
+    common_pb2.FINISH_REASON_ABORT: "abort",
+    common_pb2.FINISH_REASON_ERROR: "error",
+}
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,7 @@ class Timing:
 @dataclass(frozen=True)
 class Chunk:
     """One streamed message; only the last has finish_reason, usage, timing, route."""
+
     request_id: str
     token_ids: list[int]
     text: str
@@ -44,18 +50,29 @@ class Chunk:
     def from_proto(cls, r: router_pb2.GenerateResponse) -> Chunk:
         u, t, route = r.usage, r.timing, r.route
         return cls(
-            request_id=r.request_id, token_ids=list(r.token_ids), text=r.text,
-            finish_reason=_FINISH.get(r.finish_reason), logprobs=list(r.logprobs),
+            request_id=r.request_id,
+            token_ids=list(r.token_ids),
+            text=r.text,
+            finish_reason=_FINISH.get(r.finish_reason),
+            logprobs=list(r.logprobs),
             usage=Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens) if r.HasField("usage") else None,
             timing=Timing(t.queued_ms, t.prefill_ms, t.kv_transfer_ms, t.decode_ms, t.ttft_ms, t.total_ms)
-            if r.HasField("timing") else None,
-            route={"prefill_worker_id": route.prefill_worker_id, "decode_worker_id": route.decode_worker_id,
-                   "disaggregated": route.disaggregated} if r.HasField("route") else None)
+            if r.HasField("timing")
+            else None,
+            route={
+                "prefill_worker_id": route.prefill_worker_id,
+                "decode_worker_id": route.decode_worker_id,
+                "disaggregated": route.disaggregated,
+            }
+            if r.HasField("route")
+            else None,
+        )
 
 
 @dataclass(frozen=True)
 class Completion:
     """A whole completion: the chunks' text and tokens joined, plus the final metadata."""
+
     request_id: str
     text: str
     token_ids: list[int]
@@ -68,12 +85,26 @@ class Completion:
     @classmethod
     def from_chunks(cls, chunks: Sequence[Chunk]) -> Completion:
         last = chunks[-1] if chunks else Chunk("", [], "")
-        return cls(last.request_id, "".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids],
-                   last.finish_reason, last.usage, last.timing, last.route, [p for c in chunks for p in c.logprobs])
+        return cls(
+            last.request_id,
+            "".join(c.text for c in chunks),
+            [t for c in chunks for t in c.token_ids],
+            last.finish_reason,
+            last.usage,
+            last.timing,
+            last.route,
+            [p for c in chunks for p in c.logprobs],
+        )
 
 
-def build_request(prompt: str | Sequence[int] | None = None, *, messages: Iterable[Mapping[str, str]] | None = None,
-                  request_id: str = "", model: str = "", **sampling: Any) -> router_pb2.GenerateRequest:
+def build_request(
+    prompt: str | Sequence[int] | None = None,
+    *,
+    messages: Iterable[Mapping[str, str]] | None = None,
+    request_id: str = "",
+    model: str = "",
+    **sampling: Any,
+) -> router_pb2.GenerateRequest:
     """A GenerateRequest; `sampling` takes SamplingParams' fields. Bad arguments
     raise InvalidArgument naming the field (`max_tokens`, `stop[0]`,
     `messages[0].content`) before any RPC is made."""
@@ -84,12 +115,16 @@ def build_request(prompt: str | Sequence[int] | None = None, *, messages: Iterab
         req.text = prompt
     elif prompt is not None:
         req.token_ids.SetInParent()  # an empty list still selects the oneof
-        req.token_ids.ids.extend(_wire(f"prompt[{i}]", t, _F.TYPE_UINT32)
-                                 for i, t in enumerate(_items("prompt", prompt, "a string or a list of token ids")))
+        req.token_ids.ids.extend(
+            _wire(f"prompt[{i}]", t, _F.TYPE_UINT32)
+            for i, t in enumerate(_items("prompt", prompt, "a string or a list of token ids"))
+        )
     else:
         req.chat.SetInParent()
-        req.chat.messages.extend(_chat_message(i, m) for i, m in enumerate(
-            _items("messages", messages, 'a list of {"role": ..., "content": ...} mappings')))
+        req.chat.messages.extend(
+            _chat_message(i, m)
+            for i, m in enumerate(_items("messages", messages, 'a list of {"role": ..., "content": ...} mappings'))
+        )
     for name, value in sampling.items():
         field = _SAMPLING.get(name)
         if field is None:
@@ -135,9 +170,11 @@ def _wire(field: str, value: Any, kind: int, low: int = 0) -> Any:
         if not ok:
             raise _invalid(field, f"must be an integer in [{low}, 2**{bits}), got {value!r}")
         return value
-    ok, what = {_F.TYPE_FLOAT: (isinstance(value, numbers.Real) and not isinstance(value, bool), "a number"),
-                _F.TYPE_BOOL: (isinstance(value, bool), "True or False"),
-                _F.TYPE_STRING: (isinstance(value, str), "a string")}[kind]
+    ok, what = {
+        _F.TYPE_FLOAT: (isinstance(value, numbers.Real) and not isinstance(value, bool), "a number"),
+        _F.TYPE_BOOL: (isinstance(value, bool), "True or False"),
+        _F.TYPE_STRING: (isinstance(value, str), "a string"),
+    }[kind]
     if not ok:
         raise _invalid(field, f"must be {what}, got {value!r}")
     return value

@@ -3,6 +3,7 @@
 Never after a token arrived: the router already carries a started stream over
 a worker's failure, and a second call would send the client those tokens again.
 """
+
 from __future__ import annotations
 
 import random
@@ -16,6 +17,7 @@ class RetryPolicy:
     """`max_attempts` calls at most, the first included (1: no retry), `initial_backoff_s`
     doubling up to `max_backoff_s` between them, each drawn with +-`jitter` so that
     clients cut off together do not all come back at once."""
+
     max_attempts: int = 4
     initial_backoff_s: float = 0.25
     max_backoff_s: float = 2.0

@@ -1,4 +1,5 @@
 """The synchronous client: an AsyncClient driven from a loop on a background thread."""
+
 from __future__ import annotations
 
 import asyncio
@@ -17,17 +18,32 @@ class Client:
     thread, so it works in plain scripts, notebooks with a running loop, and
     from several threads at once."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
-                 metadata: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
-                 api_key: str | None = None, tls: TLS | bool | None = None, meter_provider: Any = None,
-                 retry: RetryPolicy | None = RetryPolicy()) -> None:
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = None,
+        metadata: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+        api_key: str | None = None,
+        tls: TLS | bool | None = None,
+        meter_provider: Any = None,
+        retry: RetryPolicy | None = RetryPolicy(),
+    ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="pdserve-client", daemon=True)
         self._thread.start()
 
         async def make() -> AsyncClient:  # the channel must be created on its loop
-            return AsyncClient(target, timeout=timeout, metadata=metadata, api_key=api_key, tls=tls,
-                               meter_provider=meter_provider, retry=retry)
+            return AsyncClient(
+                target,
+                timeout=timeout,
+                metadata=metadata,
+                api_key=api_key,
+                tls=tls,
+                meter_provider=meter_provider,
+                retry=retry,
+            )
+
         self._client = self._run(make())
 
     def _run(self, coro: Any) -> Any:

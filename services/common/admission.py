@@ -1,5 +1,6 @@
 """A worker's admission check, run under the engine's lock atomically with the
 queueing it guards (checked before an await, a burst would all pass)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable

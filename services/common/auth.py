@@ -1,5 +1,6 @@
 """Who may call which method: the internal token, the router's API keys, and
 `Authenticator`, the server interceptor that checks them before any servicer."""
+
 from __future__ import annotations
 
 import hashlib
@@ -56,8 +57,9 @@ def check_token(expected: str, given: str | None) -> None:
     if not expected:
         return
     if not given:
-        raise UnauthenticatedError(f"missing internal token (metadata {TOKEN_KEY}): "
-                                   "this method serves pdserve services only")
+        raise UnauthenticatedError(
+            f"missing internal token (metadata {TOKEN_KEY}): this method serves pdserve services only"
+        )
     if not hmac.compare_digest(hashlib.sha256(given.encode()).digest(), hashlib.sha256(expected.encode()).digest()):
         raise UnauthenticatedError("invalid internal token")
 
@@ -67,8 +69,9 @@ class Authenticator(grpc.aio.ServerInterceptor):
     `client_methods`, the internal token for every other method but health and
     reflection. A refused call never reaches its servicer."""
 
-    def __init__(self, *, internal_token: str = "", api_keys: ApiKeys | None = None,
-                 client_methods: Collection[str] = ()):
+    def __init__(
+        self, *, internal_token: str = "", api_keys: ApiKeys | None = None, client_methods: Collection[str] = ()
+    ):
         self.internal_token = internal_token
         self.api_keys = api_keys or ApiKeys()
         self.client_methods = frozenset(client_methods)
@@ -103,8 +106,8 @@ def _text(value: str | bytes | None) -> str | None:
 def _refusing(handler: grpc.RpcMethodHandler, refusal: UnauthenticatedError) -> grpc.RpcMethodHandler:
     """A handler of the same kind that raises `refusal` (the error mapping,
     outermost, answers UNAUTHENTICATED)."""
+
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
         raise refusal
 
     return wrap_handler(handler, lambda _: refuse, lambda _: refuse, handler.request_deserializer)
-

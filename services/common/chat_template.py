@@ -5,6 +5,7 @@ immutable sandbox with the globals and filters transformers gives them
 (`transformers.utils.chat_template_utils`): the same text for the same messages
 is what keeps the router's token ids equal to a worker's.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,6 +24,7 @@ _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 class _Generation(jinja2.ext.Extension):
     """`{% generation %}...{% endgeneration %}` marks assistant text for training masks;
     for serving it renders its body and nothing more."""
+
     tags = {"generation"}
 
     def parse(self, parser):
@@ -74,11 +76,16 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
 
 @lru_cache(maxsize=8)
 def compile_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_Generation, jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=_raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt),
-                       dict=_Dict(), namespace=_Namespace)
+    env.globals.update(
+        raise_exception=_raise_exception,
+        strftime_now=lambda fmt: datetime.now().strftime(fmt),
+        dict=_Dict(),
+        namespace=_Namespace,
+    )
     return env.from_string(source)
 
 
@@ -93,5 +100,10 @@ def _message(message: dict) -> dict:
 
 def render(source: str, messages: list[dict], *, add_generation_prompt: bool, special_tokens: dict[str, str]) -> str:
     """The prompt text; jinja2.TemplateError where the template refuses the messages."""
-    return compile_template(source).render(messages=[_message(m) for m in messages], tools=None, documents=None,
-                                           add_generation_prompt=add_generation_prompt, **special_tokens)
+    return compile_template(source).render(
+        messages=[_message(m) for m in messages],
+        tools=None,
+        documents=None,
+        add_generation_prompt=add_generation_prompt,
+        **special_tokens,
+    )

@@ -4,6 +4,7 @@ Each field is a flag, a `PDSERVE_*` variable and a config-file key (flag > envir
 `validate()` refuses a value with `SettingError`, named with its flag, variable and source.
 How to declare one, and the types supported: docs/architecture.md ("Settings").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,7 @@ from typing import Any, ClassVar, TypeVar
 
 from pdserve.common.config_values import Kind, coerce, flag_type, kind_of, load_config_file, parse_text
 
-__all__ = ["ArgumentParser", "CONFIG_DEST", "ServiceConfig", "SettingError", "UsageError", "load_config_file",
-           "option"]
+__all__ = ["ArgumentParser", "CONFIG_DEST", "ServiceConfig", "SettingError", "UsageError", "load_config_file", "option"]
 
 C = TypeVar("C", bound="ServiceConfig")
 
@@ -45,12 +45,18 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def option(default: Any = dataclasses.MISSING, *, help: str = "",
-           default_factory: Any = dataclasses.MISSING, secret: bool = False) -> Any:
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str = "",
+    default_factory: Any = dataclasses.MISSING,
+    secret: bool = False,
+) -> Any:
     """A dataclass field with help text for --help (a plain default works too).
     `secret`: left out of the config's repr, so logging a config leaks no key."""
-    return dataclasses.field(default=default, default_factory=default_factory, repr=not secret,
-                             metadata={"help": help, "secret": secret})
+    return dataclasses.field(
+        default=default, default_factory=default_factory, repr=not secret, metadata={"help": help, "secret": secret}
+    )
 
 
 class ServiceConfig:
@@ -115,23 +121,33 @@ class ServiceConfig:
         """Add one flag per field, plus --config; defaults stay unset here so
         that from_cli_args can tell an explicit flag from a fallback."""
         try:
-            parser.add_argument("--config", dest=CONFIG_DEST, default=argparse.SUPPRESS,
-                                metavar="FILE", help=f"TOML or JSON settings file "
-                                f"(env {cls.env_prefix}CONFIG)")
+            parser.add_argument(
+                "--config",
+                dest=CONFIG_DEST,
+                default=argparse.SUPPRESS,
+                metavar="FILE",
+                help=f"TOML or JSON settings file (env {cls.env_prefix}CONFIG)",
+            )
         except argparse.ArgumentError:
             pass  # several configs share one parser: one --config serves all
         for f, kind in cls._settings():
-            default = (f.default if f.default is not dataclasses.MISSING
-                       else "required" if f.default_factory is dataclasses.MISSING
-                       else f.default_factory())
+            default = (
+                f.default
+                if f.default is not dataclasses.MISSING
+                else "required"
+                if f.default_factory is dataclasses.MISSING
+                else f.default_factory()
+            )
             help_text = f"{f.metadata.get('help', '')} (default: {default}; env {cls.env_name(f.name)})"
-            kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
-                                      "help": help_text.strip().replace("%", "%%")}
+            kwargs: dict[str, Any] = {
+                "dest": f.name,
+                "default": argparse.SUPPRESS,
+                "help": help_text.strip().replace("%", "%%"),
+            }
             if kind.scalar is bool and not kind.is_list:
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
-                scalar = dataclasses.replace(kind, is_list=False,
-                                             optional=kind.optional and not kind.is_list)
+                scalar = dataclasses.replace(kind, is_list=False, optional=kind.optional and not kind.is_list)
                 kwargs["type"] = flag_type(scalar)
                 kwargs["metavar"] = f.name.upper()
                 if kind.is_list:
@@ -143,8 +159,7 @@ class ServiceConfig:
         return parser
 
     @classmethod
-    def from_cli_args(cls: type[C], args: argparse.Namespace,
-                      environ: Mapping[str, str] | None = None) -> C:
+    def from_cli_args(cls: type[C], args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> C:
         """Resolve every field: flag > environment > file > default. A refused value
         raises ValueError naming its flag, its variable and where it came from."""
         values, sources = cls._gather(vars(args), os.environ if environ is None else environ)
@@ -154,8 +169,7 @@ class ServiceConfig:
             raise cls._named(e, values, sources) from None
 
     @classmethod
-    def _gather(cls, given: dict[str, Any],
-                environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    def _gather(cls, given: dict[str, Any], environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
         """Each set field's value, and where those not from a flag came from."""
         path = given.get(CONFIG_DEST) or environ.get(cls.env_name(CONFIG_DEST))
         from_file = load_config_file(path) if path else {}
@@ -164,8 +178,10 @@ class ServiceConfig:
         unknown = sorted(set(from_file) - set(names))
         if unknown:
             close = [m for u in unknown for m in difflib.get_close_matches(u, names, 1)]
-            raise ValueError(f"config file {path}: unknown settings {unknown}"
-                             + (f" (did you mean {', '.join(close)}?)" if close else ""))
+            raise ValueError(
+                f"config file {path}: unknown settings {unknown}"
+                + (f" (did you mean {', '.join(close)}?)" if close else "")
+            )
         values: dict[str, Any] = {}
         sources: dict[str, str] = {}
         missing = []
@@ -175,12 +191,10 @@ class ServiceConfig:
                 values[f.name] = given[f.name]
             elif env in environ:
                 sources[f.name] = "from the environment"
-                values[f.name] = cls._resolved(lambda: parse_text(environ[env], kind), f.name,
-                                               sources[f.name])
+                values[f.name] = cls._resolved(lambda: parse_text(environ[env], kind), f.name, sources[f.name])
             elif f.name in from_file:
                 sources[f.name] = f"in {path}"
-                values[f.name] = cls._resolved(lambda: coerce(from_file[f.name], kind), f.name,
-                                               sources[f.name])
+                values[f.name] = cls._resolved(lambda: coerce(from_file[f.name], kind), f.name, sources[f.name])
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 missing.append(cls.setting_name(f.name))
         if missing:
@@ -215,8 +229,12 @@ class ServiceConfig:
             raise ValueError(f"{cls.setting_name(name)}: {e} ({source})") from None
 
     @classmethod
-    def from_argv(cls: type[C], argv: Sequence[str] | None = None,
-                  environ: Mapping[str, str] | None = None, prog: str | None = None) -> C:
+    def from_argv(
+        cls: type[C],
+        argv: Sequence[str] | None = None,
+        environ: Mapping[str, str] | None = None,
+        prog: str | None = None,
+    ) -> C:
         """Parse a whole command line; a bad setting exits with usage (code 2)."""
         parser = cls.add_cli_args(argparse.ArgumentParser(prog=prog, description=cls.__doc__))
         args = parser.parse_args(argv)

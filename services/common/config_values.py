@@ -1,5 +1,6 @@
 """How a config field's value is read: its annotation reduced to a Kind, text
 (a flag, a variable) and config-file values parsed to it, and the files themselves."""
+
 from __future__ import annotations
 
 import argparse
@@ -82,8 +83,7 @@ def coerce(value: Any, kind: Kind) -> Any:
     if kind.is_list:
         if not isinstance(value, list):
             raise ValueError(f"expected a list, got {value!r}")
-        return [coerce(item, dataclasses.replace(kind, is_list=False, optional=False))
-                for item in value]
+        return [coerce(item, dataclasses.replace(kind, is_list=False, optional=False)) for item in value]
     # bool is an int in Python; a config that says `port = true` is a mistake.
     ok = isinstance(value, kind.scalar) and not (isinstance(value, bool) and kind.scalar is not bool)
     if kind.scalar is float and isinstance(value, int) and not isinstance(value, bool):
@@ -116,9 +116,11 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def flag_type(kind: Kind) -> typing.Callable[[str], Any]:
     """argparse's `type=` for a field: its refusal becomes argparse's message as is."""
+
     def parse(text: str) -> Any:
         try:
             return parse_text(text, kind)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
+
     return parse

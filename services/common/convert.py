@@ -1,4 +1,5 @@
 """Protobuf <-> plain dataclasses, in one place, so servicers stay thin."""
+
 from __future__ import annotations
 
 import time
@@ -18,8 +19,12 @@ _FINISH_TO_PB = {
     FinishReason.ABORT: pb.FINISH_REASON_ABORT,
 }
 _FINISH_FROM_PB = {v: k for k, v in _FINISH_TO_PB.items()}
-ROLES = {"prefill": pb.WORKER_ROLE_PREFILL, "decode": pb.WORKER_ROLE_DECODE, "colocated": pb.WORKER_ROLE_COLOCATED,
-         "both": pb.WORKER_ROLE_BOTH}
+ROLES = {
+    "prefill": pb.WORKER_ROLE_PREFILL,
+    "decode": pb.WORKER_ROLE_DECODE,
+    "colocated": pb.WORKER_ROLE_COLOCATED,
+    "both": pb.WORKER_ROLE_BOTH,
+}
 ROLE_NAMES = {v: k for k, v in ROLES.items()}
 
 
@@ -27,9 +32,13 @@ def elastic_role(value: int, field_name: str = "role") -> str:
     """An elastic worker's role from its protobuf value; InvalidRequestError for any other."""
     name = ROLE_NAMES.get(value)
     if name not in ELASTIC_ROLES:
-        raise InvalidRequestError(field_name, f"an elastic worker's role is PREFILL, DECODE or BOTH, got "
-                                              f"{pb.WorkerRole.Name(value) if value in ROLE_NAMES else value}")
+        raise InvalidRequestError(
+            field_name,
+            f"an elastic worker's role is PREFILL, DECODE or BOTH, got "
+            f"{pb.WorkerRole.Name(value) if value in ROLE_NAMES else value}",
+        )
     return name
+
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -51,8 +60,13 @@ def sampling_from_pb(p: pb.SamplingParams, default_max_tokens: int = DEFAULT_MAX
 
 def sampling_to_pb(s: SamplingParams, with_stop_strings: bool = True) -> pb.SamplingParams:
     out = pb.SamplingParams(
-        max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-        stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos, seed_offset=s.seed_offset,
+        max_tokens=s.max_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        stop_token_ids=list(s.stop_token_ids),
+        ignore_eos=s.ignore_eos,
+        seed_offset=s.seed_offset,
         stop=list(s.stop) if with_stop_strings else [],
     )
     if s.seed is not None:
@@ -83,18 +97,31 @@ def token_ids(values, field: str, vocab_size: int | None = None) -> list[int]:
 
 def kv_spec_to_pb(spec: KVSpec) -> pb.KVSpec:
     return pb.KVSpec(
-        model_name=spec.model_name, weights_digest=spec.weights_digest, num_layers=spec.num_layers,
-        num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, block_size=spec.block_size,
-        dtype=spec.dtype, fingerprint=spec.fingerprint,
+        model_name=spec.model_name,
+        weights_digest=spec.weights_digest,
+        num_layers=spec.num_layers,
+        num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim,
+        block_size=spec.block_size,
+        dtype=spec.dtype,
+        fingerprint=spec.fingerprint,
     )
 
 
-def load_to_pb(worker_id: str, role: str, stats: EngineStats, waiting_tokens: int,
-               step_ms: float, prefill_tps: float) -> pb.WorkerLoad:
+def load_to_pb(
+    worker_id: str, role: str, stats: EngineStats, waiting_tokens: int, step_ms: float, prefill_tps: float
+) -> pb.WorkerLoad:
     hit = stats.prefix_hits / stats.prefix_queries if stats.prefix_queries else 0.0
     return pb.WorkerLoad(
-        worker_id=worker_id, role=ROLES[role], waiting_tokens=waiting_tokens,
-        running_seqs=stats.running, waiting_seqs=stats.waiting, free_blocks=stats.free_blocks,
-        total_blocks=stats.total_blocks, prefix_hit_rate=hit, prefill_tokens_per_s=prefill_tps,
-        decode_step_ms=step_ms, measured_at_unix_ms=int(time.time() * 1000),
+        worker_id=worker_id,
+        role=ROLES[role],
+        waiting_tokens=waiting_tokens,
+        running_seqs=stats.running,
+        waiting_seqs=stats.waiting,
+        free_blocks=stats.free_blocks,
+        total_blocks=stats.total_blocks,
+        prefix_hit_rate=hit,
+        prefill_tokens_per_s=prefill_tps,
+        decode_step_ms=step_ms,
+        measured_at_unix_ms=int(time.time() * 1000),
     )

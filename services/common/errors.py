@@ -4,6 +4,7 @@ Engine, transfer and store code raise these; a single server interceptor
 (`pdserve.common.grpc_errors`) maps them to gRPC status codes, and the HTTP layer to
 status codes, so no engine code ever touches a gRPC context.
 """
+
 from __future__ import annotations
 
 

@@ -1,6 +1,7 @@
 """The OpenTelemetry GenAI semantic conventions' names that pdserve records, spelled once:
 the router's server metrics and spans and the SDK's client metrics all use them, so
 dashboards built for the conventions understand both."""
+
 from __future__ import annotations
 
 OPERATION = "gen_ai.operation.name"

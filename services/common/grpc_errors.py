@@ -6,6 +6,7 @@
 - `relayed_error()` turns a downstream call's status back into the same exception,
   so a service that relays it (the router) answers with the same code and field.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -192,5 +193,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             return None  # unknown method: grpc answers UNIMPLEMENTED
         method = handler_call_details.method
         streamed = bool(handler.stream_unary or handler.stream_stream)
-        return wrap_handler(handler, lambda b: _guard_call(b, method), lambda b: _guard_stream(b, method),
-                            _checked_deserializer(handler.request_deserializer, streamed))
+        return wrap_handler(
+            handler,
+            lambda b: _guard_call(b, method),
+            lambda b: _guard_stream(b, method),
+            _checked_deserializer(handler.request_deserializer, streamed),
+        )

@@ -1,5 +1,6 @@
 """Re-wrapping a gRPC method handler's behaviour: the one mechanism behind every server
 interceptor here (error mapping, tracing, authentication)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -10,9 +11,12 @@ import grpc
 Behavior = Callable[..., Any]
 
 
-def wrap_handler(handler: grpc.RpcMethodHandler, wrap_call: Callable[[Behavior], Behavior],
-                 wrap_stream: Callable[[Behavior], Behavior],
-                 request_deserializer: Callable[[bytes], Any] | None) -> grpc.RpcMethodHandler:
+def wrap_handler(
+    handler: grpc.RpcMethodHandler,
+    wrap_call: Callable[[Behavior], Behavior],
+    wrap_stream: Callable[[Behavior], Behavior],
+    request_deserializer: Callable[[bytes], Any] | None,
+) -> grpc.RpcMethodHandler:
     """The same method with its behaviour wrapped: `wrap_call` for the kinds that answer
     once (unary and stream-unary), `wrap_stream` for those that stream their answer."""
     codec = {"request_deserializer": request_deserializer, "response_serializer": handler.response_serializer}

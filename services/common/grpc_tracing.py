@@ -6,6 +6,7 @@
 - `client_interceptors()` (on every channel of a process that traces, and
   always on the client SDK's) open a CLIENT span per call and send its context.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -45,8 +46,16 @@ def _rpc_attributes(rpc_service: str, rpc_method: str) -> dict[str, str]:
 
 # Server-side codes that are the server's fault (OpenTelemetry's RPC conventions):
 # the others (a bad request, a missing reservation) leave a server span's status unset.
-_SERVER_FAULTS = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNIMPLEMENTED,
-                            grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS})
+_SERVER_FAULTS = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
 
 
 def _server_failed(span: trace.Span, exc: BaseException) -> None:
@@ -74,8 +83,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not _traced(rpc_service, rpc_method):
             return handler
         parent = propagate.extract(dict(details.invocation_metadata or ()))
-        attributes = {**_rpc_attributes(rpc_service, rpc_method),
-                      "pdserve.service": rpc_service.rsplit(".", 1)[-1].lower()}
+        attributes = {
+            **_rpc_attributes(rpc_service, rpc_method),
+            "pdserve.service": rpc_service.rsplit(".", 1)[-1].lower(),
+        }
         name = f"{rpc_service}/{rpc_method}"
 
         def open_span(request: Any) -> tuple[trace.Span, otel_context.Context]:
@@ -85,8 +96,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 span.set_attribute("pdserve.request_id", request_id)
             return span, trace.set_span_in_context(span, parent)
 
-        return wrap_handler(handler, lambda b: _server_call(b, open_span), lambda b: _server_stream(b, open_span),
-                            handler.request_deserializer)
+        return wrap_handler(
+            handler,
+            lambda b: _server_call(b, open_span),
+            lambda b: _server_stream(b, open_span),
+            handler.request_deserializer,
+        )
 
 
 def _server_call(behavior: Callable[..., Any], open_span) -> Callable[..., Any]:
@@ -141,8 +156,9 @@ class _ClientSpans:
         rpc_service, rpc_method = _rpc(details.method)
         span = None
         if _traced(rpc_service, rpc_method):
-            span = tracer("pdserve.grpc").start_span(f"{rpc_service}/{rpc_method}", kind=SpanKind.CLIENT,
-                                                     attributes=_rpc_attributes(rpc_service, rpc_method))
+            span = tracer("pdserve.grpc").start_span(
+                f"{rpc_service}/{rpc_method}", kind=SpanKind.CLIENT, attributes=_rpc_attributes(rpc_service, rpc_method)
+            )
         elif not trace.get_current_span().get_span_context().is_valid:
             return await continuation(details, request)
         # else an application tracing on its own (an SDK user): the call continues its trace

@@ -3,6 +3,7 @@
 A lease is an owner key, what it holds and an expiry; a sweeper hands expired ones to the owner's release
 callback, and claiming one stops its clock. Why: docs/reliability.md ("Leases").
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -3,6 +3,7 @@
 `setup(level, fmt, service)` configures the root logger once per process; `bind_request()` binds the
 current task's request id. What a line holds, and what is never logged: docs/observability.md ("Logs").
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -21,7 +22,14 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _request_id: contextvars.ContextVar[str] = contextvars.ContextVar("pdserve_request_id", default="")
 # What every LogRecord has; anything else on a record came from `extra=`.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
-    "message", "asctime", "request_id", "trace_id", "span_id", "service", "taskName"}
+    "message",
+    "asctime",
+    "request_id",
+    "trace_id",
+    "span_id",
+    "service",
+    "taskName",
+}
 
 
 def bind_request(request_id: str) -> contextvars.Token[str]:
@@ -111,8 +119,9 @@ def make_handler(fmt: LogFormat = "text", service: str = "", stream: TextIO | No
     return handler
 
 
-def setup(level: str | int = "WARNING", fmt: LogFormat = "text", service: str = "",
-          stream: TextIO | None = None) -> None:
+def setup(
+    level: str | int = "WARNING", fmt: LogFormat = "text", service: str = "", stream: TextIO | None = None
+) -> None:
     """Replace the root logger's handlers with one that writes `fmt` lines."""
     root = logging.getLogger()
     for old in list(root.handlers):

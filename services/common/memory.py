@@ -4,6 +4,7 @@ A KV pool or store capacity left at 0 takes a fraction of the memory available
 when the service starts, between a floor and a cap. docs/memory.md has what
 each service takes and why these fractions keep a default suite small.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,8 +20,7 @@ _V2 = ("", "memory.max", "memory.current", "inactive_file")
 _V1 = ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
 
 
-def available_bytes(meminfo: Path = _MEMINFO, cgroups: Path = _CGROUPS,
-                    self_cgroup: Path = _SELF) -> int | None:
+def available_bytes(meminfo: Path = _MEMINFO, cgroups: Path = _CGROUPS, self_cgroup: Path = _SELF) -> int | None:
     """MemAvailable, or less when a memory cgroup of this process (a container's limit, a
     systemd slice) leaves less; None off Linux."""
     try:

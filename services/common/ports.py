@@ -3,6 +3,7 @@
 UCX's KV listeners are not here: UCX picks them (ephemeral ports) when a worker
 starts, so there is nothing to try beforehand.
 """
+
 from __future__ import annotations
 
 import errno
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Listen:
     """One port a service listens on, and the `pdserve up` flag that moves it."""
+
     host: str
     port: int
     flag: str

@@ -1,4 +1,5 @@
 """Records a finished request reports, shared by the router, its HTTP front end and the SDK."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ class Usage:
 @dataclass(frozen=True)
 class Route:
     """Where the request's last attempt ran."""
+
     prefill_worker_id: str  # "": prefilled on its decode worker
     decode_worker_id: str
     disaggregated: bool

@@ -3,6 +3,7 @@
 Routers drop a worker whose heartbeats stop (its lease expires), so a dead
 worker leaves the registry without anyone having to notice the death.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -20,8 +21,7 @@ log = logging.getLogger(__name__)
 
 
 class Registration:
-    def __init__(self, routers: list[str], load: Callable[[], pb.GetLoadResponse],
-                 security: SecurityConfig = OPEN):
+    def __init__(self, routers: list[str], load: Callable[[], pb.GetLoadResponse], security: SecurityConfig = OPEN):
         self.load = load
         self._stubs = {r: router_pb2_grpc.RouterStub(security.dial(r)) for r in routers}
         self._task: asyncio.Task | None = None
@@ -38,12 +38,16 @@ class Registration:
             for target, stub in self._stubs.items():
                 try:
                     if not known[target]:
-                        r = await stub.RegisterWorker(rpb.RegisterWorkerRequest(info=state.info, load=state.load), timeout=2)
+                        r = await stub.RegisterWorker(
+                            rpb.RegisterWorkerRequest(info=state.info, load=state.load), timeout=2
+                        )
                         interval = max(0.1, r.heartbeat_interval_ms / 1000 or interval)
                         known[target] = True
                         log.info("registered with router %s", target)
                     else:
-                        r = await stub.Heartbeat(rpb.HeartbeatRequest(worker_id=state.info.worker_id, load=state.load), timeout=2)
+                        r = await stub.Heartbeat(
+                            rpb.HeartbeatRequest(worker_id=state.info.worker_id, load=state.load), timeout=2
+                        )
                         known[target] = r.known  # a restarted router forgot us: register again
                 except grpc.aio.AioRpcError as e:
                     if known[target]:

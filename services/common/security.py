@@ -4,6 +4,7 @@
 `dial()` and auth.py's checks and interceptor are re-exported here.
 Why: docs/security.md (the three layers, "Threat model, in brief", "Settings").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,11 +58,16 @@ class SecurityConfig(ServiceConfig):
     tls_key: str = option("", help="PEM private key of --tls-cert")
     tls_ca: str = option("", help="PEM CA bundle that signs peers' certificates (empty: system roots)")
     tls_require_client_cert: bool | None = option(
-        None, help="refuse clients without a certificate signed by --tls-ca "
-                   "(unset: yes on prefill, decode and kvstore when --tls-ca is given; no on the router)")
+        None,
+        help="refuse clients without a certificate signed by --tls-ca "
+        "(unset: yes on prefill, decode and kvstore when --tls-ca is given; no on the router)",
+    )
     tls_server_name: str = option("", help="name to verify in peers' certificates instead of their address")
-    internal_token: str = option("", secret=True, help="shared secret every worker-facing call must carry "
-                                 "(set it through the environment or a file, not a flag)")
+    internal_token: str = option(
+        "",
+        secret=True,
+        help="shared secret every worker-facing call must carry (set it through the environment or a file, not a flag)",
+    )
 
     def __post_init__(self) -> None:
         self.validate_security()
@@ -109,12 +115,17 @@ class SecurityConfig(ServiceConfig):
         context.verify_mode = ssl.CERT_REQUIRED if self.require_client_cert else ssl.CERT_NONE
         return context
 
-    def dial(self, target: str, *, interceptors: Sequence[Any] = (), options: Sequence[tuple[str, Any]] = (),
-             sync: bool = False) -> Any:
+    def dial(
+        self,
+        target: str,
+        *,
+        interceptors: Sequence[Any] = (),
+        options: Sequence[tuple[str, Any]] = (),
+        sync: bool = False,
+    ) -> Any:
         """A channel to another pdserve service, with this service's credentials."""
         metadata = ((TOKEN_KEY, self.internal_token),) if self.internal_token else ()
-        return dial(target, self.client_tls(), metadata=metadata, interceptors=interceptors,
-                    options=options, sync=sync)
+        return dial(target, self.client_tls(), metadata=metadata, interceptors=interceptors, options=options, sync=sync)
 
     def authenticator(self) -> Authenticator:
         return Authenticator(internal_token=self.internal_token)
@@ -126,15 +137,19 @@ class ClientAuthConfig(SecurityConfig):
 
     peers_only: ClassVar[bool] = False
 
-    api_keys: list[str] = option(default_factory=list, secret=True,
-                                 help="API keys clients must send (env: comma-separated; prefer --api-keys-file)")
+    api_keys: list[str] = option(
+        default_factory=list,
+        secret=True,
+        help="API keys clients must send (env: comma-separated; prefer --api-keys-file)",
+    )
     api_keys_file: str = option("", help="file of API keys, one per line (# comments); with --api-keys: either works")
 
     def validate_security(self) -> None:
         super().validate_security()
         if self.api_keys_file and not self.load_api_keys():
-            raise ValueError(f"api_keys_file: {self.api_keys_file} holds no keys "
-                             "(an empty file would leave the router open)")
+            raise ValueError(
+                f"api_keys_file: {self.api_keys_file} holds no keys (an empty file would leave the router open)"
+            )
 
     def load_api_keys(self) -> ApiKeys:
         keys = list(self.api_keys)
@@ -148,10 +163,13 @@ class ClientAuthConfig(SecurityConfig):
     def authenticator(self, api_keys: ApiKeys | None = None) -> Authenticator:
         api_keys = self.load_api_keys() if api_keys is None else api_keys
         if api_keys and not self.internal_token:
-            log.warning("API keys are set but internal_token is not: anyone who reaches the router can "
-                        "register a worker with it (set PDSERVE_INTERNAL_TOKEN on the router and workers)")
-        return Authenticator(internal_token=self.internal_token, api_keys=api_keys,
-                             client_methods=ROUTER_CLIENT_METHODS)
+            log.warning(
+                "API keys are set but internal_token is not: anyone who reaches the router can "
+                "register a worker with it (set PDSERVE_INTERNAL_TOKEN on the router and workers)"
+            )
+        return Authenticator(
+            internal_token=self.internal_token, api_keys=api_keys, client_methods=ROUTER_CLIENT_METHODS
+        )
 
 
 OPEN = SecurityConfig()  # no TLS, no token: the laptop default
@@ -160,5 +178,6 @@ OPEN = SecurityConfig()  # no TLS, no token: the laptop default
 def from_environment(environ: Mapping[str, str]) -> SecurityConfig:
     """The PDSERVE_TLS_* / PDSERVE_INTERNAL_TOKEN settings of an environment,
     for tools that dial services they did not configure (`pdserve up`)."""
-    return SecurityConfig.from_cli_args(argparse.Namespace(), {k: v for k, v in environ.items()
-                                                               if k != SecurityConfig.env_name(CONFIG_DEST)})
+    return SecurityConfig.from_cli_args(
+        argparse.Namespace(), {k: v for k, v in environ.items() if k != SecurityConfig.env_name(CONFIG_DEST)}
+    )

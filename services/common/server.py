@@ -4,6 +4,7 @@
 credentials), `serve_until_stopped()` drains on SIGTERM.
 A service's main, step by step: docs/architecture.md ("A service's main").
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -24,8 +25,18 @@ from pdserve.common import grpc_tracing, tracing
 # Re-exported: services and tests import the error mapping from here too.
 from pdserve.common.grpc_errors import ErrorMappingInterceptor
 
-__all__ = ["DEFAULT_OPTIONS", "INSTANCE_ID_ENV", "INSTANCE_ID_KEY", "Health", "add_health_and_reflection",
-           "add_health_service", "add_reflection", "bind", "create_server", "serve_until_stopped"]
+__all__ = [
+    "DEFAULT_OPTIONS",
+    "INSTANCE_ID_ENV",
+    "INSTANCE_ID_KEY",
+    "Health",
+    "add_health_and_reflection",
+    "add_health_service",
+    "add_reflection",
+    "bind",
+    "create_server",
+    "serve_until_stopped",
+]
 
 log = logging.getLogger(__name__)
 
@@ -59,21 +70,24 @@ def create_server(
     """
     merged = {**DEFAULT_OPTIONS, **(options or {})}
     return grpc.aio.server(
-        interceptors=[ErrorMappingInterceptor(), *([grpc_tracing.ServerInterceptor()] if tracing.enabled() else []),
-                      *interceptors],
+        interceptors=[
+            ErrorMappingInterceptor(),
+            *([grpc_tracing.ServerInterceptor()] if tracing.enabled() else []),
+            *interceptors,
+        ],
         options=list(merged.items()),
         maximum_concurrent_rpcs=maximum_concurrent_rpcs,
     )
 
 
-def bind(server: grpc.aio.Server, host: str, port: int,
-         credentials: grpc.ServerCredentials | None = None) -> int:
+def bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None = None) -> int:
     """Listen on host:port (0: any free port) and return the bound port; TLS
     with `credentials` (pdserve.common.security.SecurityConfig.server_credentials())."""
     bare_ipv6 = ":" in host and not host.startswith("[")
     address = f"[{host}]:{port}" if bare_ipv6 else f"{host}:{port}"
-    bound = (server.add_secure_port(address, credentials) if credentials is not None
-             else server.add_insecure_port(address))
+    bound = (
+        server.add_secure_port(address, credentials) if credentials is not None else server.add_insecure_port(address)
+    )
     if bound == 0:  # older grpcio reports failure this way instead of raising
         raise RuntimeError(f"cannot listen on {address}")
     return bound
@@ -95,15 +109,15 @@ class Health(health_aio.HealthServicer):
         self.services = (OVERALL_HEALTH, *services)
         self.instance_id = os.environ.get(INSTANCE_ID_ENV) or uuid.uuid4().hex
 
-    async def Check(self, request: health_pb2.HealthCheckRequest,
-                    context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthCheckResponse:
         context.set_trailing_metadata(((INSTANCE_ID_KEY, self.instance_id),))
         return await super().Check(request, context)
 
     async def set_serving(self, serving: bool) -> None:
         """Report the server ("") and every named service (NOT_)SERVING."""
-        status = (health_pb2.HealthCheckResponse.SERVING if serving
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in self.services:
             await self.set(name, status)
 
@@ -157,8 +171,7 @@ async def serve_until_stopped(
     try:
         # Shielded: cancelling a wait_for_termination() cancels the server's
         # own shutdown future, and stop() below would then fail.
-        waiters = {asyncio.ensure_future(stop.wait()),
-                   asyncio.shield(server.wait_for_termination())}
+        waiters = {asyncio.ensure_future(stop.wait()), asyncio.shield(server.wait_for_termination())}
         _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:
             task.cancel()

@@ -1,5 +1,6 @@
 """TLS from PEM files, and `dial()`: the one function that opens a client channel
 (TLS when given, fixed metadata such as the internal token on every call)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -32,7 +33,8 @@ class TLS:
         return grpc.ssl_channel_credentials(
             root_certificates=read_file(self.ca, "tls_ca") if self.ca else None,
             private_key=read_file(self.key, "tls_key") if self.key else None,
-            certificate_chain=read_file(self.cert, "tls_cert") if self.cert else None)
+            certificate_chain=read_file(self.cert, "tls_cert") if self.cert else None,
+        )
 
     def channel_options(self) -> list[tuple[str, Any]]:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
@@ -41,7 +43,8 @@ class TLS:
         return grpc.ssl_server_credentials(
             [(read_file(self.key, "tls_key"), read_file(self.cert, "tls_cert"))],
             root_certificates=read_file(self.ca, "tls_ca") if self.ca else None,
-            require_client_auth=require_client_cert)
+            require_client_auth=require_client_cert,
+        )
 
 
 class _AddMetadata:
@@ -73,9 +76,15 @@ class _AddMetadataSS(_AddMetadata, grpc.aio.StreamStreamClientInterceptor):
     intercept_stream_stream = _AddMetadata._intercept
 
 
-def dial(target: str, tls: TLS | None = None, *, metadata: Sequence[tuple[str, str]] = (),
-         interceptors: Sequence[Any] = (), options: Sequence[tuple[str, Any]] = (),
-         sync: bool = False) -> Any:
+def dial(
+    target: str,
+    tls: TLS | None = None,
+    *,
+    metadata: Sequence[tuple[str, str]] = (),
+    interceptors: Sequence[Any] = (),
+    options: Sequence[tuple[str, Any]] = (),
+    sync: bool = False,
+) -> Any:
     """Open a channel to `target`: TLS when `tls` is given, `metadata` (e.g. the
     internal token) on every call, then `interceptors` (e.g. tracing).
     A grpc.aio.Channel, or a blocking grpc.Channel with sync=True."""
@@ -83,12 +92,14 @@ def dial(target: str, tls: TLS | None = None, *, metadata: Sequence[tuple[str, s
     if sync:  # tools polling health (open methods): no per-call metadata needed
         if metadata:
             raise ValueError("dial: per-call metadata needs an aio channel")
-        channel = (grpc.secure_channel(target, tls.channel_credentials(), options=options) if tls
-                   else grpc.insecure_channel(target, options=options))
+        channel = (
+            grpc.secure_channel(target, tls.channel_credentials(), options=options)
+            if tls
+            else grpc.insecure_channel(target, options=options)
+        )
         return grpc.intercept_channel(channel, *interceptors) if interceptors else channel
     kinds = (_AddMetadataUU, _AddMetadataUS, _AddMetadataSU, _AddMetadataSS) if metadata else ()
     chain = [*interceptors, *(kind(metadata) for kind in kinds)]
     if tls:
-        return grpc.aio.secure_channel(target, tls.channel_credentials(), options=options,
-                                       interceptors=chain or None)
+        return grpc.aio.secure_channel(target, tls.channel_credentials(), options=options, interceptors=chain or None)
     return grpc.aio.insecure_channel(target, options=options, interceptors=chain or None)

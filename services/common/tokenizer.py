@@ -4,6 +4,7 @@ The router and the KV store read `tokenizer.json` through `tokenizers` and rende
 `chat_template`, with the names and defaults of the part of transformers' tokenizer the router uses.
 Why, and what it saved: docs/benchmarks.md ("A router without torch").
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,10 @@ class Tokenizer:
         """From a Hugging Face model directory (tokenizer.json, tokenizer_config.json, chat template)."""
         path = Path(path)
         if not (path / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"{path}: no tokenizer.json (a fast tokenizer's file; transformers' "
-                                    f"AutoTokenizer.from_pretrained(...).save_pretrained(...) writes one)")
+            raise FileNotFoundError(
+                f"{path}: no tokenizer.json (a fast tokenizer's file; transformers' "
+                f"AutoTokenizer.from_pretrained(...).save_pretrained(...) writes one)"
+            )
         backend = Backend.from_file(str(path / "tokenizer.json"))
         config_file = path / "tokenizer_config.json"
         config = json.loads(config_file.read_text()) if config_file.is_file() else {}
@@ -68,19 +71,29 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = False,
-               clean_up_tokenization_spaces: bool = False) -> str:
+    def decode(
+        self, ids: list[int], skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool = False
+    ) -> str:
         if clean_up_tokenization_spaces:
             raise NotImplementedError("clean_up_tokenization_spaces (a WordPiece clean-up; pass False)")
         return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, tokenize: bool = True,
-                            return_dict: bool = False):
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = False,
+        tokenize: bool = True,
+        return_dict: bool = False,
+    ):
         """The chat's prompt: its text, its ids, or {"input_ids": ids} (return_dict), as transformers returns."""
         if not self.chat_template:
             raise ValueError("this model's tokenizer has no chat template; send text or token ids")
-        text = chat_template.render(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                                    special_tokens=self.special_tokens_map)
+        text = chat_template.render(
+            self.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            special_tokens=self.special_tokens_map,
+        )
         if not tokenize:
             return text
         ids = self.encode(text, add_special_tokens=False)  # the template writes its own special tokens

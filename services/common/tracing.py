@@ -4,6 +4,7 @@
 one, tracing is off and spans are no-ops. `Spans(scope, service)` starts a module's own spans.
 Why these defaults: docs/observability.md ("Traces": "Spans", "Configuration").
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -83,8 +84,11 @@ def exporters_from_env(env: Mapping[str, str] = os.environ) -> list[SpanExporter
 
 def _otlp_exporter(env: Mapping[str, str]) -> SpanExporter:
     # The exporters read their endpoint, headers, certificates and timeout from OTEL_EXPORTER_OTLP_*.
-    protocol = (_env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", env) or _env("OTEL_EXPORTER_OTLP_PROTOCOL", env)
-                or DEFAULT_OTLP_PROTOCOL)
+    protocol = (
+        _env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", env)
+        or _env("OTEL_EXPORTER_OTLP_PROTOCOL", env)
+        or DEFAULT_OTLP_PROTOCOL
+    )
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     elif protocol == "http/protobuf":
@@ -120,8 +124,12 @@ def setup(service: str) -> TracerProvider | None:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     install(provider)
     trace.set_tracer_provider(provider)  # for any other instrumentation in the process
-    log.info("tracing: %s, sampler %s, exporters %s", provider.resource.attributes.get("service.name"),
-             provider.sampler.get_description(), [type(e).__module__ for e in exporters])
+    log.info(
+        "tracing: %s, sampler %s, exporters %s",
+        provider.resource.attributes.get("service.name"),
+        provider.sampler.get_description(),
+        [type(e).__module__ for e in exporters],
+    )
     return provider
 
 
@@ -163,23 +171,37 @@ class Spans:
         self.scope = f"pdserve.{scope}"
         self.base = {"pdserve.service": service} if service else {}
 
-    def span(self, name: str, *, context: otel_context.Context | None = None, start_time: int | None = None,
-             **attributes: Any) -> contextlib.AbstractContextManager[trace.Span]:
+    def span(
+        self,
+        name: str,
+        *,
+        context: otel_context.Context | None = None,
+        start_time: int | None = None,
+        **attributes: Any,
+    ) -> contextlib.AbstractContextManager[trace.Span]:
         """Current for a `with` block (never across a yield), ended at its end; an
         exception marks it failed. `context`: the parent's, where the current
         one is not the request's (callbacks of the engine loop)."""
         if _provider is None:
             return contextlib.nullcontext(trace.INVALID_SPAN)
         return tracer(self.scope).start_as_current_span(
-            name, context=context, start_time=start_time, attributes=self._attributes(attributes))
+            name, context=context, start_time=start_time, attributes=self._attributes(attributes)
+        )
 
-    def start(self, name: str, *, context: otel_context.Context | None = None, start_time: int | None = None,
-              **attributes: Any) -> trace.Span:
+    def start(
+        self,
+        name: str,
+        *,
+        context: otel_context.Context | None = None,
+        start_time: int | None = None,
+        **attributes: Any,
+    ) -> trace.Span:
         """A span the caller ends (e.g. one that lasts across a stream's yields)."""
         if _provider is None:
             return trace.INVALID_SPAN
         return tracer(self.scope).start_span(
-            name, context=context, start_time=start_time, attributes=self._attributes(attributes))
+            name, context=context, start_time=start_time, attributes=self._attributes(attributes)
+        )
 
     def _attributes(self, attributes: Mapping[str, Any]) -> dict[str, Any]:
         return {**self.base, **_named(attributes)}

@@ -1,4 +1,5 @@
 """pdserve's own version, as installed."""
+
 from __future__ import annotations
 
 import functools

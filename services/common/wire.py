@@ -3,6 +3,7 @@
 protobuf's DecodeError names no field: `bad_utf8_field` walks the wire format against the descriptor and
 returns the path of the first string field that is not UTF-8 ("prompt.text", "prompt.chat.messages[0].content").
 """
+
 from __future__ import annotations
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -46,7 +47,7 @@ def _walk(descriptor: Descriptor, data: bytes) -> str | None:
             pos += 8 if wire == _I64 else 4
         elif wire == _LEN:
             size, pos = _varint(data, pos)
-            chunk, pos = data[pos:pos + size], pos + size
+            chunk, pos = data[pos : pos + size], pos + size
             if pos > len(data):
                 raise _Malformed
             field = descriptor.fields_by_number.get(number)

@@ -1,4 +1,5 @@
 """Configuration shared by the model workers (prefill, decode, colocated)."""
+
 from __future__ import annotations
 
 import functools
@@ -19,43 +20,65 @@ class WorkerConfig(SecurityConfig):
     port: int = option(50061, help="gRPC port (0: any free port)")
     worker_id: str = option("", help="unique id in logs and routing (default: hostname:port)")
     role: Literal["prefill", "decode", "colocated", "both"] = option(
-        "decode", help="what this worker does (an elastic worker: its first role, prefill, decode or both)")
-    model: str = option("", help="HF directory, .gguf file or hub id (org/name) "
-                                 "(default: the bundled SmolLM2-135M-Instruct)")
+        "decode", help="what this worker does (an elastic worker: its first role, prefill, decode or both)"
+    )
+    model: str = option(
+        "", help="HF directory, .gguf file or hub id (org/name) (default: the bundled SmolLM2-135M-Instruct)"
+    )
     device: str = option("cpu", help="torch device")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
-        "auto", help="weights and KV (auto: bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, "
-                     "else float32)")
-    threads: int = option(0, help="torch CPU threads (0: torch's default, one per core); give workers "
-                                  "sharing a machine a share each, or their thread pools spin against each other")
+        "auto", help="weights and KV (auto: bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, else float32)"
+    )
+    threads: int = option(
+        0,
+        help="torch CPU threads (0: torch's default, one per core); give workers "
+        "sharing a machine a share each, or their thread pools spin against each other",
+    )
     block_size: int = option(16, help="tokens per KV block")
-    kv_cache_gib: float = option(0.0, help=f"KV pool size in GiB, unless --num-kv-blocks "
-                                           f"(0: {memory.WORKER_KV})")
+    kv_cache_gib: float = option(0.0, help=f"KV pool size in GiB, unless --num-kv-blocks (0: {memory.WORKER_KV})")
     num_kv_blocks: int = option(0, help="KV pool size in blocks (0: from --kv-cache-gib)")
     max_num_seqs: int = option(64, help="running sequences at most")
     max_num_batched_tokens: int = option(512, help="tokens per step; the prefill chunk size")
-    enable_chunked_prefill: bool = option(True, help="prefill long prompts a chunk per step between decode steps; "
-                                                     "off: each prompt in one step, which every running stream "
-                                                     "waits for (colocated serving without chunking)")
+    enable_chunked_prefill: bool = option(
+        True,
+        help="prefill long prompts a chunk per step between decode steps; "
+        "off: each prompt in one step, which every running stream "
+        "waits for (colocated serving without chunking)",
+    )
     enable_prefix_caching: bool = option(True)
-    pack_weights: bool = option(True, help="CPU: linear weights packed once into oneDNN's layout (off: torch's "
-                                           "F.linear, which reorders them at every call)")
-    paged_kernel: bool = option(True, help="CPU: decode attention by pdserve's kernel, built once per machine with "
-                                           "g++, reading KV blocks in place (off, or without g++: torch ops over "
-                                           "gathered blocks)")
+    pack_weights: bool = option(
+        True,
+        help="CPU: linear weights packed once into oneDNN's layout (off: torch's "
+        "F.linear, which reorders them at every call)",
+    )
+    paged_kernel: bool = option(
+        True,
+        help="CPU: decode attention by pdserve's kernel, built once per machine with "
+        "g++, reading KV blocks in place (off, or without g++: torch ops over "
+        "gathered blocks)",
+    )
     max_queue: int = option(256, help="requests waiting at most; more get RESOURCE_EXHAUSTED")
     lease_ms: int = option(30_000, help="a KV reservation expires if unused this long")
     transfer_timeout_s: float = option(30.0, help="a KV transfer fails if not done this long after decode asks")
     kvstore: str = option("", help="KV store host:port; empty: no shared store")
     router: list[str] = option(default_factory=list, help="routers to register with and heartbeat to, host:port")
     advertise_host: str = option("", help="address routers use to reach this worker (default: --host)")
-    advertise_kv_wire_version: int = option(0, help="KV wire version told to routers (0: the one this build speaks; "
-                                                    "another only to rehearse a mixed-version fleet)")
-    data_host: str = option("", help="address the KV data plane (UCX) listens on, when KV must cross "
-                                     "machines on another address than --host (default: --host)")
+    advertise_kv_wire_version: int = option(
+        0,
+        help="KV wire version told to routers (0: the one this build speaks; "
+        "another only to rehearse a mixed-version fleet)",
+    )
+    data_host: str = option(
+        "",
+        help="address the KV data plane (UCX) listens on, when KV must cross "
+        "machines on another address than --host (default: --host)",
+    )
     transport: Literal["ucx", "loopback"] = option("ucx", help="KV data plane (loopback: one process only, for tests)")
-    warm_up: bool = option(True, help="run and time a few prompts before serving: pays first-call costs and seeds "
-                                      "the speeds the router's cost model reads (off: a faster start)")
+    warm_up: bool = option(
+        True,
+        help="run and time a few prompts before serving: pays first-call costs and seeds "
+        "the speeds the router's cost model reads (off: a faster start)",
+    )
     grace_s: float = option(10.0, help="on SIGTERM, seconds in-flight requests get to finish")
     metrics_port: int = option(9465, help="Prometheus /metrics port, on --host (0: any free port, -1: no metrics)")
     log_format: LogFormat = option("text", help="log lines as text or json (one object per line)")
@@ -80,11 +103,18 @@ class WorkerConfig(SecurityConfig):
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
-            model=self.model or None, device=self.device, dtype=self.dtype, block_size=self.block_size,
-            kv_cache_gib=self.kv_cache.gib, num_kv_blocks=self.num_kv_blocks or None,
-            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-            enable_chunked_prefill=self.enable_chunked_prefill, enable_prefix_caching=self.enable_prefix_caching,
-            pack_weights=self.pack_weights, paged_kernel=self.paged_kernel,
+            model=self.model or None,
+            device=self.device,
+            dtype=self.dtype,
+            block_size=self.block_size,
+            kv_cache_gib=self.kv_cache.gib,
+            num_kv_blocks=self.num_kv_blocks or None,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            enable_chunked_prefill=self.enable_chunked_prefill,
+            enable_prefix_caching=self.enable_prefix_caching,
+            pack_weights=self.pack_weights,
+            paged_kernel=self.paged_kernel,
         )
 
     def resolved_worker_id(self, bound_port: int) -> str:

@@ -4,6 +4,7 @@ Load the model and the engine, open the gRPC server with health, choose the
 KV transport, serve until SIGTERM, drain. Prefill and decode differ only in
 the worker object and servicer they add (see their serve.py).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -25,9 +26,11 @@ from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import decode_pb2, prefill_pb2
 
 # The gRPC service a worker of each role serves (for health and reflection).
-SERVICES = {"prefill": prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name,
-            "decode": decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name,
-            "colocated": decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name}
+SERVICES = {
+    "prefill": prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name,
+    "decode": decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name,
+    "colocated": decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name,
+}
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +46,14 @@ class WorkerRuntime:
         self.worker_id = config.resolved_worker_id(self.port)
         spec = self.engine.spec
         self.info = pb.WorkerInfo(
-            worker_id=self.worker_id, role=convert.ROLES[config.role],
+            worker_id=self.worker_id,
+            role=convert.ROLES[config.role],
             address=f"{config.advertise_host or config.host}:{self.port}",
-            model=spec.model_name, kv_spec=convert.kv_spec_to_pb(spec), instance_id=uuid.uuid4().hex,
-            software_version=software_version(), kv_wire_version=config.advertise_kv_wire_version or WIRE_VERSION,
+            model=spec.model_name,
+            kv_spec=convert.kv_spec_to_pb(spec),
+            instance_id=uuid.uuid4().hex,
+            software_version=software_version(),
+            kv_wire_version=config.advertise_kv_wire_version or WIRE_VERSION,
         )
         self.role = config.role  # an elastic worker's changes (set_role)
         self.services = [SERVICES[config.role]] if config.role in SERVICES else []  # health and reflection
@@ -56,8 +63,9 @@ class WorkerRuntime:
 
     def load_response(self) -> pb.GetLoadResponse:
         eng = self.engine
-        load = convert.load_to_pb(self.worker_id, self.role, eng.stats(), eng.waiting_tokens(),
-                                  eng.step_ms_ewma, eng.prefill_tps_ewma)
+        load = convert.load_to_pb(
+            self.worker_id, self.role, eng.stats(), eng.waiting_tokens(), eng.step_ms_ewma, eng.prefill_tps_ewma
+        )
         return pb.GetLoadResponse(info=self.info, load=load)
 
     def set_role(self, role: str) -> None:
@@ -74,19 +82,29 @@ class WorkerRuntime:
         self.registration.start()
         log.info("%s serving %s on %s:%d", self.worker_id, self.info.model, self.config.host, self.port)
 
-    async def run(self, stop: asyncio.Event | None = None,
-                  on_shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
+    async def run(
+        self, stop: asyncio.Event | None = None, on_shutdown: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
         """Start, serve until SIGTERM/SIGINT (or `stop`), then shut down in order."""
-        port = metrics.serve_prometheus(self.config.host, self.config.metrics_port, service=self.config.role,
-                                        instance=self.worker_id)
+        port = metrics.serve_prometheus(
+            self.config.host, self.config.metrics_port, service=self.config.role, instance=self.worker_id
+        )
         if port is not None:
             print(f"{self.worker_id} metrics on http://{self.config.host}:{port}/metrics", flush=True)
         await self.start()
-        print(f"{self.worker_id} ({self.config.role}) {self.engine.describe()}, "
-              f"listening on {self.config.host}:{self.port}", flush=True)
+        print(
+            f"{self.worker_id} ({self.config.role}) {self.engine.describe()}, "
+            f"listening on {self.config.host}:{self.port}",
+            flush=True,
+        )
         try:
-            await serve_until_stopped(self.server, grace_s=self.config.grace_s, health=self.health, stop=stop,
-                                      on_shutdown=self.registration.stop)  # new requests go elsewhere
+            await serve_until_stopped(
+                self.server,
+                grace_s=self.config.grace_s,
+                health=self.health,
+                stop=stop,
+                on_shutdown=self.registration.stop,
+            )  # new requests go elsewhere
         finally:
             if on_shutdown:
                 await on_shutdown()

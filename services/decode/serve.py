@@ -1,4 +1,5 @@
 """`pdserve serve decode`: a decode (or colocated) worker process."""
+
 from __future__ import annotations
 
 from pdserve.common.kv.store_client import StoreClient
@@ -19,11 +20,18 @@ class DecodeProcess:
         self.sender = self.store = None
         if config.kvstore:  # reads prefixes in; writes back what it prefilled itself (local or colocated requests)
             self.sender = make_sender(config)
-            self.store = StoreClient(config.kvstore, self.receiver, self.sender, rt.engine.spec.fingerprint,
-                                     security=config)
-        self.worker = DecodeWorker(rt.engine, self.receiver, lease_s=config.lease_ms / 1000,
-                                   transfer_timeout_s=config.transfer_timeout_s, max_queue=config.max_queue,
-                                   store=self.store, worker_id=rt.worker_id)
+            self.store = StoreClient(
+                config.kvstore, self.receiver, self.sender, rt.engine.spec.fingerprint, security=config
+            )
+        self.worker = DecodeWorker(
+            rt.engine,
+            self.receiver,
+            lease_s=config.lease_ms / 1000,
+            transfer_timeout_s=config.transfer_timeout_s,
+            max_queue=config.max_queue,
+            store=self.store,
+            worker_id=rt.worker_id,
+        )
         decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(self.worker, rt.load_response), rt.server)
 
     async def start(self) -> None:

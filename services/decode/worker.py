@@ -1,5 +1,5 @@
-"""The decode worker: reservations (leases), KV arrival, continuous-batch decoding.
-"""
+"""The decode worker: reservations (leases), KV arrival, continuous-batch decoding."""
+
 from __future__ import annotations
 
 import asyncio
@@ -52,9 +52,18 @@ class DecodeWorker:
     for the KV to land and verify, joins the running batch and streams tokens 2..N. Any
     failure, cancel or expiry frees the blocks. `generate()` is the colocated path."""
 
-    def __init__(self, engine: AsyncEngine, receiver: KVReceiver, *, lease_s: float = 30.0,
-                 transfer_timeout_s: float = 30.0, max_queue: int = 256, store: StoreClient | None = None,
-                 worker_id: str = "", gate: Callable[[], None] = lambda: None):
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        receiver: KVReceiver,
+        *,
+        lease_s: float = 30.0,
+        transfer_timeout_s: float = 30.0,
+        max_queue: int = 256,
+        store: StoreClient | None = None,
+        worker_id: str = "",
+        gate: Callable[[], None] = lambda: None,
+    ):
         self.engine = engine
         self.active = 0  # reserve, decode and generate calls in progress
         self.worker_id = worker_id  # on its trace spans
@@ -98,10 +107,12 @@ class DecodeWorker:
         finally:
             self.active -= 1
 
-    async def _traced_reserve(self, request_id: str, prompt: list[int], fingerprint: bytes,
-                              lease_ms: int) -> Reservation:
-        with _spans.span("decode.reserve", request_id=request_id, worker_id=self.worker_id,
-                         prompt_tokens=len(prompt)) as span:
+    async def _traced_reserve(
+        self, request_id: str, prompt: list[int], fingerprint: bytes, lease_ms: int
+    ) -> Reservation:
+        with _spans.span(
+            "decode.reserve", request_id=request_id, worker_id=self.worker_id, prompt_tokens=len(prompt)
+        ) as span:
             r = await self._reserve(request_id, prompt, fingerprint, lease_ms)
             tracing.annotate(span, cached_blocks=r.first_block_index, reserved_blocks=len(r.dest_block_ids))
             return r
@@ -133,8 +144,13 @@ class DecodeWorker:
         hashes = block_hashes(self.spec.fingerprint, prompt[: (len(prompt) - 1) // bs * bs], bs)
         return await self.store.load_prefix(hashes, [pool.block(b) for b in table[: len(hashes)]], have)
 
-    async def decode(self, request_id: str, first_token: int, params: SamplingParams,
-                     on_kv: Callable[[float], None] = lambda ms: None) -> AsyncIterator[RequestOutput]:
+    async def decode(
+        self,
+        request_id: str,
+        first_token: int,
+        params: SamplingParams,
+        on_kv: Callable[[float], None] = lambda ms: None,
+    ) -> AsyncIterator[RequestOutput]:
         """Tokens 2..N of a reserved request, once its KV has arrived intact;
         on_kv gets how long decode waited for the KV (the transfer's unoverlapped tail)."""
         self.active += 1
@@ -144,8 +160,9 @@ class DecodeWorker:
         finally:
             self.active -= 1
 
-    async def _decode(self, request_id: str, first_token: int, params: SamplingParams,
-                      on_kv: Callable[[float], None]) -> AsyncIterator[RequestOutput]:
+    async def _decode(
+        self, request_id: str, first_token: int, params: SamplingParams, on_kv: Callable[[float], None]
+    ) -> AsyncIterator[RequestOutput]:
         r = self._leases.claim(request_id)  # the transfer timeout bounds it from here
         if r is None:
             raise NotFoundError(f"no reservation {request_id!r} (expired or released)")
@@ -168,7 +185,9 @@ class DecodeWorker:
         async for out in self._counted(request_id, "decode", self.engine.stream(request_id)):
             yield out
 
-    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self, request_id: str, prompt: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
         """Colocated (or routed to prefill here): prefill and decode here, from whatever
         prefix the KV store holds; with a writable store, the computed context (prompt
         and reply) is offered back when the request ends, for the conversation's next turn."""
@@ -179,14 +198,16 @@ class DecodeWorker:
         finally:
             self.active -= 1
 
-    async def _generate(self, request_id: str, prompt: list[int],
-                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def _generate(
+        self, request_id: str, prompt: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
         from_store = 0
         if self.store is None:
             await self.engine.add(prompt, params, request_id, admission=self.admission.check)
         else:
-            from_store = await admit_from_store(self.engine, self.store, request_id, prompt, params,
-                                                self.admission.reserve, hold_blocks=True)
+            from_store = await admit_from_store(
+                self.engine, self.store, request_id, prompt, params, self.admission.reserve, hold_blocks=True
+            )
         generated: list[int] = []
         outputs = self._counted(request_id, "generate", self.engine.stream(request_id))
         try:
@@ -212,8 +233,9 @@ class DecodeWorker:
         finally:
             await self.engine.release(request_id)
 
-    async def _counted(self, request_id: str, phase: str,
-                       outputs: AsyncGenerator[RequestOutput, None]) -> AsyncIterator[RequestOutput]:
+    async def _counted(
+        self, request_id: str, phase: str, outputs: AsyncGenerator[RequestOutput, None]
+    ) -> AsyncIterator[RequestOutput]:
         finished, tokens = False, 0
         # Started and ended here, never current: it lasts across yields.
         span = _spans.start(f"decode.{phase}", request_id=request_id, worker_id=self.worker_id)

@@ -3,6 +3,7 @@
 The switch is immediate for new work and waits for the work in flight of the
 role it leaves; nothing is cancelled, so no request fails across it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,8 +27,13 @@ class Switched:
 
 
 class ElasticRole:
-    def __init__(self, role: str, idle: dict[str, Callable[[], bool]],
-                 on_switch: Callable[[str], None] = lambda role: None, poll_s: float = 0.05):
+    def __init__(
+        self,
+        role: str,
+        idle: dict[str, Callable[[], bool]],
+        on_switch: Callable[[str], None] = lambda role: None,
+        poll_s: float = 0.05,
+    ):
         if role not in ELASTIC_ROLES:
             raise InvalidRequestError("role", f"an elastic worker is prefill, decode or both, got {role!r}")
         self.role = role
@@ -39,9 +45,11 @@ class ElasticRole:
 
     def gate(self, work: str) -> Callable[[], None]:
         """The admission check of `work` ("prefill" or "decode"): raises while the role excludes it."""
+
         def check() -> None:
             if work not in TAKES[self.role]:
                 raise NotReadyError(f"this worker's role is {self.role} now: it takes no new {work} work")
+
         return check
 
     async def switch(self, role: str, drain_timeout_s: float = 120.0) -> Switched:

@@ -3,6 +3,7 @@
 A router moves it between prefill, decode and both (WorkerControl.SetRole);
 the prefill and decode halves are the same workers the fixed roles run.
 """
+
 from __future__ import annotations
 
 from pdserve.common.kv.store_client import StoreClient
@@ -28,20 +29,37 @@ class ElasticProcess:
         self.receiver = make_receiver(config)
         self.store = None
         if config.kvstore:  # one client for both halves: reads prefixes in, offers computed ones back
-            self.store = StoreClient(config.kvstore, self.receiver, self.sender, rt.engine.spec.fingerprint,
-                                     security=config)
-        self.prefill = PrefillWorker(rt.engine, self.sender, max_queue=config.max_queue, store=self.store,
-                                     worker_id=rt.worker_id, transfer_timeout_s=config.transfer_timeout_s,
-                                     gate=self.role.gate("prefill"))
-        self.decode = DecodeWorker(rt.engine, self.receiver, lease_s=config.lease_ms / 1000,
-                                   transfer_timeout_s=config.transfer_timeout_s, max_queue=config.max_queue,
-                                   store=self.store, worker_id=rt.worker_id, gate=self.role.gate("decode"))
+            self.store = StoreClient(
+                config.kvstore, self.receiver, self.sender, rt.engine.spec.fingerprint, security=config
+            )
+        self.prefill = PrefillWorker(
+            rt.engine,
+            self.sender,
+            max_queue=config.max_queue,
+            store=self.store,
+            worker_id=rt.worker_id,
+            transfer_timeout_s=config.transfer_timeout_s,
+            gate=self.role.gate("prefill"),
+        )
+        self.decode = DecodeWorker(
+            rt.engine,
+            self.receiver,
+            lease_s=config.lease_ms / 1000,
+            transfer_timeout_s=config.transfer_timeout_s,
+            max_queue=config.max_queue,
+            store=self.store,
+            worker_id=rt.worker_id,
+            gate=self.role.gate("decode"),
+        )
         self.role.idle.update(prefill=self.prefill.idle, decode=self.decode.idle)
         prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(self.prefill, rt.load_response), rt.server)
         decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(self.decode, rt.load_response), rt.server)
         worker_pb2_grpc.add_WorkerControlServicer_to_server(WorkerControlServicer(self.role), rt.server)
-        rt.services = [SERVICES["prefill"], SERVICES["decode"],
-                       worker_pb2.DESCRIPTOR.services_by_name["WorkerControl"].full_name]
+        rt.services = [
+            SERVICES["prefill"],
+            SERVICES["decode"],
+            worker_pb2.DESCRIPTOR.services_by_name["WorkerControl"].full_name,
+        ]
         rt.info.elastic = True
 
     async def start(self) -> None:

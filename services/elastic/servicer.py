@@ -1,4 +1,5 @@
 """WorkerControl gRPC servicer: protobuf in, ElasticRole calls, protobuf out."""
+
 from __future__ import annotations
 
 from pdserve.common import convert
@@ -16,5 +17,6 @@ class WorkerControlServicer(worker_pb2_grpc.WorkerControlServicer):
     async def SetRole(self, request: wpb.SetRoleRequest, context) -> wpb.SetRoleResponse:
         role = convert.elastic_role(request.role)
         s = await self.role.switch(role, request.drain_timeout_ms / 1000 or DEFAULT_DRAIN_S)
-        return wpb.SetRoleResponse(previous_role=convert.ROLES[s.previous], role=convert.ROLES[s.role],
-                                   drained=s.drained, drain_ms=s.drain_ms)
+        return wpb.SetRoleResponse(
+            previous_role=convert.ROLES[s.previous], role=convert.ROLES[s.role], drained=s.drained, drain_ms=s.drain_ms
+        )

@@ -1,4 +1,5 @@
 """KV store configuration."""
+
 from __future__ import annotations
 
 import functools
@@ -15,14 +16,17 @@ from pdserve.common.security import SecurityConfig
 class KVStoreConfig(SecurityConfig):
     host: str = option("127.0.0.1", help="address the gRPC server listens on")
     port: int = option(50070, help="gRPC port (0: any free port)")
-    data_host: str = option("", help="address the KV data plane (UCX) listens on, when KV must cross "
-                                     "machines on another address than --host (default: --host)")
+    data_host: str = option(
+        "",
+        help="address the KV data plane (UCX) listens on, when KV must cross "
+        "machines on another address than --host (default: --host)",
+    )
     model: str = option("", help="the workers' model: fixes the block size in bytes (default: bundled SmolLM2)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
-        "auto", help="the workers' KV dtype (auto: as a CPU worker on this machine resolves it)")
+        "auto", help="the workers' KV dtype (auto: as a CPU worker on this machine resolves it)"
+    )
     block_size: int = option(16, help="tokens per KV block, as on the workers")
-    capacity_gib: float = option(0.0, help=f"memory for blocks, unless --capacity-blocks "
-                                           f"(0: {memory.STORE_CAPACITY})")
+    capacity_gib: float = option(0.0, help=f"memory for blocks, unless --capacity-blocks (0: {memory.STORE_CAPACITY})")
     capacity_blocks: int = option(0, help="capacity in blocks (0: from --capacity-gib)")
     lease_ms: int = option(30_000, help="a write reservation expires if not committed this long")
     transfer_timeout_s: float = option(30.0)

@@ -1,4 +1,5 @@
 """`pdserve serve kvstore`: the shared KV block store process."""
+
 from __future__ import annotations
 
 from pdserve.common import metrics, model_loader
@@ -21,17 +22,28 @@ def block_bytes_of(config: KVStoreConfig) -> int:
     mc = model_loader.text_config(ref)
     head_dim = mc.get("head_dim") or mc["hidden_size"] // mc["num_attention_heads"]
     kv_heads = mc.get("num_key_value_heads") or mc["num_attention_heads"]
-    spec = KVSpec(ref.name, ref.weights_digest, mc["num_hidden_layers"], kv_heads, head_dim,
-                  config.block_size, precision.resolve(config.dtype).dtype)
+    spec = KVSpec(
+        ref.name,
+        ref.weights_digest,
+        mc["num_hidden_layers"],
+        kv_heads,
+        head_dim,
+        config.block_size,
+        precision.resolve(config.dtype).dtype,
+    )
     return spec.block_bytes
 
 
 def build(config: KVStoreConfig, block_bytes: int | None = None):
     block_bytes = block_bytes or block_bytes_of(config)
     capacity = config.capacity_blocks or max(1, int(config.capacity.gib * 2**30 // block_bytes))
-    service = KVStoreService(BlockStore(capacity, block_bytes), make_receiver(config), make_sender(config),
-                             lease_s=config.lease_ms / 1000,
-                             transfer_timeout_s=config.transfer_timeout_s)
+    service = KVStoreService(
+        BlockStore(capacity, block_bytes),
+        make_receiver(config),
+        make_sender(config),
+        lease_s=config.lease_ms / 1000,
+        transfer_timeout_s=config.transfer_timeout_s,
+    )
     server = create_server(interceptors=[config.authenticator()])
     kvstore_pb2_grpc.add_KVStoreServicer_to_server(KVStoreServicer(service), server)
     metrics.watch_store(service.store)
@@ -48,8 +60,11 @@ async def serve(config: KVStoreConfig) -> None:
     await service.start()
     await server.start()
     await health.set_serving(True)
-    print(f"kvstore ({service.store.capacity} blocks of {service.store.block_bytes} bytes) "
-          f"listening on {config.host}:{port}", flush=True)
+    print(
+        f"kvstore ({service.store.capacity} blocks of {service.store.block_bytes} bytes) "
+        f"listening on {config.host}:{port}",
+        flush=True,
+    )
     try:
         await serve_until_stopped(server, grace_s=config.grace_s, health=health)
     finally:

@@ -2,6 +2,7 @@
 and CommitWrite publishes them once verified; a read pins blocks and pushes them to the
 reader. Every reservation and pin is a lease that expires if the peer vanishes.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -18,8 +19,15 @@ log = logging.getLogger(__name__)
 
 
 class KVStoreService:
-    def __init__(self, store: BlockStore, receiver: KVReceiver, sender: KVSender, *,
-                 lease_s: float = 30.0, transfer_timeout_s: float = 30.0):
+    def __init__(
+        self,
+        store: BlockStore,
+        receiver: KVReceiver,
+        sender: KVSender,
+        *,
+        lease_s: float = 30.0,
+        transfer_timeout_s: float = 30.0,
+    ):
         self.store = store
         self.receiver = receiver
         self.sender = sender
@@ -47,7 +55,9 @@ class KVStoreService:
         tracing.annotate(blocks_requested=len(hashes), blocks_found=n)  # on the call's span
         return n
 
-    def reserve_write(self, fingerprint: bytes, hashes: list[bytes], lease_ms: int = 0) -> tuple[list[int], TransferTicket | None]:
+    def reserve_write(
+        self, fingerprint: bytes, hashes: list[bytes], lease_ms: int = 0
+    ) -> tuple[list[int], TransferTicket | None]:
         placed = self.store.reserve_write(fingerprint, hashes)
         tracing.annotate(blocks_offered=len(hashes), blocks_accepted=len(placed))
         if not placed:

@@ -1,4 +1,5 @@
 """KVStore gRPC servicer: protobuf in, KVStoreService calls, protobuf out."""
+
 from __future__ import annotations
 
 from pdserve.common.errors import InvalidRequestError
@@ -25,12 +26,20 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
 
     async def ReserveWrite(self, request: kpb.ReserveWriteRequest, context) -> kpb.ReserveWriteResponse:
         accepted, t = self.service.reserve_write(
-            _fingerprint(request.kv_fingerprint), list(request.block_hashes), request.lease_ms)
+            _fingerprint(request.kv_fingerprint), list(request.block_hashes), request.lease_ms
+        )
         out = kpb.ReserveWriteResponse(accepted_indices=accepted)
         if t is not None:
-            out.ticket.CopyFrom(pb.TransferTicket(
-                transfer_id=t.transfer_id, secret=t.secret, ucx_address=t.address, block_bytes=t.block_bytes,
-                num_blocks=t.num_blocks, kv_fingerprint=request.kv_fingerprint))
+            out.ticket.CopyFrom(
+                pb.TransferTicket(
+                    transfer_id=t.transfer_id,
+                    secret=t.secret,
+                    ucx_address=t.address,
+                    block_bytes=t.block_bytes,
+                    num_blocks=t.num_blocks,
+                    kv_fingerprint=request.kv_fingerprint,
+                )
+            )
         return out
 
     async def CommitWrite(self, request: kpb.CommitWriteRequest, context) -> kpb.CommitWriteResponse:
@@ -50,8 +59,16 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
     async def GetStats(self, request: kpb.GetStoreStatsRequest, context) -> kpb.GetStoreStatsResponse:
         store, s = self.service.store, self.service.store.stats
         return kpb.GetStoreStatsResponse(
-            used_blocks=store.used, capacity_blocks=store.capacity, block_bytes=store.block_bytes,
-            lookups=s.lookups, lookup_hit_blocks=s.hit_blocks, lookup_miss_blocks=s.miss_blocks,
-            blocks_written=s.blocks_written, blocks_read=s.blocks_read, evictions=s.evictions,
-            active_leases=self.service.active_leases, bytes_in=s.bytes_in, bytes_out=s.bytes_out,
+            used_blocks=store.used,
+            capacity_blocks=store.capacity,
+            block_bytes=store.block_bytes,
+            lookups=s.lookups,
+            lookup_hit_blocks=s.hit_blocks,
+            lookup_miss_blocks=s.miss_blocks,
+            blocks_written=s.blocks_written,
+            blocks_read=s.blocks_read,
+            evictions=s.evictions,
+            active_leases=self.service.active_leases,
+            bytes_in=s.bytes_in,
+            bytes_out=s.bytes_out,
         )

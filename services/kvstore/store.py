@@ -3,6 +3,7 @@
 An entry is WRITING until its transfer verifies, then READY; a push pins the READY entries it reads, and
 eviction takes the least recently used READY, unpinned one. Why: docs/architecture.md ("The KV store").
 """
+
 from __future__ import annotations
 
 import enum
@@ -141,4 +142,3 @@ class BlockStore:
     @property
     def pinned(self) -> int:
         return sum(1 for e in self._entries.values() if e.pins)
-

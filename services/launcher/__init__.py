@@ -21,5 +21,16 @@ def add_commands(sub) -> None:
     status.add_commands(sub)
 
 
-__all__ = ["MODES", "Listen", "PortInUseError", "Service", "Suite", "SuiteError", "add_commands", "add_up_args",
-           "plan", "run_up", "supervise"]
+__all__ = [
+    "MODES",
+    "Listen",
+    "PortInUseError",
+    "Service",
+    "Suite",
+    "SuiteError",
+    "add_commands",
+    "add_up_args",
+    "plan",
+    "run_up",
+    "supervise",
+]

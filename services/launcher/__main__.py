@@ -1,4 +1,5 @@
 """python -m pdserve.launcher: the same as `pdserve up`."""
+
 import argparse
 import sys
 

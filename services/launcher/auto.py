@@ -1,4 +1,5 @@
 """`pdserve up --mode auto`: the topology the planner ranks first for this machine, workload and objectives."""
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,11 @@ def profile_file(args: argparse.Namespace, say=print) -> str:
     device = (args.device or "cpu").split(",")[0]
     measure.load_or_measure(args.model, device=device, dtype=args.dtype or "auto", quick=True, say=say)
     ref = model_loader.resolve(args.model)
-    return str(measure.cache_path(model_key(ref), precision.resolve(args.dtype or "auto", device).dtype,
-                                  measure.hardware_key(device)))
+    return str(
+        measure.cache_path(
+            model_key(ref), precision.resolve(args.dtype or "auto", device).dtype, measure.hardware_key(device)
+        )
+    )
 
 
 def choose(args: argparse.Namespace, say=print) -> Choice:
@@ -50,19 +54,25 @@ def choose(args: argparse.Namespace, say=print) -> Choice:
 
     devices = [d for d in (args.device or "").split(",") if d.startswith("cuda")]
     t0 = time.monotonic()
-    profile = measure.load_or_measure(args.model, device=devices[0] if devices else "cpu",
-                                      dtype=args.dtype or "auto", quick=True)
+    profile = measure.load_or_measure(
+        args.model, device=devices[0] if devices else "cpu", dtype=args.dtype or "auto", quick=True
+    )
     took = time.monotonic() - t0
     if args.plan_workload == "mixed":
+
         def workload(rate):
             return Mixed().requests(sim_requests(rate), rate, seed=0)
     else:
+
         def workload(rate):
             return synthetic(sim_requests(rate), rate, SYNTHETIC_PROMPT, SYNTHETIC_OUTPUT, seed=0)
+
     goal = objectives(args)
     scores = plan(profile, workload, goal, cores=len(os.sched_getaffinity(0)), devices=len(devices))
     best = scores[0].topology
-    why = (f"--mode auto chose {reason(scores)} (simulated on the {args.plan_workload} workload for {goal}; "
-           f"profile {profile.hardware}, {took:.1f} s to load or measure)")
+    why = (
+        f"--mode auto chose {reason(scores)} (simulated on the {args.plan_workload} workload for {goal}; "
+        f"profile {profile.hardware}, {took:.1f} s to load or measure)"
+    )
     say(why)
     return Choice(best.mode, best.prefill, best.decode, best.threads, best.chunk, why)

@@ -1,4 +1,5 @@
 """When a crashed service is started again, and when it is given up (a crash loop)."""
+
 from __future__ import annotations
 
 import enum
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class RestartPolicy:
     """Exponential backoff between restarts; `limit` exits within `window_s` is a crash loop."""
+
     backoff_s: float = 0.5
     max_backoff_s: float = 10.0
     limit: int = 5
@@ -21,17 +23,18 @@ class RestartPolicy:
 
 
 class Phase(enum.Enum):
-    STARTING = "starting"    # spawned, not yet SERVING
+    STARTING = "starting"  # spawned, not yet SERVING
     SERVING = "serving"
-    DRAINING = "draining"    # told to stop by a rolling restart; its exit is expected
-    BACKOFF = "backoff"      # exited; starts again at `restart_at`
-    GIVEN_UP = "given up"    # a crash loop: not started again
+    DRAINING = "draining"  # told to stop by a rolling restart; its exit is expected
+    BACKOFF = "backoff"  # exited; starts again at `restart_at`
+    GIVEN_UP = "given up"  # a crash loop: not started again
     STOPPED = "stopped"
 
 
 @dataclass
 class ServiceState:
     """What the launcher knows of one service, as `pdserve status` shows it."""
+
     phase: Phase = Phase.STARTING
     restarts: int = 0
     started_at: float = field(default_factory=time.time)  # wall clock, for uptime

@@ -3,6 +3,7 @@
 One JSON file per suite, named by the router's port, rewritten whole (write and
 rename) whenever a service changes phase, and removed when the suite stops.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,11 +31,26 @@ def snapshot(suite: Suite) -> dict:
         state = suite.supervisor.states.get(s.name)
         if not s.address or state is None:
             continue
-        services.append({"name": s.name, "role": s.role, "address": s.address, "pid": suite.pid(s.name),
-                         "phase": state.phase.value, "restarts": state.restarts, "started_at": state.started_at,
-                         "last_exit": state.last_exit, "version": software_version()})
-    return {"launcher_pid": os.getpid(), "router": suite.router_target, "written_at": time.time(),
-            "rolling": suite.supervisor.rolling, "services": services}
+        services.append(
+            {
+                "name": s.name,
+                "role": s.role,
+                "address": s.address,
+                "pid": suite.pid(s.name),
+                "phase": state.phase.value,
+                "restarts": state.restarts,
+                "started_at": state.started_at,
+                "last_exit": state.last_exit,
+                "version": software_version(),
+            }
+        )
+    return {
+        "launcher_pid": os.getpid(),
+        "router": suite.router_target,
+        "written_at": time.time(),
+        "rolling": suite.supervisor.rolling,
+        "services": services,
+    }
 
 
 def write(path: Path, suite: Suite) -> None:

@@ -1,4 +1,5 @@
 """`pdserve status` and `pdserve restart --rolling`: a running suite, as its router and its launcher see it."""
+
 from __future__ import annotations
 
 import argparse
@@ -25,18 +26,32 @@ def add_commands(sub) -> None:
     status.add_argument("--json", action="store_true", help="print the rows as JSON")
     status.set_defaults(func=run_status)
     restart = sub.add_parser("restart", help="restart a running `pdserve up`'s workers")
-    restart.add_argument("--rolling", action="store_true", required=True,
-                         help="drain and restart the workers one at a time (the same as SIGHUP to pdserve up)")
+    restart.add_argument(
+        "--rolling",
+        action="store_true",
+        required=True,
+        help="drain and restart the workers one at a time (the same as SIGHUP to pdserve up)",
+    )
     restart.add_argument("--target", default="localhost:50051", help="the suite's router (its port names the suite)")
-    restart.add_argument("--wait", type=float, default=0.0, metavar="S",
-                         help="wait up to S seconds for every worker to be back (0: return at once)")
+    restart.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="wait up to S seconds for every worker to be back (0: return at once)",
+    )
     restart.set_defaults(func=run_restart)
     role = sub.add_parser("role", help="move an elastic worker to another role (it drains the role it leaves)")
     role.add_argument("worker", help="the worker's id, as `pdserve status` lists it")
     role.add_argument("role", choices=("prefill", "decode", "both"))
     role.add_argument("--target", default="localhost:50051", help="the router's gRPC address")
-    role.add_argument("--drain-timeout", type=float, default=120.0, metavar="S",
-                      help="seconds the worker may take to finish the work of the role it leaves")
+    role.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="seconds the worker may take to finish the work of the role it leaves",
+    )
     role.set_defaults(func=run_role)
 
 
@@ -57,15 +72,25 @@ def rows(launched: dict | None, workers: list | None) -> list[dict]:
     """One row per service: the launcher's record, completed by the router's."""
     now, out = time.time(), {}
     for s in (launched or {}).get("services", []):
-        out[s["name"]] = {"name": s["name"], "role": s["role"], "address": s["address"], "health": s["phase"],
-                          "restarts": s["restarts"], "uptime_s": round(now - s["started_at"], 1),
-                          "version": s["version"]}
+        out[s["name"]] = {
+            "name": s["name"],
+            "role": s["role"],
+            "address": s["address"],
+            "health": s["phase"],
+            "restarts": s["restarts"],
+            "uptime_s": round(now - s["started_at"], 1),
+            "version": s["version"],
+        }
     for w in workers or []:
         row = out.setdefault(w.info.worker_id, {"name": w.info.worker_id, "address": w.info.address})
         total = w.load.total_blocks
         role = _ROLES.get(w.info.role, row.get("role", "")) + " (elastic)" * w.info.elastic
-        row.update(role=role, running=w.load.running_seqs,
-                   waiting=w.load.waiting_seqs, kv_used=round(1 - w.load.free_blocks / total, 3) if total else None)
+        row.update(
+            role=role,
+            running=w.load.running_seqs,
+            waiting=w.load.waiting_seqs,
+            kv_used=round(1 - w.load.free_blocks / total, 3) if total else None,
+        )
         if row.get("health") in (None, "serving"):  # the launcher's phase says more while it is not serving
             row["health"] = "serving" if w.healthy else "unhealthy"
         version = getattr(w.info, "software_version", "")
@@ -93,8 +118,11 @@ def run_status(args: argparse.Namespace) -> int:
         if workers is None:
             print(f"the router at {args.target} does not answer", file=sys.stderr)
         if launched is None:
-            print(f"no `pdserve up` on this machine runs a router on port {_port(args.target)}: "
-                  "restarts and uptime unknown", file=sys.stderr)
+            print(
+                f"no `pdserve up` on this machine runs a router on port {_port(args.target)}: "
+                "restarts and uptime unknown",
+                file=sys.stderr,
+            )
     return 0 if workers is not None else 1
 
 
@@ -102,8 +130,10 @@ def run_restart(args: argparse.Namespace) -> int:
     path = run_state.state_path(_port(args.target))
     launched = run_state.read(path)
     if launched is None:
-        print(f"pdserve restart: no `pdserve up` on this machine runs a router on port {_port(args.target)}",
-              file=sys.stderr)
+        print(
+            f"pdserve restart: no `pdserve up` on this machine runs a router on port {_port(args.target)}",
+            file=sys.stderr,
+        )
         return 2
     asked = time.time()
     os.kill(launched["launcher_pid"], signal.SIGHUP)
@@ -124,14 +154,17 @@ def run_restart(args: argparse.Namespace) -> int:
 
 def run_role(args: argparse.Namespace) -> int:
     """Ask the router to move the worker; it answers once the worker has drained the role it left."""
-    request = router_pb2.SetWorkerRoleRequest(worker_id=args.worker, role=f"WORKER_ROLE_{args.role.upper()}",
-                                              drain_timeout_ms=int(args.drain_timeout * 1000))
+    request = router_pb2.SetWorkerRoleRequest(
+        worker_id=args.worker, role=f"WORKER_ROLE_{args.role.upper()}", drain_timeout_ms=int(args.drain_timeout * 1000)
+    )
     with security.from_environment(os.environ).dial(args.target, sync=True) as channel:
         try:
             r = RouterStub(channel).SetWorkerRole(request, timeout=args.drain_timeout + 15)
         except grpc.RpcError as e:
             print(f"pdserve role: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
-    print(f"{args.worker}: {_ROLES[r.previous_role]} -> {_ROLES[r.role]}, "
-          f"{'drained' if r.drained else 'NOT drained (its work of the old role runs on)'} in {r.drain_ms / 1e3:.1f} s")
+    print(
+        f"{args.worker}: {_ROLES[r.previous_role]} -> {_ROLES[r.role]}, "
+        f"{'drained' if r.drained else 'NOT drained (its work of the old role runs on)'} in {r.drain_ms / 1e3:.1f} s"
+    )
     return 0

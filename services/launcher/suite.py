@@ -1,4 +1,5 @@
 """Suite: starts a plan's services stage by stage, relays their logs, and stops them."""
+
 from __future__ import annotations
 
 import os
@@ -31,23 +32,36 @@ class Suite:
     `restarts` policy a service that exits is started again (`Supervisor`);
     without one, any exit fails the suite."""
 
-    def __init__(self, mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *,
-                 services: list[Service] | None = None, log_dir: str | Path | None = None,
-                 ready_timeout: float = 300.0, grace_s: float = 15.0, out: TextIO | None = None,
-                 env: dict[str, str] | None = None, restarts: RestartPolicy | None = None,
-                 **plan_kwargs) -> None:
+    def __init__(
+        self,
+        mode: str = "disaggregated",
+        prefill: int = 1,
+        decode: int = 1,
+        *,
+        services: list[Service] | None = None,
+        log_dir: str | Path | None = None,
+        ready_timeout: float = 300.0,
+        grace_s: float = 15.0,
+        out: TextIO | None = None,
+        env: dict[str, str] | None = None,
+        restarts: RestartPolicy | None = None,
+        **plan_kwargs,
+    ) -> None:
         self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}  # children log line by line
         if services is None:
             plan_kwargs.setdefault("http_port", http_port_from(self._env))
-        self.services = services if services is not None else plan(mode, prefill, decode, grace_s=grace_s,
-                                                                     **plan_kwargs)
+        self.services = (
+            services if services is not None else plan(mode, prefill, decode, grace_s=grace_s, **plan_kwargs)
+        )
         self.log_dir = Path(log_dir) if log_dir else None
         self.ready_timeout = ready_timeout
         self.grace_s = grace_s
         self.out = out or sys.stdout
         color = self.out.isatty() and "NO_COLOR" not in os.environ
-        self._prefix = {s.name: (f"\x1b[{_COLORS[i % len(_COLORS)]}m[{s.name}]\x1b[0m " if color else f"[{s.name}] ")
-                        for i, s in enumerate(self.services)}
+        self._prefix = {
+            s.name: (f"\x1b[{_COLORS[i % len(_COLORS)]}m[{s.name}]\x1b[0m " if color else f"[{s.name}] ")
+            for i, s in enumerate(self.services)
+        }
         try:  # the children's own PDSERVE_TLS_* settings: health polls must speak their TLS
             self.tls = security.from_environment(self._env).client_tls()
         except ValueError as e:
@@ -104,8 +118,14 @@ class Suite:
         env = {**self._env, INSTANCE_ID_ENV: self._instances[service.name]}
         # Own process group: a terminal's Ctrl-C reaches only us, and we stop
         # the children in order instead of all at once.
-        proc = subprocess.Popen(service.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, process_group=0)
+        proc = subprocess.Popen(
+            service.argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            process_group=0,
+        )
         self._procs[service.name] = proc
         pump = threading.Thread(target=self._pump, args=(service.name, proc.stdout), daemon=True)
         pump.start()
@@ -115,8 +135,9 @@ class Suite:
         """Raise PortInUseError naming the first port another process holds, and the flag that moves it."""
         taken = ports.first_taken(listen for s in self.services for listen in s.listens)
         if taken:
-            raise PortInUseError(f"port {taken.port} ({taken.flag}) is in use on {taken.host}; "
-                                 f"choose another with {taken.flag}")
+            raise PortInUseError(
+                f"port {taken.port} ({taken.flag}) is in use on {taken.host}; choose another with {taken.flag}"
+            )
 
     def start(self, stop: threading.Event | None = None) -> None:
         """Start every stage and wait for it; raises SuiteError (after stopping
@@ -142,8 +163,11 @@ class Suite:
         """SIGTERM running children, last stage first; SIGKILL after the grace period."""
         self.supervisor.close()
         for stage in sorted({s.stage for s in self.services}, reverse=True):
-            procs = {s.name: self._procs[s.name] for s in self.services
-                     if s.stage == stage and s.name in self._procs and self._procs[s.name].poll() is None}
+            procs = {
+                s.name: self._procs[s.name]
+                for s in self.services
+                if s.stage == stage and s.name in self._procs and self._procs[s.name].poll() is None
+            }
             for proc in procs.values():
                 proc.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + self.grace_s

@@ -4,6 +4,7 @@ One state machine, `tick()`, runs while the suite starts and while it serves.
 With no restart policy a service that exits fails the suite, as a test harness
 wants; `pdserve up` passes one, and a crashed service is started again.
 """
+
 from __future__ import annotations
 
 import signal
@@ -26,8 +27,11 @@ from pdserve.v1.router_pb2_grpc import RouterStub
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 # Short reconnect backoff: by default gRPC waits up to minutes between
 # attempts at a port nobody listens on yet (a worker loading its model).
-_FAST = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-         ("grpc.max_reconnect_backoff_ms", 500)]
+_FAST = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
+]
 
 
 class SuiteError(RuntimeError):
@@ -36,6 +40,7 @@ class SuiteError(RuntimeError):
 
 class Processes(Protocol):
     """What the supervisor asks of a suite (launcher.suite.Suite): its processes, by service name."""
+
     services: list[Service]
     tls: security.TLS | None
     grace_s: float
@@ -94,15 +99,16 @@ class Supervisor:
             if not waiting:
                 return
             if time.monotonic() > deadline:
-                raise self._failed(f"not ready after {self.suite.ready_timeout:g}s: {', '.join(waiting)}",
-                                   [s for s in members if s.name in waiting])
+                raise self._failed(
+                    f"not ready after {self.suite.ready_timeout:g}s: {', '.join(waiting)}",
+                    [s for s in members if s.name in waiting],
+                )
             if stop.wait(0.2):
                 raise SuiteError("interrupted while starting")
 
     def _failed(self, what: str, members: list[Service]) -> SuiteError:
         held = [s.address for s in members if s.name in self._impostors]
-        return SuiteError(what + (f"; {', '.join(held)} answered, but not from the process we started"
-                                  if held else ""))
+        return SuiteError(what + (f"; {', '.join(held)} answered, but not from the process we started" if held else ""))
 
     # -- serving -------------------------------------------------------------------
     def run(self, stop: threading.Event, roll: threading.Event | None = None) -> int:
@@ -161,27 +167,31 @@ class Supervisor:
             self._advance_rolling(now)
         return None
 
-    def _exited(self, service: Service, state: ServiceState, code: int, before_ready: bool,
-                now: float) -> str | None:
+    def _exited(self, service: Service, state: ServiceState, code: int, before_ready: bool, now: float) -> str | None:
         self._close_channel(service.name)
-        exited = (f"{service.name} exited with code {code} before it was ready" if before_ready
-                  else f"{service.name} exited unexpectedly with code {code}")
+        exited = (
+            f"{service.name} exited with code {code} before it was ready"
+            if before_ready
+            else f"{service.name} exited unexpectedly with code {code}"
+        )
         if self.policy is None:
             state.phase, state.last_exit = Phase.STOPPED, code
             return exited + (" (its log is above)" if before_ready else "")
         delay = state.exited(code, self.policy, now)
         self._on_change()
         if delay is not None:
-            self.suite.say(f"{exited}; starting it again in {delay:g}s "
-                           f"(restart {state.restarts + 1})")
+            self.suite.say(f"{exited}; starting it again in {delay:g}s (restart {state.restarts + 1})")
             return None
         given_up = {n for n, s in self.states.items() if s.phase is Phase.GIVEN_UP}
-        self.suite.say(f"giving up on {service.name}: {len(state.exits)} exits within {self.policy.window_s:g}s "
-                       f"(the last with code {code}; its log is above)")
+        self.suite.say(
+            f"giving up on {service.name}: {len(state.exits)} exits within {self.policy.window_s:g}s "
+            f"(the last with code {code}; its log is above)"
+        )
         why = usable({s.name: s.role for s in self.suite.services if s.address}, given_up)
         if why is None:
-            left = [s.name for s in self.suite.services
-                    if s.address and self.states[s.name].phase is not Phase.GIVEN_UP]
+            left = [
+                s.name for s in self.suite.services if s.address and self.states[s.name].phase is not Phase.GIVEN_UP
+            ]
             self.suite.say(f"serving on without it: {', '.join(left)}")
         return why
 
@@ -220,8 +230,10 @@ class Supervisor:
             return response.status == _SERVING
         if service.name not in self._impostors:
             self._impostors.add(service.name)
-            self.suite.say(f"{service.address} answers, but not from the {service.name} we started "
-                           "(another suite on this port?); waiting for ours")
+            self.suite.say(
+                f"{service.address} answers, but not from the {service.name} we started "
+                "(another suite on this port?); waiting for ours"
+            )
         return False
 
     def _router_sees(self, worker_id: str) -> bool:

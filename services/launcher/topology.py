@@ -1,4 +1,5 @@
 """Which processes a suite runs, with which command lines, ports and devices."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,6 +28,7 @@ class Service:
     `listens`: the ports it binds, for the launcher to try before it starts anything.
     `role`: router, prefill, decode (colocated workers too) or kvstore; what a suite can
     serve without (launcher.restarts.usable)."""
+
     name: str
     argv: tuple[str, ...]
     address: str | None
@@ -41,14 +43,30 @@ def _dial(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # a wildcard is not dialable
 
 
-def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, model: str | None = None,
-         host: str = "127.0.0.1", port: int = DEFAULT_PORT, base_port: int = DEFAULT_BASE_PORT,
-         kv_cache_gib: float | None = None, kvstore: bool = True, log_level: str | None = None,
-         http_port: int | None = None,
-         metrics_port: int = -1, threads: int | None = None, python: str = sys.executable,
-         hosts: Mapping[str, str] | None = None, device: str | None = None,
-         dtype: str | None = None, grace_s: float = 15.0, chunk: int | None = None, elastic: bool = False,
-         balance: tuple[str, ...] = ()) -> list[Service]:
+def plan(
+    mode: str = "disaggregated",
+    prefill: int = 1,
+    decode: int = 1,
+    *,
+    model: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    base_port: int = DEFAULT_BASE_PORT,
+    kv_cache_gib: float | None = None,
+    kvstore: bool = True,
+    log_level: str | None = None,
+    http_port: int | None = None,
+    metrics_port: int = -1,
+    threads: int | None = None,
+    python: str = sys.executable,
+    hosts: Mapping[str, str] | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    grace_s: float = 15.0,
+    chunk: int | None = None,
+    elastic: bool = False,
+    balance: tuple[str, ...] = (),
+) -> list[Service]:
     """The services of a suite, with their command lines; validates the shape.
 
     hosts: a service's own --host by name (e.g. "prefill-0": one address per
@@ -100,13 +118,26 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
     per_worker += ("--max-num-batched-tokens", str(chunk)) if chunk else ()
     first_device = (device or "cpu").split(",")[0]
     store_dtype = ("--dtype", precision.resolve(dtype or "auto", first_device).dtype)
-    services = [Service("model", (python, "-c", "import sys; from pdserve.common import model_loader; "
-                                  "print('model ready:', model_loader.resolve(sys.argv[1] or None).path)",
-                                  model or ""), None, 0)]
+    services = [
+        Service(
+            "model",
+            (
+                python,
+                "-c",
+                "import sys; from pdserve.common import model_loader; "
+                "print('model ready:', model_loader.resolve(sys.argv[1] or None).path)",
+                model or "",
+            ),
+            None,
+            0,
+        )
+    ]
     ports = iter(range(base_port, base_port + prefill + decode + 1))
     targets: dict[str, list[str]] = {"prefill": [], "decode": []}
+
     def at(name: str) -> str:
         return (hosts or {}).get(name, host)
+
     store = ("--kvstore", f"{_dial(at('kvstore'))}:{store_port}") if kvstore else ()
     devices = itertools.cycle(device.split(",") if device else [None])
     for role, count in (("prefill", prefill), ("decode", decode)):
@@ -115,25 +146,74 @@ def plan(mode: str = "disaggregated", prefill: int = 1, decode: int = 1, *, mode
             extra = ("--role", "colocated") if mode == "colocated" else ("--role", role) * elastic + store
             extra += ("--device", dev) if dev else ()
             command = "elastic" if elastic else role
-            services.append(Service(name, (*serve, command, "--host", at(name), "--port", str(p), "--worker-id", name,
-                                           *common, *per_worker, *extra), f"{_dial(at(name))}:{p}", 1,
-                                    listens=(Listen(at(name), p, "--base-port"),), role=role))
+            services.append(
+                Service(
+                    name,
+                    (
+                        *serve,
+                        command,
+                        "--host",
+                        at(name),
+                        "--port",
+                        str(p),
+                        "--worker-id",
+                        name,
+                        *common,
+                        *per_worker,
+                        *extra,
+                    ),
+                    f"{_dial(at(name))}:{p}",
+                    1,
+                    listens=(Listen(at(name), p, "--base-port"),),
+                    role=role,
+                )
+            )
             targets[role].append(f"{_dial(at(name))}:{p}")
     if kvstore:
-        services.append(Service("kvstore", (*serve, "kvstore", "--host", at("kvstore"), "--port", str(store_port),
-                                            *common, *store_dtype), f"{_dial(at('kvstore'))}:{store_port}", 1,
-                                    listens=(Listen(at("kvstore"), store_port, "--base-port"),), role="kvstore"))
+        services.append(
+            Service(
+                "kvstore",
+                (*serve, "kvstore", "--host", at("kvstore"), "--port", str(store_port), *common, *store_dtype),
+                f"{_dial(at('kvstore'))}:{store_port}",
+                1,
+                listens=(Listen(at("kvstore"), store_port, "--base-port"),),
+                role="kvstore",
+            )
+        )
     # List flags take one value per target (the config parser's nargs="*").
     pre = ("--prefill-targets", *targets["prefill"]) if prefill else ()
     pre += (*balance, "--balance-threads", str(threads)) if balance else ()  # the role balancer's flags
     router = at("router")
     router_grace = max(0.0, grace_s - LAST_WORDS_S)
     http = (Listen(router, http_port, "--http-port"),) if http_port > 0 else ()  # 0: any free port; -1: none
-    services.append(Service("router", (*serve, "router", "--host", router, "--port", str(port), "--mode", mode,
-                                       *pre, "--decode-targets", *targets["decode"], *common,
-                                       "--grace-s", f"{router_grace:g}", "--http-port", str(http_port)),
-                            f"{_dial(router)}:{port}", 2, http=f"{_dial(router)}:{http_port}" if http else None,
-                            listens=(Listen(router, port, "--port"), *http), role="router"))
+    services.append(
+        Service(
+            "router",
+            (
+                *serve,
+                "router",
+                "--host",
+                router,
+                "--port",
+                str(port),
+                "--mode",
+                mode,
+                *pre,
+                "--decode-targets",
+                *targets["decode"],
+                *common,
+                "--grace-s",
+                f"{router_grace:g}",
+                "--http-port",
+                str(http_port),
+            ),
+            f"{_dial(router)}:{port}",
+            2,
+            http=f"{_dial(router)}:{http_port}" if http else None,
+            listens=(Listen(router, port, "--port"), *http),
+            role="router",
+        )
+    )
     return _with_metrics(services, metrics_port, taken={port, http_port, *range(base_port, store_port + 1)})
 
 
@@ -143,8 +223,9 @@ def _http_port(given: int | None, port: int, base_port: int, last: int) -> int:
         moved = (port, base_port) != (DEFAULT_PORT, DEFAULT_BASE_PORT)
         return max(port, last) + 1 if moved else DEFAULT_HTTP_PORT
     if given > 0 and (given == port or base_port <= given <= last):
-        raise ValueError(f"--http-port {given} collides with the gRPC ports (--port {port}, "
-                         f"--base-port {base_port}..{last})")
+        raise ValueError(
+            f"--http-port {given} collides with the gRPC ports (--port {port}, --base-port {base_port}..{last})"
+        )
     return given
 
 
@@ -165,14 +246,21 @@ def _with_metrics(services: list[Service], first: int, taken: set[int | None]) -
     servers = sorted((s for s in services if s.address), key=lambda s: s.name != "router")
     ports = {s.name: first + i if first > 0 else first for i, s in enumerate(servers)}
     if first > 0 and not taken.isdisjoint(ports.values()):
-        raise ValueError(f"--metrics-port {first}: ports {first}..{first + len(servers) - 1} collide with "
-                         "the gRPC or HTTP ports")
+        raise ValueError(
+            f"--metrics-port {first}: ports {first}..{first + len(servers) - 1} collide with the gRPC or HTTP ports"
+        )
+
     def placed(s: Service) -> Service:  # beside --port
         at = s.argv.index("--port")
         argv = (*s.argv[:at], "--metrics-port", str(ports[s.name]), *s.argv[at:])
         host = s.argv[s.argv.index("--host") + 1]
         if first <= 0:
             return dataclasses.replace(s, argv=argv)
-        return dataclasses.replace(s, argv=argv, metrics=f"{_dial(host)}:{ports[s.name]}",
-                                   listens=(*s.listens, Listen(host, ports[s.name], "--metrics-port")))
+        return dataclasses.replace(
+            s,
+            argv=argv,
+            metrics=f"{_dial(host)}:{ports[s.name]}",
+            listens=(*s.listens, Listen(host, ports[s.name], "--metrics-port")),
+        )
+
     return [placed(s) if s.address else s for s in services]

@@ -1,4 +1,5 @@
 """`pdserve profile` (measure this machine) and `pdserve plan` (rank the topologies it allows)."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,12 @@ from pdserve.planner.profile import Profile, ProfileMismatchError, model_key
 def add_objective_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-ttft-ms", type=float, default=Objectives.ttft_ms, help="time-to-first-token objective")
     p.add_argument("--slo-tpot-ms", type=float, default=Objectives.tpot_ms, help="time-per-output-token objective")
-    p.add_argument("--attainment", type=float, default=Objectives.attainment,
-                   help="share of requests that must meet both objectives")
+    p.add_argument(
+        "--attainment",
+        type=float,
+        default=Objectives.attainment,
+        help="share of requests that must meet both objectives",
+    )
 
 
 def objectives(args: argparse.Namespace) -> Objectives:
@@ -36,8 +41,13 @@ def add_profile_command(sub) -> None:
     p.add_argument("--model", default=None, help="HF directory, .gguf file or hub id (default: bundled SmolLM2)")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    p.add_argument("--threads", type=int, nargs="+", default=None,
-                   help="torch thread counts to measure (default: 1, 2, 4, ... up to the usable cores)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=None,
+        help="torch thread counts to measure (default: 1, 2, 4, ... up to the usable cores)",
+    )
     p.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (seconds)")
     p.add_argument("--out", default=None, help="write the profile here (default: the cache `pdserve plan` reads)")
     p.set_defaults(func=run_profile)
@@ -55,20 +65,31 @@ def run_profile(args: argparse.Namespace) -> int:
     print("threads  base ms  per decode seq  per context tok  per prompt tok  per attn pair  fit error (median, max)")
     for t, m in sorted(profile.steps.items()):
         errors = [abs(m.ms(shape) - ms) / ms for shape, ms in samples[t]]
-        print(f"{t:>7}  {m.base_ms:7.2f}  {m.per_seq_ms:14.4f}  {m.per_context_ms:15.5f}  {m.per_prompt_token_ms:14.4f}"
-              f"  {m.per_pair_ms:13.6f}  {statistics.median(errors):.1%}, {max(errors):.1%}")
-    print(f"KV transfer {profile.transfer_base_ms:g} ms + {profile.transfer_ms_per_block:.4f} ms/block; "
-          f"router hop {profile.router_hop_ms:g} ms ({'; '.join(f'{k}: {v}' for k, v in profile.notes.items())})")
+        print(
+            f"{t:>7}  {m.base_ms:7.2f}  {m.per_seq_ms:14.4f}  {m.per_context_ms:15.5f}  {m.per_prompt_token_ms:14.4f}"
+            f"  {m.per_pair_ms:13.6f}  {statistics.median(errors):.1%}, {max(errors):.1%}"
+        )
+    print(
+        f"KV transfer {profile.transfer_base_ms:g} ms + {profile.transfer_ms_per_block:.4f} ms/block; "
+        f"router hop {profile.router_hop_ms:g} ms ({'; '.join(f'{k}: {v}' for k, v in profile.notes.items())})"
+    )
     return 0
 
 
 def add_plan_command(sub) -> None:
-    p = sub.add_parser("plan", help="simulate every topology this machine allows; rank them by capacity",
-                       description="Capacity: the highest Poisson rate at which --attainment of the requests meet "
-                                   "both objectives, simulated from a measured profile (`pdserve profile`).")
+    p = sub.add_parser(
+        "plan",
+        help="simulate every topology this machine allows; rank them by capacity",
+        description="Capacity: the highest Poisson rate at which --attainment of the requests meet "
+        "both objectives, simulated from a measured profile (`pdserve profile`).",
+    )
     p.add_argument("--profile", default=None, help="a profile JSON (default: the cached one for --model)")
-    p.add_argument("--model", default=None, help="whose cached profile (default: bundled SmolLM2); with --profile, "
-                                                 "the model it must have been measured for")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="whose cached profile (default: bundled SmolLM2); with --profile, "
+        "the model it must have been measured for",
+    )
     p.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)), help="cores to share among workers")
     p.add_argument("--devices", type=int, default=0, help="accelerators, one per worker (0: CPU workers)")
     p.add_argument("--chunks", type=int, nargs="+", default=list(CHUNKS), help="prefill chunk sizes to try")
@@ -89,8 +110,10 @@ def load_profile(args: argparse.Namespace) -> Profile:
 
             theirs = model_key(model_loader.resolve(args.model))
             if profile.model != theirs:
-                raise ProfileMismatchError(f"{args.profile} was measured for model {profile.model!r}, "
-                                           f"not {theirs!r}; measure one with `pdserve profile`")
+                raise ProfileMismatchError(
+                    f"{args.profile} was measured for model {profile.model!r}, "
+                    f"not {theirs!r}; measure one with `pdserve profile`"
+                )
         return profile
     from pdserve.planner import measure  # torch: only when a profile has to be found or measured
 
@@ -101,8 +124,16 @@ def table(scores: list[Score], top: int) -> str:
     rows = [("topology", "capacity req/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "remote prefill")]
     for s in scores[:top]:
         a = s.at_capacity
-        rows.append((str(s.topology), f"{s.capacity_rps:.2f}", f"{a['ttft_ms_p50']:.0f}", f"{a['ttft_ms_p99']:.0f}",
-                     f"{a['tpot_ms_p50'] or 0:.0f}", f"{a['remote_share']:.0%}"))
+        rows.append(
+            (
+                str(s.topology),
+                f"{s.capacity_rps:.2f}",
+                f"{a['ttft_ms_p50']:.0f}",
+                f"{a['ttft_ms_p99']:.0f}",
+                f"{a['tpot_ms_p50'] or 0:.0f}",
+                f"{a['remote_share']:.0%}",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
@@ -112,8 +143,14 @@ def run_plan(args: argparse.Namespace) -> int:
         goal = objectives(args)
         profile = load_profile(args)
         workload.from_args(args, n=1)  # a bad trace fails here, naming its line
-        scores = plan(profile, lambda rate: workload.from_args(args, rate=rate, n=sim_requests(rate)), goal,
-                      cores=args.cores, devices=args.devices, chunks=tuple(args.chunks))
+        scores = plan(
+            profile,
+            lambda rate: workload.from_args(args, rate=rate, n=sim_requests(rate)),
+            goal,
+            cores=args.cores,
+            devices=args.devices,
+            chunks=tuple(args.chunks),
+        )
     except (ValueError, TraceError, ProfileMismatchError, NoTopologyError, OSError) as e:
         print(f"pdserve plan: {e}", file=sys.stderr)
         return 2
@@ -122,8 +159,11 @@ def run_plan(args: argparse.Namespace) -> int:
     print(f"recommended: {reason(scores)}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([{"topology": str(s.topology), "capacity_rps": s.capacity_rps, **s.at_capacity}
-                       for s in scores], f, indent=1)
+            json.dump(
+                [{"topology": str(s.topology), "capacity_rps": s.capacity_rps, **s.at_capacity} for s in scores],
+                f,
+                indent=1,
+            )
     if args.plot:
         draw(scores, args.plot)
     return 0

@@ -2,6 +2,7 @@
 batch), fit the step model, cache the profile. KV moves and the router hop are not run
 here (docs/planning.md, "Profiles").
 """
+
 from __future__ import annotations
 
 import datetime
@@ -24,8 +25,8 @@ from pdserve.common.engine.scheduler import ScheduledBatch
 from pdserve.planner.profile import Profile, StepShape, fit, model_key
 
 SEAM_SHARE_OF_MEMCPY = 0.26  # benchmarks/results/kv_transfer.txt: the seam's 3.3 of memcpy's 12.6 GB/s
-TRANSFER_BASE_MS = 2.0       # Reserve + ticket + completion: two control-plane calls
-ROUTER_HOP_MS = 1.0          # docs/benchmarks.md, `bench control-plane`: 0.84-1.0 ms added at p50
+TRANSFER_BASE_MS = 2.0  # Reserve + ticket + completion: two control-plane calls
+ROUTER_HOP_MS = 1.0  # docs/benchmarks.md, `bench control-plane`: 0.84-1.0 ms added at p50
 
 Sample = tuple[StepShape, float]  # a step's shape and its milliseconds
 
@@ -45,8 +46,9 @@ def cache_path(model: str, dtype: str, hardware: str) -> Path:
 
 def batch_shape(batch: ScheduledBatch) -> StepShape:
     """What a scheduled batch computes; read before it runs (a decode attends its whole sequence)."""
-    shape = StepShape(decode_seqs=len(batch.decodes),
-                      decode_context=sum(s.num_computed_tokens + 1 for s in batch.decodes))
+    shape = StepShape(
+        decode_seqs=len(batch.decodes), decode_context=sum(s.num_computed_tokens + 1 for s in batch.decodes)
+    )
     for seq, n in batch.prefills:
         shape = shape + StepShape.chunk(n, seq.num_computed_tokens)
     return shape
@@ -65,6 +67,7 @@ class _Stepper:
             batch = schedule()
             self.shape = batch_shape(batch)
             return batch
+
         engine.scheduler.schedule = recorded  # an instance attribute: `close` restores the class's
 
     def close(self) -> None:
@@ -141,15 +144,27 @@ def memcpy_gbps(nbytes: int, device: str) -> float:
     return src.numel() * 4 / median_time(lambda: (dst.copy_(src), sync()), reps=5) / 1e9
 
 
-def measure(model: str | None = None, device: str = "cpu", dtype: str = "auto", threads: tuple[int, ...] = (),
-            quick: bool = False, chunk: int = 512) -> tuple[Profile, dict[int, list[Sample]]]:
+def measure(
+    model: str | None = None,
+    device: str = "cpu",
+    dtype: str = "auto",
+    threads: tuple[int, ...] = (),
+    quick: bool = False,
+    chunk: int = 512,
+) -> tuple[Profile, dict[int, list[Sample]]]:
     """A profile of `model` on `device`, one step model per thread count (default: 1 .. the usable cores,
     powers of two); also every sample, by thread count, for the fit's error."""
     ref = model_loader.resolve(model)
     resolved = precision.resolve(dtype, device).dtype
     loaded, tok = model_loader.load(ref, device=device, dtype=resolved)
-    engine = LLMEngine(EngineConfig(num_kv_blocks=1200, dtype=resolved, device=device, max_num_batched_tokens=chunk,
-                                    enable_prefix_caching=False), loaded, tok, ref)
+    engine = LLMEngine(
+        EngineConfig(
+            num_kv_blocks=1200, dtype=resolved, device=device, max_num_batched_tokens=chunk, enable_prefix_caching=False
+        ),
+        loaded,
+        tok,
+        ref,
+    )
     cores = len(os.sched_getaffinity(0))
     counts = threads or (tuple(t for t in (1, 2, 4, 8, 16, 32, 64) if t <= cores) if device == "cpu" else (1,))
     before, models, samples = torch.get_num_threads(), {}, {}
@@ -165,12 +180,22 @@ def measure(model: str | None = None, device: str = "cpu", dtype: str = "auto", 
     block = engine.spec.block_bytes
     gbps = memcpy_gbps(64 * block, device)
     per_block_ms = block / (gbps * SEAM_SHARE_OF_MEMCPY * 1e9) * 1e3
-    profile = Profile(model_key(ref), resolved, hardware_key(device), engine.spec.block_size, models,
-                      transfer_ms_per_block=per_block_ms, transfer_base_ms=TRANSFER_BASE_MS,
-                      router_hop_ms=ROUTER_HOP_MS, measured_at=datetime.date.today().isoformat(),
-                      notes={"transfer": f"{block} B blocks at {SEAM_SHARE_OF_MEMCPY:.0%} of memcpy "
-                                         f"({gbps:.1f} GB/s measured)",
-                             "router_hop": "docs/benchmarks.md control-plane figure", "quick": quick})
+    profile = Profile(
+        model_key(ref),
+        resolved,
+        hardware_key(device),
+        engine.spec.block_size,
+        models,
+        transfer_ms_per_block=per_block_ms,
+        transfer_base_ms=TRANSFER_BASE_MS,
+        router_hop_ms=ROUTER_HOP_MS,
+        measured_at=datetime.date.today().isoformat(),
+        notes={
+            "transfer": f"{block} B blocks at {SEAM_SHARE_OF_MEMCPY:.0%} of memcpy ({gbps:.1f} GB/s measured)",
+            "router_hop": "docs/benchmarks.md control-plane figure",
+            "quick": quick,
+        },
+    )
     return profile, samples
 
 
@@ -183,8 +208,9 @@ def fit_error(profile: Profile, samples: dict[int, list[Sample]]) -> dict[int, t
     return out
 
 
-def load_or_measure(model: str | None = None, device: str = "cpu", dtype: str = "auto", quick: bool = True,
-                    say=print) -> Profile:
+def load_or_measure(
+    model: str | None = None, device: str = "cpu", dtype: str = "auto", quick: bool = True, say=print
+) -> Profile:
     """The cached profile of `model` on this hardware, else one measured now (and cached). A cached file
     that cannot be read, or is of another model, dtype or device, is measured again and replaced."""
     ref = model_loader.resolve(model)

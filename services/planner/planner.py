@@ -3,6 +3,7 @@
 Capacity is DistServe's goodput: the highest Poisson rate at which at least
 `Objectives.attainment` of requests meet both TTFT and TPOT objectives.
 """
+
 from __future__ import annotations
 
 import math
@@ -66,23 +67,35 @@ def candidates(cores: int, devices: int = 0, chunks: tuple[int, ...] = CHUNKS) -
 
 def summary(outcomes: list[Outcome], objectives: Objectives, warmup_share: float = 0.0) -> dict:
     """Figures over the outcomes, less the first `warmup_share` of arrivals (into an empty suite)."""
-    outcomes = sorted(outcomes, key=lambda o: o.arrival_s)[int(warmup_share * len(outcomes)):]
+    outcomes = sorted(outcomes, key=lambda o: o.arrival_s)[int(warmup_share * len(outcomes)) :]
     ttft = sorted(o.ttft_ms for o in outcomes)
     tpot = sorted(o.tpot_ms for o in outcomes if o.tpot_ms is not None)
     span = max(o.last_s for o in outcomes) - min(o.arrival_s for o in outcomes)
     met = sum(objectives.met(o) for o in outcomes)
     pick = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None  # noqa: E731
-    return {"attainment": met / len(outcomes), "goodput_rps": met / span if span > 0 else 0.0,
-            "ttft_ms_p50": statistics.median(ttft), "ttft_ms_p99": pick(ttft, 0.99),
-            "tpot_ms_p50": statistics.median(tpot) if tpot else None,
-            "remote_share": sum(o.path == "remote" for o in outcomes) / len(outcomes)}
+    return {
+        "attainment": met / len(outcomes),
+        "goodput_rps": met / span if span > 0 else 0.0,
+        "ttft_ms_p50": statistics.median(ttft),
+        "ttft_ms_p99": pick(ttft, 0.99),
+        "tpot_ms_p50": statistics.median(tpot) if tpot else None,
+        "remote_share": sum(o.path == "remote" for o in outcomes) / len(outcomes),
+    }
 
 
-def capacity(topology: Topology, profile: Profile, workload: Callable[[float], list[Request]],
-             objectives: Objectives, low: float = 0.02, high: float = 64.0) -> Score:
+def capacity(
+    topology: Topology,
+    profile: Profile,
+    workload: Callable[[float], list[Request]],
+    objectives: Objectives,
+    low: float = 0.02,
+    high: float = 64.0,
+) -> Score:
     """Bisect, on a log scale, for the highest rate whose attainment reaches the objective."""
+
     def run(rate: float) -> dict:
         return summary(simulate(topology, profile, workload(rate)), objectives, WARMUP_SHARE)
+
     if run(low)["attainment"] < objectives.attainment:
         return Score(topology, 0.0, run(low))
     good, bad = low, high
@@ -97,16 +110,25 @@ def capacity(topology: Topology, profile: Profile, workload: Callable[[float], l
     return Score(topology, good, run(good))
 
 
-def plan(profile: Profile, workload: Callable[[float], list[Request]], objectives: Objectives, *,
-         cores: int, devices: int = 0, chunks: tuple[int, ...] = CHUNKS) -> list[Score]:
+def plan(
+    profile: Profile,
+    workload: Callable[[float], list[Request]],
+    objectives: Objectives,
+    *,
+    cores: int,
+    devices: int = 0,
+    chunks: tuple[int, ...] = CHUNKS,
+) -> list[Score]:
     """Every candidate's capacity, best first (ties: fewer workers, then the smaller chunk)."""
     scores = [capacity(t, profile, workload, objectives) for t in candidates(cores, devices, chunks)]
     scores.sort(key=lambda s: (-round(s.capacity_rps, 3), s.topology.prefill + s.topology.decode, s.topology.chunk))
     if scores[0].capacity_rps == 0.0:
         closest = min(scores, key=lambda s: s.at_capacity["ttft_ms_p99"])
-        raise NoTopologyError(f"no topology meets {objectives}, even at 0.02 req/s; the closest: {closest.topology} "
-                              f"(TTFT p99 {closest.at_capacity['ttft_ms_p99']:.0f} ms, TPOT p50 "
-                              f"{closest.at_capacity['tpot_ms_p50'] or 0:.0f} ms)")
+        raise NoTopologyError(
+            f"no topology meets {objectives}, even at 0.02 req/s; the closest: {closest.topology} "
+            f"(TTFT p99 {closest.at_capacity['ttft_ms_p99']:.0f} ms, TPOT p50 "
+            f"{closest.at_capacity['tpot_ms_p50'] or 0:.0f} ms)"
+        )
     return scores
 
 
@@ -120,9 +142,13 @@ def reason(scores: list[Score]) -> str:
     if other.capacity_rps == 0:
         versus = f"while no {other.topology.mode} topology meets the objectives at any rate tried"
     else:
-        versus = (f"{best.capacity_rps / other.capacity_rps:.2f}x the best {other.topology.mode} "
-                  f"({other.topology}: {other.capacity_rps:.2f})")
-    why = ("splitting the cores between the phases slows each more than the interference it removes costs"
-           if best.topology.mode == "colocated" else
-           "long prefills stall colocated decoding more than a separate prefill worker costs")
+        versus = (
+            f"{best.capacity_rps / other.capacity_rps:.2f}x the best {other.topology.mode} "
+            f"({other.topology}: {other.capacity_rps:.2f})"
+        )
+    why = (
+        "splitting the cores between the phases slows each more than the interference it removes costs"
+        if best.topology.mode == "colocated"
+        else "long prefills stall colocated decoding more than a separate prefill worker costs"
+    )
     return f"{text}, {versus}: {why}"

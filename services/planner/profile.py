@@ -2,6 +2,7 @@
 batch (`StepShape`, `fit`), plus a KV move and the router hop; keyed by model, dtype and
 hardware, and refused for another (`Profile.require`). Why: docs/planning.md ("Profiles").
 """
+
 from __future__ import annotations
 
 import json
@@ -18,10 +19,11 @@ class ProfileMismatchError(ValueError):
 @dataclass(frozen=True)
 class StepShape:
     """What one engine step computes."""
-    decode_seqs: int = 0       # sequences that each get one token
-    decode_context: int = 0    # the sum of their context lengths
-    prefill_tokens: int = 0    # prompt tokens in this step's chunks
-    prefill_pairs: int = 0     # sum over chunks of chunk * (tokens before it + chunk / 2)
+
+    decode_seqs: int = 0  # sequences that each get one token
+    decode_context: int = 0  # the sum of their context lengths
+    prefill_tokens: int = 0  # prompt tokens in this step's chunks
+    prefill_pairs: int = 0  # sum over chunks of chunk * (tokens before it + chunk / 2)
 
     def features(self) -> list[float]:
         return [1.0, self.decode_seqs, self.decode_context, self.prefill_tokens, self.prefill_pairs]
@@ -31,13 +33,18 @@ class StepShape:
         return StepShape(prefill_tokens=tokens, prefill_pairs=int(tokens * (before + tokens / 2)))
 
     def __add__(self, other: StepShape) -> StepShape:
-        return StepShape(self.decode_seqs + other.decode_seqs, self.decode_context + other.decode_context,
-                         self.prefill_tokens + other.prefill_tokens, self.prefill_pairs + other.prefill_pairs)
+        return StepShape(
+            self.decode_seqs + other.decode_seqs,
+            self.decode_context + other.decode_context,
+            self.prefill_tokens + other.prefill_tokens,
+            self.prefill_pairs + other.prefill_pairs,
+        )
 
 
 @dataclass(frozen=True)
 class StepModel:
     """Milliseconds of one step: the base, plus each feature of `StepShape` times its cost."""
+
     base_ms: float
     per_seq_ms: float
     per_context_ms: float
@@ -72,14 +79,14 @@ def model_key(ref) -> str:
 
 @dataclass(frozen=True)
 class Profile:
-    model: str      # model_key(): the model's name and weights digest
+    model: str  # model_key(): the model's name and weights digest
     dtype: str
-    hardware: str   # e.g. "cpu: AMD EPYC (avx512_bf16)" or "cuda: NVIDIA H200"
+    hardware: str  # e.g. "cpu: AMD EPYC (avx512_bf16)" or "cuda: NVIDIA H200"
     block_size: int
     steps: dict[int, StepModel]  # by torch threads per worker (CPU) or 1 (a device)
     transfer_ms_per_block: float  # moving one KV block between workers
-    transfer_base_ms: float       # per transfer, whatever its size
-    router_hop_ms: float          # what the router adds to a request
+    transfer_base_ms: float  # per transfer, whatever its size
+    router_hop_ms: float  # what the router adds to a request
     measured_at: str = ""
     notes: dict = field(default_factory=dict)
 
@@ -91,11 +98,15 @@ class Profile:
 
     def require(self, model: str, dtype: str, hardware: str) -> None:
         """Refuse a profile of another model, dtype or device, naming both."""
-        for what, mine, theirs in (("model", self.model, model), ("dtype", self.dtype, dtype),
-                                   ("hardware", self.hardware, hardware)):
+        for what, mine, theirs in (
+            ("model", self.model, model),
+            ("dtype", self.dtype, dtype),
+            ("hardware", self.hardware, hardware),
+        ):
             if mine != theirs:
-                raise ProfileMismatchError(f"the profile was measured for {what} {mine!r}, not {theirs!r}; "
-                                           "measure one with `pdserve profile`")
+                raise ProfileMismatchError(
+                    f"the profile was measured for {what} {mine!r}, not {theirs!r}; measure one with `pdserve profile`"
+                )
 
     def to_json(self) -> str:
         d = asdict(self)

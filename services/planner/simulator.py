@@ -2,6 +2,7 @@
 formulas) and each worker's scheduler steps, timed by a profile. What it models and
 what not: docs/planning.md ("The simulator").
 """
+
 from __future__ import annotations
 
 import heapq
@@ -18,6 +19,7 @@ from pdserve.router.policy import prefer_local
 @dataclass(frozen=True)
 class Topology:
     """What runs: colocated workers, or prefill and decode workers, with threads each and a chunk size."""
+
     mode: str  # "colocated" | "disaggregated"
     prefill: int
     decode: int
@@ -33,7 +35,7 @@ class Topology:
 @dataclass
 class _Seq:
     req: Request
-    computed: int = 0   # prompt tokens computed
+    computed: int = 0  # prompt tokens computed
     generated: int = 0  # tokens sampled
     token_times: list[float] = field(default_factory=list)
     decode: _Worker | None = None  # where it decodes
@@ -92,6 +94,7 @@ class _Worker:
 @dataclass(frozen=True)
 class Outcome:
     """One simulated request: its arrival, first token and last token (seconds), and tokens."""
+
     arrival_s: float
     first_s: float
     last_s: float
@@ -140,11 +143,18 @@ def simulate(topology: Topology, profile: Profile, requests: list[Request]) -> l
         local = True
         if prefillers:
             prefill = min(prefillers, key=lambda w: w.queued_tokens())
-            remote_ms = (prefill.last_step_ms + 1e3 * (prefill.queued_tokens() + seq.prompt) / prefill.prefill_tps()
-                         + profile.router_hop_ms)
+            remote_ms = (
+                prefill.last_step_ms
+                + 1e3 * (prefill.queued_tokens() + seq.prompt) / prefill.prefill_tps()
+                + profile.router_hop_ms
+            )
             prefill_ms = 1e3 * seq.prompt / decode.prefill_tps()
-            local_ms = (decode.last_step_ms + 1e3 * decode.queued_tokens() / decode.prefill_tps() + prefill_ms
-                        + len(decode.running) * prefill_ms)
+            local_ms = (
+                decode.last_step_ms
+                + 1e3 * decode.queued_tokens() / decode.prefill_tps()
+                + prefill_ms
+                + len(decode.running) * prefill_ms
+            )
             local = prefer_local(local_ms, remote_ms)
         paths[r.index] = "colocated" if not prefillers else ("local" if local else "remote")
         target = decode if local else prefill
@@ -167,7 +177,9 @@ def simulate(topology: Topology, profile: Profile, requests: list[Request]) -> l
                 if not s.prefilling:  # caught up: sampled its first token
                     s.generated += 1
                     s.token_times.append(now)
-            leaving = [s for s in w.running if s.generated >= s.req.max_tokens or (w.role == "prefill" and not s.prefilling)]
+            leaving = [
+                s for s in w.running if s.generated >= s.req.max_tokens or (w.role == "prefill" and not s.prefilling)
+            ]
             for s in leaving:
                 w.running.remove(s)
                 if s.generated >= s.req.max_tokens:
@@ -181,5 +193,14 @@ def simulate(topology: Topology, profile: Profile, requests: list[Request]) -> l
             s = data[0]
             s.decode.running.append(s)
             kick(s.decode, now)
-    return [Outcome(r.arrival_s, done[r.index].token_times[0], done[r.index].token_times[-1],
-                    done[r.index].generated, len(r.prompt), paths[r.index]) for r in requests]
+    return [
+        Outcome(
+            r.arrival_s,
+            done[r.index].token_times[0],
+            done[r.index].token_times[-1],
+            done[r.index].generated,
+            len(r.prompt),
+            paths[r.index],
+        )
+        for r in requests
+    ]

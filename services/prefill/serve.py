@@ -1,4 +1,5 @@
 """`pdserve serve prefill`: a prefill worker process."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,10 +23,17 @@ class PrefillProcess:
         self.receiver = self.store = None
         if config.kvstore:  # reads cached prefixes in, offers what it computed
             self.receiver = make_receiver(config)
-            self.store = StoreClient(config.kvstore, self.receiver, self.sender, rt.engine.spec.fingerprint,
-                                     security=config)
-        self.worker = PrefillWorker(rt.engine, self.sender, max_queue=config.max_queue, store=self.store,
-                                    worker_id=rt.worker_id, transfer_timeout_s=config.transfer_timeout_s)
+            self.store = StoreClient(
+                config.kvstore, self.receiver, self.sender, rt.engine.spec.fingerprint, security=config
+            )
+        self.worker = PrefillWorker(
+            rt.engine,
+            self.sender,
+            max_queue=config.max_queue,
+            store=self.store,
+            worker_id=rt.worker_id,
+            transfer_timeout_s=config.transfer_timeout_s,
+        )
         prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(self.worker, rt.load_response), rt.server)
 
     async def start(self) -> None:

@@ -1,4 +1,5 @@
 """Prefill gRPC servicer: protobuf in, PrefillWorker calls, protobuf out."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -33,8 +34,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         params = convert.sampling_from_pb(request.sampling)
         r = await self.worker.prefill(request.request_id, prompt, params, self._target(request))
         return ppb.PrefillResponse(
-            request_id=request.request_id, first_token_id=r.first_token,
-            num_computed_tokens=r.num_computed_tokens, num_cached_tokens=r.num_cached_tokens,
+            request_id=request.request_id,
+            first_token_id=r.first_token,
+            num_computed_tokens=r.num_computed_tokens,
+            num_cached_tokens=r.num_cached_tokens,
             finish_reason=convert.finish_to_pb(r.finish_reason),
             timing=pb.TimingBreakdown(queued_ms=r.queued_ms, prefill_ms=r.prefill_ms),
             kv_bytes_sent=r.kv_bytes_sent,

@@ -2,6 +2,7 @@
 to the decode worker's ticket while the next chunk computes; the first token returns once
 sampled, and the blocks are freed when every send has finished.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -67,8 +68,12 @@ class _Push:
             return
         blocks = [engine.pool.block(b) for b in table[self.next_block : ready]]
         start = self.next_block - self.target.first_block_index
-        self.tasks.append(tracing.create_task(self.worker.sender.send(
-            self.target.ticket, start, blocks, timeout=self.worker.transfer_timeout_s), context))
+        self.tasks.append(
+            tracing.create_task(
+                self.worker.sender.send(self.target.ticket, start, blocks, timeout=self.worker.transfer_timeout_s),
+                context,
+            )
+        )
         self.bytes_sent += len(blocks) * self.target.ticket.block_bytes
         self.next_block = ready
 
@@ -114,17 +119,32 @@ class _Chunks:
         ids = {"request_id": self.request_id, "worker_id": self.worker_id}
         if self.count == 0:
             _spans.start("prefill.queue", context=self.parent, start_time=self.queued_ns, **ids).end(start)
-        chunk = _spans.start("prefill.chunk", context=self.parent, start_time=start, chunk=self.count,
-                             tokens=computed - self.computed, computed_tokens=computed, **ids)
+        chunk = _spans.start(
+            "prefill.chunk",
+            context=self.parent,
+            start_time=start,
+            chunk=self.count,
+            tokens=computed - self.computed,
+            computed_tokens=computed,
+            **ids,
+        )
         chunk.end(end)
         self.context = tracing.context_with(chunk, self.parent)
         self.computed, self.count = computed, self.count + 1
 
 
 class PrefillWorker:
-    def __init__(self, engine: AsyncEngine, sender: KVSender, *, max_queue: int = 256,
-                 store: StoreClient | None = None, worker_id: str = "", transfer_timeout_s: float = 30.0,
-                 gate: Callable[[], None] = lambda: None):
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        sender: KVSender,
+        *,
+        max_queue: int = 256,
+        store: StoreClient | None = None,
+        worker_id: str = "",
+        transfer_timeout_s: float = 30.0,
+        gate: Callable[[], None] = lambda: None,
+    ):
         self.engine = engine
         self.active = 0  # prefill calls in progress
         self.transfer_timeout_s = transfer_timeout_s  # blocks stay held this long for a receiver that never takes them
@@ -142,26 +162,30 @@ class PrefillWorker:
         if self.store is None:
             await self.engine.add(prompt, params, request_id, hold_blocks=True, admission=self.admission.check)
             return 0
-        return await admit_from_store(self.engine, self.store, request_id, prompt, params, self.admission.reserve,
-                                      hold_blocks=True)
+        return await admit_from_store(
+            self.engine, self.store, request_id, prompt, params, self.admission.reserve, hold_blocks=True
+        )
 
     def idle(self) -> bool:
         """No prefill in progress and no KV push still going."""
         return not self.active and not self._finishing
 
-    async def prefill(self, request_id: str, prompt: list[int], params: SamplingParams,
-                      target: PushTarget | None) -> PrefillResult:
+    async def prefill(
+        self, request_id: str, prompt: list[int], params: SamplingParams, target: PushTarget | None
+    ) -> PrefillResult:
         self.active += 1
         try:
             return await self._prefill(request_id, prompt, params, target)
         finally:
             self.active -= 1
 
-    async def _prefill(self, request_id: str, prompt: list[int], params: SamplingParams,
-                       target: PushTarget | None) -> PrefillResult:
+    async def _prefill(
+        self, request_id: str, prompt: list[int], params: SamplingParams, target: PushTarget | None
+    ) -> PrefillResult:
         arrived = time.perf_counter()
-        with _spans.span("prefill.admit", request_id=request_id, worker_id=self.worker_id,
-                         prompt_tokens=len(prompt)) as span:
+        with _spans.span(
+            "prefill.admit", request_id=request_id, worker_id=self.worker_id, prompt_tokens=len(prompt)
+        ) as span:
             from_store = await self._admit(request_id, prompt, dataclasses.replace(params, max_tokens=1))
             tracing.annotate(span, store_tokens=from_store)
         push = _Push(self, request_id, target) if target else None
@@ -171,6 +195,7 @@ class PrefillWorker:
             chunks.on_step()
             if push:
                 push.send_ready(final=False, context=chunks.context)
+
         self.engine.watch(request_id, on_step)
         out = None
         try:
@@ -196,7 +221,8 @@ class PrefillWorker:
         cached = out.num_cached_tokens + from_store
         tracing.annotate(cached_tokens=cached, chunks=chunks.count, kv_bytes_sent=push.bytes_sent if push else 0)
         return PrefillResult(
-            first_token=token, finish_reason=reason,
+            first_token=token,
+            finish_reason=reason,
             num_computed_tokens=out.num_prompt_tokens - cached,
             num_cached_tokens=cached,
             queued_ms=out.queued_s * 1e3,

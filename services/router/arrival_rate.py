@@ -3,6 +3,7 @@
 The routing policy prices a local prefill by the streams it would stall; streams
 that arrive while it runs stall too, so it needs the rate at which they come.
 """
+
 from __future__ import annotations
 
 import math

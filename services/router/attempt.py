@@ -2,6 +2,7 @@
 whose methods follow its life cycle. Greedy retries repeat an unfaulted run in float32
 (docs/reliability.md).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,6 +29,7 @@ class Plan:
 
 class Phase(enum.Enum):
     """The call an attempt is in (the `phase` of its failures, in logs and metrics)."""
+
     GENERATE = "generate"  # one call on the decode worker: prefill there, then decode
     RESERVE = "reserve"
     PREFILL = "prefill"
@@ -67,8 +69,12 @@ class Progress:
     def remaining_params(self) -> SamplingParams:
         # Stop strings stay with the router's detokenizer, which sees the whole text;
         # seeded draws go on from the position the client has reached.
-        return dataclasses.replace(self.params, max_tokens=self.params.max_tokens - len(self.generated), stop=(),
-                                   seed_offset=self.params.seed_offset + len(self.generated))
+        return dataclasses.replace(
+            self.params,
+            max_tokens=self.params.max_tokens - len(self.generated),
+            stop=(),
+            seed_offset=self.params.seed_offset + len(self.generated),
+        )
 
     @property
     def excluded(self) -> set[str]:
@@ -145,8 +151,12 @@ class Attempt:
     def blame(self, e: grpc.aio.AioRpcError) -> WorkerHandle:
         """Whose failure `e` is: a Decode call that never answered for want of its KV
         (checks failed, or it never came) is the prefill worker's: recompute without it."""
-        if (self.phase is Phase.DECODE and self.plan.prefill is not None and not self.streaming
-                and e.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED)):
+        if (
+            self.phase is Phase.DECODE
+            and self.plan.prefill is not None
+            and not self.streaming
+            and e.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED)
+        ):
             return self.plan.prefill.worker
         return self.culprit
 

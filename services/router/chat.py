@@ -3,6 +3,7 @@
 Chat templates render any role string as given, so an unknown role would reach the model as
 text it was never trained on; it is refused instead, naming the message.
 """
+
 from __future__ import annotations
 
 from pdserve.common.errors import InvalidRequestError

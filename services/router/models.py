@@ -4,6 +4,7 @@ The names are what the workers report (WorkerInfo.model); one router serves
 one model, so a request may name it or leave `model` empty. Both front ends
 (gRPC Generate, OpenAI HTTP) check here, before any work is queued.
 """
+
 from __future__ import annotations
 
 from pdserve.common import genai

@@ -5,6 +5,7 @@ exceptions (`error_response`), aiohttp's HTTP errors inside the app (the middlew
 requests aiohttp refuses before any handler runs, such as a header over its size limit
 (`JsonErrorRunner`). Bodies are read here too, so that no body is a 500 (docs/openai.md).
 """
+
 from __future__ import annotations
 
 import json
@@ -94,8 +95,9 @@ class _JsonErrorHandler(web.RequestHandler):
 
     __slots__ = ()
 
-    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
-                     message: str | None = None) -> web.StreamResponse:
+    def handle_error(
+        self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
         if status >= 500:  # aiohttp logs it and leaks nothing; our shape on top
             super().handle_error(request, status, exc, message)
             body = error_body("internal error", "server_error")

@@ -2,6 +2,7 @@
 generation goes through `Router.generate`, as gRPC Generate does. Endpoints, errors,
 disconnects and shutdown: docs/openai.md.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,6 +41,7 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"
 def api_key_auth(keys: ApiKeys):
     """401 for /v1/* without a valid `Authorization: Bearer <key>`; /health stays
     open for probes. Before the body is read: a refused client costs nothing."""
+
     @web.middleware
     async def check(request: web.Request, handler) -> web.StreamResponse:
         if request.path != "/health":
@@ -48,6 +50,7 @@ def api_key_auth(keys: ApiKeys):
             except UnauthenticatedError as e:
                 return error_response(e)
         return await handler(request)
+
     return check
 
 
@@ -55,10 +58,19 @@ class OpenAIServer:
     """The HTTP server; port -1 disables it, 0 takes any free port (see `port` after start).
     `shutdown` is shared with the gRPC front end: one drain refuses and cuts both."""
 
-    def __init__(self, router: Router, host: str, port: int, *, default_max_tokens: int,
-                 ready: Callable[[], bool], shutdown: Shutdown | None = None,
-                 api_keys: ApiKeys | None = None, ssl_context: ssl.SSLContext | None = None,
-                 request_metrics: RequestMetrics | None = None):
+    def __init__(
+        self,
+        router: Router,
+        host: str,
+        port: int,
+        *,
+        default_max_tokens: int,
+        ready: Callable[[], bool],
+        shutdown: Shutdown | None = None,
+        api_keys: ApiKeys | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        request_metrics: RequestMetrics | None = None,
+    ):
         self.router = router
         self.host = host
         self.requested_port = port
@@ -72,13 +84,15 @@ class OpenAIServer:
         self._runner: web.AppRunner | None = None
         auth = [api_key_auth(api_keys)] if api_keys else []
         self.app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[openai_errors, *auth])
-        self.app.add_routes([
-            web.post("/v1/completions", self._completions),
-            web.post("/v1/chat/completions", self._chat),
-            web.get("/v1/models", self._models),
-            web.get("/v1/models/{model:.+}", self._model),  # ids may hold slashes: org/name
-            web.get("/health", self._health),
-        ])
+        self.app.add_routes(
+            [
+                web.post("/v1/completions", self._completions),
+                web.post("/v1/chat/completions", self._chat),
+                web.get("/v1/models", self._models),
+                web.get("/v1/models/{model:.+}", self._model),  # ids may hold slashes: org/name
+                web.get("/health", self._health),
+            ]
+        )
 
     @property
     def url(self) -> str | None:
@@ -119,8 +133,9 @@ class OpenAIServer:
         name = request.match_info["model"]
         if name not in served_models(self.router.pool):  # OpenAI's answer for an unknown id
             message = f"The model `{name}` does not exist"
-            return web.json_response(error_body(message, "invalid_request_error", "model", "model_not_found"),
-                                     status=404)
+            return web.json_response(
+                error_body(message, "invalid_request_error", "model", "model_not_found"), status=404
+            )
         return web.json_response(self._model_object(name))
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
@@ -143,8 +158,7 @@ class OpenAIServer:
                 check_model(self.router.pool, req.model)
                 # Its model: the one named, or the one served.
                 attributes = self.router.genai_attributes(req.input)
-                shaper = ResponseShaper(kind, attributes[genai.REQUEST_MODEL], req.input.request_id,
-                                        req.include_usage)
+                shaper = ResponseShaper(kind, attributes[genai.REQUEST_MODEL], req.input.request_id, req.include_usage)
                 events = self.measured.observe(self.router.generate(req.input), attributes)
                 async with contextlib.aclosing(events):  # closing it cancels downstream calls
                     # Errors up to the first token (validation, capacity, no worker)

@@ -5,6 +5,7 @@ and Router.tokenize, so the HTTP and gRPC paths reject the same input with
 the same field names. JSON *types* are checked here, because SamplingParams
 assumes Python types: `"temperature": "hot"` must be a 400, not a 500.
 """
+
 from __future__ import annotations
 
 import reprlib
@@ -24,10 +25,18 @@ Kind = Literal["completion", "chat"]
 # OpenAI fields pdserve cannot honour, accepted only at their neutral values:
 # a client must never silently get other semantics than it asked for.
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
-    "suffix": (None, ""), "frequency_penalty": (None, 0), "presence_penalty": (None, 0),
-    "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []),
-    "tool_choice": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "frequency_penalty": (None, 0),
+    "presence_penalty": (None, 0),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "functions": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "response_format": (None, {"type": "text"}),
 }
 
 
@@ -62,8 +71,9 @@ def parse_request(kind: Kind, body: Any, default_max_tokens: int) -> OpenAIReque
     return OpenAIRequest(
         kind=kind,
         model=model,
-        input=GenerateInput(params=_sampling(body, tokens_field, default_max_tokens), request_id=request_id,
-                            model=model or "", **prompt),
+        input=GenerateInput(
+            params=_sampling(body, tokens_field, default_max_tokens), request_id=request_id, model=model or "", **prompt
+        ),
         stream=_typed(body, "stream", bool, False),
         include_usage=_typed(options, "include_usage", bool, False),
     )
@@ -140,21 +150,26 @@ def _messages(value: Any) -> list[dict[str, str]]:
             raise InvalidRequestError(f"messages[{i}].role", "each message needs a string role")
         content = m.get("content") or ""
         if isinstance(content, list):  # content parts: text only
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+            ):
                 raise InvalidRequestError(f"messages[{i}].content", "only text content parts are supported")
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise InvalidRequestError(f"messages[{i}].content", "must be a string or a list of text parts")
-        out.append({"role": chat_role(m["role"], f"messages[{i}].role"),
-                    "content": _text(content, f"messages[{i}].content")})
+        out.append(
+            {"role": chat_role(m["role"], f"messages[{i}].role"), "content": _text(content, f"messages[{i}].content")}
+        )
     return out
 
 
 def usage(u: Usage) -> dict[str, Any]:
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    }
 
 
 class ResponseShaper:
@@ -193,8 +208,12 @@ class ResponseShaper:
     def full(self, text: str, finish_reason: str, counts: Usage) -> dict[str, Any]:
         """The whole non-streamed response."""
         if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                      "logprobs": None, "finish_reason": finish_reason}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
             return {**self._head("chat.completion"), "choices": [choice], "usage": usage(counts)}
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
         return {**self._head("text_completion"), "choices": [choice], "usage": usage(counts)}

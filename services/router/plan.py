@@ -3,6 +3,7 @@
 `choose()` prices the candidates with pdserve.router.policy; the router calls it
 once per attempt, leaving out the workers that have already failed the request.
 """
+
 from __future__ import annotations
 
 from pdserve.common import metrics, tracing
@@ -14,8 +15,16 @@ from pdserve.router.worker_handle import WorkerHandle
 from pdserve.router.worker_pool import WorkerPool
 
 
-def choose(pool: WorkerPool, index: policy.PrefixIndex, ids: list[int], exclude: set[str] = frozenset(), *,
-           mode: str, local_prefill: str, hop_ms: float) -> Plan:
+def choose(
+    pool: WorkerPool,
+    index: policy.PrefixIndex,
+    ids: list[int],
+    exclude: set[str] = frozenset(),
+    *,
+    mode: str,
+    local_prefill: str,
+    hop_ms: float,
+) -> Plan:
     """Where this context runs, avoiding workers that already failed it; `hop_ms` is the
     measured extra latency of the disaggregated path (0: not measured yet)."""
     decoders = [w for w in pool.decode if w.routable and w.worker_id not in exclude]
@@ -72,10 +81,16 @@ def pairing_gap(pool: WorkerPool, w: WorkerHandle) -> str:
 def annotate_route(span: tracing.Span, plan: Plan, attempt: int) -> None:
     """The routing decision on the request's span (a retry's replaces the first's)."""
     decode, prefill = plan.decode, plan.prefill
-    tracing.annotate(span, **{
-        "route.attempt": attempt, "route.disaggregated": prefill is not None,
-        "route.decode_worker_id": decode.worker.worker_id, "route.decode_cost_ms": decode.cost_ms,
-        "route.decode_cached_blocks": decode.cached_blocks,
-        "route.prefill_worker_id": prefill.worker.worker_id if prefill else "",
-        "route.prefill_cost_ms": prefill.cost_ms if prefill else None,
-        "route.prefill_cached_blocks": prefill.cached_blocks if prefill else None})
+    tracing.annotate(
+        span,
+        **{
+            "route.attempt": attempt,
+            "route.disaggregated": prefill is not None,
+            "route.decode_worker_id": decode.worker.worker_id,
+            "route.decode_cost_ms": decode.cost_ms,
+            "route.decode_cached_blocks": decode.cached_blocks,
+            "route.prefill_worker_id": prefill.worker.worker_id if prefill else "",
+            "route.prefill_cost_ms": prefill.cost_ms if prefill else None,
+            "route.prefill_cached_blocks": prefill.cached_blocks if prefill else None,
+        },
+    )

@@ -2,6 +2,7 @@
 estimated milliseconds from the workers' reported speeds and loads and the router's
 own measured hop. Why: docs/architecture.md ("Routing and conditional disaggregation").
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -66,8 +67,14 @@ def prefill_cost_ms(w: WorkerHandle, prompt_tokens: int, cached_tokens: int) -> 
     return step_ms(w) + 1000.0 * (queued + max(0, prompt_tokens - cached_tokens)) / prefill_tps(w)
 
 
-def cheapest(workers: list[WorkerHandle], index: PrefixIndex, hashes: list[bytes], prompt_tokens: int,
-             block_size: int, tolerance: float = 1.0) -> Choice:
+def cheapest(
+    workers: list[WorkerHandle],
+    index: PrefixIndex,
+    hashes: list[bytes],
+    prompt_tokens: int,
+    block_size: int,
+    tolerance: float = 1.0,
+) -> Choice:
     """The cheapest worker; among those within `tolerance` of it (measured costs are
     noisy; a cached prefix is cheaper by far more), the one whose
     cache the router has filled least, so distinct prefixes spread out while a

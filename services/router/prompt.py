@@ -1,5 +1,6 @@
 """A request's input (`GenerateInput`), and its prompt's token ids, checked against the
 context window before and after encoding (`PromptEncoder`)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -42,8 +43,13 @@ class PromptEncoder:
                 raise InvalidRequestError("prompt.chat", "must have at least one message")
             self._check_length("prompt.chat", sum(len(m.get("content") or "") for m in inp.messages))
             try:
-                encoded = await asyncio.to_thread(self.tokenizer.apply_chat_template, inp.messages,
-                                                  add_generation_prompt=True, tokenize=True, return_dict=True)
+                encoded = await asyncio.to_thread(
+                    self.tokenizer.apply_chat_template,
+                    inp.messages,
+                    add_generation_prompt=True,
+                    tokenize=True,
+                    return_dict=True,
+                )
             except (jinja2.TemplateError, ValueError) as e:  # the model's template refuses this chat, or has none
                 raise InvalidRequestError("prompt.chat", str(e)) from None
             ids = list(encoded["input_ids"])
@@ -59,5 +65,7 @@ class PromptEncoder:
     def _check_length(self, field_name: str, chars: int) -> None:
         # No token spells more than max_token_chars characters, so a longer text cannot fit.
         if chars > self.max_model_len * self.max_token_chars:
-            raise InvalidRequestError(field_name, f"{chars} characters; no prompt this long fits the context window "
-                                                  f"of {self.max_model_len} tokens")
+            raise InvalidRequestError(
+                field_name,
+                f"{chars} characters; no prompt this long fits the context window of {self.max_model_len} tokens",
+            )

@@ -3,6 +3,7 @@
 A retry continues from `Progress.context` (router/attempt.py), so the client
 sees one stream with no token lost or repeated (docs/reliability.md).
 """
+
 from __future__ import annotations
 
 import grpc
@@ -11,17 +12,19 @@ from pdserve.router.worker_handle import WorkerHandle
 
 # A worker's failure, not the request's: another worker may well succeed.
 # (INVALID_ARGUMENT and FAILED_PRECONDITION are the request's; retrying cannot help.)
-RETRYABLE = frozenset({
-    grpc.StatusCode.UNAVAILABLE,  # process gone, connection refused or reset, draining
-    grpc.StatusCode.DEADLINE_EXCEEDED,  # a per-attempt deadline, not the client's (checked first)
-    grpc.StatusCode.ABORTED,  # KV transfer failed: ticket, size or checksum
-    grpc.StatusCode.NOT_FOUND,  # the decode reservation expired before Decode claimed it
-    grpc.StatusCode.CANCELLED,  # cancelled by the worker's side (the router's own cancel never gets here)
-    grpc.StatusCode.RESOURCE_EXHAUSTED,  # this worker's queue is full; another's may not be
-    grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.UNKNOWN,
-    grpc.StatusCode.DATA_LOSS,
-})
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,  # process gone, connection refused or reset, draining
+        grpc.StatusCode.DEADLINE_EXCEEDED,  # a per-attempt deadline, not the client's (checked first)
+        grpc.StatusCode.ABORTED,  # KV transfer failed: ticket, size or checksum
+        grpc.StatusCode.NOT_FOUND,  # the decode reservation expired before Decode claimed it
+        grpc.StatusCode.CANCELLED,  # cancelled by the worker's side (the router's own cancel never gets here)
+        grpc.StatusCode.RESOURCE_EXHAUSTED,  # this worker's queue is full; another's may not be
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
 
 
 class WorkerFailedError(Exception):

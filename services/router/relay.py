@@ -4,6 +4,7 @@ Tokens enter `Progress` only here, so a retry (router/attempt.py) continues
 from exactly what the client has been sent; the router's detokenizer matches
 stop strings, which workers never see.
 """
+
 from __future__ import annotations
 
 import time
@@ -71,8 +72,10 @@ def final(progress: Progress, reason: FinishReason, plan: Plan, last: Event) -> 
     now = time.perf_counter()
     t_first = progress.t_first or now
     timing = {**progress.timing, "decode_ms": (now - t_first) * 1e3, "total_ms": (now - progress.t0) * 1e3}
-    route = Route(plan.prefill.worker.worker_id if plan.prefill else "", plan.decode.worker.worker_id,
-                  plan.prefill is not None)
+    route = Route(
+        plan.prefill.worker.worker_id if plan.prefill else "", plan.decode.worker.worker_id, plan.prefill is not None
+    )
     usage = Usage(len(progress.prompt_ids), len(progress.generated), progress.cached_tokens)
-    return Event(progress.request_id, last.token_ids, last.text + progress.detok.flush(final=True), reason, usage,
-                 timing, route)
+    return Event(
+        progress.request_id, last.token_ids, last.text + progress.detok.flush(final=True), reason, usage, timing, route
+    )

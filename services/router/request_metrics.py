@@ -2,6 +2,7 @@
 `Router.generate()`'s events for both front ends, plus a log line per finished request
 (never the prompt or the output). Definitions: docs/observability.md.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +26,9 @@ class RequestMetrics:
     slo_ttft_ms: float = 0.0
     slo_tpot_ms: float = 0.0
 
-    async def observe(self, events: AsyncIterator[Event],
-                      attributes: Mapping[str, str] | None = None) -> AsyncIterator[Event]:
+    async def observe(
+        self, events: AsyncIterator[Event], attributes: Mapping[str, str] | None = None
+    ) -> AsyncIterator[Event]:
         """`events`, measured; `attributes` (Router.genai_attributes) go on TTFT, TPOT and duration."""
         t0 = time.perf_counter()
         attributes = dict(attributes or {})
@@ -67,11 +69,22 @@ class RequestMetrics:
                 metrics.E2E.record(time.perf_counter() - t0, {**attributes, "error.type": outcome})
             metrics.REQUESTS.add(1, {"outcome": outcome})
             if outcome not in ("stop", "length"):
-                log.info("request ended: %s", outcome, extra={"outcome": outcome, "output_tokens": tokens,
-                                                                "duration_ms": _ms(time.perf_counter() - t0)})
+                log.info(
+                    "request ended: %s",
+                    outcome,
+                    extra={"outcome": outcome, "output_tokens": tokens, "duration_ms": _ms(time.perf_counter() - t0)},
+                )
 
-    def _finished(self, ev: Event, t0: float, now: float, first: float | None, last: float | None,
-                  tokens: int, attributes: dict[str, str]) -> None:
+    def _finished(
+        self,
+        ev: Event,
+        t0: float,
+        now: float,
+        first: float | None,
+        last: float | None,
+        tokens: int,
+        attributes: dict[str, str],
+    ) -> None:
         metrics.E2E.record(now - t0, attributes)
         tpot = (last - first) / (tokens - 1) if first is not None and tokens > 1 else None
         if tpot is not None:
@@ -87,11 +100,21 @@ class RequestMetrics:
         if route.decode_worker_id:
             metrics.ROUTED.add(1, {"role": "decode", "worker_id": route.decode_worker_id})
         usage = ev.usage or Usage(0, tokens)
-        log.info("request finished: %s", ev.finish_reason.value, extra={
-            "outcome": ev.finish_reason.value, "prompt_tokens": usage.prompt_tokens,
-            "output_tokens": usage.completion_tokens, "cached_tokens": usage.cached_tokens, "ttft_ms": _ms(ttft),
-            "tpot_ms": _ms(tpot), "duration_ms": _ms(now - t0), "prefill_worker": route.prefill_worker_id,
-            "decode_worker": route.decode_worker_id})
+        log.info(
+            "request finished: %s",
+            ev.finish_reason.value,
+            extra={
+                "outcome": ev.finish_reason.value,
+                "prompt_tokens": usage.prompt_tokens,
+                "output_tokens": usage.completion_tokens,
+                "cached_tokens": usage.cached_tokens,
+                "ttft_ms": _ms(ttft),
+                "tpot_ms": _ms(tpot),
+                "duration_ms": _ms(now - t0),
+                "prefill_worker": route.prefill_worker_id,
+                "decode_worker": route.decode_worker_id,
+            },
+        )
 
 
 def _ms(seconds: float | None) -> float | None:

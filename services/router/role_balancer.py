@@ -2,6 +2,7 @@
 through the planner's simulator for every prefill/decode split, with hysteresis so
 roles do not flap. Why and how: docs/planning.md ("Elastic roles").
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -24,10 +25,10 @@ log = logging.getLogger(__name__)
 class BalancerConfig:
     interval_s: float = 15.0
     window_s: float = 120.0  # the arrivals replayed
-    margin: float = 0.1      # share of requests within the objectives a better split must add
-    confirm: int = 3         # evaluations in a row it must win
-    dwell_s: float = 60.0    # after a switch, none sooner
-    min_requests: int = 12   # fewer arrivals in the window say too little to act on
+    margin: float = 0.1  # share of requests within the objectives a better split must add
+    confirm: int = 3  # evaluations in a row it must win
+    dwell_s: float = 60.0  # after a switch, none sooner
+    min_requests: int = 12  # fewer arrivals in the window say too little to act on
 
 
 class Hysteresis:
@@ -60,8 +61,16 @@ class Hysteresis:
 
 
 class RoleBalancer:
-    def __init__(self, pool: WorkerPool, profile: Profile, objectives: Objectives, config: BalancerConfig,
-                 threads: int = 0, chunk: int = 512, max_seqs: int = 64):
+    def __init__(
+        self,
+        pool: WorkerPool,
+        profile: Profile,
+        objectives: Objectives,
+        config: BalancerConfig,
+        threads: int = 0,
+        chunk: int = 512,
+        max_seqs: int = 64,
+    ):
         self.pool = pool
         self.profile = profile
         self.objectives = objectives
@@ -101,8 +110,9 @@ class RoleBalancer:
             prefill, decode = fixed_p + p, fixed_d + len(movable) - p
             if decode == 0:
                 continue
-            topology = Topology("disaggregated" if prefill else "colocated", prefill, decode, self.threads,
-                                self.chunk, self.max_seqs)
+            topology = Topology(
+                "disaggregated" if prefill else "colocated", prefill, decode, self.threads, self.chunk, self.max_seqs
+            )
             outcomes = simulate(topology, self.profile, requests)
             out[p] = sum(self.objectives.met(o) for o in outcomes) / len(outcomes)
         return out
@@ -114,8 +124,10 @@ class RoleBalancer:
             if k and k.model_name:
                 theirs = f"{k.model_name}@{k.weights_digest[:16] or 'undigested'}"
                 if (theirs, k.dtype) != (self.profile.model, self.profile.dtype):
-                    return (f"the profile was measured for {self.profile.model} ({self.profile.dtype}); "
-                            f"{w.worker_id} serves {theirs} ({k.dtype})")
+                    return (
+                        f"the profile was measured for {self.profile.model} ({self.profile.dtype}); "
+                        f"{w.worker_id} serves {theirs} ({k.dtype})"
+                    )
         return ""
 
     async def evaluate(self, now: float | None = None) -> str | None:
@@ -137,8 +149,12 @@ class RoleBalancer:
         leaving = "decode" if target > current else "prefill"
         w = min((w for w in movable if w.role == leaving), key=lambda w: w.inflight)
         role = "prefill" if leaving == "decode" else "decode"
-        log.info("balancer: %s -> %s (attainment by prefill workers: %s)", w.worker_id, role,
-                 {p: round(s, 2) for p, s in self.last_scores.items()})
+        log.info(
+            "balancer: %s -> %s (attainment by prefill workers: %s)",
+            w.worker_id,
+            role,
+            {p: round(s, 2) for p, s in self.last_scores.items()},
+        )
         await switch_role(self.pool, w.worker_id, role, reason="balancer")
         return w.worker_id
 

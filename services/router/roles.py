@@ -5,6 +5,7 @@ finishes those in flight (WorkerControl.SetRole returns then), and the router
 routes the new role's calls to it once the worker reports that role. Nothing
 in flight is cancelled, so no request fails across a switch.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,28 +31,33 @@ class RoleChange:
     drain_ms: float
 
 
-async def switch_role(pool: WorkerPool, worker_id: str, role: str, *, reason: str = "operator",
-                      drain_timeout_s: float = 120.0) -> RoleChange:
+async def switch_role(
+    pool: WorkerPool, worker_id: str, role: str, *, reason: str = "operator", drain_timeout_s: float = 120.0
+) -> RoleChange:
     if role not in ELASTIC_ROLES:
         raise ValueError(f"role: {role!r}")
     w = next((w for w in pool.all if w.worker_id == worker_id), None)
     if w is None:
         raise NotFoundError(f"no worker {worker_id!r}")
     if not w.elastic:
-        raise FailedPreconditionError(f"worker {worker_id} is not elastic: only a worker started by "
-                                      f"`pdserve serve elastic` changes role")
+        raise FailedPreconditionError(
+            f"worker {worker_id} is not elastic: only a worker started by `pdserve serve elastic` changes role"
+        )
     if w.switching_to:
         raise FailedPreconditionError(f"worker {worker_id} is already moving to {w.switching_to}")
     previous = w.role
     if "decode" not in TAKES[role] and not any(d.routable and d is not w for d in pool.decode):
         raise FailedPreconditionError(f"worker {worker_id} is the last decode worker: another must decode first")
-    with _spans.span("router.role_switch", worker_id=worker_id, previous_role=previous, role=role,
-                     reason=reason) as span:
+    with _spans.span(
+        "router.role_switch", worker_id=worker_id, previous_role=previous, role=role, reason=reason
+    ) as span:
         w.switching_to = role
         pool.place(w, previous, TAKES[previous] & TAKES[role])  # no new calls of the role it leaves
         try:
-            r = await w.control_stub.SetRole(wpb.SetRoleRequest(
-                role=convert.ROLES[role], drain_timeout_ms=int(drain_timeout_s * 1000)), timeout=drain_timeout_s + 10)
+            r = await w.control_stub.SetRole(
+                wpb.SetRoleRequest(role=convert.ROLES[role], drain_timeout_ms=int(drain_timeout_s * 1000)),
+                timeout=drain_timeout_s + 10,
+            )
         except grpc.aio.AioRpcError as e:
             pool.place(w, previous)  # it may or may not have switched: its next load poll says
             raise relayed_error(e) from None

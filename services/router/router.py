@@ -2,6 +2,7 @@
 the text (detokenize once, match stop strings). Whatever ends a request, every downstream
 call is cancelled and every reservation released before `generate()` returns.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -34,9 +35,19 @@ _LEASE_MARGIN_S = 10.0  # a decode reservation outlives the Prefill call by this
 
 
 class Router:
-    def __init__(self, tokenizer, pool: WorkerPool, *, mode: str, max_model_len: int,
-                 max_inflight: int = 256, rpc_timeout_s: float = 600.0, local_prefill: str = "auto",
-                 prefill_timeout_s: float = 120.0, max_retries: int = 2):
+    def __init__(
+        self,
+        tokenizer,
+        pool: WorkerPool,
+        *,
+        mode: str,
+        max_model_len: int,
+        max_inflight: int = 256,
+        rpc_timeout_s: float = 600.0,
+        local_prefill: str = "auto",
+        prefill_timeout_s: float = 120.0,
+        max_retries: int = 2,
+    ):
         self.tokenizer = tokenizer
         self.pool = pool
         self.mode = mode
@@ -63,8 +74,9 @@ class Router:
 
     def plan(self, ids: list[int], exclude: set[str] = frozenset()) -> Plan:
         """Where this context runs, avoiding workers that already failed it."""
-        return choose(self.pool, self.index, ids, exclude, mode=self.mode, local_prefill=self.local_prefill,
-                      hop_ms=self.hop_ms)
+        return choose(
+            self.pool, self.index, ids, exclude, mode=self.mode, local_prefill=self.local_prefill, hop_ms=self.hop_ms
+        )
 
     async def generate(self, inp: GenerateInput) -> AsyncIterator[Event]:
         t0 = time.perf_counter()
@@ -91,14 +103,28 @@ class Router:
             ids = await self.tokenize(inp)
             self.on_admitted(len(ids), inp.params.max_tokens)
             rid = inp.request_id or uuid.uuid4().hex
-            progress = Progress(rid, ids, inp.params, IncrementalDetokenizer(self.tokenizer, ids, inp.params.stop),
-                                t0, deadline=inp.deadline)
+            progress = Progress(
+                rid,
+                ids,
+                inp.params,
+                IncrementalDetokenizer(self.tokenizer, ids, inp.params.stop),
+                t0,
+                deadline=inp.deadline,
+            )
             if span.is_recording():  # built only for a trace: off by default, and this is per request
                 p = inp.params
-                tracing.annotate(span, request_id=rid, **self.genai_attributes(inp), **{
-                    "gen_ai.usage.input_tokens": len(ids), "gen_ai.request.max_tokens": p.max_tokens,
-                    "gen_ai.request.temperature": p.temperature, "gen_ai.request.top_p": p.top_p,
-                    "gen_ai.request.seed": p.seed})
+                tracing.annotate(
+                    span,
+                    request_id=rid,
+                    **self.genai_attributes(inp),
+                    **{
+                        "gen_ai.usage.input_tokens": len(ids),
+                        "gen_ai.request.max_tokens": p.max_tokens,
+                        "gen_ai.request.temperature": p.temperature,
+                        "gen_ai.request.top_p": p.top_p,
+                        "gen_ai.request.seed": p.seed,
+                    },
+                )
             while True:
                 try:
                     plan = self.plan(progress.context, progress.excluded)
@@ -115,8 +141,13 @@ class Router:
                     async for ev in attempt:
                         if ev.finish_reason is not None and span.is_recording():
                             span.set_attributes(tracing.timing_attributes(ev.timing))
-                            tracing.annotate(span, **{"gen_ai.usage.output_tokens": len(progress.generated),
-                                                      "gen_ai.response.finish_reasons": [ev.finish_reason.value]})
+                            tracing.annotate(
+                                span,
+                                **{
+                                    "gen_ai.usage.output_tokens": len(progress.generated),
+                                    "gen_ai.response.finish_reasons": [ev.finish_reason.value],
+                                },
+                            )
                         yield ev
                     return
                 except WorkerFailedError as f:
@@ -138,14 +169,17 @@ class Router:
             f.worker.healthy = False  # until the load poll reaches it again
         if len(progress.failures) > self.max_retries:
             raise self._gave_up(progress, f) from None
-        log.warning("request %s: %s; retrying elsewhere (%d tokens already sent)",
-                    progress.request_id, f, len(progress.generated))
+        log.warning(
+            "request %s: %s; retrying elsewhere (%d tokens already sent)",
+            progress.request_id,
+            f,
+            len(progress.generated),
+        )
 
     def _gave_up(self, progress: Progress, f: WorkerFailedError) -> Exception:
         self.recoveries["gave_up"] += 1
         err = relayed_error(f.cause) if f.cause is not None else NotReadyError(str(f))
-        return type(err)(f"request {progress.request_id} failed after {len(progress.failures)} attempts; "
-                         f"last: {f}")
+        return type(err)(f"request {progress.request_id} failed after {len(progress.failures)} attempts; last: {f}")
 
     async def _attempt(self, progress: Progress, plan: Plan) -> AsyncIterator[Event]:
         """One try on one plan: events for tokens the client has not had yet.
@@ -157,22 +191,27 @@ class Router:
         a.queued()
         try:
             if plan.prefill is None:
-                a.generating(decode.decode_stub.Generate(dpb.LocalGenerateRequest(
-                    request_id=a.rid, prompt_token_ids=a.context, sampling=a.params),
-                    timeout=progress.time_left(self.rpc_timeout_s)))
+                a.generating(
+                    decode.decode_stub.Generate(
+                        dpb.LocalGenerateRequest(request_id=a.rid, prompt_token_ids=a.context, sampling=a.params),
+                        timeout=progress.time_left(self.rpc_timeout_s),
+                    )
+                )
             else:
                 prefilled = await self._prefill_remotely(progress, a)
-                ev, reason = sent(progress, [prefilled.first_token_id],
-                                          convert.finish_from_pb(prefilled.finish_reason))
+                ev, reason = sent(progress, [prefilled.first_token_id], convert.finish_from_pb(prefilled.finish_reason))
                 if reason is not None:
                     yield final(progress, reason, plan, ev)
                     return
                 yield ev
                 # Still ours to release until the stream answers: a cancel now may
                 # reach the worker before the call does, or the call never at all.
-                a.decoding(decode.decode_stub.Decode(dpb.DecodeRequest(
-                    request_id=a.rid, first_token_id=prefilled.first_token_id, sampling=a.params),
-                    timeout=progress.time_left(self.rpc_timeout_s)))
+                a.decoding(
+                    decode.decode_stub.Decode(
+                        dpb.DecodeRequest(request_id=a.rid, first_token_id=prefilled.first_token_id, sampling=a.params),
+                        timeout=progress.time_left(self.rpc_timeout_s),
+                    )
+                )
             self.index.record(decode.worker_id, plan.hashes)
             async for ev in relay(progress, a):
                 yield ev
@@ -201,14 +240,20 @@ class Router:
             # The lease covers the Prefill call below, queueing included: the router
             # releases on every path, so the lease matters only if the router is gone.
             prefill_s = progress.time_left(self.prefill_timeout_s)
-            r = await decode.decode_stub.Reserve(dpb.ReserveRequest(
-                request_id=a.rid, prompt_token_ids=a.context, kv_fingerprint=prefill.fingerprint,
-                lease_ms=int((prefill_s + _LEASE_MARGIN_S) * 1000)),
-                timeout=progress.time_left(self.rpc_timeout_s))
+            r = await decode.decode_stub.Reserve(
+                dpb.ReserveRequest(
+                    request_id=a.rid,
+                    prompt_token_ids=a.context,
+                    kv_fingerprint=prefill.fingerprint,
+                    lease_ms=int((prefill_s + _LEASE_MARGIN_S) * 1000),
+                ),
+                timeout=progress.time_left(self.rpc_timeout_s),
+            )
             a.prefilling()
-            p = await prefill.prefill_stub.Prefill(ppb.PrefillRequest(
-                request_id=a.rid, prompt_token_ids=a.context, sampling=a.params, ticket=r.ticket),
-                timeout=prefill_s)
+            p = await prefill.prefill_stub.Prefill(
+                ppb.PrefillRequest(request_id=a.rid, prompt_token_ids=a.context, sampling=a.params, ticket=r.ticket),
+                timeout=prefill_s,
+            )
         finally:
             prefill.inflight -= 1
             a.computed()

@@ -1,4 +1,5 @@
 """`pdserve serve router`: the client-facing router process."""
+
 from __future__ import annotations
 
 import asyncio
@@ -35,13 +36,24 @@ class RouterRuntime:
             tokenizer, max_model_len = load_tokenizer(config.model)
         self.config = config
         self.pool = WorkerPool.connect(
-            config.prefill_targets if config.mode == "disaggregated" else [], config.decode_targets, config.load_poll_s,
-            security=config, keepalive_s=config.worker_keepalive_s)
+            config.prefill_targets if config.mode == "disaggregated" else [],
+            config.decode_targets,
+            config.load_poll_s,
+            security=config,
+            keepalive_s=config.worker_keepalive_s,
+        )
         self.pool.lease_ttl_s = config.worker_lease_s
-        self.router = Router(tokenizer, self.pool, mode=config.mode, max_model_len=max_model_len,
-                             max_inflight=config.max_inflight, rpc_timeout_s=config.rpc_timeout_s,
-                             local_prefill=config.local_prefill, prefill_timeout_s=config.prefill_timeout_s,
-                             max_retries=config.max_retries)
+        self.router = Router(
+            tokenizer,
+            self.pool,
+            mode=config.mode,
+            max_model_len=max_model_len,
+            max_inflight=config.max_inflight,
+            rpc_timeout_s=config.rpc_timeout_s,
+            local_prefill=config.local_prefill,
+            prefill_timeout_s=config.prefill_timeout_s,
+            max_retries=config.max_retries,
+        )
         self.balancer = None
         if (balancing := config.balancer()) is not None:
             from pdserve.router.role_balancer import RoleBalancer  # the planner: only when asked for
@@ -54,14 +66,22 @@ class RouterRuntime:
         measured = RequestMetrics(config.slo_ttft_ms, config.slo_tpot_ms)
         self.shutdown = Shutdown(config.grace_s)  # both front ends: one drain refuses and cuts them
         router_pb2_grpc.add_RouterServicer_to_server(
-            RouterServicer(self.router, config.default_max_tokens, measured, self.shutdown), self.server)
+            RouterServicer(self.router, config.default_max_tokens, measured, self.shutdown), self.server
+        )
         self.port = bind(self.server, config.host, config.port, config.server_credentials())
         self.health = None
         self._health_task: asyncio.Task | None = None
-        self.http = OpenAIServer(self.router, config.http_host or config.host, config.http_port,
-                                 default_max_tokens=config.default_max_tokens, shutdown=self.shutdown,
-                                 ready=lambda: self.pool.ready(config.mode == "disaggregated"),
-                                 api_keys=api_keys, ssl_context=config.ssl_context(), request_metrics=measured)
+        self.http = OpenAIServer(
+            self.router,
+            config.http_host or config.host,
+            config.http_port,
+            default_max_tokens=config.default_max_tokens,
+            shutdown=self.shutdown,
+            ready=lambda: self.pool.ready(config.mode == "disaggregated"),
+            api_keys=api_keys,
+            ssl_context=config.ssl_context(),
+            request_metrics=measured,
+        )
 
     async def start(self, ready_timeout_s: float = 600.0) -> None:
         self.health = await add_health_and_reflection(self.server, [SERVICE])
@@ -109,8 +129,9 @@ class RouterRuntime:
         try:
             # The drain takes the grace period and cuts what still runs, with a word to each
             # client; grpc's own stop then finds nothing left to cancel ("Cancelling all calls").
-            await serve_until_stopped(self.server, grace_s=self.config.grace_s, health=self.health, stop=stop,
-                                      on_shutdown=self.shutdown.drain)
+            await serve_until_stopped(
+                self.server, grace_s=self.config.grace_s, health=self.health, stop=stop, on_shutdown=self.shutdown.drain
+            )
         finally:
             if self.balancer:
                 await self.balancer.close()

@@ -3,6 +3,7 @@
 Generate writes with context.write rather than yielding, so a shutdown cut lands inside its
 scope wherever the call waits (on a worker or on a slow client) and ends it UNAVAILABLE.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,30 +33,50 @@ def request_to_input(req: rpb.GenerateRequest, default_max_tokens: int) -> Gener
         model=req.model,
         text=req.text if which == "text" else None,
         token_ids=list(req.token_ids.ids) if which == "token_ids" else None,
-        messages=[{"role": chat_role(m.role, f"prompt.chat.messages[{i}].role"), "content": m.content}
-                  for i, m in enumerate(req.chat.messages)] if which == "chat" else None,
+        messages=[
+            {"role": chat_role(m.role, f"prompt.chat.messages[{i}].role"), "content": m.content}
+            for i, m in enumerate(req.chat.messages)
+        ]
+        if which == "chat"
+        else None,
     )
 
 
 def event_to_response(ev: Event) -> rpb.GenerateResponse:
-    r = rpb.GenerateResponse(request_id=ev.request_id, token_ids=ev.token_ids, text=ev.text,
-                             finish_reason=convert.finish_to_pb(ev.finish_reason))
+    r = rpb.GenerateResponse(
+        request_id=ev.request_id,
+        token_ids=ev.token_ids,
+        text=ev.text,
+        finish_reason=convert.finish_to_pb(ev.finish_reason),
+    )
     if ev.usage:
         u = ev.usage
-        r.usage.CopyFrom(pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
-                                  cached_tokens=u.cached_tokens))
+        r.usage.CopyFrom(
+            pb.Usage(
+                prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, cached_tokens=u.cached_tokens
+            )
+        )
     if ev.timing:
         r.timing.CopyFrom(pb.TimingBreakdown(**ev.timing))
     if ev.route:
-        r.route.CopyFrom(rpb.RouteInfo(prefill_worker_id=ev.route.prefill_worker_id,
-                                       decode_worker_id=ev.route.decode_worker_id,
-                                       disaggregated=ev.route.disaggregated))
+        r.route.CopyFrom(
+            rpb.RouteInfo(
+                prefill_worker_id=ev.route.prefill_worker_id,
+                decode_worker_id=ev.route.decode_worker_id,
+                disaggregated=ev.route.disaggregated,
+            )
+        )
     return r
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, router: Router, default_max_tokens: int, measured: RequestMetrics | None = None,
-                 shutdown: Shutdown | None = None):
+    def __init__(
+        self,
+        router: Router,
+        default_max_tokens: int,
+        measured: RequestMetrics | None = None,
+        shutdown: Shutdown | None = None,
+    ):
         self.router = router
         self.default_max_tokens = default_max_tokens
         self.measured = measured or RequestMetrics()
@@ -77,8 +98,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def RegisterWorker(self, request: rpb.RegisterWorkerRequest, context) -> rpb.RegisterWorkerResponse:
         pool = self.router.pool
         pool.register(request.info, request.load)
-        return rpb.RegisterWorkerResponse(heartbeat_interval_ms=int(pool.poll_s * 1000),
-                                          lease_ttl_ms=int(pool.lease_ttl_s * 1000))
+        return rpb.RegisterWorkerResponse(
+            heartbeat_interval_ms=int(pool.poll_s * 1000), lease_ttl_ms=int(pool.lease_ttl_s * 1000)
+        )
 
     async def Heartbeat(self, request: rpb.HeartbeatRequest, context) -> rpb.HeartbeatResponse:
         return rpb.HeartbeatResponse(known=self.router.pool.heartbeat(request.worker_id, request.load))
@@ -98,7 +120,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         role = convert.elastic_role(request.role)
         if not request.worker_id:
             raise InvalidRequestError("worker_id", "must name a worker (ListWorkers lists them)")
-        c = await switch_role(self.router.pool, request.worker_id, role,
-                              drain_timeout_s=request.drain_timeout_ms / 1000 or 120.0)
-        return rpb.SetWorkerRoleResponse(previous_role=convert.ROLES[c.previous], role=convert.ROLES[c.role],
-                                         drained=c.drained, drain_ms=c.drain_ms)
+        c = await switch_role(
+            self.router.pool, request.worker_id, role, drain_timeout_s=request.drain_timeout_ms / 1000 or 120.0
+        )
+        return rpb.SetWorkerRoleResponse(
+            previous_role=convert.ROLES[c.previous], role=convert.ROLES[c.role], drained=c.drained, drain_ms=c.drain_ms
+        )

@@ -5,6 +5,7 @@ ones the grace period, then cuts the rest: each scope cancels its body (which ca
 downstream calls) and raises ShuttingDownError in its place, so the front end still says why
 (an error event on SSE, UNAVAILABLE on gRPC) instead of ending the stream without a word.
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -1,4 +1,5 @@
 """A worker as the router sees it: its channel and a stub per service, identity and load."""
+
 from __future__ import annotations
 
 import functools

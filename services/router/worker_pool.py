@@ -2,6 +2,7 @@
 discovery and load polls (between polls the router counts what it sent itself).
 Why: docs/architecture.md ("Worker registry").
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -52,9 +53,13 @@ class WorkerPool:
         # Only while calls are open, and without limit: a long prefill sends no data for seconds.
         # gRPC 1.85 fails an unanswered ping after ping_timeout_ms (default 60 s), not after
         # keepalive_timeout_ms alone: measured with a SIGSTOPped server (tests/e2e/test_faults_processes.py).
-        keepalive = (("grpc.keepalive_time_ms", ms), ("grpc.keepalive_timeout_ms", ms),
-                     ("grpc.http2.ping_timeout_ms", ms), ("grpc.keepalive_permit_without_calls", 0),
-                     ("grpc.http2.max_pings_without_data", 0))
+        keepalive = (
+            ("grpc.keepalive_time_ms", ms),
+            ("grpc.keepalive_timeout_ms", ms),
+            ("grpc.http2.ping_timeout_ms", ms),
+            ("grpc.keepalive_permit_without_calls", 0),
+            ("grpc.http2.max_pings_without_data", 0),
+        )
         tls = self.security.client_tls()
         if discovered_by and tls and not tls.server_name:  # dialled by address: verify the name looked up
             keepalive += (("grpc.ssl_target_name_override", split_dns_target(discovered_by)[0]),)
@@ -62,8 +67,14 @@ class WorkerPool:
         return WorkerHandle(target, role, ch, discovered_by=discovered_by)
 
     @classmethod
-    def connect(cls, prefill_targets: list[str], decode_targets: list[str], poll_s: float = 0.5,
-                security: SecurityConfig = OPEN, keepalive_s: float = 10.0) -> "WorkerPool":
+    def connect(
+        cls,
+        prefill_targets: list[str],
+        decode_targets: list[str],
+        poll_s: float = 0.5,
+        security: SecurityConfig = OPEN,
+        keepalive_s: float = 10.0,
+    ) -> "WorkerPool":
         pool = cls(poll_s=poll_s, security=security, keepalive_s=keepalive_s)
         for role, targets in (("prefill", prefill_targets), ("decode", decode_targets)):
             for t in targets:
@@ -105,8 +116,9 @@ class WorkerPool:
         for role, target in self.discovery:
             name, port = split_dns_target(target)
             try:  # bounded: a slow DNS must not hold up the load poll it runs in
-                infos = await asyncio.wait_for(loop.getaddrinfo(name, port, type=socket.SOCK_STREAM),
-                                               timeout=self.dns_timeout_s)
+                infos = await asyncio.wait_for(
+                    loop.getaddrinfo(name, port, type=socket.SOCK_STREAM), timeout=self.dns_timeout_s
+                )
             except (OSError, TimeoutError) as e:  # DNS down or the name gone: keep what we have
                 if target not in self._unresolved:
                     log.warning("discovery: %s did not resolve (%r); keeping its workers", target, e)
@@ -115,8 +127,11 @@ class WorkerPool:
             self._unresolved.discard(target)
             # One family: a dual-stack Service answers A and AAAA for each pod, one worker each.
             family = socket.AF_INET if any(i[0] == socket.AF_INET for i in infos) else socket.AF_INET6
-            found = {f"[{i[4][0]}]:{port}" if family == socket.AF_INET6 else f"{i[4][0]}:{port}"
-                     for i in infos if i[0] == family}
+            found = {
+                f"[{i[4][0]}]:{port}" if family == socket.AF_INET6 else f"{i[4][0]}:{port}"
+                for i in infos
+                if i[0] == family
+            }
             have = {w.target for w in self.all if w.discovered_by == target}  # an elastic one may have moved
             for address in sorted(found - have):
                 self.group(role).append(self._make(address, role, discovered_by=target))
@@ -210,8 +225,12 @@ class WorkerPool:
                 keeper = first.setdefault(instance, w)
                 twin = keeper is not w
                 if twin and not w.twin:
-                    log.info("worker %s at %s is also %s: routed through the first only",
-                             w.worker_id, w.target, keeper.target)
+                    log.info(
+                        "worker %s at %s is also %s: routed through the first only",
+                        w.worker_id,
+                        w.target,
+                        keeper.target,
+                    )
                 w.twin = twin
 
     async def start(self) -> None:
@@ -232,8 +251,9 @@ class WorkerPool:
         retiring = list(self._retiring.items())
         for t, _ in retiring:
             t.cancel()
-        await asyncio.gather(*(w.channel.close() for w in [*self.all, *(w for _, w in retiring)]),
-                             return_exceptions=True)
+        await asyncio.gather(
+            *(w.channel.close() for w in [*self.all, *(w for _, w in retiring)]), return_exceptions=True
+        )
 
     @property
     def elastic(self) -> bool:
@@ -242,4 +262,5 @@ class WorkerPool:
 
     def ready(self, need_prefill: bool) -> bool:
         return any(w.routable for w in self.decode) and (
-            not need_prefill or self.elastic or any(w.routable for w in self.prefill))
+            not need_prefill or self.elastic or any(w.routable for w in self.prefill)
+        )

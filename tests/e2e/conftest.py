@@ -1,4 +1,5 @@
 """Fixtures that start the suite as real OS processes (pdserve.launcher.Suite)."""
+
 from __future__ import annotations
 
 import random
@@ -43,8 +44,15 @@ def start_suite(tmp_path_factory):
         # local prefill never: these tests exercise the disaggregated path.
         kw["env"] = {"PDSERVE_HTTP_PORT": "0", "PDSERVE_LOCAL_PREFILL": "never", **kw.get("env", {})}
         kw.setdefault("dtype", "float32")  # tests compare tokens with transformers' fp32 greedy continuation
-        suite = Suite(mode=mode, port=base, base_port=base + 1, kv_cache_gib=0.25,
-                      log_dir=tmp_path_factory.mktemp(f"logs-{mode}"), ready_timeout=240, **kw)
+        suite = Suite(
+            mode=mode,
+            port=base,
+            base_port=base + 1,
+            kv_cache_gib=0.25,
+            log_dir=tmp_path_factory.mktemp(f"logs-{mode}"),
+            ready_timeout=240,
+            **kw,
+        )
         suite.start()
         suites[key] = suite
         return suite

@@ -1,4 +1,5 @@
 """A greedy stream that records its tokens as they arrive, for fault tests to act mid-stream."""
+
 from __future__ import annotations
 
 

@@ -3,6 +3,7 @@
 A SIGKILLed or SIGSTOPped decode worker's stream migrates to another decode
 worker with no token lost or repeated; a SIGTERMed one finishes its streams (drain) while new
 requests go elsewhere. Real processes, real signals."""
+
 from __future__ import annotations
 
 import asyncio
@@ -31,6 +32,7 @@ def suite(start_suite):
 
 async def _busy_decoder(suite, alive: set[str]) -> str:
     """The decode worker running a sequence now."""
+
     async def busy() -> str | None:
         for s in suite.services:
             if s.name in alive:
@@ -39,6 +41,7 @@ async def _busy_decoder(suite, alive: set[str]) -> str:
                 if load.running_seqs:
                     return s.name
         return None
+
     name = await settles(busy, timeout=30, interval=0.02)
     assert name, "no decode worker is running the request"
     return name
@@ -78,6 +81,7 @@ async def test_a_frozen_decode_worker_s_stream_continues_on_another_once_its_pin
     def freeze(victim):
         suite.signal(victim, signal.SIGSTOP)
         return lambda: suite.signal(victim, signal.SIGCONT)
+
     await _migrated_stream(suite, smollm2[2], 23, freeze)
 
 
@@ -85,6 +89,7 @@ async def test_a_killed_decode_worker_s_stream_continues_on_another_with_the_sam
     def kill(victim):
         suite.signal(victim, signal.SIGKILL).wait(10)
         return lambda: None
+
     await _migrated_stream(suite, smollm2[2], 21, kill)
 
 
@@ -98,8 +103,10 @@ async def test_sigterm_drains_a_decode_worker_while_new_requests_go_elsewhere(su
         await _tokens_seen(seen, 4, call)
         draining = await _busy_decoder(suite, alive)
         proc = suite.signal(draining, signal.SIGTERM)
-        during = [await client.complete(text_of_tokens(tokenizer, 20, offset=30 + i), max_tokens=4, temperature=0.0)
-                  for i in range(3)]
+        during = [
+            await client.complete(text_of_tokens(tokenizer, 20, offset=30 + i), max_tokens=4, temperature=0.0)
+            for i in range(3)
+        ]
         result = await call
         assert await asyncio.to_thread(proc.wait, 30) == 0  # it exited cleanly once drained
     assert result.route["decode_worker_id"] == draining  # finished where it started: drained, not migrated

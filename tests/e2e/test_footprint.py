@@ -1,5 +1,6 @@
 """The default `pdserve up` on the bundled model, as a user runs it: its memory, as
 docs/memory.md states it, and Ctrl-C while a stream is still open."""
+
 from __future__ import annotations
 
 import http.client
@@ -24,8 +25,11 @@ pytestmark = pytest.mark.slow
 
 LIMIT = 4 * 10**9  # bytes: the issue's "under 4 GB in all"
 BANNER = re.compile(r"^\[(prefill-0|decode-0|kvstore)\] \w+: (?:KV cache|capacity) ([\d.]+) GiB \(")
-FLOORS = {"prefill-0": memory.WORKER_KV.floor_gib, "decode-0": memory.WORKER_KV.floor_gib,
-          "kvstore": memory.STORE_CAPACITY.floor_gib}
+FLOORS = {
+    "prefill-0": memory.WORKER_KV.floor_gib,
+    "decode-0": memory.WORKER_KV.floor_gib,
+    "kvstore": memory.STORE_CAPACITY.floor_gib,
+}
 
 
 def rss(pid: int) -> int:
@@ -49,9 +53,26 @@ def sse_events(response: http.client.HTTPResponse):
 
 def test_the_default_suite_takes_under_4_gb_and_ctrl_c_tells_an_open_stream_why_it_ends():
     base = free_port_run(7)
-    argv = [sys.executable, "-m", "pdserve", "up", "--port", str(base), "--base-port", str(base + 1),
-            "--http-port", str(base + 5), "--metrics-port", "0", "--grace", "6",
-            "--prefill", "1", "--decode", "1"]  # the defaults but these; the largest suite auto picks on 2 cores
+    argv = [
+        sys.executable,
+        "-m",
+        "pdserve",
+        "up",
+        "--port",
+        str(base),
+        "--base-port",
+        str(base + 1),
+        "--http-port",
+        str(base + 5),
+        "--metrics-port",
+        "0",
+        "--grace",
+        "6",
+        "--prefill",
+        "1",
+        "--decode",
+        "1",
+    ]  # the defaults but these; the largest suite auto picks on 2 cores
     env = {k: v for k, v in os.environ.items() if not k.startswith("PDSERVE_")}
     launcher = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     out, log, sizes = lines_of(launcher), [], {}

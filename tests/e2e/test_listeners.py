@@ -1,5 +1,6 @@
 """The suite as real processes on --host 127.0.0.1 listens on 127.0.0.1 only: gRPC, HTTP,
 metrics and UCX's data-plane listeners alike (docs/security.md, "Ports")."""
+
 from __future__ import annotations
 
 import os

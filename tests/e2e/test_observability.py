@@ -6,6 +6,7 @@ The Prometheus server is the real one (Debian's `prometheus` package, which
 `make install-test` installs): started here with a generated configuration that
 scrapes each service's metrics port every second.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -42,8 +43,10 @@ SERVICES = {  # suite service -> the gRPC service it serves
     "decode-0": decode_pb2.DESCRIPTOR.services_by_name["Decode"],
     "kvstore": kvstore_pb2.DESCRIPTOR.services_by_name["KVStore"],
 }
-LONG = ("You are a careful assistant. Answer in one short sentence, plainly, without lists, and do not "
-        "repeat the question. Here is the question about geography and history: what is the capital of France?")
+LONG = (
+    "You are a careful assistant. Answer in one short sentence, plainly, without lists, and do not "
+    "repeat the question. Here is the question about geography and history: what is the capital of France?"
+)
 PROMPTS = [LONG, "Write one word about the sea.", "Count: one, two,", LONG]  # the repeat hits the prefix cache
 SECRET_PROMPT = "zebra-umbrella-7931 is the secret"  # must never reach a log
 
@@ -61,9 +64,17 @@ def prometheus_binary() -> str:
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
     base = free_port_run(8)  # router, prefill, decode, kvstore; then their metrics ports
-    s = Suite(mode="disaggregated", port=base, base_port=base + 1, metrics_port=base + 4, kv_cache_gib=0.25,
-              log_level="INFO", log_dir=tmp_path_factory.mktemp("logs-observability"), ready_timeout=600,
-              env={"PDSERVE_HTTP_PORT": "0", "PDSERVE_LOCAL_PREFILL": "never", "PDSERVE_LOG_FORMAT": "json"})
+    s = Suite(
+        mode="disaggregated",
+        port=base,
+        base_port=base + 1,
+        metrics_port=base + 4,
+        kv_cache_gib=0.25,
+        log_level="INFO",
+        log_dir=tmp_path_factory.mktemp("logs-observability"),
+        ready_timeout=600,
+        env={"PDSERVE_HTTP_PORT": "0", "PDSERVE_LOCAL_PREFILL": "never", "PDSERVE_LOG_FORMAT": "json"},
+    )
     s.start()
     yield s
     s.stop()
@@ -72,22 +83,26 @@ def suite(tmp_path_factory):
 @pytest.fixture(scope="module")
 def traffic(suite):
     """A few requests over gRPC and one over the OpenAI HTTP API; returns their request ids."""
+
     async def send() -> list[str]:
         ids = []
         async with AsyncClient(suite.router_target, timeout=120) as client:
             for i, prompt in enumerate([*PROMPTS, SECRET_PROMPT]):
-                c = await client.complete(prompt, max_tokens=8, temperature=0.0, ignore_eos=True,
-                                          request_id=f"obs-{i}")
+                c = await client.complete(prompt, max_tokens=8, temperature=0.0, ignore_eos=True, request_id=f"obs-{i}")
                 assert len(c.token_ids) == 8
                 ids.append(c.request_id)
         return ids
 
     ids = asyncio.run(send())
-    url = next(re.search(r"API on (http://\S+)", line).group(1) for line in router_log(suite)
-               if "OpenAI-compatible API on" in line)
+    url = next(
+        re.search(r"API on (http://\S+)", line).group(1)
+        for line in router_log(suite)
+        if "OpenAI-compatible API on" in line
+    )
     body = json.dumps({"prompt": "Hello", "max_tokens": 4}).encode()
-    with urllib.request.urlopen(urllib.request.Request(f"{url}/completions", body,
-                                                       {"Content-Type": "application/json"}), timeout=120) as r:
+    with urllib.request.urlopen(
+        urllib.request.Request(f"{url}/completions", body, {"Content-Type": "application/json"}), timeout=120
+    ) as r:
         assert json.load(r)["choices"][0]["text"] is not None
     return ids
 
@@ -103,16 +118,26 @@ def prometheus(suite, tmp_path_factory):
     work = tmp_path_factory.mktemp("prometheus")
     targets = [{"targets": [s.metrics], "labels": {"service": s.name}} for s in suite.services if s.address]
     assert len(targets) == 4 and all(t["targets"][0] for t in targets)
-    config = {"global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-              "scrape_configs": [{"job_name": "pdserve", "static_configs": targets}]}
+    config = {
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "pdserve", "static_configs": targets}],
+    }
     (work / "prometheus.yml").write_text(yaml.safe_dump(config))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     log = open(work / "prometheus.log", "w")
-    proc = subprocess.Popen([binary, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={work / 'prometheus.yml'}",
+            f"--storage.tsdb.path={work / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -164,8 +189,14 @@ def test_prometheus_scrapes_every_service_and_sees_ttft_and_itl(suite, prometheu
     # `prometheus` before `traffic`: every service was scraped before the requests.
     assert set(targets_health(prometheus).values()) == {"up"}
     requests = len(traffic) + 1  # the HTTP one too
-    ttft = eventually(lambda: [r for r in query(prometheus, "gen_ai_server_time_to_first_token_seconds_count")
-                               if float(r["value"][1]) >= requests], _SCRAPED_S)
+    ttft = eventually(
+        lambda: [
+            r
+            for r in query(prometheus, "gen_ai_server_time_to_first_token_seconds_count")
+            if float(r["value"][1]) >= requests
+        ],
+        _SCRAPED_S,
+    )
     assert ttft and ttft[0]["metric"]["service"] == "router"
     itl = query(prometheus, "sum(pdserve_inter_token_latency_seconds_count)")
     assert itl and float(itl[0]["value"][1]) >= requests * 3  # 8 tokens: 7 gaps each (4 over HTTP)
@@ -173,10 +204,14 @@ def test_prometheus_scrapes_every_service_and_sees_ttft_and_itl(suite, prometheu
     # against the requests (NaN when one scrape saw them all); the dashboard test evaluates rates.
     p99 = query(prometheus, "histogram_quantile(0.99, sum by (le) (gen_ai_server_time_to_first_token_seconds_bucket))")
     assert p99 and 0 < float(p99[0]["value"][1]) < 120, (
-        query(prometheus, "up[1m]"), query(prometheus, "gen_ai_server_time_to_first_token_seconds_bucket"))
+        query(prometheus, "up[1m]"),
+        query(prometheus, "gen_ai_server_time_to_first_token_seconds_bucket"),
+    )
+
     # A request's outcome is counted when its stream closes, which can be a scrape after its first token.
     def counted():
         return {r["metric"]["outcome"]: float(r["value"][1]) for r in query(prometheus, "pdserve_requests_total")}
+
     outcomes = eventually(lambda: (o := counted()) and sum(o.values()) >= requests and o, _SCRAPED_S) or counted()
     assert outcomes["length"] >= len(traffic) and sum(outcomes.values()) == requests  # the HTTP one may stop
     assert set(outcomes) <= {"length", "stop"}
@@ -185,7 +220,9 @@ def test_prometheus_scrapes_every_service_and_sees_ttft_and_itl(suite, prometheu
     assert by_service(query(prometheus, "sum by (service) (pdserve_prefix_cache_hit_tokens_total)"))["prefill-0"] > 0
     sent = by_service(query(prometheus, 'sum by (service) (pdserve_kv_transfer_bytes_total{transport="ucx"})'))
     assert sent.get("prefill-0", 0) > 0  # prefill pushed KV to the decode worker over UCX
-    decisions = {r["metric"]["decision"]: float(r["value"][1]) for r in query(prometheus, "pdserve_prefill_decisions_total")}
+    decisions = {
+        r["metric"]["decision"]: float(r["value"][1]) for r in query(prometheus, "pdserve_prefill_decisions_total")
+    }
     assert decisions["disaggregated"] >= requests and decisions.get("local_prefill", 0) == 0
 
 
@@ -220,8 +257,10 @@ def test_health_and_reflection_clients_see_every_service_serving_with_its_method
                 assert status == health_pb2.HealthCheckResponse.SERVING, (name, checked)
             database = ProtoReflectionDescriptorDatabase(channel)
             listed = set(database.get_services())
-            assert listed == {service.full_name, "grpc.health.v1.Health",
-                              "grpc.reflection.v1alpha.ServerReflection"}, (name, listed)
+            assert listed == {service.full_name, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}, (
+                name,
+                listed,
+            )
             found = DescriptorPool(database).FindServiceByName(service.full_name)
             assert {m.name for m in found.methods} == {m.name for m in service.methods}, name
             assert len(found.methods) >= 2

@@ -2,6 +2,7 @@
 started again while the suite serves on, and the client's greedy stream is the unfaulted
 one. Real `pdserve up`, real processes and signals, SmolLM2 in float32 (a bfloat16
 re-prefill may flip a near tie: docs/reliability.md)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -38,10 +39,34 @@ class Up:
         self.env = {**os.environ, "PDSERVE_RUN_DIR": str(tmp_path), "PDSERVE_LOCAL_PREFILL": "never"}
         self.log = open(tmp_path / "up.log", "w+")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pdserve", "up", "--prefill", "2", "--decode", "2", "--port", str(self.port),
-             "--base-port", str(self.port + 1), "--http-port", "-1", "--metrics-port", "-1", "--kv-cache-gib",
-             "0.25", "--dtype", "float32", "--ready-timeout", "240"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
+            [
+                sys.executable,
+                "-m",
+                "pdserve",
+                "up",
+                "--prefill",
+                "2",
+                "--decode",
+                "2",
+                "--port",
+                str(self.port),
+                "--base-port",
+                str(self.port + 1),
+                "--http-port",
+                "-1",
+                "--metrics-port",
+                "-1",
+                "--kv-cache-gib",
+                "0.25",
+                "--dtype",
+                "float32",
+                "--ready-timeout",
+                "240",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+        )
         self.target = f"127.0.0.1:{self.port}"
         self.path = run_state.state_path(self.port, self.env)
 
@@ -55,8 +80,12 @@ class Up:
     def back(self, name: str, restarts: int) -> bool:
         s = self.services().get(name)
         seen = {w.info.worker_id for w in list_workers(self.target) or [] if w.healthy}
-        return bool(s and s["phase"] == "serving" and s["restarts"] == restarts
-                    and (s["role"] not in ("prefill", "decode") or name in seen))
+        return bool(
+            s
+            and s["phase"] == "serving"
+            and s["restarts"] == restarts
+            and (s["role"] not in ("prefill", "decode") or name in seen)
+        )
 
 
 @pytest.fixture(scope="module")
@@ -97,23 +126,36 @@ def _assert_back_in_time(up, name: str, killed_at: float) -> None:
 async def test_a_killed_decode_worker_is_back_within_15s_and_its_stream_is_the_unfaulted_one(up, smollm2_tokenizer):
     async def busy_decoder() -> str:
         async def running():
-            return next((w.info.worker_id for w in list_workers(up.target) or []
-                         if w.info.worker_id.startswith("decode") and w.load.running_seqs), None)
+            return next(
+                (
+                    w.info.worker_id
+                    for w in list_workers(up.target) or []
+                    if w.info.worker_id.startswith("decode") and w.load.running_seqs
+                ),
+                None,
+            )
+
         return await settles(running, timeout=30, interval=0.05)
 
     seen, expected, result, victim, killed_at = await _faulted_stream(up, smollm2_tokenizer, 41, busy_decoder)
     assert seen == expected and result.route["decode_worker_id"] != victim
     _assert_back_in_time(up, victim, killed_at)
     async with AsyncClient(up.target, timeout=120) as client:  # and it takes requests again
-        routes = await asyncio.gather(*(client.complete(text_of_tokens(smollm2_tokenizer, 20, offset=50 + i),
-                                                        max_tokens=4, temperature=0.0) for i in range(6)))
+        routes = await asyncio.gather(
+            *(
+                client.complete(text_of_tokens(smollm2_tokenizer, 20, offset=50 + i), max_tokens=4, temperature=0.0)
+                for i in range(6)
+            )
+        )
     assert victim in {r.route["decode_worker_id"] for r in routes}
 
 
 async def test_a_killed_prefill_worker_and_kv_store_are_back_within_15s_while_streams_go_on(up, smollm2_tokenizer):
     for name, offset in (("prefill-0", 43), ("kvstore", 45)):
+
         async def chosen(name=name) -> str:
             return name
+
         seen, expected, result, victim, killed_at = await _faulted_stream(up, smollm2_tokenizer, offset, chosen)
         assert seen == expected and result.usage.completion_tokens == TOKENS
         _assert_back_in_time(up, name, killed_at)
@@ -125,12 +167,18 @@ async def test_a_killed_prefill_worker_and_kv_store_are_back_within_15s_while_st
         async with grpc.aio.insecure_channel(up.services()["kvstore"]["address"]) as channel:
             stats = await KVStoreStub(channel).GetStats(kvstore_pb2.GetStoreStatsRequest(), timeout=5)
         return stats.blocks_written
+
     assert await settles(written, timeout=10)
 
 
 def test_status_lists_every_service_with_its_health_load_restarts_and_version(up):
-    shown = subprocess.run([sys.executable, "-m", "pdserve", "status", "--target", up.target, "--json"],
-                           capture_output=True, text=True, env=up.env, timeout=60)
+    shown = subprocess.run(
+        [sys.executable, "-m", "pdserve", "status", "--target", up.target, "--json"],
+        capture_output=True,
+        text=True,
+        env=up.env,
+        timeout=60,
+    )
     assert shown.returncode == 0, shown.stderr
     rows = {r["name"]: r for r in json.loads(shown.stdout)["services"]}
     assert set(rows) == {"prefill-0", "prefill-1", "decode-0", "decode-1", "kvstore", "router"}
@@ -138,22 +186,50 @@ def test_status_lists_every_service_with_its_health_load_restarts_and_version(up
     assert {rows[n]["role"] for n in ("decode-0", "decode-1")} == {"decode"}
     assert rows["decode-0"]["running"] == 0 and 0 <= rows["decode-0"]["kv_used"] < 1
     assert rows["router"]["running"] is None  # the launcher's row: the router does not list itself
-    table = subprocess.run([sys.executable, "-m", "pdserve", "status", "--target", up.target],
-                           capture_output=True, text=True, env=up.env, timeout=60).stdout
-    assert table.split("\n")[0].split() == ["name", "role", "address", "health", "running", "waiting", "kv_used",
-                                            "restarts", "uptime_s", "version"]
+    table = subprocess.run(
+        [sys.executable, "-m", "pdserve", "status", "--target", up.target],
+        capture_output=True,
+        text=True,
+        env=up.env,
+        timeout=60,
+    ).stdout
+    assert table.split("\n")[0].split() == [
+        "name",
+        "role",
+        "address",
+        "health",
+        "running",
+        "waiting",
+        "kv_used",
+        "restarts",
+        "uptime_s",
+        "version",
+    ]
 
 
 async def test_a_rolling_restart_under_load_fails_no_request_and_changes_no_token(up, smollm2_tokenizer):
     prompts = [text_of_tokens(smollm2_tokenizer, 40, offset=60 + i) for i in range(4)]
     async with AsyncClient(up.target, timeout=120) as client:
+
         async def run(ids):
             return (await client.complete(ids, max_tokens=24, ignore_eos=True, temperature=0.0)).token_ids
+
         reference = [await run(ids) for ids in prompts]
         before = {n: s["pid"] for n, s in up.services().items()}
         restart = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "pdserve", "restart", "--rolling", "--target", up.target, "--wait", "240",
-            env=up.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            sys.executable,
+            "-m",
+            "pdserve",
+            "restart",
+            "--rolling",
+            "--target",
+            up.target,
+            "--wait",
+            "240",
+            env=up.env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
         outputs = []
         while restart.returncode is None:  # closed-loop load for as long as the restart takes
             outputs += zip(prompts, await asyncio.gather(*(run(ids) for ids in prompts)))

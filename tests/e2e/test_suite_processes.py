@@ -1,4 +1,5 @@
 """Router, prefill and decode as separate OS processes, through the client SDK."""
+
 from __future__ import annotations
 
 import asyncio
@@ -50,6 +51,7 @@ async def free_pools(suite) -> list[pb.WorkerLoad]:
     async def free() -> bool:
         seen[:] = await loads(suite)
         return all(w.free_blocks == w.total_blocks and w.running_seqs == 0 for w in seen)
+
     assert await settles(free, timeout=30), seen
     return seen
 
@@ -58,7 +60,9 @@ async def free_pools(suite) -> list[pb.WorkerLoad]:
 async def test_concurrent_prompts_match_transformers(start_suite, references, mode):
     suite = start_suite(mode)
     async with AsyncClient(suite.router_target, timeout=120) as client:
-        results = await asyncio.gather(*(client.complete(ids, max_tokens=NEW, temperature=0.0) for ids, _ in references))
+        results = await asyncio.gather(
+            *(client.complete(ids, max_tokens=NEW, temperature=0.0) for ids, _ in references)
+        )
         for (ids, expected), c in zip(references, results):
             assert c.token_ids == expected
             assert c.usage.prompt_tokens == len(ids) and c.usage.completion_tokens == len(expected)
@@ -95,14 +99,16 @@ async def test_pdserve_generate_streams_what_the_sdk_gets_and_names_a_bad_field(
     suite = start_suite("colocated")  # the suite the tests above started
     question = "What is the capital of France?"
     async with AsyncClient(suite.router_target, timeout=120) as client:
-        expected = await client.complete(messages=[{"role": "user", "content": question}], max_tokens=12,
-                                         temperature=0.0)
+        expected = await client.complete(
+            messages=[{"role": "user", "content": question}], max_tokens=12, temperature=0.0
+        )
     cli = [sys.executable, "-m", "pdserve", "generate", "--target", suite.router_target, "--max-tokens", "12"]
     done = await asyncio.to_thread(subprocess.run, [*cli, question], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout == expected.text + "\n" and expected.text.strip()
     # The router's refusal (a prompt past the context window), as its status and field: no traceback.
-    refused = await asyncio.to_thread(subprocess.run, [*cli, "--raw", "hello " * 10_000], capture_output=True,
-                                      text=True, timeout=120)
+    refused = await asyncio.to_thread(
+        subprocess.run, [*cli, "--raw", "hello " * 10_000], capture_output=True, text=True, timeout=120
+    )
     assert (refused.returncode, refused.stdout) == (2, "")
     assert refused.stderr.startswith("pdserve: INVALID_ARGUMENT: prompt") and "Traceback" not in refused.stderr

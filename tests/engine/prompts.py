@@ -1,9 +1,11 @@
 """Prompts of known lengths (1 to 1,500 tokens) built from varied natural text."""
+
 from __future__ import annotations
 
 PARAGRAPHS = [
     "The history of the lighthouse begins in antiquity, when fires on hilltops warned sailors of rocks. ",
-    "Modern compilers translate source code through several intermediate representations before emitting machine code. ",
+    "Modern compilers translate source code through several intermediate representations "
+    "before emitting machine code. ",
     "In the kitchen, a good stock is built slowly: bones, onions, carrots and celery simmer for hours. ",
     "Migrating birds navigate using the sun, the stars and the Earth's magnetic field, sometimes all at once. ",
     "A distributed database must decide what to do when the network partitions and replicas disagree. ",

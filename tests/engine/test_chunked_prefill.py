@@ -1,5 +1,6 @@
 """Chunked prefill: a long prompt goes a chunk per step between the running streams'
 decode steps; without it, the whole prompt goes in one step, whatever the budget."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,9 +12,11 @@ from pdserve.common.engine.sampling_params import SamplingParams
 
 @pytest.mark.parametrize("chunked, steps_to_first_token", [(True, 4), (False, 1)])
 def test_a_long_prompt_beside_a_running_stream_is_chunked_only_when_chunking_is_on(
-        tiny_model_dir, chunked, steps_to_first_token):
-    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), max_num_batched_tokens=32,
-                                    enable_chunked_prefill=chunked))
+    tiny_model_dir, chunked, steps_to_first_token
+):
+    engine = LLMEngine(
+        EngineConfig(model=str(tiny_model_dir), max_num_batched_tokens=32, enable_chunked_prefill=chunked)
+    )
     engine.add_request([101] * 5, SamplingParams(max_tokens=50, ignore_eos=True), request_id="running")
     engine.step()  # its prompt: from now on it decodes a token every step
     engine.add_request(list(range(200, 300)), SamplingParams(max_tokens=2, ignore_eos=True), request_id="long")

@@ -3,6 +3,7 @@
 Each must compute what the plain torch path computes; the engine gives the
 same greedy tokens with them on and off.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,9 @@ def _reference(q, cache, layer, tables, lens, scale):
     for i, ctx in enumerate(lens.tolist()):
         blocks = tables[i, : (ctx + BLOCK - 1) // BLOCK]
         k, v = (cache[blocks, layer, j].reshape(-1, *cache.shape[-2:])[:ctx].transpose(0, 1).float() for j in (0, 1))
-        out.append(F.scaled_dot_product_attention(q[i].float().unsqueeze(1), k, v, scale=scale, enable_gqa=True).squeeze(1))
+        out.append(
+            F.scaled_dot_product_attention(q[i].float().unsqueeze(1), k, v, scale=scale, enable_gqa=True).squeeze(1)
+        )
     return torch.stack(out)
 
 
@@ -62,7 +65,9 @@ def test_paged_decode_reads_only_the_blocks_in_its_table(paged_decode):
     q = torch.randn(2, 9, 64)
     got = paged_decode(q, cache, 1, tables, lens, 0.125)
     assert torch.isfinite(got).all()
-    torch.testing.assert_close(got, _reference(q, torch.nan_to_num(cache), 1, tables, lens, 0.125), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        got, _reference(q, torch.nan_to_num(cache), 1, tables, lens, 0.125), atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,4 +1,5 @@
 """KV computed by one engine, exported as bytes, imported by another, decodes identically."""
+
 from __future__ import annotations
 
 import dataclasses

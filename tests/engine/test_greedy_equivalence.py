@@ -1,4 +1,5 @@
 """Greedy output of the engine is token-identical to transformers' generate()."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """Requests come and go; blocks always return to the pool; bad input changes nothing."""
+
 from __future__ import annotations
 
 import random
@@ -16,6 +17,7 @@ from pdserve.common.errors import InvalidRequestError, NotFoundError
 def tiny_engine(tiny_model_dir):
     def make(**kw):
         return LLMEngine(EngineConfig(model=str(tiny_model_dir), **kw))
+
     return make
 
 

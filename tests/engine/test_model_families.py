@@ -1,6 +1,7 @@
 """The Llama family DESIGN.md names, beyond Llama itself: Qwen2 (biased q/k/v projections),
 Qwen3 (q/k norms) and Mistral (a sliding window), each a tiny random model that the engine
 runs token for token as transformers does."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,9 +23,19 @@ def _tiny(tmp_path, tokenizer, family: str, **extra):
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
     }[family]
     torch.manual_seed(0)
-    config = config_class(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
-                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **extra)
+    config = config_class(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **extra,
+    )
     model = model_class(config)
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)

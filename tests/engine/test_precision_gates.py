@@ -5,6 +5,7 @@ for each of its positions k the bf16 engine gets prompt + reference[:k] and samp
 which must be reference[k]. Prefix caching makes each of those a short prefill over bf16 KV in the pool,
 the path decode takes. fp32 itself is held to token identity by test_greedy_equivalence.py.
 """
+
 from __future__ import annotations
 
 import pytest

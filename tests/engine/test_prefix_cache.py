@@ -1,4 +1,5 @@
 """A request sharing a long prefix computes only its new tokens, with the same output."""
+
 from __future__ import annotations
 
 from pdserve.common.engine.sampling_params import SamplingParams

@@ -1,4 +1,5 @@
 """`pdserve profile` on the tiny random model: real steps of known shapes, a fitted step model, a keyed cache."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -78,6 +79,7 @@ def test_load_or_measure_measures_once_then_reads_the_cache(measured, tiny_model
     def counted(*args, **kw):
         calls.append(args)
         return measured
+
     monkeypatch.setattr(measure, "measure", counted)
     said = []
     first = measure.load_or_measure(str(tiny_model_dir), say=said.append)
@@ -100,8 +102,9 @@ def test_pdserve_profile_prints_each_thread_counts_model_and_fit_error(tiny_mode
     assert Profile.load(out).steps.keys() == {1}
 
 
-def test_pdserve_plan_refuses_a_given_profile_of_another_model_than_model_naming_both(measured, tiny_model_dir,
-                                                                                      tmp_path, capsys):
+def test_pdserve_plan_refuses_a_given_profile_of_another_model_than_model_naming_both(
+    measured, tiny_model_dir, tmp_path, capsys
+):
     profile, _ = measured
     path = tmp_path / "p.json"
     dataclasses.replace(profile, model="other@0123").save(path)

@@ -1,4 +1,5 @@
 """Sampling, stop conditions and streamed text."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -5,6 +5,7 @@ Skipped where there is none (CI has no GPU). Run on a lent GPU machine with
 tiny random Llama with SmolLM2's tokenizer (the real weights cannot travel
 there), built from a fixed seed.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -120,8 +121,11 @@ async def test_cuda_blocks_cross_real_ucx_and_land_only_once_verified(dtype):
 
 
 def _request(ids, rid):
-    return rpb.GenerateRequest(request_id=rid, token_ids=pb.TokenIds(ids=ids),
-                               sampling=pb.SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
+    return rpb.GenerateRequest(
+        request_id=rid,
+        token_ids=pb.TokenIds(ids=ids),
+        sampling=pb.SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0),
+    )
 
 
 async def _tokens(suite, request) -> list[int]:
@@ -136,11 +140,11 @@ async def test_the_suite_on_cuda_streams_transformers_tokens(tiny, cases, mode):
     """Four prompts at once through router, prefill and decode on cuda pools, with a
     KV store (the second round's prefixes load from it into the cuda pools)."""
     picked = [cases[i] for i in (2, 4, 5, 6)]  # 30 to 1,000 tokens
-    async with inprocess_suite(tiny, mode, device="cuda", store_blocks=256,
-                               decode_kw={"use_store": True}) as suite:
+    async with inprocess_suite(tiny, mode, device="cuda", store_blocks=256, decode_kw={"use_store": True}) as suite:
         for turn in range(2):
-            got = await asyncio.gather(*(_tokens(suite, _request(ids, f"{mode}-{turn}-{i}"))
-                                         for i, (ids, _) in enumerate(picked)))
+            got = await asyncio.gather(
+                *(_tokens(suite, _request(ids, f"{mode}-{turn}-{i}")) for i, (ids, _) in enumerate(picked))
+            )
             assert got == [expected for _, expected in picked], f"round {turn}"
         await pools_full(suite)
         if mode == "disaggregated":

@@ -1,5 +1,6 @@
 """One virtual network and one suite for the whole directory (starting four model
 workers is the slow part); skipped where network namespaces cannot be made."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -65,8 +66,15 @@ def cluster(tmp_path_factory):
         }
         # float32: a migrated stream must match an unfaulted one token for token, and in
         # bfloat16 a re-prefill rounds unlike the decode steps it replaces (docs/engine.md, Precision).
-        suite = netns_suite(net, PREFILL, DECODE, env=env, dtype="float32", log_dir=tmp_path_factory.mktemp("multihost-logs"),
-                            ready_timeout=420)
+        suite = netns_suite(
+            net,
+            PREFILL,
+            DECODE,
+            env=env,
+            dtype="float32",
+            log_dir=tmp_path_factory.mktemp("multihost-logs"),
+            ready_timeout=420,
+        )
         suite.start()
         try:
             yield Cluster(net, suite)

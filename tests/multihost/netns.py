@@ -16,6 +16,7 @@ registered with atexit, so an interrupted run cleans up after itself.
 `python -m tests.multihost.netns --cleanup` removes namespaces that a killed run
 (SIGKILL skips atexit) left behind.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,11 @@ def unavailable() -> str | None:
 
 def _free_subnet() -> ipaddress.IPv4Network:
     """A 10.213.X.0/24 that no route of this namespace covers (another run's, or the host's)."""
-    routes = [ipaddress.ip_network(r["dst"], strict=False)
-              for r in json.loads(ip("-j", "route", "show") or "[]") if r.get("dst", "default") != "default"]
+    routes = [
+        ipaddress.ip_network(r["dst"], strict=False)
+        for r in json.loads(ip("-j", "route", "show") or "[]")
+        if r.get("dst", "default") != "default"
+    ]
     for x in random.sample(range(256), 256):
         net = ipaddress.ip_network(f"10.213.{x}.0/24")
         if not any(net.overlaps(r) for r in routes):
@@ -74,8 +78,9 @@ def _free_subnet() -> ipaddress.IPv4Network:
 
 def _ipv6_off(namespace: str | None, interface: str = "all") -> None:
     """No IPv6 (no link-local chatter) on an interface; best effort (a kernel without IPv6 has none)."""
-    keys = (f"net/ipv6/conf/{interface}/disable_ipv6",) + (("net/ipv6/conf/default/disable_ipv6",)
-                                                             if interface == "all" else ())
+    keys = (f"net/ipv6/conf/{interface}/disable_ipv6",) + (
+        ("net/ipv6/conf/default/disable_ipv6",) if interface == "all" else ()
+    )
     script = "; ".join(f"echo 1 > /proc/sys/{k}" for k in keys) + " 2>/dev/null; true"
     argv = ["sh", "-c", script]
     subprocess.run(["ip", "netns", "exec", namespace, *argv] if namespace else argv, check=False)
@@ -169,15 +174,23 @@ def leftovers() -> list[str]:
         name = line.split()[0] if line.strip() else ""
         if name.startswith(PREFIX):
             runs.setdefault(name.split("-")[1], []).append(name)
-    return [n for names in runs.values() if not any(ip("netns", "pids", n, check=False).strip() for n in names)
-            for n in names]
+    return [
+        n
+        for names in runs.values()
+        if not any(ip("netns", "pids", n, check=False).strip() for n in names)
+        for n in names
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.multihost.netns", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cleanup", action="store_true",
-                        help=f"remove {PREFIX}* namespaces no process is in (left by a killed run)")
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.multihost.netns",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--cleanup", action="store_true", help=f"remove {PREFIX}* namespaces no process is in (left by a killed run)"
+    )
     args = parser.parse_args(argv)
     if not args.cleanup:
         parser.print_help()

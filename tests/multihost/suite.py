@@ -12,6 +12,7 @@ around the network.
 By hand (as root): `python -m tests.multihost.suite` starts it and runs until
 Ctrl-C, then removes the namespaces.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,26 +35,48 @@ def names(prefill: int, decode: int) -> list[str]:
     return ["router", *(f"prefill-{i}" for i in range(prefill)), *(f"decode-{i}" for i in range(decode)), "kvstore"]
 
 
-def netns_suite(net: Network, prefill: int, decode: int, *, env: dict[str, str] | None = None,
-                kv_cache_gib: float = 0.25, dtype: str | None = None, **suite_kw) -> Suite:
+def netns_suite(
+    net: Network,
+    prefill: int,
+    decode: int,
+    *,
+    env: dict[str, str] | None = None,
+    kv_cache_gib: float = 0.25,
+    dtype: str | None = None,
+    **suite_kw,
+) -> Suite:
     """A Suite whose services each run in their own namespace of `net` (made with `names(prefill, decode)`).
     Every namespace has its own ports, so the default ports serve every run."""
-    services = plan("disaggregated", prefill, decode, hosts=net.address, kv_cache_gib=kv_cache_gib,
-                    dtype=dtype, http_port=-1, metrics_port=-1)
-    placed = [dataclasses.replace(s, argv=(*net.exec_prefix(s.name), *s.argv)) if s.address else s
-              for s in services]  # the one-shot model step needs no network
+    services = plan(
+        "disaggregated",
+        prefill,
+        decode,
+        hosts=net.address,
+        kv_cache_gib=kv_cache_gib,
+        dtype=dtype,
+        http_port=-1,
+        metrics_port=-1,
+    )
+    placed = [
+        dataclasses.replace(s, argv=(*net.exec_prefix(s.name), *s.argv)) if s.address else s for s in services
+    ]  # the one-shot model step needs no network
     return Suite(services=placed, env={**ENV, **(env or {})}, **suite_kw)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.multihost.suite", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.multihost.suite",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--prefill", type=int, default=2)
     parser.add_argument("--decode", type=int, default=2)
     args = parser.parse_args(argv)
     with Network(names(args.prefill, args.decode)) as net:
-        print(f"network {net.subnet}: " + ", ".join(f"{n} {net.namespace(n)} {a}" for n, a in net.address.items()),
-              flush=True)
+        print(
+            f"network {net.subnet}: " + ", ".join(f"{n} {net.namespace(n)} {a}" for n, a in net.address.items()),
+            flush=True,
+        )
         return supervise(netns_suite(net, args.prefill, args.decode))
 
 

@@ -2,6 +2,7 @@
 network namespaces: a sender whose link goes down and comes back reaches its
 receiver again.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,9 +26,13 @@ class Peer:
     """A tests.multihost.ucx_peer process inside one namespace."""
 
     def __init__(self, net: Network, name: str, role: str) -> None:
-        self.proc = subprocess.Popen([*net.exec_prefix(name), sys.executable, "-m", "tests.multihost.ucx_peer", role],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     env={**os.environ, **ENV, "OMP_NUM_THREADS": "1"})
+        self.proc = subprocess.Popen(
+            [*net.exec_prefix(name), sys.executable, "-m", "tests.multihost.ucx_peer", role],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **ENV, "OMP_NUM_THREADS": "1"},
+        )
         self.replies: queue.Queue[dict] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         self.hello = self._reply(120)  # importing torch and starting UCX, on a busy machine
@@ -35,7 +40,7 @@ class Peer:
     def _read(self) -> None:
         for line in self.proc.stdout:
             if line.startswith(MARK):
-                self.replies.put(json.loads(line[len(MARK):]))
+                self.replies.put(json.loads(line[len(MARK) :]))
 
     def _reply(self, timeout: float):
         try:

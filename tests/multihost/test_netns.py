@@ -5,6 +5,7 @@ cut prefill link costs the client nothing.
 The tests share one suite (conftest.py). The decode kill leaves one decode
 worker for the tests after it; each test works with one.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -43,8 +44,9 @@ async def through_every_prefiller(client: AsyncClient, cluster, offset: int, **p
     prefillers = cluster.names("prefill")
     seen: dict[str, Completion] = {}
     for round_ in range(4):
-        batch = await asyncio.gather(*(client.complete(prompt(offset + 10 * round_ + i, 8), **params)
-                                       for i in range(len(prefillers))))
+        batch = await asyncio.gather(
+            *(client.complete(prompt(offset + 10 * round_ + i, 8), **params) for i in range(len(prefillers)))
+        )
         for c in batch:
             seen.setdefault(c.route["prefill_worker_id"], c)
         if set(seen) >= set(prefillers):
@@ -58,8 +60,12 @@ async def test_kv_cache_crosses_the_virtual_network(cluster):
     async with AsyncClient(cluster.suite.router_target, timeout=300) as client:
         done = await through_every_prefiller(client, cluster, 100, max_tokens=8, **GREEDY)
     assert all(c.route["disaggregated"] and len(c.token_ids) == 8 for c in done.values())
-    received = sum([(await cluster.decode_stats(n)).kv_bytes_received - before.kv_bytes_received
-                    for n, before in stats_before.items()])
+    received = sum(
+        [
+            (await cluster.decode_stats(n)).kv_bytes_received - before.kv_bytes_received
+            for n, before in stats_before.items()
+        ]
+    )
     assert received > 0
     # Every KV byte came in through a decode host's network interface, and went out through a prefill host's.
     grew = {n: {k: v - nic_before[n][k] for k, v in cluster.net.counters(n).items()} for n in cluster.net.address}
@@ -111,6 +117,7 @@ async def test_cut_prefill_link_fails_over_and_heals(cluster):
                 if load.running_seqs or load.waiting_seqs:
                     return name
             return None
+
         victim = await eventually(busy_prefiller, 60, "a prefill worker takes the request")
         cluster.net.set_link(victim, up=False)  # mid-prefill: its answer and its KV push stall
         try:

@@ -7,6 +7,7 @@ Replies are stdout lines starting with MARK (UCX writes its own log lines there 
 is its UCX address. Commands: receiver {"expect": id} -> ticket, {"wait": id,
 "seconds": s}, {"check": seed}; sender {"send": ticket, "seed": n, "seconds": s}.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -22,8 +23,13 @@ def reply(message: dict) -> None:
 
 
 def ticket_to_json(t) -> dict:
-    return {"transfer_id": t.transfer_id, "secret": t.secret.hex(), "address": t.address.hex(),
-            "num_blocks": t.num_blocks, "block_bytes": t.block_bytes}
+    return {
+        "transfer_id": t.transfer_id,
+        "secret": t.secret.hex(),
+        "address": t.address.hex(),
+        "num_blocks": t.num_blocks,
+        "block_bytes": t.block_bytes,
+    }
 
 
 async def handle(end, pool, cmd: dict):
@@ -38,8 +44,9 @@ async def handle(end, pool, cmd: dict):
         return all(bool(pool.block(i).eq(cmd["check"] + i).all()) for i in range(BLOCKS))
     if "send" in cmd:
         t = cmd["send"]
-        ticket = TransferTicket(t["transfer_id"], bytes.fromhex(t["secret"]), bytes.fromhex(t["address"]),
-                                t["num_blocks"], t["block_bytes"])
+        ticket = TransferTicket(
+            t["transfer_id"], bytes.fromhex(t["secret"]), bytes.fromhex(t["address"]), t["num_blocks"], t["block_bytes"]
+        )
         for i in range(BLOCKS):
             pool.block(i).fill_(cmd["seed"] + i)
         await end.send(ticket, 0, [pool.block(i) for i in range(BLOCKS)], timeout=cmd["seconds"])

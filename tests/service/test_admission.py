@@ -7,6 +7,7 @@ unbounded latency, and the requests that were accepted complete. A client's
 gRPC deadline travels downstream: when it passes, the client gets
 DEADLINE_EXCEEDED and no worker keeps computing for it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -24,8 +25,9 @@ from tests.service.suite import inprocess_suite, pools_full
 
 def _request(prompt: str | list[int], rid: str, max_tokens: int) -> rpb.GenerateRequest:
     which = {"text": prompt} if isinstance(prompt, str) else {"token_ids": pb.TokenIds(ids=prompt)}
-    return rpb.GenerateRequest(request_id=rid, **which, sampling=pb.SamplingParams(
-        max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+    return rpb.GenerateRequest(
+        request_id=rid, **which, sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    )
 
 
 async def _outcome(stub, req: rpb.GenerateRequest, timeout: float | None = None):
@@ -66,16 +68,25 @@ async def test_the_router_refuses_past_max_inflight_at_once_and_finishes_what_it
         await pools_full(suite)
 
 
-@pytest.mark.parametrize("mode, max_retries", [
-    ("colocated", 0), ("disaggregated", 0),
-    ("disaggregated", 2),  # the retry finds every worker excluded: still the queue's RESOURCE_EXHAUSTED
-])
+@pytest.mark.parametrize(
+    "mode, max_retries",
+    [
+        ("colocated", 0),
+        ("disaggregated", 0),
+        ("disaggregated", 2),  # the retry finds every worker excluded: still the queue's RESOURCE_EXHAUSTED
+    ],
+)
 async def test_a_full_worker_queue_is_resource_exhausted_and_accepted_requests_complete(smollm2, mode, max_retries):
     # The router would take 16; the one decode worker queues 1 beyond the 1 it runs.
-    async with inprocess_suite(smollm2, mode, decode_kw={"max_queue": 1, "max_num_seqs": 1},
-                               router_kw={"max_inflight": 16, "max_retries": max_retries}) as suite:
-        outcomes = await asyncio.gather(*(_outcome(suite.stub, _request("Count: 1, 2, 3,", f"r{i}", 12))
-                                          for i in range(6)))
+    async with inprocess_suite(
+        smollm2,
+        mode,
+        decode_kw={"max_queue": 1, "max_num_seqs": 1},
+        router_kw={"max_inflight": 16, "max_retries": max_retries},
+    ) as suite:
+        outcomes = await asyncio.gather(
+            *(_outcome(suite.stub, _request("Count: 1, 2, 3,", f"r{i}", 12)) for i in range(6))
+        )
         codes = [code for code, _, _ in outcomes]
         assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
         done = [s for code, _, s in outcomes if code is grpc.StatusCode.OK]

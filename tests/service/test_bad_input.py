@@ -8,6 +8,7 @@ rejected request the router has nothing in flight, made no routing decision,
 and no worker's engine saw the request: its stats are exactly what they were.
 One in-process suite (real gRPC, UCX, SmolLM2) serves the module.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,8 +48,12 @@ def vocab(smollm2) -> int:
 def state(suite) -> tuple:
     """Everything a request could change: the router's counts, every engine's stats."""
     router = suite.router.router
-    return (router.inflight, dict(router.decisions), [(w.inflight, w.inflight_tokens) for w in router.pool.all],
-            [dataclasses.astuple(rt.engine.stats()) for rt in suite.decode + suite.prefill])
+    return (
+        router.inflight,
+        dict(router.decisions),
+        [(w.inflight, w.inflight_tokens) for w in router.pool.all],
+        [dataclasses.astuple(rt.engine.stats()) for rt in suite.decode + suite.prefill],
+    )
 
 
 def assert_idle(suite) -> None:
@@ -75,16 +80,24 @@ GRPC_CASES = {  # name -> (request, the field the error names)
     "empty token list": (lambda v: rpb.GenerateRequest(token_ids=pb.TokenIds()), "prompt.token_ids"),
     "chat without messages": (lambda v: rpb.GenerateRequest(chat=rpb.Chat()), "prompt.chat"),
     "token ids as long as the context": (
-        lambda v: rpb.GenerateRequest(token_ids=pb.TokenIds(ids=[100] * CONTEXT)), "prompt"),
+        lambda v: rpb.GenerateRequest(token_ids=pb.TokenIds(ids=[100] * CONTEXT)),
+        "prompt",
+    ),
     "text longer than the context": (lambda v: rpb.GenerateRequest(text=" hello" * (CONTEXT + 10)), "prompt"),
     # Too many characters for any tokenization to fit: refused before the router spends seconds encoding it.
     "a megabyte of text": (lambda v: rpb.GenerateRequest(text="x" * 2**20), "prompt.text"),
-    "a megabyte of chat": (lambda v: rpb.GenerateRequest(chat=rpb.Chat(messages=[
-        rpb.ChatMessage(role="user", content="y" * 2**19)] * 2)), "prompt.chat"),
+    "a megabyte of chat": (
+        lambda v: rpb.GenerateRequest(chat=rpb.Chat(messages=[rpb.ChatMessage(role="user", content="y" * 2**19)] * 2)),
+        "prompt.chat",
+    ),
     "token id just past the vocabulary": (
-        lambda v: rpb.GenerateRequest(token_ids=pb.TokenIds(ids=[100, v])), "prompt.token_ids"),
+        lambda v: rpb.GenerateRequest(token_ids=pb.TokenIds(ids=[100, v])),
+        "prompt.token_ids",
+    ),
     "token id far outside the vocabulary": (
-        lambda v: rpb.GenerateRequest(token_ids=pb.TokenIds(ids=[10**7])), "prompt.token_ids"),
+        lambda v: rpb.GenerateRequest(token_ids=pb.TokenIds(ids=[10**7])),
+        "prompt.token_ids",
+    ),
     "max_tokens 0": (lambda v: sampling(max_tokens=0), "max_tokens"),
     "negative temperature": (lambda v: sampling(temperature=-1), "temperature"),
     "NaN temperature": (lambda v: sampling(temperature=float("nan")), "temperature"),
@@ -121,11 +134,17 @@ RAW_CASES = {  # name -> (serialized request bytes, the field the error names)
     "invalid UTF-8 text": (_with_bytes(rpb.GenerateRequest(text="QQQQ"), "QQQQ", b"ab\xff\xfe"), "prompt.text"),
     "a UTF-8 encoded surrogate": (_with_bytes(rpb.GenerateRequest(text="QQQ"), "QQQ", b"\xed\xa0\x80"), "prompt.text"),
     "invalid UTF-8 in a chat message": (
-        _with_bytes(rpb.GenerateRequest(chat=CHAT), "QQQQ", b"\xc0\x80ab"), "prompt.chat.messages[1].content"),
+        _with_bytes(rpb.GenerateRequest(chat=CHAT), "QQQQ", b"\xc0\x80ab"),
+        "prompt.chat.messages[1].content",
+    ),
     "invalid UTF-8 in a stop string": (
-        _with_bytes(sampling(stop=["end", "QQQQ"]), "QQQQ", b"\xffabc"), "sampling.stop[1]"),
+        _with_bytes(sampling(stop=["end", "QQQQ"]), "QQQQ", b"\xffabc"),
+        "sampling.stop[1]",
+    ),
     "invalid UTF-8 in the request id": (
-        _with_bytes(rpb.GenerateRequest(request_id="QQQQ", text="Hi"), "QQQQ", b"r\x80\x80r"), "request_id"),
+        _with_bytes(rpb.GenerateRequest(request_id="QQQQ", text="Hi"), "QQQQ", b"r\x80\x80r"),
+        "request_id",
+    ),
     "bytes that are no message": (b"\x12\xff\xff\xff", "request"),
 }
 
@@ -146,8 +165,9 @@ async def test_a_message_over_the_size_limit_is_refused_by_grpc_with_resource_ex
     # gRPC core refuses it before any pdserve code runs; its code, not ours.
     before = state(suite)
     oversized = rpb.GenerateRequest(text="a" * (MAX_MESSAGE + 1))
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{suite.router.port}",
-                                         options=[("grpc.max_send_message_length", -1)]) as channel:
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{suite.router.port}", options=[("grpc.max_send_message_length", -1)]
+    ) as channel:
         raw_generate = channel.unary_stream(GENERATE)
         err = await rejected(raw_generate(oversized.SerializeToString()))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -156,9 +176,11 @@ async def test_a_message_over_the_size_limit_is_refused_by_grpc_with_resource_ex
 
 
 # ---- the workers' own check: KV of another model or layout never lands ----------
-FINGERPRINTS = {"missing": lambda spec: b"",
-                "another model's": lambda spec: bytes(b ^ 0xFF for b in spec.fingerprint),
-                "a bfloat16 worker's": lambda spec: dataclasses.replace(spec, dtype="bfloat16").fingerprint}
+FINGERPRINTS = {
+    "missing": lambda spec: b"",
+    "another model's": lambda spec: bytes(b ^ 0xFF for b in spec.fingerprint),
+    "a bfloat16 worker's": lambda spec: dataclasses.replace(spec, dtype="bfloat16").fingerprint,
+}
 
 
 @pytest.mark.parametrize("fingerprint", FINGERPRINTS)
@@ -166,9 +188,11 @@ async def test_a_decode_worker_reserves_nothing_for_a_sender_of_another_kv_layou
     spec = suite.decode[0].engine.spec  # float32 (the suite's)
     before = state(suite)
     with pytest.raises(grpc.aio.AioRpcError) as failure:
-        await suite.worker_stubs()[0].Reserve(dpb.ReserveRequest(
-            request_id="fp", prompt_token_ids=list(range(100, 140)),
-            kv_fingerprint=FINGERPRINTS[fingerprint](spec)))
+        await suite.worker_stubs()[0].Reserve(
+            dpb.ReserveRequest(
+                request_id="fp", prompt_token_ids=list(range(100, 140)), kv_fingerprint=FINGERPRINTS[fingerprint](spec)
+            )
+        )
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert dict(failure.value.trailing_metadata())[ERROR_FIELD_KEY] == "kv_fingerprint"
     assert state(suite) == before
@@ -177,14 +201,26 @@ async def test_a_decode_worker_reserves_nothing_for_a_sender_of_another_kv_layou
 @pytest.mark.parametrize("fingerprint", FINGERPRINTS)
 async def test_a_prefill_worker_computes_nothing_for_a_ticket_of_another_kv_layout(suite, fingerprint):
     spec = suite.prefill[0].engine.spec  # float32 (the suite's)
-    ticket = pb.TransferTicket(transfer_id="fp", secret=bytes(32), ucx_address=b"x", dest_block_ids=[0, 1],
-                               num_blocks=2, block_bytes=spec.block_bytes,
-                               kv_fingerprint=FINGERPRINTS[fingerprint](spec))
+    ticket = pb.TransferTicket(
+        transfer_id="fp",
+        secret=bytes(32),
+        ucx_address=b"x",
+        dest_block_ids=[0, 1],
+        num_blocks=2,
+        block_bytes=spec.block_bytes,
+        kv_fingerprint=FINGERPRINTS[fingerprint](spec),
+    )
     before = state(suite)
     prefill = suite.worker_stubs()[-1]
     with pytest.raises(grpc.aio.AioRpcError) as failure:
-        await prefill.Prefill(ppb.PrefillRequest(request_id="fp", prompt_token_ids=list(range(100, 140)),
-                                                 sampling=pb.SamplingParams(max_tokens=1), ticket=ticket))
+        await prefill.Prefill(
+            ppb.PrefillRequest(
+                request_id="fp",
+                prompt_token_ids=list(range(100, 140)),
+                sampling=pb.SamplingParams(max_tokens=1),
+                ticket=ticket,
+            )
+        )
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert dict(failure.value.trailing_metadata())[ERROR_FIELD_KEY] == "ticket.kv_fingerprint"
     assert state(suite) == before
@@ -203,8 +239,12 @@ async def test_good_requests_still_work_after_all_that(suite):
 HTTP_CASES = {  # name -> (endpoint, raw body, status, param)
     "text longer than the context": ("completions", '{"prompt": "%s"}' % (" hello" * (CONTEXT + 10)), 400, "prompt"),
     "a megabyte of text": ("completions", '{"prompt": "%s"}' % ("x" * 2**20), 400, "prompt"),
-    "a megabyte of chat": ("chat/completions", '{"messages": [{"role": "user", "content": "%s"}]}' % ("y" * 2**20),
-                           400, "messages"),
+    "a megabyte of chat": (
+        "chat/completions",
+        '{"messages": [{"role": "user", "content": "%s"}]}' % ("y" * 2**20),
+        400,
+        "messages",
+    ),
     "negative token id": ("completions", '{"prompt": [1, -1]}', 400, "prompt"),
     "max_tokens past uint32": ("completions", '{"prompt": "hi", "max_tokens": 4294967296}', 400, "max_tokens"),
     "negative max_tokens": ("completions", '{"prompt": "hi", "max_tokens": -1}', 400, "max_tokens"),
@@ -214,15 +254,20 @@ HTTP_CASES = {  # name -> (endpoint, raw body, status, param)
     "infinite temperature": ("completions", '{"prompt": "hi", "temperature": Infinity}', 400, "temperature"),
     "lone surrogate in the prompt": ("completions", '{"prompt": "a\\ud800b"}', 400, "prompt"),
     "lone surrogate in a message": (
-        "chat/completions", '{"messages": [{"role": "user", "content": "\\udfff"}]}', 400, "messages[0].content"),
+        "chat/completions",
+        '{"messages": [{"role": "user", "content": "\\udfff"}]}',
+        400,
+        "messages[0].content",
+    ),
     "lone surrogate in a stop string": ("completions", '{"prompt": "hi", "stop": ["\\ud83d"]}', 400, "stop"),
 }
 
 
 async def post(suite, endpoint: str, body: bytes) -> tuple[int, dict]:
     async with aiohttp.ClientSession() as http:
-        async with http.post(f"{suite.router.http.url}/{endpoint}", data=body,
-                             headers={"Content-Type": "application/json"}) as r:
+        async with http.post(
+            f"{suite.router.http.url}/{endpoint}", data=body, headers={"Content-Type": "application/json"}
+        ) as r:
             return r.status, (await r.json())["error"]
 
 

@@ -5,6 +5,7 @@ Real router and real (null-engine) workers on 127.0.0.1 and 127.0.0.2, one port;
 only name resolution is scripted, as a cluster's DNS would answer while a
 StatefulSet scales up, scales down, or DNS fails.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -41,8 +42,13 @@ def dns(monkeypatch):
         if isinstance(answer["addresses"], OSError):
             answer["failed"] += 1
             raise answer["addresses"]
-        return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", (a, int(port), 0, 0)) if ":" in a
-                else (socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, int(port))) for a in answer["addresses"]]
+        return [
+            (socket.AF_INET6, socket.SOCK_STREAM, 6, "", (a, int(port), 0, 0))
+            if ":" in a
+            else (socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, int(port)))
+            for a in answer["addresses"]
+        ]
+
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     return answer
 
@@ -63,8 +69,9 @@ async def two_workers_on_one_port(ids: tuple[str, str] = ("null-a", "null-b")):
 @contextlib.asynccontextmanager
 async def router_to(tokenizer, *decode_targets: str):
     """A started colocated router polling its decode targets every 0.1 s."""
-    config = RouterConfig(port=0, http_port=-1, metrics_port=-1, mode="colocated", load_poll_s=0.1,
-                          decode_targets=list(decode_targets))
+    config = RouterConfig(
+        port=0, http_port=-1, metrics_port=-1, mode="colocated", load_poll_s=0.1, decode_targets=list(decode_targets)
+    )
     router = RouterRuntime(config, *tokenizer)
     await router.start(ready_timeout_s=10)
     try:
@@ -77,8 +84,9 @@ async def generate(stub, n: int) -> None:
     """n requests of distinct 32-token prompts (distinct prefixes spread over equal workers)."""
     for i in range(n):
         prompt = [1000 + 100 * (i % 50) + j for j in range(32)]
-        async for _ in stub.Generate(rpb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt),
-                                                         sampling=pb.SamplingParams(max_tokens=2))):
+        async for _ in stub.Generate(
+            rpb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling=pb.SamplingParams(max_tokens=2))
+        ):
             pass
 
 

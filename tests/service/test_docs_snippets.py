@@ -16,6 +16,7 @@ Every `pdserve ...` line of a bash or sh block parses with the real command line
 (a trailing `...` stands for the reader's own flags), and the Mooncake example
 runs up to the requests it would send.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -71,17 +72,28 @@ def blocks(*langs: str) -> list[Block]:
         for m in FENCE.finditer(text):
             if m.group(2) not in langs:
                 continue
-            before = text[:m.start()].rstrip().rsplit("\n", 1)[-1]
+            before = text[: m.start()].rstrip().rsplit("\n", 1)[-1]
             marker = NOT_RUN.fullmatch(before.strip())
-            code = "\n".join(line[len(m.group(1)):] for line in m.group(3).splitlines()) + "\n"
-            out.append(Block(path, text.count("\n", 0, m.start()) + 1, m.group(2), code,
-                             marker.group(1) if marker else None))
+            code = "\n".join(line[len(m.group(1)) :] for line in m.group(3).splitlines()) + "\n"
+            out.append(
+                Block(path, text.count("\n", 0, m.start()) + 1, m.group(2), code, marker.group(1) if marker else None)
+            )
     return out
 
 
 def params(selected: list[Block]) -> list:
-    return [pytest.param(b, id=b.name, marks=[pytest.mark.skip(reason=f"not-run: {b.not_run}")] if b.not_run
-                         else [pytest.mark.slow] if b.loads_model else []) for b in selected]
+    return [
+        pytest.param(
+            b,
+            id=b.name,
+            marks=[pytest.mark.skip(reason=f"not-run: {b.not_run}")]
+            if b.not_run
+            else [pytest.mark.slow]
+            if b.loads_model
+            else [],
+        )
+        for b in selected
+    ]
 
 
 PYTHON = blocks("python")
@@ -90,8 +102,9 @@ PYTHON = blocks("python")
 async def run_script(code: str, cwd: Path, timeout: float) -> str:
     """Run `code` as a script in `cwd`; its output, or a failure that shows it."""
     (cwd / "snippet.py").write_text(code)
-    proc = await asyncio.create_subprocess_exec(sys.executable, "snippet.py", cwd=cwd,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "snippet.py", cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError:
@@ -107,6 +120,7 @@ async def run_script(code: str, cwd: Path, timeout: float) -> str:
 
 
 # -- shell -----------------------------------------------------------------------
+
 
 def pdserve_lines() -> list[tuple[str, list[str]]]:
     out = []
@@ -145,6 +159,7 @@ async def test_the_mooncake_example_writes_a_trace_the_load_command_takes(tmp_pa
 
 
 # -- python ----------------------------------------------------------------------
+
 
 def free(port: int) -> bool:
     return not in_use("127.0.0.1", port)  # as pdserve up tries its ports

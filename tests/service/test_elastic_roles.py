@@ -2,6 +2,7 @@
 work of the role a worker leaves, the worker finishes it, and the router routes the new
 role's work to it. No request fails, greedy streams match an unswitched run token for
 token, and no KV block is left. Real gRPC servers, UCX and SmolLM2 in float32."""
+
 from __future__ import annotations
 
 import asyncio
@@ -25,11 +26,13 @@ ROLE = {"prefill": pb.WORKER_ROLE_PREFILL, "decode": pb.WORKER_ROLE_DECODE, "bot
 
 async def _run(client, prompts, tag: str) -> list[tuple[float, float, list[int]]]:
     """Each prompt's (start, end, greedy tokens), all sent at once, staggered a little."""
+
     async def one(i: int, ids: list[int]):
         await asyncio.sleep(0.15 * i)
         t0 = time.monotonic()
         c = await client.complete(ids, max_tokens=16, temperature=0.0, ignore_eos=True, request_id=f"{tag}-{i}")
         return t0, time.monotonic(), c.token_ids
+
     return await asyncio.gather(*(one(i, ids) for i, ids in enumerate(prompts)))
 
 
@@ -51,8 +54,11 @@ async def test_roles_switch_under_load_without_a_failed_request_or_a_changed_tok
             assert await settles(lambda: suite.router.router.inflight >= 3, timeout=60)
             t_switch = time.monotonic()
             # 1P+1D -> 0P+2D (every prompt prefilled locally) -> 1D+1P the other way -> 1D + 1 both.
-            moves = [await _switch(suite, "elastic-0", "decode"), await _switch(suite, "elastic-1", "prefill"),
-                     await _switch(suite, "elastic-1", "both")]
+            moves = [
+                await _switch(suite, "elastic-0", "decode"),
+                await _switch(suite, "elastic-1", "prefill"),
+                await _switch(suite, "elastic-1", "both"),
+            ]
             switched = await run  # raises if any request failed
             after = [await client.complete(ids, max_tokens=4, temperature=0.0, ignore_eos=True) for ids in prompts[:4]]
         listed = await _listed(suite)
@@ -60,7 +66,10 @@ async def test_roles_switch_under_load_without_a_failed_request_or_a_changed_tok
     assert [tokens for _, _, tokens in switched] == reference
     assert any(start < t_switch < end for start, end, _ in switched)  # the switches happened under load
     assert [(m.previous_role, m.role) for m in moves] == [
-        (ROLE["prefill"], ROLE["decode"]), (ROLE["decode"], ROLE["prefill"]), (ROLE["prefill"], ROLE["both"])]
+        (ROLE["prefill"], ROLE["decode"]),
+        (ROLE["decode"], ROLE["prefill"]),
+        (ROLE["prefill"], ROLE["both"]),
+    ]
     assert all(m.drained for m in moves)
     assert listed["elastic-0"].info.role == ROLE["decode"] and listed["elastic-1"].info.role == ROLE["both"]
     assert listed["elastic-0"].info.elastic and listed["elastic-1"].info.elastic
@@ -72,15 +81,26 @@ async def test_roles_switch_under_load_without_a_failed_request_or_a_changed_tok
 async def test_a_role_switch_that_cannot_be_made_is_refused_and_changes_nothing(smollm2):
     async with inprocess_suite(smollm2, prefill_workers=0, decode_workers=1, elastic=("decode",)) as suite:
         bad = {
-            "decode-0 is not elastic": (rpb.SetWorkerRoleRequest(worker_id="decode-0", role=ROLE["prefill"]),
-                                        grpc.StatusCode.FAILED_PRECONDITION, "not elastic"),
-            "colocated is no elastic role": (rpb.SetWorkerRoleRequest(worker_id="elastic-0",
-                                                                      role=pb.WORKER_ROLE_COLOCATED),
-                                             grpc.StatusCode.INVALID_ARGUMENT, "role"),
-            "unknown worker": (rpb.SetWorkerRoleRequest(worker_id="nobody", role=ROLE["both"]),
-                               grpc.StatusCode.NOT_FOUND, "nobody"),
-            "no worker named": (rpb.SetWorkerRoleRequest(role=ROLE["both"]), grpc.StatusCode.INVALID_ARGUMENT,
-                                "worker_id"),
+            "decode-0 is not elastic": (
+                rpb.SetWorkerRoleRequest(worker_id="decode-0", role=ROLE["prefill"]),
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "not elastic",
+            ),
+            "colocated is no elastic role": (
+                rpb.SetWorkerRoleRequest(worker_id="elastic-0", role=pb.WORKER_ROLE_COLOCATED),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "role",
+            ),
+            "unknown worker": (
+                rpb.SetWorkerRoleRequest(worker_id="nobody", role=ROLE["both"]),
+                grpc.StatusCode.NOT_FOUND,
+                "nobody",
+            ),
+            "no worker named": (
+                rpb.SetWorkerRoleRequest(role=ROLE["both"]),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "worker_id",
+            ),
         }
         for why, (request, code, named) in bad.items():
             with pytest.raises(grpc.aio.AioRpcError) as e:
@@ -90,8 +110,11 @@ async def test_a_role_switch_that_cannot_be_made_is_refused_and_changes_nothing(
         elastic = next(rt for rt in suite.decode if rt.worker_id == "elastic-0")
         stub = prefill_pb2_grpc.PrefillStub(suite.security.dial(f"127.0.0.1:{elastic.port}"))
         with pytest.raises(grpc.aio.AioRpcError) as e:
-            await stub.Prefill(ppb.PrefillRequest(request_id="direct", prompt_token_ids=[1, 2, 3],
-                                                  sampling=pb.SamplingParams(max_tokens=1)))
+            await stub.Prefill(
+                ppb.PrefillRequest(
+                    request_id="direct", prompt_token_ids=[1, 2, 3], sampling=pb.SamplingParams(max_tokens=1)
+                )
+            )
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "takes no new prefill" in e.value.details()
         listed = await _listed(suite)
         await pools_full(suite)
@@ -104,10 +127,17 @@ async def test_the_role_balancer_moves_a_real_worker_when_the_live_mix_favours_a
 
     ref, _, tokenizer = smollm2
     dataclasses.replace(PROFILE, model=model_key(ref), dtype="float32").save(tmp_path / "profile.json")
-    router_kw = {"balance_profile": str(tmp_path / "profile.json"), "balance_interval_s": 3600.0,
-                 "balance_confirm": 2, "balance_dwell_s": 0.0, "slo_ttft_ms": 3000.0, "slo_tpot_ms": 30.0}
-    async with inprocess_suite(smollm2, prefill_workers=0, decode_workers=0, elastic=("decode", "decode"),
-                               router_kw=router_kw) as suite:
+    router_kw = {
+        "balance_profile": str(tmp_path / "profile.json"),
+        "balance_interval_s": 3600.0,
+        "balance_confirm": 2,
+        "balance_dwell_s": 0.0,
+        "slo_ttft_ms": 3000.0,
+        "slo_tpot_ms": 30.0,
+    }
+    async with inprocess_suite(
+        smollm2, prefill_workers=0, decode_workers=0, elastic=("decode", "decode"), router_kw=router_kw
+    ) as suite:
         balancer = suite.router.balancer
         async with AsyncClient(f"127.0.0.1:{suite.router.port}", timeout=120) as client:
             await client.complete(text_of_tokens(tokenizer, 40), max_tokens=2, temperature=0.0)
@@ -128,10 +158,16 @@ async def test_the_balancer_refuses_a_profile_of_another_model_naming_both(smoll
     from tests.unit.test_role_balancer import PROFILE, arrivals_of
 
     PROFILE.save(tmp_path / "profile.json")  # measured for "m@0"
-    router_kw = {"balance_profile": str(tmp_path / "profile.json"), "balance_interval_s": 3600.0,
-                 "balance_confirm": 1, "balance_dwell_s": 0.0, "slo_tpot_ms": 30.0}
-    async with inprocess_suite(smollm2, prefill_workers=0, decode_workers=0, elastic=("decode", "decode"),
-                               router_kw=router_kw) as suite:
+    router_kw = {
+        "balance_profile": str(tmp_path / "profile.json"),
+        "balance_interval_s": 3600.0,
+        "balance_confirm": 1,
+        "balance_dwell_s": 0.0,
+        "slo_tpot_ms": 30.0,
+    }
+    async with inprocess_suite(
+        smollm2, prefill_workers=0, decode_workers=0, elastic=("decode", "decode"), router_kw=router_kw
+    ) as suite:
         balancer = suite.router.balancer
         now = arrivals_of(balancer, rate=1.0, long_share=0.5, output=64)
         assert await balancer.evaluate(now) is None

@@ -2,6 +2,7 @@
 but time. Faults are real: gRPC servers stopped mid-call (to the router, a crash; the
 process lives on: tests/e2e/test_faults_processes.py SIGKILLs real worker processes),
 KV bytes whose checksum is wrong crossing real UCX. Every pool is back to full afterwards."""
+
 from __future__ import annotations
 
 import asyncio
@@ -19,8 +20,11 @@ from tests.service.suite import inprocess_suite, pools_full
 
 
 def _request(ids, rid, max_tokens=24, **kw):
-    return rpb.GenerateRequest(request_id=rid, token_ids=pb.TokenIds(ids=ids),
-                               sampling=pb.SamplingParams(**{"max_tokens": max_tokens, "temperature": 0.0, **kw}))
+    return rpb.GenerateRequest(
+        request_id=rid,
+        token_ids=pb.TokenIds(ids=ids),
+        sampling=pb.SamplingParams(**{"max_tokens": max_tokens, "temperature": 0.0, **kw}),
+    )
 
 
 async def _collect(stream):
@@ -39,6 +43,7 @@ def _busy(runtime) -> bool:
 async def _stop_when_busy(runtimes, dead: set[str], tokens_seen: list | None = None) -> str:
     """Stop the gRPC server of whichever worker is working on the request (a crash, as
     its peers see it: in-flight calls end, new connections are refused)."""
+
     def busy():
         working = [rt for rt in runtimes if _busy(rt)]
         return working[0] if working and (tokens_seen is None or len(tokens_seen) >= 6) else None
@@ -71,14 +76,14 @@ async def test_a_decode_worker_stopped_mid_stream_migrates_with_no_token_lost_or
     prompt = text_of_tokens(tokenizer, 40, offset=7)
     dead: set[str] = set()
     async with inprocess_suite(smollm2, decode_workers=2) as suite:
-        expected, _ = await _collect(suite.stub.Generate(_request(prompt, "baseline", max_tokens=48, ignore_eos=True,
-                                                                  **sampling)))
+        expected, _ = await _collect(
+            suite.stub.Generate(_request(prompt, "baseline", max_tokens=48, ignore_eos=True, **sampling))
+        )
         got: list[int] = []
 
         async def stream():
             last = None
-            async for r in suite.stub.Generate(_request(prompt, "faulted", max_tokens=48, ignore_eos=True,
-                                                        **sampling)):
+            async for r in suite.stub.Generate(_request(prompt, "faulted", max_tokens=48, ignore_eos=True, **sampling)):
                 got.extend(r.token_ids)
                 last = r
             return last
@@ -98,12 +103,14 @@ def _payload_flip(flipped: list):
     """A block_checksum for the prefill side that hashes its first block truly, then flips one of its
     bytes. In one process the receiver's UCX worker moves only once the send is posted and the event
     loop runs, so the flip is what lands. `flipped` gets (bytes, offset) to undo it."""
+
     def checksum(buf):
         digest = base.block_checksum(buf)
         if not flipped:
             flipped.append((buf, buf.size // 2))
             buf[buf.size // 2] ^= 0x10
         return digest
+
     return checksum
 
 
@@ -150,12 +157,14 @@ async def test_a_retry_never_collides_with_what_the_failed_attempt_left_behind(s
     async with inprocess_suite(smollm2, decode_workers=2, prefill_kw={"transfer_timeout_s": 5.0}) as suite:
         lost: list[str] = []
         for w in suite.decode_workers:
+
             async def reserve_then_lose(request_id, *args, _w=w, _reserve=w.reserve):
                 r = await _reserve(request_id, *args)
                 if not lost:
                     lost.append(request_id)
                     await _w.release(request_id)
                 return r
+
             monkeypatch.setattr(w, "reserve", reserve_then_lose)
         tokens, last = await _collect(suite.stub.Generate(_request(prompt, "lost")))
         assert lost == ["lost"] and suite.router.router.recoveries["decode"] == 1

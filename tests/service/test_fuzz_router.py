@@ -15,6 +15,7 @@ content encodings true and false, huge and many headers, unknown charsets, any c
 role, top_k and seed at -1 and past their ranges. Properties: never a 5xx; a refusal is
 a 4xx in OpenAI's JSON error shape; a request with nothing wrong completes.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -57,11 +58,19 @@ chat_message = st.builds(rpb.ChatMessage, role=st.one_of(st.sampled_from(ROLES),
 # for its first bad field, so each example draws most fields from the valid
 # side and only a few ("broken") from anything; broken-free requests run.
 FIELDS = {
-    "prompt": (st.one_of(unicode_text.filter(bool).map(lambda t: {"text": t}),
-                         st.lists(in_vocab, min_size=1, max_size=40).map(lambda ids: {"token_ids": ids}),
-                         st.lists(chat_message, min_size=1, max_size=4).map(lambda m: {"chat": m})),
-               st.one_of(st.just({}), st.just({"text": ""}), st.just({"chat": []}),
-                         st.lists(any_token, max_size=40).map(lambda ids: {"token_ids": ids}))),
+    "prompt": (
+        st.one_of(
+            unicode_text.filter(bool).map(lambda t: {"text": t}),
+            st.lists(in_vocab, min_size=1, max_size=40).map(lambda ids: {"token_ids": ids}),
+            st.lists(chat_message, min_size=1, max_size=4).map(lambda m: {"chat": m}),
+        ),
+        st.one_of(
+            st.just({}),
+            st.just({"text": ""}),
+            st.just({"chat": []}),
+            st.lists(any_token, max_size=40).map(lambda ids: {"token_ids": ids}),
+        ),
+    ),
     "temperature": (st.one_of(st.none(), st.floats(0, 2, width=32), st.sampled_from([1e-45, 3e38])), any_float),
     "top_p": (st.one_of(st.none(), st.floats(0, 1, exclude_min=True, width=32)), any_float),
     "stop": (st.lists(unicode_text.filter(bool), max_size=3), st.lists(unicode_text, min_size=1, max_size=3)),
@@ -76,10 +85,12 @@ def generate_request(draw) -> rpb.GenerateRequest:
     broken = draw(st.sets(st.sampled_from(list(FIELDS)), min_size=n, max_size=n))
     value = {name: draw(anything if name in broken else valid) for name, (valid, anything) in FIELDS.items()}
     p = pb.SamplingParams(
-        max_tokens=value["max_tokens"], stop=value["stop"],
+        max_tokens=value["max_tokens"],
+        stop=value["stop"],
         top_k=draw(st.one_of(st.just(0), st.integers(0, 2**32 - 1))),
         stop_token_ids=draw(st.lists(any_token, max_size=3)),  # any uint32: they only ever fail to match
-        ignore_eos=draw(st.booleans()), logprobs=draw(st.booleans()),
+        ignore_eos=draw(st.booleans()),
+        logprobs=draw(st.booleans()),
     )
     for name in ("temperature", "top_p"):
         if value[name] is not None:
@@ -116,7 +127,8 @@ async def _idle(suite) -> None:
     for _ in range(250):
         stats = [rt.engine.stats() for rt in suite.decode + suite.prefill]
         if suite.router.router.inflight == 0 and all(
-                s.free_blocks == s.total_blocks and s.reserved == s.held == s.running == s.waiting == 0 for s in stats):
+            s.free_blocks == s.total_blocks and s.reserved == s.held == s.running == s.waiting == 0 for s in stats
+        ):
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"not idle 5 s after the call ended: inflight {suite.router.router.inflight}, {stats}")
@@ -155,15 +167,17 @@ async def test_every_request_ends_complete_or_refused_and_leaves_every_pool_full
 # Per part of an HTTP request: (values with nothing wrong, values that must be refused).
 NEST = "__nest__"  # where a nested array goes in the JSON text (json.dumps itself would recurse)
 HTTP_PARTS = {
-    "role": (st.sampled_from(ROLES),
-             st.one_of(unicode_text.filter(lambda r: r not in ROLES), st.just("function"))),
-    "top_k": (st.sampled_from([None, -1, 0, 1, 40, 2**32 - 1]),
-              st.sampled_from([-2, 2**32, 1.5, "5", True, NEST])),
-    "seed": (st.sampled_from([None, -1, 0, 7, -2**63, 2**64 - 1]),
-             st.sampled_from([-2**63 - 1, 2**64, 0.5, "7", NEST])),
+    "role": (st.sampled_from(ROLES), st.one_of(unicode_text.filter(lambda r: r not in ROLES), st.just("function"))),
+    "top_k": (st.sampled_from([None, -1, 0, 1, 40, 2**32 - 1]), st.sampled_from([-2, 2**32, 1.5, "5", True, NEST])),
+    "seed": (
+        st.sampled_from([None, -1, 0, 7, -(2**63), 2**64 - 1]),
+        st.sampled_from([-(2**63) - 1, 2**64, 0.5, "7", NEST]),
+    ),
     "depth": (st.sampled_from([1, 10, 100]), st.sampled_from([5_000, 100_000])),  # of an unknown field's array
-    "encoding": (st.sampled_from(["", "identity", "gzip", "deflate"]),
-                 st.sampled_from(["gzip-plain", "deflate-plain", "br", "zstd"])),
+    "encoding": (
+        st.sampled_from(["", "identity", "gzip", "deflate"]),
+        st.sampled_from(["gzip-plain", "deflate-plain", "br", "zstd"]),
+    ),
     # One header this long, or (negative) this many headers.
     "header": (st.sampled_from([0, 100, 8_000]), st.sampled_from([100_000, -200])),
     "charset": (st.sampled_from(["", "utf-8"]), st.sampled_from(["nope", "base64"])),

@@ -1,5 +1,6 @@
 """The KV store in a running suite: multi-turn reuse, eviction pressure, store down; and alone,
 a write lease that expires."""
+
 from __future__ import annotations
 
 import asyncio
@@ -24,8 +25,11 @@ NO_LOCAL_CACHE = {"enable_prefix_caching": False}  # so any reuse must come from
 
 
 def _request(ids, rid, max_tokens=10):
-    return rpb.GenerateRequest(request_id=rid, token_ids=pb.TokenIds(ids=ids),
-                               sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    return rpb.GenerateRequest(
+        request_id=rid,
+        token_ids=pb.TokenIds(ids=ids),
+        sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0),
+    )
 
 
 async def _collect(stub, req):
@@ -55,8 +59,9 @@ async def test_second_turn_loads_the_history_from_the_store(smollm2):
 async def test_decode_worker_loads_the_history_from_the_store_and_receives_only_the_rest(smollm2):
     _, model, tokenizer = smollm2
     turn1 = text_of_tokens(tokenizer, 600)
-    async with inprocess_suite(smollm2, store_blocks=256, prefill_kw=NO_LOCAL_CACHE,
-                               decode_kw={"use_store": True, **NO_LOCAL_CACHE}) as suite:
+    async with inprocess_suite(
+        smollm2, store_blocks=256, prefill_kw=NO_LOCAL_CACHE, decode_kw={"use_store": True, **NO_LOCAL_CACHE}
+    ) as suite:
         answer, _ = await _collect(suite.stub, _request(turn1, "t1"))
         await _settled(suite, 600 // 16)  # write-back happens after the first token
         decode = suite.worker_stubs()[0]
@@ -77,8 +82,12 @@ async def test_a_decode_worker_prefilling_locally_reads_the_store_and_writes_the
     # worker itself wrote to the store (its own prefix cache is off: reuse is the store's).
     _, model, tokenizer = smollm2
     turn1 = text_of_tokens(tokenizer, 300)
-    async with inprocess_suite(smollm2, store_blocks=256, decode_kw={"use_store": True, **NO_LOCAL_CACHE},
-                               router_kw={"local_prefill": "always"}) as suite:
+    async with inprocess_suite(
+        smollm2,
+        store_blocks=256,
+        decode_kw={"use_store": True, **NO_LOCAL_CACHE},
+        router_kw={"local_prefill": "always"},
+    ) as suite:
         answer, first = await _collect(suite.stub, _request(turn1, "t1", max_tokens=40))
         assert first.usage.cached_tokens == 0 and not first.route.disaggregated
         context_blocks = (len(turn1) + len(answer) - 1) // 16  # the last token's KV is never computed
@@ -96,8 +105,9 @@ async def test_a_decode_worker_prefilling_locally_reads_the_store_and_writes_the
 async def test_a_local_request_cancelled_mid_stream_offers_what_it_computed_and_frees_every_block(smollm2):
     _, _, tokenizer = smollm2
     prompt = text_of_tokens(tokenizer, 200)
-    async with inprocess_suite(smollm2, store_blocks=256, decode_kw={"use_store": True},
-                               router_kw={"local_prefill": "always"}) as suite:
+    async with inprocess_suite(
+        smollm2, store_blocks=256, decode_kw={"use_store": True}, router_kw={"local_prefill": "always"}
+    ) as suite:
         for attempt in range(3):  # cancelled at different points of the stream
             call = suite.stub.Generate(_request(prompt, f"c{attempt}", max_tokens=500))
             got = 0
@@ -114,6 +124,7 @@ async def test_a_local_request_cancelled_mid_stream_offers_what_it_computed_and_
 async def _settled(suite, written: int, evictions: int = 0):
     """The store's stats once `written` blocks are in (and `evictions` made) and nothing is
     in flight (a request's blocks are offered after its stream is answered)."""
+
     async def check():
         stats = await suite.store_stats()
         done = stats.active_leases == 0 and stats.blocks_written >= written and stats.evictions >= evictions
@@ -130,8 +141,9 @@ async def test_eviction_pressure_keeps_output_correct(smollm2):
     expected = [transformers_greedy(model, p, 10) for p in prompts]
     async with inprocess_suite(smollm2, store_blocks=8, prefill_kw=NO_LOCAL_CACHE) as suite:
         for round_ in range(2):
-            results = await asyncio.gather(*(_collect(suite.stub, _request(p, f"{round_}-{i}"))
-                                             for i, p in enumerate(prompts)))
+            results = await asyncio.gather(
+                *(_collect(suite.stub, _request(p, f"{round_}-{i}")) for i, p in enumerate(prompts))
+            )
             assert [t for t, _ in results] == expected
             await _settled(suite, 0)  # this round's write-backs are in before the next
         stats = await _settled(suite, 0, evictions=1)
@@ -145,7 +157,6 @@ async def test_serving_continues_when_the_store_is_down(smollm2):
     async with inprocess_suite(smollm2, prefill_kw={"kvstore": "127.0.0.1:1"}) as suite:
         tokens, last = await _collect(suite.stub, _request(ids, "x"))
         assert tokens == transformers_greedy(model, ids, 10) and last.finish_reason == pb.FINISH_REASON_LENGTH
-
 
 
 def _offer(*first_bytes: int) -> kpb.ReserveWriteRequest:

@@ -1,6 +1,7 @@
 """`pdserve up` beside ports other processes hold: a taken port is refused before
 anything starts, and a health answer from a process the launcher did not start
 never makes a service ready. Real processes and real gRPC servers; no model."""
+
 from __future__ import annotations
 
 import io
@@ -47,8 +48,9 @@ def pdserve_health_server(instance_id: str | None, port: int = 0) -> Iterator[in
     """Another suite's service: pdserve's health service, SERVING, with its own instance id."""
     env = {k: v for k, v in os.environ.items() if k != "PDSERVE_INSTANCE_ID"}
     env.update({"PDSERVE_INSTANCE_ID": instance_id} if instance_id else {})
-    proc = subprocess.Popen([sys.executable, "-c", PDSERVE_HEALTH, str(port)], stdout=subprocess.PIPE, text=True,
-                            env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PDSERVE_HEALTH, str(port)], stdout=subprocess.PIPE, text=True, env=env
+    )
     try:
         yield int(proc.stdout.readline())  # printed once SERVING
     finally:
@@ -74,8 +76,13 @@ def up(base: int, *extra: str) -> tuple[int, list[str], float]:
     """`pdserve up` on the ports of LAYOUT from `base`: exit code, output lines, seconds it ran."""
     flags = [str(x) for flag, offset in LAYOUT.items() for x in (flag, base + offset)]
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "pdserve", "up", *flags, *extra], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pdserve", "up", *flags, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         out, _ = proc.communicate(timeout=30)
     except subprocess.TimeoutExpired:
@@ -137,8 +144,10 @@ def test_readiness_never_counts_an_answer_from_a_process_the_suite_did_not_start
         # Ours never answers (as a worker still loading its model); only the other process does.
         ours = Service("router", (sys.executable, "-c", "import time; time.sleep(60)"), f"127.0.0.1:{port}", 0)
         suite = Suite(services=[ours], out=out, ready_timeout=2, grace_s=5)
-        with pytest.raises(SuiteError, match=f"not ready after 2s: router; 127.0.0.1:{port} answered, "
-                                             "but not from the process we started"):
+        with pytest.raises(
+            SuiteError,
+            match=f"not ready after 2s: router; 127.0.0.1:{port} answered, but not from the process we started",
+        ):
             suite.start()
     assert f"127.0.0.1:{port} answers, but not from the router we started" in out.getvalue()
     assert "is serving" not in out.getvalue()
@@ -169,6 +178,7 @@ def test_a_port_a_stopped_suite_left_in_time_wait_is_free():
             except OSError:
                 return True
             return False
+
     assert eventually(plain_bind_refused, timeout=5, interval=0.05)  # the TIME_WAIT is there
     assert not ports.in_use("127.0.0.1", port)  # and gRPC's bind (SO_REUSEADDR) would succeed
 

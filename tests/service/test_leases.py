@@ -1,6 +1,7 @@
 """Leases: every reservation and pinned block has an owner and an expiry, so
 hundreds of requests with random client cancellations and a worker's server
 stopped halfway leave every pool of every surviving service back to full."""
+
 from __future__ import annotations
 
 import asyncio
@@ -27,9 +28,13 @@ CONCURRENCY = 12
 
 async def _one(stub, ids, rid, max_tokens, cancel_after_s):
     """'finished', 'cancelled', or the unexpected error as 'CODE: details'."""
-    call = stub.Generate(rpb.GenerateRequest(
-        request_id=rid, token_ids=pb.TokenIds(ids=ids),
-        sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)))
+    call = stub.Generate(
+        rpb.GenerateRequest(
+            request_id=rid,
+            token_ids=pb.TokenIds(ids=ids),
+            sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+        )
+    )
     if cancel_after_s is not None:
         asyncio.get_running_loop().call_later(cancel_after_s, call.cancel)
     try:
@@ -50,9 +55,15 @@ async def _one(stub, ids, rid, max_tokens, cancel_after_s):
 async def test_random_cancellations_and_a_stopped_worker_leave_every_pool_full(smollm2):
     _, _, tokenizer = smollm2
     rng = random.Random(7)
-    async with inprocess_suite(smollm2, prefill_workers=2, decode_workers=2, store_blocks=64,
-                               decode_kw={"use_store": True, "lease_ms": 3000},
-                               prefill_kw={"transfer_timeout_s": 3.0}, router_kw={"max_retries": 3}) as suite:
+    async with inprocess_suite(
+        smollm2,
+        prefill_workers=2,
+        decode_workers=2,
+        store_blocks=64,
+        decode_kw={"use_store": True, "lease_ms": 3000},
+        prefill_kw={"transfer_timeout_s": 3.0},
+        router_kw={"max_retries": 3},
+    ) as suite:
         # Cancels land within twice the time one request takes alone on this machine, measured
         # here: most fall while their request runs (twelve at a time take longer than one alone).
         t0 = time.perf_counter()
@@ -82,8 +93,14 @@ async def test_random_cancellations_and_a_stopped_worker_leave_every_pool_full(s
 
         async def all_free() -> bool:
             stats = [rt.engine.stats() for rt in survivors]
-            return all(s.free_blocks == s.total_blocks and s.reserved == s.held == s.running == s.waiting == 0
-                       for s in stats) and (await suite.store_stats()).active_leases == 0
+            return (
+                all(
+                    s.free_blocks == s.total_blocks and s.reserved == s.held == s.running == s.waiting == 0
+                    for s in stats
+                )
+                and (await suite.store_stats()).active_leases == 0
+            )
+
         await settles(all_free, timeout=30)
         stats = [rt.engine.stats() for rt in survivors]
         store = await suite.store_stats()
@@ -106,7 +123,9 @@ async def test_a_release_that_overtakes_its_reserve_frees_the_reservation_as_it_
         stats = worker.engine.stats()
         assert stats.reserved == 0 and stats.free_blocks == stats.total_blocks
         assert worker.active_reservations == 0
-        r = await worker.reserve("r-next", list(range(40)), worker.spec.fingerprint, lease_ms=600_000)  # others unaffected
+        r = await worker.reserve(
+            "r-next", list(range(40)), worker.spec.fingerprint, lease_ms=600_000
+        )  # others unaffected
         assert r.dest_block_ids and worker.active_reservations == 1
         assert await worker.release("r-next") is True
 
@@ -123,11 +142,15 @@ async def test_a_client_gone_just_as_decode_is_called_leaves_no_reservation_behi
         def freed() -> bool:
             s = engine.stats()
             return s.reserved == 0 and s.free_blocks == s.total_blocks
+
         left: list[int] = []
         for turns in range(10):
-            call = suite.stub.Generate(rpb.GenerateRequest(
-                token_ids=pb.TokenIds(ids=text_of_tokens(tokenizer, 40, offset=turns)),
-                sampling=pb.SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)))
+            call = suite.stub.Generate(
+                rpb.GenerateRequest(
+                    token_ids=pb.TokenIds(ids=text_of_tokens(tokenizer, 40, offset=turns)),
+                    sampling=pb.SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
+                )
+            )
             await call.__aiter__().__anext__()  # the first token: Decode is about to be called
             for _ in range(turns):
                 await asyncio.sleep(0)

@@ -1,5 +1,6 @@
 """The KV data plane listens where it was told: UCX's TCP listeners sit on the interfaces of the
 service's --data-host (default --host) and nowhere else (docs/security.md, "Ports")."""
+
 from __future__ import annotations
 
 import contextlib
@@ -13,8 +14,9 @@ from pdserve.kvstore.config import KVStoreConfig
 from tests.sockets import listening
 
 OUTSIDE = [str(a) for _, a, loopback in netdev.interface_addresses() if not loopback and not a.is_link_local]
-needs_another_interface = pytest.mark.skipif(not OUTSIDE, reason="only loopback here: every listener would be "
-                                                                  "on 127.0.0.1 whatever the code does")
+needs_another_interface = pytest.mark.skipif(
+    not OUTSIDE, reason="only loopback here: every listener would be on 127.0.0.1 whatever the code does"
+)
 
 
 @contextlib.asynccontextmanager

@@ -1,4 +1,5 @@
 """The load generator against a real in-process suite (SmolLM2): what a short run reports."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,8 +21,9 @@ def colocated(smollm2):
 
 
 def _requests(n: int = 4) -> list[workload.Request]:
-    return workload.synthetic(n, 4.0, LengthDist.parse("uniform:16:40"), LengthDist.parse(f"fixed:{OUTPUT_TOKENS}"),
-                              seed=7)
+    return workload.synthetic(
+        n, 4.0, LengthDist.parse("uniform:16:40"), LengthDist.parse(f"fixed:{OUTPUT_TOKENS}"), seed=7
+    )
 
 
 def _check_run(records, requests) -> dict:

@@ -3,6 +3,7 @@
 One in-process suite (real gRPC, UCX, SmolLM2) serves the whole module; the
 router's HTTP server listens on a free port.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -66,8 +67,9 @@ async def test_top_k_and_seed_of_minus_one_mean_off_as_vllm_clients_send_them(cl
 
 async def test_an_unknown_chat_role_is_refused_on_both_front_ends(suite, client, model):
     with pytest.raises(openai.BadRequestError) as e:
-        await client.chat.completions.create(model=model, max_tokens=2,
-                                             messages=[*CHAT, {"role": "wizard", "content": "hi"}])
+        await client.chat.completions.create(
+            model=model, max_tokens=2, messages=[*CHAT, {"role": "wizard", "content": "hi"}]
+        )
     assert e.value.response.json()["error"]["param"] == "messages[2].role"
     chat = rpb.Chat(messages=[rpb.ChatMessage(role="wizard", content="hi")])
     request = rpb.GenerateRequest(chat=chat, sampling=pb.SamplingParams(max_tokens=2))
@@ -79,8 +81,8 @@ async def test_an_unknown_chat_role_is_refused_on_both_front_ends(suite, client,
 
 async def test_streamed_chat_completion_with_usage(client, model):
     stream = await client.chat.completions.create(
-        model=model, messages=CHAT, max_tokens=8, temperature=0, stream=True,
-        stream_options={"include_usage": True})
+        model=model, messages=CHAT, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
     chunks = [c async for c in stream]
     assert chunks[0].choices[0].delta.role == "assistant"
     assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
@@ -104,8 +106,9 @@ async def test_streamed_completion_equals_the_unstreamed_one(client, model):
 
 async def test_unstreamed_completion_reports_usage_and_takes_token_ids(client, model, smollm2):
     ids = smollm2[2].encode("Once upon a time", add_special_tokens=False)
-    r = await client.completions.create(model=model, prompt=ids, max_tokens=5, temperature=0,
-                                        extra_body={"ignore_eos": True})
+    r = await client.completions.create(
+        model=model, prompt=ids, max_tokens=5, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert r.id.startswith("cmpl-") and r.object == "text_completion" and r.model == model
     assert r.choices[0].finish_reason == "length" and r.choices[0].text
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (len(ids), 5, len(ids) + 5)
@@ -120,18 +123,21 @@ async def test_greedy_chat_equals_the_grpc_path(suite, client, model):
     assert r.choices[0].message.content == grpc_text
 
 
-@pytest.mark.parametrize("endpoint, body, status, param", [
-    ("chat", {"messages": CHAT, "temperature": -1}, 400, "temperature"),
-    ("chat", {"messages": CHAT, "top_p": 2}, 400, "top_p"),
-    ("chat", {"messages": CHAT, "temperature": "hot"}, 400, "temperature"),
-    ("chat", {"messages": []}, 400, "messages"),
-    ("chat", {"messages": CHAT, "n": 2}, 400, "n"),
-    ("completion", {"prompt": ""}, 400, "prompt"),
-    ("completion", {"prompt": ["one", "two"]}, 400, "prompt"),
-    ("completion", {"prompt": [1, 10**9]}, 400, "prompt"),
-    ("completion", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
-    ("completion", {"prompt": "hi", "model": "gpt-4o"}, 404, "model"),
-])
+@pytest.mark.parametrize(
+    "endpoint, body, status, param",
+    [
+        ("chat", {"messages": CHAT, "temperature": -1}, 400, "temperature"),
+        ("chat", {"messages": CHAT, "top_p": 2}, 400, "top_p"),
+        ("chat", {"messages": CHAT, "temperature": "hot"}, 400, "temperature"),
+        ("chat", {"messages": []}, 400, "messages"),
+        ("chat", {"messages": CHAT, "n": 2}, 400, "n"),
+        ("completion", {"prompt": ""}, 400, "prompt"),
+        ("completion", {"prompt": ["one", "two"]}, 400, "prompt"),
+        ("completion", {"prompt": [1, 10**9]}, 400, "prompt"),
+        ("completion", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+        ("completion", {"prompt": "hi", "model": "gpt-4o"}, 404, "model"),
+    ],
+)
 async def test_bad_input_gets_an_openai_error_naming_the_field(client, model, endpoint, body, status, param):
     create = client.chat.completions.create if endpoint == "chat" else client.completions.create
     with pytest.raises(openai.APIStatusError) as e:
@@ -145,8 +151,9 @@ async def test_bad_input_gets_an_openai_error_naming_the_field(client, model, en
 
 async def test_malformed_json_is_a_400(suite):
     async with aiohttp.ClientSession() as http:
-        async with http.post(suite.router.http.url + "/chat/completions", data=b"{not json",
-                             headers={"Content-Type": "application/json"}) as r:
+        async with http.post(
+            suite.router.http.url + "/chat/completions", data=b"{not json", headers={"Content-Type": "application/json"}
+        ) as r:
             assert r.status == 400
             error = (await r.json())["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"

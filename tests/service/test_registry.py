@@ -1,4 +1,5 @@
 """Workers register with the router, heartbeat, and leave (or are dropped when silent)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -32,8 +33,9 @@ async def _listed(stub) -> list[str]:
 
 async def test_workers_register_serve_and_leave(smollm2):
     _, _, tokenizer = smollm2
-    router = RouterRuntime(RouterConfig(port=0, http_port=-1, load_poll_s=0.2, worker_lease_s=1.5,
-                                        local_prefill="never"), tokenizer, 2048)
+    router = RouterRuntime(
+        RouterConfig(port=0, http_port=-1, load_poll_s=0.2, worker_lease_s=1.5, local_prefill="never"), tokenizer, 2048
+    )
     starting = asyncio.create_task(router.start(ready_timeout_s=60))  # ready once workers have registered
     decode = await _worker(decode_serve.DecodeProcess, smollm2, router.port, worker_id="d0")
     prefill = await _worker(prefill_serve.PrefillProcess, smollm2, router.port, worker_id="p0", role="prefill")
@@ -42,8 +44,12 @@ async def test_workers_register_serve_and_leave(smollm2):
     stub = router_pb2_grpc.RouterStub(channel)
     try:
         assert await _listed(stub) == ["d0", "p0"]
-        stream = stub.Generate(rpb.GenerateRequest(
-            token_ids=pb.TokenIds(ids=list(range(100, 140))), sampling=pb.SamplingParams(max_tokens=4, temperature=0)))
+        stream = stub.Generate(
+            rpb.GenerateRequest(
+                token_ids=pb.TokenIds(ids=list(range(100, 140))),
+                sampling=pb.SamplingParams(max_tokens=4, temperature=0),
+            )
+        )
         last = [r async for r in stream][-1]
         assert last.route.prefill_worker_id == "p0" and last.route.decode_worker_id == "d0"
 

@@ -1,5 +1,6 @@
 """The router's INFO line per request, from a real router in front of the null
 engine, is the line docs/observability.md shows: same fields, in text and JSON."""
+
 from __future__ import annotations
 
 import io

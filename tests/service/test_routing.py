@@ -1,4 +1,5 @@
 """Cache- and load-aware routing, and the local-prefill decision, in a running suite."""
+
 from __future__ import annotations
 
 import asyncio
@@ -12,8 +13,11 @@ from tests.service.suite import inprocess_suite
 
 
 def _request(ids, rid, max_tokens=4, **kw):
-    return rpb.GenerateRequest(request_id=rid, token_ids=pb.TokenIds(ids=ids),
-                               sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw))
+    return rpb.GenerateRequest(
+        request_id=rid,
+        token_ids=pb.TokenIds(ids=ids),
+        sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw),
+    )
 
 
 async def _last(stub, req):
@@ -35,8 +39,9 @@ async def _as_identical(suite) -> None:
         e.prefill_tps_ewma = tps
         e.step_ms_ewma = step_ms
     pool = suite.router.pool
-    assert await settles(lambda: all(w.load and abs(w.load.prefill_tokens_per_s - tps) <= 1e-3 * tps
-                                     for w in pool.decode + pool.prefill))
+    assert await settles(
+        lambda: all(w.load and abs(w.load.prefill_tokens_per_s - tps) <= 1e-3 * tps for w in pool.decode + pool.prefill)
+    )
 
 
 async def test_shared_prefixes_go_where_the_cache_is_and_load_stays_spread(smollm2):
@@ -70,8 +75,9 @@ async def test_a_hot_prefix_overflows_to_the_other_worker_under_load(smollm2):
     async with inprocess_suite(smollm2, prefill_workers=2, warm_up=True) as suite:
         await _as_identical(suite)
         await _last(suite.stub, _request(system + text_of_tokens(tokenizer, 8, offset=1), "warm"))
-        burst = [_last(suite.stub, _request(system + text_of_tokens(tokenizer, 200, offset=i), f"b{i}"))
-                 for i in range(6)]
+        burst = [
+            _last(suite.stub, _request(system + text_of_tokens(tokenizer, 200, offset=i), f"b{i}")) for i in range(6)
+        ]
         workers = collections.Counter(r.route.prefill_worker_id for r in await asyncio.gather(*burst))
         assert len(workers) == 2, workers  # the queue made the cold worker cheaper for some
 
@@ -84,9 +90,15 @@ async def test_local_prefill_when_idle_and_disaggregation_when_decode_is_busy(sm
         assert not short.route.disaggregated  # idle: no hop beats a hop
         # Four streams far longer than the test needs (cancelled once the decision is made), so
         # that they still run when the router's view of the decode worker shows them, on any machine.
-        streams = [asyncio.create_task(_last(suite.stub, _request(text_of_tokens(tokenizer, 16, offset=i),
-                                                                  f"bg{i}", max_tokens=400, ignore_eos=True)))
-                   for i in range(4)]
+        streams = [
+            asyncio.create_task(
+                _last(
+                    suite.stub,
+                    _request(text_of_tokens(tokenizer, 16, offset=i), f"bg{i}", max_tokens=400, ignore_eos=True),
+                )
+            )
+            for i in range(4)
+        ]
         assert await settles(lambda: suite.router.pool.decode[0].load.running_seqs >= 4, timeout=60)
         long = await _last(suite.stub, _request(text_of_tokens(tokenizer, 1000, offset=9), "long"))
         assert long.route.disaggregated  # a local prefill would stall four streams

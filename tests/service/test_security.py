@@ -7,6 +7,7 @@ internal token, and the router needs an API key. The certificates are made
 here with `cryptography`: a CA, one certificate the services share (server and
 client use), one for an end user, and a rogue CA with a certificate of its own.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -50,21 +51,39 @@ def _name(cn: str) -> x509.Name:
 
 
 def _write_key(path, key) -> None:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
 
 
 def _make_ca(directory, name: str):
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(_name(name))
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(_name(name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
     (directory / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert, key
 
@@ -74,37 +93,50 @@ def _issue(directory, name: str, ca) -> TLS:
     ca_cert, ca_key = ca
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(ca_cert.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                           critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
     (directory / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     _write_key(directory / f"{name}.key", key)
     ca_name = ca_cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
-    return TLS(ca=str(directory / f"{ca_name}.pem"), cert=str(directory / f"{name}.crt"),
-               key=str(directory / f"{name}.key"))
+    return TLS(
+        ca=str(directory / f"{ca_name}.pem"), cert=str(directory / f"{name}.crt"), key=str(directory / f"{name}.key")
+    )
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     d = tmp_path_factory.mktemp("pki")
     ca, rogue_ca = _make_ca(d, "pdserve-ca"), _make_ca(d, "rogue-ca")
-    return {"service": _issue(d, "service", ca), "user": _issue(d, "user", ca),
-            "rogue": _issue(d, "rogue", rogue_ca)}
+    return {"service": _issue(d, "service", ca), "user": _issue(d, "user", ca), "rogue": _issue(d, "rogue", rogue_ca)}
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def suite(smollm2, pki):
     svc = pki["service"]
     security = {"tls_cert": svc.cert, "tls_key": svc.key, "tls_ca": svc.ca, "internal_token": TOKEN}
-    async with inprocess_suite(smollm2, "disaggregated", store_blocks=64, decode_kw={"use_store": True},
-                               security=security,
-                               router_kw={"tls_require_client_cert": True, "api_keys": [API_KEY]}) as s:
+    async with inprocess_suite(
+        smollm2,
+        "disaggregated",
+        store_blocks=64,
+        decode_kw={"use_store": True},
+        security=security,
+        router_kw={"tls_require_client_cert": True, "api_keys": [API_KEY]},
+    ) as s:
         yield s
 
 
@@ -143,8 +175,12 @@ async def _health(target: str, tls: TLS | None) -> int:
 
 
 def _targets(suite) -> dict[str, str]:
-    return {"router": _router(suite), "decode": f"127.0.0.1:{suite.decode[0].port}",
-            "prefill": f"127.0.0.1:{suite.prefill[0].port}", "kvstore": f"127.0.0.1:{suite.store_port}"}
+    return {
+        "router": _router(suite),
+        "decode": f"127.0.0.1:{suite.decode[0].port}",
+        "prefill": f"127.0.0.1:{suite.prefill[0].port}",
+        "kvstore": f"127.0.0.1:{suite.store_port}",
+    }
 
 
 async def test_every_service_answers_a_client_with_a_certificate_of_the_ca(suite, pki):
@@ -156,8 +192,11 @@ async def test_every_service_answers_a_client_with_a_certificate_of_the_ca(suite
 @pytest.mark.parametrize("who", ["plaintext", "no client certificate", "certificate of another CA"])
 async def test_every_service_refuses_a_client_without_a_certificate_of_the_ca(suite, pki, who):
     ca = pki["service"].ca
-    tls = {"plaintext": None, "no client certificate": TLS(ca=ca),
-           "certificate of another CA": TLS(ca=ca, cert=pki["rogue"].cert, key=pki["rogue"].key)}[who]
+    tls = {
+        "plaintext": None,
+        "no client certificate": TLS(ca=ca),
+        "certificate of another CA": TLS(ca=ca, cert=pki["rogue"].cert, key=pki["rogue"].key),
+    }[who]
     for name, target in _targets(suite).items():
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await _health(target, tls)
@@ -187,8 +226,10 @@ def _https(pki) -> ssl.SSLContext:
     return context
 
 
-@pytest.mark.parametrize("headers, status", [({}, 401), ({"Authorization": "Bearer sk-wrong"}, 401),
-                                             ({"Authorization": f"Bearer {API_KEY}"}, 200)])
+@pytest.mark.parametrize(
+    "headers, status",
+    [({}, 401), ({"Authorization": "Bearer sk-wrong"}, 401), ({"Authorization": f"Bearer {API_KEY}"}, 200)],
+)
 async def test_http_api_needs_the_api_key_and_answers_401_in_openai_shape(suite, pki, headers, status):
     url = suite.router.http.url
     assert url.startswith("https://")  # the router's certificate serves HTTP too
@@ -216,11 +257,16 @@ async def _call(channel_tls: TLS, target: str, method, request, token: str | Non
 async def test_kv_store_serves_no_block_to_a_caller_without_the_internal_token(suite, pki, token):
     before = await suite.store_stats()
     lookup = kpb.LookupRequest(kv_fingerprint=bytes(16), block_hashes=[bytes(16)])
-    read = kpb.ReserveReadRequest(kv_fingerprint=bytes(16), block_hashes=[bytes(16)],
-                                  ticket=pb.TransferTicket(transfer_id="stranger", secret=bytes(32), num_blocks=1))
+    read = kpb.ReserveReadRequest(
+        kv_fingerprint=bytes(16),
+        block_hashes=[bytes(16)],
+        ticket=pb.TransferTicket(transfer_id="stranger", secret=bytes(32), num_blocks=1),
+    )
     target = _targets(suite)["kvstore"]
-    for method, request in ((lambda ch: kvstore_pb2_grpc.KVStoreStub(ch).Lookup, lookup),
-                            (lambda ch: kvstore_pb2_grpc.KVStoreStub(ch).ReserveRead, read)):
+    for method, request in (
+        (lambda ch: kvstore_pb2_grpc.KVStoreStub(ch).Lookup, lookup),
+        (lambda ch: kvstore_pb2_grpc.KVStoreStub(ch).ReserveRead, read),
+    ):
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await _call(pki["service"], target, method, request, token)  # a valid cert is not enough
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -232,11 +278,17 @@ async def test_kv_store_serves_no_block_to_a_caller_without_the_internal_token(s
 async def test_workers_refuse_calls_without_the_internal_token(suite, pki):
     targets = _targets(suite)
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await _call(pki["service"], targets["decode"], lambda ch: decode_pb2_grpc.DecodeStub(ch).GetLoad,
-                    pb.GetLoadRequest(), None)
+        await _call(
+            pki["service"],
+            targets["decode"],
+            lambda ch: decode_pb2_grpc.DecodeStub(ch).GetLoad,
+            pb.GetLoadRequest(),
+            None,
+        )
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    load = await _call(pki["service"], targets["decode"], lambda ch: decode_pb2_grpc.DecodeStub(ch).GetLoad,
-                       pb.GetLoadRequest(), TOKEN)
+    load = await _call(
+        pki["service"], targets["decode"], lambda ch: decode_pb2_grpc.DecodeStub(ch).GetLoad, pb.GetLoadRequest(), TOKEN
+    )
     assert load.info.worker_id == "decode-0"
 
 
@@ -247,7 +299,8 @@ async def test_router_registers_no_worker_for_a_caller_without_the_internal_toke
     async with dial(_router(suite), pki["user"]) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await router_pb2_grpc.RouterStub(channel).RegisterWorker(
-                rpb.RegisterWorkerRequest(info=info), metadata=metadata, timeout=10)
+                rpb.RegisterWorkerRequest(info=info), metadata=metadata, timeout=10
+            )
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "rogue" not in {w.worker_id for w in suite.router.pool.all}
 
@@ -263,8 +316,7 @@ async def test_only_a_caller_with_the_internal_token_may_switch_a_worker_s_role(
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     async with dial(_router(suite), pki["service"]) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await router_pb2_grpc.RouterStub(channel).SetWorkerRole(request, metadata=((TOKEN_KEY, TOKEN),),
-                                                                    timeout=10)
+            await router_pb2_grpc.RouterStub(channel).SetWorkerRole(request, metadata=((TOKEN_KEY, TOKEN),), timeout=10)
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -272,8 +324,9 @@ async def test_a_worker_with_the_token_and_a_certificate_registers_and_leaves(su
     svc = pki["service"]
     worker = SecurityConfig(tls_cert=svc.cert, tls_key=svc.key, tls_ca=svc.ca, internal_token=TOKEN)
     info = pb.WorkerInfo(worker_id="joiner", role=pb.WORKER_ROLE_DECODE, address="127.0.0.1:1")
-    registration = Registration([_router(suite)], lambda: pb.GetLoadResponse(info=info, load=pb.WorkerLoad()),
-                                security=worker)
+    registration = Registration(
+        [_router(suite)], lambda: pb.GetLoadResponse(info=info, load=pb.WorkerLoad()), security=worker
+    )
     registered = lambda: "joiner" in {w.worker_id for w in suite.router.pool.all}  # noqa: E731
     registration.start()
     try:

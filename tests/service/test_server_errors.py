@@ -4,6 +4,7 @@ Servicers raise the exceptions of pdserve.common.errors; clients see gRPC
 status codes. The servicer here is the test's own, built on the generated
 Decode stubs: it raises whatever error its request_id names.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,14 +22,15 @@ from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 
 Code = grpc.StatusCode
 ERRORS = {  # request_id -> (raised, expected status, text the details must contain)
-    "invalid": (errors.InvalidRequestError("sampling.top_p", "must be in (0, 1]"),
-                Code.INVALID_ARGUMENT, "sampling.top_p: must be in (0, 1]"),
-    "capacity": (errors.CapacityExhaustedError("no free KV blocks"),
-                 Code.RESOURCE_EXHAUSTED, "no free KV blocks"),
+    "invalid": (
+        errors.InvalidRequestError("sampling.top_p", "must be in (0, 1]"),
+        Code.INVALID_ARGUMENT,
+        "sampling.top_p: must be in (0, 1]",
+    ),
+    "capacity": (errors.CapacityExhaustedError("no free KV blocks"), Code.RESOURCE_EXHAUSTED, "no free KV blocks"),
     "not-ready": (errors.NotReadyError("model loading"), Code.UNAVAILABLE, "model loading"),
     "not-found": (errors.NotFoundError("unknown request r1"), Code.NOT_FOUND, "unknown request r1"),
-    "timeout": (errors.TransferTimeoutError("transfer t1 timed out"),
-                Code.DEADLINE_EXCEEDED, "transfer t1 timed out"),
+    "timeout": (errors.TransferTimeoutError("transfer t1 timed out"), Code.DEADLINE_EXCEEDED, "transfer t1 timed out"),
     # ABORTED: redo reserve + prefill; UNAVAILABLE would mean "try another worker".
     "transfer": (errors.TransferFailedError("checksum mismatch"), Code.ABORTED, "checksum mismatch"),
 }
@@ -121,7 +123,7 @@ async def test_invalid_request_names_the_field(served):
 async def test_streaming_errors_map_after_messages_already_sent(served, rpc, request_id):
     _, code, details = ERRORS[request_id]
     call = getattr(stub(served[3]), rpc)
-    request = (decode_pb2.DecodeRequest if rpc == "Decode" else decode_pb2.LocalGenerateRequest)
+    request = decode_pb2.DecodeRequest if rpc == "Decode" else decode_pb2.LocalGenerateRequest
     received, failure = await read_stream(call(request(request_id=request_id)))
     assert received == [[1]]  # the token before the error still arrives
     assert failure.code() == code and details in failure.details()
@@ -131,8 +133,7 @@ async def test_streaming_errors_map_after_messages_already_sent(served, rpc, req
 async def test_unexpected_errors_are_internal_without_leaking_internals(served, request_id, caplog):
     with pytest.raises(grpc.aio.AioRpcError) as failure:
         await stub(served[3]).Release(decode_pb2.ReleaseRequest(request_id=request_id))
-    _, stream_failure = await read_stream(stub(served[3]).Decode(
-        decode_pb2.DecodeRequest(request_id=request_id)))
+    _, stream_failure = await read_stream(stub(served[3]).Decode(decode_pb2.DecodeRequest(request_id=request_id)))
     for error in (failure.value, stream_failure):
         assert error.code() == Code.INTERNAL
         assert "hunter2" not in error.details() and "Error" not in error.details()
@@ -140,11 +141,14 @@ async def test_unexpected_errors_are_internal_without_leaking_internals(served, 
     assert "hunter2" in caplog.text  # ...but the server log has it, under the incident id
 
 
-@pytest.mark.parametrize("method, data, field", [
-    ("Release", b"\x0a\x02\xff\xfe", "request_id"),  # field 1, a string, is not UTF-8
-    ("Release", b"\x0a\x05ab", "request"),  # a length past the end: no message at all
-    ("Decode", b"\x0a\x01\x80", "request_id"),
-])
+@pytest.mark.parametrize(
+    "method, data, field",
+    [
+        ("Release", b"\x0a\x02\xff\xfe", "request_id"),  # field 1, a string, is not UTF-8
+        ("Release", b"\x0a\x05ab", "request"),  # a length past the end: no message at all
+        ("Decode", b"\x0a\x01\x80", "request_id"),
+    ],
+)
 async def test_request_bytes_that_do_not_parse_are_invalid_argument_naming_the_field(served, method, data, field):
     # grpc.aio itself would answer UNKNOWN, before any handler or interceptor code runs.
     call = served[3].unary_unary if method == "Release" else served[3].unary_stream
@@ -211,8 +215,9 @@ async def test_sigterm_drains_in_flight_streams_then_refuses_new_calls(served):
         response = await checker.Check(health_pb2.HealthCheckRequest(service=""))
         seen_during_shutdown.append(response.status)
 
-    serving = asyncio.create_task(serve_until_stopped(
-        server, grace_s=5, health=health, on_shutdown=on_shutdown, signals=(signal.SIGTERM,)))
+    serving = asyncio.create_task(
+        serve_until_stopped(server, grace_s=5, health=health, on_shutdown=on_shutdown, signals=(signal.SIGTERM,))
+    )
     while signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # handler not installed yet
         await asyncio.sleep(0.01)
     os.kill(os.getpid(), signal.SIGTERM)

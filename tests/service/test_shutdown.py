@@ -6,6 +6,7 @@ then [DONE] and a clean end, on SSE; a 503 for a plain HTTP request; UNAVAILABLE
 A real router (in this process, and once as its own process) in front of a real null
 worker (services/bench/null_worker.py) streaming a token every 20 ms.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -52,8 +53,15 @@ async def serving_router(tokenizer, grace_s: float):
     """A router running as `pdserve serve router` does (run(): serve until stopped, then drain),
     stopped by `stop` instead of a signal."""
     async with slow_worker() as worker:
-        config = RouterConfig(port=0, http_port=0, metrics_port=-1, mode="colocated", load_poll_s=0.2,
-                              decode_targets=[f"127.0.0.1:{worker.port}"], grace_s=grace_s)
+        config = RouterConfig(
+            port=0,
+            http_port=0,
+            metrics_port=-1,
+            mode="colocated",
+            load_poll_s=0.2,
+            decode_targets=[f"127.0.0.1:{worker.port}"],
+            grace_s=grace_s,
+        )
         router = RouterRuntime(config, *tokenizer)
         stop = asyncio.Event()
         serving = asyncio.create_task(router.run(stop))
@@ -110,8 +118,12 @@ async def test_streams_open_when_the_grace_ends_are_told_the_server_is_shutting_
             rest = [e async for e in sse_events]
             sse.release()
             assert rest[-1] == "[DONE]" and all("choices" in e for e in rest[:-2])
-            assert rest[-2]["error"] == {"message": SHUTTING_DOWN, "type": "server_error", "param": None,
-                                         "code": "service_unavailable"}
+            assert rest[-2]["error"] == {
+                "message": SHUTTING_DOWN,
+                "type": "server_error",
+                "param": None,
+                "code": "service_unavailable",
+            }
             async with await plain as r:
                 assert r.status == 503 and (await r.json())["error"]["message"] == SHUTTING_DOWN
             with pytest.raises(grpc.aio.AioRpcError) as cut:
@@ -138,10 +150,31 @@ async def test_a_stream_that_ends_within_the_grace_finishes_and_the_drain_ends_w
 async def test_ctrl_c_on_a_router_process_ends_its_stream_with_an_error_event(tokenizer):
     async with slow_worker() as worker:
         router = subprocess.Popen(
-            [sys.executable, "-m", "pdserve", "serve", "router", "--mode", "colocated", "--port", "0",
-             "--http-port", "0", "--metrics-port", "-1", "--grace-s", "1", "--load-poll-s", "0.2",
-             "--decode-targets", f"127.0.0.1:{worker.port}"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [
+                sys.executable,
+                "-m",
+                "pdserve",
+                "serve",
+                "router",
+                "--mode",
+                "colocated",
+                "--port",
+                "0",
+                "--http-port",
+                "0",
+                "--metrics-port",
+                "-1",
+                "--grace-s",
+                "1",
+                "--load-poll-s",
+                "0.2",
+                "--decode-targets",
+                f"127.0.0.1:{worker.port}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         try:
             url = None
             while url is None:  # the banner says where it listens once it is ready

@@ -1,4 +1,5 @@
 """The router, prefill and decode services over real gRPC and UCX, in one process."""
+
 from __future__ import annotations
 
 import asyncio
@@ -20,8 +21,11 @@ NEW = 12
 
 
 def _request(ids, rid, max_tokens=NEW, **sampling):
-    return rpb.GenerateRequest(request_id=rid, token_ids=pb.TokenIds(ids=ids),
-                               sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, **sampling))
+    return rpb.GenerateRequest(
+        request_id=rid,
+        token_ids=pb.TokenIds(ids=ids),
+        sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, **sampling),
+    )
 
 
 async def _collect(stub, req):
@@ -43,7 +47,9 @@ def references(smollm2):
 async def test_concurrent_greedy_requests_match_transformers(smollm2, references, mode):
     _, _, tokenizer = smollm2
     async with inprocess_suite(smollm2, mode) as suite:
-        results = await asyncio.gather(*(_collect(suite.stub, _request(ids, f"r{i}")) for i, (ids, _) in enumerate(references)))
+        results = await asyncio.gather(
+            *(_collect(suite.stub, _request(ids, f"r{i}")) for i, (ids, _) in enumerate(references))
+        )
         for (ids, expected), (tokens, text, last) in zip(references, results):
             assert tokens == expected
             assert text == tokenizer.decode(expected, skip_special_tokens=True)
@@ -72,7 +78,8 @@ async def test_cancelled_stream_frees_blocks_on_both_workers(smollm2):
 
 @pytest.mark.parametrize("tokens_before", [1, 4], ids=["reserved", "decoding"])
 async def test_a_client_gone_while_the_router_is_at_a_yield_is_cleaned_up_before_the_close_returns(
-        smollm2, tokens_before):
+    smollm2, tokens_before
+):
     # A front end whose client goes while it sends an event closes the router's stream, which is
     # then at a yield: GeneratorExit there, not CancelledError. Cleanup runs on both, before the close
     # returns. After the first token (prefill's) the router holds the decode reservation; later,
@@ -97,8 +104,12 @@ async def test_a_client_gone_while_the_router_is_at_a_yield_is_cleaned_up_before
 
 async def test_stop_string_is_matched_by_the_router(smollm2):
     _, _, tokenizer = smollm2
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                        add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+    )["input_ids"]
     async with inprocess_suite(smollm2) as suite:
         _, full, _ = await _collect(suite.stub, _request(ids, "full", max_tokens=20))
         assert "Paris" in full
@@ -111,15 +122,21 @@ async def test_an_unclaimed_reservation_expires_and_frees_its_blocks(smollm2):
 
     async with inprocess_suite(smollm2) as suite:
         decode = suite.worker_stubs()[0]
-        r = await decode.Reserve(dpb.ReserveRequest(request_id="orphan", prompt_token_ids=list(range(100, 200)),
-                                                    kv_fingerprint=suite.decode[0].engine.spec.fingerprint,
-                                                    lease_ms=300))
+        r = await decode.Reserve(
+            dpb.ReserveRequest(
+                request_id="orphan",
+                prompt_token_ids=list(range(100, 200)),
+                kv_fingerprint=suite.decode[0].engine.spec.fingerprint,
+                lease_ms=300,
+            )
+        )
         assert r.ticket.num_blocks > 0 and r.ticket.expires_at_unix_ms > 0
         assert (await suite.loads())[0].free_blocks < (await suite.loads())[0].total_blocks
 
         async def freed() -> bool:  # the prefill worker never calls: the lease runs out
             load = (await suite.loads())[0]
             return load.free_blocks == load.total_blocks
+
         assert await settles(freed)
         stats = await decode.GetStats(dpb.GetDecodeStatsRequest())
         assert stats.reservations_expired == 1 and stats.reservations_active == 0
@@ -141,7 +158,11 @@ async def test_seeded_requests_in_bfloat16_draw_what_one_bfloat16_engine_draws(s
     async with inprocess_suite(smollm2, dtype="bfloat16") as suite:
         assert {rt.engine.spec.dtype for rt in suite.decode + suite.prefill} == {"bfloat16"}
         for i, (ids, want) in enumerate(zip(prompts, alone)):
-            tokens, _, last = await _collect(suite.stub, rpb.GenerateRequest(
-                request_id=f"s{i}", token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParams(**seeded)))
+            tokens, _, last = await _collect(
+                suite.stub,
+                rpb.GenerateRequest(
+                    request_id=f"s{i}", token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParams(**seeded)
+                ),
+            )
             assert last.route.disaggregated
             assert tokens == want, f"prompt of {len(ids)} tokens"

@@ -1,6 +1,7 @@
 """One request, one trace: W3C trace context carried through gRPC metadata from
 the client SDK to the router, prefill, decode and the KV store, in one process
 (services told apart by the `pdserve.service` attribute they set)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -111,11 +112,15 @@ async def test_one_request_is_one_trace_through_router_prefill_decode_and_kvstor
     # and the timing breakdown the client got.
     assert generate.attributes["pdserve.request_id"] == "traced-1"
     assert {k: v for k, v in generate.attributes.items() if k.startswith("gen_ai.")} == {
-        "gen_ai.operation.name": "text_completion", "gen_ai.request.model": model,
-        "gen_ai.request.max_tokens": 6, "gen_ai.request.temperature": 0.0, "gen_ai.request.top_p": 1.0,
+        "gen_ai.operation.name": "text_completion",
+        "gen_ai.request.model": model,
+        "gen_ai.request.max_tokens": 6,
+        "gen_ai.request.temperature": 0.0,
+        "gen_ai.request.top_p": 1.0,
         "gen_ai.usage.input_tokens": completion.usage.prompt_tokens,
         "gen_ai.usage.output_tokens": completion.usage.completion_tokens,
-        "gen_ai.response.finish_reasons": (completion.finish_reason,)}
+        "gen_ai.response.finish_reasons": (completion.finish_reason,),
+    }
     assert generate.attributes["pdserve.route.disaggregated"] is True
     assert generate.attributes["pdserve.route.prefill_worker_id"] == completion.route["prefill_worker_id"]
     for key in TIMING:
@@ -126,9 +131,11 @@ async def test_an_http_request_continues_the_callers_trace_from_its_traceparent(
     trace_id, parent_id = 0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331
     async with inprocess_suite(smollm2, "colocated", transport="loopback") as suite:
         async with aiohttp.ClientSession() as http:
-            async with http.post(f"{suite.router.http.url}/completions",
-                                 json={"prompt": "Hello", "max_tokens": 2, "temperature": 0},
-                                 headers={"traceparent": f"00-{trace_id:032x}-{parent_id:016x}-01"}) as r:
+            async with http.post(
+                f"{suite.router.http.url}/completions",
+                json={"prompt": "Hello", "max_tokens": 2, "temperature": 0},
+                headers={"traceparent": f"00-{trace_id:032x}-{parent_id:016x}-01"},
+            ) as r:
                 assert r.status == 200, await r.text()
     spans = exporter.get_finished_spans()
     (generate,) = _named(spans, "router.generate")
@@ -138,8 +145,9 @@ async def test_an_http_request_continues_the_callers_trace_from_its_traceparent(
 
 
 async def test_each_call_is_a_client_and_a_server_span_with_its_status(exporter):
-    server, port, store = kvstore_serve.build(KVStoreConfig(port=0, capacity_blocks=4, transport="loopback"),
-                                              block_bytes=4096)
+    server, port, store = kvstore_serve.build(
+        KVStoreConfig(port=0, capacity_blocks=4, transport="loopback"), block_bytes=4096
+    )
     await server.start()
     channel = security.dial(f"127.0.0.1:{port}", interceptors=grpc_tracing.client_interceptors())
     stub = kvstore_pb2_grpc.KVStoreStub(channel)

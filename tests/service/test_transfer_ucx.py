@@ -4,6 +4,7 @@ prefill-like sender), each with its own KV pool of SmolLM2-sized blocks.
 The two processes live for the whole module (starting torch + UCX costs seconds);
 the test drives them with small commands over pipes.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -334,8 +335,9 @@ def test_a_receiver_still_holding_a_block_from_a_sender_now_gone_closes_and_is_d
     # drains that queue itself and hung there (or crashed: a rendezvous reply through
     # the freed endpoint); the receiver now takes such messages first.
     env = {**os.environ, "UCX_TLS": "tcp"}
-    run = subprocess.run([sys.executable, "-c", _LATE_BLOCK_FROM_A_GONE_SENDER], env=env,
-                         capture_output=True, text=True, timeout=30)
+    run = subprocess.run(
+        [sys.executable, "-c", _LATE_BLOCK_FROM_A_GONE_SENDER], env=env, capture_output=True, text=True, timeout=30
+    )
     assert run.returncode == 0 and "destroyed" in run.stdout, run.stderr[-2000:]
 
 

@@ -1,4 +1,5 @@
 """A worker's arrival rate: recent requests per second, forgetting old ones."""
+
 from __future__ import annotations
 
 import pytest

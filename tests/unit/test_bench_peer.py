@@ -1,4 +1,5 @@
 """`pdserve bench peer`'s pure parts: capacity, ratios, skipped peers, the interleaving, the peers' command lines."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,13 +27,21 @@ def run(n_met: int, n_missed: int) -> list[RequestRecord]:
 
 
 def summaries(by_system: dict[str, dict[str, tuple[int, int]]]) -> dict:
-    return peer_report.summaries({name: {rate: run(*mix) for rate, mix in by_rate.items()}
-                                  for name, by_rate in by_system.items()}, SLO)
+    return peer_report.summaries(
+        {name: {rate: run(*mix) for rate, mix in by_rate.items()} for name, by_rate in by_system.items()}, SLO
+    )
 
 
 def launch(**kw) -> peers.Launch:
-    return peers.Launch(**{"port": 54100, "model_dir": Path("/models/smol"), "gguf": Path("/pkg/smol.gguf"),
-                           "python": "/venv/bin/python", **kw})
+    return peers.Launch(
+        **{
+            "port": 54100,
+            "model_dir": Path("/models/smol"),
+            "gguf": Path("/pkg/smol.gguf"),
+            "python": "/venv/bin/python",
+            **kw,
+        }
+    )
 
 
 def test_capacity_is_the_highest_rate_with_ninety_percent_within_objectives():
@@ -68,24 +77,44 @@ def test_a_reference_that_met_no_rate_has_no_capacity_ratio():
 
 def test_every_system_runs_once_at_every_rate_rate_by_rate_in_rotated_order():
     order = peer.schedule(["a", "b", "c"], [0.5, 1.0, 2.0, 4.0])
-    assert order == [(0.5, "a"), (0.5, "b"), (0.5, "c"), (1.0, "b"), (1.0, "c"), (1.0, "a"),
-                     (2.0, "c"), (2.0, "a"), (2.0, "b"), (4.0, "a"), (4.0, "b"), (4.0, "c")]
+    assert order == [
+        (0.5, "a"),
+        (0.5, "b"),
+        (0.5, "c"),
+        (1.0, "b"),
+        (1.0, "c"),
+        (1.0, "a"),
+        (2.0, "c"),
+        (2.0, "a"),
+        (2.0, "b"),
+        (4.0, "a"),
+        (4.0, "b"),
+        (4.0, "c"),
+    ]
 
 
 def test_a_peer_that_is_not_installed_is_skipped_with_the_command_that_installs_it(tmp_path, monkeypatch):
     monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path))
-    assert peers.missing(peers.PEERS["llamacpp"]) == \
-        "not installed: run pdserve bench peer --install llamacpp, ~25 min"
+    assert peers.missing(peers.PEERS["llamacpp"]) == "not installed: run pdserve bench peer --install llamacpp, ~25 min"
     assert peers.missing(peers.PEERS["pdserve"]) is None  # runs from pdserve's own environment
 
 
 def test_the_report_lists_every_skipped_peer_and_rate_with_its_reason():
     s = summaries({"pdserve": {"0.5": (10, 0)}})
-    doc = {"machine": {}, "command": "pdserve bench peer", "workload": {}, "reference": "pdserve",
-           "order_note": peer.ORDER_NOTE, "objectives": SLO.as_dict(), "summaries": s,
-           "comparison": peer_report.comparison(s, "pdserve"),
-           "skipped": {"llamacpp": {peer.ALL_RATES: "not installed: run pdserve bench peer --install llamacpp"},
-                       "vllm": {"2": "failed to start: OOM", "4": "failed to start: OOM"}}}
+    doc = {
+        "machine": {},
+        "command": "pdserve bench peer",
+        "workload": {},
+        "reference": "pdserve",
+        "order_note": peer.ORDER_NOTE,
+        "objectives": SLO.as_dict(),
+        "summaries": s,
+        "comparison": peer_report.comparison(s, "pdserve"),
+        "skipped": {
+            "llamacpp": {peer.ALL_RATES: "not installed: run pdserve bench peer --install llamacpp"},
+            "vllm": {"2": "failed to start: OOM", "4": "failed to start: OOM"},
+        },
+    }
     text = peer_report.markdown(doc)
     assert "- llamacpp (all rates): not installed: run pdserve bench peer --install llamacpp" in text
     assert "- vllm (at 2, 4 req/s): failed to start: OOM" in text

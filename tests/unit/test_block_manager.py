@@ -1,4 +1,5 @@
 """Block accounting and prefix caching, without a model."""
+
 import pytest
 
 from pdserve.common.engine.sampling_params import SamplingParams

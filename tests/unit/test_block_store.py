@@ -1,4 +1,5 @@
 """The KV store's memory: LRU eviction, pins, write states, fingerprints."""
+
 from pdserve.kvstore.store import BlockStore
 
 A, B = b"A" * 16, b"B" * 16

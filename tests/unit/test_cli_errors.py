@@ -1,5 +1,6 @@
 """A bad setting, from a flag, a variable or a file, is one line on stderr and exit 2,
 from `pdserve serve` and from `pdserve up` (which refuses before it starts anything)."""
+
 from __future__ import annotations
 
 import os
@@ -16,15 +17,19 @@ from tests.e2e.conftest import free_port_run
 def pdserve(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """The real command, in a fresh process; PDSERVE_* variables only from `env`."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PDSERVE_")}
-    return subprocess.run([sys.executable, "-m", "pdserve", *argv], capture_output=True, text=True,
-                          timeout=120, env={**clean, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "pdserve", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**clean, **(env or {})},
+    )
 
 
 def up(*argv: str) -> tuple[str, ...]:
     """`up` on free ports: should a refusal fail to happen, no other suite is disturbed."""
     base = free_port_run(6)
-    return ("up", *argv, "--port", str(base), "--base-port", str(base + 1), "--metrics-port", "-1",
-            "--http-port", "-1")
+    return ("up", *argv, "--port", str(base), "--base-port", str(base + 1), "--metrics-port", "-1", "--http-port", "-1")
 
 
 def assert_one_line_naming(result: subprocess.CompletedProcess, *names: str) -> str:
@@ -83,8 +88,9 @@ def test_a_bad_tracing_variable_is_refused_by_up():
 
 
 def test_a_range_check_names_the_setting_and_the_value():
-    assert_one_line_naming(pdserve("serve", "kvstore", "--capacity-gib", "-2"),
-                           "--capacity-gib", "PDSERVE_CAPACITY_GIB", "-2.0")
+    assert_one_line_naming(
+        pdserve("serve", "kvstore", "--capacity-gib", "-2"), "--capacity-gib", "PDSERVE_CAPACITY_GIB", "-2.0"
+    )
 
 
 @pytest.mark.parametrize("service, role", [("decode", "both"), ("decode", "prefill"), ("elastic", "colocated")])
@@ -125,6 +131,7 @@ def test_help_shows_the_defaults(capsys):
 
 def test_a_data_host_that_is_not_this_machines_is_one_line():
     # 198.51.100.0/24 is TEST-NET-2: for documentation, held by no interface here.
-    result = pdserve("serve", "kvstore", "--port", "0", "--metrics-port", "-1",
-                     env={"PDSERVE_DATA_HOST": "198.51.100.77"})
+    result = pdserve(
+        "serve", "kvstore", "--port", "0", "--metrics-port", "-1", env={"PDSERVE_DATA_HOST": "198.51.100.77"}
+    )
     assert_one_line_naming(result, "--data-host", "198.51.100.77")

@@ -5,6 +5,7 @@ The Router servicer here is the test's own stand-in (the real router has its
 end-to-end tests): it behaves as its request's text names, and records when
 the server side of a call is cancelled, which is what frees KV downstream.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -43,12 +44,17 @@ class StandInRouter(router_pb2_grpc.RouterServicer):
             if behaviour == "bug":
                 raise RuntimeError("secret detail")
             yield router_pb2.GenerateResponse(
-                request_id="r1", token_ids=[3], text="lo", logprobs=[-0.5],
+                request_id="r1",
+                token_ids=[3],
+                text="lo",
+                logprobs=[-0.5],
                 finish_reason=common_pb2.FINISH_REASON_LENGTH,
                 usage=common_pb2.Usage(prompt_tokens=4, completion_tokens=3, cached_tokens=2),
                 timing=common_pb2.TimingBreakdown(queued_ms=1, prefill_ms=2, ttft_ms=3, total_ms=9),
-                route=router_pb2.RouteInfo(prefill_worker_id="prefill-0", decode_worker_id="decode-0",
-                                           disaggregated=True))
+                route=router_pb2.RouteInfo(
+                    prefill_worker_id="prefill-0", decode_worker_id="decode-0", disaggregated=True
+                ),
+            )
         except (asyncio.CancelledError, GeneratorExit):
             # Where the real router cancels downstream RPCs. A cancel that lands while this
             # handler awaits is a CancelledError; one that lands while the server sends what
@@ -119,8 +125,9 @@ async def test_invalid_argument_carries_the_field(router):
     assert "must be in (0, 1]" in err.details and err.error_type == "InvalidRequestError"
 
 
-@pytest.mark.parametrize("text, error, retryable", [
-    ("full", sdk.ResourceExhausted, True), ("bug", sdk.Internal, False)])
+@pytest.mark.parametrize(
+    "text, error, retryable", [("full", sdk.ResourceExhausted, True), ("bug", sdk.Internal, False)]
+)
 async def test_status_codes_map_to_exceptions(router, text, error, retryable):
     _, target = router
     async with sdk.AsyncClient(target) as client:
@@ -178,6 +185,7 @@ async def test_aclosing_and_task_cancellation_cancel(router):
         async def consume():
             async for _ in client.generate("slow"):
                 streaming.set()
+
         task = asyncio.create_task(consume())
         await asyncio.wait_for(streaming.wait(), 10)  # the server's handler is running: a cancel reaches it
         task.cancel()

@@ -1,6 +1,7 @@
 """The SDK calls again when a call fails UNAVAILABLE before its first token, and never after one.
 
 A real grpc.aio server with the test's own Router servicer, failing as told."""
+
 from __future__ import annotations
 
 import asyncio
@@ -42,6 +43,7 @@ async def serve():
         await server.start()
         servers.append(server)
         return f"127.0.0.1:{port}"
+
     yield start
     for server in servers:
         await server.stop(0)
@@ -72,8 +74,9 @@ async def test_the_bound_ends_it_with_the_last_error_saying_how_many_calls(serve
     assert router.calls == 3
 
 
-@pytest.mark.parametrize("code", [grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT,
-                                  grpc.StatusCode.INTERNAL])
+@pytest.mark.parametrize(
+    "code", [grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL]
+)
 async def test_other_codes_are_not_called_again(serve, code):
     router = FlakyRouter(failures=1, code=code)
     async with sdk.AsyncClient(await serve(router), retry=FAST) as client:
@@ -102,6 +105,7 @@ async def test_no_retry_makes_one_call_and_the_sync_client_retries_too(serve):
     def sync_call() -> list[int]:  # off this loop: it serves the router the sync client waits on
         with sdk.Client(target, retry=FAST) as client:
             return client.complete("hi").token_ids
+
     assert await asyncio.to_thread(sync_call) == [1, 2] and router.calls == 3  # failed once more, then streamed
 
 

@@ -1,4 +1,5 @@
 """Specification of pdserve.common.config: one scheme for every service's config."""
+
 from __future__ import annotations
 
 import argparse
@@ -46,27 +47,46 @@ def test_defaults_come_from_the_dataclass():
 
 
 def test_flags_are_kebab_case_and_typed():
-    config = resolve(["--max-batch-tokens", "4096", "--kv-fraction", "0.5",
-                      "--no-enable-prefix-cache", "--seed", "7", "--mode", "colocated",
-                      "--peers", "a:1", "b:2"])
+    config = resolve(
+        [
+            "--max-batch-tokens",
+            "4096",
+            "--kv-fraction",
+            "0.5",
+            "--no-enable-prefix-cache",
+            "--seed",
+            "7",
+            "--mode",
+            "colocated",
+            "--peers",
+            "a:1",
+            "b:2",
+        ]
+    )
     assert config.max_batch_tokens == 4096 and config.kv_fraction == 0.5
     assert config.enable_prefix_cache is False and config.seed == 7
     assert config.mode == "colocated" and config.peers == ["a:1", "b:2"]
 
 
 def test_environment_fallback_is_prefixed_upper_case():
-    env = {"PDSERVE_PORT": "6000", "PDSERVE_ENABLE_PREFIX_CACHE": "off",
-           "PDSERVE_PEERS": "a:1, b:2", "PDSERVE_SEED": "none"}
+    env = {
+        "PDSERVE_PORT": "6000",
+        "PDSERVE_ENABLE_PREFIX_CACHE": "off",
+        "PDSERVE_PEERS": "a:1, b:2",
+        "PDSERVE_SEED": "none",
+    }
     config = resolve(env=env)
     assert config.port == 6000 and config.enable_prefix_cache is False
     assert config.peers == ["a:1", "b:2"] and config.seed is None
 
 
-@pytest.mark.parametrize("suffix, text", [
-    (".toml", 'port = 7000\nmax-batch-tokens = 512\npeers = ["x:1"]\nkv_fraction = 1\n'),
-    (".json", json.dumps({"port": 7000, "max_batch_tokens": 512, "peers": ["x:1"],
-                          "kv_fraction": 1})),
-])
+@pytest.mark.parametrize(
+    "suffix, text",
+    [
+        (".toml", 'port = 7000\nmax-batch-tokens = 512\npeers = ["x:1"]\nkv_fraction = 1\n'),
+        (".json", json.dumps({"port": 7000, "max_batch_tokens": 512, "peers": ["x:1"], "kv_fraction": 1})),
+    ],
+)
 def test_config_file_in_toml_or_json(tmp_path, suffix, text):
     path = write(tmp_path, "pdserve" + suffix, text)
     config = resolve(["--config", path])
@@ -83,10 +103,10 @@ def test_precedence_is_flag_then_env_then_file_then_default(tmp_path):
     path = write(tmp_path, "c.toml", "port = 1\nmax_batch_tokens = 1\nkv_fraction = 0.1\n")
     env = {"PDSERVE_PORT": "2", "PDSERVE_MAX_BATCH_TOKENS": "2"}
     config = resolve(["--config", path, "--port", "3"], env)
-    assert config.port == 3               # flag beats env and file
-    assert config.max_batch_tokens == 2   # env beats file
-    assert config.kv_fraction == 0.1      # file beats default
-    assert config.host == "127.0.0.1"     # default when nothing else says
+    assert config.port == 3  # flag beats env and file
+    assert config.max_batch_tokens == 2  # env beats file
+    assert config.kv_fraction == 0.1  # file beats default
+    assert config.host == "127.0.0.1"  # default when nothing else says
 
 
 def test_an_explicit_flag_wins_even_when_it_equals_the_default():
@@ -97,21 +117,27 @@ def test_empty_list_flag_overrides_a_fallback():
     assert resolve(["--peers"], {"PDSERVE_PEERS": "a,b"}).peers == []
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"PDSERVE_PORT": "eighty"}, "PDSERVE_PORT: expected int"),
-    ({"PDSERVE_ENABLE_PREFIX_CACHE": "maybe"}, "PDSERVE_ENABLE_PREFIX_CACHE: expected a boolean"),
-    ({"PDSERVE_MODE": "both"}, "PDSERVE_MODE: expected one of"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"PDSERVE_PORT": "eighty"}, "PDSERVE_PORT: expected int"),
+        ({"PDSERVE_ENABLE_PREFIX_CACHE": "maybe"}, "PDSERVE_ENABLE_PREFIX_CACHE: expected a boolean"),
+        ({"PDSERVE_MODE": "both"}, "PDSERVE_MODE: expected one of"),
+    ],
+)
 def test_bad_environment_values_raise_value_error_naming_the_variable(env, message):
     with pytest.raises(ValueError, match=message):
         resolve(env=env)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("port = true\n", "expected int"),          # bool is not an int in a config file
-    ("port = 1.5\n", "expected int"),
-    ("peers = \"a\"\nprot = 1\n", r"unknown settings \['prot'\]"),  # typos fail loudly
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("port = true\n", "expected int"),  # bool is not an int in a config file
+        ("port = 1.5\n", "expected int"),
+        ('peers = "a"\nprot = 1\n', r"unknown settings \['prot'\]"),  # typos fail loudly
+    ],
+)
 def test_bad_file_values_raise_value_error(tmp_path, text, message):
     with pytest.raises(ValueError, match=message):
         resolve(["--config", write(tmp_path, "c.toml", text)])
@@ -151,13 +177,16 @@ def test_from_argv_reports_validation_errors_as_usage_errors(capsys):
     assert "--kv-fraction / PDSERVE_KV_FRACTION: must be in (0, 1], got 2.0" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, env, text, message", [
-    (["--kv-fraction", "2"], {}, "", r"^--kv-fraction / PDSERVE_KV_FRACTION: must be in \(0, 1\], got 2.0$"),
-    ([], {"PDSERVE_KV_FRACTION": "2"}, "", r"PDSERVE_KV_FRACTION: .*, got 2.0 \(from the environment\)$"),
-    ([], {}, "kv_fraction = 2\n", r"PDSERVE_KV_FRACTION: .*, got 2.0 \(in .*c.toml\)$"),
-    ([], {"PDSERVE_PORT": "x"}, "", r"^--port / PDSERVE_PORT: expected int, got 'x' \(from the environment\)"),
-    ([], {}, "port = 1.5\n", r"^--port / PDSERVE_PORT: expected int, got 1.5 \(in .*c.toml\)$"),
-])
+@pytest.mark.parametrize(
+    "argv, env, text, message",
+    [
+        (["--kv-fraction", "2"], {}, "", r"^--kv-fraction / PDSERVE_KV_FRACTION: must be in \(0, 1\], got 2.0$"),
+        ([], {"PDSERVE_KV_FRACTION": "2"}, "", r"PDSERVE_KV_FRACTION: .*, got 2.0 \(from the environment\)$"),
+        ([], {}, "kv_fraction = 2\n", r"PDSERVE_KV_FRACTION: .*, got 2.0 \(in .*c.toml\)$"),
+        ([], {"PDSERVE_PORT": "x"}, "", r"^--port / PDSERVE_PORT: expected int, got 'x' \(from the environment\)"),
+        ([], {}, "port = 1.5\n", r"^--port / PDSERVE_PORT: expected int, got 1.5 \(in .*c.toml\)$"),
+    ],
+)
 def test_a_refused_value_names_its_flag_its_variable_and_its_source(tmp_path, argv, env, text, message):
     if text:
         argv = [*argv, "--config", write(tmp_path, "c.toml", text)]

@@ -4,6 +4,7 @@ One padded attention call for a whole decode batch makes every stream pay for
 the longest context in it (8 streams at 128 tokens beside one at 2,048 took
 6.4x the step of the 8 alone); groups bound that padding.
 """
+
 from __future__ import annotations
 
 from pdserve.common.engine.model_runner import GROUP_MIN_TOKENS, GROUP_SPAN, group_by_context

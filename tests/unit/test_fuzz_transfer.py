@@ -9,6 +9,7 @@ every transfer once cancelled. Driven through the loopback transport at the
 message level (`_deliver`: one block's arrival, as UCX would hand it over) and
 through real UCX with a sender that holds the secret but sends garbage.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -81,21 +82,26 @@ def test_a_header_is_bound_to_its_ticket_and_index(transfer_id, secret, index):
 
 
 # ---- the loopback receiver, message by message -----------------------------------
-message = st.fixed_dictionaries({
-    "ticket": st.sampled_from(sorted(TICKETS)),
-    "forge": st.sampled_from(["none", "secret", "transfer_id"]),
-    "index": st.integers(-2, 4),
-    "size": st.sampled_from([BLOCK_BYTES, BLOCK_BYTES, BLOCK_BYTES - 4, BLOCK_BYTES + 4, 0]),
-    "header": st.one_of(st.sampled_from(["genuine", "genuine", "other index", "flipped"]),
-                        st.binary(max_size=HEADER_BYTES + 8)),
-    "data": st.sampled_from(["genuine", "genuine", "flipped"]),
-})
-send = st.fixed_dictionaries({  # the sender API, with arguments out of range
-    "ticket": st.sampled_from(sorted(TICKETS)),
-    "first": st.integers(-1, 4),
-    "count": st.integers(0, 3),
-    "size": st.sampled_from([BLOCK_BYTES, BLOCK_BYTES - 4]),
-})
+message = st.fixed_dictionaries(
+    {
+        "ticket": st.sampled_from(sorted(TICKETS)),
+        "forge": st.sampled_from(["none", "secret", "transfer_id"]),
+        "index": st.integers(-2, 4),
+        "size": st.sampled_from([BLOCK_BYTES, BLOCK_BYTES, BLOCK_BYTES - 4, BLOCK_BYTES + 4, 0]),
+        "header": st.one_of(
+            st.sampled_from(["genuine", "genuine", "other index", "flipped"]), st.binary(max_size=HEADER_BYTES + 8)
+        ),
+        "data": st.sampled_from(["genuine", "genuine", "flipped"]),
+    }
+)
+send = st.fixed_dictionaries(
+    {  # the sender API, with arguments out of range
+        "ticket": st.sampled_from(sorted(TICKETS)),
+        "first": st.integers(-1, 4),
+        "count": st.integers(0, 3),
+        "size": st.sampled_from([BLOCK_BYTES, BLOCK_BYTES - 4]),
+    }
+)
 
 
 def _arrival(tickets: dict, m: dict) -> tuple:
@@ -126,7 +132,11 @@ def _arrival(tickets: dict, m: dict) -> tuple:
 def _as_size(block: torch.Tensor, size: int) -> torch.Tensor:
     """The block's bytes, cut or zero-padded to `size`."""
     raw = block.reshape(-1).view(torch.uint8)
-    return raw[:size].clone() if size <= raw.numel() else torch.cat([raw, torch.zeros(size - raw.numel(), dtype=torch.uint8)])
+    return (
+        raw[:size].clone()
+        if size <= raw.numel()
+        else torch.cat([raw, torch.zeros(size - raw.numel(), dtype=torch.uint8)])
+    )
 
 
 def _intact(dst: KVPool, blocks: list[int]) -> bool:
@@ -191,10 +201,12 @@ async def test_a_replayed_block_cannot_complete_a_transfer_in_place_of_a_missing
 
 
 # ---- real UCX, a sender that holds the secret but sends garbage ------------------
-ucx_message = st.fixed_dictionaries({
-    "header": st.one_of(st.just("genuine"), st.just("none"), st.binary(min_size=0, max_size=HEADER_BYTES * 2)),
-    "data": st.sampled_from(["genuine", "flipped", "short", "long", "none"]),
-})
+ucx_message = st.fixed_dictionaries(
+    {
+        "header": st.one_of(st.just("genuine"), st.just("none"), st.binary(min_size=0, max_size=HEADER_BYTES * 2)),
+        "data": st.sampled_from(["genuine", "flipped", "short", "long", "none"]),
+    }
+)
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -212,11 +224,20 @@ def test_ucx_receiver_survives_garbage_from_a_sender_with_the_secret(blocks):
             reqs, keep = [], []
             for i, b in enumerate(blocks):
                 genuine = SRC.block(i).view(torch.uint8).reshape(-1).numpy()
-                data = {"genuine": genuine, "flipped": genuine ^ np.uint8(1), "short": genuine[:100].copy(),
-                        "long": np.concatenate([genuine, genuine[:64]]), "none": None}[b["data"]]
-                header = (np.frombuffer(bytes(make_header(ticket, i, BLOCK_BYTES, block_checksum(genuine))), np.uint8)
-                          if b["header"] == "genuine" else None if b["header"] == "none"
-                          else np.frombuffer(b["header"], np.uint8).copy())
+                data = {
+                    "genuine": genuine,
+                    "flipped": genuine ^ np.uint8(1),
+                    "short": genuine[:100].copy(),
+                    "long": np.concatenate([genuine, genuine[:64]]),
+                    "none": None,
+                }[b["data"]]
+                header = (
+                    np.frombuffer(bytes(make_header(ticket, i, BLOCK_BYTES, block_checksum(genuine))), np.uint8)
+                    if b["header"] == "genuine"
+                    else None
+                    if b["header"] == "none"
+                    else np.frombuffer(b["header"], np.uint8).copy()
+                )
                 for kind, payload in ((b"D", data), (b"H", header)):
                     if payload is not None:
                         keep.append(payload)

@@ -1,5 +1,6 @@
 """Host KV memory asks for transparent huge pages: UCX moves blocks between
 processes ~1.4x faster from 2 MiB pages than from 4 KiB ones (docs/benchmarks.md)."""
+
 from __future__ import annotations
 
 import pytest
@@ -37,8 +38,9 @@ def _smaps_bytes(t: torch.Tensor, field: str = "AnonHugePages:") -> int:
     return total
 
 
-needs_thp = pytest.mark.skipif(_thp_mode() not in ("always", "madvise"),
-                               reason=f"transparent huge pages are {_thp_mode() or 'absent'} here")
+needs_thp = pytest.mark.skipif(
+    _thp_mode() not in ("always", "madvise"), reason=f"transparent huge pages are {_thp_mode() or 'absent'} here"
+)
 
 
 def test_host_buffers_are_zeroed_whatever_the_page_size():
@@ -69,7 +71,6 @@ def test_the_kv_store_slots_are_backed_by_huge_pages():
     store = BlockStore(capacity_blocks=32, block_bytes=737_280)
     store.slots.fill(1)  # bytes in numpy: the store has no torch
     assert _smaps_bytes(torch.from_numpy(store.slots)) >= (store.slots.nbytes - 4 * MIB) // 2
-
 
 
 def test_a_kv_pool_takes_memory_only_as_its_blocks_are_written():

@@ -1,5 +1,6 @@
 """pdserve's modules import one another without circles, counting imports inside
 functions too (an import moved into a function hides a circle, it does not untie it)."""
+
 import ast
 from pathlib import Path
 

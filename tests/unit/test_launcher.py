@@ -5,6 +5,7 @@ The supervised children here are tiny grpc.health.v1 servers written inline
 as pdserve's own health service does), so readiness, log relay, shutdown and
 failure handling are checked in seconds without loading a model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,7 +79,13 @@ def test_flags_and_defaults():
 
     args = parse()
     assert (args.mode, args.prefill, args.decode, args.host, args.port, args.base_port) == (
-        "auto", None, None, "127.0.0.1", 50051, 50061)
+        "auto",
+        None,
+        None,
+        "127.0.0.1",
+        50051,
+        50061,
+    )
     assert resolve_mode(args) == "auto" and args.plan_workload == "mixed"
     assert resolve_mode(parse("--prefill", "2", "--decode", "2")) == "disaggregated"  # counts name a topology
     assert resolve_mode(parse("--mode", "colocated", "--decode", "2")) == "colocated"
@@ -93,12 +100,37 @@ def test_disaggregated_plan():
     by_name = {s.name: s for s in services}
     assert [s.name for s in services] == ["model", "prefill-0", "prefill-1", "decode-0", "kvstore", "router"]
     assert [s.stage for s in services] == [0, 1, 1, 1, 1, 2]  # model, then workers and store, then router
-    assert by_name["prefill-1"].argv == ("py", "-m", "pdserve", "serve", "prefill", "--host", "127.0.0.1",
-                                         "--metrics-port", "-1", "--port", "50062", "--worker-id", "prefill-1",
-                                         "--model", "/m", "--kv-cache-gib", "0.5", "--threads", "2",
-                                         "--kvstore", "127.0.0.1:50064")
-    assert by_name["kvstore"].argv[-6:] == ("--port", "50064", "--model", "/m",
-                                            "--dtype", launcher.topology.precision.resolve("auto").dtype)
+    assert by_name["prefill-1"].argv == (
+        "py",
+        "-m",
+        "pdserve",
+        "serve",
+        "prefill",
+        "--host",
+        "127.0.0.1",
+        "--metrics-port",
+        "-1",
+        "--port",
+        "50062",
+        "--worker-id",
+        "prefill-1",
+        "--model",
+        "/m",
+        "--kv-cache-gib",
+        "0.5",
+        "--threads",
+        "2",
+        "--kvstore",
+        "127.0.0.1:50064",
+    )
+    assert by_name["kvstore"].argv[-6:] == (
+        "--port",
+        "50064",
+        "--model",
+        "/m",
+        "--dtype",
+        launcher.topology.precision.resolve("auto").dtype,
+    )
     assert by_name["decode-0"].argv[-2:] == ("--kvstore", "127.0.0.1:50064")
     assert "kvstore" not in [s.name for s in launcher.plan("disaggregated", 1, 1, kvstore=False, python="py")]
     router = " ".join(by_name["router"].argv)
@@ -123,20 +155,34 @@ def test_an_elastic_plan_starts_elastic_workers_in_their_first_roles_and_a_balan
 
 def test_a_device_list_is_dealt_out_to_the_model_workers_in_turn():
     def devices(*shape, **kw):
-        return {s.name: s.argv[s.argv.index("--device") + 1] if "--device" in s.argv else None
-                for s in launcher.plan(*shape, python="py", **kw)}
+        return {
+            s.name: s.argv[s.argv.index("--device") + 1] if "--device" in s.argv else None
+            for s in launcher.plan(*shape, python="py", **kw)
+        }
+
     assert devices("disaggregated", 2, 2, device="cuda:0,cuda:1") == {
-        "model": None, "prefill-0": "cuda:0", "prefill-1": "cuda:1", "decode-0": "cuda:0", "decode-1": "cuda:1",
-        "kvstore": None, "router": None}  # the store and the router need no GPU
+        "model": None,
+        "prefill-0": "cuda:0",
+        "prefill-1": "cuda:1",
+        "decode-0": "cuda:0",
+        "decode-1": "cuda:1",
+        "kvstore": None,
+        "router": None,
+    }  # the store and the router need no GPU
     assert set(devices("colocated", 1, 3, device="cuda").values()) == {None, "cuda"}
     assert set(devices("disaggregated", 1, 1).values()) == {None}  # the worker's own default (cpu)
 
 
 def test_workers_share_the_machine_s_cores_unless_told_otherwise(monkeypatch):
     monkeypatch.setattr(launcher.topology.os, "sched_getaffinity", lambda pid: set(range(8)))
+
     def threads(*shape, **kw):
-        return {s.argv[s.argv.index("--threads") + 1] for s in launcher.plan(*shape, python="py", **kw)
-                if s.name.startswith(("prefill", "decode"))}
+        return {
+            s.argv[s.argv.index("--threads") + 1]
+            for s in launcher.plan(*shape, python="py", **kw)
+            if s.name.startswith(("prefill", "decode"))
+        }
+
     assert threads("disaggregated", 1, 1) == {"4"}
     assert threads("disaggregated", 2, 3) == {"1"}
     assert threads("colocated", 1, 2) == {"4"}  # colocated plans no prefill workers
@@ -147,14 +193,22 @@ def test_workers_share_the_machine_s_cores_unless_told_otherwise(monkeypatch):
 def test_metrics_ports_follow_the_router_and_stay_clear_of_grpc_ports():
     services = launcher.plan("disaggregated", 2, 1, metrics_port=9500, python="py")
     metrics = {s.name: s.metrics for s in services if s.address}
-    assert metrics == {"router": "127.0.0.1:9500", "prefill-0": "127.0.0.1:9501", "prefill-1": "127.0.0.1:9502",
-                       "decode-0": "127.0.0.1:9503", "kvstore": "127.0.0.1:9504"}
+    assert metrics == {
+        "router": "127.0.0.1:9500",
+        "prefill-0": "127.0.0.1:9501",
+        "prefill-1": "127.0.0.1:9502",
+        "decode-0": "127.0.0.1:9503",
+        "kvstore": "127.0.0.1:9504",
+    }
     for s in services:
         if s.address:
             assert s.argv[s.argv.index("--metrics-port") + 1] == s.metrics.rsplit(":", 1)[1]
     # off by default (tests and benchmarks run several suites at once): every child is told so
-    assert all(s.argv[s.argv.index("--metrics-port") + 1] == "-1" and s.metrics is None
-               for s in launcher.plan(python="py") if s.address)
+    assert all(
+        s.argv[s.argv.index("--metrics-port") + 1] == "-1" and s.metrics is None
+        for s in launcher.plan(python="py")
+        if s.address
+    )
     assert parse().metrics_port == 9464  # `pdserve up` serves them
     with pytest.raises(ValueError, match="metrics-port"):
         launcher.plan("disaggregated", 1, 1, metrics_port=50060, python="py")  # 50061 is prefill-0's
@@ -163,6 +217,7 @@ def test_metrics_ports_follow_the_router_and_stay_clear_of_grpc_ports():
 def test_the_http_port_moves_with_the_grpc_ports_and_stays_clear_of_them():
     def router(*shape, **kw):
         return launcher.plan(*shape, python="py", **kw)[-1]
+
     assert router().http == "127.0.0.1:8000"  # the default suite keeps :8000
     # docs/client.md's example (1 prefill, 1 decode, the store: 52061..52063): the next port
     assert router(port=52051, base_port=52061).argv[-2:] == ("--http-port", "52064")
@@ -177,11 +232,17 @@ def test_the_http_port_moves_with_the_grpc_ports_and_stays_clear_of_them():
 
 
 def test_the_plan_lists_every_port_it_binds_with_the_flag_that_moves_it():
-    listens = {(listen.host, listen.port, listen.flag)
-               for s in launcher.plan(metrics_port=9464, host="0.0.0.0", python="py") for listen in s.listens}
-    assert listens == {("0.0.0.0", 50051, "--port"), ("0.0.0.0", 8000, "--http-port"),
-                       *(("0.0.0.0", p, "--base-port") for p in (50061, 50062, 50063)),
-                       *(("0.0.0.0", p, "--metrics-port") for p in (9464, 9465, 9466, 9467))}
+    listens = {
+        (listen.host, listen.port, listen.flag)
+        for s in launcher.plan(metrics_port=9464, host="0.0.0.0", python="py")
+        for listen in s.listens
+    }
+    assert listens == {
+        ("0.0.0.0", 50051, "--port"),
+        ("0.0.0.0", 8000, "--http-port"),
+        *(("0.0.0.0", p, "--base-port") for p in (50061, 50062, 50063)),
+        *(("0.0.0.0", p, "--metrics-port") for p in (9464, 9465, 9466, 9467)),
+    }
     any_free = launcher.plan(http_port=0, metrics_port=0, python="py")
     assert {listen.flag for s in any_free for listen in s.listens} == {"--port", "--base-port"}
 
@@ -234,8 +295,9 @@ def test_waits_for_health_then_stops_cleanly(tmp_path):
 
 def test_unexpected_death_stops_the_suite_with_exit_1():
     out = io.StringIO()
-    suite = Suite(services=[child("bystander", 1), child("doomed", 2, die_after=2.0)], out=out,
-                  ready_timeout=20, grace_s=5)
+    suite = Suite(
+        services=[child("bystander", 1), child("doomed", 2, die_after=2.0)], out=out, ready_timeout=20, grace_s=5
+    )
     suite.start()
     assert suite.wait(threading.Event()) == 1
     suite.stop()
@@ -264,6 +326,7 @@ def test_supervise_stops_on_sigterm():
         while "ready; clients connect" not in out.getvalue() and time.monotonic() < deadline:
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGTERM)
+
     sender = threading.Thread(target=terminate_when_ready, daemon=True)
     sender.start()
     assert launcher.supervise(suite) == 0

@@ -1,5 +1,6 @@
 """The router and the KV store come up without torch or transformers: each is built, as its
 entry point builds it, in a fresh interpreter that then lists what it imported."""
+
 from __future__ import annotations
 
 import json
@@ -45,5 +46,6 @@ def test_the_service_is_built_without_torch_or_transformers(model_files, code):
 
 
 def test_the_check_sees_torch_where_it_is_loaded():
-    assert heavy_modules_loaded("from pdserve.common.kv import host_memory; host_memory.zeros((2,), "
-                                "__import__('torch').float32)") == ["torch"]
+    assert heavy_modules_loaded(
+        "from pdserve.common.kv import host_memory; host_memory.zeros((2,), __import__('torch').float32)"
+    ) == ["torch"]

@@ -1,4 +1,5 @@
 """Structured logs (pdserve.common.logs): one line per event, request and trace ids on every line."""
+
 from __future__ import annotations
 
 import asyncio

@@ -1,4 +1,5 @@
 """KV pool and store sizes left at 0 are chosen from the free memory, within a floor and a cap."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,11 +16,14 @@ def test_a_given_size_is_kept():
     assert RULE.choose(0.5, available=1000 * GIB) == memory.Sizing(0.5, "given")
 
 
-@pytest.mark.parametrize("available_gib, chosen, how", [
-    (32, 0.5, "1/64 of 32.0 GiB available"),
-    (8, 0.25, "the floor; 1/64 of 8.0 GiB available would be 0.12"),
-    (1024, 4.0, "the cap; 1/64 of 1024.0 GiB available would be 16.00"),
-])
+@pytest.mark.parametrize(
+    "available_gib, chosen, how",
+    [
+        (32, 0.5, "1/64 of 32.0 GiB available"),
+        (8, 0.25, "the floor; 1/64 of 8.0 GiB available would be 0.12"),
+        (1024, 4.0, "the cap; 1/64 of 1024.0 GiB available would be 16.00"),
+    ],
+)
 def test_an_unset_size_is_a_share_of_the_free_memory_within_floor_and_cap(available_gib, chosen, how):
     sizing = RULE.choose(0, available=available_gib * GIB)
     assert (sizing.gib, sizing.how) == (chosen, how)

@@ -4,6 +4,7 @@ The meter provider is process-wide, so the recording runs in a fresh Python
 process that serves /metrics on a free port; the test scrapes it over HTTP and
 reads the samples with prometheus_client's own parser.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,8 @@ SCRIPT = textwrap.dedent("""
             yield Event("r1", [i], "w")
         await asyncio.sleep(0.02)
         yield Event("r1", [7, 8], "ww", FinishReason.STOP)  # the last tokens say it ended...
-        yield Event("r1", [], "", FinishReason.STOP, Usage(10, 6, 0), {}, Route("prefill-0", "decode-0", True))  # summary
+        summary = Event("r1", [], "", FinishReason.STOP, Usage(10, 6, 0), {}, Route("prefill-0", "decode-0", True))
+        yield summary
 
     async def refused_stream():
         raise CapacityExhaustedError("full")
@@ -83,8 +85,8 @@ SCRIPT = textwrap.dedent("""
                                prefix_queries=40, prefix_hits=30, computed_tokens=0, preemptions=1)
     engine, store = Engine(), BlockStore(8, 16)
     store.lookup(b"f", [b"a", b"b"])
-    router = Router(type("T", (), {"__len__": lambda self: 10, "get_vocab": lambda self: {}})(), WorkerPool(), mode="disaggregated",
-                    max_model_len=64)
+    tokenizer = type("T", (), {"__len__": lambda self: 10, "get_vocab": lambda self: {}})()
+    router = Router(tokenizer, WorkerPool(), mode="disaggregated", max_model_len=64)
     router.decisions.update(disaggregated=4, local_prefill=2)
     router.recoveries.update(decode=3, gave_up=1)
     metrics.PAIRS_SKIPPED.add(2, {"reason": "kv_wire_version"})  # router.plan.choose's count
@@ -128,8 +130,15 @@ def test_every_declared_series_is_exported_under_its_declared_name(samples):
 
 def test_a_finished_request_records_ttft_itl_tpot_e2e_outcome_and_route(samples, scraped):
     # The finished request (with GenAI attributes) and the one cancelled after its first token.
-    assert value(samples, "gen_ai_server_time_to_first_token_seconds_count", gen_ai_operation_name="chat",
-                 gen_ai_request_model="m") == 1
+    assert (
+        value(
+            samples,
+            "gen_ai_server_time_to_first_token_seconds_count",
+            gen_ai_operation_name="chat",
+            gen_ai_request_model="m",
+        )
+        == 1
+    )
     assert sum(v for n, _, v in samples if n == "gen_ai_server_time_to_first_token_seconds_count") == 2
     # 6 tokens: 5 gaps, the last event's two tokens split its gap in two
     assert value(samples, "pdserve_inter_token_latency_seconds_count") == 5

@@ -1,5 +1,6 @@
 """Model identity: converted GGUF models are cached once per file contents, wherever installed,
 and a checkpoint's weights digest (in the KV fingerprint) changes with any byte of its weights."""
+
 from __future__ import annotations
 
 import os

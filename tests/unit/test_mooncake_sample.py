@@ -1,5 +1,6 @@
 """The synthetic Mooncake-format trace that `python -m pdserve.bench.mooncake`
 writes, and what `pdserve bench load` says about a trace file it cannot use."""
+
 from __future__ import annotations
 
 import subprocess
@@ -28,8 +29,12 @@ def test_the_sample_is_conversations_that_resend_their_history():
         assert (len(r.hash_ids) - 1) * 512 < r.input_length <= len(r.hash_ids) * 512
         assert len(r.hash_ids) <= mooncake.MAX_BLOCKS and 16 <= r.output_length <= 256
     # A later turn's ids start with an earlier turn's whole history, and so do its prompt's tokens.
-    extends = [(i, j) for j, b in enumerate(records) for i, a in enumerate(records[:j])
-               if b.hash_ids[:len(a.hash_ids)] == a.hash_ids]
+    extends = [
+        (i, j)
+        for j, b in enumerate(records)
+        for i, a in enumerate(records[:j])
+        if b.hash_ids[: len(a.hash_ids)] == a.hash_ids
+    ]
     assert len({j for _, j in extends}) > len(records) / 2
     prompts = {q.index: q.prompt for q in workload.from_trace(records)}
     i, j = extends[0]
@@ -37,10 +42,13 @@ def test_the_sample_is_conversations_that_resend_their_history():
     assert prompts[j][:full] == prompts[i][:full]
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "trace {path}: No such file or directory (python -m pdserve.bench.mooncake --out FILE writes a sample)"),
-    ('{"timestamp": 1}\n', "{path}:1: not a Mooncake trace record ('input_length')"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "trace {path}: No such file or directory (python -m pdserve.bench.mooncake --out FILE writes a sample)"),
+        ('{"timestamp": 1}\n', "{path}:1: not a Mooncake trace record ('input_length')"),
+    ],
+)
 def test_an_unusable_trace_is_one_line_and_exit_2(tmp_path, content, message):
     path = tmp_path / "mooncake_trace.jsonl"
     if content is not None:

@@ -1,4 +1,5 @@
 """OpenAI request bodies -> router input: defaults, aliases and rejections."""
+
 from __future__ import annotations
 
 import pytest
@@ -33,8 +34,10 @@ def test_prompts_text_token_ids_and_batches_of_one():
 
 
 def test_chat_content_parts_and_developer_role():
-    messages = [{"role": "developer", "content": "be brief"},
-                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    messages = [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+    ]
     req = parse_request("chat", {"messages": messages}, 8)
     assert req.input.messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"}]
 
@@ -61,24 +64,30 @@ def test_a_deeply_nested_value_is_refused_without_printing_all_of_it():
 
 
 def test_stop_string_or_list_and_stream_options():
-    req = parse_request("completion", {"prompt": "a", "stop": "\n", "stream": True,
-                                       "stream_options": {"include_usage": True}, "user": "ignored"}, 8)
+    req = parse_request(
+        "completion",
+        {"prompt": "a", "stop": "\n", "stream": True, "stream_options": {"include_usage": True}, "user": "ignored"},
+        8,
+    )
     assert req.input.params.stop == ("\n",) and req.stream and req.include_usage
     assert parse_request("completion", {"prompt": "a", "stop": ["x", "y"]}, 8).input.params.stop == ("x", "y")
 
 
-@pytest.mark.parametrize("body, field", [
-    ({"prompt": "a", "n": 3}, "n"),
-    ({"prompt": [[1], [2]]}, "prompt"),
-    ({"prompt": "a", "logprobs": 2}, "logprobs"),
-    ({"prompt": "a", "max_tokens": True}, "max_tokens"),
-    ({"prompt": "a", "seed": -2**63 - 1}, "seed"),
-    ({"prompt": "a", "top_k": -2}, "top_k"),
-    ({"prompt": "a", "temperature": [[[[[[[[[1]]]]]]]]]}, "temperature"),
-    ({"prompt": "a", "stop": 3}, "stop"),
-    ({"prompt": "a", "stream": "yes"}, "stream"),
-    ([1, 2], "body"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"prompt": "a", "n": 3}, "n"),
+        ({"prompt": [[1], [2]]}, "prompt"),
+        ({"prompt": "a", "logprobs": 2}, "logprobs"),
+        ({"prompt": "a", "max_tokens": True}, "max_tokens"),
+        ({"prompt": "a", "seed": -(2**63) - 1}, "seed"),
+        ({"prompt": "a", "top_k": -2}, "top_k"),
+        ({"prompt": "a", "temperature": [[[[[[[[[1]]]]]]]]]}, "temperature"),
+        ({"prompt": "a", "stop": 3}, "stop"),
+        ({"prompt": "a", "stream": "yes"}, "stream"),
+        ([1, 2], "body"),
+    ],
+)
 def test_rejections_name_the_field(body, field):
     with pytest.raises(InvalidRequestError) as e:
         parse_request("completion", body, 8)
@@ -89,7 +98,11 @@ def test_shapes_match_openai():
     s = ResponseShaper("chat", "m", "abc", include_usage=True)
     assert s.chunk(None, role=True)["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert s.chunk("x")["usage"] is None and s.chunk("x")["object"] == "chat.completion.chunk"
-    assert s.usage_chunk(Usage(3, 2, 1))["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
-                                                 "prompt_tokens_details": {"cached_tokens": 1}}
+    assert s.usage_chunk(Usage(3, 2, 1))["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 2,
+        "total_tokens": 5,
+        "prompt_tokens_details": {"cached_tokens": 1},
+    }
     full = ResponseShaper("completion", "m", "abc").full("t", "length", Usage(1, 1, 0))
     assert full["id"] == "cmpl-abc" and full["choices"][0]["text"] == "t" and full["object"] == "text_completion"

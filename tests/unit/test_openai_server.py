@@ -1,4 +1,5 @@
 """The OpenAI HTTP server without workers: its error answers and its lifecycle."""
+
 from __future__ import annotations
 
 import contextlib
@@ -76,21 +77,25 @@ def _deep(n: int) -> bytes:
 
 
 # Bodies and headers that reach no field check: each must be a 4xx in OpenAI's shape, never a 500.
-@pytest.mark.parametrize("body, headers, status, says", [
-    (_deep(100_000), {}, 400, "nested too deeply"),
-    (_deep(5_000), {}, 400, "nested too deeply"),
-    (b'{"prompt": "hi"}', {"Content-Encoding": "gzip"}, 400, "content-encoding: gzip"),
-    (b'{"prompt": "hi"}', {"Content-Encoding": "deflate"}, 400, "content-encoding: deflate"),
-    (b'{"prompt": "hi"}', {"Content-Encoding": "br"}, 400, "br"),
-    (b'{"prompt": "hi"}', {"Content-Type": "application/json; charset=nope"}, 400, "charset"),
-    (b'{"prompt": "hi"}', {"X-Big": "x" * 100_000}, 400, "bad HTTP request"),
-    (b"a" * (MAX_BODY_BYTES + 1), {}, 413, "Too Large"),
-    (gzip.compress(b" " * (MAX_BODY_BYTES + 1)), {"Content-Encoding": "gzip"}, 413, "Too Large"),
-])
+@pytest.mark.parametrize(
+    "body, headers, status, says",
+    [
+        (_deep(100_000), {}, 400, "nested too deeply"),
+        (_deep(5_000), {}, 400, "nested too deeply"),
+        (b'{"prompt": "hi"}', {"Content-Encoding": "gzip"}, 400, "content-encoding: gzip"),
+        (b'{"prompt": "hi"}', {"Content-Encoding": "deflate"}, 400, "content-encoding: deflate"),
+        (b'{"prompt": "hi"}', {"Content-Encoding": "br"}, 400, "br"),
+        (b'{"prompt": "hi"}', {"Content-Type": "application/json; charset=nope"}, 400, "charset"),
+        (b'{"prompt": "hi"}', {"X-Big": "x" * 100_000}, 400, "bad HTTP request"),
+        (b"a" * (MAX_BODY_BYTES + 1), {}, 413, "Too Large"),
+        (gzip.compress(b" " * (MAX_BODY_BYTES + 1)), {"Content-Encoding": "gzip"}, 413, "Too Large"),
+    ],
+)
 async def test_bodies_and_headers_nothing_can_read_get_an_openai_error_not_a_500(body, headers, status, says):
     async with serving() as (server, http):
-        async with http.post(server.url + "/completions", data=body,
-                             headers={"Content-Type": "application/json", **headers}) as r:
+        async with http.post(
+            server.url + "/completions", data=body, headers={"Content-Type": "application/json", **headers}
+        ) as r:
             assert r.status == status and r.content_type == "application/json"
             error = (await r.json())["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
@@ -100,8 +105,11 @@ async def test_bodies_and_headers_nothing_can_read_get_an_openai_error_not_a_500
 async def test_a_gzipped_body_is_read():
     async with serving() as (server, http):
         body = gzip.compress(b'{"prompt": "a b", "top_k": 7.5}')
-        async with http.post(server.url + "/completions", data=body,
-                             headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}) as r:
+        async with http.post(
+            server.url + "/completions",
+            data=body,
+            headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+        ) as r:
             assert r.status == 400 and (await r.json())["error"]["param"] == "top_k"  # the body's own field
 
 
@@ -115,20 +123,28 @@ async def test_an_unknown_model_id_is_openais_404():
 
 
 async def test_disabled_server_does_not_listen():
-    server = OpenAIServer(Router(WordTokenizer(), WorkerPool(), mode="colocated", max_model_len=64),
-                          "127.0.0.1", -1, default_max_tokens=4, ready=lambda: True)
+    server = OpenAIServer(
+        Router(WordTokenizer(), WorkerPool(), mode="colocated", max_model_len=64),
+        "127.0.0.1",
+        -1,
+        default_max_tokens=4,
+        ready=lambda: True,
+    )
     await server.start()
     assert server.port is None and server.url is None
     await server.stop()
 
 
-@pytest.mark.parametrize("exc, status, param, code", [
-    (InvalidRequestError("prompt.chat", "must not be empty"), 400, "messages", None),
-    (ModelNotFoundError("no such model"), 404, "model", "model_not_found"),
-    (CapacityExhaustedError("router at capacity"), 429, None, "rate_limit_exceeded"),
-    (NotReadyError("no healthy decode worker"), 503, None, "service_unavailable"),
-    (RuntimeError("secret internals"), 500, None, None),
-])
+@pytest.mark.parametrize(
+    "exc, status, param, code",
+    [
+        (InvalidRequestError("prompt.chat", "must not be empty"), 400, "messages", None),
+        (ModelNotFoundError("no such model"), 404, "model", "model_not_found"),
+        (CapacityExhaustedError("router at capacity"), 429, None, "rate_limit_exceeded"),
+        (NotReadyError("no healthy decode worker"), 503, None, "service_unavailable"),
+        (RuntimeError("secret internals"), 500, None, None),
+    ],
+)
 def test_errors_map_to_openai_statuses(exc, status, param, code):
     r = error_response(exc, "chat")
     error = json.loads(r.text)["error"]

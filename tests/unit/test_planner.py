@@ -1,4 +1,5 @@
 """The simulator steps workers as the engine's scheduler does, and the planner ranks topologies by capacity."""
+
 from __future__ import annotations
 
 from dataclasses import astuple
@@ -15,8 +16,16 @@ FLAT = StepModel(base_ms=10.0, per_seq_ms=0.1, per_context_ms=0.0, per_prompt_to
 
 
 def profile(models: dict[int, StepModel] | None = None, hop_ms: float = 1.0) -> Profile:
-    return Profile("fp", "float32", "cpu: test", 16, models or {1: FLAT, 2: FLAT}, transfer_ms_per_block=0.5,
-                   transfer_base_ms=2.0, router_hop_ms=hop_ms)
+    return Profile(
+        "fp",
+        "float32",
+        "cpu: test",
+        16,
+        models or {1: FLAT, 2: FLAT},
+        transfer_ms_per_block=0.5,
+        transfer_base_ms=2.0,
+        router_hop_ms=hop_ms,
+    )
 
 
 def req(i: int, at: float, prompt: int, out: int) -> Request:
@@ -58,14 +67,23 @@ def test_two_cores_allow_one_or_two_colocated_workers_or_one_pair_and_devices_on
     shapes = {(t.mode, t.prefill, t.decode, t.threads) for t in candidates(2, chunks=(512,))}
     assert shapes == {("colocated", 0, 1, 2), ("colocated", 0, 2, 1), ("disaggregated", 1, 1, 1)}
     on_gpus = candidates(0, devices=4, chunks=(512,))
-    assert all(t.threads == 1 for t in on_gpus) and ("disaggregated", 3, 1) in {(t.mode, t.prefill, t.decode)
-                                                                                for t in on_gpus}
+    assert all(t.threads == 1 for t in on_gpus) and ("disaggregated", 3, 1) in {
+        (t.mode, t.prefill, t.decode) for t in on_gpus
+    }
 
 
 def test_halving_the_threads_per_phase_loses_where_steps_scale_with_cores():
-    two_threads_twice_as_fast = {1: StepModel(40.0, 0.2, 0.002, 1.2, 0.00002), 2: StepModel(20.0, 0.1, 0.001, 0.6, 0.00001)}
-    scores = plan(profile(two_threads_twice_as_fast), lambda r: Mixed().requests(80, r, seed=3), Objectives(),
-                  cores=2, chunks=(512,))
+    two_threads_twice_as_fast = {
+        1: StepModel(40.0, 0.2, 0.002, 1.2, 0.00002),
+        2: StepModel(20.0, 0.1, 0.001, 0.6, 0.00001),
+    }
+    scores = plan(
+        profile(two_threads_twice_as_fast),
+        lambda r: Mixed().requests(80, r, seed=3),
+        Objectives(),
+        cores=2,
+        chunks=(512,),
+    )
     assert scores[0].topology.mode == "colocated" and scores[0].capacity_rps > 0
     assert "the best disaggregated" in reason(scores)
 

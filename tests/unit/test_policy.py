@@ -1,4 +1,5 @@
 """The routing policy's prices and the local-or-remote prefill decision."""
+
 from __future__ import annotations
 
 from pdserve.router import policy
@@ -7,8 +8,7 @@ from pdserve.v1 import common_pb2 as pb
 
 
 def _worker(name: str, role: str, tps: float, step_ms: float, running: int = 0, waiting: int = 0) -> WorkerHandle:
-    load = pb.WorkerLoad(prefill_tokens_per_s=tps, decode_step_ms=step_ms,
-                         running_seqs=running, waiting_tokens=waiting)
+    load = pb.WorkerLoad(prefill_tokens_per_s=tps, decode_step_ms=step_ms, running_seqs=running, waiting_tokens=waiting)
     return WorkerHandle(name, role, channel=None, load=load, healthy=True)
 
 
@@ -56,6 +56,7 @@ def test_a_long_prompt_leaves_an_idle_decode_worker_that_streams_keep_arriving_a
         for _ in range(arrivals):  # 6 in the meter's 30 s window: 0.2/s
             w.arrivals.add()
         return w
+
     prefill = _worker("p", "prefill", tps=200, step_ms=50)
     assert _decide(decode_worker(0), prefill, prompt=1000)  # nobody to stall
     assert not _decide(decode_worker(6), prefill, prompt=1000)
@@ -90,8 +91,10 @@ def test_a_prompt_goes_only_to_a_prefill_worker_of_the_decode_workers_kv_layout(
     from pdserve.router.worker_pool import WorkerPool
 
     tokenizer = type("Tokenizer", (), {"__len__": lambda self: 5000, "get_vocab": lambda self: {"a": 0}})()
-    pool = WorkerPool(decode=[_fingerprinted("decode-0", "decode", b"A" * 16)],
-                      prefill=[_fingerprinted("old", "prefill", b"B" * 16), _fingerprinted("new", "prefill", b"A" * 16)])
+    pool = WorkerPool(
+        decode=[_fingerprinted("decode-0", "decode", b"A" * 16)],
+        prefill=[_fingerprinted("old", "prefill", b"B" * 16), _fingerprinted("new", "prefill", b"A" * 16)],
+    )
     router = Router(tokenizer, pool, mode="disaggregated", max_model_len=4096, local_prefill="never")
     assert router.plan(list(range(100, 600))).prefill.worker.worker_id == "new"
     pool.prefill.pop()  # only the other layout is left: the decode worker prefills itself

@@ -1,4 +1,5 @@
 """--dtype auto resolves once, from the device and the CPU's flags, and every worker of a suite agrees."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,11 +18,14 @@ def cpuinfo(tmp_path, flags: str) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("flags, dtype, reason", [
-    ("avx512f avx512_bf16", "bfloat16", "auto: the CPU has avx512_bf16"),
-    ("amx_tile amx_bf16 amx_int8", "bfloat16", "auto: the CPU has amx_bf16"),
-    ("avx512f", "float32", "auto: the CPU has none of amx_bf16, avx512_bf16"),
-])
+@pytest.mark.parametrize(
+    "flags, dtype, reason",
+    [
+        ("avx512f avx512_bf16", "bfloat16", "auto: the CPU has avx512_bf16"),
+        ("amx_tile amx_bf16 amx_int8", "bfloat16", "auto: the CPU has amx_bf16"),
+        ("avx512f", "float32", "auto: the CPU has none of amx_bf16, avx512_bf16"),
+    ],
+)
 def test_auto_on_the_cpu_is_bfloat16_only_with_native_bf16_matmuls(tmp_path, flags, dtype, reason):
     got = resolve("auto", "cpu", cpuinfo=cpuinfo(tmp_path, flags))
     assert (got.dtype, got.reason) == (dtype, reason)
@@ -67,10 +71,18 @@ def test_kv_of_another_dtype_has_another_fingerprint():
 
 def test_up_gives_the_workers_its_dtype_and_the_store_the_resolved_one():
     def dtypes(**kw):
-        return {s.name: s.argv[s.argv.index("--dtype") + 1] if "--dtype" in s.argv else None
-                for s in launcher.plan("disaggregated", 1, 1, python="py", **kw)}
-    assert dtypes(dtype="float32") == {"model": None, "prefill-0": "float32", "decode-0": "float32",
-                                       "kvstore": "float32", "router": None}
+        return {
+            s.name: s.argv[s.argv.index("--dtype") + 1] if "--dtype" in s.argv else None
+            for s in launcher.plan("disaggregated", 1, 1, python="py", **kw)
+        }
+
+    assert dtypes(dtype="float32") == {
+        "model": None,
+        "prefill-0": "float32",
+        "decode-0": "float32",
+        "kvstore": "float32",
+        "router": None,
+    }
     on_cuda = dtypes(device="cuda")  # the store sizes blocks as the workers on CUDA resolve auto
     assert (on_cuda["prefill-0"], on_cuda["kvstore"]) == (None, "bfloat16")
     assert dtypes()["kvstore"] == resolve("auto").dtype

@@ -3,6 +3,7 @@
 The shapes pinned here (which RPCs stream, the zero enum values) are the
 contract other services code against; change them only together with them.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -29,8 +30,9 @@ def load_generate_module():
 
 def test_committed_stubs_are_current(tmp_path):
     # Run from elsewhere: the generator must not depend on the working directory.
-    result = subprocess.run([sys.executable, str(GENERATE), "--check"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(GENERATE), "--check"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -77,8 +79,13 @@ def method_shapes(proto: str, service: str) -> dict[str, str]:
 
 def test_router_service_shape():
     assert method_shapes("router", "Router") == {
-        "Generate": "server-stream", "RegisterWorker": "unary", "Heartbeat": "unary",
-        "DeregisterWorker": "unary", "ListWorkers": "unary", "SetWorkerRole": "unary"}
+        "Generate": "server-stream",
+        "RegisterWorker": "unary",
+        "Heartbeat": "unary",
+        "DeregisterWorker": "unary",
+        "ListWorkers": "unary",
+        "SetWorkerRole": "unary",
+    }
 
 
 def test_worker_control_service_shape():
@@ -91,14 +98,24 @@ def test_prefill_service_shape():
 
 def test_decode_service_shape():
     assert method_shapes("decode", "Decode") == {
-        "Reserve": "unary", "Decode": "server-stream", "Generate": "server-stream",
-        "Release": "unary", "GetLoad": "unary", "GetStats": "unary"}
+        "Reserve": "unary",
+        "Decode": "server-stream",
+        "Generate": "server-stream",
+        "Release": "unary",
+        "GetLoad": "unary",
+        "GetStats": "unary",
+    }
 
 
 def test_kvstore_service_shape():
     assert method_shapes("kvstore", "KVStore") == {
-        "Lookup": "unary", "ReserveWrite": "unary", "CommitWrite": "unary",
-        "ReserveRead": "unary", "Release": "unary", "GetStats": "unary"}
+        "Lookup": "unary",
+        "ReserveWrite": "unary",
+        "CommitWrite": "unary",
+        "ReserveRead": "unary",
+        "Release": "unary",
+        "GetStats": "unary",
+    }
 
 
 def test_enums_start_at_an_unspecified_zero():

@@ -1,6 +1,7 @@
 """The role balancer: which split of the elastic workers the live mix favours, and the
 hysteresis that keeps roles from flapping (issue #18 item 5). The switch itself, on real
 workers, is tests/service/test_elastic_roles.py."""
+
 from __future__ import annotations
 
 import random
@@ -15,20 +16,31 @@ from pdserve.router.worker_pool import WorkerPool
 from pdserve.v1 import common_pb2 as pb
 
 # One thread per worker: a decode step costs 20 ms + 0.5 ms a sequence; a prompt token 0.6 ms.
-PROFILE = Profile("m@0", "bfloat16", "cpu: test", 16, {1: StepModel(20.0, 0.5, 0.0, 0.6, 0.0)},
-                  transfer_ms_per_block=0.05, transfer_base_ms=2.0, router_hop_ms=1.0)
+PROFILE = Profile(
+    "m@0",
+    "bfloat16",
+    "cpu: test",
+    16,
+    {1: StepModel(20.0, 0.5, 0.0, 0.6, 0.0)},
+    transfer_ms_per_block=0.05,
+    transfer_base_ms=2.0,
+    router_hop_ms=1.0,
+)
 OBJECTIVES = Objectives(ttft_ms=3000, tpot_ms=30)
 
 
 def _elastic(name: str, role: str) -> WorkerHandle:
-    info = pb.WorkerInfo(worker_id=name, elastic=True, role={"prefill": pb.WORKER_ROLE_PREFILL,
-                                                             "decode": pb.WORKER_ROLE_DECODE}[role])
+    info = pb.WorkerInfo(
+        worker_id=name, elastic=True, role={"prefill": pb.WORKER_ROLE_PREFILL, "decode": pb.WORKER_ROLE_DECODE}[role]
+    )
     return WorkerHandle(name, role, channel=None, info=info, healthy=True)
 
 
 def _balancer(prefill: int, decode: int) -> RoleBalancer:
-    pool = WorkerPool(prefill=[_elastic(f"p{i}", "prefill") for i in range(prefill)],
-                      decode=[_elastic(f"d{i}", "decode") for i in range(decode)])
+    pool = WorkerPool(
+        prefill=[_elastic(f"p{i}", "prefill") for i in range(prefill)],
+        decode=[_elastic(f"d{i}", "decode") for i in range(decode)],
+    )
     return RoleBalancer(pool, PROFILE, OBJECTIVES, BalancerConfig(window_s=120))
 
 
@@ -60,8 +72,12 @@ def test_too_few_arrivals_or_no_movable_worker_means_no_opinion():
     for t in range(5):
         b.observe(100, 16, now=float(t))
     assert b.scores(5.0) == {}
-    fixed = RoleBalancer(WorkerPool(decode=[WorkerHandle("d", "decode", channel=None, info=pb.WorkerInfo(worker_id="d"),
-                                                   healthy=True)]), PROFILE, OBJECTIVES, BalancerConfig())
+    fixed = RoleBalancer(
+        WorkerPool(decode=[WorkerHandle("d", "decode", channel=None, info=pb.WorkerInfo(worker_id="d"), healthy=True)]),
+        PROFILE,
+        OBJECTIVES,
+        BalancerConfig(),
+    )
     arrivals_of(fixed, rate=1.0, long_share=0.5, output=16)
     assert fixed.scores(100.0) == {}
 

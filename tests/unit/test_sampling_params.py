@@ -1,4 +1,5 @@
 """Bad sampling parameters are rejected with an error naming the field."""
+
 import math
 
 import pytest
@@ -21,7 +22,7 @@ from pdserve.common.errors import InvalidRequestError
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"top_k": -2}, "top_k"),
-        ({"seed": -2**63 - 1}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
         ({"stop": [""]}, "stop"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
     ],

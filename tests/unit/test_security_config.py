@@ -1,6 +1,7 @@
 """Specification of the security settings and checks (pdserve.common.security),
 without servers: how the settings map from flags, environment and files, what
 they require of each other, and which calls each credential admits."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,11 @@ def pem(tmp_path):
     """Stand-ins for PEM files: the settings only check that they can be read."""
     for name in ("ca.pem", "svc.crt", "svc.key"):
         (tmp_path / name).write_text("-----BEGIN PLACEHOLDER-----\n")
-    return {"tls_ca": str(tmp_path / "ca.pem"), "tls_cert": str(tmp_path / "svc.crt"),
-            "tls_key": str(tmp_path / "svc.key")}
+    return {
+        "tls_ca": str(tmp_path / "ca.pem"),
+        "tls_cert": str(tmp_path / "svc.crt"),
+        "tls_key": str(tmp_path / "svc.key"),
+    }
 
 
 def resolve(cls, argv=(), env=None):
@@ -32,8 +36,17 @@ def resolve(cls, argv=(), env=None):
 
 # ---- mapping: flags, environment, files ----------------------------------------------
 def test_every_service_takes_the_tls_settings_as_flags(pem):
-    argv = ["--tls-cert", pem["tls_cert"], "--tls-key", pem["tls_key"], "--tls-ca", pem["tls_ca"],
-            "--tls-require-client-cert", "--tls-server-name", "pdserve.internal"]
+    argv = [
+        "--tls-cert",
+        pem["tls_cert"],
+        "--tls-key",
+        pem["tls_key"],
+        "--tls-ca",
+        pem["tls_ca"],
+        "--tls-require-client-cert",
+        "--tls-server-name",
+        "pdserve.internal",
+    ]
     for cls in (WorkerConfig, KVStoreConfig, RouterConfig):
         c = resolve(cls, argv)
         assert (c.tls_cert, c.tls_key, c.tls_ca) == (pem["tls_cert"], pem["tls_key"], pem["tls_ca"])
@@ -41,9 +54,14 @@ def test_every_service_takes_the_tls_settings_as_flags(pem):
 
 
 def test_secrets_come_from_the_environment(pem):
-    env = {"PDSERVE_TLS_CERT": pem["tls_cert"], "PDSERVE_TLS_KEY": pem["tls_key"], "PDSERVE_TLS_CA": pem["tls_ca"],
-           "PDSERVE_TLS_REQUIRE_CLIENT_CERT": "false", "PDSERVE_INTERNAL_TOKEN": "tok",
-           "PDSERVE_API_KEYS": "k1, k2"}
+    env = {
+        "PDSERVE_TLS_CERT": pem["tls_cert"],
+        "PDSERVE_TLS_KEY": pem["tls_key"],
+        "PDSERVE_TLS_CA": pem["tls_ca"],
+        "PDSERVE_TLS_REQUIRE_CLIENT_CERT": "false",
+        "PDSERVE_INTERNAL_TOKEN": "tok",
+        "PDSERVE_API_KEYS": "k1, k2",
+    }
     c = resolve(RouterConfig, env=env)
     assert c.tls_require_client_cert is False and c.internal_token == "tok" and c.api_keys == ["k1", "k2"]
     assert resolve(WorkerConfig, env=env).internal_token == "tok"  # workers ignore PDSERVE_API_KEYS
@@ -51,8 +69,10 @@ def test_secrets_come_from_the_environment(pem):
 
 def test_settings_file_holds_tls_paths_and_token(tmp_path, pem):
     path = tmp_path / "kvstore.toml"
-    path.write_text(f'tls-cert = "{pem["tls_cert"]}"\ntls_key = "{pem["tls_key"]}"\n'
-                    f'tls_ca = "{pem["tls_ca"]}"\ninternal_token = "from-file"\n')
+    path.write_text(
+        f'tls-cert = "{pem["tls_cert"]}"\ntls_key = "{pem["tls_key"]}"\n'
+        f'tls_ca = "{pem["tls_ca"]}"\ninternal_token = "from-file"\n'
+    )
     c = resolve(KVStoreConfig, ["--config", str(path)])
     assert c.tls_cert == pem["tls_cert"] and c.internal_token == "from-file"
 
@@ -81,11 +101,14 @@ def test_defaults_are_open_plaintext():
 
 
 # ---- validation ------------------------------------------------------------------------
-@pytest.mark.parametrize("settings, message", [
-    ({"tls_cert": "c"}, "give both or neither"),
-    ({"tls_key": "k"}, "give both or neither"),
-    ({"tls_require_client_cert": True}, "needs tls_cert, tls_key and tls_ca"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"tls_cert": "c"}, "give both or neither"),
+        ({"tls_key": "k"}, "give both or neither"),
+        ({"tls_require_client_cert": True}, "needs tls_cert, tls_key and tls_ca"),
+    ],
+)
 def test_inconsistent_tls_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         WorkerConfig(**settings)
@@ -130,8 +153,9 @@ def test_a_ca_alone_dials_tls_and_serves_plaintext(pem):
 def test_tools_read_the_services_tls_settings_from_the_environment(pem, tmp_path):
     config_file = tmp_path / "router.toml"
     config_file.write_text('mode = "colocated"\n')  # a router setting: not the tool's concern
-    c = from_environment({"PDSERVE_TLS_CA": pem["tls_ca"], "PDSERVE_CONFIG": str(config_file),
-                          "PDSERVE_INTERNAL_TOKEN": "tok"})
+    c = from_environment(
+        {"PDSERVE_TLS_CA": pem["tls_ca"], "PDSERVE_CONFIG": str(config_file), "PDSERVE_INTERNAL_TOKEN": "tok"}
+    )
     assert c.client_tls().ca == pem["tls_ca"] and c.internal_token == "tok"
 
 
@@ -140,9 +164,15 @@ def test_api_key_check_accepts_only_a_bearer_of_a_configured_key():
     keys = ApiKeys(["sk-a", "sk-b"])
     keys.check("Bearer sk-b")
     keys.check("bearer sk-a")  # the scheme is case-insensitive (RFC 7235)
-    for header, message in [(None, "missing API key"), ("", "missing API key"), ("sk-a", "malformed"),
-                            ("Basic sk-a", "malformed"), ("Bearer ", "malformed"), ("Bearer sk-c", "invalid API key"),
-                            ("Bearer sk-a2", "invalid API key")]:
+    for header, message in [
+        (None, "missing API key"),
+        ("", "missing API key"),
+        ("sk-a", "malformed"),
+        ("Basic sk-a", "malformed"),
+        ("Bearer ", "malformed"),
+        ("Bearer sk-c", "invalid API key"),
+        ("Bearer sk-a2", "invalid API key"),
+    ]:
         with pytest.raises(errors.UnauthenticatedError, match=message):
             keys.check(header)
 
@@ -171,8 +201,11 @@ def test_router_methods_need_the_api_key_or_the_token_by_who_calls_them():
         auth.check("/pdserve.v1.Router/RegisterWorker", user)  # a user is no worker
     with pytest.raises(errors.UnauthenticatedError, match="API key"):
         auth.check("/pdserve.v1.Router/Generate", worker)
-    for open_method in ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch",
-                        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"):
+    for open_method in (
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    ):
         auth.check(open_method, {})
 
 
@@ -189,8 +222,11 @@ def test_worker_services_need_the_token_on_every_method_but_health():
 
 def test_refusals_map_to_unauthenticated_and_a_downstream_refusal_does_not_blame_the_client():
     assert status_code_for(errors.UnauthenticatedError("invalid API key")) == grpc.StatusCode.UNAUTHENTICATED
-    downstream = grpc.aio.AioRpcError(grpc.StatusCode.UNAUTHENTICATED, grpc.aio.Metadata(),
-                                      grpc.aio.Metadata(("pdserve-error-type", "UnauthenticatedError")),
-                                      details="invalid internal token")
+    downstream = grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(("pdserve-error-type", "UnauthenticatedError")),
+        details="invalid internal token",
+    )
     relayed = relayed_error(downstream)
     assert isinstance(relayed, errors.NotReadyError)  # the router's credentials are wrong: UNAVAILABLE

@@ -5,6 +5,7 @@ the mirrors. CPU tensors stand in for the device side here, through the loopback
 transport, so CI checks the order of the copies; tests/gpu checks CUDA pools
 over real UCX where a GPU is present.
 """
+
 from __future__ import annotations
 
 import dataclasses

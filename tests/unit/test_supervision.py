@@ -1,6 +1,7 @@
 """`pdserve up` keeps serving when a service crashes: it is started again with
 backoff, a crash loop is given up, and the suite stops only when what is left
 cannot serve. The children are the inline health servers of test_launcher."""
+
 from __future__ import annotations
 
 import contextlib
@@ -56,8 +57,13 @@ def test_backoff_doubles_to_its_cap_and_the_limit_within_the_window_gives_up():
 
 
 def test_the_suite_needs_its_router_and_one_decode_worker_but_no_prefill_worker_or_store():
-    roles = {"prefill-0": "prefill", "decode-0": "decode", "decode-1": "decode", "kvstore": "kvstore",
-             "router": "router"}
+    roles = {
+        "prefill-0": "prefill",
+        "decode-0": "decode",
+        "decode-1": "decode",
+        "kvstore": "kvstore",
+        "router": "router",
+    }
     assert usable(roles, {"prefill-0", "kvstore", "decode-1"}) is None
     assert usable(roles, {"decode-0", "decode-1"}) == "every decode worker was given up"
     assert usable(roles, {"router"}) == "router was given up"
@@ -81,8 +87,13 @@ def test_a_killed_service_is_started_again_and_serves_while_the_rest_never_stopp
 def test_a_worker_that_crashes_at_every_start_is_given_up_and_the_others_serve_on():
     out = io.StringIO()
     steady = as_role(child("decode-0", 1), "decode")
-    doomed = Service("decode-1", (sys.executable, "-c", "import sys; print('bad weights'); sys.exit(1)"),
-                     f"127.0.0.1:{free_port()}", 1, role="decode")
+    doomed = Service(
+        "decode-1",
+        (sys.executable, "-c", "import sys; print('bad weights'); sys.exit(1)"),
+        f"127.0.0.1:{free_port()}",
+        1,
+        role="decode",
+    )
     suite = Suite(services=[steady, doomed], out=out, ready_timeout=30, grace_s=5, restarts=FAST)
     with supervised(suite) as runner:  # started: decode-0 serves, decode-1 is given up
         wait_for(lambda: "giving up on decode-1: 3 exits within 60s (the last with code 1" in out.getvalue())

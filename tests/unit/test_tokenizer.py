@@ -2,6 +2,7 @@
 transformers) gives the token ids and text transformers gives, for SmolLM2's tokenizer and for
 two of other families built here: a Qwen2-style byte-level BPE with its ChatML template, and a
 Mistral-style SentencePiece-like one whose template uses bos/eos and refuses a bad order."""
+
 from __future__ import annotations
 
 import json
@@ -16,19 +17,32 @@ from pdserve.common.tokenizer import Tokenizer
 from tests.engine.prompts import PARAGRAPHS
 
 TEXTS = [
-    "", " ", "Hello", "  leading and trailing  ", "line\nbreaks\n\n\tand tabs",
-    *PARAGRAPHS, "".join(PARAGRAPHS) * 3,
-    "Emoji: 👋🏽 👨‍👩‍👧 🇫🇷 — and a lone 🦀.", "中文分词测试：模型、缓存和路由。", "日本語のテキストと한국어 텍스트",
+    "",
+    " ",
+    "Hello",
+    "  leading and trailing  ",
+    "line\nbreaks\n\n\tand tabs",
+    *PARAGRAPHS,
+    "".join(PARAGRAPHS) * 3,
+    "Emoji: 👋🏽 👨‍👩‍👧 🇫🇷 — and a lone 🦀.",
+    "中文分词测试：模型、缓存和路由。",
+    "日本語のテキストと한국어 텍스트",
     "Control tokens in text: <|im_start|>user\nhi<|im_end|> <|endoftext|> <s>[INST] x [/INST]</s>",
     "Numbers 1234567890 3.14159 -42 1e-9, code: def f(x): return x**2  # 😀",
 ]
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Capital of Japan?"}],
-    [{"role": "user", "content": "Hi 👋"}, {"role": "assistant", "content": "Hello! 你好"},
-     {"role": "user", "content": "Say it in Korean: 안녕하세요?"}],
-    [{"role": "user", "content": PARAGRAPHS[0] * 20}, {"role": "assistant", "content": "Noted.", "tool_calls": None},
-     {"role": "user", "content": "<|im_end|> is text here"}],
+    [
+        {"role": "user", "content": "Hi 👋"},
+        {"role": "assistant", "content": "Hello! 你好"},
+        {"role": "user", "content": "Say it in Korean: 안녕하세요?"},
+    ],
+    [
+        {"role": "user", "content": PARAGRAPHS[0] * 20},
+        {"role": "assistant", "content": "Noted.", "tool_calls": None},
+        {"role": "user", "content": "<|im_end|> is text here"},
+    ],
 ]
 
 # Block tags without "-" on their own lines: the newline after one and the indent before it are
@@ -86,25 +100,50 @@ def pair(request, tmp_path_factory):
         split = pre_tokenizers.Split(
             pattern=__import__("tokenizers").Regex(
                 r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-                r"|\s+(?!\S)|\s+"), behavior="isolated")
-        backend = _trained(models.BPE(), trainers.BpeTrainer(
-            vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+                r"|\s+(?!\S)|\s+"
+            ),
+            behavior="isolated",
+        )
+        backend = _trained(
+            models.BPE(),
+            trainers.BpeTrainer(
+                vocab_size=600,
+                special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            ),
             pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
-            decoders.ByteLevel(), normalizers.NFC())
-        path = _save(backend, tmp_path_factory.mktemp("qwen2"), eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                     chat_template=QWEN2_TEMPLATE)
+            decoders.ByteLevel(),
+            normalizers.NFC(),
+        )
+        path = _save(
+            backend,
+            tmp_path_factory.mktemp("qwen2"),
+            eos_token="<|im_end|>",
+            pad_token="<|endoftext|>",
+            chat_template=QWEN2_TEMPLATE,
+        )
     else:
-        backend = _trained(models.BPE(unk_token="<unk>", byte_fallback=True), trainers.BpeTrainer(
-            vocab_size=500, special_tokens=["<unk>", "<s>", "</s>"]),
-            pre_tokenizers.Metaspace(), decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()]))
+        backend = _trained(
+            models.BPE(unk_token="<unk>", byte_fallback=True),
+            trainers.BpeTrainer(vocab_size=500, special_tokens=["<unk>", "<s>", "</s>"]),
+            pre_tokenizers.Metaspace(),
+            decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()]),
+        )
         # Written without transformers: the [INST] tokens are named only in tokenizer_config.json,
         # and loading must add them as special tokens, as transformers does.
         path = tmp_path_factory.mktemp("mistral")
         backend.save(str(path / "tokenizer.json"))
-        (path / "tokenizer_config.json").write_text(json.dumps({
-            "bos_token": "<s>", "eos_token": {"__type": "AddedToken", "content": "</s>", "lstrip": False, "rstrip": False},
-            "unk_token": "<unk>", "extra_special_tokens": ["[INST]", "[/INST]"], "chat_template": MISTRAL_TEMPLATE}))
+        (path / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "bos_token": "<s>",
+                    "eos_token": {"__type": "AddedToken", "content": "</s>", "lstrip": False, "rstrip": False},
+                    "unk_token": "<unk>",
+                    "extra_special_tokens": ["[INST]", "[/INST]"],
+                    "chat_template": MISTRAL_TEMPLATE,
+                }
+            )
+        )
     return AutoTokenizer.from_pretrained(path), Tokenizer.from_dir(path)
 
 
@@ -123,7 +162,8 @@ def test_text_encodes_and_decodes_as_transformers(pair, text):
     assert ours.encode(text) == hf.encode(text)
     for skip in (False, True):
         assert ours.decode(ids, skip_special_tokens=skip) == hf.decode(
-            ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+            ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False
+        )
 
 
 def test_every_token_decodes_alone_as_transformers(pair):
@@ -131,7 +171,8 @@ def test_every_token_decodes_alone_as_transformers(pair):
     hf, ours = pair
     for i in range(len(ours)):
         assert ours.decode([i], skip_special_tokens=True) == hf.decode(
-            [i], skip_special_tokens=True, clean_up_tokenization_spaces=False), i
+            [i], skip_special_tokens=True, clean_up_tokenization_spaces=False
+        ), i
 
 
 @pytest.mark.parametrize("chat", CHATS, ids=range(len(CHATS)))
@@ -140,11 +181,14 @@ def test_chats_render_and_encode_as_transformers(pair, chat):
     if "[INST]" in (ours.chat_template or "") and chat[0]["role"] == "system":
         pytest.skip("the mistral-style template refuses a system turn (the next test)")
     for prompt in (True, False):
-        assert ours.apply_chat_template(chat, add_generation_prompt=prompt, tokenize=False) == \
-            hf.apply_chat_template(chat, add_generation_prompt=prompt, tokenize=False)
-        assert ours.apply_chat_template(chat, add_generation_prompt=prompt, tokenize=True, return_dict=True) == \
-            {"input_ids": list(hf.apply_chat_template(chat, add_generation_prompt=prompt, tokenize=True,
-                                                      return_dict=True)["input_ids"])}
+        assert ours.apply_chat_template(chat, add_generation_prompt=prompt, tokenize=False) == hf.apply_chat_template(
+            chat, add_generation_prompt=prompt, tokenize=False
+        )
+        assert ours.apply_chat_template(chat, add_generation_prompt=prompt, tokenize=True, return_dict=True) == {
+            "input_ids": list(
+                hf.apply_chat_template(chat, add_generation_prompt=prompt, tokenize=True, return_dict=True)["input_ids"]
+            )
+        }
 
 
 def test_a_template_refusing_the_chat_raises_the_template_error(pair):

@@ -1,4 +1,5 @@
 """Tracing configured by the standard OTEL_* environment variables."""
+
 from __future__ import annotations
 
 import pytest
@@ -41,8 +42,10 @@ def test_named_samplers_are_honoured():
     assert _decide(ratio, None) is Decision.DROP
 
 
-@pytest.mark.parametrize("env", [{"OTEL_TRACES_SAMPLER": "sometimes"}, {"OTEL_TRACES_SAMPLER_ARG": "half"},
-                                 {"OTEL_TRACES_SAMPLER_ARG": "1.5"}])
+@pytest.mark.parametrize(
+    "env",
+    [{"OTEL_TRACES_SAMPLER": "sometimes"}, {"OTEL_TRACES_SAMPLER_ARG": "half"}, {"OTEL_TRACES_SAMPLER_ARG": "1.5"}],
+)
 def test_bad_sampler_settings_are_refused(env):
     with pytest.raises(ValueError, match="OTEL_TRACES_SAMPLER"):
         tracing.sampler_from_env(env)
@@ -62,14 +65,19 @@ def test_exporter_list_and_protocol_are_honoured():
     env = {"OTEL_TRACES_EXPORTER": "otlp,console", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
     otlp, console = tracing.exporters_from_env(env)
     assert isinstance(otlp, GrpcExporter) and isinstance(console, ConsoleSpanExporter)
-    env = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
-           "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}
+    env = {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+    }
     (otlp,) = tracing.exporters_from_env(env)
     assert isinstance(otlp, HttpExporter)  # the traces-specific variable wins
 
 
-@pytest.mark.parametrize("env", [{"OTEL_TRACES_EXPORTER": "zipkin"},
-                                 {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}])
+@pytest.mark.parametrize(
+    "env",
+    [{"OTEL_TRACES_EXPORTER": "zipkin"}, {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}],
+)
 def test_unsupported_exporters_are_refused(env):
     with pytest.raises(ValueError, match="OTEL_"):
         tracing.exporters_from_env(env)
@@ -88,8 +96,12 @@ def test_service_name_defaults_to_pdserve_service_unless_the_environment_names_o
 
 
 def test_without_an_exporter_tracing_stays_off_and_costs_no_interceptors(monkeypatch):
-    for name in ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-                 "OTEL_SDK_DISABLED"):
+    for name in (
+        "OTEL_TRACES_EXPORTER",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_SDK_DISABLED",
+    ):
         monkeypatch.delenv(name, raising=False)
     with tracing.installed(None):
         assert tracing.setup("router") is None

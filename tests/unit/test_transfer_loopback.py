@@ -1,4 +1,5 @@
 """The transfer contract (base.py) through the in-process loopback transport."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,5 @@
 """The load generator's workloads: Mooncake traces, shared prefix blocks, arrivals, lengths."""
+
 from __future__ import annotations
 
 import argparse
@@ -79,8 +80,9 @@ def test_an_infinite_rate_sends_everything_at_once():
     assert workload.poisson_arrivals(float("inf"), 4, random.Random(0)) == [0.0] * 4
 
 
-@pytest.mark.parametrize("spec, low, high", [("fixed:7", 7, 7), ("9", 9, 9), ("uniform:3:5", 3, 5),
-                                             ("lognormal:100:0.5:150", 1, 150)])
+@pytest.mark.parametrize(
+    "spec, low, high", [("fixed:7", 7, 7), ("9", 9, 9), ("uniform:3:5", 3, 5), ("lognormal:100:0.5:150", 1, 150)]
+)
 def test_length_distributions_stay_in_their_range(spec, low, high):
     dist = LengthDist.parse(spec)
     rng = random.Random(0)

@@ -4,12 +4,19 @@
 the names load on first use, so importing this package (or its torch-free
 modules, as the router does) never imports torch.
 """
+
 from __future__ import annotations
 
 import importlib
 
-_EXPORTS = {"LLMEngine": "engine", "RequestOutput": "engine", "EngineStats": "engine",
-            "EngineConfig": "config", "SamplingParams": "sampling_params", "FinishReason": "sequence"}
+_EXPORTS = {
+    "LLMEngine": "engine",
+    "RequestOutput": "engine",
+    "EngineStats": "engine",
+    "EngineConfig": "config",
+    "SamplingParams": "sampling_params",
+    "FinishReason": "sequence",
+}
 
 __all__ = sorted(_EXPORTS)
 

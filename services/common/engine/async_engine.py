@@ -2,6 +2,7 @@
 the GIL), every other touch goes through `call()` under the same lock, so state only
 changes between steps; watchers run after each step. Why: docs/engine.md.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -154,7 +155,9 @@ class AsyncEngine:
         for r in range(rounds + 1):
             for n in best:
                 prompt = [(100 + 31 * i + 7 * r) % vocab for i in range(n)]
-                self.engine.add_request(prompt, SamplingParams(max_tokens=1), request_id=f"warm-up-{n}-{time.time_ns()}")
+                self.engine.add_request(
+                    prompt, SamplingParams(max_tokens=1), request_id=f"warm-up-{n}-{time.time_ns()}"
+                )
                 t = time.perf_counter()
                 while self.engine.has_unfinished():
                     self.engine.step()
@@ -193,8 +196,14 @@ class AsyncEngine:
         except NotFoundError:
             pass
 
-    async def add(self, prompt: list[int], params: SamplingParams, request_id: str, hold_blocks: bool = False,
-                  admission: Callable[[], None] | None = None) -> None:
+    async def add(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        request_id: str,
+        hold_blocks: bool = False,
+        admission: Callable[[], None] | None = None,
+    ) -> None:
         """Queue a request; `admission` (e.g. a bounded queue's check) runs under
         the same lock, so a burst of callers cannot all pass it before any is queued."""
         async with self._lock:
@@ -207,8 +216,14 @@ class AsyncEngine:
     async def admit(self, request_id: str, first_token: int, params: SamplingParams) -> None:
         await self.resume(request_id, None, params, first_token)
 
-    async def resume(self, request_id: str, computed_tokens: int | None, params: SamplingParams,
-                     first_token: int | None = None, hold_blocks: bool = False) -> None:
+    async def resume(
+        self,
+        request_id: str,
+        computed_tokens: int | None,
+        params: SamplingParams,
+        first_token: int | None = None,
+        hold_blocks: bool = False,
+    ) -> None:
         """Schedule a reservation (see LLMEngine.resume); None: the whole prompt is here."""
         async with self._lock:
             if computed_tokens is None:

@@ -4,6 +4,7 @@
 attends over each sequence's blocks: decodes through pdserve's paged kernel where built, prefill chunks by SDPA.
 How and why: docs/engine.md ("Paged attention through transformers").
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -64,8 +65,9 @@ def _gather(kv_cache: torch.Tensor, layer: int, kv: int, block_ids: torch.Tensor
     return x.transpose(-3, -2)
 
 
-def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                      scale: float | None) -> torch.Tensor:
+def _decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None
+) -> torch.Tensor:
     """One query token per sequence: q [heads, n, d], k/v [n, kv_heads, ctx, d] -> [n, heads, d].
 
     Two batched matmuls with the query heads grouped by their KV head, in float32:
@@ -94,7 +96,9 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     for g in meta.decode_groups:
         if meta.paged_kernel:
             scale = q.shape[-1] ** -0.5 if scaling is None else scaling
-            o = torch.ops.pdserve.paged_decode(q[:, g.start : g.end].transpose(0, 1), cache, layer, g.block_tables, g.context_lens, scale)
+            o = torch.ops.pdserve.paged_decode(
+                q[:, g.start : g.end].transpose(0, 1), cache, layer, g.block_tables, g.context_lens, scale
+            )
             out[:, g.start : g.end] = o.transpose(0, 1)
             continue
         k = _gather(cache, layer, 0, g.block_tables)[:, :, : g.context_len]  # [n, kv_heads, ctx, d]
@@ -112,8 +116,13 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
             rows = torch.arange(first, p.context_len, device=q.device).unsqueeze(1)
             mask, causal = torch.arange(p.context_len, device=q.device).unsqueeze(0) <= rows, False
         out[:, p.start : p.end] = F.scaled_dot_product_attention(
-            qp.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
-            attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=True,
+            qp.unsqueeze(0),
+            k.unsqueeze(0),
+            v.unsqueeze(0),
+            attn_mask=mask,
+            is_causal=causal,
+            scale=scaling,
+            enable_gqa=True,
         )[0]
     # transformers expects [batch, T, heads, d].
     return out.transpose(0, 1).unsqueeze(0), None

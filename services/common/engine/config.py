@@ -1,4 +1,5 @@
 """Engine configuration, shared by every worker that runs the model."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -59,5 +60,7 @@ def check_device(device: str) -> None:
         raise SettingError("device", f"needs {dev.type.upper()}, which is not available here{built}")
     count = backend.device_count()
     if dev.index is not None and dev.index >= count:
-        raise SettingError("device", f"does not exist: this machine has {count} {dev.type} device(s), "
-                                     f"{dev.type}:0 to {dev.type}:{count - 1}")
+        raise SettingError(
+            "device",
+            f"does not exist: this machine has {count} {dev.type} device(s), {dev.type}:0 to {dev.type}:{count - 1}",
+        )

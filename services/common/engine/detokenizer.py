@@ -6,6 +6,7 @@ and emits only what changed, holding back text that ends in a replacement
 character (an incomplete UTF-8 sequence). Text that could be the start of
 a stop string is held back too, so a stop string is never streamed.
 """
+
 from __future__ import annotations
 
 _INCOMPLETE = "\ufffd"

@@ -4,6 +4,7 @@
 sequences -> emit outputs. State flows one way through it; nothing else
 mutates sequences except `abort`, which finishes one and frees its blocks.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -72,23 +73,31 @@ class LLMEngine:
         return {e for e in eos + [self.tokenizer.eos_token_id] if e is not None}
 
     # -- requests ---------------------------------------------------------
-    def _new_request(self, prompt: str | list[int], params: SamplingParams | None, request_id: str | None, hold_blocks: bool) -> Request:
+    def _new_request(
+        self, prompt: str | list[int], params: SamplingParams | None, request_id: str | None, hold_blocks: bool
+    ) -> Request:
         params = params or SamplingParams()
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._requests or request_id in self._reserved or request_id in self._held:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
         ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
-        check_prompt(ids, self.max_model_len, self.model.config.vocab_size, self.blocks.num_blocks,
-                     self.config.block_size)
+        check_prompt(
+            ids, self.max_model_len, self.model.config.vocab_size, self.blocks.num_blocks, self.config.block_size
+        )
         seq = Sequence(request_id, ids, params, self.config.block_size)
-        return Request(seq, IncrementalDetokenizer(self.tokenizer, ids, params.stop), self._generator(params), hold_blocks)
+        return Request(
+            seq, IncrementalDetokenizer(self.tokenizer, ids, params.stop), self._generator(params), hold_blocks
+        )
 
     def _generator(self, params: SamplingParams) -> torch.Generator | None:
         return None if params.seed is None else torch.Generator(device=self.config.device)
 
     def add_request(
-        self, prompt: str | list[int], params: SamplingParams | None = None,
-        request_id: str | None = None, hold_blocks: bool = False,
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        hold_blocks: bool = False,
     ) -> str:
         """Queue a request. `hold_blocks`: keep its KV blocks when it finishes
         (or is aborted) until `release()`, e.g. while a prefill worker sends them."""
@@ -115,8 +124,14 @@ class LLMEngine:
         worker sampled `first_token`. Join the running batch to decode the rest."""
         self.resume(request_id, self._reserved_seq(request_id).num_prompt_tokens, params, first_token)
 
-    def resume(self, request_id: str, computed_tokens: int, params: SamplingParams | None = None,
-               first_token: int | None = None, hold_blocks: bool = False) -> None:
+    def resume(
+        self,
+        request_id: str,
+        computed_tokens: int,
+        params: SamplingParams | None = None,
+        first_token: int | None = None,
+        hold_blocks: bool = False,
+    ) -> None:
         """Schedule a reservation whose first `computed_tokens` tokens of KV are
         now in its blocks (imported from a peer or the KV store); the engine
         computes the rest, then samples as usual."""

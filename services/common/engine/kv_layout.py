@@ -1,4 +1,5 @@
 """A model's KV layout in the pool, and the context the pool can hold."""
+
 from __future__ import annotations
 
 from pdserve.common import model_loader

@@ -5,6 +5,7 @@ shortest context first), with their own positions; the paged attention
 function finds each sequence's KV through the block tables built here. Only
 the rows that will be sampled are projected to logits.
 """
+
 from __future__ import annotations
 
 import torch
@@ -54,7 +55,9 @@ class ModelRunner:
         packed = f"{self.packed_linears} linear layers packed for oneDNN, " if self.packed_linears else ""
         return packed + "decode attention: " + ("pdserve paged kernel" if self.paged_kernel else "torch ops")
 
-    def _metadata(self, batch: ScheduledBatch) -> tuple[list[int], list[int], AttentionMetadata, list[Sequence], list[int]]:
+    def _metadata(
+        self, batch: ScheduledBatch
+    ) -> tuple[list[int], list[int], AttentionMetadata, list[Sequence], list[int]]:
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []

@@ -1,4 +1,5 @@
 """What the engine hands back: per-step request outputs and its load figures."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

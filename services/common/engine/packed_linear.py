@@ -6,6 +6,7 @@ is most of its matmul time: packing at load measured 1.3-2x faster matmuls at
 a decode step's shapes, and no slower at a prefill's (docs/engine.md). vLLM's
 CPU path prepacks its oneDNN weights the same way.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,7 +25,9 @@ class PackedLinear(nn.Module):
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         # The batch-size hint only picks a layout; 1 (a decode row) measured as fast for prefills.
-        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1), persistent=False)
+        self.register_buffer(
+            "packed", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1), persistent=False
+        )
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,8 +54,12 @@ def pack_linears(model: nn.Module) -> int:
     """Replace every nn.Linear of `model` by a PackedLinear; returns how many.
 
     A tied LM head gets its own packed copy: the embedding keeps the original."""
-    targets = [(parent, name, child) for parent in model.modules()
-               for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+    targets = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear)
+    ]
     for parent, name, child in targets:
         setattr(parent, name, PackedLinear(child))
     return len(targets)

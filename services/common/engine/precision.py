@@ -4,6 +4,7 @@
 where oneDNN measured 2-2.5x fp32's speed on batched matmuls) and float32 elsewhere.
 docs/engine.md ("Precision") has the figures.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,8 +35,9 @@ def cpu_bf16_flag(cpuinfo: str = "/proc/cpuinfo") -> str | None:
     return next((flag for flag in BF16_CPU_FLAGS if flag in flags), None)
 
 
-def resolve(requested: str, device: str = "cpu", model_dtype: str | None = None,
-            cpuinfo: str = "/proc/cpuinfo") -> Precision:
+def resolve(
+    requested: str, device: str = "cpu", model_dtype: str | None = None, cpuinfo: str = "/proc/cpuinfo"
+) -> Precision:
     """The dtype to run in. `model_dtype`: that of a model already loaded, which `auto` keeps."""
     if requested not in CHOICES:
         raise SettingError("dtype", f"must be one of {', '.join(CHOICES)}, not {requested!r}")

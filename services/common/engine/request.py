@@ -1,4 +1,5 @@
 """What the engine keeps per request beside its sequence, and the checks on its way in and out."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,8 +34,9 @@ def check_prompt(ids: list[int], max_model_len: int, vocab: int, num_blocks: int
         raise InvalidRequestError("prompt", f"needs {need} KV blocks; the pool has {num_blocks}")
 
 
-def finish_reason(seq: Sequence, token: int, stopped_by_string: bool, eos_token_ids: set[int],
-                  max_model_len: int) -> FinishReason | None:
+def finish_reason(
+    seq: Sequence, token: int, stopped_by_string: bool, eos_token_ids: set[int], max_model_len: int
+) -> FinishReason | None:
     """Whether `token`, just sampled, ends the request, and why."""
     p = seq.params
     if stopped_by_string or token in p.stop_token_ids or (not p.ignore_eos and token in eos_token_ids):

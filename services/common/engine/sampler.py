@@ -4,6 +4,7 @@ Greedy rows take the argmax. Sampled rows apply temperature, top-k and top-p
 and draw from a per-request generator when a seed is given, so a seeded
 request gives the same tokens whatever else shares its batch.
 """
+
 from __future__ import annotations
 
 import torch

@@ -3,6 +3,7 @@
 Validation lives here, next to the fields, so every entry point (engine API,
 gRPC, HTTP) rejects the same bad input with the same field names.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,7 +17,7 @@ def without_vllm_offs(name: str, value: object) -> object:
     have no negatives: top_k -1 is 0, seed -1 is unseeded, other negative seeds their 64-bit pattern."""
     if name == "top_k" and isinstance(value, int) and value == -1:
         return 0
-    if name == "seed" and isinstance(value, int) and -2**63 <= value < 0:
+    if name == "seed" and isinstance(value, int) and -(2**63) <= value < 0:
         return None if value == -1 else value + 2**64
     return value
 

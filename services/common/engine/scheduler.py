@@ -4,6 +4,7 @@ Each step: decodes first, then the next chunk of each part-prefilled prompt, the
 budget, the sequence limit and free KV blocks allow; the newest is preempted when decode runs out of blocks.
 Why this order: docs/engine.md ("Scheduling and the prefix cache").
 """
+
 from __future__ import annotations
 
 import time

@@ -2,6 +2,7 @@
 
 The scheduler mutates sequences; the model runner only reads them.
 """
+
 from __future__ import annotations
 
 import enum

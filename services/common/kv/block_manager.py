@@ -4,6 +4,7 @@ A block is free or ref-counted by its sequences; the free list doubles as the pr
 block's hash is registered only once its KV is fully computed.
 Why: docs/engine.md ("Scheduling and the prefix cache").
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -4,6 +4,7 @@ hash(block i) = H(fingerprint, hash(block i-1), token ids of block i), so a
 block's hash names its whole prefix, and the model fingerprint in every link
 keeps blocks of another model, dtype or block size from ever matching.
 """
+
 from __future__ import annotations
 
 import hashlib

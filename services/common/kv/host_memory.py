@@ -4,6 +4,7 @@ KV pools and the KV store's slots are fresh mappings that ask for huge pages bef
 same-host copies run faster from them), resident only as KV is written.
 Why and measured: docs/transfer.md ("UCX choices": huge pages), docs/memory.md ("Where it goes").
 """
+
 from __future__ import annotations
 
 import math

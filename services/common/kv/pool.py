@@ -4,6 +4,7 @@ Attention writes and reads it in place; workers and the KV store move whole bloc
 a pinned host mirror (`host`), which transfer/staging.py copies each block through.
 Why: docs/engine.md ("Paged attention through transformers"), docs/transfer.md ("GPU pools").
 """
+
 from __future__ import annotations
 
 import torch

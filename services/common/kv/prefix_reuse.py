@@ -6,6 +6,7 @@ worker for the requests it prefills itself (colocated, or routed to prefill
 locally), so the next turn of a conversation starts from this one's KV
 whichever worker it lands on.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -17,9 +18,15 @@ from pdserve.common.kv.hashing import block_hashes
 from pdserve.common.kv.store_client import StoreClient
 
 
-async def admit_from_store(engine: AsyncEngine, store: StoreClient, request_id: str, prompt: list[int],
-                           params: SamplingParams, reserve: Callable[[str, list[int]], Sequence],
-                           hold_blocks: bool) -> int:
+async def admit_from_store(
+    engine: AsyncEngine,
+    store: StoreClient,
+    request_id: str,
+    prompt: list[int],
+    params: SamplingParams,
+    reserve: Callable[[str, list[int]], Sequence],
+    hold_blocks: bool,
+) -> int:
     """Queue the prompt after loading what the store has beyond the local prefix
     cache; returns the prompt tokens the store provided. `reserve` runs on the
     engine's loop (with the caller's admission check); on any failure the

@@ -4,6 +4,7 @@ Two workers may exchange KV blocks only when their specs (and so their
 fingerprints) are equal: the fingerprint salts every block hash, so blocks
 computed by another model, dtype or block size can never be mixed in.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -73,5 +74,8 @@ class KVSpec:
         """Refuse a KV exchange unless the peer states this spec's fingerprint. Required,
         not optional: a peer that states no layout could push KV of another model."""
         if fingerprint != self.fingerprint:
-            raise InvalidRequestError(field_name, f"must be the {peer}'s KVSpec fingerprint, and this worker's: "
-                                      + ("missing" if not fingerprint else f"the {peer}'s KV layout or model differs"))
+            raise InvalidRequestError(
+                field_name,
+                f"must be the {peer}'s KVSpec fingerprint, and this worker's: "
+                + ("missing" if not fingerprint else f"the {peer}'s KV layout or model differs"),
+            )

@@ -4,6 +4,7 @@ Best effort by design: the store is a cache. If it is down, slow or evicts
 mid-read, the worker computes instead, and says so in the log; a request
 never fails because of the store.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,8 +22,15 @@ _spans = tracing.Spans("store_client")
 
 
 class StoreClient:
-    def __init__(self, target: str, receiver: KVReceiver, sender: KVSender, fingerprint: bytes,
-                 timeout_s: float = 10.0, security: SecurityConfig = OPEN):
+    def __init__(
+        self,
+        target: str,
+        receiver: KVReceiver,
+        sender: KVSender,
+        fingerprint: bytes,
+        timeout_s: float = 10.0,
+        security: SecurityConfig = OPEN,
+    ):
         self.target = target
         self.receiver = receiver
         self.sender = sender
@@ -50,16 +58,27 @@ class StoreClient:
     async def _load_prefix(self, hashes: list[bytes], dest: list, have: int) -> int:
         tid = None
         try:
-            found = (await self.stub.Lookup(kpb.LookupRequest(kv_fingerprint=self.fingerprint, block_hashes=hashes),
-                                            timeout=self.timeout_s)).num_cached_blocks
+            found = (
+                await self.stub.Lookup(
+                    kpb.LookupRequest(kv_fingerprint=self.fingerprint, block_hashes=hashes), timeout=self.timeout_s
+                )
+            ).num_cached_blocks
             if found <= have:
                 return have
             tid = "r-" + uuid.uuid4().hex
             t = self.receiver.expect(tid, dest[have:found])
-            ticket = pb.TransferTicket(transfer_id=tid, secret=t.secret, ucx_address=t.address,
-                                       block_bytes=t.block_bytes, num_blocks=t.num_blocks, first_block_index=have)
-            r = await self.stub.ReserveRead(kpb.ReserveReadRequest(
-                kv_fingerprint=self.fingerprint, block_hashes=hashes[:found], ticket=ticket), timeout=self.timeout_s)
+            ticket = pb.TransferTicket(
+                transfer_id=tid,
+                secret=t.secret,
+                ucx_address=t.address,
+                block_bytes=t.block_bytes,
+                num_blocks=t.num_blocks,
+                first_block_index=have,
+            )
+            r = await self.stub.ReserveRead(
+                kpb.ReserveReadRequest(kv_fingerprint=self.fingerprint, block_hashes=hashes[:found], ticket=ticket),
+                timeout=self.timeout_s,
+            )
             if r.num_blocks == 0:  # evicted since the lookup
                 return have
             await self.receiver.wait(tid, self.timeout_s)
@@ -82,8 +101,9 @@ class StoreClient:
 
     async def _store_blocks(self, hashes: list[bytes], src: list) -> int:
         try:
-            r = await self.stub.ReserveWrite(kpb.ReserveWriteRequest(
-                kv_fingerprint=self.fingerprint, block_hashes=hashes), timeout=self.timeout_s)
+            r = await self.stub.ReserveWrite(
+                kpb.ReserveWriteRequest(kv_fingerprint=self.fingerprint, block_hashes=hashes), timeout=self.timeout_s
+            )
             if not r.accepted_indices:
                 return 0
             t = r.ticket
@@ -93,8 +113,9 @@ class StoreClient:
             except Exception:
                 await self.stub.Release(kpb.ReleaseLeaseRequest(lease_id=t.transfer_id), timeout=self.timeout_s)
                 raise
-            n = (await self.stub.CommitWrite(kpb.CommitWriteRequest(transfer_id=t.transfer_id),
-                                             timeout=self.timeout_s)).num_committed_blocks
+            n = (
+                await self.stub.CommitWrite(kpb.CommitWriteRequest(transfer_id=t.transfer_id), timeout=self.timeout_s)
+            ).num_committed_blocks
             self.stored_blocks += n
             return n
         except Exception as e:  # noqa: BLE001 - a missed write only costs a later recompute

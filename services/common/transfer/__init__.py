@@ -4,6 +4,7 @@
 importing this package never imports ucxx; `LoopbackKVReceiver` /
 `LoopbackKVSender` are the in-process stand-ins for unit tests.
 """
+
 from __future__ import annotations
 
 from pdserve.common.transfer.base import KVReceiver, KVSender, TransferStatus, TransferTicket, block_checksum

@@ -3,6 +3,7 @@
 Decode's `KVReceiver.expect()` issues a ticket; prefill's `KVSender.send()` pushes each chunk's blocks to it,
 under keyed tags, a header MAC and a checksum. Why: docs/transfer.md ("Interface", "Integrity and security").
 """
+
 from __future__ import annotations
 
 import abc
@@ -91,7 +92,13 @@ def verify_block(ticket: TransferTicket, index: int, header, dest) -> str | None
     if not hmac.compare_digest(mac, _keyed(ticket.secret, body + ticket.transfer_id.encode(), 16)):
         return f"block {index}: bad header MAC"
     magic, version, _, idx, num_blocks, nbytes, checksum = HEADER.unpack(body)
-    if (magic, version, idx, num_blocks, nbytes) != (_MAGIC, WIRE_VERSION, index, ticket.num_blocks, ticket.block_bytes):
+    if (magic, version, idx, num_blocks, nbytes) != (
+        _MAGIC,
+        WIRE_VERSION,
+        index,
+        ticket.num_blocks,
+        ticket.block_bytes,
+    ):
         return f"block {index}: header does not match the ticket"
     if not hmac.compare_digest(checksum, block_checksum(dest)):
         return f"block {index}: checksum mismatch"
@@ -130,8 +137,9 @@ def check_blocks(buffers, block_bytes: int | None = None) -> int:
 class Inbound:
     """Receiver-side state of one transfer (shared by the implementations)."""
 
-    def __init__(self, ticket: TransferTicket, dest: list, transport: str = "",
-                 staged: list[staging.StagedBlock] | None = None) -> None:
+    def __init__(
+        self, ticket: TransferTicket, dest: list, transport: str = "", staged: list[staging.StagedBlock] | None = None
+    ) -> None:
         self.ticket = ticket
         self.dest = dest
         self.transport = transport  # dest: host buffers
@@ -203,8 +211,13 @@ class KVReceiver(abc.ABC):
         t = self._get(transfer_id)
         try:
             # The span: the wait for the blocks to land and verify (what no other work overlapped).
-            with _spans.span("kv.receive", transfer_id=transfer_id, transport=self.transport,
-                             blocks=t.ticket.num_blocks, bytes=t.ticket.num_blocks * t.ticket.block_bytes):
+            with _spans.span(
+                "kv.receive",
+                transfer_id=transfer_id,
+                transport=self.transport,
+                blocks=t.ticket.num_blocks,
+                bytes=t.ticket.num_blocks * t.ticket.block_bytes,
+            ):
                 await asyncio.wait_for(t.finished.wait(), timeout)
                 if t.status is not TransferStatus.DONE:
                     raise TransferFailedError(f"transfer {transfer_id}: {t.error}")
@@ -235,8 +248,9 @@ class KVSender(abc.ABC):
 
     transport = ""  # its name in metrics
 
-    async def send(self, ticket: TransferTicket, first_block_index: int, src_buffers: list,
-                   timeout: float = 30.0) -> None:
+    async def send(
+        self, ticket: TransferTicket, first_block_index: int, src_buffers: list, timeout: float = 30.0
+    ) -> None:
         """Send blocks first_block_index .. +len(src_buffers)-1 of the transfer; each
         index exactly once. Returns when the receiver has the bytes, so the caller may
         reuse the source blocks; raises TransferFailedError or TransferTimeoutError.
@@ -245,9 +259,14 @@ class KVSender(abc.ABC):
         prefill chunk, or one store push), and failures."""
         t0 = time.perf_counter()
         try:
-            with _spans.span("kv.send", transfer_id=ticket.transfer_id, transport=self.transport,
-                             first_block=first_block_index, blocks=len(src_buffers),
-                             bytes=len(src_buffers) * ticket.block_bytes):
+            with _spans.span(
+                "kv.send",
+                transfer_id=ticket.transfer_id,
+                transport=self.transport,
+                first_block=first_block_index,
+                blocks=len(src_buffers),
+                bytes=len(src_buffers) * ticket.block_bytes,
+            ):
                 await staging.copy_out(staging.staged(src_buffers))  # device blocks: to their mirrors first
                 await self._send(ticket, first_block_index, staging.host_buffers(src_buffers), timeout)
         except TransferFailedError as e:  # TransferTimeoutError too
@@ -259,8 +278,7 @@ class KVSender(abc.ABC):
         metrics.TRANSFER_BYTES.add(len(src_buffers) * ticket.block_bytes, attributes)
 
     @abc.abstractmethod
-    async def _send(self, ticket: TransferTicket, first_block_index: int, src_buffers: list,
-                    timeout: float) -> None:
+    async def _send(self, ticket: TransferTicket, first_block_index: int, src_buffers: list, timeout: float) -> None:
         """The transport's send, with send()'s contract."""
 
     @abc.abstractmethod
@@ -272,6 +290,5 @@ class KVSender(abc.ABC):
         check_blocks(src_buffers, ticket.block_bytes)
         if first_block_index < 0 or first_block_index + len(src_buffers) > ticket.num_blocks:
             raise InvalidRequestError(
-                "first_block_index",
-                f"blocks {first_block_index}..+{len(src_buffers)} outside 0..{ticket.num_blocks}",
+                "first_block_index", f"blocks {first_block_index}..+{len(src_buffers)} outside 0..{ticket.num_blocks}"
             )

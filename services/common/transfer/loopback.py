@@ -3,6 +3,7 @@
 A sender copies blocks straight into the receiver's buffers through UCX's header, MAC and checksum checks;
 `corrupt_blocks` provokes a checksum FAILED. Where it differs on purpose: docs/transfer.md ("Interface").
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -88,8 +89,9 @@ class LoopbackKVSender(KVSender):
 
     transport = "loopback"
 
-    async def _send(self, ticket: TransferTicket, first_block_index: int, src_buffers: list,
-                    timeout: float = 30.0) -> None:
+    async def _send(
+        self, ticket: TransferTicket, first_block_index: int, src_buffers: list, timeout: float = 30.0
+    ) -> None:
         self._check(ticket, first_block_index, src_buffers)
         if self.closed:
             raise TransferFailedError("sender is closed")

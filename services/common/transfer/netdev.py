@@ -6,6 +6,7 @@ host (its --data-host, else its --host), plus RDMA ports, which open no socket;
 shared memory and CMA are not network devices and stay. A wildcard host keeps
 every interface, and a user's own UCX_NET_DEVICES wins. See docs/security.md.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -27,9 +28,15 @@ class _IfAddrs(ctypes.Structure):
     pass
 
 
-_IfAddrs._fields_ = [("next", ctypes.POINTER(_IfAddrs)), ("name", ctypes.c_char_p), ("flags", ctypes.c_uint),
-                     ("addr", ctypes.POINTER(_SockAddr)), ("netmask", ctypes.POINTER(_SockAddr)),
-                     ("ifu", ctypes.c_void_p), ("data", ctypes.c_void_p)]
+_IfAddrs._fields_ = [
+    ("next", ctypes.POINTER(_IfAddrs)),
+    ("name", ctypes.c_char_p),
+    ("flags", ctypes.c_uint),
+    ("addr", ctypes.POINTER(_SockAddr)),
+    ("netmask", ctypes.POINTER(_SockAddr)),
+    ("ifu", ctypes.c_void_p),
+    ("data", ctypes.c_void_p),
+]
 
 
 def _ip(sa: _SockAddr) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -79,9 +86,11 @@ def devices_for(host: str, ips: set) -> list[str] | None:
     if not devices and all(ip.is_loopback for ip in ips):
         devices = {name for name, _, loopback in held if loopback}
     if not devices:
-        raise ValueError(f"data host {host!r} (--data-host, else --host): no network interface of this "
-                         f"machine holds {', '.join(sorted(map(str, ips)))}; give an address of this machine, "
-                         "or set UCX_NET_DEVICES")
+        raise ValueError(
+            f"data host {host!r} (--data-host, else --host): no network interface of this "
+            f"machine holds {', '.join(sorted(map(str, ips)))}; give an address of this machine, "
+            "or set UCX_NET_DEVICES"
+        )
     return sorted(devices)
 
 

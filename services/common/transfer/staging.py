@@ -3,6 +3,7 @@
 The sender copies device blocks to their mirror blocks before the transport reads them; the receiver copies
 them to the device once every block has landed and verified. Why a mirror: docs/transfer.md ("GPU pools").
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -3,6 +3,7 @@
 Every service that moves KV (prefill, decode, the KV store) builds its ends
 here; importing this module loads neither torch nor ucxx.
 """
+
 from __future__ import annotations
 
 from pdserve.common.transfer.base import KVReceiver, KVSender

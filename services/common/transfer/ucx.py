@@ -5,6 +5,7 @@ worker address with error handling off, so UCX may use CMA / RDMA rather than
 only TCP (peer death is caught by timeouts); receives posted on the worker
 straight into pool blocks under keyed tags.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -120,8 +121,9 @@ class UcxKVSender(KVSender):
 
     transport = "ucx"
 
-    async def _send(self, ticket: TransferTicket, first_block_index: int, src_buffers: list,
-                    timeout: float = 30.0) -> None:
+    async def _send(
+        self, ticket: TransferTicket, first_block_index: int, src_buffers: list, timeout: float = 30.0
+    ) -> None:
         self._check(ticket, first_block_index, src_buffers)
         self._w.check_open()
         w, Array = self._w, self._w.Array

@@ -5,6 +5,7 @@ Holds one UCX context per interface set, the worker with our own progress loop
 Our own loop instead of ucxx's asyncio modes, which burn a core while idle or
 lose bandwidth (docs/transfer.md, "Progress").
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -6,6 +6,7 @@ home directory never loads a binary built for another CPU. Where there is no
 compiler, or the build fails, `load()` returns None and the engine keeps its
 torch-only path; the reason is logged once.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -59,8 +60,18 @@ def build(out: Path) -> None:
         if out.exists():
             return
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        cmd = [compiler, *FLAGS, *(f"-I{p}" for p in cpp_extension.include_paths()), str(SOURCE), "-o", str(tmp),
-               *(f"-L{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu", "-ltorch"]
+        cmd = [
+            compiler,
+            *FLAGS,
+            *(f"-I{p}" for p in cpp_extension.include_paths()),
+            str(SOURCE),
+            "-o",
+            str(tmp),
+            *(f"-L{p}" for p in cpp_extension.library_paths()),
+            "-lc10",
+            "-ltorch_cpu",
+            "-ltorch",
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             tmp.unlink(missing_ok=True)

@@ -1,4 +1,5 @@
 """`python -m pdserve.common.engine.kernels`: build the kernels ahead of the first start (exit 1 if they can't be)."""
+
 import logging
 
 from pdserve.common.engine.kernels import load
