@@ -64,7 +64,11 @@ def main() -> int:
 
     n = args.workers
     topologies = [Topology("colocated", 0, n, threads, args.chunk)]
-    topologies += [Topology("disaggregated", p, n - p, threads, args.chunk) for p in args.prefill_counts or range(1, n)]
+    for local_prefill in ("auto", "never"):  # the router's cost model, or every prompt on a prefill worker
+        topologies += [
+            Topology("disaggregated", p, n - p, threads, args.chunk, local_prefill=local_prefill)
+            for p in args.prefill_counts or range(1, n)
+        ]
     mean_prompt = sum(len(r.prompt) for r in requests) / len(requests)
     print(
         f"{len(requests)} requests of the trace ({trace_rate:.2f} req/s there; prompts {mean_prompt:.0f} tokens "
@@ -82,15 +86,20 @@ def main() -> int:
                 "mode": t.mode,
                 "prefill": t.prefill,
                 "decode": t.decode,
+                "local_prefill": t.local_prefill,
                 "capacity_rps": score.capacity_rps,
-                **{k: at[k] for k in ("attainment", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50")},
+                **{
+                    k: at[k]
+                    for k in ("attainment", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99", "remote_share")
+                },
                 "simulated_s": time.perf_counter() - t0,
             }
         )
         r = rows[-1]
         print(
             f"{r['topology']:<42} capacity {r['capacity_rps']:.3f} req/s  TTFT p99 {r['ttft_ms_p99'] / 1e3:.1f} s  "
-            f"TPOT p50 {r['tpot_ms_p50'] or 0:.0f} ms  ({r['simulated_s']:.0f} s to simulate)",
+            f"TPOT p50/p99 {r['tpot_ms_p50'] or 0:.0f}/{r['tpot_ms_p99'] or 0:.0f} ms  "
+            f"remote {r['remote_share']:.0%}  ({r['simulated_s']:.0f} s)",
             flush=True,
         )
     best = {

@@ -79,6 +79,7 @@ def summary(outcomes: list[Outcome], objectives: Objectives, warmup_share: float
         "ttft_ms_p50": statistics.median(ttft),
         "ttft_ms_p99": pick(ttft, 0.99),
         "tpot_ms_p50": statistics.median(tpot) if tpot else None,
+        "tpot_ms_p99": pick(tpot, 0.99),
         "remote_share": sum(o.path == "remote" for o in outcomes) / len(outcomes),
     }
 

@@ -26,10 +26,12 @@ class Topology:
     threads: int  # per worker
     chunk: int = 512
     max_seqs: int = 64
+    local_prefill: str = "auto"  # the router's --local-prefill: auto (the cost model) or never
 
     def __str__(self) -> str:
         shape = f"{self.decode} colocated" if self.mode == "colocated" else f"{self.prefill}P+{self.decode}D"
-        return f"{shape}, {self.threads} thread{'s' * (self.threads > 1)} each, chunk {self.chunk}"
+        never = ", every prompt remote" if self.local_prefill == "never" and self.prefill else ""
+        return f"{shape}, {self.threads} thread{'s' * (self.threads > 1)} each, chunk {self.chunk}{never}"
 
 
 @dataclass
@@ -59,6 +61,7 @@ class _Worker:
         self.topology = topology
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []
+        self.incoming = 0  # sequences routed here still prefilling elsewhere (the router counts them in flight)
         self.busy = False
         self.last_step_ms = model.ms(StepShape(decode_seqs=1, decode_context=256))
 
@@ -139,7 +142,7 @@ def simulate(topology: Topology, profile: Profile, requests: list[Request]) -> l
 
     def route(r: Request, now: float) -> None:
         seq = _Seq(r)
-        decode = min(decoders, key=lambda w: (len(w.running) + len(w.waiting), w.queued_tokens()))
+        decode = min(decoders, key=lambda w: (len(w.running) + len(w.waiting) + w.incoming, w.queued_tokens()))
         local = True
         if prefillers:
             prefill = min(prefillers, key=lambda w: w.queued_tokens())
@@ -155,11 +158,12 @@ def simulate(topology: Topology, profile: Profile, requests: list[Request]) -> l
                 + prefill_ms
                 + len(decode.running) * prefill_ms
             )
-            local = prefer_local(local_ms, remote_ms)
+            local = topology.local_prefill == "auto" and prefer_local(local_ms, remote_ms)
         paths[r.index] = "colocated" if not prefillers else ("local" if local else "remote")
         target = decode if local else prefill
         target.waiting.append(seq)
         seq.decode = decode
+        decode.incoming += not local
         kick(target, now + hop_s)  # the router's whole cost to a request, paid on the way in
 
     while events:
@@ -191,6 +195,7 @@ def simulate(topology: Topology, profile: Profile, requests: list[Request]) -> l
             kick(w, now)
         elif kind == "arrive_kv":
             s = data[0]
+            s.decode.incoming -= 1
             s.decode.running.append(s)
             kick(s.decode, now)
     return [
