@@ -84,6 +84,11 @@ class ServiceConfig:
         if port > 0 and port in taken:
             raise SettingError(name, "is another of this service's ports")
 
+    def check_listen_ports(self, also_taken: Sequence[int] = ()) -> None:
+        """--port, and --metrics-port (-1: none) clear of it and of the service's other ports."""
+        self.check_port("port")
+        self.check_port("metrics_port", off=True, taken=[self.port, *also_taken])
+
     def check_size(self, gib: str, blocks: str) -> None:
         """A memory size, in GiB or in blocks (0 for both: sized from free memory)."""
         if getattr(self, gib) < 0:

@@ -84,8 +84,7 @@ class WorkerConfig(SecurityConfig):
     log_format: LogFormat = option("text", help="log lines as text or json (one object per line)")
 
     def validate(self) -> None:
-        self.check_port("port")
-        self.check_port("metrics_port", off=True, taken=[self.port])
+        self.check_listen_ports()
         if self.threads < 0:
             raise SettingError("threads", "must be >= 0 (0: torch's default)")
         self.check_size("kv_cache_gib", "num_kv_blocks")

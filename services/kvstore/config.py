@@ -36,8 +36,7 @@ class KVStoreConfig(SecurityConfig):
     log_format: LogFormat = option("text", help="log lines as text or json (one object per line)")
 
     def validate(self) -> None:
-        self.check_port("port")
-        self.check_port("metrics_port", off=True, taken=[self.port])
+        self.check_listen_ports()
         self.check_size("capacity_gib", "capacity_blocks")
         self.check_positive("block_size", "lease_ms", "transfer_timeout_s")
 

@@ -59,10 +59,9 @@ class RouterConfig(ClientAuthConfig):
     balance_dwell_s: float = option(60.0, help="seconds after a switch before the next")
 
     def validate(self) -> None:
-        self.check_port("port")
+        self.check_listen_ports(also_taken=[self.http_port])
         # The HTTP server may share the gRPC port number only on another address.
         self.check_port("http_port", off=True, taken=[self.port] if self.http_host in ("", self.host) else [])
-        self.check_port("metrics_port", off=True, taken=[self.port, self.http_port])
         for name in ("slo_ttft_ms", "slo_tpot_ms", "max_retries"):
             if getattr(self, name) < 0:
                 raise SettingError(name, "must be >= 0")
