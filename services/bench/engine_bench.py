@@ -21,7 +21,7 @@ from pdserve.common.engine.packed_linear import PackedLinear
 from pdserve.common.engine.sampling_params import SamplingParams
 
 
-def _prompt(n: int, salt: int = 0) -> list[int]:
+def synthetic_prompt(n: int, salt: int = 0) -> list[int]:
     return [100 + (salt * 7919 + i * 31) % 40000 for i in range(n)]
 
 
@@ -37,7 +37,7 @@ def flops_per_token(model, context: int) -> float:
     return 2 * linear + attention
 
 
-def _prefill(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> None:
+def prefill_all(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> None:
     """Admit prompts and run until every one is decoding."""
     for p in prompts:
         engine.add_request(p, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
@@ -47,7 +47,7 @@ def _prefill(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> No
         engine.step()
 
 
-def _drain(engine: LLMEngine) -> None:
+def drain(engine: LLMEngine) -> None:
     while engine.has_unfinished():
         engine.step()
 
@@ -55,24 +55,24 @@ def _drain(engine: LLMEngine) -> None:
 def decode_step_s(engine: LLMEngine, num_seqs: int, context: int, steps: int, extra: tuple[int, ...] = ()) -> float:
     """Median decode step of num_seqs sequences at `context`, plus one at each `extra` context."""
     contexts = [context] * num_seqs + list(extra)
-    _prefill(engine, [_prompt(c - 1, s) for s, c in enumerate(contexts)], steps + 2)
+    prefill_all(engine, [synthetic_prompt(c - 1, s) for s, c in enumerate(contexts)], steps + 2)
     t = median_time(engine.step, reps=steps, warmup=1)
-    _drain(engine)
+    drain(engine)
     return t
 
 
 def prefill_s(engine: LLMEngine, n: int, reps: int) -> float:
     def once():
-        engine.add_request(_prompt(n, int(time.time_ns())), SamplingParams(max_tokens=1))
+        engine.add_request(synthetic_prompt(n, int(time.time_ns())), SamplingParams(max_tokens=1))
         engine.step()
-        _drain(engine)
+        drain(engine)
 
     return median_time(once, reps=reps)
 
 
 @torch.inference_mode()
 def hf_naive_decode_tps(model, num_seqs: int, context: int, steps: int) -> float:
-    ids = torch.tensor([_prompt(context - 1, s) for s in range(num_seqs)])
+    ids = torch.tensor([synthetic_prompt(context - 1, s) for s in range(num_seqs)])
     out = model(input_ids=ids, use_cache=True)
     past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
     times = []
@@ -87,14 +87,14 @@ def hf_naive_decode_tps(model, num_seqs: int, context: int, steps: int) -> float
 
 def mixed_prompts() -> list[list[int]]:
     lengths = [32, 128, 512, 1024, 64, 256]
-    return [_prompt(lengths[i % len(lengths)], 1000 + i) for i in range(24)]
+    return [synthetic_prompt(lengths[i % len(lengths)], 1000 + i) for i in range(24)]
 
 
 def engine_mixed_s(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> float:
     t = time.perf_counter()
     for p in prompts:
         engine.add_request(p, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
-    _drain(engine)
+    drain(engine)
     return time.perf_counter() - t
 
 

@@ -39,7 +39,7 @@ class MachineLimits:
         return asdict(self)
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
@@ -52,7 +52,7 @@ def _cpu_name() -> str:
 def machine() -> dict:
     """The machine a run ran on (nothing measured), for results files."""
     return {
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)),
         "python": platform.python_version(),
@@ -75,6 +75,6 @@ def measure(quick: bool = False, device: str = "cpu", dtype: str = "float32") ->
         read_gbps=nbytes / read / 1e9,
         memcpy_gbps=nbytes / copy / 1e9,
         threads=torch.get_num_threads(),
-        cpu=_cpu_name(),
+        cpu=cpu_name(),
         dtype=dtype,
     )

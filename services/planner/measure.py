@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from pdserve.bench.engine_bench import _drain, _prefill, _prompt
-from pdserve.bench.limits import _cpu_name, median_time
+from pdserve.bench.engine_bench import drain, prefill_all, synthetic_prompt
+from pdserve.bench.limits import cpu_name, median_time
 from pdserve.common import model_loader
 from pdserve.common.engine import precision
 from pdserve.common.engine.config import EngineConfig
@@ -35,7 +35,7 @@ def hardware_key(device: str = "cpu") -> str:
     if device.startswith("cuda"):
         return f"cuda: {torch.cuda.get_device_name(torch.device(device))}"
     flag = precision.cpu_bf16_flag()
-    return f"cpu: {_cpu_name()} ({flag or 'no bf16 matmul'}), {len(os.sched_getaffinity(0))} cores"
+    return f"cpu: {cpu_name()} ({flag or 'no bf16 matmul'}), {len(os.sched_getaffinity(0))} cores"
 
 
 def cache_path(model: str, dtype: str, hardware: str) -> Path:
@@ -76,7 +76,7 @@ class _Stepper:
     def add(self, tokens: int, max_tokens: int = 1) -> None:
         """A fresh prompt: salted, so no two share a prefix even where the prefix cache is on."""
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-        self.engine.add_request(_prompt(tokens, next(self.salt)), params)
+        self.engine.add_request(synthetic_prompt(tokens, next(self.salt)), params)
 
     def step(self) -> Sample:
         t0 = time.perf_counter()
@@ -85,7 +85,7 @@ class _Stepper:
 
     def decoding(self, seqs: int, context: int, max_tokens: int) -> list[str]:
         """Run `seqs` fresh prompts of `context` - 1 tokens until all decode; their request ids."""
-        _prefill(self.engine, [_prompt(context - 1, next(self.salt)) for _ in range(seqs)], max_tokens)
+        prefill_all(self.engine, [synthetic_prompt(context - 1, next(self.salt)) for _ in range(seqs)], max_tokens)
         return [s.request_id for s in self.engine.scheduler.running]
 
 
@@ -107,14 +107,14 @@ def step_samples(engine: LLMEngine, quick: bool) -> list[Sample]:
             for _ in range(reps):
                 run.add(n)
                 group.append(run.step())
-                _drain(engine)
+                drain(engine)
             samples.append(_median(group))
         firsts, seconds = [], []  # a two-chunk prompt: its first chunk, then a chunk after one
         for _ in range(reps):
             run.add(2 * chunk)
             firsts.append(run.step())
             seconds.append(run.step())
-            _drain(engine)
+            drain(engine)
         samples += [_median(firsts), _median(seconds)]
         for seqs, context, beside in ((16, 64, 128), (4, 256 if quick else 512, 256)):
             ids = run.decoding(seqs, context, max_tokens=3 * (steps + 1) + reps + 8)
@@ -171,8 +171,8 @@ def measure(
     try:
         for t in counts:
             torch.set_num_threads(t)
-            engine.add_request(_prompt(64, t), SamplingParams(max_tokens=2, ignore_eos=True))
-            _drain(engine)  # warm this thread count's pools
+            engine.add_request(synthetic_prompt(64, t), SamplingParams(max_tokens=2, ignore_eos=True))
+            drain(engine)  # warm this thread count's pools
             samples[t] = step_samples(engine, quick)
             models[t] = fit(samples[t])
     finally:
