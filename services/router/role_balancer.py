@@ -22,6 +22,13 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Arrival:
+    at: float  # time.monotonic() when the router admitted it
+    prompt_tokens: int
+    max_tokens: int
+
+
+@dataclass(frozen=True)
 class BalancerConfig:
     interval_s: float = 15.0
     window_s: float = 120.0  # the arrivals replayed
@@ -79,15 +86,15 @@ class RoleBalancer:
         self.chunk = chunk
         self.max_seqs = max_seqs
         self.hysteresis = Hysteresis(config.margin, config.confirm, config.dwell_s)
-        self.arrivals: collections.deque[tuple[float, int, int]] = collections.deque()  # (time, prompt, max_tokens)
+        self.arrivals: collections.deque[Arrival] = collections.deque()
         self.last_scores: dict[int, float] = {}
         self.refused = ""  # why the profile was refused for these workers, if it was
         self._task: asyncio.Task | None = None
 
     def observe(self, prompt_tokens: int, max_tokens: int, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
-        self.arrivals.append((now, prompt_tokens, max_tokens))
-        while self.arrivals and self.arrivals[0][0] < now - self.config.window_s:
+        self.arrivals.append(Arrival(now, prompt_tokens, max_tokens))
+        while self.arrivals and self.arrivals[0].at < now - self.config.window_s:
             self.arrivals.popleft()
 
     def _fleet(self) -> tuple[int, int, list]:
@@ -100,11 +107,11 @@ class RoleBalancer:
     def scores(self, now: float) -> dict[int, float]:
         """Attainment by the number of movable workers in role prefill, for the recent arrivals."""
         fixed_p, fixed_d, movable = self._fleet()
-        window = [a for a in self.arrivals if a[0] >= now - self.config.window_s]
+        window = [a for a in self.arrivals if a.at >= now - self.config.window_s]
         if not movable or len(window) < self.config.min_requests:
             return {}
-        t0 = window[0][0]
-        requests = [Request(i, t - t0, [0] * prompt, max(1, out)) for i, (t, prompt, out) in enumerate(window)]
+        t0 = window[0].at
+        requests = [Request(i, a.at - t0, [0] * a.prompt_tokens, max(1, a.max_tokens)) for i, a in enumerate(window)]
         out = {}
         for p in range(len(movable) + 1):
             prefill, decode = fixed_p + p, fixed_d + len(movable) - p

@@ -141,7 +141,8 @@ async def test_the_role_balancer_moves_a_real_worker_when_the_live_mix_favours_a
         balancer = suite.router.balancer
         async with AsyncClient(f"127.0.0.1:{suite.router.port}", timeout=120) as client:
             await client.complete(text_of_tokens(tokenizer, 40), max_tokens=2, temperature=0.0)
-            assert [a[1:] for a in balancer.arrivals] == [(40, 2)]  # the router tells it what it admits
+            # the router tells it what it admits
+            assert [(a.prompt_tokens, a.max_tokens) for a in balancer.arrivals] == [(40, 2)]
             balancer.arrivals.clear()
             now = arrivals_of(balancer, rate=1.0, long_share=0.5, output=64)  # long prompts among decodes
             first = await balancer.evaluate(now)  # better by the margin once: not yet

@@ -86,7 +86,7 @@ def test_arrivals_older_than_the_window_are_forgotten():
     b = _balancer(prefill=1, decode=1)
     b.observe(100, 16, now=0.0)
     b.observe(100, 16, now=200.0)
-    assert [a[0] for a in b.arrivals] == [200.0]
+    assert [a.at for a in b.arrivals] == [200.0]
 
 
 def test_a_better_split_is_taken_only_after_winning_by_the_margin_several_times_in_a_row():
