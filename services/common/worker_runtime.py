@@ -68,9 +68,10 @@ class WorkerRuntime:
         )
         return pb.GetLoadResponse(info=self.info, load=load)
 
-    def set_role(self, role: str) -> None:
+    def set_role(self, role: str, epoch: int) -> None:
         self.role = role
         self.info.role = convert.ROLES[role]
+        self.info.role_epoch = epoch
 
     async def start(self) -> None:
         self.health = await add_health_and_reflection(self.server, self.services)

@@ -24,6 +24,7 @@ class Switched:
     role: str
     drained: bool  # False: the timeout passed with work of the left role still running (it runs on)
     drain_ms: float
+    epoch: int  # switches so far, this one included
 
 
 class ElasticRole:
@@ -31,7 +32,7 @@ class ElasticRole:
         self,
         role: str,
         idle: dict[str, Callable[[], bool]],
-        on_switch: Callable[[str], None] = lambda role: None,
+        on_switch: Callable[[str, int], None] = lambda role, epoch: None,
         poll_s: float = 0.05,
     ):
         if role not in ELASTIC_ROLES:
@@ -40,7 +41,7 @@ class ElasticRole:
         self.idle = idle  # "prefill"/"decode" -> whether that work in flight has all finished
         self.on_switch = on_switch
         self.poll_s = poll_s
-        self.switches = 0
+        self.epoch = 0  # switches so far: reports carry it, so a router can tell a stale one
         self._lock = asyncio.Lock()  # one switch at a time: each drains what the one before left
 
     def gate(self, work: str) -> Callable[[], None]:
@@ -57,13 +58,13 @@ class ElasticRole:
             raise InvalidRequestError("role", f"an elastic worker is prefill, decode or both, got {role!r}")
         async with self._lock:
             previous, self.role = self.role, role
-            self.on_switch(role)
+            self.epoch += 1
+            self.on_switch(role, self.epoch)
             left = TAKES[previous] - TAKES[role]
             t0 = time.monotonic()
             while not all(self.idle[w]() for w in left) and time.monotonic() - t0 < drain_timeout_s:
                 await asyncio.sleep(self.poll_s)
             drained = all(self.idle[w]() for w in left)
-            self.switches += previous != role
             ms = (time.monotonic() - t0) * 1e3
             log.info("role %s -> %s (%s in %.0f ms)", previous, role, "drained" if drained else "NOT drained", ms)
-            return Switched(previous, role, drained, ms)
+            return Switched(previous, role, drained, ms, self.epoch)

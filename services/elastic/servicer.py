@@ -18,5 +18,9 @@ class WorkerControlServicer(worker_pb2_grpc.WorkerControlServicer):
         role = convert.elastic_role(request.role)
         s = await self.role.switch(role, request.drain_timeout_ms / 1000 or DEFAULT_DRAIN_S)
         return wpb.SetRoleResponse(
-            previous_role=convert.ROLES[s.previous], role=convert.ROLES[s.role], drained=s.drained, drain_ms=s.drain_ms
+            previous_role=convert.ROLES[s.previous],
+            role=convert.ROLES[s.role],
+            drained=s.drained,
+            drain_ms=s.drain_ms,
+            role_epoch=s.epoch,
         )

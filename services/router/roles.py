@@ -63,7 +63,7 @@ async def switch_role(
             raise relayed_error(e) from None
         finally:
             w.switching_to = ""
-        w.info.role = convert.ROLES[role]
+        w.info.role, w.info.role_epoch = convert.ROLES[role], r.role_epoch  # older reports are stale now
         pool.place(w, role)
         tracing.annotate(span, drained=r.drained, drain_ms=r.drain_ms)
     if previous != role:

@@ -98,6 +98,14 @@ class WorkerPool:
             elif work not in takes and w in group:
                 group.remove(w)
 
+    @staticmethod
+    def _take_info(w: WorkerHandle, info: pb.WorkerInfo) -> None:
+        """A worker's identity, less a role reported before the last switch this router saw
+        (a poll answered just before a switch, read just after it)."""
+        if w.info is not None and info.elastic and info.role_epoch < w.info.role_epoch:
+            info.role, info.role_epoch = w.info.role, w.info.role_epoch
+        w.info = info
+
     def _follow(self, w: WorkerHandle) -> None:
         """An elastic worker is routed to as the role it reports (another router may have switched it);
         while this router switches it, only for the calls of both roles until it reports the new one."""
@@ -158,7 +166,8 @@ class WorkerPool:
             w = self._make(info.address, role)
             self.group(role).append(w)
             log.info("worker %s (%s) registered at %s", info.worker_id, role, info.address)
-        w.info, w.load, w.healthy, w.registered, w.last_seen = info, load, True, True, time.monotonic()
+        self._take_info(w, info)
+        w.load, w.healthy, w.registered, w.last_seen = load, True, True, time.monotonic()
         self._follow(w)
         self.mark_twins()
         return w
@@ -167,10 +176,7 @@ class WorkerPool:
         w = next((w for w in self.all if w.registered and w.worker_id == worker_id), None)
         if w is None:
             return False
-        w.load, w.healthy, w.last_seen = load, True, time.monotonic()
-        if w.elastic and load.role != w.info.role:  # switched by another router since it registered
-            w.info.role = load.role
-            self._follow(w)
+        w.load, w.healthy, w.last_seen = load, True, time.monotonic()  # a role change shows in the next poll
         self.mark_twins()
         return True
 
@@ -200,7 +206,8 @@ class WorkerPool:
                 r = await w.load_stub.GetLoad(pb.GetLoadRequest(), timeout=max(1.0, 4 * self.poll_s))
                 rtt = (time.perf_counter() - t) * 1e3
                 w.rtt_ms = 0.8 * w.rtt_ms + 0.2 * rtt if w.rtt_ms else rtt
-                w.info, w.load, w.healthy, w.last_seen = r.info, r.load, True, time.monotonic()
+                self._take_info(w, r.info)
+                w.load, w.healthy, w.last_seen = r.load, True, time.monotonic()
                 self._follow(w)
             except grpc.aio.AioRpcError as e:
                 if w.healthy:

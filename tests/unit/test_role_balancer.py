@@ -112,3 +112,18 @@ def test_no_switch_sooner_than_the_dwell_time_after_the_last():
 @pytest.mark.parametrize("scores", [{0: 0.8, 1: 0.8}, {1: 0.8}])
 def test_a_tie_keeps_the_current_split(scores):
     assert Hysteresis(margin=0.0, confirm=1, dwell_s=0).step(0, 1, scores) is None
+
+
+def test_a_role_reported_before_the_last_switch_is_not_followed():
+    # A poll answered just before a switch and read just after it must not undo the switch.
+    pool = WorkerPool(decode=[_elastic("e", "decode")])
+    w = pool.decode[0]
+    w.info.role_epoch = 2  # the switch to decode this router saw
+    stale = pb.WorkerInfo(worker_id="e", elastic=True, role=pb.WORKER_ROLE_PREFILL, role_epoch=1)
+    pool._take_info(w, stale)
+    pool._follow(w)
+    assert (pool.prefill, pool.decode) == ([], [w])
+    later = pb.WorkerInfo(worker_id="e", elastic=True, role=pb.WORKER_ROLE_PREFILL, role_epoch=3)  # switched again
+    pool._take_info(w, later)
+    pool._follow(w)
+    assert (pool.prefill, pool.decode) == ([w], [])

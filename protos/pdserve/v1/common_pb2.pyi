@@ -160,7 +160,7 @@ class TransferTicket(_message.Message):
     def __init__(self, transfer_id: _Optional[str] = ..., secret: _Optional[bytes] = ..., ucx_address: _Optional[bytes] = ..., dest_block_ids: _Optional[_Iterable[int]] = ..., block_bytes: _Optional[int] = ..., num_blocks: _Optional[int] = ..., first_block_index: _Optional[int] = ..., kv_fingerprint: _Optional[bytes] = ..., expires_at_unix_ms: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "model", "kv_spec", "instance_id", "software_version", "kv_wire_version", "elastic")
+    __slots__ = ("worker_id", "role", "address", "model", "kv_spec", "instance_id", "software_version", "kv_wire_version", "elastic", "role_epoch")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +170,7 @@ class WorkerInfo(_message.Message):
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
     KV_WIRE_VERSION_FIELD_NUMBER: _ClassVar[int]
     ELASTIC_FIELD_NUMBER: _ClassVar[int]
+    ROLE_EPOCH_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     address: str
@@ -179,7 +180,8 @@ class WorkerInfo(_message.Message):
     software_version: str
     kv_wire_version: int
     elastic: bool
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., kv_spec: _Optional[_Union[KVSpec, _Mapping]] = ..., instance_id: _Optional[str] = ..., software_version: _Optional[str] = ..., kv_wire_version: _Optional[int] = ..., elastic: _Optional[bool] = ...) -> None: ...
+    role_epoch: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., kv_spec: _Optional[_Union[KVSpec, _Mapping]] = ..., instance_id: _Optional[str] = ..., software_version: _Optional[str] = ..., kv_wire_version: _Optional[int] = ..., elastic: _Optional[bool] = ..., role_epoch: _Optional[int] = ...) -> None: ...
 
 class GetLoadRequest(_message.Message):
     __slots__ = ()

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdserve.v1 import common_pb2 as pdserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/worker.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"P\n\x0eSetRoleRequest\x12$\n\x04role\x18\x01 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole\x12\x18\n\x10\x64rain_timeout_ms\x18\x02 \x01(\r\"\x89\x01\n\x0fSetRoleResponse\x12-\n\rprevious_role\x18\x01 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole\x12\x0f\n\x07\x64rained\x18\x03 \x01(\x08\x12\x10\n\x08\x64rain_ms\x18\x04 \x01(\x01\x32S\n\rWorkerControl\x12\x42\n\x07SetRole\x12\x1a.pdserve.v1.SetRoleRequest\x1a\x1b.pdserve.v1.SetRoleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/worker.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"P\n\x0eSetRoleRequest\x12$\n\x04role\x18\x01 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole\x12\x18\n\x10\x64rain_timeout_ms\x18\x02 \x01(\r\"\x9d\x01\n\x0fSetRoleResponse\x12-\n\rprevious_role\x18\x01 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole\x12\x0f\n\x07\x64rained\x18\x03 \x01(\x08\x12\x10\n\x08\x64rain_ms\x18\x04 \x01(\x01\x12\x12\n\nrole_epoch\x18\x05 \x01(\x04\x32S\n\rWorkerControl\x12\x42\n\x07SetRole\x12\x1a.pdserve.v1.SetRoleRequest\x1a\x1b.pdserve.v1.SetRoleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,7 +35,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SETROLEREQUEST']._serialized_start=64
   _globals['_SETROLEREQUEST']._serialized_end=144
   _globals['_SETROLERESPONSE']._serialized_start=147
-  _globals['_SETROLERESPONSE']._serialized_end=284
-  _globals['_WORKERCONTROL']._serialized_start=286
-  _globals['_WORKERCONTROL']._serialized_end=369
+  _globals['_SETROLERESPONSE']._serialized_end=304
+  _globals['_WORKERCONTROL']._serialized_start=306
+  _globals['_WORKERCONTROL']._serialized_end=389
 # @@protoc_insertion_point(module_scope)

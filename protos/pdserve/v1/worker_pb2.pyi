@@ -14,13 +14,15 @@ class SetRoleRequest(_message.Message):
     def __init__(self, role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., drain_timeout_ms: _Optional[int] = ...) -> None: ...
 
 class SetRoleResponse(_message.Message):
-    __slots__ = ("previous_role", "role", "drained", "drain_ms")
+    __slots__ = ("previous_role", "role", "drained", "drain_ms", "role_epoch")
     PREVIOUS_ROLE_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     DRAINED_FIELD_NUMBER: _ClassVar[int]
     DRAIN_MS_FIELD_NUMBER: _ClassVar[int]
+    ROLE_EPOCH_FIELD_NUMBER: _ClassVar[int]
     previous_role: _common_pb2.WorkerRole
     role: _common_pb2.WorkerRole
     drained: bool
     drain_ms: float
-    def __init__(self, previous_role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., drained: _Optional[bool] = ..., drain_ms: _Optional[float] = ...) -> None: ...
+    role_epoch: int
+    def __init__(self, previous_role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., drained: _Optional[bool] = ..., drain_ms: _Optional[float] = ..., role_epoch: _Optional[int] = ...) -> None: ...
