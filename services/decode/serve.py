@@ -11,6 +11,24 @@ from pdserve.decode.worker import DecodeWorker
 from pdserve.v1 import decode_pb2_grpc
 
 
+def add_decode_worker(
+    rt: WorkerRuntime, config: WorkerConfig, receiver, store: StoreClient | None, gate=lambda: None
+) -> DecodeWorker:
+    """A DecodeWorker on the runtime's engine, served by the runtime's server (`gate`: elastic/role.py)."""
+    worker = DecodeWorker(
+        rt.engine,
+        receiver,
+        lease_s=config.lease_ms / 1000,
+        transfer_timeout_s=config.transfer_timeout_s,
+        max_queue=config.max_queue,
+        store=store,
+        worker_id=rt.worker_id,
+        gate=gate,
+    )
+    decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(worker, rt.load_response), rt.server)
+    return worker
+
+
 class DecodeProcess:
     """The runtime, the worker and the KV data plane it opened; `aclose` closes them."""
 
@@ -23,16 +41,7 @@ class DecodeProcess:
             self.store = StoreClient(
                 config.kvstore, self.receiver, self.sender, rt.engine.spec.fingerprint, security=config
             )
-        self.worker = DecodeWorker(
-            rt.engine,
-            self.receiver,
-            lease_s=config.lease_ms / 1000,
-            transfer_timeout_s=config.transfer_timeout_s,
-            max_queue=config.max_queue,
-            store=self.store,
-            worker_id=rt.worker_id,
-        )
-        decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(self.worker, rt.load_response), rt.server)
+        self.worker = add_decode_worker(rt, config, self.receiver, self.store)
 
     async def start(self) -> None:
         await self.worker.start()

@@ -10,13 +10,11 @@ from pdserve.common.kv.store_client import StoreClient
 from pdserve.common.transfer.transport import make_receiver, make_sender
 from pdserve.common.worker_config import WorkerConfig
 from pdserve.common.worker_runtime import SERVICES, WorkerRuntime
-from pdserve.decode.servicer import DecodeServicer
-from pdserve.decode.worker import DecodeWorker
+from pdserve.decode.serve import add_decode_worker
 from pdserve.elastic.role import ElasticRole
 from pdserve.elastic.servicer import WorkerControlServicer
-from pdserve.prefill.servicer import PrefillServicer
-from pdserve.prefill.worker import PrefillWorker
-from pdserve.v1 import decode_pb2_grpc, prefill_pb2_grpc, worker_pb2, worker_pb2_grpc
+from pdserve.prefill.serve import add_prefill_worker
+from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
 
 class ElasticProcess:
@@ -32,28 +30,9 @@ class ElasticProcess:
             self.store = StoreClient(
                 config.kvstore, self.receiver, self.sender, rt.engine.spec.fingerprint, security=config
             )
-        self.prefill = PrefillWorker(
-            rt.engine,
-            self.sender,
-            max_queue=config.max_queue,
-            store=self.store,
-            worker_id=rt.worker_id,
-            transfer_timeout_s=config.transfer_timeout_s,
-            gate=self.role.gate("prefill"),
-        )
-        self.decode = DecodeWorker(
-            rt.engine,
-            self.receiver,
-            lease_s=config.lease_ms / 1000,
-            transfer_timeout_s=config.transfer_timeout_s,
-            max_queue=config.max_queue,
-            store=self.store,
-            worker_id=rt.worker_id,
-            gate=self.role.gate("decode"),
-        )
+        self.prefill = add_prefill_worker(rt, config, self.sender, self.store, self.role.gate("prefill"))
+        self.decode = add_decode_worker(rt, config, self.receiver, self.store, self.role.gate("decode"))
         self.role.idle.update(prefill=self.prefill.idle, decode=self.decode.idle)
-        prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(self.prefill, rt.load_response), rt.server)
-        decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(self.decode, rt.load_response), rt.server)
         worker_pb2_grpc.add_WorkerControlServicer_to_server(WorkerControlServicer(self.role), rt.server)
         rt.services = [
             SERVICES["prefill"],

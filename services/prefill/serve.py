@@ -13,6 +13,23 @@ from pdserve.prefill.worker import PrefillWorker
 from pdserve.v1 import prefill_pb2_grpc
 
 
+def add_prefill_worker(
+    rt: WorkerRuntime, config: WorkerConfig, sender, store: StoreClient | None, gate=lambda: None
+) -> PrefillWorker:
+    """A PrefillWorker on the runtime's engine, served by the runtime's server (`gate`: elastic/role.py)."""
+    worker = PrefillWorker(
+        rt.engine,
+        sender,
+        max_queue=config.max_queue,
+        store=store,
+        worker_id=rt.worker_id,
+        transfer_timeout_s=config.transfer_timeout_s,
+        gate=gate,
+    )
+    prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(worker, rt.load_response), rt.server)
+    return worker
+
+
 class PrefillProcess:
     """The runtime, the worker and the KV data plane it opened; `aclose` closes them."""
 
@@ -26,15 +43,7 @@ class PrefillProcess:
             self.store = StoreClient(
                 config.kvstore, self.receiver, self.sender, rt.engine.spec.fingerprint, security=config
             )
-        self.worker = PrefillWorker(
-            rt.engine,
-            self.sender,
-            max_queue=config.max_queue,
-            store=self.store,
-            worker_id=rt.worker_id,
-            transfer_timeout_s=config.transfer_timeout_s,
-        )
-        prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(self.worker, rt.load_response), rt.server)
+        self.worker = add_prefill_worker(rt, config, self.sender, self.store)
 
     async def start(self) -> None:
         await self.runtime.start()
