@@ -19,7 +19,7 @@ from pdserve.common.engine.detokenizer import IncrementalDetokenizer
 from pdserve.common.errors import CapacityExhaustedError, NotReadyError
 from pdserve.common.grpc_errors import relayed_error
 from pdserve.router import policy
-from pdserve.router.attempt import Attempt, Plan, Progress
+from pdserve.router.attempt import Attempt, Phase, Plan, Progress
 from pdserve.router.models import genai_attributes
 from pdserve.router.plan import annotate_route, choose
 from pdserve.router.prompt import GenerateInput, PromptEncoder
@@ -165,7 +165,8 @@ class Router:
         """Count a failed attempt; raise once the request's budget is spent."""
         progress.failures.append(f)
         self.recoveries[f.phase] += 1
-        if f.cause is not None and f.cause.code() is grpc.StatusCode.UNAVAILABLE:
+        work = "prefill" if f.phase == Phase.PREFILL.value else "decode"
+        if f.cause is not None and f.cause.code() is grpc.StatusCode.UNAVAILABLE and not f.worker.has_left(work):
             f.worker.healthy = False  # until the load poll reaches it again
         if len(progress.failures) > self.max_retries:
             raise self._gave_up(progress, f) from None

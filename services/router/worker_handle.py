@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from pdserve.common.kv.spec import UNSTATED_WIRE_VERSION
+from pdserve.common.roles import TAKES
 from pdserve.router.arrival_rate import ArrivalRate
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import decode_pb2_grpc, prefill_pb2_grpc, worker_pb2_grpc
@@ -52,6 +53,11 @@ class WorkerHandle:
     @property
     def elastic(self) -> bool:
         return bool(self.info and self.info.elastic)
+
+    def has_left(self, work: str) -> bool:
+        """An elastic worker moving (or moved) off `work` ("prefill" or "decode"): it refuses
+        such calls as UNAVAILABLE while healthy, so the refusal says nothing of its health."""
+        return self.elastic and (bool(self.switching_to) or work not in TAKES.get(self.role, frozenset()))
 
     @property
     def routable(self) -> bool:

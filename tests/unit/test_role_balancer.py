@@ -127,3 +127,16 @@ def test_a_role_reported_before_the_last_switch_is_not_followed():
     pool._take_info(w, later)
     pool._follow(w)
     assert (pool.prefill, pool.decode) == ([w], [])
+
+
+def test_a_worker_refusing_the_work_of_a_role_it_has_left_is_not_called_unhealthy():
+    # A call planned just before a switch reaches the worker just after it: the refusal
+    # (UNAVAILABLE) is retried elsewhere, and the worker stays routable for its new role.
+    w = _elastic("e", "prefill")
+    assert not w.has_left("prefill") and w.has_left("decode")
+    w.switching_to = "decode"
+    assert w.has_left("prefill")
+    w.switching_to, w.role = "", "decode"
+    assert w.has_left("prefill") and not w.has_left("decode")
+    fixed = WorkerHandle("d", "decode", channel=None, info=pb.WorkerInfo(worker_id="d"), healthy=True)
+    assert not fixed.has_left("prefill")  # a fixed worker's refusal is a failure like any other
