@@ -57,6 +57,12 @@ class WorkerConfig(SecurityConfig):
         "g++, reading KV blocks in place (off, or without g++: torch ops over "
         "gathered blocks)",
     )
+    fused_layers: bool = option(
+        True,
+        help="CPU, Llama-family models: each layer as about ten ops (q/k/v and gate/up as one "
+        "matmul each, pdserve's fused norm, RoPE and activation kernels); off, or without "
+        "the kernels: transformers' modules",
+    )
     max_queue: int = option(256, help="requests waiting at most; more get RESOURCE_EXHAUSTED")
     lease_ms: int = option(30_000, help="a KV reservation expires if unused this long")
     transfer_timeout_s: float = option(30.0, help="a KV transfer fails if not done this long after decode asks")
@@ -114,6 +120,7 @@ class WorkerConfig(SecurityConfig):
             enable_prefix_caching=self.enable_prefix_caching,
             pack_weights=self.pack_weights,
             paged_kernel=self.paged_kernel,
+            fused_layers=self.fused_layers,
         )
 
     def resolved_worker_id(self, bound_port: int) -> str:

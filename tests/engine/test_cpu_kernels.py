@@ -89,10 +89,11 @@ def test_engine_gives_the_same_tokens_with_and_without_the_fast_paths(make_engin
     prompts = [[100 + i for i in range(n)] for n in (5, 40, 130)]  # different contexts in one decode batch
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     fast = make_engine()
-    plain = make_engine(pack_weights=False, paged_kernel=False)
-    assert plain.runner.packed_linears == 0 and not plain.runner.paged_kernel
+    plain = make_engine(pack_weights=False, paged_kernel=False, fused_layers=False)
+    assert plain.runner.packed_linears == 0 and not plain.runner.paged_kernel and plain.runner.fused is None
     assert fast.runner.packed_linears > 0 and fast.runner.paged_kernel == kernels.load()
-    assert "decode attention" in fast.describe()
+    assert (fast.runner.fused is not None) == kernels.load()
+    assert "decode attention" in fast.describe() and "transformers layers (turned off)" in plain.describe()
     assert fast.generate(prompts, params) == plain.generate(prompts, params)
 
 

@@ -1,7 +1,7 @@
 """Paged attention, plugged into transformers through its attention interface.
 
-`paged_attention` writes each layer's new keys and values into the pool slots the scheduler assigned, then
-attends over each sequence's blocks: decodes through pdserve's paged kernel where built, prefill chunks by SDPA.
+`attend` reads each sequence's KV from the pool: decodes through pdserve's paged kernel where built, prefill
+chunks by SDPA. `paged_attention` is its transformers face: it writes the layer's new keys and values first.
 How and why: docs/engine.md ("Paged attention through transformers").
 """
 
@@ -83,31 +83,24 @@ def _decode_attention(
     return torch.matmul(scores.softmax(-1), v.float()).reshape(n, heads, d).to(q.dtype)
 
 
-def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    meta: AttentionMetadata = kwargs["pdserve_attn"]
-    layer = module.layer_idx
+def attend(q: torch.Tensor, meta: AttentionMetadata, layer: int, scale: float | None) -> torch.Tensor:
+    """q [T, heads, d] of the packed batch -> [T, heads, d], each row over its sequence's KV in the pool
+    (this step's keys and values already written there)."""
     cache = meta.kv_cache
-    # query [1, heads, T, d]; key/value [1, kv_heads, T, d] for the new tokens only.
-    cache[meta.slot_blocks, layer, 0, meta.slot_offsets] = key[0].transpose(0, 1)
-    cache[meta.slot_blocks, layer, 1, meta.slot_offsets] = value[0].transpose(0, 1)
-
-    q = query[0]  # [heads, T, d]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     out = torch.empty_like(q)
     for g in meta.decode_groups:
         if meta.paged_kernel:
-            scale = q.shape[-1] ** -0.5 if scaling is None else scaling
-            o = torch.ops.pdserve.paged_decode(
-                q[:, g.start : g.end].transpose(0, 1), cache, layer, g.block_tables, g.context_lens, scale
+            out[g.start : g.end] = torch.ops.pdserve.paged_decode(
+                q[g.start : g.end], cache, layer, g.block_tables, g.context_lens, scale
             )
-            out[:, g.start : g.end] = o.transpose(0, 1)
             continue
         k = _gather(cache, layer, 0, g.block_tables)[:, :, : g.context_len]  # [n, kv_heads, ctx, d]
         v = _gather(cache, layer, 1, g.block_tables)[:, :, : g.context_len]
-        out[:, g.start : g.end] = _decode_attention(q[:, g.start : g.end], k, v, g.mask, scaling).transpose(0, 1)
+        out[g.start : g.end] = _decode_attention(q[g.start : g.end].transpose(0, 1), k, v, g.mask, scale)
     for p in meta.prefills:
         k = _gather(cache, layer, 0, p.block_ids)[:, : p.context_len]  # [kv_heads, ctx, d]
         v = _gather(cache, layer, 1, p.block_ids)[:, : p.context_len]
-        qp = q[:, p.start : p.end]
         q_len = p.end - p.start
         if q_len == p.context_len:
             mask, causal = None, True
@@ -115,17 +108,27 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
             first = p.context_len - q_len
             rows = torch.arange(first, p.context_len, device=q.device).unsqueeze(1)
             mask, causal = torch.arange(p.context_len, device=q.device).unsqueeze(0) <= rows, False
-        out[:, p.start : p.end] = F.scaled_dot_product_attention(
-            qp.unsqueeze(0),
+        o = F.scaled_dot_product_attention(
+            q[p.start : p.end].transpose(0, 1).unsqueeze(0),
             k.unsqueeze(0),
             v.unsqueeze(0),
             attn_mask=mask,
             is_causal=causal,
-            scale=scaling,
+            scale=scale,
             enable_gqa=True,
         )[0]
+        out[p.start : p.end] = o.transpose(0, 1)
+    return out
+
+
+def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' attention interface: query [1, heads, T, d]; key/value [1, kv_heads, T, d], new tokens only."""
+    meta: AttentionMetadata = kwargs["pdserve_attn"]
+    cache = meta.kv_cache
+    cache[meta.slot_blocks, module.layer_idx, 0, meta.slot_offsets] = key[0].transpose(0, 1)
+    cache[meta.slot_blocks, module.layer_idx, 1, meta.slot_offsets] = value[0].transpose(0, 1)
     # transformers expects [batch, T, heads, d].
-    return out.transpose(0, 1).unsqueeze(0), None
+    return attend(query[0].transpose(0, 1), meta, module.layer_idx, scaling).unsqueeze(0), None
 
 
 def _no_mask(*args, **kwargs):

@@ -23,6 +23,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's context window
     pack_weights: bool = True  # CPU: linear weights in oneDNN's layout, packed once at load (packed_linear)
     paged_kernel: bool = True  # CPU: decode attention by pdserve's kernel, built once with g++ (kernels/)
+    fused_layers: bool = True  # CPU, Llama-family models: about ten fused ops a layer (llama.py)
 
     def __post_init__(self) -> None:
         if self.dtype not in CHOICES:

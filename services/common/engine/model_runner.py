@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from pdserve.common.engine import kernels, packed_linear
+from pdserve.common.engine import kernels, llama, packed_linear
 from pdserve.common.engine.attention import AttentionMetadata, DecodeGroup, PrefillSlice
 from pdserve.common.engine.config import EngineConfig
 from pdserve.common.engine.scheduler import ScheduledBatch
@@ -46,14 +46,24 @@ class ModelRunner:
         self.device = pool.tensor.device
         cpu = self.device.type == "cpu"
         self.packed_linears = 0
-        if config.pack_weights and cpu and packed_linear.can_pack(str(self.device), model.dtype):
-            self.packed_linears = packed_linear.pack_linears(model)
+        pack = config.pack_weights and cpu and packed_linear.can_pack(str(self.device), model.dtype)
         # With the kernel each sequence reads its own context: no grouping, no masks.
         self.paged_kernel = config.paged_kernel and cpu and kernels.load()
+        self.fused: llama.FusedLlama | None = None
+        self.unfused_why = "turned off" if not config.fused_layers else ""
+        if config.fused_layers:
+            self.unfused_why = "not on CPU" if not cpu else "no pdserve kernels" if not kernels.load() else ""
+            self.unfused_why = self.unfused_why or llama.unsupported(model)
+        if not self.unfused_why:
+            self.fused = llama.FusedLlama(model, pack)
+            self.packed_linears = self.fused.linears if pack else 0
+        elif pack:
+            self.packed_linears = packed_linear.pack_linears(model)
 
     def describe(self) -> str:
         packed = f"{self.packed_linears} linear layers packed for oneDNN, " if self.packed_linears else ""
-        return packed + "decode attention: " + ("pdserve paged kernel" if self.paged_kernel else "torch ops")
+        layers = "fused layers, " if self.fused else f"transformers layers ({self.unfused_why}), "
+        return packed + layers + "decode attention: " + ("pdserve paged kernel" if self.paged_kernel else "torch ops")
 
     def _metadata(
         self, batch: ScheduledBatch
@@ -127,13 +137,21 @@ class ModelRunner:
         if not sample_rows:
             # Every chunk is mid-prompt: still run (KV is written), keep one row.
             sample_rows = [len(ids) - 1]
-        out = self.model(
-            input_ids=torch.tensor([ids], device=self.device),
-            position_ids=torch.tensor([positions], device=self.device),
-            logits_to_keep=torch.tensor(sample_rows, device=self.device),
-            use_cache=False,
-            pdserve_attn=meta,
-        )
+        if self.fused is not None:
+            logits = self.fused(
+                torch.tensor(ids, device=self.device),
+                torch.tensor(positions, device=self.device),
+                meta,
+                torch.tensor(sample_rows, device=self.device),
+            )
+        else:
+            logits = self.model(
+                input_ids=torch.tensor([ids], device=self.device),
+                position_ids=torch.tensor([positions], device=self.device),
+                logits_to_keep=torch.tensor(sample_rows, device=self.device),
+                use_cache=False,
+                pdserve_attn=meta,
+            ).logits[0]
         if not sample_seqs:
             return [], None
-        return sample_seqs, out.logits[0].float()
+        return sample_seqs, logits.float()

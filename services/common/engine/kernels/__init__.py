@@ -22,8 +22,12 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("paged_decode.cpp")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=c++20", "-fPIC", "-shared")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "paged_decode.cpp", HERE / "layer_ops.cpp", HERE / "logits.cpp")
+HEADERS = (HERE / "vec.h",)
+# -ffp-contract=off: no fused multiply-adds where the source rounds a product, so the
+# layer ops round as torch's unfused ops do.
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-std=c++20", "-fPIC", "-shared")
 
 
 def cache_dir() -> Path:
@@ -42,13 +46,14 @@ def _cpu_flags() -> str:
 
 def library_path() -> Path:
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), _cpu_flags().encode(), " ".join(FLAGS).encode()):
+    parts = [p.read_bytes() for p in SOURCES + HEADERS]
+    for part in (*parts, torch.__version__.encode(), _cpu_flags().encode(), " ".join(FLAGS).encode()):
         key.update(part)
-    return cache_dir() / f"paged_decode-{key.hexdigest()[:16]}.so"
+    return cache_dir() / f"pdserve_kernels-{key.hexdigest()[:16]}.so"
 
 
 def build(out: Path) -> None:
-    """Compile SOURCE into `out` (atomically: concurrent workers wait on a lock, then reuse it)."""
+    """Compile SOURCES into `out` (atomically: concurrent workers wait on a lock, then reuse it)."""
     from torch.utils import cpp_extension
 
     compiler = shutil.which(os.environ.get("CXX", "g++"))
@@ -64,7 +69,7 @@ def build(out: Path) -> None:
             compiler,
             *FLAGS,
             *(f"-I{p}" for p in cpp_extension.include_paths()),
-            str(SOURCE),
+            *(str(p) for p in SOURCES),
             "-o",
             str(tmp),
             *(f"-L{p}" for p in cpp_extension.library_paths()),
@@ -82,7 +87,7 @@ def build(out: Path) -> None:
 @functools.cache
 def load() -> bool:
     """Build (first use on this machine, ~15 s on 2 cores) and load the kernels; False where they can't be."""
-    if hasattr(torch.ops.pdserve, "paged_decode"):
+    if hasattr(torch.ops.pdserve, "linear_f32"):
         return True
     path = library_path()
     try:
@@ -91,6 +96,6 @@ def load() -> bool:
             build(path)
         torch.ops.load_library(str(path))
     except (OSError, RuntimeError) as e:
-        log.warning("pdserve's CPU attention kernel is unavailable (%s); decode attention uses torch ops", e)
+        log.warning("pdserve's CPU kernels are unavailable (%s); the engine runs on torch ops alone", e)
         return False
     return True

@@ -1,0 +1,206 @@
+// A Llama layer's small ops, fused: RMSNorm (with the residual add before it), RoPE with the
+// KV write into the pool, and SiLU(gate) * up. Each rounds where transformers' torch ops round
+// (every op's result in the model's dtype), so bf16 results match the unfused modules'.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "vec.h"
+
+namespace {
+
+template <typename T>
+inline T round_to(float x) {
+  return static_cast<T>(x);
+}
+
+// out = weight * T(x / rms(x)) over each row (transformers' LlamaRMSNorm).
+template <typename T>
+void rms_rows(const T* x, const T* w, T* out, int64_t rows, int64_t h, float eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * h;
+      T* o = out + r * h;
+      int64_t i = 0;
+      float ss = 0.f;
+#if defined(__AVX512F__)
+      if constexpr (pdserve_vec::kVec16<T>) {
+        __m512 acc = _mm512_setzero_ps();
+        for (; i + 16 <= h; i += 16) {
+          const __m512 v = pdserve_vec::load16(xr + i);
+          acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        ss = _mm512_reduce_add_ps(acc);
+      }
+#endif
+      for (int64_t j = i; j < h; ++j) ss += static_cast<float>(xr[j]) * static_cast<float>(xr[j]);
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(h) + eps);
+      i = 0;
+#if defined(__AVX512F__)
+      if constexpr (pdserve_vec::kVec16<T>) {
+        const __m512 s = _mm512_set1_ps(inv);
+        for (; i + 16 <= h; i += 16) {
+          const __m512 n = pdserve_vec::round16<T>(_mm512_mul_ps(pdserve_vec::load16(xr + i), s));
+          pdserve_vec::store16(o + i, _mm512_mul_ps(pdserve_vec::load16(w + i), n));
+        }
+      }
+#endif
+      for (; i < h; ++i) o[i] = round_to<T>(static_cast<float>(w[i]) * static_cast<float>(round_to<T>(static_cast<float>(xr[i]) * inv)));
+    }
+  });
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && x.size(-1) == weight.size(0), "rms_norm: shapes");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "rms_norm: dtypes differ");
+  at::Tensor out = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    rms_rows<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                       x.numel() / x.size(-1), x.size(-1), static_cast<float>(eps));
+  });
+  return out;
+}
+
+// residual += x (rounded, as a torch add), then the RMSNorm of the new residual.
+at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.sizes() == residual.sizes() && x.is_contiguous() && residual.is_contiguous(), "add_rms_norm: shapes");
+  TORCH_CHECK(x.scalar_type() == residual.scalar_type(), "add_rms_norm: dtypes differ");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_rms_norm", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* rp = residual.data_ptr<scalar_t>();
+    at::parallel_for(0, x.numel(), 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) rp[i] = round_to<scalar_t>(static_cast<float>(rp[i]) + static_cast<float>(xp[i]));
+    });
+  });
+  return rms_norm(residual, weight, eps);
+}
+
+// [T, 2I] -> [T, I]: T(T(silu(gate)) * up), silu(g) = g / (1 + e^-g).
+template <typename T>
+void silu_mul_rows(const T* gp, T* op, int64_t rows, int64_t inter) {
+  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* g = gp + r * 2 * inter;
+      const T* u = g + inter;
+      T* o = op + r * inter;
+      int64_t i = 0;
+#if defined(__AVX512F__)
+      if constexpr (pdserve_vec::kVec16<T>) {
+        using namespace pdserve_vec;
+        const __m512 one = _mm512_set1_ps(1.f);
+        for (; i + 16 <= inter; i += 16) {
+          const __m512 x = load16(g + i);
+          const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));  // e^-|x|
+          const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+          const __m512 num = _mm512_mask_mov_ps(one, neg, e);  // sigmoid: 1/(1+e) or e/(1+e)
+          const __m512 silu = round16<T>(_mm512_mul_ps(x, _mm512_div_ps(num, _mm512_add_ps(one, e))));
+          store16(o + i, _mm512_mul_ps(silu, load16(u + i)));
+        }
+      }
+#endif
+      for (; i < inter; ++i) {
+        const float x = static_cast<float>(g[i]);
+        const T silu = round_to<T>(x / (1.f + std::exp(-x)));
+        o[i] = round_to<T>(static_cast<float>(silu) * static_cast<float>(u[i]));
+      }
+    }
+  });
+}
+
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0, "silu_mul: [T, 2I]");
+  const int64_t rows = gate_up.size(0), inter = gate_up.size(1) / 2;
+  at::Tensor out = at::empty({rows, inter}, gate_up.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(), "silu_mul", [&] {
+    silu_mul_rows<scalar_t>(gate_up.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, inter);
+  });
+  return out;
+}
+
+// One head's rotary embedding (rotate_half form): out = T(T(x * cos) + T(rotate_half(x) * sin)).
+template <typename T>
+inline void rotate(const T* x, const T* c, const T* s, T* out, int64_t d) {
+  const int64_t half = d / 2;
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  if constexpr (pdserve_vec::kVec16<T>) {
+    using namespace pdserve_vec;
+    for (; i + 16 <= half; i += 16) {
+      const __m512 x1 = load16(x + i), x2 = load16(x + half + i);
+      const __m512 lo = _mm512_add_ps(round16<T>(_mm512_mul_ps(x1, load16(c + i))),
+                                      round16<T>(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(x2, load16(s + i)))));
+      const __m512 hi = _mm512_add_ps(round16<T>(_mm512_mul_ps(x2, load16(c + half + i))),
+                                      round16<T>(_mm512_mul_ps(x1, load16(s + half + i))));
+      store16(out + i, lo);
+      store16(out + half + i, hi);
+    }
+  }
+#endif
+  for (; i < half; ++i) {
+    const float x1 = static_cast<float>(x[i]), x2 = static_cast<float>(x[half + i]);
+    const float a = static_cast<float>(round_to<T>(x1 * static_cast<float>(c[i])));
+    const float b = static_cast<float>(round_to<T>(-(x2 * static_cast<float>(s[i]))));
+    const float a2 = static_cast<float>(round_to<T>(x2 * static_cast<float>(c[half + i])));
+    const float b2 = static_cast<float>(round_to<T>(x1 * static_cast<float>(s[half + i])));
+    out[i] = round_to<T>(a + b);
+    out[half + i] = round_to<T>(a2 + b2);
+  }
+}
+
+// qkv [T, (heads + 2 kv_heads) * d] -> q [T, heads, d], rotated; the rotated keys and the values
+// are written into the pool [blocks, layers, 2, block_size, kv_heads, d] at each token's slot.
+at::Tensor rope_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& cache,
+                      int64_t layer, const at::Tensor& slot_blocks, const at::Tensor& slot_offsets, int64_t heads,
+                      int64_t kv_heads) {
+  const int64_t tokens = qkv.size(0), d = cache.size(5);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && qkv.size(1) == (heads + 2 * kv_heads) * d, "rope_cache: qkv");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == tokens * d && sin.numel() == tokens * d,
+              "rope_cache: cos/sin [T, d]");
+  TORCH_CHECK(cache.is_contiguous() && cache.size(4) == kv_heads && d % 2 == 0, "rope_cache: cache");
+  TORCH_CHECK(qkv.scalar_type() == cache.scalar_type() && cos.scalar_type() == qkv.scalar_type(), "rope_cache: dtypes");
+  TORCH_CHECK(slot_blocks.scalar_type() == at::kLong && slot_offsets.scalar_type() == at::kLong &&
+                  slot_blocks.numel() == tokens && slot_offsets.numel() == tokens,
+              "rope_cache: int64 slots, one per token");
+  at::Tensor q = at::empty({tokens, heads, d}, qkv.options());
+  const at::Tensor sb = slot_blocks.contiguous(), so = slot_offsets.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "rope_cache", [&] {
+    using T = scalar_t;
+    const T *xp = qkv.data_ptr<T>(), *cp = cos.data_ptr<T>(), *sp = sin.data_ptr<T>();
+    const int64_t *bp = sb.data_ptr<int64_t>(), *offp = so.data_ptr<int64_t>();
+    T* qp = q.data_ptr<T>();
+    T* pool = cache.data_ptr<T>();
+    const int64_t width = qkv.size(1), row = kv_heads * d;
+    at::parallel_for(0, tokens, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const T* x = xp + t * width;
+        const T *c = cp + t * d, *s = sp + t * d;
+        for (int64_t h = 0; h < heads; ++h) rotate(x + h * d, c, s, qp + (t * heads + h) * d, d);
+        T* k = pool + bp[t] * cache.stride(0) + layer * cache.stride(1) + offp[t] * row;
+        T* v = k + cache.stride(2);
+        for (int64_t h = 0; h < kv_heads; ++h) rotate(x + (heads + h) * d, c, s, k + h * d, d);
+        std::copy(x + (heads + kv_heads) * d, x + width, v);
+      }
+    });
+  });
+  return q;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pdserve, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm(Tensor x, Tensor(a!) residual, Tensor weight, float eps) -> Tensor");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def(
+      "rope_cache(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) cache, int layer, Tensor slot_blocks, "
+      "Tensor slot_offsets, int heads, int kv_heads) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(pdserve, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("silu_mul", &silu_mul);
+  m.impl("rope_cache", &rope_cache);
+}

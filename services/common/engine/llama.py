@@ -1,0 +1,113 @@
+"""A Llama-family model's forward as about ten ops a layer, on CPU.
+
+transformers' modules spend ~130 small torch calls a layer (RMSNorm, RoPE, the KV write),
+which cost a one-sequence decode step more than its matmuls. Here q/k/v and gate/up are
+one matmul each, and the rest are pdserve's fused kernels (kernels/layer_ops.cpp), which
+round as the unfused modules do. Why and the figures: docs/engine.md ("Fused layers").
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from pdserve.common.engine import attention, packed_linear
+from pdserve.common.engine.attention import AttentionMetadata
+
+log = logging.getLogger(__name__)
+
+
+def unsupported(model) -> str:
+    """Why `model` can't run fused ("" if it can): only plain Llama-style layers are rebuilt."""
+    cfg = model.config
+    if getattr(cfg, "hidden_act", "") != "silu":
+        return f"activation {getattr(cfg, 'hidden_act', '?')}"
+    if getattr(cfg, "sliding_window", None):
+        return "sliding-window attention"
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None or not hasattr(inner, "rotary_emb") or not hasattr(model, "lm_head"):
+        return f"{type(model).__name__} is not laid out as a Llama model"
+    for layer in layers:
+        a, m = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        names = ("q_proj", "k_proj", "v_proj", "o_proj")
+        if a is None or m is None or not all(hasattr(a, n) for n in names) or hasattr(a, "q_norm"):
+            return "attention other than Llama's"
+        if not all(hasattr(m, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            return "an MLP other than Llama's"
+    return ""
+
+
+def _linear(layers: list[nn.Linear], pack: bool) -> nn.Module:
+    """One linear layer computing `layers` side by side (their outputs concatenated)."""
+    weight = torch.cat([lin.weight.detach() for lin in layers])
+    biases = [lin.bias for lin in layers]
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=biases[0] is not None, dtype=weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(weight)
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([b.detach() for b in biases]))
+    return packed_linear.PackedLinear(fused) if pack else fused
+
+
+class FusedLayer(nn.Module):
+    """A decoder layer's weights, q/k/v and gate/up each fused into one matmul."""
+
+    def __init__(self, layer: nn.Module, pack: bool):
+        super().__init__()
+        a, m = layer.self_attn, layer.mlp
+        self.qkv_proj = _linear([a.q_proj, a.k_proj, a.v_proj], pack)
+        self.o_proj = _linear([a.o_proj], pack)
+        self.gate_up_proj = _linear([m.gate_proj, m.up_proj], pack)
+        self.down_proj = _linear([m.down_proj], pack)
+        self.input_norm = layer.input_layernorm.weight
+        self.post_norm = layer.post_attention_layernorm.weight
+
+
+class FusedLlama:
+    """The forward of a Llama model whose decoder layers were replaced, in place, by FusedLayers."""
+
+    def __init__(self, model: nn.Module, pack: bool):
+        cfg = model.config
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.scale = head_dim**-0.5
+        self.eps = cfg.rms_norm_eps
+        inner = model.model
+        self.embed = inner.embed_tokens
+        self.rotary = inner.rotary_emb
+        self.norm = inner.norm.weight
+        inner.layers = nn.ModuleList(FusedLayer(layer, pack) for layer in inner.layers)  # frees the old weights
+        self.layers = list(inner.layers)
+        if model.dtype == torch.bfloat16:  # float32 logits (kernels/logits.cpp), read from the weight in place
+            weight = model.lm_head.weight
+            self.lm_head = lambda h: torch.ops.pdserve.linear_f32(h, weight)
+        else:
+            if pack and not isinstance(model.lm_head, packed_linear.PackedLinear):
+                model.lm_head = packed_linear.PackedLinear(model.lm_head)  # a tied head gets its own packed copy
+            self.lm_head = model.lm_head
+        self.linears = sum(isinstance(m, packed_linear.PackedLinear) for m in model.modules())
+
+    def __call__(
+        self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, rows: torch.Tensor
+    ) -> torch.Tensor:
+        """ids, positions [T] -> the logits of `rows` [n, vocab]."""
+        ops = torch.ops.pdserve
+        x = self.embed(ids)
+        cos, sin = (t[0].contiguous() for t in self.rotary(x, positions[None]))
+        residual = x
+        h = ops.rms_norm(x, self.layers[0].input_norm, self.eps)
+        for i, layer in enumerate(self.layers):
+            qkv = layer.qkv_proj(h)
+            q = ops.rope_cache(
+                qkv, cos, sin, meta.kv_cache, i, meta.slot_blocks, meta.slot_offsets, self.heads, self.kv_heads
+            )
+            o = attention.attend(q, meta, i, self.scale).view(len(ids), -1)
+            h = ops.add_rms_norm(layer.o_proj(o), residual, layer.post_norm, self.eps)
+            m = layer.down_proj(ops.silu_mul(layer.gate_up_proj(h)))
+            following = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
+            h = ops.add_rms_norm(m, residual, following, self.eps)
+        return self.lm_head(h[rows])

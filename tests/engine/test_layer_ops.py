@@ -1,0 +1,99 @@
+"""pdserve's fused layer kernels (kernels/layer_ops.cpp, kernels/logits.cpp) against the torch ops they replace.
+
+In bfloat16 each must give transformers' modules' result bit for bit (they round where those round);
+in float32 within a few ulps. The float32 logits from bf16 weights are every product summed in float32.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pdserve.common.engine import kernels, llama
+
+EPS = 1e-5
+
+
+@pytest.fixture(scope="module")
+def ops():
+    if not kernels.load():
+        pytest.skip("the CPU kernels could not be built here (no g++?); the engine runs transformers' layers")
+    return torch.ops.pdserve
+
+
+def _rms_reference(x, w):  # transformers' LlamaRMSNorm
+    h = x.float()
+    return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)).to(x.dtype)
+
+
+def _same(got, want, dtype):
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rms_norm_and_the_residual_add_before_it_match_transformers(ops, dtype):
+    torch.manual_seed(0)
+    x, residual, w = torch.randn(7, 100, dtype=dtype), torch.randn(7, 100, dtype=dtype), torch.randn(100, dtype=dtype)
+    _same(ops.rms_norm(x, w, EPS), _rms_reference(x, w), dtype)  # 100: vector lanes and a tail
+    updated = residual.clone()
+    out = ops.add_rms_norm(x, updated, w, EPS)
+    assert torch.equal(updated, residual + x)  # the residual is updated in place, rounded as a torch add
+    _same(out, _rms_reference(residual + x, w), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_silu_mul_matches_silu_of_gate_times_up(ops, dtype):
+    torch.manual_seed(1)
+    gate_up = torch.randn(5, 2 * 200, dtype=dtype) * 6  # large negative and positive gates
+    gate_up[0, :3] = torch.tensor([-200.0, 0.0, 200.0])
+    gate, up = gate_up.chunk(2, dim=-1)
+    _same(ops.silu_mul(gate_up), F.silu(gate) * up, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rope_cache_rotates_q_and_k_and_writes_k_and_v_into_their_slots_only(ops, dtype):
+    torch.manual_seed(2)
+    tokens, heads, kv_heads, d = 6, 9, 3, 64
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d, dtype=dtype)
+    angles = torch.randn(tokens, d // 2)
+    cos, sin = (f(torch.cat([angles, angles], -1)).to(dtype) for f in (torch.cos, torch.sin))
+    cache = torch.full((4, 2, 2, 16, kv_heads, d), float("nan"), dtype=dtype)
+    blocks, offsets = torch.tensor([1, 1, 3, 3, 0, 2]), torch.tensor([0, 5, 2, 15, 7, 9])
+    q = ops.rope_cache(qkv, cos, sin, cache, 1, blocks, offsets, heads, kv_heads)
+
+    def rotated(x):  # transformers' apply_rotary_pos_emb
+        half = torch.cat([-x[..., d // 2 :], x[..., : d // 2]], -1)
+        return x * cos[:, None] + half * sin[:, None]
+
+    q_ref, k_ref, v_ref = qkv.view(tokens, heads + 2 * kv_heads, d).split([heads, kv_heads, kv_heads], dim=1)
+    _same(q, rotated(q_ref), dtype)
+    _same(cache[blocks, 1, 0, offsets], rotated(k_ref), dtype)
+    assert torch.equal(cache[blocks, 1, 1, offsets], v_ref)
+    written = torch.zeros(cache.shape[:4], dtype=torch.bool)
+    written[blocks, 1, :, offsets] = True
+    assert cache[~written].isnan().all()  # nothing else in the pool changed
+
+
+@pytest.mark.parametrize("rows,k", [(1, 576), (5, 576), (9, 100)])  # 9 and 100: row blocks and a K tail
+def test_float32_logits_sum_every_bf16_product_in_float32_whatever_the_batch(ops, rows, k):
+    torch.manual_seed(3)
+    x, w = torch.randn(rows, k, dtype=torch.bfloat16), torch.randn(1003, k, dtype=torch.bfloat16)
+    logits = ops.linear_f32(x, w)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, x.float() @ w.float().T, atol=1e-4, rtol=1e-5)
+    for i in range(rows):  # a row's logits do not depend on what else is in the batch
+        assert torch.equal(ops.linear_f32(x[i : i + 1], w)[0], logits[i])
+
+
+def test_a_model_that_is_not_laid_out_as_llama_keeps_transformers_layers(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert llama.unsupported(model) == ""
+    model.config.hidden_act = "gelu"
+    assert llama.unsupported(model) == "activation gelu"
+    model.config.hidden_act = "silu"
+    model.model.layers[0].self_attn.q_norm = torch.nn.Identity()  # Qwen3-style q/k norms
+    assert llama.unsupported(model) == "attention other than Llama's"
