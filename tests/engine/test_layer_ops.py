@@ -97,3 +97,19 @@ def test_a_model_that_is_not_laid_out_as_llama_keeps_transformers_layers(tiny_mo
     model.config.hidden_act = "silu"
     model.model.layers[0].self_attn.q_norm = torch.nn.Identity()  # Qwen3-style q/k norms
     assert llama.unsupported(model) == "attention other than Llama's"
+
+
+def test_amx_tiles_compute_what_onednn_computes_at_every_row_count(ops):
+    torch.manual_seed(4)
+    w = torch.randn(96, 64, dtype=torch.bfloat16)
+    tiles = ops.pack_vnni(w)
+    if not tiles.numel():
+        pytest.skip("this CPU has no AMX (or the kernels were built without it): oneDNN runs every matmul")
+    onednn = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+    for rows in (1, 15, 16, 17, 33, 70):  # partial and whole blocks of 16 rows, one and two of them a pass
+        x = torch.randn(rows, 64, dtype=torch.bfloat16)
+        got = ops.linear_tiles(x, tiles, 96)
+        assert torch.equal(got, torch.ops.mkldnn._linear_pointwise(x, onednn, None, "none", [], ""))  # same bits
+        torch.testing.assert_close(got.float(), x.float() @ w.float().T, atol=0.1, rtol=1e-2)
+        torch.testing.assert_close(ops.linear_f32(x, w, tiles), x.float() @ w.float().T, atol=1e-4, rtol=1e-5)
+    assert not ops.pack_vnni(torch.randn(40, 64, dtype=torch.bfloat16)).numel()  # 40 rows: not whole tiles

@@ -40,6 +40,26 @@ def unsupported(model) -> str:
     return ""
 
 
+# Rows up to which a bf16 matmul goes through pdserve's AMX tiles: they measured 1.2-1.7x faster than
+# oneDNN's packed matmul at 1-32 rows and up to 1.5x slower at 1,024, with the same bits.
+TILE_ROWS = 64
+
+
+class TiledLinear(nn.Module):
+    """A bf16 linear layer: few rows (decode steps) through AMX tiles, more through `fallback`."""
+
+    def __init__(self, fallback: nn.Module, tiles: torch.Tensor, out_features: int):
+        super().__init__()
+        self.fallback = fallback
+        self.register_buffer("tiles", tiles, persistent=False)
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= TILE_ROWS:
+            return torch.ops.pdserve.linear_tiles(x, self.tiles, self.out_features)
+        return self.fallback(x)
+
+
 def _linear(layers: list[nn.Linear], pack: bool) -> nn.Module:
     """One linear layer computing `layers` side by side (their outputs concatenated)."""
     weight = torch.cat([lin.weight.detach() for lin in layers])
@@ -49,7 +69,9 @@ def _linear(layers: list[nn.Linear], pack: bool) -> nn.Module:
         fused.weight.copy_(weight)
         if fused.bias is not None:
             fused.bias.copy_(torch.cat([b.detach() for b in biases]))
-    return packed_linear.PackedLinear(fused) if pack else fused
+    tiles = torch.ops.pdserve.pack_vnni(weight) if fused.bias is None else weight[:0]  # empty: no AMX
+    module = packed_linear.PackedLinear(fused) if pack else fused
+    return TiledLinear(module, tiles, weight.shape[0]) if tiles.numel() else module
 
 
 class FusedLayer(nn.Module):
@@ -84,12 +106,15 @@ class FusedLlama:
         self.layers = list(inner.layers)
         if model.dtype == torch.bfloat16:  # float32 logits (kernels/logits.cpp), read from the weight in place
             weight = model.lm_head.weight
-            self.lm_head = lambda h: torch.ops.pdserve.linear_f32(h, weight)
+            tiles = torch.ops.pdserve.pack_vnni(weight)  # for AMX, where the CPU has it (else empty)
+            tiles = tiles if tiles.numel() else None
+            self.lm_head = lambda h: torch.ops.pdserve.linear_f32(h, weight, tiles)
         else:
             if pack and not isinstance(model.lm_head, packed_linear.PackedLinear):
                 model.lm_head = packed_linear.PackedLinear(model.lm_head)  # a tied head gets its own packed copy
             self.lm_head = model.lm_head
         self.linears = sum(isinstance(m, packed_linear.PackedLinear) for m in model.modules())
+        self.tiled = sum(isinstance(m, TiledLinear) for m in model.modules())
 
     def __call__(
         self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, rows: torch.Tensor

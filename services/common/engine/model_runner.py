@@ -62,7 +62,10 @@ class ModelRunner:
 
     def describe(self) -> str:
         packed = f"{self.packed_linears} linear layers packed for oneDNN, " if self.packed_linears else ""
-        layers = "fused layers, " if self.fused else f"transformers layers ({self.unfused_why}), "
+        tiled = ""
+        if self.fused and self.fused.tiled:
+            tiled = f" ({self.fused.tiled} matmuls through AMX tiles at <= {llama.TILE_ROWS} rows)"
+        layers = f"fused layers{tiled}, " if self.fused else f"transformers layers ({self.unfused_why}), "
         return packed + layers + "decode attention: " + ("pdserve paged kernel" if self.paged_kernel else "torch ops")
 
     def _metadata(

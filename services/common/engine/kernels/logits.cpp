@@ -7,6 +7,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "vec.h"
 
@@ -63,8 +69,129 @@ inline void dot_bf16(const at::BFloat16* x, const at::BFloat16* w, int64_t K, in
         sums[r * kRows + m] += static_cast<float>(x[m * K + j]) * static_cast<float>(w[r * K + j]);
 }
 
-// x [M, K], w [N, K] (a linear layer's weight) -> float32 [M, N].
-at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// AMX: C[16 x 16] += A[16 rows x 32 k] . B[32 k x 16 n], B in pairs of k ("VNNI"). The weight is
+// packed once into [N/16][K/32][16 k-pairs][16 n][2], so each B tile is 1 KB read in one load.
+bool amx_ready() {
+  static const bool ok = [] {
+    constexpr long kReqPerm = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+    return syscall(SYS_arch_prctl, kReqPerm, kTileData) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+at::Tensor pack_vnni(const at::Tensor& w) {
+  const int64_t N = w.size(0), K = w.size(1);
+  if (!amx_ready() || w.scalar_type() != at::kBFloat16 || N % 16 || K % 32) return at::empty({0}, w.options());
+  const at::Tensor wc = w.contiguous();
+  at::Tensor out = at::empty({N * K}, w.options());
+  const at::BFloat16* src = wc.data_ptr<at::BFloat16>();
+  at::BFloat16* dst = out.data_ptr<at::BFloat16>();
+  at::parallel_for(0, N / 16, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t nb = b0; nb < b1; ++nb)
+      for (int64_t kb = 0; kb < K / 32; ++kb) {
+        at::BFloat16* tile = dst + (nb * (K / 32) + kb) * 512;
+        for (int64_t p = 0; p < 16; ++p)
+          for (int64_t n = 0; n < 16; ++n)
+            for (int64_t j = 0; j < 2; ++j) tile[(p * 16 + n) * 2 + j] = src[(nb * 16 + n) * K + kb * 32 + 2 * p + j];
+      }
+  });
+  return out;
+}
+
+// Stores a C tile's rows [0, rows) into out [., N] at column n0, as O (bf16: rounded once, here).
+template <typename O>
+inline void store_tile(const float* c, O* out, int64_t rows, int64_t N, int64_t n0) {
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t j = 0; j < 16; ++j) out[m * N + n0 + j] = static_cast<O>(c[m * 16 + j]);
+}
+
+// out [M, N] = x [M, K] . w^T from w's pack_vnni: two A tiles (32 rows of x) by two B tiles (32
+// columns) into four C tiles, so each tile load feeds two multiplies. Rows past M read zeros.
+template <typename O>
+void linear_amx(const at::BFloat16* xp, const at::BFloat16* packed, O* op, int64_t M, int64_t N, int64_t K) {
+  const int64_t kbs = K / 32, nbs = N / 16, full = M / 16 * 16;
+  std::vector<at::BFloat16> tail(16 * K, at::BFloat16(0.f));  // the last, partial block of rows
+  std::copy(xp + full * K, xp + M * K, tail.begin());
+  auto rows_at = [&](int64_t m0) { return m0 < full ? xp + m0 * K : tail.data(); };
+  at::parallel_for(0, (nbs + 1) / 2, 16, [&](int64_t p0, int64_t p1) {
+    TileConfig cfg;
+    for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+    _tile_loadconfig(&cfg);
+    alignas(64) float c[16 * 16];
+    for (int64_t pair = p0; pair < p1; ++pair) {
+      const int64_t nb = pair * 2;
+      const bool two_n = nb + 1 < nbs;
+      const at::BFloat16* b0 = packed + nb * kbs * 512;
+      for (int64_t m0 = 0; m0 < M; m0 += 32) {
+        const bool two_m = m0 + 16 < M;
+        const at::BFloat16 *a0 = rows_at(m0), *a1 = two_m ? rows_at(m0 + 16) : a0;
+        const int64_t sa0 = m0 < full ? K * 2 : K * 2, sa1 = K * 2;
+        _tile_zero(4);
+        _tile_zero(5);
+        _tile_zero(6);
+        _tile_zero(7);
+        for (int64_t kb = 0; kb < kbs; ++kb) {
+          _tile_loadd(0, a0 + kb * 32, sa0);
+          _tile_loadd(2, b0 + kb * 512, 64);
+          _tile_dpbf16ps(4, 0, 2);
+          if (two_n) {
+            _tile_loadd(3, b0 + (kbs + kb) * 512, 64);
+            _tile_dpbf16ps(5, 0, 3);
+          }
+          if (two_m) {
+            _tile_loadd(1, a1 + kb * 32, sa1);
+            _tile_dpbf16ps(6, 1, 2);
+            if (two_n) _tile_dpbf16ps(7, 1, 3);
+          }
+        }
+        const int64_t r0 = std::min<int64_t>(16, M - m0), r1 = std::min<int64_t>(16, M - m0 - 16);
+        _tile_stored(4, c, 64);
+        store_tile(c, op + m0 * N, r0, N, nb * 16);
+        if (two_n) {
+          _tile_stored(5, c, 64);
+          store_tile(c, op + m0 * N, r0, N, nb * 16 + 16);
+        }
+        if (two_m) {
+          _tile_stored(6, c, 64);
+          store_tile(c, op + (m0 + 16) * N, r1, N, nb * 16);
+          if (two_n) {
+            _tile_stored(7, c, 64);
+            store_tile(c, op + (m0 + 16) * N, r1, N, nb * 16 + 16);
+          }
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+
+// A linear layer in bf16 through AMX tiles: x [M, K] . w^T, w given as its pack_vnni, N its rows.
+at::Tensor linear_tiles(const at::Tensor& x, const at::Tensor& packed, int64_t N) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && packed.numel() == N * x.size(1),
+              "linear_tiles: x [M, K] bf16 and a pack_vnni of [N, K]");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty({x.size(0), N}, x.options());
+  linear_amx(xc.data_ptr<at::BFloat16>(), packed.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), x.size(0), N,
+             x.size(1));
+  return out;
+}
+#else
+at::Tensor pack_vnni(const at::Tensor& w) { return at::empty({0}, w.options()); }
+at::Tensor linear_tiles(const at::Tensor& x, const at::Tensor& packed, int64_t N) {
+  TORCH_CHECK(false, "linear_tiles: built without AMX");
+}
+#endif
+
+// x [M, K], w [N, K] (a linear layer's weight) -> float32 [M, N]; through AMX tiles where
+// `packed` is w's pack_vnni (not empty), else with AVX-512 (dpbf16 where the CPU has it).
+at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& packed) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear_f32: x [M, K], w [N, K]");
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), "linear_f32: dtypes differ");
   if (x.scalar_type() != at::kBFloat16) return at::linear(x.to(at::kFloat), w.to(at::kFloat));
@@ -73,6 +200,12 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w) {
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
   const at::BFloat16 *xp = xc.data_ptr<at::BFloat16>(), *wp = wc.data_ptr<at::BFloat16>();
   float* op = out.data_ptr<float>();
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  if (packed.has_value() && packed->numel() == N * K) {
+    linear_amx(xp, packed->data_ptr<at::BFloat16>(), op, M, N, K);
+    return out;
+  }
+#endif
   at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
     float sums[kRowsW * kRows];
     for (int64_t t = n0; t < n1; t += kTile) {  // a tile of weight rows, read from memory once for all of x
@@ -97,6 +230,14 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(pdserve, m) { m.def("linear_f32(Tensor x, Tensor w) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(pdserve, m) {
+  m.def("linear_f32(Tensor x, Tensor w, Tensor? packed=None) -> Tensor");
+  m.def("pack_vnni(Tensor w) -> Tensor");
+  m.def("linear_tiles(Tensor x, Tensor packed, int n) -> Tensor");
+}
 
-TORCH_LIBRARY_IMPL(pdserve, CPU, m) { m.impl("linear_f32", &linear_f32); }
+TORCH_LIBRARY_IMPL(pdserve, CPU, m) {
+  m.impl("linear_f32", &linear_f32);
+  m.impl("pack_vnni", &pack_vnni);
+  m.impl("linear_tiles", &linear_tiles);
+}
