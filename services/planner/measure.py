@@ -17,7 +17,7 @@ import torch
 from pdserve.bench.engine_bench import drain, prefill_all, synthetic_prompt
 from pdserve.bench.limits import cpu_name, median_time
 from pdserve.common import model_loader
-from pdserve.common.engine import precision
+from pdserve.common.engine import kernels, precision
 from pdserve.common.engine.config import EngineConfig
 from pdserve.common.engine.engine import LLMEngine
 from pdserve.common.engine.sampling_params import SamplingParams
@@ -35,7 +35,9 @@ def hardware_key(device: str = "cpu") -> str:
     if device.startswith("cuda"):
         return f"cuda: {torch.cuda.get_device_name(torch.device(device))}"
     flag = precision.cpu_bf16_flag()
-    return f"cpu: {cpu_name()} ({flag or 'no bf16 matmul'}), {len(os.sched_getaffinity(0))} cores"
+    # The kernels' build (their sources, flags and torch) is part of it: a faster engine is new hardware to plan on.
+    build = kernels.library_path().stem.rsplit("-", 1)[-1][:8]
+    return f"cpu: {cpu_name()} ({flag or 'no bf16 matmul'}), {len(os.sched_getaffinity(0))} cores, kernels {build}"
 
 
 def cache_path(model: str, dtype: str, hardware: str) -> Path:

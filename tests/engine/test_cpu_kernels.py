@@ -102,3 +102,17 @@ def test_a_missing_compiler_is_an_error_the_engine_can_fall_back_from(tmp_path, 
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
         kernels.build(tmp_path / "paged_decode.so")
     assert not (tmp_path / "paged_decode.so").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_sequence_split_over_its_query_heads_gives_the_batched_result_bit_for_bit(paged_decode, dtype):
+    """Too few (sequence, KV head) tasks for the threads: a task per query head instead, same bits."""
+    torch.manual_seed(2)
+    cache = torch.randn(32, 1, 2, BLOCK, 3, 64, dtype=dtype)
+    tables = torch.stack([torch.randperm(32)[:20] for _ in range(8)])
+    lens = torch.tensor([300, 17, 64, 250, 5, 99, 128, 300])
+    q = torch.randn(8, 9, 64, dtype=dtype)
+    batched = paged_decode(q, cache, 0, tables, lens, 0.125)  # 24 tasks: a task per KV head
+    for i in range(8):
+        alone = paged_decode(q[i : i + 1], cache, 0, tables[i : i + 1], lens[i : i + 1], 0.125)
+        assert torch.equal(alone[0], batched[i])

@@ -63,16 +63,27 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return out;
 }
 
-// residual += x (rounded, as a torch add), then the RMSNorm of the new residual.
+// residual += x, rounded as a torch add.
+template <typename T>
+void add_into(const T* x, T* residual, int64_t n) {
+  at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+#if defined(__AVX512F__)
+    if constexpr (pdserve_vec::kVec16<T>) {
+      using namespace pdserve_vec;
+      for (; i + 16 <= end; i += 16) store16(residual + i, _mm512_add_ps(load16(residual + i), load16(x + i)));
+    }
+#endif
+    for (; i < end; ++i) residual[i] = round_to<T>(static_cast<float>(residual[i]) + static_cast<float>(x[i]));
+  });
+}
+
+// residual += x, then the RMSNorm of the new residual.
 at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.sizes() == residual.sizes() && x.is_contiguous() && residual.is_contiguous(), "add_rms_norm: shapes");
   TORCH_CHECK(x.scalar_type() == residual.scalar_type(), "add_rms_norm: dtypes differ");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_rms_norm", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* rp = residual.data_ptr<scalar_t>();
-    at::parallel_for(0, x.numel(), 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) rp[i] = round_to<scalar_t>(static_cast<float>(rp[i]) + static_cast<float>(xp[i]));
-    });
+    add_into<scalar_t>(x.data_ptr<scalar_t>(), residual.data_ptr<scalar_t>(), x.numel());
   });
   return rms_norm(residual, weight, eps);
 }

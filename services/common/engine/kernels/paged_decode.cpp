@@ -88,12 +88,16 @@ void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const a
   T* op = out.data_ptr<T>();
   const float s = static_cast<float>(scale);
 
-  at::parallel_for(0, n * kv_heads, 1, [&](int64_t begin, int64_t end) {
+  // Fewer (sequence, KV head) tasks than two a thread (one sequence, 3 KV heads on 2 threads): a task
+  // per query head instead, which reads its KV head's blocks again (from cache) but keeps every thread busy.
+  const int64_t per = n * kv_heads < 2 * at::get_num_threads() ? 1 : group, splits = group / per;
+  at::parallel_for(0, n * kv_heads * splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(group * d), acc(group * d), kv(d), scores;
     std::vector<const T*> blocks;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t i = task / kv_heads, h = task % kv_heads, ctx = lp[i];
-      const T* qi = qp + (i * heads + h * group) * d;
+      const int64_t i = task / (kv_heads * splits), h = task / splits % kv_heads, g0 = task % splits * per;
+      const int64_t ctx = lp[i], group = per;  // this task's query heads: g0 .. g0 + per of KV head h
+      const T* qi = qp + (i * heads + h * (per * splits) + g0) * d;
       for (int64_t x = 0; x < group * d; ++x) qf[x] = static_cast<float>(qi[x]) * s;
       scores.assign(group * ctx, 0.f);
 #if defined(__AVX512F__)
@@ -102,7 +106,7 @@ void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const a
         blocks.resize(nblocks);
         for (int64_t b = 0; b < nblocks; ++b) blocks[b] = cp + tp[i * max_blocks + b] * block_stride + layer_off + h * d;
         attend_task_avx512<T, D>(qf.data(), group, blocks.data(), block_size, row, v_off, ctx, scores.data(),
-                                 acc.data(), op + (i * heads + h * group) * d);
+                                 acc.data(), op + (i * heads + h * (per * splits) + g0) * d);
         continue;
       }
 #endif
@@ -141,7 +145,7 @@ void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const a
           for (int64_t x = 0; x < d; ++x) ag[x] += p * kv[x];
         }
       }
-      T* oi = op + (i * heads + h * group) * d;
+      T* oi = op + (i * heads + h * (per * splits) + g0) * d;
       for (int64_t g = 0; g < group; ++g)
         for (int64_t x = 0; x < d; ++x) oi[g * d + x] = static_cast<T>(acc[g * d + x] / total[g]);
     }
