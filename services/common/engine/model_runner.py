@@ -36,6 +36,19 @@ def group_by_context(context_lens: list[int]) -> list[tuple[int, int]]:
     return groups
 
 
+def _why_unfused(config: EngineConfig, cpu: bool, model) -> str:
+    """Why the model runs transformers' layers, not llama.FusedLlama ("": it runs fused)."""
+    if not config.fused_layers:
+        return "turned off"
+    if not cpu:
+        return "not on CPU"
+    if not kernels.load():
+        return "no pdserve kernels"
+    if not kernels.vectorized():
+        return "no AVX-512 for the fused kernels"
+    return llama.unsupported(model)
+
+
 class ModelRunner:
     def __init__(self, model, pool: KVPool, config: EngineConfig | None = None):
         """Packs the model's linear layers and loads the paged kernel where the config asks and the CPU can."""
@@ -50,10 +63,7 @@ class ModelRunner:
         # With the kernel each sequence reads its own context: no grouping, no masks.
         self.paged_kernel = config.paged_kernel and cpu and kernels.load()
         self.fused: llama.FusedLlama | None = None
-        self.unfused_why = "turned off" if not config.fused_layers else ""
-        if config.fused_layers:
-            self.unfused_why = "not on CPU" if not cpu else "no pdserve kernels" if not kernels.load() else ""
-            self.unfused_why = self.unfused_why or llama.unsupported(model)
+        self.unfused_why = _why_unfused(config, cpu, model)
         if not self.unfused_why:
             self.fused = llama.FusedLlama(model, pack)
             self.packed_linears = self.fused.linears if pack else 0

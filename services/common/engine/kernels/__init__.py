@@ -99,3 +99,8 @@ def load() -> bool:
         log.warning("pdserve's CPU kernels are unavailable (%s); the engine runs on torch ops alone", e)
         return False
     return True
+
+
+def vectorized() -> bool:
+    """Whether the kernels are built with AVX-512: without it the fused layers' loops lose to torch's ops."""
+    return load() and bool(torch.ops.pdserve.vectorized())

@@ -198,9 +198,19 @@ at::Tensor rope_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
   return q;
 }
 
+// Whether these kernels run 16 lanes at a time; elsewhere their portable loops are slower than torch's ops.
+bool vectorized() {
+#if defined(__AVX512F__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pdserve, m) {
+  m.def("vectorized() -> bool");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor(a!) residual, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
@@ -208,6 +218,8 @@ TORCH_LIBRARY_FRAGMENT(pdserve, m) {
       "rope_cache(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) cache, int layer, Tensor slot_blocks, "
       "Tensor slot_offsets, int heads, int kv_heads) -> Tensor");
 }
+
+TORCH_LIBRARY_IMPL(pdserve, CompositeExplicitAutograd, m) { m.impl("vectorized", &vectorized); }
 
 TORCH_LIBRARY_IMPL(pdserve, CPU, m) {
   m.impl("rms_norm", &rms_norm);
