@@ -1,4 +1,4 @@
-"""pdserve's fused layer kernels (kernels/layer_ops.cpp, kernels/logits.cpp) against the torch ops they replace.
+"""pdserve's fused layer kernels (kernels/layer_ops.cpp, kernels/linear.cpp) against the torch ops they replace.
 
 In bfloat16 each must give transformers' modules' result bit for bit (they round where those round);
 in float32 within a few ulps. The float32 logits from bf16 weights are every product summed in float32.

@@ -64,11 +64,11 @@ def _linear(layers: list[nn.Linear], pack: bool) -> nn.Module:
     """One linear layer computing `layers` side by side (their outputs concatenated)."""
     weight = torch.cat([lin.weight.detach() for lin in layers])
     biases = [lin.bias for lin in layers]
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=biases[0] is not None, dtype=weight.dtype)
-    with torch.no_grad():
-        fused.weight.copy_(weight)
-        if fused.bias is not None:
-            fused.bias.copy_(torch.cat([b.detach() for b in biases]))
+    # Not initialised: its parameters are set from the layers' right away.
+    fused = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=biases[0] is not None)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if fused.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([b.detach() for b in biases]), requires_grad=False)
     tiles = torch.ops.pdserve.pack_vnni(weight) if fused.bias is None else weight[:0]  # empty: no AMX
     module = packed_linear.PackedLinear(fused) if pack else fused
     return TiledLinear(module, tiles, weight.shape[0]) if tiles.numel() else module
@@ -104,7 +104,7 @@ class FusedLlama:
         self.norm = inner.norm.weight
         inner.layers = nn.ModuleList(FusedLayer(layer, pack) for layer in inner.layers)  # frees the old weights
         self.layers = list(inner.layers)
-        if model.dtype == torch.bfloat16:  # float32 logits (kernels/logits.cpp), read from the weight in place
+        if model.dtype == torch.bfloat16:  # float32 logits (kernels/linear.cpp), read from the weight in place
             weight = model.lm_head.weight
             tiles = torch.ops.pdserve.pack_vnni(weight)  # for AMX, where the CPU has it (else empty)
             tiles = tiles if tiles.numel() else None

@@ -66,7 +66,7 @@ class ModelRunner:
         self.unfused_why = _why_unfused(config, cpu, model)
         if not self.unfused_why:
             self.fused = llama.FusedLlama(model, pack)
-            self.packed_linears = self.fused.linears if pack else 0
+            self.packed_linears = self.fused.linears
         elif pack:
             self.packed_linears = packed_linear.pack_linears(model)
 

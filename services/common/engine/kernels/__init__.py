@@ -23,7 +23,7 @@ import torch
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "paged_decode.cpp", HERE / "layer_ops.cpp", HERE / "logits.cpp")
+SOURCES = (HERE / "paged_decode.cpp", HERE / "layer_ops.cpp", HERE / "linear.cpp")
 HEADERS = (HERE / "vec.h",)
 # -ffp-contract=off: no fused multiply-adds where the source rounds a product, so the
 # layer ops round as torch's unfused ops do.

@@ -90,30 +90,30 @@ void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const a
 
   // Fewer (sequence, KV head) tasks than two a thread (one sequence, 3 KV heads on 2 threads): a task
   // per query head instead, which reads its KV head's blocks again (from cache) but keeps every thread busy.
-  const int64_t per = n * kv_heads < 2 * at::get_num_threads() ? 1 : group, splits = group / per;
+  const int64_t per = n * kv_heads < 2 * at::get_num_threads() ? 1 : group, splits = group / per;  // heads a task
   at::parallel_for(0, n * kv_heads * splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * d), acc(group * d), kv(d), scores;
+    std::vector<float> qf(per * d), acc(per * d), kv(d), scores;
     std::vector<const T*> blocks;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / (kv_heads * splits), h = task / splits % kv_heads, g0 = task % splits * per;
-      const int64_t ctx = lp[i], group = per;  // this task's query heads: g0 .. g0 + per of KV head h
-      const T* qi = qp + (i * heads + h * (per * splits) + g0) * d;
-      for (int64_t x = 0; x < group * d; ++x) qf[x] = static_cast<float>(qi[x]) * s;
-      scores.assign(group * ctx, 0.f);
+      const int64_t ctx = lp[i], first = i * heads + h * group + g0;  // query heads first .. first + per
+      const T* qi = qp + first * d;
+      for (int64_t x = 0; x < per * d; ++x) qf[x] = static_cast<float>(qi[x]) * s;
+      scores.assign(per * ctx, 0.f);
 #if defined(__AVX512F__)
       if constexpr (D % 16 == 0 && D > 0 && (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>)) {
         const int64_t nblocks = (ctx + block_size - 1) / block_size;
         blocks.resize(nblocks);
         for (int64_t b = 0; b < nblocks; ++b) blocks[b] = cp + tp[i * max_blocks + b] * block_stride + layer_off + h * d;
-        attend_task_avx512<T, D>(qf.data(), group, blocks.data(), block_size, row, v_off, ctx, scores.data(),
-                                 acc.data(), op + (i * heads + h * (per * splits) + g0) * d);
+        attend_task_avx512<T, D>(qf.data(), per, blocks.data(), block_size, row, v_off, ctx, scores.data(),
+                                 acc.data(), op + first * d);
         continue;
       }
 #endif
       for (int64_t t = 0; t < ctx; ++t) {
         const T* k = cp + tp[i * max_blocks + t / block_size] * block_stride + layer_off + (t % block_size) * row + h * d;
         for (int64_t x = 0; x < d; ++x) kv[x] = static_cast<float>(k[x]);
-        for (int64_t g = 0; g < group; ++g) {
+        for (int64_t g = 0; g < per; ++g) {
           const float* qg = qf.data() + g * d;
           float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
@@ -121,8 +121,8 @@ void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const a
           scores[g * ctx + t] = dot;
         }
       }
-      std::vector<float> total(group);
-      for (int64_t g = 0; g < group; ++g) {
+      std::vector<float> total(per);
+      for (int64_t g = 0; g < per; ++g) {
         float* sg = scores.data() + g * ctx;
         float mx = -std::numeric_limits<float>::infinity();
         for (int64_t t = 0; t < ctx; ++t) mx = std::max(mx, sg[t]);
@@ -138,15 +138,15 @@ void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const a
       for (int64_t t = 0; t < ctx; ++t) {
         const T* v = cp + tp[i * max_blocks + t / block_size] * block_stride + layer_off + v_off + (t % block_size) * row + h * d;
         for (int64_t x = 0; x < d; ++x) kv[x] = static_cast<float>(v[x]);
-        for (int64_t g = 0; g < group; ++g) {
+        for (int64_t g = 0; g < per; ++g) {
           const float p = scores[g * ctx + t];
           float* ag = acc.data() + g * d;
 #pragma omp simd
           for (int64_t x = 0; x < d; ++x) ag[x] += p * kv[x];
         }
       }
-      T* oi = op + (i * heads + h * (per * splits) + g0) * d;
-      for (int64_t g = 0; g < group; ++g)
+      T* oi = op + first * d;
+      for (int64_t g = 0; g < per; ++g)
         for (int64_t x = 0; x < d; ++x) oi[g * d + x] = static_cast<T>(acc[g * d + x] / total[g]);
     }
   });

@@ -1,7 +1,8 @@
-// The LM head with float32 logits from bfloat16 weights and activations: every product summed
-// in float32 and nothing rounded to bf16, whose 8-bit mantissa would tie the top logits (a logit
-// of 20 rounds to a multiple of 0.125). Each logit is summed in one order whatever the batch,
-// so a token's logits do not depend on what else ran in its step.
+// bf16 matmuls of our own: `linear_f32`, the LM head with float32 logits (every product summed in
+// float32 and nothing rounded to bf16, whose 8-bit mantissa would tie the top logits: a logit of 20
+// rounds to a multiple of 0.125), and, on AMX, `linear_tiles` for the layers' few-row matmuls.
+// Each output is summed in one order whatever the batch, so a row's result does not depend on
+// what else ran in its step.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -132,13 +133,12 @@ void linear_amx(const at::BFloat16* xp, const at::BFloat16* packed, O* op, int64
       for (int64_t m0 = 0; m0 < M; m0 += 32) {
         const bool two_m = m0 + 16 < M;
         const at::BFloat16 *a0 = rows_at(m0), *a1 = two_m ? rows_at(m0 + 16) : a0;
-        const int64_t sa0 = m0 < full ? K * 2 : K * 2, sa1 = K * 2;
         _tile_zero(4);
         _tile_zero(5);
         _tile_zero(6);
         _tile_zero(7);
         for (int64_t kb = 0; kb < kbs; ++kb) {
-          _tile_loadd(0, a0 + kb * 32, sa0);
+          _tile_loadd(0, a0 + kb * 32, K * 2);
           _tile_loadd(2, b0 + kb * 512, 64);
           _tile_dpbf16ps(4, 0, 2);
           if (two_n) {
@@ -146,7 +146,7 @@ void linear_amx(const at::BFloat16* xp, const at::BFloat16* packed, O* op, int64
             _tile_dpbf16ps(5, 0, 3);
           }
           if (two_m) {
-            _tile_loadd(1, a1 + kb * 32, sa1);
+            _tile_loadd(1, a1 + kb * 32, K * 2);
             _tile_dpbf16ps(6, 1, 2);
             if (two_n) _tile_dpbf16ps(7, 1, 3);
           }
