@@ -1,7 +1,8 @@
 """Paged attention, plugged into transformers through its attention interface.
 
 `attend` reads each sequence's KV from the pool: decodes through pdserve's paged kernel where built, prefill
-chunks by SDPA. `paged_attention` is its transformers face: it writes the layer's new keys and values first.
+chunks through its AMX kernel where the CPU has AMX and the model runs in bf16, else by SDPA.
+`paged_attention` is its transformers face: it writes the layer's new keys and values first.
 How and why: docs/engine.md ("Paged attention through transformers").
 """
 
@@ -52,6 +53,7 @@ class AttentionMetadata:
     prefills: list[PrefillSlice]
     decode_groups: list[DecodeGroup]  # decode rows come first in the packed batch
     paged_kernel: bool = False  # decodes by torch.ops.pdserve.paged_decode (kernels/), in place
+    prefill_kernel: bool = False  # prefills by torch.ops.pdserve.prefill_attention (AMX tiles), in place
 
 
 def _gather(kv_cache: torch.Tensor, layer: int, kv: int, block_ids: torch.Tensor) -> torch.Tensor:
@@ -99,6 +101,11 @@ def attend(q: torch.Tensor, meta: AttentionMetadata, layer: int, scale: float | 
         v = _gather(cache, layer, 1, g.block_tables)[:, :, : g.context_len]
         out[g.start : g.end] = _decode_attention(q[g.start : g.end].transpose(0, 1), k, v, g.mask, scale)
     for p in meta.prefills:
+        if meta.prefill_kernel:
+            out[p.start : p.end] = torch.ops.pdserve.prefill_attention(
+                q[p.start : p.end], cache, layer, p.block_ids, p.context_len, scale
+            )
+            continue
         k = _gather(cache, layer, 0, p.block_ids)[:, : p.context_len]  # [kv_heads, ctx, d]
         v = _gather(cache, layer, 1, p.block_ids)[:, : p.context_len]
         q_len = p.end - p.start

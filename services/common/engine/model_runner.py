@@ -62,6 +62,7 @@ class ModelRunner:
         pack = config.pack_weights and cpu and packed_linear.can_pack(str(self.device), model.dtype)
         # With the kernel each sequence reads its own context: no grouping, no masks.
         self.paged_kernel = config.paged_kernel and cpu and kernels.load()
+        self.prefill_kernel = self.paged_kernel and kernels.prefill_tiles(pool.tensor.dtype, pool.tensor.shape[-1])
         self.fused: llama.FusedLlama | None = None
         self.unfused_why = _why_unfused(config, cpu, model)
         if not self.unfused_why:
@@ -76,7 +77,8 @@ class ModelRunner:
         if self.fused and self.fused.tiled:
             tiled = f" ({self.fused.tiled} matmuls through AMX tiles at <= {llama.TILE_ROWS} rows)"
         layers = f"fused layers{tiled}, " if self.fused else f"transformers layers ({self.unfused_why}), "
-        return packed + layers + "decode attention: " + ("pdserve paged kernel" if self.paged_kernel else "torch ops")
+        attention = "decode attention: " + ("pdserve paged kernel" if self.paged_kernel else "torch ops")
+        return packed + layers + attention + (", prefill attention: AMX tiles" if self.prefill_kernel else "")
 
     def _metadata(
         self, batch: ScheduledBatch
@@ -126,6 +128,7 @@ class ModelRunner:
             prefills=prefills,
             decode_groups=decode_groups,
             paged_kernel=self.paged_kernel,
+            prefill_kernel=self.prefill_kernel,
         )
         return ids, positions, meta, sample_seqs, sample_rows
 

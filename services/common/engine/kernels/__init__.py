@@ -23,8 +23,8 @@ import torch
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "paged_decode.cpp", HERE / "layer_ops.cpp", HERE / "linear.cpp")
-HEADERS = (HERE / "vec.h",)
+SOURCES = tuple(HERE / f for f in ("paged_decode.cpp", "layer_ops.cpp", "linear.cpp", "prefill_attention.cpp"))
+HEADERS = (HERE / "vec.h", HERE / "amx.h")
 # -ffp-contract=off: no fused multiply-adds where the source rounds a product, so the
 # layer ops round as torch's unfused ops do.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-std=c++20", "-fPIC", "-shared")
@@ -104,3 +104,8 @@ def load() -> bool:
 def vectorized() -> bool:
     """Whether the kernels are built with AVX-512: without it the fused layers' loops lose to torch's ops."""
     return load() and bool(torch.ops.pdserve.vectorized())
+
+
+def prefill_tiles(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether prefill attention runs through AMX tiles (prefill_attention.cpp): bf16, AMX, head dim 64 or 128."""
+    return dtype == torch.bfloat16 and load() and bool(torch.ops.pdserve.prefill_attention_usable(head_dim))

@@ -10,11 +10,7 @@
 #include <algorithm>
 #include <vector>
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
-
+#include "amx.h"
 #include "vec.h"
 
 namespace {
@@ -73,23 +69,9 @@ inline void dot_bf16(const at::BFloat16* x, const at::BFloat16* w, int64_t K, in
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 // AMX: C[16 x 16] += A[16 rows x 32 k] . B[32 k x 16 n], B in pairs of k ("VNNI"). The weight is
 // packed once into [N/16][K/32][16 k-pairs][16 n][2], so each B tile is 1 KB read in one load.
-bool amx_ready() {
-  static const bool ok = [] {
-    constexpr long kReqPerm = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
-    return syscall(SYS_arch_prctl, kReqPerm, kTileData) == 0;
-  }();
-  return ok;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 at::Tensor pack_vnni(const at::Tensor& w) {
   const int64_t N = w.size(0), K = w.size(1);
-  if (!amx_ready() || w.scalar_type() != at::kBFloat16 || N % 16 || K % 32) return at::empty({0}, w.options());
+  if (!pdserve_amx::ready() || w.scalar_type() != at::kBFloat16 || N % 16 || K % 32) return at::empty({0}, w.options());
   const at::Tensor wc = w.contiguous();
   at::Tensor out = at::empty({N * K}, w.options());
   const at::BFloat16* src = wc.data_ptr<at::BFloat16>();
@@ -122,9 +104,7 @@ void linear_amx(const at::BFloat16* xp, const at::BFloat16* packed, O* op, int64
   std::copy(xp + full * K, xp + M * K, tail.begin());
   auto rows_at = [&](int64_t m0) { return m0 < full ? xp + m0 * K : tail.data(); };
   at::parallel_for(0, (nbs + 1) / 2, 16, [&](int64_t p0, int64_t p1) {
-    TileConfig cfg;
-    for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
-    _tile_loadconfig(&cfg);
+    pdserve_amx::configure_full_tiles();
     alignas(64) float c[16 * 16];
     for (int64_t pair = p0; pair < p1; ++pair) {
       const int64_t nb = pair * 2;

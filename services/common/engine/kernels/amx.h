@@ -1,0 +1,36 @@
+// AMX tile basics shared by the kernels that multiply through tiles (linear.cpp, prefill_attention.cpp).
+#pragma once
+
+#include <cstdint>
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+namespace pdserve_amx {
+
+// Linux hands out the tile state only to a process that asks for it, once.
+inline bool ready() {
+  static const bool ok = [] {
+    constexpr long kReqPerm = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+    return syscall(SYS_arch_prctl, kReqPerm, kTileData) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// All eight tiles as 16 rows of 64 bytes: A (16 x 32 bf16), B (16 k-pairs x 16 columns) and C (16 x 16 float).
+inline void configure_full_tiles() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  _tile_loadconfig(&cfg);
+}
+
+}  // namespace pdserve_amx
+#endif
