@@ -90,6 +90,9 @@ def attend(q: torch.Tensor, meta: AttentionMetadata, layer: int, scale: float | 
     (this step's keys and values already written there)."""
     cache = meta.kv_cache
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if meta.paged_kernel and not meta.prefills and len(meta.decode_groups) == 1:  # a decode step: one call
+        g = meta.decode_groups[0]
+        return torch.ops.pdserve.paged_decode(q, cache, layer, g.block_tables, g.context_lens, scale)
     out = torch.empty_like(q)
     for g in meta.decode_groups:
         if meta.paged_kernel:
