@@ -19,6 +19,7 @@ from pathlib import Path
 from pdserve.bench import cores, plots, report, senders, workload
 from pdserve.bench.loadgen import ProgressLine, command_line, run_open, send_one, warm_up
 from pdserve.bench.metrics import RequestRecord
+from pdserve.common import affinity
 from pdserve.launcher import Suite, plan
 
 MODES = ("colocated", "colocated-chunked", "disaggregated")
@@ -30,10 +31,10 @@ def services(name: str, args: argparse.Namespace) -> tuple[list, dict]:
     budget = args.unchunked_tokens if name == "colocated" else args.chunk_tokens
     pins: dict[str, list[int] | None] = {"decode": None}  # colocated: every core
     if mode == "disaggregated":
-        halves = cores.halves(cores.available())
+        halves = cores.halves(affinity.available())
         pins = {
-            "prefill": cores.parse(args.prefill_cores) if args.prefill_cores else halves[0],
-            "decode": cores.parse(args.decode_cores) if args.decode_cores else halves[1],
+            "prefill": affinity.parse(args.prefill_cores) if args.prefill_cores else halves[0],
+            "decode": affinity.parse(args.decode_cores) if args.decode_cores else halves[1],
         }
     out = []
     for s in plan(
@@ -54,8 +55,8 @@ def services(name: str, args: argparse.Namespace) -> tuple[list, dict]:
         out.append(s)
     return out, {
         "max_num_batched_tokens": budget,
-        "cores": {k: v or cores.available() for k, v in pins.items()},
-        "router_cores": cores.available(),
+        "cores": {k: v or affinity.available() for k, v in pins.items()},
+        "router_cores": affinity.available(),
     }
 
 

@@ -20,6 +20,7 @@ from pdserve.bench.loadgen import command_line, run_closed, run_open, send_one
 from pdserve.bench.metrics import RequestRecord, percentiles, summarize
 from pdserve.bench.senders import DirectSender, SdkSender, StubSender
 from pdserve.bench.workload import Request, poisson_arrivals
+from pdserve.common import affinity
 from pdserve.launcher import Suite, plan
 
 
@@ -166,11 +167,11 @@ def _say(line: str) -> None:
 def _cores(args) -> dict[str, list[int] | None]:
     if args.no_pin:
         return {"router": None, "null_worker": None, "client": None}
-    avail = cores.available()
+    avail = affinity.available()
     router, rest = ([avail[0]], avail[1:]) if len(avail) > 1 else (avail, avail)
     pick = {"router": args.router_cores, "null_worker": args.worker_cores, "client": args.client_cores}
     default = {"router": router, "null_worker": rest, "client": rest}
-    return {k: cores.parse(v) if v else default[k] for k, v in pick.items()}
+    return {k: affinity.parse(v) if v else default[k] for k, v in pick.items()}
 
 
 def main(args) -> int:
@@ -191,11 +192,11 @@ def main(args) -> int:
         with Suite(services=services, out=log, log_dir=args.log_dir) as suite:
             pids = {name: suite._procs[name].pid for name in ("router", "null-0")}  # Suite keeps its children by name
             _say(
-                f"cores: {', '.join(f'{k} {v or cores.available()}' for k, v in pins.items())} "
-                f"(machine: {len(cores.available())} usable)"
+                f"cores: {', '.join(f'{k} {v or affinity.available()}' for k, v in pins.items())} "
+                f"(machine: {len(affinity.available())} usable)"
             )
             if pins["client"]:
-                cores.pin_self(pins["client"])
+                affinity.pin_process(pins["client"])
             results = asyncio.run(measure(suite.router_target, decode.address, args, pids))
             if args.start_reps:  # a second router, before the same null worker: its start alone
                 other = plan(

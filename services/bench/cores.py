@@ -16,24 +16,11 @@ _PIN = (
 )
 
 
-def available() -> list[int]:
-    return sorted(os.sched_getaffinity(0))
-
-
 def pinned(argv: tuple[str, ...], cpus: list[int] | None, python: str = sys.executable) -> tuple[str, ...]:
     """`argv` run on `cpus` only (None: unchanged). argv[0] must be a path (sys.executable is)."""
     if not cpus:
         return argv
     return (python, "-c", _PIN, ",".join(map(str, cpus)), *argv)
-
-
-def parse(spec: str) -> list[int]:
-    """'0', '0,2', '1-3' -> core ids."""
-    out: list[int] = []
-    for part in spec.split(","):
-        lo, _, hi = part.partition("-")
-        out += range(int(lo), int(hi or lo) + 1)
-    return out
 
 
 def halves(cpus: list[int]) -> tuple[list[int], list[int]]:
@@ -49,15 +36,6 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def pin_self(cpus: list[int]) -> None:
-    """This process, every thread of it (threads started later inherit it)."""
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            os.sched_setaffinity(int(tid), cpus)
-        except ProcessLookupError:
-            pass  # a thread that just ended
 
 
 class CpuMeter:

@@ -7,7 +7,7 @@ import socket
 from dataclasses import dataclass
 from typing import Literal
 
-from pdserve.common import memory
+from pdserve.common import affinity, memory
 from pdserve.common.config import SettingError, option
 from pdserve.common.engine.config import EngineConfig
 from pdserve.common.logs import LogFormat
@@ -33,6 +33,11 @@ class WorkerConfig(SecurityConfig):
         0,
         help="torch CPU threads (0: torch's default, one per core); give workers "
         "sharing a machine a share each, or their thread pools spin against each other",
+    )
+    cpus: str = option(
+        "",
+        help="cores the engine's step thread and torch's threads run on, e.g. 1 or 2-3 (empty: any); "
+        "the gRPC side is not pinned. pdserve up gives each CPU worker cores of its own when they fit",
     )
     block_size: int = option(16, help="tokens per KV block")
     kv_cache_gib: float = option(0.0, help=f"KV pool size in GiB, unless --num-kv-blocks (0: {memory.WORKER_KV})")
@@ -93,9 +98,23 @@ class WorkerConfig(SecurityConfig):
         self.check_listen_ports()
         if self.threads < 0:
             raise SettingError("threads", "must be >= 0 (0: torch's default)")
+        self.engine_cpus()
         self.check_size("kv_cache_gib", "num_kv_blocks")
         self.check_positive("max_queue", "lease_ms", "transfer_timeout_s")
         self.engine_config()  # validates the engine fields
+
+    def engine_cpus(self) -> list[int]:
+        """--cpus as core ids ([]: not pinned); each must be one this process may run on."""
+        if not self.cpus:
+            return []
+        try:
+            cpus = affinity.parse(self.cpus)
+        except ValueError as e:
+            raise SettingError("cpus", str(e)) from None
+        outside = sorted(set(cpus) - set(affinity.available()))
+        if outside:
+            raise SettingError("cpus", f"cores {outside} are not among this machine's {affinity.available()}")
+        return cpus
 
     @functools.cached_property
     def kv_cache(self) -> memory.Sizing:

@@ -40,7 +40,7 @@ class WorkerRuntime:
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.engine = AsyncEngine(engine or LLMEngine(config.engine_config()))
+        self.engine = AsyncEngine(engine or LLMEngine(config.engine_config()), config.engine_cpus())
         self.server = create_server(interceptors=[config.authenticator()])
         self.port = bind(self.server, config.host, config.port, config.server_credentials())
         self.worker_id = config.resolved_worker_id(self.port)

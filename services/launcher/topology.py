@@ -9,6 +9,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from pdserve.common import affinity
 from pdserve.common.engine import precision
 from pdserve.common.ports import Listen
 from pdserve.router.shutdown import LAST_WORDS_S
@@ -66,6 +67,7 @@ def plan(
     chunk: int | None = None,
     elastic: bool = False,
     balance: tuple[str, ...] = (),
+    pin: bool | None = None,
 ) -> list[Service]:
     """The services of a suite, with their command lines; validates the shape.
 
@@ -114,6 +116,7 @@ def plan(
     if threads is None:
         threads = max(1, len(os.sched_getaffinity(0)) // (prefill + decode))
     per_worker += ("--threads", str(threads))
+    cores = _worker_cores(prefill + decode, threads, pin, device)
     per_worker += ("--dtype", dtype) if dtype else ()
     per_worker += ("--max-num-batched-tokens", str(chunk)) if chunk else ()
     first_device = (device or "cpu").split(",")[0]
@@ -160,6 +163,7 @@ def plan(
                         name,
                         *common,
                         *per_worker,
+                        *(("--cpus", cores.pop(0)) if cores else ()),
                         *extra,
                     ),
                     f"{_dial(at(name))}:{p}",
@@ -215,6 +219,18 @@ def plan(
         )
     )
     return _with_metrics(services, metrics_port, taken={port, http_port, *range(base_port, store_port + 1)})
+
+
+def _worker_cores(workers: int, threads: int, pin: bool | None, device: str | None) -> list[str]:
+    """Each worker's --cpus, or [] when they are not pinned (plan()'s `pin`)."""
+    cpus = affinity.available()
+    if pin is None:
+        pin = device in (None, "cpu") and workers > 1 and 0 < threads and workers * threads <= len(cpus)
+    if not pin:
+        return []
+    if threads < 1 or workers * threads > len(cpus):
+        raise ValueError(f"{workers} workers of {threads or 'all'} threads do not fit one to a core on {cpus}")
+    return [",".join(map(str, cpus[i * threads : (i + 1) * threads])) for i in range(workers)]
 
 
 def _http_port(given: int | None, port: int, base_port: int, last: int) -> int:

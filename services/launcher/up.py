@@ -147,6 +147,13 @@ def add_up_args(parser: argparse.ArgumentParser) -> None:
         help="torch threads per worker (default: this machine's cores shared among the workers; 0: torch's default)",
     )
     parser.add_argument(
+        "--pin-cores",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="each CPU worker's engine steps on cores of its own (default: when there are two workers "
+        "or more and their threads fit the cores one to a core); the router and KV store float",
+    )
+    parser.add_argument(
         "--kvstore",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -209,6 +216,7 @@ def _services(
         chunk=chunk,
         elastic=args.elastic,
         balance=balance,
+        pin=args.pin_cores,
     )
     # Each child's settings (flags, PDSERVE_* variables, file) resolved here as it will resolve them:
     # a bad one is this one line, not a failure in every child.

@@ -116,3 +116,25 @@ def test_generation_stops_at_the_context_window(tiny_engine):
 def test_model_loader_rejects_unknown_paths():
     with pytest.raises(FileNotFoundError):
         model_loader.resolve("/nonexistent/model.gguf")
+
+
+async def test_a_pinned_engine_steps_on_its_cores_and_leaves_the_caller_unpinned(tiny_engine):
+    import os
+    import threading
+
+    from pdserve.common import affinity
+    from pdserve.common.engine.async_engine import AsyncEngine
+
+    core, before = affinity.available()[-1], os.sched_getaffinity(0)
+    engine = AsyncEngine(tiny_engine(num_kv_blocks=32), cpus=[core])
+    await engine.start()
+    try:
+        await engine.add([5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True), request_id="r")
+        outputs = [o async for o in engine.stream("r")]
+        assert outputs[-1].finished
+        (step,) = [t for t in threading.enumerate() if t.name.startswith("engine-step")]
+        assert os.sched_getaffinity(step.native_id) == {core}
+        assert os.sched_getaffinity(0) == before
+        assert engine.describe().endswith(f"steps on core {core}")
+    finally:
+        await engine.stop()

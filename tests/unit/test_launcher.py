@@ -333,3 +333,29 @@ def test_supervise_stops_on_sigterm():
     sender.join()
     assert "ready; clients connect to 127.0.0.1:" in out.getvalue() and "[router] got SIGTERM" in out.getvalue()
     assert suite._procs["router"].returncode == 0
+
+
+def test_cpu_workers_get_cores_of_their_own_when_their_threads_fit(monkeypatch):
+    def cpus(cores, *shape, **kw):
+        monkeypatch.setattr(launcher.topology.os, "sched_getaffinity", lambda pid: set(cores))
+        return {
+            s.name: s.argv[s.argv.index("--cpus") + 1] if "--cpus" in s.argv else None
+            for s in launcher.plan(*shape, python="py", **kw)
+            if s.name.startswith(("prefill", "decode"))
+        }
+
+    assert cpus(range(2), "disaggregated", 1, 1) == {"prefill-0": "0", "decode-0": "1"}
+    assert cpus(range(8), "disaggregated", 1, 1) == {"prefill-0": "0,1,2,3", "decode-0": "4,5,6,7"}
+    assert cpus([2, 5, 7], "disaggregated", 2, 1, threads=1) == {"prefill-0": "2", "prefill-1": "5", "decode-0": "7"}
+    assert cpus(range(2), "colocated", 0, 1) == {"decode-0": None}  # one worker: all the cores anyway
+    assert cpus(range(2), "disaggregated", 1, 1, threads=2) == {"prefill-0": None, "decode-0": None}  # 4 > 2
+    assert cpus(range(2), "disaggregated", 1, 1, threads=0) == {"prefill-0": None, "decode-0": None}
+    assert cpus(range(2), "disaggregated", 1, 1, pin=False) == {"prefill-0": None, "decode-0": None}
+    assert cpus(range(2), "colocated", 0, 1, pin=True) == {"decode-0": "0,1"}
+    with pytest.raises(ValueError, match="do not fit one to a core"):
+        cpus(range(2), "disaggregated", 1, 1, threads=2, pin=True)
+    assert all(
+        s.argv.count("--cpus") == 0
+        for s in launcher.plan("disaggregated", 1, 1, python="py")
+        if s.name in ("router", "kvstore")
+    )

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from pdserve.common import affinity
 from pdserve.common.engine.engine import LLMEngine
 from pdserve.common.engine.outputs import EngineStats, RequestOutput
 from pdserve.common.engine.sampling_params import SamplingParams
@@ -25,13 +26,16 @@ T = TypeVar("T")
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, cpus: list[int] | None = None):
+        """cpus: the cores the step thread (and the torch threads it starts) runs on; None: any."""
         self.engine = engine
         self._lock = asyncio.Lock()
         self._work = asyncio.Event()
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._watchers: dict[str, Callable[[], None]] = {}
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine-step")
+        self.cpus = cpus or []
+        pin = {"initializer": affinity.pin_thread, "initargs": (cpus,)} if cpus else {}
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine-step", **pin)
         self._task: asyncio.Task | None = None
         self.step_ms_ewma = 0.0  # measured step time, reported in worker load
         self.prefill_tps_ewma = 0.0  # measured prefill tokens/s
@@ -64,7 +68,8 @@ class AsyncEngine:
         return sum(s.num_tokens - s.num_computed_tokens for s in self.engine.scheduler.waiting)
 
     def describe(self) -> str:
-        return self.engine.describe()
+        where = f", steps on core{'s' * (len(self.cpus) > 1)} {','.join(map(str, self.cpus))}" if self.cpus else ""
+        return self.engine.describe() + where
 
     def kv_blocks(self, request_id: str) -> tuple[int, list[int]]:
         """(computed tokens, block table) of a request."""
