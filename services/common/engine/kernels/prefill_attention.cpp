@@ -4,14 +4,13 @@
 // scores them with tiles (bf16 products summed in float32), keeps a running softmax in float32, and
 // adds the values weighted by the softmax numerators (rounded to bf16, as torch's CPU flash
 // attention rounds them) through tiles again. Keys past a row's own position are never summed, and
-// whole blocks of them are skipped. Each KV head's keys and values are first packed into the tiles'
-// pair layout, once per call, from the pool's blocks.
+// whole chunks of them are skipped. Each KV head's keys, and its values transposed, are first
+// packed from the pool's blocks, once per call.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -28,8 +27,9 @@ struct Shape {
   int64_t heads, kv_heads, d, ctx, padded;  // padded: ctx rounded up to kChunk
 };
 
-// 2^x for x <= 0, at least 2^-100: a subnormal result would cost a microcode assist in every op it meets: x = n + f, |f| <= 1/2, 2^f by its degree-5 Taylor
-// polynomial (relative error < 3e-6, far below the bf16 rounding the weights get).
+// 2^x for x <= 0, kept at least 2^-100: a subnormal result would cost a microcode assist in every op
+// it meets. x = n + f, |f| <= 1/2, 2^f by its degree-5 Taylor polynomial (relative error < 3e-6, far
+// below the bf16 rounding the weights get).
 inline __m512 exp2_16(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-100.f));
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT);
@@ -184,14 +184,15 @@ void attend_rows(const at::BFloat16* q, int64_t q_stride, int64_t q_len, const a
                            _mm512_mul_ps(_mm512_i32gather_ps(column, acc + e * kRows + r, 4), _mm512_set1_ps(inv[r])));
 }
 
-bool usable(int64_t d) { return pdserve_amx::ready() && d % 64 == 0 && d <= 128; }
+// Whether prefill_attention runs here for heads of size d (else the caller keeps SDPA).
+bool prefill_attention_usable(int64_t d) { return pdserve_amx::ready() && d % 64 == 0 && d <= 128; }
 
 // q [q_len, heads, d] (bf16), the chunk's queries at positions ctx - q_len .. ctx - 1; block_ids cover ctx tokens.
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const at::Tensor& block_ids,
                              int64_t ctx, double scale) {
   TORCH_CHECK(q.dim() == 3 && cache.dim() == 6 && block_ids.dim() == 1, "prefill_attention: bad ranks");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && cache.scalar_type() == at::kBFloat16, "prefill_attention: bf16 only");
-  TORCH_CHECK(usable(q.size(2)), "prefill_attention: needs AMX and a head dim of 64 or 128");
+  TORCH_CHECK(prefill_attention_usable(q.size(2)), "prefill_attention: needs AMX and a head dim of 64 or 128");
   TORCH_CHECK(cache.is_contiguous() && block_ids.scalar_type() == at::kLong, "prefill_attention: pool and block ids");
   TORCH_CHECK(q.size(1) % cache.size(4) == 0 && q.size(2) == cache.size(5), "prefill_attention: head shapes");
   TORCH_CHECK(q.size(0) <= ctx && block_ids.numel() * cache.size(3) >= ctx, "prefill_attention: context");
@@ -229,14 +230,11 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& cache, int64
   return out;
 }
 #else
-bool usable(int64_t) { return false; }
+bool prefill_attention_usable(int64_t) { return false; }
 at::Tensor prefill_attention(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&, int64_t, double) {
   TORCH_CHECK(false, "prefill_attention: built without AMX");
 }
 #endif
-
-// Whether prefill_attention runs here for heads of size d (else the caller keeps SDPA).
-bool prefill_attention_usable(int64_t d) { return usable(d); }
 
 }  // namespace
 
