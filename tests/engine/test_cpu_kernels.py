@@ -36,13 +36,14 @@ def _reference(q, cache, layer, tables, lens, scale):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("head_dim", [64, 40])  # 64: the unrolled path; 40: the generic one
+@pytest.mark.parametrize("head_dim", [64, 128, 40])  # 64, 128: the unrolled paths; 40: the generic one
 def test_paged_decode_matches_sdpa_over_gathered_blocks(paged_decode, dtype, tol, head_dim):
     torch.manual_seed(0)
     num_blocks, layers, kv_heads, heads = 64, 3, 3, 9
     cache = torch.randn(num_blocks, layers, 2, BLOCK, kv_heads, head_dim, dtype=dtype)
-    lens = torch.tensor([1, BLOCK, BLOCK + 1, 200, 37])  # ragged, on and off block edges
-    tables = torch.stack([torch.randperm(num_blocks)[:13] for _ in lens])  # scattered, unordered blocks
+    # Ragged, on and off block edges, and over one to four of the kernel's 128-key spans.
+    lens = torch.tensor([1, BLOCK, BLOCK + 1, 200, 37, 128, 129, 500])
+    tables = torch.stack([torch.randperm(num_blocks)[:32] for _ in lens])  # scattered, unordered blocks
     q = torch.randn(len(lens), heads, head_dim, dtype=dtype)
     scale = head_dim**-0.5
     for layer in range(layers):
@@ -104,15 +105,21 @@ def test_a_missing_compiler_is_an_error_the_engine_can_fall_back_from(tmp_path, 
     assert not (tmp_path / "paged_decode.so").exists()
 
 
+def test_a_context_past_its_block_table_is_refused(paged_decode):
+    cache = torch.zeros(4, 1, 2, BLOCK, 3, 64)
+    with pytest.raises(RuntimeError, match="outside its block table"):
+        paged_decode(torch.zeros(1, 9, 64), cache, 0, torch.tensor([[0, 1]]), torch.tensor([2 * BLOCK + 1]), 0.125)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_one_sequence_split_over_its_query_heads_gives_the_batched_result_bit_for_bit(paged_decode, dtype):
-    """Too few (sequence, KV head) tasks for the threads: a task per query head instead, same bits."""
+def test_a_sequence_alone_gets_the_bits_it_gets_in_a_batch(paged_decode, dtype):
+    """Its keys are split into spans of a fixed size whatever the batch, so its result can't depend on it."""
     torch.manual_seed(2)
     cache = torch.randn(32, 1, 2, BLOCK, 3, 64, dtype=dtype)
     tables = torch.stack([torch.randperm(32)[:20] for _ in range(8)])
     lens = torch.tensor([300, 17, 64, 250, 5, 99, 128, 300])
     q = torch.randn(8, 9, 64, dtype=dtype)
-    batched = paged_decode(q, cache, 0, tables, lens, 0.125)  # 24 tasks: a task per KV head
+    batched = paged_decode(q, cache, 0, tables, lens, 0.125)
     for i in range(8):
         alone = paged_decode(q[i : i + 1], cache, 0, tables[i : i + 1], lens[i : i + 1], 0.125)
         assert torch.equal(alone[0], batched[i])

@@ -113,3 +113,39 @@ def test_amx_tiles_compute_what_onednn_computes_at_every_row_count(ops):
         torch.testing.assert_close(got.float(), x.float() @ w.float().T, atol=0.1, rtol=1e-2)
         torch.testing.assert_close(ops.linear_f32(x, w, tiles), x.float() @ w.float().T, atol=1e-4, rtol=1e-5)
     assert not ops.pack_vnni(torch.randn(40, 64, dtype=torch.bfloat16)).numel()  # 40 rows: not whole tiles
+
+
+def _recording(run, logits: list):
+    def recorded(batch):
+        seqs, out = run(batch)
+        logits.append(out)
+        return seqs, out
+
+    return recorded
+
+
+def test_a_decode_step_in_one_call_gives_the_layer_loops_logits_bit_for_bit(ops, tiny_model_dir, monkeypatch):
+    """With AMX tiles for every matmul, a decode step's layers run in one C++ call (decode_layers.cpp)."""
+    from pdserve.common import model_loader
+    from pdserve.common.engine.config import EngineConfig
+    from pdserve.common.engine.engine import LLMEngine
+    from pdserve.common.engine.sampling_params import SamplingParams
+
+    ref = model_loader.resolve(str(tiny_model_dir))
+    one_call, decode_layers = [], ops.decode_layers
+    monkeypatch.setattr(ops, "decode_layers", lambda *a: one_call.append(1) or decode_layers(*a))
+    logits = {}
+    for loop in (False, True):
+        model, tok = model_loader.load(ref, dtype="bfloat16")
+        engine = LLMEngine(EngineConfig(dtype="bfloat16", num_kv_blocks=64), model, tok, ref)
+        fused = engine.runner.fused
+        if fused is None or fused.decode_weights is None:
+            pytest.skip("no AMX tiles here: decode steps run the layer loop")
+        if loop:
+            fused.decode_weights = None
+        logits[loop] = []
+        monkeypatch.setattr(engine.runner, "run", _recording(engine.runner.run, logits[loop]))
+        engine.generate([[5, 6, 7], list(range(100, 140)), list(range(9, 29))], SamplingParams(max_tokens=12))
+    assert len(one_call) == 11  # every step after the prompts' (prefill) one
+    assert len(logits[False]) == len(logits[True]) == 12
+    assert all(torch.equal(a, b) for a, b in zip(logits[False], logits[True]))

@@ -55,6 +55,11 @@ class AttentionMetadata:
     paged_kernel: bool = False  # decodes by torch.ops.pdserve.paged_decode (kernels/), in place
     prefill_kernel: bool = False  # prefills by torch.ops.pdserve.prefill_attention (AMX tiles), in place
 
+    @property
+    def decode_only(self) -> bool:
+        """Whether one paged_decode call attends every row: a decode step through the kernel."""
+        return self.paged_kernel and not self.prefills and len(self.decode_groups) == 1
+
 
 def _gather(kv_cache: torch.Tensor, layer: int, kv: int, block_ids: torch.Tensor) -> torch.Tensor:
     """[..., n_blocks] block ids -> [..., kv_heads, n_blocks * block_size, head_dim].
@@ -90,7 +95,7 @@ def attend(q: torch.Tensor, meta: AttentionMetadata, layer: int, scale: float | 
     (this step's keys and values already written there)."""
     cache = meta.kv_cache
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if meta.paged_kernel and not meta.prefills and len(meta.decode_groups) == 1:  # a decode step: one call
+    if meta.decode_only:
         g = meta.decode_groups[0]
         return torch.ops.pdserve.paged_decode(q, cache, layer, g.block_tables, g.context_lens, scale)
     out = torch.empty_like(q)

@@ -115,6 +115,12 @@ class FusedLlama:
             self.lm_head = model.lm_head
         self.linears = sum(isinstance(m, packed_linear.PackedLinear) for m in model.modules())
         self.tiled = sum(isinstance(m, TiledLinear) for m in model.modules())
+        # Where every matmul has AMX tiles, a decode step's layers run in one call (kernels/decode_layers.cpp).
+        projections = [p for la in self.layers for p in (la.qkv_proj, la.o_proj, la.gate_up_proj, la.down_proj)]
+        self.decode_weights = None
+        if all(isinstance(p, TiledLinear) for p in projections):
+            self.decode_weights = [p.tiles for p in projections]
+            self.decode_norms = [w for la in self.layers for w in (la.input_norm, la.post_norm)] + [self.norm]
 
     def __call__(
         self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, rows: torch.Tensor
@@ -123,6 +129,13 @@ class FusedLlama:
         ops = torch.ops.pdserve
         x = self.embed(ids)
         cos, sin = (t[0].contiguous() for t in self.rotary(x, positions[None]))
+        if self.decode_weights is not None and meta.decode_only and len(ids) <= TILE_ROWS:
+            g = meta.decode_groups[0]
+            h = ops.decode_layers(
+                x, cos, sin, meta.kv_cache, meta.slot_blocks, meta.slot_offsets, g.block_tables, g.context_lens,
+                self.decode_weights, self.decode_norms, self.heads, self.kv_heads, self.scale, self.eps,
+            )  # fmt: skip
+            return self.lm_head(h[rows])
         residual = x
         h = ops.rms_norm(x, self.layers[0].input_norm, self.eps)
         for i, layer in enumerate(self.layers):

@@ -23,7 +23,9 @@ import torch
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = tuple(HERE / f for f in ("paged_decode.cpp", "layer_ops.cpp", "linear.cpp", "prefill_attention.cpp"))
+SOURCES = tuple(
+    HERE / f for f in ("paged_decode.cpp", "layer_ops.cpp", "linear.cpp", "prefill_attention.cpp", "decode_layers.cpp")
+)
 HEADERS = (HERE / "vec.h", HERE / "amx.h")
 # -ffp-contract=off: no fused multiply-adds where the source rounds a product, so the
 # layer ops round as torch's unfused ops do.

@@ -1,9 +1,10 @@
 // Decode attention that reads each sequence's KV in place, through its block table.
 //
-// One query token per sequence; every (sequence, KV head) is one task: its query
-// heads (the GQA group) are scored against the sequence's keys, block by block
-// straight from the pool, then the values are summed with the softmax weights.
-// Nothing is gathered or padded, so every sequence pays for its own context only.
+// One query token per sequence. A task is one KV head of one sequence over a span of kSpan of its
+// keys: it scores the head's GQA group of queries against them, read straight from the pool, and
+// keeps a partial softmax (max, sum, weighted values); a second pass merges a sequence's spans.
+// Spans have a fixed size, so a sequence's result never depends on what else is in its batch, and
+// one long sequence alone still gives every thread work. Nothing is gathered or padded.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -17,137 +18,256 @@
 
 namespace {
 
-#if defined(__AVX512F__)
-using pdserve_vec::exp16;
-using pdserve_vec::load16;
+constexpr int64_t kSpan = 128;  // keys a task scores
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// AVX-512 path for float and bfloat16 KV at head dims that are multiples of 16: a block's
-// keys are scored and its values summed 16 lanes at a time, in float32.
-template <typename T, int64_t D>
-void attend_task_avx512(const float* qf, int64_t group, const T* const* blocks, int64_t block_size, int64_t row,
-                        int64_t v_off, int64_t ctx, float* scores, float* acc, T* out) {
-  constexpr int64_t C = D / 16;
-  for (int64_t t0 = 0, b = 0; t0 < ctx; t0 += block_size, ++b) {  // scores, block by block
-    const int64_t used = std::min(block_size, ctx - t0);
-    for (int64_t j = 0; j < used; ++j) {
-      __m512 k[C];
-      for (int64_t c = 0; c < C; ++c) k[c] = load16(blocks[b] + j * row + c * 16);
-      for (int64_t g = 0; g < group; ++g) {
-        __m512 dot = _mm512_mul_ps(_mm512_loadu_ps(qf + g * D), k[0]);
-        for (int64_t c = 1; c < C; ++c) dot = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * D + c * 16), k[c], dot);
-        scores[g * ctx + t0 + j] = _mm512_reduce_add_ps(dot);
-      }
+struct Task {
+  int64_t seq, head, t0, t1;  // keys [t0, t1) of KV head `head`
+};
+
+// Where keys live: a sequence's block table into the pool, one layer and KV head.
+struct Keys {
+  const int64_t* table;
+  const void* pool;  // the layer's and head's first element in block 0
+  int64_t block_stride, block_size, row, v_off;  // in elements
+
+  // out[j] = key t0 + j, for t in [t0, t1): one division, then a walk along the blocks.
+  template <typename T>
+  void walk(int64_t t0, int64_t t1, const T** out) const {
+    int64_t b = t0 / block_size, off = t0 % block_size;
+    for (int64_t t = t0; t < t1; ++t) {
+      out[t - t0] = static_cast<const T*>(pool) + table[b] * block_stride + off * row;
+      if (++off == block_size) off = 0, ++b;
     }
   }
-  for (int64_t g = 0; g < group; ++g) {  // softmax numerators in place; the sum divides at the end
-    float* sg = scores + g * ctx;
-    __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int64_t t = 0; t < ctx; t += 16) {
-      const __mmask16 m = ctx - t >= 16 ? 0xFFFF : (__mmask16)((1u << (ctx - t)) - 1);
-      mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, m, sg + t));
+};
+
+#if defined(__AVX512BF16__)
+constexpr bool kDpbf16 = true;
+#else
+constexpr bool kDpbf16 = false;
+#endif
+// Whether bf16 scores come from dpbf16 (unscaled query, scale applied to the sum).
+template <typename T>
+constexpr bool kPairs = kDpbf16 && std::is_same_v<T, at::BFloat16>;
+
+#if defined(__AVX512F__)
+using pdserve_vec::load16;
+
+// lane j of the result = the sum of v[j]'s lanes: a transpose-and-add tree, 45 instructions for 16
+// dot products against 16 horizontal reductions' 128.
+inline __m512 sum16(__m512* v) {
+  __m512 w[8], x[4], y[2];
+  for (int i = 0; i < 8; ++i)
+    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    x[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0x44), _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0xEE));
+  for (int i = 0; i < 2; ++i)
+    y[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], 0x88), _mm512_shuffle_f32x4(y[0], y[1], 0xDD));
+}
+
+// One query's dot product with one key, as 16 partial sums: bf16 pairs by dpbf16 where the CPU
+// has it, else widened to float against the scaled query.
+template <typename T, int64_t D>
+inline __m512 dot_lanes(const T* q, const float* qf, const T* k) {
+#if defined(__AVX512BF16__)
+  if constexpr (kPairs<T>) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t c = 0; c < D; c += 32)
+      acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q + c), (__m512bh)_mm512_loadu_si512(k + c));
+    return acc;
+  }
+#endif
+  __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qf), load16(k));
+  for (int64_t c = 16; c < D; c += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qf + c), load16(k + c), acc);
+  return acc;
+}
+
+// out[g] = sum over keys j < n of p[g][j] * value j, for G queries whose weights are kSpan apart.
+// G and D are constants so that the G * D / 16 sums stay in registers.
+template <typename T, int64_t D, int64_t G>
+inline void weigh_values(const T* const* k, int64_t v_off, int64_t n, const float* p, float* out) {
+  constexpr int64_t C = D / 16;
+  __m512 acc[G][C];
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const T* v = k[j] + v_off;
+    __m512 vr[C];
+    for (int64_t c = 0; c < C; ++c) vr[c] = load16(v + c * 16);
+    for (int64_t g = 0; g < G; ++g) {
+      const __m512 w = _mm512_set1_ps(p[g * kSpan + j]);
+      for (int64_t c = 0; c < C; ++c) acc[g][c] = _mm512_fmadd_ps(w, vr[c], acc[g][c]);
     }
-    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t c = 0; c < C; ++c) _mm512_storeu_ps(out + g * (D + 2) + c * 16, acc[g][c]);
+}
+
+// A task over keys [t0, t1) for `group` queries: part[g] = {max, sum, sum of weighted values [D]}.
+template <typename T, int64_t D>
+void span_avx512(const T* q, const float* qf, int64_t group, float scale, const Keys& keys, int64_t t0, int64_t t1,
+                 float* scores, float* part) {
+  const int64_t n = t1 - t0;
+  const T* k[kSpan + 15];
+  keys.walk(t0, t1, k);
+  std::fill(k + n, k + (n + 15) / 16 * 16, k[n - 1]);  // a last partial 16 scores the last key again
+  // One head's rows interleave with the other heads' in blocks scattered over the pool, a pattern
+  // the prefetcher doesn't follow: every line is asked for up front (keys to L1, values to L2).
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t b = 0; b < D * sizeof(T); b += 64) _mm_prefetch(reinterpret_cast<const char*>(k[j]) + b, _MM_HINT_T0);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t b = 0; b < D * sizeof(T); b += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(k[j] + keys.v_off) + b, _MM_HINT_T1);
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    for (int64_t g = 0; g < group; ++g) {
+      __m512 dots[16];
+      for (int64_t j = 0; j < 16; ++j) dots[j] = dot_lanes<T, D>(q + g * D, qf + g * D, k[j0 + j]);
+      __m512 s = sum16(dots);
+      if constexpr (kPairs<T>) s = _mm512_mul_ps(s, _mm512_set1_ps(scale));
+      _mm512_storeu_ps(scores + g * kSpan + j0, s);
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* sg = scores + g * kSpan;
+    __m512 mx = _mm512_set1_ps(kNegInf);
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 m = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+      mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, m, sg + j));
+    }
+    const float top = _mm512_reduce_max_ps(mx);
     __m512 sum = _mm512_setzero_ps();
-    for (int64_t t = 0; t < ctx; t += 16) {
-      const __mmask16 m = ctx - t >= 16 ? 0xFFFF : (__mmask16)((1u << (ctx - t)) - 1);
-      const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sg + t), top)));
-      _mm512_mask_storeu_ps(sg + t, m, e);
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 m = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+      const __m512 e = _mm512_maskz_mov_ps(m, pdserve_vec::exp16(_mm512_sub_ps(_mm512_loadu_ps(sg + j), _mm512_set1_ps(top))));
+      _mm512_storeu_ps(sg + j, e);
       sum = _mm512_add_ps(sum, e);
     }
-    const float total = _mm512_reduce_add_ps(sum);
-    __m512 a[C];
-    for (int64_t c = 0; c < C; ++c) a[c] = _mm512_setzero_ps();
-    for (int64_t t0 = 0, b = 0; t0 < ctx; t0 += block_size, ++b) {
-      const int64_t used = std::min(block_size, ctx - t0);
-      const T* v = blocks[b] + v_off;
-      for (int64_t j = 0; j < used; ++j) {
-        const __m512 p = _mm512_set1_ps(sg[t0 + j]);
-        for (int64_t c = 0; c < C; ++c) a[c] = _mm512_fmadd_ps(p, load16(v + j * row + c * 16), a[c]);
+    part[g * (D + 2)] = top;
+    part[g * (D + 2) + 1] = _mm512_reduce_add_ps(sum);
+  }
+  for (int64_t g = 0; g < group;) {  // G queries at a time share each value row loaded
+    const int64_t left = group - g;
+    if constexpr (D <= 64) {
+      if (left >= 4) {
+        weigh_values<T, D, 4>(k, keys.v_off, n, scores + g * kSpan, part + g * (D + 2) + 2);
+        g += 4;
+        continue;
+      }
+      if (left == 3) {
+        weigh_values<T, D, 3>(k, keys.v_off, n, scores + g * kSpan, part + g * (D + 2) + 2);
+        g += 3;
+        continue;
       }
     }
-    for (int64_t c = 0; c < C; ++c) _mm512_storeu_ps(acc + c * 16, _mm512_div_ps(a[c], _mm512_set1_ps(total)));
-    for (int64_t x = 0; x < D; ++x) out[g * D + x] = static_cast<T>(acc[x]);
+    if (left >= 2) {
+      weigh_values<T, D, 2>(k, keys.v_off, n, scores + g * kSpan, part + g * (D + 2) + 2);
+      g += 2;
+    } else {
+      weigh_values<T, D, 1>(k, keys.v_off, n, scores + g * kSpan, part + g * (D + 2) + 2);
+      g += 1;
+    }
   }
 }
 #endif
 
-// D: the head dim as a constant (the common 64 and 128: loops the compiler unrolls), or 0: q.size(2).
+// The same for any dtype and head dim, one lane at a time, against the scaled query qf.
+template <typename T>
+void span_portable(const float* qf, int64_t group, int64_t d, const Keys& keys, int64_t t0, int64_t t1,
+                   float* scores, float* part) {
+  const int64_t n = t1 - t0;
+  const T* k[kSpan];
+  keys.walk(t0, t1, k);
+  for (int64_t g = 0; g < group; ++g) {
+    float* sg = scores + g * kSpan;
+    float top = kNegInf;
+    for (int64_t j = 0; j < n; ++j) {
+      float dot = 0.f;
+      for (int64_t x = 0; x < d; ++x) dot += qf[g * d + x] * static_cast<float>(k[j][x]);
+      sg[j] = dot;
+      top = std::max(top, dot);
+    }
+    float sum = 0.f;
+    for (int64_t j = 0; j < n; ++j) sum += (sg[j] = std::exp(sg[j] - top));
+    float* pg = part + g * (d + 2);
+    pg[0] = top;
+    pg[1] = sum;
+    std::fill(pg + 2, pg + 2 + d, 0.f);
+    for (int64_t j = 0; j < n; ++j) {
+      const T* v = k[j] + keys.v_off;
+      for (int64_t x = 0; x < d; ++x) pg[2 + x] += sg[j] * static_cast<float>(v[x]);
+    }
+  }
+}
+
+// D: the head dim as a constant (64 and 128: loops the compiler unrolls and the AVX-512 path), or 0: q.size(2).
 template <typename T, int64_t D>
 void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const at::Tensor& tables,
             const at::Tensor& lens, double scale, at::Tensor& out) {
   // q, out [n, heads, d]; cache [blocks, layers, 2, block_size, kv_heads, d]; tables [n, max_blocks]
   const int64_t n = q.size(0), heads = q.size(1), d = D ? D : q.size(2);
   const int64_t block_size = cache.size(3), kv_heads = cache.size(4), group = heads / kv_heads;
-  const int64_t block_stride = cache.stride(0), layer_off = layer * cache.stride(1), v_off = cache.stride(2);
-  const int64_t row = kv_heads * d;  // one token's keys (or values), all KV heads
   const int64_t max_blocks = tables.size(1);
-  const T* qp = q.data_ptr<T>();
-  const T* cp = cache.data_ptr<T>();
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
-  T* op = out.data_ptr<T>();
+  std::vector<Task> tasks;
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(lp[i] >= 1 && lp[i] <= max_blocks * block_size, "paged_decode: a context outside its block table");
+    for (int64_t h = 0; h < kv_heads; ++h)
+      for (int64_t t0 = 0; t0 < lp[i]; t0 += kSpan) tasks.push_back({i, h, t0, std::min(t0 + kSpan, lp[i])});
+  }
+  const int64_t width = d + 2;  // a partial: max, sum, values
+  std::vector<float> parts(tasks.size() * group * width);
+  const T* qp = q.data_ptr<T>();
+  const T* pool = cache.data_ptr<T>() + layer * cache.stride(1);
   const float s = static_cast<float>(scale);
-
-  // Fewer (sequence, KV head) tasks than two a thread (one sequence, 3 KV heads on 2 threads): a task
-  // per query head instead, which reads its KV head's blocks again (from cache) but keeps every thread busy.
-  const int64_t per = n * kv_heads < 2 * at::get_num_threads() ? 1 : group, splits = group / per;  // heads a task
-  at::parallel_for(0, n * kv_heads * splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(per * d), acc(per * d), kv(d), scores;
-    std::vector<const T*> blocks;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t i = task / (kv_heads * splits), h = task / splits % kv_heads, g0 = task % splits * per;
-      const int64_t ctx = lp[i], first = i * heads + h * group + g0;  // query heads first .. first + per
-      const T* qi = qp + first * d;
-      for (int64_t x = 0; x < per * d; ++x) qf[x] = static_cast<float>(qi[x]) * s;
-      scores.assign(per * ctx, 0.f);
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(group * kSpan), qf(group * d);
+    int64_t scaled_for = -1;  // the sequence whose queries qf holds
+    for (int64_t t = begin; t < end; ++t) {
+      const Task& task = tasks[t];
+      const T* qh = qp + (task.seq * heads + task.head * group) * d;
+      const Keys keys{tp + task.seq * max_blocks, pool + task.head * d, cache.stride(0), block_size, kv_heads * d,
+                      cache.stride(2)};
+      float* part = parts.data() + t * group * width;
+      const int64_t key = task.seq * kv_heads + task.head;
+      if (key != scaled_for) {
+        for (int64_t x = 0; x < group * d; ++x) qf[x] = static_cast<float>(qh[x]) * s;
+        scaled_for = key;
+      }
 #if defined(__AVX512F__)
-      if constexpr (D % 16 == 0 && D > 0 && (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>)) {
-        const int64_t nblocks = (ctx + block_size - 1) / block_size;
-        blocks.resize(nblocks);
-        for (int64_t b = 0; b < nblocks; ++b) blocks[b] = cp + tp[i * max_blocks + b] * block_stride + layer_off + h * d;
-        attend_task_avx512<T, D>(qf.data(), per, blocks.data(), block_size, row, v_off, ctx, scores.data(),
-                                 acc.data(), op + first * d);
+      if constexpr (D % 16 == 0 && D > 0 && D <= 128 && pdserve_vec::kVec16<T>) {
+        span_avx512<T, D>(qh, qf.data(), group, s, keys, task.t0, task.t1, scores.data(), part);
         continue;
       }
 #endif
-      for (int64_t t = 0; t < ctx; ++t) {
-        const T* k = cp + tp[i * max_blocks + t / block_size] * block_stride + layer_off + (t % block_size) * row + h * d;
-        for (int64_t x = 0; x < d; ++x) kv[x] = static_cast<float>(k[x]);
-        for (int64_t g = 0; g < per; ++g) {
-          const float* qg = qf.data() + g * d;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t x = 0; x < d; ++x) dot += qg[x] * kv[x];
-          scores[g * ctx + t] = dot;
-        }
-      }
-      std::vector<float> total(per);
-      for (int64_t g = 0; g < per; ++g) {
-        float* sg = scores.data() + g * ctx;
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < ctx; ++t) mx = std::max(mx, sg[t]);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < ctx; ++t) {
-          sg[t] = std::exp(sg[t] - mx);
-          sum += sg[t];
-        }
-        total[g] = sum;
-      }
+      span_portable<T>(qf.data(), group, d, keys, task.t0, task.t1, scores.data(), part);
+    }
+  });
+  // Merge each query head's spans: rescale every partial to the largest max, sum, divide.
+  std::vector<int64_t> first(n + 1, 0);  // each sequence's first task
+  for (const Task& task : tasks) first[task.seq + 1] += 1;
+  for (int64_t i = 0; i < n; ++i) first[i + 1] += first[i];
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, n * heads, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(d);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t i = r / heads, h = r % heads / group, g = r % group;
+      const int64_t spans = (first[i + 1] - first[i]) / kv_heads, t0 = first[i] + h * spans;
+      auto part = [&](int64_t sp) { return parts.data() + ((t0 + sp) * group + g) * width; };
+      float top = kNegInf;
+      for (int64_t sp = 0; sp < spans; ++sp) top = std::max(top, part(sp)[0]);
+      float total = 0.f;
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < ctx; ++t) {
-        const T* v = cp + tp[i * max_blocks + t / block_size] * block_stride + layer_off + v_off + (t % block_size) * row + h * d;
-        for (int64_t x = 0; x < d; ++x) kv[x] = static_cast<float>(v[x]);
-        for (int64_t g = 0; g < per; ++g) {
-          const float p = scores[g * ctx + t];
-          float* ag = acc.data() + g * d;
-#pragma omp simd
-          for (int64_t x = 0; x < d; ++x) ag[x] += p * kv[x];
-        }
+      for (int64_t sp = 0; sp < spans; ++sp) {
+        const float* p = part(sp);
+        const float w = spans == 1 ? 1.f : std::exp(p[0] - top);
+        total += p[1] * w;
+        for (int64_t x = 0; x < d; ++x) acc[x] += p[2 + x] * w;
       }
-      T* oi = op + first * d;
-      for (int64_t g = 0; g < per; ++g)
-        for (int64_t x = 0; x < d; ++x) oi[g * d + x] = static_cast<T>(acc[g * d + x] / total[g]);
+      for (int64_t x = 0; x < d; ++x) op[r * d + x] = static_cast<T>(acc[x] / total);
     }
   });
 }

@@ -28,10 +28,18 @@ inline __m512i bf16_bits(__m512 x) {
   return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
 }
 
-inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
-inline void store16(at::BFloat16* p, __m512 x) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_bits(x)));
+// x rounded to bf16 as 16 packed halves. With AVX512_BF16 it is one instruction, which rounds alike
+// but flushes subnormals (below 1.2e-38) to zero.
+inline __m256i to_bf16(__m512 x) {
+#if defined(__AVX512BF16__)
+  return (__m256i)_mm512_cvtneps_pbh(x);
+#else
+  return _mm512_cvtepi32_epi16(bf16_bits(x));
+#endif
 }
+
+inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+inline void store16(at::BFloat16* p, __m512 x) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16(x)); }
 
 // What storing to T and loading back gives: float is kept, bf16 rounded, as torch rounds each op's result.
 template <typename T>
@@ -39,7 +47,7 @@ inline __m512 round16(__m512 x) {
   if constexpr (std::is_same_v<T, float>) {
     return x;
   } else {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(x), 16));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(x)), 16));
   }
 }
 

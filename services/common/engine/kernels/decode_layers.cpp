@@ -1,0 +1,57 @@
+// A decode step's decoder layers in one call: the ops llama.py's loop calls, in its order, called
+// through the dispatcher from here. Python's ~10 calls a layer cost a one-sequence step more than
+// its attention (docs/engine.md, "One call a step"); the results are the loop's, bit for bit.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+namespace {
+
+using at::Tensor;
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+// x [T, hidden], the embedded tokens, is the residual stream and is updated in place. weights: each
+// layer's qkv, o, gate_up and down as pack_vnni tiles; norms: each layer's input and post-attention
+// norm weights, then the final norm's. Returns the final norm of the last residual, [T, hidden].
+Tensor decode_layers(Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& cache, const Tensor& slot_blocks,
+                     const Tensor& slot_offsets, const Tensor& tables, const Tensor& lens, at::TensorList weights,
+                     at::TensorList norms, int64_t heads, int64_t kv_heads, double scale, double eps) {
+  static const auto linear = op<Tensor(const Tensor&, const Tensor&, int64_t)>("pdserve::linear_tiles");
+  static const auto rope_cache = op<Tensor(const Tensor&, const Tensor&, const Tensor&, Tensor&, int64_t,
+                                           const Tensor&, const Tensor&, int64_t, int64_t)>("pdserve::rope_cache");
+  static const auto paged_decode =
+      op<Tensor(const Tensor&, const Tensor&, int64_t, const Tensor&, const Tensor&, double)>("pdserve::paged_decode");
+  static const auto rms_norm = op<Tensor(const Tensor&, const Tensor&, double)>("pdserve::rms_norm");
+  static const auto add_rms_norm = op<Tensor(const Tensor&, Tensor&, const Tensor&, double)>("pdserve::add_rms_norm");
+  static const auto silu_mul = op<Tensor(const Tensor&)>("pdserve::silu_mul");
+
+  const int64_t layers = static_cast<int64_t>(weights.size()) / 4, tokens = x.size(0);
+  TORCH_CHECK(weights.size() == 4 * static_cast<size_t>(layers) && norms.size() == 2 * static_cast<size_t>(layers) + 1,
+              "decode_layers: 4 weights and 2 norms a layer, then the final norm");
+  auto project = [&](const Tensor& in, const Tensor& tiles) { return linear.call(in, tiles, tiles.numel() / in.size(1)); };
+  Tensor h = rms_norm.call(x, norms[0], eps);
+  for (int64_t i = 0; i < layers; ++i) {
+    const Tensor q = rope_cache.call(project(h, weights[4 * i]), cos, sin, cache, i, slot_blocks, slot_offsets, heads,
+                                     kv_heads);
+    const Tensor o = paged_decode.call(q, cache, i, tables, lens, scale).view({tokens, -1});
+    h = add_rms_norm.call(project(o, weights[4 * i + 1]), x, norms[2 * i + 1], eps);
+    const Tensor m = project(silu_mul.call(project(h, weights[4 * i + 2])), weights[4 * i + 3]);
+    h = add_rms_norm.call(m, x, norms[2 * i + 2], eps);
+  }
+  return h;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pdserve, m) {
+  m.def(
+      "decode_layers(Tensor(a!) x, Tensor cos, Tensor sin, Tensor(b!) cache, Tensor slot_blocks, Tensor slot_offsets, "
+      "Tensor tables, Tensor lens, Tensor[] weights, Tensor[] norms, int heads, int kv_heads, float scale, float eps) "
+      "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(pdserve, CPU, m) { m.impl("decode_layers", &decode_layers); }
