@@ -173,31 +173,42 @@ void span_avx512(const T* q, const float* qf, int64_t group, float scale, const 
 }
 #endif
 
-// The same for any dtype and head dim, one lane at a time, against the scaled query qf.
-template <typename T>
-void span_portable(const float* qf, int64_t group, int64_t d, const Keys& keys, int64_t t0, int64_t t1,
-                   float* scores, float* part) {
-  const int64_t n = t1 - t0;
+// The same for any dtype and head dim, against the scaled query qf: each key and value row widened
+// to float once (into kv, d floats), then used by every query of the group.
+template <typename T, int64_t D>
+void span_portable(const float* qf, int64_t group, int64_t head_dim, const Keys& keys, int64_t t0, int64_t t1,
+                   float* scores, float* part, float* kv) {
+  const int64_t d = D ? D : head_dim, n = t1 - t0;
   const T* k[kSpan];
   keys.walk(t0, t1, k);
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t x = 0; x < d; ++x) kv[x] = static_cast<float>(k[j][x]);
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = qf + g * d;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t x = 0; x < d; ++x) dot += qg[x] * kv[x];
+      scores[g * kSpan + j] = dot;
+    }
+  }
   for (int64_t g = 0; g < group; ++g) {
     float* sg = scores + g * kSpan;
     float top = kNegInf;
-    for (int64_t j = 0; j < n; ++j) {
-      float dot = 0.f;
-      for (int64_t x = 0; x < d; ++x) dot += qf[g * d + x] * static_cast<float>(k[j][x]);
-      sg[j] = dot;
-      top = std::max(top, dot);
-    }
+    for (int64_t j = 0; j < n; ++j) top = std::max(top, sg[j]);
     float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < n; ++j) sum += (sg[j] = std::exp(sg[j] - top));
-    float* pg = part + g * (d + 2);
-    pg[0] = top;
-    pg[1] = sum;
-    std::fill(pg + 2, pg + 2 + d, 0.f);
-    for (int64_t j = 0; j < n; ++j) {
-      const T* v = k[j] + keys.v_off;
-      for (int64_t x = 0; x < d; ++x) pg[2 + x] += sg[j] * static_cast<float>(v[x]);
+    part[g * (d + 2)] = top;
+    part[g * (d + 2) + 1] = sum;
+    std::fill(part + g * (d + 2) + 2, part + (g + 1) * (d + 2), 0.f);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t x = 0; x < d; ++x) kv[x] = static_cast<float>(k[j][keys.v_off + x]);
+    for (int64_t g = 0; g < group; ++g) {
+      const float p = scores[g * kSpan + j];
+      float* acc = part + g * (d + 2) + 2;
+#pragma omp simd
+      for (int64_t x = 0; x < d; ++x) acc[x] += p * kv[x];
     }
   }
 }
@@ -224,7 +235,7 @@ void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const a
   const T* pool = cache.data_ptr<T>() + layer * cache.stride(1);
   const float s = static_cast<float>(scale);
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(group * kSpan), qf(group * d);
+    std::vector<float> scores(group * kSpan), qf(group * d), kv(d);
     int64_t scaled_for = -1;  // the sequence whose queries qf holds
     for (int64_t t = begin; t < end; ++t) {
       const Task& task = tasks[t];
@@ -243,7 +254,7 @@ void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const a
         continue;
       }
 #endif
-      span_portable<T>(qf.data(), group, d, keys, task.t0, task.t1, scores.data(), part);
+      span_portable<T, D>(qf.data(), group, d, keys, task.t0, task.t1, scores.data(), part, kv.data());
     }
   });
   // Merge each query head's spans: rescale every partial to the largest max, sum, divide.
