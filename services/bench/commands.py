@@ -6,6 +6,7 @@ import importlib
 import sys
 
 from pdserve.common.engine import precision
+from pdserve.common.engine.config import QUANTIZATIONS
 
 
 def _bench(name: str, args) -> int:
@@ -29,6 +30,12 @@ def add_commands(sub) -> None:
         default="auto",
         choices=precision.CHOICES,
         help="weights, KV, the matmul ceiling and the naive loop (auto: as a worker has it)",
+    )
+    eng.add_argument(
+        "--quantization",
+        default="none",
+        choices=QUANTIZATIONS,
+        help="the engine's linear layers (int8: weight-only; the floor counts its bytes, the naive loop keeps --dtype)",
     )
     eng.add_argument("--json", default=None, help="also write the results here")
     eng.set_defaults(func=lambda a: _bench("engine_bench", a))

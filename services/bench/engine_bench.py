@@ -18,6 +18,7 @@ from pdserve.common.engine import precision
 from pdserve.common.engine.config import EngineConfig
 from pdserve.common.engine.engine import LLMEngine
 from pdserve.common.engine.packed_linear import PackedLinear
+from pdserve.common.engine.quantize import Int8Linear
 from pdserve.common.engine.sampling_params import SamplingParams
 
 
@@ -31,7 +32,7 @@ def flops_per_token(model, context: int) -> float:
     linear = sum(
         m.in_features * m.out_features
         for n, m in model.named_modules()
-        if isinstance(m, (torch.nn.Linear, PackedLinear)) and n != "lm_head"
+        if isinstance(m, (torch.nn.Linear, PackedLinear, Int8Linear)) and n != "lm_head"
     )
     attention = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * context
     return 2 * linear + attention
@@ -119,11 +120,16 @@ def main(args) -> int:
         f"{limits.matmul_gflops:.1f} GFLOP/s, "
         f"read {limits.read_gbps:.2f} GB/s, memcpy {limits.memcpy_gbps:.2f} GB/s"
     )
+    quantization = getattr(args, "quantization", None) or "none"
+    if quantization != "none":
+        print(f"weights: {quantization} (the naive transformers loop keeps {dtype.dtype})")
     results: dict = {"machine": limits.as_dict(), "model": ref.name, "quick": quick, "dtype": dtype.dtype}
+    results["quantization"] = quantization
 
     def make(**kw) -> LLMEngine:
         model, tok = model_loader.load(ref, dtype=dtype.dtype)
-        engine = LLMEngine(EngineConfig(**{"num_kv_blocks": 2400, "dtype": dtype.dtype, **kw}), model, tok, ref)
+        config = EngineConfig(**{"num_kv_blocks": 2400, "dtype": dtype.dtype, "quantization": quantization, **kw})
+        engine = LLMEngine(config, model, tok, ref)
         # The pool's pages are faulted in at their first write (kv/host_memory.py); a server that has
         # run a while writes into resident pages, so the timings start from there.
         engine.pool.tensor.zero_()

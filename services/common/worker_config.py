@@ -68,6 +68,11 @@ class WorkerConfig(SecurityConfig):
         "matmul each, pdserve's fused norm, RoPE and activation kernels); off, or without "
         "the kernels: transformers' modules",
     )
+    quantization: Literal["none", "int8"] = option(
+        "none",
+        help="CPU: int8 weight-only linear layers (a scale per output channel; the LM head kept), "
+        "half the bytes a decode step reads; prefill and large batches run slower than bf16",
+    )
     max_queue: int = option(256, help="requests waiting at most; more get RESOURCE_EXHAUSTED")
     lease_ms: int = option(30_000, help="a KV reservation expires if unused this long")
     transfer_timeout_s: float = option(30.0, help="a KV transfer fails if not done this long after decode asks")
@@ -140,6 +145,7 @@ class WorkerConfig(SecurityConfig):
             pack_weights=self.pack_weights,
             paged_kernel=self.paged_kernel,
             fused_layers=self.fused_layers,
+            quantization=self.quantization,
         )
 
     def resolved_worker_id(self, bound_port: int) -> str:

@@ -63,6 +63,7 @@ def plan(
     hosts: Mapping[str, str] | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    quantization: str | None = None,
     grace_s: float = 15.0,
     chunk: int | None = None,
     elastic: bool = False,
@@ -85,7 +86,8 @@ def plan(
     turn (prefill workers first), e.g. "cuda:0,cuda:1" for one GPU each of two workers.
 
     dtype: the workers' --dtype (None: theirs, auto); the KV store gets it resolved for the first
-    worker's device, so that its blocks are the workers' size.
+    worker's device, so that its blocks are the workers' size. quantization: the workers'
+    --quantization (None: theirs, none).
 
     chunk: the workers' --max-num-batched-tokens (their prefill chunk; None: theirs).
 
@@ -118,6 +120,7 @@ def plan(
     per_worker += ("--threads", str(threads))
     cores = _worker_cores(prefill + decode, threads, pin, device)
     per_worker += ("--dtype", dtype) if dtype else ()
+    per_worker += ("--quantization", quantization) if quantization else ()
     per_worker += ("--max-num-batched-tokens", str(chunk)) if chunk else ()
     first_device = (device or "cpu").split(",")[0]
     store_dtype = ("--dtype", precision.resolve(dtype or "auto", first_device).dtype)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pdserve.common import memory
 from pdserve.common.engine import precision
+from pdserve.common.engine.config import QUANTIZATIONS
 from pdserve.launcher import run_state
 from pdserve.launcher.auto import WORKLOADS, choose, profile_file, resolve_mode
 from pdserve.launcher.restarts import RestartPolicy
@@ -141,6 +142,12 @@ def add_up_args(parser: argparse.ArgumentParser) -> None:
         "with AMX or AVX512-BF16, else float32)",
     )
     parser.add_argument(
+        "--quantization",
+        default=None,
+        choices=QUANTIZATIONS,
+        help="model workers' linear layers: int8 weight-only on CPU (default: none; docs/engine.md)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -212,6 +219,7 @@ def _services(
         threads=threads,
         device=args.device,
         dtype=args.dtype,
+        quantization=args.quantization,
         grace_s=args.grace,
         chunk=chunk,
         elastic=args.elastic,

@@ -124,7 +124,10 @@ def _recording(run, logits: list):
     return recorded
 
 
-def test_a_decode_step_in_one_call_gives_the_layer_loops_logits_bit_for_bit(ops, tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_a_decode_step_in_one_call_gives_the_layer_loops_logits_bit_for_bit(
+    ops, tiny_model_dir, monkeypatch, quantization
+):
     """With AMX tiles for every matmul, a decode step's layers run in one C++ call (decode_layers.cpp)."""
     from pdserve.common import model_loader
     from pdserve.common.engine.config import EngineConfig
@@ -137,10 +140,12 @@ def test_a_decode_step_in_one_call_gives_the_layer_loops_logits_bit_for_bit(ops,
     logits = {}
     for loop in (False, True):
         model, tok = model_loader.load(ref, dtype="bfloat16")
-        engine = LLMEngine(EngineConfig(dtype="bfloat16", num_kv_blocks=64), model, tok, ref)
-        fused = engine.runner.fused
-        if fused is None or fused.decode_weights is None:
+        if not kernels.linear_tiles():
             pytest.skip("no AMX tiles here: decode steps run the layer loop")
+        config = EngineConfig(dtype="bfloat16", num_kv_blocks=64, quantization=quantization)
+        engine = LLMEngine(config, model, tok, ref)
+        fused = engine.runner.fused
+        assert fused is not None and fused.decode_weights is not None
         if loop:
             fused.decode_weights = None
         logits[loop] = []

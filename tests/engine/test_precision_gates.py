@@ -60,3 +60,15 @@ def test_a_lower_precision_picks_fp32_s_next_token_at_98_percent_of_positions(ma
     agreement, missed = teacher_forced_agreement(engine, references)
     assert agreement >= AGREEMENT, f"{agreement:.1%} of next tokens agree; missed (prompt, k): {missed}"
     assert engine.stats().prefix_hits > 0  # each position reused the KV of the ones before it
+
+
+def test_int8_weights_pick_fp32_s_next_token_at_98_percent_of_positions(make_engine, references):
+    """Weight-only int8 (quantize.py), with bf16 activations and KV."""
+    from pdserve.common.engine import kernels
+
+    if not kernels.linear_tiles():
+        pytest.skip("int8 runs through AMX tiles, which this CPU (or its kernel build) lacks")
+    engine = make_engine("bfloat16", quantization="int8")
+    assert "int8 weights" in engine.describe()
+    agreement, missed = teacher_forced_agreement(engine, references)
+    assert agreement >= AGREEMENT, f"{agreement:.1%} of next tokens agree; missed (prompt, k): {missed}"

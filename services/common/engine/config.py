@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pdserve.common.config import SettingError
 from pdserve.common.engine.precision import CHOICES
 
+QUANTIZATIONS = ("none", "int8")  # quantize.py
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -24,10 +26,15 @@ class EngineConfig:
     pack_weights: bool = True  # CPU: linear weights in oneDNN's layout, packed once at load (packed_linear)
     paged_kernel: bool = True  # CPU: decode attention by pdserve's kernel, built once with g++ (kernels/)
     fused_layers: bool = True  # CPU, Llama-family models: about ten fused ops a layer (llama.py)
+    quantization: str = "none"  # or int8: weight-only, a scale per output channel (quantize.py); CPU
 
     def __post_init__(self) -> None:
         if self.dtype not in CHOICES:
             raise SettingError("dtype", f"must be one of {', '.join(CHOICES)}, not {self.dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise SettingError("quantization", f"must be one of {', '.join(QUANTIZATIONS)}, not {self.quantization!r}")
+        if self.quantization != "none" and self.device != "cpu":
+            raise SettingError("quantization", f"{self.quantization} runs on the CPU only, not on {self.device}")
         if self.block_size < 1:
             raise SettingError("block_size", "must be >= 1")
         if self.kv_cache_gib <= 0:

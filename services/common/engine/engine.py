@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 
 from pdserve.common import model_loader
-from pdserve.common.engine import attention, precision
+from pdserve.common.engine import attention, precision, quantize
 from pdserve.common.engine.config import EngineConfig
 from pdserve.common.engine.detokenizer import IncrementalDetokenizer
 from pdserve.common.engine.kv_layout import kv_layout
@@ -47,7 +47,11 @@ class LLMEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.ref = ref
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # before packing
+        self.weight_bytes = (  # what a decode step reads, before packing
+            quantize.weight_bytes(model)
+            if config.quantization == "int8"
+            else sum(p.numel() * p.element_size() for p in model.parameters())
+        )
         self.spec, num_blocks, self.max_model_len = kv_layout(config, model.config, ref, self.precision.dtype)
         self.pool = KVPool(self.spec, num_blocks, config.device)
         self.blocks = BlockManager(num_blocks, config.block_size, self.spec.fingerprint, config.enable_prefix_caching)

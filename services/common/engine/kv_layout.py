@@ -12,7 +12,10 @@ def kv_layout(config: EngineConfig, mc, ref: model_loader.ModelRef, dtype: str) 
     """(the KV spec, the pool's blocks, the longest context) for model config `mc`."""
     spec = KVSpec(
         model_name=ref.name,
-        weights_digest=ref.weights_digest,
+        # Quantized weights compute other KV: their workers pair only with their own kind.
+        weights_digest=ref.weights_digest
+        if config.quantization == "none"
+        else f"{ref.weights_digest}+{config.quantization}",
         num_layers=mc.num_hidden_layers,
         num_kv_heads=mc.num_key_value_heads,
         head_dim=getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads,

@@ -13,7 +13,7 @@ import logging
 import torch
 from torch import nn
 
-from pdserve.common.engine import attention, packed_linear
+from pdserve.common.engine import attention, packed_linear, quantize
 from pdserve.common.engine.attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -60,10 +60,13 @@ class TiledLinear(nn.Module):
         return self.fallback(x)
 
 
-def _linear(layers: list[nn.Linear], pack: bool) -> nn.Module:
+def _linear(layers: list[nn.Linear], pack: bool, int8: bool) -> nn.Module:
     """One linear layer computing `layers` side by side (their outputs concatenated)."""
     weight = torch.cat([lin.weight.detach() for lin in layers])
     biases = [lin.bias for lin in layers]
+    if int8:
+        bias = torch.cat([b.detach() for b in biases]) if biases[0] is not None else None
+        return quantize.Int8Linear(weight, bias)
     # Not initialised: its parameters are set from the layers' right away.
     fused = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=biases[0] is not None)
     fused.weight = nn.Parameter(weight, requires_grad=False)
@@ -77,13 +80,13 @@ def _linear(layers: list[nn.Linear], pack: bool) -> nn.Module:
 class FusedLayer(nn.Module):
     """A decoder layer's weights, q/k/v and gate/up each fused into one matmul."""
 
-    def __init__(self, layer: nn.Module, pack: bool):
+    def __init__(self, layer: nn.Module, pack: bool, int8: bool):
         super().__init__()
         a, m = layer.self_attn, layer.mlp
-        self.qkv_proj = _linear([a.q_proj, a.k_proj, a.v_proj], pack)
-        self.o_proj = _linear([a.o_proj], pack)
-        self.gate_up_proj = _linear([m.gate_proj, m.up_proj], pack)
-        self.down_proj = _linear([m.down_proj], pack)
+        self.qkv_proj = _linear([a.q_proj, a.k_proj, a.v_proj], pack, int8)
+        self.o_proj = _linear([a.o_proj], pack, int8)
+        self.gate_up_proj = _linear([m.gate_proj, m.up_proj], pack, int8)
+        self.down_proj = _linear([m.down_proj], pack, int8)
         self.input_norm = layer.input_layernorm.weight
         self.post_norm = layer.post_attention_layernorm.weight
 
@@ -91,7 +94,7 @@ class FusedLayer(nn.Module):
 class FusedLlama:
     """The forward of a Llama model whose decoder layers were replaced, in place, by FusedLayers."""
 
-    def __init__(self, model: nn.Module, pack: bool):
+    def __init__(self, model: nn.Module, pack: bool, int8: bool = False):
         cfg = model.config
         self.heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
@@ -102,7 +105,7 @@ class FusedLlama:
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb
         self.norm = inner.norm.weight
-        inner.layers = nn.ModuleList(FusedLayer(layer, pack) for layer in inner.layers)  # frees the old weights
+        inner.layers = nn.ModuleList(FusedLayer(layer, pack, int8) for layer in inner.layers)  # frees the old weights
         self.layers = list(inner.layers)
         if model.dtype == torch.bfloat16:  # float32 logits (kernels/linear.cpp), read from the weight in place
             weight = model.lm_head.weight
@@ -120,7 +123,9 @@ class FusedLlama:
         self.decode_weights = None
         if all(isinstance(p, TiledLinear) for p in projections):
             self.decode_weights = [p.tiles for p in projections]
-            self.decode_norms = [w for la in self.layers for w in (la.input_norm, la.post_norm)] + [self.norm]
+        elif all(isinstance(p, quantize.Int8Linear) and p.bias is None for p in projections):
+            self.decode_weights = [t for p in projections for t in (p.qweight, p.scales)]
+        self.decode_norms = [w for la in self.layers for w in (la.input_norm, la.post_norm)] + [self.norm]
 
     def __call__(
         self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, rows: torch.Tensor

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from pdserve.common.engine import kernels, llama, packed_linear
+from pdserve.common.engine import kernels, llama, packed_linear, quantize
 from pdserve.common.engine.attention import AttentionMetadata, DecodeGroup, PrefillSlice
 from pdserve.common.engine.config import EngineConfig
 from pdserve.common.engine.scheduler import ScheduledBatch
@@ -65,14 +65,21 @@ class ModelRunner:
         self.prefill_kernel = self.paged_kernel and kernels.prefill_tiles(pool.tensor.dtype, pool.tensor.shape[-1])
         self.fused: llama.FusedLlama | None = None
         self.unfused_why = _why_unfused(config, cpu, model)
+        self.int8 = config.quantization == "int8"
+        if self.int8:
+            quantize.check_usable(model.dtype)
         if not self.unfused_why:
-            self.fused = llama.FusedLlama(model, pack)
+            self.fused = llama.FusedLlama(model, pack, self.int8)
             self.packed_linears = self.fused.linears
-        elif pack:
-            self.packed_linears = packed_linear.pack_linears(model)
+        else:
+            if self.int8:
+                quantize.quantize_linears(model)
+            if pack:  # what int8 left: the LM head
+                self.packed_linears = packed_linear.pack_linears(model)
 
     def describe(self) -> str:
-        packed = f"{self.packed_linears} linear layers packed for oneDNN, " if self.packed_linears else ""
+        packed = "int8 weights (weight-only, a scale per channel; the LM head kept), " if self.int8 else ""
+        packed += f"{self.packed_linears} linear layers packed for oneDNN, " if self.packed_linears else ""
         tiled = ""
         if self.fused and self.fused.tiled:
             tiled = f" ({self.fused.tiled} matmuls through AMX tiles at <= {llama.TILE_ROWS} rows)"

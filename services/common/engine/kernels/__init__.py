@@ -108,6 +108,12 @@ def vectorized() -> bool:
     return load() and bool(torch.ops.pdserve.vectorized())
 
 
+@functools.cache
+def linear_tiles() -> bool:
+    """Whether bf16 matmuls can run through AMX tiles here (linear.cpp)."""
+    return load() and torch.ops.pdserve.pack_vnni(torch.zeros(16, 32, dtype=torch.bfloat16)).numel() > 0
+
+
 def prefill_tiles(dtype: torch.dtype, head_dim: int) -> bool:
     """Whether prefill attention runs through AMX tiles (prefill_attention.cpp): bf16, AMX, head dim 64 or 128."""
     return dtype == torch.bfloat16 and load() and bool(torch.ops.pdserve.prefill_attention_usable(head_dim))

@@ -15,12 +15,14 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
 }
 
 // x [T, hidden], the embedded tokens, is the residual stream and is updated in place. weights: each
-// layer's qkv, o, gate_up and down as pack_vnni tiles; norms: each layer's input and post-attention
-// norm weights, then the final norm's. Returns the final norm of the last residual, [T, hidden].
+// layer's qkv, o, gate_up and down as pack_vnni tiles, or (int8) as pairs of int8 tiles and scales;
+// norms: each layer's input and post-attention norm weights, then the final norm's. Returns the
+// final norm of the last residual, [T, hidden].
 Tensor decode_layers(Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& cache, const Tensor& slot_blocks,
                      const Tensor& slot_offsets, const Tensor& tables, const Tensor& lens, at::TensorList weights,
                      at::TensorList norms, int64_t heads, int64_t kv_heads, double scale, double eps) {
   static const auto linear = op<Tensor(const Tensor&, const Tensor&, int64_t)>("pdserve::linear_tiles");
+  static const auto linear_int8 = op<Tensor(const Tensor&, const Tensor&, const Tensor&)>("pdserve::linear_int8");
   static const auto rope_cache = op<Tensor(const Tensor&, const Tensor&, const Tensor&, Tensor&, int64_t,
                                            const Tensor&, const Tensor&, int64_t, int64_t)>("pdserve::rope_cache");
   static const auto paged_decode =
@@ -29,17 +31,21 @@ Tensor decode_layers(Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& ca
   static const auto add_rms_norm = op<Tensor(const Tensor&, Tensor&, const Tensor&, double)>("pdserve::add_rms_norm");
   static const auto silu_mul = op<Tensor(const Tensor&)>("pdserve::silu_mul");
 
-  const int64_t layers = static_cast<int64_t>(weights.size()) / 4, tokens = x.size(0);
-  TORCH_CHECK(weights.size() == 4 * static_cast<size_t>(layers) && norms.size() == 2 * static_cast<size_t>(layers) + 1,
-              "decode_layers: 4 weights and 2 norms a layer, then the final norm");
-  auto project = [&](const Tensor& in, const Tensor& tiles) { return linear.call(in, tiles, tiles.numel() / in.size(1)); };
+  const int64_t layers = (static_cast<int64_t>(norms.size()) - 1) / 2, tokens = x.size(0);
+  const bool int8 = static_cast<int64_t>(weights.size()) == 8 * layers;
+  TORCH_CHECK(norms.size() == 2 * static_cast<size_t>(layers) + 1 && (int8 || weights.size() == 4 * static_cast<size_t>(layers)),
+              "decode_layers: 2 norms a layer and the final norm; 4 weights a layer (8 for int8)");
+  auto project = [&](const Tensor& in, int64_t layer, int64_t which) {  // which: qkv, o, gate_up, down
+    if (int8) return linear_int8.call(in, weights[8 * layer + 2 * which], weights[8 * layer + 2 * which + 1]);
+    const Tensor& tiles = weights[4 * layer + which];
+    return linear.call(in, tiles, tiles.numel() / in.size(1));
+  };
   Tensor h = rms_norm.call(x, norms[0], eps);
   for (int64_t i = 0; i < layers; ++i) {
-    const Tensor q = rope_cache.call(project(h, weights[4 * i]), cos, sin, cache, i, slot_blocks, slot_offsets, heads,
-                                     kv_heads);
+    const Tensor q = rope_cache.call(project(h, i, 0), cos, sin, cache, i, slot_blocks, slot_offsets, heads, kv_heads);
     const Tensor o = paged_decode.call(q, cache, i, tables, lens, scale).view({tokens, -1});
-    h = add_rms_norm.call(project(o, weights[4 * i + 1]), x, norms[2 * i + 1], eps);
-    const Tensor m = project(silu_mul.call(project(h, weights[4 * i + 2])), weights[4 * i + 3]);
+    h = add_rms_norm.call(project(o, i, 1), x, norms[2 * i + 1], eps);
+    const Tensor m = project(silu_mul.call(project(h, i, 2)), i, 3);
     h = add_rms_norm.call(m, x, norms[2 * i + 2], eps);
   }
   return h;

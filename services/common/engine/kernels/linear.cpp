@@ -88,17 +88,33 @@ at::Tensor pack_vnni(const at::Tensor& w) {
   return out;
 }
 
-// Stores a C tile's rows [0, rows) into out [., N] at column n0, as O (bf16: rounded once, here).
+// Stores a C tile's rows [0, rows) into out [., N] at column n0, as O (bf16: rounded once, here),
+// each column times its scale where there are scales (int8 weights).
 template <typename O>
-inline void store_tile(const float* c, O* out, int64_t rows, int64_t N, int64_t n0) {
+inline void store_tile(const float* c, O* out, int64_t rows, int64_t N, int64_t n0, const float* scales) {
   for (int64_t m = 0; m < rows; ++m)
-    for (int64_t j = 0; j < 16; ++j) out[m * N + n0 + j] = static_cast<O>(c[m * 16 + j]);
+    for (int64_t j = 0; j < 16; ++j)
+      out[m * N + n0 + j] = static_cast<O>(scales ? c[m * 16 + j] * scales[n0 + j] : c[m * 16 + j]);
+}
+
+// n int8 values (a multiple of 32) as bf16: exact, |q| <= 127 needs 7 of bf16's 8 mantissa bits.
+inline void widen_int8(const int8_t* q, at::BFloat16* out, int64_t n) {
+  for (int64_t i = 0; i < n; i += 32) {
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i))));
+    const __m512 hi =
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i + 16))));
+    _mm512_storeu_si512(out + i, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+  }
 }
 
 // out [M, N] = x [M, K] . w^T from w's pack_vnni: two A tiles (32 rows of x) by two B tiles (32
 // columns) into four C tiles, so each tile load feeds two multiplies. Rows past M read zeros.
+// With `q` (int8 in the same layout) and `scales` instead of `packed`, each pair of 16-column
+// panels is first widened into a buffer of the thread's: half the bytes read, the widening on the
+// cores the memory leaves idle.
 template <typename O>
-void linear_amx(const at::BFloat16* xp, const at::BFloat16* packed, O* op, int64_t M, int64_t N, int64_t K) {
+void linear_amx(const at::BFloat16* xp, const at::BFloat16* packed, O* op, int64_t M, int64_t N, int64_t K,
+                const int8_t* q = nullptr, const float* scales = nullptr) {
   const int64_t kbs = K / 32, nbs = N / 16, full = M / 16 * 16;
   std::vector<at::BFloat16> tail(16 * K, at::BFloat16(0.f));  // the last, partial block of rows
   std::copy(xp + full * K, xp + M * K, tail.begin());
@@ -106,10 +122,15 @@ void linear_amx(const at::BFloat16* xp, const at::BFloat16* packed, O* op, int64
   at::parallel_for(0, (nbs + 1) / 2, 16, [&](int64_t p0, int64_t p1) {
     pdserve_amx::configure_full_tiles();
     alignas(64) float c[16 * 16];
+    std::vector<at::BFloat16> panels(q ? 2 * kbs * 512 : 0);
     for (int64_t pair = p0; pair < p1; ++pair) {
       const int64_t nb = pair * 2;
       const bool two_n = nb + 1 < nbs;
       const at::BFloat16* b0 = packed + nb * kbs * 512;
+      if (q) {
+        widen_int8(q + nb * kbs * 512, panels.data(), (two_n ? 2 : 1) * kbs * 512);
+        b0 = panels.data();
+      }
       for (int64_t m0 = 0; m0 < M; m0 += 32) {
         const bool two_m = m0 + 16 < M;
         const at::BFloat16 *a0 = rows_at(m0), *a1 = two_m ? rows_at(m0 + 16) : a0;
@@ -133,17 +154,17 @@ void linear_amx(const at::BFloat16* xp, const at::BFloat16* packed, O* op, int64
         }
         const int64_t r0 = std::min<int64_t>(16, M - m0), r1 = std::min<int64_t>(16, M - m0 - 16);
         _tile_stored(4, c, 64);
-        store_tile(c, op + m0 * N, r0, N, nb * 16);
+        store_tile(c, op + m0 * N, r0, N, nb * 16, scales);
         if (two_n) {
           _tile_stored(5, c, 64);
-          store_tile(c, op + m0 * N, r0, N, nb * 16 + 16);
+          store_tile(c, op + m0 * N, r0, N, nb * 16 + 16, scales);
         }
         if (two_m) {
           _tile_stored(6, c, 64);
-          store_tile(c, op + (m0 + 16) * N, r1, N, nb * 16);
+          store_tile(c, op + (m0 + 16) * N, r1, N, nb * 16, scales);
           if (two_n) {
             _tile_stored(7, c, 64);
-            store_tile(c, op + (m0 + 16) * N, r1, N, nb * 16 + 16);
+            store_tile(c, op + (m0 + 16) * N, r1, N, nb * 16 + 16, scales);
           }
         }
       }
@@ -162,8 +183,26 @@ at::Tensor linear_tiles(const at::Tensor& x, const at::Tensor& packed, int64_t N
              x.size(1));
   return out;
 }
+
+// x [M, K] bf16 . (q * scales)^T: a linear layer's weight [N, K] quantized per row to int8 and laid
+// out as pack_vnni lays bf16 out (quantize.py), its float32 scales [N].
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales) {
+  const int64_t N = scales.numel();
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && q.scalar_type() == at::kChar &&
+                  scales.scalar_type() == at::kFloat && q.numel() == N * x.size(1) && N % 16 == 0 && x.size(1) % 32 == 0,
+              "linear_int8: x [M, K] bf16, q int8 [N * K] in pack_vnni's layout, scales float32 [N]");
+  TORCH_CHECK(pdserve_amx::ready() && q.is_contiguous() && scales.is_contiguous(), "linear_int8: needs AMX");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty({x.size(0), N}, x.options());
+  linear_amx(xc.data_ptr<at::BFloat16>(), static_cast<const at::BFloat16*>(nullptr), out.data_ptr<at::BFloat16>(),
+             x.size(0), N, x.size(1), q.data_ptr<int8_t>(), scales.data_ptr<float>());
+  return out;
+}
 #else
 at::Tensor pack_vnni(const at::Tensor& w) { return at::empty({0}, w.options()); }
+at::Tensor linear_int8(const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+  TORCH_CHECK(false, "linear_int8: built without AMX");
+}
 at::Tensor linear_tiles(const at::Tensor& x, const at::Tensor& packed, int64_t N) {
   TORCH_CHECK(false, "linear_tiles: built without AMX");
 }
@@ -214,10 +253,12 @@ TORCH_LIBRARY_FRAGMENT(pdserve, m) {
   m.def("linear_f32(Tensor x, Tensor w, Tensor? packed=None) -> Tensor");
   m.def("pack_vnni(Tensor w) -> Tensor");
   m.def("linear_tiles(Tensor x, Tensor packed, int n) -> Tensor");
+  m.def("linear_int8(Tensor x, Tensor q, Tensor scales) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pdserve, CPU, m) {
   m.impl("linear_f32", &linear_f32);
   m.impl("pack_vnni", &pack_vnni);
   m.impl("linear_tiles", &linear_tiles);
+  m.impl("linear_int8", &linear_int8);
 }
