@@ -70,3 +70,22 @@ def test_a_later_chunk_attends_as_the_same_rows_of_the_whole_prompt(prefill_atte
     whole = prefill_attention(q, cache, 0, block_ids, 1024, 0.125)
     chunk = prefill_attention(q[600:], cache, 0, block_ids, 1024, 0.125)
     torch.testing.assert_close(chunk, whole[600:], atol=0, rtol=0)
+
+
+def test_scores_that_keep_rising_along_the_keys_are_rescaled_exactly(prefill_attention):
+    """The running max moves only past a slack, so a max that climbs block after block (keys that grow
+    with their position, scores up to ~60) must still rescale every earlier sum: SDPA's result."""
+    torch.manual_seed(4)
+    ctx = 700
+    cache = torch.randn(48, 1, 2, BLOCK, 3, 64, dtype=torch.bfloat16)
+    block_ids = torch.randperm(48)[: (ctx + BLOCK - 1) // BLOCK]
+    growth = torch.linspace(0.2, 4.0, ctx)
+    keys = cache[block_ids, 0, 0].reshape(-1, 3, 64)[:ctx].float() * growth[:, None, None]
+    cache[block_ids, 0, 0] = (
+        torch.cat([keys, torch.zeros(len(block_ids) * BLOCK - ctx, 3, 64)])
+        .reshape(len(block_ids), BLOCK, 3, 64)
+        .to(torch.bfloat16)
+    )
+    q = torch.randn(ctx, 9, 64, dtype=torch.bfloat16) * 2
+    got = prefill_attention(q, cache, 0, block_ids, ctx, 0.125)
+    torch.testing.assert_close(got.float(), _reference(q, cache, 0, block_ids, ctx, 0.125), atol=2e-2, rtol=2e-2)

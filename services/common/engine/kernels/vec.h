@@ -62,5 +62,37 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(y, n);
 }
 
+// The 16 x 16 floats in m, transposed in registers: m[i][j] becomes m[j][i] (64 shuffles, where
+// gathering the columns costs 16 loads each).
+inline void transpose16(__m512 m[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {  // pairs of rows, interleaved within each 128-bit lane
+    t[i] = _mm512_unpacklo_ps(m[i], m[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(m[i], m[i + 1]);
+  }
+  const auto lo = [&](int a, int b) {
+    return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[a]), _mm512_castps_pd(t[b])));
+  };
+  const auto hi = [&](int a, int b) {
+    return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[a]), _mm512_castps_pd(t[b])));
+  };
+  for (int g = 0; g < 16; g += 4) {  // then pairs of pairs: lane L of m[g + c] is rows g..g+3 at column 4L + c
+    m[g] = lo(g, g + 2);
+    m[g + 1] = hi(g, g + 2);
+    m[g + 2] = lo(g + 1, g + 3);
+    m[g + 3] = hi(g + 1, g + 3);
+  }
+  for (int c = 0; c < 4; ++c) {  // then whole lanes: column 4L + c is lane L of m[c], m[4 + c], m[8 + c], m[12 + c]
+    const __m512 v = _mm512_shuffle_f32x4(m[c], m[4 + c], 0x88), w = _mm512_shuffle_f32x4(m[c], m[4 + c], 0xDD);
+    const __m512 v2 = _mm512_shuffle_f32x4(m[8 + c], m[12 + c], 0x88);
+    const __m512 w2 = _mm512_shuffle_f32x4(m[8 + c], m[12 + c], 0xDD);
+    t[c] = _mm512_shuffle_f32x4(v, v2, 0x88);
+    t[8 + c] = _mm512_shuffle_f32x4(v, v2, 0xDD);
+    t[4 + c] = _mm512_shuffle_f32x4(w, w2, 0x88);
+    t[12 + c] = _mm512_shuffle_f32x4(w, w2, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) m[i] = t[i];
+}
+
 }  // namespace pdserve_vec
 #endif
