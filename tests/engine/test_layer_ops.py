@@ -99,20 +99,40 @@ def test_a_model_that_is_not_laid_out_as_llama_keeps_transformers_layers(tiny_mo
     assert llama.unsupported(model) == "attention other than Llama's"
 
 
-def test_amx_tiles_compute_what_onednn_computes_at_every_row_count(ops):
-    torch.manual_seed(4)
-    w = torch.randn(96, 64, dtype=torch.bfloat16)
-    tiles = ops.pack_vnni(w)
-    if not tiles.numel():
+@pytest.fixture(scope="module")
+def amx(ops):
+    if not kernels.linear_tiles():
         pytest.skip("this CPU has no AMX (or the kernels were built without it): oneDNN runs every matmul")
+
+
+@pytest.mark.parametrize("out_features", [96, 1056])  # 1,056: more column pairs than a block of them
+def test_amx_tiles_compute_what_onednn_computes_at_every_row_count(ops, amx, out_features):
+    torch.manual_seed(4)
+    w = torch.randn(out_features, 64, dtype=torch.bfloat16)
+    tiles = ops.pack_vnni(w)
     onednn = torch.ops.mkldnn._reorder_linear_weight(w, 1)
-    for rows in (1, 15, 16, 17, 33, 70):  # partial and whole blocks of 16 rows, one and two of them a pass
+    for rows in (1, 15, 16, 17, 33, 70, 300):  # partial and whole blocks of 16 rows, one and two of them a pass
         x = torch.randn(rows, 64, dtype=torch.bfloat16)
-        got = ops.linear_tiles(x, tiles, 96)
+        got = ops.linear_tiles(x, tiles, out_features)
         assert torch.equal(got, torch.ops.mkldnn._linear_pointwise(x, onednn, None, "none", [], ""))  # same bits
         torch.testing.assert_close(got.float(), x.float() @ w.float().T, atol=0.1, rtol=1e-2)
         torch.testing.assert_close(ops.linear_f32(x, w, tiles), x.float() @ w.float().T, atol=1e-4, rtol=1e-5)
     assert not ops.pack_vnni(torch.randn(40, 64, dtype=torch.bfloat16)).numel()  # 40 rows: not whole tiles
+
+
+def test_gate_up_with_silu_in_its_epilogue_gives_silu_mul_of_the_matmul_bit_for_bit(ops, amx):
+    """The MLP's gate_up matmul hands its float32 sums to SiLU in place: the bf16 result of the two ops."""
+    torch.manual_seed(5)
+    inter = 544  # 34 panels of gate, 34 of up
+    w = torch.randn(2 * inter, 64, dtype=torch.bfloat16)
+    tiles = ops.pack_vnni(w)
+    for rows in (1, 17, 300):
+        x = torch.randn(rows, 64, dtype=torch.bfloat16) * 2
+        gate_up = ops.linear_tiles(x, tiles, 2 * inter)
+        gate, up = gate_up.chunk(2, dim=-1)
+        got = ops.gate_up_silu(x, tiles, inter)
+        assert torch.equal(got, ops.silu_mul(gate_up))
+        assert torch.equal(got, F.silu(gate) * up)
 
 
 def _recording(run, logits: list):

@@ -40,24 +40,26 @@ def unsupported(model) -> str:
     return ""
 
 
-# Rows up to which a bf16 matmul goes through pdserve's AMX tiles: they measured 1.2-1.7x faster than
-# oneDNN's packed matmul at 1-32 rows and up to 1.5x slower at 1,024, with the same bits.
-TILE_ROWS = 64
-
-
 class TiledLinear(nn.Module):
-    """A bf16 linear layer: few rows (decode steps) through AMX tiles, more through `fallback`."""
+    """A bf16 linear layer through AMX tiles (kernels/linear.cpp), its weight kept only as tiles.
 
-    def __init__(self, fallback: nn.Module, tiles: torch.Tensor, out_features: int):
+    At every row count they measured at least as fast as oneDNN's packed matmul (1.2x at 128 rows,
+    parity at 1,024), with the same bits, so a worker holds one copy of its weights, not two."""
+
+    def __init__(self, tiles: torch.Tensor, out_features: int):
         super().__init__()
-        self.fallback = fallback
         self.register_buffer("tiles", tiles, persistent=False)
         self.out_features = out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= TILE_ROWS:
-            return torch.ops.pdserve.linear_tiles(x, self.tiles, self.out_features)
-        return self.fallback(x)
+        return torch.ops.pdserve.linear_tiles(x, self.tiles, self.out_features)
+
+
+def gate_up_silu(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for the MLP's fused gate_up `proj`: one op through tiles, where it has them."""
+    if isinstance(proj, TiledLinear):
+        return torch.ops.pdserve.gate_up_silu(x, proj.tiles, proj.out_features // 2)
+    return torch.ops.pdserve.silu_mul(proj(x))
 
 
 def _linear(layers: list[nn.Linear], pack: bool, int8: bool) -> nn.Module:
@@ -67,14 +69,15 @@ def _linear(layers: list[nn.Linear], pack: bool, int8: bool) -> nn.Module:
     if int8:
         bias = torch.cat([b.detach() for b in biases]) if biases[0] is not None else None
         return quantize.Int8Linear(weight, bias)
+    tiles = torch.ops.pdserve.pack_vnni(weight) if biases[0] is None else weight[:0]  # empty: no AMX here
+    if tiles.numel():
+        return TiledLinear(tiles, weight.shape[0])
     # Not initialised: its parameters are set from the layers' right away.
     fused = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=biases[0] is not None)
     fused.weight = nn.Parameter(weight, requires_grad=False)
     if fused.bias is not None:
         fused.bias = nn.Parameter(torch.cat([b.detach() for b in biases]), requires_grad=False)
-    tiles = torch.ops.pdserve.pack_vnni(weight) if fused.bias is None else weight[:0]  # empty: no AMX
-    module = packed_linear.PackedLinear(fused) if pack else fused
-    return TiledLinear(module, tiles, weight.shape[0]) if tiles.numel() else module
+    return packed_linear.PackedLinear(fused) if pack else fused
 
 
 class FusedLayer(nn.Module):
@@ -134,7 +137,7 @@ class FusedLlama:
         ops = torch.ops.pdserve
         x = self.embed(ids)
         cos, sin = (t[0].contiguous() for t in self.rotary(x, positions[None]))
-        if self.decode_weights is not None and meta.decode_only and len(ids) <= TILE_ROWS:
+        if self.decode_weights is not None and meta.decode_only:
             g = meta.decode_groups[0]
             h = ops.decode_layers(
                 x, cos, sin, meta.kv_cache, meta.slot_blocks, meta.slot_offsets, g.block_tables, g.context_lens,
@@ -150,7 +153,7 @@ class FusedLlama:
             )
             o = attention.attend(q, meta, i, self.scale).view(len(ids), -1)
             h = ops.add_rms_norm(layer.o_proj(o), residual, layer.post_norm, self.eps)
-            m = layer.down_proj(ops.silu_mul(layer.gate_up_proj(h)))
+            m = layer.down_proj(gate_up_silu(layer.gate_up_proj, h))
             following = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
             h = ops.add_rms_norm(m, residual, following, self.eps)
         return self.lm_head(h[rows])

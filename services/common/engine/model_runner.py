@@ -82,7 +82,7 @@ class ModelRunner:
         packed += f"{self.packed_linears} linear layers packed for oneDNN, " if self.packed_linears else ""
         tiled = ""
         if self.fused and self.fused.tiled:
-            tiled = f" ({self.fused.tiled} matmuls through AMX tiles at <= {llama.TILE_ROWS} rows)"
+            tiled = f" ({self.fused.tiled} matmuls through AMX tiles)"
         layers = f"fused layers{tiled}, " if self.fused else f"transformers layers ({self.unfused_why}), "
         attention = "decode attention: " + ("pdserve paged kernel" if self.paged_kernel else "torch ops")
         return packed + layers + attention + (", prefill attention: AMX tiles" if self.prefill_kernel else "")

@@ -100,15 +100,8 @@ void silu_mul_rows(const T* gp, T* op, int64_t rows, int64_t inter) {
 #if defined(__AVX512F__)
       if constexpr (pdserve_vec::kVec16<T>) {
         using namespace pdserve_vec;
-        const __m512 one = _mm512_set1_ps(1.f);
-        for (; i + 16 <= inter; i += 16) {
-          const __m512 x = load16(g + i);
-          const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));  // e^-|x|
-          const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
-          const __m512 num = _mm512_mask_mov_ps(one, neg, e);  // sigmoid: 1/(1+e) or e/(1+e)
-          const __m512 silu = round16<T>(_mm512_mul_ps(x, _mm512_div_ps(num, _mm512_add_ps(one, e))));
-          store16(o + i, _mm512_mul_ps(silu, load16(u + i)));
-        }
+        for (; i + 16 <= inter; i += 16)
+          store16(o + i, _mm512_mul_ps(round16<T>(silu16(load16(g + i))), load16(u + i)));
       }
 #endif
       for (; i < inter; ++i) {

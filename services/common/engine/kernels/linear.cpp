@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "amx.h"
+#include "tile_product.h"
 #include "vec.h"
 
 namespace {
@@ -92,85 +93,23 @@ at::Tensor pack_vnni(const at::Tensor& w) {
 // each column times its scale where there are scales (int8 weights).
 template <typename O>
 inline void store_tile(const float* c, O* out, int64_t rows, int64_t N, int64_t n0, const float* scales) {
+  const __m512 scale = scales ? _mm512_loadu_ps(scales + n0) : _mm512_set1_ps(1.f);
   for (int64_t m = 0; m < rows; ++m)
-    for (int64_t j = 0; j < 16; ++j)
-      out[m * N + n0 + j] = static_cast<O>(scales ? c[m * 16 + j] * scales[n0 + j] : c[m * 16 + j]);
+    pdserve_vec::store16(out + m * N + n0, _mm512_mul_ps(_mm512_load_ps(c + m * 16), scale));
 }
 
-// n int8 values (a multiple of 32) as bf16: exact, |q| <= 127 needs 7 of bf16's 8 mantissa bits.
-inline void widen_int8(const int8_t* q, at::BFloat16* out, int64_t n) {
-  for (int64_t i = 0; i < n; i += 32) {
-    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i))));
-    const __m512 hi =
-        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i + 16))));
-    _mm512_storeu_si512(out + i, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-  }
-}
-
-// out [M, N] = x [M, K] . w^T from w's pack_vnni: two A tiles (32 rows of x) by two B tiles (32
-// columns) into four C tiles, so each tile load feeds two multiplies. Rows past M read zeros.
-// With `q` (int8 in the same layout) and `scales` instead of `packed`, each pair of 16-column
-// panels is first widened into a buffer of the thread's: half the bytes read, the widening on the
-// cores the memory leaves idle.
+// out [M, N] = x [M, K] . w^T from w's pack_vnni (or int8 in the same layout, with `scales`): pair p
+// is panels 2p and 2p + 1. Int8 panels are widened into a buffer of the thread's: half the bytes
+// read, the widening on the cores the memory leaves idle.
 template <typename O>
 void linear_amx(const at::BFloat16* xp, const at::BFloat16* packed, O* op, int64_t M, int64_t N, int64_t K,
                 const int8_t* q = nullptr, const float* scales = nullptr) {
-  const int64_t kbs = K / 32, nbs = N / 16, full = M / 16 * 16;
-  std::vector<at::BFloat16> tail(16 * K, at::BFloat16(0.f));  // the last, partial block of rows
-  std::copy(xp + full * K, xp + M * K, tail.begin());
-  auto rows_at = [&](int64_t m0) { return m0 < full ? xp + m0 * K : tail.data(); };
-  at::parallel_for(0, (nbs + 1) / 2, 16, [&](int64_t p0, int64_t p1) {
-    pdserve_amx::configure_full_tiles();
-    alignas(64) float c[16 * 16];
-    std::vector<at::BFloat16> panels(q ? 2 * kbs * 512 : 0);
-    for (int64_t pair = p0; pair < p1; ++pair) {
-      const int64_t nb = pair * 2;
-      const bool two_n = nb + 1 < nbs;
-      const at::BFloat16* b0 = packed + nb * kbs * 512;
-      if (q) {
-        widen_int8(q + nb * kbs * 512, panels.data(), (two_n ? 2 : 1) * kbs * 512);
-        b0 = panels.data();
-      }
-      for (int64_t m0 = 0; m0 < M; m0 += 32) {
-        const bool two_m = m0 + 16 < M;
-        const at::BFloat16 *a0 = rows_at(m0), *a1 = two_m ? rows_at(m0 + 16) : a0;
-        _tile_zero(4);
-        _tile_zero(5);
-        _tile_zero(6);
-        _tile_zero(7);
-        for (int64_t kb = 0; kb < kbs; ++kb) {
-          _tile_loadd(0, a0 + kb * 32, K * 2);
-          _tile_loadd(2, b0 + kb * 512, 64);
-          _tile_dpbf16ps(4, 0, 2);
-          if (two_n) {
-            _tile_loadd(3, b0 + (kbs + kb) * 512, 64);
-            _tile_dpbf16ps(5, 0, 3);
-          }
-          if (two_m) {
-            _tile_loadd(1, a1 + kb * 32, K * 2);
-            _tile_dpbf16ps(6, 1, 2);
-            if (two_n) _tile_dpbf16ps(7, 1, 3);
-          }
-        }
-        const int64_t r0 = std::min<int64_t>(16, M - m0), r1 = std::min<int64_t>(16, M - m0 - 16);
-        _tile_stored(4, c, 64);
-        store_tile(c, op + m0 * N, r0, N, nb * 16, scales);
-        if (two_n) {
-          _tile_stored(5, c, 64);
-          store_tile(c, op + m0 * N, r0, N, nb * 16 + 16, scales);
-        }
-        if (two_m) {
-          _tile_stored(6, c, 64);
-          store_tile(c, op + (m0 + 16) * N, r1, N, nb * 16, scales);
-          if (two_n) {
-            _tile_stored(7, c, 64);
-            store_tile(c, op + (m0 + 16) * N, r1, N, nb * 16 + 16, scales);
-          }
-        }
-      }
-    }
-    _tile_release();
-  });
+  const pdserve_tiles::Panels w{packed, q, N / 16};
+  const auto store = [&](int64_t p, int64_t m, int64_t rows, const float* c0, const float* c1) {
+    store_tile(c0, op + m * N, rows, N, p * 32, scales);
+    if (c1) store_tile(c1, op + m * N, rows, N, p * 32 + 16, scales);
+  };
+  pdserve_tiles::tile_product(xp, M, K, w, (N / 16 + 1) / 2, store);
 }
 
 // A linear layer in bf16 through AMX tiles: x [M, K] . w^T, w given as its pack_vnni, N its rows.
@@ -198,6 +137,30 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tenso
              x.size(0), N, x.size(1), q.data_ptr<int8_t>(), scales.data_ptr<float>());
   return out;
 }
+// silu(x . gate^T) * (x . up^T) [M, I] from the pack_vnni of [gate; up] [2I, K] (the MLP's fused
+// gate_up): linear_tiles then silu_mul, rounded alike, without writing and reading back [M, 2I].
+// Pair p is gate's panel p and up's panel p, so each C tile pair is 16 of the result's columns.
+at::Tensor gate_up_silu(const at::Tensor& x, const at::Tensor& packed, int64_t inter) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && packed.numel() == 2 * inter * x.size(1) &&
+                  inter % 16 == 0,
+              "gate_up_silu: x [M, K] bf16 and a pack_vnni of [2 * inter, K]");
+  using pdserve_vec::round16;
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = x.size(0);
+  at::Tensor out = at::empty({M, inter}, x.options());
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  const auto silu_mul = [&](int64_t p, int64_t m, int64_t rows, const float* gate, const float* up) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m512 g = round16<at::BFloat16>(_mm512_load_ps(gate + r * 16));
+      const __m512 u = round16<at::BFloat16>(_mm512_load_ps(up + r * 16));
+      const __m512 silu = round16<at::BFloat16>(pdserve_vec::silu16(g));
+      pdserve_vec::store16(op + (m + r) * inter + p * 16, _mm512_mul_ps(silu, u));
+    }
+  };
+  const pdserve_tiles::Panels w{packed.data_ptr<at::BFloat16>(), nullptr, 2 * inter / 16, 1, inter / 16};
+  pdserve_tiles::tile_product(xc.data_ptr<at::BFloat16>(), M, x.size(1), w, inter / 16, silu_mul);
+  return out;
+}
 #else
 at::Tensor pack_vnni(const at::Tensor& w) { return at::empty({0}, w.options()); }
 at::Tensor linear_int8(const at::Tensor&, const at::Tensor&, const at::Tensor&) {
@@ -205,6 +168,9 @@ at::Tensor linear_int8(const at::Tensor&, const at::Tensor&, const at::Tensor&) 
 }
 at::Tensor linear_tiles(const at::Tensor& x, const at::Tensor& packed, int64_t N) {
   TORCH_CHECK(false, "linear_tiles: built without AMX");
+}
+at::Tensor gate_up_silu(const at::Tensor& x, const at::Tensor& packed, int64_t inter) {
+  TORCH_CHECK(false, "gate_up_silu: built without AMX");
 }
 #endif
 
@@ -254,6 +220,7 @@ TORCH_LIBRARY_FRAGMENT(pdserve, m) {
   m.def("pack_vnni(Tensor w) -> Tensor");
   m.def("linear_tiles(Tensor x, Tensor packed, int n) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor q, Tensor scales) -> Tensor");
+  m.def("gate_up_silu(Tensor x, Tensor packed, int inter) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pdserve, CPU, m) {
@@ -261,4 +228,5 @@ TORCH_LIBRARY_IMPL(pdserve, CPU, m) {
   m.impl("pack_vnni", &pack_vnni);
   m.impl("linear_tiles", &linear_tiles);
   m.impl("linear_int8", &linear_int8);
+  m.impl("gate_up_silu", &gate_up_silu);
 }

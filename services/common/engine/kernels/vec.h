@@ -94,5 +94,13 @@ inline void transpose16(__m512 m[16]) {
   for (int i = 0; i < 16; ++i) m[i] = t[i];
 }
 
+// silu(x) = x / (1 + e^-x), as 1/(1+e) or e/(1+e) with e = e^-|x| so that nothing overflows.
+inline __m512 silu16(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));
+  const __m512 num = _mm512_mask_mov_ps(one, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), e);
+  return _mm512_mul_ps(x, _mm512_div_ps(num, _mm512_add_ps(one, e)));
+}
+
 }  // namespace pdserve_vec
 #endif
