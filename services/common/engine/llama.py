@@ -49,7 +49,7 @@ class TiledLinear(nn.Module):
     def __init__(self, tiles: torch.Tensor, out_features: int):
         super().__init__()
         self.register_buffer("tiles", tiles, persistent=False)
-        self.out_features = out_features
+        self.in_features, self.out_features = tiles.numel() // out_features, out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.pdserve.linear_tiles(x, self.tiles, self.out_features)
