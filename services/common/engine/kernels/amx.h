@@ -26,9 +26,14 @@ struct alignas(64) TileConfig {
 };
 
 // All eight tiles as 16 rows of 64 bytes: A (16 x 32 bf16), B (16 k-pairs x 16 columns) and C (16 x 16 float).
+// The config is a static, not a local: GCC does not see ldtilecfg read its operand, and in a large
+// enough caller it dropped a local config's stores (ldtilecfg then faulted on zero column widths).
 inline void configure_full_tiles() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  static const TileConfig cfg = [] {
+    TileConfig c;
+    for (int t = 0; t < 8; ++t) c.rows[t] = 16, c.colsb[t] = 64;
+    return c;
+  }();
   _tile_loadconfig(&cfg);
 }
 

@@ -89,12 +89,12 @@ at::Tensor pack_vnni(const at::Tensor& w) {
   return out;
 }
 
-// Stores a C tile's rows [0, rows) into out [., N] at column n0, as O (bf16: rounded once, here),
+// Stores a C tile's rows [r0, r1) into out [., N] at column n0, as O (bf16: rounded once, here),
 // each column times its scale where there are scales (int8 weights).
 template <typename O>
-inline void store_tile(const float* c, O* out, int64_t rows, int64_t N, int64_t n0, const float* scales) {
+inline void store_tile(const float* c, O* out, int64_t r0, int64_t r1, int64_t N, int64_t n0, const float* scales) {
   const __m512 scale = scales ? _mm512_loadu_ps(scales + n0) : _mm512_set1_ps(1.f);
-  for (int64_t m = 0; m < rows; ++m)
+  for (int64_t m = r0; m < r1; ++m)
     pdserve_vec::store16(out + m * N + n0, _mm512_mul_ps(_mm512_load_ps(c + m * 16), scale));
 }
 
@@ -105,9 +105,9 @@ template <typename O>
 void linear_amx(const at::BFloat16* xp, const at::BFloat16* packed, O* op, int64_t M, int64_t N, int64_t K,
                 const int8_t* q = nullptr, const float* scales = nullptr) {
   const pdserve_tiles::Panels w{packed, q, N / 16};
-  const auto store = [&](int64_t p, int64_t m, int64_t rows, const float* c0, const float* c1) {
-    store_tile(c0, op + m * N, rows, N, p * 32, scales);
-    if (c1) store_tile(c1, op + m * N, rows, N, p * 32 + 16, scales);
+  const auto store = [&](int64_t p, int64_t m, const float* c0, const float* c1, int64_t r0, int64_t r1) {
+    store_tile(c0, op + m * N, r0, r1, N, p * 32, scales);
+    if (c1) store_tile(c1, op + m * N, r0, r1, N, p * 32 + 16, scales);
   };
   pdserve_tiles::tile_product(xp, M, K, w, (N / 16 + 1) / 2, store);
 }
@@ -149,8 +149,8 @@ at::Tensor gate_up_silu(const at::Tensor& x, const at::Tensor& packed, int64_t i
   const int64_t M = x.size(0);
   at::Tensor out = at::empty({M, inter}, x.options());
   at::BFloat16* op = out.data_ptr<at::BFloat16>();
-  const auto silu_mul = [&](int64_t p, int64_t m, int64_t rows, const float* gate, const float* up) {
-    for (int64_t r = 0; r < rows; ++r) {
+  const auto silu_mul = [&](int64_t p, int64_t m, const float* gate, const float* up, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
       const __m512 g = round16<at::BFloat16>(_mm512_load_ps(gate + r * 16));
       const __m512 u = round16<at::BFloat16>(_mm512_load_ps(up + r * 16));
       const __m512 silu = round16<at::BFloat16>(pdserve_vec::silu16(g));

@@ -39,8 +39,11 @@ constexpr int64_t kBlockPairs = 16;
 
 // For every pair p and 32 rows m0 of x: two A tiles (x's rows) by two B tiles (the pair's panels)
 // into four C tiles, so each tile load feeds two multiplies; rows past M read zeros. Then
-// epilogue(p, m, rows, c0, c1) gets rows m .. m + rows of panel p * step's C tile (c0, [16][16]
-// float32) and of the second panel's (c1), twice: for m0 and m0 + 16.
+// epilogue(p, m, c0, c1, r0, r1) gets rows [r0, r1) of panel p * step's C tile (c0, [16][16]
+// float32) and of the second panel's (c1, or nullptr), which are x's rows m + r0 .. m + r1 - 1.
+//
+// The tiles multiply apart from the vector units, so a block's epilogue runs a few rows at a time
+// inside the next block's multiplies, where it costs almost nothing, instead of after its own.
 template <typename Epilogue>
 void tile_product(const at::BFloat16* xp, int64_t M, int64_t K, const Panels& w, int64_t pairs, Epilogue epilogue) {
   const int64_t kbs = K / 32, full = M / 16 * 16, tile = kbs * 512;
@@ -50,7 +53,24 @@ void tile_product(const at::BFloat16* xp, int64_t M, int64_t K, const Panels& w,
   const int64_t block = w.int8 ? 1 : kBlockPairs;
   at::parallel_for(0, pairs, 16, [&](int64_t p0, int64_t p1) {
     pdserve_amx::configure_full_tiles();
-    alignas(64) float c[4][16 * 16];
+    alignas(64) float c[2][4][16 * 16];  // a block's four C tiles, and the previous block's
+    int cur = 0;
+    struct {
+      int64_t p = 0, m0 = 0, low = 0, high = 0, done = 0;  // low, high: rows of m0's tiles and of m0 + 16's
+      bool two_n = false;
+    } prev;
+    // The previous block's epilogue up to its row `upto` of low + high.
+    auto drain = [&](int64_t upto) {
+      float(*pc)[16 * 16] = c[cur ^ 1];
+      if (prev.done < std::min(upto, prev.low)) {
+        epilogue(prev.p, prev.m0, pc[0], prev.two_n ? pc[1] : nullptr, prev.done, std::min(upto, prev.low));
+        prev.done = std::min(upto, prev.low);
+      }
+      if (prev.done < upto) {
+        epilogue(prev.p, prev.m0 + 16, pc[2], prev.two_n ? pc[3] : nullptr, prev.done - prev.low, upto - prev.low);
+        prev.done = upto;
+      }
+    };
     std::vector<at::BFloat16> widened(w.int8 ? 2 * tile : 0);
     for (int64_t c0 = p0; c0 < p1; c0 += block)
       for (int64_t m0 = 0; m0 < M; m0 += 32)
@@ -60,10 +80,14 @@ void tile_product(const at::BFloat16* xp, int64_t M, int64_t K, const Panels& w,
           if (!w.int8) {
             b0 = w.bf16 + p * w.step * tile, b1 = b0 + w.offset * tile;
           } else if (m0 == 0) {
+            drain(prev.low + prev.high);  // before its panels are overwritten
             widen_int8(w.int8 + p * w.step * tile, widened.data(), tile);
             if (two_n) widen_int8(w.int8 + (p * w.step + w.offset) * tile, widened.data() + tile, tile);
           }
           const at::BFloat16 *a0 = rows_at(m0), *a1 = two_m ? rows_at(m0 + 16) : a0;
+          // Interleaved only past a tile's rows: a decode step's row or two measured faster after the loop.
+          const int64_t waiting = prev.low + prev.high, per_step = (waiting + kbs - 1) / kbs;
+          const bool interleave = waiting > 16;
           _tile_zero(4);
           _tile_zero(5);
           _tile_zero(6);
@@ -81,16 +105,21 @@ void tile_product(const at::BFloat16* xp, int64_t M, int64_t K, const Panels& w,
               _tile_dpbf16ps(6, 1, 2);
               if (two_n) _tile_dpbf16ps(7, 1, 3);
             }
+            if (interleave && kb * per_step < waiting) drain(std::min(waiting, (kb + 1) * per_step));
           }
-          _tile_stored(4, c[0], 64);
-          if (two_n) _tile_stored(5, c[1], 64);
-          epilogue(p, m0, std::min<int64_t>(16, M - m0), c[0], two_n ? c[1] : nullptr);
+          drain(waiting);
+          float(*cc)[16 * 16] = c[cur];
+          _tile_stored(4, cc[0], 64);
+          if (two_n) _tile_stored(5, cc[1], 64);
           if (two_m) {
-            _tile_stored(6, c[2], 64);
-            if (two_n) _tile_stored(7, c[3], 64);
-            epilogue(p, m0 + 16, std::min<int64_t>(16, M - m0 - 16), c[2], two_n ? c[3] : nullptr);
+            _tile_stored(6, cc[2], 64);
+            if (two_n) _tile_stored(7, cc[3], 64);
           }
+          prev.p = p, prev.m0 = m0, prev.two_n = two_n, prev.done = 0;
+          prev.low = std::min<int64_t>(16, M - m0), prev.high = two_m ? std::min<int64_t>(16, M - m0 - 16) : 0;
+          cur ^= 1;
         }
+    drain(prev.low + prev.high);
     _tile_release();
   });
 }
