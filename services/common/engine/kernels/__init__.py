@@ -26,7 +26,7 @@ HERE = Path(__file__).parent
 SOURCES = tuple(
     HERE / f for f in ("paged_decode.cpp", "layer_ops.cpp", "linear.cpp", "prefill_attention.cpp", "decode_layers.cpp")
 )
-HEADERS = (HERE / "vec.h", HERE / "amx.h", HERE / "decode_span.h", HERE / "tile_product.h")
+HEADERS = (HERE / "vec.h", HERE / "amx.h", HERE / "decode_span.h", HERE / "tile_product.h", HERE / "prefill_task.h")
 # -ffp-contract=off: no fused multiply-adds where the source rounds a product, so the
 # layer ops round as torch's unfused ops do.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-std=c++20", "-fPIC", "-shared")
