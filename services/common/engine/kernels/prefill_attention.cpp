@@ -16,6 +16,7 @@
 
 #include "amx.h"
 #include "prefill_task.h"
+#include "tile_product.h"
 #include "vec.h"
 
 namespace {
@@ -90,8 +91,8 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& cache, int64
   const int64_t group = s.heads / s.kv_heads, tiles = (q_len + kRows - 1) / kRows;
   // Kept between calls: a fresh allocation of this size is a fresh mapping, faulted in page by page.
   thread_local std::vector<at::BFloat16> packed;
-  packed.resize(std::max<size_t>(packed.size(), s.kv_heads * (s.padded + s.vstride()) * d));
-  at::BFloat16* kp = packed.data();
+  packed.resize(std::max<size_t>(packed.size(), s.kv_heads * (s.padded + s.vstride()) * d + 32));
+  at::BFloat16* kp = pdserve_tiles::aligned(packed.data());
   at::BFloat16* vt = kp + s.kv_heads * s.padded * d;
   const at::BFloat16* cp = cache.data_ptr<at::BFloat16>() + layer * cache.stride(1);
   const int64_t chunks = s.padded / kChunk;

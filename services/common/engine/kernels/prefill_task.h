@@ -41,6 +41,19 @@ inline __m512 exp2_16(__m512 x) {
   return _mm512_scalef_ps(y, x);
 }
 
+// Tiles 4-7 += four A tiles of 16 rows each, 64 consecutive rows of `a` (`stride` elements apart),
+// times the B tile in tile 0.
+inline void multiply_four(const at::BFloat16* a, int64_t stride) {
+  _tile_loadd(2, a, stride * 2);
+  _tile_dpbf16ps(4, 2, 0);
+  _tile_loadd(3, a + 16 * stride, stride * 2);
+  _tile_dpbf16ps(5, 3, 0);
+  _tile_loadd(2, a + 32 * stride, stride * 2);
+  _tile_dpbf16ps(6, 2, 0);
+  _tile_loadd(3, a + 48 * stride, stride * 2);
+  _tile_dpbf16ps(7, 3, 0);
+}
+
 // k . q^T for keys k0 .. k0 + kChunk into sc, [key][row] (tiles 4-7).
 inline void score_chunk(const at::BFloat16* kp, const uint32_t* qb, int64_t d, int64_t k0, float* sc) {
   _tile_zero(4);
@@ -48,16 +61,8 @@ inline void score_chunk(const at::BFloat16* kp, const uint32_t* qb, int64_t d, i
   _tile_zero(6);
   _tile_zero(7);
   for (int64_t c = 0; c < d / 32; ++c) {
-    const at::BFloat16* kt = kp + k0 * d + c * 32;
     _tile_loadd(0, qb + c * 16 * kRows, 64);
-    _tile_loadd(2, kt, d * 2);
-    _tile_dpbf16ps(4, 2, 0);
-    _tile_loadd(3, kt + 16 * d, d * 2);
-    _tile_dpbf16ps(5, 3, 0);
-    _tile_loadd(2, kt + 32 * d, d * 2);
-    _tile_dpbf16ps(6, 2, 0);
-    _tile_loadd(3, kt + 48 * d, d * 2);
-    _tile_dpbf16ps(7, 3, 0);
+    multiply_four(kp + k0 * d + c * 32, d);
   }
   _tile_stored(4, sc, 64);
   _tile_stored(5, sc + 16 * kRows, 64);
@@ -76,16 +81,8 @@ inline void add_values(const at::BFloat16* vt, const at::BFloat16* pb, const Sha
     _tile_loadd(6, acc + (e0 + 32) * kRows, 64);
     _tile_loadd(7, acc + (e0 + 48) * kRows, 64);
     for (int64_t k = 0; k < n; k += 32) {
-      const at::BFloat16* v = vt + e0 * stride + k0 + k;
       _tile_loadd(0, pb + k * kRows, 64);
-      _tile_loadd(2, v, stride * 2);
-      _tile_dpbf16ps(4, 2, 0);
-      _tile_loadd(3, v + 16 * stride, stride * 2);
-      _tile_dpbf16ps(5, 3, 0);
-      _tile_loadd(2, v + 32 * stride, stride * 2);
-      _tile_dpbf16ps(6, 2, 0);
-      _tile_loadd(3, v + 48 * stride, stride * 2);
-      _tile_dpbf16ps(7, 3, 0);
+      multiply_four(vt + e0 * stride + k0 + k, stride);
     }
     _tile_stored(4, acc + e0 * kRows, 64);
     _tile_stored(5, acc + (e0 + 16) * kRows, 64);

@@ -24,6 +24,12 @@ inline void widen_int8(const int8_t* q, at::BFloat16* out, int64_t n) {
   }
 }
 
+// p rounded up to a cache line (a buffer 32 elements longer holds what it needs): malloc's blocks are
+// 16-byte aligned, and a tile's 64-byte rows would each straddle two lines.
+inline at::BFloat16* aligned(at::BFloat16* p) {
+  return reinterpret_cast<at::BFloat16*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t{63});
+}
+
 // A weight in pack_vnni's layout, [panel][K/32][16 k-pairs][16 n][2] (1 KB a B tile), bf16 or int8.
 // Pair p multiplies panels p * step and p * step + offset; `second(p)` says whether it has the latter.
 struct Panels {
@@ -47,9 +53,10 @@ constexpr int64_t kBlockPairs = 16;
 template <typename Epilogue>
 void tile_product(const at::BFloat16* xp, int64_t M, int64_t K, const Panels& w, int64_t pairs, Epilogue epilogue) {
   const int64_t kbs = K / 32, full = M / 16 * 16, tile = kbs * 512;
-  std::vector<at::BFloat16> tail(16 * K, at::BFloat16(0.f));  // the last, partial block of rows
-  std::copy(xp + full * K, xp + M * K, tail.begin());
-  auto rows_at = [&](int64_t m0) { return m0 < full ? xp + m0 * K : tail.data(); };
+  std::vector<at::BFloat16> tail_rows(16 * K + 32, at::BFloat16(0.f));
+  at::BFloat16* tail = aligned(tail_rows.data());  // the last, partial block of rows
+  std::copy(xp + full * K, xp + M * K, tail);
+  auto rows_at = [&](int64_t m0) { return m0 < full ? xp + m0 * K : tail; };
   const int64_t block = w.int8 ? 1 : kBlockPairs;
   at::parallel_for(0, pairs, 16, [&](int64_t p0, int64_t p1) {
     pdserve_amx::configure_full_tiles();
@@ -71,18 +78,19 @@ void tile_product(const at::BFloat16* xp, int64_t M, int64_t K, const Panels& w,
         prev.done = upto;
       }
     };
-    std::vector<at::BFloat16> widened(w.int8 ? 2 * tile : 0);
+    std::vector<at::BFloat16> widened_panels(w.int8 ? 2 * tile + 32 : 0);
+    at::BFloat16* widened = aligned(widened_panels.data());
     for (int64_t c0 = p0; c0 < p1; c0 += block)
       for (int64_t m0 = 0; m0 < M; m0 += 32)
         for (int64_t p = c0; p < std::min(p1, c0 + block); ++p) {
           const bool two_n = w.second(p), two_m = m0 + 16 < M;
-          const at::BFloat16 *b0 = widened.data(), *b1 = b0 + tile;
+          const at::BFloat16 *b0 = widened, *b1 = b0 + tile;
           if (!w.int8) {
             b0 = w.bf16 + p * w.step * tile, b1 = b0 + w.offset * tile;
           } else if (m0 == 0) {
             drain(prev.low + prev.high);  // before its panels are overwritten
-            widen_int8(w.int8 + p * w.step * tile, widened.data(), tile);
-            if (two_n) widen_int8(w.int8 + (p * w.step + w.offset) * tile, widened.data() + tile, tile);
+            widen_int8(w.int8 + p * w.step * tile, widened, tile);
+            if (two_n) widen_int8(w.int8 + (p * w.step + w.offset) * tile, widened + tile, tile);
           }
           const at::BFloat16 *a0 = rows_at(m0), *a1 = two_m ? rows_at(m0 + 16) : a0;
           // Interleaved only past a tile's rows: a decode step's row or two measured faster after the loop.
