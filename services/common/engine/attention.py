@@ -98,6 +98,9 @@ def attend(q: torch.Tensor, meta: AttentionMetadata, layer: int, scale: float | 
     if meta.decode_only:
         g = meta.decode_groups[0]
         return torch.ops.pdserve.paged_decode(q, cache, layer, g.block_tables, g.context_lens, scale)
+    if meta.prefill_kernel and not meta.decode_groups and len(meta.prefills) == 1:
+        p = meta.prefills[0]  # a step that is one prompt's chunk: the op's output is the step's, no copy
+        return torch.ops.pdserve.prefill_attention(q[p.start : p.end], cache, layer, p.block_ids, p.context_len, scale)
     out = torch.empty_like(q)
     for g in meta.decode_groups:
         if meta.paged_kernel:
