@@ -16,13 +16,33 @@ inline T round_to(float x) {
   return static_cast<T>(x);
 }
 
+// out = weight * T(x * inv), a row of h.
+template <typename T>
+inline void scale_row(const T* xr, const T* w, T* o, int64_t h, float inv) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  if constexpr (pdserve_vec::kVec16<T>) {
+    const __m512 s = _mm512_set1_ps(inv);
+    for (; i + 16 <= h; i += 16) {
+      const __m512 n = pdserve_vec::round16<T>(_mm512_mul_ps(pdserve_vec::load16(xr + i), s));
+      pdserve_vec::store16(o + i, _mm512_mul_ps(pdserve_vec::load16(w + i), n));
+    }
+  }
+#endif
+  for (; i < h; ++i)
+    o[i] = round_to<T>(static_cast<float>(w[i]) * static_cast<float>(round_to<T>(static_cast<float>(xr[i]) * inv)));
+}
+
+inline float inv_rms(float sum_squares, int64_t h, float eps) {
+  return 1.f / std::sqrt(sum_squares / static_cast<float>(h) + eps);
+}
+
 // out = weight * T(x / rms(x)) over each row (transformers' LlamaRMSNorm).
 template <typename T>
 void rms_rows(const T* x, const T* w, T* out, int64_t rows, int64_t h, float eps) {
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * h;
-      T* o = out + r * h;
       int64_t i = 0;
       float ss = 0.f;
 #if defined(__AVX512F__)
@@ -36,18 +56,7 @@ void rms_rows(const T* x, const T* w, T* out, int64_t rows, int64_t h, float eps
       }
 #endif
       for (int64_t j = i; j < h; ++j) ss += static_cast<float>(xr[j]) * static_cast<float>(xr[j]);
-      const float inv = 1.f / std::sqrt(ss / static_cast<float>(h) + eps);
-      i = 0;
-#if defined(__AVX512F__)
-      if constexpr (pdserve_vec::kVec16<T>) {
-        const __m512 s = _mm512_set1_ps(inv);
-        for (; i + 16 <= h; i += 16) {
-          const __m512 n = pdserve_vec::round16<T>(_mm512_mul_ps(pdserve_vec::load16(xr + i), s));
-          pdserve_vec::store16(o + i, _mm512_mul_ps(pdserve_vec::load16(w + i), n));
-        }
-      }
-#endif
-      for (; i < h; ++i) o[i] = round_to<T>(static_cast<float>(w[i]) * static_cast<float>(round_to<T>(static_cast<float>(xr[i]) * inv)));
+      scale_row(xr, w, out + r * h, h, inv_rms(ss, h, eps));
     }
   });
 }
@@ -63,29 +72,48 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return out;
 }
 
-// residual += x, rounded as a torch add.
+// residual += x (rounded as a torch add), then out = the RMSNorm of the new residual: a row at a
+// time, so the row is normalized while it is in L1 (one pass over x and the residual, not two).
 template <typename T>
-void add_into(const T* x, T* residual, int64_t n) {
-  at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
-    int64_t i = begin;
+void add_rms_rows(const T* x, T* residual, const T* w, T* out, int64_t rows, int64_t h, float eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * h;
+      T* res = residual + r * h;
+      int64_t i = 0;
+      float ss = 0.f;
 #if defined(__AVX512F__)
-    if constexpr (pdserve_vec::kVec16<T>) {
-      using namespace pdserve_vec;
-      for (; i + 16 <= end; i += 16) store16(residual + i, _mm512_add_ps(load16(residual + i), load16(x + i)));
-    }
+      if constexpr (pdserve_vec::kVec16<T>) {
+        using namespace pdserve_vec;
+        __m512 acc = _mm512_setzero_ps();
+        for (; i + 16 <= h; i += 16) {
+          const __m512 v = round16<T>(_mm512_add_ps(load16(res + i), load16(xr + i)));
+          store16(res + i, v);
+          acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        ss = _mm512_reduce_add_ps(acc);
+      }
 #endif
-    for (; i < end; ++i) residual[i] = round_to<T>(static_cast<float>(residual[i]) + static_cast<float>(x[i]));
+      for (int64_t j = i; j < h; ++j) {
+        res[j] = round_to<T>(static_cast<float>(res[j]) + static_cast<float>(xr[j]));
+        ss += static_cast<float>(res[j]) * static_cast<float>(res[j]);
+      }
+      scale_row(res, w, out + r * h, h, inv_rms(ss, h, eps));
+    }
   });
 }
 
-// residual += x, then the RMSNorm of the new residual.
 at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.sizes() == residual.sizes() && x.is_contiguous() && residual.is_contiguous(), "add_rms_norm: shapes");
   TORCH_CHECK(x.scalar_type() == residual.scalar_type(), "add_rms_norm: dtypes differ");
+  TORCH_CHECK(weight.is_contiguous() && x.size(-1) == weight.size(0) && x.scalar_type() == weight.scalar_type(),
+              "add_rms_norm: weight");
+  at::Tensor out = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_rms_norm", [&] {
-    add_into<scalar_t>(x.data_ptr<scalar_t>(), residual.data_ptr<scalar_t>(), x.numel());
+    add_rms_rows<scalar_t>(x.data_ptr<scalar_t>(), residual.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                           out.data_ptr<scalar_t>(), x.numel() / x.size(-1), x.size(-1), static_cast<float>(eps));
   });
-  return rms_norm(residual, weight, eps);
+  return out;
 }
 
 // [T, 2I] -> [T, I]: T(T(silu(gate)) * up), silu(g) = g / (1 + e^-g).
