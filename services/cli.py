@@ -211,6 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # here, where a reader that is gone (`pdserve status | head`) can be handled
+    except BrokenPipeError:
+        # Stop quietly, as a shell tool does when its reader stops; stdout goes nowhere from here,
+        # so that Python's own flush at exit has nothing left to complain about.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE
+
+
+def _main(argv: list[str] | None) -> int:
     from pdserve import settings
 
     args = build_parser().parse_args(argv)

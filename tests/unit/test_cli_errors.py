@@ -135,3 +135,21 @@ def test_a_data_host_that_is_not_this_machines_is_one_line():
         "serve", "kvstore", "--port", "0", "--metrics-port", "-1", env={"PDSERVE_DATA_HOST": "198.51.100.77"}
     )
     assert_one_line_naming(result, "--data-host", "198.51.100.77")
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly(tmp_path):
+    """`pdserve plan ... | head -1`: the rest of the output goes nowhere, with no traceback about it."""
+    from tests.unit.test_planner import profile
+
+    prof = tmp_path / "profile.json"
+    profile().save(prof)
+    argv = ["plan", "--profile", str(prof), "--cores", "2", "--chunks", "512", "--num-requests", "40"]  # a table
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before anything is written
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pdserve", *argv], stdout=w, stderr=subprocess.PIPE, text=True, timeout=120
+        )
+    finally:
+        os.close(w)
+    assert (done.returncode, done.stderr) == (141, "")
