@@ -1,6 +1,8 @@
 // AMX tile basics shared by the kernels that multiply through tiles (linear.cpp, prefill_attention.cpp).
 #pragma once
 
+#include <ATen/ATen.h>
+
 #include <cstdint>
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
@@ -35,6 +37,12 @@ inline void configure_full_tiles() {
     return c;
   }();
   _tile_loadconfig(&cfg);
+}
+
+// p rounded up to a cache line (a buffer 32 elements longer holds what it needs): malloc's blocks are
+// 16-byte aligned, and a tile's 64-byte rows would each straddle two lines.
+inline at::BFloat16* aligned(at::BFloat16* p) {
+  return reinterpret_cast<at::BFloat16*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t{63});
 }
 
 }  // namespace pdserve_amx

@@ -30,6 +30,7 @@ Tensor decode_layers(Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& ca
   static const auto rms_norm = op<Tensor(const Tensor&, const Tensor&, double)>("pdserve::rms_norm");
   static const auto add_rms_norm = op<Tensor(const Tensor&, Tensor&, const Tensor&, double)>("pdserve::add_rms_norm");
   static const auto silu_mul = op<Tensor(const Tensor&)>("pdserve::silu_mul");
+  static const auto gate_up_silu = op<Tensor(const Tensor&, const Tensor&, int64_t)>("pdserve::gate_up_silu");
 
   const int64_t layers = (static_cast<int64_t>(norms.size()) - 1) / 2, tokens = x.size(0);
   const bool int8 = static_cast<int64_t>(weights.size()) == 8 * layers;
@@ -40,12 +41,17 @@ Tensor decode_layers(Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& ca
     const Tensor& tiles = weights[4 * layer + which];
     return linear.call(in, tiles, tiles.numel() / in.size(1));
   };
+  auto activated = [&](const Tensor& in, int64_t layer) {  // silu(gate) * up, as llama.gate_up_silu computes it
+    if (int8) return silu_mul.call(project(in, layer, 2));
+    const Tensor& tiles = weights[4 * layer + 2];
+    return gate_up_silu.call(in, tiles, tiles.numel() / in.size(1) / 2);
+  };
   Tensor h = rms_norm.call(x, norms[0], eps);
   for (int64_t i = 0; i < layers; ++i) {
     const Tensor q = rope_cache.call(project(h, i, 0), cos, sin, cache, i, slot_blocks, slot_offsets, heads, kv_heads);
     const Tensor o = paged_decode.call(q, cache, i, tables, lens, scale).view({tokens, -1});
     h = add_rms_norm.call(project(o, i, 1), x, norms[2 * i + 1], eps);
-    const Tensor m = project(silu_mul.call(project(h, i, 2)), i, 3);
+    const Tensor m = project(activated(h, i), i, 3);
     h = add_rms_norm.call(m, x, norms[2 * i + 2], eps);
   }
   return h;

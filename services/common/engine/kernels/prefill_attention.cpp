@@ -11,18 +11,18 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <limits>
 #include <vector>
 
 #include "amx.h"
 #include "prefill_task.h"
-#include "tile_product.h"
 #include "vec.h"
 
 namespace {
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 using namespace pdserve_prefill;
+
+constexpr int kTogether = 4;  // tasks a thread runs in lockstep (RowTask): 2 measured no faster than 1
 
 // A KV head's keys as they are, [padded][d] (the A operand of k . q^T), and its values transposed,
 // [d][vstride] (the A operand of v^T . p^T); here keys t0 .. t0 + kChunk. Keys past ctx are zeros:
@@ -92,7 +92,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& cache, int64
   // Kept between calls: a fresh allocation of this size is a fresh mapping, faulted in page by page.
   thread_local std::vector<at::BFloat16> packed;
   packed.resize(std::max<size_t>(packed.size(), s.kv_heads * (s.padded + s.vstride()) * d + 32));
-  at::BFloat16* kp = pdserve_tiles::aligned(packed.data());
+  at::BFloat16* kp = pdserve_amx::aligned(packed.data());
   at::BFloat16* vt = kp + s.kv_heads * s.padded * d;
   const at::BFloat16* cp = cache.data_ptr<at::BFloat16>() + layer * cache.stride(1);
   const int64_t chunks = s.padded / kChunk;

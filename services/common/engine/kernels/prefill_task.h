@@ -19,7 +19,6 @@ constexpr int64_t kBlock = 128;  // keys a step of the softmax and of v^T . p^T
 // How far a score may pass the max its numerators are taken against before they are rescaled:
 // numerators stay <= 2^8, and what was summed is rarely rescaled.
 constexpr float kSlack = 8.f;
-constexpr int kTogether = 4;  // tasks a thread runs in lockstep (RowTask): 2 measured no faster than 1
 
 struct Shape {
   int64_t heads, kv_heads, d, ctx, padded;  // padded: ctx rounded up to kChunk

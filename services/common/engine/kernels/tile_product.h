@@ -24,12 +24,6 @@ inline void widen_int8(const int8_t* q, at::BFloat16* out, int64_t n) {
   }
 }
 
-// p rounded up to a cache line (a buffer 32 elements longer holds what it needs): malloc's blocks are
-// 16-byte aligned, and a tile's 64-byte rows would each straddle two lines.
-inline at::BFloat16* aligned(at::BFloat16* p) {
-  return reinterpret_cast<at::BFloat16*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t{63});
-}
-
 // A weight in pack_vnni's layout, [panel][K/32][16 k-pairs][16 n][2] (1 KB a B tile), bf16 or int8.
 // Pair p multiplies panels p * step and p * step + offset; `second(p)` says whether it has the latter.
 struct Panels {
@@ -54,7 +48,7 @@ template <typename Epilogue>
 void tile_product(const at::BFloat16* xp, int64_t M, int64_t K, const Panels& w, int64_t pairs, Epilogue epilogue) {
   const int64_t kbs = K / 32, full = M / 16 * 16, tile = kbs * 512;
   std::vector<at::BFloat16> tail_rows(16 * K + 32, at::BFloat16(0.f));
-  at::BFloat16* tail = aligned(tail_rows.data());  // the last, partial block of rows
+  at::BFloat16* tail = pdserve_amx::aligned(tail_rows.data());  // the last, partial block of rows
   std::copy(xp + full * K, xp + M * K, tail);
   auto rows_at = [&](int64_t m0) { return m0 < full ? xp + m0 * K : tail; };
   const int64_t block = w.int8 ? 1 : kBlockPairs;
@@ -79,7 +73,7 @@ void tile_product(const at::BFloat16* xp, int64_t M, int64_t K, const Panels& w,
       }
     };
     std::vector<at::BFloat16> widened_panels(w.int8 ? 2 * tile + 32 : 0);
-    at::BFloat16* widened = aligned(widened_panels.data());
+    at::BFloat16* widened = pdserve_amx::aligned(widened_panels.data());
     for (int64_t c0 = p0; c0 < p1; c0 += block)
       for (int64_t m0 = 0; m0 < M; m0 += 32)
         for (int64_t p = c0; p < std::min(p1, c0 + block); ++p) {
