@@ -135,6 +135,46 @@ def test_gate_up_with_silu_in_its_epilogue_gives_silu_mul_of_the_matmul_bit_for_
         assert torch.equal(got, F.silu(gate) * up)
 
 
+@pytest.mark.parametrize("d", [64, 128])
+def test_qkv_with_rope_and_the_cache_write_in_its_epilogue_gives_rope_cache_of_the_matmul_bit_for_bit(ops, amx, d):
+    """The q/k/v matmul rotates q and k and writes k and v to their slots as it stores: the two ops' bits."""
+    torch.manual_seed(6)
+    heads, kv_heads, hidden = 9, 3, 96
+    w = torch.randn((heads + 2 * kv_heads) * d, hidden, dtype=torch.bfloat16) * 0.2
+    tiles = ops.pack_vnni(w)
+    for rows in (1, 17, 300):
+        x = torch.randn(rows, hidden, dtype=torch.bfloat16)
+        angles = torch.randn(rows, d // 2)
+        cos, sin = (f(torch.cat([angles, angles], -1)).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+        slots = torch.randperm(5 * 64)[:rows]  # 5 blocks of 64 slots, in any order
+        blocks, offsets = slots // 64, slots % 64
+        fused, separate = (torch.full((5, 2, 2, 64, kv_heads, d), float("nan"), dtype=torch.bfloat16) for _ in "ab")
+        q = ops.qkv_rope_cache(x, tiles, cos, sin, fused, 1, blocks, offsets, heads, kv_heads)
+        q_ref = ops.rope_cache(
+            ops.linear_tiles(x, tiles, w.shape[0]), cos, sin, separate, 1, blocks, offsets, heads, kv_heads
+        )
+        assert torch.equal(q, q_ref)
+        assert torch.equal(fused.isnan(), separate.isnan())  # the same slots written, nothing else
+        assert torch.equal(fused.nan_to_num(), separate.nan_to_num())
+
+
+def test_a_matmul_with_the_residual_add_and_norm_in_its_epilogue_gives_add_rms_norm_of_it_bit_for_bit(ops, amx):
+    """o_proj and down_proj add into the residual and normalize it as they store: the two ops' bits."""
+    torch.manual_seed(7)
+    hidden, inner = 96 + 16, 64  # 7 panels: the last pair has one
+    w = torch.randn(hidden, inner, dtype=torch.bfloat16) * 0.3
+    tiles = ops.pack_vnni(w)
+    norm = torch.rand(hidden, dtype=torch.bfloat16) + 0.5
+    for rows in (1, 17, 64, 300):
+        x = torch.randn(rows, inner, dtype=torch.bfloat16)
+        fused, separate = (torch.randn(rows, hidden, dtype=torch.bfloat16) for _ in "ab")
+        separate.copy_(fused)
+        got = ops.linear_add_rms_norm(x, tiles, fused, norm, EPS)
+        want = ops.add_rms_norm(ops.linear_tiles(x, tiles, hidden), separate, norm, EPS)
+        assert torch.equal(fused, separate)  # the residual, added to in place
+        assert torch.equal(got, want)
+
+
 def _recording(run, logits: list):
     def recorded(batch):
         seqs, out = run(batch)

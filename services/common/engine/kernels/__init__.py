@@ -24,9 +24,18 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 SOURCES = tuple(
-    HERE / f for f in ("paged_decode.cpp", "layer_ops.cpp", "linear.cpp", "prefill_attention.cpp", "decode_layers.cpp")
+    HERE / f
+    for f in (
+        "paged_decode.cpp",
+        "layer_ops.cpp",
+        "linear.cpp",
+        "qkv_rope.cpp",
+        "linear_norm.cpp",
+        "prefill_attention.cpp",
+        "decode_layers.cpp",
+    )
 )
-HEADERS = (HERE / "vec.h", HERE / "amx.h", HERE / "decode_span.h", HERE / "tile_product.h", HERE / "prefill_task.h")
+HEADERS = tuple(HERE / f for f in ("vec.h", "amx.h", "rms_norm.h", "decode_span.h", "tile_product.h", "prefill_task.h"))
 # -ffp-contract=off: no fused multiply-adds where the source rounds a product, so the
 # layer ops round as torch's unfused ops do.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-std=c++20", "-fPIC", "-shared")

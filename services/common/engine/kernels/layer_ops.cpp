@@ -7,35 +7,14 @@
 
 #include <cmath>
 
+#include "rms_norm.h"
 #include "vec.h"
 
 namespace {
 
-template <typename T>
-inline T round_to(float x) {
-  return static_cast<T>(x);
-}
-
-// out = weight * T(x * inv), a row of h.
-template <typename T>
-inline void scale_row(const T* xr, const T* w, T* o, int64_t h, float inv) {
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  if constexpr (pdserve_vec::kVec16<T>) {
-    const __m512 s = _mm512_set1_ps(inv);
-    for (; i + 16 <= h; i += 16) {
-      const __m512 n = pdserve_vec::round16<T>(_mm512_mul_ps(pdserve_vec::load16(xr + i), s));
-      pdserve_vec::store16(o + i, _mm512_mul_ps(pdserve_vec::load16(w + i), n));
-    }
-  }
-#endif
-  for (; i < h; ++i)
-    o[i] = round_to<T>(static_cast<float>(w[i]) * static_cast<float>(round_to<T>(static_cast<float>(xr[i]) * inv)));
-}
-
-inline float inv_rms(float sum_squares, int64_t h, float eps) {
-  return 1.f / std::sqrt(sum_squares / static_cast<float>(h) + eps);
-}
+using pdserve_norm::inv_rms;
+using pdserve_norm::round_to;
+using pdserve_norm::scale_row;
 
 // out = weight * T(x / rms(x)) over each row (transformers' LlamaRMSNorm).
 template <typename T>
@@ -159,15 +138,8 @@ inline void rotate(const T* x, const T* c, const T* s, T* out, int64_t d) {
 #if defined(__AVX512F__)
   if constexpr (pdserve_vec::kVec16<T>) {
     using namespace pdserve_vec;
-    for (; i + 16 <= half; i += 16) {
-      const __m512 x1 = load16(x + i), x2 = load16(x + half + i);
-      const __m512 lo = _mm512_add_ps(round16<T>(_mm512_mul_ps(x1, load16(c + i))),
-                                      round16<T>(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(x2, load16(s + i)))));
-      const __m512 hi = _mm512_add_ps(round16<T>(_mm512_mul_ps(x2, load16(c + half + i))),
-                                      round16<T>(_mm512_mul_ps(x1, load16(s + half + i))));
-      store16(out + i, lo);
-      store16(out + half + i, hi);
-    }
+    for (; i + 16 <= half; i += 16)
+      rope16(load16(x + i), load16(x + half + i), c + i, s + i, half, out + i, out + half + i);
   }
 #endif
   for (; i < half; ++i) {

@@ -157,7 +157,7 @@ at::Tensor gate_up_silu(const at::Tensor& x, const at::Tensor& packed, int64_t i
       pdserve_vec::store16(op + (m + r) * inter + p * 16, _mm512_mul_ps(silu, u));
     }
   };
-  const pdserve_tiles::Panels w{packed.data_ptr<at::BFloat16>(), nullptr, 2 * inter / 16, 1, inter / 16};
+  const pdserve_tiles::Panels w{packed.data_ptr<at::BFloat16>(), nullptr, 2 * inter / 16, inter / 16};
   pdserve_tiles::tile_product(xc.data_ptr<at::BFloat16>(), M, x.size(1), w, inter / 16, silu_mul);
   return out;
 }

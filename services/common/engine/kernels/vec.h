@@ -94,6 +94,17 @@ inline void transpose16(__m512 m[16]) {
   for (int i = 0; i < 16; ++i) m[i] = t[i];
 }
 
+// RoPE (rotate_half form) on 16 dims i.. of a head: x1 at dims i, x2 at half + i, c and s the token's
+// cos and sin from dim i; each product rounded to T, then the sum, as transformers' unfused ops round.
+template <typename T>
+inline void rope16(__m512 x1, __m512 x2, const T* c, const T* s, int64_t half, T* out1, T* out2) {
+  const __m512 lo = _mm512_add_ps(round16<T>(_mm512_mul_ps(x1, load16(c))),
+                                  round16<T>(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(x2, load16(s)))));
+  const __m512 hi = _mm512_add_ps(round16<T>(_mm512_mul_ps(x2, load16(c + half))), round16<T>(_mm512_mul_ps(x1, load16(s + half))));
+  store16(out1, lo);
+  store16(out2, hi);
+}
+
 // silu(x) = x / (1 + e^-x), as 1/(1+e) or e/(1+e) with e = e^-|x| so that nothing overflows.
 inline __m512 silu16(__m512 x) {
   const __m512 one = _mm512_set1_ps(1.f);
