@@ -113,9 +113,14 @@ struct RowTask {
     kp = keys, vt = values, s = &shape, r0 = row0, rows = std::min(kRows, q_len - r0);
     low = first + r0, high = std::min(first + r0 + rows - 1, s->ctx - 1);
     blocks = high / kBlock + 1;
-    const auto* q32 = reinterpret_cast<const uint32_t*>(q);
-    for (int64_t r = 0; r < kRows; ++r)
-      for (int64_t p = 0; p < s->d / 2; ++p) qb[p * kRows + r] = r < rows ? q32[((r0 + r) * q_stride) / 2 + p] : 0u;
+    // q^T: 16 pairs of d a row, for 16 rows, transposed in registers (the bits moved, not converted).
+    for (int64_t c = 0; c < s->d / 32; ++c) {
+      __m512 m[16];
+      for (int64_t r = 0; r < kRows; ++r)
+        m[r] = r < rows ? _mm512_loadu_ps(q + (r0 + r) * q_stride + c * 32) : _mm512_setzero_ps();
+      pdserve_vec::transpose16(m);
+      for (int64_t j = 0; j < 16; ++j) _mm512_store_ps(reinterpret_cast<float*>(qb + (c * 16 + j) * kRows), m[j]);
+    }
     std::fill(acc, acc + s->d * kRows, 0.f);
     k2 = _mm512_set1_ps(scale * 1.44269504f);  // scores in base 2: 2^(x k2) = e^(x scale)
     const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
