@@ -158,10 +158,13 @@ def test_qkv_with_rope_and_the_cache_write_in_its_epilogue_gives_rope_cache_of_t
         assert torch.equal(fused.nan_to_num(), separate.nan_to_num())
 
 
-def test_a_matmul_with_the_residual_add_and_norm_in_its_epilogue_gives_add_rms_norm_of_it_bit_for_bit(ops, amx):
+# 7 panels, the last pair with one; and 33 pairs of K 1,024, more than a thread's block of panels (1 MB)
+@pytest.mark.parametrize("hidden,inner", [(112, 64), (1056, 1024)])
+def test_a_matmul_with_the_residual_add_and_norm_in_its_epilogue_gives_add_rms_norm_of_it_bit_for_bit(
+    ops, amx, hidden, inner
+):
     """o_proj and down_proj add into the residual and normalize it as they store: the two ops' bits."""
     torch.manual_seed(7)
-    hidden, inner = 96 + 16, 64  # 7 panels: the last pair has one
     w = torch.randn(hidden, inner, dtype=torch.bfloat16) * 0.3
     tiles = ops.pack_vnni(w)
     norm = torch.rand(hidden, dtype=torch.bfloat16) + 0.5
