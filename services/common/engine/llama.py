@@ -74,11 +74,11 @@ def qkv_rope_cache(proj: nn.Module, x, cos, sin, meta: AttentionMetadata, layer:
 
 
 # Rows from which the norm goes into the matmul's epilogue, whose threads then split 32-row groups:
-# with fewer, a thread idles (down_proj measured 1.2x slower than the separate ops at 8 and 32 rows).
+# with fewer, a thread idles (down_proj measured 1.2-1.3x the separate ops at 8 and 32 rows).
 NORM_IN_MATMUL_ROWS = 64
 
 
-def add_rms_norm(proj: nn.Module, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+def add_rms_norm_after(proj: nn.Module, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
     """residual += proj(x); returns the RMSNorm of the new residual (one op through tiles for many rows)."""
     if isinstance(proj, TiledLinear) and len(x) >= NORM_IN_MATMUL_ROWS:
         return torch.ops.pdserve.linear_add_rms_norm(x, proj.tiles, residual, weight, eps)
@@ -172,7 +172,7 @@ class FusedLlama:
         for i, layer in enumerate(self.layers):
             q = qkv_rope_cache(layer.qkv_proj, h, cos, sin, meta, i, self.heads, self.kv_heads)
             o = attention.attend(q, meta, i, self.scale).view(len(ids), -1)
-            h = add_rms_norm(layer.o_proj, o, residual, layer.post_norm, self.eps)
+            h = add_rms_norm_after(layer.o_proj, o, residual, layer.post_norm, self.eps)
             following = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
-            h = add_rms_norm(layer.down_proj, gate_up_silu(layer.gate_up_proj, h), residual, following, self.eps)
+            h = add_rms_norm_after(layer.down_proj, gate_up_silu(layer.gate_up_proj, h), residual, following, self.eps)
         return self.lm_head(h[rows])
