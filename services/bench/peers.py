@@ -245,7 +245,9 @@ class Running:
         lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines() if ln.strip()]
         return lines[-1][-300:] if lines else "(no output)"
 
-    def stop(self, grace_s: float = 15.0) -> None:
+    def stop(self, grace_s: float = 15.0, gone_s: float = 20.0) -> None:
+        """End the whole group and return once its processes have exited: a child still exiting
+        holds its ports, and the next system's start (on the same ports) would be refused."""
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
@@ -257,4 +259,19 @@ class Running:
             os.killpg(self.proc.pid, signal.SIGKILL)  # children that outlived their parent
         except ProcessLookupError:
             pass
+        deadline = time.monotonic() + gone_s
+        while group_alive(self.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
         self._log.close()
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a process of group `pgid` is still running; a zombie, which holds no ports, is not."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, pgrp
+        except (OSError, IndexError):
+            continue  # it exited while we looked
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False

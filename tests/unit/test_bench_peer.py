@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -171,3 +173,22 @@ def test_every_system_gets_the_same_word_prompts_mostly_short():
     assert all(20 <= w <= 80 or 600 <= w <= 900 for w in words)
     assert 0.8 * len(words) <= len(short) < len(words)
     assert all(32 <= r.max_tokens <= 64 for r in a)
+
+
+def test_stopping_a_peer_returns_once_every_process_of_its_group_has_exited(tmp_path):
+    """A child that outlives its parent (as vLLM's engine core or pdserve up's services may) holds its ports
+    while it exits; the next system starts on the same ports, so stop() waits for the group."""
+    started = tmp_path / "child-started"
+    child = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        f"open({str(started)!r}, 'w'); time.sleep(60)"
+    )
+    parent = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(60)"
+    stubborn = peers.Peer("stubborn", lambda launch: [sys.executable, "-c", parent])
+    running = peers.Running(stubborn, launch(), tmp_path / "stubborn.log")
+    deadline = time.monotonic() + 30
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert started.exists() and peers.group_alive(running.proc.pid)
+    running.stop(grace_s=1.0)
+    assert not peers.group_alive(running.proc.pid)
