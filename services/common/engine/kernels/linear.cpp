@@ -109,7 +109,7 @@ void linear_amx(const at::BFloat16* xp, const at::BFloat16* packed, O* op, int64
     store_tile(c0, op + m * N, r0, r1, N, p * 32, scales);
     if (c1) store_tile(c1, op + m * N, r0, r1, N, p * 32 + 16, scales);
   };
-  pdserve_tiles::tile_product(xp, M, K, w, (N / 16 + 1) / 2, store);
+  pdserve_tiles::tile_product(xp, M, K, w, store);
 }
 
 // A linear layer in bf16 through AMX tiles: x [M, K] . w^T, w given as its pack_vnni, N its rows.
@@ -158,7 +158,7 @@ at::Tensor gate_up_silu(const at::Tensor& x, const at::Tensor& packed, int64_t i
     }
   };
   const pdserve_tiles::Panels w{packed.data_ptr<at::BFloat16>(), nullptr, 2 * inter / 16, inter / 16};
-  pdserve_tiles::tile_product(xc.data_ptr<at::BFloat16>(), M, x.size(1), w, inter / 16, silu_mul);
+  pdserve_tiles::tile_product(xc.data_ptr<at::BFloat16>(), M, x.size(1), w, silu_mul);
   return out;
 }
 #else

@@ -56,7 +56,7 @@ at::Tensor linear_add_rms_norm(const at::Tensor& x, const at::Tensor& packed, at
     }
   };
   const pdserve_tiles::Panels w{packed.data_ptr<T>(), nullptr, N / 16};
-  pdserve_tiles::tile_product_rows(xc.data_ptr<T>(), M, K, w, (N / 16 + 1) / 2, add, norm);
+  pdserve_tiles::tile_product_rows(xc.data_ptr<T>(), M, K, w, add, norm);
   return out;
 }
 #else

@@ -33,29 +33,28 @@ at::Tensor qkv_rope_cache(const at::Tensor& x, const at::Tensor& packed, const a
   at::Tensor q = at::empty({tokens, heads, d}, x.options());
   const T *cp = cos.data_ptr<T>(), *sp = sin.data_ptr<T>();
   const int64_t *bp = sb.data_ptr<int64_t>(), *offp = so.data_ptr<int64_t>();
-  T *qp = q.data_ptr<T>(), *pool = cache.data_ptr<T>();
-  const int64_t group = d / 32, row = kv_heads * d;
+  T* qp = q.data_ptr<T>();
+  const int64_t group = d / 32, row = kv_heads * d, block_stride = cache.stride(0), value_offset = cache.stride(2);
+  T* layer_pool = cache.data_ptr<T>() + layer * cache.stride(1);
   const auto epilogue = [&](int64_t p, int64_t m, const float* c0, const float* c1, int64_t r0, int64_t r1) {
-    const int64_t head = p / group, i = p % group * 16;
+    const int64_t head = p / group, i = p % group * 16;  // q's heads, then k's, then v's
     for (int64_t t = m + r0; t < m + r1; ++t) {
       const __m512 x1 = pdserve_vec::round16<T>(_mm512_load_ps(c0 + (t - m) * 16));
       const __m512 x2 = pdserve_vec::round16<T>(_mm512_load_ps(c1 + (t - m) * 16));
-      T* kv = pool + bp[t] * cache.stride(0) + layer * cache.stride(1) + offp[t] * row;
-      if (head < heads) {
-        T* out = qp + (t * heads + head) * d + i;
-        pdserve_vec::rope16(x1, x2, cp + t * d + i, sp + t * d + i, half, out, out + half);
-      } else if (head < heads + kv_heads) {
-        T* out = kv + (head - heads) * d + i;
+      T* const slot = layer_pool + bp[t] * block_stride + offp[t] * row;  // the token's keys
+      T* out = head < heads              ? qp + (t * heads + head) * d + i
+               : head < heads + kv_heads ? slot + (head - heads) * d + i
+                                         : slot + value_offset + (head - heads - kv_heads) * d + i;
+      if (head < heads + kv_heads) {
         pdserve_vec::rope16(x1, x2, cp + t * d + i, sp + t * d + i, half, out, out + half);
       } else {
-        T* out = kv + cache.stride(2) + (head - heads - kv_heads) * d + i;
         pdserve_vec::store16(out, x1);
         pdserve_vec::store16(out + half, x2);
       }
     }
   };
   const pdserve_tiles::Panels w{packed.data_ptr<T>(), nullptr, width / 16, group};
-  pdserve_tiles::tile_product(xc.data_ptr<T>(), tokens, x.size(1), w, width / 32, epilogue);
+  pdserve_tiles::tile_product(xc.data_ptr<T>(), tokens, x.size(1), w, epilogue);
   return q;
 }
 #else

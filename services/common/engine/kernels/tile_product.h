@@ -33,6 +33,8 @@ struct Panels {
   int64_t count = 0, group = 1;
   int64_t first(int64_t p) const { return p / group * 2 * group + p % group; }
   bool second(int64_t p) const { return first(p) + group < count; }
+  // How many pairs there are: every p whose first panel exists.
+  int64_t pairs() const { return count / (2 * group) * group + std::min(group, count % (2 * group)); }
 };
 
 // Column pairs per block: a block's panels stay in L2 while every 32 rows of x pass over them, and
@@ -157,10 +159,10 @@ class TileLoop {
 // x [M, K] times every pair, the threads splitting the pairs. A block of pairs' panels stays in L2
 // while every 32 rows of x pass over them, and those rows stay in L1 across the block.
 template <typename Epilogue>
-void tile_product(const at::BFloat16* xp, int64_t M, int64_t K, const Panels& w, int64_t pairs, Epilogue epilogue) {
+void tile_product(const at::BFloat16* xp, int64_t M, int64_t K, const Panels& w, Epilogue epilogue) {
   const Rows rows(xp, M, K);
   const int64_t block = w.int8 ? 1 : kBlockPairs;
-  at::parallel_for(0, pairs, 16, [&](int64_t p0, int64_t p1) {
+  at::parallel_for(0, w.pairs(), 16, [&](int64_t p0, int64_t p1) {
     TileLoop<Epilogue> loop(rows, M, K, w, epilogue);
     for (int64_t c0 = p0; c0 < p1; c0 += block)
       for (int64_t m0 = 0; m0 < M; m0 += 32)
@@ -178,9 +180,9 @@ constexpr int64_t kRowsBlockBytes = 1 << 20;
 // of pairs at a time, and in the last block, whole(m0, n) gets n rows from m0 once every pair's
 // epilogue is done with them (for a norm over whole rows).
 template <typename Epilogue, typename Whole>
-void tile_product_rows(const at::BFloat16* xp, int64_t M, int64_t K, const Panels& w, int64_t pairs, Epilogue epilogue,
-                       Whole whole) {
+void tile_product_rows(const at::BFloat16* xp, int64_t M, int64_t K, const Panels& w, Epilogue epilogue, Whole whole) {
   const Rows rows(xp, M, K);
+  const int64_t pairs = w.pairs();
   const int64_t block = std::max<int64_t>(1, kRowsBlockBytes / (K * 64));
   at::parallel_for(0, (M + 31) / 32, 1, [&](int64_t g0, int64_t g1) {
     TileLoop<Epilogue> loop(rows, M, K, w, epilogue);

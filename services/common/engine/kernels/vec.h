@@ -100,7 +100,8 @@ template <typename T>
 inline void rope16(__m512 x1, __m512 x2, const T* c, const T* s, int64_t half, T* out1, T* out2) {
   const __m512 lo = _mm512_add_ps(round16<T>(_mm512_mul_ps(x1, load16(c))),
                                   round16<T>(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(x2, load16(s)))));
-  const __m512 hi = _mm512_add_ps(round16<T>(_mm512_mul_ps(x2, load16(c + half))), round16<T>(_mm512_mul_ps(x1, load16(s + half))));
+  const __m512 hi =
+      _mm512_add_ps(round16<T>(_mm512_mul_ps(x2, load16(c + half))), round16<T>(_mm512_mul_ps(x1, load16(s + half))));
   store16(out1, lo);
   store16(out2, hi);
 }
