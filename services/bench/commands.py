@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
+from pdserve.bench import cpu_isa
 from pdserve.common.engine import precision
 from pdserve.common.engine.config import QUANTIZATIONS
 
@@ -38,6 +39,9 @@ def add_commands(sub) -> None:
         help="the engine's linear layers (int8: weight-only; the floor counts its bytes, the naive loop keeps --dtype)",
     )
     eng.add_argument("--json", default=None, help="also write the results here")
+    eng.add_argument(
+        "--as-cpu", choices=cpu_isa.CHOICES, default="native", help="avx2: on an AVX2-only CPU's code paths (re-runs)"
+    )
     eng.set_defaults(func=lambda a: _bench("engine_bench", a))
     ttft = bench_sub.add_parser("ttft", help="idle TTFT, disaggregated vs colocated (real processes)")
     ttft.add_argument("--tokens", type=int, default=1000)

@@ -12,12 +12,13 @@ import time
 
 import torch
 
+from pdserve.bench import cpu_isa
 from pdserve.bench.limits import measure, median_time
 from pdserve.common import model_loader
 from pdserve.common.engine import precision
 from pdserve.common.engine.config import EngineConfig
 from pdserve.common.engine.engine import LLMEngine
-from pdserve.common.engine.llama import TiledLinear
+from pdserve.common.engine.llama import RowsLinear, TiledLinear
 from pdserve.common.engine.packed_linear import PackedLinear
 from pdserve.common.engine.quantize import Int8Linear
 from pdserve.common.engine.sampling_params import SamplingParams
@@ -33,7 +34,7 @@ def flops_per_token(model, context: int) -> float:
     linear = sum(
         m.in_features * m.out_features
         for n, m in model.named_modules()
-        if isinstance(m, (torch.nn.Linear, PackedLinear, TiledLinear, Int8Linear)) and n != "lm_head"
+        if isinstance(m, (torch.nn.Linear, PackedLinear, TiledLinear, RowsLinear, Int8Linear)) and n != "lm_head"
     )
     attention = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * context
     return 2 * linear + attention
@@ -112,6 +113,8 @@ def hf_generate_batch_s(model, prompts: list[list[int]], new_tokens: int) -> flo
 
 
 def main(args) -> int:
+    as_cpu = getattr(args, "as_cpu", "native")
+    cpu_isa.reexec_as(as_cpu)
     quick = getattr(args, "quick", False)
     ref = model_loader.resolve(getattr(args, "model", None))
     dtype = precision.resolve(getattr(args, "dtype", None) or "auto")
@@ -124,7 +127,8 @@ def main(args) -> int:
     quantization = getattr(args, "quantization", None) or "none"
     if quantization != "none":
         print(f"weights: {quantization} (the naive transformers loop keeps {dtype.dtype})")
-    results: dict = {"machine": limits.as_dict(), "model": ref.name, "quick": quick, "dtype": dtype.dtype}
+    results: dict = {"machine": {**limits.as_dict(), "as_cpu": as_cpu}, "model": ref.name, "quick": quick}
+    results["dtype"] = dtype.dtype
     results["quantization"] = quantization
 
     def make(**kw) -> LLMEngine:

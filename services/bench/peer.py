@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pdserve.bench import peer_report, peers, plots, senders, workload
+from pdserve.bench import cpu_isa, peer_report, peers, plots, senders, workload
 from pdserve.bench.loadgen import ProgressLine, command_line, run_open
 from pdserve.bench.metrics import RequestRecord, Slo
 
@@ -100,6 +100,7 @@ def _paths(args: argparse.Namespace) -> tuple[Path, Path | None]:
 
 
 def run_all(args: argparse.Namespace, out: Path) -> dict:
+    os.environ.update(cpu_isa.environment(args.as_cpu))  # every system starts under it
     model_dir, gguf = _paths(args)
     skipped: dict[str, dict[str, str]] = {}
     runnable = []
@@ -129,6 +130,7 @@ def run_all(args: argparse.Namespace, out: Path) -> dict:
             args.model,
             args.kv_cache_gib,
             len(os.sched_getaffinity(0)),
+            cpu_isa.probe_shim(args.as_cpu),
         )
         print(f"{name} @ {rate:g} req/s: starting", flush=True)
         result = measure(peer, launch, rate, i, args, out)
@@ -192,7 +194,7 @@ def main(args: argparse.Namespace) -> int:
         from pdserve.bench.limits import machine
 
         doc = {
-            "machine": machine(),
+            "machine": {**machine(), "as_cpu": args.as_cpu},
             "command": command_line(),
             "workload": describe(args),
             "reference": args.reference,
@@ -273,3 +275,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="benchmarks/results/peer", help="directory for peer.json, peer.md and plots")
     p.add_argument("--from-json", default=None, help="only redo the report and plots from this peer.json")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--as-cpu",
+        choices=cpu_isa.CHOICES,
+        default="native",
+        help="avx2: every system on an AVX2-only CPU's code paths",
+    )

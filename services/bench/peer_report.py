@@ -56,13 +56,20 @@ def _x(v) -> str:
     return _f(v, "{:.2f}x")
 
 
+def _as_cpu(machine: dict) -> str:
+    if machine.get("as_cpu", "native") == "native":
+        return ""
+    return f", every system held to an {machine['as_cpu']}-only CPU's code paths (bench/cpu_isa.py)"
+
+
 def markdown(doc: dict) -> str:
     m, slo, ref = doc.get("machine", {}), doc["objectives"], doc["reference"]
     cmp, summ = doc["comparison"], doc["summaries"]
     lines = [
         "# pdserve beside other servers: the same model, the same open-loop load",
         "",
-        f"Machine: {m.get('cpu', '?')}, {m.get('usable_cores', '?')} usable cores. Command: `{doc['command']}`",
+        f"Machine: {m.get('cpu', '?')}, {m.get('usable_cores', '?')} usable cores{_as_cpu(m)}. "
+        f"Command: `{doc['command']}`",
         "",
         f"Workload: {doc['workload']}",
         "",

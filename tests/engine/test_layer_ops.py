@@ -187,11 +187,12 @@ def _recording(run, logits: list):
     return recorded
 
 
-@pytest.mark.parametrize("quantization", ["none", "int8"])
+@pytest.mark.parametrize(("dtype", "quantization"), [("bfloat16", "none"), ("bfloat16", "int8"), ("float32", "none")])
 def test_a_decode_step_in_one_call_gives_the_layer_loops_logits_bit_for_bit(
-    ops, tiny_model_dir, monkeypatch, quantization
+    ops, tiny_model_dir, monkeypatch, dtype, quantization
 ):
-    """With AMX tiles for every matmul, a decode step's layers run in one C++ call (decode_layers.cpp)."""
+    """With AMX tiles (bf16) or the row kernel (float32) for every matmul, a decode step's layers run in
+    one C++ call (decode_layers.cpp)."""
     from pdserve.common import model_loader
     from pdserve.common.engine.config import EngineConfig
     from pdserve.common.engine.engine import LLMEngine
@@ -202,10 +203,10 @@ def test_a_decode_step_in_one_call_gives_the_layer_loops_logits_bit_for_bit(
     monkeypatch.setattr(ops, "decode_layers", lambda *a: one_call.append(1) or decode_layers(*a))
     logits = {}
     for loop in (False, True):
-        model, tok = model_loader.load(ref, dtype="bfloat16")
-        if not kernels.linear_tiles():
-            pytest.skip("no AMX tiles here: decode steps run the layer loop")
-        config = EngineConfig(dtype="bfloat16", num_kv_blocks=64, quantization=quantization)
+        model, tok = model_loader.load(ref, dtype=dtype)
+        if not (kernels.linear_tiles() if dtype == "bfloat16" else kernels.vectorized()):
+            pytest.skip(f"{dtype}: no fused kernels for its matmuls here, decode steps run the layer loop")
+        config = EngineConfig(dtype=dtype, num_kv_blocks=64, quantization=quantization)
         engine = LLMEngine(config, model, tok, ref)
         fused = engine.runner.fused
         assert fused is not None and fused.decode_weights is not None

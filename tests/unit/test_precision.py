@@ -32,6 +32,15 @@ def test_auto_on_the_cpu_is_bfloat16_only_with_native_bf16_matmuls(tmp_path, fla
     assert str(got) == f"dtype {dtype} ({reason})"  # the worker's start banner
 
 
+def test_auto_is_float32_where_onednn_is_held_below_bf16_instructions(tmp_path, monkeypatch):
+    amx = cpuinfo(tmp_path, "amx_tile amx_bf16")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")  # an AVX2-only CPU's code paths, on an AMX host
+    got = resolve("auto", "cpu", cpuinfo=amx)
+    assert (got.dtype, got.reason) == ("float32", "auto: the CPU has amx_bf16, but ONEDNN_MAX_CPU_ISA=AVX2")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert resolve("auto", "cpu", cpuinfo=amx).dtype == "bfloat16"
+
+
 def test_auto_without_proc_cpuinfo_is_float32(tmp_path):
     assert resolve("auto", "cpu", cpuinfo=str(tmp_path / "absent")).dtype == "float32"
 

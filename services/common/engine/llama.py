@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pdserve.common.engine import attention, packed_linear, quantize
@@ -55,6 +56,27 @@ class TiledLinear(nn.Module):
         return torch.ops.pdserve.linear_tiles(x, self.tiles, self.out_features)
 
 
+# Up to here the row kernel read the weights faster than MKL; at 32 rows MKL's blocked matmul won.
+ROWS_KERNEL_MAX = 16
+
+
+class RowsLinear(nn.Module):
+    """A float32 linear layer: a few rows through pdserve's row kernel (kernels/linear.cpp), more through MKL.
+
+    MKL's matmul took 2x its one-row time at 2 to 8 rows (AVX2 and AVX-512 alike), and oneDNN's packed
+    weight was no faster at any row count, so the weight is kept once, unpacked (docs/engine.md)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight, persistent=False)
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(x) <= ROWS_KERNEL_MAX:
+            return torch.ops.pdserve.linear_f32(x, self.weight)
+        return F.linear(x, self.weight)
+
+
 def gate_up_silu(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for the MLP's fused gate_up `proj`: one op through tiles, where it has them."""
     if isinstance(proj, TiledLinear):
@@ -95,6 +117,8 @@ def _linear(layers: list[nn.Linear], pack: bool, int8: bool) -> nn.Module:
     tiles = torch.ops.pdserve.pack_vnni(weight) if biases[0] is None else weight[:0]  # empty: no AMX here
     if tiles.numel():
         return TiledLinear(tiles, weight.shape[0])
+    if weight.dtype == torch.float32 and biases[0] is None:
+        return RowsLinear(weight)
     # Not initialised: its parameters are set from the layers' right away.
     fused = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=biases[0] is not None)
     fused.weight = nn.Parameter(weight, requires_grad=False)
@@ -138,17 +162,23 @@ class FusedLlama:
             tiles = torch.ops.pdserve.pack_vnni(weight)  # for AMX, where the CPU has it (else empty)
             tiles = tiles if tiles.numel() else None
             self.lm_head = lambda h: torch.ops.pdserve.linear_f32(h, weight, tiles)
+        elif model.dtype == torch.float32 and model.lm_head.bias is None:
+            self.lm_head = RowsLinear(model.lm_head.weight.detach())  # a tied head reads the embedding in place
         else:
             if pack and not isinstance(model.lm_head, packed_linear.PackedLinear):
                 model.lm_head = packed_linear.PackedLinear(model.lm_head)  # a tied head gets its own packed copy
             self.lm_head = model.lm_head
         self.linears = sum(isinstance(m, packed_linear.PackedLinear) for m in model.modules())
         self.tiled = sum(isinstance(m, TiledLinear) for m in model.modules())
-        # Where every matmul has AMX tiles, a decode step's layers run in one call (kernels/decode_layers.cpp).
+        self.rows = sum(isinstance(m, RowsLinear) for m in (*model.modules(), self.lm_head))
+        # Where every matmul has AMX tiles, or the row kernel, a decode step's layers run in one call
+        # (kernels/decode_layers.cpp); the row kernel's only up to ROWS_KERNEL_MAX rows.
         projections = [p for la in self.layers for p in (la.qkv_proj, la.o_proj, la.gate_up_proj, la.down_proj)]
-        self.decode_weights = None
+        self.decode_weights, self.decode_rows_max = None, None
         if all(isinstance(p, TiledLinear) for p in projections):
             self.decode_weights = [p.tiles for p in projections]
+        elif all(isinstance(p, RowsLinear) for p in projections):
+            self.decode_weights, self.decode_rows_max = [p.weight for p in projections], ROWS_KERNEL_MAX
         elif all(isinstance(p, quantize.Int8Linear) and p.bias is None for p in projections):
             self.decode_weights = [t for p in projections for t in (p.qweight, p.scales)]
         self.decode_norms = [w for la in self.layers for w in (la.input_norm, la.post_norm)] + [self.norm]
@@ -160,7 +190,8 @@ class FusedLlama:
         ops = torch.ops.pdserve
         x = self.embed(ids)
         cos, sin = (t[0].contiguous() for t in self.rotary(x, positions[None]))
-        if self.decode_weights is not None and meta.decode_only:
+        one_call = self.decode_rows_max is None or len(ids) <= self.decode_rows_max
+        if self.decode_weights is not None and meta.decode_only and one_call:
             g = meta.decode_groups[0]
             h = ops.decode_layers(
                 x, cos, sin, meta.kv_cache, meta.slot_blocks, meta.slot_offsets, g.block_tables, g.context_lens,

@@ -83,6 +83,8 @@ class ModelRunner:
         tiled = ""
         if self.fused and self.fused.tiled:
             tiled = f" ({self.fused.tiled} matmuls through AMX tiles)"
+        elif self.fused and self.fused.rows:
+            tiled = f" ({self.fused.rows} matmuls through the row kernel up to {llama.ROWS_KERNEL_MAX} rows)"
         layers = f"fused layers{tiled}, " if self.fused else f"transformers layers ({self.unfused_why}), "
         attention = "decode attention: " + ("pdserve paged kernel" if self.paged_kernel else "torch ops")
         return packed + layers + attention + (", prefill attention: AMX tiles" if self.prefill_kernel else "")

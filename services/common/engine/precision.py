@@ -1,12 +1,14 @@
 """The dtype a worker computes and keeps its KV cache in: `auto` resolved once, with the reason.
 
 `auto` is bfloat16 where matmuls run natively in it (CUDA; CPUs with AMX or AVX512-BF16,
-where oneDNN measured 2-2.5x fp32's speed on batched matmuls) and float32 elsewhere.
+where oneDNN measured 2-2.5x fp32's speed on batched matmuls) and float32 elsewhere, including
+where $ONEDNN_MAX_CPU_ISA holds oneDNN below those instructions (as on an AVX2-only CPU).
 docs/engine.md ("Precision") has the figures.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from pdserve.common.config import SettingError
@@ -14,6 +16,8 @@ from pdserve.common.config import SettingError
 DTYPES = ("float32", "bfloat16", "float16")
 CHOICES = ("auto", *DTYPES)
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf16 matmuls
+# oneDNN's ISA caps below AVX512_CORE_BF16: there bf16 matmuls are emulated (a prefill's took 7x fp32's time at AVX2).
+ONEDNN_CAPS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,9 @@ def resolve(
     if device != "cpu":
         return Precision("float32", f"auto: {device}")
     flag = cpu_bf16_flag(cpuinfo)
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if flag and cap in ONEDNN_CAPS_WITHOUT_BF16:
+        return Precision("float32", f"auto: the CPU has {flag}, but ONEDNN_MAX_CPU_ISA={cap}")
     if flag:
         return Precision("bfloat16", f"auto: the CPU has {flag}")
     return Precision("float32", f"auto: the CPU has none of {', '.join(BF16_CPU_FLAGS)}")

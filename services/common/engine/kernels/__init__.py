@@ -1,8 +1,9 @@
 """pdserve's own CPU kernels: C++ sources built once per machine with g++, loaded as torch ops.
 
 The build is cached under the pdserve cache directory, keyed by the source, the
-torch version and this CPU's flags (it is built with -march=native), so a shared
-home directory never loads a binary built for another CPU. Where there is no
+torch version, this CPU's flags and the target (-march=native, or $PDSERVE_KERNEL_MARCH,
+e.g. x86-64-v3 to run the AVX2 paths on an AVX-512 machine), so a shared home
+directory never loads a binary built for another CPU. Where there is no
 compiler, or the build fails, `load()` returns None and the engine keeps its
 torch-only path; the reason is logged once.
 """
@@ -38,7 +39,16 @@ SOURCES = tuple(
 HEADERS = tuple(HERE / f for f in ("vec.h", "amx.h", "rms_norm.h", "decode_span.h", "tile_product.h", "prefill_task.h"))
 # -ffp-contract=off: no fused multiply-adds where the source rounds a product, so the
 # layer ops round as torch's unfused ops do.
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-std=c++20", "-fPIC", "-shared")
+FLAGS = (
+    "-O3",
+    f"-march={os.environ.get('PDSERVE_KERNEL_MARCH', 'native')}",
+    "-fopenmp",
+    "-fno-math-errno",
+    "-ffp-contract=off",
+    "-std=c++20",
+    "-fPIC",
+    "-shared",
+)
 
 
 def cache_dir() -> Path:

@@ -43,7 +43,7 @@ template <typename T>
 constexpr bool kPairs = kDpbf16 && std::is_same_v<T, at::BFloat16>;
 
 #if defined(__AVX512F__)
-using pdserve_vec::load16;
+using pdserve_vec::load;
 
 // lane j of the result = the sum of v[j]'s lanes: a transpose-and-add tree, 45 instructions for 16
 // dot products against 16 horizontal reductions' 128.
@@ -71,8 +71,8 @@ inline __m512 dot_lanes(const T* q, const float* qf, const T* k) {
     return acc;
   }
 #endif
-  __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qf), load16(k));
-  for (int64_t c = 16; c < D; c += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qf + c), load16(k + c), acc);
+  __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qf), load(k));
+  for (int64_t c = 16; c < D; c += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qf + c), load(k + c), acc);
   return acc;
 }
 
@@ -87,7 +87,7 @@ inline void weigh_values(const T* const* k, int64_t v_off, int64_t n, const floa
   for (int64_t j = 0; j < n; ++j) {
     const T* v = k[j] + v_off;
     __m512 vr[C];
-    for (int64_t c = 0; c < C; ++c) vr[c] = load16(v + c * 16);
+    for (int64_t c = 0; c < C; ++c) vr[c] = load(v + c * 16);
     for (int64_t g = 0; g < G; ++g) {
       const __m512 w = _mm512_set1_ps(p[g * kSpan + j]);
       for (int64_t c = 0; c < C; ++c) acc[g][c] = _mm512_fmadd_ps(w, vr[c], acc[g][c]);
@@ -132,7 +132,7 @@ void span_avx512(const T* q, const float* qf, int64_t group, float scale, const 
     __m512 sum = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; j += 16) {
       const __mmask16 m = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
-      const __m512 e = _mm512_maskz_mov_ps(m, pdserve_vec::exp16(_mm512_sub_ps(_mm512_loadu_ps(sg + j), _mm512_set1_ps(top))));
+      const __m512 e = _mm512_maskz_mov_ps(m, pdserve_vec::vexp(_mm512_sub_ps(_mm512_loadu_ps(sg + j), _mm512_set1_ps(top))));
       _mm512_storeu_ps(sg + j, e);
       sum = _mm512_add_ps(sum, e);
     }

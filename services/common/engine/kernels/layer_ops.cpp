@@ -24,14 +24,15 @@ void rms_rows(const T* x, const T* w, T* out, int64_t rows, int64_t h, float eps
       const T* xr = x + r * h;
       int64_t i = 0;
       float ss = 0.f;
-#if defined(__AVX512F__)
-      if constexpr (pdserve_vec::kVec16<T>) {
-        __m512 acc = _mm512_setzero_ps();
-        for (; i + 16 <= h; i += 16) {
-          const __m512 v = pdserve_vec::load16(xr + i);
-          acc = _mm512_fmadd_ps(v, v, acc);
+#if defined(PDSERVE_VECTOR)
+      if constexpr (pdserve_vec::kVector<T>) {
+        using namespace pdserve_vec;
+        floats acc = zeros();
+        for (; i + kLanes <= h; i += kLanes) {
+          const floats v = load(xr + i);
+          acc = fmadd(v, v, acc);
         }
-        ss = _mm512_reduce_add_ps(acc);
+        ss = sum(acc);
       }
 #endif
       for (int64_t j = i; j < h; ++j) ss += static_cast<float>(xr[j]) * static_cast<float>(xr[j]);
@@ -61,16 +62,16 @@ void add_rms_rows(const T* x, T* residual, const T* w, T* out, int64_t rows, int
       T* res = residual + r * h;
       int64_t i = 0;
       float ss = 0.f;
-#if defined(__AVX512F__)
-      if constexpr (pdserve_vec::kVec16<T>) {
+#if defined(PDSERVE_VECTOR)
+      if constexpr (pdserve_vec::kVector<T>) {
         using namespace pdserve_vec;
-        __m512 acc = _mm512_setzero_ps();
-        for (; i + 16 <= h; i += 16) {
-          const __m512 v = round16<T>(_mm512_add_ps(load16(res + i), load16(xr + i)));
-          store16(res + i, v);
-          acc = _mm512_fmadd_ps(v, v, acc);
+        floats acc = zeros();
+        for (; i + kLanes <= h; i += kLanes) {
+          const floats v = rounded<T>(load(res + i) + load(xr + i));
+          store(res + i, v);
+          acc = fmadd(v, v, acc);
         }
-        ss = _mm512_reduce_add_ps(acc);
+        ss = sum(acc);
       }
 #endif
       for (int64_t j = i; j < h; ++j) {
@@ -104,11 +105,10 @@ void silu_mul_rows(const T* gp, T* op, int64_t rows, int64_t inter) {
       const T* u = g + inter;
       T* o = op + r * inter;
       int64_t i = 0;
-#if defined(__AVX512F__)
-      if constexpr (pdserve_vec::kVec16<T>) {
+#if defined(PDSERVE_VECTOR)
+      if constexpr (pdserve_vec::kVector<T>) {
         using namespace pdserve_vec;
-        for (; i + 16 <= inter; i += 16)
-          store16(o + i, _mm512_mul_ps(round16<T>(silu16(load16(g + i))), load16(u + i)));
+        for (; i + kLanes <= inter; i += kLanes) store(o + i, rounded<T>(silu(load(g + i))) * load(u + i));
       }
 #endif
       for (; i < inter; ++i) {
@@ -135,11 +135,11 @@ template <typename T>
 inline void rotate(const T* x, const T* c, const T* s, T* out, int64_t d) {
   const int64_t half = d / 2;
   int64_t i = 0;
-#if defined(__AVX512F__)
-  if constexpr (pdserve_vec::kVec16<T>) {
+#if defined(PDSERVE_VECTOR)
+  if constexpr (pdserve_vec::kVector<T>) {
     using namespace pdserve_vec;
-    for (; i + 16 <= half; i += 16)
-      rope16(load16(x + i), load16(x + half + i), c + i, s + i, half, out + i, out + half + i);
+    for (; i + kLanes <= half; i += kLanes)
+      rope(load(x + i), load(x + half + i), c + i, s + i, half, out + i, out + half + i);
   }
 #endif
   for (; i < half; ++i) {
@@ -191,9 +191,9 @@ at::Tensor rope_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
   return q;
 }
 
-// Whether these kernels run 16 lanes at a time; elsewhere their portable loops are slower than torch's ops.
+// Whether these kernels run on vectors (AVX-512 or AVX2); elsewhere their portable loops are slower than torch's ops.
 bool vectorized() {
-#if defined(__AVX512F__)
+#if defined(PDSERVE_VECTOR)
   return true;
 #else
   return false;

@@ -16,55 +16,95 @@
 
 namespace {
 
-constexpr int64_t kRows = 4;   // activation rows per pass over a weight row
+// Activation rows per pass over a weight row: kRows x kRowsW sums stay in registers (32 with AVX-512,
+// 16 with AVX2).
+#if defined(__AVX512F__) || !defined(PDSERVE_VECTOR)
+constexpr int64_t kRows = 4;
+#else
+constexpr int64_t kRows = 2;
+#endif
 constexpr int64_t kRowsW = 4;  // weight rows per pass
 constexpr int64_t kTile = 16;  // weight rows that stay in L1 while every activation row passes over them
 
-// sums[r * kRows + m] = x[m] . w[r] for r < NR weight rows and m < rows activation rows; bf16 inputs.
+// sums[r * kRows + m] = x[m] . w[r] for r < NR weight rows and m < rows activation rows, in float32.
 // NR x rows independent sums keep the multiply-add units busy (one chain would wait on its latency).
-template <int64_t NR>
-inline void dot_bf16(const at::BFloat16* x, const at::BFloat16* w, int64_t K, int64_t rows, float* sums) {
+template <int64_t NR, typename T>
+inline void dot(const T* x, const T* w, int64_t K, int64_t rows, float* sums) {
   int64_t k = 0;
 #if defined(__AVX512BF16__)
-  __m512 acc[NR][kRows];
-  for (int64_t r = 0; r < NR; ++r)
-    for (int64_t m = 0; m < rows; ++m) acc[r][m] = _mm512_setzero_ps();
-  auto step = [&](__mmask32 mask) {
-    __m512bh wv[NR];
-    for (int64_t r = 0; r < NR; ++r) wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + r * K + k);
-    for (int64_t m = 0; m < rows; ++m) {
-      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + k);
-      for (int64_t r = 0; r < NR; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv[r], xv);
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    __m512 acc[NR][kRows];
+    for (int64_t r = 0; r < NR; ++r)
+      for (int64_t m = 0; m < rows; ++m) acc[r][m] = _mm512_setzero_ps();
+    auto step = [&](__mmask32 mask) {
+      __m512bh wv[NR];
+      for (int64_t r = 0; r < NR; ++r) wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + r * K + k);
+      for (int64_t m = 0; m < rows; ++m) {
+        const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + k);
+        for (int64_t r = 0; r < NR; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv[r], xv);
+      }
+    };
+    for (; k + 32 <= K; k += 32) step((__mmask32)~0u);
+    if (k < K) {
+      step((__mmask32)((1ull << (K - k)) - 1));
+      k = K;
     }
-  };
-  for (; k + 32 <= K; k += 32) step((__mmask32)~0u);
-  if (k < K) {
-    step((__mmask32)((1ull << (K - k)) - 1));
-    k = K;
-  }
-  for (int64_t r = 0; r < NR; ++r)
-    for (int64_t m = 0; m < rows; ++m) sums[r * kRows + m] = _mm512_reduce_add_ps(acc[r][m]);
-#elif defined(__AVX512F__)
-  __m512 acc[NR][kRows];
-  for (int64_t r = 0; r < NR; ++r)
-    for (int64_t m = 0; m < rows; ++m) acc[r][m] = _mm512_setzero_ps();
-  for (; k + 16 <= K; k += 16) {
-    __m512 wv[NR];
-    for (int64_t r = 0; r < NR; ++r) wv[r] = pdserve_vec::load16(w + r * K + k);
-    for (int64_t m = 0; m < rows; ++m) {
-      const __m512 xv = pdserve_vec::load16(x + m * K + k);
-      for (int64_t r = 0; r < NR; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
-    }
-  }
-  for (int64_t r = 0; r < NR; ++r)
-    for (int64_t m = 0; m < rows; ++m) sums[r * kRows + m] = _mm512_reduce_add_ps(acc[r][m]);
-#else
-  for (int64_t i = 0; i < NR * kRows; ++i) sums[i] = 0.f;
+    for (int64_t r = 0; r < NR; ++r)
+      for (int64_t m = 0; m < rows; ++m) sums[r * kRows + m] = _mm512_reduce_add_ps(acc[r][m]);
+  } else
 #endif
+  {
+#if defined(PDSERVE_VECTOR)
+    using namespace pdserve_vec;
+    floats acc[NR][kRows];
+    for (int64_t r = 0; r < NR; ++r)
+      for (int64_t m = 0; m < rows; ++m) acc[r][m] = zeros();
+    for (; k + kLanes <= K; k += kLanes) {
+      floats wv[NR];
+      for (int64_t r = 0; r < NR; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k) + 1024, _MM_HINT_T0);
+        wv[r] = load(w + r * K + k);
+      }
+      for (int64_t m = 0; m < rows; ++m) {
+        const floats xv = load(x + m * K + k);
+        for (int64_t r = 0; r < NR; ++r) acc[r][m] = fmadd(wv[r], xv, acc[r][m]);
+      }
+    }
+    for (int64_t r = 0; r < NR; ++r)
+      for (int64_t m = 0; m < rows; ++m) sums[r * kRows + m] = sum(acc[r][m]);
+#else
+    for (int64_t i = 0; i < NR * kRows; ++i) sums[i] = 0.f;
+#endif
+  }
   for (int64_t r = 0; r < NR; ++r)
     for (int64_t m = 0; m < rows; ++m)
       for (int64_t j = k; j < K; ++j)
         sums[r * kRows + m] += static_cast<float>(x[m * K + j]) * static_cast<float>(w[r * K + j]);
+}
+
+// out [M, N] = x [M, K] . w [N, K]^T in float32, weight rows split over the threads: each weight
+// row is read from memory once for all of x, so a few rows run at the memory's read bandwidth.
+template <typename T>
+void rows_product(const T* xp, const T* wp, float* op, int64_t M, int64_t N, int64_t K) {
+  at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
+    float sums[kRowsW * kRows];
+    for (int64_t t = n0; t < n1; t += kTile) {
+      const int64_t t1 = std::min(t + kTile, n1);
+      for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+        const int64_t rows = std::min(kRows, M - m0);
+        int64_t n = t;
+        for (; n + kRowsW <= t1; n += kRowsW) {
+          dot<kRowsW>(xp + m0 * K, wp + n * K, K, rows, sums);
+          for (int64_t r = 0; r < kRowsW; ++r)
+            for (int64_t m = 0; m < rows; ++m) op[(m0 + m) * N + n + r] = sums[r * kRows + m];
+        }
+        for (; n < t1; ++n) {
+          dot<1>(xp + m0 * K, wp + n * K, K, rows, sums);
+          for (int64_t m = 0; m < rows; ++m) op[(m0 + m) * N + n] = sums[m];
+        }
+      }
+    }
+  });
 }
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
@@ -95,7 +135,7 @@ template <typename O>
 inline void store_tile(const float* c, O* out, int64_t r0, int64_t r1, int64_t N, int64_t n0, const float* scales) {
   const __m512 scale = scales ? _mm512_loadu_ps(scales + n0) : _mm512_set1_ps(1.f);
   for (int64_t m = r0; m < r1; ++m)
-    pdserve_vec::store16(out + m * N + n0, _mm512_mul_ps(_mm512_load_ps(c + m * 16), scale));
+    pdserve_vec::store(out + m * N + n0, _mm512_mul_ps(_mm512_load_ps(c + m * 16), scale));
 }
 
 // out [M, N] = x [M, K] . w^T from w's pack_vnni (or int8 in the same layout, with `scales`): pair p
@@ -144,17 +184,17 @@ at::Tensor gate_up_silu(const at::Tensor& x, const at::Tensor& packed, int64_t i
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && packed.numel() == 2 * inter * x.size(1) &&
                   inter % 16 == 0,
               "gate_up_silu: x [M, K] bf16 and a pack_vnni of [2 * inter, K]");
-  using pdserve_vec::round16;
+  using pdserve_vec::rounded;
   const at::Tensor xc = x.contiguous();
   const int64_t M = x.size(0);
   at::Tensor out = at::empty({M, inter}, x.options());
   at::BFloat16* op = out.data_ptr<at::BFloat16>();
   const auto silu_mul = [&](int64_t p, int64_t m, const float* gate, const float* up, int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const __m512 g = round16<at::BFloat16>(_mm512_load_ps(gate + r * 16));
-      const __m512 u = round16<at::BFloat16>(_mm512_load_ps(up + r * 16));
-      const __m512 silu = round16<at::BFloat16>(pdserve_vec::silu16(g));
-      pdserve_vec::store16(op + (m + r) * inter + p * 16, _mm512_mul_ps(silu, u));
+      const __m512 g = rounded<at::BFloat16>(_mm512_load_ps(gate + r * 16));
+      const __m512 u = rounded<at::BFloat16>(_mm512_load_ps(up + r * 16));
+      const __m512 silu = rounded<at::BFloat16>(pdserve_vec::silu(g));
+      pdserve_vec::store(op + (m + r) * inter + p * 16, _mm512_mul_ps(silu, u));
     }
   };
   const pdserve_tiles::Panels w{packed.data_ptr<at::BFloat16>(), nullptr, 2 * inter / 16, inter / 16};
@@ -174,42 +214,29 @@ at::Tensor gate_up_silu(const at::Tensor& x, const at::Tensor& packed, int64_t i
 }
 #endif
 
-// x [M, K], w [N, K] (a linear layer's weight) -> float32 [M, N]; through AMX tiles where
-// `packed` is w's pack_vnni (not empty), else with AVX-512 (dpbf16 where the CPU has it).
+// x [M, K], w [N, K] (a linear layer's weight), both bf16 or both float32 -> float32 [M, N]; bf16
+// through AMX tiles where `packed` is w's pack_vnni (not empty), else on vectors (dpbf16 where the
+// CPU has it).
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& packed) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear_f32: x [M, K], w [N, K]");
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), "linear_f32: dtypes differ");
-  if (x.scalar_type() != at::kBFloat16) return at::linear(x.to(at::kFloat), w.to(at::kFloat));
+  if (x.scalar_type() != at::kBFloat16 && x.scalar_type() != at::kFloat) return at::linear(x.to(at::kFloat), w.to(at::kFloat));
   const at::Tensor xc = x.contiguous(), wc = w.contiguous();
   const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-  const at::BFloat16 *xp = xc.data_ptr<at::BFloat16>(), *wp = wc.data_ptr<at::BFloat16>();
   float* op = out.data_ptr<float>();
+  if (x.scalar_type() == at::kFloat) {
+    rows_product(xc.data_ptr<float>(), wc.data_ptr<float>(), op, M, N, K);
+    return out;
+  }
+  const at::BFloat16 *xp = xc.data_ptr<at::BFloat16>(), *wp = wc.data_ptr<at::BFloat16>();
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
   if (packed.has_value() && packed->numel() == N * K) {
     linear_amx(xp, packed->data_ptr<at::BFloat16>(), op, M, N, K);
     return out;
   }
 #endif
-  at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
-    float sums[kRowsW * kRows];
-    for (int64_t t = n0; t < n1; t += kTile) {  // a tile of weight rows, read from memory once for all of x
-      const int64_t t1 = std::min(t + kTile, n1);
-      for (int64_t m0 = 0; m0 < M; m0 += kRows) {
-        const int64_t rows = std::min(kRows, M - m0);
-        int64_t n = t;
-        for (; n + kRowsW <= t1; n += kRowsW) {
-          dot_bf16<kRowsW>(xp + m0 * K, wp + n * K, K, rows, sums);
-          for (int64_t r = 0; r < kRowsW; ++r)
-            for (int64_t m = 0; m < rows; ++m) op[(m0 + m) * N + n + r] = sums[r * kRows + m];
-        }
-        for (; n < t1; ++n) {
-          dot_bf16<1>(xp + m0 * K, wp + n * K, K, rows, sums);
-          for (int64_t m = 0; m < rows; ++m) op[(m0 + m) * N + n] = sums[m];
-        }
-      }
-    }
-  });
+  rows_product(xp, wp, op, M, N, K);
   return out;
 }
 

@@ -41,8 +41,8 @@ at::Tensor linear_add_rms_norm(const at::Tensor& x, const at::Tensor& packed, at
       T* res = rp + t * N + p * 32;
       for (const float* c : {c0, c1}) {
         if (!c) break;
-        const __m512 v = round16<T>(_mm512_add_ps(load16(res), round16<T>(_mm512_load_ps(c + (t - m) * 16))));
-        store16(res, v);
+        const __m512 v = rounded<T>(_mm512_add_ps(load(res), rounded<T>(_mm512_load_ps(c + (t - m) * 16))));
+        store(res, v);
         acc = _mm512_fmadd_ps(v, v, acc);
         res += 16;
       }

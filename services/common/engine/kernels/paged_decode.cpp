@@ -60,7 +60,7 @@ void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const a
         scaled_for = key;
       }
 #if defined(__AVX512F__)
-      if constexpr (D % 16 == 0 && D > 0 && D <= 128 && pdserve_vec::kVec16<T>) {
+      if constexpr (D % 16 == 0 && D > 0 && D <= 128 && pdserve_vec::kVector<T>) {
         span_avx512<T, D>(qh, qf.data(), group, s, keys, task.t0, task.t1, scores.data(), part);
         continue;
       }

@@ -183,7 +183,7 @@ struct RowTask {
       __m512 m[16];
       for (int64_t i = 0; i < 16; ++i) m[i] = _mm512_mul_ps(_mm512_load_ps(acc + (e0 + i) * kRows), inv);
       pdserve_vec::transpose16(m);
-      for (int64_t r = 0; r < rows; ++r) pdserve_vec::store16(out + (r0 + r) * out_stride + e0, m[r]);
+      for (int64_t r = 0; r < rows; ++r) pdserve_vec::store(out + (r0 + r) * out_stride + e0, m[r]);
     }
   }
 };

@@ -39,17 +39,17 @@ at::Tensor qkv_rope_cache(const at::Tensor& x, const at::Tensor& packed, const a
   const auto epilogue = [&](int64_t p, int64_t m, const float* c0, const float* c1, int64_t r0, int64_t r1) {
     const int64_t head = p / group, i = p % group * 16;  // q's heads, then k's, then v's
     for (int64_t t = m + r0; t < m + r1; ++t) {
-      const __m512 x1 = pdserve_vec::round16<T>(_mm512_load_ps(c0 + (t - m) * 16));
-      const __m512 x2 = pdserve_vec::round16<T>(_mm512_load_ps(c1 + (t - m) * 16));
+      const __m512 x1 = pdserve_vec::rounded<T>(_mm512_load_ps(c0 + (t - m) * 16));
+      const __m512 x2 = pdserve_vec::rounded<T>(_mm512_load_ps(c1 + (t - m) * 16));
       T* const slot = layer_pool + bp[t] * block_stride + offp[t] * row;  // the token's keys
       T* out = head < heads              ? qp + (t * heads + head) * d + i
                : head < heads + kv_heads ? slot + (head - heads) * d + i
                                          : slot + value_offset + (head - heads - kv_heads) * d + i;
       if (head < heads + kv_heads) {
-        pdserve_vec::rope16(x1, x2, cp + t * d + i, sp + t * d + i, half, out, out + half);
+        pdserve_vec::rope(x1, x2, cp + t * d + i, sp + t * d + i, half, out, out + half);
       } else {
-        pdserve_vec::store16(out, x1);
-        pdserve_vec::store16(out + half, x2);
+        pdserve_vec::store(out, x1);
+        pdserve_vec::store(out + half, x2);
       }
     }
   };

@@ -19,13 +19,11 @@ inline T round_to(float x) {
 template <typename T>
 inline void scale_row(const T* xr, const T* w, T* o, int64_t h, float inv) {
   int64_t i = 0;
-#if defined(__AVX512F__)
-  if constexpr (pdserve_vec::kVec16<T>) {
-    const __m512 s = _mm512_set1_ps(inv);
-    for (; i + 16 <= h; i += 16) {
-      const __m512 n = pdserve_vec::round16<T>(_mm512_mul_ps(pdserve_vec::load16(xr + i), s));
-      pdserve_vec::store16(o + i, _mm512_mul_ps(pdserve_vec::load16(w + i), n));
-    }
+#if defined(PDSERVE_VECTOR)
+  if constexpr (pdserve_vec::kVector<T>) {
+    using namespace pdserve_vec;
+    const floats s = splat(inv);
+    for (; i + kLanes <= h; i += kLanes) store(o + i, load(w + i) * rounded<T>(load(xr + i) * s));
   }
 #endif
   for (; i < h; ++i)
