@@ -50,7 +50,7 @@ def choose(args: argparse.Namespace, say=print) -> Choice:
     """Plan from the cached profile (measured now, once, if there is none) and say what was chosen and why."""
     from pdserve.planner import measure  # torch: the launcher already runs with the workers' install
     from pdserve.planner.commands import objectives
-    from pdserve.planner.planner import plan, reason, sim_requests
+    from pdserve.planner.planner import NoTopologyError, plan, reason, sim_requests
 
     devices = [d for d in (args.device or "").split(",") if d.startswith("cuda")]
     t0 = time.monotonic()
@@ -68,10 +68,13 @@ def choose(args: argparse.Namespace, say=print) -> Choice:
             return synthetic(sim_requests(rate), rate, SYNTHETIC_PROMPT, SYNTHETIC_OUTPUT, seed=0)
 
     goal = objectives(args)
-    scores = plan(profile, workload, goal, cores=len(os.sched_getaffinity(0)), devices=len(devices))
-    best = scores[0].topology
+    try:
+        scores = plan(profile, workload, goal, cores=len(os.sched_getaffinity(0)), devices=len(devices))
+        best, chose = scores[0].topology, f"chose {reason(scores)}"
+    except NoTopologyError as e:  # a server still starts, and says it will miss them (pdserve plan refuses)
+        best, chose = e.closest.topology, f"starts the closest, as {e}"
     why = (
-        f"--mode auto chose {reason(scores)} (simulated on the {args.plan_workload} workload for {goal}; "
+        f"--mode auto {chose} (simulated on the {args.plan_workload} workload for {goal}; "
         f"profile {profile.hardware}, {took:.1f} s to load or measure)"
     )
     say(why)

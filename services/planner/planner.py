@@ -28,7 +28,11 @@ def sim_requests(rate: float) -> int:
 
 
 class NoTopologyError(ValueError):
-    """No topology meets the objectives at any rate tried."""
+    """No topology meets the objectives at any rate tried; `closest` has the lowest TTFT p99."""
+
+    def __init__(self, message: str, closest: Score):
+        super().__init__(message)
+        self.closest = closest
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,8 @@ def plan(
         raise NoTopologyError(
             f"no topology meets {objectives}, even at 0.02 req/s; the closest: {closest.topology} "
             f"(TTFT p99 {closest.at_capacity['ttft_ms_p99']:.0f} ms, TPOT p50 "
-            f"{closest.at_capacity['tpot_ms_p50'] or 0:.0f} ms)"
+            f"{closest.at_capacity['tpot_ms_p50'] or 0:.0f} ms)",
+            closest,
         )
     return scores
 

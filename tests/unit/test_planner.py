@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import astuple
 
 import pytest
@@ -96,8 +97,23 @@ def test_every_rate_is_simulated_long_enough_to_reach_a_steady_state(rate):
 
 
 def test_objectives_no_topology_meets_are_refused_naming_the_closest():
-    with pytest.raises(NoTopologyError, match=r"no topology meets TTFT <= 1 ms .* the closest: "):
+    with pytest.raises(NoTopologyError, match=r"no topology meets TTFT <= 1 ms .* the closest: ") as refused:
         plan(profile(), lambda r: Mixed().requests(20, r, seed=3), Objectives(ttft_ms=1.0), cores=2, chunks=(512,))
+    assert str(refused.value.closest.topology) in str(refused.value)
+
+
+def test_up_in_auto_mode_starts_the_closest_topology_where_none_meets_the_objectives(monkeypatch):
+    from pdserve.launcher import auto
+    from pdserve.planner import measure
+
+    monkeypatch.setattr(measure, "load_or_measure", lambda *a, **kw: profile())
+    args = argparse.Namespace(
+        model=None, device=None, dtype=None, plan_workload="mixed", slo_ttft_ms=1.0, slo_tpot_ms=150.0, attainment=0.9
+    )
+    said = []
+    chosen = auto.choose(args, say=said.append)
+    assert chosen.prefill + chosen.decode >= 1 and chosen.threads >= 1
+    assert said == [chosen.why] and "starts the closest, as no topology meets TTFT <= 1 ms" in chosen.why
 
 
 def test_the_fit_recovers_the_costs_of_measured_steps_and_never_makes_one_negative():
