@@ -58,7 +58,10 @@ def drain(engine: LLMEngine) -> None:
 def decode_step_s(engine: LLMEngine, num_seqs: int, context: int, steps: int, extra: tuple[int, ...] = ()) -> float:
     """Median decode step of num_seqs sequences at `context`, plus one at each `extra` context."""
     contexts = [context] * num_seqs + list(extra)
-    prefill_all(engine, [synthetic_prompt(c - 1, s) for s, c in enumerate(contexts)], steps + 2)
+    # The first prompts decode while the later ones prefill: enough tokens that none finishes before
+    # the last measured step (with steps + 2, a quick run timed a batch that had already shrunk).
+    prefill_steps = -(-sum(contexts) // engine.config.max_num_batched_tokens) + len(contexts)
+    prefill_all(engine, [synthetic_prompt(c - 1, s) for s, c in enumerate(contexts)], steps + 2 + prefill_steps)
     t = median_time(engine.step, reps=steps, warmup=1)
     drain(engine)
     return t

@@ -1,9 +1,10 @@
-"""`pdserve bench engine` measures prefill against a matmul ceiling: its FLOPs count every layer however it runs."""
+"""`pdserve bench engine` measures prefill against a matmul ceiling (its FLOPs count every layer however it
+runs), and times decode steps of the batch it names."""
 
 import pytest
 import torch
 
-from pdserve.bench.engine_bench import flops_per_token
+from pdserve.bench.engine_bench import decode_step_s, flops_per_token
 from pdserve.common import model_loader
 from pdserve.common.engine.config import EngineConfig
 from pdserve.common.engine.engine import LLMEngine
@@ -20,3 +21,23 @@ def test_the_prefill_ceiling_counts_every_linear_layer_but_the_head_as_the_engin
     attention = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * 512
     engine = LLMEngine(EngineConfig(dtype=dtype, num_kv_blocks=16), model, tok, ref)
     assert flops_per_token(engine.model, 512) == 2 * linear + attention
+
+
+def test_every_timed_decode_step_has_every_sequence_of_the_batch(tiny_model_dir, monkeypatch):
+    from pdserve.bench import engine_bench
+
+    ref = model_loader.resolve(str(tiny_model_dir))
+    model, tok = model_loader.load(ref, dtype="float32")
+    config = EngineConfig(dtype="float32", num_kv_blocks=256, max_num_batched_tokens=64)
+    engine = LLMEngine(config, model, tok, ref)
+    batches = []
+
+    def timed(step, reps, warmup):  # median_time, counting the decoding sequences of each step
+        for _ in range(warmup + reps):
+            batches.append(sum(s.num_computed_tokens >= s.num_prompt_tokens for s in engine.scheduler.running))
+            step()
+        return 1.0
+
+    monkeypatch.setattr(engine_bench, "median_time", timed)
+    decode_step_s(engine, 8, 96, 4)  # 8 prompts of 96 take 12+ chunked steps, and the first decode meanwhile
+    assert batches == [8] * 5
