@@ -119,6 +119,7 @@ def run_all(args: argparse.Namespace, out: Path) -> dict:
     runs: dict[str, dict[str, list]] = {n: {} for n in runnable}
     warmups: dict[str, dict[str, dict]] = {n: {} for n in runnable}
     order = schedule(runnable, args.rates)
+    probe_env = cpu_isa.probe_shim(args.as_cpu)  # written once, read by every start
     for rate, name in order:
         i = args.rates.index(rate)
         peer = peers.PEERS[name]
@@ -130,7 +131,7 @@ def run_all(args: argparse.Namespace, out: Path) -> dict:
             args.model,
             args.kv_cache_gib,
             len(os.sched_getaffinity(0)),
-            cpu_isa.probe_shim(args.as_cpu),
+            probe_env,
         )
         print(f"{name} @ {rate:g} req/s: starting", flush=True)
         result = measure(peer, launch, rate, i, args, out)

@@ -172,13 +172,13 @@ class FusedLlama:
         self.tiled = sum(isinstance(m, TiledLinear) for m in model.modules())
         self.rows = sum(isinstance(m, RowsLinear) for m in (*model.modules(), self.lm_head))
         # Where every matmul has AMX tiles, or the row kernel, a decode step's layers run in one call
-        # (kernels/decode_layers.cpp); the row kernel's only up to ROWS_KERNEL_MAX rows.
+        # (kernels/decode_layers.cpp); with the row kernel, only up to ROWS_KERNEL_MAX rows.
         projections = [p for la in self.layers for p in (la.qkv_proj, la.o_proj, la.gate_up_proj, la.down_proj)]
-        self.decode_weights, self.decode_rows_max = None, None
+        self.decode_weights, self.decode_by_rows = None, False
         if all(isinstance(p, TiledLinear) for p in projections):
             self.decode_weights = [p.tiles for p in projections]
         elif all(isinstance(p, RowsLinear) for p in projections):
-            self.decode_weights, self.decode_rows_max = [p.weight for p in projections], ROWS_KERNEL_MAX
+            self.decode_weights, self.decode_by_rows = [p.weight for p in projections], True
         elif all(isinstance(p, quantize.Int8Linear) and p.bias is None for p in projections):
             self.decode_weights = [t for p in projections for t in (p.qweight, p.scales)]
         self.decode_norms = [w for la in self.layers for w in (la.input_norm, la.post_norm)] + [self.norm]
@@ -190,7 +190,7 @@ class FusedLlama:
         ops = torch.ops.pdserve
         x = self.embed(ids)
         cos, sin = (t[0].contiguous() for t in self.rotary(x, positions[None]))
-        one_call = self.decode_rows_max is None or len(ids) <= self.decode_rows_max
+        one_call = not self.decode_by_rows or len(ids) <= ROWS_KERNEL_MAX
         if self.decode_weights is not None and meta.decode_only and one_call:
             g = meta.decode_groups[0]
             h = ops.decode_layers(

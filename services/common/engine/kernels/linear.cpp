@@ -83,7 +83,7 @@ inline void dot(const T* x, const T* w, int64_t K, int64_t rows, float* sums) {
 }
 
 // out [M, N] = x [M, K] . w [N, K]^T in float32, weight rows split over the threads: each weight
-// row is read from memory once for all of x, so a few rows run at the memory's read bandwidth.
+// row is read from memory once for all of x, so a few rows cost about one read of the weights.
 template <typename T>
 void rows_product(const T* xp, const T* wp, float* op, int64_t M, int64_t N, int64_t K) {
   at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
