@@ -13,32 +13,18 @@ Medians, with the CPU; needs AMX (the kernel's only home). docs/benchmarks.md ha
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
 from pdserve.bench.engine_bench import drain, synthetic_prompt
-from pdserve.bench.limits import cpu_name
+from pdserve.bench.limits import alternated, cpu_name
 from pdserve.common import model_loader
 from pdserve.common.engine import kernels
 from pdserve.common.engine.config import EngineConfig
 from pdserve.common.engine.engine import LLMEngine
 from pdserve.common.engine.sampling_params import SamplingParams
-
-
-def alternated(runs: dict, reps: int) -> dict[str, float]:
-    """Median ms of each callable, called in turn `reps` times after a warm-up."""
-    for f in runs.values():
-        f()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(reps):
-        for name, f in runs.items():
-            t = time.perf_counter()
-            f()
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
 
 def one_layer(tokens: int, reps: int) -> dict[str, float]:

@@ -71,6 +71,20 @@ def best_time(fn, reps: int) -> float:
     return best
 
 
+def alternated(runs: dict, reps: int) -> dict[str, float]:
+    """Median ms of each callable, called in turn `reps` times after a warm-up: A/B runs that share
+    the host's drift."""
+    for f in runs.values():
+        f()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(reps):
+        for name, f in runs.items():
+            t = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+
+
 def measure(quick: bool = False, device: str = "cpu", dtype: str = "float32") -> MachineLimits:
     # Limits are the best of several tries, so a busy moment on a shared host can't lower a ceiling
     # or a floor and flatter the figures measured against it (the timings themselves are medians).

@@ -36,7 +36,19 @@ SOURCES = tuple(
         "decode_layers.cpp",
     )
 )
-HEADERS = tuple(HERE / f for f in ("vec.h", "amx.h", "rms_norm.h", "decode_span.h", "tile_product.h", "prefill_task.h"))
+HEADERS = tuple(
+    HERE / f
+    for f in (
+        "vec.h",
+        "amx.h",
+        "rms_norm.h",
+        "decode_span.h",
+        "decode_span_avx2.h",
+        "decode_tiles.h",
+        "tile_product.h",
+        "prefill_task.h",
+    )
+)
 # -ffp-contract=off: no fused multiply-adds where the source rounds a product, so the
 # layer ops round as torch's unfused ops do.
 FLAGS = (
