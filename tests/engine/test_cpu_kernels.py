@@ -119,6 +119,16 @@ def test_the_built_kernels_prefetch_the_decode_rows(paged_decode):
     assert "prefetcht0" in code.stdout and "prefetcht1" in code.stdout
 
 
+def test_decode_tiles_are_for_bf16_on_amx_with_heads_and_blocks_they_hold(paged_decode):
+    amx = kernels.prefill_tiles(torch.bfloat16, 64)  # the same CPU features and tile permission
+    assert kernels.decode_tiles(torch.bfloat16, 9, 64, 16) == amx
+    assert kernels.decode_tiles(torch.bfloat16, 16, 128, 32) == amx
+    assert not kernels.decode_tiles(torch.float32, 9, 64, 16)
+    assert not kernels.decode_tiles(torch.bfloat16, 9, 64, 8)  # a tile's 16 rows would cross blocks
+    assert not kernels.decode_tiles(torch.bfloat16, 17, 64, 16)  # more query heads than a tile's columns
+    assert not kernels.decode_tiles(torch.bfloat16, 9, 40, 16)
+
+
 def test_a_context_past_its_block_table_is_refused(paged_decode):
     cache = torch.zeros(4, 1, 2, BLOCK, 3, 64)
     with pytest.raises(RuntimeError, match="outside its block table"):

@@ -145,6 +145,14 @@ def linear_tiles() -> bool:
     return load() and torch.ops.pdserve.pack_vnni(torch.zeros(16, 32, dtype=torch.bfloat16)).numel() > 0
 
 
+def decode_tiles(dtype: torch.dtype, heads: int, head_dim: int, block_size: int) -> bool:
+    """Whether decode attention runs k . q^T through AMX tiles (decode_tiles.h): bf16, AMX, up to 16
+    query heads of 64 or 128, blocks of a multiple of 16 keys."""
+    return (
+        dtype == torch.bfloat16 and load() and bool(torch.ops.pdserve.decode_tiles_usable(heads, head_dim, block_size))
+    )
+
+
 def prefill_tiles(dtype: torch.dtype, head_dim: int) -> bool:
     """Whether prefill attention runs through AMX tiles (prefill_attention.cpp): bf16, AMX, head dim 64 or 128."""
     return dtype == torch.bfloat16 and load() and bool(torch.ops.pdserve.prefill_attention_usable(head_dim))

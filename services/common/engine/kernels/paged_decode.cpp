@@ -144,6 +144,15 @@ void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const a
   merge(c, n, out.data_ptr<T>());
 }
 
+// Whether a bf16 call of this shape goes through the tiles (decode_tiles.h), for the worker's start line.
+bool decode_tiles_usable(int64_t heads, int64_t d, int64_t block_size) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+  return tiles_usable(heads, d, block_size);
+#else
+  return false;
+#endif
+}
+
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const at::Tensor& tables,
                         const at::Tensor& lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && cache.dim() == 6 && tables.dim() == 2 && lens.dim() == 1, "paged_decode: bad ranks");
@@ -168,6 +177,9 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& cache, int64_t la
 
 TORCH_LIBRARY(pdserve, m) {
   m.def("paged_decode(Tensor q, Tensor cache, int layer, Tensor tables, Tensor lens, float scale) -> Tensor");
+  m.def("decode_tiles_usable(int heads, int d, int block_size) -> bool");
 }
 
 TORCH_LIBRARY_IMPL(pdserve, CPU, m) { m.impl("paged_decode", &paged_decode); }
+
+TORCH_LIBRARY_IMPL(pdserve, CompositeExplicitAutograd, m) { m.impl("decode_tiles_usable", &decode_tiles_usable); }
