@@ -48,6 +48,52 @@ inline void prefetch_rows(const T* const* k, int64_t n, int64_t bytes, int64_t v
     for (int64_t b = 0; b < bytes; b += 64)
       _mm_prefetch(reinterpret_cast<const char*>(k[j] + v_off) + b, _MM_HINT_T1);
 }
+
+// out[g * (D + 2) + x] = sum over keys j < n of p[g * gs + j * js] * value j's dim x (value j at
+// k[j] + v_off), for G queries: four vectors of dims at a time, so the 4 G sums and the row's four
+// vectors stay in registers at either vector width (AVX-512's 32 of them, AVX2's 16).
+template <typename T, int64_t D, int64_t G>
+inline void weigh_values(const T* const* k, int64_t v_off, int64_t n, const float* p, int64_t gs, int64_t js,
+                         float* out) {
+  using namespace pdserve_vec;
+  static_assert(D % (4 * kLanes) == 0, "weigh_values: a head dim of whole four-vector chunks");
+  for (int64_t c0 = 0; c0 < D; c0 += 4 * kLanes) {
+    floats acc[G][4];
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t c = 0; c < 4; ++c) acc[g][c] = zeros();
+    for (int64_t j = 0; j < n; ++j) {
+      const T* v = k[j] + v_off + c0;
+      floats vr[4];
+      for (int64_t c = 0; c < 4; ++c) vr[c] = load(v + c * kLanes);
+      for (int64_t g = 0; g < G; ++g) {
+        const floats w = splat(p[g * gs + j * js]);
+        for (int64_t c = 0; c < 4; ++c) acc[g][c] = fmadd(w, vr[c], acc[g][c]);
+      }
+    }
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t c = 0; c < 4; ++c) store(out + g * (D + 2) + c0 + c * kLanes, acc[g][c]);
+  }
+}
+
+// weigh_values for `group` queries, as many at a time as the registers hold (4 with AVX-512, 3 with AVX2).
+template <typename T, int64_t D>
+inline void weigh_group(const T* const* k, int64_t v_off, int64_t n, const float* p, int64_t gs, int64_t js,
+                        int64_t group, float* out) {
+  for (int64_t g = 0; g < group;) {
+    const float* pg = p + g * gs;
+    float* og = out + g * (D + 2);
+    const int64_t left = group - g;
+    if (pdserve_vec::kLanes == 16 && left >= 4) {
+      weigh_values<T, D, 4>(k, v_off, n, pg, gs, js, og), g += 4;
+    } else if (left >= 3) {
+      weigh_values<T, D, 3>(k, v_off, n, pg, gs, js, og), g += 3;
+    } else if (left == 2) {
+      weigh_values<T, D, 2>(k, v_off, n, pg, gs, js, og), g += 2;
+    } else {
+      weigh_values<T, D, 1>(k, v_off, n, pg, gs, js, og), g += 1;
+    }
+  }
+}
 #endif
 
 #if defined(__AVX512BF16__)
@@ -93,27 +139,6 @@ inline __m512 dot_lanes(const T* q, const float* qf, const T* k) {
   return acc;
 }
 
-// out[g] = sum over keys j < n of p[g][j] * value j, for G queries whose weights are kSpan apart.
-// G and D are constants so that the G * D / 16 sums stay in registers.
-template <typename T, int64_t D, int64_t G>
-inline void weigh_values(const T* const* k, int64_t v_off, int64_t n, const float* p, float* out) {
-  constexpr int64_t C = D / 16;
-  __m512 acc[G][C];
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n; ++j) {
-    const T* v = k[j] + v_off;
-    __m512 vr[C];
-    for (int64_t c = 0; c < C; ++c) vr[c] = load(v + c * 16);
-    for (int64_t g = 0; g < G; ++g) {
-      const __m512 w = _mm512_set1_ps(p[g * kSpan + j]);
-      for (int64_t c = 0; c < C; ++c) acc[g][c] = _mm512_fmadd_ps(w, vr[c], acc[g][c]);
-    }
-  }
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t c = 0; c < C; ++c) _mm512_storeu_ps(out + g * (D + 2) + c * 16, acc[g][c]);
-}
-
 // A task over keys [t0, t1) for `group` queries: part[g] = {max, sum, sum of weighted values [D]}.
 template <typename T, int64_t D>
 void span_avx512(const T* q, const float* qf, int64_t group, float scale, const Keys& keys, int64_t t0, int64_t t1,
@@ -150,28 +175,7 @@ void span_avx512(const T* q, const float* qf, int64_t group, float scale, const 
     part[g * (D + 2)] = top;
     part[g * (D + 2) + 1] = _mm512_reduce_add_ps(sum);
   }
-  for (int64_t g = 0; g < group;) {  // G queries at a time share each value row loaded
-    const int64_t left = group - g;
-    if constexpr (D <= 64) {
-      if (left >= 4) {
-        weigh_values<T, D, 4>(k, keys.v_off, n, scores + g * kSpan, part + g * (D + 2) + 2);
-        g += 4;
-        continue;
-      }
-      if (left == 3) {
-        weigh_values<T, D, 3>(k, keys.v_off, n, scores + g * kSpan, part + g * (D + 2) + 2);
-        g += 3;
-        continue;
-      }
-    }
-    if (left >= 2) {
-      weigh_values<T, D, 2>(k, keys.v_off, n, scores + g * kSpan, part + g * (D + 2) + 2);
-      g += 2;
-    } else {
-      weigh_values<T, D, 1>(k, keys.v_off, n, scores + g * kSpan, part + g * (D + 2) + 2);
-      g += 1;
-    }
-  }
+  weigh_group<T, D>(k, keys.v_off, n, scores, kSpan, 1, group, part + 2);
 }
 #endif
 

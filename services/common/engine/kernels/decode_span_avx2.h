@@ -20,28 +20,6 @@ inline __m256 sum8(const __m256* v) {
   return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 
-// out[g] = sum over keys j < n of p[g][j] * value j, for G queries, 32 dims from c0: the G * 4 sums
-// stay in registers (16 of them on AVX2) while each value row is loaded once.
-template <typename T, int64_t D, int64_t G>
-inline void weigh_values8(const T* const* k, int64_t v_off, int64_t n, const float* p, float* out) {
-  for (int64_t c0 = 0; c0 < D; c0 += 32) {
-    __m256 acc[G][4];
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t x = 0; x < 4; ++x) acc[g][x] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < n; ++j) {
-      const T* v = k[j] + v_off + c0;
-      const __m256 vr[4] = {pdserve_vec::load(v), pdserve_vec::load(v + 8), pdserve_vec::load(v + 16),
-                            pdserve_vec::load(v + 24)};
-      for (int64_t g = 0; g < G; ++g) {
-        const __m256 w = _mm256_broadcast_ss(p + g * kSpan + j);
-        for (int64_t x = 0; x < 4; ++x) acc[g][x] = _mm256_fmadd_ps(w, vr[x], acc[g][x]);
-      }
-    }
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t x = 0; x < 4; ++x) _mm256_storeu_ps(out + g * (D + 2) + c0 + x * 8, acc[g][x]);
-  }
-}
-
 // A task over keys [t0, t1) for `group` queries (qf: scaled): part[g] = {max, sum, weighted values [D]}.
 template <typename T, int64_t D>
 void span_avx2(const float* qf, int64_t group, const Keys& keys, int64_t t0, int64_t t1, float* scores, float* part) {
@@ -75,15 +53,7 @@ void span_avx2(const float* qf, int64_t group, const Keys& keys, int64_t t0, int
     part[g * (D + 2)] = top;
     part[g * (D + 2) + 1] = sum;
   }
-  for (int64_t g = 0; g < group;) {  // up to 3 queries share each value row loaded
-    float* out = part + g * (D + 2) + 2;
-    const float* p = scores + g * kSpan;
-    switch (std::min<int64_t>(3, group - g)) {
-      case 3: weigh_values8<T, D, 3>(k, keys.v_off, n, p, out), g += 3; break;
-      case 2: weigh_values8<T, D, 2>(k, keys.v_off, n, p, out), g += 2; break;
-      default: weigh_values8<T, D, 1>(k, keys.v_off, n, p, out), g += 1;
-    }
-  }
+  weigh_group<T, D>(k, keys.v_off, n, scores, kSpan, 1, group, part + 2);
 }
 
 }  // namespace pdserve_decode

@@ -4,7 +4,8 @@
 // A tile's 16 rows are 16 consecutive keys of one block at the pool's row stride, so keys go into
 // the tiles as they lie: k . q^T comes out as [key][query head], every head in one tile (a KV head's
 // rows meet only its own GQA group's columns of q^T). The softmax then runs down the keys with a
-// query head per lane, and each value row is weighed in float32 for its group's query heads.
+// query head per lane, and each value row is weighed in float32 for its group's query heads
+// (weigh_group, decode_span.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -20,18 +21,18 @@
 namespace pdserve_decode {
 
 constexpr int64_t kTileKeys = 16;  // keys a tile's rows hold
-constexpr int64_t kLanes = 16;     // query heads a tile's columns hold
+constexpr int64_t kTileHeads = 16;  // query heads a tile's columns hold
 
 // Whether a call can go through the tiles: every query head in one tile's columns, and tiles that
 // stay within a block.
 inline bool tiles_usable(int64_t heads, int64_t d, int64_t block_size) {
-  return pdserve_amx::ready() && heads <= kLanes && (d == 64 || d == 128) && block_size % kTileKeys == 0;
+  return pdserve_amx::ready() && heads <= kTileHeads && (d == 64 || d == 128) && block_size % kTileKeys == 0;
 }
 
 // A sequence's q^T as the B operand of k . q^T: for each KV head and 32 dims, 16 pairs of dims by 16
 // query heads, zero outside the head's GQA group.
 struct QueryTiles {
-  alignas(64) uint32_t b[kLanes * 4][16 * kLanes];  // [kv head * d / 32 + chunk][pair][query head]
+  alignas(64) uint32_t b[kTileHeads * 4][16 * kTileHeads];  // [kv head * d / 32 + chunk][pair][query head]
 
   template <int64_t D>
   void fill(const at::BFloat16* q, int64_t heads, int64_t kv_heads) {
@@ -42,32 +43,11 @@ struct QueryTiles {
         for (int64_t r = 0; r < 16; ++r)
           m[r] = r < heads && r / group == h ? _mm512_loadu_ps(q + r * D + c * 32) : _mm512_setzero_ps();
         pdserve_vec::transpose16(m);
-        for (int64_t p = 0; p < 16; ++p) _mm512_store_ps(reinterpret_cast<float*>(&b[h * D / 32 + c][p * kLanes]), m[p]);
+        for (int64_t p = 0; p < 16; ++p)
+          _mm512_store_ps(reinterpret_cast<float*>(&b[h * D / 32 + c][p * kTileHeads]), m[p]);
       }
   }
 };
-
-// out[g] = sum over keys j < n of p[j * kLanes + g] * value j, for G query heads: each value row is
-// loaded once and its D / 16 * G sums stay in registers.
-template <int64_t D, int64_t G>
-inline void weigh_rows(const at::BFloat16* const* k, int64_t v_off, int64_t n, const float* p, float* out) {
-  for (int64_t c0 = 0; c0 < D; c0 += 64) {
-    __m512 acc[G][4];
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t c = 0; c < 4; ++c) acc[g][c] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; ++j) {
-      const at::BFloat16* v = k[j] + v_off + c0;
-      __m512 vr[4];
-      for (int64_t c = 0; c < 4; ++c) vr[c] = pdserve_vec::load(v + c * 16);
-      for (int64_t g = 0; g < G; ++g) {
-        const __m512 w = _mm512_set1_ps(p[j * kLanes + g]);
-        for (int64_t c = 0; c < 4; ++c) acc[g][c] = _mm512_fmadd_ps(w, vr[c], acc[g][c]);
-      }
-    }
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t c = 0; c < 4; ++c) _mm512_storeu_ps(out + g * (D + 2) + c0 + c * 16, acc[g][c]);
-  }
-}
 
 // part[i] = {max, sum, weighted values [D]} of query head i over keys [t0, t1), as span_avx512 gives;
 // keys points at KV head 0. Tiles 0-2 and 4-5 (configure_full_tiles, by the caller).
@@ -79,7 +59,7 @@ void span_tiles(const QueryTiles& qt, int64_t heads, int64_t kv_heads, float sca
   keys.walk(t0, t1, k);
   const int64_t stride = keys.row * int64_t{sizeof(at::BFloat16)};  // bytes from a key's row to the next
   prefetch_rows(k, n, stride, keys.v_off);                           // every head's rows: whole lines
-  alignas(64) float sc[kSpan * kLanes];  // scores, then weights, [key][query head]
+  alignas(64) float sc[kSpan * kTileHeads];  // scores, then weights, [key][query head]
   for (int64_t b = 0; b < blocks; b += 2) {  // two blocks' tiles at a time: their products interleave
     const bool two = b + 1 < blocks;
     _tile_zero(4);
@@ -94,33 +74,26 @@ void span_tiles(const QueryTiles& qt, int64_t heads, int64_t kv_heads, float sca
           _tile_dpbf16ps(5, 2, 1);
         }
       }
-    _tile_stored(4, sc + b * kTileKeys * kLanes, 64);
-    if (two) _tile_stored(5, sc + (b + 1) * kTileKeys * kLanes, 64);
+    _tile_stored(4, sc + b * kTileKeys * kTileHeads, 64);
+    if (two) _tile_stored(5, sc + (b + 1) * kTileKeys * kTileHeads, 64);
   }
   // Softmax down the keys in base 2, a query head per lane; a block's rows past the context (scored
   // from whatever the pool holds there) are never read.
   const __m512 k2 = _mm512_set1_ps(scale * 1.44269504f);
   __m512 top = _mm512_set1_ps(kNegInf), sum = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n; ++j) top = _mm512_max_ps(top, _mm512_mul_ps(_mm512_load_ps(sc + j * kLanes), k2));
+  for (int64_t j = 0; j < n; ++j) top = _mm512_max_ps(top, _mm512_mul_ps(_mm512_load_ps(sc + j * kTileHeads), k2));
   for (int64_t j = 0; j < n; ++j) {
-    const __m512 p = pdserve_prefill::exp2_16(_mm512_fmsub_ps(_mm512_load_ps(sc + j * kLanes), k2, top));
+    const __m512 p = pdserve_prefill::exp2_16(_mm512_fmsub_ps(_mm512_load_ps(sc + j * kTileHeads), k2, top));
     sum = _mm512_add_ps(sum, p);
-    _mm512_store_ps(sc + j * kLanes, p);
+    _mm512_store_ps(sc + j * kTileHeads, p);
   }
-  alignas(64) float tops[kLanes], sums[kLanes];
+  alignas(64) float tops[kTileHeads], sums[kTileHeads];
   _mm512_store_ps(tops, _mm512_mul_ps(top, _mm512_set1_ps(0.69314718f)));  // base e, as the merge takes it
   _mm512_store_ps(sums, sum);
   for (int64_t i = 0; i < heads; ++i) part[i * (D + 2)] = tops[i], part[i * (D + 2) + 1] = sums[i];
-  for (int64_t h = 0; h < kv_heads; ++h)
-    for (int64_t g = 0; g < group;) {  // up to 3 query heads share each value row loaded
-      const int64_t q0 = h * group + g;
-      float* out = part + q0 * (D + 2) + 2;
-      switch (std::min<int64_t>(3, group - g)) {
-        case 3: weigh_rows<D, 3>(k, keys.v_off + h * D, n, sc + q0, out), g += 3; break;
-        case 2: weigh_rows<D, 2>(k, keys.v_off + h * D, n, sc + q0, out), g += 2; break;
-        default: weigh_rows<D, 1>(k, keys.v_off + h * D, n, sc + q0, out), g += 1;
-      }
-    }
+  for (int64_t h = 0; h < kv_heads; ++h)  // the weights of h's group: columns of sc, kTileHeads apart
+    weigh_group<at::BFloat16, D>(k, keys.v_off + h * D, n, sc + h * group, 1, kTileHeads, group,
+                                 part + h * group * (D + 2) + 2);
 }
 
 }  // namespace pdserve_decode
