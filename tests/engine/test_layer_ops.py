@@ -1,4 +1,4 @@
-"""pdserve's fused layer kernels (kernels/layer_ops.cpp, kernels/linear.cpp) against the torch ops they replace.
+"""pdserve's fused layer kernels (kernels/layer_ops.cpp, linear.cpp, greedy.cpp) against the torch ops they replace.
 
 In bfloat16 each must give transformers' modules' result bit for bit (they round where those round);
 in float32 within a few ulps. The float32 logits from bf16 weights are every product summed in float32.
@@ -85,6 +85,21 @@ def test_float32_logits_sum_every_bf16_product_in_float32_whatever_the_batch(ops
     torch.testing.assert_close(logits, x.float() @ w.float().T, atol=1e-4, rtol=1e-5)
     for i in range(rows):  # a row's logits do not depend on what else is in the batch
         assert torch.equal(ops.linear_f32(x[i : i + 1], w)[0], logits[i])
+
+
+def test_greedy_argmax_is_torch_max_indices_with_ties_infinities_and_nans(ops):
+    torch.manual_seed(4)
+    logits = torch.randn(8, 1003)  # 1003: whole chunks and a tail
+    logits[1, [70, 900]] = 50.0  # a tie: the first
+    logits[2] = float("-inf")  # nothing finite: the first
+    logits[3, 999] = 1e38  # in the tail
+    logits[4, [5, 600]] = float("nan")  # a NaN wins over any number: the first NaN
+    logits[4, 300] = 1e38
+    logits[5, 64] = float("inf")  # a chunk's first
+    got = ops.argmax_rows(logits)
+    assert got.dtype == torch.int64
+    assert got.tolist() == logits.max(dim=-1).indices.tolist()
+    assert got[:6].tolist()[1:] == [70, 0, 999, 5, 64]
 
 
 def test_a_model_that_is_not_laid_out_as_llama_keeps_transformers_layers(tiny_model_dir):

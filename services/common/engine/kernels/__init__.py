@@ -34,6 +34,7 @@ SOURCES = tuple(
         "linear_norm.cpp",
         "prefill_attention.cpp",
         "decode_layers.cpp",
+        "greedy.cpp",
     )
 )
 HEADERS = tuple(
