@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -37,12 +38,12 @@ struct Call {
   float scale;
   std::vector<Span> spans;
   std::vector<int64_t> first;  // each sequence's first span, and the count at the end
-  std::vector<float> parts;
+  std::unique_ptr<float[]> parts;  // every element written by its span's task
 
   Keys keys(int64_t seq, int64_t head) const {
     return Keys{tables + seq * max_blocks, pool + head * d, block_stride, block_size, kv_heads * d, v_off};
   }
-  float* part(int64_t span, int64_t head) { return parts.data() + (span * heads + head) * (d + 2); }
+  float* part(int64_t span, int64_t head) { return parts.get() + (span * heads + head) * (d + 2); }
 };
 
 // D: the head dim as a constant (64 and 128: loops the compiler unrolls and the vector paths), or 0.
@@ -139,7 +140,7 @@ void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const a
     for (int64_t t0 = 0; t0 < lp[i]; t0 += kSpan) c.spans.push_back({i, t0, std::min(t0 + kSpan, lp[i])});
     c.first.push_back(static_cast<int64_t>(c.spans.size()));
   }
-  c.parts.resize(c.spans.size() * c.heads * (c.d + 2));
+  c.parts.reset(new float[c.spans.size() * c.heads * (c.d + 2)]);
   if (!attend_tiles<T, D>(c)) attend_heads<T, D>(c);
   merge(c, n, out.data_ptr<T>());
 }
