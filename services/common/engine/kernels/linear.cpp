@@ -24,6 +24,9 @@ constexpr int64_t kRows = 4;
 constexpr int64_t kRows = 2;
 #endif
 constexpr int64_t kRowsW = 4;  // weight rows per pass
+// For a single activation row (a decode step of one sequence, memory-bound): more weight rows, so
+// more lines in flight (fp32, one row: 7% faster than 4 as AVX2, over a step's layers).
+constexpr int64_t kRowsWOne = 8;
 constexpr int64_t kTile = 16;  // weight rows that stay in L1 while every activation row passes over them
 
 // sums[r * kRows + m] = x[m] . w[r] for r < NR weight rows and m < rows activation rows, in float32.
@@ -62,7 +65,8 @@ inline void dot(const T* x, const T* w, int64_t K, int64_t rows, float* sums) {
     for (; k + kLanes <= K; k += kLanes) {
       floats wv[NR];
       for (int64_t r = 0; r < NR; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k) + 1024, _MM_HINT_T0);
+        if (k * int64_t{sizeof(T)} % 64 == 0)  // once a line (AVX2's 32-byte loads: every other)
+          _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k) + 1024, _MM_HINT_T0);
         wv[r] = load(w + r * K + k);
       }
       for (int64_t m = 0; m < rows; ++m) {
@@ -82,10 +86,28 @@ inline void dot(const T* x, const T* w, int64_t K, int64_t rows, float* sums) {
         sums[r * kRows + m] += static_cast<float>(x[m * K + j]) * static_cast<float>(w[r * K + j]);
 }
 
+// rows_product for one activation row, kRowsWOne weight rows a pass.
+template <typename T>
+void row_product(const T* xp, const T* wp, float* op, int64_t N, int64_t K) {
+  at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
+    float sums[kRowsWOne * kRows];
+    int64_t n = n0;
+    for (; n + kRowsWOne <= n1; n += kRowsWOne) {
+      dot<kRowsWOne>(xp, wp + n * K, K, 1, sums);
+      for (int64_t r = 0; r < kRowsWOne; ++r) op[n + r] = sums[r * kRows];
+    }
+    for (; n < n1; ++n) {
+      dot<1>(xp, wp + n * K, K, 1, sums);
+      op[n] = sums[0];
+    }
+  });
+}
+
 // out [M, N] = x [M, K] . w [N, K]^T in float32, weight rows split over the threads: each weight
 // row is read from memory once for all of x, so a few rows cost about one read of the weights.
 template <typename T>
 void rows_product(const T* xp, const T* wp, float* op, int64_t M, int64_t N, int64_t K) {
+  if (M == 1) return row_product(xp, wp, op, N, K);
   at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
     float sums[kRowsW * kRows];
     for (int64_t t = n0; t < n1; t += kTile) {
