@@ -71,9 +71,8 @@ def best_time(fn, reps: int) -> float:
     return best
 
 
-def alternated(runs: dict, reps: int) -> dict[str, float]:
-    """Median ms of each callable, called in turn `reps` times after a warm-up: A/B runs that share
-    the host's drift."""
+def alternated_times(runs: dict, reps: int) -> dict[str, list[float]]:
+    """Seconds of each callable's `reps` calls, made in turn after a warm-up: runs that share the host's drift."""
     for f in runs.values():
         f()
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -82,24 +81,39 @@ def alternated(runs: dict, reps: int) -> dict[str, float]:
             t = time.perf_counter()
             f()
             times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+    return times
+
+
+def alternated(runs: dict, reps: int) -> dict[str, float]:
+    """Median ms of each callable, called in turn `reps` times after a warm-up (A/B runs)."""
+    return {name: statistics.median(ts) * 1e3 for name, ts in alternated_times(runs, reps).items()}
+
+
+def matmul_probe(device: str = "cpu", dtype: str = "float32") -> tuple:
+    """(a square matmul in `dtype`, its FLOPs): the compute ceiling's measure, to time beside a figure."""
+    n = 2048
+    a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
+    return (lambda: torch.mm(a, b)), 2 * n**3
+
+
+def read_probe(device: str = "cpu") -> tuple:
+    """(a streaming read of 256 MiB, far beyond cache; its bytes): the decode floor's measure."""
+    big = torch.randn((256 << 20) // 4, device=device)
+    return (lambda: big.sum()), big.numel() * 4
 
 
 def measure(quick: bool = False, device: str = "cpu", dtype: str = "float32") -> MachineLimits:
     # Limits are the best of several tries, so a busy moment on a shared host can't lower a ceiling
     # or a floor and flatter the figures measured against it (the timings themselves are medians).
     reps = 5 if quick else 9
-    n = 2048
-    a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
-    mm = best_time(lambda: torch.mm(a, b), reps)
-    big = torch.randn((256 << 20) // 4, device=device)  # 256 MiB, far beyond cache
+    matmul, flops = matmul_probe(device, dtype)
+    read, nbytes = read_probe(device)
+    big = torch.empty(nbytes // 4, device=device)
     dst = torch.empty_like(big)
-    read = best_time(lambda: big.sum(), reps)
     copy = best_time(lambda: dst.copy_(big), reps)
-    nbytes = big.numel() * 4
     return MachineLimits(
-        matmul_gflops=2 * n**3 / mm / 1e9,
-        read_gbps=nbytes / read / 1e9,
+        matmul_gflops=flops / best_time(matmul, reps) / 1e9,
+        read_gbps=nbytes / best_time(read, reps) / 1e9,
         memcpy_gbps=nbytes / copy / 1e9,
         threads=torch.get_num_threads(),
         cpu=cpu_name(),

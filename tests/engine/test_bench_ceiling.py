@@ -32,12 +32,12 @@ def test_every_timed_decode_step_has_every_sequence_of_the_batch(tiny_model_dir,
     engine = LLMEngine(config, model, tok, ref)
     batches = []
 
-    def timed(step, reps, warmup):  # median_time, counting the decoding sequences of each step
-        for _ in range(warmup + reps):
+    def timed(runs, reps):  # alternated_times, counting the decoding sequences of each step
+        for _ in range(1 + reps):
             batches.append(sum(s.num_computed_tokens >= s.num_prompt_tokens for s in engine.scheduler.running))
-            step()
-        return 1.0
+            runs["step"]()
+        return {"step": [1.0] * reps}
 
-    monkeypatch.setattr(engine_bench, "median_time", timed)
+    monkeypatch.setattr(engine_bench, "alternated_times", timed)
     decode_step_s(engine, 8, 96, 4)  # 8 prompts of 96 take 12+ chunked steps, and the first decode meanwhile
     assert batches == [8] * 5
