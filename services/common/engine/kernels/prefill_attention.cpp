@@ -59,6 +59,21 @@ void pack_keys(const at::BFloat16* cache, const int64_t* blocks, int64_t block_s
     }
 }
 
+// Which row tile a head's i-th task takes: groups of kTogether tiles from either end in turn (first,
+// last, second, ...). Where a thread's share ends mid-head (9 heads on 2 threads) each side then holds
+// about half of that head's causal work, not a quarter and three quarters; a lockstep group keeps
+// neighbouring rows.
+inline int64_t folded(int64_t i, int64_t tiles) {
+  const int64_t groups = (tiles + kTogether - 1) / kTogether;
+  for (int64_t k = 0; k < groups; ++k) {
+    const int64_t id = k % 2 == 0 ? k / 2 : groups - 1 - k / 2;
+    const int64_t size = std::min<int64_t>(kTogether, tiles - id * kTogether);
+    if (i < size) return id * kTogether + i;
+    i -= size;
+  }
+  return i;  // not reached: i < tiles
+}
+
 // Runs tasks in lockstep, a block's step at a time (a task with fewer blocks sits its last ones out).
 void run_together(RowTask* tasks, int n) {
   int64_t blocks = 0;
@@ -116,7 +131,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& cache, int64
       for (int i = 0; i < n; ++i) {
         const int64_t h = (t + i) / tiles, g = h / group;
         tasks[i].start(qp + h * d, s.heads * d, q_len, kp + g * s.padded * d, vt + g * s.vstride() * d, s,
-                       (t + i) % tiles * kRows, ctx - q_len, static_cast<float>(scale));
+                       folded((t + i) % tiles, tiles) * kRows, ctx - q_len, static_cast<float>(scale));
       }
       run_together(tasks, n);
       for (int i = 0; i < n; ++i) tasks[i].finish(op + (t + i) / tiles * d, s.heads * d);
