@@ -41,8 +41,8 @@ struct Panels {
 // those rows stay in L1 across the block. One pair (int8) is widened once for all the rows.
 constexpr int64_t kBlockPairs = 16;
 
-// B tiles asked for this far ahead of their load: a panel streams from memory once per call, and the
-// tile loads alone left it at 11 GB/s a core (2 ahead: a step's matmuls 3% faster; 4: no better).
+// B tiles asked for this far ahead of their load: a panel streams from memory once per call, and at
+// 17-32 rows the tile loads alone left it at 11 GB/s a core (2 ahead: 3% faster; 4: no better).
 constexpr int64_t kTilesAhead = 2;
 
 // A B tile's 16 lines to L1 (the asm: GCC drops calls of a function of prefetches alone).
@@ -108,7 +108,9 @@ class TileLoop {
     _tile_zero(5);
     _tile_zero(6);
     _tile_zero(7);
-    const bool streamed = !w_.int8 && M_ <= 32;  // each pair read once (more rows: from L2 after the first)
+    // Only where each pair is read once (more rows find it in L2) and two A tiles slow the loads down
+    // (with one, up to 16 rows, the loads keep up alone: asking ahead cost 5-14% at 4-12 rows).
+    const bool streamed = !w_.int8 && M_ > 16 && M_ <= 32;
     for (int64_t kb = 0; kb < kbs_; ++kb) {
       if (streamed) {
         prefetch_tile(b0 + (kb + kTilesAhead) * 512);  // past a panel's end: the next pair's, in order
