@@ -108,7 +108,7 @@ def measure(quick: bool = False, device: str = "cpu", dtype: str = "float32") ->
     reps = 5 if quick else 9
     matmul, flops = matmul_probe(device, dtype)
     read, nbytes = read_probe(device)
-    big = torch.empty(nbytes // 4, device=device)
+    big = torch.randn(nbytes // 4, device=device)  # written: a fresh page reads as the shared zero page
     dst = torch.empty_like(big)
     copy = best_time(lambda: dst.copy_(big), reps)
     return MachineLimits(
