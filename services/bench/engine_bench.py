@@ -156,7 +156,7 @@ def main(args) -> int:
     # Figures 1-3 time their limit or their peer alongside: the host's speed drifts by a fifth within
     # minutes, and a limit measured apart tipped a figure across its goal either way. The read goes
     # just before and after the steps, not between them: 256 MiB between steps slowed them by a tenth.
-    read, nbytes = read_probe()
+    read, nbytes, _ = read_probe()
     before = best_time(read, 3)
     step = statistics.median(decode_steps(engine, 1, 512, 8 if quick else 32)["step"])
     read_gbps = nbytes / min(before, best_time(read, 3)) / 1e9
@@ -180,7 +180,7 @@ def main(args) -> int:
     times = alternated_times(
         {"prefill": lambda: prefill_once(engine, 1024), "ceiling": ceiling_probe}, 2 if quick else 5
     )
-    ceilings = ceilings[1:]  # the warm-up's
+    del ceilings[0]  # the warm-up's
     per_token = flops_per_token(engine.model, 512)
     # Each prefill against the ceiling measured right after it: the median of those pairs' fractions.
     fraction = statistics.median(1024 / t / (g * 1e9 / per_token) for t, g in zip(times["prefill"], ceilings))

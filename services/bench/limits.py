@@ -97,9 +97,11 @@ def matmul_probe(device: str = "cpu", dtype: str = "float32") -> tuple:
 
 
 def read_probe(device: str = "cpu") -> tuple:
-    """(a streaming read of 256 MiB, far beyond cache; its bytes): the decode floor's measure."""
+    """(a streaming read of 256 MiB, far beyond cache; its bytes; the tensor it reads): the decode
+    floor's measure. The tensor is written, so it also serves as a copy's source (a fresh page reads
+    as the shared zero page, from cache)."""
     big = torch.randn((256 << 20) // 4, device=device)
-    return (lambda: big.sum()), big.numel() * 4
+    return (lambda: big.sum()), big.numel() * 4, big
 
 
 def measure(quick: bool = False, device: str = "cpu", dtype: str = "float32") -> MachineLimits:
@@ -107,8 +109,7 @@ def measure(quick: bool = False, device: str = "cpu", dtype: str = "float32") ->
     # or a floor and flatter the figures measured against it (the timings themselves are medians).
     reps = 5 if quick else 9
     matmul, flops = matmul_probe(device, dtype)
-    read, nbytes = read_probe(device)
-    big = torch.randn(nbytes // 4, device=device)  # written: a fresh page reads as the shared zero page
+    read, nbytes, big = read_probe(device)
     dst = torch.empty_like(big)
     copy = best_time(lambda: dst.copy_(big), reps)
     return MachineLimits(
