@@ -1,4 +1,4 @@
-"""Prefill attention through AMX tiles against SDPA, each pair of runs alternated in one process.
+"""Prefill attention through pdserve's kernel against SDPA, each pair of runs alternated in one process.
 
     .venv/bin/python benchmarks/prefill_attention.py [--tokens 1024] [--reps 40] [--prefills 8]
 
@@ -7,7 +7,7 @@
    heads of 64, bf16, random data).
 2. A whole prefill of `--tokens` in the bf16 engine on the bundled model, the model runner's
    `prefill_kernel` switched on and off between prefills.
-Medians, with the CPU; needs AMX (the kernel's only home). docs/benchmarks.md has the figures.
+Medians, with the CPU; needs AMX or AVX512_BF16 (the kernel's homes). docs/benchmarks.md has the figures.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def one_layer(tokens: int, reps: int) -> dict[str, float]:
     def tiles():
         return torch.ops.pdserve.prefill_attention(q, cache, 1, ids, tokens, d**-0.5)
 
-    return alternated({"SDPA with its gathers": sdpa, "AMX kernel": tiles}, reps)
+    return alternated({"SDPA with its gathers": sdpa, "pdserve kernel": tiles}, reps)
 
 
 def whole_prefill(tokens: int, prefills: int) -> dict[str, float]:
@@ -60,7 +60,7 @@ def whole_prefill(tokens: int, prefills: int) -> dict[str, float]:
 
         return run
 
-    return alternated({"SDPA with its gathers": prefill(False), "AMX kernel": prefill(True)}, prefills)
+    return alternated({"SDPA with its gathers": prefill(False), "pdserve kernel": prefill(True)}, prefills)
 
 
 def main() -> None:
@@ -69,8 +69,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--prefills", type=int, default=8)
     args = ap.parse_args()
-    if not kernels.prefill_tiles(torch.bfloat16, 64):
-        raise SystemExit("skipped: this CPU has no AMX (or the kernels did not build); prefill runs by SDPA here")
+    if not kernels.prefill_kernel(torch.bfloat16, 64):
+        raise SystemExit(
+            "skipped: this CPU has neither AMX nor AVX512_BF16 (or no kernels built); prefill runs by SDPA here"
+        )
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     for title, result in (
         (f"one layer, {args.tokens} tokens causal, medians of {args.reps}", one_layer(args.tokens, args.reps)),
@@ -79,8 +81,8 @@ def main() -> None:
             whole_prefill(args.tokens, args.prefills),
         ),
     ):
-        sdpa, tiles = result["SDPA with its gathers"], result["AMX kernel"]
-        print(f"{title}: SDPA {sdpa:.2f} ms, AMX kernel {tiles:.2f} ms -> {sdpa / tiles:.2f}x")
+        sdpa, tiles = result["SDPA with its gathers"], result["pdserve kernel"]
+        print(f"{title}: SDPA {sdpa:.2f} ms, pdserve kernel {tiles:.2f} ms -> {sdpa / tiles:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Prefill attention through AMX tiles (kernels/prefill_attention.cpp).
+"""Prefill attention through AMX tiles, or AVX512_BF16 vectors (kernels/prefill_attention.cpp).
 
 It computes causal attention over a sequence's blocks in the pool, for a whole prompt
 or a later chunk of one, as SDPA computes it over the gathered blocks: within bf16's
@@ -16,8 +16,8 @@ BLOCK = 16
 
 @pytest.fixture(scope="module")
 def prefill_attention():
-    if not kernels.prefill_tiles(torch.bfloat16, 64):
-        pytest.skip("needs AMX (and the kernels built); elsewhere prefills run by SDPA")
+    if not kernels.prefill_kernel(torch.bfloat16, 64):
+        pytest.skip("needs AMX or AVX512_BF16 (and the kernels built); elsewhere prefills run by SDPA")
     return torch.ops.pdserve.prefill_attention
 
 

@@ -1,7 +1,7 @@
 """Paged attention, plugged into transformers through its attention interface.
 
 `attend` reads each sequence's KV from the pool: decodes through pdserve's paged kernel where built, prefill
-chunks through its AMX kernel where the CPU has AMX and the model runs in bf16, else by SDPA.
+chunks through its own kernel where the CPU has AMX or AVX512_BF16 and the model runs in bf16, else by SDPA.
 `paged_attention` is its transformers face: it writes the layer's new keys and values first.
 How and why: docs/engine.md ("Paged attention through transformers").
 """
@@ -53,7 +53,7 @@ class AttentionMetadata:
     prefills: list[PrefillSlice]
     decode_groups: list[DecodeGroup]  # decode rows come first in the packed batch
     paged_kernel: bool = False  # decodes by torch.ops.pdserve.paged_decode (kernels/), in place
-    prefill_kernel: bool = False  # prefills by torch.ops.pdserve.prefill_attention (AMX tiles), in place
+    prefill_kernel: bool = False  # prefills by torch.ops.pdserve.prefill_attention (AMX or AVX512_BF16), in place
 
     @property
     def decode_only(self) -> bool:

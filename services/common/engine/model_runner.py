@@ -62,7 +62,7 @@ class ModelRunner:
         pack = config.pack_weights and cpu and packed_linear.can_pack(str(self.device), model.dtype)
         # With the kernel each sequence reads its own context: no grouping, no masks.
         self.paged_kernel = config.paged_kernel and cpu and kernels.load()
-        self.prefill_kernel = self.paged_kernel and kernels.prefill_tiles(pool.tensor.dtype, pool.tensor.shape[-1])
+        self.prefill_kernel = self.paged_kernel and kernels.prefill_kernel(pool.tensor.dtype, pool.tensor.shape[-1])
         heads = model.config.num_attention_heads
         self.decode_tiles = self.paged_kernel and kernels.decode_tiles(
             pool.tensor.dtype, heads, pool.tensor.shape[-1], self.block_size
@@ -92,7 +92,7 @@ class ModelRunner:
         layers = f"fused layers{tiled}, " if self.fused else f"transformers layers ({self.unfused_why}), "
         attention = "decode attention: " + ("pdserve paged kernel" if self.paged_kernel else "torch ops")
         attention += " (k . q^T through AMX tiles)" if self.decode_tiles else ""
-        return packed + layers + attention + (", prefill attention: AMX tiles" if self.prefill_kernel else "")
+        return packed + layers + attention + (", prefill attention: pdserve kernel" if self.prefill_kernel else "")
 
     def _metadata(
         self, batch: ScheduledBatch

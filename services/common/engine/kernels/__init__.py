@@ -154,6 +154,7 @@ def decode_tiles(dtype: torch.dtype, heads: int, head_dim: int, block_size: int)
     )
 
 
-def prefill_tiles(dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether prefill attention runs through AMX tiles (prefill_attention.cpp): bf16, AMX, head dim 64 or 128."""
+def prefill_kernel(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether prefill attention runs through pdserve's kernel (prefill_attention.cpp): bf16, AMX or
+    AVX512_BF16, head dim 64 or 128."""
     return dtype == torch.bfloat16 and load() and bool(torch.ops.pdserve.prefill_attention_usable(head_dim))

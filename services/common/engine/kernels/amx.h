@@ -39,6 +39,11 @@ inline void configure_full_tiles() {
   _tile_loadconfig(&cfg);
 }
 
+}  // namespace pdserve_amx
+#endif
+
+namespace pdserve_amx {
+
 // p rounded up to a cache line (a buffer 32 elements longer holds what it needs): malloc's blocks are
 // 16-byte aligned, and a tile's 64-byte rows would each straddle two lines.
 inline at::BFloat16* aligned(at::BFloat16* p) {
@@ -46,4 +51,3 @@ inline at::BFloat16* aligned(at::BFloat16* p) {
 }
 
 }  // namespace pdserve_amx
-#endif

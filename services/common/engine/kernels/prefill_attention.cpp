@@ -1,4 +1,5 @@
-// Causal attention of one sequence's prefill chunk through AMX tiles, reading its KV in place.
+// Causal attention of one sequence's prefill chunk through AMX tiles (AVX512_BF16 vectors where the
+// CPU has no AMX), reading its KV in place.
 //
 // Flash attention: every (query head, 16 query rows) is one task. It walks the keys in blocks of up
 // to 128: scores them with tiles (bf16 products summed in float32), keeps a running softmax in
@@ -19,16 +20,27 @@
 
 namespace {
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#if defined(__AVX512BF16__)
 using namespace pdserve_prefill;
 
+#if defined(PDSERVE_PREFILL_TILES)
 constexpr int kTogether = 4;  // tasks a thread runs in lockstep (RowTask): 2 measured no faster than 1
+#else
+constexpr int kTogether = 1;  // vectors have no tile stores to wait on (4 measured no faster)
+#endif
+
+// 32 keys' values of one dim, as bf16 or (on vectors) widened to float32.
+inline void store_keys(at::BFloat16* to, __m512i v) { _mm512_storeu_si512(to, v); }
+inline void store_keys(float* to, __m512i v) {
+  _mm512_storeu_ps(to, _mm512_cvtpbh_ps((__m256bh)_mm512_castsi512_si256(v)));
+  _mm512_storeu_ps(to + 16, _mm512_cvtpbh_ps((__m256bh)_mm512_extracti64x4_epi64(v, 1)));
+}
 
 // A KV head's keys as they are, [padded][d] (the A operand of k . q^T), and its values transposed,
 // [d][vstride] (the A operand of v^T . p^T); here keys t0 .. t0 + kChunk. Keys past ctx are zeros:
 // their weights are zero, and zero times a zero value stays zero.
 void pack_keys(const at::BFloat16* cache, const int64_t* blocks, int64_t block_size, int64_t block_stride,
-               int64_t v_off, int64_t row, const Shape& s, int64_t h, int64_t t0, at::BFloat16* kp, at::BFloat16* vt) {
+               int64_t v_off, int64_t row, const Shape& s, int64_t h, int64_t t0, at::BFloat16* kp, Value* vt) {
   const int64_t d = s.d;
   alignas(64) at::BFloat16 values[kChunk * 128];  // the chunk's values, [key][d]
   for (int64_t t = t0; t < t0 + kChunk; ++t) {
@@ -54,8 +66,8 @@ void pack_keys(const at::BFloat16* cache, const int64_t* blocks, int64_t block_s
     for (int64_t q = 0; q < d / 2; ++q) {
       const __m512i a = _mm512_i32gather_epi32(keys, v32 + k0 * (d / 2) + q, 4);
       const __m512i b = _mm512_i32gather_epi32(keys, v32 + (k0 + 16) * (d / 2) + q, 4);
-      _mm512_storeu_si512(vt + 2 * q * s.vstride() + t0 + k0, _mm512_permutex2var_epi16(a, even, b));
-      _mm512_storeu_si512(vt + (2 * q + 1) * s.vstride() + t0 + k0, _mm512_permutex2var_epi16(a, odd, b));
+      store_keys(vt + 2 * q * s.vstride() + t0 + k0, _mm512_permutex2var_epi16(a, even, b));
+      store_keys(vt + (2 * q + 1) * s.vstride() + t0 + k0, _mm512_permutex2var_epi16(a, odd, b));
     }
 }
 
@@ -89,14 +101,19 @@ void run_together(RowTask* tasks, int n) {
 }
 
 // Whether prefill_attention runs here for heads of size d (else the caller keeps SDPA).
-bool prefill_attention_usable(int64_t d) { return pdserve_amx::ready() && d % 64 == 0 && d <= 128; }
+bool prefill_attention_usable(int64_t d) {
+#if defined(PDSERVE_PREFILL_TILES)
+  if (!pdserve_amx::ready()) return false;
+#endif
+  return d % 64 == 0 && d <= 128;
+}
 
 // q [q_len, heads, d] (bf16), the chunk's queries at positions ctx - q_len .. ctx - 1; block_ids cover ctx tokens.
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const at::Tensor& block_ids,
                              int64_t ctx, double scale) {
   TORCH_CHECK(q.dim() == 3 && cache.dim() == 6 && block_ids.dim() == 1, "prefill_attention: bad ranks");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && cache.scalar_type() == at::kBFloat16, "prefill_attention: bf16 only");
-  TORCH_CHECK(prefill_attention_usable(q.size(2)), "prefill_attention: needs AMX and a head dim of 64 or 128");
+  TORCH_CHECK(prefill_attention_usable(q.size(2)), "prefill_attention: needs AMX or AVX512_BF16, and a head dim of 64 or 128");
   TORCH_CHECK(cache.is_contiguous() && block_ids.scalar_type() == at::kLong, "prefill_attention: pool and block ids");
   TORCH_CHECK(q.size(1) % cache.size(4) == 0 && q.size(2) == cache.size(5), "prefill_attention: head shapes");
   TORCH_CHECK(q.size(0) <= ctx && block_ids.numel() * cache.size(3) >= ctx, "prefill_attention: context");
@@ -106,9 +123,10 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& cache, int64
   const int64_t group = s.heads / s.kv_heads, tiles = (q_len + kRows - 1) / kRows;
   // Kept between calls: a fresh allocation of this size is a fresh mapping, faulted in page by page.
   thread_local std::vector<at::BFloat16> packed;
-  packed.resize(std::max<size_t>(packed.size(), s.kv_heads * (s.padded + s.vstride()) * d + 32));
+  const int64_t value_halves = sizeof(Value) / sizeof(at::BFloat16);
+  packed.resize(std::max<size_t>(packed.size(), s.kv_heads * (s.padded + s.vstride() * value_halves) * d + 32));
   at::BFloat16* kp = pdserve_amx::aligned(packed.data());
-  at::BFloat16* vt = kp + s.kv_heads * s.padded * d;
+  Value* vt = reinterpret_cast<Value*>(kp + s.kv_heads * s.padded * d);
   const at::BFloat16* cp = cache.data_ptr<at::BFloat16>() + layer * cache.stride(1);
   const int64_t chunks = s.padded / kChunk;
   at::parallel_for(0, s.kv_heads * chunks, 1, [&](int64_t c0, int64_t c1) {
@@ -124,7 +142,9 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& cache, int64
   // Tasks in (head, rows) order: a contiguous share of them holds whole heads' worth of causal work.
   // A thread runs its tasks kTogether at a time (RowTask).
   at::parallel_for(0, s.heads * tiles, 1, [&](int64_t t0, int64_t t1) {
+#if defined(PDSERVE_PREFILL_TILES)
     pdserve_amx::configure_full_tiles();
+#endif
     RowTask tasks[kTogether];
     for (int64_t t = t0; t < t1; t += kTogether) {
       const int n = static_cast<int>(std::min<int64_t>(kTogether, t1 - t));
@@ -136,14 +156,16 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& cache, int64
       run_together(tasks, n);
       for (int i = 0; i < n; ++i) tasks[i].finish(op + (t + i) / tiles * d, s.heads * d);
     }
+#if defined(PDSERVE_PREFILL_TILES)
     _tile_release();
+#endif
   });
   return out;
 }
 #else
 bool prefill_attention_usable(int64_t) { return false; }
 at::Tensor prefill_attention(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&, int64_t, double) {
-  TORCH_CHECK(false, "prefill_attention: built without AMX");
+  TORCH_CHECK(false, "prefill_attention: built without AVX512_BF16");
 }
 #endif
 
