@@ -171,14 +171,17 @@ class FusedLlama:
         self.linears = sum(isinstance(m, packed_linear.PackedLinear) for m in model.modules())
         self.tiled = sum(isinstance(m, TiledLinear) for m in model.modules())
         self.rows = sum(isinstance(m, RowsLinear) for m in (*model.modules(), self.lm_head))
-        # Where every matmul has AMX tiles, or the row kernel, a decode step's layers run in one call
-        # (kernels/decode_layers.cpp); with the row kernel, only up to ROWS_KERNEL_MAX rows.
+        # Where every matmul has AMX tiles, the row kernel or oneDNN's packed weight, a decode step's
+        # layers run in one call (kernels/decode_layers.cpp); with the row kernel, only up to
+        # ROWS_KERNEL_MAX rows.
         projections = [p for la in self.layers for p in (la.qkv_proj, la.o_proj, la.gate_up_proj, la.down_proj)]
         self.decode_weights, self.decode_by_rows = None, False
         if all(isinstance(p, TiledLinear) for p in projections):
             self.decode_weights = [p.tiles for p in projections]
         elif all(isinstance(p, RowsLinear) for p in projections):
             self.decode_weights, self.decode_by_rows = [p.weight for p in projections], True
+        elif all(isinstance(p, packed_linear.PackedLinear) and p.bias is None for p in projections):
+            self.decode_weights = [p.packed for p in projections]  # bf16 where the CPU has no AMX
         elif all(isinstance(p, quantize.Int8Linear) and p.bias is None for p in projections):
             self.decode_weights = [t for p in projections for t in (p.qweight, p.scales)]
         self.decode_norms = [w for la in self.layers for w in (la.input_norm, la.post_norm)] + [self.norm]
