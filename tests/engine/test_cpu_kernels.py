@@ -120,7 +120,7 @@ def test_the_built_kernels_prefetch_the_decode_rows(paged_decode):
 
 
 def test_decode_tiles_are_for_bf16_on_amx_with_heads_and_blocks_they_hold(paged_decode):
-    amx = kernels.linear_tiles()  # the same CPU features and tile permission
+    amx = kernels.amx()  # the same CPU features and tile permission
     assert kernels.decode_tiles(torch.bfloat16, 9, 64, 16) == amx
     assert kernels.decode_tiles(torch.bfloat16, 16, 128, 32) == amx
     assert not kernels.decode_tiles(torch.float32, 9, 64, 16)

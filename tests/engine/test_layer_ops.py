@@ -115,13 +115,13 @@ def test_a_model_that_is_not_laid_out_as_llama_keeps_transformers_layers(tiny_mo
 
 
 @pytest.fixture(scope="module")
-def amx(ops):
+def panels(ops):
     if not kernels.linear_tiles():
-        pytest.skip("this CPU has no AMX (or the kernels were built without it): oneDNN runs every matmul")
+        pytest.skip("this CPU has neither AMX nor AVX512_BF16 (or no kernels built): oneDNN runs every matmul")
 
 
 @pytest.mark.parametrize("out_features", [96, 1056])  # 1,056: more column pairs than a block of them
-def test_amx_tiles_compute_what_onednn_computes_at_every_row_count(ops, amx, out_features):
+def test_panels_compute_what_onednn_computes_at_every_row_count(ops, panels, out_features):
     torch.manual_seed(4)
     w = torch.randn(out_features, 64, dtype=torch.bfloat16)
     tiles = ops.pack_vnni(w)
@@ -135,7 +135,7 @@ def test_amx_tiles_compute_what_onednn_computes_at_every_row_count(ops, amx, out
     assert not ops.pack_vnni(torch.randn(40, 64, dtype=torch.bfloat16)).numel()  # 40 rows: not whole tiles
 
 
-def test_gate_up_with_silu_in_its_epilogue_gives_silu_mul_of_the_matmul_bit_for_bit(ops, amx):
+def test_gate_up_with_silu_in_its_epilogue_gives_silu_mul_of_the_matmul_bit_for_bit(ops, panels):
     """The MLP's gate_up matmul hands its float32 sums to SiLU in place: the bf16 result of the two ops."""
     torch.manual_seed(5)
     inter = 544  # 34 panels of gate, 34 of up
@@ -151,7 +151,7 @@ def test_gate_up_with_silu_in_its_epilogue_gives_silu_mul_of_the_matmul_bit_for_
 
 
 @pytest.mark.parametrize("d", [64, 128])
-def test_qkv_with_rope_and_the_cache_write_in_its_epilogue_gives_rope_cache_of_the_matmul_bit_for_bit(ops, amx, d):
+def test_qkv_with_rope_and_the_cache_write_in_its_epilogue_gives_rope_cache_of_the_matmul_bit_for_bit(ops, panels, d):
     """The q/k/v matmul rotates q and k and writes k and v to their slots as it stores: the two ops' bits."""
     torch.manual_seed(6)
     heads, kv_heads, hidden = 9, 3, 96
@@ -176,7 +176,7 @@ def test_qkv_with_rope_and_the_cache_write_in_its_epilogue_gives_rope_cache_of_t
 # 7 panels, the last pair with one; and 33 pairs of K 1,024, more than a thread's block of panels (1 MB)
 @pytest.mark.parametrize("hidden,inner", [(112, 64), (1056, 1024)])
 def test_a_matmul_with_the_residual_add_and_norm_in_its_epilogue_gives_add_rms_norm_of_it_bit_for_bit(
-    ops, amx, hidden, inner
+    ops, panels, hidden, inner
 ):
     """o_proj and down_proj add into the residual and normalize it as they store: the two ops' bits."""
     torch.manual_seed(7)
@@ -206,8 +206,8 @@ def _recording(run, logits: list):
 def test_a_decode_step_in_one_call_gives_the_layer_loops_logits_bit_for_bit(
     ops, tiny_model_dir, monkeypatch, dtype, quantization
 ):
-    """With AMX tiles (bf16), oneDNN's packed weights (bf16 without AMX) or the row kernel (float32) for
-    every matmul, a decode step's layers run in one C++ call (decode_layers.cpp)."""
+    """With packed panels (bf16: AMX tiles or AVX512_BF16 vectors) or the row kernel (float32) for every
+    matmul, a decode step's layers run in one C++ call (decode_layers.cpp)."""
     from pdserve.common import model_loader
     from pdserve.common.engine.config import EngineConfig
     from pdserve.common.engine.engine import LLMEngine
@@ -219,9 +219,9 @@ def test_a_decode_step_in_one_call_gives_the_layer_loops_logits_bit_for_bit(
     logits = {}
     for loop in (False, True):
         model, tok = model_loader.load(ref, dtype=dtype)
-        if quantization == "int8" and not kernels.linear_tiles():
+        if quantization == "int8" and not kernels.amx():
             pytest.skip("int8 runs through AMX tiles, which this CPU (or its kernel build) lacks")
-        if not kernels.vectorized():
+        if not (kernels.linear_tiles() if dtype == "bfloat16" else kernels.vectorized()):
             pytest.skip(f"{dtype}: no fused kernels for its matmuls here, decode steps run the layer loop")
         config = EngineConfig(dtype=dtype, num_kv_blocks=64, quantization=quantization)
         engine = LLMEngine(config, model, tok, ref)

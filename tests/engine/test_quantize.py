@@ -14,7 +14,7 @@ from pdserve.common.engine.config import EngineConfig
 
 @pytest.fixture(scope="module")
 def amx():
-    if not kernels.linear_tiles():
+    if not kernels.amx():
         pytest.skip("int8 runs through AMX tiles, which this CPU (or its kernel build) lacks")
 
 

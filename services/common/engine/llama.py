@@ -42,10 +42,12 @@ def unsupported(model) -> str:
 
 
 class TiledLinear(nn.Module):
-    """A bf16 linear layer through AMX tiles (kernels/linear.cpp), its weight kept only as tiles.
+    """A bf16 linear layer over pack_vnni's panels (kernels/linear.cpp), its weight kept only as them:
+    through AMX tiles, or on AVX512_BF16 vectors where the CPU has no AMX.
 
-    At every row count they measured at least as fast as oneDNN's packed matmul (1.2x at 128 rows,
-    parity at 1,024), with the same bits, so a worker holds one copy of its weights, not two."""
+    At every row count the tiles measured at least as fast as oneDNN's packed matmul (1.2x at 128 rows,
+    parity at 1,024), with the same bits, so a worker holds one copy of its weights, not two. The
+    vectors: 0.81-0.86x oneDNN's time at 1-8 rows, 1.05x at 1,024 (docs/benchmarks.md)."""
 
     def __init__(self, tiles: torch.Tensor, out_features: int):
         super().__init__()
@@ -114,7 +116,9 @@ def _linear(layers: list[nn.Linear], pack: bool, int8: bool) -> nn.Module:
     if int8:
         bias = torch.cat([b.detach() for b in biases]) if biases[0] is not None else None
         return quantize.Int8Linear(weight, bias)
-    tiles = torch.ops.pdserve.pack_vnni(weight) if biases[0] is None else weight[:0]  # empty: no AMX here
+    tiles = (
+        torch.ops.pdserve.pack_vnni(weight) if biases[0] is None else weight[:0]
+    )  # empty: neither AMX nor AVX512_BF16
     if tiles.numel():
         return TiledLinear(tiles, weight.shape[0])
     if weight.dtype == torch.float32 and biases[0] is None:
@@ -159,7 +163,7 @@ class FusedLlama:
         self.layers = list(inner.layers)
         if model.dtype == torch.bfloat16:  # float32 logits (kernels/linear.cpp), read from the weight in place
             weight = model.lm_head.weight
-            tiles = torch.ops.pdserve.pack_vnni(weight)  # for AMX, where the CPU has it (else empty)
+            tiles = torch.ops.pdserve.pack_vnni(weight)  # empty without AMX or AVX512_BF16
             tiles = tiles if tiles.numel() else None
             self.lm_head = lambda h: torch.ops.pdserve.linear_f32(h, weight, tiles)
         elif model.dtype == torch.float32 and model.lm_head.bias is None:
@@ -171,17 +175,15 @@ class FusedLlama:
         self.linears = sum(isinstance(m, packed_linear.PackedLinear) for m in model.modules())
         self.tiled = sum(isinstance(m, TiledLinear) for m in model.modules())
         self.rows = sum(isinstance(m, RowsLinear) for m in (*model.modules(), self.lm_head))
-        # Where every matmul has AMX tiles, the row kernel or oneDNN's packed weight, a decode step's
-        # layers run in one call (kernels/decode_layers.cpp); with the row kernel, only up to
-        # ROWS_KERNEL_MAX rows.
+        # Where every matmul has packed panels (AMX tiles or AVX512_BF16 vectors), or the row kernel, a
+        # decode step's layers run in one call (kernels/decode_layers.cpp); with the row kernel, only up
+        # to ROWS_KERNEL_MAX rows.
         projections = [p for la in self.layers for p in (la.qkv_proj, la.o_proj, la.gate_up_proj, la.down_proj)]
         self.decode_weights, self.decode_by_rows = None, False
         if all(isinstance(p, TiledLinear) for p in projections):
             self.decode_weights = [p.tiles for p in projections]
         elif all(isinstance(p, RowsLinear) for p in projections):
             self.decode_weights, self.decode_by_rows = [p.weight for p in projections], True
-        elif all(isinstance(p, packed_linear.PackedLinear) and p.bias is None for p in projections):
-            self.decode_weights = [p.packed for p in projections]  # bf16 where the CPU has no AMX
         elif all(isinstance(p, quantize.Int8Linear) and p.bias is None for p in projections):
             self.decode_weights = [t for p in projections for t in (p.qweight, p.scales)]
         self.decode_norms = [w for la in self.layers for w in (la.input_norm, la.post_norm)] + [self.norm]

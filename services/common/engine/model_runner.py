@@ -86,13 +86,15 @@ class ModelRunner:
         packed += f"{self.packed_linears} linear layers packed for oneDNN, " if self.packed_linears else ""
         tiled = ""
         if self.fused and self.fused.tiled:
-            tiled = f" ({self.fused.tiled} matmuls through AMX tiles)"
+            how = "AMX tiles" if kernels.amx() else "AVX512_BF16 vectors"
+            tiled = f" ({self.fused.tiled} matmuls over packed panels: {how})"
         elif self.fused and self.fused.rows:
             tiled = f" ({self.fused.rows} matmuls through the row kernel up to {llama.ROWS_KERNEL_MAX} rows)"
         layers = f"fused layers{tiled}, " if self.fused else f"transformers layers ({self.unfused_why}), "
         attention = "decode attention: " + ("pdserve paged kernel" if self.paged_kernel else "torch ops")
         attention += " (k . q^T through AMX tiles)" if self.decode_tiles else ""
-        return packed + layers + attention + (", prefill attention: pdserve kernel" if self.prefill_kernel else "")
+        prefill = ", prefill attention: pdserve kernel " + ("(AMX tiles)" if kernels.amx() else "(AVX512_BF16 vectors)")
+        return packed + layers + attention + (prefill if self.prefill_kernel else "")
 
     def _metadata(
         self, batch: ScheduledBatch

@@ -23,7 +23,7 @@ def check_usable(dtype: torch.dtype) -> None:
             "quantization",
             f"int8 runs with bfloat16 activations, not {str(dtype).removeprefix('torch.')} (--dtype bfloat16)",
         )
-    if not kernels.linear_tiles():
+    if not kernels.amx():
         raise SettingError("quantization", "int8 needs a CPU with AMX (amx_bf16) and pdserve's kernels built")
 
 

@@ -46,7 +46,9 @@ HEADERS = tuple(
         "decode_span.h",
         "decode_span_avx2.h",
         "decode_tiles.h",
+        "panels.h",
         "tile_product.h",
+        "panel_product.h",
         "prefill_task.h",
     )
 )
@@ -142,8 +144,14 @@ def vectorized() -> bool:
 
 @functools.cache
 def linear_tiles() -> bool:
-    """Whether bf16 matmuls can run through AMX tiles here (linear.cpp)."""
+    """Whether bf16 matmuls can run over pack_vnni's panels here (linear.cpp): AMX tiles or AVX512_BF16."""
     return load() and torch.ops.pdserve.pack_vnni(torch.zeros(16, 32, dtype=torch.bfloat16)).numel() > 0
+
+
+@functools.cache
+def amx() -> bool:
+    """Whether bf16 matmuls run through AMX tiles here, not on vectors (int8 weights need them)."""
+    return load() and bool(torch.ops.pdserve.amx_usable())
 
 
 def decode_tiles(dtype: torch.dtype, heads: int, head_dim: int, block_size: int) -> bool:

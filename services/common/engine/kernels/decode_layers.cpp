@@ -14,18 +14,9 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-// oneDNN's linear on a weight it packed (packed_linear.py), as PackedLinear's forward calls it.
-Tensor linear_onednn(const Tensor& x, const Tensor& packed) {
-  static const auto handle = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
-  torch::jit::Stack stack{x, packed, c10::IValue(), std::string("none"), c10::List<std::optional<at::Scalar>>(),
-                          std::string("")};
-  handle.callBoxed(&stack);
-  return stack[0].toTensor();
-}
-
 // x [T, hidden], the embedded tokens, is the residual stream and is updated in place. weights: each
-// layer's qkv, o, gate_up and down as pack_vnni tiles, as float32 weights (the row kernel), as
-// oneDNN's packed weights (bf16 without AMX), or (int8) as pairs of int8 tiles and scales;
+// layer's qkv, o, gate_up and down as pack_vnni tiles, as float32 weights (the row kernel), or (int8)
+// as pairs of int8 tiles and scales;
 // norms: each layer's input and post-attention norm weights, then the final norm's. Returns the
 // final norm of the last residual, [T, hidden].
 Tensor decode_layers(Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& cache, const Tensor& slot_blocks,
@@ -48,17 +39,15 @@ Tensor decode_layers(Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& ca
   const bool int8 = static_cast<int64_t>(weights.size()) == 8 * layers;
   TORCH_CHECK(norms.size() == 2 * static_cast<size_t>(layers) + 1 && (int8 || weights.size() == 4 * static_cast<size_t>(layers)),
               "decode_layers: 2 norms a layer and the final norm; 4 weights a layer (8 for int8)");
-  const bool onednn = !int8 && weights[0].is_mkldnn();
-  const bool rows = !int8 && !onednn && weights[0].scalar_type() == at::kFloat;
+  const bool rows = !int8 && weights[0].scalar_type() == at::kFloat;
   auto project = [&](const Tensor& in, int64_t layer, int64_t which) {  // which: qkv, o, gate_up, down
     if (int8) return linear_int8.call(in, weights[8 * layer + 2 * which], weights[8 * layer + 2 * which + 1]);
     const Tensor& w = weights[4 * layer + which];
     if (rows) return linear_f32.call(in, w, std::nullopt);
-    if (onednn) return linear_onednn(in, w);
     return linear.call(in, w, w.numel() / in.size(1));
   };
   auto activated = [&](const Tensor& in, int64_t layer) {  // silu(gate) * up, as llama.gate_up_silu computes it
-    if (int8 || rows || onednn) return silu_mul.call(project(in, layer, 2));
+    if (int8 || rows) return silu_mul.call(project(in, layer, 2));
     const Tensor& tiles = weights[4 * layer + 2];
     return gate_up_silu.call(in, tiles, tiles.numel() / in.size(1) / 2);
   };
@@ -83,5 +72,3 @@ TORCH_LIBRARY_FRAGMENT(pdserve, m) {
 }
 
 TORCH_LIBRARY_IMPL(pdserve, CPU, m) { m.impl("decode_layers", &decode_layers); }
-// oneDNN's packed weights are MkldnnCPU tensors: with them among the weights, the call dispatches there.
-TORCH_LIBRARY_IMPL(pdserve, MkldnnCPU, m) { m.impl("decode_layers", &decode_layers); }

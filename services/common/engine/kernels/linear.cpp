@@ -1,6 +1,7 @@
 // bf16 matmuls of our own: `linear_f32`, the LM head with float32 logits (every product summed in
 // float32 and nothing rounded to bf16, whose 8-bit mantissa would tie the top logits: a logit of 20
-// rounds to a multiple of 0.125), and, on AMX, `linear_tiles` for the layers' few-row matmuls.
+// rounds to a multiple of 0.125), and `linear_tiles` for the layers' matmuls over packed panels
+// (AMX tiles, or AVX512_BF16 vectors).
 // Each output is summed in one order whatever the batch, so a row's result does not depend on
 // what else ran in its step.
 #include <ATen/ATen.h>
@@ -11,7 +12,7 @@
 #include <vector>
 
 #include "amx.h"
-#include "tile_product.h"
+#include "panel_product.h"
 #include "vec.h"
 
 namespace {
@@ -35,6 +36,7 @@ constexpr int64_t kTile = 16;  // weight rows that stay in L1 while every activa
 // step's weights 15% slower (AVX-512; float32 the same either way).
 template <int64_t NR, typename T, int64_t MR = kRows>
 inline void dot(const T* x, const T* w, int64_t K, int64_t rows_given, float* sums) {
+  static_assert(MR == 1 || MR == kRows);
   const int64_t rows = MR == 1 ? 1 : rows_given;
   int64_t k = 0;
 #if defined(__AVX512BF16__)
@@ -132,12 +134,21 @@ void rows_product(const T* xp, const T* wp, float* op, int64_t M, int64_t N, int
   });
 }
 
+// Whether bf16 matmuls run through AMX tiles here (not only through panels on vectors).
+bool amx_usable() {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  return pdserve_amx::ready();
+#else
+  return false;
+#endif
+}
+
+#if defined(PDSERVE_PANELS)
 // AMX: C[16 x 16] += A[16 rows x 32 k] . B[32 k x 16 n], B in pairs of k ("VNNI"). The weight is
 // packed once into [N/16][K/32][16 k-pairs][16 n][2], so each B tile is 1 KB read in one load.
 at::Tensor pack_vnni(const at::Tensor& w) {
   const int64_t N = w.size(0), K = w.size(1);
-  if (!pdserve_amx::ready() || w.scalar_type() != at::kBFloat16 || N % 16 || K % 32) return at::empty({0}, w.options());
+  if (!pdserve_tiles::usable() || w.scalar_type() != at::kBFloat16 || N % 16 || K % 32) return at::empty({0}, w.options());
   const at::Tensor wc = w.contiguous();
   at::Tensor out = at::empty({N * K}, w.options());
   const at::BFloat16* src = wc.data_ptr<at::BFloat16>();
@@ -167,14 +178,14 @@ inline void store_tile(const float* c, O* out, int64_t r0, int64_t r1, int64_t N
 // is panels 2p and 2p + 1. Int8 panels are widened into a buffer of the thread's: half the bytes
 // read, the widening on the cores the memory leaves idle.
 template <typename O>
-void linear_amx(const at::BFloat16* xp, const at::BFloat16* packed, O* op, int64_t M, int64_t N, int64_t K,
+void linear_panels(const at::BFloat16* xp, const at::BFloat16* packed, O* op, int64_t M, int64_t N, int64_t K,
                 const int8_t* q = nullptr, const float* scales = nullptr) {
   const pdserve_tiles::Panels w{packed, q, N / 16};
   const auto store = [&](int64_t p, int64_t m, const float* c0, const float* c1, int64_t r0, int64_t r1) {
     store_tile(c0, op + m * N, r0, r1, N, p * 32, scales);
     if (c1) store_tile(c1, op + m * N, r0, r1, N, p * 32 + 16, scales);
   };
-  pdserve_tiles::tile_product(xp, M, K, w, store);
+  pdserve_tiles::product(xp, M, K, w, store);
 }
 
 // A linear layer in bf16 through AMX tiles: x [M, K] . w^T, w given as its pack_vnni, N its rows.
@@ -183,7 +194,7 @@ at::Tensor linear_tiles(const at::Tensor& x, const at::Tensor& packed, int64_t N
               "linear_tiles: x [M, K] bf16 and a pack_vnni of [N, K]");
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty({x.size(0), N}, x.options());
-  linear_amx(xc.data_ptr<at::BFloat16>(), packed.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), x.size(0), N,
+  linear_panels(xc.data_ptr<at::BFloat16>(), packed.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), x.size(0), N,
              x.size(1));
   return out;
 }
@@ -195,10 +206,10 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && q.scalar_type() == at::kChar &&
                   scales.scalar_type() == at::kFloat && q.numel() == N * x.size(1) && N % 16 == 0 && x.size(1) % 32 == 0,
               "linear_int8: x [M, K] bf16, q int8 [N * K] in pack_vnni's layout, scales float32 [N]");
-  TORCH_CHECK(pdserve_amx::ready() && q.is_contiguous() && scales.is_contiguous(), "linear_int8: needs AMX");
+  TORCH_CHECK(amx_usable() && q.is_contiguous() && scales.is_contiguous(), "linear_int8: needs AMX");
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty({x.size(0), N}, x.options());
-  linear_amx(xc.data_ptr<at::BFloat16>(), static_cast<const at::BFloat16*>(nullptr), out.data_ptr<at::BFloat16>(),
+  linear_panels(xc.data_ptr<at::BFloat16>(), static_cast<const at::BFloat16*>(nullptr), out.data_ptr<at::BFloat16>(),
              x.size(0), N, x.size(1), q.data_ptr<int8_t>(), scales.data_ptr<float>());
   return out;
 }
@@ -223,7 +234,7 @@ at::Tensor gate_up_silu(const at::Tensor& x, const at::Tensor& packed, int64_t i
     }
   };
   const pdserve_tiles::Panels w{packed.data_ptr<at::BFloat16>(), nullptr, 2 * inter / 16, inter / 16};
-  pdserve_tiles::tile_product(xc.data_ptr<at::BFloat16>(), M, x.size(1), w, silu_mul);
+  pdserve_tiles::product(xc.data_ptr<at::BFloat16>(), M, x.size(1), w, silu_mul);
   return out;
 }
 #else
@@ -232,10 +243,10 @@ at::Tensor linear_int8(const at::Tensor&, const at::Tensor&, const at::Tensor&) 
   TORCH_CHECK(false, "linear_int8: built without AMX");
 }
 at::Tensor linear_tiles(const at::Tensor& x, const at::Tensor& packed, int64_t N) {
-  TORCH_CHECK(false, "linear_tiles: built without AMX");
+  TORCH_CHECK(false, "linear_tiles: built without AMX or AVX512_BF16");
 }
 at::Tensor gate_up_silu(const at::Tensor& x, const at::Tensor& packed, int64_t inter) {
-  TORCH_CHECK(false, "gate_up_silu: built without AMX");
+  TORCH_CHECK(false, "gate_up_silu: built without AMX or AVX512_BF16");
 }
 #endif
 
@@ -255,9 +266,9 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, const c10::optio
     return out;
   }
   const at::BFloat16 *xp = xc.data_ptr<at::BFloat16>(), *wp = wc.data_ptr<at::BFloat16>();
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(PDSERVE_PANELS)
   if (packed.has_value() && packed->numel() == N * K) {
-    linear_amx(xp, packed->data_ptr<at::BFloat16>(), op, M, N, K);
+    linear_panels(xp, packed->data_ptr<at::BFloat16>(), op, M, N, K);
     return out;
   }
 #endif
@@ -268,6 +279,7 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, const c10::optio
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pdserve, m) {
+  m.def("amx_usable() -> bool");
   m.def("linear_f32(Tensor x, Tensor w, Tensor? packed=None) -> Tensor");
   m.def("pack_vnni(Tensor w) -> Tensor");
   m.def("linear_tiles(Tensor x, Tensor packed, int n) -> Tensor");
@@ -282,3 +294,5 @@ TORCH_LIBRARY_IMPL(pdserve, CPU, m) {
   m.impl("linear_int8", &linear_int8);
   m.impl("gate_up_silu", &gate_up_silu);
 }
+
+TORCH_LIBRARY_IMPL(pdserve, CompositeExplicitAutograd, m) { m.impl("amx_usable", &amx_usable); }

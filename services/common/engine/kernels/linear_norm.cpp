@@ -8,12 +8,12 @@
 
 #include "amx.h"
 #include "rms_norm.h"
-#include "tile_product.h"
+#include "panel_product.h"
 #include "vec.h"
 
 namespace {
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(PDSERVE_PANELS)
 // residual [M, N] += x [M, K] . w^T (w given as its pack_vnni), rounded as a torch add of the bf16
 // product; returns weight * the RMSNorm of the new residual, as add_rms_norm does.
 at::Tensor linear_add_rms_norm(const at::Tensor& x, const at::Tensor& packed, at::Tensor& residual,
@@ -56,12 +56,12 @@ at::Tensor linear_add_rms_norm(const at::Tensor& x, const at::Tensor& packed, at
     }
   };
   const pdserve_tiles::Panels w{packed.data_ptr<T>(), nullptr, N / 16};
-  pdserve_tiles::tile_product_rows(xc.data_ptr<T>(), M, K, w, add, norm);
+  pdserve_tiles::product_rows(xc.data_ptr<T>(), M, K, w, add, norm);
   return out;
 }
 #else
 at::Tensor linear_add_rms_norm(const at::Tensor&, const at::Tensor&, at::Tensor&, const at::Tensor&, double) {
-  TORCH_CHECK(false, "linear_add_rms_norm: built without AMX");
+  TORCH_CHECK(false, "linear_add_rms_norm: built without AMX or AVX512_BF16");
 }
 #endif
 

@@ -6,7 +6,8 @@
 // float32, and adds the values weighted by the softmax numerators (rounded to bf16, as torch's CPU
 // flash attention rounds them) through tiles again, the output's tiles held across the block. Keys
 // past a row's own position are never summed, and whole chunks of them are skipped. Each KV head's
-// keys, and its values transposed, are first packed from the pool's blocks, once per call.
+// keys, and its values transposed, are first packed from the pool's blocks, once per call. On
+// vectors (no AMX) the scores come from dpbf16, and the numerators and values stay float32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -31,10 +32,13 @@ constexpr int kTogether = 1;  // vectors have no tile stores to wait on (4 measu
 
 // 32 keys' values of one dim, as bf16 or (on vectors) widened to float32.
 inline void store_keys(at::BFloat16* to, __m512i v) { _mm512_storeu_si512(to, v); }
-inline void store_keys(float* to, __m512i v) {
-  _mm512_storeu_ps(to, _mm512_cvtpbh_ps((__m256bh)_mm512_castsi512_si256(v)));
-  _mm512_storeu_ps(to + 16, _mm512_cvtpbh_ps((__m256bh)_mm512_extracti64x4_epi64(v, 1)));
+#if !defined(PDSERVE_PREFILL_TILES)
+inline void store_keys(float* to, __m512i v) {  // bf16 is float's upper half: widen and shift
+  const auto widen = [](__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); };
+  _mm512_storeu_ps(to, widen(_mm512_castsi512_si256(v)));
+  _mm512_storeu_ps(to + 16, widen(_mm512_extracti64x4_epi64(v, 1)));
 }
+#endif
 
 // A KV head's keys as they are, [padded][d] (the A operand of k . q^T), and its values transposed,
 // [d][vstride] (the A operand of v^T . p^T); here keys t0 .. t0 + kChunk. Keys past ctx are zeros:

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 
 #include "amx.h"
@@ -40,7 +41,7 @@ struct Shape {
 
 // 2^x for x <= kSlack, kept at least 2^-100: a subnormal result would cost a microcode assist in every op
 // it meets. 2^x = 2^floor(x) 2^f with f in [0, 1): 2^f by a degree-3 minimax polynomial (relative
-// error < 8e-5, far below the bf16 rounding of the numerators), and vscalefps applies 2^floor(x).
+// error < 8e-5, far below the bf16 rounding of the numerators, and of the scores' inputs), and vscalefps applies 2^floor(x).
 inline __m512 exp2_16(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-100.f));
   const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // x - floor(x)
@@ -106,7 +107,9 @@ inline void add_values(const at::BFloat16* vt, const at::BFloat16* pb, const Sha
 constexpr int64_t kKeys = 16;  // keys (scores) or dims (values) whose sums stay in registers
 
 inline __m512bh broadcast_pair(const at::BFloat16* p) {
-  return (__m512bh)_mm512_set1_epi32(*reinterpret_cast<const int32_t*>(p));
+  int32_t pair;
+  std::memcpy(&pair, p, sizeof(pair));
+  return (__m512bh)_mm512_set1_epi32(pair);
 }
 
 inline void score_chunk(const at::BFloat16* kp, const uint32_t* qb, int64_t d, int64_t k0, float* sc) {

@@ -4,12 +4,12 @@
 #include <torch/library.h>
 
 #include "amx.h"
-#include "tile_product.h"
+#include "panel_product.h"
 #include "vec.h"
 
 namespace {
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(PDSERVE_PANELS)
 // x [T, K] . w^T, w the pack_vnni of the fused [q; k; v] projection: q [T, heads, d] rotated; the
 // rotated keys and the values go into the pool [blocks, layers, 2, block_size, kv_heads, d] at each
 // token's slot. Pair p is 16 dims of one head's first half with the same 16 of its second half, so
@@ -54,13 +54,13 @@ at::Tensor qkv_rope_cache(const at::Tensor& x, const at::Tensor& packed, const a
     }
   };
   const pdserve_tiles::Panels w{packed.data_ptr<T>(), nullptr, width / 16, group};
-  pdserve_tiles::tile_product(xc.data_ptr<T>(), tokens, x.size(1), w, epilogue);
+  pdserve_tiles::product(xc.data_ptr<T>(), tokens, x.size(1), w, epilogue);
   return q;
 }
 #else
 at::Tensor qkv_rope_cache(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&,
                           int64_t, const at::Tensor&, const at::Tensor&, int64_t, int64_t) {
-  TORCH_CHECK(false, "qkv_rope_cache: built without AMX");
+  TORCH_CHECK(false, "qkv_rope_cache: built without AMX or AVX512_BF16");
 }
 #endif
 

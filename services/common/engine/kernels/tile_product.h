@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "amx.h"
+#include "panels.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 namespace pdserve_tiles {
@@ -24,19 +25,6 @@ inline void widen_int8(const int8_t* q, at::BFloat16* out, int64_t n) {
   }
 }
 
-// A weight in pack_vnni's layout, [panel][K/32][16 k-pairs][16 n][2] (1 KB a B tile), bf16 or int8.
-// The panels go in runs of 2 * group: pair p multiplies a run's panel f = first(p) with f + group.
-// So group 1 pairs neighbours, and group g pairs the two halves of a run of 32 g columns.
-struct Panels {
-  const at::BFloat16* bf16 = nullptr;
-  const int8_t* int8 = nullptr;  // widened to bf16 a pair at a time, into a buffer of the thread's
-  int64_t count = 0, group = 1;
-  int64_t first(int64_t p) const { return p / group * 2 * group + p % group; }
-  bool second(int64_t p) const { return first(p) + group < count; }
-  // How many pairs there are: every p whose first panel exists.
-  int64_t pairs() const { return count / (2 * group) * group + std::min(group, count % (2 * group)); }
-};
-
 // Column pairs per block: a block's panels stay in L2 while every 32 rows of x pass over them, and
 // those rows stay in L1 across the block. One pair (int8) is widened once for all the rows.
 constexpr int64_t kBlockPairs = 16;
@@ -50,24 +38,6 @@ inline void prefetch_tile(const at::BFloat16* t) {
   asm volatile("" : : "r"(t));
   for (int i = 0; i < 16; ++i) _mm_prefetch(reinterpret_cast<const char*>(t) + 64 * i, _MM_HINT_T0);
 }
-
-// x's rows as 32-row groups for the tiles: a partial last group is copied, zero-padded, so a tile
-// load never reads past x.
-class Rows {
- public:
-  Rows(const at::BFloat16* xp, int64_t M, int64_t K)
-      : xp_(xp), K_(K), full_(M / 16 * 16), buffer_(16 * K + 32, at::BFloat16(0.f)) {
-    tail_ = pdserve_amx::aligned(buffer_.data());
-    std::copy(xp + full_ * K, xp + M * K, tail_);
-  }
-  const at::BFloat16* at(int64_t m0) const { return m0 < full_ ? xp_ + m0 * K_ : tail_; }
-
- private:
-  const at::BFloat16* xp_;
-  int64_t K_, full_;
-  std::vector<at::BFloat16> buffer_;
-  at::BFloat16* tail_;
-};
 
 // One thread's tile multiplies: run(p, m0) multiplies 32 rows m0 of x (two A tiles) by pair p's two
 // panels (two B tiles) into four C tiles, so each tile load feeds two multiplies; rows past M read
