@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define PDSERVE_AMX 1  // built with AMX tiles (whether the kernel grants them: ready())
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>

@@ -136,7 +136,7 @@ void rows_product(const T* xp, const T* wp, float* op, int64_t M, int64_t N, int
 
 // Whether bf16 matmuls run through AMX tiles here (not only through panels on vectors).
 bool amx_usable() {
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(PDSERVE_AMX)
   return pdserve_amx::ready();
 #else
   return false;
@@ -148,7 +148,8 @@ bool amx_usable() {
 // packed once into [N/16][K/32][16 k-pairs][16 n][2], so each B tile is 1 KB read in one load.
 at::Tensor pack_vnni(const at::Tensor& w) {
   const int64_t N = w.size(0), K = w.size(1);
-  if (!pdserve_tiles::usable() || w.scalar_type() != at::kBFloat16 || N % 16 || K % 32) return at::empty({0}, w.options());
+  if (!pdserve_tiles::usable() || w.scalar_type() != at::kBFloat16 || N % 16 || K % 32)
+    return at::empty({0}, w.options());
   const at::Tensor wc = w.contiguous();
   at::Tensor out = at::empty({N * K}, w.options());
   const at::BFloat16* src = wc.data_ptr<at::BFloat16>();
@@ -179,7 +180,7 @@ inline void store_tile(const float* c, O* out, int64_t r0, int64_t r1, int64_t N
 // read, the widening on the cores the memory leaves idle.
 template <typename O>
 void linear_panels(const at::BFloat16* xp, const at::BFloat16* packed, O* op, int64_t M, int64_t N, int64_t K,
-                const int8_t* q = nullptr, const float* scales = nullptr) {
+                   const int8_t* q = nullptr, const float* scales = nullptr) {
   const pdserve_tiles::Panels w{packed, q, N / 16};
   const auto store = [&](int64_t p, int64_t m, const float* c0, const float* c1, int64_t r0, int64_t r1) {
     store_tile(c0, op + m * N, r0, r1, N, p * 32, scales);
@@ -194,8 +195,8 @@ at::Tensor linear_tiles(const at::Tensor& x, const at::Tensor& packed, int64_t N
               "linear_tiles: x [M, K] bf16 and a pack_vnni of [N, K]");
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty({x.size(0), N}, x.options());
-  linear_panels(xc.data_ptr<at::BFloat16>(), packed.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), x.size(0), N,
-             x.size(1));
+  linear_panels(xc.data_ptr<at::BFloat16>(), packed.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(),
+                x.size(0), N, x.size(1));
   return out;
 }
 
@@ -210,7 +211,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty({x.size(0), N}, x.options());
   linear_panels(xc.data_ptr<at::BFloat16>(), static_cast<const at::BFloat16*>(nullptr), out.data_ptr<at::BFloat16>(),
-             x.size(0), N, x.size(1), q.data_ptr<int8_t>(), scales.data_ptr<float>());
+                x.size(0), N, x.size(1), q.data_ptr<int8_t>(), scales.data_ptr<float>());
   return out;
 }
 // silu(x . gate^T) * (x . up^T) [M, I] from the pack_vnni of [gate; up] [2I, K] (the MLP's fused

@@ -16,12 +16,12 @@
 #if defined(PDSERVE_PANELS)
 namespace pdserve_tiles {
 
-#if !(defined(__AMX_TILE__) && defined(__AMX_BF16__))
-// A block is 4 rows by up to 4 panels (two pairs) of sums: against oneDNN's packed bf16 matmul over a
-// decode step's weights, 0.81-0.86x its time at 1-8 rows and 1.05x at 1,024 (8 rows by 2: 0.88-1.38x).
+#if !defined(PDSERVE_AMX)
+// A block is 4 rows by up to 4 panels (two pairs) of sums: against oneDNN's packed bf16 matmul over
+// a decode step's weights, 0.81-0.86x its time at 1-8 rows and 1.05x at 1,024 (8 rows by 2: 0.88-1.38x).
 constexpr int64_t kBlockRows = 4;
-// Pairs of k summed apart and then added, as oneDNN sums 1,024 of K: the same bits as its packed matmul,
-// where one running sum over K = 1,536 differed in 0.02% of the outputs (and the bf16 engine's
+// Pairs of k summed apart and then added, as oneDNN sums 1,024 of K: the same bits as its packed
+// matmul, where one running sum over K = 1,536 differed in 0.02% of the outputs (and the bf16 engine's
 // agreement with fp32 tokens fell from over 98% to 96.7%).
 constexpr int64_t kPairsSummed = 512;
 // Bytes of panels a thread of vector_product_rows keeps in L2 while its rows pass over them.
@@ -77,7 +77,8 @@ inline void vector_pairs(const Rows& rows, int64_t M, int64_t K, const Panels& w
       default: vector_block<4>(x, K, panel, o);
     }
   }
-  for (int64_t i = 0; i < np; ++i) epilogue(p + i, m0, c[2 * i], w.second(p + i) ? c[2 * i + 1] : nullptr, 0, group_rows);
+  for (int64_t i = 0; i < np; ++i)
+    epilogue(p + i, m0, c[2 * i], w.second(p + i) ? c[2 * i + 1] : nullptr, 0, group_rows);
 }
 
 // tile_product on vectors: the threads split the pairs, two at a time; a thread's pairs stay in L2
@@ -109,7 +110,8 @@ void vector_product_rows(const at::BFloat16* xp, int64_t M, int64_t K, const Pan
     for (int64_t c0 = 0; c0 < pairs; c0 += block) {
       const int64_t c1 = std::min(pairs, c0 + block);
       for (int64_t g = g0; g < g1; ++g) {
-        for (int64_t p = c0; p < c1; p += 2) vector_pairs(rows, M, K, w, p, std::min<int64_t>(2, c1 - p), g * 16, c, epilogue);
+        for (int64_t p = c0; p < c1; p += 2)
+          vector_pairs(rows, M, K, w, p, std::min<int64_t>(2, c1 - p), g * 16, c, epilogue);
         if (c1 == pairs) whole(g * 16, std::min<int64_t>(16, M - g * 16));
       }
     }
@@ -120,7 +122,7 @@ void vector_product_rows(const at::BFloat16* xp, int64_t M, int64_t K, const Pan
 // The product over panels this build runs.
 template <typename Epilogue>
 void product(const at::BFloat16* xp, int64_t M, int64_t K, const Panels& w, Epilogue epilogue) {
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(PDSERVE_AMX)
   tile_product(xp, M, K, w, epilogue);
 #else
   vector_product(xp, M, K, w, epilogue);
@@ -129,7 +131,7 @@ void product(const at::BFloat16* xp, int64_t M, int64_t K, const Panels& w, Epil
 
 template <typename Epilogue, typename Whole>
 void product_rows(const at::BFloat16* xp, int64_t M, int64_t K, const Panels& w, Epilogue epilogue, Whole whole) {
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(PDSERVE_AMX)
   tile_product_rows(xp, M, K, w, epilogue, whole);
 #else
   vector_product_rows(xp, M, K, w, epilogue, whole);

@@ -1,6 +1,6 @@
 // A bf16 weight packed once into 16-column panels in pairs of k (pack_vnni's layout), and x's rows
 // as the products over them read them: the parts that AMX tiles (tile_product.h) and AVX512_BF16
-// vectors (vector_product.h) share.
+// vectors (panel_product.h) share.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,7 +10,7 @@
 
 #include "amx.h"
 
-#if (defined(__AMX_TILE__) && defined(__AMX_BF16__)) || defined(__AVX512BF16__)
+#if defined(PDSERVE_AMX) || defined(__AVX512BF16__)
 #define PDSERVE_PANELS 1  // pack_vnni and the products over its panels are built
 #include <immintrin.h>
 
@@ -18,7 +18,7 @@ namespace pdserve_tiles {
 
 // Whether this build's panel product can run: AMX tiles need the kernel's permission; vectors don't.
 inline bool usable() {
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(PDSERVE_AMX)
   return pdserve_amx::ready();
 #else
   return true;

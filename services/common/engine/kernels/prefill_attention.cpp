@@ -24,7 +24,7 @@ namespace {
 #if defined(__AVX512BF16__)
 using namespace pdserve_prefill;
 
-#if defined(PDSERVE_PREFILL_TILES)
+#if defined(PDSERVE_AMX)
 constexpr int kTogether = 4;  // tasks a thread runs in lockstep (RowTask): 2 measured no faster than 1
 #else
 constexpr int kTogether = 1;  // vectors have no tile stores to wait on (4 measured no faster)
@@ -32,11 +32,10 @@ constexpr int kTogether = 1;  // vectors have no tile stores to wait on (4 measu
 
 // 32 keys' values of one dim, as bf16 or (on vectors) widened to float32.
 inline void store_keys(at::BFloat16* to, __m512i v) { _mm512_storeu_si512(to, v); }
-#if !defined(PDSERVE_PREFILL_TILES)
-inline void store_keys(float* to, __m512i v) {  // bf16 is float's upper half: widen and shift
-  const auto widen = [](__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); };
-  _mm512_storeu_ps(to, widen(_mm512_castsi512_si256(v)));
-  _mm512_storeu_ps(to + 16, widen(_mm512_extracti64x4_epi64(v, 1)));
+#if !defined(PDSERVE_AMX)
+inline void store_keys(float* to, __m512i v) {
+  _mm512_storeu_ps(to, pdserve_vec::widen(_mm512_castsi512_si256(v)));
+  _mm512_storeu_ps(to + 16, pdserve_vec::widen(_mm512_extracti64x4_epi64(v, 1)));
 }
 #endif
 
@@ -106,7 +105,7 @@ void run_together(RowTask* tasks, int n) {
 
 // Whether prefill_attention runs here for heads of size d (else the caller keeps SDPA).
 bool prefill_attention_usable(int64_t d) {
-#if defined(PDSERVE_PREFILL_TILES)
+#if defined(PDSERVE_AMX)
   if (!pdserve_amx::ready()) return false;
 #endif
   return d % 64 == 0 && d <= 128;
@@ -117,7 +116,8 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& cache, int64
                              int64_t ctx, double scale) {
   TORCH_CHECK(q.dim() == 3 && cache.dim() == 6 && block_ids.dim() == 1, "prefill_attention: bad ranks");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && cache.scalar_type() == at::kBFloat16, "prefill_attention: bf16 only");
-  TORCH_CHECK(prefill_attention_usable(q.size(2)), "prefill_attention: needs AMX or AVX512_BF16, and a head dim of 64 or 128");
+  TORCH_CHECK(prefill_attention_usable(q.size(2)),
+              "prefill_attention: needs AMX or AVX512_BF16, and a head dim of 64 or 128");
   TORCH_CHECK(cache.is_contiguous() && block_ids.scalar_type() == at::kLong, "prefill_attention: pool and block ids");
   TORCH_CHECK(q.size(1) % cache.size(4) == 0 && q.size(2) == cache.size(5), "prefill_attention: head shapes");
   TORCH_CHECK(q.size(0) <= ctx && block_ids.numel() * cache.size(3) >= ctx, "prefill_attention: context");
@@ -146,7 +146,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& cache, int64
   // Tasks in (head, rows) order: a contiguous share of them holds whole heads' worth of causal work.
   // A thread runs its tasks kTogether at a time (RowTask).
   at::parallel_for(0, s.heads * tiles, 1, [&](int64_t t0, int64_t t1) {
-#if defined(PDSERVE_PREFILL_TILES)
+#if defined(PDSERVE_AMX)
     pdserve_amx::configure_full_tiles();
 #endif
     RowTask tasks[kTogether];
@@ -160,7 +160,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& cache, int64
       run_together(tasks, n);
       for (int i = 0; i < n; ++i) tasks[i].finish(op + (t + i) / tiles * d, s.heads * d);
     }
-#if defined(PDSERVE_PREFILL_TILES)
+#if defined(PDSERVE_AMX)
     _tile_release();
 #endif
   });

@@ -22,8 +22,7 @@ constexpr int64_t kBlock = 128;  // keys a step of the softmax and of v^T . p^T
 // numerators stay <= 2^8, and what was summed is rarely rescaled.
 constexpr float kSlack = 8.f;
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#define PDSERVE_PREFILL_TILES 1
+#if defined(PDSERVE_AMX)
 using Value = at::BFloat16;  // the transposed values, as the tiles take them
 #else
 // On vectors the softmax numerators stay float32 and meet the values in float32. Rounded to bf16 for
@@ -41,7 +40,8 @@ struct Shape {
 
 // 2^x for x <= kSlack, kept at least 2^-100: a subnormal result would cost a microcode assist in every op
 // it meets. 2^x = 2^floor(x) 2^f with f in [0, 1): 2^f by a degree-3 minimax polynomial (relative
-// error < 8e-5, far below the bf16 rounding of the numerators, and of the scores' inputs), and vscalefps applies 2^floor(x).
+// error < 8e-5, far below the bf16 rounding of the numerators, and of the scores' inputs), and
+// vscalefps applies 2^floor(x).
 inline __m512 exp2_16(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-100.f));
   const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // x - floor(x)
@@ -51,7 +51,7 @@ inline __m512 exp2_16(__m512 x) {
   return _mm512_scalef_ps(y, x);
 }
 
-#if defined(PDSERVE_PREFILL_TILES)
+#if defined(PDSERVE_AMX)
 // Tiles 4-7 += four A tiles of 16 rows each, 64 consecutive rows of `a` (`stride` elements apart),
 // times the B tile in tile 0.
 inline void multiply_four(const at::BFloat16* a, int64_t stride) {
@@ -157,7 +157,7 @@ struct RowTask {
   __m512 k2, top, total;  // top: the max the numerators are taken against, scaled to base 2
   __m512i pos;
   alignas(64) uint32_t qb[128 / 2 * kRows];     // q^T in pairs of d: the B operand of k . q^T
-#if defined(PDSERVE_PREFILL_TILES)
+#if defined(PDSERVE_AMX)
   alignas(64) at::BFloat16 pb[kBlock * kRows];  // p^T in pairs of keys: the B operand of v^T . p^T
 #endif
   alignas(64) float sc[kBlock * kRows];         // a block's scores, [key][row]
@@ -212,7 +212,7 @@ struct RowTask {
         _mm512_store_ps(acc + e * kRows, _mm512_mul_ps(_mm512_load_ps(acc + e * kRows), alpha));
       top = mx;
     }
-#if defined(PDSERVE_PREFILL_TILES)
+#if defined(PDSERVE_AMX)
     const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                            21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
 #endif
@@ -226,7 +226,7 @@ struct RowTask {
       }
       sums[j / 2 % 2] = _mm512_add_ps(sums[j / 2 % 2], p0);
       sums[2 + j / 2 % 2] = _mm512_add_ps(sums[2 + j / 2 % 2], p1);
-#if defined(PDSERVE_PREFILL_TILES)
+#if defined(PDSERVE_AMX)
       const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);  // p0's 16 rows, then p1's
       _mm512_store_si512(pb + j * kRows, _mm512_permutexvar_epi16(pairs, both));
 #else
@@ -237,7 +237,7 @@ struct RowTask {
     total = _mm512_add_ps(total, _mm512_add_ps(_mm512_add_ps(sums[0], sums[1]), _mm512_add_ps(sums[2], sums[3])));
   }
 
-#if defined(PDSERVE_PREFILL_TILES)
+#if defined(PDSERVE_AMX)
   void add(int64_t b) { add_values(vt, pb, *s, b * kBlock, keys_in(b * kBlock), acc); }
 #else
   void add(int64_t b) { add_values(vt, sc, *s, b * kBlock, keys_in(b * kBlock), acc); }

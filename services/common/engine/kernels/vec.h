@@ -26,10 +26,9 @@ using floats = __m512;
 inline constexpr int64_t kLanes = 16;
 
 inline __m512 load(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load(const at::BFloat16* p) {  // bf16 is float's upper half: widen and shift
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
+// 16 packed bf16 as floats: bf16 is float's upper half, so widen and shift.
+inline __m512 widen(__m256i raw) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)); }
+inline __m512 load(const at::BFloat16* p) { return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 
 // Round to nearest even, NaN kept a NaN: what c10::BFloat16(float) does, so both paths round alike.
 // Returns the bf16 bits in each lane's low half.
