@@ -17,8 +17,9 @@
 namespace pdserve_tiles {
 
 #if !defined(PDSERVE_AMX)
-// A block is 4 rows by up to 4 panels (two pairs) of sums: against oneDNN's packed bf16 matmul over
-// a decode step's weights, 0.81-0.86x its time at 1-8 rows and 1.05x at 1,024 (8 rows by 2: 0.88-1.38x).
+// A block is up to 4 rows by up to 4 panels (two pairs) of sums: against oneDNN's packed bf16 matmul
+// over a decode step's weights, 0.81-0.86x its time at 1-8 rows and 1.05x at 1,024 (8 rows by 2:
+// 0.88-1.38x). Fewer rows take a block of their own size: one row in a 4-row block took 1.10-1.14x the time.
 constexpr int64_t kBlockRows = 4;
 // Pairs of k summed apart and then added, as oneDNN sums 1,024 of K: the same bits as its packed
 // matmul, where one running sum over K = 1,536 differed in 0.02% of the outputs (and the bf16 engine's
@@ -27,28 +28,38 @@ constexpr int64_t kPairsSummed = 512;
 // Bytes of panels a thread of vector_product_rows keeps in L2 while its rows pass over them.
 constexpr int64_t kVectorBlockBytes = 1 << 20;
 
-// c[j][r * 16 + n] = x's row r . panel j's column n, for rows 0-3 of x (K apart) and NP panels.
-template <int NP>
+// c[j][r * 16 + n] = x's row r . panel j's column n, for rows 0 .. R - 1 of x (K apart) and NP panels.
+template <int R, int NP>
 inline void vector_block(const at::BFloat16* x, int64_t K, const at::BFloat16* const* panel, float* const* c) {
   const auto* x32 = reinterpret_cast<const int32_t*>(x);  // x's pairs of k
   const int64_t pairs = K / 2;
   for (int64_t k0 = 0; k0 < pairs; k0 += kPairsSummed) {
-    __m512 acc[kBlockRows][NP];
-    for (int r = 0; r < kBlockRows; ++r)
+    __m512 acc[R][NP];
+    for (int r = 0; r < R; ++r)
       for (int j = 0; j < NP; ++j) acc[r][j] = _mm512_setzero_ps();
     for (int64_t k = k0; k < std::min(pairs, k0 + kPairsSummed); ++k) {
       __m512bh b[NP];
       for (int j = 0; j < NP; ++j) b[j] = (__m512bh)_mm512_loadu_si512(panel[j] + k * 32);
-      for (int r = 0; r < kBlockRows; ++r) {
+      for (int r = 0; r < R; ++r) {
         const __m512bh a = (__m512bh)_mm512_set1_epi32(x32[r * pairs + k]);
         for (int j = 0; j < NP; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], b[j], a);
       }
     }
-    for (int r = 0; r < kBlockRows; ++r)
+    for (int r = 0; r < R; ++r)
       for (int j = 0; j < NP; ++j) {
         float* out = c[j] + r * 16;
         _mm512_store_ps(out, k0 == 0 ? acc[r][j] : _mm512_add_ps(_mm512_load_ps(out), acc[r][j]));
       }
+  }
+}
+
+template <int R>
+inline void vector_block(int n, const at::BFloat16* x, int64_t K, const at::BFloat16* const* panel, float* const* c) {
+  switch (n) {
+    case 1: return vector_block<R, 1>(x, K, panel, c);
+    case 2: return vector_block<R, 2>(x, K, panel, c);
+    case 3: return vector_block<R, 3>(x, K, panel, c);
+    default: return vector_block<R, 4>(x, K, panel, c);
   }
 }
 
@@ -70,29 +81,29 @@ inline void vector_pairs(const Rows& rows, int64_t M, int64_t K, const Panels& w
     float* o[4];
     for (int j = 0; j < n; ++j) o[j] = out[j] + r * 16;
     const at::BFloat16* x = a + r * K;
-    switch (n) {
-      case 1: vector_block<1>(x, K, panel, o); break;
-      case 2: vector_block<2>(x, K, panel, o); break;
-      case 3: vector_block<3>(x, K, panel, o); break;
-      default: vector_block<4>(x, K, panel, o);
+    switch (std::min(kBlockRows, group_rows - r)) {
+      case 1: vector_block<1>(n, x, K, panel, o); break;
+      case 2: vector_block<2>(n, x, K, panel, o); break;
+      case 3: vector_block<3>(n, x, K, panel, o); break;
+      default: vector_block<4>(n, x, K, panel, o);
     }
   }
   for (int64_t i = 0; i < np; ++i)
     epilogue(p + i, m0, c[2 * i], w.second(p + i) ? c[2 * i + 1] : nullptr, 0, group_rows);
 }
 
-// tile_product on vectors: the threads split the pairs, two at a time; a thread's pairs stay in L2
-// while every row of x passes over them.
+// tile_product on vectors: the threads split the pairs, and take theirs two at a time; a thread's pairs
+// stay in L2 while every row of x passes over them. Split two pairs at a time, a step's weights of
+// 18 pairs (576 columns) went 10 to 8, and the step's matmuls took 1.01-1.03x the time.
 template <typename Epilogue>
 void vector_product(const at::BFloat16* xp, int64_t M, int64_t K, const Panels& w, Epilogue epilogue) {
   TORCH_CHECK(!w.int8, "int8 panels need AMX");
   const Rows rows(xp, M, K);
-  const int64_t pairs = w.pairs();
-  at::parallel_for(0, (pairs + 1) / 2, 4, [&](int64_t q0, int64_t q1) {
+  at::parallel_for(0, w.pairs(), 1, [&](int64_t p0, int64_t p1) {
     alignas(64) float c[4][16 * 16];
-    for (int64_t q = q0; q < q1; ++q)
+    for (int64_t p = p0; p < p1; p += 2)
       for (int64_t m0 = 0; m0 < M; m0 += 16)
-        vector_pairs(rows, M, K, w, 2 * q, std::min<int64_t>(2, pairs - 2 * q), m0, c, epilogue);
+        vector_pairs(rows, M, K, w, p, std::min<int64_t>(2, p1 - p), m0, c, epilogue);
   });
 }
 
