@@ -11,6 +11,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import torch
 
@@ -40,7 +41,7 @@ class WorkerRuntime:
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.engine = AsyncEngine(engine or LLMEngine(config.engine_config()), config.engine_cpus())
+        self.engine = AsyncEngine(engine or partial(LLMEngine, config.engine_config()), config.engine_cpus())
         self.server = create_server(interceptors=[config.authenticator()])
         self.port = bind(self.server, config.host, config.port, config.server_credentials())
         self.worker_id = config.resolved_worker_id(self.port)

@@ -138,3 +138,29 @@ async def test_a_pinned_engine_steps_on_its_cores_and_leaves_the_caller_unpinned
         assert engine.describe().endswith(f"steps on core {core}")
     finally:
         await engine.stop()
+
+
+async def test_an_engine_built_by_the_async_engine_is_built_and_warmed_on_its_step_thread(tiny_engine):
+    """torch's parallel work stays on one thread: OpenMP gives each thread that starts it a team."""
+    import threading
+
+    from pdserve.common.engine.async_engine import AsyncEngine
+
+    threads = []
+
+    def build():
+        threads.append(threading.current_thread().name)
+        return tiny_engine(num_kv_blocks=32)
+
+    engine = AsyncEngine(build)
+    step = engine.engine.step
+    engine.engine.step = lambda: (threads.append(threading.current_thread().name), step())[1]
+    engine.warm_up(tokens=8, rounds=1)
+    await engine.start()
+    try:
+        await engine.add([5, 6, 7], SamplingParams(max_tokens=2, ignore_eos=True), request_id="r")
+        assert [o async for o in engine.stream("r")][-1].finished
+    finally:
+        await engine.stop()
+    assert len(threads) > 3 and all(name.startswith("engine-step") for name in threads)
+    assert engine.step_ms_ewma > 0
