@@ -154,7 +154,12 @@ async def test_an_engine_built_by_the_async_engine_is_built_and_warmed_on_its_st
 
     engine = AsyncEngine(build)
     step = engine.engine.step
-    engine.engine.step = lambda: (threads.append(threading.current_thread().name), step())[1]
+
+    def recorded_step():
+        threads.append(threading.current_thread().name)
+        return step()
+
+    engine.engine.step = recorded_step
     engine.warm_up(tokens=8, rounds=1)
     await engine.start()
     try:

@@ -12,6 +12,7 @@
 
 #include "panels.h"
 #include "tile_product.h"
+#include "vec.h"
 
 #if defined(PDSERVE_PANELS)
 namespace pdserve_tiles {
@@ -31,7 +32,6 @@ constexpr int64_t kVectorBlockBytes = 1 << 20;
 // c[j][r * 16 + n] = x's row r . panel j's column n, for rows 0 .. R - 1 of x (K apart) and NP panels.
 template <int R, int NP>
 inline void vector_block(const at::BFloat16* x, int64_t K, const at::BFloat16* const* panel, float* const* c) {
-  const auto* x32 = reinterpret_cast<const int32_t*>(x);  // x's pairs of k
   const int64_t pairs = K / 2;
   for (int64_t k0 = 0; k0 < pairs; k0 += kPairsSummed) {
     __m512 acc[R][NP];
@@ -41,7 +41,7 @@ inline void vector_block(const at::BFloat16* x, int64_t K, const at::BFloat16* c
       __m512bh b[NP];
       for (int j = 0; j < NP; ++j) b[j] = (__m512bh)_mm512_loadu_si512(panel[j] + k * 32);
       for (int r = 0; r < R; ++r) {
-        const __m512bh a = (__m512bh)_mm512_set1_epi32(x32[r * pairs + k]);
+        const __m512bh a = pdserve_vec::broadcast_pair(x + r * K + 2 * k);
         for (int j = 0; j < NP; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], b[j], a);
       }
     }

@@ -6,7 +6,6 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
-#include <cstring>
 #include <limits>
 
 #include "amx.h"
@@ -106,12 +105,6 @@ inline void add_values(const at::BFloat16* vt, const at::BFloat16* pb, const Sha
 // the key's pair broadcast; v^T . p^T by float32 multiply-adds, the value broadcast.
 constexpr int64_t kKeys = 16;  // keys (scores) or dims (values) whose sums stay in registers
 
-inline __m512bh broadcast_pair(const at::BFloat16* p) {
-  int32_t pair;
-  std::memcpy(&pair, p, sizeof(pair));
-  return (__m512bh)_mm512_set1_epi32(pair);
-}
-
 inline void score_chunk(const at::BFloat16* kp, const uint32_t* qb, int64_t d, int64_t k0, float* sc) {
   for (int64_t t = k0; t < k0 + kChunk; t += kKeys) {
     __m512 acc[kKeys];
@@ -119,7 +112,7 @@ inline void score_chunk(const at::BFloat16* kp, const uint32_t* qb, int64_t d, i
     for (int64_t p = 0; p < d / 2; ++p) {
       const __m512bh qv = (__m512bh)_mm512_load_si512(qb + p * kRows);
       for (int64_t i = 0; i < kKeys; ++i)
-        acc[i] = _mm512_dpbf16_ps(acc[i], qv, broadcast_pair(kp + (t + i) * d + 2 * p));
+        acc[i] = _mm512_dpbf16_ps(acc[i], qv, pdserve_vec::broadcast_pair(kp + (t + i) * d + 2 * p));
     }
     for (int64_t i = 0; i < kKeys; ++i) _mm512_store_ps(sc + (t - k0 + i) * kRows, acc[i]);
   }

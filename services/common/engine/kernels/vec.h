@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cstring>
 #include <type_traits>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
@@ -48,6 +49,15 @@ inline __m256i to_bf16(__m512 x) {
   return _mm512_cvtepi32_epi16(bf16_bits(x));
 #endif
 }
+
+#if defined(__AVX512BF16__)
+// The bf16 pair at p in every lane, as vdpbf16ps takes one operand (copied out: p is not int32 memory).
+inline __m512bh broadcast_pair(const at::BFloat16* p) {
+  int32_t pair;
+  std::memcpy(&pair, p, sizeof(pair));
+  return (__m512bh)_mm512_set1_epi32(pair);
+}
+#endif
 
 inline void store(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
 inline void store(at::BFloat16* p, __m512 x) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16(x)); }
