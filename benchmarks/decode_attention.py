@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/decode_attention.py [--seqs 32] [--context 529] [--dtype bfloat16]
 
 A decode step's attention for every layer of SmolLM2-135M's shape (30 layers, 9 query and 3 KV
-heads of 64): `torch.ops.pdserve.paged_decode` over a pool of scattered blocks, against
+heads of 64): `torch.ops.pdserve.paged_decode` over blocks scattered across a pool of a worker's
+size (1 GiB), against
 - the read floor: a contiguous `sum` over as many bytes as the step's KV;
 - the kernel on one layer's blocks 30 times, whose 13 MB (at the defaults) then come from the
   last-level cache: the arithmetic with little of the memory's latency.
@@ -29,13 +30,18 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=529, help="the 32-sequence bench step's mean context")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--reps", type=int, default=12)
+    ap.add_argument(
+        "--pool-gib", type=float, default=1.0, help="the pool the blocks are scattered over (a worker's default)"
+    )
     args = ap.parse_args()
     if not kernels.load():
         raise SystemExit("skipped: the kernels did not build here (no g++?)")
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     per_seq = -(-args.context // BLOCK)
-    pool = host_memory.zeros((args.seqs * per_seq + 8, LAYERS, 2, BLOCK, KV_HEADS, HEAD_DIM), dtype)
+    block_bytes = LAYERS * 2 * BLOCK * KV_HEADS * HEAD_DIM * dtype.itemsize
+    blocks = max(args.seqs * per_seq + 8, int(args.pool_gib * 2**30) // block_bytes)
+    pool = host_memory.zeros((blocks, LAYERS, 2, BLOCK, KV_HEADS, HEAD_DIM), dtype)
     pool.normal_()  # faulted in, as a pool that has served a while
     tables = torch.randperm(pool.shape[0])[: args.seqs * per_seq].view(args.seqs, per_seq).contiguous()
     lens = torch.full((args.seqs,), args.context)

@@ -33,6 +33,22 @@ struct Keys {
   }
 };
 
+// Reads a byte of every line of keys [t0, t1)'s rows, every head's, key row then value row: the
+// demand loads that keep the prefetchers streaming ahead, so the heads' tasks read from L2.
+// Prefetches alone don't (docs/engine.md, "Decode attention reads its span first").
+template <typename T>
+inline void touch_span(const Keys& keys, int64_t t0, int64_t t1, int64_t row_bytes) {
+  const T* k[kSpan];
+  keys.walk(t0, t1, k);
+  unsigned char seen = 0;
+  for (int64_t j = 0; j < t1 - t0; ++j) {
+    const auto* key = reinterpret_cast<const unsigned char*>(k[j]);
+    const auto* value = reinterpret_cast<const unsigned char*>(k[j] + keys.v_off);
+    for (int64_t b = 0; b < row_bytes; b += 64) seen |= key[b] | value[b];
+  }
+  asm volatile("" : : "r"(seen));  // the loads have no other use
+}
+
 #if defined(PDSERVE_VECTOR)
 // A task's rows are scattered (blocks over the pool, one head's rows between the other heads'), a
 // pattern the prefetcher doesn't follow: every line of them is asked for up front, `bytes` from each

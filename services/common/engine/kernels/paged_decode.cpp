@@ -3,7 +3,8 @@
 // One query token per sequence. A sequence's keys are cut into spans of kSpan; a task scores
 // queries against one span, read straight from the pool, and keeps a partial softmax (max, sum,
 // weighted values); a second pass merges a sequence's spans. On vector units a task is one KV head
-// and its GQA group (decode_span.h, decode_span_avx2.h); through AMX tiles, every head of the span
+// and its GQA group (decode_span.h, decode_span_avx2.h), and a thread reads a span's rows, every
+// head's, before its first task there; through AMX tiles, a task is every head of the span
 // (decode_tiles.h). Spans have a fixed size, so a sequence's result never depends on what else is
 // in its batch, and one long sequence alone still gives every thread work. Nothing is gathered.
 #include <ATen/ATen.h>
@@ -56,6 +57,7 @@ void attend_heads(Call<T>& c) {  // a task: one KV head of one span
     for (int64_t t = begin; t < end; ++t) {
       const Span& sp = c.spans[t / c.kv_heads];
       const int64_t head = t % c.kv_heads, key = sp.seq * c.kv_heads + head;
+      if (t == begin || head == 0) touch_span<T>(c.keys(sp.seq, 0), sp.t0, sp.t1, c.kv_heads * d * int64_t{sizeof(T)});
       const T* qh = c.q + (sp.seq * c.heads + head * group) * d;
       const Keys keys = c.keys(sp.seq, head);
       float* part = c.part(t / c.kv_heads, head * group);
