@@ -33,13 +33,14 @@ struct Keys {
   }
 };
 
-// Reads a byte of every line of keys [t0, t1)'s rows, every head's, key row then value row: the
-// demand loads that keep the prefetchers streaming ahead, so the heads' tasks read from L2.
-// Prefetches alone don't (docs/engine.md, "Decode attention reads its span first").
+// Reads a byte of every line of keys [t0, t1)'s whole rows (from head 0's `keys`, every head's),
+// key row then value row: the demand loads that keep the prefetchers streaming ahead, so the heads'
+// tasks read from L2. Prefetches alone don't (docs/engine.md, "Decode attention reads its span first").
 template <typename T>
-inline void touch_span(const Keys& keys, int64_t t0, int64_t t1, int64_t row_bytes) {
+inline void touch_span(const Keys& keys, int64_t t0, int64_t t1) {
   const T* k[kSpan];
   keys.walk(t0, t1, k);
+  const int64_t row_bytes = keys.row * int64_t{sizeof(T)};
   unsigned char seen = 0;
   for (int64_t j = 0; j < t1 - t0; ++j) {
     const auto* key = reinterpret_cast<const unsigned char*>(k[j]);

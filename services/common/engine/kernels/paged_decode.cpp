@@ -57,7 +57,7 @@ void attend_heads(Call<T>& c) {  // a task: one KV head of one span
     for (int64_t t = begin; t < end; ++t) {
       const Span& sp = c.spans[t / c.kv_heads];
       const int64_t head = t % c.kv_heads, key = sp.seq * c.kv_heads + head;
-      if (t == begin || head == 0) touch_span<T>(c.keys(sp.seq, 0), sp.t0, sp.t1, c.kv_heads * d * int64_t{sizeof(T)});
+      if (t == begin || head == 0) touch_span<T>(c.keys(sp.seq, 0), sp.t0, sp.t1);
       const T* qh = c.q + (sp.seq * c.heads + head * group) * d;
       const Keys keys = c.keys(sp.seq, head);
       float* part = c.part(t / c.kv_heads, head * group);
