@@ -6,6 +6,7 @@ here (docs/planning.md, "Profiles").
 from __future__ import annotations
 
 import datetime
+import hashlib
 import itertools
 import os
 import statistics
@@ -35,9 +36,18 @@ def hardware_key(device: str = "cpu") -> str:
     if device.startswith("cuda"):
         return f"cuda: {torch.cuda.get_device_name(torch.device(device))}"
     flag = precision.cpu_bf16_flag()
-    # The kernels' build (their sources, flags and torch) is part of it: a faster engine is new hardware to plan on.
-    build = kernels.library_path().stem.rsplit("-", 1)[-1][:8]
-    return f"cpu: {cpu_name()} ({flag or 'no bf16 matmul'}), {len(os.sched_getaffinity(0))} cores, kernels {build}"
+    return (
+        f"cpu: {cpu_name()} ({flag or 'no bf16 matmul'}), {len(os.sched_getaffinity(0))} cores, engine {engine_build()}"
+    )
+
+
+def engine_build() -> str:
+    """The kernels' build (their sources, flags and torch) and the engine's Python: a faster engine is new
+    hardware to plan on, and a change on either side has made one (the row kernel's reach is Python's)."""
+    key = hashlib.sha256(kernels.library_path().stem.encode())
+    for path in sorted(Path(kernels.__file__).parents[1].glob("*.py")):
+        key.update(path.read_bytes())
+    return key.hexdigest()[:8]
 
 
 def cache_path(model: str, dtype: str, hardware: str) -> Path:

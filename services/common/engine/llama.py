@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pdserve.common.engine import attention, packed_linear, quantize
+from pdserve.common.engine import attention, packed_linear, quantize, rows_reach
 from pdserve.common.engine.attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -58,23 +58,21 @@ class TiledLinear(nn.Module):
         return torch.ops.pdserve.linear_tiles(x, self.tiles, self.out_features)
 
 
-# Up to here the row kernel read the weights faster than MKL; at 32 rows MKL's blocked matmul won.
-ROWS_KERNEL_MAX = 16
-
-
 class RowsLinear(nn.Module):
-    """A float32 linear layer: a few rows through pdserve's row kernel (kernels/linear.cpp), more through MKL.
+    """A float32 linear layer: up to max_rows rows through pdserve's row kernel (kernels/linear.cpp), more
+    through MKL. FusedLlama sets max_rows from rows_reach, timed on this machine.
 
     MKL's matmul took 2x its one-row time at 2 to 8 rows (AVX2 and AVX-512 alike), and oneDNN's packed
     weight was no faster at any row count, so the weight is kept once, unpacked (docs/engine.md)."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, max_rows: int = rows_reach.ALWAYS):
         super().__init__()
         self.register_buffer("weight", weight, persistent=False)
         self.out_features, self.in_features = weight.shape
+        self.max_rows = max_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if len(x) <= ROWS_KERNEL_MAX:
+        if len(x) <= self.max_rows:
             return torch.ops.pdserve.linear_f32(x, self.weight)
         return F.linear(x, self.weight)
 
@@ -174,11 +172,18 @@ class FusedLlama:
             self.lm_head = model.lm_head
         self.linears = sum(isinstance(m, packed_linear.PackedLinear) for m in model.modules())
         self.tiled = sum(isinstance(m, TiledLinear) for m in model.modules())
-        self.rows = sum(isinstance(m, RowsLinear) for m in (*model.modules(), self.lm_head))
+        row_layers = [m for m in (*model.modules(), self.lm_head) if isinstance(m, RowsLinear)]
+        self.rows, self.rows_reach = len(row_layers), rows_reach.ALWAYS
+        projections = [p for la in self.layers for p in (la.qkv_proj, la.o_proj, la.gate_up_proj, la.down_proj)]
+        in_layers = [p for p in projections if isinstance(p, RowsLinear)]
+        if in_layers:  # timed on the widest layer's shape (the head's would take seconds)
+            widest = max(in_layers, key=lambda p: p.out_features)
+            self.rows_reach = rows_reach.reach(widest.out_features, widest.in_features, torch.get_num_threads())
+            for m in row_layers:
+                m.max_rows = self.rows_reach
         # Where every matmul has packed panels (AMX tiles or AVX512_BF16 vectors), or the row kernel, a
         # decode step's layers run in one call (kernels/decode_layers.cpp); with the row kernel, only up
-        # to ROWS_KERNEL_MAX rows.
-        projections = [p for la in self.layers for p in (la.qkv_proj, la.o_proj, la.gate_up_proj, la.down_proj)]
+        # to rows_reach rows.
         self.decode_weights, self.decode_by_rows = None, False
         if all(isinstance(p, TiledLinear) for p in projections):
             self.decode_weights = [p.tiles for p in projections]
@@ -195,7 +200,7 @@ class FusedLlama:
         ops = torch.ops.pdserve
         x = self.embed(ids)
         cos, sin = (t[0].contiguous() for t in self.rotary(x, positions[None]))
-        one_call = not self.decode_by_rows or len(ids) <= ROWS_KERNEL_MAX
+        one_call = not self.decode_by_rows or len(ids) <= self.rows_reach
         if self.decode_weights is not None and meta.decode_only and one_call:
             g = meta.decode_groups[0]
             h = ops.decode_layers(

@@ -1,0 +1,88 @@
+"""How far the float32 row kernel reaches: timed on this machine (rows_reach.py), obeyed by RowsLinear and
+by the one-call decode step."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pdserve.common.engine import kernels, llama, rows_reach
+
+
+@pytest.fixture(scope="module")
+def ops():
+    if not kernels.load():
+        pytest.skip("the CPU kernels could not be built here (no g++?); the engine runs transformers' layers")
+    return torch.ops.pdserve
+
+
+@pytest.fixture(autouse=True)
+def untimed_after():
+    """No reach timed by a test's fake clock outlives the test."""
+    yield
+    rows_reach.reach.cache_clear()
+
+
+def test_rows_up_to_the_reach_go_through_the_row_kernel_and_more_through_mkl(ops):
+    torch.manual_seed(0)
+    weight = torch.randn(48, 96)
+    layer = llama.RowsLinear(weight, max_rows=32)
+    x = torch.randn(33, 96)
+    assert torch.equal(layer(x[:32]), ops.linear_f32(x[:32], weight))
+    assert torch.equal(layer(x), F.linear(x, weight))
+
+
+def _timed(monkeypatch, ratios: list[float]) -> list[float]:
+    """rows_reach timing `ratios` (ours over MKL's, in the order asked), uncached; returns what is left."""
+    left = list(ratios)
+    monkeypatch.setattr(rows_reach, "_ratio", lambda ours, theirs, reps: left.pop(0))
+    rows_reach.reach.cache_clear()
+    return left
+
+
+def test_the_reach_is_the_last_row_count_of_an_unbroken_run_of_wins(ops, monkeypatch):
+    # 32 and 64 won; 128 lost twice: 64.
+    left = _timed(monkeypatch, [0.7, 0.9, 1.2, 1.1, 0.5])
+    assert rows_reach.reach(24, 16, 1) == 64
+    assert left == [0.5]  # no row count past the first confirmed loss is timed
+
+
+def test_a_loss_counts_only_when_timed_again(ops, monkeypatch):
+    left = _timed(monkeypatch, [1.3, 0.9, 1.05, 1.02])  # 32: lost, then won; 64: lost twice
+    assert rows_reach.reach(24, 16, 1) == 32
+    assert left == []
+
+
+def test_a_machine_where_mkl_wins_at_once_keeps_the_rows_measured_everywhere(ops, monkeypatch):
+    _timed(monkeypatch, [1.2, 1.4])
+    assert rows_reach.reach(24, 16, 1) == rows_reach.ALWAYS == 16
+
+
+def test_the_measured_reach_is_one_of_the_candidates_and_is_timed_once_a_process(ops):
+    rows_reach.reach.cache_clear()
+    got = rows_reach.reach(96, 48, torch.get_num_threads())
+    assert got in (rows_reach.ALWAYS, *rows_reach.CANDIDATES)
+    assert rows_reach.reach(96, 48, torch.get_num_threads()) == got
+    assert rows_reach.reach.cache_info().hits == 1
+
+
+def test_a_float32_engine_sends_decode_steps_up_to_its_reach_through_one_call(ops, tiny_model_dir, monkeypatch):
+    from pdserve.common import model_loader
+    from pdserve.common.engine.config import EngineConfig
+    from pdserve.common.engine.engine import LLMEngine
+    from pdserve.common.engine.sampling_params import SamplingParams
+
+    if not kernels.vectorized():
+        pytest.skip("float32: no row kernel here, decode steps run the layer loop")
+    _timed(monkeypatch, [0.9, 1.2, 1.2])  # a reach of 32
+    ref = model_loader.resolve(str(tiny_model_dir))
+    model, tok = model_loader.load(ref, dtype="float32")
+    engine = LLMEngine(EngineConfig(dtype="float32", num_kv_blocks=256, max_num_batched_tokens=2048), model, tok, ref)
+    fused = engine.runner.fused
+    assert fused.rows_reach == 32 and "up to 32 rows" in engine.describe()
+    assert all(m.max_rows == 32 for m in engine.runner.model.modules() if isinstance(m, llama.RowsLinear))
+    one_call, decode_layers = [], ops.decode_layers
+    monkeypatch.setattr(ops, "decode_layers", lambda x, *a: one_call.append(len(x)) or decode_layers(x, *a))
+    for n in (32, 33):  # a batch of 32 sequences decodes in one call; of 33, through the layer loop
+        one_call.clear()
+        engine.generate([[5 + i, 6, 7] for i in range(n)], SamplingParams(max_tokens=3, ignore_eos=True))
+        assert one_call == ([32, 32] if n == 32 else [])
