@@ -219,8 +219,8 @@ def test_a_decode_step_in_one_call_gives_the_layer_loops_logits_bit_for_bit(
     logits = {}
     for loop in (False, True):
         model, tok = model_loader.load(ref, dtype=dtype)
-        if quantization == "int8" and not kernels.amx():
-            pytest.skip("int8 runs through AMX tiles, which this CPU (or its kernel build) lacks")
+        if quantization == "int8" and not kernels.linear_tiles():
+            pytest.skip("int8 runs over packed panels (AMX or AVX512_BF16), which this CPU (or its kernel build) lacks")
         if not (kernels.linear_tiles() if dtype == "bfloat16" else kernels.vectorized()):
             pytest.skip(f"{dtype}: no fused kernels for its matmuls here, decode steps run the layer loop")
         config = EngineConfig(dtype=dtype, num_kv_blocks=64, quantization=quantization)

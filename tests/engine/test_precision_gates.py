@@ -66,8 +66,8 @@ def test_int8_weights_pick_fp32_s_next_token_at_98_percent_of_positions(make_eng
     """Weight-only int8 (quantize.py), with bf16 activations and KV."""
     from pdserve.common.engine import kernels
 
-    if not kernels.amx():
-        pytest.skip("int8 runs through AMX tiles, which this CPU (or its kernel build) lacks")
+    if not kernels.linear_tiles():
+        pytest.skip("int8 runs over packed panels (AMX or AVX512_BF16), which this CPU (or its kernel build) lacks")
     engine = make_engine("bfloat16", quantization="int8")
     assert "int8 weights" in engine.describe()
     agreement, missed = teacher_forced_agreement(engine, references)

@@ -13,12 +13,12 @@ from pdserve.common.engine.config import EngineConfig
 
 
 @pytest.fixture(scope="module")
-def amx():
-    if not kernels.amx():
-        pytest.skip("int8 runs through AMX tiles, which this CPU (or its kernel build) lacks")
+def panels():
+    if not kernels.linear_tiles():
+        pytest.skip("int8 runs over packed panels (AMX or AVX512_BF16), which this CPU (or its kernel build) lacks")
 
 
-def test_an_int8_linear_stores_a_byte_a_weight_and_computes_within_its_rounding(amx):
+def test_an_int8_linear_stores_a_byte_a_weight_and_computes_within_its_rounding(panels):
     torch.manual_seed(0)
     lin = nn.Linear(96, 48, bias=True, dtype=torch.bfloat16)
     q = quantize.Int8Linear(lin.weight, lin.bias)
@@ -41,7 +41,7 @@ def test_int8_is_refused_where_its_kernel_cannot_run():
         quantize.check_usable(torch.float32)
 
 
-def test_every_linear_layer_but_the_lm_head_is_quantized_and_the_bytes_say_so(amx, tiny_model_dir):
+def test_every_linear_layer_but_the_lm_head_is_quantized_and_the_bytes_say_so(panels, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, torch_dtype=torch.bfloat16)
@@ -54,7 +54,7 @@ def test_every_linear_layer_but_the_lm_head_is_quantized_and_the_bytes_say_so(am
     assert not any(isinstance(m, nn.Linear) for n, m in model.named_modules() if n != "lm_head")
 
 
-def test_int8_engines_pair_only_with_int8_engines(amx, make_engine):
+def test_int8_engines_pair_only_with_int8_engines(panels, make_engine):
     plain, int8 = make_engine("bfloat16"), make_engine("bfloat16", quantization="int8")
     assert plain.spec.fingerprint != int8.spec.fingerprint  # their KV differ: no pairing, no shared store blocks
     assert plain.spec.block_bytes == int8.spec.block_bytes

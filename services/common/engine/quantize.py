@@ -1,10 +1,11 @@
 """Weight-only int8: a linear layer's weight as int8, one scale per output channel.
 
-Activations stay in bf16. pdserve's AMX tile kernel widens the int8 weight to bf16 a panel at a
-time in cache (kernels/linear.cpp, `linear_int8`). It halves the bytes of the layers' weights, not
-their time: on 2 cores the widening costs what the halved reads save (docs/engine.md, "Weight-only
-int8"). Without AMX it is refused: torch's `_weight_int8pack_mm` measured 5x slower than bf16 at 32
-rows and 12-15x at 512-1,024. The LM head keeps bf16, as vLLM keeps it for most methods.
+Activations stay in bf16. pdserve's panel products widen the int8 weight to bf16 in cache
+(kernels/linear.cpp, `linear_int8`): a panel at a time for AMX tiles, where the widening cost what the
+halved reads saved, and in registers on AVX512_BF16 vectors, where a decode step's layers took 0.6x
+bf16's time (docs/engine.md, "Weight-only int8"). Elsewhere it is refused: torch's
+`_weight_int8pack_mm` measured 5x slower than bf16 at 32 rows and 12-15x at 512-1,024. The LM head
+keeps bf16, as vLLM keeps it for most methods.
 """
 
 from __future__ import annotations
@@ -17,14 +18,17 @@ from pdserve.common.engine import kernels
 
 
 def check_usable(dtype: torch.dtype) -> None:
-    """Refuse int8 where its kernel can't run: it needs bf16 activations and AMX tiles."""
+    """Refuse int8 where its kernel can't run: it needs bf16 activations and pack_vnni's panels (AMX
+    tiles or AVX512_BF16 vectors)."""
     if dtype != torch.bfloat16:
         raise SettingError(
             "quantization",
             f"int8 runs with bfloat16 activations, not {str(dtype).removeprefix('torch.')} (--dtype bfloat16)",
         )
-    if not kernels.amx():
-        raise SettingError("quantization", "int8 needs a CPU with AMX (amx_bf16) and pdserve's kernels built")
+    if not kernels.linear_tiles():
+        raise SettingError(
+            "quantization", "int8 needs a CPU with AMX (amx_bf16) or AVX512_BF16, and pdserve's kernels built"
+        )
 
 
 class Int8Linear(nn.Module):
@@ -52,7 +56,7 @@ class Int8Linear(nn.Module):
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights through AMX tiles"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights over packed panels"
 
 
 def _targets(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:

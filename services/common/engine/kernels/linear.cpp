@@ -176,8 +176,8 @@ inline void store_tile(const float* c, O* out, int64_t r0, int64_t r1, int64_t N
 }
 
 // out [M, N] = x [M, K] . w^T from w's pack_vnni (or int8 in the same layout, with `scales`): pair p
-// is panels 2p and 2p + 1. Int8 panels are widened into a buffer of the thread's: half the bytes
-// read, the widening on the cores the memory leaves idle.
+// is panels 2p and 2p + 1. Int8 panels are widened to bf16 in cache (panel_product.h): half the
+// bytes read, the widening on the cores the memory leaves idle.
 template <typename O>
 void linear_panels(const at::BFloat16* xp, const at::BFloat16* packed, O* op, int64_t M, int64_t N, int64_t K,
                    const int8_t* q = nullptr, const float* scales = nullptr) {
@@ -207,7 +207,8 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && q.scalar_type() == at::kChar &&
                   scales.scalar_type() == at::kFloat && q.numel() == N * x.size(1) && N % 16 == 0 && x.size(1) % 32 == 0,
               "linear_int8: x [M, K] bf16, q int8 [N * K] in pack_vnni's layout, scales float32 [N]");
-  TORCH_CHECK(amx_usable() && q.is_contiguous() && scales.is_contiguous(), "linear_int8: needs AMX");
+  TORCH_CHECK(pdserve_tiles::usable() && q.is_contiguous() && scales.is_contiguous(),
+              "linear_int8: needs AMX or AVX512_BF16, and contiguous q and scales");
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty({x.size(0), N}, x.options());
   linear_panels(xc.data_ptr<at::BFloat16>(), static_cast<const at::BFloat16*>(nullptr), out.data_ptr<at::BFloat16>(),
@@ -241,7 +242,7 @@ at::Tensor gate_up_silu(const at::Tensor& x, const at::Tensor& packed, int64_t i
 #else
 at::Tensor pack_vnni(const at::Tensor& w) { return at::empty({0}, w.options()); }
 at::Tensor linear_int8(const at::Tensor&, const at::Tensor&, const at::Tensor&) {
-  TORCH_CHECK(false, "linear_int8: built without AMX");
+  TORCH_CHECK(false, "linear_int8: built without AMX or AVX512_BF16");
 }
 at::Tensor linear_tiles(const at::Tensor& x, const at::Tensor& packed, int64_t N) {
   TORCH_CHECK(false, "linear_tiles: built without AMX or AVX512_BF16");
