@@ -31,8 +31,11 @@ def test_an_int8_linear_stores_a_byte_a_weight_and_computes_within_its_rounding(
     got = q(x)
     assert got.shape == (3, 5, 48) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)
-    flat = x.view(15, 96)
-    for m in (1, 7, 15):  # a row's result does not depend on the rows beside it
+    flat = torch.cat([x.view(15, 96), torch.randn(25, 96, dtype=torch.bfloat16)])
+    torch.testing.assert_close(q(flat).float(), flat.float() @ dequantized.T + lin.bias.float(), atol=0.05, rtol=0.02)
+    # A row's result does not depend on the rows beside it: on vectors, int8 is widened in registers
+    # up to 16 rows and into a buffer past them, with the same bits.
+    for m in (1, 7, 15, 17, 40):
         assert torch.equal(q(flat[:m])[-1], q(flat[m - 1 : m])[0])
 
 

@@ -110,7 +110,8 @@ inline void vector_rows(const at::BFloat16* a, int64_t rows, int64_t K, int n, c
 // Pairs p .. p + np - 1 (np <= 2) times x's 16-row group from m0, into c ([16][16] a panel), then each
 // pair's epilogue(p, m0, c0, c1, 0, rows), as tile_product hands it a C tile. int8 panels are widened
 // in registers for a decode step's few rows (the bytes halved, the widening under the reads), else
-// once into `widened` (the thread's, 4 panels) for every block of rows.
+// into `widened` (the thread's, 4 panels) at the pairs' first row group, for every group after it:
+// vector_product passes a pair's groups in turn.
 template <typename Epilogue>
 inline void vector_pairs(const Rows& rows, int64_t M, int64_t K, const Panels& w, int64_t p, int64_t np, int64_t m0,
                          float (*c)[16 * 16], at::BFloat16* widened, Epilogue& epilogue) {
@@ -130,7 +131,8 @@ inline void vector_pairs(const Rows& rows, int64_t M, int64_t K, const Panels& w
       const at::BFloat16* wide[4];
       for (int j = 0; j < n; ++j) {
         at::BFloat16* dst = widened + j * K * 16;
-        for (int64_t k = 0; k < K * 16; k += 32) _mm512_storeu_si512(dst + k, (__m512i)load_pair(panel[j] + k));
+        if (m0 == 0)
+          for (int64_t k = 0; k < K * 16; k += 32) _mm512_storeu_si512(dst + k, (__m512i)load_pair(panel[j] + k));
         wide[j] = dst;
       }
       vector_rows(a, group_rows, K, n, wide, out);
