@@ -34,15 +34,9 @@ constexpr int64_t kWidenInRegisterRows = 16;
 // Bytes of panels a thread of vector_product_rows keeps in L2 while its rows pass over them.
 constexpr int64_t kVectorBlockBytes = 1 << 20;
 
-// A panel's pair of k for its 16 columns: 32 bf16, or 32 int8 widened to bf16 in registers (exact:
-// |q| <= 127 needs 7 of bf16's 8 mantissa bits).
+// A panel's pair of k for its 16 columns: 32 bf16, or 32 int8 widened to bf16 in registers.
 inline __m512bh load_pair(const at::BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); }
-inline __m512bh load_pair(const int8_t* p) {
-  const auto widen16 = [](const int8_t* q) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
-  };
-  return _mm512_cvtne2ps_pbh(widen16(p + 16), widen16(p));
-}
+inline __m512bh load_pair(const int8_t* p) { return widen_pair(p); }
 
 // c[j][r * 16 + n] = x's row r . panel j's column n, for rows 0 .. R - 1 of x (K apart) and NP panels.
 template <int R, int NP, typename P>
@@ -131,8 +125,7 @@ inline void vector_pairs(const Rows& rows, int64_t M, int64_t K, const Panels& w
       const at::BFloat16* wide[4];
       for (int j = 0; j < n; ++j) {
         at::BFloat16* dst = widened + j * K * 16;
-        if (m0 == 0)
-          for (int64_t k = 0; k < K * 16; k += 32) _mm512_storeu_si512(dst + k, (__m512i)load_pair(panel[j] + k));
+        if (m0 == 0) widen_int8(panel[j], dst, K * 16);
         wide[j] = dst;
       }
       vector_rows(a, group_rows, K, n, wide, out);
@@ -162,7 +155,7 @@ void vector_product(const at::BFloat16* xp, int64_t M, int64_t K, const Panels& 
 template <typename Epilogue, typename Whole>
 void vector_product_rows(const at::BFloat16* xp, int64_t M, int64_t K, const Panels& w, Epilogue epilogue,
                          Whole whole) {
-  TORCH_CHECK(!w.int8, "int8 panels need AMX");
+  TORCH_CHECK(!w.int8, "vector_product_rows: bf16 panels only (int8 layers add their norm apart)");
   const Rows rows(xp, M, K);
   const int64_t pairs = w.pairs();
   const int64_t block = std::max<int64_t>(1, kVectorBlockBytes / (K * 64)) * 2;  // pairs, an even number

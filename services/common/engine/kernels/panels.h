@@ -38,6 +38,19 @@ struct Panels {
   int64_t pairs() const { return count / (2 * group) * group + std::min(group, count % (2 * group)); }
 };
 
+// 32 int8 values as bf16, in registers: exact, |q| <= 127 needs 7 of bf16's 8 mantissa bits.
+inline __m512bh widen_pair(const int8_t* q) {
+  const auto widen16 = [](const int8_t* at) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at))));
+  };
+  return _mm512_cvtne2ps_pbh(widen16(q + 16), widen16(q));
+}
+
+// n int8 values (a multiple of 32) as bf16, into out.
+inline void widen_int8(const int8_t* q, at::BFloat16* out, int64_t n) {
+  for (int64_t i = 0; i < n; i += 32) _mm512_storeu_si512(out + i, (__m512i)widen_pair(q + i));
+}
+
 // x's rows in groups of 16: a partial last group is copied, zero-padded, so a tile load (or a
 // vector block of rows) never reads past x.
 class Rows {

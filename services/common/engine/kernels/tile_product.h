@@ -14,17 +14,6 @@
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 namespace pdserve_tiles {
 
-// n int8 values (a multiple of 32) as bf16: exact, |q| <= 127 needs 7 of bf16's 8 mantissa bits.
-inline void widen_int8(const int8_t* q, at::BFloat16* out, int64_t n) {
-  for (int64_t i = 0; i < n; i += 32) {
-    const auto widen16 = [&](int64_t at) {
-      return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + at))));
-    };
-    const __m512 lo = widen16(i), hi = widen16(i + 16);
-    _mm512_storeu_si512(out + i, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-  }
-}
-
 // Column pairs per block: a block's panels stay in L2 while every 32 rows of x pass over them, and
 // those rows stay in L1 across the block. One pair (int8) is widened once for all the rows.
 constexpr int64_t kBlockPairs = 16;
