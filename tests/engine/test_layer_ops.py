@@ -87,6 +87,18 @@ def test_float32_logits_sum_every_bf16_product_in_float32_whatever_the_batch(ops
         assert torch.equal(ops.linear_f32(x[i : i + 1], w)[0], logits[i])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,k", [(1, 576), (5, 576), (9, 100)])
+def test_the_row_kernel_rounds_its_float32_sums_once_into_the_layer_s_dtype_whatever_the_batch(ops, dtype, rows, k):
+    torch.manual_seed(5)
+    x, w = torch.randn(rows, k, dtype=dtype), torch.randn(1003, k, dtype=dtype)
+    out = ops.linear_rows(x, w)
+    assert out.dtype == dtype
+    assert torch.equal(out, ops.linear_f32(x, w).to(dtype))
+    for i in range(rows):
+        assert torch.equal(ops.linear_rows(x[i : i + 1], w)[0], out[i])
+
+
 def test_greedy_argmax_is_torch_max_indices_with_ties_infinities_and_nans(ops):
     torch.manual_seed(4)
     logits = torch.randn(8, 1003)  # 1003: whole chunks and a tail

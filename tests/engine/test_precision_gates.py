@@ -8,6 +8,8 @@ the path decode takes. fp32 itself is held to token identity by test_greedy_equi
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -60,6 +62,44 @@ def test_a_lower_precision_picks_fp32_s_next_token_at_98_percent_of_positions(ma
     agreement, missed = teacher_forced_agreement(engine, references)
     assert agreement >= AGREEMENT, f"{agreement:.1%} of next tokens agree; missed (prompt, k): {missed}"
     assert engine.stats().prefix_hits > 0  # each position reused the KV of the ones before it
+
+
+# The gate as an AVX2-only CPU runs bf16 (no panels: the row kernel on widened bf16), in a fresh interpreter
+# held to AVX2 (bench/cpu_isa.py) whatever this host is; it prints the agreement and the missed positions.
+AVX2_GATE = """
+from pdserve.common import model_loader
+from pdserve.common.engine.config import EngineConfig
+from pdserve.common.engine.engine import LLMEngine
+from tests.engine.prompts import prompts_by_length
+from tests.engine.test_precision_gates import NEW_TOKENS, teacher_forced_agreement
+from tests.reference import transformers_greedy
+
+ref = model_loader.resolve(None)
+fp32, tokenizer = model_loader.load(ref, dtype="float32")
+references = [(ids, transformers_greedy(fp32, ids, NEW_TOKENS)) for ids in prompts_by_length(tokenizer)]
+model, _ = model_loader.load(ref, dtype="bfloat16")
+engine = LLMEngine(EngineConfig(num_kv_blocks=512, dtype="bfloat16"), model, tokenizer, ref)
+print(engine.describe())
+print(*teacher_forced_agreement(engine, references))
+"""
+
+
+@pytest.mark.skipif("avx2" not in open("/proc/cpuinfo").read(), reason="x86-64-v3 code needs AVX2 and FMA to run")
+def test_bf16_on_an_avx2_cpu_picks_fp32_s_next_token_at_98_percent_of_positions():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pdserve.bench import cpu_isa
+
+    env = {**os.environ, **cpu_isa.environment("avx2")}
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", AVX2_GATE], env=env, cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    described, result = done.stdout.strip().splitlines()[-2:]
+    assert "row kernel (bf16 weights, float32 sums)" in described
+    agreement, missed = result.split(" ", 1)
+    assert float(agreement) >= AGREEMENT, f"{float(agreement):.1%} of next tokens agree; missed (prompt, k): {missed}"
 
 
 def test_int8_weights_pick_fp32_s_next_token_at_98_percent_of_positions(make_engine, references):

@@ -1,5 +1,5 @@
-"""How far the float32 row kernel reaches: timed on this machine (rows_reach.py), obeyed by RowsLinear and
-by the one-call decode step."""
+"""How far the row kernel reaches: timed on this machine (rows_reach.py), obeyed by RowsLinear and by the
+one-call decode step; in float32, and in bf16 where a CPU has no panels (no AVX512_BF16)."""
 
 import pytest
 import torch
@@ -29,6 +29,16 @@ def test_rows_up_to_the_reach_go_through_the_row_kernel_and_more_through_mkl(ops
     x = torch.randn(33, 96)
     assert torch.equal(layer(x[:32]), ops.linear_f32(x[:32], weight))
     assert torch.equal(layer(x), F.linear(x, weight))
+
+
+def test_a_bf16_layer_without_panels_rounds_the_row_kernel_s_sums_and_widens_for_mkl_past_its_reach(ops):
+    torch.manual_seed(0)
+    weight = torch.randn(48, 96).to(torch.bfloat16)
+    layer = llama.RowsLinear(weight, max_rows=32)
+    x = torch.randn(33, 96).to(torch.bfloat16)
+    assert layer(x[:32]).dtype == torch.bfloat16
+    assert torch.equal(layer(x[:32]), ops.linear_f32(x[:32], weight).to(torch.bfloat16))  # float32 sums, rounded once
+    assert torch.equal(layer(x), F.linear(x.float(), weight.float()).to(torch.bfloat16))
 
 
 def _timed(monkeypatch, ratios: list[float]) -> list[float]:
@@ -86,3 +96,34 @@ def test_a_float32_engine_sends_decode_steps_up_to_its_reach_through_one_call(op
         one_call.clear()
         engine.generate([[5 + i, 6, 7] for i in range(n)], SamplingParams(max_tokens=3, ignore_eos=True))
         assert one_call == ([32, 32] if n == 32 else [])
+
+
+def test_a_bf16_engine_without_panels_decodes_in_one_call_bit_for_bit_as_its_layer_loop(
+    ops, tiny_model_dir, monkeypatch
+):
+    """A CPU without AVX512_BF16 (no pack_vnni panels): the layers are bf16 RowsLinear, and a decode step's
+    one call (decode_layers) gives the tokens of the same engine's Python loop over its layers."""
+    from pdserve.common import model_loader
+    from pdserve.common.engine.config import EngineConfig
+    from pdserve.common.engine.engine import LLMEngine
+    from pdserve.common.engine.sampling_params import SamplingParams
+
+    if not kernels.vectorized():
+        pytest.skip("no vector kernels here: decode steps run the layer loop")
+    monkeypatch.setattr(llama, "panels", lambda weight: weight[:0])
+    ref = model_loader.resolve(str(tiny_model_dir))
+    model, tok = model_loader.load(ref, dtype="bfloat16")
+    engine = LLMEngine(EngineConfig(dtype="bfloat16", num_kv_blocks=256, max_num_batched_tokens=2048), model, tok, ref)
+    fused = engine.runner.fused
+    assert fused.decode_by_rows and "row kernel (bf16 weights, float32 sums)" in engine.describe()
+    assert all(
+        m.weight.dtype == torch.bfloat16 for m in engine.runner.model.modules() if isinstance(m, llama.RowsLinear)
+    )
+    prompts, params = [[5 + i, 6, 7, 8] for i in range(4)], SamplingParams(max_tokens=12, ignore_eos=True)
+    one_call, decode_layers = [], ops.decode_layers
+    monkeypatch.setattr(ops, "decode_layers", lambda x, *a: one_call.append(len(x)) or decode_layers(x, *a))
+    fused_tokens = engine.generate(prompts, params)
+    assert one_call and set(one_call) == {4}
+    weights, fused.decode_weights = fused.decode_weights, None  # the same layers, called op by op from Python
+    assert engine.generate(prompts, params) == fused_tokens
+    fused.decode_weights = weights

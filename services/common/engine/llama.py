@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pdserve.common.engine import attention, packed_linear, quantize, rows_reach
@@ -59,8 +58,9 @@ class TiledLinear(nn.Module):
 
 
 class RowsLinear(nn.Module):
-    """A float32 linear layer: up to max_rows rows through pdserve's row kernel (kernels/linear.cpp), more
-    through MKL. FusedLlama sets max_rows from rows_reach, timed on this machine.
+    """A linear layer without panels, float32 or bf16 (a CPU without AVX512_BF16): up to max_rows rows
+    through pdserve's row kernel (kernels/row_kernel.h), more through MKL (rows_reach.beyond). FusedLlama
+    sets max_rows from rows_reach, timed on this machine.
 
     MKL's matmul took 2x its one-row time at 2 to 8 rows (AVX2 and AVX-512 alike), and oneDNN's packed
     weight was no faster at any row count, so the weight is kept once, unpacked (docs/engine.md)."""
@@ -73,8 +73,8 @@ class RowsLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if len(x) <= self.max_rows:
-            return torch.ops.pdserve.linear_f32(x, self.weight)
-        return F.linear(x, self.weight)
+            return torch.ops.pdserve.linear_rows(x, self.weight)
+        return rows_reach.beyond(x, self.weight)
 
 
 def gate_up_silu(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -107,6 +107,11 @@ def add_rms_norm_after(proj: nn.Module, x: torch.Tensor, residual: torch.Tensor,
     return torch.ops.pdserve.add_rms_norm(proj(x), residual, weight, eps)
 
 
+def panels(weight: torch.Tensor) -> torch.Tensor:
+    """A bf16 weight's pack_vnni panels; empty where the CPU has neither AMX nor AVX512_BF16 (or for float32)."""
+    return torch.ops.pdserve.pack_vnni(weight)
+
+
 def _linear(layers: list[nn.Linear], pack: bool, int8: bool) -> nn.Module:
     """One linear layer computing `layers` side by side (their outputs concatenated)."""
     weight = torch.cat([lin.weight.detach() for lin in layers])
@@ -114,12 +119,10 @@ def _linear(layers: list[nn.Linear], pack: bool, int8: bool) -> nn.Module:
     if int8:
         bias = torch.cat([b.detach() for b in biases]) if biases[0] is not None else None
         return quantize.Int8Linear(weight, bias)
-    tiles = (
-        torch.ops.pdserve.pack_vnni(weight) if biases[0] is None else weight[:0]
-    )  # empty: neither AMX nor AVX512_BF16
+    tiles = panels(weight) if biases[0] is None else weight[:0]
     if tiles.numel():
         return TiledLinear(tiles, weight.shape[0])
-    if weight.dtype == torch.float32 and biases[0] is None:
+    if weight.dtype in (torch.float32, torch.bfloat16) and biases[0] is None:
         return RowsLinear(weight)
     # Not initialised: its parameters are set from the layers' right away.
     fused = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=biases[0] is not None)
@@ -161,7 +164,7 @@ class FusedLlama:
         self.layers = list(inner.layers)
         if model.dtype == torch.bfloat16:  # float32 logits (kernels/linear.cpp), read from the weight in place
             weight = model.lm_head.weight
-            tiles = torch.ops.pdserve.pack_vnni(weight)  # empty without AMX or AVX512_BF16
+            tiles = panels(weight)
             tiles = tiles if tiles.numel() else None
             self.lm_head = lambda h: torch.ops.pdserve.linear_f32(h, weight, tiles)
         elif model.dtype == torch.float32 and model.lm_head.bias is None:
@@ -178,7 +181,8 @@ class FusedLlama:
         in_layers = [p for p in projections if isinstance(p, RowsLinear)]
         if in_layers:  # timed on the widest layer's shape (the head's would take seconds)
             widest = max(in_layers, key=lambda p: p.out_features)
-            self.rows_reach = rows_reach.reach(widest.out_features, widest.in_features, torch.get_num_threads())
+            threads = torch.get_num_threads()
+            self.rows_reach = rows_reach.reach(widest.out_features, widest.in_features, threads, widest.weight.dtype)
             for m in row_layers:
                 m.max_rows = self.rows_reach
         # Where every matmul has packed panels (AMX tiles or AVX512_BF16 vectors), or the row kernel, a

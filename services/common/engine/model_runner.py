@@ -89,8 +89,11 @@ class ModelRunner:
             how = "AMX tiles" if kernels.amx() else "AVX512_BF16 vectors"
             tiled = f" ({self.fused.tiled} matmuls over packed panels: {how})"
         elif self.fused and self.fused.rows:
-            reach = self.fused.rows_reach
-            tiled = f" ({self.fused.rows} matmuls through the row kernel up to {reach} rows, timed here)"
+            reach, how = (
+                self.fused.rows_reach,
+                " (bf16 weights, float32 sums)" if self.model.dtype == torch.bfloat16 else "",
+            )
+            tiled = f" ({self.fused.rows} matmuls through the row kernel{how} up to {reach} rows, timed here)"
         layers = f"fused layers{tiled}, " if self.fused else f"transformers layers ({self.unfused_why}), "
         attention = "decode attention: " + ("pdserve paged kernel" if self.paged_kernel else "torch ops")
         attention += " (k . q^T through AMX tiles)" if self.decode_tiles else ""

@@ -3,6 +3,7 @@
 `auto` is bfloat16 where matmuls run natively in it (CUDA; CPUs with AMX or AVX512-BF16,
 where oneDNN measured 2-2.5x fp32's speed on batched matmuls) and float32 elsewhere, including
 where $ONEDNN_MAX_CPU_ISA holds oneDNN below those instructions (as on an AVX2-only CPU).
+bfloat16 given there runs on pdserve's row kernel (docs/engine.md, "bf16 without AVX512_BF16").
 docs/engine.md ("Precision") has the figures.
 """
 

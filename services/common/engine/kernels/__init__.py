@@ -49,6 +49,7 @@ HEADERS = tuple(
         "panels.h",
         "tile_product.h",
         "panel_product.h",
+        "row_kernel.h",
         "prefill_task.h",
     )
 )

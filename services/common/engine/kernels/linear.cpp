@@ -1,7 +1,8 @@
-// bf16 matmuls of our own: `linear_f32`, the LM head with float32 logits (every product summed in
-// float32 and nothing rounded to bf16, whose 8-bit mantissa would tie the top logits: a logit of 20
-// rounds to a multiple of 0.125), and `linear_tiles` for the layers' matmuls over packed panels
-// (AMX tiles, or AVX512_BF16 vectors).
+// Matmuls of our own: `linear_f32`, the LM head with float32 logits (every product summed in float32
+// and nothing rounded to bf16, whose 8-bit mantissa would tie the top logits: a logit of 20 rounds to
+// a multiple of 0.125); `linear_tiles` for the layers' bf16 matmuls over packed panels (AMX tiles, or
+// AVX512_BF16 vectors); `linear_rows` for the layers' matmuls through the row kernel (row_kernel.h)
+// where there are no panels (float32, or bf16 on a CPU without AVX512_BF16).
 // Each output is summed in one order whatever the batch, so a row's result does not depend on
 // what else ran in its step.
 #include <ATen/ATen.h>
@@ -13,126 +14,10 @@
 
 #include "amx.h"
 #include "panel_product.h"
+#include "row_kernel.h"
 #include "vec.h"
 
 namespace {
-
-// Activation rows per pass over a weight row: kRows x kRowsW sums stay in registers (32 with AVX-512,
-// 16 with AVX2).
-#if defined(__AVX512F__) || !defined(PDSERVE_VECTOR)
-constexpr int64_t kRows = 4;
-#else
-constexpr int64_t kRows = 2;
-#endif
-constexpr int64_t kRowsW = 4;  // weight rows per pass
-// For a single activation row (a decode step of one sequence, memory-bound): more weight rows, so
-// more lines in flight (fp32, one row: 7% faster than 4 as AVX2, over a step's layers).
-constexpr int64_t kRowsWOne = 8;
-constexpr int64_t kTile = 16;  // weight rows that stay in L1 while every activation row passes over them
-
-// sums[r * kRows + m] = x[m] . w[r] for r < NR weight rows and m < rows <= MR activation rows, in
-// float32. NR x rows independent sums keep the multiply-add units busy (one chain would wait on its
-// latency). MR = 1 for one row: with a bound known only at run time, bf16's one-row pass read a
-// step's weights 15% slower (AVX-512; float32 the same either way).
-template <int64_t NR, typename T, int64_t MR = kRows>
-inline void dot(const T* x, const T* w, int64_t K, int64_t rows_given, float* sums) {
-  static_assert(MR == 1 || MR == kRows);
-  const int64_t rows = MR == 1 ? 1 : rows_given;
-  int64_t k = 0;
-#if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<T, at::BFloat16>) {
-    __m512 acc[NR][MR];
-    for (int64_t r = 0; r < NR; ++r)
-      for (int64_t m = 0; m < rows; ++m) acc[r][m] = _mm512_setzero_ps();
-    auto step = [&](__mmask32 mask) {
-      __m512bh wv[NR];
-      for (int64_t r = 0; r < NR; ++r) wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + r * K + k);
-      for (int64_t m = 0; m < rows; ++m) {
-        const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + k);
-        for (int64_t r = 0; r < NR; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv[r], xv);
-      }
-    };
-    for (; k + 32 <= K; k += 32) step((__mmask32)~0u);
-    if (k < K) {
-      step((__mmask32)((1ull << (K - k)) - 1));
-      k = K;
-    }
-    for (int64_t r = 0; r < NR; ++r)
-      for (int64_t m = 0; m < rows; ++m) sums[r * kRows + m] = _mm512_reduce_add_ps(acc[r][m]);
-  } else
-#endif
-  {
-#if defined(PDSERVE_VECTOR)
-    using namespace pdserve_vec;
-    floats acc[NR][MR];
-    for (int64_t r = 0; r < NR; ++r)
-      for (int64_t m = 0; m < rows; ++m) acc[r][m] = zeros();
-    for (; k + kLanes <= K; k += kLanes) {
-      floats wv[NR];
-      for (int64_t r = 0; r < NR; ++r) {
-        if (k * int64_t{sizeof(T)} % 64 == 0)  // once a line (AVX2's 32-byte loads: every other)
-          _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k) + 1024, _MM_HINT_T0);
-        wv[r] = load(w + r * K + k);
-      }
-      for (int64_t m = 0; m < rows; ++m) {
-        const floats xv = load(x + m * K + k);
-        for (int64_t r = 0; r < NR; ++r) acc[r][m] = fmadd(wv[r], xv, acc[r][m]);
-      }
-    }
-    for (int64_t r = 0; r < NR; ++r)
-      for (int64_t m = 0; m < rows; ++m) sums[r * kRows + m] = sum(acc[r][m]);
-#else
-    for (int64_t i = 0; i < NR * kRows; ++i) sums[i] = 0.f;
-#endif
-  }
-  for (int64_t r = 0; r < NR; ++r)
-    for (int64_t m = 0; m < rows; ++m)
-      for (int64_t j = k; j < K; ++j)
-        sums[r * kRows + m] += static_cast<float>(x[m * K + j]) * static_cast<float>(w[r * K + j]);
-}
-
-// rows_product for one activation row, kRowsWOne weight rows a pass.
-template <typename T>
-void row_product(const T* xp, const T* wp, float* op, int64_t N, int64_t K) {
-  at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
-    float sums[kRowsWOne * kRows];
-    int64_t n = n0;
-    for (; n + kRowsWOne <= n1; n += kRowsWOne) {
-      dot<kRowsWOne, T, 1>(xp, wp + n * K, K, 1, sums);
-      for (int64_t r = 0; r < kRowsWOne; ++r) op[n + r] = sums[r * kRows];
-    }
-    for (; n < n1; ++n) {
-      dot<1, T, 1>(xp, wp + n * K, K, 1, sums);
-      op[n] = sums[0];
-    }
-  });
-}
-
-// out [M, N] = x [M, K] . w [N, K]^T in float32, weight rows split over the threads: each weight
-// row is read from memory once for all of x, so a few rows cost about one read of the weights.
-template <typename T>
-void rows_product(const T* xp, const T* wp, float* op, int64_t M, int64_t N, int64_t K) {
-  if (M == 1) return row_product(xp, wp, op, N, K);
-  at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
-    float sums[kRowsW * kRows];
-    for (int64_t t = n0; t < n1; t += kTile) {
-      const int64_t t1 = std::min(t + kTile, n1);
-      for (int64_t m0 = 0; m0 < M; m0 += kRows) {
-        const int64_t rows = std::min(kRows, M - m0);
-        int64_t n = t;
-        for (; n + kRowsW <= t1; n += kRowsW) {
-          dot<kRowsW>(xp + m0 * K, wp + n * K, K, rows, sums);
-          for (int64_t r = 0; r < kRowsW; ++r)
-            for (int64_t m = 0; m < rows; ++m) op[(m0 + m) * N + n + r] = sums[r * kRows + m];
-        }
-        for (; n < t1; ++n) {
-          dot<1>(xp + m0 * K, wp + n * K, K, rows, sums);
-          for (int64_t m = 0; m < rows; ++m) op[(m0 + m) * N + n] = sums[m];
-        }
-      }
-    }
-  });
-}
 
 // Whether bf16 matmuls run through AMX tiles here (not only through panels on vectors).
 bool amx_usable() {
@@ -264,7 +149,7 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, const c10::optio
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
   float* op = out.data_ptr<float>();
   if (x.scalar_type() == at::kFloat) {
-    rows_product(xc.data_ptr<float>(), wc.data_ptr<float>(), op, M, N, K);
+    pdserve_rows::rows_product(xc.data_ptr<float>(), wc.data_ptr<float>(), op, M, N, K);
     return out;
   }
   const at::BFloat16 *xp = xc.data_ptr<at::BFloat16>(), *wp = wc.data_ptr<at::BFloat16>();
@@ -274,7 +159,24 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, const c10::optio
     return out;
   }
 #endif
-  rows_product(xp, wp, op, M, N, K);
+  pdserve_rows::rows_product(xp, wp, op, M, N, K);
+  return out;
+}
+
+// x [M, K], w [N, K], both float32 or both bf16 -> [M, N] in their dtype: the row kernel, each
+// output rounded once from its float32 sum (as torch's bf16 matmul rounds).
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear_rows: x [M, K], w [N, K]");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "linear_rows: x and w both float32 or both bf16");
+  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
+  const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
+  if (x.scalar_type() == at::kFloat)
+    pdserve_rows::rows_product(xc.data_ptr<float>(), wc.data_ptr<float>(), out.data_ptr<float>(), M, N, K);
+  else
+    pdserve_rows::rows_product(xc.data_ptr<at::BFloat16>(), wc.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(),
+                               M, N, K);
   return out;
 }
 
@@ -283,6 +185,7 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, const c10::optio
 TORCH_LIBRARY_FRAGMENT(pdserve, m) {
   m.def("amx_usable() -> bool");
   m.def("linear_f32(Tensor x, Tensor w, Tensor? packed=None) -> Tensor");
+  m.def("linear_rows(Tensor x, Tensor w) -> Tensor");
   m.def("pack_vnni(Tensor w) -> Tensor");
   m.def("linear_tiles(Tensor x, Tensor packed, int n) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor q, Tensor scales) -> Tensor");
@@ -291,6 +194,7 @@ TORCH_LIBRARY_FRAGMENT(pdserve, m) {
 
 TORCH_LIBRARY_IMPL(pdserve, CPU, m) {
   m.impl("linear_f32", &linear_f32);
+  m.impl("linear_rows", &linear_rows);
   m.impl("pack_vnni", &pack_vnni);
   m.impl("linear_tiles", &linear_tiles);
   m.impl("linear_int8", &linear_int8);
