@@ -60,6 +60,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+            f.write("\n")
 
 
 if __name__ == "__main__":

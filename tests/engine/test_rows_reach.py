@@ -31,14 +31,21 @@ def test_rows_up_to_the_reach_go_through_the_row_kernel_and_more_through_mkl(ops
     assert torch.equal(layer(x), F.linear(x, weight))
 
 
-def test_a_bf16_layer_without_panels_rounds_the_row_kernel_s_sums_and_widens_for_mkl_past_its_reach(ops):
+def test_a_bf16_layer_without_panels_rounds_the_row_kernel_s_sums_and_widens_for_mkl_past_its_reach(ops, monkeypatch):
     torch.manual_seed(0)
     weight = torch.randn(48, 96).to(torch.bfloat16)
     layer = llama.RowsLinear(weight, max_rows=32)
     x = torch.randn(33, 96).to(torch.bfloat16)
-    assert layer(x[:32]).dtype == torch.bfloat16
-    assert torch.equal(layer(x[:32]), ops.linear_f32(x[:32], weight).to(torch.bfloat16))  # float32 sums, rounded once
-    assert torch.equal(layer(x), F.linear(x.float(), weight.float()).to(torch.bfloat16))
+    ran = []
+    for name in ("beyond", "linear_rows"):
+        module = rows_reach if name == "beyond" else ops
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, name=name: ran.append(name) or real(*a))
+    below, past = layer(x[:32]), layer(x)
+    assert ran == ["linear_rows", "beyond"]
+    assert below.dtype == past.dtype == torch.bfloat16
+    assert torch.equal(below, ops.linear_f32(x[:32], weight).to(torch.bfloat16))  # float32 sums, rounded once
+    assert torch.equal(past, F.linear(x.float(), weight.float()).to(torch.bfloat16))
 
 
 def _timed(monkeypatch, ratios: list[float]) -> list[float]:
@@ -98,11 +105,11 @@ def test_a_float32_engine_sends_decode_steps_up_to_its_reach_through_one_call(op
         assert one_call == ([32, 32] if n == 32 else [])
 
 
-def test_a_bf16_engine_without_panels_decodes_in_one_call_bit_for_bit_as_its_layer_loop(
+def test_a_bf16_engine_without_panels_decodes_in_one_call_the_tokens_of_its_layer_loop(
     ops, tiny_model_dir, monkeypatch
 ):
-    """A CPU without AVX512_BF16 (no pack_vnni panels): the layers are bf16 RowsLinear, and a decode step's
-    one call (decode_layers) gives the tokens of the same engine's Python loop over its layers."""
+    """A CPU without AMX or AVX512_BF16 (no pack_vnni panels): the layers are bf16 RowsLinear, and a decode
+    step's one call (decode_layers) picks the tokens the same engine's Python loop over its layers picks."""
     from pdserve.common import model_loader
     from pdserve.common.engine.config import EngineConfig
     from pdserve.common.engine.engine import LLMEngine
@@ -110,7 +117,7 @@ def test_a_bf16_engine_without_panels_decodes_in_one_call_bit_for_bit_as_its_lay
 
     if not kernels.vectorized():
         pytest.skip("no vector kernels here: decode steps run the layer loop")
-    monkeypatch.setattr(llama, "panels", lambda weight: weight[:0])
+    monkeypatch.setattr(kernels, "linear_tiles", lambda: False)
     ref = model_loader.resolve(str(tiny_model_dir))
     model, tok = model_loader.load(ref, dtype="bfloat16")
     engine = LLMEngine(EngineConfig(dtype="bfloat16", num_kv_blocks=256, max_num_batched_tokens=2048), model, tok, ref)
@@ -124,6 +131,5 @@ def test_a_bf16_engine_without_panels_decodes_in_one_call_bit_for_bit_as_its_lay
     monkeypatch.setattr(ops, "decode_layers", lambda x, *a: one_call.append(len(x)) or decode_layers(x, *a))
     fused_tokens = engine.generate(prompts, params)
     assert one_call and set(one_call) == {4}
-    weights, fused.decode_weights = fused.decode_weights, None  # the same layers, called op by op from Python
+    fused.decode_weights = None  # the same layers, called op by op from Python
     assert engine.generate(prompts, params) == fused_tokens
-    fused.decode_weights = weights

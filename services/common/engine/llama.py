@@ -13,7 +13,7 @@ import logging
 import torch
 from torch import nn
 
-from pdserve.common.engine import attention, packed_linear, quantize, rows_reach
+from pdserve.common.engine import attention, kernels, packed_linear, quantize, rows_reach
 from pdserve.common.engine.attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,9 @@ def add_rms_norm_after(proj: nn.Module, x: torch.Tensor, residual: torch.Tensor,
 
 
 def panels(weight: torch.Tensor) -> torch.Tensor:
-    """A bf16 weight's pack_vnni panels; empty where the CPU has neither AMX nor AVX512_BF16 (or for float32)."""
-    return torch.ops.pdserve.pack_vnni(weight)
+    """A bf16 weight's pack_vnni panels where the CPU has them (AMX or AVX512_BF16); empty elsewhere, for
+    float32, and for a shape they don't take."""
+    return torch.ops.pdserve.pack_vnni(weight) if kernels.linear_tiles() else weight[:0]
 
 
 def _linear(layers: list[nn.Linear], pack: bool, int8: bool) -> nn.Module:
@@ -122,7 +123,9 @@ def _linear(layers: list[nn.Linear], pack: bool, int8: bool) -> nn.Module:
     tiles = panels(weight) if biases[0] is None else weight[:0]
     if tiles.numel():
         return TiledLinear(tiles, weight.shape[0])
-    if weight.dtype in (torch.float32, torch.bfloat16) and biases[0] is None:
+    # bf16 only where the CPU has no panels at all: a shape they don't take keeps torch's native bf16 matmul.
+    rows_dtypes = (torch.float32,) if kernels.linear_tiles() else (torch.float32, torch.bfloat16)
+    if weight.dtype in rows_dtypes and biases[0] is None:
         return RowsLinear(weight)
     # Not initialised: its parameters are set from the layers' right away.
     fused = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=biases[0] is not None)

@@ -9,9 +9,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <vector>
-
 #include "amx.h"
 #include "panel_product.h"
 #include "row_kernel.h"
@@ -137,32 +134,6 @@ at::Tensor gate_up_silu(const at::Tensor& x, const at::Tensor& packed, int64_t i
 }
 #endif
 
-// x [M, K], w [N, K] (a linear layer's weight), both bf16 or both float32 -> float32 [M, N]; bf16
-// through AMX tiles where `packed` is w's pack_vnni (not empty), else on vectors (dpbf16 where the
-// CPU has it).
-at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& packed) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear_f32: x [M, K], w [N, K]");
-  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "linear_f32: dtypes differ");
-  if (x.scalar_type() != at::kBFloat16 && x.scalar_type() != at::kFloat) return at::linear(x.to(at::kFloat), w.to(at::kFloat));
-  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
-  const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
-  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-  float* op = out.data_ptr<float>();
-  if (x.scalar_type() == at::kFloat) {
-    pdserve_rows::rows_product(xc.data_ptr<float>(), wc.data_ptr<float>(), op, M, N, K);
-    return out;
-  }
-  const at::BFloat16 *xp = xc.data_ptr<at::BFloat16>(), *wp = wc.data_ptr<at::BFloat16>();
-#if defined(PDSERVE_PANELS)
-  if (packed.has_value() && packed->numel() == N * K) {
-    linear_panels(xp, packed->data_ptr<at::BFloat16>(), op, M, N, K);
-    return out;
-  }
-#endif
-  pdserve_rows::rows_product(xp, wp, op, M, N, K);
-  return out;
-}
-
 // x [M, K], w [N, K], both float32 or both bf16 -> [M, N] in their dtype: the row kernel, each
 // output rounded once from its float32 sum (as torch's bf16 matmul rounds).
 at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w) {
@@ -177,6 +148,29 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w) {
   else
     pdserve_rows::rows_product(xc.data_ptr<at::BFloat16>(), wc.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(),
                                M, N, K);
+  return out;
+}
+
+// x [M, K], w [N, K] (a linear layer's weight), both bf16 or both float32 -> float32 [M, N]; bf16
+// through AMX tiles where `packed` is w's pack_vnni (not empty), else on vectors (dpbf16 where the
+// CPU has it).
+at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& packed) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear_f32: x [M, K], w [N, K]");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "linear_f32: dtypes differ");
+  if (x.scalar_type() != at::kBFloat16 && x.scalar_type() != at::kFloat) return at::linear(x.to(at::kFloat), w.to(at::kFloat));
+  if (x.scalar_type() == at::kFloat) return linear_rows(x, w);
+  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
+  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  float* op = out.data_ptr<float>();
+  const at::BFloat16 *xp = xc.data_ptr<at::BFloat16>(), *wp = wc.data_ptr<at::BFloat16>();
+#if defined(PDSERVE_PANELS)
+  if (packed.has_value() && packed->numel() == N * K) {
+    linear_panels(xp, packed->data_ptr<at::BFloat16>(), op, M, N, K);
+    return out;
+  }
+#endif
+  pdserve_rows::rows_product(xp, wp, op, M, N, K);
   return out;
 }
 

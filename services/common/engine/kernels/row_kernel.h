@@ -92,16 +92,27 @@ template <int64_t NR, typename T, int64_t MR = kRows>
         sums[r * kRows + m] += static_cast<float>(x[m * K + j]) * static_cast<float>(w[r * K + j]);
 }
 
-// n float sums into O: bf16 rounded a vector at a time (c10's conversion, an element at a time, took
-// 60% of a bf16 matmul's time at 32 rows as AVX2).
+// n float sums into O, bf16 rounded by the vector store for every element, the tail too (with
+// AVX512_BF16 it flushes subnormals, which c10's conversion keeps): a row's bits then never depend
+// on where a thread's chunk of columns ends.
 template <typename O>
 inline void store_as(const float* src, O* dst, int64_t n) {
-  int64_t i = 0;
 #if defined(PDSERVE_VECTOR)
-  if constexpr (pdserve_vec::kVector<O>)
-    for (; i + pdserve_vec::kLanes <= n; i += pdserve_vec::kLanes) pdserve_vec::store(dst + i, pdserve_vec::load(src + i));
+  if constexpr (pdserve_vec::kVector<O>) {
+    using namespace pdserve_vec;
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) store(dst + i, load(src + i));
+    if (i < n) {
+      float padded[kLanes] = {};
+      O rounded_tail[kLanes];
+      std::copy(src + i, src + n, padded);
+      store(rounded_tail, load(padded));
+      std::copy(rounded_tail, rounded_tail + (n - i), dst + i);
+    }
+    return;
+  }
 #endif
-  for (; i < n; ++i) dst[i] = static_cast<O>(src[i]);
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<O>(src[i]);
 }
 
 // rows_product for one activation row, kRowsWOne weight rows a pass.
