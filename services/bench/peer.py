@@ -22,7 +22,8 @@ from pdserve.bench import cpu_isa, peer_report, peers, plots, senders, workload
 from pdserve.bench.loadgen import ProgressLine, command_line, run_open
 from pdserve.bench.metrics import RequestRecord, Slo
 
-SYSTEMS = ("pdserve", "pdserve-colocated", "vllm", "transformers", "llamacpp")
+SYSTEMS = ("pdserve", "pdserve-colocated", "pdserve-bf16", "vllm", "transformers", "llamacpp")
+DEFAULT_SYSTEMS = [s for s in SYSTEMS if s != "pdserve-bf16"]  # a dtype's comparison, asked by name
 ALL_RATES = "*"  # the rate key of a skip that holds for every rate
 # ordinary words; a prompt is a random draw, so no two requests share a prefix
 WORDS = (
@@ -235,7 +236,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="install these peers into ~/.cache/pdserve/peers/NAME and exit",
     )
     p.add_argument("--auto-install", action="store_true", help="install missing peers first (llamacpp: ~25 min)")
-    p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=DEFAULT_SYSTEMS)
     p.add_argument("--reference", choices=SYSTEMS, default="pdserve", help="ratios are to this system")
     p.add_argument("--rates", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0], help="Poisson rates (req/s)")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals measured per rate")

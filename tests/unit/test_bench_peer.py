@@ -144,6 +144,8 @@ def test_pdserve_runs_pdserve_up_and_its_colocated_variant_adds_the_mode():
     assert "--model" not in default  # its default model unless one was given
     given = peers.PEERS["pdserve"].argv(launch(model="/m.gguf"))
     assert given[given.index("--model") + 1] == "/m.gguf"
+    bf16 = peers.PEERS["pdserve-bf16"].argv(launch())
+    assert bf16[bf16.index("--dtype") + 1] == "bfloat16" and "--mode" not in bf16
 
 
 def test_transformers_serve_runs_with_continuous_batching_from_its_venv():
