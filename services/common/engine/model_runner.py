@@ -89,11 +89,9 @@ class ModelRunner:
             how = "AMX tiles" if kernels.amx() else "AVX512_BF16 vectors"
             tiled = f" ({self.fused.tiled} matmuls over packed panels: {how})"
         elif self.fused and self.fused.rows:
-            reach, how = (
-                self.fused.rows_reach,
-                " (bf16 weights, float32 sums)" if self.model.dtype == torch.bfloat16 else "",
-            )
-            tiled = f" ({self.fused.rows} matmuls through the row kernel{how} up to {reach} rows, timed here)"
+            how = " (bf16 weights, float32 sums)" if self.model.dtype == torch.bfloat16 else ""
+            reach = f"up to {self.fused.rows_reach} rows, timed here"
+            tiled = f" ({self.fused.rows} matmuls through the row kernel{how} {reach})"
         layers = f"fused layers{tiled}, " if self.fused else f"transformers layers ({self.unfused_why}), "
         attention = "decode attention: " + ("pdserve paged kernel" if self.paged_kernel else "torch ops")
         attention += " (k . q^T through AMX tiles)" if self.decode_tiles else ""
