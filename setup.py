@@ -12,11 +12,11 @@ packages = ["pdserve"] + [f"pdserve.{p}" for p in find_packages("services")] + [
 package_dir = {"pdserve": "services", "pdserve.v1": "protos/pdserve/v1"}
 # py.typed (PEP 561) lets type checkers read the installed package; stubs and
 # .proto sources travel with the generated modules; the engine's C++ kernels
-# are built from source on the machine that runs them.
+# (sources and headers) are built from source on the machine that runs them.
 package_data = {
     "pdserve": ["py.typed"],
     "pdserve.v1": ["*.pyi", "*.proto", "py.typed"],
-    "pdserve.common.engine.kernels": ["*.cpp"],
+    "pdserve.common.engine.kernels": ["*.cpp", "*.h"],
 }
 
 setup(packages=packages, package_dir=package_dir, package_data=package_data)
