@@ -1,11 +1,11 @@
 """pdserve's own CPU kernels: C++ sources built once per machine with g++, loaded as torch ops.
 
-The build is cached under the pdserve cache directory, keyed by the source, the
+The build is cached under the pdserve cache directory, keyed by the sources, the
 torch version, this CPU's flags and the target (-march=native, or $PDSERVE_KERNEL_MARCH,
 e.g. x86-64-v3 to run the AVX2 paths on an AVX-512 machine), so a shared home
-directory never loads a binary built for another CPU. Where there is no
-compiler, or the build fails, `load()` returns None and the engine keeps its
-torch-only path; the reason is logged once.
+directory never loads a binary built for another CPU; so is each source's object, so an
+edit to one source recompiles that one. Where there is no compiler, or the build fails,
+`load()` returns False and the engine keeps its torch-only path; the reason is logged once.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -63,7 +64,6 @@ FLAGS = (
     "-ffp-contract=off",
     "-std=c++20",
     "-fPIC",
-    "-shared",
 )
 
 
@@ -81,16 +81,40 @@ def _cpu_flags() -> str:
         return ""
 
 
-def library_path() -> Path:
+def _key(*parts: bytes) -> str:
+    """A hash of parts and of what every build shares: the headers, torch, this CPU's flags and FLAGS."""
     key = hashlib.sha256()
-    parts = [p.read_bytes() for p in SOURCES + HEADERS]
-    for part in (*parts, torch.__version__.encode(), _cpu_flags().encode(), " ".join(FLAGS).encode()):
+    shared = (*(p.read_bytes() for p in HEADERS), torch.__version__.encode(), _cpu_flags().encode())
+    for part in (*parts, *shared, " ".join(FLAGS).encode()):
         key.update(part)
-    return cache_dir() / f"pdserve_kernels-{key.hexdigest()[:16]}.so"
+    return key.hexdigest()[:16]
+
+
+def library_path() -> Path:
+    return cache_dir() / f"pdserve_kernels-{_key(*(p.read_bytes() for p in SOURCES))}.so"
+
+
+def _compile(compiler: str, includes: list[str], source: Path) -> Path:
+    """source's object, compiled unless one of the same inputs is cached (an edit to one source
+    recompiles that source alone)."""
+    obj = cache_dir() / "objects" / f"{source.stem}-{_key(source.read_bytes(), compiler.encode())}.o"
+    if obj.exists():
+        return obj
+    obj.parent.mkdir(parents=True, exist_ok=True)
+    tmp = obj.with_suffix(f".{os.getpid()}.tmp")
+    done = subprocess.run(
+        [compiler, *FLAGS, *includes, "-c", str(source), "-o", str(tmp)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"{compiler} failed on {source.name}: {done.stderr.strip()[-2000:]}")
+    tmp.rename(obj)
+    return obj
 
 
 def build(out: Path) -> None:
-    """Compile SOURCES into `out` (atomically: concurrent workers wait on a lock, then reuse it)."""
+    """Compile SOURCES into `out`: as many sources at once as this process has cores (a worker's
+    first start waits on it), then one link. Atomic: concurrent workers wait on a lock, then reuse it."""
     from torch.utils import cpp_extension
 
     compiler = shutil.which(os.environ.get("CXX", "g++"))
@@ -101,15 +125,19 @@ def build(out: Path) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if out.exists():
             return
+        with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
+            includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+            objects = list(pool.map(lambda source: _compile(compiler, includes, source), SOURCES))
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        libs = (f"-L{p}" for p in cpp_extension.library_paths())
         cmd = [
             compiler,
-            *FLAGS,
-            *(f"-I{p}" for p in cpp_extension.include_paths()),
-            *(str(p) for p in SOURCES),
+            "-shared",
+            "-fopenmp",
+            *map(str, objects),
             "-o",
             str(tmp),
-            *(f"-L{p}" for p in cpp_extension.library_paths()),
+            *libs,
             "-lc10",
             "-ltorch_cpu",
             "-ltorch",
@@ -117,13 +145,13 @@ def build(out: Path) -> None:
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             tmp.unlink(missing_ok=True)
-            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{compiler} failed to link: {done.stderr.strip()[-2000:]}")
         tmp.rename(out)
 
 
 @functools.cache
 def load() -> bool:
-    """Build (first use on this machine, ~15 s on 2 cores) and load the kernels; False where they can't be."""
+    """Build (first use on this machine, ~40 s on 2 cores) and load the kernels; False where they can't be."""
     if hasattr(torch.ops.pdserve, "linear_f32"):
         return True
     path = library_path()
