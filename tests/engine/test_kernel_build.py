@@ -67,3 +67,15 @@ def test_a_source_that_does_not_compile_is_named_in_the_error(cache):
     with pytest.raises(RuntimeError, match="failed on broken.cpp"):
         kernels._compile(COMPILER, INCLUDES, bad)
     assert not list((cache / "objects").glob("broken*")), "no object, not even a partial one"
+
+
+def test_builds_go_under_home_where_the_model_cache_is_read_only(tmp_path, monkeypatch):
+    # A Kubernetes pod's root filesystem is read-only, and the image's model cache is on it.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("PDSERVE_CACHE_DIR", str(blocker / "cache"))  # nothing can be made under a file
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert kernels.cache_dir() == tmp_path / "home" / ".cache" / "pdserve" / "kernels"
+    monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path / "cache"))  # writable: beside the models
+    assert kernels.cache_dir() == tmp_path / "cache" / "kernels"
