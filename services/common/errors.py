@@ -21,6 +21,11 @@ class InvalidRequestError(PdserveError, ValueError):
         self.reason = message
 
 
+class ModelNotFoundError(PdserveError, FileNotFoundError):
+    """The model asked for (`--model`, or the bundled default) can't be had here: no such directory,
+    file or hub id, no weights in it, or the package or extras it needs are not installed."""
+
+
 class CapacityExhaustedError(PdserveError):
     """A bounded queue or pool is full; the client may retry later."""
 

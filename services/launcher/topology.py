@@ -130,8 +130,9 @@ def plan(
             (
                 python,
                 "-c",
-                "import sys; from pdserve.common import model_loader; "
-                "print('model ready:', model_loader.resolve(sys.argv[1] or None).path)",
+                "import sys; from pdserve.common import errors, model_loader as m\n"
+                "try: print('model ready:', m.resolve(sys.argv[1] or None).path)\n"
+                "except errors.ModelNotFoundError as e: sys.exit(f'pdserve up: {e}')",
                 model or "",
             ),
             None,

@@ -114,6 +114,17 @@ def test_up_on_cuda_without_cuda_is_one_line():
     assert result.stdout == ""
 
 
+def test_a_model_that_is_not_there_is_one_line_from_serve_and_up(tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    port = str(free_port_run(1))
+    assert_one_line_naming(pdserve("serve", "decode", "--model", missing, "--port", port), "--model", missing)
+    assert_one_line_naming(pdserve(*up("--model", missing)), "pdserve up", "--model", missing)
+    # With a mode given, the suite's model step refuses it: its one line, then up's.
+    result = pdserve(*up("--mode", "colocated", "--model", missing))
+    assert result.returncode != 0 and "Traceback" not in result.stdout + result.stderr
+    assert f"pdserve up: --model '{missing}'" in result.stdout + result.stderr
+
+
 def help_text(capsys, *argv: str) -> str:
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--help"])
