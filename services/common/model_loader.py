@@ -19,6 +19,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from pdserve.common import cache_dirs
 from pdserve.common.errors import ModelNotFoundError
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,8 @@ class ModelRef:
 
 
 def cache_dir() -> Path:
-    root = (
-        os.environ.get("PDSERVE_CACHE_DIR")
-        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pdserve"
-    )
-    return Path(root) / "models"
+    """The models' cache, as configured (read; new conversions may go elsewhere: converted_dir)."""
+    return cache_dirs.root() / "models"
 
 
 def default_gguf() -> Path:
@@ -65,7 +63,7 @@ def _file_digest(path: Path) -> str:
         return real.name[:32]
     st = real.stat()  # a same-size rewrite that keeps mtime (cp -p, rsync -a) still changes inode or ctime
     key = f"{real}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}"
-    memo = cache_dir() / "digests.json"
+    memo = cache_dirs.writable("models") / "digests.json"
     try:
         known = json.loads(memo.read_text())
     except (OSError, ValueError):
@@ -80,7 +78,7 @@ def _file_digest(path: Path) -> str:
             tmp.write_text(json.dumps(known))
             os.replace(tmp, memo)  # atomic: a concurrent start reads all or nothing
         except OSError:
-            pass  # a read-only cache: hash again next time
+            pass  # no folder could be written: hash again next time
     return known[key]
 
 
@@ -128,8 +126,11 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 def converted_dir(gguf: Path) -> Path:
     """Where a GGUF file's conversion is cached: keyed by the file's contents, not
     its path, since every fresh virtualenv installs the same GGUF at a new path (a
-    path key converted, and kept, another 517 MB copy for each of them)."""
-    return cache_dir() / f"{gguf.stem}-{_file_digest(gguf)[:12]}"
+    path key converted, and kept, another 517 MB copy for each of them). One already in the
+    configured cache is used there (an image's); a new one goes where it can be written."""
+    name = f"{gguf.stem}-{_file_digest(gguf)[:12]}"
+    there = cache_dir() / name
+    return there if (there / _META).exists() else cache_dirs.writable("models") / name
 
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # org/name, and no such local path

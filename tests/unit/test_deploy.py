@@ -46,7 +46,7 @@ import pytest
 yaml = pytest.importorskip("yaml")
 
 from pdserve.cli import build_parser  # noqa: E402
-from pdserve.common import model_loader  # noqa: E402
+from pdserve.common import cache_dirs  # noqa: E402
 from pdserve.common.worker_config import WorkerConfig  # noqa: E402
 from pdserve.kvstore.config import KVStoreConfig  # noqa: E402
 from pdserve.router.config import RouterConfig  # noqa: E402
@@ -64,7 +64,7 @@ LAYOUT = ("model", "dtype", "block_size")  # settings prefill, decode and the KV
 K8S_VERSIONS = ("1.30",)  # the oldest release the manifests support; the newest bundled is added below
 
 # PDSERVE_* variables that are not flags, and the module that reads each.
-NON_FLAG_ENV = {"PDSERVE_CACHE_DIR": model_loader}
+NON_FLAG_ENV = {"PDSERVE_CACHE_DIR": cache_dirs}
 
 
 def _need(ok: bool, why: str) -> None:

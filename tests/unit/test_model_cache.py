@@ -4,10 +4,11 @@ and a checkpoint's weights digest (in the KV fingerprint) changes with any byte 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
-from pdserve.common import model_loader
+from pdserve.common import cache_dirs, model_loader
 
 
 def _gguf(path, body: bytes):
@@ -67,6 +68,34 @@ def test_a_digest_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
     f.write_bytes(os.urandom(1 << 20))  # rewritten: new size or mtime, hashed again
     os.utime(f, ns=(1, 1))
     assert model_loader._file_digest(f) != first
+
+
+@pytest.fixture
+def read_only_cache(tmp_path, monkeypatch):
+    """PDSERVE_CACHE_DIR on a read-only filesystem, as an image's in a Kubernetes pod: readable, and
+    os.access says no write (root's permission bits can't make that here)."""
+    image = tmp_path / "image-cache"
+    (image / "models").mkdir(parents=True)
+    monkeypatch.setenv("PDSERVE_CACHE_DIR", str(image))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    real = os.access
+    monkeypatch.setattr(cache_dirs.os, "access", lambda p, mode: real(p, mode) and image not in Path(p).parents)
+    return image
+
+
+def test_a_read_only_cache_is_read_and_what_is_new_goes_under_the_home(tmp_path, read_only_cache, monkeypatch):
+    home_models = tmp_path / "home" / ".cache" / "pdserve" / "models"
+    shipped = _gguf(tmp_path / "shipped.gguf", os.urandom(1 << 20))
+    in_image = read_only_cache / "models" / model_loader.converted_dir(shipped).name
+    (in_image).mkdir()
+    (in_image / model_loader._META).write_text("{}")  # the image converted it at build time
+    assert model_loader.converted_dir(shipped) == in_image
+    mounted = _gguf(tmp_path / "mounted.gguf", os.urandom(1 << 20))  # a model of the user's own
+    assert model_loader.converted_dir(mounted).parent == home_models
+    hashed = []
+    monkeypatch.setattr(model_loader.hashlib, "file_digest", lambda *a: hashed.append(a) or None)
+    model_loader._file_digest(mounted)
+    assert not hashed and (home_models / "digests.json").exists()  # remembered under the home, not hashed again
 
 
 def test_a_hub_cache_file_is_identified_by_the_hash_it_is_stored_under(tmp_path, monkeypatch):

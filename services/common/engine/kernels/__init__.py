@@ -17,11 +17,12 @@ import logging
 import os
 import shutil
 import subprocess
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
+from pdserve.common import cache_dirs
 
 log = logging.getLogger(__name__)
 
@@ -69,23 +70,7 @@ FLAGS = (
 
 
 def cache_dir() -> Path:
-    """Where builds go: beside the model cache, or where that is read-only (a Kubernetes pod's root
-    filesystem, which holds the image's models) under the home, then the temporary directory."""
-    from pdserve.common.model_loader import cache_dir as models_dir
-
-    first = models_dir().parent / "kernels"
-    for folder in (
-        first,
-        Path.home() / ".cache" / "pdserve" / "kernels",
-        Path(tempfile.gettempdir()) / "pdserve-kernels",
-    ):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            continue
-        if os.access(folder, os.W_OK):
-            return folder
-    return first  # the build then says why it can't write there
+    return cache_dirs.writable("kernels")  # a read-only image's cache: under the home or /tmp
 
 
 def _cpu_flags() -> str:
