@@ -184,7 +184,7 @@ def main(args: argparse.Namespace) -> int:
     if args.quick:
         args.rates, args.duration, args.warmup_duration = [args.rates[0]], 10.0, 5.0
     if importlib.util.find_spec("matplotlib") is None:  # said before a long run, not after it
-        print("pdserve bench peer: plots need matplotlib: pip install -e .[bench]", file=sys.stderr)
+        print("pdserve bench peer: plots need matplotlib: pip install 'pdserve[bench]'", file=sys.stderr)
         return 2
     out = Path(args.out)
     if not args.from_json:

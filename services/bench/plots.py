@@ -20,7 +20,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit("plots need matplotlib: pip install -e .[bench]") from None
+        raise SystemExit("plots need matplotlib: pip install 'pdserve[bench]'") from None
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -139,6 +140,9 @@ def table(scores: list[Score], top: int) -> str:
 
 
 def run_plan(args: argparse.Namespace) -> int:
+    if args.plot and importlib.util.find_spec("matplotlib") is None:  # said before planning, not after
+        print("pdserve plan: --plot needs matplotlib: pip install 'pdserve[bench]'", file=sys.stderr)
+        return 2
     try:
         goal = objectives(args)
         profile = load_profile(args)

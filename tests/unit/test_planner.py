@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from dataclasses import astuple
 
 import pytest
@@ -147,3 +148,13 @@ def test_plan_prints_a_ranked_table_and_its_recommendation(tmp_path, capsys):
     assert main(["plan", "--profile", str(prof), "--cores", "2", "--chunks", "512", "--num-requests", "40"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[1].startswith("topology") and "recommended: " in out
+
+
+def test_plan_refuses_a_plot_it_cannot_draw_before_planning(tmp_path, capsys, monkeypatch):
+    prof = tmp_path / "profile.json"
+    profile().save(prof)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    assert main(["plan", "--profile", str(prof), "--plot", str(tmp_path / "plan.png")]) == 2
+    captured = capsys.readouterr()
+    assert "--plot needs matplotlib" in captured.err and captured.out == ""  # nothing planned, then lost
