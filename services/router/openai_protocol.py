@@ -22,10 +22,11 @@ from pdserve.router.prompt import GenerateInput
 
 Kind = Literal["completion", "chat"]
 
-# OpenAI fields pdserve cannot honour, accepted only at their neutral values:
-# a client must never silently get other semantics than it asked for.
+# OpenAI fields, and vLLM's extensions that change what is generated, that pdserve cannot honour:
+# accepted only at their neutral values, so a client never silently gets other semantics than it
+# asked for.
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False),
+    "logprobs": (None, False),  # completions' logprobs: 0 asks for the chosen token's: not neutral
     "top_logprobs": (None, 0),
     "echo": (None, False),
     "best_of": (None, 1),
@@ -37,7 +38,22 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "functions": (None, []),
     "tool_choice": (None, "none", "auto"),
     "response_format": (None, {"type": "text"}),
+    "min_p": (None, 0),
+    "repetition_penalty": (None, 1),
+    "min_tokens": (None, 0),
+    "include_stop_str_in_output": (None, False),
+    "skip_special_tokens": (None, True),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "structured_outputs": (None,),
 }
+
+
+def _neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
+    # Equal and of the same kind: 0 == False in Python, and logprobs: 0 is a request.
+    return any(value == n and isinstance(value, bool) == isinstance(n, bool) for n in neutral)
 
 
 @dataclass
@@ -54,11 +70,13 @@ def parse_request(kind: Kind, body: Any, default_max_tokens: int) -> OpenAIReque
     if not isinstance(body, dict):
         raise InvalidRequestError("body", "must be a JSON object")
     for name, neutral in _NEUTRAL.items():
-        if body.get(name) not in neutral:
+        if not _neutral(body.get(name), neutral):
             raise InvalidRequestError(name, "is not supported by this server")
     if _typed(body, "n", int, 1) != 1:
         raise InvalidRequestError("n", "only n=1 is supported")
     options = _typed(body, "stream_options", dict, {})
+    if body.get("stream_options") is not None and not body.get("stream"):
+        raise InvalidRequestError("stream_options", "is only allowed with stream: true")  # as OpenAI says
     request_id = uuid.uuid4().hex
     if kind == "chat":
         prompt = {"messages": _messages(body.get("messages"))}
@@ -116,6 +134,7 @@ def _sampling(body: dict, tokens_field: str, default_max_tokens: int) -> Samplin
             top_k=_typed(body, "top_k", int, 0),  # vLLM's extension, used by benchmark tools
             seed=_typed(body, "seed", int),
             stop=stop,
+            stop_token_ids=_token_ids(body, "stop_token_ids"),  # vLLM's extension
             ignore_eos=_typed(body, "ignore_eos", bool, False),  # vLLM's extension, likewise
         )
     except InvalidRequestError as e:
@@ -126,6 +145,15 @@ def _sampling(body: dict, tokens_field: str, default_max_tokens: int) -> Samplin
 
 def _is_token(t: Any) -> bool:
     return isinstance(t, int) and not isinstance(t, bool)
+
+
+def _token_ids(body: dict, name: str) -> list[int]:
+    value = body.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(_is_token(t) for t in value):
+        raise InvalidRequestError(name, "must be a list of token ids")
+    return value
 
 
 def _prompt(value: Any) -> dict[str, Any]:
@@ -148,13 +176,17 @@ def _messages(value: Any) -> list[dict[str, str]]:
     for i, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise InvalidRequestError(f"messages[{i}].role", "each message needs a string role")
-        content = m.get("content") or ""
-        if isinstance(content, list):  # content parts: text only
+        if m.get("tool_calls") or m.get("function_call"):  # a tool call's history: tools are refused
+            raise InvalidRequestError(f"messages[{i}].tool_calls", "tool calls are not supported by this server")
+        content = m.get("content")
+        if content is None and m["role"] == "assistant":  # OpenAI's: an assistant turn may have none
+            content = ""
+        if isinstance(content, list):  # content parts: text only, joined by newlines as vLLM joins them
             if not all(
                 isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
             ):
                 raise InvalidRequestError(f"messages[{i}].content", "only text content parts are supported")
-            content = "".join(p["text"] for p in content)
+            content = "\n".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise InvalidRequestError(f"messages[{i}].content", "must be a string or a list of text parts")
         out.append(

@@ -39,7 +39,8 @@ def test_chat_content_parts_and_developer_role():
         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
     ]
     req = parse_request("chat", {"messages": messages}, 8)
-    assert req.input.messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"}]
+    # Parts joined by newlines, as vLLM joins them.
+    assert req.input.messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a\nb"}]
 
 
 def test_top_k_and_seed_minus_one_mean_off_as_in_vllm():
@@ -85,6 +86,14 @@ def test_stop_string_or_list_and_stream_options():
         ({"prompt": "a", "temperature": [[[[[[[[[1]]]]]]]]]}, "temperature"),
         ({"prompt": "a", "stop": 3}, "stop"),
         ({"prompt": "a", "stream": "yes"}, "stream"),
+        ({"prompt": "a", "logprobs": 0}, "logprobs"),  # the chosen token's logprob: asked for, not neutral
+        ({"prompt": "a", "min_p": 0.1}, "min_p"),  # vLLM's sampling extensions, not implemented here
+        ({"prompt": "a", "repetition_penalty": 1.3}, "repetition_penalty"),
+        ({"prompt": "a", "min_tokens": 4}, "min_tokens"),
+        ({"prompt": "a", "guided_json": {"type": "object"}}, "guided_json"),
+        ({"prompt": "a", "include_stop_str_in_output": True}, "include_stop_str_in_output"),
+        ({"prompt": "a", "stop_token_ids": [1, "2"]}, "stop_token_ids"),
+        ({"prompt": "a", "stream_options": {"include_usage": True}}, "stream_options"),  # without stream
         ([1, 2], "body"),
     ],
 )
@@ -106,3 +115,35 @@ def test_shapes_match_openai():
     }
     full = ResponseShaper("completion", "m", "abc").full("t", "length", Usage(1, 1, 0))
     assert full["id"] == "cmpl-abc" and full["choices"][0]["text"] == "t" and full["object"] == "text_completion"
+
+
+def test_neutral_values_of_unimplemented_fields_are_accepted():
+    neutral = {"logprobs": False, "min_p": 0.0, "repetition_penalty": 1.0, "skip_special_tokens": True, "min_tokens": 0}
+    assert parse_request("completion", {"prompt": "a", **neutral}, 8).input.text == "a"
+
+
+def test_stop_token_ids_reach_the_engine():
+    assert parse_request("completion", {"prompt": "a", "stop_token_ids": [7, 9]}, 8).input.params.stop_token_ids == (
+        7,
+        9,
+    )
+
+
+@pytest.mark.parametrize(
+    "message, field",
+    [
+        ({"role": "user", "content": 0}, "messages[1].content"),
+        ({"role": "user", "content": {}}, "messages[1].content"),
+        ({"role": "user"}, "messages[1].content"),
+        ({"role": "assistant", "content": None, "tool_calls": [{"id": "c"}]}, "messages[1].tool_calls"),
+    ],
+)
+def test_a_message_the_template_would_misrender_is_refused(message, field):
+    with pytest.raises(InvalidRequestError) as e:
+        parse_request("chat", {"messages": USER + [message]}, 8)
+    assert e.value.field == field
+
+
+def test_an_assistant_turn_may_have_no_content():
+    req = parse_request("chat", {"messages": USER + [{"role": "assistant", "content": None}] + USER}, 8)
+    assert req.input.messages[1] == {"role": "assistant", "content": ""}
