@@ -237,14 +237,14 @@ def _main(argv: list[str] | None) -> int:
     log_format = os.environ.get("PDSERVE_LOG_FORMAT", "text")  # `serve` reads its config's log_format again
     logs.setup(args.log_level, log_format if log_format in logs.FORMATS else "text")
     from pdserve.client.errors import PdserveClientError
-    from pdserve.common.errors import InvalidRequestError, ModelNotFoundError
+    from pdserve.common.errors import InvalidRequestError, MissingModelError
 
     try:
         return args.func(args)
     except InvalidRequestError as e:
         print(f"pdserve: invalid request: {e}", file=sys.stderr)
         return 2
-    except ModelNotFoundError as e:  # a mistyped --model, or the default's package not installed
+    except MissingModelError as e:  # a mistyped --model, or the default's package not installed
         print(f"pdserve {args.command}: {e}", file=sys.stderr)
         return 2
     except SettingError as e:  # e.g. generate --local --kv-cache-gib -1

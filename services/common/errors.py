@@ -21,7 +21,7 @@ class InvalidRequestError(PdserveError, ValueError):
         self.reason = message
 
 
-class ModelNotFoundError(PdserveError, FileNotFoundError):
+class MissingModelError(PdserveError, FileNotFoundError):
     """The model asked for (`--model`, or the bundled default) can't be had here: no such directory,
     file or hub id, no weights in it, or the package or extras it needs are not installed."""
 

