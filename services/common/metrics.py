@@ -40,14 +40,18 @@ def _counter(name: str, description: str, unit: str = "1"):
     return _meter.create_counter(name, unit=unit, description=description)
 
 
+# A source's attributes, or what reads them at scrape time (an elastic worker's role changes).
+Attributes = dict[str, str] | Callable[[], dict[str, str]]
+
+
 class _Watched:
     """An observable instrument's sources: (weakly held object, reader, attributes)."""
 
     def __init__(self) -> None:
-        self._sources: list[tuple[weakref.ref, Callable[[Any], float], dict[str, str]]] = []
+        self._sources: list[tuple[weakref.ref, Callable[[Any], float], Attributes]] = []
         self._lock = threading.Lock()  # callbacks run on the exporter's HTTP thread
 
-    def add(self, obj: Any, read: Callable[[Any], float], attributes: dict[str, str]) -> None:
+    def add(self, obj: Any, read: Callable[[Any], float], attributes: Attributes) -> None:
         with self._lock:
             self._sources = [s for s in self._sources if s[0]() is not None]
             self._sources.append((weakref.ref(obj), read, attributes))
@@ -58,7 +62,7 @@ class _Watched:
         for ref, read, attributes in sources:
             obj = ref()
             if obj is not None:
-                yield Observation(read(obj), attributes)
+                yield Observation(read(obj), attributes() if callable(attributes) else attributes)
 
 
 def _observed(kind: str, name: str, description: str, unit: str = "1") -> _Watched:
@@ -151,7 +155,24 @@ TRANSFER_BYTES = _counter(
 TRANSFER_SECONDS = _histogram(
     "pdserve_kv_transfer_duration",
     "One send (a prefill chunk's blocks, or a KV store push) until the receiver has the bytes",
-    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
+    [
+        0.0005,
+        0.001,
+        0.0025,
+        0.005,
+        0.01,
+        0.025,
+        0.05,
+        0.1,
+        0.25,
+        0.5,
+        1.0,
+        2.5,
+        5.0,
+        10.0,
+        20.0,
+        30.0,
+    ],  # to the send timeout (30 s)
 )
 TRANSFER_FAILURES = _counter(
     "pdserve_kv_transfer_failures",
@@ -160,9 +181,13 @@ TRANSFER_FAILURES = _counter(
 )
 
 
-def watch_engine(engine: Any, *, worker_id: str, role: str) -> None:
-    """Export an engine's queue, batch, KV pool and prefix cache (its stats(), read at scrape time)."""
-    attributes = {"worker_id": worker_id, "role": role}
+def watch_engine(engine: Any, *, worker_id: str, role: Callable[[], str]) -> None:
+    """Export an engine's queue, batch, KV pool and prefix cache (its stats(), read at scrape time),
+    under the worker's role at that time."""
+
+    def attributes() -> dict[str, str]:
+        return {"worker_id": worker_id, "role": role()}
+
     _WAITING.add(engine, lambda e: e.stats().waiting, attributes)
     _RUNNING.add(engine, lambda e: e.stats().running, attributes)
     _BLOCKS_USED.add(engine, lambda e: (s := e.stats()).total_blocks - s.free_blocks, attributes)

@@ -60,7 +60,7 @@ class WorkerRuntime:
         self.services = [SERVICES[config.role]] if config.role in SERVICES else []  # health and reflection
         self.health = None
         self.registration = Registration(config.router, self.load_response, security=config)
-        metrics.watch_engine(self.engine, worker_id=self.worker_id, role=config.role)
+        metrics.watch_engine(self.engine, worker_id=self.worker_id, role=lambda: self.role)
 
     def load_response(self) -> pb.GetLoadResponse:
         eng = self.engine

@@ -29,7 +29,10 @@ def genai_attributes(pool: WorkerPool, model: str, chat: bool) -> dict[str, str]
     """A request's OpenTelemetry GenAI attributes: the operation, and the model it names
     (or, when it names none, the one served)."""
     served = served_models(pool)
-    return {genai.OPERATION: genai.operation_name(chat), genai.REQUEST_MODEL: model or (served[0] if served else "")}
+    # Only a served name: before any worker answers every name passes check_model, and a metric
+    # label fed from a client's string would grow a series per string.
+    named = model if model in served else ""
+    return {genai.OPERATION: genai.operation_name(chat), genai.REQUEST_MODEL: named or (served[0] if served else "")}
 
 
 def check_model(pool: WorkerPool, model: str | None) -> None:

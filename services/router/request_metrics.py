@@ -26,6 +26,12 @@ class RequestMetrics:
     slo_ttft_ms: float = 0.0
     slo_tpot_ms: float = 0.0
 
+    @staticmethod
+    def refused(error: Exception) -> None:
+        """A request refused before it was taken (a bad field, an unknown model, draining): counted by
+        its status, as a failure after it would be; no latency, which a refusal doesn't have."""
+        metrics.REQUESTS.add(1, {"outcome": status_code_for(error).name.lower()})
+
     async def observe(
         self, events: AsyncIterator[Event], attributes: Mapping[str, str] | None = None
     ) -> AsyncIterator[Event]:

@@ -164,12 +164,12 @@ class Router:
     def _recovering(self, progress: Progress, f: WorkerFailedError) -> None:
         """Count a failed attempt; raise once the request's budget is spent."""
         progress.failures.append(f)
-        self.recoveries[f.phase] += 1
         work = "prefill" if f.phase == Phase.PREFILL.value else "decode"
         if f.cause is not None and f.cause.code() is grpc.StatusCode.UNAVAILABLE and not f.worker.has_left(work):
             f.worker.healthy = False  # until the load poll reaches it again
         if len(progress.failures) > self.max_retries:
             raise self._gave_up(progress, f) from None
+        self.recoveries[f.phase] += 1  # retried elsewhere: a last failure counts as gave_up alone
         log.warning(
             "request %s: %s; retrying elsewhere (%d tokens already sent)",
             progress.request_id,

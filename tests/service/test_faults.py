@@ -145,6 +145,8 @@ async def test_when_the_retry_budget_is_spent_the_client_gets_the_error_not_a_ha
                 await asyncio.wait_for(_collect(suite.stub.Generate(_request(prompt, "doomed"))), 60)
         assert err.value.code() is grpc.StatusCode.ABORTED
         assert "after 1 attempts" in err.value.details() and "checksum mismatch" in err.value.details()
+        recoveries = suite.router.router.recoveries  # not retried: counted as given up, and only so
+        assert recoveries["gave_up"] == 1 and sum(n for phase, n in recoveries.items() if phase != "gave_up") == 0
         await pools_full(suite)
 
 

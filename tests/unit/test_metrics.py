@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent("""
     from pdserve.common import metrics
     from pdserve.common.engine.outputs import EngineStats
     from pdserve.common.engine.sequence import FinishReason
-    from pdserve.common.errors import CapacityExhaustedError, TransferFailedError
+    from pdserve.common.errors import CapacityExhaustedError, InvalidRequestError, TransferFailedError
     from pdserve.common.records import Route, Usage
     from pdserve.common.transfer import LoopbackKVReceiver, LoopbackKVSender
     from pdserve.kvstore.store import BlockStore
@@ -60,6 +60,7 @@ SCRIPT = textwrap.dedent("""
                 pass
         except CapacityExhaustedError:
             pass
+        RequestMetrics.refused(InvalidRequestError("temperature", "must be a number"))  # refused before it was taken
         events = observe(finished_stream())
         await anext(events)
         await events.aclose()  # the client went away after one token
@@ -91,7 +92,9 @@ SCRIPT = textwrap.dedent("""
     router.recoveries.update(decode=3, gave_up=1)
     metrics.PAIRS_SKIPPED.add(2, {"reason": "kv_wire_version"})  # router.plan.choose's count
     metrics.ROLE_SWITCHES.add(1, {"from": "prefill", "to": "decode", "reason": "balancer"})  # router.roles
-    metrics.watch_engine(engine, worker_id="decode-0", role="decode")
+    role = ["prefill"]  # an elastic worker, switched to decode before the scrape
+    metrics.watch_engine(engine, worker_id="decode-0", role=lambda: role[0])
+    role[0] = "decode"
     metrics.watch_store(store)
     metrics.watch_router(router)
 
@@ -165,6 +168,13 @@ def test_outcomes_count_finish_reasons_errors_and_cancels(samples):
     assert value(samples, "pdserve_requests_total", outcome="stop") == 1
     assert value(samples, "pdserve_requests_total", outcome="resource_exhausted") == 1
     assert value(samples, "pdserve_requests_total", outcome="cancelled") == 1
+    assert value(samples, "pdserve_requests_total", outcome="invalid_argument") == 1  # refused before it was taken
+    # ... with no duration: a refusal would pull the latency quantiles down as the system fails.
+    assert not [
+        s
+        for s in samples
+        if s[0].startswith("gen_ai_server_request_duration") and s[1].get("error_type") == "invalid_argument"
+    ]
 
 
 def test_slo_attainment_is_counted_per_objective(samples):
@@ -180,6 +190,7 @@ def test_transfers_count_bytes_and_failures_on_each_side(samples):
 
 
 def test_engine_store_and_router_state_is_read_at_scrape_time(samples):
+    # under the role the worker has then: the engine was watched as prefill, then switched
     worker = {"worker_id": "decode-0", "role": "decode"}
     assert value(samples, "pdserve_queue_depth", **worker) == 5
     assert value(samples, "pdserve_running_sequences", **worker) == 3

@@ -9,7 +9,9 @@ import json
 import aiohttp
 import pytest
 
+from pdserve.common import genai
 from pdserve.common.errors import CapacityExhaustedError, InvalidRequestError, NotReadyError
+from pdserve.router.models import genai_attributes
 from pdserve.router.openai_http import MAX_BODY_BYTES, ModelNotFoundError, OpenAIServer, error_response
 from pdserve.router.router import Router
 from pdserve.router.worker_pool import WorkerPool
@@ -120,6 +122,13 @@ async def test_an_unknown_model_id_is_openais_404():
             error = (await r.json())["error"]
     assert (error["code"], error["param"]) == ("model_not_found", "model")
     assert "org/no-such-model" in error["message"]
+
+
+def test_a_model_name_no_worker_serves_never_becomes_a_metric_label():
+    # Before any worker answers every name passes the model check; a label fed from the client's
+    # string would grow a series per string.
+    router = Router(WordTokenizer(), WorkerPool(), mode="colocated", max_model_len=64)
+    assert genai_attributes(router.pool, "fuzz-1234", chat=True)[genai.REQUEST_MODEL] == ""
 
 
 async def test_disabled_server_does_not_listen():
