@@ -12,6 +12,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Generic, TypeVar
 
+from pdserve.common import periodic
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -26,7 +28,8 @@ class Leases(Generic[T]):
         self.expired = 0
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._sweep(), name=f"{self.name}-lease-sweeper")
+        sweeper = f"{self.name}-lease-sweeper"
+        self._task = asyncio.create_task(periodic.every(self.interval_s, self._sweep, sweeper), name=sweeper)
 
     def stop(self) -> None:
         if self._task:
@@ -61,11 +64,12 @@ class Leases(Generic[T]):
         return iter(list(self._items))
 
     async def _sweep(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            now = time.time()
-            for key, (_, expires_at) in list(self._items.items()):
-                if expires_at < now:
-                    log.warning("%s lease %s expired unused; freeing it", self.name, key)
-                    self.expired += 1
+        now = time.time()
+        for key, (_, expires_at) in list(self._items.items()):
+            if expires_at < now:
+                log.warning("%s lease %s expired unused; freeing it", self.name, key)
+                try:
                     await self._release(key)
+                    self.expired += 1
+                except Exception:  # the others are still freed; this one is tried again next round
+                    log.exception("%s lease %s: its release failed", self.name, key)

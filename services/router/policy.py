@@ -36,7 +36,11 @@ class PrefixIndex:
     def size(self, worker_id: str) -> int:
         return len(self._by_worker.get(worker_id, ()))
 
-    def record(self, worker_id: str, hashes: list[bytes]) -> None:
+    def record(self, worker_id: str, hashes: list[bytes], known: set[str]) -> None:
+        """`hashes` sent to worker_id; the estimates of workers no longer `known` (gone, or back
+        under a new id: its cache went with it) are dropped, so ids that come and go don't pile up."""
+        for gone in self._by_worker.keys() - known - {worker_id}:
+            del self._by_worker[gone]
         held = self._by_worker.setdefault(worker_id, OrderedDict())
         for h in hashes:
             held[h] = None

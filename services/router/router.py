@@ -213,7 +213,7 @@ class Router:
                         timeout=progress.time_left(self.rpc_timeout_s),
                     )
                 )
-            self.index.record(decode.worker_id, plan.hashes)
+            self.index.record(decode.worker_id, plan.hashes, self.pool.worker_ids())
             async for ev in relay(progress, a):
                 yield ev
         except grpc.aio.AioRpcError as e:
@@ -261,7 +261,7 @@ class Router:
         self._measure_hop(progress, p.timing.prefill_ms)
         progress.timing.setdefault("queued_ms", p.timing.queued_ms)
         progress.timing.setdefault("prefill_ms", p.timing.prefill_ms)
-        self.index.record(prefill.worker_id, a.plan.hashes)
+        self.index.record(prefill.worker_id, a.plan.hashes, self.pool.worker_ids())
         progress.cached_tokens = max(progress.cached_tokens, r.num_cached_tokens, p.num_cached_tokens)
         return p
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from pdserve.common import metrics, model_loader
+from pdserve.common import metrics, model_loader, periodic
 from pdserve.common.server import add_health_and_reflection, bind, create_server, serve_until_stopped
 from pdserve.common.tokenizer import Tokenizer
 from pdserve.router.config import RouterConfig
@@ -71,6 +71,7 @@ class RouterRuntime:
         self.port = bind(self.server, config.host, config.port, config.server_credentials())
         self.health = None
         self._health_task: asyncio.Task | None = None
+        self._serving = False  # what health says: SERVING once the workers are reachable
         self.http = OpenAIServer(
             self.router,
             config.http_host or config.host,
@@ -95,20 +96,19 @@ class RouterRuntime:
             await asyncio.sleep(0.2)
             await self.pool.refresh()
         await self.health.set_serving(True)
-        self._health_task = asyncio.create_task(self._track_health(), name="router-health")
+        self._serving = True
+        track = periodic.every(self.config.load_poll_s, self._track_health, "router-health")
+        self._health_task = asyncio.create_task(track, name="router-health")
         if self.balancer:
             self.balancer.start()
 
     async def _track_health(self) -> None:
         """NOT_SERVING while no usable worker set is left, so probes and load
         balancers take this router out instead of sending it doomed requests."""
-        serving = True
-        while True:
-            await asyncio.sleep(self.config.load_poll_s)
-            ready = self.pool.ready(self.config.mode == "disaggregated")
-            if ready != serving:
-                serving = ready
-                await self.health.set_serving(ready)
+        ready = self.pool.ready(self.config.mode == "disaggregated")
+        if ready != self._serving:
+            self._serving = ready
+            await self.health.set_serving(ready)
 
     async def stop(self) -> None:
         if self._health_task:

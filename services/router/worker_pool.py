@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from pdserve.common import grpc_tracing
+from pdserve.common import grpc_tracing, periodic
 from pdserve.common.convert import ROLE_NAMES
 from pdserve.common.roles import TAKES
 from pdserve.common.security import OPEN, SecurityConfig
@@ -194,6 +194,9 @@ class WorkerPool:
             log.warning("worker %s silent for %.1fs: dropped", w.worker_id, now - w.last_seen)
             self.deregister(w.worker_id)
 
+    def worker_ids(self) -> set[str]:
+        return {w.worker_id for w in self.all}
+
     @property
     def all(self) -> list[WorkerHandle]:
         """Each worker once (an elastic worker in role both is in both groups)."""
@@ -243,14 +246,12 @@ class WorkerPool:
     async def start(self) -> None:
         await self.discover()
         await self.refresh()
-        self._task = asyncio.create_task(self._poll(), name="load-poll")
+        self._task = asyncio.create_task(periodic.every(self.poll_s, self._poll, "load-poll"), name="load-poll")
 
     async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_s)
-            self.expire()
-            await self.discover()
-            await self.refresh()
+        self.expire()
+        await self.discover()
+        await self.refresh()
 
     async def close(self) -> None:
         if self._task:

@@ -73,9 +73,19 @@ def test_cheapest_prefers_the_worker_holding_the_prefix():
     index = policy.PrefixIndex()
     a, b = _worker("a", "prefill", 2000, 20), _worker("b", "prefill", 2000, 20)
     hashes = [bytes([i]) for i in range(20)]
-    index.record("b", hashes)
+    index.record("b", hashes, {"a", "b"})
     choice = policy.cheapest([a, b], index, hashes, 20 * 16, 16)
     assert choice.worker is b and choice.cached_blocks == 20
+
+
+def test_the_prefix_estimates_of_workers_gone_from_the_pool_are_dropped():
+    # Worker ids that come and go (a Deployment's pod names) must not pile up, each up to
+    # 200,000 hashes; a worker back under its old id had lost its cache anyway.
+    index = policy.PrefixIndex()
+    hashes = [bytes([i]) for i in range(4)]
+    index.record("old-pod", hashes, {"old-pod"})
+    index.record("new-pod", hashes, {"new-pod"})  # old-pod deregistered meanwhile
+    assert index.size("old-pod") == 0 and index.size("new-pod") == 4
 
 
 def _fingerprinted(name: str, role: str, fingerprint: bytes) -> WorkerHandle:
