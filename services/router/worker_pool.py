@@ -147,9 +147,13 @@ class WorkerPool:
             for w in [w for w in self.all if w.discovered_by == target and w.target not in found]:
                 self.place(w, w.role, frozenset())  # no new requests; those in flight keep its channel until they end
                 log.info("discovery: %s worker at %s left %s", role, w.target, target)
-                task = asyncio.create_task(self._close_when_idle(w))
-                self._retiring[task] = w
-                task.add_done_callback(lambda t: self._retiring.pop(t, None))
+                self._close_when_idle_later(w)
+
+    def _close_when_idle_later(self, w: WorkerHandle) -> None:
+        """Close w's channel once its requests in flight end (closing it now would cancel them)."""
+        task = asyncio.create_task(self._close_when_idle(w))
+        self._retiring[task] = w
+        task.add_done_callback(lambda t: self._retiring.pop(t, None))
 
     async def _close_when_idle(self, w: WorkerHandle, limit_s: float = 600.0) -> None:
         deadline = time.monotonic() + limit_s
@@ -181,9 +185,11 @@ class WorkerPool:
         return True
 
     def deregister(self, worker_id: str) -> None:
+        """A worker that leaves: a draining one deregisters first, then finishes its requests within
+        its grace, so its channel stays open for them (closed at once, they were cut and retried)."""
         for w in [w for w in self.all if w.worker_id == worker_id]:
-            self.place(w, w.role, frozenset())
-            asyncio.ensure_future(w.channel.close())
+            self.place(w, w.role, frozenset())  # no new requests
+            self._close_when_idle_later(w)
             log.info("worker %s deregistered", worker_id)
 
     def expire(self) -> None:
@@ -192,7 +198,8 @@ class WorkerPool:
         now = time.monotonic()
         for w in [w for w in self.all if w.registered and now - w.last_seen > self.lease_ttl_s]:
             log.warning("worker %s silent for %.1fs: dropped", w.worker_id, now - w.last_seen)
-            self.deregister(w.worker_id)
+            self.place(w, w.role, frozenset())
+            asyncio.ensure_future(w.channel.close())  # at once: its calls in flight fail now and are retried
 
     def worker_ids(self) -> set[str]:
         return {w.worker_id for w in self.all}
