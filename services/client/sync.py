@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -45,6 +46,8 @@ class Client:
             )
 
         self._client = self._run(make())
+        # Dropped without close(): its channel closed and its thread ended, not left running.
+        weakref.finalize(self, _abandon, self._loop, self._client)
 
     def _run(self, coro: Any) -> Any:
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -76,6 +79,18 @@ class Client:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _abandon(loop: asyncio.AbstractEventLoop, client: AsyncClient) -> None:
+    """A dropped Client's end, scheduled, never awaited here: GC may run on the loop's own thread."""
+    if loop.is_closed():  # closed by close()
+        return
+
+    async def end() -> None:
+        await client.close()
+        loop.stop()
+
+    loop.call_soon_threadsafe(lambda: loop.create_task(end()))
 
 
 class SyncResponseStream:

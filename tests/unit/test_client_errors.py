@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import threading
 
 import grpc
@@ -225,3 +226,12 @@ async def test_sync_client(router):
 
     completion = await asyncio.to_thread(use)  # the server needs this loop free
     assert completion.text == "Hello"
+
+
+def test_a_sync_client_dropped_without_close_ends_its_thread():
+    client = sdk.Client("127.0.0.1:1")  # the channel connects lazily: nothing needs to listen
+    thread = client._thread
+    del client
+    gc.collect()
+    thread.join(10)
+    assert not thread.is_alive(), "a dropped Client left its loop's thread running"
