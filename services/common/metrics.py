@@ -132,6 +132,11 @@ _PREFIX_QUERIED = _observed(
 )
 _PREFIX_HIT = _observed("counter", "pdserve_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache")
 _PREEMPTIONS = _observed("counter", "pdserve_preemptions", "Sequences preempted for lack of KV blocks")
+_QUARANTINED = _observed(
+    "gauge",
+    "pdserve_kv_blocks_quarantined",
+    "KV blocks a transfer that could not be fenced might still write: never reused until a restart",
+)
 
 # ---- the KV store (observed) --------------------------------------------------------
 _STORE_LOOKUPS = _observed(
@@ -195,6 +200,7 @@ def watch_engine(engine: Any, *, worker_id: str, role: Callable[[], str]) -> Non
     _PREFIX_QUERIED.add(engine, lambda e: e.stats().prefix_queries, attributes)
     _PREFIX_HIT.add(engine, lambda e: e.stats().prefix_hits, attributes)
     _PREEMPTIONS.add(engine, lambda e: e.stats().preemptions, attributes)
+    _QUARANTINED.add(engine, lambda e: e.stats().quarantined_blocks, attributes)
 
 
 def watch_router(router: Any) -> None:

@@ -271,6 +271,7 @@ class DecodeWorker:
         safe = await self.receiver.cancel(request_id)
         if not safe:  # data might still land: never hand these blocks to anyone
             log.error("transfer %s could not be fenced; quarantining %d blocks", request_id, len(r.dest_block_ids))
+            await self.engine.quarantine(request_id)  # no longer a reservation: admission stops counting it
             return True
         return await self.engine.release(request_id)
 

@@ -130,6 +130,25 @@ async def test_a_release_that_overtakes_its_reserve_frees_the_reservation_as_it_
         assert await worker.release("r-next") is True
 
 
+async def test_a_transfer_that_cannot_be_fenced_quarantines_its_blocks_and_frees_its_queue_slot(smollm2, monkeypatch):
+    # A sender that died mid-message: its receive may still write, so the blocks are never reused;
+    # but the reservation stops counting against the queue (max_queue refused everything once
+    # enough of them had piled up).
+    async with inprocess_suite(smollm2) as suite:
+        worker = suite.decode_workers[0]
+        r = await worker.reserve("r-unfenced", list(range(40)), worker.spec.fingerprint, lease_ms=600_000)
+
+        async def cannot_fence(transfer_id: str) -> bool:
+            return False
+
+        monkeypatch.setattr(worker.receiver, "cancel", cannot_fence)
+        assert await worker.release("r-unfenced") is True
+        stats = worker.engine.stats()
+        assert stats.reserved == 0 and worker.active_reservations == 0
+        assert stats.quarantined_blocks == len(r.dest_block_ids)
+        assert stats.free_blocks == stats.total_blocks - len(r.dest_block_ids)
+
+
 async def test_a_client_gone_just_as_decode_is_called_leaves_no_reservation_behind(smollm2):
     # Right after the first token the router opens the Decode stream; a cancel a few loop
     # turns later can reach the worker before the call does, or the call never leaves.

@@ -84,6 +84,10 @@ class AsyncEngine:
         """Free a request's blocks (a reservation or a held request), between steps."""
         return await self.call(self.engine.release, request_id)
 
+    async def quarantine(self, request_id: str) -> None:
+        """Engine.quarantine, between steps."""
+        await self.call(self.engine.quarantine, request_id)
+
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="engine-loop")
 

@@ -64,6 +64,7 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}  # in the scheduler
         self._reserved: dict[str, Request] = {}  # blocks reserved, KV arriving from a prefill worker
         self._held: dict[str, Sequence] = {}  # finished, blocks kept until release()
+        self.quarantined_blocks = 0  # never reused: KV might still land in them (quarantine())
         self._ids = itertools.count()
         self.computed_tokens = 0
 
@@ -193,6 +194,11 @@ class LLMEngine:
         self.blocks.free(seq)
         return True
 
+    def quarantine(self, request_id: str) -> None:
+        """Drop a reservation whose transfer could not be fenced (data might still land): it stops
+        counting as one, and its blocks are never freed, so nothing else is ever written there."""
+        self.quarantined_blocks += len(self._reserved.pop(request_id).seq.block_table)
+
     def abort(self, request_id: str) -> None:
         if request_id in self._reserved:
             self.release(request_id)
@@ -285,4 +291,5 @@ class LLMEngine:
             prefix_hits=self.blocks.prefix_hits,
             computed_tokens=self.computed_tokens,
             preemptions=self.scheduler.num_preemptions,
+            quarantined_blocks=self.quarantined_blocks,
         )
