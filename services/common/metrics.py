@@ -40,18 +40,16 @@ def _counter(name: str, description: str, unit: str = "1"):
     return _meter.create_counter(name, unit=unit, description=description)
 
 
-# A source's attributes, or what reads them at scrape time (an elastic worker's role changes).
-Attributes = dict[str, str] | Callable[[], dict[str, str]]
-
-
 class _Watched:
     """An observable instrument's sources: (weakly held object, reader, attributes)."""
 
     def __init__(self) -> None:
-        self._sources: list[tuple[weakref.ref, Callable[[Any], float], Attributes]] = []
+        self._sources: list[tuple[weakref.ref, Callable[[Any], float], dict[str, str]]] = []
         self._lock = threading.Lock()  # callbacks run on the exporter's HTTP thread
 
-    def add(self, obj: Any, read: Callable[[Any], float], attributes: Attributes) -> None:
+    def add(self, obj: Any, read: Callable[[Any], float], attributes: dict[str, str]) -> None:
+        """`attributes` is read at each scrape (its owner may change it: an elastic worker's role);
+        nothing here may hold `obj` strongly, or a dropped engine would never be collected."""
         with self._lock:
             self._sources = [s for s in self._sources if s[0]() is not None]
             self._sources.append((weakref.ref(obj), read, attributes))
@@ -62,7 +60,7 @@ class _Watched:
         for ref, read, attributes in sources:
             obj = ref()
             if obj is not None:
-                yield Observation(read(obj), attributes() if callable(attributes) else attributes)
+                yield Observation(read(obj), dict(attributes))  # as it is now
 
 
 def _observed(kind: str, name: str, description: str, unit: str = "1") -> _Watched:
@@ -186,21 +184,20 @@ TRANSFER_FAILURES = _counter(
 )
 
 
-def watch_engine(engine: Any, *, worker_id: str, role: Callable[[], str]) -> None:
+def watch_engine(engine: Any, labels: dict[str, str]) -> None:
     """Export an engine's queue, batch, KV pool and prefix cache (its stats(), read at scrape time),
-    under the worker's role at that time."""
-
-    def attributes() -> dict[str, str]:
-        return {"worker_id": worker_id, "role": role()}
-
-    _WAITING.add(engine, lambda e: e.stats().waiting, attributes)
-    _RUNNING.add(engine, lambda e: e.stats().running, attributes)
-    _BLOCKS_USED.add(engine, lambda e: (s := e.stats()).total_blocks - s.free_blocks, attributes)
-    _BLOCKS_TOTAL.add(engine, lambda e: e.stats().total_blocks, attributes)
-    _PREFIX_QUERIED.add(engine, lambda e: e.stats().prefix_queries, attributes)
-    _PREFIX_HIT.add(engine, lambda e: e.stats().prefix_hits, attributes)
-    _PREEMPTIONS.add(engine, lambda e: e.stats().preemptions, attributes)
-    _QUARANTINED.add(engine, lambda e: e.stats().quarantined_blocks, attributes)
+    under `labels` (worker_id and role) as they are then: an elastic worker changes its role there."""
+    for watched, read in (
+        (_WAITING, lambda e: e.stats().waiting),
+        (_RUNNING, lambda e: e.stats().running),
+        (_BLOCKS_USED, lambda e: (s := e.stats()).total_blocks - s.free_blocks),
+        (_BLOCKS_TOTAL, lambda e: e.stats().total_blocks),
+        (_PREFIX_QUERIED, lambda e: e.stats().prefix_queries),
+        (_PREFIX_HIT, lambda e: e.stats().prefix_hits),
+        (_PREEMPTIONS, lambda e: e.stats().preemptions),
+        (_QUARANTINED, lambda e: e.stats().quarantined_blocks),
+    ):
+        watched.add(engine, read, labels)
 
 
 def watch_router(router: Any) -> None:

@@ -60,7 +60,8 @@ class WorkerRuntime:
         self.services = [SERVICES[config.role]] if config.role in SERVICES else []  # health and reflection
         self.health = None
         self.registration = Registration(config.router, self.load_response, security=config)
-        metrics.watch_engine(self.engine, worker_id=self.worker_id, role=lambda: self.role)
+        self.labels = {"worker_id": self.worker_id, "role": config.role}  # the metrics' (set_role changes it)
+        metrics.watch_engine(self.engine, self.labels)
 
     def load_response(self) -> pb.GetLoadResponse:
         eng = self.engine
@@ -70,7 +71,7 @@ class WorkerRuntime:
         return pb.GetLoadResponse(info=self.info, load=load)
 
     def set_role(self, role: str, epoch: int) -> None:
-        self.role = role
+        self.role = self.labels["role"] = role
         self.info.role = convert.ROLES[role]
         self.info.role_epoch = epoch
 

@@ -92,9 +92,9 @@ SCRIPT = textwrap.dedent("""
     router.recoveries.update(decode=3, gave_up=1)
     metrics.PAIRS_SKIPPED.add(2, {"reason": "kv_wire_version"})  # router.plan.choose's count
     metrics.ROLE_SWITCHES.add(1, {"from": "prefill", "to": "decode", "reason": "balancer"})  # router.roles
-    role = ["prefill"]  # an elastic worker, switched to decode before the scrape
-    metrics.watch_engine(engine, worker_id="decode-0", role=lambda: role[0])
-    role[0] = "decode"
+    labels = {"worker_id": "decode-0", "role": "prefill"}
+    metrics.watch_engine(engine, labels)
+    labels["role"] = "decode"  # an elastic worker, switched before the scrape
     metrics.watch_store(store)
     metrics.watch_router(router)
 
