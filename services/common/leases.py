@@ -65,8 +65,10 @@ class Leases(Generic[T]):
 
     async def _sweep(self) -> None:
         now = time.time()
-        for key, (_, expires_at) in list(self._items.items()):
-            if expires_at < now:
+        for key in list(self._items):
+            # Looked up again: a release awaited before this one may have let it be claimed (or freed).
+            current = self._items.get(key)
+            if current is not None and current[1] < now:
                 log.warning("%s lease %s expired unused; freeing it", self.name, key)
                 try:
                     await self._release(key)

@@ -82,7 +82,8 @@ class KVStoreService:
         except BaseException:  # a cancel too: the claimed lease no longer expires
             await self.release(transfer_id)
             raise
-        self._writes.pop(transfer_id)
+        if self._writes.pop(transfer_id) is None:  # released meanwhile: its slots may be another write's now
+            raise NotFoundError(f"write {transfer_id!r} was released before it was committed")
         n = self.store.commit(hashes)
         tracing.annotate(blocks_committed=n)
         return n

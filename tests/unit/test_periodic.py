@@ -47,3 +47,27 @@ async def test_a_lease_whose_release_fails_leaves_the_others_freed_and_is_tried_
         leases.stop()
     assert released[0] == "good" and set(released) == {"good", "bad"} and attempts["bad"] == 2
     assert leases.expired == 2 and len(leases) == 0
+
+
+async def test_a_lease_claimed_while_the_sweeper_awaits_another_release_is_not_freed():
+    # The KV store's commit claims its write lease; a sweep that had seen it expired, and was
+    # meanwhile awaiting another lease's release (up to seconds: a UCX fence), must not free it.
+    released, claimed = [], asyncio.Event()
+
+    async def release(key: str) -> None:
+        if key == "slow":
+            leases.claim("committing")  # what CommitWrite does, while this release is awaited
+            claimed.set()
+        leases.pop(key)
+        released.append(key)
+
+    leases: Leases[int] = Leases(release, "test", interval_s=0.01)
+    leases.add("slow", 1, ttl_s=0.0)
+    leases.add("committing", 2, ttl_s=0.0)
+    leases.start()
+    try:
+        await asyncio.wait_for(claimed.wait(), 5)
+        await asyncio.sleep(0.1)  # several more sweeps
+    finally:
+        leases.stop()
+    assert released == ["slow"] and leases.get("committing") == 2
