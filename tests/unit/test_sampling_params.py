@@ -25,6 +25,11 @@ from pdserve.common.errors import InvalidRequestError
         ({"seed": -(2**63) - 1}, "seed"),
         ({"stop": [""]}, "stop"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        # Bounded, as each is matched at every token (3M stop strings blocked the router 0.7 s a token).
+        ({"stop": ["x"] * 65}, "stop"),
+        ({"stop": ["x" * 1025]}, "stop"),
+        ({"stop_token_ids": list(range(65))}, "stop_token_ids"),
+        ({"stop_token_ids": [True]}, "stop_token_ids"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs, field):

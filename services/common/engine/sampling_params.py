@@ -22,6 +22,10 @@ def without_vllm_offs(name: str, value: object) -> object:
     return value
 
 
+MAX_STOP = 64  # stop strings, and stop token ids (OpenAI takes 4 strings; vLLM has no limit)
+MAX_STOP_CHARS = 1024
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 64
@@ -62,5 +66,10 @@ class SamplingParams:
             raise InvalidRequestError("seed_offset", f"must be an integer in [0, 2**32), got {self.seed_offset!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequestError("stop", "stop strings must be non-empty strings")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+        # Bounded: each is matched at every token, on the router's event loop and in the engine's step.
+        if len(self.stop) > MAX_STOP or any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise InvalidRequestError("stop", f"at most {MAX_STOP} stop strings of at most {MAX_STOP_CHARS} characters")
+        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.stop_token_ids):
             raise InvalidRequestError("stop_token_ids", "must be non-negative integers")
+        if len(self.stop_token_ids) > MAX_STOP:
+            raise InvalidRequestError("stop_token_ids", f"at most {MAX_STOP} token ids")
