@@ -12,6 +12,7 @@ import time
 import grpc
 
 from pdserve.common import security
+from pdserve.common.auth import AUTHORIZATION_KEY, TOKEN_KEY
 from pdserve.launcher import run_state
 from pdserve.v1 import router_pb2
 from pdserve.v1.router_pb2_grpc import RouterStub
@@ -61,9 +62,12 @@ def _port(target: str) -> int:
 
 def list_workers(target: str, timeout: float = 3.0) -> list[router_pb2.WorkerStatus] | None:
     """The router's view of its workers; None when the router does not answer."""
+    key = os.environ.get("PDSERVE_API_KEY")  # ListWorkers is client-facing: the router's API key, as the SDK's
+    metadata = ((AUTHORIZATION_KEY, f"Bearer {key}"),) if key else ()
     with security.dial(target, security.from_environment(os.environ).client_tls(), sync=True) as channel:
         try:
-            return list(RouterStub(channel).ListWorkers(router_pb2.ListWorkersRequest(), timeout=timeout).workers)
+            request = router_pb2.ListWorkersRequest()
+            return list(RouterStub(channel).ListWorkers(request, timeout=timeout, metadata=metadata).workers)
         except grpc.RpcError:
             return None
 
@@ -157,9 +161,12 @@ def run_role(args: argparse.Namespace) -> int:
     request = router_pb2.SetWorkerRoleRequest(
         worker_id=args.worker, role=f"WORKER_ROLE_{args.role.upper()}", drain_timeout_ms=int(args.drain_timeout * 1000)
     )
-    with security.from_environment(os.environ).dial(args.target, sync=True) as channel:
+    config = security.from_environment(os.environ)
+    # The internal token per call: a blocking channel takes no per-channel metadata.
+    metadata = ((TOKEN_KEY, config.internal_token),) if config.internal_token else ()
+    with security.dial(args.target, config.client_tls(), sync=True) as channel:
         try:
-            r = RouterStub(channel).SetWorkerRole(request, timeout=args.drain_timeout + 15)
+            r = RouterStub(channel).SetWorkerRole(request, timeout=args.drain_timeout + 15, metadata=metadata)
         except grpc.RpcError as e:
             print(f"pdserve role: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1

@@ -10,6 +10,7 @@ client use), one for an end user, and a rogue CA with a certificate of its own.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import datetime
 import ipaddress
@@ -32,6 +33,7 @@ from pdserve.common.security import TLS, TOKEN_KEY, SecurityConfig, dial
 from pdserve.common.server import add_health_service
 from pdserve.kvstore import serve as kvstore_serve
 from pdserve.kvstore.config import KVStoreConfig
+from pdserve.launcher import status
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import decode_pb2_grpc, kvstore_pb2_grpc, router_pb2_grpc
 from pdserve.v1 import kvstore_pb2 as kpb
@@ -318,6 +320,21 @@ async def test_only_a_caller_with_the_internal_token_may_switch_a_worker_s_role(
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await router_pb2_grpc.RouterStub(channel).SetWorkerRole(request, metadata=((TOKEN_KEY, TOKEN),), timeout=10)
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_the_operator_commands_send_the_key_and_the_token_from_the_environment(suite, pki, monkeypatch, capsys):
+    """`pdserve status` lists the workers with PDSERVE_API_KEY (ListWorkers is client-facing);
+    `pdserve role` reaches the router's own checks with PDSERVE_INTERNAL_TOKEN (it raised
+    ValueError: a blocking channel took no per-channel metadata)."""
+    svc = pki["service"]
+    for name, value in (("TLS_CA", svc.ca), ("TLS_CERT", svc.cert), ("TLS_KEY", svc.key), ("INTERNAL_TOKEN", TOKEN)):
+        monkeypatch.setenv(f"PDSERVE_{name}", value)
+    monkeypatch.setenv("PDSERVE_API_KEY", API_KEY)
+    workers = await asyncio.to_thread(status.list_workers, _router(suite), 10.0)
+    assert workers and "decode-0" in {w.info.worker_id for w in workers}
+    args = argparse.Namespace(target=_router(suite), worker="decode-0", role="prefill", drain_timeout=1.0)
+    assert await asyncio.to_thread(status.run_role, args) == 1
+    assert "FAILED_PRECONDITION" in capsys.readouterr().err  # decode-0 is not elastic: the router said so
 
 
 async def test_a_worker_with_the_token_and_a_certificate_registers_and_leaves(suite, pki):
