@@ -101,7 +101,8 @@ class Router:
         self.inflight += 1
         try:
             ids = await self.tokenize(inp)
-            self.on_admitted(len(ids), inp.params.max_tokens)
+            # What can be generated: the window ends any request (the balancer simulates this many steps).
+            self.on_admitted(len(ids), min(inp.params.max_tokens, self.max_model_len - len(ids)))
             rid = inp.request_id or uuid.uuid4().hex
             progress = Progress(
                 rid,

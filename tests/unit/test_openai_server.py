@@ -10,9 +10,11 @@ import aiohttp
 import pytest
 
 from pdserve.common import genai
+from pdserve.common.engine.sampling_params import SamplingParams
 from pdserve.common.errors import CapacityExhaustedError, InvalidRequestError, NotReadyError
 from pdserve.router.models import genai_attributes
 from pdserve.router.openai_http import MAX_BODY_BYTES, ModelNotFoundError, OpenAIServer, error_response
+from pdserve.router.prompt import GenerateInput
 from pdserve.router.router import Router
 from pdserve.router.worker_pool import WorkerPool
 
@@ -159,3 +161,15 @@ def test_errors_map_to_openai_statuses(exc, status, param, code):
     error = json.loads(r.text)["error"]
     assert (r.status, error["param"], error["code"]) == (status, param, code)
     assert "secret" not in error["message"]
+
+
+async def test_the_balancer_hears_what_a_request_can_generate_not_the_max_tokens_it_asked():
+    # max_tokens may be 2**32 - 1: the balancer simulates one step per token, so it would never end.
+    router = Router(WordTokenizer(), WorkerPool(), mode="colocated", max_model_len=64)
+    heard = []
+    router.on_admitted = lambda prompt, max_tokens: heard.append((prompt, max_tokens))
+    inp = GenerateInput(SamplingParams(max_tokens=2**32 - 1), text="a b c d")
+    with pytest.raises(NotReadyError):  # no worker: refused after it was admitted
+        async for _ in router.generate(inp):
+            pass
+    assert heard == [(4, 60)]
