@@ -50,6 +50,11 @@ class TransferFailedError(PdserveError):
     """A KV transfer failed (peer gone, bad ticket, size or checksum mismatch)."""
 
 
+class TransferUnfencedError(TransferFailedError):
+    """A cancelled transfer whose receives could not be drained: data might still land in its blocks,
+    so their holder quarantines them (never reuses them) rather than freeing them."""
+
+
 class TransferTimeoutError(TransferFailedError):
     """A KV transfer did not complete before its deadline."""
 

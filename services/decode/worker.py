@@ -14,7 +14,7 @@ from pdserve.common.admission import Admission
 from pdserve.common.engine.async_engine import AsyncEngine
 from pdserve.common.engine.outputs import RequestOutput
 from pdserve.common.engine.sampling_params import SamplingParams
-from pdserve.common.errors import NotFoundError, TransferFailedError, TransferTimeoutError
+from pdserve.common.errors import NotFoundError, TransferFailedError, TransferTimeoutError, TransferUnfencedError
 from pdserve.common.kv.hashing import block_hashes
 from pdserve.common.kv.prefix_reuse import admit_from_store, offer_to_store
 from pdserve.common.kv.store_client import StoreClient
@@ -125,6 +125,9 @@ class DecodeWorker:
             first = await self._load_from_store(prompt, seq.block_table, seq.num_cached_tokens // bs)
             dest = seq.block_table[first:]
             ticket = self.receiver.expect(request_id, [pool.block(b) for b in dest])
+        except TransferUnfencedError:  # the store's bytes may still land: its blocks are never reused
+            await asyncio.shield(self.engine.quarantine(request_id))
+            raise
         except BaseException:
             await asyncio.shield(self.engine.release(request_id))
             raise

@@ -76,6 +76,40 @@ async def test_decode_worker_loads_the_history_from_the_store_and_receives_only_
         assert last.usage.cached_tokens >= 600 // 16 * 16
 
 
+async def test_a_store_push_that_cannot_be_fenced_quarantines_the_reservation_and_the_worker_serves_on(
+    smollm2, monkeypatch
+):
+    # The store died mid-message while pushing a prefix: its bytes may still land, so those blocks
+    # are never reused (freed, the next request's KV could be overwritten); the request fails over.
+    _, model, tokenizer = smollm2
+    turn1 = text_of_tokens(tokenizer, 300)
+    async with inprocess_suite(
+        smollm2, store_blocks=256, prefill_kw=NO_LOCAL_CACHE, decode_kw={"use_store": True, **NO_LOCAL_CACHE}
+    ) as suite:
+        answer, _ = await _collect(suite.stub, _request(turn1, "t1"))
+        await _settled(suite, 300 // 16)
+        worker = suite.decode_workers[0]
+        receiver, real = worker.store.receiver, worker.store.receiver.cancel
+        unfenced = []
+
+        async def cancel_once_unfenced(transfer_id: str) -> bool:
+            if transfer_id.startswith("r-") and not unfenced:  # the store client's read
+                unfenced.append(transfer_id)
+                await real(transfer_id)
+                return False
+            return await real(transfer_id)
+
+        monkeypatch.setattr(receiver, "cancel", cancel_once_unfenced)
+        turn2 = turn1 + answer + text_of_tokens(tokenizer, 40, offset=3)
+        with pytest.raises(grpc.aio.AioRpcError) as failed:  # one decode worker: no other to retry on
+            await _collect(suite.stub, _request(turn2, "t2"))
+        assert failed.value.code() is grpc.StatusCode.ABORTED and "could not be fenced" in failed.value.details()
+        stats = worker.engine.stats()
+        assert unfenced and stats.quarantined_blocks >= 300 // 16 and stats.reserved == 0
+        tokens, _ = await _collect(suite.stub, _request(turn2, "t2-again"))  # the worker serves on
+        assert tokens == transformers_greedy(model, turn2, 10)
+
+
 async def test_a_decode_worker_prefilling_locally_reads_the_store_and_writes_the_conversation_back(smollm2):
     # The router's cost model sends short prompts to the decode worker to prefill there
     # ("always" here): turn 2 starts from turn 1's prompt and reply, which the decode

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pdserve.common.engine.async_engine import AsyncEngine
 from pdserve.common.engine.sampling_params import SamplingParams
 from pdserve.common.engine.sequence import Sequence
+from pdserve.common.errors import TransferUnfencedError
 from pdserve.common.kv.hashing import block_hashes
 from pdserve.common.kv.store_client import StoreClient
 
@@ -30,7 +31,8 @@ async def admit_from_store(
     """Queue the prompt after loading what the store has beyond the local prefix
     cache; returns the prompt tokens the store provided. `reserve` runs on the
     engine's loop (with the caller's admission check); on any failure the
-    reservation is released before the error propagates."""
+    reservation is released (quarantined, if the store's push could not be fenced)
+    before the error propagates."""
     bs = engine.block_size
     seq = await engine.call(reserve, request_id, prompt)
     try:
@@ -39,6 +41,9 @@ async def admit_from_store(
         dest = [engine.pool.block(b) for b in seq.block_table[: len(hashes)]]
         n = await store.load_prefix(hashes, dest, seq.num_cached_tokens // bs)
         await engine.resume(request_id, n * bs, params, hold_blocks=hold_blocks)
+    except TransferUnfencedError:  # the store's bytes may still land: its blocks are never reused
+        await engine.quarantine(request_id)
+        raise
     except BaseException:
         await engine.release(request_id)
         raise

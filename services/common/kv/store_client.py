@@ -11,6 +11,7 @@ import logging
 import uuid
 
 from pdserve.common import grpc_tracing, tracing
+from pdserve.common.errors import TransferUnfencedError
 from pdserve.common.security import OPEN, SecurityConfig
 from pdserve.common.transfer.base import KVReceiver, KVSender, TransferTicket
 from pdserve.v1 import common_pb2 as pb
@@ -89,8 +90,8 @@ class StoreClient:
             log.warning("KV store %s: prefix load failed, computing instead: %s", self.target, e)
             return have
         finally:
-            if tid is not None:
-                await self.receiver.cancel(tid)
+            if tid is not None and not await self.receiver.cancel(tid):  # the store's push may still land
+                raise TransferUnfencedError(f"prefix load {tid}: the store's push could not be fenced")
 
     async def store_blocks(self, hashes: list[bytes], src: list) -> int:
         """Offer full, computed blocks (in sequence order); returns how many the store took."""
