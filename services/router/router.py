@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -16,7 +17,7 @@ import grpc
 
 from pdserve.common import convert, tracing
 from pdserve.common.engine.detokenizer import IncrementalDetokenizer
-from pdserve.common.errors import CapacityExhaustedError, NotReadyError
+from pdserve.common.errors import CapacityExhaustedError, InvalidRequestError, NotReadyError
 from pdserve.common.grpc_errors import relayed_error
 from pdserve.router import policy
 from pdserve.router.attempt import Attempt, Phase, Plan, Progress
@@ -32,6 +33,18 @@ from pdserve.v1 import prefill_pb2 as ppb
 log = logging.getLogger(__name__)
 _spans = tracing.Spans("router", service="router")
 _LEASE_MARGIN_S = 10.0  # a decode reservation outlives the Prefill call by this: time to send Decode
+
+
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces: it goes into every log line
+
+
+def check_request_id(request_id: str, in_flight: set[str]) -> str:
+    """A client's request id, if it may be used ("" if none was given); InvalidRequestError if not."""
+    if request_id and not _REQUEST_ID.fullmatch(request_id):
+        raise InvalidRequestError("request_id", "must be 1 to 128 printable ASCII characters, without spaces")
+    if request_id in in_flight:  # a second one would release the first's reservations on the workers
+        raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
+    return request_id
 
 
 class Router:
@@ -60,6 +73,7 @@ class Router:
         self.local_prefill = local_prefill  # auto (cost model), always, never
         self.prompts = PromptEncoder(tokenizer, max_model_len)
         self.inflight = 0
+        self._ids_in_flight: set[str] = set()  # the workers know a request by its id: one at a time
         self.index = policy.PrefixIndex()
         self.hop_ms = 0.0  # measured extra latency of the disaggregated path
         self.decisions: collections.Counter[str] = collections.Counter()
@@ -98,12 +112,13 @@ class Router:
         # Admission first: a refused request costs nothing, not even its tokenization.
         if self.inflight >= self.max_inflight:
             raise CapacityExhaustedError(f"router at capacity ({self.max_inflight} requests in flight)")
+        rid = check_request_id(inp.request_id, self._ids_in_flight) or uuid.uuid4().hex
         self.inflight += 1
+        self._ids_in_flight.add(rid)
         try:
             ids = await self.tokenize(inp)
             # What can be generated: the window ends any request (the balancer simulates this many steps).
             self.on_admitted(len(ids), min(inp.params.max_tokens, self.max_model_len - len(ids)))
-            rid = inp.request_id or uuid.uuid4().hex
             progress = Progress(
                 rid,
                 ids,
@@ -161,6 +176,7 @@ class Router:
             raise relayed_error(e) from None
         finally:
             self.inflight -= 1
+            self._ids_in_flight.discard(rid)
 
     def _recovering(self, progress: Progress, f: WorkerFailedError) -> None:
         """Count a failed attempt; raise once the request's budget is spent."""

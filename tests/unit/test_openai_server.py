@@ -15,7 +15,7 @@ from pdserve.common.errors import CapacityExhaustedError, InvalidRequestError, N
 from pdserve.router.models import genai_attributes
 from pdserve.router.openai_http import MAX_BODY_BYTES, ModelNotFoundError, OpenAIServer, error_response
 from pdserve.router.prompt import GenerateInput
-from pdserve.router.router import Router
+from pdserve.router.router import Router, check_request_id
 from pdserve.router.worker_pool import WorkerPool
 
 
@@ -173,3 +173,20 @@ async def test_the_balancer_hears_what_a_request_can_generate_not_the_max_tokens
         async for _ in router.generate(inp):
             pass
     assert heard == [(4, 60)]
+
+
+@pytest.mark.parametrize("request_id", ["a b", "line\nfeed", "x" * 129, "caf\u00e9"])
+async def test_a_request_id_that_would_garble_the_logs_is_refused(request_id):
+    router = Router(WordTokenizer(), WorkerPool(), mode="colocated", max_model_len=64)
+    with pytest.raises(InvalidRequestError) as e:
+        async for _ in router.generate(GenerateInput(SamplingParams(), text="a", request_id=request_id)):
+            pass
+    assert e.value.field == "request_id"
+
+
+def test_a_request_id_already_in_flight_is_refused():
+    # On the workers a second request under the same id would release the first one's reservation.
+    assert check_request_id("mine-1", {"other"}) == "mine-1" and check_request_id("", {"x"}) == ""
+    with pytest.raises(InvalidRequestError, match="already in flight") as e:
+        check_request_id("mine-1", {"mine-1"})
+    assert e.value.field == "request_id"
