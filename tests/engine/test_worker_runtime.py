@@ -11,7 +11,7 @@ from pdserve.common.worker_config import WorkerConfig
 from pdserve.common.worker_runtime import WorkerRuntime
 
 
-def test_a_dropped_worker_runtime_lets_its_engine_be_collected(tiny_model_dir):
+async def test_a_dropped_worker_runtime_lets_its_engine_be_collected(tiny_model_dir):  # grpc.aio needs a loop
     config = WorkerConfig(model=str(tiny_model_dir), port=0, num_kv_blocks=16, warm_up=False)
     runtime = WorkerRuntime(config)
     runtime.set_role("decode", 1)  # an elastic worker's role, in the metrics' labels
