@@ -158,24 +158,8 @@ TRANSFER_BYTES = _counter(
 TRANSFER_SECONDS = _histogram(
     "pdserve_kv_transfer_duration",
     "One send (a prefill chunk's blocks, or a KV store push) until the receiver has the bytes",
-    [
-        0.0005,
-        0.001,
-        0.0025,
-        0.005,
-        0.01,
-        0.025,
-        0.05,
-        0.1,
-        0.25,
-        0.5,
-        1.0,
-        2.5,
-        5.0,
-        10.0,
-        20.0,
-        30.0,
-    ],  # to the send timeout (30 s)
+    # to the send timeout (30 s)
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0],
 )
 TRANSFER_FAILURES = _counter(
     "pdserve_kv_transfer_failures",

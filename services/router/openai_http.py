@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from pdserve.common import genai, tracing
-from pdserve.common.errors import NotReadyError, PdserveError, UnauthenticatedError
+from pdserve.common.errors import NotReadyError, UnauthenticatedError
 from pdserve.common.security import ApiKeys
 from pdserve.router.models import ModelNotFoundError, check_model, served_models
 from pdserve.router.openai_errors import (
@@ -153,13 +153,10 @@ class OpenAIServer:
         sent = False  # the whole stream, [DONE] and its end included
         try:
             async with self.shutdown.scope():  # cut at the grace's end: ShuttingDownError
-                try:
+                with self.measured.refusals():
                     self.shutdown.admit()
                     req = parse_request(kind, await json_body(request), self.default_max_tokens)
                     check_model(self.router.pool, req.model)
-                except PdserveError as e:
-                    self.measured.refused(e)
-                    raise
                 # Its model: the one named, or the one served.
                 attributes = self.router.genai_attributes(req.input)
                 shaper = ResponseShaper(kind, attributes[genai.REQUEST_MODEL], req.input.request_id, req.include_usage)

@@ -8,10 +8,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 
 from pdserve.common import logs, metrics
+from pdserve.common.errors import PdserveError
 from pdserve.common.grpc_errors import status_code_for
 from pdserve.common.records import Route, Usage
 from pdserve.router.router import Event
@@ -27,10 +28,16 @@ class RequestMetrics:
     slo_tpot_ms: float = 0.0
 
     @staticmethod
-    def refused(error: Exception) -> None:
-        """A request refused before it was taken (a bad field, an unknown model, draining): counted by
-        its status, as a failure after it would be; no latency, which a refusal doesn't have."""
-        metrics.REQUESTS.add(1, {"outcome": status_code_for(error).name.lower()})
+    @contextlib.contextmanager
+    def refusals() -> Iterator[None]:
+        """Around a front end's checks before a request is taken (a bad field, an unknown model,
+        draining): a refusal is counted by its status, as a failure after it would be; no latency,
+        which a refusal doesn't have."""
+        try:
+            yield
+        except PdserveError as e:
+            metrics.REQUESTS.add(1, {"outcome": status_code_for(e).name.lower()})
+            raise
 
     async def observe(
         self, events: AsyncIterator[Event], attributes: Mapping[str, str] | None = None

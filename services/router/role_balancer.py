@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from pdserve.bench.workload import Request
+from pdserve.common import periodic
 from pdserve.planner.planner import Objectives
 from pdserve.planner.profile import Profile
 from pdserve.planner.simulator import Topology, simulate
@@ -166,15 +167,9 @@ class RoleBalancer:
         return w.worker_id
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="role-balancer")
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.interval_s)
-            try:
-                await self.evaluate()
-            except Exception as e:  # a failed switch leaves the roles as they were; try again next time
-                log.warning("balancer: %s", e)
+        # A failed round (a switch refused) leaves the roles as they were; the next one tries again.
+        loop = periodic.every(self.config.interval_s, self.evaluate, "role-balancer")
+        self._task = asyncio.create_task(loop, name="role-balancer")
 
     async def close(self) -> None:
         if self._task:

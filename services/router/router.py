@@ -72,7 +72,6 @@ class Router:
         self.recoveries: collections.Counter[str] = collections.Counter()  # failed attempts by phase
         self.local_prefill = local_prefill  # auto (cost model), always, never
         self.prompts = PromptEncoder(tokenizer, max_model_len)
-        self.inflight = 0
         self._ids_in_flight: set[str] = set()  # the workers know a request by its id: one at a time
         self.index = policy.PrefixIndex()
         self.hop_ms = 0.0  # measured extra latency of the disaggregated path
@@ -113,7 +112,6 @@ class Router:
         if self.inflight >= self.max_inflight:
             raise CapacityExhaustedError(f"router at capacity ({self.max_inflight} requests in flight)")
         rid = check_request_id(inp.request_id, self._ids_in_flight) or uuid.uuid4().hex
-        self.inflight += 1
         self._ids_in_flight.add(rid)
         try:
             ids = await self.tokenize(inp)
@@ -175,8 +173,12 @@ class Router:
         except grpc.aio.AioRpcError as e:
             raise relayed_error(e) from None
         finally:
-            self.inflight -= 1
             self._ids_in_flight.discard(rid)
+
+    @property
+    def inflight(self) -> int:
+        """Requests in flight: taken, not yet ended."""
+        return len(self._ids_in_flight)
 
     def _recovering(self, progress: Progress, f: WorkerFailedError) -> None:
         """Count a failed attempt; raise once the request's budget is spent."""

@@ -10,7 +10,7 @@ import contextlib
 import time
 
 from pdserve.common import convert
-from pdserve.common.errors import InvalidRequestError, PdserveError
+from pdserve.common.errors import InvalidRequestError
 from pdserve.router.chat import chat_role
 from pdserve.router.models import check_model
 from pdserve.router.plan import pairing_gap
@@ -83,13 +83,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.shutdown = shutdown or Shutdown()  # shared with the HTTP front end
 
     async def Generate(self, request: rpb.GenerateRequest, context) -> None:
-        try:
+        with self.measured.refusals():
             self.shutdown.admit()
             inp = request_to_input(request, self.default_max_tokens)
             check_model(self.router.pool, request.model)
-        except PdserveError as e:
-            self.measured.refused(e)
-            raise
         remaining = context.time_remaining()  # None: the client set no deadline
         if remaining is not None:
             inp.deadline = time.monotonic() + remaining

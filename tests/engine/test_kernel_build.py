@@ -29,7 +29,7 @@ def cache(module_cache, monkeypatch):
 def greedy(cache):
     """greedy.cpp (the quickest to compile) and its object, compiled once for the module."""
     source = kernels.HERE / "greedy.cpp"
-    return source, kernels._compile(COMPILER, INCLUDES, source)
+    return source, kernels._compile(COMPILER, INCLUDES, source, kernels.cache_dir() / "objects")
 
 
 class CompiledAgain(Exception):
@@ -44,12 +44,14 @@ def test_a_source_compiles_once_and_an_edit_compiles_it_again(cache, greedy, mon
         raise CompiledAgain(args[0])
 
     monkeypatch.setattr(subprocess, "run", compiled_again)
-    assert kernels._compile(COMPILER, INCLUDES, source) == first  # the same inputs: the cached object
+    assert (
+        kernels._compile(COMPILER, INCLUDES, source, kernels.cache_dir() / "objects") == first
+    )  # the same inputs: the cached object
 
     edited = cache / "greedy.cpp"
     edited.write_bytes(source.read_bytes() + b"// edited\n")
     with pytest.raises(CompiledAgain):
-        kernels._compile(COMPILER, INCLUDES, edited)
+        kernels._compile(COMPILER, INCLUDES, edited, kernels.cache_dir() / "objects")
 
 
 def test_a_header_edit_compiles_every_source_again(cache, greedy, monkeypatch):
@@ -57,7 +59,9 @@ def test_a_header_edit_compiles_every_source_again(cache, greedy, monkeypatch):
     header = cache / "vec.h"
     header.write_bytes((kernels.HERE / "vec.h").read_bytes() + b"// edited\n")
     monkeypatch.setattr(kernels, "HEADERS", (header, *(h for h in kernels.HEADERS if h.name != "vec.h")))
-    again = kernels._compile(COMPILER, INCLUDES, source)  # greedy.cpp includes no header of ours: compiled anyway
+    again = kernels._compile(
+        COMPILER, INCLUDES, source, kernels.cache_dir() / "objects"
+    )  # greedy.cpp includes no header of ours: compiled anyway
     assert again != first and again.exists()
 
 
@@ -65,7 +69,7 @@ def test_a_source_that_does_not_compile_is_named_in_the_error(cache):
     bad = cache / "broken.cpp"
     bad.write_text("int broken = ;\n")
     with pytest.raises(RuntimeError, match="failed on broken.cpp"):
-        kernels._compile(COMPILER, INCLUDES, bad)
+        kernels._compile(COMPILER, INCLUDES, bad, kernels.cache_dir() / "objects")
     assert not list((cache / "objects").glob("broken*")), "no object, not even a partial one"
 
 

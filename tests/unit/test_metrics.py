@@ -60,7 +60,11 @@ SCRIPT = textwrap.dedent("""
                 pass
         except CapacityExhaustedError:
             pass
-        RequestMetrics.refused(InvalidRequestError("temperature", "must be a number"))  # refused before it was taken
+        try:
+            with RequestMetrics.refusals():  # refused before it was taken
+                raise InvalidRequestError("temperature", "must be a number")
+        except InvalidRequestError:
+            pass
         events = observe(finished_stream())
         await anext(events)
         await events.aclose()  # the client went away after one token

@@ -94,10 +94,10 @@ def library_path() -> Path:
     return cache_dir() / f"pdserve_kernels-{_key(*(p.read_bytes() for p in SOURCES))}.so"
 
 
-def _compile(compiler: str, includes: list[str], source: Path) -> Path:
-    """source's object, compiled unless one of the same inputs is cached (an edit to one source
-    recompiles that source alone)."""
-    obj = cache_dir() / "objects" / f"{source.stem}-{_key(source.read_bytes(), compiler.encode())}.o"
+def _compile(compiler: str, includes: list[str], source: Path, objects: Path) -> Path:
+    """source's object in `objects`, compiled unless one of the same inputs is there (an edit to one
+    source recompiles that source alone)."""
+    obj = objects / f"{source.stem}-{_key(source.read_bytes(), compiler.encode())}.o"
     if obj.exists():
         return obj
     obj.parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +127,9 @@ def build(out: Path) -> None:
             return
         with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
             includes = [f"-I{p}" for p in cpp_extension.include_paths()]
-            objects = list(pool.map(lambda source: _compile(compiler, includes, source), SOURCES))
+            objects = list(
+                pool.map(lambda source: _compile(compiler, includes, source, out.parent / "objects"), SOURCES)
+            )
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
         libs = (f"-L{p}" for p in cpp_extension.library_paths())
         cmd = [
