@@ -113,6 +113,7 @@ class Attempt:
     stream: grpc.aio.UnaryStreamCall | None = None
     streaming: bool = False  # the decode stream has answered
     uncached: int = 0  # prompt tokens the first worker still has to compute, counted in its load
+    queued_tokens: int = 0  # the whole prompt, while it counts there
     culprit: WorkerHandle | None = None  # whose failure an RPC error now would be
 
     def __post_init__(self) -> None:
@@ -122,7 +123,8 @@ class Attempt:
         """The prompt's uncached part joins the first worker's queued load."""
         first = self.plan.prefill or self.plan.decode
         self.uncached = len(self.context) - first.cached_blocks * self.plan.decode.worker.info.kv_spec.block_size
-        first.worker.inflight_tokens += self.uncached
+        self.queued_tokens = len(self.context)
+        first.worker.add_prompt(self.queued_tokens, self.uncached)
 
     def reserving(self) -> None:
         """Before the Reserve call: a cancel mid-call may still leave a reservation there."""
@@ -162,5 +164,5 @@ class Attempt:
 
     def computed(self) -> None:
         """The prompt is computed (or abandoned): it leaves the first worker's queued load."""
-        (self.plan.prefill or self.plan.decode).worker.inflight_tokens -= self.uncached
-        self.uncached = 0
+        (self.plan.prefill or self.plan.decode).worker.prompt_done(self.queued_tokens, self.uncached)
+        self.uncached = self.queued_tokens = 0

@@ -67,8 +67,7 @@ def step_ms(w: WorkerHandle) -> float:
 
 def prefill_cost_ms(w: WorkerHandle, prompt_tokens: int, cached_tokens: int) -> float:
     """Time to this prompt's first token on `w`: its queue, then one pass over what it lacks."""
-    queued = (w.load.waiting_tokens if w.load else 0) + w.inflight_tokens
-    return step_ms(w) + 1000.0 * (queued + max(0, prompt_tokens - cached_tokens)) / prefill_tps(w)
+    return step_ms(w) + 1000.0 * (w.queued_tokens + max(0, prompt_tokens - cached_tokens)) / prefill_tps(w)
 
 
 def cheapest(

@@ -23,6 +23,9 @@ class WorkerHandle:
     load: pb.WorkerLoad | None = None
     inflight: int = 0  # requests the router has sent and not yet seen finish
     inflight_tokens: int = 0  # their prompt tokens not yet prefilled (the poll lags behind)
+    own_prompt_tokens: int = 0  # the same requests' whole prompts (what the worker's queue counts)
+    own_at_poll: int = 0  # own prompt tokens the last poll's queue count may include
+    _polling: int | None = None  # own prompt tokens in flight at any time since that poll was sent
     arrivals: ArrivalRate = field(default_factory=ArrivalRate)  # requests the router has sent it, per second
     healthy: bool = False
     rtt_ms: float = 0.0  # GetLoad round trip, moving average
@@ -31,6 +34,30 @@ class WorkerHandle:
     discovered_by: str = ""  # the dns:NAME:PORT target whose lookup found it
     twin: bool = False  # another route (target, name or registration) reaches the same worker first
     switching_to: str = ""  # the role the router is moving it to (roles.py); "": none
+
+    def add_prompt(self, prompt_tokens: int, uncached: int) -> None:
+        self.inflight_tokens += uncached
+        self.own_prompt_tokens += prompt_tokens
+        if self._polling is not None:
+            self._polling += prompt_tokens
+
+    def prompt_done(self, prompt_tokens: int, uncached: int) -> None:
+        self.inflight_tokens -= uncached
+        self.own_prompt_tokens -= prompt_tokens
+
+    def poll_sent(self) -> None:
+        self._polling = self.own_prompt_tokens
+
+    def polled(self, load: pb.WorkerLoad) -> None:
+        self.load, self.own_at_poll, self._polling = load, self._polling or 0, None
+
+    @property
+    def queued_tokens(self) -> int:
+        """Prompt tokens ahead of a new one there: the router's own not yet computed, counted
+        as they come and go, and other routers' as the last poll saw them. The poll's count
+        of our own is stale on arrival (a prompt computed since still shows): left out."""
+        others = max(0, (self.load.waiting_tokens if self.load else 0) - self.own_at_poll)
+        return others + self.inflight_tokens
 
     # One channel, a stub per service: an elastic worker serves them all.
     @functools.cached_property

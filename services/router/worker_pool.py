@@ -213,11 +213,13 @@ class WorkerPool:
         async def one(w: WorkerHandle) -> None:
             try:
                 t = time.perf_counter()
+                w.poll_sent()
                 r = await w.load_stub.GetLoad(pb.GetLoadRequest(), timeout=max(1.0, 4 * self.poll_s))
                 rtt = (time.perf_counter() - t) * 1e3
                 w.rtt_ms = 0.8 * w.rtt_ms + 0.2 * rtt if w.rtt_ms else rtt
                 self._take_info(w, r.info)
-                w.load, w.healthy, w.last_seen = r.load, True, time.monotonic()
+                w.polled(r.load)
+                w.healthy, w.last_seen = True, time.monotonic()
                 self._follow(w)
             except grpc.aio.AioRpcError as e:
                 if w.healthy:

@@ -51,7 +51,7 @@ def state(suite) -> tuple:
     return (
         router.inflight,
         dict(router.decisions),
-        [(w.inflight, w.inflight_tokens) for w in router.pool.all],
+        [(w.inflight, w.inflight_tokens, w.own_prompt_tokens) for w in router.pool.all],
         [dataclasses.astuple(rt.engine.stats()) for rt in suite.decode + suite.prefill],
     )
 

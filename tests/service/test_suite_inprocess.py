@@ -98,7 +98,7 @@ async def test_a_client_gone_while_the_router_is_at_a_yield_is_cleaned_up_before
         await events.aclose()
         workers = router.pool.decode + router.pool.prefill
         assert router.inflight == 0
-        assert [(w.inflight, w.inflight_tokens) for w in workers] == [(0, 0)] * len(workers)
+        assert [(w.inflight, w.inflight_tokens, w.own_prompt_tokens) for w in workers] == [(0, 0, 0)] * len(workers)
         await pools_full(suite)  # the downstream cancel and the Release reached the workers
 
 

@@ -69,6 +69,33 @@ def test_a_queue_on_the_prefill_worker_keeps_the_prompt_local():
     assert _decide(decode, prefill, prompt=500)
 
 
+def test_a_poll_that_still_counts_a_computed_prompt_does_not_make_its_worker_look_busy():
+    # The last request's prompt was queued on b when b answered the poll, and is computed since.
+    index = policy.PrefixIndex()
+    a, b = _worker("a", "prefill", 2000, 20), _worker("b", "prefill", 2000, 20)
+    hashes = [bytes([i]) for i in range(20)]
+    index.record("b", hashes, {"a", "b"})
+    b.add_prompt(332, 12)
+    b.poll_sent()
+    b.polled(pb.WorkerLoad(prefill_tokens_per_s=2000, decode_step_ms=20, waiting_tokens=332))
+    b.prompt_done(332, 12)
+    assert b.queued_tokens == 0
+    choice = policy.cheapest([a, b], index, hashes + [b"q"], 332, 16)
+    assert choice.worker is b
+
+
+def test_another_routers_queue_on_a_worker_counts_until_the_next_poll():
+    w = _worker("w", "prefill", 2000, 20)
+    w.add_prompt(300, 300)
+    w.poll_sent()
+    w.add_prompt(100, 40)  # sent while the poll was out: the count may include it
+    w.polled(pb.WorkerLoad(prefill_tokens_per_s=2000, waiting_tokens=8400))
+    assert w.queued_tokens == 8000 + 340
+    w.prompt_done(300, 300)
+    w.prompt_done(100, 40)
+    assert w.queued_tokens == 8000
+
+
 def test_cheapest_prefers_the_worker_holding_the_prefix():
     index = policy.PrefixIndex()
     a, b = _worker("a", "prefill", 2000, 20), _worker("b", "prefill", 2000, 20)
