@@ -4,6 +4,7 @@ context window before and after encoding (`PromptEncoder`)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import jinja2
@@ -17,7 +18,7 @@ from pdserve.common.errors import InvalidRequestError
 class GenerateInput:
     params: SamplingParams
     text: str | None = None
-    token_ids: list[int] | None = None
+    token_ids: Sequence[int] | None = None  # a protobuf field's, not copied until its length is checked
     messages: list[dict[str, str]] | None = None
     request_id: str = ""
     deadline: float | None = None  # time.monotonic() by which the client gives up; honoured downstream
@@ -37,6 +38,10 @@ class PromptEncoder:
         """The prompt's token ids. Encoding runs off the event loop (a long text takes seconds),
         and a text too long for any prompt that fits the context is refused before encoding."""
         if inp.token_ids is not None:
+            if len(inp.token_ids) >= self.max_model_len:  # before a Python int each (36 B) is made
+                raise InvalidRequestError(
+                    "prompt.token_ids", f"{len(inp.token_ids)} tokens; the context window is {self.max_model_len}"
+                )
             ids = convert.token_ids(inp.token_ids, "prompt.token_ids", self.vocab_size)
         elif inp.messages is not None:
             if not inp.messages:

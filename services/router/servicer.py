@@ -32,7 +32,7 @@ def request_to_input(req: rpb.GenerateRequest, default_max_tokens: int) -> Gener
         request_id=req.request_id,
         model=req.model,
         text=req.text if which == "text" else None,
-        token_ids=list(req.token_ids.ids) if which == "token_ids" else None,
+        token_ids=req.token_ids.ids if which == "token_ids" else None,
         messages=[
             {"role": chat_role(m.role, f"prompt.chat.messages[{i}].role"), "content": m.content}
             for i, m in enumerate(req.chat.messages)

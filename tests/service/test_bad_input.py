@@ -81,7 +81,12 @@ GRPC_CASES = {  # name -> (request, the field the error names)
     "chat without messages": (lambda v: rpb.GenerateRequest(chat=rpb.Chat()), "prompt.chat"),
     "token ids as long as the context": (
         lambda v: rpb.GenerateRequest(token_ids=pb.TokenIds(ids=[100] * CONTEXT)),
-        "prompt",
+        "prompt.token_ids",
+    ),
+    # Refused on its length, before the router makes 4M Python ints of it (150 MB).
+    "four million token ids": (
+        lambda v: rpb.GenerateRequest(token_ids=pb.TokenIds(ids=[1] * 2**22)),
+        "prompt.token_ids",
     ),
     "text longer than the context": (lambda v: rpb.GenerateRequest(text=" hello" * (CONTEXT + 10)), "prompt"),
     # Too many characters for any tokenization to fit: refused before the router spends seconds encoding it.
