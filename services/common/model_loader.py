@@ -82,14 +82,22 @@ def _file_digest(path: Path) -> str:
     return known[key]
 
 
+# Config keys that change nothing a forward pass computes: a re-save or a reformat keeps the digest.
+_CONFIG_NOISE = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache"}
+
+
 def _dir_digest(path: Path) -> str:
-    """Digest of a HF directory's weights: every weights file, by name and contents."""
+    """Digest of a HF directory's weights (every weights file, by name and contents) and of
+    its config (rope scaling or theta, norm epsilon: the same weights compute other KV)."""
     h = hashlib.blake2b(digest_size=16)
     files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
     if not files:
         raise MissingModelError(f"no weights (*.safetensors, *.bin) in {path}")
     for f in files:
         h.update(f.name.encode() + b"\0" + _file_digest(f).encode())
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+    kept = {k: v for k, v in config.items() if k not in _CONFIG_NOISE}
+    h.update(b"config.json\0" + json.dumps(kept, sort_keys=True).encode())
     return h.hexdigest()
 
 

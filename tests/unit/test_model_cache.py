@@ -56,6 +56,18 @@ def test_checkpoints_differing_only_in_the_middle_have_different_weights_digests
     assert model_loader.resolve(str(base)).weights_digest == model_loader.resolve(str(base)).weights_digest
 
 
+def test_the_same_weights_under_another_rope_config_have_another_digest(tmp_path, monkeypatch):
+    # The KV fingerprint takes this digest: blocks computed under another rope must not be reused.
+    monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    body = os.urandom(1 << 20)
+    a, b, c = (_checkpoint(tmp_path / n, body) for n in "abc")
+    (a / "config.json").write_text('{"rope_theta": 10000.0, "transformers_version": "4.57.0"}')
+    (b / "config.json").write_text('{"rope_theta": 100000.0, "transformers_version": "4.57.0"}')
+    (c / "config.json").write_text('{\n  "transformers_version": "5.1.0",\n  "rope_theta": 10000.0\n}')  # a re-save
+    digests = [model_loader.resolve(str(p)).weights_digest for p in (a, b, c)]
+    assert digests[0] != digests[1] and digests[0] == digests[2]
+
+
 def test_a_digest_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
     monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path / "cache"))
     f = _gguf(tmp_path / "m.gguf", os.urandom(1 << 20))
