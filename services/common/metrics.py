@@ -195,10 +195,11 @@ def watch_router(router: Any) -> None:
 
 
 def watch_store(store: Any) -> None:
-    """Export a KV BlockStore's occupancy and lookups."""
+    """Export a KV BlockStore's occupancy, quarantined slots and lookups."""
     attributes = {"role": "kvstore", "worker_id": "kvstore"}
     _BLOCKS_USED.add(store, lambda s: s.used, attributes)
     _BLOCKS_TOTAL.add(store, lambda s: s.capacity, attributes)
+    _QUARANTINED.add(store, lambda s: s.stats.quarantined, attributes)
     _STORE_LOOKUPS.add(store, lambda s: s.stats.hit_blocks, {"result": "hit"})
     _STORE_LOOKUPS.add(store, lambda s: s.stats.miss_blocks, {"result": "miss"})
 

@@ -122,7 +122,8 @@ class KVStoreService:
             if await self.receiver.cancel(lease_id):
                 self.store.abort_write(hashes)
             else:
-                log.error("write %s could not be fenced; its slots stay reserved", lease_id)
+                log.error("write %s could not be fenced; its %d slots are quarantined", lease_id, len(hashes))
+                self.store.quarantine(hashes)
             return True
         task = self._reads.get(lease_id)
         if task is not None:

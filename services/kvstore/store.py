@@ -1,7 +1,8 @@
 """The KV block store: prefix-keyed blocks in preallocated CPU memory, LRU.
 
 An entry is WRITING until its transfer verifies, then READY; a push pins the READY entries it reads, and
-eviction takes the least recently used READY, unpinned one. Why: docs/architecture.md ("The KV store").
+eviction takes the least recently used READY, unpinned one. A chain is refreshed leaf first, so its
+root is the last of it to go (a chain without its root hits nothing). Why: docs/architecture.md ("The KV store").
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class StoreStats:
     blocks_written: int = 0
     blocks_read: int = 0
     evictions: int = 0
+    quarantined: int = 0  # slots a write that could not be fenced might still fill: never reused
     bytes_in: int = 0
     bytes_out: int = 0
 
@@ -65,22 +67,27 @@ class BlockStore:
         e = self._entries.get(h)
         return e if e is not None and e.state is State.READY and e.fingerprint == fingerprint else None
 
+    def _refresh(self, hashes: list[bytes]) -> None:
+        """Most recent: these, the first of them most of all (a child is no use without its parent)."""
+        for h in reversed(hashes):
+            self._entries.move_to_end(h)
+
     def lookup(self, fingerprint: bytes, hashes: list[bytes]) -> int:
         """Length of the longest READY prefix of `hashes`; refreshes their recency."""
         n = 0
         for h in hashes:
             if self._ready(fingerprint, h) is None:
                 break
-            self._entries.move_to_end(h)
             n += 1
+        self._refresh(hashes[:n])
         self.stats.lookups += 1
         self.stats.hit_blocks += n
         self.stats.miss_blocks += len(hashes) - n
         return n
 
-    def _evict_one(self) -> int | None:
+    def _evict_one(self, keep: set[bytes]) -> int | None:
         for h, e in self._entries.items():
-            if e.state is State.READY and e.pins == 0:
+            if e.state is State.READY and e.pins == 0 and h not in keep:
                 del self._entries[h]
                 self.stats.evictions += 1
                 return e.slot
@@ -91,6 +98,7 @@ class BlockStore:
 
         Stops at the first block it cannot place: a stored prefix must not have holes.
         """
+        self._refresh([h for h in hashes if h in self._entries])
         out: list[tuple[int, int]] = []
         for i, h in enumerate(hashes):
             e = self._entries.get(h)
@@ -98,7 +106,8 @@ class BlockStore:
                 if e.fingerprint != fingerprint:
                     break  # a colliding hash under another fingerprint: never mix
                 continue  # held or being written by someone else
-            slot = self._free.pop() if self._free else self._evict_one()
+            # Room is never made by evicting this chain's own blocks: its later ones would then hit nothing.
+            slot = self._free.pop() if self._free else self._evict_one(keep=set(hashes))
             if slot is None:
                 break
             self._entries[h] = Entry(slot, fingerprint)
@@ -108,7 +117,7 @@ class BlockStore:
     def commit(self, hashes: list[bytes]) -> int:
         for h in hashes:
             self._entries[h].state = State.READY
-            self._entries.move_to_end(h)
+        self._refresh(hashes)
         self.stats.blocks_written += len(hashes)
         self.stats.bytes_in += len(hashes) * self.block_bytes
         return len(hashes)
@@ -120,14 +129,23 @@ class BlockStore:
                 del self._entries[h]
                 self._free.append(e.slot)
 
+    def quarantine(self, hashes: list[bytes]) -> None:
+        """A write that could not be fenced: its hashes may be written again elsewhere, its slots,
+        where its bytes may still land, are never reused."""
+        for h in hashes:
+            e = self._entries.get(h)
+            if e is not None and e.state is State.WRITING:
+                del self._entries[h]
+                self.stats.quarantined += 1
+
     def pin(self, fingerprint: bytes, hashes: list[bytes]) -> list[int] | None:
         """Pin every block (all or none) for a read; their slots in order."""
         entries = [self._ready(fingerprint, h) for h in hashes]
         if any(e is None for e in entries):
             return None
-        for h, e in zip(hashes, entries):
+        for e in entries:
             e.pins += 1
-            self._entries.move_to_end(h)
+        self._refresh(hashes)
         return [e.slot for e in entries]
 
     def unpin(self, hashes: list[bytes], read: bool) -> None:
