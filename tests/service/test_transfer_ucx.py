@@ -88,6 +88,17 @@ async def _send_cmd(tx, pool, cmd, *a):
         finally:
             ucx.block_checksum = real
         return None
+    if (
+        cmd == "send_cancelled"
+    ):  # (ticket fields, count, timeout, cancel_after, then) -> (groups tracked, retired since)
+        fields, count, timeout, cancel_after, then = a
+        retired = len(tx._retired)
+        send = asyncio.create_task(tx.send(TransferTicket(**fields), 0, [pool.block(k) for k in range(count)], timeout))
+        await asyncio.sleep(cancel_after)
+        send.cancel()
+        await asyncio.gather(send, return_exceptions=True)
+        await asyncio.sleep(then)
+        return len(tx._w._groups), len(tx._retired) - retired
     raise ValueError(cmd)
 
 
@@ -292,6 +303,22 @@ def test_a_sender_closes_at_once_with_a_send_nobody_will_take():
         assert sender("stop", timeout=10) is None
         assert time.monotonic() - t0 < 5
         sender.proc.join(10)
+    finally:
+        os.kill(frozen.proc.pid, signal.SIGCONT)
+        frozen.proc.kill()
+        frozen.proc.join(10)
+
+
+def test_a_cancelled_send_nobody_takes_is_let_go_after_its_timeout(tx):
+    # The push's caller left (its request was cancelled) while the receiver is frozen: tracked
+    # for ever, the sends kept the progress loop waking every 2 ms for good.
+    frozen = Peer("recv")
+    frozen.ready()
+    ticket = frozen("expect", "t-left", [0, 1])
+    os.kill(frozen.proc.pid, signal.SIGSTOP)
+    try:
+        groups, retired = tx("send_cancelled", ticket, 2, 0.5, 0.1, 1.0)
+        assert groups == 0 and retired == 1
     finally:
         os.kill(frozen.proc.pid, signal.SIGCONT)
         frozen.proc.kill()

@@ -149,12 +149,13 @@ class UcxKVSender(KVSender):
         group = w.watch(reqs, keep=[*keep, *datas])
         try:
             await asyncio.wait_for(asyncio.shield(group.future), timeout)
+        except asyncio.CancelledError:
+            # The caller left, the sends go on: given what is left of their time, then let go
+            # as on a timeout (to a dead peer, tracked for ever, they woke the loop every 2 ms).
+            asyncio.get_running_loop().call_later(timeout, self._give_up, group, ticket.address, ep)
+            raise
         except TimeoutError:
-            # Nobody matched (peer gone, cancelled, wrong secret); sends cannot be
-            # withdrawn either: stop tracking them and stop reusing the endpoint.
-            w.forget(group)
-            if self._eps.get(ticket.address) is ep:
-                self._retired.append(self._eps.pop(ticket.address))
+            self._give_up(group, ticket.address, ep)
             raise TransferTimeoutError(
                 f"transfer {ticket.transfer_id}: blocks {first_block_index}.."
                 f"+{len(src_buffers)} not taken within {timeout}s"
@@ -164,6 +165,15 @@ class UcxKVSender(KVSender):
                 r.check_error()
             except Exception as e:
                 raise TransferFailedError(f"transfer {ticket.transfer_id}: {e}") from e
+
+    def _give_up(self, group: RequestGroup, address: bytes, ep) -> None:
+        """Sends nobody took (peer gone, transfer cancelled, wrong secret) cannot be withdrawn:
+        stop tracking them, and stop reusing their endpoint."""
+        if group.future.done() or self._w.worker is None:
+            return
+        self._w.forget(group)
+        if self._eps.get(address) is ep:
+            self._retired.append(self._eps.pop(address))
 
     async def close(self) -> None:
         for ep in [*self._eps.values(), *self._retired]:
