@@ -2,12 +2,58 @@
 
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
 
 
 def available() -> list[int]:
     """The cores this process may run on."""
     return sorted(os.sched_getaffinity(0))
+
+
+def _own_cgroup(controller: str) -> str:
+    """This process's cgroup path (v2: controller ""); "/" if unknown."""
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controller in controllers.split(","):
+                return path
+    except (OSError, ValueError):
+        pass
+    return "/"
+
+
+def _quota_at(d: Path) -> float | None:
+    try:
+        if (d / "cpu.max").exists():  # cgroup v2
+            quota, period = (d / "cpu.max").read_text().split()[:2]
+        else:
+            quota, period = ((d / f"cpu.cfs_{k}_us").read_text().strip() for k in ("quota", "period"))
+        return None if quota in ("max", "-1") else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def cpu_quota(root: Path = Path("/sys/fs/cgroup"), own: str | None = None) -> float | None:
+    """The cores' worth of time this process's cgroup may use (a container's --cpus, a pod's
+    CPU limit, a unit's CPUQuota=), which neither torch nor the affinity mask sees; None: no
+    limit. The tightest on the way from its own cgroup (`own`, else /proc/self/cgroup's) up to
+    the root: in a container that root is its own cgroup."""
+    v2 = (root / "cgroup.controllers").exists() or (root / "cpu.max").exists()
+    base = root if v2 else root / "cpu"
+    path = own if own is not None else _own_cgroup("" if v2 else "cpu")
+    dirs = [base]
+    for part in filter(None, path.split("/")):
+        dirs.append(dirs[-1] / part)
+    quotas = [q for q in map(_quota_at, dirs) if q is not None]
+    return min(quotas, default=None)
+
+
+def usable_cores(root: Path = Path("/sys/fs/cgroup"), own: str | None = None) -> int:
+    """Cores this process can keep busy: its affinity mask, within its cgroup's CPU quota."""
+    quota = cpu_quota(root, own)
+    return max(1, min(len(available()), math.ceil(quota) if quota else len(available())))
 
 
 def parse(spec: str) -> list[int]:

@@ -31,7 +31,8 @@ class WorkerConfig(SecurityConfig):
     )
     threads: int = option(
         0,
-        help="torch CPU threads (0: torch's default, one per core); give workers "
+        help="torch CPU threads (0: one per core it may use: its --cpus, within a container's CPU limit, "
+        "at most torch's default); give workers "
         "sharing a machine a share each, or their thread pools spin against each other",
     )
     cpus: str = option(
@@ -107,6 +108,12 @@ class WorkerConfig(SecurityConfig):
         self.check_size("kv_cache_gib", "num_kv_blocks")
         self.check_positive("max_queue", "lease_ms", "transfer_timeout_s")
         self.engine_config()  # validates the engine fields
+
+    def torch_threads(self, default: int) -> int:
+        """--threads, else one per core this worker may use, at most torch's `default` (one per
+        physical core): torch sees neither --cpus nor a container's CPU limit, and a thread more
+        than the cores spins against the others."""
+        return self.threads or min(default, len(self.engine_cpus()) or affinity.usable_cores())
 
     def engine_cpus(self) -> list[int]:
         """--cpus as core ids ([]: not pinned); each must be one this process may run on."""

@@ -39,8 +39,7 @@ log = logging.getLogger(__name__)
 class WorkerRuntime:
     def __init__(self, config: WorkerConfig, engine: LLMEngine | None = None):
         self.config = config
-        if config.threads:
-            torch.set_num_threads(config.threads)
+        torch.set_num_threads(config.torch_threads(torch.get_num_threads()))
         self.engine = AsyncEngine(engine or partial(LLMEngine, config.engine_config()), config.engine_cpus())
         self.server = create_server(interceptors=[config.authenticator()])
         self.port = bind(self.server, config.host, config.port, config.server_credentials())
