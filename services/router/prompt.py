@@ -60,7 +60,8 @@ class PromptEncoder:
             ids = list(encoded["input_ids"])
         elif inp.text:
             self._check_length("prompt.text", len(inp.text))
-            ids = await asyncio.to_thread(self.tokenizer.encode, inp.text, add_special_tokens=False)
+            # As vLLM and transformers tokenize a text prompt: with the BOS the model's tokenizer adds.
+            ids = await asyncio.to_thread(self.tokenizer.encode, inp.text, add_special_tokens=True)
         else:
             raise InvalidRequestError("prompt", "must not be empty")
         if len(ids) >= self.max_model_len:

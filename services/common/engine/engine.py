@@ -85,7 +85,7 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._requests or request_id in self._reserved or request_id in self._held:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)  # a BOS where it adds one
         check_prompt(
             ids, self.max_model_len, self.model.config.vocab_size, self.blocks.num_blocks, self.config.block_size
         )
