@@ -189,9 +189,15 @@ def _messages(value: Any) -> list[dict[str, str]]:
             content = "\n".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise InvalidRequestError(f"messages[{i}].content", "must be a string or a list of text parts")
-        out.append(
-            {"role": chat_role(m["role"], f"messages[{i}].role"), "content": _text(content, f"messages[{i}].content")}
-        )
+        message = {
+            "role": chat_role(m["role"], f"messages[{i}].role"),
+            "content": _text(content, f"messages[{i}].content"),
+        }
+        if m.get("name") is not None:  # a participant's name: the chat template's to render, as vLLM passes it
+            if not isinstance(m["name"], str):
+                raise InvalidRequestError(f"messages[{i}].name", "must be a string")
+            message["name"] = _text(m["name"], f"messages[{i}].name")
+        out.append(message)
     return out
 
 

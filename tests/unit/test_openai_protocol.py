@@ -136,6 +136,7 @@ def test_stop_token_ids_reach_the_engine():
         ({"role": "user", "content": {}}, "messages[1].content"),
         ({"role": "user"}, "messages[1].content"),
         ({"role": "assistant", "content": None, "tool_calls": [{"id": "c"}]}, "messages[1].tool_calls"),
+        ({"role": "user", "content": "hi", "name": 7}, "messages[1].name"),
     ],
 )
 def test_a_message_the_template_would_misrender_is_refused(message, field):
@@ -147,3 +148,8 @@ def test_a_message_the_template_would_misrender_is_refused(message, field):
 def test_an_assistant_turn_may_have_no_content():
     req = parse_request("chat", {"messages": USER + [{"role": "assistant", "content": None}] + USER}, 8)
     assert req.input.messages[1] == {"role": "assistant", "content": ""}
+
+
+def test_a_participants_name_reaches_the_chat_template():
+    req = parse_request("chat", {"messages": [{"role": "user", "content": "hi", "name": "ada"}]}, 8)
+    assert req.input.messages == [{"role": "user", "content": "hi", "name": "ada"}]
