@@ -99,6 +99,11 @@ async def _send_cmd(tx, pool, cmd, *a):
         await asyncio.gather(send, return_exceptions=True)
         await asyncio.sleep(then)
         return len(tx._w._groups), len(tx._retired) - retired
+    if cmd == "endpoints":  # -> (endpoints cached, endpoints retired)
+        return len(tx._eps), len(tx._retired)
+    if cmd == "idle_after":  # (seconds): endpoints unused this long are closed at the next send
+        ucx._IDLE_S = a[0]
+        return None
     raise ValueError(cmd)
 
 
@@ -285,6 +290,32 @@ def test_dead_receiver_gives_the_sender_a_timeout_not_a_crash(rx, tx):
     assert tx("send", ticket, 0, 1, 8, 10.0, False) is None
     assert rx("wait", "t-after", 5.0) == "DONE"
     rx("cancel", "t-after")
+
+
+def test_endpoints_to_gone_or_idle_receivers_are_closed_and_sending_goes_on(rx, tx):
+    # A receiver that restarts comes back under a new address: its old endpoint would never be used
+    # or closed again. Retired endpoints close at the next send, idle ones after a while.
+    doomed = Peer("recv")
+    doomed.ready()
+    first, second = doomed("expect", "t-a", [0]), doomed("expect", "t-b", [1])
+    assert tx("send", first, 0, 1, 7, 10.0, False) is None
+    doomed.proc.kill()
+    doomed.proc.join(10)
+    assert tx("send", second, 0, 1, 7, 1.0, False)[:2] == ("err", "TransferTimeoutError")
+    assert tx("endpoints")[1] >= 1  # retired
+    ticket = rx("expect", "t-next", [4])
+    assert tx("send", ticket, 0, 1, 8, 10.0, False) is None and rx("wait", "t-next", 5.0) == "DONE"
+    assert tx("endpoints")[1] == 0  # closed before that send
+    rx("cancel", "t-next")
+    try:
+        tx("idle_after", 0.0)
+        ticket = rx("expect", "t-idle", [5])
+        assert tx("send", ticket, 0, 1, 9, 10.0, False) is None and rx("wait", "t-idle", 5.0) == "DONE"
+        assert tx("endpoints") == (1, 0)  # the others (earlier tests' receivers) closed: idle
+        assert all(rx("check", 9, [5])[0])
+    finally:
+        tx("idle_after", 300.0)
+        rx("cancel", "t-idle")
 
 
 def test_a_sender_closes_at_once_with_a_send_nobody_will_take():

@@ -12,6 +12,8 @@ import asyncio
 import functools
 import logging
 import secrets
+import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -34,6 +36,7 @@ from pdserve.common.transfer.ucx_worker import RequestGroup, UcxWorker
 log = logging.getLogger(__name__)
 
 _AHEAD = 4  # data sent ahead of its header: vs 0, 4 MB sends ~1.5x faster, 64 MB same
+_IDLE_S = 300.0  # an endpoint unused this long is closed: a receiver that restarted has a new address
 _Worker = UcxWorker  # the name tests/service/test_transfer_ucx.py drives a bare worker by
 
 
@@ -111,15 +114,45 @@ class UcxKVReceiver(KVReceiver):
         await self._w.close()
 
 
+@dataclass(eq=False)
+class _Endpoint:
+    address: bytes
+    ep: object
+    sends: int = 0  # sends on it in flight, not yet given up on
+    last_used: float = 0.0
+
+
 class UcxKVSender(KVSender):
-    """Prefill side. One cached endpoint per receiver address."""
+    """Prefill side. One cached endpoint per receiver address, closed once idle or retired."""
 
     def __init__(self, host: str = "127.0.0.1") -> None:
         self._w = UcxWorker(host)
-        self._eps: dict[bytes, object] = {}
-        self._retired: list = []  # endpoints to peers that timed out; closed at close()
+        self._eps: dict[bytes, _Endpoint] = {}
+        self._retired: list[_Endpoint] = []  # to peers that timed out: closed once no send of theirs is awaited
 
     transport = "ucx"
+
+    def _endpoint(self, address: bytes) -> _Endpoint:
+        self._prune()
+        peer = self._eps.get(address)
+        if peer is None:  # raises at once if the peer is already gone (same host)
+            peer = self._eps[address] = _Endpoint(address, self._w.endpoint(address))
+        peer.sends += 1
+        peer.last_used = time.monotonic()
+        return peer
+
+    def _prune(self) -> None:
+        """Close endpoints idle for _IDLE_S (a receiver back under a new address never uses its
+        old one again) and retired ones no send awaits any more: closing cancels the sends
+        given up on, so UCX lets go of their buffers."""
+        now = time.monotonic()
+        idle = [p for p in self._eps.values() if not p.sends and now - p.last_used > _IDLE_S]
+        done = [p for p in self._retired if not p.sends]
+        for p in idle:
+            del self._eps[p.address]
+        self._retired = [p for p in self._retired if p.sends]
+        for p in [*idle, *done]:
+            self._w.close_endpoint(p.ep)
 
     async def _send(
         self, ticket: TransferTicket, first_block_index: int, src_buffers: list, timeout: float = 30.0
@@ -129,9 +162,11 @@ class UcxKVSender(KVSender):
         w, Array = self._w, self._w.Array
         keep, reqs = [], []  # `keep`: headers must outlive their sends, even forgotten ones
         try:
-            ep = self._eps.get(ticket.address)
-            if ep is None:  # raises at once if the peer is already gone (same host)
-                ep = self._eps[ticket.address] = w.endpoint(ticket.address)
+            peer = self._endpoint(ticket.address)
+        except Exception as e:
+            raise TransferFailedError(f"transfer {ticket.transfer_id}: {e}") from e
+        try:
+            ep = peer.ep
             datas = [as_bytes(buf) for buf in src_buffers]
             # Data runs _AHEAD blocks ahead of its header: the receiver pulls while we
             # checksum, and still verifies each block while it is in cache.
@@ -145,6 +180,7 @@ class UcxKVSender(KVSender):
                     keep.append(header)
                     reqs.append(ep.tag_send(Array(header), w.tag(block_tag(ticket, b"H", i))))
         except Exception as e:
+            peer.sends -= 1
             raise TransferFailedError(f"transfer {ticket.transfer_id}: {e}") from e
         group = w.watch(reqs, keep=[*keep, *datas])
         try:
@@ -152,32 +188,34 @@ class UcxKVSender(KVSender):
         except asyncio.CancelledError:
             # The caller left, the sends go on: given what is left of their time, then let go
             # as on a timeout (to a dead peer, tracked for ever, they woke the loop every 2 ms).
-            asyncio.get_running_loop().call_later(timeout, self._give_up, group, ticket.address, ep)
+            asyncio.get_running_loop().call_later(timeout, self._give_up, group, peer)
             raise
         except TimeoutError:
-            self._give_up(group, ticket.address, ep)
+            self._give_up(group, peer)
             raise TransferTimeoutError(
                 f"transfer {ticket.transfer_id}: blocks {first_block_index}.."
                 f"+{len(src_buffers)} not taken within {timeout}s"
             ) from None
+        peer.sends -= 1
         for r in reqs:
             try:
                 r.check_error()
             except Exception as e:
                 raise TransferFailedError(f"transfer {ticket.transfer_id}: {e}") from e
 
-    def _give_up(self, group: RequestGroup, address: bytes, ep) -> None:
+    def _give_up(self, group: RequestGroup, peer: _Endpoint) -> None:
         """Sends nobody took (peer gone, transfer cancelled, wrong secret) cannot be withdrawn:
         stop tracking them, and stop reusing their endpoint."""
+        peer.sends -= 1
         if group.future.done() or self._w.worker is None:
             return
         self._w.forget(group)
-        if self._eps.get(address) is ep:
-            self._retired.append(self._eps.pop(address))
+        if self._eps.get(peer.address) is peer:
+            self._retired.append(self._eps.pop(peer.address))
 
     async def close(self) -> None:
-        for ep in [*self._eps.values(), *self._retired]:
-            self._w.close_endpoint(ep)
+        for p in [*self._eps.values(), *self._retired]:
+            self._w.close_endpoint(p.ep)
         self._eps.clear()
         self._retired.clear()
         await self._w.close()

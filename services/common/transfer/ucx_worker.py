@@ -125,6 +125,8 @@ class UcxWorker:
 
     def forget(self, group: RequestGroup) -> None:
         """Stop waiting on `group`; UCX may still touch its buffers, so they stay held."""
+        # Those whose sends an endpoint's close has since cancelled are done with their buffers.
+        self._forgotten = [g for g in self._forgotten if not all(r.completed for r in g.reqs)]
         if group in self._groups:
             self._groups.remove(group)
             self._forgotten.append(group)
