@@ -19,6 +19,9 @@ from pdserve.v1 import router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
 SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+# Calls beside the requests (max_inflight): health checks and their watches (open to anyone), worker
+# registrations and heartbeats, ListWorkers. Each holds memory while open: a bound, not a budget.
+OTHER_RPCS = 256
 
 
 def load_tokenizer(model: str) -> tuple[Tokenizer, int]:
@@ -61,7 +64,10 @@ class RouterRuntime:
             self.balancer = RoleBalancer(self.pool, *balancing, threads=config.balance_threads)
             self.router.on_admitted = self.balancer.observe
         api_keys = config.load_api_keys()
-        self.server = create_server(interceptors=[config.authenticator(api_keys)])
+        self.server = create_server(
+            interceptors=[config.authenticator(api_keys)],
+            maximum_concurrent_rpcs=config.max_inflight + OTHER_RPCS,  # beyond: RESOURCE_EXHAUSTED
+        )
         metrics.watch_router(self.router)
         measured = RequestMetrics(config.slo_ttft_ms, config.slo_tpot_ms)
         self.shutdown = Shutdown(config.grace_s)  # both front ends: one drain refuses and cuts them

@@ -7,6 +7,7 @@ import contextlib
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
@@ -14,10 +15,11 @@ from pdserve.bench import control_plane
 from pdserve.bench.null_worker import NullWorker, NullWorkerConfig, fixed_tokens
 from pdserve.client import AsyncClient, InvalidArgument
 from pdserve.router.config import RouterConfig
-from pdserve.router.serve import RouterRuntime, load_tokenizer
+from pdserve.router.serve import OTHER_RPCS, RouterRuntime, load_tokenizer
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import router_pb2 as rpb
 from pdserve.v1 import router_pb2_grpc
+from tests.polling import settles
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def tokenizer():
 
 
 @contextlib.asynccontextmanager
-async def null_suite(tokenizer):
+async def null_suite(tokenizer, **router_kw):
     worker = NullWorker(NullWorkerConfig(port=0))
     await worker.start()
     config = RouterConfig(
@@ -36,6 +38,7 @@ async def null_suite(tokenizer):
         mode="colocated",
         decode_targets=[f"127.0.0.1:{worker.port}"],
         load_poll_s=0.2,
+        **router_kw,
     )
     router = RouterRuntime(config, *tokenizer)
     await router.start(ready_timeout_s=10)
@@ -139,3 +142,21 @@ async def test_control_plane_measurement_reports_added_latency_and_rates(tokeniz
     (swept,) = out["open_loop"]
     assert swept["completed"] == swept["requests"] > 0 and not swept["errors"]
     assert swept["achieved_rps"] > 0 and isinstance(swept["sustained"], bool)  # the verdict is reported
+
+
+async def test_calls_past_the_routers_bound_are_refused_with_resource_exhausted(tokenizer):
+    # Health watches are open to anyone: without a bound on calls, each would hold memory for good.
+    async with null_suite(tokenizer, max_inflight=1) as (router, worker):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            watches = [health.Watch(health_pb2.HealthCheckRequest()) for _ in range(1 + OTHER_RPCS)]
+            for w in watches:
+                await w.read()  # each is open: its first status came
+            request = rpb.GenerateRequest(token_ids=pb.TokenIds(ids=[1000]), sampling=pb.SamplingParams(max_tokens=1))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                [r async for r in router_pb2_grpc.RouterStub(channel).Generate(request)]
+            assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            for w in watches:
+                w.cancel()
+            assert await settles(lambda: len([1 for w in watches if w.done()]) == len(watches))
+            [r async for r in router_pb2_grpc.RouterStub(channel).Generate(request)]  # served again
