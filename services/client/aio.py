@@ -72,6 +72,8 @@ class ResponseStream:
         if left is not None and left <= wait:
             return False
         await asyncio.sleep(wait)
+        if self._done:  # cancel() or aclose() while it waited: no new call
+            return False
         self._call = None
         self._start()
         return True
@@ -93,6 +95,7 @@ class ResponseStream:
 
     async def __anext__(self) -> Chunk:
         if self._done:
+            self.cancel()  # a call still running (cancel() came mid-read) ends here, not at GC
             raise StopAsyncIteration
         try:
             while True:
@@ -103,6 +106,8 @@ class ResponseStream:
                     if not await self._again(e):
                         raise
         except grpc.aio.AioRpcError as e:
+            if self._done:  # cancelled while waiting to retry: the loop just ends
+                raise StopAsyncIteration from None
             self._done = True
             self._measure(None, e)
             raise error_from_rpc(e, self.request.request_id, self.target, attempts=self.attempts) from None
@@ -115,6 +120,9 @@ class ResponseStream:
             if by_us:
                 raise StopAsyncIteration from None
             raise Cancelled("cancelled locally (client closed?)", request_id=self.request.request_id) from None
+        except grpc.aio.UsageError:  # the client's channel was closed under it
+            self.cancel()
+            raise Cancelled("the client was closed", request_id=self.request.request_id) from None
         except BaseException:
             self.cancel()
             raise
@@ -142,7 +150,10 @@ class ResponseStream:
             return Completion.from_chunks([chunk async for chunk in self])
 
     async def __aenter__(self) -> ResponseStream:
-        self._start()
+        try:
+            self._start()
+        except grpc.aio.UsageError:
+            raise Cancelled("the client is closed", request_id=self.request.request_id) from None
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

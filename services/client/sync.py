@@ -45,7 +45,13 @@ class Client:
                 retry=retry,
             )
 
-        self._client = self._run(make())
+        try:
+            self._client = self._run(make())
+        except BaseException:  # e.g. a TLS file that is not there: no thread left behind
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+            raise
         # Dropped without close(): its channel closed and its thread ended, not left running.
         weakref.finalize(self, _abandon, self._loop, self._client)
 

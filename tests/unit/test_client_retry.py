@@ -115,3 +115,43 @@ def test_backoff_doubles_to_its_cap_within_the_jitter():
         assert 0.8 * base <= policy.backoff_s(failed) <= 1.2 * base
     with pytest.raises(ValueError, match="max_attempts >= 1"):
         sdk.RetryPolicy(max_attempts=0)
+
+
+SLOW = sdk.RetryPolicy(max_attempts=3, initial_backoff_s=0.3, max_backoff_s=0.3)
+
+
+async def test_a_stream_cancelled_while_it_waits_to_call_again_just_ends_and_calls_no_more(serve):
+    router = FlakyRouter(failures=99)
+    async with sdk.AsyncClient(await serve(router), retry=SLOW) as client:
+        stream = client.generate("hi")
+
+        async def read() -> list:
+            return [chunk async for chunk in stream]
+
+        reader = asyncio.create_task(read())
+        await asyncio.sleep(0.1)  # the first call failed; it waits to call again
+        stream.cancel()  # the user's stop button
+        assert await reader == []
+        await asyncio.sleep(0.5)
+    assert router.calls == 1 and stream.attempts == 1
+
+
+async def test_a_client_closed_under_a_waiting_stream_ends_it_with_a_typed_error(serve):
+    router = FlakyRouter(failures=99)
+    client = sdk.AsyncClient(await serve(router), retry=SLOW)
+    reader = asyncio.create_task(client.complete("hi"))
+    await asyncio.sleep(0.1)
+    await client.close()
+    with pytest.raises(sdk.Cancelled):
+        await reader
+    with pytest.raises(sdk.Cancelled):
+        await client.complete("hi")  # and a call after close
+
+
+def test_a_sync_client_that_cannot_be_made_leaves_no_thread_behind(tmp_path):
+    import threading
+
+    before = sum(t.name == "pdserve-client" for t in threading.enumerate())
+    with pytest.raises(Exception):
+        sdk.Client(tls=sdk.TLS(ca=str(tmp_path / "missing.pem")))
+    assert sum(t.name == "pdserve-client" for t in threading.enumerate()) == before
