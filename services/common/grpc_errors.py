@@ -55,6 +55,7 @@ def status_code_for(exc: BaseException) -> grpc.StatusCode:
 
 _ERROR_TYPES = {cls.__name__: cls for cls, _ in STATUS_CODES}
 _BY_CODE = {code: cls for cls, code in reversed(STATUS_CODES)}
+_SERVER_BUGS = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS})
 
 
 def relayed_error(exc: grpc.aio.AioRpcError) -> errors.PdserveError:
@@ -67,7 +68,9 @@ def relayed_error(exc: grpc.aio.AioRpcError) -> errors.PdserveError:
         return errors.NotReadyError(f"downstream refused this service's credentials: {details}")
     if cls is errors.InvalidRequestError:
         return errors.InvalidRequestError(trailing.get(ERROR_FIELD_KEY, "request"), details.split(": ", 1)[-1])
-    if cls is None:  # UNKNOWN, INTERNAL, CANCELLED...: the worker is not usable for this request
+    if exc.code() in _SERVER_BUGS:  # no retry helps the client: it sees INTERNAL (an incident id), not UNAVAILABLE
+        return errors.PdserveError(f"downstream call failed: {exc.code().name}: {details}")
+    if cls is None:  # CANCELLED by the worker (draining) ...: that worker is not usable for this request
         return errors.NotReadyError(f"downstream call failed: {exc.code().name}: {details}")
     return cls(details)
 

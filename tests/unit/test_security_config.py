@@ -230,3 +230,15 @@ def test_refusals_map_to_unauthenticated_and_a_downstream_refusal_does_not_blame
     )
     relayed = relayed_error(downstream)
     assert isinstance(relayed, errors.NotReadyError)  # the router's credentials are wrong: UNAVAILABLE
+
+
+def test_a_downstream_bug_reaches_the_client_as_internal_and_a_worker_leaving_as_unavailable():
+    # After the router's own retries on other workers: UNAVAILABLE would have the SDK call again,
+    # three more times over every worker, for a prompt every worker fails the same way.
+    def relayed(code):
+        return status_code_for(relayed_error(grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata())))
+
+    for bug in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS):
+        assert relayed(bug) == grpc.StatusCode.INTERNAL
+    assert relayed(grpc.StatusCode.CANCELLED) == grpc.StatusCode.UNAVAILABLE
+    assert relayed(grpc.StatusCode.UNAVAILABLE) == grpc.StatusCode.UNAVAILABLE
