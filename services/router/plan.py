@@ -42,10 +42,8 @@ def choose(
     prefillers = [w for w in healthy if not unpaired(w, decode.worker) and w is not decode.worker]
     for reason in filter(None, (unpaired(w, decode.worker) for w in healthy)):
         metrics.PAIRS_SKIPPED.add(1, {"reason": reason})
-    if not prefillers:
-        if not exclude and not healthy and not pool.elastic:  # an elastic fleet may hold no prefill worker
-            raise NotReadyError("no healthy prefill worker")
-        return Plan(decode, None, hashes)  # recovering, or no peer of its layout: the decode worker computes
+    if not prefillers:  # none left, none of its layout, or recovering: the decode worker computes
+        return Plan(decode, None, hashes)
     prefill = policy.cheapest(prefillers, index, hashes, len(ids), spec.block_size)
     if local_prefill == "auto":
         hop = hop_ms or 1.5 * (decode.worker.rtt_ms + prefill.worker.rtt_ms)

@@ -84,7 +84,7 @@ class RouterRuntime:
             config.http_port,
             default_max_tokens=config.default_max_tokens,
             shutdown=self.shutdown,
-            ready=lambda: self.pool.ready(config.mode == "disaggregated"),
+            ready=lambda: self.pool.ready(),
             api_keys=api_keys,
             ssl_context=config.ssl_context(),
             request_metrics=measured,
@@ -96,7 +96,7 @@ class RouterRuntime:
         await self.http.start()  # before the workers are ready: /health says 503 until then
         await self.server.start()
         deadline = asyncio.get_running_loop().time() + ready_timeout_s
-        while not self.pool.ready(self.config.mode == "disaggregated"):
+        while not self.pool.ready():
             if asyncio.get_running_loop().time() > deadline:
                 raise TimeoutError("workers did not become reachable")
             await asyncio.sleep(0.2)
@@ -111,7 +111,7 @@ class RouterRuntime:
     async def _track_health(self) -> None:
         """NOT_SERVING while no usable worker set is left, so probes and load
         balancers take this router out instead of sending it doomed requests."""
-        ready = self.pool.ready(self.config.mode == "disaggregated")
+        ready = self.pool.ready()
         if ready != self._serving:
             self._serving = ready
             await self.health.set_serving(ready)

@@ -277,7 +277,6 @@ class WorkerPool:
         """Some worker changes role: a split with no prefill worker is one it may choose."""
         return any(w.elastic for w in self.all)
 
-    def ready(self, need_prefill: bool) -> bool:
-        return any(w.routable for w in self.decode) and (
-            not need_prefill or self.elastic or any(w.routable for w in self.prefill)
-        )
+    def ready(self) -> bool:
+        """A decode worker is reachable: it serves alone too, prefilling locally while no prefill worker is."""
+        return any(w.routable for w in self.decode)

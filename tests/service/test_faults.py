@@ -70,6 +70,22 @@ async def test_a_prefill_worker_stopped_mid_prefill_is_retried_on_another_with_t
         await pools_full(suite, dead)
 
 
+async def test_with_every_prefill_worker_gone_the_decode_worker_prefills_and_the_router_stays_serving(smollm2):
+    _, _, tokenizer = smollm2
+    prompt = text_of_tokens(tokenizer, 200, offset=4)
+    async with inprocess_suite(smollm2) as suite:
+        expected, first = await _collect(suite.stub.Generate(_request(prompt, "before")))
+        assert first.route.disaggregated
+        (prefill,) = suite.prefill
+        await prefill.server.stop(grace=0)
+        pool = suite.router.router.pool
+        assert await settles(lambda: not pool.prefill[0].healthy, timeout=30)
+        tokens, last = await _collect(suite.stub.Generate(_request(prompt, "after")))
+        assert tokens == expected and not last.route.disaggregated
+        assert pool.ready()  # health stays SERVING: the suite still serves
+        await pools_full(suite, {prefill.worker_id})
+
+
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "top_p": 0.95, "seed": 7}], ids=["greedy", "seeded"])
 async def test_a_decode_worker_stopped_mid_stream_migrates_with_no_token_lost_or_repeated(smollm2, sampling):
     _, _, tokenizer = smollm2

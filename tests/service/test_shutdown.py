@@ -66,7 +66,7 @@ async def serving_router(tokenizer, grace_s: float):
         stop = asyncio.Event()
         serving = asyncio.create_task(router.run(stop))
         try:
-            assert await settles(lambda: serving.done() or (router.http.url and router.pool.ready(False)), 30)
+            assert await settles(lambda: serving.done() or (router.http.url and router.pool.ready()), 30)
             assert not serving.done()
             async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:
                 yield router, worker, router_pb2_grpc.RouterStub(channel), stop, serving
