@@ -107,7 +107,8 @@ def cmd_demo(args) -> int:
         out=sys.stderr,
     ) as suite:
         print(f"suite ready ({args.mode}); router at {suite.router_target}", file=sys.stderr, flush=True)
-        with Client(suite.router_target, tls=security.from_environment(os.environ).client_tls()) as client:
+        tls = security.from_environment(os.environ).client_tls()
+        with Client(suite.router_target, tls=tls, api_key=suite.api_key or None) as client:
             _print_stream(client.generate(messages=[{"role": "user", "content": args.prompt}], **kwargs))
     return 0
 

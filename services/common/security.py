@@ -151,14 +151,21 @@ class ClientAuthConfig(SecurityConfig):
                 f"api_keys_file: {self.api_keys_file} holds no keys (an empty file would leave the router open)"
             )
 
-    def load_api_keys(self) -> ApiKeys:
+    def _raw_api_keys(self) -> list[str]:
         keys = list(self.api_keys)
         if self.api_keys_file:
             for line in read_file(self.api_keys_file, "api_keys_file").decode().splitlines():
                 line = line.strip()
                 if line and not line.startswith("#"):
                     keys.append(line)
-        return ApiKeys(keys)
+        return keys
+
+    def load_api_keys(self) -> ApiKeys:
+        return ApiKeys(self._raw_api_keys())
+
+    def own_api_key(self) -> str:
+        """A key the launcher's own calls to the router it started may send ("": none needed)."""
+        return next(iter(self._raw_api_keys()), "")
 
     def authenticator(self, api_keys: ApiKeys | None = None) -> Authenticator:
         api_keys = self.load_api_keys() if api_keys is None else api_keys
@@ -175,9 +182,9 @@ class ClientAuthConfig(SecurityConfig):
 OPEN = SecurityConfig()  # no TLS, no token: the laptop default
 
 
-def from_environment(environ: Mapping[str, str]) -> SecurityConfig:
-    """The PDSERVE_TLS_* / PDSERVE_INTERNAL_TOKEN settings of an environment,
-    for tools that dial services they did not configure (`pdserve up`)."""
-    return SecurityConfig.from_cli_args(
+def from_environment(environ: Mapping[str, str]) -> ClientAuthConfig:
+    """The PDSERVE_TLS_* / PDSERVE_INTERNAL_TOKEN / PDSERVE_API_KEYS* settings of an
+    environment, for tools that dial services they did not configure (`pdserve up`)."""
+    return ClientAuthConfig.from_cli_args(
         argparse.Namespace(), {k: v for k, v in environ.items() if k != SecurityConfig.env_name(CONFIG_DEST)}
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TextIO
 
 from pdserve.common import ports, security
+from pdserve.common.auth import AUTHORIZATION_KEY
 from pdserve.common.server import INSTANCE_ID_ENV
 from pdserve.launcher.restarts import RestartPolicy
 from pdserve.launcher.supervisor import SuiteError, Supervisor
@@ -63,9 +64,13 @@ class Suite:
             for i, s in enumerate(self.services)
         }
         try:  # the children's own PDSERVE_TLS_* settings: health polls must speak their TLS
-            self.tls = security.from_environment(self._env).client_tls()
+            settings = security.from_environment(self._env)
+            self.tls = settings.client_tls()
+            # The router's API keys, if it has any: our own ListWorkers calls (rolling restarts) need one.
+            self.api_key = self._env.get("PDSERVE_API_KEY") or settings.own_api_key()
         except ValueError as e:
-            raise SuiteError(f"TLS settings: {e}") from None
+            raise SuiteError(f"security settings: {e}") from None
+        self.router_metadata = ((AUTHORIZATION_KEY, f"Bearer {self.api_key}"),) if self.api_key else ()
         self._procs: dict[str, subprocess.Popen] = {}
         self._instances: dict[str, str] = {}  # name -> the id its health answers must carry
         self._pumps: list[threading.Thread] = []
@@ -93,7 +98,10 @@ class Suite:
 
     def say(self, message: str) -> None:
         with self._lock:
-            print(f"pdserve up: {message}", file=self.out, flush=True)
+            try:
+                print(f"pdserve up: {message}", file=self.out, flush=True)
+            except (OSError, ValueError):
+                pass  # our stdout is gone (a closed pipe, a hung-up terminal): supervising matters more
 
     def _pump(self, name: str, stream) -> None:
         log_file = open(self.log_dir / f"{name}.log", "a", encoding="utf-8") if self.log_dir else None

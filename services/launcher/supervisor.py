@@ -189,9 +189,7 @@ class Supervisor:
         )
         why = usable({s.name: s.role for s in self.suite.services if s.address}, given_up)
         if why is None:
-            left = [
-                s.name for s in self.suite.services if s.address and self.states[s.name].phase is not Phase.GIVEN_UP
-            ]
+            left = [s.name for s in self.suite.services if s.address and s.name not in given_up]
             self.suite.say(f"serving on without it: {', '.join(left)}")
         return why
 
@@ -241,7 +239,9 @@ class Supervisor:
         if self._router is None:
             self._router = security.dial(self.suite.router_target, self.suite.tls, sync=True)
         try:
-            listed = RouterStub(self._router).ListWorkers(router_pb2.ListWorkersRequest(), timeout=1.0)
+            listed = RouterStub(self._router).ListWorkers(
+                router_pb2.ListWorkersRequest(), timeout=1.0, metadata=self.suite.router_metadata
+            )
         except grpc.RpcError:
             return False
         return any(w.healthy and w.info.worker_id == worker_id for w in listed.workers)

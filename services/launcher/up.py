@@ -55,9 +55,12 @@ def supervise(suite: Suite, state_file: Path | None = None) -> int:
             if s.address
         )
         suite.say(f"ready; clients connect to {suite.router_target}\n{rows}")
-        code = suite.wait(stop, roll)
-        suite.say("stopping" if code == 0 else "stopping after a failure")
-        suite.stop()
+        code = 1
+        try:
+            code = suite.wait(stop, roll)
+        finally:  # whatever ends the wait (a failed state write too), no service is left running without us
+            suite.say("stopping" if code == 0 else "stopping after a failure")
+            suite.stop()
         return code
     finally:
         for sig, handler in previous.items():

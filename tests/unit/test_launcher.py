@@ -335,6 +335,32 @@ def test_supervise_stops_on_sigterm():
     assert suite._procs["router"].returncode == 0
 
 
+class _PipeClosedAfterReady(io.StringIO):
+    """`pdserve up | tee log`, and Ctrl-C stops tee too: every write after start-up fails."""
+
+    def write(self, text: str) -> int:
+        if "ready; clients connect" in self.getvalue():
+            raise BrokenPipeError(32, "Broken pipe")
+        return super().write(text)
+
+
+def test_a_launcher_whose_output_is_gone_still_stops_every_service():
+    out = _PipeClosedAfterReady()
+    suite = Suite(services=[child("router", 0)], out=out, ready_timeout=20, grace_s=5)
+
+    def terminate_when_ready():
+        deadline = time.monotonic() + 20
+        while "ready; clients connect" not in out.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    sender = threading.Thread(target=terminate_when_ready, daemon=True)
+    sender.start()
+    assert launcher.supervise(suite) == 0
+    sender.join()
+    assert suite._procs["router"].returncode == 0  # stopped, not left serving without a launcher
+
+
 def test_cpu_workers_get_cores_of_their_own_when_their_threads_fit(monkeypatch):
     def cpus(cores, *shape, **kw):
         monkeypatch.setattr(launcher.topology.os, "sched_getaffinity", lambda pid: set(cores))

@@ -10,11 +10,16 @@ import signal
 import sys
 import threading
 import time
+from concurrent import futures
 
+import grpc
 import pytest
 
+from pdserve.common.auth import AUTHORIZATION_KEY, ApiKeys
+from pdserve.common.errors import UnauthenticatedError
 from pdserve.launcher import Service, Suite
 from pdserve.launcher.restarts import Phase, RestartPolicy, ServiceState, usable
+from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 from tests.unit.test_launcher import child, free_port
 
 FAST = RestartPolicy(backoff_s=0.1, max_backoff_s=0.4, limit=3, window_s=60)
@@ -94,11 +99,12 @@ def test_a_worker_that_crashes_at_every_start_is_given_up_and_the_others_serve_o
         1,
         role="decode",
     )
-    suite = Suite(services=[steady, doomed], out=out, ready_timeout=30, grace_s=5, restarts=FAST)
+    front = as_role(child("router", 2), "router")  # a later stage: not started when decode-1 is given up
+    suite = Suite(services=[steady, doomed, front], out=out, ready_timeout=30, grace_s=5, restarts=FAST)
     with supervised(suite) as runner:  # started: decode-0 serves, decode-1 is given up
         wait_for(lambda: "giving up on decode-1: 3 exits within 60s (the last with code 1" in out.getvalue())
         assert out.getvalue().count("[decode-1] bad weights") == 3
-        assert "serving on without it: decode-0" in out.getvalue()
+        assert "serving on without it: decode-0, router" in out.getvalue()
         time.sleep(1.0)  # given up: never started again, and the suite goes on
         assert runner.is_alive() and suite._procs["decode-0"].poll() is None
         assert suite.supervisor.states["decode-1"].phase is Phase.GIVEN_UP
@@ -119,3 +125,33 @@ def test_a_crash_loop_of_a_service_the_suite_needs_stops_the_suite():
 def test_a_policy_without_a_limit_is_refused():
     with pytest.raises(ValueError, match="limit >= 1"):
         RestartPolicy(limit=0)
+
+
+class _KeyedRouter(router_pb2_grpc.RouterServicer):
+    """A router's ListWorkers behind API keys, as `pdserve up` starts one with PDSERVE_API_KEYS_FILE."""
+
+    keys = ApiKeys(["secret-key"])
+
+    def ListWorkers(self, request, context):
+        try:
+            self.keys.check(dict(context.invocation_metadata()).get(AUTHORIZATION_KEY))
+        except UnauthenticatedError as e:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+        info = common_pb2.WorkerInfo(worker_id="decode-0")
+        return router_pb2.ListWorkersResponse(workers=[router_pb2.WorkerStatus(info=info, healthy=True)])
+
+
+def test_a_rolling_restart_sees_a_worker_back_through_a_router_with_api_keys(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("# clients\nsecret-key\n")
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    router_pb2_grpc.add_RouterServicer_to_server(_KeyedRouter(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        router = Service("router", ("true",), f"127.0.0.1:{port}", 2, role="router")
+        suite = Suite(services=[router], out=io.StringIO(), env={"PDSERVE_API_KEYS_FILE": str(keys)}, restarts=FAST)
+        assert suite.supervisor._router_sees("decode-0")  # unauthenticated, it never would: the roll stalls
+        suite.supervisor.close()
+    finally:
+        server.stop(0)
