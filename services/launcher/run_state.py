@@ -46,6 +46,7 @@ def snapshot(suite: Suite) -> dict:
         )
     return {
         "launcher_pid": os.getpid(),
+        "launcher_started": started(os.getpid()),
         "router": suite.router_target,
         "written_at": time.time(),
         "rolling": suite.supervisor.rolling,
@@ -60,11 +61,25 @@ def write(path: Path, suite: Suite) -> None:
     partial.replace(path)  # a reader never sees half a file
 
 
+def started(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot (Linux; None elsewhere, or gone):
+    with its pid, it names one process, where a pid alone may since be another's."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2 :].split()[19])  # field 22; the name in () may hold spaces
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def read(path: Path) -> dict | None:
-    """The state of a live suite, or None (no file, or its launcher is gone)."""
+    """The state of a live suite, or None (no file, or its launcher is gone: a file a SIGKILL or a
+    reboot left, whose pid another process may hold now, is not taken for a launcher to signal)."""
     try:
         state = json.loads(path.read_text())
-        os.kill(state["launcher_pid"], 0)
-    except (OSError, ValueError, KeyError):
+        pid = state["launcher_pid"]
+        os.kill(pid, 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if state.get("launcher_started") is not None and started(pid) != state["launcher_started"]:
         return None
     return state
