@@ -91,7 +91,7 @@ def plan(
 
     chunk: the workers' --max-num-batched-tokens (their prefill chunk; None: theirs).
 
-    grace_s: the launcher's time between SIGTERM and SIGKILL; the router drains for that less
+    grace_s: the launcher's time between SIGTERM and SIGKILL; the router and workers drain for that less
     the time its cut requests take to say why (router.shutdown.LAST_WORDS_S), so that a stream
     still open is told, not killed with its router.
 
@@ -118,6 +118,8 @@ def plan(
     if threads is None:
         threads = max(1, len(os.sched_getaffinity(0)) // (prefill + decode))
     per_worker += ("--threads", str(threads))
+    # Workers drain as long as the router: a rolling restart gives each the launcher's grace (+5 s).
+    per_worker += ("--grace-s", f"{max(0.0, grace_s - LAST_WORDS_S):g}")
     cores = _worker_cores(prefill + decode, threads, pin, device)
     per_worker += ("--dtype", dtype) if dtype else ()
     per_worker += ("--quantization", quantization) if quantization else ()

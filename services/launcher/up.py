@@ -192,8 +192,8 @@ def add_up_args(parser: argparse.ArgumentParser) -> None:
         "--grace",
         type=float,
         default=15.0,
-        help="seconds between SIGTERM and SIGKILL; the router drains its "
-        "streams for this less 5 s, then tells those still open that it is shutting down",
+        help="seconds between SIGTERM and SIGKILL; the router and the workers (a rolling restart's too) "
+        "drain their streams for this less 5 s, then tell those still open that they are shutting down",
     )
 
 

@@ -120,6 +120,8 @@ def test_disaggregated_plan():
         "0.5",
         "--threads",
         "2",
+        "--grace-s",
+        "10",
         "--kvstore",
         "127.0.0.1:50064",
     )
@@ -255,13 +257,14 @@ def test_the_router_s_http_port_variable_reaches_the_launcher(monkeypatch):
 
 
 @pytest.mark.parametrize("grace", [15.0, 8.0, 3.0])
-def test_the_router_drains_and_says_why_before_the_launcher_would_kill_it(grace):
+def test_the_router_and_workers_drain_within_the_launchers_grace(grace):
     from pdserve.router.shutdown import LAST_WORDS_S
 
-    router = next(s for s in launcher.plan(grace_s=grace) if s.name == "router")
-    router_grace = float(router.argv[router.argv.index("--grace-s") + 1])
-    assert router_grace == max(0.0, grace - LAST_WORDS_S)
-    assert router_grace + LAST_WORDS_S <= max(grace, LAST_WORDS_S)
+    for service in launcher.plan(grace_s=grace):  # the workers too (they took their own 10 s)
+        if service.name in ("router", "prefill-0", "decode-0"):
+            drain = float(service.argv[service.argv.index("--grace-s") + 1])
+            assert drain == max(0.0, grace - LAST_WORDS_S)
+            assert drain + LAST_WORDS_S <= max(grace, LAST_WORDS_S)
 
 
 def test_colocated_plan_and_validation():
