@@ -65,6 +65,16 @@ def test_a_sequence_that_would_outgrow_the_whole_pool_ends_with_length_instead_o
     assert engine.stats().free_blocks == 3
 
 
+def test_after_a_quarantine_a_sequence_ends_within_the_blocks_left_instead_of_waiting_forever(tiny_engine):
+    engine = tiny_engine(num_kv_blocks=4, block_size=4)
+    engine.reserve("q", [101], SamplingParams())
+    engine.quarantine("q")  # one block gone for good: three are left, twelve tokens
+    engine.add_request([101, 102, 103], SamplingParams(max_tokens=2**32 - 1, ignore_eos=True))
+    outs = [o for _ in range(20) for o in engine.step()]
+    assert outs[-1].finished and outs[-1].finish_reason.value == "length"
+    assert 3 + outs[-1].num_output_tokens == 12 and not engine.has_unfinished()
+
+
 def test_abort_frees_blocks_at_once(tiny_engine):
     engine = tiny_engine(num_kv_blocks=64)
     rid = engine.add_request(list(range(100, 200)), SamplingParams(max_tokens=50, ignore_eos=True))
@@ -169,3 +179,26 @@ async def test_an_engine_built_by_the_async_engine_is_built_and_warmed_on_its_st
         await engine.stop()
     assert len(threads) > 3 and all(name.startswith("engine-step") for name in threads)
     assert engine.step_ms_ewma > 0
+
+
+async def test_an_engine_whose_waiting_request_cannot_get_blocks_waits_instead_of_spinning(tiny_engine):
+    # Blocks held elsewhere (a reservation waiting for its KV): nothing can run until it goes.
+    import asyncio
+
+    from pdserve.common.engine.async_engine import AsyncEngine
+
+    engine = AsyncEngine(tiny_engine(num_kv_blocks=4, block_size=4))
+    steps = []
+    step = engine.engine.step
+    engine.engine.step = lambda: steps.append(1) or step()
+    await engine.call(engine.engine.reserve, "held", list(range(100, 112)), SamplingParams())
+    await engine.start()
+    try:
+        await engine.add([5, 6, 7, 8, 9], SamplingParams(max_tokens=2, ignore_eos=True), request_id="r")
+        await asyncio.sleep(0.5)
+        assert len(steps) <= 20  # a step each wake-up (at most every 50 ms), not thousands
+        assert engine.step_ms_ewma == 0  # an empty step is no measurement of a step
+        assert await engine.release("held")  # the blocks come back: it runs at once
+        assert [o async for o in engine.stream("r")][-1].finished
+    finally:
+        await engine.stop()

@@ -6,6 +6,7 @@ changes between steps; watchers run after each step. Why: docs/engine.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +24,7 @@ from pdserve.common.kv.spec import KVSpec
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_IDLE_WAIT_S = 0.05  # after a step that could run nothing: the longest wait before trying again
 
 
 class AsyncEngine:
@@ -130,11 +132,17 @@ class AsyncEngine:
                 continue
             async with self._lock:
                 try:
-                    outputs = await loop.run_in_executor(self._executor, self._timed_step)
+                    outputs, ran = await loop.run_in_executor(self._executor, self._timed_step)
                 except Exception as e:  # a broken step fails its requests, not the server
                     log.exception("engine step failed")
                     self._fail_all(e)
                     continue
+                if not ran:  # requests wait for blocks others hold (pushes, reservations): no spinning
+                    self._work.clear()
+            if not ran:
+                with contextlib.suppress(TimeoutError):  # a release comes through call(), which wakes us
+                    await asyncio.wait_for(self._work.wait(), _IDLE_WAIT_S)
+                continue
             for out in outputs:
                 q = self._queues.get(out.request_id)
                 if q is not None:
@@ -143,13 +151,16 @@ class AsyncEngine:
                 cb()
             await asyncio.sleep(0)  # let waiting callers take the lock between steps
 
-    def _timed_step(self) -> list[RequestOutput]:
+    def _timed_step(self) -> tuple[list[RequestOutput], bool]:
+        """A step's outputs, and whether it computed anything (an empty step is no measurement)."""
         before = self.engine.computed_tokens
         t, start_ns = time.perf_counter(), time.time_ns()
         outputs = self.engine.step()
-        self.last_step_ns = (start_ns, time.time_ns())
-        self._observe(self.engine.computed_tokens - before, time.perf_counter() - t)
-        return outputs
+        tokens = self.engine.computed_tokens - before
+        if tokens:
+            self.last_step_ns = (start_ns, time.time_ns())
+            self._observe(tokens, time.perf_counter() - t)
+        return outputs, bool(tokens or outputs)
 
     def _observe(self, tokens: int, seconds: float) -> None:
         """Moving averages the router's cost model reads from the worker's load:

@@ -198,6 +198,10 @@ class LLMEngine:
         """Drop a reservation whose transfer could not be fenced (data might still land): it stops
         counting as one, and its blocks are never freed, so nothing else is ever written there."""
         self.quarantined_blocks += len(self._reserved.pop(request_id).seq.block_table)
+        # What is left bounds a context now, as the whole pool did: else a sequence grown past it,
+        # once preempted, would wait for blocks that never come, and hold up the queue behind it.
+        usable = self.blocks.num_blocks - self.quarantined_blocks
+        self.max_model_len = min(self.max_model_len, max(2, usable * self.config.block_size))
 
     def abort(self, request_id: str) -> None:
         if request_id in self._reserved:
