@@ -215,7 +215,12 @@ class PrefillWorker:
             task.add_done_callback(self._finishing.discard)
         now = time.perf_counter()
         token = out.new_token_ids[0]
-        reason = out.finish_reason if (out.finish_reason is FinishReason.STOP or params.max_tokens == 1) else None
+        # The engine ran with max_tokens=1, so its LENGTH is ours only if the client asked for one token
+        # or the first one filled the context window (decode would sample one past it).
+        full = out.num_prompt_tokens + 1 >= self.engine.max_model_len
+        reason = (
+            out.finish_reason if (out.finish_reason is FinishReason.STOP or params.max_tokens == 1 or full) else None
+        )
         if push:
             self.kv_bytes_sent += push.bytes_sent
         cached = out.num_cached_tokens + from_store

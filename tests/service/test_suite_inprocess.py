@@ -117,6 +117,16 @@ async def test_stop_string_is_matched_by_the_router(smollm2):
         assert text == full[: full.index("Paris")] and last.finish_reason == pb.FINISH_REASON_STOP
 
 
+@pytest.mark.parametrize("mode", ["disaggregated", "colocated"])
+async def test_a_prompt_one_token_short_of_the_workers_context_gets_exactly_one_token(smollm2, mode):
+    # The workers' pools hold 128 tokens: their context window, tighter than the router's.
+    async with inprocess_suite(smollm2, mode, num_kv_blocks=8) as suite:
+        ids = list(range(1000, 1127))  # 127 tokens
+        tokens, _, last = await _collect(suite.stub, _request(ids, "edge", max_tokens=5, ignore_eos=True))
+        assert len(tokens) == 1 and last.finish_reason == pb.FINISH_REASON_LENGTH
+        await pools_full(suite)
+
+
 async def test_an_unclaimed_reservation_expires_and_frees_its_blocks(smollm2):
     from pdserve.v1 import decode_pb2 as dpb
 

@@ -55,6 +55,11 @@ class AsyncEngine:
         return self.engine.pool
 
     @property
+    def max_model_len(self) -> int:
+        """The longest context a sequence may reach here (tokens)."""
+        return self.engine.max_model_len
+
+    @property
     def block_size(self) -> int:
         return self.engine.config.block_size
 
