@@ -50,6 +50,7 @@ class ResponseStream:
         self._t0 = 0.0
         self.attempts = 0  # calls made
         self._streamed = False  # a message arrived: never call again
+        self.request_id = request.request_id  # the caller's, else the router's from its first message
 
     def _start(self) -> grpc.aio.UnaryStreamCall:
         if self._call is None:
@@ -110,7 +111,7 @@ class ResponseStream:
                 raise StopAsyncIteration from None
             self._done = True
             self._measure(None, e)
-            raise error_from_rpc(e, self.request.request_id, self.target, attempts=self.attempts) from None
+            raise error_from_rpc(e, self.request_id, self.target, attempts=self.attempts) from None
         except asyncio.CancelledError:
             by_us = self._done  # cancel() was called (from another task)
             self.cancel()  # our task was cancelled: tell the server now, not at GC
@@ -119,10 +120,10 @@ class ResponseStream:
                 raise
             if by_us:
                 raise StopAsyncIteration from None
-            raise Cancelled("cancelled locally (client closed?)", request_id=self.request.request_id) from None
+            raise Cancelled("cancelled locally (client closed?)", request_id=self.request_id) from None
         except grpc.aio.UsageError:  # the client's channel was closed under it
             self.cancel()
-            raise Cancelled("the client was closed", request_id=self.request.request_id) from None
+            raise Cancelled("the client was closed", request_id=self.request_id) from None
         except BaseException:
             self.cancel()
             raise
@@ -130,6 +131,7 @@ class ResponseStream:
             self._done = True
             raise StopAsyncIteration
         self._streamed = True
+        self.request_id = self.request_id or response.request_id  # errors name what the router logs
         chunk = Chunk.from_proto(response)
         if chunk.finish_reason is not None:
             self._measure(chunk)
@@ -153,7 +155,7 @@ class ResponseStream:
         try:
             self._start()
         except grpc.aio.UsageError:
-            raise Cancelled("the client is closed", request_id=self.request.request_id) from None
+            raise Cancelled("the client is closed", request_id=self.request_id) from None
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

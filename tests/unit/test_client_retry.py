@@ -155,3 +155,18 @@ def test_a_sync_client_that_cannot_be_made_leaves_no_thread_behind(tmp_path):
     with pytest.raises(Exception):
         sdk.Client(tls=sdk.TLS(ca=str(tmp_path / "missing.pem")))
     assert sum(t.name == "pdserve-client" for t in threading.enumerate()) == before
+
+
+class _CutRouter(router_pb2_grpc.RouterServicer):
+    """Names the request it generates (the caller gave no id), sends a token, then fails."""
+
+    async def Generate(self, request, context):
+        yield router_pb2.GenerateResponse(request_id="router-made-7", token_ids=[1], text="x")
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "gave up")
+
+
+async def test_an_error_names_the_request_id_the_router_gave_when_the_caller_gave_none(serve):
+    async with sdk.AsyncClient(await serve(_CutRouter()), retry=FAST) as client:
+        with pytest.raises(sdk.Unavailable) as e:
+            await client.complete("hi")
+    assert e.value.request_id == "router-made-7"  # what the router's logs and traces carry
