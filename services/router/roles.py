@@ -52,6 +52,7 @@ async def switch_role(
         "router.role_switch", worker_id=worker_id, previous_role=previous, role=role, reason=reason
     ) as span:
         w.switching_to = role
+        pool.moving.append(w)  # still ours while in no group: polled, its heartbeats known
         pool.place(w, previous, TAKES[previous] & TAKES[role])  # no new calls of the role it leaves
         try:
             r = await w.control_stub.SetRole(
@@ -59,12 +60,17 @@ async def switch_role(
                 timeout=drain_timeout_s + 10,
             )
         except grpc.aio.AioRpcError as e:
-            pool.place(w, previous)  # it may or may not have switched: its next load poll says
+            if w in pool.moving:  # it may or may not have switched: its next load poll says
+                pool.place(w, previous)
             raise relayed_error(e) from None
         finally:
             w.switching_to = ""
-        w.info.role, w.info.role_epoch = convert.ROLES[role], r.role_epoch  # older reports are stale now
-        pool.place(w, role)
+            member = w in pool.moving  # not dropped meanwhile (deregistered, expired, out of DNS)
+            if member:
+                pool.moving.remove(w)
+        if member:
+            w.info.role, w.info.role_epoch = convert.ROLES[role], r.role_epoch  # older reports are stale now
+            pool.place(w, role)
         tracing.annotate(span, drained=r.drained, drain_ms=r.drain_ms)
     if previous != role:
         metrics.ROLE_SWITCHES.add(1, {"from": previous, "to": role, "reason": reason})

@@ -37,6 +37,9 @@ def split_dns_target(target: str) -> tuple[str, int] | None:
 class WorkerPool:
     prefill: list[WorkerHandle] = field(default_factory=list)
     decode: list[WorkerHandle] = field(default_factory=list)
+    # Between roles (an elastic worker draining the one it leaves): in neither group, yet still
+    # one of ours: polled, heartbeating, found by its registration and its DNS name.
+    moving: list[WorkerHandle] = field(default_factory=list)
     poll_s: float = 0.5
     _task: asyncio.Task | None = None
 
@@ -98,11 +101,19 @@ class WorkerPool:
             elif work not in takes and w in group:
                 group.remove(w)
 
+    def drop(self, w: WorkerHandle) -> None:
+        """No longer one of ours (gone, deregistered, out of DNS): routed nothing, a switch under way included."""
+        self.place(w, w.role, frozenset())
+        if w in self.moving:
+            self.moving.remove(w)
+
     @staticmethod
     def _take_info(w: WorkerHandle, info: pb.WorkerInfo) -> None:
         """A worker's identity, less a role reported before the last switch this router saw
-        (a poll answered just before a switch, read just after it)."""
-        if w.info is not None and info.elastic and info.role_epoch < w.info.role_epoch:
+        (a poll answered just before a switch, read just after it). A process started since
+        counts its epochs anew: its role is what it says."""
+        same_process = w.info is not None and info.instance_id == w.info.instance_id
+        if same_process and info.elastic and info.role_epoch < w.info.role_epoch:
             info.role, info.role_epoch = w.info.role, w.info.role_epoch
         w.info = info
 
@@ -145,7 +156,7 @@ class WorkerPool:
                 self.group(role).append(self._make(address, role, discovered_by=target))
                 log.info("discovery: %s worker at %s (%s)", role, address, target)
             for w in [w for w in self.all if w.discovered_by == target and w.target not in found]:
-                self.place(w, w.role, frozenset())  # no new requests; those in flight keep its channel until they end
+                self.drop(w)  # no new requests; those in flight keep its channel until they end
                 log.info("discovery: %s worker at %s left %s", role, w.target, target)
                 self._close_when_idle_later(w)
 
@@ -188,7 +199,7 @@ class WorkerPool:
         """A worker that leaves: a draining one deregisters first, then finishes its requests within
         its grace, so its channel stays open for them (closed at once, they were cut and retried)."""
         for w in [w for w in self.all if w.worker_id == worker_id]:
-            self.place(w, w.role, frozenset())  # no new requests
+            self.drop(w)  # no new requests
             self._close_when_idle_later(w)
             log.info("worker %s deregistered", worker_id)
 
@@ -198,7 +209,7 @@ class WorkerPool:
         now = time.monotonic()
         for w in [w for w in self.all if w.registered and now - w.last_seen > self.lease_ttl_s]:
             log.warning("worker %s silent for %.1fs: dropped", w.worker_id, now - w.last_seen)
-            self.place(w, w.role, frozenset())
+            self.drop(w)
             asyncio.ensure_future(w.channel.close())  # at once: its calls in flight fail now and are retried
 
     def worker_ids(self) -> set[str]:
@@ -207,7 +218,7 @@ class WorkerPool:
     @property
     def all(self) -> list[WorkerHandle]:
         """Each worker once (an elastic worker in role both is in both groups)."""
-        return list({id(w): w for w in self.prefill + self.decode}.values())
+        return list({id(w): w for w in self.prefill + self.decode + self.moving}.values())
 
     async def refresh(self) -> None:
         async def one(w: WorkerHandle) -> None:

@@ -121,6 +121,31 @@ async def test_a_role_switch_that_cannot_be_made_is_refused_and_changes_nothing(
     assert listed["elastic-0"].info.role == ROLE["decode"] and not listed["decode-0"].info.elastic
 
 
+async def test_a_worker_draining_for_a_switch_stays_one_worker_of_the_router(smollm2):
+    # Between prefill and decode it is in neither routing group: it must still be polled, known to
+    # its own registration and heartbeats, and not become a second worker of the same address.
+    _, _, tokenizer = smollm2
+    async with inprocess_suite(smollm2, prefill_workers=0, decode_workers=1, elastic=("decode",)) as suite:
+        pool = suite.router.router.pool
+        async with AsyncClient(f"127.0.0.1:{suite.router.port}", timeout=300) as client:
+            streams = [  # spread over both decode workers: elastic-0's drain waits for its own
+                client.complete(text_of_tokens(tokenizer, 24, offset=5 + i), max_tokens=48, ignore_eos=True)
+                for i in range(4)
+            ]
+            running = asyncio.gather(*streams)
+            moving = next(w for w in pool.all if w.worker_id == "elastic-0")
+            assert await settles(lambda: moving.inflight > 0, timeout=60)
+            switch = asyncio.create_task(_switch(suite, "elastic-0", "prefill"))
+            assert await settles(lambda: moving.switching_to == "prefill", timeout=30)
+            assert moving in pool.all and moving not in pool.prefill + pool.decode
+            again = pool.register(moving.info, moving.load)  # its registration, repeated while it drains
+            assert again is moving and len(pool.all) == 2
+            await running
+            assert (await switch).role == ROLE["prefill"]
+        assert sorted(w.worker_id for w in pool.all) == ["decode-0", "elastic-0"] and moving in pool.prefill
+        await pools_full(suite)
+
+
 async def test_the_role_balancer_moves_a_real_worker_when_the_live_mix_favours_another_split(smollm2, tmp_path):
     from pdserve.planner.profile import model_key
     from tests.unit.test_role_balancer import PROFILE, arrivals_of

@@ -129,6 +129,16 @@ def test_a_role_reported_before_the_last_switch_is_not_followed():
     assert (pool.prefill, pool.decode) == ([w], [])
 
 
+def test_a_restarted_worker_is_routed_as_the_role_it_starts_in_whatever_its_old_epochs():
+    pool = WorkerPool(prefill=[_elastic("e", "prefill")])
+    w = pool.prefill[0]
+    w.info.role_epoch, w.info.instance_id = 3, "first-process"  # switched to prefill three times
+    restarted = pb.WorkerInfo(worker_id="e", elastic=True, role=pb.WORKER_ROLE_DECODE, instance_id="second-process")
+    pool._take_info(w, restarted)  # epoch 0: its own first
+    pool._follow(w)
+    assert (pool.prefill, pool.decode) == ([], [w])
+
+
 def test_a_worker_refusing_the_work_of_a_role_it_has_left_is_not_called_unhealthy():
     # A call planned just before a switch reaches the worker just after it: the refusal
     # (UNAVAILABLE) is retried elsewhere, and the worker stays routable for its new role.
