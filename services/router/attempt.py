@@ -51,6 +51,9 @@ class Progress:
     timing: dict[str, float] = field(default_factory=dict)
     t_first: float | None = None
     failures: list[WorkerFailedError] = field(default_factory=list)
+    # What the ids workers see start with: the client's id made this request's alone (another router,
+    # or the client's own resend, may use the same id; a worker may still hold an earlier one's work).
+    attempt_base: str = ""
 
     @property
     def context(self) -> list[int]:
@@ -62,8 +65,8 @@ class Progress:
         """The id workers see for this attempt. A retry gets its own: what an
         earlier attempt left behind (a prefill still pushing, a reservation not
         yet released) must not collide with it."""
-        n = len(self.failures)
-        return self.request_id if n == 0 else f"{self.request_id}.retry{n}"
+        n, base = len(self.failures), self.attempt_base or self.request_id
+        return base if n == 0 else f"{base}.retry{n}"
 
     @property
     def remaining_params(self) -> SamplingParams:

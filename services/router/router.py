@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import re
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -42,7 +44,7 @@ def check_request_id(request_id: str, in_flight: set[str]) -> str:
     """A client's request id, if it may be used ("" if none was given); InvalidRequestError if not."""
     if request_id and not _REQUEST_ID.fullmatch(request_id):
         raise InvalidRequestError("request_id", "must be 1 to 128 printable ASCII characters, without spaces")
-    if request_id in in_flight:  # a second one would release the first's reservations on the workers
+    if request_id in in_flight:  # two live requests under one id: logs and traces could not tell them apart
         raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
     return request_id
 
@@ -74,6 +76,8 @@ class Router:
         self.prompts = PromptEncoder(tokenizer, max_model_len)
         self._ids_in_flight: set[str] = set()  # the workers know a request by its id: one at a time
         self.index = policy.PrefixIndex()
+        self._instance = secrets.token_hex(4)  # this router process, in the ids workers see
+        self._requests_taken = itertools.count()
         self.hop_ms = 0.0  # measured extra latency of the disaggregated path
         self.decisions: collections.Counter[str] = collections.Counter()
         self.on_admitted: Callable[[int, int], None] = lambda prompt_tokens, max_tokens: None  # the role balancer
@@ -124,6 +128,7 @@ class Router:
                 IncrementalDetokenizer(self.tokenizer, ids, inp.params.stop),
                 t0,
                 deadline=inp.deadline,
+                attempt_base=f"{rid}.{self._instance}{next(self._requests_taken)}",
             )
             if span.is_recording():  # built only for a trace: off by default, and this is per request
                 p = inp.params

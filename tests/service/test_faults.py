@@ -166,6 +166,28 @@ async def test_when_the_retry_budget_is_spent_the_client_gets_the_error_not_a_ha
         await pools_full(suite)
 
 
+async def test_clients_reusing_a_request_id_never_reach_each_others_work_on_the_workers(smollm2, monkeypatch):
+    # One client's id "foo", another's "foo.retry1" (what a retry of foo was once called), and "foo"
+    # again once the first ends (the SDK resends the id it was given): each request's work on the
+    # workers is its own, so a release for one never frees another's reservation.
+    _, _, tokenizer = smollm2
+    prompt = text_of_tokens(tokenizer, 40, offset=3)
+    async with inprocess_suite(smollm2) as suite:
+        seen: list[str] = []
+        (decode,) = suite.decode_workers
+        real = decode.reserve
+
+        async def recorded(request_id, *args):
+            seen.append(request_id)
+            return await real(request_id, *args)
+
+        monkeypatch.setattr(decode, "reserve", recorded)
+        for rid in ("foo", "foo.retry1", "foo"):
+            await _collect(suite.stub.Generate(_request(prompt, rid, max_tokens=2)))
+        assert len(set(seen)) == 3 and all(s.startswith(("foo.", "foo.retry1.")) for s in seen)
+        await pools_full(suite)
+
+
 async def test_a_retry_never_collides_with_what_the_failed_attempt_left_behind(smollm2, monkeypatch):
     """The first decode worker loses its reservation (as a lease that ran out would) right
     after issuing the ticket. The only prefill worker is still on that attempt's KV push
@@ -185,7 +207,8 @@ async def test_a_retry_never_collides_with_what_the_failed_attempt_left_behind(s
 
             monkeypatch.setattr(w, "reserve", reserve_then_lose)
         tokens, last = await _collect(suite.stub.Generate(_request(prompt, "lost")))
-        assert lost == ["lost"] and suite.router.router.recoveries["decode"] == 1
+        # Workers see the client's id made this request's own; the retry's is another.
+        assert len(lost) == 1 and lost[0].startswith("lost.") and suite.router.router.recoveries["decode"] == 1
         assert last.finish_reason != pb.FINISH_REASON_UNSPECIFIED
         expected, _ = await _collect(suite.stub.Generate(_request(prompt, "clean")))
         assert tokens == expected

@@ -98,10 +98,10 @@ async def test_one_request_is_one_trace_through_router_prefill_decode_and_kvstor
     chunks = _named(trace, "prefill.chunk")
     assert [c.attributes["pdserve.tokens"] for c in chunks] == [128, 72]
     assert all(prefill_call in _ancestors(s, by_id) for s in [*chunks, *_named(trace, "prefill.queue")])
-    pushes = [s for s in _named(trace, "kv.send") if s.attributes["pdserve.transfer_id"] == "traced-1"]
+    pushes = [s for s in _named(trace, "kv.send") if s.attributes["pdserve.transfer_id"].startswith("traced-1.")]
     assert pushes and all(by_id[p.parent.span_id] in chunks for p in pushes)
     assert sum(p.attributes["pdserve.blocks"] for p in pushes) == 13  # 200 tokens: 12 full blocks and a partial
-    (receive,) = [s for s in _named(trace, "kv.receive") if s.attributes["pdserve.transfer_id"] == "traced-1"]
+    (receive,) = [s for s in _named(trace, "kv.receive") if s.attributes["pdserve.transfer_id"].startswith("traced-1.")]
     (decode_call,) = _named(trace, "pdserve.v1.Decode/Decode", SpanKind.SERVER)
     assert by_id[receive.parent.span_id] is decode_call
     (decoding,) = _named(trace, "decode.decode")
