@@ -10,7 +10,7 @@ from pdserve.common import model_loader
 from pdserve.common.engine.config import EngineConfig
 from pdserve.common.engine.engine import LLMEngine
 from pdserve.common.engine.sampling_params import SamplingParams
-from pdserve.common.errors import InvalidRequestError, NotFoundError
+from pdserve.common.errors import CapacityExhaustedError, InvalidRequestError, NotFoundError
 
 
 @pytest.fixture
@@ -73,6 +73,9 @@ def test_after_a_quarantine_a_sequence_ends_within_the_blocks_left_instead_of_wa
     outs = [o for _ in range(20) for o in engine.step()]
     assert outs[-1].finished and outs[-1].finish_reason.value == "length"
     assert 3 + outs[-1].num_output_tokens == 12 and not engine.has_unfinished()
+    # A prompt the model takes, too long for what is left: this worker's capacity, not a bad request.
+    with pytest.raises(CapacityExhaustedError):
+        engine.add_request(list(range(100, 113)), SamplingParams())
 
 
 def test_abort_frees_blocks_at_once(tiny_engine):

@@ -25,7 +25,7 @@ from pdserve.common.engine.sampler import sample, seeded
 from pdserve.common.engine.sampling_params import SamplingParams
 from pdserve.common.engine.scheduler import Scheduler, SchedulerConfig
 from pdserve.common.engine.sequence import FinishReason, Sequence
-from pdserve.common.errors import InvalidRequestError, NotFoundError
+from pdserve.common.errors import CapacityExhaustedError, InvalidRequestError, NotFoundError
 from pdserve.common.kv.block_manager import BlockManager
 from pdserve.common.kv.pool import KVPool
 
@@ -53,6 +53,7 @@ class LLMEngine:
             else sum(p.numel() * p.element_size() for p in model.parameters())
         )
         self.spec, num_blocks, self.max_model_len = kv_layout(config, model.config, ref, self.precision.dtype)
+        self.window = self.max_model_len  # the context this worker was built for (quarantines shrink max_model_len)
         self.pool = KVPool(self.spec, num_blocks, config.device)
         self.blocks = BlockManager(num_blocks, config.block_size, self.spec.fingerprint, config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -74,8 +75,7 @@ class LLMEngine:
 
     def _eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id
-        eos = eos if isinstance(eos, list) else [eos]
-        return {e for e in eos + [self.tokenizer.eos_token_id] if e is not None}
+        return {e for e in [*(eos if isinstance(eos, list) else [eos]), self.tokenizer.eos_token_id] if e is not None}
 
     # -- requests ---------------------------------------------------------
     def _new_request(
@@ -86,6 +86,8 @@ class LLMEngine:
         if request_id in self._requests or request_id in self._reserved or request_id in self._held:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)  # a BOS where it adds one
+        if self.quarantined_blocks and self.max_model_len <= len(ids) < self.window:  # another worker can take it
+            raise CapacityExhaustedError(f"{len(ids)} tokens; quarantined KV blocks leave {self.max_model_len}")
         check_prompt(
             ids, self.max_model_len, self.model.config.vocab_size, self.blocks.num_blocks, self.config.block_size
         )
@@ -198,10 +200,9 @@ class LLMEngine:
         """Drop a reservation whose transfer could not be fenced (data might still land): it stops
         counting as one, and its blocks are never freed, so nothing else is ever written there."""
         self.quarantined_blocks += len(self._reserved.pop(request_id).seq.block_table)
-        # What is left bounds a context now, as the whole pool did: else a sequence grown past it,
-        # once preempted, would wait for blocks that never come, and hold up the queue behind it.
-        usable = self.blocks.num_blocks - self.quarantined_blocks
-        self.max_model_len = min(self.max_model_len, max(2, usable * self.config.block_size))
+        # What is left bounds a context now, as the pool did: a sequence grown past it, preempted, would wait for ever.
+        usable = (self.blocks.num_blocks - self.quarantined_blocks) * self.config.block_size
+        self.max_model_len = min(self.max_model_len, max(2, usable))
 
     def abort(self, request_id: str) -> None:
         if request_id in self._reserved:
