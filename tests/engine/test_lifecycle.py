@@ -205,3 +205,16 @@ async def test_an_engine_whose_waiting_request_cannot_get_blocks_waits_instead_o
         assert [o async for o in engine.stream("r")][-1].finished
     finally:
         await engine.stop()
+
+
+async def test_a_failing_step_watcher_does_not_stop_the_engine(tiny_engine):
+    from pdserve.common.engine.async_engine import AsyncEngine
+
+    engine = AsyncEngine(tiny_engine(num_kv_blocks=32))
+    engine.watch("broken", lambda: 1 / 0)  # a push trigger with a bug
+    await engine.start()
+    try:
+        await engine.add([5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True), request_id="r")
+        assert [o async for o in engine.stream("r")][-1].finished  # the loop lived on
+    finally:
+        await engine.stop()

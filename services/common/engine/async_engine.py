@@ -153,7 +153,10 @@ class AsyncEngine:
                 if q is not None:
                     q.put_nowait(out)
             for cb in list(self._watchers.values()):
-                cb()
+                try:
+                    cb()
+                except Exception:  # one request's bug: the loop every stream waits on goes on
+                    log.exception("step watcher failed")
             await asyncio.sleep(0)  # let waiting callers take the lock between steps
 
     def _timed_step(self) -> tuple[list[RequestOutput], bool]:
