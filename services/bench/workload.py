@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pdserve.bench.mooncake import BLOCK_TOKENS, PrefixBlocks, TraceError, TraceRecord, read_trace
@@ -21,7 +22,7 @@ TOKEN_LOW, TOKEN_HIGH = 100, 32000  # ordinary tokens in every Llama-family voca
 class Request:
     index: int
     arrival_s: float  # from the start of the run
-    prompt: list[int]
+    prompt: Sequence[int]  # token ids (the planner's simulations: only its length, e.g. a range)
     max_tokens: int  # generated with ignore_eos, so exactly this many
     kind: str = ""  # the mixed preset's class ("short", "long"); "" otherwise
 

@@ -112,7 +112,8 @@ class RoleBalancer:
         if not movable or len(window) < self.config.min_requests:
             return {}
         t0 = window[0].at
-        requests = [Request(i, a.at - t0, [0] * a.prompt_tokens, max(1, a.max_tokens)) for i, a in enumerate(window)]
+        # Only its length is simulated: a range is a prompt of that many tokens in constant memory.
+        requests = [Request(i, a.at - t0, range(a.prompt_tokens), max(1, a.max_tokens)) for i, a in enumerate(window)]
         out = {}
         for p in range(len(movable) + 1):
             prefill, decode = fixed_p + p, fixed_d + len(movable) - p
