@@ -89,3 +89,18 @@ def test_a_quarantined_reservation_stops_counting_and_its_blocks_are_never_reuse
     engine.add_request(list(range(300, 400)), SamplingParams(max_tokens=1), request_id="next", hold_blocks=True)
     _run(engine)
     assert not set(engine.kv_blocks("next")[1]) & set(seq.block_table)
+
+
+def test_a_quarantine_keeps_only_the_blocks_a_transfer_could_write(make_engine):
+    # Its prefix-cache hits are shared with other requests and never a transfer's target.
+    engine = make_engine()
+    total, prompt = engine.stats().total_blocks, list(range(100, 200))
+    engine.generate([prompt], SamplingParams(max_tokens=1))  # the prompt's full blocks are cached now
+    seq = engine.reserve("q", prompt + list(range(300, 340)), SamplingParams())
+    cached = seq.num_cached_tokens // 16
+    assert cached == 6
+    written = len(seq.block_table) - cached
+    engine.quarantine("q")
+    stats = engine.stats()
+    assert stats.quarantined_blocks == written and stats.free_blocks == total - written
+    assert engine.reserve("again", prompt + [7], SamplingParams()).num_cached_tokens == 96  # still cached

@@ -198,8 +198,8 @@ class LLMEngine:
 
     def quarantine(self, request_id: str) -> None:
         """Drop a reservation whose transfer could not be fenced (data might still land): it stops
-        counting as one, and its blocks are never freed, so nothing else is ever written there."""
-        self.quarantined_blocks += len(self._reserved.pop(request_id).seq.block_table)
+        counting as one, and the blocks a transfer may write are never freed (BlockManager.quarantine)."""
+        self.quarantined_blocks += self.blocks.quarantine(self._reserved.pop(request_id).seq)
         # What is left bounds a context now, as the pool did: a sequence grown past it, preempted, would wait for ever.
         usable = (self.blocks.num_blocks - self.quarantined_blocks) * self.config.block_size
         self.max_model_len = min(self.max_model_len, max(2, usable))

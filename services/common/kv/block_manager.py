@@ -116,11 +116,25 @@ class BlockManager:
             self._hash_to_block.setdefault(h, block.block_id)
 
     def free(self, seq: Sequence) -> None:
+        self._release(seq.block_table)
+        seq.block_table = []
+        seq.block_hashes = []
+
+    def quarantine(self, seq: Sequence) -> int:
+        """Keep `seq`'s blocks out of use for good (a transfer into them could not be fenced), less its
+        prefix-cache hits: shared, and never a transfer's target, they are released as free() would.
+        Returns the blocks kept."""
+        shared = seq.num_cached_tokens // self.block_size
+        self._release(seq.block_table[:shared])
+        kept = len(seq.block_table) - shared
+        seq.block_table = []
+        seq.block_hashes = []
+        return kept
+
+    def _release(self, block_ids: list[int]) -> None:
         # Tail blocks first, so the deepest (least shareable) blocks are evicted first.
-        for block_id in reversed(seq.block_table):
+        for block_id in reversed(block_ids):
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
                 self._free[block_id] = None
-        seq.block_table = []
-        seq.block_hashes = []
