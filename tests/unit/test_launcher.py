@@ -320,11 +320,10 @@ def test_death_before_ready_and_stubborn_child_is_killed():
     assert "stubborn did not stop within 0.5s; killing it" in out.getvalue()
 
 
-def test_supervise_stops_on_sigterm():
-    out = io.StringIO()
-    suite = Suite(services=[child("router", 0)], out=out, ready_timeout=20, grace_s=5)
+def _supervised_until_sigterm(suite: Suite, out: io.StringIO) -> int:
+    """supervise(suite), sent SIGTERM once it says it is ready, as an init system or `kill` would."""
 
-    def terminate_when_ready():  # as an init system or `kill` would
+    def terminate_when_ready():
         deadline = time.monotonic() + 20
         while "ready; clients connect" not in out.getvalue() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -332,8 +331,15 @@ def test_supervise_stops_on_sigterm():
 
     sender = threading.Thread(target=terminate_when_ready, daemon=True)
     sender.start()
-    assert launcher.supervise(suite) == 0
+    code = launcher.supervise(suite)
     sender.join()
+    return code
+
+
+def test_supervise_stops_on_sigterm():
+    out = io.StringIO()
+    suite = Suite(services=[child("router", 0)], out=out, ready_timeout=20, grace_s=5)
+    assert _supervised_until_sigterm(suite, out) == 0
     assert "ready; clients connect to 127.0.0.1:" in out.getvalue() and "[router] got SIGTERM" in out.getvalue()
     assert suite._procs["router"].returncode == 0
 
@@ -350,17 +356,7 @@ class _PipeClosedAfterReady(io.StringIO):
 def test_a_launcher_whose_output_is_gone_still_stops_every_service():
     out = _PipeClosedAfterReady()
     suite = Suite(services=[child("router", 0)], out=out, ready_timeout=20, grace_s=5)
-
-    def terminate_when_ready():
-        deadline = time.monotonic() + 20
-        while "ready; clients connect" not in out.getvalue() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    sender = threading.Thread(target=terminate_when_ready, daemon=True)
-    sender.start()
-    assert launcher.supervise(suite) == 0
-    sender.join()
+    assert _supervised_until_sigterm(suite, out) == 0
     assert suite._procs["router"].returncode == 0  # stopped, not left serving without a launcher
 
 
