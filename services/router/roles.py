@@ -59,10 +59,12 @@ async def switch_role(
                 wpb.SetRoleRequest(role=convert.ROLES[role], drain_timeout_ms=int(drain_timeout_s * 1000)),
                 timeout=drain_timeout_s + 10,
             )
-        except grpc.aio.AioRpcError as e:
+        except BaseException as e:  # a failed call, or this one cancelled
             if w in pool.moving:  # it may or may not have switched: its next load poll says
                 pool.place(w, previous)
-            raise relayed_error(e) from None
+            if isinstance(e, grpc.aio.AioRpcError):
+                raise relayed_error(e) from None
+            raise
         finally:
             w.switching_to = ""
             member = w in pool.moving  # not dropped meanwhile (deregistered, expired, out of DNS)
