@@ -111,7 +111,7 @@ class ResponseStream:
                 raise StopAsyncIteration from None
             self._done = True
             self._measure(None, e)
-            raise error_from_rpc(e, self.request_id, self.target, attempts=self.attempts) from None
+            raise error_from_rpc(e, self.request_id, self.target, self.attempts, self._streamed) from None
         except asyncio.CancelledError:
             by_us = self._done  # cancel() was called (from another task)
             self.cancel()  # our task was cancelled: tell the server now, not at GC

@@ -89,10 +89,15 @@ _ERRORS = {
 
 
 def error_from_rpc(
-    exc: grpc.aio.AioRpcError | grpc.RpcError, request_id: str = "", target: str = "", attempts: int = 1
+    exc: grpc.aio.AioRpcError | grpc.RpcError,
+    request_id: str = "",
+    target: str = "",
+    attempts: int = 1,
+    streamed: bool = False,
 ) -> PdserveClientError:
     """The SDK exception for a failed RPC, using pdserve's trailing metadata;
-    `attempts`: the calls the SDK made (said when it retried)."""
+    `attempts`: the calls the SDK made (said when it retried); `streamed`: chunks were
+    delivered before it failed (calling again would repeat their text: not retryable)."""
     trailers = dict(exc.trailing_metadata() or ())
     cls = _ERRORS.get(exc.code(), PdserveClientError)
     details = exc.details() or ""
@@ -103,10 +108,13 @@ def error_from_rpc(
             f"{target or 'the server'} does not serve pdserve.v1.Router ({details}): is it a worker? "
             "Point the client (pdserve generate --target) at the router"
         )
-    return cls(
+    error = cls(
         details,
         code=exc.code(),
         field=trailers.get("pdserve-error-field"),
         error_type=trailers.get("pdserve-error-type"),
         request_id=request_id,
     )
+    if streamed:
+        error.retryable = False
+    return error

@@ -60,10 +60,11 @@ async def test_a_stream_cut_after_a_token_is_never_called_again(serve):
     router = FlakyRouter(failures=1, tokens_first=1)
     async with sdk.AsyncClient(await serve(router), retry=FAST) as client:
         seen = []
-        with pytest.raises(sdk.Unavailable):
+        with pytest.raises(sdk.Unavailable) as e:
             async for chunk in client.generate("hi"):
                 seen += chunk.token_ids
     assert seen == [10] and router.calls == 1  # the router migrates started streams; a retry would repeat tokens
+    assert not e.value.retryable  # nor is the caller told to
 
 
 async def test_the_bound_ends_it_with_the_last_error_saying_how_many_calls(serve):
