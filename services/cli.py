@@ -119,7 +119,10 @@ def cmd_serve(args) -> int:
 
     from pdserve import settings
     from pdserve.common import logs, tracing
+    from pdserve.common.launcher_bond import follow_launcher
     from pdserve.common.ports import first_taken
+
+    follow_launcher()  # started by `pdserve up`: end with it, however it ends
 
     try:  # settings first: a bad one is a line and exit 2, before any model loads
         config = settings.resolve(args.service, args)

@@ -14,6 +14,7 @@ from typing import TextIO
 
 from pdserve.common import ports, security
 from pdserve.common.auth import AUTHORIZATION_KEY
+from pdserve.common.launcher_bond import LAUNCHER_PID_ENV
 from pdserve.common.server import INSTANCE_ID_ENV
 from pdserve.launcher.restarts import RestartPolicy
 from pdserve.launcher.supervisor import SuiteError, Supervisor
@@ -123,7 +124,7 @@ class Suite:
 
     def spawn(self, service: Service) -> None:
         self._instances[service.name] = secrets.token_hex(8)
-        env = {**self._env, INSTANCE_ID_ENV: self._instances[service.name]}
+        env = {**self._env, INSTANCE_ID_ENV: self._instances[service.name], LAUNCHER_PID_ENV: str(os.getpid())}
         # Own process group: a terminal's Ctrl-C reaches only us, and we stop
         # the children in order instead of all at once.
         proc = subprocess.Popen(
