@@ -2,16 +2,20 @@
 
 Best effort by design: the store is a cache. If it is down, slow or evicts
 mid-read, the worker computes instead, and says so in the log; a request
-never fails because of the store.
+never fails because of the store. One that stops answering (a call timed out)
+is left alone for a while, so requests do not each wait out its timeouts.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
+import grpc
+
 from pdserve.common import grpc_tracing, tracing
-from pdserve.common.errors import TransferUnfencedError
+from pdserve.common.errors import TransferTimeoutError, TransferUnfencedError
 from pdserve.common.security import OPEN, SecurityConfig
 from pdserve.common.transfer.base import KVReceiver, KVSender, TransferTicket
 from pdserve.v1 import common_pb2 as pb
@@ -20,6 +24,14 @@ from pdserve.v1 import kvstore_pb2_grpc
 
 log = logging.getLogger(__name__)
 _spans = tracing.Spans("store_client")
+PAUSE_S = (5.0, 60.0)  # after a call timed out, the store is left alone this long, doubling to the most
+
+
+def _timed_out(e: Exception) -> bool:
+    """A store that did not answer in time (frozen, cut off): unlike a refused connection, each
+    request that asks it waits out the timeout."""
+    code = e.code() if isinstance(e, grpc.aio.AioRpcError) else None
+    return isinstance(e, TransferTimeoutError) or code is grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class StoreClient:
@@ -41,6 +53,22 @@ class StoreClient:
         self.stub = kvstore_pb2_grpc.KVStoreStub(self._channel)
         self.loaded_blocks = 0
         self.stored_blocks = 0
+        self.paused_until = 0.0  # time.monotonic() before which requests do without the store
+        self._pause_s = 0.0
+
+    def _available(self) -> bool:
+        return time.monotonic() >= self.paused_until
+
+    def _answered(self) -> None:
+        self._pause_s = 0.0
+
+    def _failed(self, e: Exception, what: str) -> None:
+        if not _timed_out(e):
+            log.warning("KV store %s: %s: %s", self.target, what, e)
+            return
+        self._pause_s = min(PAUSE_S[1], max(PAUSE_S[0], 2 * self._pause_s))
+        self.paused_until = time.monotonic() + self._pause_s
+        log.warning("KV store %s: %s: %s; left alone for %gs", self.target, what, e, self._pause_s)
 
     async def aclose(self) -> None:
         await self._channel.close()
@@ -51,6 +79,8 @@ class StoreClient:
         `hashes` are the prompt's full-block hashes, `dest` the pool blocks of
         the same positions, `have` how many leading blocks are already here.
         """
+        if not self._available():
+            return have
         with _spans.span("kvstore.load", blocks_requested=len(hashes), blocks_present=have) as span:
             n = await self._load_prefix(hashes, dest, have)
             tracing.annotate(span, blocks_loaded=n - have)
@@ -64,6 +94,7 @@ class StoreClient:
                     kpb.LookupRequest(kv_fingerprint=self.fingerprint, block_hashes=hashes), timeout=self.timeout_s
                 )
             ).num_cached_blocks
+            self._answered()
             if found <= have:
                 return have
             tid = "r-" + uuid.uuid4().hex
@@ -87,7 +118,7 @@ class StoreClient:
             return found
         except Exception as e:  # noqa: BLE001 - the store is optional: compute instead
             tracing.fail(tracing.current_span(), e)
-            log.warning("KV store %s: prefix load failed, computing instead: %s", self.target, e)
+            self._failed(e, "prefix load failed, computing instead")
             return have
         finally:
             if tid is not None and not await self.receiver.cancel(tid):  # the store's push may still land
@@ -95,6 +126,8 @@ class StoreClient:
 
     async def store_blocks(self, hashes: list[bytes], src: list) -> int:
         """Offer full, computed blocks (in sequence order); returns how many the store took."""
+        if not self._available():
+            return 0
         with _spans.span("kvstore.store", blocks_offered=len(hashes)) as span:
             n = await self._store_blocks(hashes, src)
             tracing.annotate(span, blocks_stored=n)
@@ -105,6 +138,7 @@ class StoreClient:
             r = await self.stub.ReserveWrite(
                 kpb.ReserveWriteRequest(kv_fingerprint=self.fingerprint, block_hashes=hashes), timeout=self.timeout_s
             )
+            self._answered()
             if not r.accepted_indices:
                 return 0
             t = r.ticket
@@ -121,5 +155,5 @@ class StoreClient:
             return n
         except Exception as e:  # noqa: BLE001 - a missed write only costs a later recompute
             tracing.fail(tracing.current_span(), e)
-            log.warning("KV store %s: write-back failed: %s", self.target, e)
+            self._failed(e, "write-back failed")
             return 0
