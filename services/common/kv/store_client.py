@@ -24,7 +24,7 @@ from pdserve.v1 import kvstore_pb2_grpc
 
 log = logging.getLogger(__name__)
 _spans = tracing.Spans("store_client")
-PAUSE_S = (5.0, 60.0)  # after a call timed out, the store is left alone this long, doubling to the most
+PAUSE_S = (1.0, 30.0)  # after a call timed out, the store is left alone this long, doubling to the most
 
 
 def _timed_out(e: Exception) -> bool:
