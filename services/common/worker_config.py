@@ -103,7 +103,7 @@ class WorkerConfig(SecurityConfig):
     def validate(self) -> None:
         self.check_listen_ports()
         if self.threads < 0:
-            raise SettingError("threads", "must be >= 0 (0: torch's default)")
+            raise SettingError("threads", "must be >= 0 (0: one per core the worker may use)")
         self.engine_cpus()
         self.check_size("kv_cache_gib", "num_kv_blocks")
         self.check_positive("max_queue", "lease_ms", "transfer_timeout_s")

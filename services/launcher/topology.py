@@ -97,7 +97,8 @@ def plan(
 
     threads: torch threads per model worker; None: this machine's cores shared
     among them (two workers with a thread per core each measured 4x slower to
-    start here on 2 cores: their OpenMP pools spin against each other); 0: torch's default."""
+    start here on 2 cores: their OpenMP pools spin against each other); 0: the worker's own
+    (a thread per core it may use)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     prefill = prefill if mode == "disaggregated" else 0  # colocated workers prefill themselves

@@ -154,7 +154,8 @@ def add_up_args(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=None,
-        help="torch threads per worker (default: this machine's cores shared among the workers; 0: torch's default)",
+        help="torch threads per worker (default: this machine's cores shared among the workers; "
+        "0: each worker's own, a thread per core it may use)",
     )
     parser.add_argument(
         "--pin-cores",
