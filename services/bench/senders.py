@@ -16,6 +16,7 @@ import grpc
 from pdserve.bench.metrics import RequestRecord
 from pdserve.bench.workload import Request
 from pdserve.client import AsyncClient, PdserveClientError
+from pdserve.common.auth import bearer
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import decode_pb2 as dpb
 from pdserve.v1 import decode_pb2_grpc, router_pb2_grpc
@@ -45,7 +46,7 @@ class StubSender:
         self.stub = router_pb2_grpc.RouterStub(self.channel)
         self.timeout_s = timeout_s
         key = _api_key(api_key)
-        self.metadata = (("authorization", f"Bearer {key}"),) if key else None
+        self.metadata = bearer(key) or None
 
     async def __call__(self, req: Request, rec: RequestRecord, now: Clock) -> None:
         msg = rpb.GenerateRequest(

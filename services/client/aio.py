@@ -15,6 +15,7 @@ from pdserve.client.genai_metrics import ClientMetrics
 from pdserve.client.messages import Chunk, Completion, build_request
 from pdserve.client.retry import NO_RETRY, RetryPolicy
 from pdserve.common import grpc_tracing
+from pdserve.common.auth import bearer
 from pdserve.common.security import TLS, dial
 from pdserve.v1 import router_pb2, router_pb2_grpc
 
@@ -195,8 +196,7 @@ class AsyncClient:
         self._metrics = ClientMetrics(meter_provider, target)
         items = metadata.items() if isinstance(metadata, Mapping) else (metadata or ())
         api_key = os.environ.get("PDSERVE_API_KEY") if api_key is None else api_key
-        auth = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        self.metadata = tuple((k, v) for k, v in items) + auth
+        self.metadata = tuple((k, v) for k, v in items) + bearer(api_key)
         self._channel = dial(
             target,
             TLS() if tls is True else tls or None,

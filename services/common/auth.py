@@ -22,6 +22,11 @@ OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 ROUTER_CLIENT_METHODS = frozenset({"/pdserve.v1.Router/Generate", "/pdserve.v1.Router/ListWorkers"})
 
 
+def bearer(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """The call metadata that presents `api_key` to the router (none for no key)."""
+    return ((AUTHORIZATION_KEY, f"Bearer {api_key}"),) if api_key else ()
+
+
 class ApiKeys:
     """The router's API keys, kept as SHA-256 digests and compared in constant
     time (every key is compared, whatever matches). Empty: no key required."""

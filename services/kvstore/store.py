@@ -99,6 +99,7 @@ class BlockStore:
         Stops at the first block it cannot place: a stored prefix must not have holes.
         """
         self._refresh([h for h in hashes if h in self._entries])
+        chain = set(hashes)
         out: list[tuple[int, int]] = []
         for i, h in enumerate(hashes):
             e = self._entries.get(h)
@@ -107,7 +108,7 @@ class BlockStore:
                     break  # a colliding hash under another fingerprint: never mix
                 continue  # held or being written by someone else
             # Room is never made by evicting this chain's own blocks: its later ones would then hit nothing.
-            slot = self._free.pop() if self._free else self._evict_one(keep=set(hashes))
+            slot = self._free.pop() if self._free else self._evict_one(keep=chain)
             if slot is None:
                 break
             self._entries[h] = Entry(slot, fingerprint)

@@ -12,7 +12,7 @@ import time
 import grpc
 
 from pdserve.common import security
-from pdserve.common.auth import AUTHORIZATION_KEY, TOKEN_KEY
+from pdserve.common.auth import TOKEN_KEY, bearer
 from pdserve.launcher import run_state
 from pdserve.v1 import router_pb2
 from pdserve.v1.router_pb2_grpc import RouterStub
@@ -62,8 +62,7 @@ def _port(target: str) -> int:
 
 def list_workers(target: str, timeout: float = 3.0) -> list[router_pb2.WorkerStatus] | None:
     """The router's view of its workers; None when the router does not answer."""
-    key = os.environ.get("PDSERVE_API_KEY")  # ListWorkers is client-facing: the router's API key, as the SDK's
-    metadata = ((AUTHORIZATION_KEY, f"Bearer {key}"),) if key else ()
+    metadata = bearer(os.environ.get("PDSERVE_API_KEY"))  # ListWorkers is client-facing: a key, as the SDK's
     with security.dial(target, security.from_environment(os.environ).client_tls(), sync=True) as channel:
         try:
             request = router_pb2.ListWorkersRequest()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TextIO
 
 from pdserve.common import ports, security
-from pdserve.common.auth import AUTHORIZATION_KEY
+from pdserve.common.auth import bearer
 from pdserve.common.launcher_bond import LAUNCHER_PID_ENV
 from pdserve.common.server import INSTANCE_ID_ENV
 from pdserve.launcher.restarts import RestartPolicy
@@ -71,7 +71,7 @@ class Suite:
             self.api_key = self._env.get("PDSERVE_API_KEY") or settings.own_api_key()
         except ValueError as e:
             raise SuiteError(f"security settings: {e}") from None
-        self.router_metadata = ((AUTHORIZATION_KEY, f"Bearer {self.api_key}"),) if self.api_key else ()
+        self.router_metadata = bearer(self.api_key)
         self._procs: dict[str, subprocess.Popen] = {}
         self._instances: dict[str, str] = {}  # name -> the id its health answers must carry
         self._pumps: list[threading.Thread] = []

@@ -84,7 +84,7 @@ class RouterRuntime:
             config.http_port,
             default_max_tokens=config.default_max_tokens,
             shutdown=self.shutdown,
-            ready=lambda: self.pool.ready(),
+            ready=self.pool.ready,
             api_keys=api_keys,
             ssl_context=config.ssl_context(),
             request_metrics=measured,

@@ -283,11 +283,6 @@ class WorkerPool:
             *(w.channel.close() for w in [*self.all, *(w for _, w in retiring)]), return_exceptions=True
         )
 
-    @property
-    def elastic(self) -> bool:
-        """Some worker changes role: a split with no prefill worker is one it may choose."""
-        return any(w.elastic for w in self.all)
-
     def ready(self) -> bool:
         """A decode worker is reachable: it serves alone too, prefilling locally while no prefill worker is."""
         return any(w.routable for w in self.decode)
