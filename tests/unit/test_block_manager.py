@@ -95,3 +95,20 @@ def test_allocation_beyond_capacity_raises():
     with pytest.raises(CapacityExhaustedError):
         bm.allocate(seq(range(20)))
     assert bm.num_free_blocks == 2
+
+
+def test_a_prefix_held_by_a_running_sequence_is_shared_not_counted_against_the_free_blocks():
+    bm = BlockManager(6, BS, FP)
+    running = computed(bm, seq(range(13), "running"))  # 4 blocks, 3 of them full and cached
+    sharing = seq(list(range(12)) + [99, 98, 97], "sharing")  # the 3 cached blocks, then 1 of its own
+    assert bm.num_free_blocks == 2 < sharing.num_blocks
+    assert bm.can_allocate(sharing)
+    bm.allocate(sharing)
+    assert sharing.block_table[:3] == running.block_table[:3] and bm.num_free_blocks == 1
+    # A cached block nobody holds is in the free list: reusing it takes it from there.
+    bm.free(running)
+    bm.free(sharing)
+    cold = seq(list(range(12)) + [5] * 13, "cold")  # 7 blocks, 3 cached: all 6 free ones would be taken, and 1 more
+    assert not bm.can_allocate(cold)
+    with pytest.raises(CapacityExhaustedError, match="7 KV blocks needed, 6 free"):
+        bm.allocate(cold)

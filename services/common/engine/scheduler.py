@@ -92,18 +92,18 @@ class Scheduler:
             seq = self.waiting[0]
             # A sequence whose KV was imported from a prefill worker already holds its blocks.
             fresh = not seq.block_table
-            if not (self.blocks.can_allocate(seq) if fresh else self.blocks.can_append(seq)):
+            hits = self.blocks.cached_prefix(seq) if fresh else []
+            if not (self.blocks.can_allocate(seq, hits) if fresh else self.blocks.can_append(seq)):
                 break
+            computed = len(hits) * self.blocks.block_size if fresh else seq.num_computed_tokens
+            # Decided before allocating: blocks taken and given back would evict cached prefixes.
+            n = self._prefill_tokens(seq.num_tokens - computed, budget, batch)
+            if n is None:
+                break  # wait for a step with no other prompt in it
             if fresh:
-                self.blocks.allocate(seq)
+                self.blocks.allocate(seq, hits)
             else:
                 self.blocks.append_slots(seq)
-            remaining = seq.num_tokens - seq.num_computed_tokens
-            n = self._prefill_tokens(remaining, budget, batch)
-            if n is None:
-                if fresh:
-                    self.blocks.free(seq)  # wait for a step with no other prompt in it
-                break
             self.waiting.popleft()
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()

@@ -50,7 +50,7 @@ class BlockManager:
         block.ref_count = 1
         return block
 
-    def _cached_prefix(self, seq: Sequence) -> list[int]:
+    def cached_prefix(self, seq: Sequence) -> list[int]:
         """Pool blocks holding the longest cached prefix of the prompt.
 
         The last prompt token is always recomputed (its logits are needed),
@@ -68,15 +68,23 @@ class BlockManager:
             hits.append(block_id)
         return hits
 
-    def can_allocate(self, seq: Sequence) -> bool:
-        return self.num_free_blocks >= seq.num_blocks
+    def _blocks_taken(self, seq: Sequence, hits: list[int]) -> int:
+        """Free blocks allocating `seq` over its cached prefix `hits` takes: a hit another sequence holds
+        is shared, not taken; one in the free list (the cache's LRU) is."""
+        return seq.num_blocks - sum(1 for b in hits if self.blocks[b].ref_count > 0)
 
-    def allocate(self, seq: Sequence) -> None:
-        """Give `seq` blocks for its whole prompt, reusing cached prefix blocks."""
+    def can_allocate(self, seq: Sequence, hits: list[int] | None = None) -> bool:
+        hits = self.cached_prefix(seq) if hits is None else hits
+        return self.num_free_blocks >= self._blocks_taken(seq, hits)
+
+    def allocate(self, seq: Sequence, hits: list[int] | None = None) -> None:
+        """Give `seq` blocks for its whole prompt, reusing cached prefix blocks (`hits`, its cached_prefix()
+        if the caller has it, with no allocation since)."""
         assert not seq.block_table, "sequence already holds blocks"
-        if not self.can_allocate(seq):
-            raise CapacityExhaustedError(f"{seq.num_blocks} KV blocks needed, {self.num_free_blocks} free")
-        hits = self._cached_prefix(seq)
+        hits = self.cached_prefix(seq) if hits is None else hits
+        if not self.can_allocate(seq, hits):
+            needed = self._blocks_taken(seq, hits)
+            raise CapacityExhaustedError(f"{needed} KV blocks needed, {self.num_free_blocks} free")
         for block_id in hits:
             block = self.blocks[block_id]
             if block.ref_count == 0:
