@@ -13,7 +13,7 @@ import grpc
 from pdserve.client.errors import Cancelled, error_from_rpc
 from pdserve.client.genai_metrics import ClientMetrics
 from pdserve.client.messages import Chunk, Completion, build_request
-from pdserve.client.retry import NO_RETRY, RetryPolicy
+from pdserve.client.retry import NO_RETRY, RECONNECT_OPTIONS, RetryPolicy
 from pdserve.common import grpc_tracing
 from pdserve.common.auth import bearer
 from pdserve.common.security import TLS, dial
@@ -201,7 +201,7 @@ class AsyncClient:
             target,
             TLS() if tls is True else tls or None,
             interceptors=grpc_tracing.client_interceptors(always=True),
-            options=[("grpc.max_receive_message_length", 64 * 2**20), *options],
+            options=[("grpc.max_receive_message_length", 64 * 2**20), *RECONNECT_OPTIONS, *options],
         )
         self._stub = router_pb2_grpc.RouterStub(self._channel)
 

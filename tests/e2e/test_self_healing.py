@@ -265,6 +265,8 @@ async def test_a_killed_router_breaks_its_streams_with_unavailable_and_is_back_w
         with pytest.raises(PdserveClientError) as broken:  # an error, never an empty success
             await asyncio.wait_for(call, 60)
         assert broken.value.code == grpc.StatusCode.UNAVAILABLE and 4 <= len(seen) < TOKENS
+        # A call made while the router is down is carried over its restart by the SDK's default retries.
+        assert len((await client.complete(ids, max_tokens=4, temperature=0.0)).token_ids) == 4
     _assert_back_in_time(up, "router", killed_at)
     assert eventually(lambda: len([w for w in list_workers(up.target) or [] if w.healthy]) == 4, 10)
     async with AsyncClient(up.target, timeout=120) as client:
