@@ -83,11 +83,12 @@ class Progress:
     def excluded(self) -> set[str]:
         return {f.worker.worker_id for f in self.failures}
 
-    def time_left(self, limit_s: float) -> float:
-        """A downstream call's timeout: `limit_s`, cut to the client's deadline."""
+    def time_left(self, limit_s: float | None) -> float | None:
+        """A downstream call's timeout: `limit_s` (None: none), cut to the client's deadline."""
         if self.deadline is None:
             return limit_s
-        return max(0.0, min(limit_s, self.deadline - time.monotonic()))
+        left = max(0.0, self.deadline - time.monotonic())
+        return left if limit_s is None else min(limit_s, left)
 
     @property
     def deadline_passed(self) -> bool:

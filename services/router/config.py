@@ -32,7 +32,11 @@ class RouterConfig(ClientAuthConfig):
     default_max_tokens: int = option(256, help="max_tokens when a request leaves it unset")
     load_poll_s: float = option(0.5, help="how often worker loads are refreshed (and registered workers heartbeat)")
     worker_lease_s: float = option(5.0, help="a registered worker silent this long leaves the registry")
-    rpc_timeout_s: float = option(600.0, help="deadline of each downstream call (cut to the client's own deadline)")
+    rpc_timeout_s: float = option(
+        600.0,
+        help="deadline of each downstream unary call (cut to the client's own deadline); a token "
+        "stream runs as long as the client's deadline allows (a hung worker is found by worker_keepalive_s)",
+    )
     prefill_timeout_s: float = option(120.0, help="a Prefill call slower than this fails over to another worker")
     worker_keepalive_s: float = option(
         10.0,

@@ -219,7 +219,7 @@ class Router:
                 a.generating(
                     decode.decode_stub.Generate(
                         dpb.LocalGenerateRequest(request_id=a.rid, prompt_token_ids=a.context, sampling=a.params),
-                        timeout=progress.time_left(self.rpc_timeout_s),
+                        timeout=progress.time_left(None),  # a stream: as long as the client allows
                     )
                 )
             else:
@@ -234,7 +234,7 @@ class Router:
                 a.decoding(
                     decode.decode_stub.Decode(
                         dpb.DecodeRequest(request_id=a.rid, first_token_id=prefilled.first_token_id, sampling=a.params),
-                        timeout=progress.time_left(self.rpc_timeout_s),
+                        timeout=progress.time_left(None),  # a stream: as long as the client allows
                     )
                 )
             self.index.record(decode.worker_id, plan.hashes, self.pool.worker_ids())

@@ -213,3 +213,18 @@ async def test_a_retry_never_collides_with_what_the_failed_attempt_left_behind(s
         expected, _ = await _collect(suite.stub.Generate(_request(prompt, "clean")))
         assert tokens == expected
         await pools_full(suite)
+
+
+@pytest.mark.parametrize("mode", ["colocated", "disaggregated"])
+async def test_a_stream_that_outlasts_the_router_rpc_timeout_is_not_cut(smollm2, mode):
+    """rpc_timeout_s bounds the router's unary calls; a token stream lasts as long as the client's own
+    deadline (none here): cut, a long answer failed as DEADLINE_EXCEEDED and was retried from scratch."""
+    ids = text_of_tokens(smollm2[2], 24)
+    async with inprocess_suite(smollm2, mode, router_kw={"rpc_timeout_s": 0.5}) as suite:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        tokens, last = await _collect(suite.stub.Generate(_request(ids, "long", max_tokens=128, ignore_eos=True)))
+        assert loop.time() - started > 0.5  # the stream did outlast the timeout
+        assert len(tokens) == 128 and last.finish_reason == pb.FINISH_REASON_LENGTH
+        assert suite.router.router.recoveries["gave_up"] == 0
+        await pools_full(suite)
