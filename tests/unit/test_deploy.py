@@ -489,8 +489,20 @@ def test_manifests_use_real_settings_and_probe_the_served_port(rendered, name):
     for workload, (doc, c, role, config) in services.items():
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert ports["grpc"] == config.port, f"{workload}: containerPort != PDSERVE_PORT"
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        # A router is NOT_SERVING while no decode worker is: alive is its port answering, not its health.
+        live = (
+            ("startupProbe", "readinessProbe")
+            if role == "router"
+            else ("startupProbe", "readinessProbe", "livenessProbe")
+        )
+        for probe in live:
             assert c[probe]["grpc"]["port"] == config.port, f"{workload}: {probe} does not probe gRPC health"
+        if role in ("prefill", "decode"):  # torch's threads: the cores promised, not those it may burst to
+            (omp,) = [e for e in c["env"] if e["name"] == "OMP_NUM_THREADS"]
+            assert omp["valueFrom"]["resourceFieldRef"]["resource"] == "requests.cpu"
+        if role == "router":
+            assert ports[c["livenessProbe"]["tcpSocket"]["port"]] == config.port
+            assert c["lifecycle"]["preStop"], f"{workload}: no pause before SIGTERM while endpoints still send to it"
         assert {"cpu", "memory"} <= set(c["resources"]["requests"]) and "memory" in c["resources"]["limits"]
         assert c["securityContext"]["allowPrivilegeEscalation"] is False
         assert doc["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
@@ -508,6 +520,29 @@ def test_manifests_use_real_settings_and_probe_the_served_port(rendered, name):
         assert len(selected) == 1, f"Service {svc} selects {len(selected)} workloads"
         names = {p["name"] for p in selected[0][1]["ports"]}
         assert {p["targetPort"] for p in doc["spec"]["ports"]} <= names, f"Service {svc}: unknown targetPort"
+
+
+@pytest.mark.parametrize("name", [d.name for d in KUSTOMIZATIONS])
+def test_an_apply_never_resets_the_secrets_an_operator_created(rendered, name):
+    """Secrets are created out of band: one in the tree would be emptied again by every `kubectl apply -k`."""
+    assert [n for kind, n in rendered[name] if kind == "Secret"] == []
+    example = {d["metadata"]["name"] for d in yaml.safe_load_all((K8S / "secrets.example.yaml").read_text())}
+    referenced = set()
+    for doc in rendered[name].values():
+        for template in _pod_specs(doc):
+            spec = template["spec"]
+            for volume in (v["secret"] for v in spec.get("volumes", []) if "secret" in v):
+                assert volume.get("optional") is True, (
+                    f"{volume['secretName']}: a pod waits for a Secret not yet created"
+                )
+                referenced.add(volume["secretName"])
+            for c in spec["containers"]:
+                for env in c.get("env", []):
+                    ref = env.get("valueFrom", {}).get("secretKeyRef")
+                    if ref:
+                        assert ref.get("optional") is True, f"{c['name']}: a pod that needs a Secret not yet created"
+                        referenced.add(ref["name"])
+    assert referenced == example  # the example covers every Secret a pod reads
 
 
 @pytest.mark.parametrize("name", [d.name for d in KUSTOMIZATIONS])
