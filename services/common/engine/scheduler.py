@@ -86,32 +86,42 @@ class Scheduler:
                     continue
                 batch.prefills.append((seq, n))
                 budget -= n
-        # Admit nothing in a step that had to preempt: memory is short.
-        admit = self.num_preemptions == preempted
-        while admit and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            # A sequence whose KV was imported from a prefill worker already holds its blocks.
+        if self.num_preemptions == preempted:  # admit nothing in a step that had to preempt: memory is short
+            self._admit(batch, budget)
+        return batch
+
+    def _admit(self, batch: ScheduledBatch, budget: int) -> None:
+        """Waiting sequences into the batch, first come first served, while the budget, the sequence limit
+        and free blocks allow. A sequence that already holds its blocks (KV imported from a prefill worker)
+        passes a prompt waiting for blocks: it needs none, and only once it runs do its blocks come back
+        (behind such a prompt, with nothing running, they never would)."""
+        fresh_waits = False
+        for seq in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                return
             fresh = not seq.block_table
+            if fresh and fresh_waits:
+                continue
             hits = self.blocks.cached_prefix(seq) if fresh else []
             if not (self.blocks.can_allocate(seq, hits) if fresh else self.blocks.can_append(seq)):
-                break
+                fresh_waits = fresh_waits or fresh
+                continue
             computed = len(hits) * self.blocks.block_size if fresh else seq.num_computed_tokens
             # Decided before allocating: blocks taken and given back would evict cached prefixes.
             n = self._prefill_tokens(seq.num_tokens - computed, budget, batch)
             if n is None:
-                break  # wait for a step with no other prompt in it
+                return  # wait for a step with no other prompt in it
             if fresh:
                 self.blocks.allocate(seq, hits)
             else:
                 self.blocks.append_slots(seq)
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.prefills.append((seq, n))
             budget -= n
-        return batch
 
     def _prefill_tokens(self, remaining: int, budget: int, batch: ScheduledBatch) -> int | None:
         """How much of a prompt this step computes; None: none of it, this step.
