@@ -78,11 +78,12 @@ class _Push:
         self.next_block = ready
 
     async def wait(self) -> None:
-        """Wait for every send; a failure is the decode side's to handle (it recomputes)."""
-        try:
-            await asyncio.gather(*self.tasks)
-        except Exception as e:
-            log.warning("KV push for %s failed: %s", self.request_id, e)
+        """Wait for every send, failed or not: the blocks are freed after it, and a send still reading
+        them would send the next prompt's KV. A failure is the decode side's to handle (it recomputes)."""
+        results = await asyncio.gather(*self.tasks, return_exceptions=True)
+        failed = [r for r in results if isinstance(r, Exception)]  # not a cancel: that is ours
+        if failed:
+            log.warning("KV push for %s failed: %s", self.request_id, failed[0])
 
     def cancel(self) -> None:
         for t in self.tasks:
@@ -241,8 +242,8 @@ class PrefillWorker:
             if self.store is not None and offer:
                 jobs.append(offer_to_store(self.engine, self.store, request_id, prompt))
             await asyncio.gather(*jobs)
-        finally:
-            await self.engine.release(request_id)
+        finally:  # shielded: a cancel (a stop) must not leave the blocks held
+            await asyncio.shield(self.engine.release(request_id))
 
     async def aclose(self) -> None:
         """Wait for in-flight pushes (on shutdown)."""

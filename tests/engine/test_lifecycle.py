@@ -218,3 +218,37 @@ async def test_a_failing_step_watcher_does_not_stop_the_engine(tiny_engine):
         assert [o async for o in engine.stream("r")][-1].finished  # the loop lived on
     finally:
         await engine.stop()
+
+
+async def test_a_reader_cancelled_again_while_its_abort_waits_for_the_step_still_aborts_the_request(tiny_engine):
+    """The abort on leaving waits for the engine between steps; a second cancel there (a server stopping
+    with grace, a deadline beside a client's cancel) must not leave the request running with no reader."""
+    import asyncio
+
+    from pdserve.common.engine.async_engine import AsyncEngine
+
+    engine = AsyncEngine(tiny_engine(num_kv_blocks=32))
+    await engine.start()
+    try:
+        await engine.add([5, 6, 7], SamplingParams(max_tokens=100, ignore_eos=True), request_id="r")
+        first = asyncio.Event()
+
+        async def read():
+            async for _ in engine.stream("r"):
+                first.set()
+
+        reader = asyncio.create_task(read())
+        await first.wait()
+        async with engine._lock:  # the engine is mid-step: the reader's abort has to wait
+            reader.cancel()
+            for _ in range(5):
+                await asyncio.sleep(0)
+            reader.cancel()
+            for _ in range(5):
+                await asyncio.sleep(0)
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        assert not await engine.call(engine.engine.has_unfinished)
+        assert engine.engine.stats().free_blocks == engine.engine.stats().total_blocks
+    finally:
+        await engine.stop()

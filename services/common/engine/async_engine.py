@@ -224,8 +224,8 @@ class AsyncEngine:
                 yield item
         finally:
             self._queues.pop(request_id, None)
-            if not finished:
-                await self.call(self._abort_quietly, request_id)
+            if not finished:  # shielded: a second cancel must not leave the request running with no reader
+                await asyncio.shield(self.call(self._abort_quietly, request_id))
 
     def _abort_quietly(self, request_id: str) -> None:
         try:

@@ -9,6 +9,7 @@ whichever worker it lands on.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from pdserve.common.engine.async_engine import AsyncEngine
@@ -41,11 +42,12 @@ async def admit_from_store(
         dest = [engine.pool.block(b) for b in seq.block_table[: len(hashes)]]
         n = await store.load_prefix(hashes, dest, seq.num_cached_tokens // bs)
         await engine.resume(request_id, n * bs, params, hold_blocks=hold_blocks)
+    # Shielded: a second cancel here would leave the reservation held, with no lease to end it.
     except TransferUnfencedError:  # the store's bytes may still land: its blocks are never reused
-        await engine.quarantine(request_id)
+        await asyncio.shield(engine.quarantine(request_id))
         raise
     except BaseException:
-        await engine.release(request_id)
+        await asyncio.shield(engine.release(request_id))
         raise
     return n * bs - seq.num_cached_tokens
 
