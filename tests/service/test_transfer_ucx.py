@@ -419,3 +419,31 @@ def test_once_closed_a_receiver_and_a_sender_refuse_new_transfers_by_name(transp
             await tx.send(ticket, 0, [pool.block(0)], timeout=1.0)
 
     asyncio.run(scenario())
+
+
+def test_a_cancel_the_failing_ucx_worker_cannot_carry_out_says_the_blocks_are_not_fenced():
+    """Its contract is a bool: False (quarantine the blocks) when landing cannot be ruled out. Raised,
+    the decode worker's lease was already gone and the reservation held its blocks for good."""
+    from pdserve.common.kv.pool import KVPool
+    from pdserve.common.transfer.transport import make_receiver
+    from pdserve.common.worker_config import WorkerConfig
+
+    async def scenario():
+        pool = KVPool(SPEC, 2)
+        rx = make_receiver(WorkerConfig(transport="ucx"))
+        try:
+            rx.expect("t", [pool.block(0), pool.block(1)])
+            worker = rx._w
+
+            def closing(*_):
+                raise RuntimeError("UCX worker closing")
+
+            real, worker.watch = worker.watch, closing  # the withdrawal's sends fail as on a closing worker
+            try:
+                assert await rx.cancel("t") is False
+            finally:
+                worker.watch = real
+        finally:
+            await rx.close()
+
+    asyncio.run(scenario())

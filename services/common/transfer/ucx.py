@@ -96,15 +96,18 @@ class UcxKVReceiver(KVReceiver):
             for p in range(group.cursor, len(group.reqs))
             if not group.reqs[p].completed
         ]
-        if open_tags:
-            empty = self._w.Array(np.empty(0, np.uint8))
-            self._w.watch([self._w.self_ep.tag_send(empty, self._w.tag(tag)) for tag in open_tags])
         try:
+            if open_tags:
+                empty = self._w.Array(np.empty(0, np.uint8))
+                self._w.watch([self._w.self_ep.tag_send(empty, self._w.tag(tag)) for tag in open_tags])
             await asyncio.wait_for(asyncio.shield(group.future), self._drain_timeout)
         except TimeoutError:
             log.error("transfer %s: receives not drained; its blocks must not be reused", transfer_id)
             self._w.forget(group)
             self._parked[transfer_id] = (t, group)
+            return False
+        except Exception:  # the worker failing (closing): whether data may still land is unknown
+            log.exception("transfer %s: receives not withdrawn; its blocks must not be reused", transfer_id)
             return False
         return True
 
