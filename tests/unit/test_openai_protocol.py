@@ -94,6 +94,15 @@ def test_stop_string_or_list_and_stream_options():
         ({"prompt": "a", "include_stop_str_in_output": True}, "include_stop_str_in_output"),
         ({"prompt": "a", "stop_token_ids": [1, "2"]}, "stop_token_ids"),
         ({"prompt": "a", "stream_options": {"include_usage": True}}, "stream_options"),  # without stream
+        # What the prompt or the tokens would be, asked for and not honoured: never silently ignored.
+        ({"prompt": "a", "chat_template_kwargs": {"enable_thinking": False}}, "chat_template_kwargs"),
+        ({"prompt": "a", "add_generation_prompt": False}, "add_generation_prompt"),
+        ({"prompt": "a", "continue_final_message": True}, "continue_final_message"),
+        ({"prompt": "a", "use_beam_search": True}, "use_beam_search"),
+        ({"prompt": "a", "bad_words": ["x"]}, "bad_words"),
+        ({"prompt": "a", "allowed_token_ids": [1, 2]}, "allowed_token_ids"),
+        ({"prompt": "a", "truncate_prompt_tokens": 8}, "truncate_prompt_tokens"),
+        ({"prompt": "a", "prompt_logprobs": 1}, "prompt_logprobs"),
         ([1, 2], "body"),
     ],
 )
@@ -119,6 +128,7 @@ def test_shapes_match_openai():
 
 def test_neutral_values_of_unimplemented_fields_are_accepted():
     neutral = {"logprobs": False, "min_p": 0.0, "repetition_penalty": 1.0, "skip_special_tokens": True, "min_tokens": 0}
+    neutral |= {"add_generation_prompt": True, "chat_template_kwargs": {}, "continue_final_message": False}
     assert parse_request("completion", {"prompt": "a", **neutral}, 8).input.text == "a"
 
 
