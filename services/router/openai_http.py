@@ -157,6 +157,9 @@ class OpenAIServer:
                     self.shutdown.admit()
                     req = parse_request(kind, await json_body(request), self.default_max_tokens)
                     check_model(self.router.pool, req.model)
+                    # As vLLM's --enable-request-id-headers: the client's id in logs, traces and the reply.
+                    req.input.request_id = request.headers.get("X-Request-Id", req.input.request_id)
+                headers = {"X-Request-Id": req.input.request_id}
                 # Its model: the one named, or the one served.
                 attributes = self.router.genai_attributes(req.input)
                 shaper = ResponseShaper(kind, attributes[genai.REQUEST_MODEL], req.input.request_id, req.include_usage)
@@ -166,7 +169,7 @@ class OpenAIServer:
                     # get a real status code; only later ones arrive inside the stream.
                     first = await anext(events)
                     if req.stream:
-                        stream = web.StreamResponse(headers=_SSE_HEADERS)
+                        stream = web.StreamResponse(headers={**_SSE_HEADERS, **headers})
                         await stream.prepare(request)
                         await _send(stream, _sse_chunks(shaper, first, events))
                         sent = True
@@ -174,7 +177,7 @@ class OpenAIServer:
                     text, last = first.text, first
                     async for last in events:
                         text += last.text
-                    return web.json_response(shaper.full(text, last.finish_reason.value, last.usage))
+                    return web.json_response(shaper.full(text, last.finish_reason.value, last.usage), headers=headers)
         except web.HTTPException:
             raise  # e.g. body too large: the middleware shapes it
         except Exception as e:  # CancelledError (client gone) is a BaseException: not caught

@@ -179,3 +179,22 @@ async def test_client_disconnect_cancels_downstream(suite, client, model, stream
             await call
     await pools_full(suite)
     assert decode.computed_tokens - before < 400  # stopped, not run to the end
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_client_request_id_header_names_the_request_and_comes_back(suite, client, model, stream):
+    kw = dict(model=model, prompt="Hi", max_tokens=2, extra_headers={"X-Request-Id": f"mine-{stream}"})
+    if stream:
+        raw = await client.completions.with_raw_response.create(**kw, stream=True)
+        assert raw.headers["x-request-id"] == f"mine-{stream}"
+        assert [c.id async for c in raw.parse()][0] == f"cmpl-mine-{stream}"
+    else:
+        raw = await client.completions.with_raw_response.create(**kw)
+        assert raw.headers["x-request-id"] == f"mine-{stream}" and raw.parse().id == f"cmpl-mine-{stream}"
+    async with aiohttp.ClientSession() as http:  # the id is checked as the gRPC path checks it
+        body = {"model": model, "prompt": "Hi", "max_tokens": 2}
+        async with http.post(suite.router.http.url + "/completions", json=body, headers={"X-Request-Id": "a b"}) as r:
+            assert r.status == 400 and (await r.json())["error"]["param"] == "request_id"
+    async with aiohttp.ClientSession() as http:  # none given: one is made, and said
+        async with http.post(suite.router.http.url + "/completions", json=body) as r:
+            assert r.status == 200 and (await r.json())["id"] == "cmpl-" + r.headers["X-Request-Id"]
