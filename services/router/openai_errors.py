@@ -67,10 +67,10 @@ async def openai_errors(request: web.Request, handler) -> web.StreamResponse:
         return web.json_response(error_body(message, "invalid_request_error"), status=e.status)
 
 
-async def json_body(request: web.Request) -> Any:
-    """The request's body, decoded; InvalidRequestError (field `body`) for whatever does not decode."""
+async def read_body(request: web.Request) -> bytes:
+    """The request's raw body; InvalidRequestError (field `body`) for one that cannot be read."""
     try:
-        raw = await request.read()  # past client_max_size: HTTPRequestEntityTooLarge, for the middleware
+        return await request.read()  # past client_max_size: HTTPRequestEntityTooLarge, for the middleware
     except web.RequestPayloadError as e:  # e.g. Content-Encoding: gzip on a body that is not gzip
         # The parser gave up mid-body: the body ends here (else aiohttp's lingering read raises this
         # again and logs it as unhandled), and so does the connection, after this answer.
@@ -78,10 +78,14 @@ async def json_body(request: web.Request) -> Any:
         request.protocol.close()
         cause = getattr(e.__cause__, "message", None) or str(e).rsplit("message:", 1)[-1]
         raise InvalidRequestError("body", f"cannot be read: {cause.strip()}") from None
+
+
+def decode_json(raw: bytes, charset: str | None) -> Any:
+    """A body decoded; InvalidRequestError (field `body`) for whatever does not decode."""
     try:
-        return json.loads(raw.decode(request.charset or "utf-8"))
+        return json.loads(raw.decode(charset or "utf-8"))
     except LookupError:  # the Content-Type names a charset Python does not know, or no text encoding
-        raise InvalidRequestError("body", f"unknown charset {request.charset!r}") from None
+        raise InvalidRequestError("body", f"unknown charset {charset!r}") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise InvalidRequestError("body", f"the body is not valid JSON: {e}") from None
     except RecursionError:  # json's C decoder recurses once per level: ~1000 levels
