@@ -48,10 +48,10 @@ def error_payload(exc: BaseException, kind: str | None = None) -> tuple[int, dic
     return 500, error_body(f"internal error (incident {incident})", "server_error")
 
 
-def error_response(exc: BaseException, kind: str | None = None) -> web.Response:
-    """`error_payload` as a response."""
+def error_response(exc: BaseException, kind: str | None = None, headers: dict[str, str] | None = None) -> web.Response:
+    """`error_payload` as a response, with `headers`."""
     status, body = error_payload(exc, kind)
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    headers = {**(headers or {}), **({"WWW-Authenticate": "Bearer"} if status == 401 else {})}
     return web.json_response(body, status=status, headers=headers)
 
 

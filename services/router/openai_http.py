@@ -164,6 +164,7 @@ class OpenAIServer:
     async def _answer(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         stream: web.StreamResponse | None = None  # once its headers are out, errors go inside it
         sent = False  # the whole stream, [DONE] and its end included
+        headers: dict[str, str] = {}  # the request's id, once it has one
         try:
             async with self.shutdown.scope():  # cut at the grace's end: ShuttingDownError
                 with self.measured.refusals():
@@ -195,7 +196,7 @@ class OpenAIServer:
             raise  # e.g. body too large: the middleware shapes it
         except Exception as e:  # CancelledError (client gone) is a BaseException: not caught
             if stream is None or not stream.prepared:
-                return error_response(e, kind)
+                return error_response(e, kind, headers)
             if not sent:  # cut mid-stream: the stream says why it ends
                 await _send(stream, _last_words(e))
             return stream

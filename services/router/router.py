@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from pdserve.common import convert, tracing
+from pdserve.common import convert, logs, tracing
 from pdserve.common.engine.detokenizer import IncrementalDetokenizer
 from pdserve.common.errors import CapacityExhaustedError, InvalidRequestError, NotReadyError
 from pdserve.common.grpc_errors import relayed_error
@@ -116,6 +116,7 @@ class Router:
         if self.inflight >= self.max_inflight:
             raise CapacityExhaustedError(f"router at capacity ({self.max_inflight} requests in flight)")
         rid = check_request_id(inp.request_id, self._ids_in_flight) or uuid.uuid4().hex
+        logs.bind_request(rid)  # this task's log lines from here on, a failure before any token included
         self._ids_in_flight.add(rid)
         try:
             ids = await self.tokenize(inp)

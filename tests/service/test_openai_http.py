@@ -195,6 +195,9 @@ async def test_a_client_request_id_header_names_the_request_and_comes_back(suite
         body = {"model": model, "prompt": "Hi", "max_tokens": 2}
         async with http.post(suite.router.http.url + "/completions", json=body, headers={"X-Request-Id": "a b"}) as r:
             assert r.status == 400 and (await r.json())["error"]["param"] == "request_id"
+        long = {"model": model, "prompt": [1] * 10_000, "max_tokens": 2}  # refused: said with the id
+        async with http.post(suite.router.http.url + "/completions", json=long, headers={"X-Request-Id": "e"}) as r:
+            assert r.status == 400 and r.headers["X-Request-Id"] == "e"
     async with aiohttp.ClientSession() as http:  # none given: one is made, and said
         async with http.post(suite.router.http.url + "/completions", json=body) as r:
             assert r.status == 200 and (await r.json())["id"] == "cmpl-" + r.headers["X-Request-Id"]

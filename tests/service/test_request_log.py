@@ -3,6 +3,7 @@ engine, is the line docs/observability.md shows: same fields, in text and JSON."
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -10,6 +11,7 @@ import re
 from pathlib import Path
 
 from pdserve.client import AsyncClient
+from pdserve.client.errors import PdserveClientError
 from pdserve.common import logs
 from tests.service.test_null_worker import null_suite, tokenizer  # noqa: F401  (fixtures)
 
@@ -27,7 +29,13 @@ def fields(text_line: str) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in tail.split())
 
 
-async def one_logged_request(tokenizer, fmt: str) -> list[str]:  # noqa: F811  (the fixture)
+async def one_logged_request(
+    tokenizer,  # noqa: F811  (the fixture)
+    fmt: str,
+    prompt=(1000, 1001, 1002),
+    says="request finished",
+    request_id="doc-1",
+) -> list[str]:
     stream = io.StringIO()
     logger = logging.getLogger("pdserve.router.request_metrics")
     handler = logs.make_handler(fmt, service="router", stream=stream)
@@ -36,11 +44,12 @@ async def one_logged_request(tokenizer, fmt: str) -> list[str]:  # noqa: F811  (
     logger.setLevel(logging.INFO)  # setLevel, not .level =: it clears the loggers' isEnabledFor caches
     try:
         async with null_suite(tokenizer) as (router, _), AsyncClient(f"127.0.0.1:{router.port}") as client:
-            await client.complete([1000, 1001, 1002], max_tokens=4, request_id="doc-1")
+            with contextlib.suppress(PdserveClientError):
+                await client.complete(list(prompt), max_tokens=4, request_id=request_id)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-    return [line for line in stream.getvalue().splitlines() if "request finished" in line]
+    return [line for line in stream.getvalue().splitlines() if says in line]
 
 
 async def test_the_request_finished_text_line_has_the_documented_counts_and_timings(tokenizer):  # noqa: F811
@@ -59,6 +68,13 @@ async def test_the_request_finished_json_line_has_the_same_fields(tokenizer):  #
     record = json.loads(line)
     assert record["message"] == "request finished: length" and record["request_id"] == "doc-1"
     assert set(fields(documented_line())) - {"trace_id"} <= set(record)  # prefill_worker: "" here
+
+
+async def test_a_request_refused_before_its_first_token_is_logged_with_its_id(tokenizer):  # noqa: F811
+    # Its id is the router's own when the client gave none: then only the router knows it.
+    (line,) = await one_logged_request(tokenizer, "json", [1000] * 100_000, "request ended", request_id=None)
+    record = json.loads(line)
+    assert record["message"] == "request ended: invalid_argument" and re.fullmatch("[0-9a-f]{32}", record["request_id"])
 
 
 def test_other_libraries_extras_stay_out_of_text_lines():
