@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             return _main(argv)
         finally:
             sys.stdout.flush()  # here, where a reader that is gone (`pdserve status | head`) can be handled
+    except KeyboardInterrupt:  # Ctrl-C before a command's own handling (a model loading, a plan timed)
+        return 130  # 128 + SIGINT, and no traceback
     except BrokenPipeError:
         # Stop quietly, as a shell tool does when its reader stops; stdout goes nowhere from here,
         # so that Python's own flush at exit has nothing left to complain about.

@@ -57,18 +57,30 @@ def add_commands(sub) -> None:
 
 
 def _port(target: str) -> int:
-    return int(target.rsplit(":", 1)[1])
+    """The port of HOST:PORT (the suite's state file is named by it); ValueError naming --target."""
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--target: the router's HOST:PORT, got {target!r}")
+    return int(port)
 
 
-def list_workers(target: str, timeout: float = 3.0) -> list[router_pb2.WorkerStatus] | None:
-    """The router's view of its workers; None when the router does not answer."""
+def ask_router(target: str, timeout: float = 3.0) -> tuple[list[router_pb2.WorkerStatus] | None, str]:
+    """(The router's view of its workers, ""), or (None, why it gave none)."""
     metadata = bearer(os.environ.get("PDSERVE_API_KEY"))  # ListWorkers is client-facing: a key, as the SDK's
     with security.dial(target, security.from_environment(os.environ).client_tls(), sync=True) as channel:
         try:
             request = router_pb2.ListWorkersRequest()
-            return list(RouterStub(channel).ListWorkers(request, timeout=timeout, metadata=metadata).workers)
-        except grpc.RpcError:
-            return None
+            return list(RouterStub(channel).ListWorkers(request, timeout=timeout, metadata=metadata).workers), ""
+        except grpc.RpcError as e:
+            why = f"{e.code().name}: {e.details()}"
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                why += " (its API key goes in PDSERVE_API_KEY)"
+            return None, why
+
+
+def list_workers(target: str, timeout: float = 3.0) -> list[router_pb2.WorkerStatus] | None:
+    """The router's view of its workers; None when the router does not answer."""
+    return ask_router(target, timeout)[0]
 
 
 def rows(launched: dict | None, workers: list | None) -> list[dict]:
@@ -110,8 +122,13 @@ def render(table: list[dict]) -> str:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    launched = run_state.read(run_state.state_path(_port(args.target)))
-    workers = list_workers(args.target)
+    try:
+        port = _port(args.target)
+    except ValueError as e:
+        print(f"pdserve status: {e}", file=sys.stderr)
+        return 2
+    launched = run_state.read(run_state.state_path(port))
+    workers, why = ask_router(args.target)
     table = rows(launched, workers)
     if args.json:
         print(json.dumps({"router": args.target, "router_answers": workers is not None, "services": table}, indent=1))
@@ -119,24 +136,25 @@ def run_status(args: argparse.Namespace) -> int:
         if table:
             print(render(table))
         if workers is None:
-            print(f"the router at {args.target} does not answer", file=sys.stderr)
+            print(f"the router at {args.target} does not answer: {why}", file=sys.stderr)
         if launched is None:
             print(
-                f"no `pdserve up` on this machine runs a router on port {_port(args.target)}: "
-                "restarts and uptime unknown",
+                f"no `pdserve up` on this machine runs a router on port {port}: restarts and uptime unknown",
                 file=sys.stderr,
             )
     return 0 if workers is not None else 1
 
 
 def run_restart(args: argparse.Namespace) -> int:
-    path = run_state.state_path(_port(args.target))
+    try:
+        port = _port(args.target)
+    except ValueError as e:
+        print(f"pdserve restart: {e}", file=sys.stderr)
+        return 2
+    path = run_state.state_path(port)
     launched = run_state.read(path)
     if launched is None:
-        print(
-            f"pdserve restart: no `pdserve up` on this machine runs a router on port {_port(args.target)}",
-            file=sys.stderr,
-        )
+        print(f"pdserve restart: no `pdserve up` on this machine runs a router on port {port}", file=sys.stderr)
         return 2
     asked = time.time()
     os.kill(launched["launcher_pid"], signal.SIGHUP)

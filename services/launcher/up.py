@@ -12,7 +12,7 @@ from pathlib import Path
 from pdserve.common import memory
 from pdserve.common.engine import precision
 from pdserve.common.engine.config import QUANTIZATIONS
-from pdserve.launcher import run_state
+from pdserve.launcher import run_state, up_args
 from pdserve.launcher.auto import WORKLOADS, choose, profile_file, resolve_mode
 from pdserve.launcher.restarts import RestartPolicy
 from pdserve.launcher.suite import Suite, SuiteError
@@ -238,6 +238,12 @@ def _services(
 
 
 def run_up(args: argparse.Namespace) -> int:
+    try:
+        up_args.check(args)
+        up_args.from_worker_settings(args)
+    except ValueError as e:
+        print(f"pdserve up: {e}", file=sys.stderr)
+        return 2
     mode, threads = resolve_mode(args), args.threads
     prefill, decode = (1 if n is None else n for n in (args.prefill, args.decode))
     try:

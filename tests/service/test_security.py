@@ -329,6 +329,9 @@ async def test_the_operator_commands_send_the_key_and_the_token_from_the_environ
     svc = pki["service"]
     for name, value in (("TLS_CA", svc.ca), ("TLS_CERT", svc.cert), ("TLS_KEY", svc.key), ("INTERNAL_TOKEN", TOKEN)):
         monkeypatch.setenv(f"PDSERVE_{name}", value)
+    monkeypatch.setenv("PDSERVE_API_KEY", "not-a-key")  # refused: said so, not "does not answer"
+    assert await asyncio.to_thread(status.run_status, argparse.Namespace(target=_router(suite), json=False)) == 1
+    assert "does not answer: UNAUTHENTICATED" in capsys.readouterr().err
     monkeypatch.setenv("PDSERVE_API_KEY", API_KEY)
     workers = await asyncio.to_thread(status.list_workers, _router(suite), 10.0)
     assert workers and "decode-0" in {w.info.worker_id for w in workers}

@@ -164,3 +164,27 @@ def test_a_reader_that_stops_reading_ends_the_command_quietly(tmp_path):
     finally:
         os.close(w)
     assert (done.returncode, done.stderr) == (141, "")
+
+
+@pytest.mark.parametrize("command", [("status",), ("restart", "--rolling")])
+@pytest.mark.parametrize("target", ["localhost", "unix:/tmp/x.sock", "localhost:http"])
+def test_a_target_without_a_port_is_one_line(command, target):
+    assert_one_line_naming(pdserve(*command, "--target", target), "--target", repr(target))
+
+
+def test_ctrl_c_before_a_command_handles_it_ends_with_130_and_no_traceback():
+    """A first `pdserve up` times a profile, `generate --local` loads a model: Ctrl-C then is no crash."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, signal, sys; from pdserve.cli import main; "
+            "signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "sys.argv = ['pdserve', 'plan', '--help']; import pdserve.cli as c; "
+            "c._main = lambda argv: os.kill(os.getpid(), signal.SIGINT); sys.exit(main())",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err

@@ -384,3 +384,35 @@ def test_cpu_workers_get_cores_of_their_own_when_their_threads_fit(monkeypatch):
         for s in launcher.plan("disaggregated", 1, 1, python="py")
         if s.name in ("router", "kvstore")
     )
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (("--mode", "colocated", "--prefill", "2"), "--prefill: for a disaggregated suite, not --mode colocated"),
+        (("--mode", "colocated", "--elastic"), "--elastic: for a disaggregated suite"),
+        (("--port", "0"), "--port: a port in [1, 65535], got 0"),  # the launcher could not dial it
+        (("--base-port", "70000"), "--base-port: a port in [1, 65535]"),
+        (("--grace", "-5"), "--grace >= 0"),
+        (("--restart-limit", "-1"), "--restart-limit >= 0"),
+    ],
+)
+def test_a_flag_its_mode_would_ignore_or_a_value_out_of_range_is_refused_naming_it(argv, says, capsys):
+    assert launcher.run_up(parse(*argv)) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_the_launcher_plans_with_the_workers_own_settings_where_its_flags_leave_them_out(monkeypatch):
+    from pdserve.launcher import up_args
+
+    monkeypatch.setenv("PDSERVE_DTYPE", "float32")  # what the workers will run in
+    args = parse("--prefill", "1", "--decode", "1")
+    up_args.from_worker_settings(args)
+    assert (args.dtype, args.model, args.device, args.quantization) == ("float32", None, None, None)
+    store = next(s for s in launcher.plan(dtype=args.dtype) if s.name == "kvstore")
+    assert store.argv[store.argv.index("--dtype") + 1] == "float32"  # blocks of the workers' size
+    args = parse("--dtype", "bfloat16")
+    up_args.from_worker_settings(args)
+    assert args.dtype == "bfloat16"  # a flag still wins, as it does for the workers
+    monkeypatch.setenv("PDSERVE_DTYPE", "float64")
+    assert launcher.run_up(parse()) == 2  # refused naming a child that reads it, before anything starts
