@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass
 
 from pdserve.common.config import ServiceConfig, option
+from pdserve.common.ports import host_port
 from pdserve.common.server import add_health_service, bind, create_server, serve_until_stopped
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import decode_pb2 as dpb
@@ -105,7 +106,7 @@ class NullWorker:
         info = pb.WorkerInfo(
             worker_id=config.worker_id,
             role=pb.WORKER_ROLE_COLOCATED,
-            address=f"{config.host}:{self.port}",
+            address=host_port(config.host, self.port),
             model="null",
             kv_spec=KV_SPEC,
             instance_id=uuid.uuid4().hex,

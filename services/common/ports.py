@@ -21,6 +21,11 @@ class Listen:
     flag: str
 
 
+def host_port(host: str, port: int) -> str:
+    """HOST:PORT as gRPC and URLs take it: a bare IPv6 address in brackets (`[::1]:50051`)."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 def in_use(host: str, port: int) -> bool:
     """Whether another socket listens on host:port: a bind as gRPC's own fails
     with EADDRINUSE. SO_REUSEADDR, as gRPC sets it, so the TIME_WAIT connections

@@ -24,6 +24,7 @@ from pdserve.common import grpc_tracing, tracing
 
 # Re-exported: services and tests import the error mapping from here too.
 from pdserve.common.grpc_errors import ErrorMappingInterceptor
+from pdserve.common.ports import host_port
 
 __all__ = [
     "DEFAULT_OPTIONS",
@@ -83,8 +84,7 @@ def create_server(
 def bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None = None) -> int:
     """Listen on host:port (0: any free port) and return the bound port; TLS
     with `credentials` (pdserve.common.security.SecurityConfig.server_credentials())."""
-    bare_ipv6 = ":" in host and not host.startswith("[")
-    address = f"[{host}]:{port}" if bare_ipv6 else f"{host}:{port}"
+    address = host_port(host, port)
     bound = (
         server.add_secure_port(address, credentials) if credentials is not None else server.add_insecure_port(address)
     )

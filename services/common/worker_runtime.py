@@ -19,6 +19,7 @@ from pdserve.common import convert, metrics
 from pdserve.common.engine.async_engine import AsyncEngine
 from pdserve.common.engine.engine import LLMEngine
 from pdserve.common.kv.spec import WIRE_VERSION
+from pdserve.common.ports import host_port
 from pdserve.common.registration import Registration
 from pdserve.common.server import add_health_and_reflection, bind, create_server, serve_until_stopped
 from pdserve.common.version import software_version
@@ -48,7 +49,7 @@ class WorkerRuntime:
         self.info = pb.WorkerInfo(
             worker_id=self.worker_id,
             role=convert.ROLES[config.role],
-            address=f"{config.advertise_host or config.host}:{self.port}",
+            address=host_port(config.advertise_host or config.host, self.port),
             model=spec.model_name,
             kv_spec=convert.kv_spec_to_pb(spec),
             instance_id=uuid.uuid4().hex,
@@ -92,7 +93,7 @@ class WorkerRuntime:
             self.config.host, self.config.metrics_port, service=self.config.role, instance=self.worker_id
         )
         if port is not None:
-            print(f"{self.worker_id} metrics on http://{self.config.host}:{port}/metrics", flush=True)
+            print(f"{self.worker_id} metrics on http://{host_port(self.config.host, port)}/metrics", flush=True)
         await self.start()
         print(
             f"{self.worker_id} ({self.config.role}) {self.engine.describe()}, "

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from pdserve.common import affinity
 from pdserve.common.engine import precision
-from pdserve.common.ports import Listen
+from pdserve.common.ports import Listen, host_port
 from pdserve.router.shutdown import LAST_WORDS_S
 
 MODES = ("disaggregated", "colocated")
@@ -148,7 +148,7 @@ def plan(
     def at(name: str) -> str:
         return (hosts or {}).get(name, host)
 
-    store = ("--kvstore", f"{_dial(at('kvstore'))}:{store_port}") if kvstore else ()
+    store = ("--kvstore", host_port(_dial(at("kvstore")), store_port)) if kvstore else ()
     devices = itertools.cycle(device.split(",") if device else [None])
     for role, count in (("prefill", prefill), ("decode", decode)):
         for i in range(count):
@@ -173,19 +173,19 @@ def plan(
                         *(("--cpus", cores.pop(0)) if cores else ()),
                         *extra,
                     ),
-                    f"{_dial(at(name))}:{p}",
+                    host_port(_dial(at(name)), p),
                     1,
                     listens=(Listen(at(name), p, "--base-port"),),
                     role=role,
                 )
             )
-            targets[role].append(f"{_dial(at(name))}:{p}")
+            targets[role].append(host_port(_dial(at(name)), p))
     if kvstore:
         services.append(
             Service(
                 "kvstore",
                 (*serve, "kvstore", "--host", at("kvstore"), "--port", str(store_port), *common, *store_dtype),
-                f"{_dial(at('kvstore'))}:{store_port}",
+                host_port(_dial(at("kvstore")), store_port),
                 1,
                 listens=(Listen(at("kvstore"), store_port, "--base-port"),),
                 role="kvstore",
@@ -218,9 +218,9 @@ def plan(
                 "--http-port",
                 str(http_port),
             ),
-            f"{_dial(router)}:{port}",
+            host_port(_dial(router), port),
             2,
-            http=f"{_dial(router)}:{http_port}" if http else None,
+            http=host_port(_dial(router), http_port) if http else None,
             listens=(Listen(router, port, "--port"), *http),
             role="router",
         )
@@ -282,7 +282,7 @@ def _with_metrics(services: list[Service], first: int, taken: set[int | None]) -
         return dataclasses.replace(
             s,
             argv=argv,
-            metrics=f"{_dial(host)}:{ports[s.name]}",
+            metrics=host_port(_dial(host), ports[s.name]),
             listens=(*s.listens, Listen(host, ports[s.name], "--metrics-port")),
         )
 

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from pdserve.common import genai, tracing
 from pdserve.common.errors import NotReadyError, UnauthenticatedError
+from pdserve.common.ports import host_port
 from pdserve.common.security import ApiKeys
 from pdserve.router.models import ModelNotFoundError, check_model, served_models
 from pdserve.router.openai_errors import (
@@ -100,7 +101,7 @@ class OpenAIServer:
     @property
     def url(self) -> str | None:
         scheme = "https" if self.ssl_context else "http"
-        return f"{scheme}://{self.host}:{self.port}/v1" if self.port is not None else None
+        return f"{scheme}://{host_port(self.host, self.port)}/v1" if self.port is not None else None
 
     async def start(self) -> None:
         if self.requested_port < 0:

@@ -416,3 +416,19 @@ def test_the_launcher_plans_with_the_workers_own_settings_where_its_flags_leave_
     assert args.dtype == "bfloat16"  # a flag still wins, as it does for the workers
     monkeypatch.setenv("PDSERVE_DTYPE", "float64")
     assert launcher.run_up(parse()) == 2  # refused naming a child that reads it, before anything starts
+
+
+def test_an_ipv6_host_is_dialled_in_brackets():
+    from pdserve.common.ports import host_port
+
+    services = {s.name: s for s in launcher.plan("disaggregated", 1, 1, host="::1", metrics_port=9464)}
+    assert services["decode-0"].address == "[::1]:50062" and services["router"].metrics == "[::1]:9464"
+    router = services["router"].argv
+    assert router[router.index("--decode-targets") + 1] == "[::1]:50062"  # "::1:50062" did not resolve
+    prefill = services["prefill-0"].argv
+    assert prefill[prefill.index("--kvstore") + 1] == "[::1]:50063"
+    assert (host_port("::1", 1), host_port("[::1]", 1), host_port("10.0.0.1", 1)) == (
+        "[::1]:1",
+        "[::1]:1",
+        "10.0.0.1:1",
+    )
