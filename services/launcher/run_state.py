@@ -83,3 +83,12 @@ def read(path: Path) -> dict | None:
     if state.get("launcher_started") is not None and started(pid) != state["launcher_started"]:
         return None
     return state
+
+
+def remove_own(path: Path) -> None:
+    """Remove the state file if this process wrote it: not another launcher's, started meanwhile."""
+    try:
+        if json.loads(path.read_text()).get("launcher_pid") == os.getpid():
+            path.unlink(missing_ok=True)
+    except (OSError, ValueError, AttributeError):
+        pass

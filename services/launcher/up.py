@@ -67,7 +67,7 @@ def supervise(suite: Suite, state_file: Path | None = None) -> int:
             signal.signal(sig, handler)
         if state_file:
             suite.supervisor.on_change(lambda: None)
-            state_file.unlink(missing_ok=True)
+            run_state.remove_own(state_file)
 
 
 def add_up_args(parser: argparse.ArgumentParser) -> None:
@@ -243,6 +243,14 @@ def run_up(args: argparse.Namespace) -> int:
         up_args.from_worker_settings(args)
     except ValueError as e:
         print(f"pdserve up: {e}", file=sys.stderr)
+        return 2
+    running = run_state.read(run_state.state_path(args.port))
+    if running is not None:  # its ports may still be free while it loads: its state file is not
+        print(
+            f"pdserve up: a suite already runs on --port {args.port} (pdserve up, pid {running['launcher_pid']}): "
+            "stop it, or give this one another --port",
+            file=sys.stderr,
+        )
         return 2
     mode, threads = resolve_mode(args), args.threads
     prefill, decode = (1 if n is None else n for n in (args.prefill, args.decode))

@@ -432,3 +432,28 @@ def test_an_ipv6_host_is_dialled_in_brackets():
         "[::1]:1",
         "10.0.0.1:1",
     )
+
+
+def test_a_second_up_on_a_port_a_live_suite_holds_is_refused_and_leaves_its_state_file(tmp_path, monkeypatch, capsys):
+    import json
+    import subprocess
+
+    from pdserve.launcher import run_state
+
+    monkeypatch.setenv("PDSERVE_RUN_DIR", str(tmp_path))
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a launcher still loading
+    try:
+        path = run_state.state_path(40100)
+        path.parent.mkdir(parents=True)
+        state = {"launcher_pid": other.pid, "launcher_started": run_state.started(other.pid), "services": []}
+        path.write_text(json.dumps(state))
+        assert launcher.run_up(parse("--port", "40100", "--base-port", "40101")) == 2
+        assert f"a suite already runs on --port 40100 (pdserve up, pid {other.pid})" in capsys.readouterr().err
+        run_state.remove_own(path)  # what a launcher's exit does: another's file stays
+        assert path.exists()
+        path.write_text(json.dumps({**state, "launcher_pid": os.getpid()}))
+        run_state.remove_own(path)
+        assert not path.exists()
+    finally:
+        other.kill()
+        other.wait()
