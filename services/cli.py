@@ -35,6 +35,8 @@ def _sampling(args):
 def cmd_generate(args) -> int:
     if args.local:
         return _generate_in_process(args)
+    if args.model is not None:  # the router serves its own: the prompt would silently go to another model
+        raise SettingError("model", "is for --local (a running suite serves the model it started with)")
     from pdserve.client import Client
 
     prompt = {"prompt": args.prompt} if args.raw else {"messages": [{"role": "user", "content": args.prompt}]}
@@ -56,7 +58,10 @@ def _client_tls(args):
     """TLS from the flags, else from PDSERVE_TLS_* (as the services read them), else none."""
     from pdserve.common import security
 
-    if args.tls or args.tls_ca or args.tls_cert:
+    if bool(args.tls_cert) != bool(args.tls_key):
+        missing, given = ("tls_cert", "--tls-key") if args.tls_key else ("tls_key", "--tls-cert")
+        raise SettingError(missing, f"is needed with {given}")
+    if args.tls or args.tls_ca or args.tls_cert or args.tls_server_name:
         return security.TLS(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, server_name=args.tls_server_name)
     return security.from_environment(os.environ).client_tls()
 

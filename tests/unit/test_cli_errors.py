@@ -188,3 +188,16 @@ def test_ctrl_c_before_a_command_handles_it_ends_with_130_and_no_traceback():
     )
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (("--model", "Qwen/Qwen2.5-0.5B-Instruct"), "--model is for --local"),  # not silently another model
+        (("--tls-key", "k.pem"), "--tls-cert is needed with --tls-key"),  # not silently no client certificate
+        (("--tls-cert", "c.pem"), "--tls-key is needed with --tls-cert"),
+    ],
+)
+def test_a_generate_flag_that_would_be_ignored_is_one_line(flags, says):
+    result = pdserve("generate", "hi", "--target", "127.0.0.1:1", *flags)
+    assert says in assert_one_line_naming(result)
