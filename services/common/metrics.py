@@ -107,7 +107,7 @@ _ROUTER_INFLIGHT = _observed("gauge", "pdserve_router_inflight_requests", "Reque
 _PREFILL_DECISIONS = _observed(
     "counter",
     "pdserve_prefill_decisions",
-    "Routing decisions by where the prompt is prefilled "
+    "Routing decisions by where the prompt is prefilled, one per attempt: a retry decides again "
     "(decision=disaggregated: a prefill worker; local_prefill: the decode worker)",
 )
 _RECOVERIES = _observed(
