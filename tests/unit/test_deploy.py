@@ -852,3 +852,15 @@ def test_otel_collector_config_passes_otelcol_validate():
     path = OBSERVABILITY / "otel-collector.yaml"
     r = subprocess.run([otelcol, "validate", f"--config={path}"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_every_service_takes_the_tracing_settings_so_no_hop_ends_a_trace(rendered):
+    """A service without an exporter passes no trace on: all four get the same OTEL_* variables."""
+    base = yaml.safe_load(COMPOSE_FILES[0].read_text())["services"]
+    for name, service in base.items():
+        assert "OTEL_EXPORTER_OTLP_ENDPOINT" in _compose_env(service), f"compose service {name}"
+    for kustomization, docs in rendered.items():
+        configmaps = {n: d for (kind, n), d in docs.items() if kind == "ConfigMap"}
+        for workload, (doc, c, _, _) in _services(docs).items():
+            env = _container_env(doc, c, configmaps)
+            assert env.get("OTEL_EXPORTER_OTLP_ENDPOINT") == "", f"{kustomization} {workload}: off until set"
