@@ -98,6 +98,11 @@ SLO = _counter(
     "Finished requests by objective (ttft, tpot) and whether they met it "
     "(attained=true|false); the router's --slo-ttft-ms and --slo-tpot-ms",
 )
+TOKENS = _counter(
+    "pdserve_tokens",
+    "Tokens by type: prompt and cached (of the prompt, found in a prefix cache) of finished requests, "
+    "generation: every token streamed, to any request (tokens/s: its rate)",
+)
 ROUTED = _counter(
     "pdserve_routed_requests", "Finished requests by the worker that served each phase (role=prefill|decode, worker_id)"
 )

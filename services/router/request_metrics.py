@@ -81,6 +81,7 @@ class RequestMetrics:
             else:  # failed or cancelled: its duration too, with what ended it (the conventions' error.type)
                 metrics.E2E.record(time.perf_counter() - t0, {**attributes, "error.type": outcome})
             metrics.REQUESTS.add(1, {"outcome": outcome})
+            metrics.TOKENS.add(tokens, {"type": "generation"})
             if outcome not in ("stop", "length"):
                 log.info(
                     "request ended: %s",
@@ -113,6 +114,8 @@ class RequestMetrics:
         if route.decode_worker_id:
             metrics.ROUTED.add(1, {"role": "decode", "worker_id": route.decode_worker_id})
         usage = ev.usage or Usage(0, tokens)
+        metrics.TOKENS.add(usage.prompt_tokens, {"type": "prompt"})
+        metrics.TOKENS.add(usage.cached_tokens, {"type": "cached"})
         log.info(
             "request finished: %s",
             ev.finish_reason.value,

@@ -214,3 +214,9 @@ def test_engine_store_and_router_state_is_read_at_scrape_time(samples):
 
 def test_metrics_port_minus_one_serves_nothing():
     assert metrics.serve_prometheus("127.0.0.1", -1, service="test") is None
+
+
+def test_tokens_count_prompts_of_finished_requests_and_every_token_streamed(samples):
+    assert value(samples, "pdserve_tokens_total", type="prompt") == 10
+    assert value(samples, "pdserve_tokens_total", type="cached") == 0
+    assert value(samples, "pdserve_tokens_total", type="generation") == 6 + 1  # the cancelled one's first too
