@@ -48,10 +48,15 @@ def error_payload(exc: BaseException, kind: str | None = None) -> tuple[int, dic
     return 500, error_body(f"internal error (incident {incident})", "server_error")
 
 
+# 429 and 503 pass (a full router, a worker back within seconds): clients such as OpenAI's SDK wait
+# this long before they try again, instead of their own backoff.
+_STATUS_HEADERS = {401: {"WWW-Authenticate": "Bearer"}, 429: {"Retry-After": "1"}, 503: {"Retry-After": "1"}}
+
+
 def error_response(exc: BaseException, kind: str | None = None, headers: dict[str, str] | None = None) -> web.Response:
     """`error_payload` as a response, with `headers`."""
     status, body = error_payload(exc, kind)
-    headers = {**(headers or {}), **({"WWW-Authenticate": "Bearer"} if status == 401 else {})}
+    headers = {**(headers or {}), **_STATUS_HEADERS.get(status, {})}
     return web.json_response(body, status=status, headers=headers)
 
 

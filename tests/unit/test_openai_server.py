@@ -41,7 +41,7 @@ async def test_no_workers_means_503_in_openai_shape():
             async with http.get(f"http://127.0.0.1:{server.port}/health") as r:
                 assert r.status == 503
             async with http.post(server.url + "/completions", json={"prompt": "a b"}) as r:
-                assert r.status == 503
+                assert r.status == 503 and r.headers["Retry-After"] == "1"  # clients wait, then try again
                 error = (await r.json())["error"]
                 assert error["type"] == "server_error" and "no healthy decode worker" in error["message"]
             async with http.get(server.url + "/models") as r:
