@@ -41,6 +41,11 @@ class Leases(Generic[T]):
         self._items[key] = (held, expires_at)
         return expires_at
 
+    def expiry(self, key: str) -> float | None:
+        """When `key`'s lease ends (unix time), if it is held."""
+        item = self._items.get(key)
+        return item[1] if item else None
+
     def get(self, key: str) -> T | None:
         item = self._items.get(key)
         return item[0] if item else None

@@ -10,12 +10,26 @@ import logging
 import uuid
 
 from pdserve.common import tracing
-from pdserve.common.errors import NotFoundError, TransferFailedError
+from pdserve.common.errors import InvalidRequestError, NotFoundError, TransferFailedError
+from pdserve.common.kv.hashing import HASH_BYTES
 from pdserve.common.leases import Leases
 from pdserve.common.transfer.base import KVReceiver, KVSender, TransferTicket
 from pdserve.kvstore.store import BlockStore
 
 log = logging.getLogger(__name__)
+
+
+MAX_CHAIN = 1 << 16  # blocks of one prompt: a million tokens at 16 a block
+
+
+def _chain(hashes: list[bytes]) -> list[bytes]:
+    """A client's block hashes, if they can be: each of hashing's size, a prompt's count at most (a
+    million would evict the whole store in one offer, and post a receive each)."""
+    if len(hashes) > MAX_CHAIN:
+        raise InvalidRequestError("block_hashes", f"{len(hashes)} hashes; at most {MAX_CHAIN}")
+    if any(len(h) != HASH_BYTES for h in hashes):
+        raise InvalidRequestError("block_hashes", f"each must be a {HASH_BYTES}-byte block hash")
+    return hashes
 
 
 class KVStoreService:
@@ -51,14 +65,14 @@ class KVStoreService:
         await self.sender.close()
 
     def lookup(self, fingerprint: bytes, hashes: list[bytes]) -> int:
-        n = self.store.lookup(fingerprint, hashes)
+        n = self.store.lookup(fingerprint, _chain(hashes))
         tracing.annotate(blocks_requested=len(hashes), blocks_found=n)  # on the call's span
         return n
 
     def reserve_write(
         self, fingerprint: bytes, hashes: list[bytes], lease_ms: int = 0
     ) -> tuple[list[int], TransferTicket | None]:
-        placed = self.store.reserve_write(fingerprint, hashes)
+        placed = self.store.reserve_write(fingerprint, _chain(hashes))
         tracing.annotate(blocks_offered=len(hashes), blocks_accepted=len(placed))
         if not placed:
             return [], None
@@ -69,7 +83,9 @@ class KVStoreService:
         except Exception:
             self.store.abort_write(accepted)
             raise
-        self._writes.add(tid, accepted, lease_ms / 1000 if lease_ms else self.lease_s)
+        # A client may ask for less than the store's lease, not more: a writer gone leaves WRITING
+        # slots, which nothing evicts, until it ends.
+        self._writes.add(tid, accepted, min(lease_ms / 1000, self.lease_s) if lease_ms else self.lease_s)
         return [i for i, _ in placed], ticket
 
     async def commit_write(self, transfer_id: str) -> int:
@@ -90,9 +106,13 @@ class KVStoreService:
 
     def reserve_read(self, fingerprint: bytes, hashes: list[bytes], ticket: TransferTicket) -> int:
         """Pin all of `hashes` and push them into `ticket`; 0 if any is gone."""
-        if len(hashes) != ticket.num_blocks or ticket.block_bytes != self.store.block_bytes:
-            raise TransferFailedError("read ticket does not match the requested blocks or this store's block size")
-        slots = self.store.pin(fingerprint, hashes)
+        if ticket.num_blocks < 1 or len(hashes) != ticket.num_blocks:
+            raise InvalidRequestError("ticket.num_blocks", f"{ticket.num_blocks} blocks for {len(hashes)} hashes")
+        if ticket.transfer_id in self._reads:  # its lease id: two reads under one would free each other
+            raise InvalidRequestError("ticket.transfer_id", f"{ticket.transfer_id!r} is already being read")
+        if ticket.block_bytes != self.store.block_bytes:
+            raise TransferFailedError("read ticket's block size is not this store's")
+        slots = self.store.pin(fingerprint, _chain(hashes))
         tracing.annotate(blocks_requested=len(hashes), blocks_read=len(slots) if slots else 0)
         if slots is None:
             return 0

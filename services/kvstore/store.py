@@ -27,6 +27,7 @@ class Entry:
     fingerprint: bytes
     state: State = State.WRITING
     pins: int = 0
+    parent: bytes | None = None  # the block before it in the chain it was written in (None: a root)
 
 
 @dataclass
@@ -104,24 +105,34 @@ class BlockStore:
         for i, h in enumerate(hashes):
             e = self._entries.get(h)
             if e is not None:
-                if e.fingerprint != fingerprint:
-                    break  # a colliding hash under another fingerprint: never mix
-                continue  # held or being written by someone else
+                if e.fingerprint != fingerprint or e.state is State.WRITING:
+                    # A colliding hash under another fingerprint: never mix. Another writer's block: if its
+                    # write fails, the blocks after it would be a hole.
+                    break
+                continue  # held already
             # Room is never made by evicting this chain's own blocks: its later ones would then hit nothing.
             slot = self._free.pop() if self._free else self._evict_one(keep=chain)
             if slot is None:
                 break
-            self._entries[h] = Entry(slot, fingerprint)
+            self._entries[h] = Entry(slot, fingerprint, parent=hashes[i - 1] if i else None)
             out.append((i, slot))
         return out
 
     def commit(self, hashes: list[bytes]) -> int:
+        """Make a write's blocks READY, in chain order, as far as each one's parent is still held: one
+        evicted since the write was reserved would leave them unreachable (given back instead)."""
+        done = 0
         for h in hashes:
-            self._entries[h].state = State.READY
-        self._refresh(hashes)
-        self.stats.blocks_written += len(hashes)
-        self.stats.bytes_in += len(hashes) * self.block_bytes
-        return len(hashes)
+            e = self._entries[h]
+            if e.parent is not None and e.parent not in self._entries:
+                self.abort_write(hashes[done:])
+                break
+            e.state = State.READY
+            done += 1
+        self._refresh(hashes[:done])
+        self.stats.blocks_written += done
+        self.stats.bytes_in += done * self.block_bytes
+        return done
 
     def abort_write(self, hashes: list[bytes]) -> None:
         for h in hashes:

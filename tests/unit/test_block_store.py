@@ -1,5 +1,9 @@
 """The KV store's memory: LRU eviction, pins, write states, fingerprints."""
 
+import time
+
+import numpy as np
+
 from pdserve.common.transfer.loopback import LoopbackKVReceiver, LoopbackKVSender
 from pdserve.kvstore.service import KVStoreService
 from pdserve.kvstore.store import BlockStore
@@ -60,6 +64,26 @@ def test_reads_are_all_or_nothing_and_writes_leave_no_holes():
     assert [i for i, _ in placed] == [1, 2]  # h(1) already held
 
 
+def test_a_block_another_writer_is_writing_ends_an_offer_so_its_failure_leaves_no_hole():
+    s = BlockStore(8, 4)
+    first = s.reserve_write(A, [h(1)])  # writer 1, still writing h(1)
+    assert s.reserve_write(A, [h(1), h(2)]) == []  # writer 2 would hang h(2) on it
+    s.abort_write([h(1)])  # writer 1 failed
+    assert s.used == 0 and len(first) == 1
+
+
+def test_blocks_whose_parent_was_evicted_before_their_commit_are_given_back_not_stored_unreachable():
+    s = BlockStore(3, 4)
+    write(s, A, [h(1)])
+    placed = s.reserve_write(A, [h(1), h(2)])  # h(1) held: only h(2), whose parent it is
+    assert [i for i, _ in placed] == [1]
+    write(s, A, [h(7)])
+    write(s, A, [h(8)])  # another chain's blocks push h(1) out meanwhile
+    assert s.lookup(A, [h(1)]) == 0
+    assert s.commit([h(2)]) == 0  # unreachable: given back, not kept (and kept longest) as READY
+    assert s.used == 2 and s.stats.blocks_written == 3  # h(1), h(7), h(8)
+
+
 def test_aborted_writes_free_their_slots():
     s = BlockStore(2, 4)
     placed = s.reserve_write(A, [h(1), h(2)])
@@ -108,3 +132,46 @@ async def test_the_service_quarantines_a_released_write_it_cannot_fence(monkeypa
     assert await service.release(ticket.transfer_id)
     assert service.store.stats.quarantined == 2 and service.store.used == 2
     assert service.reserve_write(A, [h(1), h(2)])[0] == [0, 1]  # those blocks may be stored again
+
+
+async def test_a_read_ticket_that_does_not_match_its_hashes_or_reuses_a_lease_is_the_clients_error():
+    import pytest
+
+    from pdserve.common.errors import InvalidRequestError
+    from pdserve.common.transfer.base import TransferTicket
+
+    receiver = LoopbackKVReceiver()
+    service = KVStoreService(BlockStore(4, 4), LoopbackKVReceiver(), LoopbackKVSender())
+    write(service.store, A, [h(1), h(2)])
+    ticket = receiver.expect("r-1", [np.zeros(4, np.uint8), np.zeros(4, np.uint8)])
+    for hashes, empty in (([h(1)], ticket), ([], TransferTicket("r-0", b"", "", 0, 4))):
+        with pytest.raises(InvalidRequestError, match="num_blocks"):
+            service.reserve_read(A, hashes, empty)
+    assert service.reserve_read(A, [h(1), h(2)], ticket) == 2
+    with pytest.raises(InvalidRequestError, match="already being read"):  # its lease: Release would end the other
+        service.reserve_read(A, [h(1), h(2)], ticket)
+    await receiver.wait("r-1", 5)
+    assert service.active_leases == 0 and service.store.pinned == 0
+
+
+def test_a_write_lease_is_never_longer_than_the_stores_own():
+    service = KVStoreService(BlockStore(4, 4), LoopbackKVReceiver(), LoopbackKVSender(), lease_s=30.0)
+    _, ticket = service.reserve_write(A, [h(1)], lease_ms=2**32 - 1)  # 49.7 days asked
+    assert service._writes.expiry(ticket.transfer_id) <= time.time() + 30.0
+    _, short = service.reserve_write(A, [h(2)], lease_ms=1000)  # less: as asked
+    assert service._writes.expiry(short.transfer_id) <= time.time() + 1.0
+
+
+def test_hashes_a_store_could_never_hold_are_the_clients_error():
+    import pytest
+
+    from pdserve.common.errors import InvalidRequestError
+    from pdserve.kvstore.service import MAX_CHAIN
+
+    service = KVStoreService(BlockStore(4, 4), LoopbackKVReceiver(), LoopbackKVSender())
+    for hashes in ([b""], [h(1), b"short"], [h(i) for i in range(MAX_CHAIN + 1)]):
+        with pytest.raises(InvalidRequestError, match="block_hashes"):
+            service.lookup(A, hashes)
+        with pytest.raises(InvalidRequestError, match="block_hashes"):
+            service.reserve_write(A, hashes)
+    assert service.store.used == 0 and service.store.stats.lookups == 0

@@ -11,10 +11,11 @@ import hashlib
 from array import array
 
 ROOT = b""
+HASH_BYTES = 16
 
 
 def block_hash(fingerprint: bytes, parent: bytes, tokens: list[int]) -> bytes:
-    h = hashlib.blake2b(digest_size=16, key=fingerprint[:64])
+    h = hashlib.blake2b(digest_size=HASH_BYTES, key=fingerprint[:64])
     h.update(parent)
     h.update(array("q", tokens).tobytes())
     return h.digest()
