@@ -126,7 +126,7 @@ class Router:
                 rid,
                 ids,
                 inp.params,
-                IncrementalDetokenizer(self.tokenizer, ids, inp.params.stop),
+                IncrementalDetokenizer.of(self.tokenizer, ids, inp.params),
                 t0,
                 deadline=inp.deadline,
                 attempt_base=f"{rid}.{self._instance}{next(self._requests_taken)}",

@@ -98,7 +98,10 @@ def test_stop_token_ids_and_max_tokens(make_engine):
     ids = engine.apply_chat_template([{"role": "user", "content": "Count from one to twenty."}])
     [full] = engine.generate([ids], SamplingParams(max_tokens=10, ignore_eos=True))
     outs = list(engine.stream(ids, SamplingParams(max_tokens=10, stop_token_ids=[full[3]])))
-    assert [t for o in outs for t in o.new_token_ids] == full[: full.index(full[3]) + 1]
+    stop_at = full.index(full[3])
+    assert [t for o in outs for t in o.new_token_ids] == full[: stop_at + 1]  # counted, as vLLM counts it
     assert outs[-1].finish_reason is FinishReason.STOP
+    # Its text is not the answer's, as vLLM leaves it out (without include_stop_str_in_output).
+    assert "".join(o.text for o in outs) == engine.tokenizer.decode(full[:stop_at], skip_special_tokens=True)
     outs = list(engine.stream(ids, SamplingParams(max_tokens=5, ignore_eos=True)))
     assert len(outs) == 5 and outs[-1].finish_reason is FinishReason.LENGTH

@@ -30,6 +30,9 @@ from pdserve.common.errors import InvalidRequestError
         ({"stop": ["x" * 1025]}, "stop"),
         ({"stop_token_ids": list(range(65))}, "stop_token_ids"),
         ({"stop_token_ids": [True]}, "stop_token_ids"),
+        # Refused as the workers would get them, in float32: inf and 0 there.
+        ({"temperature": 1e39}, "temperature"),
+        ({"top_p": 1e-46}, "top_p"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs, field):
@@ -54,3 +57,30 @@ def test_lists_become_tuples_so_params_stay_hashable():
     p = SamplingParams(stop=["a"], stop_token_ids=[3])
     assert p.stop == ("a",) and p.stop_token_ids == (3,)
     hash(p)
+
+
+def test_a_temperature_below_1e_5_is_greedy_as_in_vllm_and_samples_without_nan():
+    import torch
+
+    from pdserve.common.engine.sampler import sample
+
+    logits = torch.tensor([[0.0, 3.0, 1.0, -2.0]])
+    for t in (1e-39, 1e-30, 9e-6):  # dividing by 1e-39 in float32 gave a NaN probability: the step failed
+        params = SamplingParams(temperature=t)
+        assert params.greedy and sample(logits, [params], [None]) == [1]
+    assert not SamplingParams(temperature=1e-5).greedy
+
+
+def test_distinct_seeds_and_positions_draw_from_distinct_generators():
+    import torch
+
+    from pdserve.common.engine.sampler import seeded
+
+    def draw(seed: int, position: int) -> float:
+        return float(torch.rand(1, generator=seeded(torch.Generator(), SamplingParams(seed=seed), position)))
+
+    assert draw(5, 3) == draw(5, 3)  # reproducible
+    # Summed, these pairs drew alike: a vLLM client's seed -5 (2**64 - 5) and 2**63 - 5, and s at p + 1,000,003
+    # with s + 1 at p.
+    assert draw(2**64 - 5, 0) != draw(2**63 - 5, 0)
+    assert draw(7, 1_000_003) != draw(8, 0)

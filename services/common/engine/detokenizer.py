@@ -4,7 +4,8 @@ Decoding token by token breaks multi-byte characters and tokenizers that
 merge across tokens, so each step decodes a short window of recent tokens
 and emits only what changed, holding back text that ends in a replacement
 character (an incomplete UTF-8 sequence). Text that could be the start of
-a stop string is held back too, so a stop string is never streamed.
+a stop string is held back too, so a stop string is never streamed; a stop
+token's own text is not output either (vLLM leaves it out).
 """
 
 from __future__ import annotations
@@ -13,21 +14,31 @@ _INCOMPLETE = "\ufffd"
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, prompt_token_ids: list[int], stop: tuple[str, ...] = ()):
+    def __init__(
+        self, tokenizer, prompt_token_ids: list[int], stop: tuple[str, ...] = (), stop_token_ids: tuple[int, ...] = ()
+    ):
         self._tok = tokenizer
         self._ids = list(prompt_token_ids[-6:])  # a little context for merges
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
         self._stop = stop
+        self._stop_ids = frozenset(stop_token_ids)
         self._holdback = max((len(s) for s in stop), default=1) - 1
         self.text = ""  # all output text so far (stop string excluded once found)
         self._emitted = 0
         self.stopped = False
 
+    @classmethod
+    def of(cls, tokenizer, prompt_token_ids: list[int], params) -> IncrementalDetokenizer:
+        """For a request's SamplingParams: its stop strings and stop token ids."""
+        return cls(tokenizer, prompt_token_ids, params.stop, params.stop_token_ids)
+
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def add(self, token_id: int) -> None:
+        if token_id in self._stop_ids:  # it ends the request: its text is not part of the answer
+            return
         self._ids.append(token_id)
         prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
         full = self._decode(self._ids[self._prefix_offset :])

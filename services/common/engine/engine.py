@@ -93,7 +93,7 @@ class LLMEngine:
         )
         seq = Sequence(request_id, ids, params, self.config.block_size)
         return Request(
-            seq, IncrementalDetokenizer(self.tokenizer, ids, params.stop), self._generator(params), hold_blocks
+            seq, IncrementalDetokenizer.of(self.tokenizer, ids, params), self._generator(params), hold_blocks
         )
 
     def _generator(self, params: SamplingParams) -> torch.Generator | None:
@@ -150,7 +150,7 @@ class LLMEngine:
         req.hold_blocks = hold_blocks
         if params is not None:
             seq.params = params
-            req.detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop)
+            req.detok = IncrementalDetokenizer.of(self.tokenizer, seq.prompt_token_ids, params)
             req.generator = self._generator(params)
         seq.num_computed_tokens = computed_tokens
         self.blocks.commit_computed(seq)  # imported blocks become reusable prefix cache

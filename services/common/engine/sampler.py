@@ -56,4 +56,16 @@ def seeded(generator: torch.Generator | None, params: SamplingParams, position: 
     the first, decode the rest; a migrated request resumes exactly)."""
     if generator is None:
         return None
-    return generator.manual_seed((params.seed * 1_000_003 + params.seed_offset + position) % (1 << 63))
+    # Mixed, not summed: seed s at position p + k once drew what seed s + 1 drew at p, and s what s + 2**63 did.
+    return generator.manual_seed(_mix(_mix(params.seed) ^ (params.seed_offset + position)) % (1 << 63))
+
+
+def _mix(x: int) -> int:
+    """splitmix64's finalizer: a bijection of 64-bit integers that scatters nearby ones."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+_MASK = (1 << 64) - 1

@@ -7,6 +7,7 @@ gRPC, HTTP) rejects the same bad input with the same field names.
 from __future__ import annotations
 
 import math
+from array import array
 from dataclasses import dataclass
 
 from pdserve.common.errors import InvalidRequestError
@@ -22,6 +23,14 @@ def without_vllm_offs(name: str, value: object) -> object:
     return value
 
 
+def as_float32(value: float) -> float:
+    """`value` as the wire's float32 carries it to the workers (1e39: inf, 1e-46: 0)."""
+    return array("f", [value])[0]
+
+
+# Below it a temperature samples as greedy, as vLLM's (1e-5): dividing by it could overflow to a NaN
+# probability, which fails the step and every request in it.
+GREEDY_BELOW = 1e-5
 MAX_STOP = 64  # stop strings, and stop token ids (OpenAI takes 4 strings; vLLM has no limit)
 MAX_STOP_CHARS = 1024
 
@@ -29,7 +38,7 @@ MAX_STOP_CHARS = 1024
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 64
-    temperature: float = 0.0  # 0 means greedy
+    temperature: float = 0.0  # 0 (below GREEDY_BELOW) means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 (or -1, as vLLM) means no top-k cut
     seed: int | None = None  # None (or -1, as vLLM) means unseeded; other negatives: their 64-bit pattern
@@ -48,14 +57,15 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or not 1 <= self.max_tokens < 2**32:
             raise InvalidRequestError("max_tokens", f"must be an integer in [1, 2**32), got {self.max_tokens!r}")
-        if not 0.0 <= self.temperature < math.inf:  # also rejects NaN
+        # Checked as the workers will get them (float32): a value only the router took broke a stream.
+        if not 0.0 <= as_float32(self.temperature) < math.inf:  # also rejects NaN
             raise InvalidRequestError("temperature", f"must be a finite number >= 0, got {self.temperature!r}")
-        if not 0.0 < self.top_p <= 1.0:
+        if not 0.0 < as_float32(self.top_p) <= 1.0:
             raise InvalidRequestError("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or not 0 <= self.top_k < 2**32:
             raise InvalidRequestError("top_k", f"must be -1 or 0 (off), or in [1, 2**32), got {self.top_k!r}")
