@@ -243,6 +243,12 @@ class Router:
                 yield ev
         except grpc.aio.AioRpcError as e:
             raise failure(a.blame(e), a.phase.value, e, progress.deadline_passed) from None
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # the request's own cancel
+                raise
+            # Our call cancelled, not us: its channel was closed under it (a registered worker dropped as
+            # silent): the worker's failure, retried elsewhere.
+            raise WorkerFailedError(a.culprit, a.phase.value, None, "its channel was closed") from None
         finally:
             a.computed()
             if a.stream is not None:
@@ -252,7 +258,7 @@ class Router:
                     try:  # shielded: a second cancel of this request must not call it off
                         release = decode.decode_stub.Release(dpb.ReleaseRequest(request_id=a.rid), timeout=5)
                         await asyncio.shield(release)
-                    except grpc.aio.AioRpcError:
+                    except (grpc.aio.AioRpcError, grpc.aio.UsageError):  # UsageError: its channel closed
                         pass  # the lease expires on its own
             finally:
                 decode.inflight -= 1  # after the Release: a worker leaving discovery keeps its channel till then
