@@ -15,7 +15,13 @@ from typing import Any
 
 from aiohttp import web
 
-from pdserve.common.errors import CapacityExhaustedError, InvalidRequestError, NotReadyError, UnauthenticatedError
+from pdserve.common.errors import (
+    CapacityExhaustedError,
+    InvalidRequestError,
+    NotReadyError,
+    TransferFailedError,
+    UnauthenticatedError,
+)
 from pdserve.router.models import ModelNotFoundError
 
 log = logging.getLogger(__name__)
@@ -41,7 +47,7 @@ def error_payload(exc: BaseException, kind: str | None = None) -> tuple[int, dic
         return 429, error_body(str(exc), "requests", None, "rate_limit_exceeded")
     if isinstance(exc, UnauthenticatedError):
         return 401, error_body(str(exc), "invalid_request_error", None, "invalid_api_key")
-    if isinstance(exc, NotReadyError):
+    if isinstance(exc, (NotReadyError, TransferFailedError)):  # workers failed it: another call may not
         return 503, error_body(str(exc), "server_error", None, "service_unavailable")
     incident = uuid.uuid4().hex[:12]
     log.error("HTTP request failed (incident %s)", incident, exc_info=exc)

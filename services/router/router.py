@@ -9,7 +9,6 @@ import asyncio
 import collections
 import itertools
 import logging
-import re
 import secrets
 import time
 import uuid
@@ -19,7 +18,7 @@ import grpc
 
 from pdserve.common import convert, logs, tracing
 from pdserve.common.engine.detokenizer import IncrementalDetokenizer
-from pdserve.common.errors import CapacityExhaustedError, InvalidRequestError, NotReadyError
+from pdserve.common.errors import CapacityExhaustedError, NotFoundError, NotReadyError
 from pdserve.common.grpc_errors import relayed_error
 from pdserve.router import policy
 from pdserve.router.attempt import Attempt, Phase, Plan, Progress
@@ -28,6 +27,7 @@ from pdserve.router.plan import annotate_route, choose
 from pdserve.router.prompt import GenerateInput, PromptEncoder
 from pdserve.router.recovery import WorkerFailedError, failure
 from pdserve.router.relay import Event, final, relay, sent
+from pdserve.router.request_ids import check_request_id
 from pdserve.router.worker_pool import WorkerPool
 from pdserve.v1 import decode_pb2 as dpb
 from pdserve.v1 import prefill_pb2 as ppb
@@ -35,18 +35,6 @@ from pdserve.v1 import prefill_pb2 as ppb
 log = logging.getLogger(__name__)
 _spans = tracing.Spans("router", service="router")
 _LEASE_MARGIN_S = 10.0  # a decode reservation outlives the Prefill call by this: time to send Decode
-
-
-_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces: it goes into every log line
-
-
-def check_request_id(request_id: str, in_flight: set[str]) -> str:
-    """A client's request id, if it may be used ("" if none was given); InvalidRequestError if not."""
-    if request_id and not _REQUEST_ID.fullmatch(request_id):
-        raise InvalidRequestError("request_id", "must be 1 to 128 printable ASCII characters, without spaces")
-    if request_id in in_flight:  # two live requests under one id: logs and traces could not tell them apart
-        raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
-    return request_id
 
 
 class Router:
@@ -154,6 +142,8 @@ class Router:
                     # Every worker has failed this request: the client hears the last failure's
                     # cause (RESOURCE_EXHAUSTED from full queues), not "no worker left".
                     raise self._gave_up(progress, progress.failures[-1]) from None
+                if progress.failures:  # retried elsewhere: counted once there is somewhere (else: gave_up alone)
+                    self.recoveries[progress.failures[-1].phase] += 1
                 self.decisions["disaggregated" if plan.prefill else "local_prefill"] += 1
                 annotate_route(span, plan, attempt=len(progress.failures) + 1)
                 attempt = self._attempt(progress, plan)
@@ -194,7 +184,6 @@ class Router:
             f.worker.healthy = False  # until the load poll reaches it again
         if len(progress.failures) > self.max_retries:
             raise self._gave_up(progress, f) from None
-        self.recoveries[f.phase] += 1  # retried elsewhere: a last failure counts as gave_up alone
         log.warning(
             "request %s: %s; retrying elsewhere (%d tokens already sent)",
             progress.request_id,
@@ -205,6 +194,8 @@ class Router:
     def _gave_up(self, progress: Progress, f: WorkerFailedError) -> Exception:
         self.recoveries["gave_up"] += 1
         err = relayed_error(f.cause) if f.cause is not None else NotReadyError(str(f))
+        if isinstance(err, NotFoundError):  # a reservation gone: the client may well try again
+            err = NotReadyError(str(err))
         return type(err)(f"request {progress.request_id} failed after {len(progress.failures)} attempts; last: {f}")
 
     async def _attempt(self, progress: Progress, plan: Plan) -> AsyncIterator[Event]:
@@ -293,7 +284,8 @@ class Router:
         progress.timing.setdefault("queued_ms", p.timing.queued_ms)
         progress.timing.setdefault("prefill_ms", p.timing.prefill_ms)
         self.index.record(prefill.worker_id, a.plan.hashes, self.pool.worker_ids())
-        progress.cached_tokens = max(progress.cached_tokens, r.num_cached_tokens, p.num_cached_tokens)
+        if not progress.failures:  # a retry's context holds generated tokens too: no prompt's cache
+            progress.cached_tokens = max(progress.cached_tokens, r.num_cached_tokens, p.num_cached_tokens)
         return p
 
     def _measure_hop(self, progress: Progress, prefill_ms: float) -> None:

@@ -166,6 +166,22 @@ async def test_when_the_retry_budget_is_spent_the_client_gets_the_error_not_a_ha
         await pools_full(suite)
 
 
+async def test_a_failure_with_no_other_worker_left_counts_as_given_up_alone(smollm2):
+    """Its recovery was counted before the router knew there was nowhere to go: both counters rose."""
+    _, _, tokenizer = smollm2
+    prompt = text_of_tokens(tokenizer, 40, offset=17)
+    async with inprocess_suite(smollm2, "colocated") as suite:
+        tokens = 0
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for r in suite.stub.Generate(_request(prompt, "alone", max_tokens=200, ignore_eos=True)):
+                tokens += len(r.token_ids)
+                if tokens >= 4:
+                    await suite.decode[0].server.stop(grace=0)  # the only worker
+        assert err.value.code() is grpc.StatusCode.UNAVAILABLE and "after 1 attempts" in err.value.details()
+        recoveries = suite.router.router.recoveries
+        assert recoveries["gave_up"] == 1 and sum(n for phase, n in recoveries.items() if phase != "gave_up") == 0
+
+
 async def test_clients_reusing_a_request_id_never_reach_each_others_work_on_the_workers(smollm2, monkeypatch):
     # One client's id "foo", another's "foo.retry1" (what a retry of foo was once called), and "foo"
     # again once the first ends (the SDK resends the id it was given): each request's work on the

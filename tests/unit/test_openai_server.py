@@ -11,11 +11,18 @@ import pytest
 
 from pdserve.common import genai
 from pdserve.common.engine.sampling_params import SamplingParams
-from pdserve.common.errors import CapacityExhaustedError, InvalidRequestError, NotReadyError
+from pdserve.common.errors import (
+    CapacityExhaustedError,
+    InvalidRequestError,
+    NotReadyError,
+    TransferFailedError,
+    TransferTimeoutError,
+)
 from pdserve.router.models import genai_attributes
 from pdserve.router.openai_http import MAX_BODY_BYTES, ModelNotFoundError, OpenAIServer, error_response
 from pdserve.router.prompt import GenerateInput
-from pdserve.router.router import Router, check_request_id
+from pdserve.router.request_ids import check_request_id
+from pdserve.router.router import Router
 from pdserve.router.worker_pool import WorkerPool
 
 
@@ -172,6 +179,9 @@ async def test_disabled_server_does_not_listen():
         (ModelNotFoundError("no such model"), 404, "model", "model_not_found"),
         (CapacityExhaustedError("router at capacity"), 429, None, "rate_limit_exceeded"),
         (NotReadyError("no healthy decode worker"), 503, None, "service_unavailable"),
+        # Every worker failed it (a transfer each time): no bug of the server's, and a later call may pass.
+        (TransferFailedError("failed after 3 attempts; last: checksum mismatch"), 503, None, "service_unavailable"),
+        (TransferTimeoutError("failed after 3 attempts; last: timed out"), 503, None, "service_unavailable"),
         (RuntimeError("secret internals"), 500, None, None),
     ],
 )
