@@ -78,3 +78,31 @@ async def test_a_store_that_refuses_connections_is_not_paused(store):
         assert loaded == 0 and took < 2.0 and client.paused_until == 0.0  # refused at once: it cost nothing
     finally:
         await client.aclose()
+
+
+async def test_a_read_the_worker_gave_up_on_is_released_and_the_store_unpins_its_blocks(monkeypatch):
+    """The worker waited its timeout for the store's push: without a Release the push kept its blocks
+    pinned (never evicted) until the store's own transfer timeout, 30 s."""
+    import asyncio
+
+    from pdserve.kvstore import serve
+    from pdserve.kvstore.config import KVStoreConfig
+    from tests.polling import settles
+
+    server, port, service = serve.build(KVStoreConfig(port=0, capacity_blocks=8, transport="loopback"), block_bytes=64)
+    await service.start()
+    await server.start()
+    client = StoreClient(f"127.0.0.1:{port}", LoopbackKVReceiver(), LoopbackKVSender(), bytes(16), timeout_s=0.5)
+    try:
+        hashes = [b"\1" * 16]
+        assert await client.store_blocks(hashes, [np.ones(64, np.uint8)]) == 1
+
+        async def stalled(*args, **kwargs):  # a push that does not get through
+            await asyncio.sleep(3600)
+
+        monkeypatch.setattr(service.sender, "send", stalled)
+        assert await client.load_prefix(hashes, [np.zeros(64, np.uint8)], 0) == 0  # given up: computed instead
+        assert await settles(lambda: service.store.pinned == 0 and service.active_leases == 0, timeout=5)
+    finally:
+        await server.stop(grace=0)
+        await service.aclose()

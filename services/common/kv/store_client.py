@@ -8,6 +8,8 @@ is left alone for a while, so requests do not each wait out its timeouts.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -55,6 +57,7 @@ class StoreClient:
         self.stored_blocks = 0
         self.paused_until = 0.0  # time.monotonic() before which requests do without the store
         self._pause_s = 0.0
+        self._releasing: set[asyncio.Task] = set()  # abandoned reads' Release calls, kept till done
 
     def _available(self) -> bool:
         return time.monotonic() >= self.paused_until
@@ -87,7 +90,7 @@ class StoreClient:
             return n
 
     async def _load_prefix(self, hashes: list[bytes], dest: list, have: int) -> int:
-        tid = None
+        tid, leased = None, ""  # leased: a read the store is pushing, not yet landed here
         try:
             found = (
                 await self.stub.Lookup(
@@ -113,7 +116,9 @@ class StoreClient:
             )
             if r.num_blocks == 0:  # evicted since the lookup
                 return have
+            leased = r.lease_id
             await self.receiver.wait(tid, self.timeout_s)
+            leased = ""
             self.loaded_blocks += found - have
             return found
         except Exception as e:  # noqa: BLE001 - the store is optional: compute instead
@@ -121,8 +126,21 @@ class StoreClient:
             self._failed(e, "prefix load failed, computing instead")
             return have
         finally:
+            if leased:  # given up: the store's push would hold its blocks pinned until its own timeout
+                self._release_later(leased)
             if tid is not None and not await self.receiver.cancel(tid):  # the store's push may still land
                 raise TransferUnfencedError(f"prefix load {tid}: the store's push could not be fenced")
+
+    def _release_later(self, lease_id: str) -> None:
+        """Release a read lease without waiting (this path is a failure's: the store may be slow)."""
+
+        async def release() -> None:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await self.stub.Release(kpb.ReleaseLeaseRequest(lease_id=lease_id), timeout=self.timeout_s)
+
+        task = asyncio.create_task(release())
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
 
     async def store_blocks(self, hashes: list[bytes], src: list) -> int:
         """Offer full, computed blocks (in sequence order); returns how many the store took."""
