@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -62,6 +63,12 @@ def _port(target: str) -> int:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"--target: the router's HOST:PORT, got {target!r}")
     return int(port)
+
+
+def _here(target: str) -> bool:
+    """Whether HOST:PORT names this machine (a loopback address, or its own name)."""
+    host = target.rpartition(":")[0].strip("[]")
+    return host in ("localhost", "127.0.0.1", "::1", "0.0.0.0", "::", socket.gethostname(), socket.getfqdn())
 
 
 def ask_router(target: str, timeout: float = 3.0) -> tuple[list[router_pb2.WorkerStatus] | None, str]:
@@ -127,7 +134,8 @@ def run_status(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"pdserve status: {e}", file=sys.stderr)
         return 2
-    launched = run_state.read(run_state.state_path(port))
+    # The state files are this machine's: another host's router is not the suite one of them names.
+    launched = run_state.read(run_state.state_path(port)) if _here(args.target) else None
     workers, why = ask_router(args.target)
     table = rows(launched, workers)
     if args.json:
@@ -138,10 +146,8 @@ def run_status(args: argparse.Namespace) -> int:
         if workers is None:
             print(f"the router at {args.target} does not answer: {why}", file=sys.stderr)
         if launched is None:
-            print(
-                f"no `pdserve up` on this machine runs a router on port {port}: restarts and uptime unknown",
-                file=sys.stderr,
-            )
+            where = f"on this machine runs a router on port {port}" if _here(args.target) else "here runs that router"
+            print(f"no `pdserve up` {where}: restarts and uptime unknown", file=sys.stderr)
     return 0 if workers is not None else 1
 
 

@@ -457,3 +457,29 @@ def test_a_second_up_on_a_port_a_live_suite_holds_is_refused_and_leaves_its_stat
     finally:
         other.kill()
         other.wait()
+
+
+def test_status_of_another_hosts_router_does_not_read_this_machines_suite(tmp_path, monkeypatch, capsys):
+    import json
+    import subprocess
+
+    from pdserve.launcher import run_state, status
+
+    monkeypatch.setenv("PDSERVE_RUN_DIR", str(tmp_path))
+    here = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a local suite on 40200
+    try:
+        path = run_state.state_path(40200)
+        path.parent.mkdir(parents=True)
+        service = {"name": "decode-0", "role": "decode", "address": "127.0.0.1:40201", "phase": "serving",
+                   "restarts": 0, "started_at": 0.0, "version": "x"}  # fmt: skip
+        path.write_text(json.dumps({"launcher_pid": here.pid, "launcher_started": run_state.started(here.pid),
+                                    "services": [service]}))  # fmt: skip
+        args = argparse.Namespace(target="192.0.2.1:40200", json=True)  # TEST-NET: not this machine
+        monkeypatch.setattr(status, "ask_router", lambda target: (None, "UNAVAILABLE: no route"))
+        assert status.run_status(args) == 1
+        assert json.loads(capsys.readouterr().out)["services"] == []  # not the local decode-0
+        assert status.run_status(argparse.Namespace(target="localhost:40200", json=True)) == 1
+        assert [r["name"] for r in json.loads(capsys.readouterr().out)["services"]] == ["decode-0"]
+    finally:
+        here.kill()
+        here.wait()
