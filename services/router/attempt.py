@@ -80,8 +80,9 @@ class Progress:
         )
 
     @property
-    def excluded(self) -> set[str]:
-        return {f.worker.worker_id for f in self.failures}
+    def excluded(self) -> set[int]:
+        """The workers that failed this request, by handle (`id`): a worker id may repeat (a copied config)."""
+        return {id(f.worker) for f in self.failures}
 
     def time_left(self, limit_s: float | None) -> float | None:
         """A downstream call's timeout: `limit_s` (None: none), cut to the client's deadline."""

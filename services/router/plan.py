@@ -19,15 +19,15 @@ def choose(
     pool: WorkerPool,
     index: policy.PrefixIndex,
     ids: list[int],
-    exclude: set[str] = frozenset(),
+    exclude: set[int] = frozenset(),
     *,
     mode: str,
     local_prefill: str,
     hop_ms: float,
 ) -> Plan:
-    """Where this context runs, avoiding workers that already failed it; `hop_ms` is the
+    """Where this context runs, avoiding workers that already failed it (`exclude`: their handles' ids); `hop_ms` is the
     measured extra latency of the disaggregated path (0: not measured yet)."""
-    decoders = [w for w in pool.decode if w.routable and w.worker_id not in exclude]
+    decoders = [w for w in pool.decode if w.routable and id(w) not in exclude]
     if not decoders:
         raise NotReadyError("no healthy decode worker")  # with exclusions, generate() reports the last failure
     spec = decoders[0].info.kv_spec
@@ -35,7 +35,7 @@ def choose(
     decode = policy.cheapest(decoders, index, hashes, len(ids), spec.block_size)
     if mode == "colocated" or local_prefill == "always":
         return Plan(decode, None, hashes)
-    healthy = [w for w in pool.prefill if w.routable and w.worker_id not in exclude]
+    healthy = [w for w in pool.prefill if w.routable and id(w) not in exclude]
     # Only a prefill worker of the decode worker's KV layout, model and wire format can fill
     # its blocks (a fleet in the middle of an upgrade has two of each): else prefill locally.
     # An elastic worker in role both is never its own prefill worker: it prefills locally.

@@ -77,7 +77,7 @@ class Router:
         """The request's OpenTelemetry GenAI attributes (operation, model), for its metrics and span."""
         return genai_attributes(self.pool, inp.model, chat=inp.messages is not None)
 
-    def plan(self, ids: list[int], exclude: set[str] = frozenset()) -> Plan:
+    def plan(self, ids: list[int], exclude: set[int] = frozenset()) -> Plan:
         """Where this context runs, avoiding workers that already failed it."""
         return choose(
             self.pool, self.index, ids, exclude, mode=self.mode, local_prefill=self.local_prefill, hop_ms=self.hop_ms

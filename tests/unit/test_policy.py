@@ -136,3 +136,20 @@ def test_a_prompt_goes_only_to_a_prefill_worker_of_the_decode_workers_kv_layout(
     assert router.plan(list(range(100, 600))).prefill.worker.worker_id == "new"
     pool.prefill.pop()  # only the other layout is left: the decode worker prefills itself
     assert router.plan(list(range(100, 600))).prefill is None
+
+
+def test_a_failed_worker_is_excluded_alone_even_where_another_shares_its_worker_id():
+    # A copied config repeats a worker id: excluding by id left a request nowhere to go.
+    from pdserve.common.engine.sampling_params import SamplingParams
+    from pdserve.router.attempt import Progress
+    from pdserve.router.recovery import WorkerFailedError
+    from pdserve.router.router import Router
+    from pdserve.router.worker_pool import WorkerPool
+
+    tokenizer = type("Tokenizer", (), {"__len__": lambda self: 5000, "get_vocab": lambda self: {"a": 0}})()
+    twins = [_fingerprinted("decode-0", "decode", b"A" * 16) for _ in range(2)]
+    twins[1].target = "127.0.0.1:2"
+    router = Router(tokenizer, WorkerPool(decode=twins), mode="colocated", max_model_len=4096)
+    progress = Progress("r", list(range(100, 200)), SamplingParams(), None, 0.0)
+    progress.failures.append(WorkerFailedError(twins[0], "generate", None, "gone"))
+    assert router.plan(progress.context, progress.excluded).decode.worker is twins[1]
