@@ -71,4 +71,5 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
             active_leases=self.service.active_leases,
             bytes_in=s.bytes_in,
             bytes_out=s.bytes_out,
+            quarantined_blocks=s.quarantined,
         )

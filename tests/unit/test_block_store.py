@@ -132,6 +132,11 @@ async def test_the_service_quarantines_a_released_write_it_cannot_fence(monkeypa
     assert await service.release(ticket.transfer_id)
     assert service.store.stats.quarantined == 2 and service.store.used == 2
     assert service.reserve_write(A, [h(1), h(2)])[0] == [0, 1]  # those blocks may be stored again
+    from pdserve.kvstore.servicer import KVStoreServicer
+    from pdserve.v1 import kvstore_pb2
+
+    stats = await KVStoreServicer(service).GetStats(kvstore_pb2.GetStoreStatsRequest(), None)
+    assert stats.quarantined_blocks == 2  # what used_blocks holds for good, said over the API too
 
 
 async def test_a_read_ticket_that_does_not_match_its_hashes_or_reuses_a_lease_is_the_clients_error():

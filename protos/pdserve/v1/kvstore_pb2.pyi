@@ -86,7 +86,7 @@ class GetStoreStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStoreStatsResponse(_message.Message):
-    __slots__ = ("used_blocks", "capacity_blocks", "block_bytes", "lookups", "lookup_hit_blocks", "lookup_miss_blocks", "blocks_written", "blocks_read", "evictions", "active_leases", "bytes_in", "bytes_out")
+    __slots__ = ("used_blocks", "capacity_blocks", "block_bytes", "lookups", "lookup_hit_blocks", "lookup_miss_blocks", "blocks_written", "blocks_read", "evictions", "active_leases", "bytes_in", "bytes_out", "quarantined_blocks")
     USED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class GetStoreStatsResponse(_message.Message):
     ACTIVE_LEASES_FIELD_NUMBER: _ClassVar[int]
     BYTES_IN_FIELD_NUMBER: _ClassVar[int]
     BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     used_blocks: int
     capacity_blocks: int
     block_bytes: int
@@ -111,4 +112,5 @@ class GetStoreStatsResponse(_message.Message):
     active_leases: int
     bytes_in: int
     bytes_out: int
-    def __init__(self, used_blocks: _Optional[int] = ..., capacity_blocks: _Optional[int] = ..., block_bytes: _Optional[int] = ..., lookups: _Optional[int] = ..., lookup_hit_blocks: _Optional[int] = ..., lookup_miss_blocks: _Optional[int] = ..., blocks_written: _Optional[int] = ..., blocks_read: _Optional[int] = ..., evictions: _Optional[int] = ..., active_leases: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ...) -> None: ...
+    quarantined_blocks: int
+    def __init__(self, used_blocks: _Optional[int] = ..., capacity_blocks: _Optional[int] = ..., block_bytes: _Optional[int] = ..., lookups: _Optional[int] = ..., lookup_hit_blocks: _Optional[int] = ..., lookup_miss_blocks: _Optional[int] = ..., blocks_written: _Optional[int] = ..., blocks_read: _Optional[int] = ..., evictions: _Optional[int] = ..., active_leases: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., quarantined_blocks: _Optional[int] = ...) -> None: ...
