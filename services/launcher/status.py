@@ -135,7 +135,8 @@ def run_status(args: argparse.Namespace) -> int:
         print(f"pdserve status: {e}", file=sys.stderr)
         return 2
     # The state files are this machine's: another host's router is not the suite one of them names.
-    launched = run_state.read(run_state.state_path(port)) if _here(args.target) else None
+    here = _here(args.target)
+    launched = run_state.read(run_state.state_path(port)) if here else None
     workers, why = ask_router(args.target)
     table = rows(launched, workers)
     if args.json:
@@ -146,7 +147,7 @@ def run_status(args: argparse.Namespace) -> int:
         if workers is None:
             print(f"the router at {args.target} does not answer: {why}", file=sys.stderr)
         if launched is None:
-            where = f"on this machine runs a router on port {port}" if _here(args.target) else "here runs that router"
+            where = f"on this machine runs a router on port {port}" if here else "here runs that router"
             print(f"no `pdserve up` {where}: restarts and uptime unknown", file=sys.stderr)
     return 0 if workers is not None else 1
 

@@ -40,8 +40,9 @@ class Service:
     role: str = ""
 
 
-def _dial(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # a wildcard is not dialable
+def _dial(host: str, port: int) -> str:
+    """The address that reaches a service listening on host:port: a wildcard is not dialable."""
+    return host_port("127.0.0.1" if host in ("0.0.0.0", "::", "") else host, port)
 
 
 def plan(
@@ -148,7 +149,7 @@ def plan(
     def at(name: str) -> str:
         return (hosts or {}).get(name, host)
 
-    store = ("--kvstore", host_port(_dial(at("kvstore")), store_port)) if kvstore else ()
+    store = ("--kvstore", _dial(at("kvstore"), store_port)) if kvstore else ()
     devices = itertools.cycle(device.split(",") if device else [None])
     for role, count in (("prefill", prefill), ("decode", decode)):
         for i in range(count):
@@ -173,19 +174,19 @@ def plan(
                         *(("--cpus", cores.pop(0)) if cores else ()),
                         *extra,
                     ),
-                    host_port(_dial(at(name)), p),
+                    _dial(at(name), p),
                     1,
                     listens=(Listen(at(name), p, "--base-port"),),
                     role=role,
                 )
             )
-            targets[role].append(host_port(_dial(at(name)), p))
+            targets[role].append(_dial(at(name), p))
     if kvstore:
         services.append(
             Service(
                 "kvstore",
                 (*serve, "kvstore", "--host", at("kvstore"), "--port", str(store_port), *common, *store_dtype),
-                host_port(_dial(at("kvstore")), store_port),
+                _dial(at("kvstore"), store_port),
                 1,
                 listens=(Listen(at("kvstore"), store_port, "--base-port"),),
                 role="kvstore",
@@ -218,9 +219,9 @@ def plan(
                 "--http-port",
                 str(http_port),
             ),
-            host_port(_dial(router), port),
+            _dial(router, port),
             2,
-            http=host_port(_dial(router), http_port) if http else None,
+            http=_dial(router, http_port) if http else None,
             listens=(Listen(router, port, "--port"), *http),
             role="router",
         )
@@ -282,7 +283,7 @@ def _with_metrics(services: list[Service], first: int, taken: set[int | None]) -
         return dataclasses.replace(
             s,
             argv=argv,
-            metrics=host_port(_dial(host), ports[s.name]),
+            metrics=_dial(host, ports[s.name]),
             listens=(*s.listens, Listen(host, ports[s.name], "--metrics-port")),
         )
 

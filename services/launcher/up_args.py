@@ -35,10 +35,10 @@ def check(args: argparse.Namespace) -> None:
     for flag, given in (("--prefill", args.prefill is not None), ("--elastic", args.elastic)):
         if given and args.mode not in ("auto", "disaggregated"):
             raise ValueError(f"{flag}: for a disaggregated suite, not --mode {args.mode}")
-    for flag in ("prefill", "decode"):
+    for flag, least in (("prefill", 0), ("decode", 1)):
         n = getattr(args, flag)
-        if n is not None and n < (0 if flag == "prefill" else 1):
-            raise ValueError(f"--{flag}: at least {0 if flag == 'prefill' else 1}, got {n}")
+        if n is not None and n < least:
+            raise ValueError(f"--{flag}: at least {least}, got {n}")
     for flag in ("port", "base_port"):  # the launcher dials these: "any free port" cannot be dialled
         value = getattr(args, flag)
         if not 1 <= value <= 65535:

@@ -25,8 +25,8 @@ def choose(
     local_prefill: str,
     hop_ms: float,
 ) -> Plan:
-    """Where this context runs, avoiding workers that already failed it (`exclude`: their handles' ids); `hop_ms` is the
-    measured extra latency of the disaggregated path (0: not measured yet)."""
+    """Where this context runs, avoiding workers that already failed it (`exclude`: their handles'
+    ids); `hop_ms` is the measured extra latency of the disaggregated path (0: not measured yet)."""
     decoders = [w for w in pool.decode if w.routable and id(w) not in exclude]
     if not decoders:
         raise NotReadyError("no healthy decode worker")  # with exclusions, generate() reports the last failure

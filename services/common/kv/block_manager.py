@@ -82,8 +82,8 @@ class BlockManager:
         if the caller has it, with no allocation since)."""
         assert not seq.block_table, "sequence already holds blocks"
         hits = self.cached_prefix(seq) if hits is None else hits
-        if not self.can_allocate(seq, hits):
-            needed = self._blocks_taken(seq, hits)
+        needed = self._blocks_taken(seq, hits)
+        if self.num_free_blocks < needed:
             raise CapacityExhaustedError(f"{needed} KV blocks needed, {self.num_free_blocks} free")
         for block_id in hits:
             block = self.blocks[block_id]
