@@ -22,8 +22,8 @@ from pdserve.bench import cpu_isa, peer_report, peers, plots, senders, workload
 from pdserve.bench.loadgen import ProgressLine, command_line, run_open
 from pdserve.bench.metrics import RequestRecord, Slo
 
-SYSTEMS = ("pdserve", "pdserve-colocated", "pdserve-bf16", "vllm", "transformers", "llamacpp")
-DEFAULT_SYSTEMS = [s for s in SYSTEMS if s != "pdserve-bf16"]  # a dtype's comparison, asked by name
+SYSTEMS = ("pdserve", "pdserve-colocated", "pdserve-bf16", "vllm", "vllm-fp32", "transformers", "llamacpp")
+DEFAULT_SYSTEMS = [s for s in SYSTEMS if s not in ("pdserve-bf16", "vllm-fp32")]  # a dtype's comparison, by name
 ALL_RATES = "*"  # the rate key of a skip that holds for every rate
 # ordinary words; a prompt is a random draw, so no two requests share a prefix
 WORDS = (
@@ -231,7 +231,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--install",
         nargs="+",
-        choices=[n for n in SYSTEMS if peers.PEERS[n].install_steps],
+        choices=[n for n in SYSTEMS if peers.PEERS[n].install_steps and not peers.PEERS[n].shares],
         metavar="NAME",
         help="install these peers into ~/.cache/pdserve/peers/NAME and exit",
     )

