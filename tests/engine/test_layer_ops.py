@@ -88,7 +88,8 @@ def test_float32_logits_sum_every_bf16_product_in_float32_whatever_the_batch(ops
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows,k", [(1, 576), (5, 576), (9, 100)])  # 1003 columns: a chunk's rounding tail
+# 2 and 3 rows: their own weight groups on AVX2; 1003 columns: a chunk's rounding tail
+@pytest.mark.parametrize("rows,k", [(1, 576), (2, 576), (3, 100), (5, 576), (9, 100)])
 def test_the_row_kernel_sums_in_float32_and_rounds_once_into_the_layer_s_dtype_whatever_the_batch(ops, dtype, rows, k):
     torch.manual_seed(5)
     x, w = torch.randn(rows, k, dtype=dtype), torch.randn(1003, k, dtype=dtype)

@@ -16,37 +16,32 @@
 
 namespace pdserve_rows {
 
-// Activation rows per pass over a weight row: kRows x kRowsW sums stay in registers (32 with AVX-512,
-// 16 with AVX2).
-#if defined(__AVX512F__) || !defined(PDSERVE_VECTOR)
+// With AVX-512's 32 registers, kRows activation rows pass over kRowsW weight rows at a time, a kTile
+// of weight rows staying in L1 while every activation row passes (AVX2: group_product below).
 constexpr int64_t kRows = 4;
-#else
-constexpr int64_t kRows = 2;
-#endif
-constexpr int64_t kRowsW = 4;  // weight rows per pass
+constexpr int64_t kRowsW = 4;
 // For a single activation row (a decode step of one sequence, memory-bound): more weight rows, so
 // more lines in flight (fp32, one row: 7% faster than 4 as AVX2, over a step's layers).
 constexpr int64_t kRowsWOne = 8;
-constexpr int64_t kTile = 16;
-// One row's pass leaves its weights, one contiguous stream, to the hardware prefetcher on AVX2: on
-// an AVX2-only AMD EPYC (Zen 3) asking 1 KB ahead along each row read a step's weights 20% slower.
-// The AVX-512 hosts keep the prefetch that was timed faster there.
+constexpr int64_t kTile = 16;  // weight rows that stay in L1 while every activation row passes over them
+// On AVX2 the weight rows, contiguous streams, are left to the hardware prefetcher: on an AVX2-only
+// AMD EPYC (Zen 3), asking 1 KB ahead along each row read a step's weights 10-20% slower, one row or
+// a few. The AVX-512 hosts keep the prefetch that was timed faster there.
 #if defined(__AVX512F__)
-constexpr bool kStreamOne = false;
+constexpr bool kPrefetch = true;
 #else
-constexpr bool kStreamOne = true;
-#endif  // weight rows that stay in L1 while every activation row passes over them
+constexpr bool kPrefetch = false;
+#endif
 
-// sums[r * kRows + m] = x[m] . w[r] for r < NR weight rows and m < rows <= MR activation rows, in
-// float32. NR x rows independent sums keep the multiply-add units busy (one chain would wait on its
-// latency). MR = 1 for one row: with a bound known only at run time, bf16's one-row pass read a
-// step's weights 15% slower (AVX-512; float32 the same either way).
+// sums[r * MR + m] = x[m] . w[r] for NR weight rows and MR activation rows, in float32. NR x MR
+// independent sums keep the multiply-add units busy (one chain would wait on its latency). Both
+// counts are constants: with a bound known only at run time, the sums left the registers (bf16's
+// one-row pass 15% slower with AVX-512; float32 with 2-8 rows 20-30% slower as AVX2, on Zen 3).
 // Not inlined: inlined into a caller with more values live, its sums spilled to the stack and a pass
 // took twice as long (bf16 at 32 rows as AVX2, with the result rounded to bf16; at times float32 too).
-template <int64_t NR, typename T, int64_t MR = kRows>
-[[gnu::noinline]] void dot(const T* x, const T* w, int64_t K, int64_t rows_given, float* sums) {
-  static_assert(MR == 1 || MR == kRows);
-  const int64_t rows = MR == 1 ? 1 : rows_given;
+template <int64_t NR, typename T, int64_t MR>
+[[gnu::noinline]] void dot(const T* x, const T* w, int64_t K, float* sums) {
+  constexpr int64_t rows = MR;
   int64_t k = 0;
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, at::BFloat16>) {
@@ -67,7 +62,7 @@ template <int64_t NR, typename T, int64_t MR = kRows>
       k = K;
     }
     for (int64_t r = 0; r < NR; ++r)
-      for (int64_t m = 0; m < rows; ++m) sums[r * kRows + m] = _mm512_reduce_add_ps(acc[r][m]);
+      for (int64_t m = 0; m < rows; ++m) sums[r * MR + m] = _mm512_reduce_add_ps(acc[r][m]);
   } else
 #endif
   {
@@ -79,7 +74,7 @@ template <int64_t NR, typename T, int64_t MR = kRows>
     for (; k + kLanes <= K; k += kLanes) {
       floats wv[NR];
       for (int64_t r = 0; r < NR; ++r) {
-        if (k * int64_t{sizeof(T)} % 64 == 0 && !(MR == 1 && kStreamOne))  // once a line (AVX2: every other load)
+        if (kPrefetch && k * int64_t{sizeof(T)} % 64 == 0)  // once a line
           _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k) + 1024, _MM_HINT_T0);
         wv[r] = load(w + r * K + k);
       }
@@ -89,15 +84,15 @@ template <int64_t NR, typename T, int64_t MR = kRows>
       }
     }
     for (int64_t r = 0; r < NR; ++r)
-      for (int64_t m = 0; m < rows; ++m) sums[r * kRows + m] = sum(acc[r][m]);
+      for (int64_t m = 0; m < rows; ++m) sums[r * MR + m] = sum(acc[r][m]);
 #else
-    for (int64_t i = 0; i < NR * kRows; ++i) sums[i] = 0.f;
+    for (int64_t i = 0; i < NR * MR; ++i) sums[i] = 0.f;
 #endif
   }
   for (int64_t r = 0; r < NR; ++r)
     for (int64_t m = 0; m < rows; ++m)
       for (int64_t j = k; j < K; ++j)
-        sums[r * kRows + m] += static_cast<float>(x[m * K + j]) * static_cast<float>(w[r * K + j]);
+        sums[r * MR + m] += static_cast<float>(x[m * K + j]) * static_cast<float>(w[r * K + j]);
 }
 
 // n float sums into O, bf16 rounded by the vector store for every element, the tail too (with
@@ -123,66 +118,99 @@ inline void store_as(const float* src, O* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<O>(src[i]);
 }
 
+// f.template operator()<R>() for R = rows, a constant in 1..Max: dot's row count from a run-time one.
+template <int64_t Max, typename F>
+inline void with_rows(int64_t rows, F&& f) {
+  if constexpr (Max > 1) {
+    if (rows < Max) return with_rows<Max - 1>(rows, f);
+  }
+  f.template operator()<Max>();
+}
+
+// out [M, N] = x [M, K] . w [N, K]^T as float32 sums, weight rows split over the threads and each
+// thread's rows `each(n, out + n)`'d in turn; a bf16 result rounded once at the end of a thread's share.
+template <typename O, typename Each>
+void split_rows(O* op, int64_t M, int64_t N, Each&& each) {
+  at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
+    std::vector<float> own(std::is_same_v<O, float> ? 0 : M * (n1 - n0));  // ld n1 - n0
+    for (int64_t n = n0; n < n1;) {
+      if constexpr (std::is_same_v<O, float>) {
+        n += each(n, n1, op + n, N);
+      } else {
+        n += each(n, n1, own.data() + n - n0, n1 - n0);
+      }
+    }
+    if constexpr (!std::is_same_v<O, float>)
+      for (int64_t m = 0; m < M; ++m) store_as(own.data() + m * (n1 - n0), op + m * N + n0, n1 - n0);
+  });
+}
+
 // rows_product for one activation row, kRowsWOne weight rows a pass.
 template <typename T, typename O>
 void row_product(const T* xp, const T* wp, O* op, int64_t N, int64_t K) {
-  at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
-    float sums[kRowsWOne * kRows];
-    std::vector<float> own;  // a bf16 result's sums, rounded at the end
-    float* out;
-    if constexpr (std::is_same_v<O, float>) {
-      out = op + n0;
-    } else {
-      own.resize(n1 - n0);
-      out = own.data();
+  split_rows(op, 1, N, [&](int64_t n, int64_t n1, float* out, int64_t) -> int64_t {
+    float sums[kRowsWOne];
+    if (n + kRowsWOne > n1) {
+      dot<1, T, 1>(xp, wp + n * K, K, out);
+      return 1;
     }
-    int64_t n = n0;
-    for (; n + kRowsWOne <= n1; n += kRowsWOne) {
-      dot<kRowsWOne, T, 1>(xp, wp + n * K, K, 1, sums);
-      for (int64_t r = 0; r < kRowsWOne; ++r) out[n - n0 + r] = sums[r * kRows];
-    }
-    for (; n < n1; ++n) {
-      dot<1, T, 1>(xp, wp + n * K, K, 1, sums);
-      out[n - n0] = sums[0];
-    }
-    if constexpr (!std::is_same_v<O, float>) store_as(out, op + n0, n1 - n0);
+    dot<kRowsWOne, T, 1>(xp, wp + n * K, K, sums);
+    std::copy(sums, sums + kRowsWOne, out);
+    return kRowsWOne;
   });
+}
+
+// NR weight rows from `w` against every activation row, MR at a time: out[m * ld + r], float32.
+template <int64_t NR, int64_t MR, typename T>
+inline void rows_against(const T* xp, const T* w, float* out, int64_t ld, int64_t M, int64_t K) {
+  float sums[NR * MR];
+  for (int64_t m0 = 0; m0 < M; m0 += MR)
+    with_rows<MR>(std::min(MR, M - m0), [&]<int64_t R>() {
+      dot<NR, T, R>(xp + m0 * K, w, K, sums);
+      for (int64_t r = 0; r < NR; ++r)
+        for (int64_t m = 0; m < R; ++m) out[(m0 + m) * ld + r] = sums[r * R + m];
+    });
 }
 
 // Weight rows [t, t + width) (wt: row t's) against every activation row: out[m * ld + n - t], float32.
 template <typename T>
 inline void tile_sums(const T* xp, const T* wt, float* out, int64_t ld, int64_t M, int64_t K, int64_t width) {
-  float sums[kRowsW * kRows];
-  for (int64_t m0 = 0; m0 < M; m0 += kRows) {
-    const int64_t rows = std::min(kRows, M - m0);
-    int64_t n = 0;
-    for (; n + kRowsW <= width; n += kRowsW) {
-      dot<kRowsW>(xp + m0 * K, wt + n * K, K, rows, sums);
-      for (int64_t r = 0; r < kRowsW; ++r)
-        for (int64_t m = 0; m < rows; ++m) out[(m0 + m) * ld + n + r] = sums[r * kRows + m];
-    }
-    for (; n < width; ++n) {
-      dot<1>(xp + m0 * K, wt + n * K, K, rows, sums);
-      for (int64_t m = 0; m < rows; ++m) out[(m0 + m) * ld + n] = sums[m];
-    }
-  }
+  int64_t n = 0;
+  for (; n + kRowsW <= width; n += kRowsW) rows_against<kRowsW, kRows>(xp, wt + n * K, out + n, ld, M, K);
+  for (; n < width; ++n) rows_against<1, kRows>(xp, wt + n * K, out + n, ld, M, K);
 }
 
-// out [M, N] = x [M, K] . w [N, K]^T, weight rows split over the threads, kTile at a time.
+// A few activation rows with AVX2's 16 registers: each group of NR weight rows is read once, and
+// every activation row passes over it, up to four at a time, so that NR x MR sums, NR weight vectors
+// and an activation vector fill the registers (one row: row_product's eight). Against kTile's tiles
+// with two rows a pass, on Zen 3, a step's 120 float32 weights: 2 rows 17-19 against 21-23 ms, 8
+// rows 33 against 44, 32 rows 68 against 90 (MKL: 99).
+template <int64_t NR, typename T, typename O>
+void group_product(const T* xp, const T* wp, O* op, int64_t M, int64_t N, int64_t K) {
+  split_rows(op, M, N, [&](int64_t n, int64_t n1, float* out, int64_t ld) -> int64_t {
+    if (n + NR > n1) {
+      rows_against<1, 4>(xp, wp + n * K, out, ld, M, K);
+      return 1;
+    }
+    rows_against<NR, 4>(xp, wp + n * K, out, ld, M, K);
+    return NR;
+  });
+}
+
+// out [M, N] = x [M, K] . w [N, K]^T: the weight rows split over the threads, and each read from
+// memory once for all of x (in kTile tiles that stay in L1 while every activation row passes).
 template <typename T, typename O>
 void rows_product(const T* xp, const T* wp, O* op, int64_t M, int64_t N, int64_t K) {
   if (M == 1) return row_product(xp, wp, op, N, K);
-  at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
-    std::vector<float> own(std::is_same_v<O, float> ? 0 : M * kTile);  // a bf16 result's sums, a tile at a time
-    for (int64_t t = n0; t < n1; t += kTile) {
-      const int64_t width = std::min(kTile, n1 - t);
-      if constexpr (std::is_same_v<O, float>) {
-        tile_sums(xp, wp + t * K, op + t, N, M, K, width);
-      } else {
-        tile_sums(xp, wp + t * K, own.data(), kTile, M, K, width);
-        for (int64_t m = 0; m < M; ++m) store_as(own.data() + m * kTile, op + m * N + t, width);
-      }
-    }
+#if !defined(__AVX512F__) && defined(PDSERVE_VECTOR)
+  if (M == 2) return group_product<6>(xp, wp, op, M, N, K);
+  if (M == 3) return group_product<4>(xp, wp, op, M, N, K);
+  return group_product<3>(xp, wp, op, M, N, K);
+#endif
+  split_rows(op, M, N, [&](int64_t t, int64_t n1, float* out, int64_t ld) -> int64_t {
+    const int64_t width = std::min(kTile, n1 - t);
+    tile_sums(xp, wp + t * K, out, ld, M, K, width);
+    return width;
   });
 }
 
