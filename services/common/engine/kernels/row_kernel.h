@@ -16,8 +16,8 @@
 
 namespace pdserve_rows {
 
-// With AVX-512's 32 registers, kRows activation rows pass over kRowsW weight rows at a time, a kTile
-// of weight rows staying in L1 while every activation row passes (AVX2: group_product below).
+// Activation rows a pass over a group of weight rows. With AVX-512's 32 registers, the groups are
+// kRowsW rows of a kTile that stays in L1 while every activation row passes (AVX2: group_product).
 constexpr int64_t kRows = 4;
 constexpr int64_t kRowsW = 4;
 // For a single activation row (a decode step of one sequence, memory-bound): more weight rows, so
@@ -127,8 +127,9 @@ inline void with_rows(int64_t rows, F&& f) {
   f.template operator()<Max>();
 }
 
-// out [M, N] = x [M, K] . w [N, K]^T as float32 sums, weight rows split over the threads and each
-// thread's rows `each(n, out + n)`'d in turn; a bf16 result rounded once at the end of a thread's share.
+// out [M, N] = x [M, K] . w [N, K]^T as float32 sums, weight rows split over the threads: each(n, n1,
+// out, ld) sums some of a thread's rows [n, n1) into out (column n, row stride ld) and says how many;
+// a bf16 result is rounded once at the end of a thread's share.
 template <typename O, typename Each>
 void split_rows(O* op, int64_t M, int64_t N, Each&& each) {
   at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
@@ -142,21 +143,6 @@ void split_rows(O* op, int64_t M, int64_t N, Each&& each) {
     }
     if constexpr (!std::is_same_v<O, float>)
       for (int64_t m = 0; m < M; ++m) store_as(own.data() + m * (n1 - n0), op + m * N + n0, n1 - n0);
-  });
-}
-
-// rows_product for one activation row, kRowsWOne weight rows a pass.
-template <typename T, typename O>
-void row_product(const T* xp, const T* wp, O* op, int64_t N, int64_t K) {
-  split_rows(op, 1, N, [&](int64_t n, int64_t n1, float* out, int64_t) -> int64_t {
-    float sums[kRowsWOne];
-    if (n + kRowsWOne > n1) {
-      dot<1, T, 1>(xp, wp + n * K, K, out);
-      return 1;
-    }
-    dot<kRowsWOne, T, 1>(xp, wp + n * K, K, sums);
-    std::copy(sums, sums + kRowsWOne, out);
-    return kRowsWOne;
   });
 }
 
@@ -180,38 +166,37 @@ inline void tile_sums(const T* xp, const T* wt, float* out, int64_t ld, int64_t 
   for (; n < width; ++n) rows_against<1, kRows>(xp, wt + n * K, out + n, ld, M, K);
 }
 
-// A few activation rows with AVX2's 16 registers: each group of NR weight rows is read once, and
-// every activation row passes over it, up to four at a time, so that NR x MR sums, NR weight vectors
-// and an activation vector fill the registers (one row: row_product's eight). Against kTile's tiles
-// with two rows a pass, on Zen 3, a step's 120 float32 weights: 2 rows 17-19 against 21-23 ms, 8
-// rows 33 against 44, 32 rows 68 against 90 (MKL: 99).
+// Each group of NR weight rows read once while every activation row passes over it, kRows at a
+// time: one row (any ISA, kRowsWOne) and, with AVX2's 16 registers, a few, NR chosen so that the
+// sums, the weight vectors and an activation vector fill them (docs/engine.md has the timings).
 template <int64_t NR, typename T, typename O>
 void group_product(const T* xp, const T* wp, O* op, int64_t M, int64_t N, int64_t K) {
   split_rows(op, M, N, [&](int64_t n, int64_t n1, float* out, int64_t ld) -> int64_t {
     if (n + NR > n1) {
-      rows_against<1, 4>(xp, wp + n * K, out, ld, M, K);
+      rows_against<1, kRows>(xp, wp + n * K, out, ld, M, K);
       return 1;
     }
-    rows_against<NR, 4>(xp, wp + n * K, out, ld, M, K);
+    rows_against<NR, kRows>(xp, wp + n * K, out, ld, M, K);
     return NR;
   });
 }
 
 // out [M, N] = x [M, K] . w [N, K]^T: the weight rows split over the threads, and each read from
-// memory once for all of x (in kTile tiles that stay in L1 while every activation row passes).
+// memory once for all of x.
 template <typename T, typename O>
 void rows_product(const T* xp, const T* wp, O* op, int64_t M, int64_t N, int64_t K) {
-  if (M == 1) return row_product(xp, wp, op, N, K);
+  if (M == 1) return group_product<kRowsWOne>(xp, wp, op, M, N, K);
 #if !defined(__AVX512F__) && defined(PDSERVE_VECTOR)
   if (M == 2) return group_product<6>(xp, wp, op, M, N, K);
   if (M == 3) return group_product<4>(xp, wp, op, M, N, K);
-  return group_product<3>(xp, wp, op, M, N, K);
-#endif
+  group_product<3>(xp, wp, op, M, N, K);
+#else
   split_rows(op, M, N, [&](int64_t t, int64_t n1, float* out, int64_t ld) -> int64_t {
     const int64_t width = std::min(kTile, n1 - t);
     tile_sums(xp, wp + t * K, out, ld, M, K, width);
     return width;
   });
+#endif
 }
 
 }  // namespace pdserve_rows
