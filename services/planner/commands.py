@@ -55,8 +55,6 @@ def add_profile_command(sub) -> None:
 
 
 def run_profile(args: argparse.Namespace) -> int:
-    import statistics
-
     from pdserve.planner import measure
 
     profile, samples = measure.measure(args.model, args.device, args.dtype, tuple(args.threads or ()), args.quick)
@@ -64,11 +62,11 @@ def run_profile(args: argparse.Namespace) -> int:
     profile.save(Path(path))
     print(f"{profile.model}, {profile.dtype}, {profile.hardware}: saved to {path}")
     print("threads  base ms  per decode seq  per context tok  per prompt tok  per attn pair  fit error (median, max)")
+    errors = measure.fit_error(profile, samples)
     for t, m in sorted(profile.steps.items()):
-        errors = [abs(m.ms(shape) - ms) / ms for shape, ms in samples[t]]
         print(
             f"{t:>7}  {m.base_ms:7.2f}  {m.per_seq_ms:14.4f}  {m.per_context_ms:15.5f}  {m.per_prompt_token_ms:14.4f}"
-            f"  {m.per_pair_ms:13.6f}  {statistics.median(errors):.1%}, {max(errors):.1%}"
+            f"  {m.per_pair_ms:13.6f}  {errors[t][0]:.1%}, {errors[t][1]:.1%}"
         )
     print(
         f"KV transfer {profile.transfer_base_ms:g} ms + {profile.transfer_ms_per_block:.4f} ms/block; "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import itertools
+import logging
 import os
 import statistics
 import time
@@ -23,11 +24,16 @@ from pdserve.common.engine.config import EngineConfig
 from pdserve.common.engine.engine import LLMEngine
 from pdserve.common.engine.sampling_params import SamplingParams
 from pdserve.common.engine.scheduler import ScheduledBatch
-from pdserve.planner.profile import Profile, StepShape, fit, model_key
+from pdserve.planner.profile import Profile, StepModel, StepShape, fit, model_key
+
+log = logging.getLogger(__name__)
 
 SEAM_SHARE_OF_MEMCPY = 0.26  # benchmarks/results/kv_transfer.txt: the seam's 3.3 of memcpy's 12.6 GB/s
 TRANSFER_BASE_MS = 2.0  # Reserve + ticket + completion: two control-plane calls
 ROUTER_HOP_MS = 1.0  # docs/benchmarks.md, `bench control-plane`: 0.84-1.0 ms added at p50
+# A quiet host fits its own samples within 5-21% (median); a fit worse than this was timed beside
+# other work, so its samples are timed again, up to TRIES times in all, and the best fit is kept.
+REMEASURE_ABOVE, TRIES = 0.25, 3
 
 Sample = tuple[StepShape, float]  # a step's shape and its milliseconds
 
@@ -102,7 +108,8 @@ class _Stepper:
 
 
 def _median(group: list[Sample]) -> Sample:
-    """The median time, with the middle step's shape (contexts grow by a token a step)."""
+    """The median time, with the middle step's shape (contexts grow by a token a step). Groups are
+    odd, so the median is a step that ran, and one step slowed by another process is outvoted."""
     return group[len(group) // 2][0], statistics.median(ms for _, ms in group)
 
 
@@ -110,7 +117,7 @@ def step_samples(engine: LLMEngine, quick: bool) -> list[Sample]:
     """(shape, median ms) of real steps: prompt chunks alone, decode batches of 16, 4 and 1 at a short and
     a long context, and decodes beside a prompt chunk. Batches shrink by aborting sequences, so each
     context is prefilled once (16 x 512 is not run: its setup alone would take 15 s on one thread)."""
-    reps, steps = (2, 4) if quick else (3, 8)
+    reps, steps = (3, 5) if quick else (3, 9)
     chunk = engine.config.max_num_batched_tokens
     run, samples = _Stepper(engine), []
     try:
@@ -149,6 +156,26 @@ def step_samples(engine: LLMEngine, quick: bool) -> list[Sample]:
     return samples
 
 
+def _fitted(engine: LLMEngine, quick: bool) -> tuple[StepModel, list[Sample]]:
+    """The step model and its samples at the current thread count: the best fit of up to TRIES."""
+    best = None
+    for _ in range(TRIES):
+        samples = step_samples(engine, quick)
+        model = fit(samples)
+        error = _errors(model, samples)[0]
+        if best is None or error < best[0]:
+            best = error, model, samples
+        if error <= REMEASURE_ABOVE:
+            break
+        log.warning("step model fits its samples within %.0f%% (median): timing them again", 100 * error)
+    return best[1], best[2]
+
+
+def _errors(model: StepModel, samples: list[Sample]) -> tuple[float, float]:
+    errors = [abs(model.ms(shape) - ms) / ms for shape, ms in samples]
+    return statistics.median(errors), max(errors)
+
+
 def memcpy_gbps(nbytes: int, device: str) -> float:
     src = torch.empty(nbytes // 4, device=device)
     dst = torch.empty_like(src)
@@ -185,8 +212,7 @@ def measure(
             torch.set_num_threads(t)
             engine.add_request(synthetic_prompt(64, t), SamplingParams(max_tokens=2, ignore_eos=True))
             drain(engine)  # warm this thread count's pools
-            samples[t] = step_samples(engine, quick)
-            models[t] = fit(samples[t])
+            models[t], samples[t] = _fitted(engine, quick)
     finally:
         torch.set_num_threads(before)
     block = engine.spec.block_bytes
@@ -213,11 +239,7 @@ def measure(
 
 def fit_error(profile: Profile, samples: dict[int, list[Sample]]) -> dict[int, tuple[float, float]]:
     """By thread count: the (median, max) relative error of the fitted step times on the measured ones."""
-    out = {}
-    for t, group in samples.items():
-        errors = [abs(profile.steps[t].ms(shape) - ms) / ms for shape, ms in group]
-        out[t] = statistics.median(errors), max(errors)
-    return out
+    return {t: _errors(profile.steps[t], group) for t, group in samples.items()}
 
 
 def load_or_measure(
