@@ -67,8 +67,9 @@ inline void prefetch_rows(const T* const* k, int64_t n, int64_t bytes, int64_t v
 }
 
 // out[g * (D + 2) + x] = sum over keys j < n of p[g * gs + j * js] * value j's dim x (value j at
-// k[j] + v_off), for G queries: four vectors of dims at a time, so the 4 G sums and the row's four
-// vectors stay in registers at either vector width (AVX-512's 32 of them, AVX2's 16).
+// k[j] + v_off), for G queries: four vectors of dims at a time, so the 4 G sums, the G weights and
+// one vector of the row stay in registers at either vector width (AVX2's 16 hold G = 3: the row's
+// four vectors at once did not, and the spill cost Zen 3 a fifth of the attention).
 template <typename T, int64_t D, int64_t G>
 inline void weigh_values(const T* const* k, int64_t v_off, int64_t n, const float* p, int64_t gs, int64_t js,
                          float* out) {
@@ -80,11 +81,11 @@ inline void weigh_values(const T* const* k, int64_t v_off, int64_t n, const floa
       for (int64_t c = 0; c < 4; ++c) acc[g][c] = zeros();
     for (int64_t j = 0; j < n; ++j) {
       const T* v = k[j] + v_off + c0;
-      floats vr[4];
-      for (int64_t c = 0; c < 4; ++c) vr[c] = load(v + c * kLanes);
-      for (int64_t g = 0; g < G; ++g) {
-        const floats w = splat(p[g * gs + j * js]);
-        for (int64_t c = 0; c < 4; ++c) acc[g][c] = fmadd(w, vr[c], acc[g][c]);
+      floats w[G];
+      for (int64_t g = 0; g < G; ++g) w[g] = splat(p[g * gs + j * js]);
+      for (int64_t c = 0; c < 4; ++c) {
+        const floats vr = load(v + c * kLanes);
+        for (int64_t g = 0; g < G; ++g) acc[g][c] = fmadd(w[g], vr, acc[g][c]);
       }
     }
     for (int64_t g = 0; g < G; ++g)
