@@ -68,8 +68,8 @@ inline void prefetch_rows(const T* const* k, int64_t n, int64_t bytes, int64_t v
 
 // out[g * (D + 2) + x] = sum over keys j < n of p[g * gs + j * js] * value j's dim x (value j at
 // k[j] + v_off), for G queries: four vectors of dims at a time, so the 4 G sums, the G weights and
-// one vector of the row stay in registers at either vector width (AVX2's 16 hold G = 3: the row's
-// four vectors at once did not, and the spill cost Zen 3 a fifth of the attention).
+// one vector of the row stay in registers at either vector width (AVX2's 16 hold G = 3; the row's
+// four vectors at once spilled there: docs/engine.md, "On a real AVX2-only CPU").
 template <typename T, int64_t D, int64_t G>
 inline void weigh_values(const T* const* k, int64_t v_off, int64_t n, const float* p, int64_t gs, int64_t js,
                          float* out) {
