@@ -15,7 +15,6 @@ from torch import nn
 
 from pdserve.common.engine import attention, kernels, packed_linear, quantize, rows_reach
 from pdserve.common.engine.attention import AttentionMetadata
-from pdserve.common.kv import host_memory
 
 log = logging.getLogger(__name__)
 
@@ -136,25 +135,6 @@ def _linear(layers: list[nn.Linear], pack: bool, int8: bool) -> nn.Module:
     return packed_linear.PackedLinear(fused) if pack else fused
 
 
-def in_huge_pages(row_layers: list[RowsLinear], model: nn.Module) -> None:
-    """Every row-kernel weight moved into one mapping of huge pages, in the order a step reads them: a
-    decode step read them 5-9% faster than from their own 4 KB-paged allocations (docs/engine.md,
-    "Weights in huge pages"). A tied head's embedding moves with it, so it is still read in place."""
-    if not row_layers or len({m.weight.dtype for m in row_layers}) != 1:
-        return
-    arena = host_memory.zeros((sum(m.weight.numel() for m in row_layers),), row_layers[0].weight.dtype)
-    params = list(model.parameters())
-    offset = 0
-    for m in row_layers:
-        old, view = m.weight, arena[offset : offset + m.weight.numel()].view_as(m.weight)
-        view.copy_(old)
-        offset += old.numel()
-        for p in params:
-            if p.data_ptr() == old.data_ptr() and p.shape == old.shape:
-                p.data = view
-        m.weight = view
-
-
 class FusedLayer(nn.Module):
     """A decoder layer's weights, q/k/v and gate/up each fused into one matmul."""
 
@@ -199,7 +179,6 @@ class FusedLlama:
         self.linears = sum(isinstance(m, packed_linear.PackedLinear) for m in model.modules())
         self.tiled = sum(isinstance(m, TiledLinear) for m in model.modules())
         row_layers = [m for m in (*model.modules(), self.lm_head) if isinstance(m, RowsLinear)]
-        in_huge_pages(row_layers, model)
         self.rows, self.rows_reach = len(row_layers), rows_reach.ALWAYS
         projections = [p for la in self.layers for p in (la.qkv_proj, la.o_proj, la.gate_up_proj, la.down_proj)]
         in_layers = [p for p in projections if isinstance(p, RowsLinear)]
