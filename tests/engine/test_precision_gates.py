@@ -8,7 +8,9 @@ the path decode takes. fp32 itself is held to token identity by test_greedy_equi
 
 from __future__ import annotations
 
+import functools
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,11 +47,15 @@ def teacher_forced_agreement(engine, references) -> tuple[float, list[tuple[int,
 FP16_CPU_FLAGS = ("avx512_fp16", "amx_fp16")
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    return frozenset(Path("/proc/cpuinfo").read_text().split())
+
+
 def native(dtype: str) -> bool:
     if dtype == "bfloat16":
         return True  # served wherever auto picks it, and measured here even where it does not
-    flags = open("/proc/cpuinfo").read().split()
-    return any(flag in flags for flag in FP16_CPU_FLAGS)
+    return any(flag in cpu_flags() for flag in FP16_CPU_FLAGS)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -59,7 +65,7 @@ def test_a_lower_precision_picks_fp32_s_next_token_at_98_percent_of_positions(ma
     engine = make_engine(dtype)
     want = getattr(torch, dtype)
     assert engine.pool.tensor.dtype == want and next(engine.model.parameters()).dtype == want
-    if dtype == "bfloat16" and "avx512f" not in open("/proc/cpuinfo").read().split():
+    if dtype == "bfloat16" and "avx512f" not in cpu_flags():
         from pdserve.common.engine import kernels
 
         if kernels.load():  # an AVX2 CPU: this is the AVX2 gate below, on the host's own build
@@ -92,15 +98,13 @@ print(*teacher_forced_agreement(engine, references))
 def test_bf16_on_an_avx2_cpu_picks_fp32_s_next_token_at_98_percent_of_positions():
     import subprocess
     import sys
-    from pathlib import Path
 
     from pdserve.bench import cpu_isa
     from pdserve.common.engine import kernels
 
-    flags = set(Path("/proc/cpuinfo").read_text().split())
-    if not kernels.load() or not {"avx2", "fma"} <= flags:
+    if not kernels.load() or not {"avx2", "fma"} <= cpu_flags():
         pytest.skip("no kernels to build here, or no AVX2 and FMA to run x86-64-v3 code")
-    if "avx512f" not in flags:
+    if "avx512f" not in cpu_flags():
         pytest.skip("an AVX2 CPU: the bfloat16 gate above ran this very build")
 
     env = {**os.environ, **cpu_isa.environment("avx2")}
