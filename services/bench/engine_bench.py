@@ -159,6 +159,9 @@ def main(args) -> int:
         # The pool's pages are faulted in at their first write (kv/host_memory.py); a server that has
         # run a while writes into resident pages, so the timings start from there.
         engine.pool.tensor.zero_()
+        moving = engine.runner.weights_to_huge_pages()  # as a warm worker's are (engine/weight_arena.py)
+        if moving:
+            moving.join()
         return engine
 
     engine = make(max_num_batched_tokens=1024, enable_prefix_caching=False)

@@ -183,8 +183,10 @@ class AsyncEngine:
     def warm_up(self, tokens: int = 256, rounds: int = 3) -> None:
         """Run short and long prompts before serving, on the step thread: the first round
         pays first-call costs; the best of the later rounds seeds the cost model (the best,
-        since a busy neighbour only ever makes a measurement slower)."""
+        since a busy neighbour only ever makes a measurement slower). Then the weights go into
+        huge pages, off the start path (weight_arena)."""
         self.on_step_thread(self._warm_up, tokens, rounds)
+        self.engine.runner.weights_to_huge_pages()
 
     def _warm_up(self, tokens: int, rounds: int) -> None:
         vocab = self.engine.model.config.vocab_size

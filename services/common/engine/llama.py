@@ -13,7 +13,7 @@ import logging
 import torch
 from torch import nn
 
-from pdserve.common.engine import attention, kernels, packed_linear, quantize, rows_reach
+from pdserve.common.engine import attention, kernels, packed_linear, quantize, rows_reach, weight_arena
 from pdserve.common.engine.attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -179,6 +179,7 @@ class FusedLlama:
         self.linears = sum(isinstance(m, packed_linear.PackedLinear) for m in model.modules())
         self.tiled = sum(isinstance(m, TiledLinear) for m in model.modules())
         row_layers = [m for m in (*model.modules(), self.lm_head) if isinstance(m, RowsLinear)]
+        self.arena = weight_arena.gather(row_layers, model)  # in the order a step reads them
         self.rows, self.rows_reach = len(row_layers), rows_reach.ALWAYS
         projections = [p for la in self.layers for p in (la.qkv_proj, la.o_proj, la.gate_up_proj, la.down_proj)]
         in_layers = [p for p in projections if isinstance(p, RowsLinear)]

@@ -8,9 +8,11 @@ the rows that will be sampled are projected to logits.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
-from pdserve.common.engine import kernels, llama, packed_linear, quantize
+from pdserve.common.engine import kernels, llama, packed_linear, quantize, weight_arena
 from pdserve.common.engine.attention import AttentionMetadata, DecodeGroup, PrefillSlice
 from pdserve.common.engine.config import EngineConfig
 from pdserve.common.engine.scheduler import ScheduledBatch
@@ -80,6 +82,11 @@ class ModelRunner:
                 quantize.quantize_linears(model)
             if pack:  # what int8 left: the LM head
                 self.packed_linears = packed_linear.pack_linears(model)
+
+    def weights_to_huge_pages(self) -> threading.Thread | None:
+        """Once warm: the row kernel's weights into huge pages, on a thread of their own (weight_arena)."""
+        arena = self.fused.arena if self.fused else None
+        return weight_arena.collapse_in_background(arena) if arena is not None else None
 
     def describe(self) -> str:
         packed = "int8 weights (weight-only, a scale per channel; the LM head kept), " if self.int8 else ""
