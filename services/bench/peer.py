@@ -21,10 +21,12 @@ from pathlib import Path
 from pdserve.bench import cpu_isa, peer_report, peers, plots, senders, workload
 from pdserve.bench.loadgen import ProgressLine, command_line, run_open
 from pdserve.bench.metrics import RequestRecord, Slo
+from pdserve.common import ports
 
 SYSTEMS = ("pdserve", "pdserve-colocated", "pdserve-bf16", "vllm", "vllm-fp32", "transformers", "llamacpp")
 DEFAULT_SYSTEMS = [s for s in SYSTEMS if s not in ("pdserve-bf16", "vllm-fp32")]  # a dtype's comparison, by name
 ALL_RATES = "*"  # the rate key of a skip that holds for every rate
+PORTS_A_SYSTEM = 40  # pdserve's HTTP and gRPC ports, then its workers' and KV store's from +10
 # ordinary words; a prompt is a random draw, so no two requests share a prefix
 WORDS = (
     "time year people way day man thing woman life child world school state family student group country "
@@ -124,8 +126,9 @@ def run_all(args: argparse.Namespace, out: Path) -> dict:
     for rate, name in order:
         i = args.rates.index(rate)
         peer = peers.PEERS[name]
+        port = ports.free_run("127.0.0.1", args.port, PORTS_A_SYSTEM)  # a port of the last run may linger
         launch = peers.Launch(
-            args.port,
+            port,
             model_dir,
             gguf or model_dir,
             peers.python_of(peer),
@@ -134,7 +137,7 @@ def run_all(args: argparse.Namespace, out: Path) -> dict:
             len(os.sched_getaffinity(0)),
             probe_env,
         )
-        print(f"{name} @ {rate:g} req/s: starting", flush=True)
+        print(f"{name} @ {rate:g} req/s: starting on port {port}", flush=True)
         result = measure(peer, launch, rate, i, args, out)
         if "skipped" in result:
             print(f"{name} @ {rate:g} req/s: skipped: {result['skipped']}", flush=True)
@@ -271,7 +274,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="the model every system serves (default: pdserve's bundled SmolLM2)")
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV memory of pdserve's workers and vLLM")
-    p.add_argument("--port", type=int, default=54100, help="each system's HTTP port (pdserve: gRPC from +1)")
+    p.add_argument(
+        "--port",
+        type=int,
+        default=54100,
+        help="each system's HTTP port (pdserve: gRPC from +1), or the first free run of ports 100, 200, ... above it",
+    )
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds a system may take to start")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may wait between chunks")
     p.add_argument("--out", default="benchmarks/results/peer", help="directory for peer.json, peer.md and plots")

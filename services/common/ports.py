@@ -51,3 +51,13 @@ def in_use(host: str, port: int) -> bool:
 def first_taken(listens: Iterable[Listen]) -> Listen | None:
     """The first of `listens` (port 0: any free port, never taken) that another process holds."""
     return next((listen for listen in listens if listen.port > 0 and in_use(listen.host, listen.port)), None)
+
+
+def free_run(host: str, first: int, count: int, step: int = 100, tries: int = 50) -> int:
+    """The first of first, first + step, ... that begins `count` ports no process holds on host: a
+    run of ports to start a suite on, away from whatever took some (an outgoing connection's
+    ephemeral port, a server left running). OSError if none of `tries` is free."""
+    for start in range(first, first + step * tries, step):
+        if not any(in_use(host, port) for port in range(start, start + count)):
+            return start
+    raise OSError(errno.EADDRINUSE, f"no {count} free ports in a row on {host} from {first} (step {step})")

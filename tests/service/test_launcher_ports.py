@@ -194,3 +194,12 @@ def test_an_address_family_this_kernel_lacks_is_no_error_only_not_in_use(monkeyp
     unsupported = (socket.AF_APPLETALK, socket.SOCK_STREAM, 0, "", ("::1", 0))
     monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: [unsupported])
     assert not ports.in_use("localhost", 50051)
+
+
+def test_a_benchmark_s_run_of_ports_steps_past_one_another_process_holds():
+    base = free_port_run(30)  # room for two runs of 15
+    assert ports.free_run("127.0.0.1", base, 15, step=15) == base
+    with socket.create_server(("127.0.0.1", base + 7)):
+        assert ports.free_run("127.0.0.1", base, 15, step=15) == base + 15
+        with pytest.raises(OSError, match="no 15 free ports in a row"):
+            ports.free_run("127.0.0.1", base, 15, step=15, tries=1)
