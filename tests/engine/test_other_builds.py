@@ -18,6 +18,7 @@ import pytest
 
 from pdserve.bench import cpu_isa
 from pdserve.common.engine import kernels
+from tests.cpu import cpu_flags
 
 ROOT = Path(__file__).resolve().parents[2]
 KERNEL_TESTS = ("tests/engine/test_cpu_kernels.py", "tests/engine/test_layer_ops.py")
@@ -27,13 +28,6 @@ PROBE = (
 )
 # Cooper Lake's ISA: AVX-512 with AVX512_BF16 and no AMX; oneDNN, the tests' reference, held to it too.
 VECTOR_BF16_ENV = {"PDSERVE_KERNEL_MARCH": "cooperlake", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        return set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
-    except (OSError, StopIteration):
-        return set()
 
 
 def _run_kernel_tests(env: dict[str, str]) -> tuple[str, ...]:
@@ -61,9 +55,9 @@ needs_compiler = pytest.mark.skipif(
 
 
 @needs_compiler
-@pytest.mark.skipif(not {"avx2", "fma"} <= _cpu_flags(), reason="x86-64-v3 code needs AVX2 and FMA to run")
+@pytest.mark.skipif(not {"avx2", "fma"} <= cpu_flags(), reason="x86-64-v3 code needs AVX2 and FMA to run")
 @pytest.mark.skipif(
-    "avx512f" not in _cpu_flags() and kernels.vectorized(),
+    "avx512f" not in cpu_flags() and kernels.vectorized(),
     reason="this host's own build already runs the 8-lane paths (an AVX2 CPU)",
 )
 def test_the_kernel_tests_pass_against_the_avx2_build():

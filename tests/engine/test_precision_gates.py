@@ -8,7 +8,6 @@ the path decode takes. fp32 itself is held to token identity by test_greedy_equi
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from pdserve.common.engine.sampling_params import SamplingParams
+from tests.cpu import cpu_flags
 from tests.engine.prompts import prompts_by_length
 from tests.reference import transformers_greedy
 
@@ -45,11 +45,6 @@ def teacher_forced_agreement(engine, references) -> tuple[float, list[tuple[int,
 
 # float16 on a CPU is converted in software unless it has AVX512-FP16 or AMX-FP16 (docs/engine.md, Precision).
 FP16_CPU_FLAGS = ("avx512_fp16", "amx_fp16")
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    return frozenset(Path("/proc/cpuinfo").read_text().split())
 
 
 def native(dtype: str) -> bool:
