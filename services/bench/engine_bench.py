@@ -19,7 +19,7 @@ from pdserve.common import model_loader
 from pdserve.common.engine import precision
 from pdserve.common.engine.config import EngineConfig
 from pdserve.common.engine.engine import LLMEngine
-from pdserve.common.engine.llama import RowsLinear, TiledLinear
+from pdserve.common.engine.llama import FloatPanelLinear, RowsLinear, TiledLinear
 from pdserve.common.engine.packed_linear import PackedLinear
 from pdserve.common.engine.quantize import Int8Linear
 from pdserve.common.engine.sampling_params import SamplingParams
@@ -35,7 +35,8 @@ def flops_per_token(model, context: int) -> float:
     linear = sum(
         m.in_features * m.out_features
         for n, m in model.named_modules()
-        if isinstance(m, (torch.nn.Linear, PackedLinear, TiledLinear, RowsLinear, Int8Linear)) and n != "lm_head"
+        if isinstance(m, (torch.nn.Linear, PackedLinear, TiledLinear, RowsLinear, FloatPanelLinear, Int8Linear))
+        and n != "lm_head"
     )
     attention = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * context
     return 2 * linear + attention

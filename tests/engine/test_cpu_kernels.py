@@ -96,8 +96,9 @@ def test_engine_gives_the_same_tokens_with_and_without_the_fast_paths(make_engin
     fast = make_engine()
     plain = make_engine(pack_weights=False, paged_kernel=False, fused_layers=False)
     assert plain.runner.packed_linears == 0 and not plain.runner.paged_kernel and plain.runner.fused is None
-    fused_rows = fast.runner.fused.rows if fast.runner.fused else 0  # float32 matmuls on the row kernel
-    assert fast.runner.packed_linears + fused_rows > 0 and fast.runner.paged_kernel == kernels.load()
+    f = fast.runner.fused  # float32 matmuls on the row kernel, or over float32 panels
+    fused_own = f.rows + f.float_panels if f else 0
+    assert fast.runner.packed_linears + fused_own > 0 and fast.runner.paged_kernel == kernels.load()
     assert (fast.runner.fused is not None) == kernels.vectorized()
     assert "decode attention" in fast.describe() and "transformers layers (turned off)" in plain.describe()
     assert fast.generate(prompts, params) == plain.generate(prompts, params)

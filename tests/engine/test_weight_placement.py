@@ -1,5 +1,5 @@
-"""Where a fused float32 model keeps its row-kernel weights: one mapping, in the order a decode step
-reads them, a tied head still the embedding; on 4 KB pages at start (fast to fault in) and in huge
+"""Where a fused float32 model keeps its row-kernel weights (or float32 panels): one mapping, in the order
+a decode step reads them, a tied head and the embedding one copy; on 4 KB pages at start (fast to fault in) and in huge
 pages once the worker is warm (faster to read). docs/engine.md, "Weights in huge pages"."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pdserve.common import model_loader
 from pdserve.common.engine.async_engine import AsyncEngine
 from pdserve.common.engine.config import EngineConfig
 from pdserve.common.engine.engine import LLMEngine
-from pdserve.common.engine.llama import RowsLinear
+from pdserve.common.engine.llama import FloatPanelLinear, RowsLinear
 from pdserve.common.engine.sampling_params import SamplingParams
 from pdserve.common.kv import host_memory
 from tests.polling import eventually
@@ -21,8 +21,9 @@ def _fused_float32(model_dir, **kw):
     ref = model_loader.resolve(str(model_dir))
     model, tok = model_loader.load(ref, dtype="float32")
     engine = LLMEngine(EngineConfig(dtype="float32", num_kv_blocks=16, **kw), model, tok, ref)
-    if engine.runner.fused is None or not engine.runner.fused.decode_by_rows:
-        pytest.skip(f"float32 runs {engine.runner.describe()} here, not the row kernel")
+    fused = engine.runner.fused
+    if fused is None or fused.arena is None or fused.decode_weights is None:
+        pytest.skip(f"float32 runs {engine.runner.describe()} here, not the row kernel or float32 panels")
     return engine, model
 
 
@@ -35,15 +36,19 @@ def test_the_step_s_weights_sit_back_to_back_in_the_order_it_reads_them(fused):
     engine, _ = fused
     f = engine.runner.fused
     weights = [*f.decode_weights, f.lm_head.weight]
-    assert isinstance(f.lm_head, RowsLinear)
+    assert isinstance(f.lm_head, (RowsLinear, FloatPanelLinear))
     assert f.arena.data_ptr() == weights[0].data_ptr()
     for a, b in zip(weights, weights[1:]):
         assert b.data_ptr() == a.data_ptr() + a.numel() * a.element_size()
 
 
-def test_a_tied_head_reads_the_embedding_in_place(fused):
+def test_a_tied_head_and_the_embedding_share_one_copy(fused):
     engine, model = fused
-    assert engine.runner.fused.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    head = engine.runner.fused.lm_head
+    if isinstance(head, FloatPanelLinear):  # the embedding is read from the head's panels
+        assert model.model.embed_tokens.weight.numel() == 0 and engine.runner.fused.embed == head.rows
+    else:  # the head reads the embedding in place
+        assert head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
 @needs_thp

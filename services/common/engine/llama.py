@@ -77,6 +77,30 @@ class RowsLinear(nn.Module):
         return rows_reach.beyond(x, self.weight)
 
 
+class FloatPanelLinear(nn.Module):
+    """A float32 linear layer over 16-column panels (kernels/float_panels.h), its weight kept only as them,
+    where the kernels are built for AVX2: on Zen 3, a decode step's matmuls took 0.59-0.76x the row
+    kernel's time at 1-1,024 rows and at most MKL's, so it serves every row count (docs/engine.md,
+    "float32 panels"). Named `weight`, the panels are what weight_arena gathers."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", torch.ops.pdserve.pack_float_panels(weight), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.pdserve.linear_float_panels(x, self.weight, self.out_features)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The weight's rows `ids`, read from the panels: a tied head's embedding lookup."""
+        return self.weight.view(-1, self.in_features, 16)[ids // 16, :, ids % 16]
+
+
+def float_panels(weight: torch.Tensor, bias) -> bool:
+    """Whether a float32 weight goes into panels here: no bias, whole panels, an AVX2 build."""
+    return weight.dtype == torch.float32 and bias is None and len(weight) % 16 == 0 and kernels.float_panels()
+
+
 def gate_up_silu(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for the MLP's fused gate_up `proj`: one op through tiles, where it has them."""
     if isinstance(proj, TiledLinear):
@@ -123,6 +147,8 @@ def _linear(layers: list[nn.Linear], pack: bool, int8: bool) -> nn.Module:
     tiles = panels(weight) if biases[0] is None else weight[:0]
     if tiles.numel():
         return TiledLinear(tiles, weight.shape[0])
+    if float_panels(weight, biases[0]):
+        return FloatPanelLinear(weight)
     # bf16 only where the CPU has no panels at all: a shape they don't take keeps torch's native bf16 matmul.
     rows_dtypes = (torch.float32,) if kernels.linear_tiles() else (torch.float32, torch.bfloat16)
     if weight.dtype in rows_dtypes and biases[0] is None:
@@ -170,6 +196,11 @@ class FusedLlama:
             tiles = panels(weight)
             tiles = tiles if tiles.numel() else None
             self.lm_head = lambda h: torch.ops.pdserve.linear_f32(h, weight, tiles)
+        elif float_panels(model.lm_head.weight, model.lm_head.bias):
+            self.lm_head = FloatPanelLinear(model.lm_head.weight.detach())
+            if model.lm_head.weight is self.embed.weight:  # tied: the embedding is read from the head's panels
+                self.embed = self.lm_head.rows
+                model.lm_head.weight.data = torch.empty(0)  # its storage freed: the panels hold it
         elif model.dtype == torch.float32 and model.lm_head.bias is None:
             self.lm_head = RowsLinear(model.lm_head.weight.detach())  # a tied head reads the embedding in place
         else:
@@ -178,9 +209,10 @@ class FusedLlama:
             self.lm_head = model.lm_head
         self.linears = sum(isinstance(m, packed_linear.PackedLinear) for m in model.modules())
         self.tiled = sum(isinstance(m, TiledLinear) for m in model.modules())
-        row_layers = [m for m in (*model.modules(), self.lm_head) if isinstance(m, RowsLinear)]
+        row_layers = [m for m in (*model.modules(), self.lm_head) if isinstance(m, (RowsLinear, FloatPanelLinear))]
         self.arena = weight_arena.gather(row_layers, model)  # in the order a step reads them
-        self.rows, self.rows_reach = len(row_layers), rows_reach.ALWAYS
+        self.float_panels = sum(isinstance(m, FloatPanelLinear) for m in row_layers)
+        self.rows, self.rows_reach = len(row_layers) - self.float_panels, rows_reach.ALWAYS
         projections = [p for la in self.layers for p in (la.qkv_proj, la.o_proj, la.gate_up_proj, la.down_proj)]
         in_layers = [p for p in projections if isinstance(p, RowsLinear)]
         if in_layers:  # timed on the widest layer's shape (the head's would take seconds)
@@ -195,6 +227,8 @@ class FusedLlama:
         self.decode_weights, self.decode_by_rows = None, False
         if all(isinstance(p, TiledLinear) for p in projections):
             self.decode_weights = [p.tiles for p in projections]
+        elif all(isinstance(p, FloatPanelLinear) for p in projections):
+            self.decode_weights = [p.weight for p in projections]  # at every row count
         elif all(isinstance(p, RowsLinear) for p in projections):
             self.decode_weights, self.decode_by_rows = [p.weight for p in projections], True
         elif all(isinstance(p, quantize.Int8Linear) and p.bias is None for p in projections):

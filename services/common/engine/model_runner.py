@@ -84,7 +84,7 @@ class ModelRunner:
                 self.packed_linears = packed_linear.pack_linears(model)
 
     def weights_to_huge_pages(self) -> threading.Thread | None:
-        """Once warm: the row kernel's weights into huge pages, on a thread of their own (weight_arena)."""
+        """Once warm: the row kernel's weights (or float32 panels) into huge pages, on a thread (weight_arena)."""
         arena = self.fused.arena if self.fused else None
         return weight_arena.collapse_in_background(arena) if arena is not None else None
 
@@ -95,6 +95,8 @@ class ModelRunner:
         if self.fused and self.fused.tiled:
             how = "AMX tiles" if kernels.amx() else "AVX512_BF16 vectors"
             tiled = f" ({self.fused.tiled} matmuls over packed panels: {how})"
+        elif self.fused and self.fused.float_panels:
+            tiled = f" ({self.fused.float_panels} matmuls over float32 panels, at every row count)"
         elif self.fused and self.fused.rows:
             how = " (bf16 weights, float32 sums)" if self.model.dtype == torch.bfloat16 else ""
             reach = f"up to {self.fused.rows_reach} rows, timed here"

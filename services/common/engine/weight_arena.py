@@ -1,5 +1,5 @@
-"""The row kernel's weights in one mapping, in the order a decode step reads them, moved into huge
-pages once the worker is warm.
+"""The row kernel's weights (or float32 panels) in one mapping, in the order a decode step reads them,
+moved into huge pages once the worker is warm.
 
 A one-sequence step reads its ~120 weights one after another and is bound by that read: from one
 huge-page mapping it read them 5-9% faster than from separate 4 KB-paged allocations. Faulting the

@@ -33,6 +33,7 @@ SOURCES = tuple(
         "paged_decode.cpp",
         "layer_ops.cpp",
         "linear.cpp",
+        "linear_float_panels.cpp",
         "qkv_rope.cpp",
         "linear_norm.cpp",
         "prefill_attention.cpp",
@@ -53,6 +54,7 @@ HEADERS = tuple(
         "tile_product.h",
         "panel_product.h",
         "row_kernel.h",
+        "float_panels.h",
         "prefill_task.h",
     )
 )
@@ -177,6 +179,12 @@ def vectorized() -> bool:
 def linear_tiles() -> bool:
     """Whether bf16 matmuls can run over pack_vnni's panels here (linear.cpp): AMX tiles or AVX512_BF16."""
     return load() and torch.ops.pdserve.pack_vnni(torch.zeros(16, 32, dtype=torch.bfloat16)).numel() > 0
+
+
+@functools.cache
+def float_panels() -> bool:
+    """Whether float32 weights are packed into 16-column panels here (float_panels.h): AVX2 builds."""
+    return load() and bool(torch.ops.pdserve.float_panels_built())
 
 
 @functools.cache

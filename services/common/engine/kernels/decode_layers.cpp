@@ -15,8 +15,8 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
 }
 
 // x [T, hidden], the embedded tokens, is the residual stream and is updated in place. weights: each
-// layer's qkv, o, gate_up and down as pack_vnni tiles, as [N, K] weights for the row kernel (float32,
-// or bf16 without panels), or (int8) as pairs of int8 tiles and scales;
+// layer's qkv, o, gate_up and down as pack_vnni tiles, as float32 panels (pack_float_panels), as [N, K]
+// weights for the row kernel (float32, or bf16 without panels), or (int8) as pairs of int8 tiles and scales;
 // norms: each layer's input and post-attention norm weights, then the final norm's. Returns the
 // final norm of the last residual, [T, hidden].
 Tensor decode_layers(Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& cache, const Tensor& slot_blocks,
@@ -25,6 +25,8 @@ Tensor decode_layers(Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& ca
   static const auto linear = op<Tensor(const Tensor&, const Tensor&, int64_t)>("pdserve::linear_tiles");
   static const auto linear_int8 = op<Tensor(const Tensor&, const Tensor&, const Tensor&)>("pdserve::linear_int8");
   static const auto linear_rows = op<Tensor(const Tensor&, const Tensor&)>("pdserve::linear_rows");
+  static const auto linear_float_panels =
+      op<Tensor(const Tensor&, const Tensor&, int64_t)>("pdserve::linear_float_panels");
   static const auto rope_cache = op<Tensor(const Tensor&, const Tensor&, const Tensor&, Tensor&, int64_t,
                                            const Tensor&, const Tensor&, int64_t, int64_t)>("pdserve::rope_cache");
   static const auto paged_decode =
@@ -39,14 +41,16 @@ Tensor decode_layers(Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& ca
   TORCH_CHECK(norms.size() == 2 * static_cast<size_t>(layers) + 1 && (int8 || weights.size() == 4 * static_cast<size_t>(layers)),
               "decode_layers: 2 norms a layer and the final norm; 4 weights a layer (8 for int8)");
   const bool rows = !int8 && weights[0].dim() == 2;  // weights as they are, not panels (1-D)
+  const bool float_panels = !int8 && !rows && weights[0].scalar_type() == at::kFloat;  // else bf16 tiles
   auto project = [&](const Tensor& in, int64_t layer, int64_t which) {  // which: qkv, o, gate_up, down
     if (int8) return linear_int8.call(in, weights[8 * layer + 2 * which], weights[8 * layer + 2 * which + 1]);
     const Tensor& w = weights[4 * layer + which];
     if (rows) return linear_rows.call(in, w);
+    if (float_panels) return linear_float_panels.call(in, w, w.numel() / in.size(1));
     return linear.call(in, w, w.numel() / in.size(1));
   };
   auto activated = [&](const Tensor& in, int64_t layer) {  // silu(gate) * up, as llama.gate_up_silu computes it
-    if (int8 || rows) return silu_mul.call(project(in, layer, 2));
+    if (int8 || rows || float_panels) return silu_mul.call(project(in, layer, 2));
     const Tensor& tiles = weights[4 * layer + 2];
     return gate_up_silu.call(in, tiles, tiles.numel() / in.size(1) / 2);
   };
