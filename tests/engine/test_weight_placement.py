@@ -1,6 +1,7 @@
-"""Where a fused float32 model keeps its row-kernel weights (or float32 panels): one mapping, in the order
-a decode step reads them, a tied head and the embedding one copy; on 4 KB pages at start (fast to fault in) and in huge
-pages once the worker is warm (faster to read). docs/engine.md, "Weights in huge pages"."""
+"""Where a fused float32 model keeps its row-kernel weights (or float32 panels): one mapping, in the
+order a decode step reads them, a tied head and the embedding one copy; on 4 KB pages at start (fast
+to fault in) and in huge pages once the worker is warm (faster to read). docs/engine.md, "Weights in
+huge pages"."""
 
 from __future__ import annotations
 

@@ -77,6 +77,9 @@ class RowsLinear(nn.Module):
         return rows_reach.beyond(x, self.weight)
 
 
+PANEL_COLUMNS = 16  # a float32 panel's output columns (kernels/float_panels.h: kWidth)
+
+
 class FloatPanelLinear(nn.Module):
     """A float32 linear layer over 16-column panels (kernels/float_panels.h), its weight kept only as them,
     where the kernels are built for AVX2: on Zen 3, a decode step's matmuls took 0.59-0.76x the row
@@ -93,12 +96,14 @@ class FloatPanelLinear(nn.Module):
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """The weight's rows `ids`, read from the panels: a tied head's embedding lookup."""
-        return self.weight.view(-1, self.in_features, 16)[ids // 16, :, ids % 16]
+        return self.weight.view(-1, self.in_features, PANEL_COLUMNS)[ids // PANEL_COLUMNS, :, ids % PANEL_COLUMNS]
 
 
 def float_panels(weight: torch.Tensor, bias) -> bool:
     """Whether a float32 weight goes into panels here: no bias, whole panels, an AVX2 build."""
-    return weight.dtype == torch.float32 and bias is None and len(weight) % 16 == 0 and kernels.float_panels()
+    return (
+        weight.dtype == torch.float32 and bias is None and len(weight) % PANEL_COLUMNS == 0 and kernels.float_panels()
+    )
 
 
 def gate_up_silu(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:

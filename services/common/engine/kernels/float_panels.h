@@ -90,12 +90,13 @@ inline void product(const float* x, const float* w, float* out, int64_t M, int64
   const int64_t panels = N / kWidth, groups = (panels + kGroup - 1) / kGroup;
   const int64_t chunk = std::max<int64_t>(6, kChunkBytes / (K * 4) / 6 * 6);
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t c0 = 0; c0 < M; c0 += chunk)
+    for (int64_t c0 = 0; c0 < M; c0 += chunk) {
+      const int64_t c1 = std::min(M, c0 + chunk);
       for (int64_t g = g0; g < g1; ++g) {
         const int64_t j0 = g * kGroup, j1 = std::min(panels, j0 + kGroup);
-        for (int64_t m = c0; m < std::min(M, c0 + chunk); m += 6)
-          rows_over(std::min<int64_t>(6, std::min(M, c0 + chunk) - m), x, w, out, m, j0, j1, N, K);
+        for (int64_t m = c0; m < c1; m += 6) rows_over(std::min<int64_t>(6, c1 - m), x, w, out, m, j0, j1, N, K);
       }
+    }
   });
 }
 #endif
