@@ -39,6 +39,7 @@ def gather(layers: list[nn.Module], model: nn.Module) -> torch.Tensor | None:
             if p.data_ptr() == old.data_ptr() and p.shape == old.shape:
                 p.data = view
         m.weight = view
+    host_memory.trim_heap()  # the weights' copies before the arena (and the panels' packing) are freed
     return arena
 
 

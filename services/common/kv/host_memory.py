@@ -58,6 +58,15 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(_mapping(numel * dtype.itemsize), dtype=dtype, count=numel).view(shape)
 
 
+def trim_heap() -> None:
+    """Hands the heap's free memory back to the kernel (glibc's malloc_trim): copies freed while a
+    model loads stay resident otherwise. Nothing where there is no glibc."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def collapsible(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor of `numel` on 4 KB pages, starting on a huge-page boundary, so
     that collapse() can later move every 2 MiB of it into a huge page."""
