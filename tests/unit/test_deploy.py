@@ -575,6 +575,32 @@ def test_a_rolling_update_drains_each_pod_before_it_is_killed_and_routes_to_the_
             assert doc["spec"].get("minReadySeconds", 0) >= 4 * router.load_poll_s, workload
 
 
+def _selects(selector: dict, workload: dict) -> bool:
+    return selector["matchLabels"].items() <= workload["spec"]["template"]["metadata"]["labels"].items()
+
+
+@pytest.mark.parametrize("name", [d.name for d in KUSTOMIZATIONS])
+def test_a_drain_takes_a_role_one_pod_at_a_time_and_never_blocks(rendered, name):
+    """Each role but the store has one budget over its pods that lets one go at a time, at any replica
+    count (a budget allowing none would hold a node drain forever); the pods spread over nodes, softly."""
+    docs = rendered[name]
+    budgets = [d for (kind, _), d in docs.items() if kind == "PodDisruptionBudget"]
+    for doc, _, role, _ in _services(docs).values():
+        mine = [b for b in budgets if _selects(b["spec"]["selector"], doc)]
+        if role == "kvstore":
+            assert not mine, f"{name}: the store's one replica must not be held by a budget"
+            continue
+        assert [b["spec"] for b in mine] == [{"maxUnavailable": 1, "selector": mine[0]["spec"]["selector"]}], (
+            f"{name}: {doc['metadata']['name']} needs one budget of maxUnavailable 1 over its pods"
+        )
+        ((spread,),) = [doc["spec"]["template"]["spec"]["topologySpreadConstraints"]]
+        assert spread["topologyKey"] == "kubernetes.io/hostname" and spread["maxSkew"] == 1
+        assert spread["whenUnsatisfiable"] == "ScheduleAnyway", "one node must still schedule every pod"
+        assert _selects(spread["labelSelector"], doc) and not any(
+            _selects(spread["labelSelector"], other) for other, _, r, _ in _services(docs).values() if r != role
+        ), f"{name}: {doc['metadata']['name']} spreads over its own pods alone"
+
+
 def _check_layout(where: str, services: dict[str, tuple]) -> None:
     """Workers and the store share the KV layout; the router tokenizes for the same model."""
     configs = {name: rc[-1] for name, rc in services.items()}
