@@ -73,6 +73,16 @@ def decode_steps(
     return times
 
 
+def decode_beside_long(engine: LLMEngine, other: LLMEngine, steps: int) -> dict[str, list[float]]:
+    """Figure 5's steps: 8 sequences at 128 beside one at 2,048 on `engine` ("step"), alternated with
+    the same 8 alone on `other` ("alone"), so the ratio shares the host's drift (measured one after the
+    other, a quick run's ratio swung 0.97-2.53x on a host whose steady ratio was 1.25-1.43x)."""
+    prefill_all(other, [synthetic_prompt(127, s) for s in range(8)], steps + 4)
+    times = decode_steps(engine, 8, 128, steps, extra=(2048,), beside={"alone": other.step})
+    drain(other)
+    return times
+
+
 def decode_step_s(engine: LLMEngine, num_seqs: int, context: int, steps: int, extra: tuple[int, ...] = ()) -> float:
     """Median decode step of num_seqs sequences at `context`, plus one at each `extra` context."""
     return statistics.median(decode_steps(engine, num_seqs, context, steps, extra)["step"])
@@ -195,8 +205,10 @@ def main(args) -> int:
         results.update({figure: {"skipped": skipped} for figure in ("prefill_1024", "decode_batch32", "mixed")})
     else:
         _against_ceiling_and_transformers(engine, make, ref, dtype.dtype, quick, steps, results)
-    alone = decode_step_s(engine, 8, 128, steps)
-    beside = decode_step_s(engine, 8, 128, steps, extra=(2048,))
+    times = decode_beside_long(
+        engine, make(max_num_batched_tokens=1024, enable_prefix_caching=False), 8 if quick else 16
+    )
+    alone, beside = statistics.median(times["alone"]), statistics.median(times["step"])
     results["decode_mixed_context"] = {
         "step_ms_8_at_128": alone * 1e3,
         "step_ms_with_one_at_2048": beside * 1e3,
