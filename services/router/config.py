@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,6 +17,11 @@ class RouterConfig(ClientAuthConfig):
     port: int = option(50051, help="client-facing gRPC port")
     http_host: str = option("", help="address the OpenAI-compatible HTTP server listens on (empty: same as host)")
     http_port: int = option(8000, help="OpenAI-compatible HTTP port (0: any free port, -1: no HTTP server)")
+    allowed_origins: list[str] = option(
+        default_factory=list,
+        help="web origins (scheme://host[:port], or *) whose pages may call the HTTP API from a browser "
+        "(CORS); none by default",
+    )
     mode: Literal["disaggregated", "colocated"] = option("disaggregated")
     prefill_targets: list[str] = option(
         default_factory=list,
@@ -69,6 +75,9 @@ class RouterConfig(ClientAuthConfig):
         for name in ("slo_ttft_ms", "slo_tpot_ms", "max_retries"):
             if getattr(self, name) < 0:
                 raise SettingError(name, "must be >= 0")
+        for origin in self.allowed_origins:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+/?", origin):
+                raise SettingError("allowed_origins", f"{origin!r} is not * or scheme://host[:port]")
         # Empty target lists are fine: workers started with --router register themselves.
         from pdserve.router.worker_pool import split_dns_target
 

@@ -19,6 +19,7 @@ from pdserve.common import genai, tracing
 from pdserve.common.errors import NotReadyError, UnauthenticatedError
 from pdserve.common.ports import host_port
 from pdserve.common.security import ApiKeys
+from pdserve.router.cors import Cors
 from pdserve.router.models import ModelNotFoundError, check_model, served_models
 from pdserve.router.openai_errors import (
     JsonErrorRunner,
@@ -72,6 +73,7 @@ class OpenAIServer:
         ready: Callable[[], bool],
         shutdown: Shutdown | None = None,
         api_keys: ApiKeys | None = None,
+        allowed_origins: list[str] | None = None,
         ssl_context: ssl.SSLContext | None = None,
         request_metrics: RequestMetrics | None = None,
     ):
@@ -97,6 +99,8 @@ class OpenAIServer:
                 web.get("/health", self._health),
             ]
         )
+        if allowed_origins:
+            Cors(allowed_origins).install(self.app)
 
     @property
     def url(self) -> str | None:

@@ -86,6 +86,7 @@ class RouterRuntime:
             shutdown=self.shutdown,
             ready=self.pool.ready,
             api_keys=api_keys,
+            allowed_origins=config.allowed_origins,
             ssl_context=config.ssl_context(),
             request_metrics=measured,
         )

@@ -15,6 +15,7 @@ import pytest
 import pytest_asyncio
 
 from pdserve.common.grpc_errors import ERROR_FIELD_KEY
+from pdserve.router.openai_http import OpenAIServer
 from pdserve.v1 import common_pb2 as pb
 from pdserve.v1 import router_pb2 as rpb
 from tests.polling import settles
@@ -201,3 +202,21 @@ async def test_a_client_request_id_header_names_the_request_and_comes_back(suite
     async with aiohttp.ClientSession() as http:  # none given: one is made, and said
         async with http.post(suite.router.http.url + "/completions", json=body) as r:
             assert r.status == 200 and (await r.json())["id"] == "cmpl-" + r.headers["X-Request-Id"]
+
+
+async def test_a_page_of_an_allowed_origin_reads_a_streamed_chat(suite, model):
+    origin = "http://localhost:3000"
+    server = OpenAIServer(
+        suite.router.router, "127.0.0.1", 0, default_max_tokens=4, ready=lambda: True, allowed_origins=[origin]
+    )
+    await server.start()
+    try:
+        body = {"model": model, "messages": CHAT, "max_tokens": 4, "temperature": 0, "stream": True}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(server.url + "/chat/completions", json=body, headers={"Origin": origin}) as r:
+                assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+                assert r.headers["Access-Control-Allow-Origin"] == origin  # sent with the stream's headers
+                events = [line for line in (await r.text()).splitlines() if line.startswith("data: ")]
+        assert len(events) >= 2 and events[-1] == "data: [DONE]"
+    finally:
+        await server.stop()
