@@ -75,8 +75,8 @@ def decode_steps(
 
 def decode_beside_long(engine: LLMEngine, other: LLMEngine, steps: int) -> dict[str, list[float]]:
     """Figure 5's steps: 8 sequences at 128 beside one at 2,048 on `engine` ("step"), alternated with
-    the same 8 alone on `other` ("alone"), so the ratio shares the host's drift (measured one after the
-    other, a quick run's ratio swung 0.97-2.53x on a host whose steady ratio was 1.25-1.43x)."""
+    the same 8 alone on `other` ("alone"), so the ratio shares the host's drift, as figures 1-3 share it
+    with their limits (one after the other, the ratio swung across the goal: docs/benchmarks.md)."""
     prefill_all(other, [synthetic_prompt(127, s) for s in range(8)], steps + 4)
     times = decode_steps(engine, 8, 128, steps, extra=(2048,), beside={"alone": other.step})
     drain(other)
