@@ -76,8 +76,8 @@ class RouterConfig(ClientAuthConfig):
             if getattr(self, name) < 0:
                 raise SettingError(name, "must be >= 0")
         for origin in self.allowed_origins:
-            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+/?", origin):
-                raise SettingError("allowed_origins", f"{origin!r} is not * or scheme://host[:port]")
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s*]+/?", origin):
+                raise SettingError("allowed_origins", f"{origin!r} is not * or scheme://host[:port] (no wildcards)")
         # Empty target lists are fine: workers started with --router register themselves.
         from pdserve.router.worker_pool import split_dns_target
 

@@ -14,13 +14,21 @@ from pdserve.router.openai_errors import error_body
 
 METHODS = "GET, POST, OPTIONS"
 PREFLIGHT_MAX_AGE_S = 600  # a browser asks again for the same call after this long
-EXPOSED = "X-Request-Id"  # the id a reply carries (docs/openai.md), readable by the page
+EXPOSED = "X-Request-Id, Retry-After"  # headers a page may read: the reply's id, when to try again
+_DEFAULT_PORTS = {"https": ":443", "http": ":80"}
+
+
+def normalized(origin: str) -> str:
+    """An origin as a browser sends it: lower case, no trailing slash, no default port."""
+    origin = origin.lower().rstrip("/")
+    port = _DEFAULT_PORTS.get(origin.split("://", 1)[0])
+    return origin.removesuffix(port) if port else origin
 
 
 class Cors:
     def __init__(self, origins: list[str]) -> None:
         self.any = "*" in origins
-        self.origins = frozenset(o.rstrip("/") for o in origins)
+        self.origins = frozenset(normalized(o) for o in origins)
 
     def allows(self, origin: str | None) -> bool:
         return origin is not None and (self.any or origin in self.origins)
@@ -45,10 +53,9 @@ class Cors:
         return web.Response(status=204, headers=headers)
 
     async def _allow(self, request: web.Request, response: web.StreamResponse) -> None:
-        origin = request.headers.get("Origin")
-        if not self.allows(origin):
-            return
-        response.headers["Access-Control-Allow-Origin"] = "*" if self.any else origin
-        response.headers["Access-Control-Expose-Headers"] = EXPOSED
-        if not self.any:  # the answer depends on the Origin: caches must keep one per origin
+        if not self.any:  # every answer depends on the Origin: a cache must keep one per origin
             response.headers.add("Vary", "Origin")
+        origin = request.headers.get("Origin")
+        if self.any or self.allows(origin):
+            response.headers["Access-Control-Allow-Origin"] = "*" if self.any else origin
+            response.headers["Access-Control-Expose-Headers"] = EXPOSED

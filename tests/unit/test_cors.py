@@ -51,7 +51,7 @@ async def test_an_allowed_origin_passes_the_preflight_without_a_key_and_reads_ev
             assert r.status == 401 and r.headers["Access-Control-Allow-Origin"] == APP  # and the page reads why
         async with http.get(url + "/models", headers={"Origin": APP, "Authorization": "Bearer k1"}) as r:
             assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == APP
-            assert r.headers["Access-Control-Expose-Headers"] == "X-Request-Id"
+            assert r.headers["Access-Control-Expose-Headers"] == "X-Request-Id, Retry-After"
         # No worker: a 503, whose body a page must be able to read as well.
         body = {"prompt": "a b", "stream": True}
         headers = {"Origin": APP, "Authorization": "Bearer k1"}
@@ -67,6 +67,14 @@ async def test_another_origin_is_refused_in_openai_shape_and_given_no_allowing_h
             assert OTHER in error["message"] and error["type"] == "invalid_request_error"
         async with http.get(url + "/models", headers={"Origin": OTHER}) as r:  # the browser then hides it
             assert r.status == 200 and "Access-Control-Allow-Origin" not in r.headers
+        async with http.get(url + "/models") as r:  # no Origin: still marked as depending on it, for caches
+            assert "Access-Control-Allow-Origin" not in r.headers and "Origin" in r.headers["Vary"]
+
+
+async def test_a_configured_origin_matches_as_a_browser_spells_it():
+    async with serving(allowed_origins=["https://App.Example:443/"]) as (http, url):
+        async with http.options(url + "/completions", headers={"Origin": APP, **PREFLIGHT}) as r:
+            assert r.status == 204 and r.headers["Access-Control-Allow-Origin"] == APP
 
 
 async def test_a_star_allows_every_origin_with_one_cacheable_answer():
@@ -75,6 +83,8 @@ async def test_a_star_allows_every_origin_with_one_cacheable_answer():
             async with http.options(url + "/completions", headers={"Origin": origin, **PREFLIGHT}) as r:
                 assert r.status == 204 and r.headers["Access-Control-Allow-Origin"] == "*"
                 assert "Vary" not in r.headers
+        async with http.get(url + "/models") as r:  # one answer for every origin, or none, to cache
+            assert r.headers["Access-Control-Allow-Origin"] == "*"
 
 
 def _config(*argv: str, env: dict | None = None) -> RouterConfig:
@@ -86,7 +96,7 @@ def test_origins_come_from_a_flag_or_the_environment_and_a_malformed_one_names_t
     assert _config("--allowed-origins", APP, "http://localhost:3000").allowed_origins == [APP, "http://localhost:3000"]
     assert _config(env={"PDSERVE_ALLOWED_ORIGINS": f"{APP}, *"}).allowed_origins == [APP, "*"]
     assert _config().allowed_origins == []
-    for bad in ("app.example", "https://app.example/path", "ftp://app.example"):
+    for bad in ("app.example", "https://app.example/path", "ftp://app.example", "https://*.example.com"):
         with pytest.raises(ValueError, match="--allowed-origins / PDSERVE_ALLOWED_ORIGINS") as e:
             _config("--allowed-origins", bad)
         assert repr(bad) in str(e.value)
