@@ -83,11 +83,6 @@ def decode_beside_long(engine: LLMEngine, other: LLMEngine, steps: int) -> dict[
     return times
 
 
-def decode_step_s(engine: LLMEngine, num_seqs: int, context: int, steps: int, extra: tuple[int, ...] = ()) -> float:
-    """Median decode step of num_seqs sequences at `context`, plus one at each `extra` context."""
-    return statistics.median(decode_steps(engine, num_seqs, context, steps, extra)["step"])
-
-
 def prefill_once(engine: LLMEngine, n: int) -> None:
     """One prompt of n new tokens (no cached prefix), prefilled to its first token."""
     engine.add_request(synthetic_prompt(n, int(time.time_ns())), SamplingParams(max_tokens=1))

@@ -4,7 +4,7 @@ runs), and times decode steps of the batch it names."""
 import pytest
 import torch
 
-from pdserve.bench.engine_bench import decode_step_s, flops_per_token
+from pdserve.bench.engine_bench import decode_steps, flops_per_token
 from pdserve.common import model_loader
 from pdserve.common.engine.config import EngineConfig
 from pdserve.common.engine.engine import LLMEngine
@@ -39,7 +39,7 @@ def test_every_timed_decode_step_has_every_sequence_of_the_batch(tiny_model_dir,
         return {"step": [1.0] * reps}
 
     monkeypatch.setattr(engine_bench, "alternated_times", timed)
-    decode_step_s(engine, 8, 96, 4)  # 8 prompts of 96 take 12+ chunked steps, and the first decode meanwhile
+    decode_steps(engine, 8, 96, 4)  # 8 prompts of 96 take 12+ chunked steps, and the first decode meanwhile
     assert batches == [8] * 5
 
 
