@@ -61,7 +61,7 @@ def run_profile(args: argparse.Namespace) -> int:
     path = args.out or measure.cache_path(profile.model, profile.dtype, profile.hardware)
     profile.save(Path(path))
     print(f"{profile.model}, {profile.dtype}, {profile.hardware}: saved to {path}")
-    print("threads  base ms  per decode seq  per context tok  per prompt tok  per attn pair  fit error (median, max)")
+    print("threads  base ms  per decode seq  per context tok  per prompt tok  per attn pair  fit error (mean, max)")
     errors = measure.fit_error(profile, samples)
     for t, m in sorted(profile.steps.items()):
         print(

@@ -5,6 +5,7 @@ here (docs/planning.md, "Profiles").
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import itertools
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 SEAM_SHARE_OF_MEMCPY = 0.26  # benchmarks/results/kv_transfer.txt: the seam's 3.3 of memcpy's 12.6 GB/s
 TRANSFER_BASE_MS = 2.0  # Reserve + ticket + completion: two control-plane calls
 ROUTER_HOP_MS = 1.0  # docs/benchmarks.md, `bench control-plane`: 0.84-1.0 ms added at p50
-# A quiet host fits its own samples within 5-21% (median); a fit worse than this was timed beside
+# A quiet host fits its own samples within 4-9% (mean); a fit worse than this was timed beside
 # other work, so its samples are timed again, up to TRIES times in all, and the best fit is kept.
 REMEASURE_ABOVE, TRIES = 0.25, 3
 
@@ -102,9 +103,31 @@ class _Stepper:
         return self.shape, 1e3 * (time.perf_counter() - t0)
 
     def decoding(self, seqs: int, context: int, max_tokens: int) -> list[str]:
-        """Run `seqs` fresh prompts of `context` - 1 tokens until all decode; their request ids."""
-        prefill_all(self.engine, [synthetic_prompt(context - 1, next(self.salt)) for _ in range(seqs)], max_tokens)
+        """`seqs` fresh prompts of `context` - 1 tokens, brought to decoding without computing their KV
+        (`_unmodelled`); their request ids."""
+        with _unmodelled(self.engine):
+            prompts = [synthetic_prompt(context - 1, next(self.salt)) for _ in range(seqs)]
+            prefill_all(self.engine, prompts, max_tokens)
         return [s.request_id for s in self.engine.scheduler.running]
+
+
+@contextlib.contextmanager
+def _unmodelled(engine: LLMEngine):
+    """Steps scheduled as usual but not run: their sequences get token 0 and their KV blocks keep the
+    pool's zeros. A decode step takes as long whatever values it attends, and computing 32 x 512 prompt
+    tokens only to set up a decode sample would take a minute on 2 cores."""
+    vocab = engine.runner.model.config.vocab_size
+
+    def skipped(batch: ScheduledBatch) -> tuple[list, torch.Tensor | None]:
+        caught_up = [s for s, n in batch.prefills if s.num_computed_tokens + n == s.num_tokens]
+        seqs = batch.decodes + caught_up
+        return (seqs, torch.zeros(len(seqs), vocab, device=engine.runner.device)) if seqs else ([], None)
+
+    engine.runner.run = skipped  # an instance attribute: deleting it restores the class's
+    try:
+        yield
+    finally:
+        del engine.runner.run
 
 
 def _median(group: list[Sample]) -> Sample:
@@ -113,10 +136,14 @@ def _median(group: list[Sample]) -> Sample:
     return group[len(group) // 2][0], statistics.median(ms for _, ms in group)
 
 
+DECODE_SETS = ((16, 64, 128, (16, 4, 1)), (32, 512, 256, (32, 8, 1)), (4, 2048, 256, (4, 1)))
+"""(sequences, context, the prompt chunk timed beside them, the batches they shrink to): from the one
+sequence a weight read bounds to the 32 that pay their matmuls, and 64-2,048 tokens of context each."""
+
+
 def step_samples(engine: LLMEngine, quick: bool) -> list[Sample]:
-    """(shape, median ms) of real steps: prompt chunks alone, decode batches of 16, 4 and 1 at a short and
-    a long context, and decodes beside a prompt chunk. Batches shrink by aborting sequences, so each
-    context is prefilled once (16 x 512 is not run: its setup alone would take 15 s on one thread)."""
+    """(shape, median ms) of real steps: prompt chunks alone, decode batches (DECODE_SETS), and decodes
+    beside a prompt chunk. Batches shrink by aborting sequences, so each set is brought to decoding once."""
     reps, steps = (3, 5) if quick else (3, 9)
     chunk = engine.config.max_num_batched_tokens
     run, samples = _Stepper(engine), []
@@ -135,9 +162,11 @@ def step_samples(engine: LLMEngine, quick: bool) -> list[Sample]:
             seconds.append(run.step())
             drain(engine)
         samples += [_median(firsts), _median(seconds)]
-        for seqs, context, beside in ((16, 64, 128), (4, 256 if quick else 512, 256)):
-            ids = run.decoding(seqs, context, max_tokens=3 * (steps + 1) + reps + 8)
-            for keep in (k for k in (16, 4, 1) if k <= seqs):
+        for seqs, context, beside, batches in DECODE_SETS:
+            setup = seqs * -(-context // chunk)  # set-up steps at most, each a token to those already decoding
+            tokens = setup + len(batches) * (steps + 1) + reps + 8
+            ids = run.decoding(seqs, min(context, engine.max_model_len - tokens), tokens)  # within a short window
+            for keep in batches:
                 for rid in ids[keep:]:
                     engine.abort(rid)
                 del ids[keep:]
@@ -167,13 +196,13 @@ def _fitted(engine: LLMEngine, quick: bool) -> tuple[StepModel, list[Sample]]:
             best = error, model, samples
         if error <= REMEASURE_ABOVE:
             break
-        log.warning("step model fits its samples within %.0f%% (median): timing them again", 100 * error)
+        log.warning("step model fits its samples within %.0f%% (mean): timing them again", 100 * error)
     return best[1], best[2]
 
 
 def _errors(model: StepModel, samples: list[Sample]) -> tuple[float, float]:
     errors = [abs(model.ms(shape) - ms) / ms for shape, ms in samples]
-    return statistics.median(errors), max(errors)
+    return statistics.mean(errors), max(errors)
 
 
 def memcpy_gbps(nbytes: int, device: str) -> float:
@@ -198,7 +227,7 @@ def measure(
     loaded, tok = model_loader.load(ref, device=device, dtype=resolved)
     engine = LLMEngine(
         EngineConfig(
-            num_kv_blocks=1200, dtype=resolved, device=device, max_num_batched_tokens=chunk, enable_prefix_caching=False
+            num_kv_blocks=1600, dtype=resolved, device=device, max_num_batched_tokens=chunk, enable_prefix_caching=False
         ),
         loaded,
         tok,
@@ -238,7 +267,7 @@ def measure(
 
 
 def fit_error(profile: Profile, samples: dict[int, list[Sample]]) -> dict[int, tuple[float, float]]:
-    """By thread count: the (median, max) relative error of the fitted step times on the measured ones."""
+    """By thread count: the (mean, max) relative error of the fitted step times on the measured ones."""
     return {t: _errors(profile.steps[t], group) for t, group in samples.items()}
 
 

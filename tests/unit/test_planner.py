@@ -127,6 +127,19 @@ def test_the_fit_recovers_the_costs_of_measured_steps_and_never_makes_one_negati
     assert fitted.per_seq_ms == 0.0 and fitted.per_context_ms == 0.0 and fitted.base_ms > 0
 
 
+def test_the_fit_holds_a_decode_step_to_its_share_beside_prompt_steps_fifty_times_longer():
+    true = StepModel(15.0, 2.5, 0.0025, 2.2, 0.0006)
+    prompts = [StepShape.chunk(n, b) for n, b in ((32, 0), (128, 0), (512, 0), (512, 512))]
+    decodes = [
+        StepShape(decode_seqs=b, decode_context=b * c) for b, c in ((1, 64), (4, 64), (16, 64), (1, 512), (32, 512))
+    ]
+    # the prompt steps timed 4% off, over and under in turn, as a busy host times a second-long step; in
+    # absolute ms those few ms outweighed the decode steps, whose fit was then 30% off
+    timed = [(s, true.ms(s) * (1.04 if i % 2 else 0.96)) for i, s in enumerate(prompts)]
+    model = fit(timed + [(s, true.ms(s)) for s in decodes])
+    assert max(abs(model.ms(s) / true.ms(s) - 1) for s in decodes) < 0.02
+
+
 def test_shapes_add_and_a_chunk_counts_its_attention_pairs():
     assert StepShape.chunk(4, 10).prefill_pairs == 4 * 12
     both = StepShape(decode_seqs=2, decode_context=300) + StepShape.chunk(8, 0)
