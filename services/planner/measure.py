@@ -25,6 +25,7 @@ from pdserve.common.engine.config import EngineConfig
 from pdserve.common.engine.engine import LLMEngine
 from pdserve.common.engine.sampling_params import SamplingParams
 from pdserve.common.engine.scheduler import ScheduledBatch
+from pdserve.planner import profile as profile_module
 from pdserve.planner.profile import Profile, StepModel, StepShape, fit, model_key
 
 log = logging.getLogger(__name__)
@@ -50,9 +51,14 @@ def hardware_key(device: str = "cpu") -> str:
 
 def engine_build() -> str:
     """The kernels' build (their sources, flags and torch) and the engine's Python: a faster engine is new
-    hardware to plan on, and a change on either side has made one (the row kernel's reach is Python's)."""
+    hardware to plan on, and a change on either side has made one (the row kernel's reach is Python's).
+    Also how a profile is measured and fitted (this module, profile.py): a profile of the old method
+    would keep planning on its old misfit."""
     key = hashlib.sha256(kernels.library_path().stem.encode())
-    for path in sorted(Path(kernels.__file__).parents[1].glob("*.py")):
+    for path in sorted(Path(kernels.__file__).parents[1].glob("*.py")) + [
+        Path(__file__),
+        Path(profile_module.__file__),
+    ]:
         key.update(path.read_bytes())
     return key.hexdigest()[:8]
 
