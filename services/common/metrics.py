@@ -95,8 +95,9 @@ REQUESTS = _counter(
 )
 SLO = _counter(
     "pdserve_slo_requests",
-    "Finished requests by objective (ttft, tpot) and whether they met it "
-    "(attained=true|false); the router's --slo-ttft-ms and --slo-tpot-ms",
+    "Requests by objective (ttft, tpot) and whether they met it (attained=true|false), against the router's "
+    "--slo-ttft-ms and --slo-tpot-ms: a failed request missed what it had not met; one refused for its own "
+    "input is not scored, nor one cancelled before its result was known",
 )
 TOKENS = _counter(
     "pdserve_tokens",

@@ -27,6 +27,28 @@ class RequestMetrics:
     slo_ttft_ms: float = 0.0
     slo_tpot_ms: float = 0.0
 
+    def scores(self, outcome: str, ttft: float | None, tpot: float | None, waited: float) -> dict[str, bool]:
+        """Each tracked objective's result for a request that ended with `outcome` (a finish reason or a
+        status name) after `waited` s; an objective is scored only once its result is known. A request
+        that failed missed what it had not met: a ratio of finished requests alone would rise as the
+        system sheds load. One cancelled by its client is scored on its first token, or on its wait
+        once that passed the objective; one refused for its own input, not at all."""
+        out: dict[str, bool] = {}
+        if outcome in _REQUESTS_OWN:
+            return out
+        finished, cancelled = outcome in ("stop", "length"), outcome in ("cancelled", "abort")
+        if self.slo_ttft_ms > 0:
+            if ttft is not None:
+                out["ttft"] = ttft * 1e3 <= self.slo_ttft_ms
+            elif not finished and (not cancelled or waited * 1e3 > self.slo_ttft_ms):
+                out["ttft"] = False
+        if self.slo_tpot_ms > 0:
+            if finished and tpot is not None:
+                out["tpot"] = tpot * 1e3 <= self.slo_tpot_ms
+            elif not finished and not cancelled:
+                out["tpot"] = False
+        return out
+
     @staticmethod
     @contextlib.contextmanager
     def refusals() -> Iterator[None]:
@@ -79,7 +101,9 @@ class RequestMetrics:
             if final is not None:
                 self._finished(final, t0, t_end, first, last, tokens, attributes)
             else:  # failed or cancelled: its duration too, with what ended it (the conventions' error.type)
-                metrics.E2E.record(time.perf_counter() - t0, {**attributes, "error.type": outcome})
+                waited = time.perf_counter() - t0
+                metrics.E2E.record(waited, {**attributes, "error.type": outcome})
+                _count_slo(self.scores(outcome, None if first is None else first - t0, None, waited))
             metrics.REQUESTS.add(1, {"outcome": outcome})
             metrics.TOKENS.add(tokens, {"type": "generation"})
             if outcome not in ("stop", "length"):
@@ -104,10 +128,7 @@ class RequestMetrics:
         if tpot is not None:
             metrics.TPOT.record(tpot, attributes)
         ttft = first - t0 if first is not None else None
-        if self.slo_ttft_ms > 0 and ttft is not None:
-            metrics.SLO.add(1, {"objective": "ttft", "attained": str(ttft * 1e3 <= self.slo_ttft_ms).lower()})
-        if self.slo_tpot_ms > 0 and tpot is not None:
-            metrics.SLO.add(1, {"objective": "tpot", "attained": str(tpot * 1e3 <= self.slo_tpot_ms).lower()})
+        _count_slo(self.scores(ev.finish_reason.value, ttft, tpot, now - t0))
         route = ev.route or Route("", "", False)
         if route.prefill_worker_id:
             metrics.ROUTED.add(1, {"role": "prefill", "worker_id": route.prefill_worker_id})
@@ -131,6 +152,15 @@ class RequestMetrics:
                 "decode_worker": route.decode_worker_id,
             },
         )
+
+
+# Errors of the request's own making: no objective is scored on them, as on a refusal.
+_REQUESTS_OWN = frozenset({"invalid_argument", "not_found", "failed_precondition", "unauthenticated", "out_of_range"})
+
+
+def _count_slo(scores: dict[str, bool]) -> None:
+    for objective, attained in scores.items():
+        metrics.SLO.add(1, {"objective": objective, "attained": str(attained).lower()})
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -15,6 +15,7 @@ import textwrap
 import pytest
 
 from pdserve.common import metrics
+from pdserve.router.request_metrics import RequestMetrics
 
 SCRIPT = textwrap.dedent("""
     import asyncio, collections, json, sys, time, urllib.request
@@ -181,9 +182,39 @@ def test_outcomes_count_finish_reasons_errors_and_cancels(samples):
     ]
 
 
-def test_slo_attainment_is_counted_per_objective(samples):
-    assert value(samples, "pdserve_slo_requests_total", objective="ttft", attained="true") == 1  # <= an hour
-    assert value(samples, "pdserve_slo_requests_total", objective="tpot", attained="false") == 1  # 16+ ms > 1 ms
+def test_slo_attainment_is_counted_per_objective_and_a_failed_request_misses_both(samples):
+    # the finished request met TTFT (<= an hour) and missed TPOT (16+ ms > 1 ms); the one refused at
+    # capacity missed both; the one cancelled after its first token met TTFT, and its TPOT is unknown
+    assert value(samples, "pdserve_slo_requests_total", objective="ttft", attained="true") == 2
+    assert value(samples, "pdserve_slo_requests_total", objective="ttft", attained="false") == 1
+    assert value(samples, "pdserve_slo_requests_total", objective="tpot", attained="false") == 2
+    assert not [
+        s for s in samples if s[0] == "pdserve_slo_requests_total" and s[1] == {"objective": "tpot", "attained": "true"}
+    ]
+
+
+@pytest.mark.parametrize(
+    "outcome, ttft_s, tpot_s, waited_s, scored",
+    [
+        ("stop", 0.5, 0.05, 3.0, {"ttft": True, "tpot": True}),
+        ("length", 2.0, 0.2, 9.0, {"ttft": False, "tpot": False}),
+        ("stop", 0.5, None, 0.5, {"ttft": True}),  # one token: no TPOT
+        ("resource_exhausted", None, None, 0.01, {"ttft": False, "tpot": False}),  # shed: missed, not left out
+        ("unavailable", 0.5, None, 4.0, {"ttft": True, "tpot": False}),  # failed mid-stream
+        ("deadline_exceeded", None, None, 30.0, {"ttft": False, "tpot": False}),
+        ("cancelled", 0.5, None, 2.0, {"ttft": True}),  # its client left after a token
+        ("cancelled", None, None, 0.2, {}),  # its client left before the objective passed: unknown
+        ("cancelled", None, None, 1.5, {"ttft": False}),  # ... after it passed with no token
+        ("abort", None, None, 1.5, {"ttft": False}),
+        ("invalid_argument", None, None, 0.01, {}),  # its own input: as a refusal, not scored
+    ],
+)
+def test_each_objective_is_scored_once_its_result_is_known(outcome, ttft_s, tpot_s, waited_s, scored):
+    slo = RequestMetrics(slo_ttft_ms=1000, slo_tpot_ms=100)
+    assert slo.scores(outcome, ttft_s, tpot_s, waited_s) == scored
+    assert RequestMetrics(slo_ttft_ms=1000).scores(outcome, ttft_s, tpot_s, waited_s) == {
+        k: v for k, v in scored.items() if k == "ttft"
+    }  # an objective set to 0 is never scored
 
 
 def test_transfers_count_bytes_and_failures_on_each_side(samples):
