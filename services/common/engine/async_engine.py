@@ -180,11 +180,12 @@ class AsyncEngine:
             tps = tokens / seconds
             self.prefill_tps_ewma = 0.8 * self.prefill_tps_ewma + 0.2 * tps if self.prefill_tps_ewma else tps
 
-    def warm_up(self, tokens: int = 256, rounds: int = 3) -> None:
+    def warm_up(self, tokens: int = 128, rounds: int = 2) -> None:
         """Run short and long prompts before serving, on the step thread: the first round
         pays first-call costs; the best of the later rounds seeds the cost model (the best,
         since a busy neighbour only ever makes a measurement slower). Then the weights go into
-        huge pages, off the start path (weight_arena)."""
+        huge pages, off the start path (weight_arena). Small: it is on a restarted worker's way
+        back (docs/reliability.md, "Supervision")."""
         self.on_step_thread(self._warm_up, tokens, rounds)
         self.engine.runner.weights_to_huge_pages()
 
