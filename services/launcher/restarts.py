@@ -16,6 +16,7 @@ class RestartPolicy:
     max_backoff_s: float = 10.0
     limit: int = 5
     window_s: float = 60.0
+    spare: bool = True  # keep a worker process imported for a crashed worker to restart in (spare.py)
 
     def __post_init__(self) -> None:
         if self.limit < 1 or self.backoff_s < 0 or self.window_s <= 0:

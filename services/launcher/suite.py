@@ -17,11 +17,13 @@ from pdserve.common.auth import bearer
 from pdserve.common.launcher_bond import LAUNCHER_PID_ENV
 from pdserve.common.server import INSTANCE_ID_ENV
 from pdserve.launcher.restarts import RestartPolicy
+from pdserve.launcher.spare import Spare
 from pdserve.launcher.supervisor import SuiteError, Supervisor
 from pdserve.launcher.topology import Service, http_port_from, plan
 
 __all__ = ["PortInUseError", "Suite", "SuiteError"]
 _COLORS = ("36", "33", "35", "32", "34", "91", "96", "93")
+WORKER_ROLES = ("prefill", "decode")
 
 
 class PortInUseError(SuiteError):
@@ -75,8 +77,12 @@ class Suite:
         self._procs: dict[str, subprocess.Popen] = {}
         self._instances: dict[str, str] = {}  # name -> the id its health answers must carry
         self._pumps: list[threading.Thread] = []
+        self._labels: dict[int, list[str]] = {}  # pid -> the name its lines are relayed under
         self._lock = threading.RLock()  # re-entrant: say() also runs in signal handlers
         self.supervisor = Supervisor(self, restarts)
+        workers = [s for s in self.services if s.role in WORKER_ROLES]
+        # With restarts, a worker process kept imported for a crashed worker to restart in (spare.py).
+        self.spare = Spare(workers[0].argv[0], self._env) if workers and restarts and restarts.spare else None
 
     @property
     def router_target(self) -> str:
@@ -104,16 +110,21 @@ class Suite:
             except (OSError, ValueError):
                 pass  # our stdout is gone (a closed pipe, a hung-up terminal): supervising matters more
 
-    def _pump(self, name: str, stream) -> None:
-        log_file = open(self.log_dir / f"{name}.log", "a", encoding="utf-8") if self.log_dir else None
+    def _pump(self, label: list[str], stream) -> None:
+        """Relay a process's lines under `label[0]`, its service's name (a spare's changes when it takes over)."""
+        log_file, logged = None, None
         try:
             for raw in iter(stream.readline, b""):
-                line = raw.decode("utf-8", "replace").rstrip("\n")
+                line, name = raw.decode("utf-8", "replace").rstrip("\n"), label[0]
                 with self._lock:
                     try:
-                        print(self._prefix[name] + line, file=self.out, flush=True)
+                        print(self._prefix.get(name, f"[{name}] ") + line, file=self.out, flush=True)
                     except (OSError, ValueError):
                         pass  # our stdout is gone (e.g. piped to head): keep draining, or the child blocks
+                if self.log_dir and logged != name:
+                    if log_file:
+                        log_file.close()
+                    log_file, logged = open(self.log_dir / f"{name}.log", "a", encoding="utf-8"), name
                 if log_file:
                     log_file.write(line + "\n")
                     log_file.flush()
@@ -122,9 +133,25 @@ class Suite:
             if log_file:
                 log_file.close()
 
-    def spawn(self, service: Service) -> None:
+    def _relay(self, label: list[str], proc: subprocess.Popen) -> None:
+        self._labels[proc.pid] = label
+        pump = threading.Thread(target=self._pump, args=(label, proc.stdout), daemon=True)
+        pump.start()
+        self._pumps.append(pump)
+
+    def spawn(self, service: Service, warm: bool = False) -> None:
+        """Start `service`'s process; `warm` (a crash's restart): in the spare, if there is one."""
         self._instances[service.name] = secrets.token_hex(8)
-        env = {**self._env, INSTANCE_ID_ENV: self._instances[service.name], LAUNCHER_PID_ENV: str(os.getpid())}
+        instance = {INSTANCE_ID_ENV: self._instances[service.name]}
+        spare = (
+            self.spare.take(service.argv, instance) if warm and self.spare and service.role in WORKER_ROLES else None
+        )
+        if spare is not None:
+            self._labels[spare.pid][0] = service.name
+            self._procs[service.name] = spare
+            self.say(f"{service.name}: restarting in the spare process (pid {spare.pid}), its imports done")
+            return
+        env = {**self._env, **instance, LAUNCHER_PID_ENV: str(os.getpid())}
         # Own process group: a terminal's Ctrl-C reaches only us, and we stop
         # the children in order instead of all at once.
         proc = subprocess.Popen(
@@ -136,9 +163,18 @@ class Suite:
             process_group=0,
         )
         self._procs[service.name] = proc
-        pump = threading.Thread(target=self._pump, args=(service.name, proc.stdout), daemon=True)
-        pump.start()
-        self._pumps.append(pump)
+        self._relay([service.name], proc)
+
+    def keep_spare(self) -> None:
+        """Start a spare if the suite keeps one and has none: called while every service serves,
+        so that its imports do not slow a start."""
+        if self.spare is not None and self.spare.needed():
+            self._relay(["spare"], self.spare.start())
+
+    def drop_spare(self) -> None:
+        """Stop the spare: a rolling restart may be of new code, which a spare has not imported."""
+        if self.spare is not None:
+            self.spare.stop()
 
     def check_ports(self) -> None:
         """Raise PortInUseError naming the first port another process holds, and the flag that moves it."""
@@ -171,6 +207,7 @@ class Suite:
     def stop(self) -> None:
         """SIGTERM running children, last stage first; SIGKILL after the grace period."""
         self.supervisor.close()
+        self.drop_spare()
         for stage in sorted({s.stage for s in self.services}, reverse=True):
             procs = {
                 s.name: self._procs[s.name]
@@ -197,7 +234,8 @@ class Suite:
         return proc
 
     def kill(self) -> None:  # a second Ctrl-C
-        for proc in self._procs.values():
+        spare = self.spare and self.spare.proc
+        for proc in [*self._procs.values(), *([spare] if spare else [])]:
             if proc.poll() is None:
                 proc.kill()
 

@@ -25,13 +25,6 @@ from pdserve.v1 import router_pb2
 from pdserve.v1.router_pb2_grpc import RouterStub
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
-# Short reconnect backoff: by default gRPC waits up to minutes between
-# attempts at a port nobody listens on yet (a worker loading its model).
-_FAST = [
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 500),
-]
 
 
 class SuiteError(RuntimeError):
@@ -47,7 +40,9 @@ class Processes(Protocol):
     ready_timeout: float
     router_target: str
 
-    def spawn(self, service: Service) -> None: ...
+    def spawn(self, service: Service, warm: bool = False) -> None: ...
+    def keep_spare(self) -> None: ...
+    def drop_spare(self) -> None: ...
     def poll(self, name: str) -> int | None: ...
     def signal(self, name: str, signum: int) -> subprocess.Popen: ...
     def service(self, name: str) -> Service: ...
@@ -80,11 +75,11 @@ class Supervisor:
         self._on_change = callback
 
     # -- starting ------------------------------------------------------------------
-    def spawn(self, service: Service, restart: bool = False) -> None:
-        self.suite.spawn(service)
+    def spawn(self, service: Service, restart: bool = False, warm: bool = False) -> None:
+        self.suite.spawn(service, warm)
         self.states.setdefault(service.name, ServiceState()).spawned(restart)
         if service.address:
-            self._channels[service.name] = security.dial(service.address, self.suite.tls, options=_FAST, sync=True)
+            self._channels[service.name] = security.dial(service.address, self.suite.tls, sync=True)
         self._on_change()
 
     def start_stage(self, members: list[Service], deadline: float, stop: threading.Event) -> None:
@@ -121,6 +116,8 @@ class Supervisor:
             if why:
                 self.suite.say(f"{why}; stopping the suite")
                 return 1
+            if not self._rolling and all(s.phase is not Phase.STARTING for s in self.states.values()):
+                self.suite.keep_spare()
         return 0
 
     def roll(self) -> None:
@@ -131,6 +128,7 @@ class Supervisor:
         workers = [s.name for s in self.suite.services if s.role in ("prefill", "decode")]
         self._rolling.extend(sorted(workers, key=lambda n: self.suite.service(n).role != "prefill"))
         self._roll_since = time.time()  # a worker started before this is restarted
+        self.suite.drop_spare()
         self.suite.say(f"rolling restart of {', '.join(self._rolling)}, one at a time")
         self._on_change()
 
@@ -156,7 +154,7 @@ class Supervisor:
                 if why:
                     return why
             elif state.phase is Phase.BACKOFF and now >= state.restart_at:
-                self.spawn(service, restart=True)
+                self.spawn(service, restart=True, warm=True)  # a crash: the spare's imports are of this code
             elif state.phase is Phase.STARTING and self._serving(service):
                 self._close_channel(service.name)
                 state.phase = Phase.SERVING

@@ -183,6 +183,12 @@ def add_up_args(parser: argparse.ArgumentParser) -> None:
         "within --restart-window; then it is given up (0: any exit stops the suite)",
     )
     parser.add_argument(
+        "--spare",
+        action=argparse.BooleanOptionalAction,
+        default=RestartPolicy.spare,
+        help="keep a worker process imported (~0.4 GB) for a crashed worker to restart in, seconds sooner",
+    )
+    parser.add_argument(
         "--restart-window",
         type=float,
         default=RestartPolicy.window_s,
@@ -279,7 +285,8 @@ def run_up(args: argparse.Namespace) -> int:
                 chosen.threads if threads is None else threads,
                 chosen.chunk,
             )
-        restarts = RestartPolicy(limit=args.restart_limit, window_s=args.restart_window) if args.restart_limit else None
+        limit, window = args.restart_limit, args.restart_window
+        restarts = RestartPolicy(limit=limit, window_s=window, spare=args.spare) if limit else None
         suite = Suite(
             services=services,
             log_dir=args.log_dir,

@@ -140,6 +140,7 @@ async def test_a_killed_decode_worker_is_back_within_15s_and_its_stream_is_the_u
     seen, expected, result, victim, killed_at = await _faulted_stream(up, smollm2_tokenizer, 41, busy_decoder)
     assert seen == expected and result.route["decode_worker_id"] != victim
     _assert_back_in_time(up, victim, killed_at)
+    assert f"{victim}: restarting in the spare process" in up.output()  # its imports were done before
     async with AsyncClient(up.target, timeout=120) as client:  # and it takes requests again
         routes = await asyncio.gather(
             *(
@@ -159,6 +160,9 @@ async def test_a_killed_prefill_worker_and_kv_store_are_back_within_15s_while_st
         seen, expected, result, victim, killed_at = await _faulted_stream(up, smollm2_tokenizer, offset, chosen)
         assert seen == expected and result.usage.completion_tokens == TOKENS
         _assert_back_in_time(up, name, killed_at)
+    # the spare the decode worker's restart used was replaced, for the prefill worker's; only workers use one
+    assert "prefill-0: restarting in the spare process" in up.output()
+    assert "kvstore: restarting in the spare" not in up.output()
     async with AsyncClient(up.target, timeout=120) as client:  # the suite serves, prefill workers and store back
         after = await client.complete(text_of_tokens(smollm2_tokenizer, 60, offset=47), max_tokens=4, temperature=0.0)
     assert len(after.token_ids) == 4 and after.route["prefill_worker_id"].startswith("prefill")
@@ -226,6 +230,7 @@ async def test_a_rolling_restart_under_load_fails_no_request_and_changes_no_toke
 
         reference = [await run(ids) for ids in prompts]
         before = {n: s["pid"] for n, s in up.services().items()}
+        spare_restarts = up.output().count("restarting in the spare process")
         restart = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -252,6 +257,8 @@ async def test_a_rolling_restart_under_load_fails_no_request_and_changes_no_toke
     assert len(outputs) >= 4 * len(workers)  # requests ran through every step of the roll
     assert all(tokens == reference[prompts.index(ids)] for ids, tokens in outputs)
     assert "rolling restart: decode-1 is back; done" in up.output()
+    # a roll may be of new code: fresh processes, not the spare's imports
+    assert up.output().count("restarting in the spare process") == spare_restarts
 
 
 async def test_a_killed_router_breaks_its_streams_with_unavailable_and_is_back_within_15s(up, smollm2_tokenizer):

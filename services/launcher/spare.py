@@ -1,0 +1,90 @@
+"""A warm spare: a worker process started before it is needed, for a crashed worker to restart in.
+
+A worker's start is mostly imports (torch and transformers: ~5 of its ~9 s on 2 Zen 3 cores, more
+beside busy workers), and the self-healing objective brings a killed worker back within 15 s. The
+spare has done them: it waits for the command line of the worker it is to become, one line of JSON
+on its stdin, and runs it. Only crashes use it: a rolling restart, often of new code, starts fresh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from pdserve.common.launcher_bond import LAUNCHER_PID_ENV, follow_launcher
+
+# Not `-m pdserve.launcher.spare`: the package has imported this module by then, and runpy warns.
+ENTRY = "import sys; from pdserve.launcher.spare import main; sys.exit(main())"
+
+
+class Spare:
+    """The launcher's side: one spare process at a time, started while the suite is quiet."""
+
+    GIVE_UP_AFTER = 3  # spares that exited by themselves (an import failing): then restarts start afresh
+
+    def __init__(self, python: str, env: dict[str, str]) -> None:
+        self.python = python
+        self.env = {**env, LAUNCHER_PID_ENV: str(os.getpid())}
+        self.proc: subprocess.Popen | None = None
+        self.deaths = 0
+
+    def needed(self) -> bool:
+        """No spare running, and spares have not kept dying: one should be started."""
+        if self.proc is not None and self.proc.poll() is not None:
+            self.proc, self.deaths = None, self.deaths + 1
+        return self.proc is None and self.deaths < self.GIVE_UP_AFTER
+
+    def start(self) -> subprocess.Popen:
+        self.proc = subprocess.Popen(
+            [self.python, "-c", ENTRY],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            process_group=0,  # as a service's: a terminal's Ctrl-C reaches only the launcher
+        )
+        return self.proc
+
+    def take(self, argv: tuple[str, ...], env: dict[str, str]) -> subprocess.Popen | None:
+        """The spare, now running `argv` (a `python -m pdserve ...` command line of the same python)
+        with `env` added; None if there is none or it cannot take this one."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return None
+        if tuple(argv[:3]) != (self.python, "-m", "pdserve"):
+            self.proc = proc
+            return None
+        try:
+            proc.stdin.write((json.dumps({"argv": list(argv[3:]), "env": env}) + "\n").encode())
+            proc.stdin.flush()
+        except OSError:  # it died meanwhile
+            return None
+        return proc
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()  # idle, or still importing: nothing to drain
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def main() -> int:
+    follow_launcher()  # a spare ends with its launcher, as a service does
+    t0 = time.perf_counter()
+    import pdserve.cli
+    import pdserve.common.worker_runtime  # noqa: F401 - what a worker's start spends most on
+
+    print(f"ready in {time.perf_counter() - t0:.1f} s, for a crashed worker to restart in", flush=True)
+    line = sys.stdin.readline()
+    if not line:
+        return 0  # the launcher stopped, or needs no spare any more
+    order = json.loads(line)
+    os.environ.update(order["env"])
+    return pdserve.cli.main(order["argv"])
