@@ -106,3 +106,18 @@ async def test_a_read_the_worker_gave_up_on_is_released_and_the_store_unpins_its
     finally:
         await server.stop(grace=0)
         await service.aclose()
+
+
+async def test_a_store_of_another_block_size_is_said_once_and_then_left_alone(store, caplog):
+    _, port = store  # its blocks are 64 bytes; this worker's 32 (another dtype, say)
+    client = StoreClient(f"127.0.0.1:{port}", LoopbackKVReceiver(), LoopbackKVSender(), bytes(16), timeout_s=5.0)
+    hashes, src = [b"\2" * 16], [np.ones(32, np.uint8)]
+    try:
+        with caplog.at_level("ERROR", logger="pdserve.common.kv.store_client"):
+            assert await client.store_blocks(hashes, src) == 0
+            assert await client.store_blocks(hashes, src) == 0  # not asked again: nothing would fit
+        (said,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert "blocks of 64 bytes, this worker's are 32" in said and "--dtype" in said
+        assert client.paused_until == float("inf") and await client.load_prefix(hashes, src, 0) == 0
+    finally:
+        await client.aclose()

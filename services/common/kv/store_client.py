@@ -73,6 +73,17 @@ class StoreClient:
         self.paused_until = time.monotonic() + self._pause_s
         log.warning("KV store %s: %s: %s; left alone for %gs", self.target, what, e, self._pause_s)
 
+    def _mismatched(self, theirs: int, mine: int) -> None:
+        """Said once, then the store is left alone for good: every write would fail the same way."""
+        self.paused_until = float("inf")
+        log.error(
+            "KV store %s holds blocks of %d bytes, this worker's are %d: start it with the workers' --model, "
+            "--dtype and --block-size (its `auto` dtype resolves on its own CPU); going on without it",
+            self.target,
+            theirs,
+            mine,
+        )
+
     async def aclose(self) -> None:
         await self._channel.close()
 
@@ -160,6 +171,10 @@ class StoreClient:
             if not r.accepted_indices:
                 return 0
             t = r.ticket
+            if t.block_bytes != src[0].nbytes:  # another model, dtype or block size: no write will ever fit
+                await self.stub.Release(kpb.ReleaseLeaseRequest(lease_id=t.transfer_id), timeout=self.timeout_s)
+                self._mismatched(t.block_bytes, src[0].nbytes)
+                return 0
             ticket = TransferTicket(t.transfer_id, t.secret, t.ucx_address, t.num_blocks, t.block_bytes)
             try:
                 await self.sender.send(ticket, 0, [src[i] for i in r.accepted_indices], timeout=self.timeout_s)
