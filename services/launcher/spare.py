@@ -13,7 +13,9 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import pdserve
 from pdserve.common.launcher_bond import LAUNCHER_PID_ENV, follow_launcher
 
 # Not `-m pdserve.launcher.spare`: the package has imported this module by then, and runpy warns.
@@ -23,12 +25,13 @@ ENTRY = "import sys; from pdserve.launcher.spare import main; sys.exit(main())"
 class Spare:
     """The launcher's side: one spare process at a time, started while the suite is quiet."""
 
-    GIVE_UP_AFTER = 3  # spares that exited by themselves (an import failing): then restarts start afresh
+    GIVE_UP_AFTER = 3  # spares that died by themselves (an import failing): then restarts start afresh
 
     def __init__(self, python: str, env: dict[str, str]) -> None:
         self.python = python
         self.env = {**env, LAUNCHER_PID_ENV: str(os.getpid())}
         self.proc: subprocess.Popen | None = None
+        self.stamp = 0  # the code's when the spare started (code_stamp)
         self.deaths = 0
 
     def needed(self) -> bool:
@@ -38,31 +41,46 @@ class Spare:
         return self.proc is None and self.deaths < self.GIVE_UP_AFTER
 
     def start(self) -> subprocess.Popen:
-        self.proc = subprocess.Popen(
-            [self.python, "-c", ENTRY],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-            process_group=0,  # as a service's: a terminal's Ctrl-C reaches only the launcher
-        )
+        self.stamp = code_stamp()
+        try:
+            self.proc = subprocess.Popen(
+                [self.python, "-c", ENTRY],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                process_group=0,  # as a service's: a terminal's Ctrl-C reaches only the launcher
+            )
+        except OSError:  # out of processes or memory: the suite serves on without a spare
+            self.deaths += 1
+            raise
         return self.proc
 
-    def take(self, argv: tuple[str, ...], env: dict[str, str]) -> subprocess.Popen | None:
-        """The spare, now running `argv` (a `python -m pdserve ...` command line of the same python)
-        with `env` added; None if there is none or it cannot take this one."""
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
+    def claim(self, argv: tuple[str, ...]) -> subprocess.Popen | None:
+        """The spare, no longer one, to become the worker `argv` runs (a `python -m pdserve` command line
+        of the same python); None if there is none or it cannot: then the spare is kept, or dropped if
+        the code changed on disk since it imported (an upgrade: a worker must not mix old and new)."""
+        proc = self.proc
+        if proc is None or tuple(argv[:3]) != (self.python, "-m", "pdserve"):
             return None
-        if tuple(argv[:3]) != (self.python, "-m", "pdserve"):
-            self.proc = proc
+        if proc.poll() is not None:
+            self.proc, self.deaths = None, self.deaths + 1
             return None
+        if code_stamp() != self.stamp:
+            self.stop()
+            return None
+        self.proc = None
+        return proc
+
+    def hand_over(self, proc: subprocess.Popen, argv: tuple[str, ...], env: dict[str, str]) -> bool:
+        """Tell a claimed spare to run `argv` with `env` added; False if it died meanwhile."""
         try:
             proc.stdin.write((json.dumps({"argv": list(argv[3:]), "env": env}) + "\n").encode())
             proc.stdin.flush()
-        except OSError:  # it died meanwhile
-            return None
-        return proc
+        except OSError:
+            return False
+        self.deaths = 0  # spares start and take over here
+        return True
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
@@ -73,6 +91,12 @@ class Spare:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def code_stamp() -> int:
+    """The newest modification time of pdserve's Python files: another after an upgrade in place."""
+    root = Path(pdserve.__file__).parent
+    return max((p.stat().st_mtime_ns for p in root.rglob("*.py")), default=0)
 
 
 def main() -> int:

@@ -80,9 +80,9 @@ class Suite:
         self._labels: dict[int, list[str]] = {}  # pid -> the name its lines are relayed under
         self._lock = threading.RLock()  # re-entrant: say() also runs in signal handlers
         self.supervisor = Supervisor(self, restarts)
-        workers = [s for s in self.services if s.role in WORKER_ROLES]
+        workers = [s.argv for s in self.services if s.role in WORKER_ROLES and tuple(s.argv[1:3]) == ("-m", "pdserve")]
         # With restarts, a worker process kept imported for a crashed worker to restart in (spare.py).
-        self.spare = Spare(workers[0].argv[0], self._env) if workers and restarts and restarts.spare else None
+        self.spare = Spare(workers[0][0], self._env) if workers and restarts and restarts.spare else None
 
     @property
     def router_target(self) -> str:
@@ -143,14 +143,13 @@ class Suite:
         """Start `service`'s process; `warm` (a crash's restart): in the spare, if there is one."""
         self._instances[service.name] = secrets.token_hex(8)
         instance = {INSTANCE_ID_ENV: self._instances[service.name]}
-        spare = (
-            self.spare.take(service.argv, instance) if warm and self.spare and service.role in WORKER_ROLES else None
-        )
+        spare = self.spare.claim(service.argv) if warm and self.spare and service.role in WORKER_ROLES else None
         if spare is not None:
-            self._labels[spare.pid][0] = service.name
-            self._procs[service.name] = spare
-            self.say(f"{service.name}: restarting in the spare process (pid {spare.pid}), its imports done")
-            return
+            self._labels[spare.pid][0] = service.name  # before it is told: every line it prints from here
+            if self.spare.hand_over(spare, service.argv, instance):
+                self._procs[service.name] = spare
+                self.say(f"{service.name}: restarting in the spare process (pid {spare.pid})")
+                return
         env = {**self._env, **instance, LAUNCHER_PID_ENV: str(os.getpid())}
         # Own process group: a terminal's Ctrl-C reaches only us, and we stop
         # the children in order instead of all at once.
@@ -169,7 +168,10 @@ class Suite:
         """Start a spare if the suite keeps one and has none: called while every service serves,
         so that its imports do not slow a start."""
         if self.spare is not None and self.spare.needed():
-            self._relay(["spare"], self.spare.start())
+            try:
+                self._relay(["spare"], self.spare.start())
+            except OSError as e:  # an optimisation: never a reason to stop serving
+                self.say(f"could not start a spare worker process ({e}); restarts start afresh")
 
     def drop_spare(self) -> None:
         """Stop the spare: a rolling restart may be of new code, which a spare has not imported."""

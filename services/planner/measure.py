@@ -42,7 +42,7 @@ Sample = tuple[StepShape, float]  # a step's shape and its milliseconds
 
 def hardware_key(device: str = "cpu") -> str:
     if device.startswith("cuda"):
-        return f"cuda: {torch.cuda.get_device_name(torch.device(device))}"
+        return f"cuda: {torch.cuda.get_device_name(torch.device(device))}, engine {engine_build()}"
     flag = precision.cpu_bf16_flag()
     return (
         f"cpu: {cpu_name()} ({flag or 'no bf16 matmul'}), {len(os.sched_getaffinity(0))} cores, engine {engine_build()}"
@@ -169,7 +169,8 @@ def step_samples(engine: LLMEngine, quick: bool) -> list[Sample]:
             drain(engine)
         samples += [_median(firsts), _median(seconds)]
         for seqs, context, beside, batches in DECODE_SETS:
-            setup = seqs * -(-context // chunk)  # set-up steps at most, each a token to those already decoding
+            # set-up steps at most (each a token to those already decoding, whose decodes share the chunk)
+            setup = -(-seqs * context // (chunk - seqs))
             tokens = setup + len(batches) * (steps + 1) + reps + 8
             ids = run.decoding(seqs, min(context, engine.max_model_len - tokens), tokens)  # within a short window
             for keep in batches:
@@ -228,6 +229,9 @@ def measure(
 ) -> tuple[Profile, dict[int, list[Sample]]]:
     """A profile of `model` on `device`, one step model per thread count (default: 1 .. the usable cores,
     powers of two); also every sample, by thread count, for the fit's error."""
+    largest = max(seqs for seqs, *_ in DECODE_SETS)
+    if chunk <= largest:  # its decodes alone would fill every step: the prompts would never be set up
+        raise ValueError(f"chunk must be over {largest} tokens (the largest decode batch), not {chunk}")
     ref = model_loader.resolve(model)
     resolved = precision.resolve(dtype, device).dtype
     loaded, tok = model_loader.load(ref, device=device, dtype=resolved)

@@ -31,12 +31,14 @@ class RequestMetrics:
         """Each tracked objective's result for a request that ended with `outcome` (a finish reason or a
         status name) after `waited` s; an objective is scored only once its result is known. A request
         that failed missed what it had not met: a ratio of finished requests alone would rise as the
-        system sheds load. One cancelled by its client is scored on its first token, or on its wait
-        once that passed the objective; one refused for its own input, not at all."""
+        system sheds load. One cancelled by its client, or past its client's deadline, is scored on its
+        first token, or on its wait once that passed the objective; one refused for its own input, not at
+        all."""
         out: dict[str, bool] = {}
         if outcome in _REQUESTS_OWN:
             return out
-        finished, cancelled = outcome in ("stop", "length"), outcome in ("cancelled", "abort")
+        # A client's own deadline reaches the router as deadline_exceeded (relayed from the calls it bounds).
+        finished, cancelled = outcome in ("stop", "length"), outcome in ("cancelled", "abort", "deadline_exceeded")
         if self.slo_ttft_ms > 0:
             if ttft is not None:
                 out["ttft"] = ttft * 1e3 <= self.slo_ttft_ms

@@ -144,3 +144,10 @@ def test_pdserve_plan_refuses_a_given_profile_of_another_model_than_model_naming
     assert main(["plan", "--profile", str(path), "--model", str(tiny_model_dir), "--cores", "2"]) == 2
     err = capsys.readouterr().err
     assert "'other@0123'" in err and repr(profile.model) in err
+
+
+def test_a_smaller_chunk_sets_up_every_decode_batch_and_one_no_larger_than_the_largest_is_refused(tiny_model_dir):
+    _, samples = measure.measure(str(tiny_model_dir), threads=(1,), quick=True, chunk=128)
+    assert 32 in {s.decode_seqs for s, _ in samples[1]}  # its decodes share 128-token steps while set up
+    with pytest.raises(ValueError, match="chunk must be over 32 tokens"):
+        measure.measure(str(tiny_model_dir), threads=(1,), quick=True, chunk=32)

@@ -201,7 +201,8 @@ def test_slo_attainment_is_counted_per_objective_and_a_failed_request_misses_bot
         ("stop", 0.5, None, 0.5, {"ttft": True}),  # one token: no TPOT
         ("resource_exhausted", None, None, 0.01, {"ttft": False, "tpot": False}),  # shed: missed, not left out
         ("unavailable", 0.5, None, 4.0, {"ttft": True, "tpot": False}),  # failed mid-stream
-        ("deadline_exceeded", None, None, 30.0, {"ttft": False, "tpot": False}),
+        ("deadline_exceeded", None, None, 30.0, {"ttft": False}),  # its client's deadline: as a cancel
+        ("deadline_exceeded", None, None, 0.3, {}),  # ... before the objective passed: unknown
         ("cancelled", 0.5, None, 2.0, {"ttft": True}),  # its client left after a token
         ("cancelled", None, None, 0.2, {}),  # its client left before the objective passed: unknown
         ("cancelled", None, None, 1.5, {"ttft": False}),  # ... after it passed with no token
