@@ -20,7 +20,8 @@ from plan_validation import PY, measured
 
 from pdserve.planner.planner import Objectives
 
-COMMON = ["--http-port", "-1", "--metrics-port", "-1", "--kv-cache-gib", "0.5"]
+# --no-spare: a spare's imports would share the cores with the first seconds measured
+COMMON = ["--http-port", "-1", "--metrics-port", "-1", "--kv-cache-gib", "0.5", "--no-spare"]
 MODES = {"default (auto)": [], "colocated": ["--mode", "colocated"], "disaggregated": ["--mode", "disaggregated"]}
 
 

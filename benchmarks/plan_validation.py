@@ -45,6 +45,7 @@ def up_argv(t: Topology, port: int) -> list[str]:
         "-m",
         "pdserve",
         "up",
+        "--no-spare",  # its imports would share the cores with the first seconds measured
         *shape,
         "--threads",
         str(t.threads),

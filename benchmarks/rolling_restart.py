@@ -65,6 +65,7 @@ def main() -> int:
             "-m",
             "pdserve",
             "up",
+            "--no-spare",  # its imports would share the cores with the reference run's first seconds
             "--prefill",
             "2",
             "--decode",
