@@ -1,9 +1,10 @@
 """A warm spare: a worker process started before it is needed, for a crashed worker to restart in.
 
-A worker's start is mostly imports (torch and transformers: ~5 of its ~9 s on 2 Zen 3 cores, more
-beside busy workers), and the self-healing objective brings a killed worker back within 15 s. The
-spare has done them: it waits for the command line of the worker it is to become, one line of JSON
-on its stdin, and runs it. Only crashes use it: a rolling restart, often of new code, starts fresh.
+The launcher's side (the process's is spare_process.py). A worker's start is mostly imports (torch
+and transformers: ~5 of its ~9 s on 2 Zen 3 cores, more beside busy workers), and the self-healing
+objective brings a killed worker back within 15 s. The spare has done them: it waits for the
+command line of the worker it is to become, one line of JSON on its stdin, and runs it. Only
+crashes use it: a rolling restart, often of new code, starts fresh.
 """
 
 from __future__ import annotations
@@ -11,15 +12,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pdserve
-from pdserve.common.launcher_bond import LAUNCHER_PID_ENV, follow_launcher
+from pdserve.common.launcher_bond import LAUNCHER_PID_ENV
 
-# Not `-m pdserve.launcher.spare`: the package has imported this module by then, and runpy warns.
-ENTRY = "import sys; from pdserve.launcher.spare import main; sys.exit(main())"
+ENTRY = "import sys; from pdserve.launcher.spare_process import main; sys.exit(main())"
 
 
 class Spare:
@@ -97,18 +95,3 @@ def code_stamp() -> int:
     """The newest modification time of pdserve's Python files: another after an upgrade in place."""
     root = Path(pdserve.__file__).parent
     return max((p.stat().st_mtime_ns for p in root.rglob("*.py")), default=0)
-
-
-def main() -> int:
-    follow_launcher()  # a spare ends with its launcher, as a service does
-    t0 = time.perf_counter()
-    import pdserve.cli
-    import pdserve.common.worker_runtime  # noqa: F401 - what a worker's start spends most on
-
-    print(f"ready in {time.perf_counter() - t0:.1f} s, for a crashed worker to restart in", flush=True)
-    line = sys.stdin.readline()
-    if not line:
-        return 0  # the launcher stopped, or needs no spare any more
-    order = json.loads(line)
-    os.environ.update(order["env"])
-    return pdserve.cli.main(order["argv"])
