@@ -11,7 +11,7 @@ from pdserve.cli import main
 from pdserve.common import model_loader
 from pdserve.common.engine.config import EngineConfig
 from pdserve.common.engine.engine import LLMEngine
-from pdserve.planner import measure
+from pdserve.planner import measure, step_timing
 from pdserve.planner.profile import Profile, ProfileMismatchError, StepShape, fit, model_key
 
 FIT_ERROR_BOUND = 0.5  # mean relative error on its own samples: 4-9% seen; tiny steps (1-15 ms) are noisy
@@ -50,7 +50,7 @@ def test_a_decode_sample_is_set_up_without_computing_its_prompts_and_then_timed_
     ref = model_loader.resolve(str(tiny_model_dir))
     model, tok = model_loader.load(ref, dtype="float32")
     engine = LLMEngine(EngineConfig(dtype="float32", num_kv_blocks=64, enable_prefix_caching=False), model, tok, ref)
-    run = measure._Stepper(engine)
+    run = step_timing._Stepper(engine)
     try:
         (rid,) = run.decoding(1, 100, max_tokens=4)
         (seq,) = engine.scheduler.running
