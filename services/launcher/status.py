@@ -15,6 +15,7 @@ import grpc
 from pdserve.common import security
 from pdserve.common.auth import TOKEN_KEY, bearer
 from pdserve.launcher import run_state
+from pdserve.launcher.topology import WORKER_ROLES
 from pdserve.v1 import router_pb2
 from pdserve.v1.router_pb2_grpc import RouterStub
 
@@ -169,7 +170,7 @@ def run_restart(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.wait
     while args.wait > 0:
         state = run_state.read(path) or {}
-        workers = [s for s in state.get("services", []) if s["role"] in ("prefill", "decode")]
+        workers = [s for s in state.get("services", []) if s["role"] in WORKER_ROLES]
         if workers and not state.get("rolling") and all(s["started_at"] > asked for s in workers):
             print(f"every worker is back, {time.time() - asked:.1f} s after the request")
             return 0

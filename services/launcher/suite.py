@@ -19,11 +19,10 @@ from pdserve.common.server import INSTANCE_ID_ENV
 from pdserve.launcher.restarts import RestartPolicy
 from pdserve.launcher.spare import Spare
 from pdserve.launcher.supervisor import SuiteError, Supervisor
-from pdserve.launcher.topology import Service, http_port_from, plan
+from pdserve.launcher.topology import WORKER_ROLES, Service, http_port_from, plan
 
 __all__ = ["PortInUseError", "Suite", "SuiteError"]
 _COLORS = ("36", "33", "35", "32", "34", "91", "96", "93")
-WORKER_ROLES = ("prefill", "decode")
 
 
 class PortInUseError(SuiteError):
@@ -77,7 +76,7 @@ class Suite:
         self._procs: dict[str, subprocess.Popen] = {}
         self._instances: dict[str, str] = {}  # name -> the id its health answers must carry
         self._pumps: list[threading.Thread] = []
-        self._labels: dict[int, list[str]] = {}  # pid -> the name its lines are relayed under
+        self._spare_label = ["spare"]  # the name the spare's lines are relayed under (a worker's once it takes over)
         self._lock = threading.RLock()  # re-entrant: say() also runs in signal handlers
         self.supervisor = Supervisor(self, restarts)
         workers = [s.argv for s in self.services if s.role in WORKER_ROLES and tuple(s.argv[1:3]) == ("-m", "pdserve")]
@@ -134,7 +133,6 @@ class Suite:
                 log_file.close()
 
     def _relay(self, label: list[str], proc: subprocess.Popen) -> None:
-        self._labels[proc.pid] = label
         pump = threading.Thread(target=self._pump, args=(label, proc.stdout), daemon=True)
         pump.start()
         self._pumps.append(pump)
@@ -145,7 +143,7 @@ class Suite:
         instance = {INSTANCE_ID_ENV: self._instances[service.name]}
         spare = self.spare.claim(service.argv) if warm and self.spare and service.role in WORKER_ROLES else None
         if spare is not None:
-            self._labels[spare.pid][0] = service.name  # before it is told: every line it prints from here
+            self._spare_label[0] = service.name  # before it is told: every line it prints from here
             if self.spare.hand_over(spare, service.argv, instance):
                 self._procs[service.name] = spare
                 self.say(f"{service.name}: restarting in the spare process (pid {spare.pid})")
@@ -169,7 +167,8 @@ class Suite:
         so that its imports do not slow a start."""
         if self.spare is not None and self.spare.needed():
             try:
-                self._relay(["spare"], self.spare.start())
+                self._spare_label = ["spare"]
+                self._relay(self._spare_label, self.spare.start())
             except OSError as e:  # an optimisation: never a reason to stop serving
                 self.say(f"could not start a spare worker process ({e}); restarts start afresh")
 

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pdserve.common import security
 from pdserve.common.server import INSTANCE_ID_KEY
 from pdserve.launcher.restarts import Phase, RestartPolicy, ServiceState, usable
-from pdserve.launcher.topology import Service
+from pdserve.launcher.topology import WORKER_ROLES, Service
 from pdserve.v1 import router_pb2
 from pdserve.v1.router_pb2_grpc import RouterStub
 
@@ -125,7 +125,7 @@ class Supervisor:
         if self._rolling:
             self.suite.say("a rolling restart is already under way")
             return
-        workers = [s.name for s in self.suite.services if s.role in ("prefill", "decode")]
+        workers = [s.name for s in self.suite.services if s.role in WORKER_ROLES]
         self._rolling.extend(sorted(workers, key=lambda n: self.suite.service(n).role != "prefill"))
         self._roll_since = time.time()  # a worker started before this is restarted
         self.suite.drop_spare()

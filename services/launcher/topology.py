@@ -15,6 +15,7 @@ from pdserve.common.ports import Listen, host_port
 from pdserve.router.shutdown import LAST_WORDS_S
 
 MODES = ("disaggregated", "colocated")
+WORKER_ROLES = ("prefill", "decode")  # a Service.role that runs an engine (colocated workers are decode)
 DEFAULT_PORT = 50051
 DEFAULT_BASE_PORT = 50061
 DEFAULT_HTTP_PORT = 8000  # the default suite's; a suite on other ports derives its own (plan())
