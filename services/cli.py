@@ -91,7 +91,9 @@ def _generate_in_process(args) -> int:
 
     params = _sampling(args)  # validate before loading the model
     engine = LLMEngine(EngineConfig(model=args.model, kv_cache_gib=args.kv_cache_gib))
-    prompt = args.prompt if args.raw else engine.apply_chat_template([{"role": "user", "content": args.prompt}])
+    chat = [{"role": "user", "content": args.prompt}]
+    enc = None if args.raw else engine.tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)
+    prompt = args.prompt if enc is None else list(enc["input_ids"])
     _print_stream(engine.stream(prompt, params))
     return 0
 

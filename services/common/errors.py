@@ -52,7 +52,11 @@ class TransferFailedError(PdserveError):
 
 class TransferUnfencedError(TransferFailedError):
     """A cancelled transfer whose receives could not be drained: data might still land in its blocks,
-    so their holder quarantines them (never reuses them) rather than freeing them."""
+    so their holder quarantines them (does not reuse them) until `fenced` is done (KVReceiver.when_fenced)."""
+
+    def __init__(self, message: str, fenced=None) -> None:
+        super().__init__(message)
+        self.fenced = fenced
 
 
 class TransferTimeoutError(TransferFailedError):

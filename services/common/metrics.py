@@ -139,7 +139,7 @@ _PREEMPTIONS = _observed("counter", "pdserve_preemptions", "Sequences preempted 
 _QUARANTINED = _observed(
     "gauge",
     "pdserve_kv_blocks_quarantined",
-    "KV blocks a transfer that could not be fenced might still write: never reused until a restart",
+    "KV blocks a transfer that could not be fenced might still write: out of use until its receives complete",
 )
 
 # ---- the KV store (observed) --------------------------------------------------------

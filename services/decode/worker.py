@@ -125,8 +125,8 @@ class DecodeWorker:
             first = await self._load_from_store(prompt, seq.block_table, seq.num_cached_tokens // bs)
             dest = seq.block_table[first:]
             ticket = self.receiver.expect(request_id, [pool.block(b) for b in dest])
-        except TransferUnfencedError:  # the store's bytes may still land: its blocks are never reused
-            await asyncio.shield(self.engine.quarantine(request_id))
+        except TransferUnfencedError as e:  # the store's bytes may still land: its blocks wait for the fence
+            await asyncio.shield(self.engine.quarantine(request_id, e.fenced))
             raise
         except BaseException:
             await asyncio.shield(self.engine.release(request_id))
@@ -272,9 +272,10 @@ class DecodeWorker:
             self._remember_early_release(request_id)
             return False
         safe = await self.receiver.cancel(request_id)
-        if not safe:  # data might still land: never hand these blocks to anyone
+        if not safe:  # data might still land: no one gets these blocks until the transfer is fenced
             log.error("transfer %s could not be fenced; quarantining %d blocks", request_id, len(r.dest_block_ids))
-            await self.engine.quarantine(request_id)  # no longer a reservation: admission stops counting it
+            # No longer a reservation: admission stops counting it.
+            await self.engine.quarantine(request_id, self.receiver.when_fenced(request_id))
             return True
         return await self.engine.release(request_id)
 

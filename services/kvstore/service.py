@@ -14,6 +14,7 @@ from pdserve.common.errors import InvalidRequestError, NotFoundError, TransferFa
 from pdserve.common.kv.hashing import HASH_BYTES
 from pdserve.common.leases import Leases
 from pdserve.common.transfer.base import KVReceiver, KVSender, TransferTicket
+from pdserve.common.transfer.fence import Reclaims
 from pdserve.kvstore.store import BlockStore
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class KVStoreService:
         self.transfer_timeout_s = transfer_timeout_s
         self._writes: Leases[list[bytes]] = Leases(self.release, "kvstore write")  # the slots' hashes
         self._reads: dict[str, asyncio.Task] = {}  # pinned until the push ends
+        self._reclaims = Reclaims()  # quarantined slots, back once their writes are fenced
 
     async def start(self) -> None:
         self._writes.start()
@@ -58,6 +60,7 @@ class KVStoreService:
         self._writes.stop()
         for tid in self._writes:
             await self.release(tid)
+        self._reclaims.cancel()
         for task in list(self._reads.values()):
             task.cancel()
         await asyncio.gather(*self._reads.values(), return_exceptions=True)
@@ -143,7 +146,8 @@ class KVStoreService:
                 self.store.abort_write(hashes)
             else:
                 log.error("write %s could not be fenced; its %d slots are quarantined", lease_id, len(hashes))
-                self.store.quarantine(hashes)
+                slots = self.store.quarantine(hashes)
+                self._reclaims.after(self.receiver.when_fenced(lease_id), lambda: self.store.reclaim(slots), lease_id)
             return True
         task = self._reads.get(lease_id)
         if task is not None:

@@ -38,7 +38,7 @@ class StoreStats:
     blocks_written: int = 0
     blocks_read: int = 0
     evictions: int = 0
-    quarantined: int = 0  # slots a write that could not be fenced might still fill: never reused
+    quarantined: int = 0  # slots a write that could not be fenced might still fill: out of use until it is
     bytes_in: int = 0
     bytes_out: int = 0
 
@@ -141,14 +141,23 @@ class BlockStore:
                 del self._entries[h]
                 self._free.append(e.slot)
 
-    def quarantine(self, hashes: list[bytes]) -> None:
+    def quarantine(self, hashes: list[bytes]) -> list[int]:
         """A write that could not be fenced: its hashes may be written again elsewhere, its slots,
-        where its bytes may still land, are never reused."""
+        where its bytes may still land, are out of use until reclaim(). Returns those slots."""
+        slots = []
         for h in hashes:
             e = self._entries.get(h)
             if e is not None and e.state is State.WRITING:
                 del self._entries[h]
-                self.stats.quarantined += 1
+                slots.append(e.slot)
+        self.stats.quarantined += len(slots)
+        return slots
+
+    def reclaim(self, slots: list[int]) -> int:
+        """A quarantine's slots back in use: the write is fenced after all."""
+        self._free.extend(slots)
+        self.stats.quarantined -= len(slots)
+        return len(slots)
 
     def pin(self, fingerprint: bytes, hashes: list[bytes]) -> list[int] | None:
         """Pin every block (all or none) for a read; their slots in order."""

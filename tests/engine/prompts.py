@@ -25,11 +25,15 @@ def text_of_tokens(tokenizer, n: int, offset: int = 0) -> list[int]:
     return ids[:n]
 
 
+def chat_ids(tokenizer, question: str) -> list[int]:
+    """A one-message chat's prompt, the generation prompt added."""
+    messages = [{"role": "user", "content": question}]
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
+
+
 def prompts_by_length(tokenizer) -> list[list[int]]:
     """Eight prompts of 1, 7, 30, 100, 250, 600, 1,000 and 1,500 tokens."""
-    chat = lambda q: tokenizer.apply_chat_template(  # noqa: E731
-        [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=True
-    )["input_ids"]
+    chat = lambda q: chat_ids(tokenizer, q)  # noqa: E731
     question = chat("What is the capital of France?")
     out = [tokenizer.encode("Once", add_special_tokens=False)[:1], text_of_tokens(tokenizer, 7, 3), question]
     for n, off in [(100, 1), (250, 2), (600, 4), (1000, 5), (1500, 6)]:

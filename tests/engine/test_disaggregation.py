@@ -75,20 +75,25 @@ def test_release_and_abort_free_reserved_and_held_blocks(make_engine):
     assert engine.stats().free_blocks == total
 
 
-def test_a_quarantined_reservation_stops_counting_and_its_blocks_are_never_reused(make_engine):
+def test_a_quarantined_reservation_stops_counting_and_its_blocks_stay_out_of_use_until_reclaimed(make_engine):
     # Its transfer could not be fenced (a sender died mid-message): data might still land there.
     engine = make_engine()
     total = engine.stats().total_blocks
     seq = engine.reserve("q", list(range(100, 200)), SamplingParams())
-    held = len(seq.block_table)
+    quarantined = list(seq.block_table)
     engine.quarantine("q")
     stats = engine.stats()
     assert stats.reserved == 0  # admission no longer counts it against the queue
-    assert stats.quarantined_blocks == held and stats.free_blocks == total - held
+    assert stats.quarantined_blocks == len(quarantined) and stats.free_blocks == total - len(quarantined)
     assert not engine.release("q")  # nothing to free: the blocks stay out of use
     engine.add_request(list(range(300, 400)), SamplingParams(max_tokens=1), request_id="next", hold_blocks=True)
     _run(engine)
-    assert not set(engine.kv_blocks("next")[1]) & set(seq.block_table)
+    assert not set(engine.kv_blocks("next")[1]) & set(quarantined)
+
+    assert engine.reclaim("q") == len(quarantined)  # fenced after all: the blocks are free again
+    assert engine.reclaim("q") == 0
+    engine.release("next")
+    assert engine.stats().free_blocks == total and engine.stats().quarantined_blocks == 0
 
 
 def test_a_quarantine_keeps_only_the_blocks_a_transfer_could_write(make_engine):

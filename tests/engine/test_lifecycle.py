@@ -76,6 +76,9 @@ def test_after_a_quarantine_a_sequence_ends_within_the_blocks_left_instead_of_wa
     # A prompt the model takes, too long for what is left: this worker's capacity, not a bad request.
     with pytest.raises(CapacityExhaustedError):
         engine.add_request(list(range(100, 113)), SamplingParams())
+    engine.reclaim("q")  # its transfer fenced after all: the whole pool bounds a context again
+    assert engine.max_model_len == 16
+    engine.add_request(list(range(100, 113)), SamplingParams())
 
 
 def test_abort_frees_blocks_at_once(tiny_engine):

@@ -11,6 +11,7 @@ from pdserve.common.engine.detokenizer import IncrementalDetokenizer
 from pdserve.common.engine.sampler import sample
 from pdserve.common.engine.sampling_params import SamplingParams
 from pdserve.common.engine.sequence import FinishReason
+from tests.engine.prompts import chat_ids
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy():
@@ -60,7 +61,7 @@ def test_a_seeded_stream_resumed_from_its_output_so_far_draws_the_same_tail(make
 def test_streamed_text_equals_decoded_tokens(make_engine, smollm2):
     _, _, tokenizer = smollm2
     engine = make_engine()
-    ids = engine.apply_chat_template([{"role": "user", "content": "Write a haiku about snow, with emoji ❄️."}])
+    ids = chat_ids(engine.tokenizer, "Write a haiku about snow, with emoji ❄️.")
     outs = list(engine.stream(ids, SamplingParams(max_tokens=40)))
     tokens = [t for o in outs for t in o.new_token_ids]
     text = "".join(o.text for o in outs)
@@ -83,7 +84,7 @@ def test_detokenizer_holds_back_incomplete_utf8(smollm2):
 
 def test_stop_string_ends_the_request_and_is_not_streamed(make_engine):
     engine = make_engine()
-    ids = engine.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    ids = chat_ids(engine.tokenizer, "What is the capital of France?")
     [full] = [t for t in [engine.generate([ids], SamplingParams(max_tokens=20))[0]]]
     full_text = engine.tokenizer.decode(full, skip_special_tokens=True)
     assert "Paris" in full_text
@@ -95,7 +96,7 @@ def test_stop_string_ends_the_request_and_is_not_streamed(make_engine):
 
 def test_stop_token_ids_and_max_tokens(make_engine):
     engine = make_engine()
-    ids = engine.apply_chat_template([{"role": "user", "content": "Count from one to twenty."}])
+    ids = chat_ids(engine.tokenizer, "Count from one to twenty.")
     [full] = engine.generate([ids], SamplingParams(max_tokens=10, ignore_eos=True))
     outs = list(engine.stream(ids, SamplingParams(max_tokens=10, stop_token_ids=[full[3]])))
     stop_at = full.index(full[3])

@@ -80,7 +80,7 @@ async def test_a_store_push_that_cannot_be_fenced_quarantines_the_reservation_an
     smollm2, monkeypatch
 ):
     # The store died mid-message while pushing a prefix: its bytes may still land, so those blocks
-    # are never reused (freed, the next request's KV could be overwritten); the request fails over.
+    # are not reused while it may (freed, the next request's KV could be overwritten); the request fails over.
     _, model, tokenizer = smollm2
     turn1 = text_of_tokens(tokenizer, 300)
     async with inprocess_suite(
@@ -100,6 +100,8 @@ async def test_a_store_push_that_cannot_be_fenced_quarantines_the_reservation_an
             return await real(transfer_id)
 
         monkeypatch.setattr(receiver, "cancel", cancel_once_unfenced)
+        never = asyncio.get_running_loop().create_future()  # the store's push never completes
+        monkeypatch.setattr(receiver, "when_fenced", lambda transfer_id: never)
         turn2 = turn1 + answer + text_of_tokens(tokenizer, 40, offset=3)
         with pytest.raises(grpc.aio.AioRpcError) as failed:  # one decode worker: no other to retry on
             await _collect(suite.stub, _request(turn2, "t2"))

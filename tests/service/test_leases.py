@@ -130,23 +130,49 @@ async def test_a_release_that_overtakes_its_reserve_frees_the_reservation_as_it_
         assert await worker.release("r-next") is True
 
 
-async def test_a_transfer_that_cannot_be_fenced_quarantines_its_blocks_and_frees_its_queue_slot(smollm2, monkeypatch):
-    # A sender that died mid-message: its receive may still write, so the blocks are never reused;
-    # but the reservation stops counting against the queue (max_queue refused everything once
-    # enough of them had piled up).
+async def test_a_transfer_that_cannot_be_fenced_quarantines_its_blocks_until_it_is(smollm2, monkeypatch):
+    # A sender that died mid-message: its receive may still write, so the blocks are not reused
+    # until it completes after all; the reservation stops counting against the queue at once
+    # (max_queue refused everything once enough of them had piled up).
     async with inprocess_suite(smollm2) as suite:
         worker = suite.decode_workers[0]
         r = await worker.reserve("r-unfenced", list(range(40)), worker.spec.fingerprint, lease_ms=600_000)
+        fence = asyncio.get_running_loop().create_future()
 
         async def cannot_fence(transfer_id: str) -> bool:
             return False
 
         monkeypatch.setattr(worker.receiver, "cancel", cannot_fence)
+        monkeypatch.setattr(worker.receiver, "when_fenced", lambda transfer_id: fence)
         assert await worker.release("r-unfenced") is True
+        await asyncio.sleep(0.2)
         stats = worker.engine.stats()
         assert stats.reserved == 0 and worker.active_reservations == 0
         assert stats.quarantined_blocks == len(r.dest_block_ids)
         assert stats.free_blocks == stats.total_blocks - len(r.dest_block_ids)
+        assert worker.engine.max_model_len == (stats.total_blocks - len(r.dest_block_ids)) * 16
+
+        fence.set_result(None)  # its receives completed: nothing can land any more
+        back = await settles(lambda: worker.engine.stats().free_blocks == stats.total_blocks)
+        assert back and worker.engine.stats().quarantined_blocks == 0
+        assert worker.engine.max_model_len == stats.total_blocks * 16
+
+
+async def test_a_ucx_cancel_with_no_time_to_drain_gives_its_blocks_back_once_its_receives_complete(
+    smollm2, monkeypatch
+):
+    # The real receiver and its watch: no time to drain, so the cancel reports the blocks unfenced;
+    # the receives complete a moment later (the 0-byte messages the cancel sent itself), and the
+    # quarantine ends.
+    async with inprocess_suite(smollm2) as suite:
+        worker = suite.decode_workers[0]
+        total = worker.engine.stats().total_blocks
+        r = await worker.reserve("r-slow", list(range(40)), worker.spec.fingerprint, lease_ms=600_000)
+        monkeypatch.setattr(worker.receiver, "_drain_timeout", 0.0)
+        assert await worker.release("r-slow") is True
+        assert worker.engine.stats().quarantined_blocks == len(r.dest_block_ids)
+        assert await settles(lambda: worker.engine.stats().free_blocks == total, timeout=10)
+        assert worker.engine.stats().quarantined_blocks == 0 and worker.receiver._parked == {}
 
 
 async def test_a_client_gone_just_as_decode_is_called_leaves_no_reservation_behind(smollm2):

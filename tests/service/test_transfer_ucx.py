@@ -443,6 +443,30 @@ def test_a_cancel_the_failing_ucx_worker_cannot_carry_out_says_the_blocks_are_no
                 assert await rx.cancel("t") is False
             finally:
                 worker.watch = real
+            await asyncio.sleep(1.0)  # two looks of the receiver's watch on its parked receives
+            assert not rx.when_fenced("t").done()  # nothing tells when those receives end: never
+        finally:
+            await rx.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_cancel_that_could_not_drain_is_fenced_once_its_receives_complete():
+    """With no time to drain, the cancel cannot promise its buffers; its receives complete a moment
+    later (the 0-byte messages it sent itself), and when_fenced() says so: the blocks may be reused."""
+    from pdserve.common.kv.pool import KVPool
+    from pdserve.common.transfer import UcxKVReceiver
+
+    async def scenario():
+        pool = KVPool(SPEC, 2)
+        rx = UcxKVReceiver(drain_timeout=0.0)
+        try:
+            rx.expect("t", [pool.block(0), pool.block(1)])
+            assert await rx.cancel("t") is False
+            fence = rx.when_fenced("t")
+            assert not fence.done()
+            await asyncio.wait_for(fence, 10)
+            assert rx._parked == {} and rx.when_fenced("t").done()
         finally:
             await rx.close()
 

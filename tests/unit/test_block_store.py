@@ -110,33 +110,46 @@ def test_an_offer_never_evicts_its_own_chain_to_make_room():
     assert s.lookup(A, [h(1), h(2)]) == 2
 
 
-def test_a_write_that_could_not_be_fenced_keeps_its_slots_but_not_its_hashes():
+def test_a_write_that_could_not_be_fenced_keeps_its_slots_until_it_is_but_not_its_hashes():
     s = BlockStore(3, 4)
     first = s.reserve_write(A, [h(1), h(2)])
-    s.quarantine([h(1), h(2)])  # its bytes may still land in those slots
+    slots = s.quarantine([h(1), h(2)])  # its bytes may still land in those slots
+    assert sorted(slots) == sorted(slot for _, slot in first)
     assert s.used == 2 and s.stats.quarantined == 2
     again = write(s, A, [h(1), h(2)])  # the same blocks, offered again: placed where nothing can land
-    assert [i for i, _ in again] == [0] and {slot for _, slot in again}.isdisjoint(slot for _, slot in first)
+    assert [i for i, _ in again] == [0] and {slot for _, slot in again}.isdisjoint(slots)
     assert s.lookup(A, [h(1)]) == 1
+    assert s.reclaim(slots) == 2  # its receives completed after all: the slots are free again
+    assert s.used == 1 and s.stats.quarantined == 0
+    assert {slot for _, slot in write(s, A, [h(3), h(4)])} == set(slots)
 
 
-async def test_the_service_quarantines_a_released_write_it_cannot_fence(monkeypatch):
+async def test_the_service_quarantines_a_released_write_it_cannot_fence_until_it_is(monkeypatch):
+    import asyncio
+
     receiver = LoopbackKVReceiver()
     service = KVStoreService(BlockStore(4, 4), receiver, LoopbackKVSender())
+    fence = asyncio.get_running_loop().create_future()
 
     async def unfenced(transfer_id: str) -> bool:
         return False  # a sender died mid-message: its bytes may still land
 
     monkeypatch.setattr(receiver, "cancel", unfenced)
+    monkeypatch.setattr(receiver, "when_fenced", lambda transfer_id: fence)
     placed, ticket = service.reserve_write(A, [h(1), h(2)])
     assert await service.release(ticket.transfer_id)
+    await asyncio.sleep(0.05)
     assert service.store.stats.quarantined == 2 and service.store.used == 2
     assert service.reserve_write(A, [h(1), h(2)])[0] == [0, 1]  # those blocks may be stored again
     from pdserve.kvstore.servicer import KVStoreServicer
     from pdserve.v1 import kvstore_pb2
 
     stats = await KVStoreServicer(service).GetStats(kvstore_pb2.GetStoreStatsRequest(), None)
-    assert stats.quarantined_blocks == 2  # what used_blocks holds for good, said over the API too
+    assert stats.quarantined_blocks == 2  # what used_blocks holds out of use, said over the API too
+    fence.set_result(None)  # the write's receives completed: the slots come back
+    for _ in range(20):
+        await asyncio.sleep(0.01)
+    assert service.store.stats.quarantined == 0 and service.store.used == 2  # the second write's
 
 
 async def test_a_read_ticket_that_does_not_match_its_hashes_or_reuses_a_lease_is_the_clients_error():

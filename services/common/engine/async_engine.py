@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -21,6 +21,7 @@ from pdserve.common.engine.sequence import Sequence
 from pdserve.common.errors import NotFoundError
 from pdserve.common.kv.pool import KVPool
 from pdserve.common.kv.spec import KVSpec
+from pdserve.common.transfer.fence import Reclaims
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -40,6 +41,7 @@ class AsyncEngine:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine-step", **pin)
         self.engine = engine if isinstance(engine, LLMEngine) else self.on_step_thread(engine)
         self._task: asyncio.Task | None = None
+        self._reclaims = Reclaims()
         self.step_ms_ewma = 0.0  # measured step time, reported in worker load
         self.prefill_tps_ewma = 0.0  # measured prefill tokens/s
         self.last_step_ns = (0, 0)  # wall-clock start and end of the latest step (trace spans)
@@ -91,14 +93,17 @@ class AsyncEngine:
         """Free a request's blocks (a reservation or a held request), between steps."""
         return await self.call(self.engine.release, request_id)
 
-    async def quarantine(self, request_id: str) -> None:
-        """Engine.quarantine, between steps."""
+    async def quarantine(self, request_id: str, fenced: Awaitable[None] | None = None) -> None:
+        """Engine.quarantine, between steps; its blocks come back once `fenced` is done (KVReceiver.when_fenced)."""
         await self.call(self.engine.quarantine, request_id)
+        if fenced is not None:
+            self._reclaims.after(fenced, lambda: self.call(self.engine.reclaim, request_id), request_id)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="engine-loop")
 
     async def stop(self) -> None:
+        self._reclaims.cancel()
         if self._task:
             self._task.cancel()
             try:

@@ -1,8 +1,7 @@
 """The engine API the services call: add, step, stream, abort, KV export/import.
 
-`step()` is the whole loop: schedule -> run the model -> sample -> update
-sequences -> emit outputs. State flows one way through it; nothing else
-mutates sequences except `abort`, which finishes one and frees its blocks.
+`step()` is the whole loop: schedule -> run the model -> sample -> update sequences -> emit outputs.
+State flows one way through it; nothing else mutates sequences except `abort`, which finishes one.
 """
 
 from __future__ import annotations
@@ -52,8 +51,9 @@ class LLMEngine:
             if config.quantization == "int8"
             else sum(p.numel() * p.element_size() for p in model.parameters())
         )
-        self.spec, num_blocks, self.max_model_len = kv_layout(config, model.config, ref, self.precision.dtype)
-        self.window = self.max_model_len  # the context this worker was built for (quarantines shrink max_model_len)
+        # window: the context the model and the pool allow; max_model_len, less quarantined blocks (they bound
+        # it as the pool does: a sequence grown past them, preempted, would wait for ever).
+        self.spec, num_blocks, self.window = kv_layout(config, model.config, ref, self.precision.dtype)
         self.pool = KVPool(self.spec, num_blocks, config.device)
         self.blocks = BlockManager(num_blocks, config.block_size, self.spec.fingerprint, config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -65,7 +65,6 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}  # in the scheduler
         self._reserved: dict[str, Request] = {}  # blocks reserved, KV arriving from a prefill worker
         self._held: dict[str, Sequence] = {}  # finished, blocks kept until release()
-        self.quarantined_blocks = 0  # never reused: KV might still land in them (quarantine())
         self._ids = itertools.count()
         self.computed_tokens = 0
 
@@ -86,7 +85,7 @@ class LLMEngine:
         if request_id in self._requests or request_id in self._reserved or request_id in self._held:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)  # a BOS where it adds one
-        if self.quarantined_blocks and self.max_model_len <= len(ids) < self.window:  # another worker can take it
+        if self.blocks.num_quarantined and self.max_model_len <= len(ids) < self.window:  # another worker can take it
             raise CapacityExhaustedError(f"{len(ids)} tokens; quarantined KV blocks leave {self.max_model_len}")
         check_prompt(
             ids, self.max_model_len, self.model.config.vocab_size, self.blocks.num_blocks, self.config.block_size
@@ -198,11 +197,16 @@ class LLMEngine:
 
     def quarantine(self, request_id: str) -> None:
         """Drop a reservation whose transfer could not be fenced (data might still land): it stops
-        counting as one, and the blocks a transfer may write are never freed (BlockManager.quarantine)."""
-        self.quarantined_blocks += self.blocks.quarantine(self._reserved.pop(request_id).seq)
-        # What is left bounds a context now, as the pool did: a sequence grown past it, preempted, would wait for ever.
-        usable = (self.blocks.num_blocks - self.quarantined_blocks) * self.config.block_size
-        self.max_model_len = min(self.max_model_len, max(2, usable))
+        counting as one, and the blocks a transfer may write stay out of use until reclaim()."""
+        self.blocks.quarantine(self._reserved.pop(request_id).seq)
+
+    def reclaim(self, request_id: str) -> int:
+        """A quarantine's blocks back in use: the transfer into them is fenced after all."""
+        return self.blocks.reclaim(request_id)
+
+    @property
+    def max_model_len(self) -> int:
+        return min(self.window, max(2, self.blocks.usable_tokens))
 
     def abort(self, request_id: str) -> None:
         if request_id in self._reserved:
@@ -280,10 +284,6 @@ class LLMEngine:
                 outs[o.request_id].extend(o.new_token_ids)
         return [outs[r] for r in rids]
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
-        enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-        return list(enc["input_ids"])
-
     def stats(self) -> EngineStats:
         return EngineStats(
             running=len(self.scheduler.running),
@@ -296,5 +296,5 @@ class LLMEngine:
             prefix_hits=self.blocks.prefix_hits,
             computed_tokens=self.computed_tokens,
             preemptions=self.scheduler.num_preemptions,
-            quarantined_blocks=self.quarantined_blocks,
+            quarantined_blocks=self.blocks.num_quarantined,
         )

@@ -29,6 +29,7 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: dict[int, None] = dict.fromkeys(range(num_blocks))  # insertion order = LRU order
         self._hash_to_block: dict[bytes, int] = {}
+        self._quarantined: dict[str, list[int]] = {}  # by request: blocks a transfer may still write
         self.prefix_queries = 0  # prompt tokens looked up
         self.prefix_hits = 0  # of those, served from cache
 
@@ -128,16 +129,30 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
 
-    def quarantine(self, seq: Sequence) -> int:
-        """Keep `seq`'s blocks out of use for good (a transfer into them could not be fenced), less its
-        prefix-cache hits: shared, and never a transfer's target, they are released as free() would.
-        Returns the blocks kept."""
+    def quarantine(self, seq: Sequence) -> None:
+        """Keep `seq`'s blocks out of use (a transfer into them could not be fenced) until reclaim(), less
+        its prefix-cache hits: shared, and never a transfer's target, they are released as free() would.
+        The others were never a prefix (a reservation's blocks are registered once its KV is in)."""
         shared = seq.num_cached_tokens // self.block_size
         self._release(seq.block_table[:shared])
-        kept = len(seq.block_table) - shared
+        self._quarantined[seq.request_id] = seq.block_table[shared:]
         seq.block_table = []
         seq.block_hashes = []
-        return kept
+
+    def reclaim(self, request_id: str) -> int:
+        """A quarantine's blocks back in use (the transfer into them is fenced after all); how many."""
+        kept = self._quarantined.pop(request_id, [])
+        self._release(kept)
+        return len(kept)
+
+    @property
+    def num_quarantined(self) -> int:
+        return sum(map(len, self._quarantined.values()))
+
+    @property
+    def usable_tokens(self) -> int:
+        """What the blocks out of quarantine hold."""
+        return (self.num_blocks - self.num_quarantined) * self.block_size
 
     def _release(self, block_ids: list[int]) -> None:
         # Tail blocks first, so the deepest (least shareable) blocks are evicted first.

@@ -32,7 +32,7 @@ async def admit_from_store(
     """Queue the prompt after loading what the store has beyond the local prefix
     cache; returns the prompt tokens the store provided. `reserve` runs on the
     engine's loop (with the caller's admission check); on any failure the
-    reservation is released (quarantined, if the store's push could not be fenced)
+    reservation is released (quarantined, if the store's push could not be fenced yet)
     before the error propagates."""
     bs = engine.block_size
     seq = await engine.call(reserve, request_id, prompt)
@@ -43,8 +43,8 @@ async def admit_from_store(
         n = await store.load_prefix(hashes, dest, seq.num_cached_tokens // bs)
         await engine.resume(request_id, n * bs, params, hold_blocks=hold_blocks)
     # Shielded: a second cancel here would leave the reservation held, with no lease to end it.
-    except TransferUnfencedError:  # the store's bytes may still land: its blocks are never reused
-        await asyncio.shield(engine.quarantine(request_id))
+    except TransferUnfencedError as e:  # the store's bytes may still land: its blocks wait for the fence
+        await asyncio.shield(engine.quarantine(request_id, e.fenced))
         raise
     except BaseException:
         await asyncio.shield(engine.release(request_id))

@@ -140,7 +140,9 @@ class StoreClient:
             if leased:  # given up: the store's push would hold its blocks pinned until its own timeout
                 self._release_later(leased)
             if tid is not None and not await self.receiver.cancel(tid):  # the store's push may still land
-                raise TransferUnfencedError(f"prefix load {tid}: the store's push could not be fenced")
+                raise TransferUnfencedError(
+                    f"prefix load {tid}: the store's push could not be fenced", self.receiver.when_fenced(tid)
+                )
 
     def _release_later(self, lease_id: str) -> None:
         """Release a read lease without waiting (this path is a failure's: the store may be slow)."""

@@ -193,10 +193,16 @@ class KVReceiver(abc.ABC):
 
     @abc.abstractmethod
     async def cancel(self, transfer_id: str) -> bool:
-        """End and forget the transfer in any state (also the way to forget a DONE
-        one). Returns True once no data can land in its buffers any more; False if
-        that could not be ensured (a peer died mid-message): the caller must then
-        never reuse those blocks. Unknown ids return True."""
+        """End and forget the transfer in any state (also the way to forget a DONE one). Returns True once
+        no data can land in its buffers any more; False if that could not be ensured (a peer died
+        mid-message): the caller must not reuse those blocks until when_fenced(). Unknown ids: True."""
+
+    def when_fenced(self, transfer_id: str) -> asyncio.Future:
+        """After cancel() returned False: done once no data can land in that transfer's buffers after all
+        (never, where that cannot be known). Done at once for a transfer that was fenced, or is unknown."""
+        fenced = asyncio.get_running_loop().create_future()
+        fenced.set_result(None)
+        return fenced
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 _AHEAD = 4  # data sent ahead of its header: vs 0, 4 MB sends ~1.5x faster, 64 MB same
 _IDLE_S = 300.0  # an endpoint unused this long is closed: a receiver that restarted has a new address
+_PARKED_POLL_S = 0.5  # how often receives a cancel could not drain are looked at again
 _Worker = UcxWorker  # the name tests/service/test_transfer_ucx.py drives a bare worker by
 
 
@@ -50,7 +51,9 @@ class UcxKVReceiver(KVReceiver):
         self._w = UcxWorker(host)
         self._drain_timeout = drain_timeout
         self._groups: dict[str, RequestGroup] = {}
-        self._parked: dict[str, tuple] = {}  # could not be drained: keep buffers referenced
+        # Cancels that could not drain: (transfer, its receives or None if unknowable, its fence).
+        self._parked: dict[str, tuple[Inbound, RequestGroup | None, asyncio.Future]] = {}
+        self._watching: asyncio.Task | None = None
 
     @property
     def address(self) -> bytes:
@@ -102,18 +105,43 @@ class UcxKVReceiver(KVReceiver):
                 self._w.watch([self._w.self_ep.tag_send(empty, self._w.tag(tag)) for tag in open_tags])
             await asyncio.wait_for(asyncio.shield(group.future), self._drain_timeout)
         except TimeoutError:
-            log.error("transfer %s: receives not drained; its blocks must not be reused", transfer_id)
+            log.error("transfer %s: receives not drained; its blocks must not be reused until they are", transfer_id)
             self._w.forget(group)
-            self._parked[transfer_id] = (t, group)
+            self._park(transfer_id, t, group)
             return False
         except Exception:  # the worker failing (closing): whether data may still land is unknown
             log.exception("transfer %s: receives not withdrawn; its blocks must not be reused", transfer_id)
+            self._park(transfer_id, t, None)
             return False
         return True
+
+    def when_fenced(self, transfer_id: str) -> asyncio.Future:
+        parked = self._parked.get(transfer_id)
+        return parked[2] if parked is not None else super().when_fenced(transfer_id)
+
+    def _park(self, transfer_id: str, t: Inbound, group: RequestGroup | None) -> None:
+        self._parked[transfer_id] = (t, group, asyncio.get_running_loop().create_future())
+        if group is not None and (self._watching is None or self._watching.done()):
+            self._watching = asyncio.create_task(self._watch_parked(), name="ucx-parked")
+
+    async def _watch_parked(self) -> None:
+        """A receive a stalled sender left mid-message may still complete (the rest of it arrives);
+        once every receive of a parked transfer has, nothing can land in its buffers any more."""
+        while any(group is not None for _, group, _ in self._parked.values()):
+            await asyncio.sleep(_PARKED_POLL_S)
+            for transfer_id, (_, group, fence) in list(self._parked.items()):
+                if group is not None and all(r.completed for r in group.reqs):
+                    del self._parked[transfer_id]
+                    log.warning("transfer %s: its receives completed after all; its blocks can be reused", transfer_id)
+                    fence.set_result(None)
 
     async def close(self) -> None:
         for transfer_id in list(self._transfers):
             await self.cancel(transfer_id)
+        if self._watching is not None:
+            self._watching.cancel()
+        for _, _, fence in self._parked.values():
+            fence.cancel()  # the process is going: nobody will reuse those blocks
         await self._w.close()
 
 
