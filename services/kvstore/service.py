@@ -60,12 +60,12 @@ class KVStoreService:
         self._writes.stop()
         for tid in self._writes:
             await self.release(tid)
-        self._reclaims.cancel()
         for task in list(self._reads.values()):
             task.cancel()
         await asyncio.gather(*self._reads.values(), return_exceptions=True)
         await self.receiver.close()
         await self.sender.close()
+        self._reclaims.cancel()
 
     def lookup(self, fingerprint: bytes, hashes: list[bytes]) -> int:
         n = self.store.lookup(fingerprint, _chain(hashes))

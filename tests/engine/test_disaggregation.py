@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from pdserve.common.engine.sampling_params import SamplingParams
+from pdserve.common.errors import InvalidRequestError
 from tests.engine.prompts import prompts_by_length
 from tests.reference import transformers_greedy
 
@@ -86,6 +89,8 @@ def test_a_quarantined_reservation_stops_counting_and_its_blocks_stay_out_of_use
     assert stats.reserved == 0  # admission no longer counts it against the queue
     assert stats.quarantined_blocks == len(quarantined) and stats.free_blocks == total - len(quarantined)
     assert not engine.release("q")  # nothing to free: the blocks stay out of use
+    with pytest.raises(InvalidRequestError, match="in use"):  # a second quarantine under it would be lost
+        engine.reserve("q", list(range(100, 200)), SamplingParams())
     engine.add_request(list(range(300, 400)), SamplingParams(max_tokens=1), request_id="next", hold_blocks=True)
     _run(engine)
     assert not set(engine.kv_blocks("next")[1]) & set(quarantined)

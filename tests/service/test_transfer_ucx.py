@@ -454,6 +454,7 @@ def test_a_cancel_the_failing_ucx_worker_cannot_carry_out_says_the_blocks_are_no
 def test_a_cancel_that_could_not_drain_is_fenced_once_its_receives_complete():
     """With no time to drain, the cancel cannot promise its buffers; its receives complete a moment
     later (the 0-byte messages it sent itself), and when_fenced() says so: the blocks may be reused."""
+    from pdserve.common.errors import InvalidRequestError
     from pdserve.common.kv.pool import KVPool
     from pdserve.common.transfer import UcxKVReceiver
 
@@ -465,6 +466,8 @@ def test_a_cancel_that_could_not_drain_is_fenced_once_its_receives_complete():
             assert await rx.cancel("t") is False
             fence = rx.when_fenced("t")
             assert not fence.done()
+            with pytest.raises(InvalidRequestError, match="not fenced"):  # its fence would be lost
+                rx.expect("t", [pool.block(0)])
             await asyncio.wait_for(fence, 10)
             assert rx._parked == {} and rx.when_fenced("t").done()
         finally:

@@ -82,7 +82,7 @@ class LLMEngine:
     ) -> Request:
         params = params or SamplingParams()
         request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self._requests or request_id in self._reserved or request_id in self._held:
+        if any(request_id in held for held in (self._requests, self._reserved, self._held, self.blocks.quarantined)):
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)  # a BOS where it adds one
         if self.blocks.num_quarantined and self.max_model_len <= len(ids) < self.window:  # another worker can take it

@@ -32,6 +32,4 @@ class EngineStats:
     prefix_hits: int  # of those, found
     computed_tokens: int  # tokens run through the model since start
     preemptions: int
-    quarantined_blocks: int = (
-        0  # blocks a transfer that could not be fenced might still write (out of use until fenced)
-    )
+    quarantined_blocks: int = 0  # blocks a transfer not yet fenced might still write (out of use)

@@ -29,7 +29,7 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: dict[int, None] = dict.fromkeys(range(num_blocks))  # insertion order = LRU order
         self._hash_to_block: dict[bytes, int] = {}
-        self._quarantined: dict[str, list[int]] = {}  # by request: blocks a transfer may still write
+        self.quarantined: dict[str, list[int]] = {}  # by request: blocks a transfer may still write
         self.prefix_queries = 0  # prompt tokens looked up
         self.prefix_hits = 0  # of those, served from cache
 
@@ -135,19 +135,19 @@ class BlockManager:
         The others were never a prefix (a reservation's blocks are registered once its KV is in)."""
         shared = seq.num_cached_tokens // self.block_size
         self._release(seq.block_table[:shared])
-        self._quarantined[seq.request_id] = seq.block_table[shared:]
+        self.quarantined[seq.request_id] = seq.block_table[shared:]
         seq.block_table = []
         seq.block_hashes = []
 
     def reclaim(self, request_id: str) -> int:
         """A quarantine's blocks back in use (the transfer into them is fenced after all); how many."""
-        kept = self._quarantined.pop(request_id, [])
+        kept = self.quarantined.pop(request_id, [])
         self._release(kept)
         return len(kept)
 
     @property
     def num_quarantined(self) -> int:
-        return sum(map(len, self._quarantined.values()))
+        return sum(map(len, self.quarantined.values()))
 
     @property
     def usable_tokens(self) -> int:

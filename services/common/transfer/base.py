@@ -198,11 +198,9 @@ class KVReceiver(abc.ABC):
         mid-message): the caller must not reuse those blocks until when_fenced(). Unknown ids: True."""
 
     def when_fenced(self, transfer_id: str) -> asyncio.Future:
-        """After cancel() returned False: done once no data can land in that transfer's buffers after all
-        (never, where that cannot be known). Done at once for a transfer that was fenced, or is unknown."""
-        fenced = asyncio.get_running_loop().create_future()
-        fenced.set_result(None)
-        return fenced
+        """After cancel() returned False: done once no data can land in that transfer's buffers after all;
+        never done where that cannot be known (this default: a transport that cannot tell)."""
+        return asyncio.get_running_loop().create_future()
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -28,7 +28,7 @@ class Reclaims:
 
     @staticmethod
     async def _reclaim(fenced: Awaitable[None], reclaim: Callable[[], int | Awaitable[int]], what: str) -> None:
-        await fenced
+        await asyncio.shield(fenced)  # cancelling this wait must not cancel the receiver's fence
         n = reclaim()
         if inspect.isawaitable(n):
             n = await n

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pdserve.common.errors import TransferFailedError, TransferTimeoutError
+from pdserve.common.errors import InvalidRequestError, TransferFailedError, TransferTimeoutError
 from pdserve.common.transfer.base import (
     HEADER_BYTES,
     Inbound,
@@ -61,6 +61,8 @@ class UcxKVReceiver(KVReceiver):
 
     def expect(self, transfer_id: str, dest_buffers: list) -> TransferTicket:
         self._w.check_open()
+        if transfer_id in self._parked:  # its fence would be lost
+            raise InvalidRequestError("transfer_id", f"{transfer_id!r} was cancelled and is not fenced yet")
         t = self._new(transfer_id, dest_buffers, secrets.token_bytes(32))
         headers = np.zeros((len(t.dest), HEADER_BYTES), np.uint8)
         w, Array, reqs = self._w, self._w.Array, []
@@ -117,7 +119,11 @@ class UcxKVReceiver(KVReceiver):
 
     def when_fenced(self, transfer_id: str) -> asyncio.Future:
         parked = self._parked.get(transfer_id)
-        return parked[2] if parked is not None else super().when_fenced(transfer_id)
+        if parked is not None:
+            return parked[2]
+        fenced = asyncio.get_running_loop().create_future()  # not parked: fenced at its cancel, or unknown
+        fenced.set_result(None)
+        return fenced
 
     def _park(self, transfer_id: str, t: Inbound, group: RequestGroup | None) -> None:
         self._parked[transfer_id] = (t, group, asyncio.get_running_loop().create_future())
@@ -133,7 +139,8 @@ class UcxKVReceiver(KVReceiver):
                 if group is not None and all(r.completed for r in group.reqs):
                     del self._parked[transfer_id]
                     log.warning("transfer %s: its receives completed after all; its blocks can be reused", transfer_id)
-                    fence.set_result(None)
+                    if not fence.done():
+                        fence.set_result(None)
 
     async def close(self) -> None:
         for transfer_id in list(self._transfers):
