@@ -32,11 +32,15 @@ class Spare:
         self.stamp = 0  # the code's when the spare started (code_stamp)
         self.deaths = 0
 
-    def needed(self) -> bool:
-        """No spare running, and spares have not kept dying: one should be started."""
+    def _running(self) -> bool:
+        """Whether a spare runs; one that died by itself is forgotten and counted toward giving up."""
         if self.proc is not None and self.proc.poll() is not None:
             self.proc, self.deaths = None, self.deaths + 1
-        return self.proc is None and self.deaths < self.GIVE_UP_AFTER
+        return self.proc is not None
+
+    def needed(self) -> bool:
+        """No spare running, and spares have not kept dying: one should be started."""
+        return not self._running() and self.deaths < self.GIVE_UP_AFTER
 
     def start(self) -> subprocess.Popen:
         self.stamp = code_stamp()
@@ -58,16 +62,12 @@ class Spare:
         """The spare, no longer one, to become the worker `argv` runs (a `python -m pdserve` command line
         of the same python); None if there is none or it cannot: then the spare is kept, or dropped if
         the code changed on disk since it imported (an upgrade: a worker must not mix old and new)."""
-        proc = self.proc
-        if proc is None or tuple(argv[:3]) != (self.python, "-m", "pdserve"):
-            return None
-        if proc.poll() is not None:
-            self.proc, self.deaths = None, self.deaths + 1
+        if tuple(argv[:3]) != (self.python, "-m", "pdserve") or not self._running():
             return None
         if code_stamp() != self.stamp:
             self.stop()
             return None
-        self.proc = None
+        proc, self.proc = self.proc, None
         return proc
 
     def hand_over(self, proc: subprocess.Popen, argv: tuple[str, ...], env: dict[str, str]) -> bool:
